@@ -1,0 +1,108 @@
+"""timm backbones as Detectron2 backbones, and the bundled EfficientNet-Lite0 weights."""
+import cv2
+import numpy as np
+import pytest
+import timm
+import torch
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import build_backbone
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.modeling.backbone import load_backbone_weights
+
+# ImageNet-1k indices of the cat classes: tabby, tiger cat, Egyptian cat.
+CAT_CLASSES = {281, 282, 285}
+
+
+def _cfg(arch="tf_efficientnet_lite0", weights=""):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.MODEL.BACKBONE.NAME = "VIPATimmBackbone"
+    cfg.MODEL.TIMM.ARCH = arch
+    cfg.MODEL.TIMM.WEIGHTS = weights
+    return cfg
+
+
+def _cat_tensor(size=224):
+    from skimage import data  # ships the 'chelsea' cat photograph
+
+    img = cv2.resize(data.chelsea(), (size, size), interpolation=cv2.INTER_AREA).astype(np.float32)
+    x = (img - 127.5) / 127.5  # the bundled Lite0 weights' TF-style normalization
+    return torch.from_numpy(x).permute(2, 0, 1)[None]
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "efficientnet_lite0"])
+def test_bundled_lite0_weights_classify_cat(arch):
+    model = timm.create_model(arch)
+    load_backbone_weights(model, "bundled", arch)
+    with torch.no_grad():
+        top5 = model.eval()(_cat_tensor()).topk(5).indices[0].tolist()
+    assert CAT_CLASSES & set(top5[:2]), f"top-5 {top5} has no cat class in its first two"
+    assert len(CAT_CLASSES & set(top5)) >= 2
+
+
+def test_backbone_features_match_timm_with_bundled_weights():
+    cfg = _cfg(weights="bundled")
+    backbone = build_backbone(cfg, ShapeSpec(channels=3)).eval()
+    ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4))
+    load_backbone_weights(ref, "bundled", "tf_efficientnet_lite0")
+    x = _cat_tensor(160)
+    with torch.no_grad():
+        ours, theirs = backbone(x), ref.eval()(x)
+    for name, feat in zip(["res2", "res3", "res4", "res5"], theirs):
+        torch.testing.assert_close(ours[name], feat)
+        assert backbone.output_shape()[name].channels == feat.shape[1]
+        assert x.shape[-1] // backbone.output_shape()[name].stride == feat.shape[-1]
+    assert backbone.size_divisibility == 32
+
+
+def test_swin_any_aspect():
+    cfg = _cfg(arch="swin_tiny_patch4_window7_224")
+    cfg.MODEL.TIMM.OUT_FEATURES = ["res3", "res4", "res5"]
+    backbone = build_backbone(cfg, ShapeSpec(channels=3)).eval()
+    with torch.no_grad():
+        out = backbone(torch.randn(1, 3, 96, 160))
+    assert list(out) == ["res3", "res4", "res5"]
+    assert out["res5"].shape == (1, backbone.output_shape()["res5"].channels, 3, 5)
+
+
+def test_stage_hook_feeds_next_stage():
+    backbone = build_backbone(_cfg(), ShapeSpec(channels=3)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        plain = backbone(x)
+        seen = []
+
+        def zero_res3(name, feat):
+            seen.append(name)
+            return torch.zeros_like(feat) if name == "res3" else feat
+
+        with backbone.stage_hook(zero_res3):
+            hooked = backbone(x)
+        after = backbone(x)
+    assert seen == ["res2", "res3", "res4", "res5"]
+    torch.testing.assert_close(hooked["res2"], plain["res2"])
+    assert hooked["res3"].abs().sum() == 0
+    # The zeroed stage output was consumed by the later stages.
+    assert not torch.allclose(hooked["res4"], plain["res4"])
+    torch.testing.assert_close(after["res5"], plain["res5"])  # hook removed on exit
+
+
+def test_checkpoint_problems_are_reported(tmp_path, caplog):
+    model = timm.create_model("tf_efficientnet_lite0")
+    state = model.state_dict()
+    partial = {k: v for i, (k, v) in enumerate(state.items()) if i != 3}
+    partial["extra.weight"] = torch.zeros(1)
+    torch.save(partial, tmp_path / "partial.pth")
+    with caplog.at_level("WARNING"):
+        load_backbone_weights(model, str(tmp_path / "partial.pth"), "tf_efficientnet_lite0")
+    assert "missing keys" in caplog.text and list(state)[3] in caplog.text
+    assert "unexpected keys" in caplog.text and "extra.weight" in caplog.text
+
+    other = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
+    torch.save(other, tmp_path / "swin.pth")
+    with pytest.raises(ValueError, match="match only"):
+        load_backbone_weights(model, str(tmp_path / "swin.pth"), "tf_efficientnet_lite0")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_backbone_weights(model, str(tmp_path / "nope.pth"), "tf_efficientnet_lite0")

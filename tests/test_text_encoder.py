@@ -1,0 +1,59 @@
+"""Text encoder and tokenizer, with the bundled MiniLM weights."""
+import pytest
+import torch
+from detectron2.config import get_cfg
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.modeling.text_encoder import TextEncoder, build_tokenizer, resolve_text_encoder_path, tokenize
+
+
+@pytest.fixture(scope="module")
+def cfg():
+    c = get_cfg()
+    add_vipa_config(c)
+    return c
+
+
+@pytest.fixture(scope="module")
+def tokenizer(cfg):
+    return build_tokenizer(cfg)
+
+
+def test_truncation_keeps_cls_and_sep(tokenizer):
+    long = "the small red circle to the left of the second blue square near the top " * 4
+    enc = tokenize(tokenizer, [long, "cat"], max_len=12)
+    ids, mask = enc["input_ids"], enc["attention_mask"]
+    assert ids.shape == (2, 12) and ids.dtype == torch.int64 and mask.dtype == torch.int64
+    assert ids[0, 0] == tokenizer.cls_token_id and ids[0, -1] == tokenizer.sep_token_id
+    assert mask[0].all()
+    # Short expression: [CLS] cat [SEP] then padding, marked 0 in the attention mask.
+    n = int(mask[1].sum())
+    assert n == 3 and ids[1, n - 1] == tokenizer.sep_token_id
+    assert (ids[1, n:] == tokenizer.pad_token_id).all() and (mask[1, n:] == 0).all()
+
+
+def test_empty_expression_rejected(tokenizer):
+    with pytest.raises(ValueError, match="non-empty"):
+        tokenize(tokenizer, ["  "], max_len=8)
+
+
+def test_encoder_shapes_follow_model(cfg, tokenizer):
+    enc_model = TextEncoder(cfg).eval()
+    assert enc_model.hidden_size == enc_model.model.config.hidden_size
+    enc = tokenize(tokenizer, ["the red star", "a green square on the left"], max_len=10)
+    with torch.no_grad():
+        out = enc_model(**enc)
+    assert out.shape == (2, 10, enc_model.hidden_size)
+    assert torch.isfinite(out).all()
+    # Padding does not leak into real tokens: the same sentence padded differently agrees.
+    short = tokenize(tokenizer, ["the red star"], max_len=6)
+    with torch.no_grad():
+        out_short = enc_model(**short)
+    n = int(short["attention_mask"].sum())
+    torch.testing.assert_close(out_short[0, :n], out[0, :n], rtol=1e-4, atol=1e-4)
+
+
+def test_path_resolution_errors(tmp_path):
+    assert resolve_text_encoder_path("bert-base-uncased") == "bert-base-uncased"
+    with pytest.raises(FileNotFoundError, match="not a directory"):
+        resolve_text_encoder_path(str(tmp_path / "missing_model"))

@@ -1,0 +1,140 @@
+"""Detectron2 ``Backbone`` over timm models (EfficientNet, Swin), run stage by stage.
+
+Running the stages ourselves (instead of timm's ``features_only`` wrapper) lets a caller
+inject a per-stage hook whose output is fed to the next stage: this is the documented
+side channel through which early vision-language fusion enters the backbone without
+changing Detectron2's ``forward(images)`` contract.
+"""
+import contextlib
+import logging
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+from torch import nn
+
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone
+
+from .weights import load_backbone_weights
+
+logger = logging.getLogger(__name__)
+
+# A stage hook maps (output name, NCHW feature) -> NCHW feature of the same shape.
+StageHook = Callable[[str, torch.Tensor], torch.Tensor]
+
+
+def _res_name(stride: int) -> str:
+    # Detectron2 naming: res2 = stride 4, ..., res5 = stride 32.
+    return f"res{int(stride).bit_length() - 1}"
+
+
+class _Stages:
+    """Split of a timm model into a stem and sequential stages, per architecture family."""
+
+    def __init__(self, model: nn.Module):
+        self.channels_last_out = False
+        if hasattr(model, "conv_stem") and hasattr(model, "blocks"):  # EfficientNet family
+            self.stem = nn.Sequential(model.conv_stem, model.bn1)
+            self.stages = list(model.blocks)
+            # timm's feature_info names the blocks whose outputs are features.
+            self.feature_info = {
+                int(info["module"].split(".")[1]): info for info in model.feature_info
+            }
+        elif hasattr(model, "patch_embed") and hasattr(model, "layers"):  # Swin family
+            self.stem = model.patch_embed
+            self.stages = list(model.layers)
+            self.feature_info = {
+                int(info["module"].split(".")[1]): info for info in model.feature_info
+            }
+            self.channels_last_out = True  # timm Swin stages work in NHWC
+        else:
+            raise ValueError(
+                f"Unsupported timm architecture {type(model).__name__}: VIPATimmBackbone "
+                "supports EfficientNet-style (conv_stem/blocks) and Swin-style "
+                "(patch_embed/layers) models."
+            )
+
+
+@BACKBONE_REGISTRY.register()
+class VIPATimmBackbone(Backbone):
+    """
+    timm EfficientNet / Swin as a Detectron2 backbone. Outputs ``res2..res5``
+    (NCHW) restricted to ``MODEL.TIMM.OUT_FEATURES``.
+    """
+
+    def __init__(self, cfg, input_shape: ShapeSpec):
+        super().__init__()
+        import timm
+
+        arch = cfg.MODEL.TIMM.ARCH
+        kwargs = {"drop_path_rate": cfg.MODEL.TIMM.DROP_PATH_RATE}
+        if arch.startswith("swin"):
+            # Any input size: timm pads windows internally when the size is dynamic.
+            kwargs.update(dynamic_img_size=True, strict_img_size=False)
+        try:
+            model = timm.create_model(arch, pretrained=False, in_chans=input_shape.channels, **kwargs)
+        except RuntimeError as e:  # timm raises RuntimeError for unknown names
+            raise ValueError(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
+        load_backbone_weights(model, cfg.MODEL.TIMM.WEIGHTS, arch)
+
+        split = _Stages(model)
+        self.stem = split.stem
+        self.stages = nn.ModuleList(split.stages)
+        self._nhwc = split.channels_last_out
+        self._stage_names: Dict[int, str] = {}
+        self._out_feature_strides, self._out_feature_channels = {}, {}
+        for idx, info in split.feature_info.items():
+            name = _res_name(info["reduction"])
+            if name in cfg.MODEL.TIMM.OUT_FEATURES:
+                self._stage_names[idx] = name
+                self._out_feature_strides[name] = info["reduction"]
+                self._out_feature_channels[name] = info["num_chs"]
+        missing = set(cfg.MODEL.TIMM.OUT_FEATURES) - set(self._stage_names.values())
+        if missing:
+            raise ValueError(
+                f"MODEL.TIMM.OUT_FEATURES asks for {sorted(missing)}, but {arch} provides "
+                f"{sorted(_res_name(i['reduction']) for i in split.feature_info.values())}"
+            )
+        self._out_features = [n for n in cfg.MODEL.TIMM.OUT_FEATURES]
+        # Stages after the last requested output are not run (and hold no parameters).
+        last = max(self._stage_names)
+        del self.stages[last + 1 :]
+        self._hook: Optional[StageHook] = None
+
+    @property
+    def size_divisibility(self) -> int:
+        return max(self._out_feature_strides.values())
+
+    def output_shape(self) -> Dict[str, ShapeSpec]:
+        return {
+            n: ShapeSpec(channels=self._out_feature_channels[n], stride=self._out_feature_strides[n])
+            for n in self._out_features
+        }
+
+    @contextlib.contextmanager
+    def stage_hook(self, fn: StageHook):
+        """
+        Within this context every output stage's feature ``f`` (NCHW) is replaced by
+        ``fn(name, f)`` before it is returned *and* before the next stage consumes it.
+        Used for early vision-language fusion (language reaches ``fn`` by closure).
+        """
+        previous, self._hook = self._hook, fn
+        try:
+            yield self
+        finally:
+            self._hook = previous
+
+    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        outputs = {}
+        x = self.stem(x)
+        for idx, stage in enumerate(self.stages):
+            x = stage(x)
+            name = self._stage_names.get(idx)
+            if name is None:
+                continue
+            feat = x.permute(0, 3, 1, 2) if self._nhwc else x
+            if self._hook is not None:
+                feat = self._hook(name, feat)
+                x = feat.permute(0, 2, 3, 1) if self._nhwc else feat
+            outputs[name] = feat.contiguous() if self._nhwc else feat
+        return outputs
