@@ -32,6 +32,9 @@ def add_vipa_config(cfg):
     cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER = 1.0
     # Freeze the text encoder weights (no gradients).
     cfg.MODEL.TEXT_ENCODER.FREEZE = False
+    # Build the architecture from NAME's config.json with random weights (no weight files
+    # needed; used by tools/model_cost.py for configs whose weights are not available offline).
+    cfg.MODEL.TEXT_ENCODER.RANDOM_INIT = False
 
     # ------------------------------------------------------ timm backbones
     cfg.MODEL.TIMM = CN()
@@ -88,9 +91,13 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.VEG.GUMBEL_NOISE = 1.0
     # Self-attention layers among the cues ("sharing visual contexts").
     cfg.MODEL.VIPA.VEG.SHARE_LAYERS = 1
+    # Hidden size of the feed-forward blocks after the VEG's cross- and self-attention.
+    cfg.MODEL.VIPA.VEG.DIM_FEEDFORWARD = 1024
 
     # Pixel decoder (multi-scale, plain convolutions: no custom CUDA ops).
     cfg.MODEL.VIPA.PIXEL_DECODER = CN()
+    # Registered name in VIPA_PIXEL_DECODER_REGISTRY (vipa_d2/modeling/pixel_decoder.py).
+    cfg.MODEL.VIPA.PIXEL_DECODER.NAME = "VIPAFPNPixelDecoder"
     # Backbone features fed to the pixel decoder, fine to coarse.
     cfg.MODEL.VIPA.PIXEL_DECODER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     # Normalization of the pixel decoder convolutions ("GN", "BN", "" ...).
@@ -131,6 +138,8 @@ def add_vipa_config(cfg):
     cfg.SOLVER.BETAS = (0.9, 0.999)
     # Weight decay of embedding parameters (position/token embeddings).
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
+    # Periodic checkpoints kept on disk (older ones of the run are deleted; 0 keeps all).
+    cfg.SOLVER.CHECKPOINT_MAX_KEEP = 0
     # Run a final evaluation with the expressions shuffled across samples (a control
     # that shows whether the model uses the language at all).
     cfg.TEST.SHUFFLED_EXPRESSION_CONTROL = False

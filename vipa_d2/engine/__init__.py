@@ -1,0 +1,18 @@
+"""Training/evaluation machinery for VIPA on Detectron2 (used by train_net.py)."""
+from .checkpoint import AtomicDetectionCheckpointer
+from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
+from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
+from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
+from .trainer import ReferringTrainer
+
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "PositionSeededDataset",
+    "ReferringTrainer",
+    "ResumableTrainingSampler",
+    "SHUFFLED_SUFFIX",
+    "StepSeedHook",
+    "build_vipa_optimizer",
+    "get_vipa_optimizer_params",
+    "shuffle_expressions",
+]

@@ -79,12 +79,16 @@ class TextEncoder(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, name: str, freeze: bool = False):
+    def __init__(self, *, name: str, freeze: bool = False, random_init: bool = False):
         super().__init__()
-        from transformers import AutoModel
+        from transformers import AutoConfig, AutoModel
 
         path = resolve_text_encoder_path(name)
-        self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+        if random_init:
+            # Architecture from config.json only (no weight files needed): cost measurement.
+            self.model = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
+        else:
+            self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
         self.hidden_size = self.model.config.hidden_size
         self.frozen = freeze
         if freeze:
@@ -93,7 +97,11 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
-        return {"name": cfg.MODEL.TEXT_ENCODER.NAME, "freeze": cfg.MODEL.TEXT_ENCODER.FREEZE}
+        return {
+            "name": cfg.MODEL.TEXT_ENCODER.NAME,
+            "freeze": cfg.MODEL.TEXT_ENCODER.FREEZE,
+            "random_init": cfg.MODEL.TEXT_ENCODER.RANDOM_INIT,
+        }
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)

@@ -1,0 +1,201 @@
+"""ReferringDatasetMapper: image reading, resizing, target masks and tokenization."""
+import copy
+
+import cv2
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
+from PIL import Image
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
+from vipa_d2.data.dataset_mapper import swap_left_right
+from vipa_d2.modeling.text_encoder import build_tokenizer
+
+H, W = 60, 90  # landscape, so "square" and "keep_ratio" differ
+SIZE = 32
+MAX_LEN = 8
+POLY = [10.0, 5.0, 50.0, 5.0, 50.0, 45.0, 10.0, 45.0]
+
+
+def _cfg(**overrides):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.INPUT.IMAGE_SIZE = SIZE
+    cfg.INPUT.MAX_TEXT_LEN = MAX_LEN
+    for key, value in overrides.items():  # INPUT.<key> overrides
+        setattr(cfg.INPUT, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(_cfg())
+
+
+def _rle_mask():
+    m = np.zeros((H, W), np.uint8)
+    m[30:58, 60:88] = 1
+    return m
+
+
+def _image(path, mode="RGB"):
+    """A noise image whose left half is pure red, saved in PIL ``mode``."""
+    rng = np.random.default_rng(0)
+    arr = rng.integers(0, 255, size=(H, W, 3), dtype=np.uint8)
+    arr[:, : W // 2, 0] = 255  # left half strongly red: channel order is checkable
+    arr[:, : W // 2, 1:] = 0
+    img = Image.fromarray(arr, "RGB")
+    if mode != "RGB":
+        img = img.convert(mode)
+    img.save(path)
+
+
+def _record(file_name, sentence="the box on the left", annotations=None):
+    if annotations is None:
+        annotations = [{"segmentation": [POLY], "bbox": [10.0, 5.0, 40.0, 40.0],
+                        "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1, "iscrowd": 0}]
+    return {
+        "file_name": str(file_name), "height": H, "width": W, "image_id": 3, "ref_id": 11,
+        "annotations": annotations, "sentence": {"raw": sentence, "sent_id": 5}, "empty": not annotations,
+    }
+
+
+def _expected_poly_mask(out_h, out_w):
+    sx, sy = out_w / W, out_h / H
+    poly = np.asarray(POLY).reshape(-1, 2) * [sx, sy]
+    rle = mask_util.frPyObjects([poly.reshape(-1).tolist()], out_h, out_w)
+    return mask_util.decode(mask_util.merge(rle))
+
+
+@pytest.mark.parametrize("mode,out_hw", [("square", (SIZE, SIZE)), ("keep_ratio", (21, SIZE))])
+def test_train_outputs(tmp_path, tokenizer, mode, out_hw):
+    _image(tmp_path / "a.png")
+    rec = _record(tmp_path / "a.png")
+    before = copy.deepcopy(rec)
+    out = ReferringDatasetMapper(_cfg(RESIZE_MODE=mode), is_train=True)(rec)
+    assert rec == before  # the record is not modified
+    assert out["image"].dtype == torch.uint8 and tuple(out["image"].shape) == (3, *out_hw)
+    assert out["gt_mask"].dtype == torch.uint8 and tuple(out["gt_mask"].shape) == out_hw
+    for k in ("input_ids", "attention_mask"):
+        assert out[k].dtype == torch.int64 and tuple(out[k].shape) == (MAX_LEN,)
+    # The mask is the polygon transformed with the image's resize.
+    np.testing.assert_array_equal(out["gt_mask"].numpy(), _expected_poly_mask(*out_hw))
+    assert out["gt_mask"].sum() > 0 and out["empty"] is False
+    assert "annotations" not in out
+    assert (out["height"], out["width"], out["image_id"], out["ref_id"], out["sent_id"]) == (H, W, 3, 11, 5)
+    assert out["file_name"] == str(tmp_path / "a.png") and out["sentence"] == "the box on the left"
+
+
+def test_test_mode_keeps_annotations_and_rle(tmp_path):
+    _image(tmp_path / "a.png")
+    anns = [
+        {"segmentation": [POLY], "bbox": [10.0, 5.0, 40.0, 40.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1, "iscrowd": 0},
+        {"segmentation": mask_to_rle(_rle_mask()), "bbox": [60.0, 30.0, 28.0, 28.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 2, "iscrowd": 0},
+    ]
+    rec = _record(tmp_path / "a.png", "both boxes", anns)
+    out = ReferringDatasetMapper(_cfg(), is_train=False)(rec)
+    assert out["annotations"] == anns  # original coordinates, untouched
+    assert out["annotations"] is not rec["annotations"]
+    resize = T.ResizeTransform(H, W, SIZE, SIZE)
+    expected = np.maximum(_expected_poly_mask(SIZE, SIZE), resize.apply_segmentation(_rle_mask()))
+    np.testing.assert_array_equal(out["gt_mask"].numpy(), expected)
+
+
+def test_no_target_mask_is_empty(tmp_path):
+    _image(tmp_path / "a.png")
+    out = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / "a.png", "the purple cow", []))
+    assert out["empty"] is True and out["gt_mask"].sum() == 0 and tuple(out["gt_mask"].shape) == (SIZE, SIZE)
+    assert out["annotations"] == []
+
+
+def test_tokenization_padding_and_truncation(tmp_path, tokenizer):
+    _image(tmp_path / "a.png")
+    mapper = ReferringDatasetMapper(_cfg(), is_train=True)
+    short = mapper(_record(tmp_path / "a.png", "the box"))
+    n = int(short["attention_mask"].sum())
+    assert n == 4  # [CLS] the box [SEP]
+    assert short["input_ids"][0] == tokenizer.cls_token_id and short["input_ids"][n - 1] == tokenizer.sep_token_id
+    assert short["attention_mask"][:n].eq(1).all() and short["attention_mask"][n:].eq(0).all()
+    assert short["input_ids"][n:].eq(tokenizer.pad_token_id).all()
+    long = mapper(_record(tmp_path / "a.png", "the second small red square from the left above the blue star"))
+    assert long["attention_mask"].eq(1).all()
+    assert long["input_ids"][0] == tokenizer.cls_token_id and long["input_ids"][-1] == tokenizer.sep_token_id
+    assert tokenizer.decode(long["input_ids"][1:-1]) == "the second small red square from"
+
+
+def test_image_format_grayscale_and_rgba(tmp_path):
+    _image(tmp_path / "a.png")
+    rgb = ReferringDatasetMapper(_cfg(FORMAT="RGB"), is_train=False)(_record(tmp_path / "a.png"))["image"]
+    bgr = ReferringDatasetMapper(_cfg(FORMAT="BGR"), is_train=False)(_record(tmp_path / "a.png"))["image"]
+    assert torch.equal(rgb, bgr.flip(0))
+    assert rgb[0, :, : SIZE // 2 - 1].float().mean() > 250 and rgb[1, :, : SIZE // 2 - 1].float().mean() < 5
+    for mode in ("L", "RGBA"):
+        _image(tmp_path / f"{mode}.png", mode)
+        out = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / f"{mode}.png"))
+        assert tuple(out["image"].shape) == (3, SIZE, SIZE)
+    gray = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / "L.png"))["image"]
+    assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    # Stored 90 x 60 (W x H) with EXIF "rotate 90": readers must see it as 60 wide, 90 high.
+    stored = Image.fromarray(np.zeros((H, W, 3), np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "rot.jpg", exif=exif)
+    rec = _record(tmp_path / "rot.jpg", annotations=[])
+    rec["height"], rec["width"] = W, H
+    out = ReferringDatasetMapper(_cfg(RESIZE_MODE="keep_ratio"), is_train=False)(rec)
+    assert tuple(out["image"].shape) == (3, SIZE, 21)
+
+
+def test_unreadable_image_names_the_file(tmp_path):
+    mapper = ReferringDatasetMapper(_cfg(), is_train=True)
+    with pytest.raises(OSError, match=r"Cannot read image .*missing\.jpg \(image_id=3, ref_id=11\)"):
+        mapper(_record(tmp_path / "missing.jpg"))
+    (tmp_path / "corrupt.jpg").write_bytes(b"this is not an image")
+    with pytest.raises(OSError, match=r"Cannot read image .*corrupt\.jpg"):
+        mapper(_record(tmp_path / "corrupt.jpg"))
+
+
+def test_horizontal_flip_mirrors_mask_and_words(tmp_path):
+    _image(tmp_path / "a.png")
+    rec = _record(tmp_path / "a.png", "the Left box, left of the rightmost star")
+    plain = ReferringDatasetMapper(_cfg(), is_train=True)(rec)["gt_mask"].numpy()
+    mapper = ReferringDatasetMapper(_cfg(RANDOM_FLIP="horizontal"), is_train=True)
+    seen = set()
+    for _ in range(30):
+        out = mapper(rec)
+        if out["sentence"] == rec["sentence"]["raw"]:
+            np.testing.assert_array_equal(out["gt_mask"].numpy(), plain)
+            seen.add("kept")
+        else:
+            assert out["sentence"] == "the Right box, right of the leftmost star"
+            np.testing.assert_array_equal(out["gt_mask"].numpy(), plain[:, ::-1])
+            seen.add("flipped")
+    assert seen == {"kept", "flipped"}
+    # Never flipped at test time.
+    test_mapper = ReferringDatasetMapper(_cfg(RANDOM_FLIP="horizontal"), is_train=False)
+    assert all(test_mapper(rec)["sentence"] == rec["sentence"]["raw"] for _ in range(10))
+
+
+def test_swap_left_right_word_boundaries():
+    assert swap_left_right("leftover right-hand Rightmost") == "leftover left-hand Leftmost"
+
+
+def test_bad_config_values(tmp_path):
+    with pytest.raises(ValueError, match="RESIZE_MODE='stretch'"):
+        ReferringDatasetMapper(_cfg(RESIZE_MODE="stretch"), is_train=True)
+    with pytest.raises(ValueError, match="RANDOM_FLIP='vertical'"):
+        ReferringDatasetMapper(_cfg(RANDOM_FLIP="vertical"), is_train=True)
+
+
+def test_size_mismatch_is_reported(tmp_path):
+    cv2.imwrite(str(tmp_path / "small.png"), np.zeros((10, 10, 3), np.uint8))
+    with pytest.raises(Exception, match=r"small\.png"):
+        ReferringDatasetMapper(_cfg(), is_train=True)(_record(tmp_path / "small.png"))

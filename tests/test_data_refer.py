@@ -1,0 +1,263 @@
+"""REFER / gRefCOCO loaders, built-in registrations and bad-input handling."""
+import importlib
+import json
+import logging
+import os
+import pickle
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.structures import BoxMode
+
+import vipa_d2  # noqa: F401  registers the built-ins
+from vipa_d2.data import annotations_to_mask, load_refer_dicts, save_refer_dataset
+from vipa_d2.data import builtin
+from vipa_d2.data.refer import ReferringDataError, make_sentence
+from vipa_d2.data.synthetic import write_benchmark
+
+H, W = 40, 60
+SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
+TRIANGLE = [35.0, 5.0, 55.0, 5.0, 45.0, 35.0]
+
+
+def _rle_mask():
+    m = np.zeros((H, W), np.uint8)
+    m[20:35, 40:58] = 1
+    return m
+
+
+def _uncompressed_rle(mask):
+    """COCO's uncompressed RLE (list counts, column-major runs starting with zeros)."""
+    flat = mask.flatten(order="F")
+    change = np.flatnonzero(np.diff(flat)) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    counts = np.diff(bounds).tolist()
+    if flat[0] == 1:
+        counts = [0] + counts
+    return {"size": list(mask.shape), "counts": counts}
+
+
+def _instances():
+    return {
+        "images": [
+            {"id": 7, "file_name": "a.jpg", "height": H, "width": W},
+            {"id": 8, "file_name": "sub/b.jpg", "height": H, "width": W},
+        ],
+        "annotations": [
+            {"id": 100, "image_id": 7, "category_id": 1, "segmentation": [SQUARE], "bbox": [10, 10, 20, 20], "iscrowd": 0},
+            {"id": 101, "image_id": 7, "category_id": 2, "segmentation": [TRIANGLE], "bbox": [35, 5, 20, 30], "iscrowd": 0},
+            {"id": 102, "image_id": 8, "category_id": 3, "segmentation": _uncompressed_rle(_rle_mask()), "iscrowd": 0},
+        ],
+        "categories": [{"id": i, "name": n} for i, n in ((1, "box"), (2, "tri"), (3, "blob"))],
+    }
+
+
+def _refs():
+    return [
+        {"ref_id": 0, "ann_id": 100, "image_id": 7, "category_id": 1, "split": "train",
+         "sentences": [make_sentence("the box", 0), make_sentence("Left square", 1)], "sent_ids": [0, 1]},
+        {"ref_id": 1, "ann_id": 101, "image_id": 7, "category_id": 2, "split": "train",
+         "sentences": [make_sentence("the triangle", 2)], "sent_ids": [2]},
+        {"ref_id": 2, "ann_id": 102, "image_id": 8, "category_id": 3, "split": "val",
+         "sentences": [make_sentence("the blob", 3), make_sentence("blob at the bottom right", 4)], "sent_ids": [3, 4]},
+    ]
+
+
+def _grefs():
+    return [
+        {"ref_id": 0, "ann_id": [100, 101], "image_id": 7, "category_id": [1, 2], "split": "val",
+         "sentences": [make_sentence("both shapes", 0)], "no_target": False},
+        {"ref_id": 1, "ann_id": [-1], "image_id": 7, "category_id": [-1], "split": "val",
+         "sentences": [make_sentence("the red car", 1), make_sentence("a dog", 2)], "no_target": True},
+        {"ref_id": 2, "ann_id": [], "image_id": 8, "category_id": [], "split": "val",
+         "sentences": [make_sentence("nothing here", 3)]},
+        {"ref_id": 3, "ann_id": 102, "image_id": 8, "category_id": 3, "split": "val",
+         "sentences": [make_sentence("the blob", 4)]},
+        {"ref_id": 4, "ann_id": [101], "image_id": 7, "category_id": [2], "split": "train",
+         "sentences": [make_sentence("the triangle", 5)]},
+    ]
+
+
+@pytest.fixture
+def refer_root(tmp_path):
+    save_refer_dataset(str(tmp_path / "toy"), "unc", _refs(), _instances())
+    save_refer_dataset(str(tmp_path / "gtoy"), "unc", _grefs(), _instances(), generalized=True)
+    return str(tmp_path)
+
+
+def test_loader_round_trip(refer_root):
+    train = load_refer_dicts(refer_root, "toy", "unc", "train", "/imgs")
+    val = load_refer_dicts(refer_root, "toy", "unc", "val", "/imgs")
+    # One record per expression of the split.
+    assert len(train) == 3 and len(val) == 2
+    assert [r["sentence"] for r in train] == [
+        {"raw": "the box", "sent_id": 0}, {"raw": "Left square", "sent_id": 1}, {"raw": "the triangle", "sent_id": 2}
+    ]
+    r = train[0]
+    assert r["file_name"] == os.path.join("/imgs", "a.jpg")
+    assert (r["height"], r["width"], r["image_id"], r["ref_id"], r["empty"]) == (H, W, 7, 0, False)
+    (ann,) = r["annotations"]
+    assert ann["segmentation"] == [SQUARE]
+    assert ann["bbox"] == [10.0, 10.0, 20.0, 20.0] and ann["bbox_mode"] == BoxMode.XYWH_ABS
+    assert (ann["category_id"], ann["iscrowd"]) == (1, 0)
+    # Uncompressed RLE is normalized to compressed str counts, same mask, bbox derived.
+    rle_ann = val[0]["annotations"][0]
+    assert isinstance(rle_ann["segmentation"]["counts"], str)
+    np.testing.assert_array_equal(annotations_to_mask(val[0]["annotations"], H, W), _rle_mask())
+    assert rle_ann["bbox"] == [40.0, 20.0, 18.0, 15.0]
+    assert val[1]["file_name"] == os.path.join("/imgs", "sub/b.jpg")
+    # The polygon rasterizes to the square it describes.
+    assert annotations_to_mask(train[0]["annotations"], H, W)[15, 15] == 1
+    assert annotations_to_mask(train[0]["annotations"], H, W)[35, 45] == 0
+
+
+def test_python2_pickle_is_read(tmp_path):
+    # The original REFER pickles hold Python 2 byte strings; non-ASCII ones need latin1.
+    root = tmp_path / "toy"
+    save_refer_dataset(str(root), "unc", _refs(), _instances())
+    py3 = pickle.dumps(_refs(), protocol=2)
+    py2 = py3.replace(b"X\x07\x00\x00\x00the box", b"U\x07caf\xe9box")
+    assert py2 != py3
+    with pytest.raises(UnicodeDecodeError):
+        pickle.loads(py2)
+    (root / "refs(unc).p").write_bytes(py2)
+    recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
+    assert recs[0]["sentence"]["raw"] == "caf\xe9box"
+
+
+def test_grefcoco_multi_and_no_target(refer_root):
+    recs = load_refer_dicts(refer_root, "gtoy", "unc", "val", "/imgs", generalized=True)
+    assert len(recs) == 5
+    by_sent = {r["sentence"]["raw"]: r for r in recs}
+    multi = by_sent["both shapes"]
+    assert multi["empty"] is False and len(multi["annotations"]) == 2
+    union = annotations_to_mask(multi["annotations"], H, W)
+    assert union[15, 15] == 1 and union[10, 45] == 1
+    for s in ("the red car", "a dog", "nothing here"):
+        assert by_sent[s]["empty"] is True and by_sent[s]["annotations"] == []
+        assert annotations_to_mask(by_sent[s]["annotations"], H, W).sum() == 0
+    single = by_sent["the blob"]
+    assert single["empty"] is False and len(single["annotations"]) == 1
+    assert len(load_refer_dicts(refer_root, "gtoy", "unc", "train", "/imgs", generalized=True)) == 1
+
+
+def test_missing_files_name_path_and_layout(tmp_path):
+    with pytest.raises(FileNotFoundError) as e:
+        load_refer_dicts(str(tmp_path), "refcoco", "unc", "train", "/imgs")
+    msg = str(e.value)
+    assert os.path.join(str(tmp_path), "refcoco", "refs(unc).p") in msg
+    assert "instances.json" in msg and "expected layout" in msg
+    save_refer_dataset(str(tmp_path / "g"), "unc", _grefs(), _instances(), generalized=True)
+    os.remove(tmp_path / "g" / "instances.json")
+    with pytest.raises(FileNotFoundError, match=r"g/instances\.json"):
+        load_refer_dicts(str(tmp_path), "g", "unc", "val", "/imgs", generalized=True)
+
+
+def test_unknown_split_lists_available(refer_root):
+    with pytest.raises(ValueError, match=r"testC.*\['train', 'val'\]"):
+        load_refer_dicts(refer_root, "toy", "unc", "testC", "/imgs")
+
+
+def _break(kind):
+    inst, refs = _instances(), _refs()
+    if kind == "unknown_ann_id":
+        refs[0]["ann_id"] = 999
+    elif kind == "empty_sentence":
+        refs[0]["sentences"][1]["raw"] = "   "
+        refs[0]["sentences"][1]["sent"] = ""
+    elif kind == "few_points":
+        inst["annotations"][0]["segmentation"] = [[10.0, 10.0, 30.0, 10.0]]
+    elif kind == "zero_area":
+        inst["annotations"][0]["segmentation"] = [[10.0, 10.0, 20.0, 20.0, 30.0, 30.0]]
+    return inst, refs
+
+
+@pytest.mark.parametrize(
+    "kind,pattern,reason",
+    [
+        ("unknown_ann_id", r"ref_id=0\).*ann_id 999 is not in .*instances\.json", "unknown_ann_id"),
+        ("empty_sentence", r"ref_id=0\).*sent_id=1 is empty", "empty_sentence"),
+        ("few_points", r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: 4 coordinates", "degenerate_segmentation"),
+        ("zero_area", r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: zero area", "degenerate_segmentation"),
+    ],
+)
+def test_bad_refs_error_or_counted_skip(tmp_path, caplog, kind, pattern, reason):
+    inst, refs = _break(kind)
+    save_refer_dataset(str(tmp_path / "bad"), "unc", refs, inst)
+    with pytest.raises(ReferringDataError, match=pattern) as e:
+        load_refer_dicts(str(tmp_path), "bad", "unc", "train", "/imgs")
+    assert "refs(unc).p" in str(e.value) and "skip" in str(e.value)
+
+    with caplog.at_level(logging.WARNING, logger="vipa_d2.data.refer"):
+        recs = load_refer_dicts(str(tmp_path), "bad", "unc", "train", "/imgs", invalid="skip")
+    sents = [r["sentence"]["raw"] for r in recs]
+    if kind == "empty_sentence":
+        assert sents == ["the box", "the triangle"]  # only the empty sentence is dropped
+    else:
+        assert sents == ["the triangle"]  # the whole broken ref is dropped
+    assert f"skipped 1 invalid item(s): {reason}=1" in caplog.text
+
+
+def test_invalid_mode_is_checked(refer_root):
+    with pytest.raises(ValueError, match="invalid='ignore'"):
+        load_refer_dicts(refer_root, "toy", "unc", "train", "/imgs", invalid="ignore")
+
+
+EXPECTED_BUILTINS = (
+    [f"refcoco_unc_{s}" for s in ("train", "val", "testA", "testB")]
+    + [f"refcoco+_unc_{s}" for s in ("train", "val", "testA", "testB")]
+    + [f"refcocog_umd_{s}" for s in ("train", "val", "test")]
+    + [f"refcocog_google_{s}" for s in ("train", "val")]
+    + [f"refclef_unc_{s}" for s in ("train", "val", "test")]
+    + [f"grefcoco_unc_{s}" for s in ("train", "val", "testA", "testB")]
+    + [f"refsynth_unc_{s}" for s in ("train", "val", "testA", "testB")]
+    + [f"grefsynth_unc_{s}" for s in ("train", "val", "testA", "testB")]
+)
+
+
+def test_builtins_registered_without_data(tmp_path, monkeypatch):
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path / "nothing_here"))
+    names = set(DatasetCatalog.list())
+    missing = [n for n in EXPECTED_BUILTINS if n not in names]
+    assert not missing
+    for n in EXPECTED_BUILTINS:
+        meta = MetadataCatalog.get(n)
+        assert meta.evaluator_type == "referring"
+        assert meta.generalized == n.startswith("g")
+        assert meta.split_by in ("unc", "umd", "google")
+        assert os.fspath(meta.dataset_root) == str(tmp_path / "nothing_here")
+    assert MetadataCatalog.get("refclef_unc_test").image_dir == "saiapr_tc-12"
+    assert MetadataCatalog.get("refcoco_unc_val").image_dir == os.path.join("coco", "train2014")
+    # Loading without the data names the file under the root read at load time.
+    with pytest.raises(FileNotFoundError, match=r"nothing_here/refcoco/refs\(unc\)\.p"):
+        DatasetCatalog.get("refcoco_unc_val")
+
+
+def test_builtin_registration_is_idempotent():
+    before = len(DatasetCatalog.list())
+    builtin.register_all_referring()
+    importlib.reload(builtin)  # a module reload registers again: already-present names are skipped
+    builtin.register_all_referring()
+    assert len(DatasetCatalog.list()) == before
+
+
+def test_builtin_root_is_read_at_load_time(tmp_path, monkeypatch):
+    stats = write_benchmark(str(tmp_path), 8, seed=5, workers=1, progress=False)
+    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))  # exported after the import
+    recs = DatasetCatalog.get("refsynth_unc_val")
+    assert len(recs) == stats["splits"]["val"]["expressions"] > 0
+    assert all(r["file_name"].startswith(os.path.join(str(tmp_path), "refsynth", "images")) for r in recs)
+    assert all(os.path.isfile(r["file_name"]) for r in recs)
+    grecs = DatasetCatalog.get("grefsynth_unc_val")
+    assert any(r["empty"] for r in grecs) and any(len(r["annotations"]) > 1 for r in grecs)
+    monkeypatch.setenv("VIPA_INVALID_REFS", "bogus")
+    with pytest.raises(ValueError, match="VIPA_INVALID_REFS"):
+        DatasetCatalog.get("refsynth_unc_val")
+
+
+def test_grefs_file_is_json_list(refer_root):
+    with open(os.path.join(refer_root, "gtoy", "grefs(unc).json")) as f:
+        data = json.load(f)
+    assert isinstance(data, list) and data[1]["ann_id"] == [-1]

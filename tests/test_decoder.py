@@ -1,0 +1,172 @@
+"""Pixel decoder, transformer decoder (pixel queries, visual-expression K/V) and losses."""
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.layers import ShapeSpec
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.modeling import build_pixel_decoder
+from vipa_d2.modeling.losses import VIPACriterion, dice_loss, pixel_contrastive_loss, sigmoid_bce_loss
+from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
+
+SHAPES = {
+    "res2": ShapeSpec(channels=8, stride=4),
+    "res3": ShapeSpec(channels=16, stride=8),
+    "res4": ShapeSpec(channels=24, stride=16),
+    "res5": ShapeSpec(channels=32, stride=32),
+}
+
+
+def small_cfg(**opts):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.MODEL.VIPA.HIDDEN_DIM = 32
+    cfg.MODEL.VIPA.NHEADS = 4
+    cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM = 16
+    cfg.MODEL.VIPA.DECODER.NUM_LAYERS = 3
+    cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD = 64
+    cfg.merge_from_list([x for kv in opts.items() for x in kv])
+    return cfg
+
+
+def features(b=2, size=64):
+    return {k: torch.randn(b, s.channels, size // s.stride, size // s.stride) for k, s in SHAPES.items()}
+
+
+def test_pixel_decoder_scales_and_mask_features():
+    dec = build_pixel_decoder(small_cfg(), SHAPES)
+    mask_features, multi = dec(features())
+    assert mask_features.shape == (2, 16, 16, 16)  # stride 4, MASK_DIM
+    assert {k: tuple(v.shape) for k, v in multi.items()} == {
+        "res2": (2, 32, 16, 16), "res3": (2, 32, 8, 8), "res4": (2, 32, 4, 4), "res5": (2, 32, 2, 2)
+    }
+    # Stride-8 mask features when res2 is left out.
+    dec = build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"]}), SHAPES)
+    assert dec(features())[0].shape == (2, 16, 8, 8)
+    # Top-down path: the coarsest input influences the finest output.
+    f = features()
+    base = dec(f)[0]
+    f["res5"] = f["res5"] + 1.0
+    assert not torch.allclose(dec(f)[0], base)
+
+
+def test_pixel_decoder_config_errors():
+    with pytest.raises(ValueError, match="PIXEL_DECODER.IN_FEATURES"):
+        build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res1", "res3"]}), SHAPES)
+    with pytest.raises(KeyError):
+        build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.NAME": "NoSuchDecoder"}), SHAPES)
+    with pytest.raises(ValueError, match="DECODER.IN_FEATURES"):
+        VIPATransformerDecoder(small_cfg(**{"MODEL.VIPA.DECODER.IN_FEATURES": ["res5", "res1"]}), SHAPES)
+
+
+def decoder_inputs(b=2, t=6):
+    pix = build_pixel_decoder(small_cfg(), SHAPES).eval()
+    with torch.no_grad():
+        mask_features, multi = pix(features(b))
+    kv = torch.randn(b, t, 32)
+    kv_valid = torch.ones(b, t, dtype=torch.bool)
+    kv_valid[0, 4:] = False
+    return multi, mask_features, kv, kv_valid
+
+
+def test_transformer_decoder_outputs_and_key_padding():
+    dec = VIPATransformerDecoder(small_cfg(), SHAPES)
+    assert dec.in_features == ["res5", "res4", "res3"]
+    multi, mf, kv, valid = decoder_inputs()
+    dec.train()
+    out = dec(multi, mf, kv, valid)
+    assert len(out["pred_masks"]) == 3 and all(m.shape == (2, 16, 16) for m in out["pred_masks"])
+    assert out["no_target_logit"].shape == (2,)
+    dec.eval()
+    out = dec(multi, mf, kv, valid)
+    assert len(out["pred_masks"]) == 1  # inference: only the final mask
+    # Masked (invalid) K/V tokens cannot change anything; a valid one does.
+    kv2 = kv.clone()
+    kv2[0, 4:] = torch.randn(2, 32) * 10
+    out2 = dec(multi, mf, kv2, valid)
+    assert torch.allclose(out["pred_masks"][-1], out2["pred_masks"][-1], atol=1e-5)
+    assert torch.allclose(out["no_target_logit"], out2["no_target_logit"], atol=1e-5)
+    kv2[0, 1] += 3.0
+    out3 = dec(multi, mf, kv2, valid)
+    assert not torch.allclose(out["pred_masks"][-1][0], out3["pred_masks"][-1][0], atol=1e-4)
+    assert torch.allclose(out["pred_masks"][-1][1], out3["pred_masks"][-1][1], atol=1e-5)  # other sample
+
+
+def test_transformer_decoder_propagates_coarse_refinement_to_finer_scales():
+    # Layer 0 refines res5 only; layer 1 refines res4. Layer 1's mask depends on layer 0's
+    # parameters only through the write-back/propagation to the finer scale.
+    dec = VIPATransformerDecoder(small_cfg(**{"MODEL.VIPA.DECODER.NUM_LAYERS": 2}), SHAPES).train()
+    multi, mf, kv, valid = decoder_inputs()
+    out = dec(multi, mf, kv, valid)
+    out["pred_masks"][1].sum().backward()
+    assert dec.layers[0].cross_attn.attn.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_mask_losses():
+    gt = torch.zeros(1, 8, 8)
+    gt[0, 2:6, 2:6] = 1
+    w = torch.ones(1, 8, 8)
+    good, bad = (gt * 2 - 1) * 10, (1 - gt * 2) * 10
+    assert sigmoid_bce_loss(good, gt, w) < 1e-3 < sigmoid_bce_loss(bad, gt, w)
+    assert dice_loss(good, gt, w) < 1e-3 and dice_loss(bad, gt, w) > 0.9
+    # An empty target is satisfied by an empty prediction.
+    assert dice_loss(torch.full((1, 8, 8), -10.0), torch.zeros(1, 8, 8), w) < 1e-2
+    assert dice_loss(torch.full((1, 8, 8), 10.0), torch.zeros(1, 8, 8), w) > 0.9
+    # Padding (weight 0) does not count.
+    w_pad = w.clone()
+    w_pad[0, :, 7] = 0
+    bad_in_pad = good.clone()
+    bad_in_pad[0, :, 7] = 10.0
+    assert torch.allclose(sigmoid_bce_loss(bad_in_pad, gt, w_pad), sigmoid_bce_loss(good, gt, w_pad))
+    assert torch.allclose(dice_loss(bad_in_pad, gt, w_pad), dice_loss(good, gt, w_pad))
+
+
+def test_pixel_contrastive_loss():
+    target = torch.zeros(2, 10)
+    target[:, :3] = 1.0
+    target[1] = 0.0  # sample 1: no target -> skipped
+    token_valid = torch.ones(2, 10, dtype=torch.bool)
+    cue_valid = torch.ones(2, 4, dtype=torch.bool)
+    aligned = torch.full((2, 4, 10), -1.0)
+    aligned[:, :, :3] = 1.0
+    loss_good = pixel_contrastive_loss(aligned, cue_valid, target, token_valid, 0.1)
+    loss_bad = pixel_contrastive_loss(-aligned, cue_valid, target, token_valid, 0.1)
+    assert loss_good < 1e-3 and loss_bad > 10
+    # The no-target sample's relevance does not matter.
+    other = aligned.clone()
+    other[1] = torch.randn(4, 10)
+    assert torch.allclose(pixel_contrastive_loss(other, cue_valid, target, token_valid, 0.1), loss_good)
+    # Invalid cues do not count.
+    cue_valid2 = cue_valid.clone()
+    cue_valid2[0, 3] = False
+    mixed = aligned.clone()
+    mixed[0, 3] = -aligned[0, 3]
+    assert torch.allclose(pixel_contrastive_loss(mixed, cue_valid2, target, token_valid, 0.1), loss_good)
+    # All samples empty: zero loss, still differentiable.
+    rel = torch.randn(2, 4, 10, requires_grad=True)
+    loss = pixel_contrastive_loss(rel, cue_valid, torch.zeros(2, 10), token_valid, 0.1)
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_criterion_names_and_weights():
+    cfg = small_cfg(**{"MODEL.VIPA.LOSS.BCE_WEIGHT": 3.0})
+    crit = VIPACriterion(cfg)
+    preds = [torch.randn(2, 8, 8) for _ in range(3)]
+    gt = torch.zeros(2, 32, 32)
+    gt[0, 8:20, 8:20] = 1
+    valid = torch.ones(2, 32, 32)
+    empty = torch.tensor([False, True])
+    rel = torch.randn(2, 5, 16)
+    losses = crit(preds, torch.zeros(2), gt, valid, empty, rel, (4, 4), torch.ones(2, 5, dtype=torch.bool))
+    assert set(losses) == {
+        "loss_bce", "loss_dice", "loss_bce_0", "loss_dice_0", "loss_bce_1", "loss_dice_1",
+        "loss_contrastive", "loss_no_target",
+    }
+    assert all(torch.isfinite(v) for v in losses.values())
+    target = torch.nn.functional.adaptive_avg_pool2d(gt[:, None], (8, 8))[:, 0]
+    assert torch.allclose(losses["loss_bce"], 3.0 * sigmoid_bce_loss(preds[-1], target, torch.ones(2, 8, 8)))
+    crit = VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.DEEP_SUPERVISION": False}))
+    losses = crit(preds, torch.zeros(2), gt, valid, empty)  # no relevance: no contrastive loss
+    assert set(losses) == {"loss_bce", "loss_dice", "loss_no_target"}

@@ -1,0 +1,275 @@
+"""ReferringEvaluator: hand-computed metrics on tiny masks, file output, 2-process gather."""
+import json
+import math
+
+import numpy as np
+import pycocotools.mask as mask_util
+import pytest
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.engine import launch
+from detectron2.structures import BoxMode
+from detectron2.utils import comm
+
+from vipa_d2.data.masks import annotations_to_mask
+from vipa_d2.evaluation import ReferringEvaluator
+
+PLAIN = "test_evaluator_refer_plain"
+GENERALIZED = "test_evaluator_refer_generalized"
+PREC_KEYS = ["Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
+
+
+def _register_metadata():
+    # Idempotent: spawned workers start with an empty MetadataCatalog and call this too.
+    if "generalized" not in MetadataCatalog.get(PLAIN).as_dict():
+        MetadataCatalog.get(PLAIN).set(evaluator_type="referring", generalized=False)
+    if "generalized" not in MetadataCatalog.get(GENERALIZED).as_dict():
+        MetadataCatalog.get(GENERALIZED).set(evaluator_type="referring", generalized=True)
+
+
+_register_metadata()
+
+
+def rect_polygon(x0, y0, x1, y1):
+    """Polygon annotation whose rasterization is rows y0..y1-1, cols x0..x1-1."""
+    return {
+        "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
+        "bbox": [x0, y0, x1 - x0, y1 - y0],
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "category_id": 0,
+        "iscrowd": 0,
+    }
+
+
+def rle_annotation(mask):
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    rle["counts"] = rle["counts"].decode("ascii")
+    return {
+        "segmentation": rle,
+        "bbox": mask_util.toBbox(rle).tolist(),
+        "bbox_mode": BoxMode.XYWH_ABS,
+        "category_id": 0,
+        "iscrowd": 0,
+    }
+
+
+def box_mask(height, width, rows, cols, value=1.0):
+    mask = torch.zeros(height, width)
+    mask[rows[0] : rows[1], cols[0] : cols[1]] = value
+    return mask
+
+
+def sample(idx, height, width, annotations):
+    return {
+        "image_id": 100 + idx,
+        "ref_id": 200 + idx,
+        "sent_id": 300 + idx,
+        "height": height,
+        "width": width,
+        "annotations": annotations,
+    }
+
+
+def plain_samples():
+    """Three target samples (4x4 and 6x8 images), polygon and RLE annotations."""
+    rle_part = np.zeros((6, 8), np.uint8)
+    rle_part[4:6, 6:8] = 1  # 4 px
+    return [
+        sample(0, 4, 4, [rect_polygon(1, 1, 3, 3)]),  # rows 1-2, cols 1-2: 4 px
+        sample(1, 6, 8, [rect_polygon(0, 0, 4, 2), rle_annotation(rle_part)]),  # 8 + 4 px
+        sample(2, 6, 8, [rect_polygon(2, 1, 7, 5)]),  # rows 1-4, cols 2-6: 20 px
+    ]
+
+
+def expected_gt(idx):
+    """The same targets drawn by hand (guards the hand-computed numbers below)."""
+    if idx == 0:
+        return box_mask(4, 4, (1, 3), (1, 3))
+    if idx == 1:
+        return box_mask(6, 8, (0, 2), (0, 4)) + box_mask(6, 8, (4, 6), (6, 8))
+    return box_mask(6, 8, (1, 5), (2, 7))
+
+
+def run_evaluator(name, inputs, outputs, **kwargs):
+    evaluator = ReferringEvaluator(name, distributed=False, **kwargs)
+    evaluator.reset()
+    # Two process() calls, as inference_on_dataset feeds batches.
+    evaluator.process(inputs[:1], outputs[:1])
+    evaluator.process(inputs[1:], outputs[1:])
+    return evaluator.evaluate()["refer"]
+
+
+def test_ground_truth_rasterization_matches_hand_drawn_masks():
+    for idx, inp in enumerate(plain_samples()):
+        gt = annotations_to_mask(inp["annotations"], inp["height"], inp["width"])
+        assert np.array_equal(gt, expected_gt(idx).numpy().astype(np.uint8))
+
+
+def test_oracle_predictions_score_100_everywhere():
+    inputs = plain_samples()
+    outputs = [{"ref_seg": expected_gt(i)} for i in range(len(inputs))]
+    metrics = run_evaluator(PLAIN, inputs, outputs)
+    assert set(metrics) == {"oIoU", "mIoU", *PREC_KEYS}
+    for key, value in metrics.items():
+        assert value == pytest.approx(100.0), key
+
+
+def test_all_empty_predictions_score_zero():
+    inputs = plain_samples()
+    outputs = [{"ref_seg": torch.zeros(s["height"], s["width"])} for s in inputs]
+    metrics = run_evaluator(PLAIN, inputs, outputs)
+    for key, value in metrics.items():
+        assert value == 0.0, key
+
+
+def test_partial_predictions_hand_computed():
+    inputs = plain_samples()
+    # Sample 0: rows 1-2, cols 1-3 (6 px) -> I=4, U=6. A pixel exactly at the 0.5
+    # threshold outside the target must not count (strict ">").
+    pred0 = box_mask(4, 4, (1, 3), (1, 4), value=0.9)
+    pred0[0, 0] = 0.5
+    # Sample 1: rows 0-1, cols 0-3 (8 px) + rows 4-5, col 7 (2 px) -> I=10, U=12.
+    pred1 = box_mask(6, 8, (0, 2), (0, 4)) + box_mask(6, 8, (4, 6), (7, 8), value=0.6)
+    # Sample 2: rows 1-4, cols 3-6 (16 px inside the 20 px target) -> I=16, U=20, IoU 0.8.
+    pred2 = box_mask(6, 8, (1, 5), (3, 7), value=0.51)
+    metrics = run_evaluator(PLAIN, inputs, [{"ref_seg": p} for p in (pred0, pred1, pred2)])
+    ious = [4 / 6, 10 / 12, 16 / 20]
+    assert metrics["oIoU"] == pytest.approx(100.0 * 30 / 38)
+    assert metrics["mIoU"] == pytest.approx(100.0 * sum(ious) / 3)
+    assert metrics["Prec@0.5"] == pytest.approx(100.0)
+    assert metrics["Prec@0.6"] == pytest.approx(100.0)
+    assert metrics["Prec@0.7"] == pytest.approx(200.0 / 3)
+    assert metrics["Prec@0.8"] == pytest.approx(200.0 / 3)  # IoU exactly 0.8 counts
+    assert metrics["Prec@0.9"] == 0.0
+
+
+def test_mask_threshold_is_configurable():
+    inputs = plain_samples()[:1]
+    pred = box_mask(4, 4, (1, 3), (1, 3), value=0.6)
+    assert run_evaluator(PLAIN, inputs, [{"ref_seg": pred}])["oIoU"] == pytest.approx(100.0)
+    strict = run_evaluator(PLAIN, inputs, [{"ref_seg": pred}], mask_threshold=0.7)
+    assert strict["oIoU"] == 0.0
+
+
+def generalized_samples():
+    """No-target and target samples with predictions; see the test for the expected values."""
+    full = torch.ones(4, 4)
+    inputs = [
+        sample(0, 4, 4, []),  # no-target, predicted empty       -> U=0, IoU 1, N ok
+        sample(1, 4, 4, []),  # no-target, 1 px predicted        -> U=1, IoU 0, N wrong
+        sample(2, 4, 4, [rect_polygon(0, 0, 2, 2)]),  # exact    -> I=U=4, IoU 1, T ok
+        sample(3, 4, 4, [rect_polygon(2, 2, 4, 4)]),  # missed   -> U=4, IoU 0, T wrong
+        sample(4, 4, 4, [rect_polygon(0, 0, 4, 4)]),  # vetoed by no_target_score -> U=16
+        sample(5, 4, 4, []),  # no-target, mask vetoed by no_target_score -> IoU 1, N ok
+    ]
+    outputs = [
+        {"ref_seg": torch.zeros(4, 4), "no_target_score": torch.tensor(0.9)},
+        {"ref_seg": box_mask(4, 4, (3, 4), (3, 4)), "no_target_score": torch.tensor(0.1)},
+        {"ref_seg": box_mask(4, 4, (0, 2), (0, 2)), "no_target_score": torch.tensor(0.1)},
+        {"ref_seg": torch.zeros(4, 4), "no_target_score": torch.tensor(0.1)},
+        {"ref_seg": full.clone(), "no_target_score": torch.tensor(0.9)},
+        {"ref_seg": full.clone(), "no_target_score": torch.tensor(0.8)},
+    ]
+    return inputs, outputs
+
+
+def test_empty_targets_and_no_target_accuracy():
+    inputs, outputs = generalized_samples()
+    metrics = run_evaluator(GENERALIZED, inputs, outputs)
+    assert metrics["oIoU"] == pytest.approx(100.0 * 4 / 25)
+    assert metrics["mIoU"] == pytest.approx(50.0)
+    for key in PREC_KEYS:
+        assert metrics[key] == pytest.approx(50.0), key
+    assert metrics["N-acc"] == pytest.approx(200.0 / 3)
+    assert metrics["T-acc"] == pytest.approx(100.0 / 3)
+
+
+def test_no_target_score_ignored_on_plain_data_but_empty_gt_reports_accuracies():
+    inputs = plain_samples()[:1] + [sample(9, 4, 4, [])]
+    outputs = [
+        # A high no_target_score must not erase the mask on non-generalized data.
+        {"ref_seg": expected_gt(0), "no_target_score": torch.tensor(0.99)},
+        {"ref_seg": torch.zeros(4, 4)},
+    ]
+    metrics = run_evaluator(PLAIN, inputs, outputs)
+    assert metrics["mIoU"] == pytest.approx(100.0)
+    assert metrics["N-acc"] == pytest.approx(100.0)
+    assert metrics["T-acc"] == pytest.approx(100.0)
+
+
+def test_shape_mismatch_raises_naming_sample_and_shapes():
+    evaluator = ReferringEvaluator(PLAIN, distributed=False)
+    evaluator.reset()
+    with pytest.raises(ValueError, match=r"ref_id=200.*\(3, 4\).*\(4, 4\)"):
+        evaluator.process(plain_samples()[:1], [{"ref_seg": torch.zeros(3, 4)}])
+
+
+def test_missing_annotations_raise():
+    inp = plain_samples()[0]
+    del inp["annotations"]
+    evaluator = ReferringEvaluator(PLAIN, distributed=False)
+    with pytest.raises(KeyError, match="annotations"):
+        evaluator.process([inp], [{"ref_seg": torch.zeros(4, 4)}])
+
+
+def test_reset_forgets_previous_samples():
+    inputs = plain_samples()
+    evaluator = ReferringEvaluator(PLAIN, distributed=False)
+    evaluator.process(inputs, [{"ref_seg": torch.zeros(s["height"], s["width"])} for s in inputs])
+    evaluator.reset()
+    evaluator.process(inputs, [{"ref_seg": expected_gt(i)} for i in range(3)])
+    assert evaluator.evaluate()["refer"]["mIoU"] == pytest.approx(100.0)
+
+
+def test_per_sample_results_file(tmp_path):
+    inputs, outputs = generalized_samples()
+    metrics = run_evaluator(GENERALIZED, inputs, outputs, output_dir=str(tmp_path))
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert files == [f"referring_results_{GENERALIZED}.json"]  # no temp file left behind
+    payload = json.loads((tmp_path / files[0]).read_text())
+    assert payload["dataset"] == GENERALIZED
+    assert payload["metrics"] == pytest.approx(dict(metrics))
+    rows = payload["samples"]
+    assert [r["ref_id"] for r in rows] == [200 + i for i in range(6)]
+    assert [(r["intersection"], r["union"]) for r in rows] == [
+        (0, 0), (0, 1), (4, 4), (0, 4), (0, 16), (0, 0)
+    ]
+    assert [r["iou"] for r in rows] == [1.0, 0.0, 1.0, 0.0, 0.0, 1.0]
+    assert [r["gt_empty"] for r in rows] == [True, True, False, False, False, True]
+    assert [r["pred_empty"] for r in rows] == [True, False, False, True, True, True]
+    assert {"image_id", "sent_id"} <= set(rows[0])
+
+
+def _two_process_worker(inputs, outputs, result_dir):
+    """Runs in each spawned rank: score this rank's half, write what evaluate() returns."""
+    _register_metadata()
+    rank, world = comm.get_rank(), comm.get_world_size()
+    half = math.ceil(len(inputs) / world)
+    evaluator = ReferringEvaluator(GENERALIZED, distributed=True)
+    evaluator.reset()
+    evaluator.process(inputs[rank * half : (rank + 1) * half], outputs[rank * half : (rank + 1) * half])
+    with open(f"{result_dir}/rank{rank}.json", "w") as f:
+        json.dump(evaluator.evaluate(), f)
+
+
+def test_two_process_evaluation_equals_single_process(tmp_path):
+    inputs, outputs = generalized_samples()
+    partial = plain_samples()
+    inputs += partial
+    outputs += [
+        {"ref_seg": box_mask(4, 4, (1, 3), (1, 4))},
+        {"ref_seg": box_mask(6, 8, (0, 2), (0, 4))},
+        {"ref_seg": box_mask(6, 8, (1, 5), (3, 7))},
+    ]
+    single = run_evaluator(GENERALIZED, inputs, outputs)
+    # On a CPU-only machine detectron2's launch initialises the gloo backend.
+    launch(
+        _two_process_worker,
+        num_gpus_per_machine=2,
+        dist_url="auto",
+        args=(inputs, outputs, str(tmp_path)),
+    )
+    main = json.loads((tmp_path / "rank0.json").read_text())
+    other = json.loads((tmp_path / "rank1.json").read_text())
+    assert other == {}
+    assert main["refer"] == dict(single)  # exact equality, not approx

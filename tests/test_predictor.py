@@ -1,0 +1,207 @@
+"""VIPAPredictor and the overlay drawing, on a real synthetic image with a tiny random model."""
+import logging
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.config import get_cfg
+from detectron2.data import detection_utils as utils
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.data import ReferringDatasetMapper, load_refer_dicts
+from vipa_d2.data.synthetic import SynthConfig, write_benchmark
+from vipa_d2.modeling.sampler import num_retrieved
+from vipa_d2.predictor import VIPAPredictor, WeightsError
+from vipa_d2.utils.visualizer import caption_layout, draw_overlay, draw_relevance_figure
+
+CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "vipa_tiny_cpu.yaml")
+TINY_OPTS = [
+    "MODEL.DEVICE", "cpu",
+    "INPUT.IMAGE_SIZE", 96,
+    "MODEL.VIPA.HIDDEN_DIM", 64,
+    "MODEL.TIMM.WEIGHTS", "",
+]
+
+
+def tiny_cfg(*opts):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_list(TINY_OPTS + list(opts))
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def records(tmp_path_factory):
+    """Expressions of one synthetic image (non-square: checks the original-size outputs)."""
+    root = str(tmp_path_factory.mktemp("synth"))
+    write_benchmark(root, 4, seed=0, cfg=SynthConfig(image_size=128), workers=1, progress=False)
+    recs = load_refer_dicts(root, "refsynth", "unc", "val", f"{root}/refsynth/images")
+    recs = [r for r in recs if r["file_name"] == recs[0]["file_name"]]
+    assert len(recs) >= 3 and recs[0]["height"] != recs[0]["width"]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return VIPAPredictor(tiny_cfg())
+
+
+def test_masks_equal_model_on_mapper_output(predictor, records):
+    cfg = predictor.cfg
+    mapper = ReferringDatasetMapper(cfg, is_train=False)
+    for rec in records[:2]:
+        with torch.no_grad():
+            expected = predictor.model([mapper(rec)])[0]
+        got = predictor(rec["file_name"], rec["sentence"]["raw"])
+        assert got["mask"].shape == (rec["height"], rec["width"]) and got["mask"].dtype == bool
+        ref = expected["ref_seg"].numpy()
+        assert 0 < got["mask"].sum() < got["mask"].size  # a partial mask: the check means something
+        np.testing.assert_array_equal(got["mask"], ref > 0.5)
+        np.testing.assert_allclose(got["prob"], ref, atol=1e-6)
+        np.testing.assert_allclose(got["relevance"], expected["relevance"].numpy(), atol=1e-6)
+        assert got["no_target_score"] == pytest.approx(float(expected["no_target_score"]), abs=1e-6)
+        assert got["confidence"] == pytest.approx(float(got["prob"][got["mask"]].mean()))
+        # An array in cfg.INPUT.FORMAT gives the same result as the path.
+        image = utils.read_image(rec["file_name"], format=cfg.INPUT.FORMAT)
+        np.testing.assert_array_equal(predictor(image, rec["sentence"]["raw"])["mask"], got["mask"])
+
+
+def test_retrieved_tokens_per_cue(predictor, records):
+    text = records[0]["sentence"]["raw"]
+    result = predictor(records[0]["file_name"], text)
+    words = [c["word"] for c in result["retrieved"]]
+    # Global cue [CLS], then the word pieces ([SEP] and padding are no cues).
+    assert words == ["[CLS]"] + predictor.tokenizer.tokenize(text)
+    stride = predictor.model.backbone.output_shape()[predictor.cfg.MODEL.VIPA.VEG.IN_FEATURE].stride
+    side = predictor.cfg.INPUT.IMAGE_SIZE // stride  # square resize, no padding at this size
+    k = int(num_retrieved(torch.tensor([side * side]), predictor.cfg.MODEL.VIPA.VEG.RATIO))
+    for cue in result["retrieved"]:
+        assert cue["tokens"].shape == (side, side) and cue["tokens"].dtype == bool
+        assert cue["tokens"].sum() == k
+
+
+def _assert_same(multi, singles):
+    assert len(multi) == len(singles)
+    for a, b in zip(multi, singles):
+        np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-5)
+        np.testing.assert_allclose(a["relevance"], b["relevance"], atol=1e-5)
+        assert a["no_target_score"] == pytest.approx(b["no_target_score"], abs=1e-5)
+        # Only pixels whose probability sits on the threshold may flip.
+        flips = a["mask"] != b["mask"]
+        assert np.all(np.abs(a["prob"][flips] - 0.5) < 1e-5)
+        assert [c["word"] for c in a["retrieved"]] == [c["word"] for c in b["retrieved"]]
+
+
+def test_multi_expression_matches_single_calls(predictor, records):
+    texts = [r["sentence"]["raw"] for r in records]
+    multi = predictor(records[0]["file_name"], texts)
+    assert isinstance(multi, list)
+    _assert_same(multi, [predictor(records[0]["file_name"], t) for t in texts])
+    # Different expressions give different answers (the text is used at all).
+    assert not np.allclose(multi[0]["prob"], multi[1]["prob"])
+
+
+@pytest.mark.parametrize("fusion", ["early", "late"])
+def test_multi_expression_matches_single_calls_per_fusion(records, fusion):
+    torch.manual_seed(0)
+    p = VIPAPredictor(tiny_cfg("MODEL.VIPA.FUSION", fusion))
+    # The fusion gates start at zero (fused == visual): open them so the image features
+    # really depend on the expression, as after training.
+    with torch.no_grad():
+        for param in p.model.fusion.parameters():
+            param.add_(torch.randn_like(param) * 0.1)
+    texts = [r["sentence"]["raw"] for r in records[:3]]
+    image = utils.read_image(records[0]["file_name"], format=p.cfg.INPUT.FORMAT)
+    _assert_same(p(image, texts), [p(image, t) for t in texts])
+
+
+def test_weights_roundtrip_and_mismatch(predictor, records, tmp_path, caplog):
+    rec = records[0]
+    DetectionCheckpointer(predictor.model, save_dir=str(tmp_path)).save("model_final")
+    loaded = VIPAPredictor(tiny_cfg("MODEL.WEIGHTS", str(tmp_path / "model_final.pth")))
+    a = predictor(rec["file_name"], rec["sentence"]["raw"])
+    b = loaded(rec["file_name"], rec["sentence"]["raw"])
+    np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-6)
+
+    state = {k: v.clone() for k, v in predictor.model.state_dict().items()}
+    missing = next(k for k in state if k.startswith("backbone."))
+    shaped = next(k for k in state if k.startswith("veg.") and k.endswith("weight"))
+    del state[missing]
+    state["head.extra.weight"] = torch.zeros(3)
+    state[shaped] = torch.zeros(2, 2)
+    torch.save({"model": state}, tmp_path / "bad.pth")
+    with pytest.raises(WeightsError) as e:
+        VIPAPredictor(tiny_cfg("MODEL.WEIGHTS", str(tmp_path / "bad.pth")))
+    msg = str(e.value)
+    assert "bad.pth" in msg and missing in msg and "head.extra.weight" in msg
+    assert f"{shaped}: checkpoint (2, 2)" in msg
+
+    with pytest.raises(FileNotFoundError, match="nothere.pth"):
+        VIPAPredictor(tiny_cfg("MODEL.WEIGHTS", str(tmp_path / "nothere.pth")))
+
+
+def test_random_weights_warn(records):
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append((r.levelno, r.getMessage()))
+    log = logging.getLogger("vipa_d2.predictor")
+    log.addHandler(handler)
+    try:
+        VIPAPredictor(tiny_cfg())
+    finally:
+        log.removeHandler(handler)
+    assert any(level == logging.WARNING and "RANDOM" in msg for level, msg in seen)
+
+
+def test_confidence_zero_for_empty_mask(records):
+    p = VIPAPredictor(tiny_cfg("MODEL.VIPA.MASK_THRESHOLD", 1.0))
+    r = p(records[0]["file_name"], records[0]["sentence"]["raw"])
+    assert not r["mask"].any() and r["confidence"] == 0.0 and r["prob"].max() > 0
+
+
+def test_bad_inputs(predictor, records, tmp_path):
+    with pytest.raises(FileNotFoundError, match="missing.png"):
+        predictor(str(tmp_path / "missing.png"), "the cat")
+    (tmp_path / "text.png").write_text("not an image")
+    with pytest.raises(OSError, match="text.png"):
+        predictor(str(tmp_path / "text.png"), "the cat")
+    with pytest.raises(ValueError, match="HxWx3 uint8"):
+        predictor(np.zeros((8, 8), np.uint8), "the cat")
+    for bad in ["", "   ", ["ok", " \t"], []]:
+        with pytest.raises(ValueError, match="expression"):
+            predictor(records[0]["file_name"], bad)
+
+
+def test_overlay_changes_exactly_the_mask(predictor, records):
+    rec = records[0]
+    cfg = predictor.cfg
+    image = utils.read_image(rec["file_name"], format=cfg.INPUT.FORMAT)
+    result = predictor(image, rec["sentence"]["raw"])
+    overlay = draw_overlay(image, result, rec["sentence"]["raw"], image_format=cfg.INPUT.FORMAT)
+    rgb = utils.convert_image_to_rgb(image, cfg.INPUT.FORMAT)
+    assert overlay.shape == rgb.shape and overlay.dtype == np.uint8
+    caption = f"{rec['sentence']['raw']} ({result['confidence']:.2f})"
+    _, band = caption_layout(caption, *rgb.shape[:2])
+    assert 0 < band < rgb.shape[0] // 2
+    changed = (overlay != rgb).any(axis=-1)
+    np.testing.assert_array_equal(changed[band:], result["mask"][band:])
+    assert changed[:band].any()  # the caption is drawn
+
+
+def test_relevance_figure_has_a_tile_per_cue(predictor, records):
+    rec = records[0]
+    result = predictor(rec["file_name"], rec["sentence"]["raw"])
+    image = utils.read_image(rec["file_name"], format=predictor.cfg.INPUT.FORMAT)
+    tile = 64
+    fig = draw_relevance_figure(image, result, rec["sentence"]["raw"], tile_side=tile)
+    tiles = 1 + len(result["retrieved"])
+    cols = int(np.ceil(np.sqrt(tiles)))
+    rows = int(np.ceil(tiles / cols))
+    assert fig.shape[0] == rows * round(rec["height"] * tile / max(rec["height"], rec["width"]))
+    assert fig.shape[1] == cols * round(rec["width"] * tile / max(rec["height"], rec["width"]))
+    # The last tile in use is drawn, any tile beyond it is blank.
+    assert fig.reshape(-1, 3).any(axis=1).mean() > (tiles - 1) / (rows * cols)

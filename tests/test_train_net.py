@@ -1,0 +1,252 @@
+"""train_net.py end to end at tiny scale: real trainer, evaluator, checkpoints, processes."""
+import glob
+import json
+import os
+import sys
+
+import pytest
+import torch
+from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.engine import HookBase, default_argument_parser, launch
+
+from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.data.synthetic import SynthConfig, write_benchmark
+from vipa_d2.engine import (
+    AtomicDetectionCheckpointer,
+    build_vipa_optimizer,
+    get_vipa_optimizer_params,
+    shuffle_expressions,
+)
+
+# train_net.py lives at the repository root; spawned ranks inherit this sys.path.
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if REPO not in sys.path:
+    sys.path.insert(0, REPO)
+import train_net  # noqa: E402
+
+CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+VAL = "refsynth_unc_val"
+# A model small enough to train a few iterations in seconds on CPU.
+TINY = [
+    "INPUT.IMAGE_SIZE", "64",
+    "MODEL.TIMM.WEIGHTS", "",
+    "MODEL.VIPA.HIDDEN_DIM", "32",
+    "MODEL.VIPA.NHEADS", "2",
+    "MODEL.VIPA.VEG.DIM_FEEDFORWARD", "64",
+    "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", "32",
+    "MODEL.VIPA.DECODER.NUM_LAYERS", "3",
+    "MODEL.VIPA.DECODER.DIM_FEEDFORWARD", "64",
+    "SOLVER.IMS_PER_BATCH", "2",
+    "SOLVER.MAX_ITER", "4",
+    "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.CHECKPOINT_PERIOD", "1000",
+    "DATALOADER.NUM_WORKERS", "0",
+    "DATASETS.TEST", f"('{VAL}',)",
+    "SEED", "7",
+]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def synthetic_root(tmp_path_factory):
+    """A tiny synthetic benchmark as the built-in dataset root for this module."""
+    root = str(tmp_path_factory.mktemp("datasets"))
+    write_benchmark(root, 6, seed=0, cfg=SynthConfig(image_size=64), workers=1, progress=False)
+    previous = os.environ.get(DATASETS_ENV)
+    os.environ[DATASETS_ENV] = root
+    yield root
+    if previous is None:
+        del os.environ[DATASETS_ENV]
+    else:
+        os.environ[DATASETS_ENV] = previous
+
+
+def parse(output_dir, *flags, opts=()):
+    argv = ["--config-file", CONFIG, *flags, "--dist-url", "auto"]
+    return default_argument_parser().parse_args(argv + TINY + ["OUTPUT_DIR", str(output_dir), *opts])
+
+
+def final_weights(output_dir):
+    return torch.load(os.path.join(output_dir, "model_final.pth"), map_location="cpu")["model"]
+
+
+def results_file(output_dir, name=VAL, sub="inference"):
+    with open(os.path.join(output_dir, sub, f"referring_results_{name}.json")) as f:
+        return json.load(f)
+
+
+# --------------------------------------------------------------------------- optimizer
+NORM_TYPES = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+
+
+def test_optimizer_param_groups(tmp_path):
+    args = parse(tmp_path, opts=[
+        "SOLVER.BASE_LR", "0.001", "SOLVER.WEIGHT_DECAY", "0.05",
+        "MODEL.TIMM.LR_MULTIPLIER", "0.1", "MODEL.TEXT_ENCODER.LR_MULTIPLIER", "0.25",
+    ])
+    cfg = train_net.setup(args)
+    model = train_net.Trainer.build_model(cfg)
+    groups = get_vipa_optimizer_params(cfg, model)
+    setting = {p: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
+    assert len(setting) == sum(len(g["params"]) for g in groups)  # each param in one group
+
+    seen = {"backbone": 0, "text_encoder": 0, "other": 0, "norm": 0, "bias": 0, "embedding": 0}
+    for module_name, module in model.named_modules():
+        for local, param in module.named_parameters(recurse=False):
+            name = f"{module_name}.{local}"
+            lr, wd = setting[param]
+            if name.startswith("backbone."):
+                expected_lr, key = 0.001 * 0.1, "backbone"
+            elif name.startswith("text_encoder."):
+                expected_lr, key = 0.001 * 0.25, "text_encoder"
+            else:
+                expected_lr, key = 0.001, "other"
+            seen[key] += 1
+            assert lr == pytest.approx(expected_lr), name
+            if isinstance(module, NORM_TYPES):
+                seen["norm"] += 1
+                assert wd == 0.0, name
+            elif local == "bias":
+                seen["bias"] += 1
+                assert wd == 0.0, name
+            elif isinstance(module, torch.nn.Embedding):
+                seen["embedding"] += 1
+                assert wd == 0.0, name
+            elif "embed" not in local:
+                assert wd == 0.05, name
+    assert all(count > 0 for count in seen.values()), seen
+
+    optimizer = build_vipa_optimizer(cfg, model)
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert "GradientClip" in type(optimizer).__name__  # Base-VIPA enables CLIP_GRADIENTS
+
+
+def test_optimizer_skips_frozen_text_encoder_and_rejects_unknown_name(tmp_path):
+    cfg = train_net.setup(parse(tmp_path, opts=["MODEL.TEXT_ENCODER.FREEZE", "True"]))
+    model = train_net.Trainer.build_model(cfg)
+    in_groups = {p for g in get_vipa_optimizer_params(cfg, model) for p in g["params"]}
+    text_params = set(model.text_encoder.parameters())
+    assert text_params and not (text_params & in_groups)
+    cfg.defrost()
+    cfg.SOLVER.OPTIMIZER = "LION"
+    with pytest.raises(ValueError, match="SOLVER.OPTIMIZER.*LION"):
+        build_vipa_optimizer(cfg, model)
+
+
+# ------------------------------------------------------------- train / eval round trip
+def test_train_checkpoint_eval_only_round_trip(tmp_path):
+    train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
+    trained = train_net.main(parse(train_dir, opts=["TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]))
+
+    assert set(trained) == {VAL, VAL + "/shuffled"}
+    assert set(trained[VAL]["refer"]) == {"oIoU", "mIoU", "Prec@0.5", "Prec@0.6",
+                                          "Prec@0.7", "Prec@0.8", "Prec@0.9"}
+    assert (train_dir / "last_checkpoint").read_text() == "model_final.pth"
+    assert not glob.glob(str(train_dir / "**" / "*.tmp.*"), recursive=True)
+    per_sample = results_file(train_dir)
+    assert len(per_sample["samples"]) == len(DatasetCatalog.get(VAL))
+    assert per_sample["metrics"] == pytest.approx(trained[VAL]["refer"])
+    assert results_file(train_dir, sub="inference/shuffled")["metrics"] == pytest.approx(
+        trained[VAL + "/shuffled"]["refer"]
+    )
+
+    weights = str(train_dir / "model_final.pth")
+    evaluated = train_net.main(
+        parse(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights,
+                                             "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"])
+    )
+    # The same weights on the same data: exactly the metrics of the end of training.
+    assert evaluated == trained
+
+
+def test_shuffled_expressions_move_text_only():
+    records = DatasetCatalog.get(VAL)
+    shuffled = shuffle_expressions(records, seed=0)
+    assert shuffle_expressions(records, seed=0) == shuffled  # seeded
+    assert sorted(r["sentence"]["raw"] for r in shuffled) == sorted(
+        r["sentence"]["raw"] for r in records
+    )
+    for before, after in zip(records, shuffled):
+        assert after["sentence"]["raw"] is not before["sentence"]["raw"] or len(records) < 2
+        assert after["sentence"]["sent_id"] == before["sentence"]["sent_id"]
+        assert {k: v for k, v in after.items() if k != "sentence"} == {
+            k: v for k, v in before.items() if k != "sentence"
+        }
+    # A derangement: no record keeps its own text slot.
+    donors = [next(i for i, r in enumerate(records) if r["sentence"]["raw"] is s["sentence"]["raw"])
+              for s in shuffled]
+    assert all(i != d for i, d in enumerate(donors))
+
+
+def test_build_evaluator_rejects_non_referring_dataset(tmp_path):
+    MetadataCatalog.get("test_train_net_coco_like").set(evaluator_type="coco")
+    cfg = train_net.setup(parse(tmp_path))
+    with pytest.raises(ValueError, match="test_train_net_coco_like.*'coco'.*'referring'"):
+        train_net.Trainer.build_evaluator(cfg, "test_train_net_coco_like")
+
+
+# ------------------------------------------------------------------ never lose work
+class _Killed(Exception):
+    pass
+
+
+class _KillAfter(HookBase):
+    """Stands in for a killed job: dies after ``n`` iterations (after their checkpoint)."""
+
+    def __init__(self, n):
+        self.n = n
+
+    def after_step(self):
+        if self.trainer.iter + 1 == self.n:
+            raise _Killed
+
+
+def test_resume_reproduces_uninterrupted_run(tmp_path):
+    opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()"]
+    straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
+    train_net.main(parse(straight_dir, opts=opts))
+
+    trainer = train_net.Trainer(train_net.setup(parse(resumed_dir, opts=opts)))
+    trainer.resume_or_load(resume=False)
+    trainer.register_hooks([_KillAfter(2)])
+    with pytest.raises(_Killed):
+        trainer.train()
+    assert (resumed_dir / "last_checkpoint").read_text() == "model_0000001.pth"
+    assert not (resumed_dir / "model_final.pth").exists()
+
+    train_net.main(parse(resumed_dir, "--resume", opts=opts))
+    straight, resumed = final_weights(straight_dir), final_weights(resumed_dir)
+    assert straight.keys() == resumed.keys()
+    for key in straight:
+        assert torch.equal(straight[key], resumed[key]), key
+
+
+def test_checkpoint_save_is_atomic(tmp_path):
+    model = torch.nn.Linear(2, 2)
+
+    class Unpicklable:
+        def state_dict(self):
+            return {"fn": lambda: None}  # torch.save cannot pickle a lambda
+
+    AtomicDetectionCheckpointer(model, str(tmp_path)).save("model_good")
+    before = (tmp_path / "model_good.pth").read_bytes()
+    broken = AtomicDetectionCheckpointer(model, str(tmp_path), extra=Unpicklable())
+    with pytest.raises(Exception):
+        broken.save("model_bad")
+    assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_good.pth"]
+    assert (tmp_path / "last_checkpoint").read_text() == "model_good.pth"
+    assert (tmp_path / "model_good.pth").read_bytes() == before
+
+
+# --------------------------------------------------------------------- two processes
+def test_two_process_training_and_evaluation(tmp_path):
+    two_dir, one_dir = tmp_path / "two", tmp_path / "one"
+    # --num-gpus 2 on a CPU machine: detectron2's launch spawns 2 ranks over gloo.
+    args = parse(two_dir, "--num-gpus", "2", opts=["SOLVER.MAX_ITER", "2"])
+    launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+    assert (two_dir / "last_checkpoint").read_text() == "model_final.pth"
+    two_process = results_file(two_dir)  # written by rank 0 after gathering both ranks
+
+    weights = str(two_dir / "model_final.pth")
+    one_process = train_net.main(parse(one_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
+    assert len(two_process["samples"]) == len(DatasetCatalog.get(VAL))
+    assert two_process["metrics"] == dict(one_process[VAL]["refer"])  # exact

@@ -1,0 +1,217 @@
+"""Differentiable top-k sampler, linguistic cues and the Visual Expression Generator."""
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.modeling.attention import MultiHeadAttention, sine_position_encoding
+from vipa_d2.modeling.sampler import differentiable_topk, num_retrieved
+from vipa_d2.modeling.veg import VisualExpressionGenerator, linguistic_cue_mask
+
+HIDDEN, TEXT_DIM, VIS_CH = 32, 24, 40
+
+
+def veg_cfg(**veg_opts):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.MODEL.VIPA.HIDDEN_DIM = HIDDEN
+    cfg.MODEL.VIPA.NHEADS = 4
+    cfg.MODEL.VIPA.VEG.DIM_FEEDFORWARD = 64
+    for k, v in veg_opts.items():
+        setattr(cfg.MODEL.VIPA.VEG, k, v)
+    return cfg
+
+
+def build_veg(**veg_opts):
+    return VisualExpressionGenerator(veg_cfg(**veg_opts), VIS_CH, TEXT_DIM)
+
+
+def veg_inputs(b=2, t=8, h=6, w=5):
+    visual = torch.randn(b, VIS_CH, h, w)
+    text = torch.randn(b, t, TEXT_DIM)
+    attn = torch.zeros(b, t, dtype=torch.long)
+    attn[0, :6] = 1  # [CLS] w w w w [SEP] pad pad
+    attn[1:, :4] = 1  # [CLS] w w [SEP] pad ...
+    return visual, text, attn
+
+
+# ------------------------------------------------------------------- sampler
+@pytest.mark.parametrize("mode", ["straight_through", "soft"])
+def test_sampler_selects_exactly_k_and_passes_gradients(mode):
+    scores = torch.randn(2, 3, 50, requires_grad=True)
+    k = torch.tensor([7, 15])
+    mask, support = differentiable_topk(scores, k, mode=mode, temperature=0.1)
+    assert support.sum(-1).tolist() == [[7, 7, 7], [15, 15, 15]]
+    # The support is the true top-k of each row.
+    assert torch.equal(support[0, 0], torch.zeros(50, dtype=torch.bool).scatter(0, scores[0, 0].topk(7).indices, True))
+    if mode == "straight_through":
+        assert torch.equal(mask.detach(), support.float())
+    else:  # the soft mask is > 0.5 exactly on the hard top-k
+        assert torch.equal(mask.detach() > 0.5, support)
+    (mask * torch.randn_like(mask)).sum().backward()
+    assert scores.grad is not None and scores.grad.abs().sum() > 0
+
+
+def test_sampler_ties_invalid_tokens_and_gumbel():
+    # Constant scores (all ties) still give exactly k tokens; invalid tokens are never chosen.
+    scores = torch.zeros(1, 2, 10)
+    valid = torch.ones(1, 10, dtype=torch.bool)
+    valid[0, :4] = False
+    _, support = differentiable_topk(scores, 3, valid=valid)
+    assert support.sum(-1).tolist() == [[3, 3]]
+    assert not support[0, :, :4].any()
+    # k == number of valid tokens: everything valid is selected, nothing else.
+    mask, support = differentiable_topk(torch.randn(1, 2, 10), 6, valid=valid)
+    assert torch.equal(support[0, 0], valid[0]) and torch.isfinite(mask).all()
+    # Gumbel noise changes the selection of near-ties (it is the training-time exploration).
+    scores = torch.randn(1, 4, 100) * 0.01
+    _, clean = differentiable_topk(scores, 10, gumbel_noise=0.0)
+    _, noisy = differentiable_topk(scores, 10, gumbel_noise=1.0)
+    assert not torch.equal(clean, noisy)
+
+
+def test_num_retrieved_and_bad_values():
+    assert num_retrieved(torch.tensor([100, 2, 30]), 0.3).tolist() == [30, 1, 9]
+    assert num_retrieved(torch.tensor([7]), 1.0).tolist() == [7]
+    with pytest.raises(ValueError, match="RATIO"):
+        num_retrieved(torch.tensor([10]), 0.0)
+    with pytest.raises(ValueError, match="SAMPLER"):
+        differentiable_topk(torch.randn(1, 1, 4), 2, mode="gumbel_max")
+
+
+# ---------------------------------------------------------------------- cues
+def test_linguistic_cues_exclude_padding_and_sep():
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]])  # [CLS] words [SEP] pad
+    both = linguistic_cue_mask(attn, True, True)
+    assert both.long().tolist() == [[1, 1, 1, 1, 0, 0, 0], [1, 1, 0, 0, 0, 0, 0]]
+    assert linguistic_cue_mask(attn, True, False).long().tolist() == [[1, 0, 0, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0]]
+    assert linguistic_cue_mask(attn, False, True).long().tolist() == [[0, 1, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]]
+    with pytest.raises(ValueError, match="GLOBAL_CUE and MODEL.VIPA.VEG.LOCAL_CUES"):
+        linguistic_cue_mask(attn, False, False)
+
+
+# ----------------------------------------------------------------- attention
+def test_masked_attention_ignores_tokens_outside_the_mask():
+    attn = MultiHeadAttention(16, 4).eval()
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 10, 16)
+    allowed = torch.rand(2, 3, 10) > 0.5
+    allowed[..., 0] = True
+    out, _ = attn(q, kv, kv, allowed=allowed)
+    # Perturb one token that query 0 of sample 0 cannot see: its output is unchanged.
+    outside = int((~allowed[0, 0]).nonzero()[0])
+    kv2 = kv.clone()
+    kv2[0, outside] += 5.0
+    out2, _ = attn(q, kv2, kv2, allowed=allowed)
+    assert torch.equal(out[0, 0], out2[0, 0])
+    # Perturb a token it can see: its output changes.
+    inside = int(allowed[0, 0].nonzero()[0])
+    kv3 = kv.clone()
+    kv3[0, inside] += 5.0
+    out3, _ = attn(q, kv3, kv3, allowed=allowed)
+    assert not torch.allclose(out[0, 0], out3[0, 0])
+
+
+def test_sine_position_encoding_is_unique_per_location():
+    pos = sine_position_encoding(4, 6, 32)
+    assert pos.shape == (24, 32)
+    assert torch.cdist(pos, pos).add(torch.eye(24) * 1e3).min() > 1e-3
+
+
+# ----------------------------------------------------------------------- VEG
+def test_veg_outputs_and_retrieval_count():
+    veg = build_veg(RATIO=0.3).eval()
+    visual, text, attn = veg_inputs()
+    cues = linguistic_cue_mask(attn, True, True)
+    out = veg(visual, text, cues)
+    n = 6 * 5
+    assert out["visual_expression"].shape == (2, 8, HIDDEN)
+    assert out["relevance"].shape == (2, 8, n) and out["grid"] == (6, 5)
+    assert out["relevance"].abs().max() <= 1.0 + 1e-5  # cosine
+    assert torch.equal(out["retrieval_mask"].sum(-1), torch.full((2, 8), float(round(0.3 * n))))
+    # Padding tokens of the visual grid are never retrieved.
+    token_valid = torch.ones(2, n, dtype=torch.bool)
+    token_valid[:, -10:] = False
+    out = veg(visual, text, cues, token_valid)
+    assert out["retrieval_mask"][..., -10:].sum() == 0
+    assert torch.equal(out["retrieval_mask"].sum(-1), torch.full((2, 8), float(round(0.3 * 20))))
+
+
+def test_dynamic_masked_cross_attention_only_sees_retrieved_tokens():
+    torch.manual_seed(0)
+    veg = build_veg(SHARE_LAYERS=0).eval()
+    visual, text, attn = veg_inputs(b=1)
+    fv = veg.visual_norm(veg.visual_proj(visual).flatten(2).transpose(1, 2))
+    cues = veg.cue_norm(veg.cue_proj(text))
+    relevance, mask, support = veg.retrieve(cues, fv, torch.ones(1, fv.shape[1], dtype=torch.bool))
+    queries = veg.aggregate(relevance, mask, support, fv)
+    pos = sine_position_encoding(6, 5, HIDDEN)[None]
+    cue_valid = linguistic_cue_mask(attn, True, True)
+
+    def run(tokens):
+        return veg.refine(queries, tokens, pos, support, mask, cue_valid)[0][0, 0]
+
+    base = run(fv)
+    outside = (~support[0, 0]).nonzero()[:, 0]
+    perturbed = fv.clone()
+    perturbed[0, outside] = torch.randn(len(outside), HIDDEN) * 10
+    assert torch.allclose(run(perturbed), base, atol=1e-6)
+    inside = support[0, 0].nonzero()[0, 0]
+    perturbed = fv.clone()
+    perturbed[0, inside] += 3.0
+    assert not torch.allclose(run(perturbed), base, atol=1e-3)
+
+
+def test_veg_gradient_reaches_relevance_through_the_mask():
+    veg = build_veg().train()
+    visual, text, attn = veg_inputs()
+    out = veg(visual, text, linguistic_cue_mask(attn, True, True))
+    out["retrieval_mask"].retain_grad()
+    out["visual_expression"].pow(2).sum().backward()
+    assert out["retrieval_mask"].grad.abs().sum() > 0
+    assert veg.cue_proj.weight.grad.abs().sum() > 0 and veg.visual_proj.weight.grad.abs().sum() > 0
+
+
+def test_veg_ignores_padding_and_sep_features():
+    veg = build_veg().eval()
+    visual, text, attn = veg_inputs()
+    cues = linguistic_cue_mask(attn, True, True)
+    out = veg(visual, text, cues)["visual_expression"]
+    text2 = text.clone()
+    text2[0, 5:] = torch.randn(3, TEXT_DIM) * 10  # sample 0: [SEP] at 5, padding 6-7
+    text2[1, 3:] = torch.randn(5, TEXT_DIM) * 10
+    out2 = veg(visual, text2, cues)["visual_expression"]
+    assert torch.allclose(out[cues], out2[cues], atol=1e-5)
+    # A word feature does matter.
+    text2[0, 1] += 5.0
+    assert not torch.allclose(out[cues], veg(visual, text2, cues)["visual_expression"][cues], atol=1e-3)
+
+
+def test_step_switches_change_the_computation():
+    visual, text, attn = veg_inputs()
+    cues = linguistic_cue_mask(attn, True, True)
+
+    # STEP2 off: no cross-attention module; E_V = F_a, a function of the retrieved tokens only.
+    veg = build_veg(STEP2=False).eval()
+    assert not hasattr(veg, "cross_attn") and len(list(veg.children())) == 5
+    out = veg(visual, text, cues)
+    fv = veg.visual_norm(veg.visual_proj(visual).flatten(2).transpose(1, 2))
+    rel, mask, support = veg.retrieve(veg.cue_norm(veg.cue_proj(text)), fv, torch.ones(2, 30, dtype=torch.bool))
+    assert torch.equal(out["visual_expression"], veg.aggregate(rel, mask, support, fv))
+
+    # STEP1 off: no relevance; all tokens are attended to (M = 1), cross-attention weights exposed.
+    veg = build_veg(STEP1=False).eval()
+    calls = []
+    veg.cross_attn.register_forward_hook(lambda m, i, o: calls.append(i))
+    out = veg(visual, text, cues)
+    assert out["relevance"] is None and len(calls) == 1
+    assert torch.equal(out["retrieval_mask"], torch.ones(2, 8, 30))
+    assert torch.allclose(out["attention"].sum(-1), torch.ones(2, 8), atol=1e-5)
+    # Unmasked: perturbing ANY visual token changes every cue's output.
+    visual2 = visual.clone()
+    visual2[:, :, 0, 0] += 5.0
+    out2 = veg(visual2, text, cues)
+    assert (out2["visual_expression"] - out["visual_expression"]).abs().amax(-1)[cues].min() > 1e-4
+
+    with pytest.raises(ValueError, match="STEP1 and STEP2"):
+        build_veg(STEP1=False, STEP2=False)

@@ -1,0 +1,54 @@
+#!/usr/bin/env python
+"""
+Validate the simple referring JSON format and convert it to the REFER layout.
+
+    python tools/convert_referring_json.py my_refs.json --out-root datasets --dataset mydata \
+        [--split-by unc] [--generalized] [--image-root datasets/mydata/images] [--check-only]
+
+writes <out-root>/<dataset>/instances.json and refs(<split-by>).p (or, with --generalized,
+grefs(<split-by>).json). Register it with
+vipa_d2.data.register_referring_dataset(name, out_root, dataset, split_by, split, image_root).
+The format is documented in datasets/README.md. Exit status 1 on invalid input.
+"""
+import argparse
+import os
+import sys
+
+from vipa_d2.data.custom import ReferringFormatError, convert_simple_json, load_simple_json, validate_simple_json
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("json_file", help="file in the simple referring JSON format")
+    parser.add_argument("--out-root", help="dataset root to write <out-root>/<dataset>/ into")
+    parser.add_argument("--dataset", help="dataset folder name, e.g. mydata")
+    parser.add_argument("--split-by", default="unc", help="split provider in the refs file name (default: unc)")
+    parser.add_argument("--generalized", action="store_true",
+                        help="allow multi-target / no-target expressions; write grefs(<split-by>).json")
+    parser.add_argument("--image-root", help="also check that every image file exists under this folder")
+    parser.add_argument("--check-only", action="store_true", help="validate only, write nothing")
+    args = parser.parse_args(argv)
+    if not args.check_only and not (args.out_root and args.dataset):
+        parser.error("--out-root and --dataset are required unless --check-only")
+    try:
+        if args.check_only:
+            data = load_simple_json(args.json_file)
+            validate_simple_json(data, args.json_file, args.generalized, args.image_root)
+            print(f"{args.json_file}: valid ({len(data['images'])} images)")
+            return 0
+        paths = convert_simple_json(
+            args.json_file,
+            os.path.join(args.out_root, args.dataset),
+            split_by=args.split_by,
+            generalized=args.generalized,
+            image_root=args.image_root,
+        )
+    except (ReferringFormatError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {paths['instances']} and {paths['refs']}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

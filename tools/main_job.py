@@ -1,0 +1,195 @@
+#!/usr/bin/env python
+"""
+The main job (``make train``): synthetic data -> train the tiny CPU VIPA -> evaluate ->
+example visualisations.
+
+    python tools/main_job.py --data-root datasets --output output/vipa_tiny_cpu
+
+1. generates the synthetic benchmark under ``--data-root`` unless it is already there;
+2. trains ``--config-file`` with ``train_net.py`` (``--resume``: a killed job restarted
+   continues from its last checkpoint; a finished one is only re-evaluated);
+3. evaluates ``DATASETS.TEST`` with ``train_net.py --eval-only``, plus the
+   shuffled-expression control (expressions permuted across samples);
+4. writes overlays for a few val images with ``demo/demo.py``;
+5. prints the metric table, the timings and where everything is.
+
+Extra ``KEY VALUE`` pairs at the end override the config (as for train_net.py).
+"""
+import argparse
+import json
+import os
+import pickle
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+
+from detectron2.config import get_cfg
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.data.refer import refs_file_name
+from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SynthConfig, write_benchmark
+from vipa_d2.engine import SHUFFLED_SUFFIX
+from vipa_d2.evaluation import PRECISION_THRESHOLDS
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+STATS_FILE = "stats.json"  # written last by the generator: its presence marks a finished run
+METRIC_COLUMNS = ["oIoU", "mIoU"] + [f"Prec@{t}" for t in PRECISION_THRESHOLDS]
+VIS_SPLIT = "val"
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--data-root", default="datasets", help="dataset root ($DETECTRON2_DATASETS)")
+    parser.add_argument("--output", default="output/vipa_tiny_cpu", help="OUTPUT_DIR of the run")
+    parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="training config")
+    parser.add_argument("--num-images", type=int, default=1500, help="synthetic images over all splits")
+    parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes (gloo on CPU)")
+    parser.add_argument("--vis-images", type=int, default=3, help="val images to visualise")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+    return parser.parse_args(argv)
+
+
+def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
+    """Generate refsynth/grefsynth under ``root`` unless a finished copy exists; seconds spent."""
+    stats = [os.path.join(root, name, STATS_FILE) for name in (REFSYNTH, GREFSYNTH)]
+    if all(os.path.isfile(p) for p in stats):
+        with open(stats[0]) as f:
+            generator = json.load(f)["generator"]
+        print(f"[main_job] synthetic benchmark found in {root} ({generator['num_images']} images, "
+              f"seed {generator['seed']}); delete {root}/{REFSYNTH} and {root}/{GREFSYNTH} to regenerate")
+        return 0.0
+    print(f"[main_job] generating the synthetic benchmark: {num_images} images -> {root}")
+    start = time.perf_counter()
+    write_benchmark(root, num_images, seed=seed, cfg=SynthConfig(), workers=os.cpu_count() or 1)
+    return time.perf_counter() - start
+
+
+def load_cfg(config_file: str, opts):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def run_train_net(args_list, log_name: str, output: str) -> float:
+    """Run train_net.py with ``args_list``; its console output goes to ``output/log_name``."""
+    cmd = [sys.executable, os.path.join(REPO, "train_net.py")] + args_list
+    log_path = os.path.join(output, log_name)
+    print(f"[main_job] $ {' '.join(cmd)}\n[main_job]   (console output: {log_path})")
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
+    if proc.returncode != 0:
+        with open(log_path) as f:
+            tail = f.read()[-3000:]
+        sys.exit(f"[main_job] train_net.py failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
+    return time.perf_counter() - start
+
+
+def iteration_seconds(output: str):
+    """Median seconds per training iteration, from detectron2's metrics.json."""
+    path = os.path.join(output, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        times = sorted(json.loads(line)["time"] for line in f if '"time"' in line)
+    return times[len(times) // 2] if times else None
+
+
+def read_metrics(output: str, names):
+    """{row name: metrics} from the evaluator's per-sample result files."""
+    rows = OrderedDict()
+    for name in names:
+        for suffix, folder in (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled"))):
+            path = os.path.join(output, folder, f"referring_results_{name}.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    payload = json.load(f)
+                rows[name + suffix] = (payload["metrics"], len(payload["samples"]))
+    return rows
+
+
+def format_table(rows) -> str:
+    header = ["dataset", "samples"] + METRIC_COLUMNS
+    lines = [header] + [
+        [name, str(n)] + [f"{metrics[c]:.2f}" for c in METRIC_COLUMNS]
+        for name, (metrics, n) in rows.items()
+    ]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    fmt = lambda line: "| " + " | ".join(v.rjust(w) for v, w in zip(line, widths)) + " |"  # noqa: E731
+    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([fmt(lines[0]), rule] + [fmt(line) for line in lines[1:]])
+
+
+def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_images: int):
+    """Overlays of the first ``num_images`` val images with their expressions (demo.py)."""
+    with open(os.path.join(root, REFSYNTH, refs_file_name("unc", False)), "rb") as f:
+        refs = [r for r in pickle.load(f) if r["split"] == VIS_SPLIT]
+    with open(os.path.join(root, REFSYNTH, "instances.json")) as f:
+        files = {img["id"]: img["file_name"] for img in json.load(f)["images"]}
+    by_image = OrderedDict()
+    for ref in refs:
+        by_image.setdefault(ref["image_id"], []).append(ref["sentences"][0]["raw"])
+    os.makedirs(out_dir, exist_ok=True)
+    for image_id, texts in list(by_image.items())[:num_images]:
+        cmd = [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", cfg_file,
+               "--input", os.path.join(root, REFSYNTH, "images", files[image_id])]
+        for text in texts[:3]:
+            cmd += ["--text", text]
+        cmd += ["--output", out_dir, "--show-relevance", "--opts", "MODEL.WEIGHTS", weights] + list(opts)
+        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    root = os.path.abspath(args.data_root)
+    output = os.path.abspath(args.output)
+    os.makedirs(output, exist_ok=True)
+    # train_net.py, its ranks and data-loader workers find the built-in datasets here.
+    os.environ[DATASETS_ENV] = root
+    total_start = time.perf_counter()
+
+    data_s = ensure_synthetic_data(root, args.num_images, args.seed)
+
+    common = ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
+    # Evaluation is a separate step below (timed on its own), so training evaluates nothing.
+    train_s = run_train_net(
+        common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts, "train_console.log", output
+    )
+    cfg = load_cfg(args.config_file, args.opts)
+    weights = os.path.join(output, "model_final.pth")
+    eval_s = run_train_net(
+        common + ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,
+                  "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"] + args.opts,
+        "eval_console.log", output,
+    )
+
+    vis_dir = os.path.join(output, "visualizations")
+    vis_start = time.perf_counter()
+    visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
+    vis_s = time.perf_counter() - vis_start
+
+    rows = read_metrics(output, cfg.DATASETS.TEST)
+    it_s = iteration_seconds(output)
+    print("\nVIPA tiny CPU: referring segmentation, scored at the original image resolution")
+    print(format_table(rows))
+    print(f"\nTimings: data {data_s:.0f} s, training {train_s:.0f} s "
+          f"({cfg.SOLVER.MAX_ITER} iterations, {it_s if it_s is None else round(it_s, 3)} s/iter median), "
+          f"evaluation {eval_s:.0f} s, visualisation {vis_s:.0f} s, "
+          f"total {time.perf_counter() - total_start:.0f} s")
+    print(f"Checkpoint:      {weights}")
+    print(f"Metrics:         {os.path.join(output, 'inference')} (per-sample results, "
+          f"shuffled control in inference/shuffled), training curves in {output}/metrics.json")
+    print(f"Visualisations:  {vis_dir}")
+    print(f"Logs:            {output}/log.txt, {output}/train_console.log, {output}/eval_console.log")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,148 @@
+"""Turn a referring record into model inputs: resized image, tokens and target mask."""
+import copy
+import logging
+import re
+from typing import Dict, List
+
+import numpy as np
+import torch
+from detectron2.config import configurable
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+
+from ..modeling.text_encoder import build_tokenizer, tokenize
+from .masks import annotations_to_mask
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ReferringDatasetMapper", "build_referring_augmentations", "swap_left_right"]
+
+RESIZE_MODES = ("square", "keep_ratio")
+FLIP_MODES = ("none", "horizontal")
+
+# Words whose meaning a horizontal flip mirrors.
+_LEFT_RIGHT = {
+    "left": "right", "right": "left",
+    "leftmost": "rightmost", "rightmost": "leftmost",
+}
+_LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
+
+
+def swap_left_right(sentence: str) -> str:
+    """Mirror left/right words so an expression stays true for a horizontally flipped image."""
+
+    def repl(m):
+        word = m.group(0)
+        out = _LEFT_RIGHT[word.lower()]
+        return out.capitalize() if word[0].isupper() else out
+
+    return _LEFT_RIGHT_RE.sub(repl, sentence)
+
+
+def build_referring_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
+    """
+    Resize per ``INPUT.RESIZE_MODE`` ("square": IMAGE_SIZE x IMAGE_SIZE; "keep_ratio":
+    long side = IMAGE_SIZE) and, while training, the optional ``INPUT.RANDOM_FLIP``.
+    """
+    size = cfg.INPUT.IMAGE_SIZE
+    mode = cfg.INPUT.RESIZE_MODE
+    if mode == "square":
+        augs = [T.Resize((size, size))]
+    elif mode == "keep_ratio":
+        # Short side to `size` capped by max_size=`size`: the long side always lands on `size`.
+        augs = [T.ResizeShortestEdge(size, max_size=size, sample_style="choice")]
+    else:
+        raise ValueError(f"INPUT.RESIZE_MODE={mode!r}: expected one of {RESIZE_MODES}")
+    flip = cfg.INPUT.RANDOM_FLIP
+    if flip not in FLIP_MODES:
+        raise ValueError(f"INPUT.RANDOM_FLIP={flip!r}: expected one of {FLIP_MODES}")
+    if is_train and flip == "horizontal":
+        augs.append(T.RandomFlip(horizontal=True, vertical=False))
+    return augs
+
+
+class ReferringDatasetMapper:
+    """
+    Map one referring record (see the data contract) to::
+
+        image (uint8 3xH'xW', cfg.INPUT.FORMAT), input_ids / attention_mask (int64, MAX_TEXT_LEN),
+        gt_mask (uint8 H'xW', union of the targets, zeros for no-target), empty, sentence,
+        height, width, image_id, ref_id, file_name, sent_id  [+ annotations in test mode]
+
+    A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
+    words left/right in the expression so it still describes the flipped image.
+    """
+
+    @configurable
+    def __init__(
+        self,
+        is_train: bool = True,
+        *,
+        augmentations: List,
+        image_format: str,
+        tokenizer,
+        max_text_len: int,
+    ):
+        self.is_train = is_train
+        self.augmentations = T.AugmentationList(augmentations)
+        self.image_format = image_format
+        self.tokenizer = tokenizer
+        self.max_text_len = max_text_len
+        mode = "training" if is_train else "inference"
+        logger.info("[ReferringDatasetMapper] augmentations in %s: %s", mode, augmentations)
+
+    @classmethod
+    def from_config(cls, cfg, is_train: bool = True):
+        return {
+            "is_train": is_train,
+            "augmentations": build_referring_augmentations(cfg, is_train),
+            "image_format": cfg.INPUT.FORMAT,
+            "tokenizer": build_tokenizer(cfg),
+            "max_text_len": cfg.INPUT.MAX_TEXT_LEN,
+        }
+
+    def _read_image(self, record: Dict) -> np.ndarray:
+        file_name = record["file_name"]
+        try:
+            image = utils.read_image(file_name, format=self.image_format)
+        except (OSError, ValueError, SyntaxError) as e:
+            raise OSError(
+                f"Cannot read image {file_name} (image_id={record.get('image_id')}, "
+                f"ref_id={record.get('ref_id')}): {e}"
+            ) from e
+        utils.check_image_size(record, image)
+        return image
+
+    def __call__(self, dataset_dict: Dict) -> Dict:
+        record = dataset_dict  # never modified: annotations are deep-copied below
+        image = self._read_image(record)
+        aug_input = T.AugInput(image)
+        transforms = self.augmentations(aug_input)
+        image = aug_input.image
+        out_hw = image.shape[:2]
+
+        sentence = record["sentence"]["raw"]
+        if any(isinstance(t, T.HFlipTransform) for t in transforms):
+            sentence = swap_left_right(sentence)
+        tokens = tokenize(self.tokenizer, [sentence], self.max_text_len)
+
+        annos = [
+            utils.transform_instance_annotations(copy.deepcopy(a), transforms, out_hw)
+            for a in record["annotations"]
+        ]
+        gt_mask = annotations_to_mask(annos, *out_hw)
+
+        out = {
+            "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
+            "input_ids": tokens["input_ids"][0],
+            "attention_mask": tokens["attention_mask"][0],
+            "gt_mask": torch.as_tensor(gt_mask),
+            "empty": bool(record.get("empty", len(record["annotations"]) == 0)),
+            "sentence": sentence,
+            "sent_id": record["sentence"].get("sent_id"),
+        }
+        for key in ("height", "width", "image_id", "ref_id", "file_name"):
+            out[key] = record[key]
+        if not self.is_train:
+            out["annotations"] = copy.deepcopy(record["annotations"])
+        return out

@@ -1,0 +1,246 @@
+"""
+Generate the synthetic referring benchmark and write it in REFER layout::
+
+    <root>/refsynth/images/000000.jpg ...     shared by both variants
+    <root>/refsynth/instances.json, refs(unc).p, stats.json
+    <root>/grefsynth/instances.json, grefs(unc).json (multi-target and no-target refs too)
+
+Splits: train / val / testA share the training colour-category combinations; testB
+images each hold >= 1 object in a combination held out from every other split, and
+only such objects (or groups containing one) are testB targets.
+"""
+import collections
+import functools
+import json
+import logging
+import multiprocessing
+import os
+import shutil
+import time
+from dataclasses import asdict
+from typing import Dict, List, Optional, Tuple
+
+import cv2
+import numpy as np
+from tqdm import tqdm
+
+from ..custom import simple_json_to_refer, validate_simple_json
+from ..masks import mask_to_rle
+from ..refer import save_refer_dataset
+from .config import SPLITS, SynthConfig
+from .grammar import (
+    EXPRESSION_TYPES,
+    Expression,
+    multi_target_expressions,
+    no_target_expressions,
+    single_target_expressions,
+)
+from .scene import Scene, heldout_combos, sample_scene
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["assign_splits", "generate_image", "regenerate_image", "write_benchmark", "format_stats"]
+
+REFSYNTH, GREFSYNTH = "refsynth", "grefsynth"
+SPLIT_BY = "unc"
+IMAGE_DIR = "images"
+STATS_FILE = "stats.json"
+_IMAGE_NAME = "{:06d}.jpg"
+# Images handed to a worker at a time.
+_CHUNK = 32
+
+
+def assign_splits(num_images: int, seed: int, cfg: SynthConfig) -> List[str]:
+    """Split of each image index: seeded, proportional to cfg.split_fractions, >= 1 each."""
+    if num_images < len(SPLITS):
+        raise ValueError(f"num_images={num_images}: need at least {len(SPLITS)} (one per split)")
+    fracs = dict(cfg.split_fractions)
+    counts = {s: max(1, int(round(fracs[s] * num_images))) for s in SPLITS[1:]}
+    counts[SPLITS[0]] = num_images - sum(counts.values())
+    if counts[SPLITS[0]] < 1:
+        raise ValueError(f"num_images={num_images} leaves no training image")
+    labels = [s for s in SPLITS for _ in range(counts[s])]
+    order = np.random.default_rng([seed, num_images]).permutation(num_images)
+    return [labels[i] for i in order]
+
+
+def generate_image(cfg: SynthConfig, seed: int, index: int, split: str, heldout: Dict[str, str]) -> Tuple[Scene, List[Expression]]:
+    """Scene and expressions of image ``index`` (deterministic in seed, index, split)."""
+    rng = np.random.default_rng([seed, index])
+    use_heldout = split == "testB"
+    scene = sample_scene(cfg, rng, heldout, use_heldout)
+    novel = {k for k, o in enumerate(scene.objects) if heldout[o.category] == o.colour}
+    targets = sorted(novel) if use_heldout else range(len(scene.objects))
+    exprs = [e for t in targets for e in single_target_expressions(t, scene, cfg, rng)]
+    multi = multi_target_expressions(scene, cfg, rng)
+    exprs += [e for e in multi if not use_heldout or novel.intersection(e.targets)]
+    exprs += no_target_expressions(scene, cfg, rng, heldout, use_heldout)
+    return scene, exprs
+
+
+def regenerate_image(stats: Dict, index: int) -> Tuple[Scene, List[Expression]]:
+    """Rebuild image ``index`` of a written benchmark from its ``stats.json`` content."""
+    gen = stats["generator"]
+    cfg = SynthConfig(**{k: _as_tuple(v) for k, v in gen["config"].items()})
+    split = assign_splits(gen["num_images"], gen["seed"], cfg)[index]
+    return generate_image(cfg, gen["seed"], index, split, heldout_combos(gen["seed"]))
+
+
+def _as_tuple(v):
+    return tuple(_as_tuple(x) for x in v) if isinstance(v, list) else v
+
+
+def _image_entry(index_split, cfg: SynthConfig, seed: int, heldout, image_dir: str) -> Dict:
+    index, split = index_split
+    scene, exprs = generate_image(cfg, seed, index, split, heldout)
+    file_name = _IMAGE_NAME.format(index)
+    path = os.path.join(image_dir, file_name)
+    if not cv2.imwrite(path, scene.image, [cv2.IMWRITE_JPEG_QUALITY, cfg.jpeg_quality]):
+        raise OSError(f"Could not write image {path}")
+    objs = scene.objects
+    cats = collections.Counter(o.category for o in objs)
+    return {
+        "file_name": file_name,
+        "height": scene.height,
+        "width": scene.width,
+        "split": split,
+        "objects": [
+            {"id": k, "category": o.category, "colour": o.colour,
+             "segmentation": mask_to_rle(scene.instance_map == k + 1)}
+            for k, o in enumerate(objs)
+        ],
+        "expressions": [{"text": e.text, "targets": list(e.targets), "type": e.type} for e in exprs],
+        "_stats": {
+            "distractor": max(cats.values()) >= 2,
+            "occluded": sum(o.visible_frac < 1.0 for o in objs),
+            "heldout": sum(heldout[o.category] == o.colour for o in objs),
+        },
+    }
+
+
+def _worker_init():
+    # One process per core already: OpenCV's own thread pool would only oversubscribe.
+    cv2.setNumThreads(1)
+
+
+def _prepare_dir(path: str) -> None:
+    if os.path.isdir(path) and os.listdir(path):
+        if not os.path.isfile(os.path.join(path, STATS_FILE)):
+            raise FileExistsError(
+                f"{path} exists, is not empty and was not written by the synthetic generator "
+                f"(no {STATS_FILE}); refusing to overwrite it"
+            )
+        shutil.rmtree(path)
+    os.makedirs(path, exist_ok=True)
+
+
+def _variant(entries: List[Dict], keep) -> Dict:
+    return {
+        "images": [
+            {k: v for k, v in e.items() if k != "_stats"} | {"expressions": [x for x in e["expressions"] if keep(x)]}
+            for e in entries
+        ]
+    }
+
+
+def _statistics(entries: List[Dict], cfg: SynthConfig, seed: int, heldout, seconds: float) -> Dict:
+    per_split = {}
+    for split in SPLITS:
+        es = [e for e in entries if e["split"] == split]
+        single = [x for e in es for x in e["expressions"] if len(x["targets"]) == 1]
+        n_obj = sum(len(e["objects"]) for e in es)
+        per_split[split] = {
+            "images": len(es),
+            "objects": n_obj,
+            "referred_objects": len({(e["file_name"], x["targets"][0]) for e in es for x in e["expressions"] if len(x["targets"]) == 1}),
+            "expressions": len(single),
+            "images_with_same_category_distractors": sum(e["_stats"]["distractor"] for e in es),
+            "share_same_category_distractors": round(sum(e["_stats"]["distractor"] for e in es) / max(len(es), 1), 4),
+            "occluded_objects": sum(e["_stats"]["occluded"] for e in es),
+            "heldout_combination_objects": sum(e["_stats"]["heldout"] for e in es),
+            "expression_types": dict(collections.Counter(x["type"] for x in single)),
+            "generalized_expressions": {
+                "single": len(single),
+                "multi": sum(1 for e in es for x in e["expressions"] if len(x["targets"]) > 1),
+                "no_target": sum(1 for e in es for x in e["expressions"] if not x["targets"]),
+            },
+        }
+    total_types = collections.Counter()
+    for s in per_split.values():
+        total_types.update(s["expression_types"])
+    return {
+        "generator": {"num_images": len(entries), "seed": seed, "config": asdict(cfg), "seconds": round(seconds, 2)},
+        "heldout_combinations": {cat: col for cat, col in sorted(heldout.items())},
+        "testA_testB": (
+            "train/val/testA objects never use the held-out colour-category combinations; every "
+            "testB image holds at least one, and testB refs target only such objects"
+        ),
+        "splits": per_split,
+        "share_same_category_distractors": round(
+            sum(e["_stats"]["distractor"] for e in entries) / len(entries), 4
+        ),
+        "expression_types": {t: total_types.get(t, 0) for t in EXPRESSION_TYPES if t in total_types},
+    }
+
+
+def format_stats(stats: Dict) -> str:
+    """A plain-text table of the per-split statistics."""
+    cols = ("images", "objects", "referred_objects", "expressions", "share_same_category_distractors")
+    head = ["split", "images", "objects", "targets", "exprs", "distractor%", "multi", "no-target"]
+    rows = [head]
+    for split, s in stats["splits"].items():
+        g = s["generalized_expressions"]
+        rows.append([split] + [str(s[c]) for c in cols[:4]] + [f"{100 * s[cols[4]]:.1f}", str(g["multi"]), str(g["no_target"])])
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    types = ", ".join(f"{k}={v}" for k, v in stats["expression_types"].items())
+    lines.append(f"expression types (refsynth, all splits): {types}")
+    lines.append(f"held-out colour-category combinations (testB): {stats['heldout_combinations']}")
+    return "\n".join(lines)
+
+
+def write_benchmark(
+    root: str,
+    num_images: int,
+    seed: int = 0,
+    cfg: Optional[SynthConfig] = None,
+    workers: int = 2,
+    progress: bool = True,
+) -> Dict:
+    """
+    Generate ``num_images`` scenes and write ``<root>/refsynth`` and ``<root>/grefsynth``
+    (see the module docstring). ``workers`` > 1 renders in that many processes; the
+    result does not depend on it. Returns the statistics (also in refsynth/stats.json).
+    """
+    cfg = cfg or SynthConfig()
+    start = time.time()
+    ref_dir, gref_dir = os.path.join(root, REFSYNTH), os.path.join(root, GREFSYNTH)
+    _prepare_dir(gref_dir)
+    _prepare_dir(ref_dir)
+    image_dir = os.path.join(ref_dir, IMAGE_DIR)
+    os.makedirs(image_dir)
+    heldout = heldout_combos(seed)
+    jobs = list(enumerate(assign_splits(num_images, seed, cfg)))
+    task = functools.partial(_image_entry, cfg=cfg, seed=seed, heldout=heldout, image_dir=image_dir)
+    bar = functools.partial(tqdm, total=num_images, desc="refsynth", unit="img", disable=not progress)
+    if workers > 1:
+        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+            entries = list(bar(pool.imap(task, jobs, chunksize=_CHUNK)))
+    else:
+        entries = [task(j) for j in bar(jobs)]
+
+    classic = _variant(entries, lambda x: len(x["targets"]) == 1)
+    general = _variant(entries, lambda x: True)
+    validate_simple_json(classic, ref_dir, generalized=False, image_root=image_dir)
+    validate_simple_json(general, gref_dir, generalized=True)
+    instances, refs = simple_json_to_refer(classic, generalized=False)
+    paths = save_refer_dataset(ref_dir, SPLIT_BY, refs, instances)
+    _, grefs = simple_json_to_refer(general, generalized=True)
+    save_refer_dataset(gref_dir, SPLIT_BY, grefs, None, generalized=True, instances_file=paths["instances"])
+
+    stats = _statistics(entries, cfg, seed, heldout, time.time() - start)
+    for d in (ref_dir, gref_dir):
+        with open(os.path.join(d, STATS_FILE), "w") as f:
+            json.dump(stats, f, indent=1)
+    logger.info("Synthetic referring benchmark in %s (%.1f s):\n%s", root, stats["generator"]["seconds"], format_stats(stats))
+    return stats

@@ -1,0 +1,92 @@
+"""Optimizer for VIPA: AdamW/SGD with per-encoder lr multipliers and no decay on norms,
+biases and embeddings."""
+import logging
+
+import torch
+from detectron2.solver import get_default_optimizer_params
+from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+
+logger = logging.getLogger(__name__)
+
+# Parameter-name prefixes of the two pretrained encoders inside the VIPA meta-architecture.
+BACKBONE_PREFIX = "backbone."
+TEXT_ENCODER_PREFIX = "text_encoder."
+
+
+def lr_multiplier(cfg, param_name: str) -> float:
+    """Learning-rate factor of a parameter, by the encoder its full name belongs to."""
+    if param_name.startswith(BACKBONE_PREFIX):
+        return cfg.MODEL.TIMM.LR_MULTIPLIER
+    if param_name.startswith(TEXT_ENCODER_PREFIX):
+        return cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER
+    return 1.0
+
+
+def embedding_parameters(model: torch.nn.Module) -> set:
+    """Token/position embeddings: ``nn.Embedding`` weights and bare parameters named ``*embed*``."""
+    found = set()
+    for module in model.modules():
+        for name, param in module.named_parameters(recurse=False):
+            if isinstance(module, torch.nn.Embedding) or "embed" in name:
+                found.add(param)
+    return found
+
+
+def get_vipa_optimizer_params(cfg, model: torch.nn.Module):
+    """
+    Param groups: lr = SOLVER.BASE_LR x (MODEL.TIMM.LR_MULTIPLIER for ``backbone.*``,
+    MODEL.TEXT_ENCODER.LR_MULTIPLIER for ``text_encoder.*``); weight decay SOLVER.WEIGHT_DECAY
+    except SOLVER.WEIGHT_DECAY_NORM on normalization layers, SOLVER.WEIGHT_DECAY_BIAS on biases
+    (None here means 0, unlike detectron2's "same as weights") and SOLVER.WEIGHT_DECAY_EMBED
+    on embeddings. Frozen parameters are left out.
+    """
+    bias_decay = cfg.SOLVER.WEIGHT_DECAY_BIAS
+    groups = get_default_optimizer_params(
+        model,
+        base_lr=cfg.SOLVER.BASE_LR,
+        weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
+        weight_decay_bias=0.0 if bias_decay is None else bias_decay,
+        lr_factor_func=lambda name: lr_multiplier(cfg, name),
+    )
+    # detectron2 recognises norms by module type and biases by name but has no notion of
+    # embeddings (their local name is just "weight"), so split those out here.
+    embeddings = embedding_parameters(model)
+    split = []
+    for group in groups:
+        hyper = {k: v for k, v in group.items() if k != "params"}
+        for param in group["params"]:
+            if param in embeddings:
+                split.append({**hyper, "params": [param], "weight_decay": cfg.SOLVER.WEIGHT_DECAY_EMBED})
+            else:
+                split.append({**hyper, "params": [param]})
+    return reduce_param_groups(split)
+
+
+def build_vipa_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
+    """``SOLVER.OPTIMIZER`` ("ADAMW" or "SGD") over :func:`get_vipa_optimizer_params`,
+    with detectron2's ``SOLVER.CLIP_GRADIENTS``."""
+    params = get_vipa_optimizer_params(cfg, model)
+    name = cfg.SOLVER.OPTIMIZER.upper()
+    if name == "ADAMW":
+        optimizer = torch.optim.AdamW(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            betas=tuple(cfg.SOLVER.BETAS),
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+    elif name == "SGD":
+        optimizer = torch.optim.SGD(
+            params,
+            lr=cfg.SOLVER.BASE_LR,
+            momentum=cfg.SOLVER.MOMENTUM,
+            nesterov=cfg.SOLVER.NESTEROV,
+            weight_decay=cfg.SOLVER.WEIGHT_DECAY,
+        )
+    else:
+        raise ValueError(
+            f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {cfg.SOLVER.OPTIMIZER!r}"
+        )
+    n_params = sum(p.numel() for g in params for p in g["params"])
+    logger.info(f"{name} over {len(params)} param groups, {n_params} trainable parameters")
+    return maybe_add_gradient_clipping(cfg, optimizer)

@@ -1,0 +1,228 @@
+"""DefaultTrainer for referring segmentation: VIPA data, evaluator, optimizer, exact resume."""
+import logging
+import os
+import weakref
+from collections import OrderedDict
+
+import torch
+from detectron2.data import (
+    DatasetCatalog,
+    DatasetFromList,
+    MetadataCatalog,
+    build_detection_test_loader,
+    build_detection_train_loader,
+    get_detection_dataset_dicts,
+)
+from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
+from torch.nn.parallel import DistributedDataParallel
+
+from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
+from vipa_d2.evaluation import ReferringEvaluator
+
+from .checkpoint import AtomicDetectionCheckpointer
+from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
+from .optimizer import build_vipa_optimizer
+from .reproducibility import (
+    PositionSeededDataset,
+    ResumableTrainingSampler,
+    StepSeedHook,
+)
+
+logger = logging.getLogger(__name__)
+
+# Evaluator type a dataset's metadata must declare to be scored by ReferringEvaluator.
+REFERRING_EVALUATOR_TYPE = "referring"
+
+
+def run_seed(cfg) -> int:
+    """The run's base seed: cfg.SEED, or one random seed shared by all ranks when SEED < 0."""
+    return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
+
+
+class ReferringTrainer(DefaultTrainer):
+    """
+    ``DefaultTrainer`` with:
+
+    * ``ReferringDatasetMapper`` loaders; the train loader is resumable bit-exactly (see
+      :mod:`vipa_d2.engine.reproducibility`) and every iteration's RNG is seeded from
+      (SEED, rank, iteration) when ``SEED >= 0``;
+    * ``ReferringEvaluator`` for datasets whose metadata says ``evaluator_type="referring"``;
+    * AdamW/SGD with encoder lr multipliers (:mod:`vipa_d2.engine.optimizer`);
+    * atomic checkpoints;
+    * DDP over gloo on CPU-only machines (detectron2 passes ``device_ids=[local_rank]``,
+      which DDP rejects for CPU modules);
+    * ``TEST.SHUFFLED_EXPRESSION_CONTROL``: each test set also scored with shuffled
+      expressions, reported as ``<dataset>/shuffled``.
+    """
+
+    def __init__(self, cfg):
+        # Same steps as DefaultTrainer.__init__, except the DDP wrapper and the checkpointer.
+        TrainerBase.__init__(self)
+        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
+            setup_logger()
+        cfg = self.auto_scale_workers(cfg, comm.get_world_size())
+        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
+            raise ValueError(
+                "SOLVER.AMP.ENABLED=True needs CUDA (detectron2's AMPTrainer uses "
+                "torch.cuda.amp); set SOLVER.AMP.ENABLED False on this CPU-only machine."
+            )
+        self.seed = run_seed(cfg)
+        model = self.build_model(cfg)
+        optimizer = self.build_optimizer(cfg, model)
+        data_loader = self.build_train_loader(cfg, seed=self.seed)
+        model = self.wrap_ddp(model)
+        self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
+            model, data_loader, optimizer
+        )
+        self.scheduler = self.build_lr_scheduler(cfg, optimizer)
+        self.checkpointer = AtomicDetectionCheckpointer(
+            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+        )
+        self.start_iter = 0
+        self.max_iter = cfg.SOLVER.MAX_ITER
+        self.cfg = cfg
+        self.register_hooks(self.build_hooks())
+
+    @staticmethod
+    def wrap_ddp(model):
+        """DDP when there is more than one process; ``device_ids`` only for a CUDA model."""
+        if comm.get_world_size() == 1:
+            return model
+        on_cuda = next(model.parameters()).device.type == "cuda"
+        device_ids = [comm.get_local_rank()] if on_cuda else None
+        # Unused parameters are legitimate in ablations (e.g. VEG off, no-target head on
+        # non-generalized data), so DDP must not expect a gradient for every parameter.
+        return DistributedDataParallel(
+            model, device_ids=device_ids, broadcast_buffers=False, find_unused_parameters=True
+        )
+
+    def resume_or_load(self, resume=True):
+        super().resume_or_load(resume=resume)
+        if self.start_iter > 0:
+            # Continue the sample stream where the checkpointed run stopped.
+            self._trainer.reset_data_loader(
+                lambda: self.build_train_loader(self.cfg, self.start_iter, seed=self.seed)
+            )
+
+    def build_hooks(self):
+        ret = super().build_hooks()
+        keep = self.cfg.SOLVER.CHECKPOINT_MAX_KEEP
+        if keep > 0:
+            ret = [
+                hooks.PeriodicCheckpointer(h.checkpointer, h.period, max_to_keep=keep)
+                if isinstance(h, hooks.PeriodicCheckpointer)
+                else h
+                for h in ret
+            ]
+        if self.cfg.SEED >= 0:
+            ret.insert(0, StepSeedHook(self.seed))
+        else:
+            logger.warning("SEED < 0: a resumed run will not reproduce an uninterrupted one.")
+        return ret
+
+    def train(self):
+        """Train; returns the final evaluation results (on every rank, {} where not main)."""
+        super().train()
+        return getattr(self, "_last_eval_results", None)
+
+    @classmethod
+    def build_optimizer(cls, cfg, model):
+        return build_vipa_optimizer(cfg, model)
+
+    @classmethod
+    def build_train_loader(cls, cfg, start_iter: int = 0, seed=None):
+        """
+        Batches of ``SOLVER.IMS_PER_BATCH`` consecutive sampler positions (no aspect-ratio
+        grouping, which would make the positions a batch consumes data dependent), starting
+        at the position of iteration ``start_iter``.
+        """
+        seed = run_seed(cfg) if seed is None else seed
+        records = get_detection_dataset_dicts(
+            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
+        )
+        sampler = ResumableTrainingSampler(
+            len(records), seed=seed, start_position=start_iter * cfg.SOLVER.IMS_PER_BATCH
+        )
+        dataset = PositionSeededDataset(
+            DatasetFromList(records, copy=True), ReferringDatasetMapper(cfg, True), seed
+        )
+        return build_detection_train_loader(
+            dataset,
+            mapper=None,
+            sampler=sampler,
+            total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
+            aspect_ratio_grouping=False,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+
+    @classmethod
+    def build_test_loader(cls, cfg, dataset_name):
+        return build_detection_test_loader(
+            cfg, dataset_name, mapper=ReferringDatasetMapper(cfg, False)
+        )
+
+    @classmethod
+    def build_shuffled_test_loader(cls, cfg, dataset_name):
+        """Test loader of ``dataset_name`` with its expressions shuffled across samples."""
+        # Not run_seed(): every rank must shuffle identically without communicating.
+        records = shuffle_expressions(DatasetCatalog.get(dataset_name), max(cfg.SEED, 0))
+        return build_detection_test_loader(
+            records,
+            mapper=ReferringDatasetMapper(cfg, False),
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
+        )
+
+    @classmethod
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+        evaluator_type = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)
+        if evaluator_type != REFERRING_EVALUATOR_TYPE:
+            raise ValueError(
+                f"No evaluator for dataset {dataset_name!r}: its metadata has "
+                f"evaluator_type={evaluator_type!r}, expected {REFERRING_EVALUATOR_TYPE!r} "
+                "(register it with vipa_d2.data.register_referring_dataset)."
+            )
+        if output_folder is None:
+            output_folder = os.path.join(cfg.OUTPUT_DIR, "inference")
+        return ReferringEvaluator(
+            dataset_name,
+            distributed=True,
+            output_dir=output_folder,
+            mask_threshold=cfg.MODEL.VIPA.MASK_THRESHOLD,
+            no_target_threshold=cfg.MODEL.VIPA.NO_TARGET_THRESHOLD,
+        )
+
+    @classmethod
+    def test(cls, cfg, model, evaluators=None):
+        """
+        Score every ``DATASETS.TEST`` set; with ``TEST.SHUFFLED_EXPRESSION_CONTROL`` also each
+        set with shuffled expressions (key ``<dataset>/shuffled``, per-sample results under
+        ``inference/shuffled``). Returns ``{dataset: {"refer": {metric: value}}}``.
+        """
+        if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
+            raise ValueError(
+                f"{len(evaluators)} evaluators given for {len(cfg.DATASETS.TEST)} test sets"
+            )
+        runs = []
+        for idx, name in enumerate(cfg.DATASETS.TEST):
+            evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, name)
+            runs.append((name, cls.build_test_loader(cfg, name), evaluator))
+        if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
+            for name in cfg.DATASETS.TEST:
+                folder = os.path.join(cfg.OUTPUT_DIR, "inference", SHUFFLED_SUFFIX.strip("/"))
+                runs.append(
+                    (
+                        name + SHUFFLED_SUFFIX,
+                        cls.build_shuffled_test_loader(cfg, name),
+                        cls.build_evaluator(cfg, name, output_folder=folder),
+                    )
+                )
+        results = OrderedDict()
+        for name, loader, evaluator in runs:
+            results[name] = inference_on_dataset(model, loader, evaluator)
+            if comm.is_main_process():
+                logger.info(f"Evaluation results for {name} in csv format:")
+                print_csv_format(results[name])
+        return results

@@ -1,0 +1,187 @@
+"""Referring image segmentation metrics (oIoU, mIoU, Prec@X, N-acc/T-acc) for Detectron2."""
+import itertools
+import json
+import logging
+import math
+import os
+from collections import OrderedDict
+from typing import Optional
+
+import torch
+from detectron2.data import MetadataCatalog
+from detectron2.evaluation import DatasetEvaluator
+from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import create_small_table
+
+from vipa_d2.data.masks import annotations_to_mask
+from vipa_d2.utils.atomic_io import atomic_open
+
+logger = logging.getLogger(__name__)
+
+# IoU thresholds of the Prec@X columns every RIS paper prints.
+PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
+
+
+class ReferringEvaluator(DatasetEvaluator):
+    """
+    Scores one predicted mask per expression against the union of its target masks,
+    at the ORIGINAL image resolution (the input's ``height`` x ``width``).
+
+    Only per-sample intersection/union counts and ids are kept (never masks), so memory
+    is O(#samples) and the cross-process gather is tiny. Metrics are in percent:
+
+    * ``oIoU``: sum of intersections / sum of unions over all samples;
+    * ``mIoU``: mean per-sample IoU, an empty union (empty prediction and empty target)
+      counting as IoU 1;
+    * ``Prec@X``: share of samples with IoU >= X;
+    * ``N-acc`` / ``T-acc`` (generalized data, or when any target is empty): share of
+      no-target samples predicted empty / of target samples predicted non-empty.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        distributed: bool = True,
+        output_dir: Optional[str] = None,
+        *,
+        mask_threshold: float = 0.5,
+        no_target_threshold: float = 0.5,
+    ):
+        """
+        Args:
+            dataset_name: a registered dataset; its metadata's ``generalized`` flag turns on
+                N-acc/T-acc and the use of ``no_target_score``.
+            distributed: gather the per-sample counts of all ranks on the main process.
+            output_dir: where ``referring_results_<dataset>.json`` (per-sample results)
+                is written; None writes nothing.
+            mask_threshold: foreground probability above which a pixel of ``ref_seg`` is
+                predicted (pass ``cfg.MODEL.VIPA.MASK_THRESHOLD``).
+            no_target_threshold: on generalized datasets, a ``no_target_score`` above this
+                predicts an empty mask (pass ``cfg.MODEL.VIPA.NO_TARGET_THRESHOLD``).
+        """
+        self._dataset_name = dataset_name
+        self._distributed = distributed
+        self._output_dir = output_dir
+        self._mask_threshold = float(mask_threshold)
+        self._no_target_threshold = float(no_target_threshold)
+        self._generalized = bool(
+            getattr(MetadataCatalog.get(dataset_name), "generalized", False)
+        )
+        self._samples = []
+
+    def reset(self):
+        self._samples = []
+
+    def process(self, inputs, outputs):
+        for inp, out in zip(inputs, outputs):
+            self._samples.append(self._score_sample(inp, out))
+
+    def _score_sample(self, inp, out) -> dict:
+        sample_name = "{} (image_id={}, ref_id={}, sent_id={})".format(
+            self._dataset_name, inp.get("image_id"), inp.get("ref_id"), inp.get("sent_id")
+        )
+        if "annotations" not in inp:
+            raise KeyError(
+                f"ReferringEvaluator: input {sample_name} has no 'annotations'; the test "
+                "mapper must keep the original annotations to score at the original size."
+            )
+        height, width = int(inp["height"]), int(inp["width"])
+        ref_seg = out["ref_seg"]
+        if tuple(ref_seg.shape) != (height, width):
+            raise ValueError(
+                f"ReferringEvaluator: 'ref_seg' of {sample_name} has shape "
+                f"{tuple(ref_seg.shape)}, expected the original (height, width) = "
+                f"{(height, width)}."
+            )
+        pred = ref_seg > self._mask_threshold
+        if (
+            self._generalized
+            and "no_target_score" in out
+            and float(out["no_target_score"]) > self._no_target_threshold
+        ):
+            pred = torch.zeros_like(pred)
+        gt = torch.from_numpy(annotations_to_mask(inp["annotations"], height, width))
+        gt = gt.to(device=pred.device, dtype=torch.bool)
+        return {
+            "image_id": _plain_id(inp.get("image_id")),
+            "ref_id": _plain_id(inp.get("ref_id")),
+            "sent_id": _plain_id(inp.get("sent_id")),
+            "gt_empty": not bool(gt.any()),
+            "pred_empty": not bool(pred.any()),
+            "intersection": int((pred & gt).sum()),
+            "union": int((pred | gt).sum()),
+        }
+
+    def evaluate(self):
+        if self._distributed:
+            comm.synchronize()
+            gathered = comm.gather(self._samples, dst=0)
+            if not comm.is_main_process():
+                return {}
+            samples = list(itertools.chain(*gathered))
+        else:
+            samples = self._samples
+        if not samples:
+            logger.warning(f"ReferringEvaluator on {self._dataset_name}: no samples processed.")
+            return {}
+
+        for s in samples:
+            # Empty union = both empty = a correct "nothing" answer.
+            s["iou"] = s["intersection"] / s["union"] if s["union"] > 0 else 1.0
+        metrics = self._compute_metrics(samples)
+        results = OrderedDict(refer=metrics)
+        logger.info(
+            "Referring segmentation on {} ({} samples, scored at original resolution):\n{}".format(
+                self._dataset_name, len(samples), create_small_table(metrics)
+            )
+        )
+        if self._output_dir:
+            self._write_samples(samples, metrics)
+        return results
+
+    def _compute_metrics(self, samples) -> "OrderedDict[str, float]":
+        n = len(samples)
+        ious = [s["iou"] for s in samples]
+        total_i = sum(s["intersection"] for s in samples)
+        total_u = sum(s["union"] for s in samples)
+        metrics = OrderedDict()
+        metrics["oIoU"] = 100.0 * total_i / total_u if total_u > 0 else 100.0
+        # fsum is exactly rounded, so the result does not depend on the gather order.
+        metrics["mIoU"] = 100.0 * math.fsum(ious) / n
+        for thr in PRECISION_THRESHOLDS:
+            metrics[f"Prec@{thr}"] = 100.0 * sum(iou >= thr for iou in ious) / n
+        no_target = [s for s in samples if s["gt_empty"]]
+        if self._generalized or no_target:
+            target = [s for s in samples if not s["gt_empty"]]
+            metrics["N-acc"] = _share(no_target, lambda s: s["pred_empty"])
+            metrics["T-acc"] = _share(target, lambda s: not s["pred_empty"])
+        return metrics
+
+    def _write_samples(self, samples, metrics):
+        PathManager.mkdirs(self._output_dir)
+        file_name = "referring_results_{}.json".format(self._dataset_name.replace("/", "_"))
+        path = os.path.join(self._output_dir, file_name)
+        payload = {
+            "dataset": self._dataset_name,
+            "resolution": "original",
+            "mask_threshold": self._mask_threshold,
+            "metrics": metrics,
+            "samples": samples,
+        }
+        # Atomic: a killed job never leaves a half-written results file behind.
+        with atomic_open(path, "w") as f:
+            json.dump(payload, f)
+        logger.info(f"Per-sample referring results written to {path}")
+
+
+def _plain_id(value):
+    """Ids as JSON-serialisable Python scalars (datasets may hand out numpy integers)."""
+    return value.item() if hasattr(value, "item") else value
+
+
+def _share(samples, predicate) -> float:
+    """Percentage of ``samples`` satisfying ``predicate`` (NaN when there are none)."""
+    if not samples:
+        return float("nan")
+    return 100.0 * sum(bool(predicate(s)) for s in samples) / len(samples)

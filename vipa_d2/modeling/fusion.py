@@ -1,0 +1,80 @@
+"""
+Vision-language fusion in the encoder: pixel-word attention (LAVT PWAM / CrossVLT style).
+
+Every pixel attends over the words of the expression; the attended language context is
+multiplied element-wise with the (projected) pixel feature and added back through a
+learned tanh gate. The gate's last layer starts at zero, so at initialisation the fused
+feature equals the (possibly pretrained) visual feature and fusion is learned gently.
+
+"early" fusion applies these modules inside the backbone (through ``backbone.stage_hook``:
+the fused stage output feeds the next stage); "late" fusion applies them to the backbone
+outputs only.
+"""
+import math
+from typing import Dict
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+
+from .attention import MultiHeadAttention
+
+FUSION_MODES = ("none", "late", "early")
+
+
+class PixelWordAttention(nn.Module):
+    """Fuses text (B, T, Ct) into a visual map (B, C, H, W); returns a map of the same shape."""
+
+    def __init__(self, visual_dim: int, text_dim: int, nheads: int, dropout: float = 0.0):
+        super().__init__()
+        # Stage widths need not be multiples of NHEADS (e.g. EfficientNet's 24/40/112/320).
+        heads = math.gcd(nheads, visual_dim)
+        self.query_norm = nn.LayerNorm(visual_dim)
+        self.word_attn = MultiHeadAttention(visual_dim, heads, dropout, kdim=text_dim, vdim=text_dim)
+        self.visual_proj = nn.Linear(visual_dim, visual_dim)
+        self.gate = nn.Sequential(
+            nn.Linear(visual_dim, visual_dim), nn.ReLU(inplace=True), nn.Linear(visual_dim, visual_dim), nn.Tanh()
+        )
+        nn.init.zeros_(self.gate[2].weight)
+        nn.init.zeros_(self.gate[2].bias)
+
+    def forward(self, visual: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor) -> torch.Tensor:
+        b, c, h, w = visual.shape
+        x = visual.flatten(2).transpose(1, 2)  # (B, HW, C)
+        context, _ = self.word_attn(self.query_norm(x), text, text, allowed=text_valid[:, None, :])
+        fused = F.gelu(self.visual_proj(x)) * context
+        out = x + self.gate(fused) * fused
+        return out.transpose(1, 2).reshape(b, c, h, w)
+
+
+class VisionLanguageFusion(nn.Module):
+    """One :class:`PixelWordAttention` per backbone output stage (a ModuleDict keyed by name)."""
+
+    @configurable
+    def __init__(self, *, input_shape: Dict[str, ShapeSpec], text_dim: int, nheads: int, dropout: float):
+        super().__init__()
+        self.stages = nn.ModuleDict(
+            {name: PixelWordAttention(spec.channels, text_dim, nheads, dropout) for name, spec in input_shape.items()}
+        )
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec], text_dim: int):
+        return {
+            "input_shape": input_shape,
+            "text_dim": text_dim,
+            "nheads": cfg.MODEL.VIPA.NHEADS,
+            "dropout": cfg.MODEL.VIPA.DECODER.DROPOUT,
+        }
+
+    def fuse_stage(self, name: str, feature: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor):
+        """Fuse one stage; stages without a fusion module pass through unchanged."""
+        if name not in self.stages:
+            return feature
+        return self.stages[name](feature, text, text_valid)
+
+    def forward(self, features: Dict[str, torch.Tensor], text: torch.Tensor, text_valid: torch.Tensor):
+        """Late fusion: fuse every backbone output independently."""
+        return {name: self.fuse_stage(name, f, text, text_valid) for name, f in features.items()}

@@ -1,0 +1,151 @@
+"""
+VIPA training losses.
+
+Mask losses (BCE + Dice) are computed at the MASK-FEATURE resolution (stride of the finest
+pixel decoder input): the padded ground truth is area-downsampled to that grid (soft
+targets in [0, 1]) and batch-padding pixels are excluded via an area-downsampled validity
+map. The pixel contrastive loss supervises the VEG's cue-to-token relevance on the VEG
+grid, with the ground truth area-downsampled the same way.
+"""
+from typing import Dict, List, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+
+
+def area_downsample(masks: torch.Tensor, size) -> torch.Tensor:
+    """(B, H, W) float masks -> (B, h, w) fraction of each cell covered."""
+    return F.adaptive_avg_pool2d(masks[:, None].float(), size)[:, 0]
+
+
+def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Mean BCE over all (weighted) pixels of the batch."""
+    loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+    return (loss * weights).sum() / weights.sum().clamp(min=1.0)
+
+
+def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, smooth: float = 1.0):
+    """Per-sample soft Dice loss (smoothed so an empty target asks for an empty prediction), batch mean."""
+    probs = logits.sigmoid() * weights
+    targets = targets * weights
+    inter = (probs * targets).flatten(1).sum(-1)
+    denom = probs.flatten(1).sum(-1) + targets.flatten(1).sum(-1)
+    return (1.0 - (2.0 * inter + smooth) / (denom + smooth)).mean()
+
+
+def pixel_contrastive_loss(
+    relevance: torch.Tensor,
+    cue_valid: torch.Tensor,
+    token_target: torch.Tensor,
+    token_valid: torch.Tensor,
+    temperature: float,
+) -> torch.Tensor:
+    """
+    Multi-positive InfoNCE over each valid cue's relevance row (B, T, N).
+
+    Positives: tokens whose cell is >= half target (at least the most covered cell when the
+    target is tiny); negatives: tokens with no target pixel at all (partially covered border
+    cells are ignored). Every positive is contrasted with all negatives:
+    -log(exp(r_p / t) / (exp(r_p / t) + sum_n exp(r_n / t))), averaged over positives, cues and
+    samples. Samples with an empty target or without any negative are skipped.
+    """
+    frac = token_target * token_valid
+    positive = frac >= 0.5
+    best = frac.amax(dim=1, keepdim=True)
+    positive |= (frac == best) & (best > 0) & ~positive.any(dim=1, keepdim=True)
+    negative = (frac == 0) & token_valid
+    usable = positive.any(dim=1) & negative.any(dim=1)  # (B,)
+    if not bool(usable.any()):
+        return relevance.sum() * 0.0
+
+    logits = relevance / temperature  # (B, T, N)
+    neg_lse = logits.masked_fill(~negative[:, None, :], float("-inf")).logsumexp(dim=-1, keepdim=True)
+    per_token = F.softplus(neg_lse - logits)  # -log(e^p / (e^p + sum_neg))
+    pos = positive[:, None, :].to(logits.dtype)
+    per_cue = (per_token * pos).sum(-1) / pos.sum(-1).clamp(min=1.0)  # (B, T)
+    cue_w = (cue_valid & usable[:, None]).to(logits.dtype)
+    return (per_cue * cue_w).sum() / cue_w.sum().clamp(min=1.0)
+
+
+class VIPACriterion(nn.Module):
+    """Computes the named, weighted losses from the model's raw outputs."""
+
+    @configurable
+    def __init__(
+        self,
+        *,
+        bce_weight: float,
+        dice_weight: float,
+        contrastive_weight: float,
+        contrastive_temperature: float,
+        deep_supervision: bool,
+        no_target_weight: float,
+    ):
+        super().__init__()
+        if contrastive_temperature <= 0:
+            raise ValueError(f"MODEL.VIPA.LOSS.CONTRASTIVE_TEMPERATURE must be > 0, got {contrastive_temperature}")
+        self.bce_weight = bce_weight
+        self.dice_weight = dice_weight
+        self.contrastive_weight = contrastive_weight
+        self.contrastive_temperature = contrastive_temperature
+        self.deep_supervision = deep_supervision
+        self.no_target_weight = no_target_weight
+
+    @classmethod
+    def from_config(cls, cfg):
+        loss = cfg.MODEL.VIPA.LOSS
+        return {
+            "bce_weight": loss.BCE_WEIGHT,
+            "dice_weight": loss.DICE_WEIGHT,
+            "contrastive_weight": loss.CONTRASTIVE_WEIGHT,
+            "contrastive_temperature": loss.CONTRASTIVE_TEMPERATURE,
+            "deep_supervision": loss.DEEP_SUPERVISION,
+            "no_target_weight": loss.NO_TARGET_WEIGHT,
+        }
+
+    def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
+        size = logits.shape[-2:]
+        target = area_downsample(gt, size)
+        weights = area_downsample(image_valid, size)
+        return {
+            f"loss_bce{suffix}": self.bce_weight * sigmoid_bce_loss(logits, target, weights),
+            f"loss_dice{suffix}": self.dice_weight * dice_loss(logits, target, weights),
+        }
+
+    def forward(
+        self,
+        pred_masks: List[torch.Tensor],
+        no_target_logit: torch.Tensor,
+        gt_masks: torch.Tensor,
+        image_valid: torch.Tensor,
+        empty: torch.Tensor,
+        relevance: Optional[torch.Tensor] = None,
+        relevance_grid=None,
+        cue_valid: Optional[torch.Tensor] = None,
+    ) -> Dict[str, torch.Tensor]:
+        """
+        Args:
+            pred_masks: per decoder layer (B, Hm, Wm) logits, last = final prediction.
+            gt_masks, image_valid: (B, H, W) at the padded input resolution (0/1).
+            empty: (B,) bool, the expression refers to nothing.
+            relevance: (B, T, N) VEG relevance on a ``relevance_grid`` = (h, w) grid, or None.
+        """
+        gt = gt_masks.float()
+        losses = self.mask_losses(pred_masks[-1], gt, image_valid)
+        if self.deep_supervision:
+            for i, logits in enumerate(pred_masks[:-1]):
+                losses.update(self.mask_losses(logits, gt, image_valid, suffix=f"_{i}"))
+        if relevance is not None and self.contrastive_weight > 0:
+            token_target = area_downsample(gt, relevance_grid).flatten(1)
+            token_valid = area_downsample(image_valid, relevance_grid).flatten(1) >= 0.5
+            losses["loss_contrastive"] = self.contrastive_weight * pixel_contrastive_loss(
+                relevance, cue_valid, token_target, token_valid, self.contrastive_temperature
+            )
+        if self.no_target_weight > 0:
+            losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(
+                no_target_logit, empty.to(no_target_logit.dtype)
+            )
+        return losses

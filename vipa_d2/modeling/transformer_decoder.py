@@ -1,0 +1,153 @@
+"""
+Transformer decoder whose QUERIES are the vision (pixel) features and whose KEY/VALUE set is
+the visual expression E_V (or, for the baseline, the projected language features).
+
+Layer i refines one scale of ``DECODER.IN_FEATURES`` (round robin, coarse to fine): the
+flattened pixel features (+ sine position + level embedding) cross-attend to the K/V
+tokens (absent cues masked), then an FFN. The change is written back to that scale and
+added (upsampled) to the finer decoder scales. There is no self-attention among pixels
+(quadratic in the number of pixels). Each layer predicts a mask for deep supervision:
+a per-pixel dot product between the upsampled embedding of the refined scale and the
+pixel decoder's mask features.
+"""
+import math
+from typing import Dict, List
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+
+from .attention import AttentionBlock, FeedForward, sine_position_encoding
+
+# Initial no-target probability of the no-target head.
+NO_TARGET_PRIOR = 0.01
+
+
+class PixelQueryLayer(nn.Module):
+    """Cross-attention from pixel queries to the K/V tokens, then FFN."""
+
+    def __init__(self, dim: int, nheads: int, dim_feedforward: int, dropout: float):
+        super().__init__()
+        self.cross_attn = AttentionBlock(dim, nheads, dropout)
+        self.ffn = FeedForward(dim, dim_feedforward, dropout)
+
+    def forward(self, x, pos, kv, kv_valid):
+        x, _ = self.cross_attn(x, kv, query_pos=pos, allowed=kv_valid[:, None, :])
+        return self.ffn(x)
+
+
+def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
+class VIPATransformerDecoder(nn.Module):
+    @configurable
+    def __init__(
+        self,
+        *,
+        in_strides: Dict[str, int],
+        hidden_dim: int,
+        mask_dim: int,
+        nheads: int,
+        num_layers: int,
+        dim_feedforward: int,
+        dropout: float,
+    ):
+        """
+        Args:
+            in_strides: {scale name: stride} of the pixel decoder outputs refined here.
+            num_layers: decoder layers, one scale each, cycling coarse to fine.
+        """
+        super().__init__()
+        if num_layers < 1:
+            raise ValueError(f"MODEL.VIPA.DECODER.NUM_LAYERS must be >= 1, got {num_layers}")
+        # Coarse to fine regardless of the order given.
+        self.in_features: List[str] = sorted(in_strides, key=lambda k: -in_strides[k])
+        self.strides = dict(in_strides)
+        self.num_layers = num_layers
+        self.layers = nn.ModuleList(
+            PixelQueryLayer(hidden_dim, nheads, dim_feedforward, dropout) for _ in range(num_layers)
+        )
+        self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
+        self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.mask_embed = _mlp(hidden_dim, hidden_dim, mask_dim)
+        # Pooled refined pixels + pooled K/V tokens -> "the expression refers to nothing".
+        self.no_target_head = _mlp(2 * hidden_dim, hidden_dim, 1)
+        # Start from a low no-target probability (most expressions have a target), so an
+        # untrained head does not empty masks at inference (RetinaNet-style prior init).
+        nn.init.constant_(self.no_target_head[-1].bias, -math.log((1 - NO_TARGET_PRIOR) / NO_TARGET_PRIOR))
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
+        names = cfg.MODEL.VIPA.DECODER.IN_FEATURES
+        available = cfg.MODEL.VIPA.PIXEL_DECODER.IN_FEATURES
+        missing = [n for n in names if n not in available or n not in input_shape]
+        if not names or missing:
+            raise ValueError(
+                f"MODEL.VIPA.DECODER.IN_FEATURES={list(names)} must be a non-empty subset of "
+                f"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES={list(available)} (offending: {missing})"
+            )
+        dec = cfg.MODEL.VIPA.DECODER
+        return {
+            "in_strides": {n: input_shape[n].stride for n in names},
+            "hidden_dim": cfg.MODEL.VIPA.HIDDEN_DIM,
+            "mask_dim": cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM,
+            "nheads": cfg.MODEL.VIPA.NHEADS,
+            "num_layers": dec.NUM_LAYERS,
+            "dim_feedforward": dec.DIM_FEEDFORWARD,
+            "dropout": dec.DROPOUT,
+        }
+
+    def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
+        """(B, HW, C) refined tokens of a (h, w) scale -> (B, Hm, Wm) mask logits."""
+        b = x.shape[0]
+        emb = self.mask_embed(self.decoder_norm(x)).transpose(1, 2).reshape(b, -1, *size)
+        emb = F.interpolate(emb, size=mask_features.shape[-2:], mode="bilinear", align_corners=False)
+        return (emb * mask_features).sum(dim=1)
+
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        mask_features: torch.Tensor,
+        kv: torch.Tensor,
+        kv_valid: torch.Tensor,
+    ) -> Dict[str, object]:
+        """
+        Args:
+            features: pixel decoder outputs {name: (B, C, H, W)} (at least ``in_features``).
+            mask_features: (B, MASK_DIM, Hm, Wm).
+            kv: (B, L, C) key/value tokens; kv_valid: (B, L) bool, False = absent/padding.
+        Returns:
+            {"pred_masks": [(B, Hm, Wm) logits per layer (in eval mode only the last)],
+             "no_target_logit": (B,)}
+        """
+        feats = {n: features[n] for n in self.in_features}
+        pos = {}
+        for lvl, n in enumerate(self.in_features):
+            _, c, h, w = feats[n].shape
+            level = self.level_embed.weight[lvl][None, None]
+            pos[n] = sine_position_encoding(h, w, c, kv.device, kv.dtype)[None] + level
+        pred_masks = []
+        x = None
+        for i, layer in enumerate(self.layers):
+            lvl = i % len(self.in_features)
+            name = self.in_features[lvl]
+            old = feats[name]
+            b, c, h, w = old.shape
+            x = layer(old.flatten(2).transpose(1, 2), pos[name], kv, kv_valid)
+            new = x.transpose(1, 2).reshape(b, c, h, w)
+            feats[name] = new
+            for finer in self.in_features[lvl + 1 :]:
+                delta = F.interpolate(new - old, size=feats[finer].shape[-2:], mode="bilinear", align_corners=False)
+                feats[finer] = feats[finer] + delta
+            # Intermediate masks only serve deep supervision: skip them at inference.
+            if self.training or i == self.num_layers - 1:
+                pred_masks.append(self.predict_mask(x, (h, w), mask_features))
+
+        valid = kv_valid.to(kv.dtype)[..., None]
+        kv_pooled = (kv * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+        no_target = self.no_target_head(torch.cat([self.decoder_norm(x).mean(dim=1), kv_pooled], dim=-1))
+        return {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1)}

@@ -1,0 +1,259 @@
+"""
+``VIPAPredictor``: one image + referring expressions in, masks out (like Detectron2's
+``DefaultPredictor``, for referring segmentation).
+"""
+import logging
+import math
+import os
+import pickle
+from typing import Dict, List, Sequence, Union
+
+import numpy as np
+import torch
+
+from detectron2.checkpoint import DetectionCheckpointer
+from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
+from detectron2.modeling import build_model
+from detectron2.utils.file_io import PathManager
+
+from .data.dataset_mapper import build_referring_augmentations
+from .modeling.text_encoder import build_tokenizer, tokenize
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["VIPAPredictor", "WeightsError", "read_image", "validate_expressions"]
+
+# Image channel orders the predictor accepts (3-channel uint8).
+SUPPORTED_FORMATS = ("RGB", "BGR")
+# Keys listed per kind in a weights-mismatch message before "... (+N more)".
+MAX_KEYS_REPORTED = 8
+
+
+class WeightsError(ValueError):
+    """``MODEL.WEIGHTS`` cannot be read or does not match the model."""
+
+
+def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
+    """The expressions as a list; raises ValueError on a missing, empty or blank one."""
+    texts = [expressions] if isinstance(expressions, str) else list(expressions)
+    if not texts:
+        raise ValueError("Expected at least one referring expression, got none")
+    for i, t in enumerate(texts):
+        if not isinstance(t, str) or not t.strip():
+            raise ValueError(f"Referring expression #{i} is empty or blank ({t!r}); expected some words")
+    return texts
+
+
+def read_image(path: str, image_format: str) -> np.ndarray:
+    """Read ``path`` as an HxWx3 uint8 array in ``image_format``; OSError naming the path."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"Image not found: {path}")
+    try:
+        return utils.read_image(path, format=image_format)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad/truncated files
+        raise OSError(f"Cannot read image {path}: expected an image file ({e})") from e
+
+
+def _listing(kind: str, items: List[str]) -> str:
+    shown = ", ".join(items[:MAX_KEYS_REPORTED])
+    more = f", ... (+{len(items) - MAX_KEYS_REPORTED} more)" if len(items) > MAX_KEYS_REPORTED else ""
+    return f"{len(items)} {kind} [{shown}{more}]"
+
+
+class _CheckingCheckpointer(DetectionCheckpointer):
+    """
+    A DetectionCheckpointer that refuses a checkpoint whose weights do not match the
+    model exactly (missing, unexpected or shape-mismatched keys), checked before any
+    weight is copied, so a wrong file never leaves a half-loaded model behind.
+    """
+
+    def _load_file(self, filename):
+        try:
+            return super()._load_file(filename)
+        except (OSError, EOFError, RuntimeError, ValueError, AssertionError, KeyError, pickle.UnpicklingError) as e:
+            raise WeightsError(f"MODEL.WEIGHTS={filename}: cannot read the checkpoint: {e}") from e
+
+    def _load_model(self, checkpoint):
+        if checkpoint.get("matching_heuristics", False):
+            # Caffe2/pycls files are renamed by heuristics: check what actually loaded.
+            incompatible = super()._load_model(checkpoint)
+            problems = self._describe(
+                incompatible.missing_keys,
+                incompatible.unexpected_keys,
+                incompatible.incorrect_shapes,
+            )
+        else:
+            state = checkpoint["model"]
+            if state and all(k.startswith("module.") for k in state):  # saved from (D)DP
+                state = {k[len("module.") :]: v for k, v in state.items()}
+                checkpoint["model"] = state
+            expected = self.model.state_dict()
+            problems = self._describe(
+                [k for k in expected if k not in state],
+                [k for k in state if k not in expected],
+                [
+                    (k, tuple(np.shape(v)), tuple(expected[k].shape))
+                    for k, v in state.items()
+                    if k in expected and tuple(np.shape(v)) != tuple(expected[k].shape)
+                ],
+            )
+            if not problems:
+                incompatible = super()._load_model(checkpoint)
+        if problems:
+            raise WeightsError(f"MODEL.WEIGHTS={self._path} does not match the model: {problems}")
+        return incompatible
+
+    @staticmethod
+    def _describe(missing, unexpected, shapes) -> str:
+        parts = []
+        if missing:
+            parts.append(_listing("missing keys", list(missing)))
+        if unexpected:
+            parts.append(_listing("unexpected keys", list(unexpected)))
+        if shapes:
+            parts.append(
+                _listing(
+                    "shape mismatches",
+                    [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes],
+                )
+            )
+        return "; ".join(parts)
+
+    def load(self, path, checkpointables=None):
+        self._path = path
+        return super().load(path, checkpointables=checkpointables)
+
+
+def load_weights(model: torch.nn.Module, weights: str) -> None:
+    """
+    Load ``weights`` (``MODEL.WEIGHTS``) into ``model`` with a DetectionCheckpointer,
+    refusing missing files and any key/shape mismatch. An empty string keeps the random
+    initialisation and logs a warning saying so.
+    """
+    if not weights:
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model keeps its RANDOM initialisation, "
+            "so its predictions are meaningless (give MODEL.WEIGHTS path/to/model_final.pth)."
+        )
+        return
+    if "://" not in weights and not os.path.isfile(weights):
+        raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
+    if "://" in weights:
+        try:
+            local = PathManager.get_local_path(weights)
+        except Exception as e:  # any fetch failure (no network, bad URL) means "not there"
+            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: cannot fetch the checkpoint: {e}") from e
+        if not os.path.isfile(local):
+            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
+    _CheckingCheckpointer(model).load(weights, checkpointables=[])
+
+
+class VIPAPredictor:
+    """
+    Build the model from ``cfg``, load ``cfg.MODEL.WEIGHTS`` (empty: random weights, with
+    a warning), switch to eval mode, and predict with the test-mode resize of
+    :class:`vipa_d2.data.ReferringDatasetMapper`.
+
+    ``predictor(image, expressions)``: ``image`` is a path or an HxWx3 uint8 array in
+    ``cfg.INPUT.FORMAT``; ``expressions`` a str (returns one dict) or a list of str
+    (returns a list of dicts, in order). Each dict holds, at the image's original size:
+
+    - ``mask``: bool HxW, ``prob > MODEL.VIPA.MASK_THRESHOLD``;
+    - ``prob``: float32 HxW foreground probability (zeros when the model judged the
+      expression no-target);
+    - ``confidence``: float, the mean probability inside the mask; 0.0 for an empty mask;
+    - ``relevance``: float32 HxW relevance map of the retrieved visual tokens;
+    - ``no_target_score``: float, probability that the expression refers to nothing;
+    - ``retrieved``: list, one entry per linguistic cue (the [CLS] global cue, then the
+      word pieces): ``{"word": str, "position": int (token index), "tokens": bool
+      (h, w) grid of the visual tokens the cue retrieved}``. The grid is the VEG token
+      grid cropped to the image (its last row/column may reach past the image edge by
+      part of a token); empty when the model has no VEG (language key/value baseline).
+
+    The image is encoded once for all expressions; with ``MODEL.VIPA.FUSION "early"``
+    the backbone depends on the expression, so it runs once per expression, batched.
+    """
+
+    def __init__(self, cfg):
+        self.cfg = cfg.clone()
+        self.input_format = cfg.INPUT.FORMAT
+        if self.input_format not in SUPPORTED_FORMATS:
+            raise ValueError(f"INPUT.FORMAT={self.input_format!r}: VIPAPredictor supports {SUPPORTED_FORMATS}")
+        self.model = build_model(self.cfg)
+        self.model.eval()
+        load_weights(self.model, cfg.MODEL.WEIGHTS)
+        self.augmentations = T.AugmentationList(build_referring_augmentations(cfg, is_train=False))
+        self.tokenizer = build_tokenizer(cfg)
+        self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
+        self.mask_threshold = cfg.MODEL.VIPA.MASK_THRESHOLD
+
+    def _check_image(self, image) -> np.ndarray:
+        if isinstance(image, (str, os.PathLike)):
+            return read_image(os.fspath(image), self.input_format)
+        image = np.asarray(image)
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+            raise ValueError(
+                f"Expected an image path or an HxWx3 uint8 array in {self.input_format}, "
+                f"got shape {image.shape} dtype {image.dtype}"
+            )
+        return image
+
+    @torch.no_grad()
+    def __call__(self, image, expressions):
+        single = isinstance(expressions, str)
+        texts = validate_expressions(expressions)
+        original = self._check_image(image)
+        height, width = original.shape[:2]
+
+        aug_input = T.AugInput(original)
+        self.augmentations(aug_input)
+        tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
+        tokens = tokenize(self.tokenizer, texts, self.max_text_len)
+        input_ids = tokens["input_ids"].to(self.model.device)
+        attention_mask = tokens["attention_mask"].to(self.model.device)
+
+        images = self.model.preprocess_image([{"image": tensor}])
+        encoded = self.model.encode_image(images)  # once for every expression
+        outputs = self.model.decode(encoded, input_ids, attention_mask)
+        raw = self.model.postprocess(outputs, images, [(height, width)] * len(texts))
+        retrieved = self._retrieved_tokens(outputs, images, tokens["input_ids"])
+
+        results = []
+        for i, r in enumerate(raw):
+            prob = r["ref_seg"].float().cpu().numpy()
+            mask = prob > self.mask_threshold
+            results.append(
+                {
+                    "mask": mask,
+                    "prob": prob,
+                    "confidence": float(prob[mask].mean()) if mask.any() else 0.0,
+                    "relevance": r["relevance"].float().cpu().numpy(),
+                    "no_target_score": float(r["no_target_score"]),
+                    "retrieved": retrieved[i],
+                }
+            )
+        return results[0] if single else results
+
+    def _retrieved_tokens(self, outputs: Dict, images, input_ids: torch.Tensor) -> List[List[Dict]]:
+        """Per expression, per valid cue: which visual tokens of the image it retrieved."""
+        veg = outputs.get("veg")
+        n = input_ids.shape[0]
+        if veg is None or veg.get("retrieval_mask") is None:
+            return [[] for _ in range(n)]
+        gh, gw = veg["grid"]
+        ph, pw = images.tensor.shape[-2:]
+        ih, iw = images.image_sizes[0]
+        # Tokens covering the image (the rest lie on the batch padding).
+        vh, vw = math.ceil(ih * gh / ph), math.ceil(iw * gw / pw)
+        # The soft relaxation is > 0.5 exactly on the retrieved (top-k) tokens.
+        grids = (veg["retrieval_mask"] > 0.5).view(n, -1, gh, gw)[:, :, :vh, :vw].cpu().numpy()
+        cue_valid = outputs["cue_valid"].cpu()
+        out = []
+        for i in range(n):
+            positions = cue_valid[i].nonzero().flatten().tolist()
+            words = self.tokenizer.convert_ids_to_tokens(input_ids[i, positions].tolist())
+            out.append(
+                [{"word": w, "position": p, "tokens": grids[i, p]} for w, p in zip(words, positions)]
+            )
+        return out
