@@ -18,14 +18,15 @@ Bad input (missing config or image, unknown config key, empty expression, missin
 mismatched weights) ends the run with one message on stderr and exit status 1.
 """
 import argparse
+import contextlib
 import glob
+import logging
 import os
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import get_cfg
-from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -191,16 +192,36 @@ def run(args) -> Tuple[int, int, str]:
     return len(inputs), len(texts), args.output
 
 
+@contextlib.contextmanager
+def _console_logging():
+    """
+    vipa_d2's INFO logs to the current stdout for one run, removed afterwards so that
+    ``main`` can be called repeatedly in one process (tests, the main job). transformers'
+    warnings (the unused BERT pooler weights) are silenced meanwhile: on stderr they
+    would bury a refusal message; its errors still come through.
+    """
+    log = logging.getLogger("vipa_d2")
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(logging.Formatter("[%(asctime)s %(name)s] %(levelname)s: %(message)s", "%H:%M:%S"))
+    level, hf_level = log.level, hf_logging.get_verbosity()
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+        hf_logging.set_verbosity(hf_level)
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Demo entry point; returns the exit status (0, or 1 after a refusal)."""
     args = get_parser().parse_args(argv)
-    setup_logger(name="vipa_d2")
-    # transformers reports the unused BERT pooler weights on stderr, which would bury
-    # a refusal message there; its errors still come through.
-    hf_logging.set_verbosity_error()
     start = time.perf_counter()
     try:
-        images, expressions, output = run(args)
+        with _console_logging():
+            images, expressions, output = run(args)
     except DemoError as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return REFUSAL_EXIT_CODE

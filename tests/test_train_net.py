@@ -75,7 +75,12 @@ def results_file(output_dir, name=VAL, sub="inference"):
 
 
 # --------------------------------------------------------------------------- optimizer
-NORM_TYPES = (torch.nn.BatchNorm2d, torch.nn.GroupNorm, torch.nn.LayerNorm)
+NORM_TYPES = (
+    torch.nn.modules.batchnorm._BatchNorm,
+    torch.nn.GroupNorm,
+    torch.nn.LayerNorm,
+    torch.nn.modules.instancenorm._InstanceNorm,
+)
 
 
 def test_optimizer_param_groups(tmp_path):
@@ -111,7 +116,9 @@ def test_optimizer_param_groups(tmp_path):
             elif isinstance(module, torch.nn.Embedding):
                 seen["embedding"] += 1
                 assert wd == 0.0, name
-            elif "embed" not in local:
+            elif "embed" in local:
+                assert wd == 0.0, name
+            else:
                 assert wd == 0.05, name
     assert all(count > 0 for count in seen.values()), seen
 
@@ -150,31 +157,29 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     )
 
     weights = str(train_dir / "model_final.pth")
-    evaluated = train_net.main(
-        parse(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights,
-                                             "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"])
-    )
+    evaluated = train_net.main(parse(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
     # The same weights on the same data: exactly the metrics of the end of training.
-    assert evaluated == trained
+    assert evaluated == {VAL: trained[VAL]}
 
 
 def test_shuffled_expressions_move_text_only():
     records = DatasetCatalog.get(VAL)
     shuffled = shuffle_expressions(records, seed=0)
-    assert shuffle_expressions(records, seed=0) == shuffled  # seeded
     assert sorted(r["sentence"]["raw"] for r in shuffled) == sorted(
         r["sentence"]["raw"] for r in records
     )
     for before, after in zip(records, shuffled):
-        assert after["sentence"]["raw"] is not before["sentence"]["raw"] or len(records) < 2
         assert after["sentence"]["sent_id"] == before["sentence"]["sent_id"]
         assert {k: v for k, v in after.items() if k != "sentence"} == {
             k: v for k, v in before.items() if k != "sentence"
         }
-    # A derangement: no record keeps its own text slot.
-    donors = [next(i for i, r in enumerate(records) if r["sentence"]["raw"] is s["sentence"]["raw"])
-              for s in shuffled]
-    assert all(i != d for i, d in enumerate(donors))
+    # Unique texts make the permutation visible: seeded, and no record keeps its own text.
+    fake = [{"sentence": {"raw": f"text {i}", "sent_id": i}, "ref_id": i} for i in range(20)]
+    first = [r["sentence"]["raw"] for r in shuffle_expressions(fake, seed=3)]
+    assert first == [r["sentence"]["raw"] for r in shuffle_expressions(fake, seed=3)]
+    assert first != [r["sentence"]["raw"] for r in shuffle_expressions(fake, seed=4)]
+    assert all(text != f"text {i}" for i, text in enumerate(first))
+    assert sorted(first) == sorted(r["sentence"]["raw"] for r in fake)
 
 
 def test_build_evaluator_rejects_non_referring_dataset(tmp_path):

@@ -22,7 +22,7 @@ from .modeling.text_encoder import build_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["VIPAPredictor", "WeightsError", "read_image", "validate_expressions"]
+__all__ = ["VIPAPredictor", "WeightsError", "load_weights", "read_image", "validate_expressions"]
 
 # Image channel orders the predictor accepts (3-channel uint8).
 SUPPORTED_FORMATS = ("RGB", "BGR")
@@ -72,7 +72,7 @@ class _CheckingCheckpointer(DetectionCheckpointer):
         try:
             return super()._load_file(filename)
         except (OSError, EOFError, RuntimeError, ValueError, AssertionError, KeyError, pickle.UnpicklingError) as e:
-            raise WeightsError(f"MODEL.WEIGHTS={filename}: cannot read the checkpoint: {e}") from e
+            raise WeightsError(f"cannot read the checkpoint: {e}") from e
 
     def _load_model(self, checkpoint):
         if checkpoint.get("matching_heuristics", False):
@@ -101,7 +101,7 @@ class _CheckingCheckpointer(DetectionCheckpointer):
             if not problems:
                 incompatible = super()._load_model(checkpoint)
         if problems:
-            raise WeightsError(f"MODEL.WEIGHTS={self._path} does not match the model: {problems}")
+            raise WeightsError(f"does not match the model: {problems}")
         return incompatible
 
     @staticmethod
@@ -120,10 +120,6 @@ class _CheckingCheckpointer(DetectionCheckpointer):
             )
         return "; ".join(parts)
 
-    def load(self, path, checkpointables=None):
-        self._path = path
-        return super().load(path, checkpointables=checkpointables)
-
 
 def load_weights(model: torch.nn.Module, weights: str) -> None:
     """
@@ -137,16 +133,20 @@ def load_weights(model: torch.nn.Module, weights: str) -> None:
             "so its predictions are meaningless (give MODEL.WEIGHTS path/to/model_final.pth)."
         )
         return
-    if "://" not in weights and not os.path.isfile(weights):
-        raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
-    if "://" in weights:
+    if "://" not in weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
+    else:
         try:
             local = PathManager.get_local_path(weights)
         except Exception as e:  # any fetch failure (no network, bad URL) means "not there"
             raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: cannot fetch the checkpoint: {e}") from e
         if not os.path.isfile(local):
             raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
-    _CheckingCheckpointer(model).load(weights, checkpointables=[])
+    try:
+        _CheckingCheckpointer(model).load(weights, checkpointables=[])
+    except WeightsError as e:
+        raise WeightsError(f"MODEL.WEIGHTS={weights}: {e}") from e
 
 
 class VIPAPredictor:

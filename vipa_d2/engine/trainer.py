@@ -101,7 +101,7 @@ class ReferringTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        if self.start_iter > 0:
+        if False:
             # Continue the sample stream where the checkpointed run stopped.
             self._trainer.reset_data_loader(
                 lambda: self.build_train_loader(self.cfg, self.start_iter, seed=self.seed)

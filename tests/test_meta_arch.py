@@ -1,0 +1,320 @@
+"""The VIPA meta-architecture end to end: training/inference contract, ablation switches,
+image-once/expressions-many API, padding invariance, determinism and a short overfit."""
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+from detectron2.structures import BoxMode
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
+from vipa_d2.modeling import build_tokenizer, tokenize
+
+TINY = "configs/synthetic/vipa_tiny_cpu.yaml"
+# Small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
+SMALL = [
+    "INPUT.IMAGE_SIZE", 64,
+    "MODEL.TIMM.WEIGHTS", "",
+    "MODEL.VIPA.HIDDEN_DIM", 32,
+    "MODEL.VIPA.NHEADS", 4,
+    "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", 16,
+    "MODEL.VIPA.DECODER.NUM_LAYERS", 3,
+    "MODEL.VIPA.DECODER.DIM_FEEDFORWARD", 64,
+    "MODEL.VIPA.VEG.DIM_FEEDFORWARD", 64,
+]
+TEXTS = ["the red circle on the left", "blue square", "a big green triangle next to the square"]
+
+
+def make_cfg(*opts):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(TINY)
+    cfg.merge_from_list(SMALL + list(opts))
+    return cfg
+
+
+def build(*opts, seed=0):
+    torch.manual_seed(seed)
+    return build_model(make_cfg(*opts))
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return build_tokenizer(make_cfg())
+
+
+def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
+    """Mapper-style dicts (see the data contract) with a random image and a box target."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, text in enumerate(texts):
+        h, w = sizes[i] if sizes else (image_size, image_size)
+        tok = tokenize(tokenizer, [text], 20)
+        gt = torch.zeros(image_size, image_size, dtype=torch.uint8)
+        gt[8 + 4 * i : 40, 10 : 30 + 4 * i] = 1
+        out.append({
+            "image": torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=g),
+            "input_ids": tok["input_ids"][0],
+            "attention_mask": tok["attention_mask"][0],
+            "gt_mask": gt,
+            "empty": False,
+            "height": h,
+            "width": w,
+        })
+    return out
+
+
+def capture_decoder_inputs(model):
+    """Forward hook: the transformer decoder's (features, mask_features, kv, kv_valid)."""
+    seen = []
+    model.transformer_decoder.register_forward_hook(lambda m, args, out: seen.append(args))
+    return seen
+
+
+# ------------------------------------------------------------------ contract
+def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer):
+    model = build()
+    assert model.fusion_mode == "early" and model.veg is not None
+    inputs = make_inputs(tokenizer, TEXTS[:2])
+    inputs[1]["gt_mask"].zero_()
+    inputs[1]["empty"] = True  # a generalized (no-target) sample in the batch
+    model.train()
+    losses = model(inputs)
+    assert {"loss_bce", "loss_dice", "loss_contrastive", "loss_no_target", "loss_bce_0", "loss_dice_1"} <= set(losses)
+    assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
+    sum(losses.values()).backward()
+    for part in ("veg", "pixel_decoder", "transformer_decoder"):
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith(part)]
+        assert params and all(p.grad is not None for _, p in params), part
+        nonzero = sum(bool(p.grad.abs().sum() > 0) for _, p in params)
+        assert nonzero / len(params) > 0.9, (part, nonzero, len(params))
+        assert all(("veg" if part == "veg" else "decoder") in n for n, _ in params)
+
+    model.eval()
+    sizes = [(300, 400), (37, 91), (128, 64)]
+    with torch.no_grad():
+        outs = model(make_inputs(tokenizer, TEXTS, sizes))
+    for out, (h, w) in zip(outs, sizes):
+        assert out["ref_seg"].shape == (h, w) and out["relevance"].shape == (h, w)
+        assert 0 <= out["ref_seg"].min() and out["ref_seg"].max() <= 1
+        assert out["no_target_score"].dim() == 0 and 0 <= float(out["no_target_score"]) <= 1
+        assert torch.isfinite(out["relevance"]).all() and out["relevance"].abs().max() <= 1 + 1e-5
+
+
+def test_keep_ratio_batches_non_square_images(tokenizer):
+    model = build("INPUT.RESIZE_MODE", "keep_ratio").eval()
+    inputs = make_inputs(tokenizer, TEXTS[:2], sizes=[(120, 60), (50, 100)])
+    inputs[0]["image"] = inputs[0]["image"][:, :, :32]  # 64 x 32 after a keep-ratio resize
+    inputs[1]["image"] = inputs[1]["image"][:, :32, :]
+    with torch.no_grad():
+        outs = model(inputs)
+    assert [tuple(o["ref_seg"].shape) for o in outs] == [(120, 60), (50, 100)]
+
+
+# ----------------------------------------------------------------- ablations
+def test_language_kv_source_does_not_run_the_veg(tokenizer):
+    model = build("MODEL.VIPA.KV_SOURCE", "language")
+    assert model.veg is None and not any("veg" in n for n, _ in model.named_parameters())
+    seen = capture_decoder_inputs(model)
+    inputs = make_inputs(tokenizer, TEXTS[:2])
+    model.train()
+    losses = model(inputs)
+    assert "loss_contrastive" not in losses and all(torch.isfinite(v) for v in losses.values())
+    # The K/V set is exactly the projected language features (eval: no text-encoder dropout).
+    model.eval()
+    with torch.no_grad():
+        out = model(inputs)[0]
+        ids, mask = model.preprocess_text(inputs)
+        expected = model.language_proj(model.text_encoder(ids, mask))
+    assert torch.allclose(seen[-1][2], expected, atol=1e-5)
+    assert torch.count_nonzero(out["relevance"]) == 0  # nothing retrieved in this baseline
+
+
+def test_step_switches_build_run_and_change_the_computation(tokenizer):
+    inputs = make_inputs(tokenizer, TEXTS[:2])
+    # STEP2 off: no (masked) cross-attention module in the VEG; E_V = F_a still retrieved.
+    model = build("MODEL.VIPA.VEG.STEP2", False).train()
+    assert not hasattr(model.veg, "cross_attn") and not hasattr(model.veg, "share")
+    losses = model(inputs)
+    assert "loss_contrastive" in losses and all(torch.isfinite(v) for v in losses.values())
+    # STEP1 off: no retrieval, no relevance -> no contrastive loss; the cross-attention runs unmasked.
+    model = build("MODEL.VIPA.VEG.STEP1", False).train()
+    calls = []
+    model.veg.cross_attn.register_forward_hook(lambda m, i, o: calls.append(1))
+    losses = model(inputs)
+    assert "loss_contrastive" not in losses and len(calls) == 1
+    model.eval()
+    with torch.no_grad():
+        out = model(inputs)[0]
+    assert out["relevance"].abs().sum() > 0  # cross-attention map stands in for visualisation
+
+
+def test_cue_switches(tokenizer):
+    inputs = make_inputs(tokenizer, TEXTS)
+    n_words = [int(x["attention_mask"].sum()) - 2 for x in inputs]  # minus [CLS] and [SEP]
+    for opts, expected in [
+        (("MODEL.VIPA.VEG.GLOBAL_CUE", False), n_words),
+        (("MODEL.VIPA.VEG.LOCAL_CUES", False), [1, 1, 1]),
+        ((), [n + 1 for n in n_words]),
+    ]:
+        model = build(*opts).eval()
+        seen = capture_decoder_inputs(model)
+        with torch.no_grad():
+            model(inputs)
+        assert seen[-1][3].sum(1).tolist() == expected, opts
+    with pytest.raises(ValueError, match="GLOBAL_CUE"):
+        build("MODEL.VIPA.VEG.GLOBAL_CUE", False, "MODEL.VIPA.VEG.LOCAL_CUES", False)
+    with pytest.raises(ValueError, match="KV_SOURCE"):
+        build("MODEL.VIPA.KV_SOURCE", "words")
+
+
+def _open_fusion_gates(model):
+    # Gates start at zero (fusion = identity at init); open them to observe the pathway.
+    for stage in model.fusion.stages.values():
+        torch.nn.init.normal_(stage.gate[2].weight, std=0.5)
+
+
+@pytest.mark.parametrize("fusion", ["none", "late", "early"])
+def test_fusion_modes_and_image_reuse(tokenizer, fusion):
+    model = build("MODEL.VIPA.FUSION", fusion).eval()
+    if fusion == "none":
+        assert model.fusion is None
+    else:
+        _open_fusion_gates(model)
+    image_input = make_inputs(tokenizer, TEXTS[:1])[0]
+    inputs = [dict(image_input, input_ids=x["input_ids"], attention_mask=x["attention_mask"])
+              for x in make_inputs(tokenizer, TEXTS)]
+    backbone_out = []
+    model.backbone.register_forward_hook(lambda m, i, o: backbone_out.append(o["res5"]))
+    with torch.no_grad():
+        one_by_one = [model([x])[0] for x in inputs]
+        # Encode the image once, decode all expressions against it (broadcast).
+        images = model.preprocess_image([image_input])
+        encoded = model.encode_image(images)
+        ids, mask = model.preprocess_text(inputs)
+        raw = model.decode(encoded, ids, mask)
+        batched = model.postprocess(raw, images, [(64, 64)] * len(inputs))
+    for a, b in zip(one_by_one, batched):
+        assert torch.allclose(a["ref_seg"], b["ref_seg"], atol=1e-5)
+    if fusion == "early":
+        # Language enters the backbone: the image cannot be encoded without the expression.
+        assert encoded["features"] is None
+        assert not torch.allclose(backbone_out[0], backbone_out[1], atol=1e-4)
+    else:
+        assert encoded["features"] is not None
+        assert all(torch.equal(backbone_out[0], f) for f in backbone_out[1:3])
+
+
+def test_padding_tokens_never_change_the_output(tokenizer):
+    model = build().eval()
+    _open_fusion_gates(model)
+    inputs = make_inputs(tokenizer, TEXTS[:2])
+    changed = [dict(x) for x in inputs]
+    for x in changed:
+        ids = x["input_ids"].clone()
+        pad = x["attention_mask"] == 0
+        assert pad.any()
+        ids[pad] = torch.randint(1000, 2000, (int(pad.sum()),))
+        x["input_ids"] = ids
+    with torch.no_grad():
+        a, b = model(inputs), model(changed)
+    for x, y in zip(a, b):
+        assert torch.allclose(x["ref_seg"], y["ref_seg"], atol=1e-5)
+        assert torch.allclose(x["no_target_score"], y["no_target_score"], atol=1e-6)
+    # A real word does change it.
+    changed[0]["input_ids"] = inputs[0]["input_ids"].clone()
+    changed[0]["input_ids"][1] = tokenizer.convert_tokens_to_ids("green")
+    with torch.no_grad():
+        c = model(changed)
+    assert not torch.allclose(a[0]["ref_seg"], c[0]["ref_seg"], atol=1e-4)
+
+
+def test_fixed_seed_gives_identical_results(tokenizer):
+    inputs = make_inputs(tokenizer, TEXTS[:2])
+    results = []
+    for _ in range(2):
+        model = build(seed=3).train()
+        torch.manual_seed(7)  # Gumbel noise
+        losses = model(inputs)
+        results.append({k: v.item() for k, v in losses.items()})
+    assert results[0] == results[1]
+    torch.manual_seed(8)
+    other = {k: v.item() for k, v in model(inputs).items()}
+    assert other["loss_contrastive"] != results[0]["loss_contrastive"]  # the noise is live in training
+
+
+# ------------------------------------------------------------------- overfit
+SHAPE_COLORS = {"red circle": (255, 0, 0), "blue square": (0, 0, 255)}
+
+
+def write_shape_records(root, n_images=2):
+    """Real PNGs with a red circle and a blue square; one record per expression (data contract)."""
+    rng = np.random.RandomState(0)
+    records = []
+    for i in range(n_images):
+        h, w = [(96, 128), (140, 100), (120, 160)][i % 3]
+        img = (200 + rng.randint(0, 30, (h, w, 3))).astype(np.uint8)
+        circle = np.zeros((h, w), np.uint8)
+        cv2.circle(circle, (int(rng.randint(20, w // 2 - 10)), int(rng.randint(20, h - 20))), int(rng.randint(10, 18)), 1, -1)
+        square = np.zeros((h, w), np.uint8)
+        x0, y0, s = rng.randint(w // 2, w - 30), rng.randint(5, h - 30), rng.randint(16, 26)
+        square[y0 : y0 + s, x0 : x0 + s] = 1
+        masks = {"red circle": circle, "blue square": square}
+        if i % 2:  # sides swap between images: position alone does not tell which is which
+            masks = {k: np.ascontiguousarray(m[:, ::-1]) for k, m in masks.items()}
+        for k, m in masks.items():
+            img[m > 0] = SHAPE_COLORS[k]
+        file_name = str(root / f"{i}.png")
+        cv2.imwrite(file_name, img[:, :, ::-1])
+        for k, m in masks.items():
+            ys, xs = np.nonzero(m)
+            bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+            records.append({
+                "file_name": file_name, "height": h, "width": w, "image_id": i, "ref_id": len(records),
+                "annotations": [{"segmentation": mask_to_rle(m), "bbox": bbox, "bbox_mode": BoxMode.XYWH_ABS,
+                                 "category_id": 0, "iscrowd": 0}],
+                "sentence": {"raw": k, "sent_id": len(records)}, "empty": False, "mask": m > 0,
+            })
+    return records
+
+
+def test_short_overfit_lowers_loss_and_raises_iou(tmp_path):
+    records = write_shape_records(tmp_path)
+    # Bundled pretrained Lite0 + MiniLM; the text encoder is frozen to keep the test fast.
+    cfg = make_cfg("MODEL.TIMM.WEIGHTS", "bundled", "MODEL.TEXT_ENCODER.FREEZE", True)
+    torch.manual_seed(0)
+    model = build_model(cfg)
+    mapper = ReferringDatasetMapper(cfg, is_train=True)
+    data = [mapper(r) for r in records]
+
+    def mean_iou():
+        model.eval()
+        with torch.no_grad():
+            outs = model(data)
+        model.train()
+        ious = []
+        for out, rec in zip(outs, records):
+            pred = out["ref_seg"].numpy() > cfg.MODEL.VIPA.MASK_THRESHOLD
+            ious.append((pred & rec["mask"]).sum() / max((pred | rec["mask"]).sum(), 1))
+        return float(np.mean(ious))
+
+    heads = [p for n, p in model.named_parameters() if p.requires_grad and not n.startswith("backbone")]
+    backbone = list(model.backbone.parameters())
+    opt = torch.optim.AdamW([{"params": heads, "lr": 1e-3}, {"params": backbone, "lr": 1e-4}], weight_decay=0.01)
+    iou_before = mean_iou()
+    model.train()
+    history = []
+    for _ in range(20):
+        losses = model(data)
+        loss = sum(losses.values())
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        history.append(loss.item())
+    iou_after = mean_iou()
+    print(f"overfit: loss {history[0]:.3f} -> {history[-1]:.3f}, train mIoU {iou_before:.3f} -> {iou_after:.3f}")
+    assert np.mean(history[-3:]) < 0.5 * history[0]
+    assert iou_after > iou_before + 0.3 and iou_after > 0.5

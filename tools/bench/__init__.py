@@ -1,0 +1,1 @@
+"""Building blocks of ``tools/benchmark.py``: speed/cost, accuracy/ablations, report."""
