@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""
+r"""
 Segment what referring expressions describe in images and write overlay PNGs.
 
     python demo/demo.py --config-file configs/synthetic/vipa_tiny_cpu.yaml \
@@ -45,7 +45,7 @@ class DemoError(Exception):
 
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        description="VIPA referring segmentation demo: overlay PNGs for images x expressions.",
+        description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config file")

@@ -101,7 +101,7 @@ class ReferringTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         super().resume_or_load(resume=resume)
-        if False:
+        if self.start_iter > 0:
             # Continue the sample stream where the checkpointed run stopped.
             self._trainer.reset_data_loader(
                 lambda: self.build_train_loader(self.cfg, self.start_iter, seed=self.seed)
@@ -156,6 +156,9 @@ class ReferringTrainer(DefaultTrainer):
             total_batch_size=cfg.SOLVER.IMS_PER_BATCH,
             aspect_ratio_grouping=False,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
+            # Its own generator for the workers' base seed: creating the loader iterator
+            # must not draw from the global RNG, or a resumed run's RNG would drift.
+            seed=seed,
         )
 
     @classmethod
