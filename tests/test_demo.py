@@ -24,6 +24,16 @@ CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
 TINY_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96", "MODEL.VIPA.HIDDEN_DIM", "64", "MODEL.TIMM.WEIGHTS", ""]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _single_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription
+    # stalls when other processes are busy (and is no slower when they are not).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _load_demo():
     spec = importlib.util.spec_from_file_location("vipa_demo", DEMO)
     module = importlib.util.module_from_spec(spec)
@@ -63,8 +73,9 @@ def weights(tmp_path_factory):
 
 
 def _run_cli(*args):
+    env = dict(os.environ, OMP_NUM_THREADS="1")  # as _single_thread, for the child process
     return subprocess.run(
-        [sys.executable, DEMO, *args], capture_output=True, text=True, cwd=REPO, timeout=300
+        [sys.executable, DEMO, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
     )
 
 

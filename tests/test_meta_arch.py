@@ -21,6 +21,7 @@ SMALL = [
     "MODEL.VIPA.HIDDEN_DIM", 32,
     "MODEL.VIPA.NHEADS", 4,
     "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", 16,
+    "MODEL.VIPA.PIXEL_DECODER.IN_FEATURES", ["res2", "res3", "res4", "res5"],  # stride-4 masks at 64 px
     "MODEL.VIPA.DECODER.NUM_LAYERS", 3,
     "MODEL.VIPA.DECODER.DIM_FEEDFORWARD", 64,
     "MODEL.VIPA.VEG.DIM_FEEDFORWARD", 64,
@@ -284,7 +285,13 @@ def write_shape_records(root, n_images=2):
 def test_short_overfit_lowers_loss_and_raises_iou(tmp_path):
     records = write_shape_records(tmp_path)
     # Bundled pretrained Lite0 + MiniLM; the text encoder is frozen to keep the test fast.
-    cfg = make_cfg("MODEL.TIMM.WEIGHTS", "bundled", "MODEL.TEXT_ENCODER.FREEZE", True)
+    # (HIDDEN_DIM 32 / MASK_DIM 16 underfit in 20 steps: mIoU ~0.35; 64 / 32 reach ~0.85.)
+    cfg = make_cfg(
+        "MODEL.TIMM.WEIGHTS", "bundled",
+        "MODEL.TEXT_ENCODER.FREEZE", True,
+        "MODEL.VIPA.HIDDEN_DIM", 64,
+        "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", 32,
+    )
     torch.manual_seed(0)
     model = build_model(cfg)
     mapper = ReferringDatasetMapper(cfg, is_train=True)
@@ -318,3 +325,31 @@ def test_short_overfit_lowers_loss_and_raises_iou(tmp_path):
     print(f"overfit: loss {history[0]:.3f} -> {history[-1]:.3f}, train mIoU {iou_before:.3f} -> {iou_after:.3f}")
     assert np.mean(history[-3:]) < 0.5 * history[0]
     assert iou_after > iou_before + 0.3 and iou_after > 0.5
+
+
+# ---------------------------------------------------------------------- cost
+def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path):
+    import importlib.util
+
+    from transformers import BertConfig
+
+    spec = importlib.util.spec_from_file_location("model_cost", "tools/model_cost.py")
+    model_cost = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(model_cost)
+    # A text encoder from config.json alone (no weight files): MODEL.TEXT_ENCODER.RANDOM_INIT.
+    text_dir = tmp_path / "tiny-bert"
+    text_dir.mkdir()
+    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).to_json_file(
+        str(text_dir / "config.json")
+    )
+    model = build("MODEL.TEXT_ENCODER.NAME", str(text_dir), "MODEL.TEXT_ENCODER.RANDOM_INIT", True).eval()
+    assert model.text_encoder.hidden_size == 32
+    inputs = model_cost.dummy_input(make_cfg(), model.text_encoder.model.config.vocab_size)
+    assert inputs["image"].shape == (3, 64, 64)
+    flops, unsupported = model_cost.count_flops(model, [inputs])
+    for part in ("backbone", "text_encoder", "fusion", "veg", "pixel_decoder", "transformer_decoder"):
+        assert flops[part] > 0, part
+    assert sum(v for k, v in flops.items() if k != "total") == flops["total"]
+    assert not any("scaled_dot_product" in op for op in unsupported)  # attention is counted
+    params = model_cost.count_params(model)
+    assert sum(params.values()) == sum(p.numel() for p in model.parameters())

@@ -31,7 +31,7 @@ import sys
 
 from bench import accuracy as acc
 from bench import report, speed
-from bench.common import BENCHMARK_JSON, BENCHMARK_MD, load_benchmark, save_json
+from bench.common import BENCHMARK_JSON, BENCHMARK_MD, BenchmarkError, load_benchmark, save_json
 
 # Defaults of the full benchmark and of --quick (a smoke run, numbers meaningless).
 # None = take it from the config file.
@@ -45,11 +45,14 @@ FULL = {
 }
 QUICK = {
     **FULL, "output": "output/benchmark_quick", "seeds": [0], "variants": [acc.VIPA, acc.KV_LANGUAGE],
-    "iters": 3, "image_size": 96, "num_images": 16, "synth_image_size": 96,
+    "iters": 3, "image_size": 96, "num_images": 10, "synth_image_size": 96,
     "tiny_size": 96, "paper_size": 64, "modes": ["no_grad", "inference_mode"],
     "batches": [1, 2], "train_batch": 2, "repeats": 2, "warmup": 1, "share_runs": 1,
     "probe_size": 256, "probe_calls": 3,
 }
+
+# --quick also trains on small batches without data-loader worker processes.
+QUICK_OPTS = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
 
 
 def _common(p):
@@ -120,6 +123,8 @@ def parse_args(argv=None):
 
 def _write(data, output):
     data["targets"] = report.evaluate_targets(data)
+    if "accuracy" in data:
+        data["claims"] = report.claim_readings(data["accuracy"])
     save_json(os.path.join(output, BENCHMARK_JSON), data)
     with open(os.path.join(output, BENCHMARK_MD), "w") as f:
         f.write(report.render_markdown(data))
@@ -127,6 +132,14 @@ def _write(data, output):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    try:
+        return _run(args)
+    except BenchmarkError as e:  # bad settings / mismatched earlier results: say what, no traceback
+        print(f"benchmark.py: error: {e}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
@@ -143,7 +156,7 @@ def main(argv=None) -> int:
         _write(data, output)
 
     if args.task in ("accuracy", "all"):
-        opts = [o for o in args.opts if o != "--"]
+        opts = (QUICK_OPTS if args.quick else []) + [o for o in args.opts if o != "--"]
         if len(opts) % 2:
             raise SystemExit(f"Config overrides must be KEY VALUE pairs, got {opts}")
 

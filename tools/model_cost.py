@@ -165,10 +165,13 @@ def main(argv=None):
         help="build this text encoder from a generated config.json, random weights (no download)",
     )
     parser.add_argument("--time", type=int, default=0, help="also time N CPU inference runs (0 = skip)")
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for timing (0 = default)")
     parser.add_argument("--output", default="", help="write the results as JSON here")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
+    if args.threads > 0:
+        torch.set_num_threads(args.threads)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 

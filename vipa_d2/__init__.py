@@ -7,6 +7,7 @@ from .config import add_vipa_config
 from . import data  # noqa: F401  registers datasets
 from . import modeling  # noqa: F401  registers backbones and the meta-architecture
 from . import evaluation  # noqa: F401
+from .predictor import VIPAPredictor
 
-__all__ = ["add_vipa_config"]
+__all__ = ["add_vipa_config", "VIPAPredictor"]
 __version__ = "0.1.0"

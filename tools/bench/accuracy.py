@@ -21,12 +21,13 @@ from vipa_d2.data.builtin import BUILTIN_REFERRING, DATASETS_ENV
 from vipa_d2.data.synthetic import REFSYNTH, SynthConfig, write_benchmark
 from vipa_d2.engine import SHUFFLED_SUFFIX
 
-from .common import machine_info, save_json, summarize
+from .common import BenchmarkError, machine_info, save_json, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRAIN_NET = os.path.join(REPO, "train_net.py")
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
-RESULT_FILE = "bench_result.json"
+RESULT_FILE = "bench_result.json"  # written when a run is finished and scored
+SIGNATURE_FILE = "bench_signature.json"  # written when a run starts: its settings
 SYNTH_STATS = "stats.json"  # written last by the generator: a finished data set has it
 # Warm-up length as a share of the run when --iters shortens the schedule.
 WARMUP_SHARE = 0.1
@@ -77,9 +78,9 @@ DEFAULT_VARIANTS = [n for n, v in VARIANTS.items() if v.default]
 def check_variants(names: Sequence[str]) -> List[str]:
     unknown = [n for n in names if n not in VARIANTS]
     if unknown:
-        raise ValueError(f"Unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
+        raise BenchmarkError(f"Unknown variant(s) {unknown}; expected some of {list(VARIANTS)}")
     if len(set(names)) != len(names):
-        raise ValueError(f"--variants lists a variant twice: {list(names)}")
+        raise BenchmarkError(f"--variants lists a variant twice: {list(names)}")
     return list(names)
 
 
@@ -100,7 +101,7 @@ def ensure_data(root: str, num_images: int, image_size: int, seed: int, workers:
             gen = json.load(f)["generator"]
         found = {"num_images": gen["num_images"], "seed": gen["seed"], "image_size": gen["config"]["image_size"]}
         if found != wanted:
-            raise ValueError(
+            raise BenchmarkError(
                 f"--data-root {root} holds a synthetic benchmark with {found}, but {wanted} was "
                 "asked for; pass another --data-root (or matching --num-images/--synth-image-size)"
             )
@@ -112,12 +113,14 @@ def ensure_data(root: str, num_images: int, image_size: int, seed: int, workers:
 
 
 def schedule_opts(cfg, iters: Optional[int], image_size: Optional[int]) -> List[str]:
-    """Overrides shared by every run: budget, input size, final-only eval, lean checkpoints."""
+    """
+    Overrides shared by every run: budget, input size, final-only evaluation, one periodic
+    checkpoint kept (SOLVER.CHECKPOINT_PERIOD from the config: what a killed run resumes from).
+    """
     opts = ["TEST.EVAL_PERIOD", "0", "SOLVER.CHECKPOINT_MAX_KEEP", "1"]
     if iters is not None:
         warmup = min(cfg.SOLVER.WARMUP_ITERS, max(1, int(WARMUP_SHARE * iters)))
-        opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", str(warmup),
-                 "SOLVER.CHECKPOINT_PERIOD", str(min(cfg.SOLVER.CHECKPOINT_PERIOD, iters))]
+        opts += ["SOLVER.MAX_ITER", str(iters), "SOLVER.WARMUP_ITERS", str(warmup)]
     if image_size is not None:
         opts += ["INPUT.IMAGE_SIZE", str(image_size)]
     return opts
@@ -133,18 +136,22 @@ def run_one(run_dir: str, config_file: str, opts: List[str], signature: Dict, da
             test_sets: Sequence[str], keep_checkpoints: bool) -> Dict:
     """Train + evaluate one variant/seed (or read its finished result)."""
     result_path = os.path.join(run_dir, RESULT_FILE)
-    if os.path.isfile(result_path):
-        with open(result_path) as f:
-            result = json.load(f)
-        if result["signature"] != signature:
-            diff = sorted(k for k in signature if result["signature"].get(k) != signature[k])
-            raise ValueError(
-                f"{result_path} was made with other settings ({', '.join(diff)} differ); "
+    signature_path = os.path.join(run_dir, SIGNATURE_FILE)
+    if os.path.isfile(signature_path):
+        with open(signature_path) as f:
+            previous = json.load(f)
+        if previous != signature:
+            diff = sorted(k for k in signature if previous.get(k) != signature[k])
+            raise BenchmarkError(
+                f"{run_dir} was started with other settings ({', '.join(diff)} differ: "
+                f"{[previous.get(k) for k in diff]} vs {[signature[k] for k in diff]}); "
                 "use another --output or delete that run folder"
             )
-        result["skipped"] = True
-        return result
+        if os.path.isfile(result_path):
+            with open(result_path) as f:
+                return {**json.load(f), "skipped": True}
     os.makedirs(run_dir, exist_ok=True)
+    save_json(signature_path, signature)
     cmd = [sys.executable, TRAIN_NET, "--config-file", config_file, "--resume"] + opts + ["OUTPUT_DIR", run_dir]
     env = dict(os.environ, **{DATASETS_ENV: data_root})
     env.setdefault("HF_HUB_OFFLINE", "1")
@@ -164,7 +171,6 @@ def run_one(run_dir: str, config_file: str, opts: List[str], signature: Dict, da
     rows = read_metrics(run_dir, test_sets)
     result = {
         "status": "done",
-        "signature": signature,
         "command": cmd,
         "wall_s": wall,  # this invocation only (a resumed run spent more in total)
         "sec_per_iter_median": iteration_seconds(run_dir),
@@ -185,10 +191,9 @@ def compare(runs: Dict, a: str, b: str, split: str = HEADLINE_SPLIT, metric: str
             split_b: Optional[str] = None) -> Dict:
     """
     ``a`` minus ``b`` in ``split``/``metric`` (``split_b`` for ``b``, default the same),
-    paired by seed, with a verdict. ``a`` beats
-    ``b`` when the mean difference is positive, every seed agrees, and the mean exceeds the
-    noise: the std of the paired differences and each variant's own std across seeds.
-    One seed gives no spread, so no verdict beyond the sign.
+    paired by seed, with a verdict. ``a`` beats ``b`` when the mean difference is positive,
+    every seed agrees, and the mean exceeds the noise: the std of the paired differences and
+    each variant's own std across seeds. One seed gives no spread: only the sign is said.
     """
     per_a = {s: r["metrics"][split][metric] for s, r in runs.get(a, {}).items() if split in r["metrics"]}
     split_b = split_b or split
@@ -253,7 +258,7 @@ def run_accuracy(config_file: str, variants: Sequence[str], seeds: Sequence[int]
     cfg = load_cfg(config_file, shared)
     test_sets = list(cfg.DATASETS.TEST)
     if not test_sets:
-        raise ValueError(f"{config_file}: DATASETS.TEST is empty; the accuracy benchmark needs test sets")
+        raise BenchmarkError(f"{config_file}: DATASETS.TEST is empty; the accuracy benchmark needs test sets")
     section = {
         "machine": machine_info(),
         "settings": {

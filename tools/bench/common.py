@@ -17,7 +17,10 @@ BENCHMARK_JSON = "benchmark.json"
 BENCHMARK_MD = "benchmark.md"
 # Version of the benchmark.json layout; bump when a reader would misread an old file.
 SCHEMA_VERSION = 1
-MIB = 1024.0 * 1024.0
+
+
+class BenchmarkError(ValueError):
+    """Bad benchmark settings or earlier results that do not match them (no traceback)."""
 
 
 def summarize(values: Iterable[float]) -> Dict:
@@ -118,7 +121,7 @@ def load_benchmark(output_dir: str) -> Dict:
     with open(path) as f:
         data = json.load(f)
     if data.get("schema") != SCHEMA_VERSION:
-        raise ValueError(
+        raise BenchmarkError(
             f"{path}: schema {data.get('schema')!r}, expected {SCHEMA_VERSION}; "
             "use another --output or delete the file"
         )

@@ -125,7 +125,8 @@ def _machine_md(data: Dict) -> str:
         return NOT_MEASURED
     keys = ["cpu_model", "logical_cpus", "cpus_usable", "torch_threads", "torch", "mkldnn", "python",
             "platform", "load_avg_1m", "load_avg_1m_end", "time"]
-    rows = [[k] + [str(m.get(k, "-")) for _, m in sections] for k in keys]
+    rows = [[k] + [fmt(m[k]) if isinstance(m.get(k), float) else str(m.get(k, "-")) for _, m in sections]
+            for k in keys]
     return markdown_table(["", *(f"{name} run" for name, _ in sections)], rows)
 
 
@@ -252,8 +253,7 @@ def _claims_md(accuracy: Dict) -> str:
 
 
 def _targets_md(targets: List[Dict]) -> str:
-    rows = [[t["name"], t["target"], fmt(t["measured"]) if isinstance(t["measured"], float) else str(t["measured"]),
-             t["status"], t["note"]] for t in targets]
+    rows = [[t["name"], t["target"], fmt(t["measured"]), t["status"], t["note"]] for t in targets]
     return markdown_table(["target", "goal", "measured", "status", "note"], rows)
 
 

@@ -24,7 +24,7 @@ from detectron2.modeling import build_model
 import model_cost  # tools/model_cost.py: params, fvcore multiply-adds, per-module timing hooks
 from vipa_d2.engine import build_vipa_optimizer
 
-from .common import PeakRSS, machine_info, summarize
+from .common import BenchmarkError, PeakRSS, machine_info, summarize
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -279,10 +279,10 @@ def run_speed(configs: Dict[str, int], modes: Dict[str, Sequence[str]], batches:
     }
     for name, size in configs.items():
         if name not in SPEED_CONFIGS:
-            raise ValueError(f"Unknown speed config {name!r}; expected one of {sorted(SPEED_CONFIGS)}")
+            raise BenchmarkError(f"Unknown speed config {name!r}; expected one of {sorted(SPEED_CONFIGS)}")
         unknown = [m for m in modes[name] if m not in INFERENCE_MODES]
         if unknown:
-            raise ValueError(f"Unknown inference mode(s) {unknown}; expected some of {sorted(INFERENCE_MODES)}")
+            raise BenchmarkError(f"Unknown inference mode(s) {unknown}; expected some of {sorted(INFERENCE_MODES)}")
         section["configs"][name] = measure_config(
             name, SPEED_CONFIGS[name], size, modes[name], batches, train_batch,
             repeats, warmup, share_runs, probe, log,

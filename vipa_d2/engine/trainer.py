@@ -42,6 +42,19 @@ def run_seed(cfg) -> int:
     return cfg.SEED if cfg.SEED >= 0 else comm.shared_random_seed()
 
 
+def broadcast_buffers_from_main(model) -> None:
+    """
+    Give every rank the main process's buffers (BatchNorm running statistics). DDP runs with
+    ``broadcast_buffers=False``, so each rank's statistics follow its own batches; without
+    this, mid-training evaluation would score a different model on each rank than the one
+    rank 0 checkpoints.
+    """
+    if comm.get_world_size() == 1:
+        return
+    for buffer in model.buffers():
+        torch.distributed.broadcast(buffer, src=0)
+
+
 class ReferringTrainer(DefaultTrainer):
     """
     ``DefaultTrainer`` with:
@@ -208,6 +221,7 @@ class ReferringTrainer(DefaultTrainer):
             raise ValueError(
                 f"{len(evaluators)} evaluators given for {len(cfg.DATASETS.TEST)} test sets"
             )
+        broadcast_buffers_from_main(model)
         runs = []
         for idx, name in enumerate(cfg.DATASETS.TEST):
             evaluator = evaluators[idx] if evaluators is not None else cls.build_evaluator(cfg, name)

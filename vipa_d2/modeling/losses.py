@@ -144,8 +144,9 @@ class VIPACriterion(nn.Module):
             losses["loss_contrastive"] = self.contrastive_weight * pixel_contrastive_loss(
                 relevance, cue_valid, token_target, token_valid, self.contrastive_temperature
             )
-        if self.no_target_weight > 0:
-            losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(
-                no_target_logit, empty.to(no_target_logit.dtype)
-            )
+        # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
+        # no-target head never becomes an unused parameter under DDP.
+        losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(
+            no_target_logit, empty.to(no_target_logit.dtype)
+        )
         return losses

@@ -39,6 +39,14 @@ class PixelQueryLayer(nn.Module):
         return self.ffn(x)
 
 
+def resize_tokens(x: torch.Tensor, size, new_size) -> torch.Tensor:
+    """Bilinearly resize (B, h*w, C) tokens of an (h, w) grid to (B, H*W, C) for ``new_size`` (H, W).
+    Works on a channels-last view, so no layout copies are made."""
+    grid = x.unflatten(1, tuple(size)).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=tuple(new_size), mode="bilinear", align_corners=False)
+    return grid.permute(0, 2, 3, 1).flatten(1, 2)
+
+
 def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
@@ -102,11 +110,14 @@ class VIPATransformerDecoder(nn.Module):
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
-        """(B, HW, C) refined tokens of a (h, w) scale -> (B, Hm, Wm) mask logits."""
-        b = x.shape[0]
-        emb = self.mask_embed(self.decoder_norm(x)).transpose(1, 2).reshape(b, -1, *size)
-        emb = F.interpolate(emb, size=mask_features.shape[-2:], mode="bilinear", align_corners=False)
-        return (emb * mask_features).sum(dim=1)
+        """
+        (B, h*w, C) refined tokens -> (B, Hm, Wm) logits: per pixel, the dot product of the
+        pixel's mask feature with the upsampled embedding of the refined scale.
+        ``mask_features`` is channels-last (B, Hm, Wm, D).
+        """
+        emb = self.mask_embed(self.decoder_norm(x))
+        emb = resize_tokens(emb, size, mask_features.shape[1:3]).unflatten(1, mask_features.shape[1:3])
+        return (emb * mask_features).sum(dim=-1)
 
     def forward(
         self,
@@ -124,28 +135,28 @@ class VIPATransformerDecoder(nn.Module):
             {"pred_masks": [(B, Hm, Wm) logits per layer (in eval mode only the last)],
              "no_target_logit": (B,)}
         """
-        feats = {n: features[n] for n in self.in_features}
+        # Work on (B, HW, C) tokens throughout: one layout change per scale, not per layer.
+        sizes = {n: tuple(features[n].shape[-2:]) for n in self.in_features}
+        tokens = {n: features[n].flatten(2).transpose(1, 2).contiguous() for n in self.in_features}
+        mask_features = mask_features.permute(0, 2, 3, 1).contiguous()
         pos = {}
         for lvl, n in enumerate(self.in_features):
-            _, c, h, w = feats[n].shape
+            c = tokens[n].shape[-1]
             level = self.level_embed.weight[lvl][None, None]
-            pos[n] = sine_position_encoding(h, w, c, kv.device, kv.dtype)[None] + level
+            pos[n] = sine_position_encoding(*sizes[n], c, kv.device, kv.dtype)[None] + level
         pred_masks = []
         x = None
         for i, layer in enumerate(self.layers):
             lvl = i % len(self.in_features)
             name = self.in_features[lvl]
-            old = feats[name]
-            b, c, h, w = old.shape
-            x = layer(old.flatten(2).transpose(1, 2), pos[name], kv, kv_valid)
-            new = x.transpose(1, 2).reshape(b, c, h, w)
-            feats[name] = new
+            old = tokens[name]
+            x = layer(old, pos[name], kv, kv_valid)
+            tokens[name] = x
             for finer in self.in_features[lvl + 1 :]:
-                delta = F.interpolate(new - old, size=feats[finer].shape[-2:], mode="bilinear", align_corners=False)
-                feats[finer] = feats[finer] + delta
+                tokens[finer] = tokens[finer] + resize_tokens(x - old, sizes[name], sizes[finer])
             # Intermediate masks only serve deep supervision: skip them at inference.
             if self.training or i == self.num_layers - 1:
-                pred_masks.append(self.predict_mask(x, (h, w), mask_features))
+                pred_masks.append(self.predict_mask(x, sizes[name], mask_features))
 
         valid = kv_valid.to(kv.dtype)[..., None]
         kv_pooled = (kv * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)

@@ -209,7 +209,8 @@ def write_benchmark(
 ) -> Dict:
     """
     Generate ``num_images`` scenes and write ``<root>/refsynth`` and ``<root>/grefsynth``
-    (see the module docstring). ``workers`` > 1 renders in that many processes; the
+    (see the module docstring). ``workers`` > 1 renders in that many spawned processes
+    (so a calling script needs the usual ``if __name__ == "__main__":`` guard); the
     result does not depend on it. Returns the statistics (also in refsynth/stats.json).
     """
     cfg = cfg or SynthConfig()
@@ -224,7 +225,9 @@ def write_benchmark(
     task = functools.partial(_image_entry, cfg=cfg, seed=seed, heldout=heldout, image_dir=image_dir)
     bar = functools.partial(tqdm, total=num_images, desc="refsynth", unit="img", disable=not progress)
     if workers > 1:
-        with multiprocessing.get_context("fork").Pool(workers, initializer=_worker_init) as pool:
+        # "spawn": forking a process whose OpenMP / OpenCV thread pools were already used
+        # (torch, cv2 in the caller) can deadlock the children.
+        with multiprocessing.get_context("spawn").Pool(workers, initializer=_worker_init) as pool:
             entries = list(bar(pool.imap(task, jobs, chunksize=_CHUNK)))
     else:
         entries = [task(j) for j in bar(jobs)]

@@ -1,0 +1,124 @@
+"""tools/benchmark.py: a real --quick run (speed + accuracy) and the seed-spread verdict."""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TOOLS = os.path.join(REPO, "tools")
+if TOOLS not in sys.path:
+    sys.path.insert(0, TOOLS)
+from bench.accuracy import compare  # noqa: E402
+
+PAPER_METRICS = ("oIoU", "mIoU", "Prec@0.5", "Prec@0.7")
+SPLITS = ("val", "testA", "testB")
+TARGET_STATUSES = {"PASS", "FAIL", "n/a", "not measured"}
+
+
+def finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def run_benchmark(*args):
+    # The paper config (Swin-B + BERT-base) is left out to keep this test short.
+    cmd = [sys.executable, os.path.join(TOOLS, "benchmark.py"), *args]
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=900)
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    out = str(tmp_path_factory.mktemp("bench"))
+    proc = run_benchmark("all", "--quick", "--speed-configs", "tiny", "--output", out)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "benchmark.json")) as f:
+        return out, json.load(f), proc.stdout
+
+
+def test_quick_benchmark_json_and_resume(quick):
+    out, data, stdout = quick
+    # ---- speed: every interleaved case timed, finite and positive
+    speed = data["speed"]
+    tiny = speed["configs"]["tiny"]
+    assert tiny["image_size"] == 96
+    inference = [c for c in tiny["cases"] if c["kind"] == "inference"]
+    assert {(c["mode"], c["batch"]) for c in inference} == {
+        (m, b) for m in ("no_grad", "inference_mode") for b in (1, 2)
+    }
+    assert [c["batch"] for c in tiny["cases"] if c["kind"] == "train"] == [2]
+    for c in tiny["cases"]:
+        assert c["latency_s"]["n"] == 2
+        for key in ("per_image_ms", "cpu_wall_ratio", "peak_rss_mib", "images_per_s"):
+            assert finite(c[key]) and c[key] > 0, (c["mode"], c["batch"], key, c[key])
+    for c in inference:
+        assert finite(c["matmul_fraction"]) and c["matmul_fraction"] > 0
+    assert finite(speed["matmul"]["gmacs_per_s"]["median"]) and speed["matmul"]["gmacs_per_s"]["median"] > 0
+    assert tiny["gmacs_per_image"]["total"] > 0 and tiny["params"]["total"] > 1e6
+    for batch, shares in tiny["module_time"].items():
+        assert abs(sum(shares["share"].values()) - 1.0) < 1e-6, batch
+        assert 0 < shares["head_share"] < 1
+    assert speed["machine"]["torch_threads"] == 2 and speed["machine"]["cpu_model"]
+
+    # ---- accuracy: both variants, every split, the paper's metrics in [0, 100]
+    accuracy = data["accuracy"]
+    assert accuracy["failed"] == []
+    assert list(accuracy["runs"]) == ["vipa", "kv_language"]
+    for variant, by_seed in accuracy["runs"].items():
+        metrics = by_seed["0"]["metrics"]
+        expected = set(SPLITS) | ({f"{s}/shuffled" for s in SPLITS} if variant == "vipa" else set())
+        assert set(metrics) == expected, variant
+        for split, values in metrics.items():
+            for m in PAPER_METRICS:
+                assert finite(values[m]) and 0 <= values[m] <= 100, (variant, split, m)
+        summary = accuracy["variants"][variant]["val"]["oIoU"]
+        assert summary["n"] == 1 and summary["mean"] == metrics["val"]["oIoU"] and summary["std"] is None
+    headline = accuracy["headline"]
+    assert headline["outcome"] == "single seed" and "ONE seed" in headline["verdict"]
+    assert headline["difference"]["mean"] == pytest.approx(
+        accuracy["runs"]["vipa"]["0"]["metrics"]["val"]["oIoU"]
+        - accuracy["runs"]["kv_language"]["0"]["metrics"]["val"]["oIoU"]
+    )
+    # Checkpoints of finished runs are removed (each holds ~340 MB of optimizer state).
+    run_dir = os.path.join(out, "runs", "seed0", "vipa")
+    assert not [f for f in os.listdir(run_dir) if f.endswith(".pth")]
+
+    # ---- report: targets and markdown rendered from the JSON
+    assert len(data["targets"]) == 6 and {t["status"] for t in data["targets"]} <= TARGET_STATUSES
+    with open(os.path.join(out, "benchmark.md")) as f:
+        md = f.read()
+    for section in ("## Machine", "## Speed and cost", "## Accuracy and ablations", "## Which claims reproduce",
+                    "## Targets"):
+        assert section in md and section in stdout
+
+    # ---- a second invocation reuses the finished runs instead of training again
+    again = run_benchmark("accuracy", "--quick", "--output", out)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert again.stdout.count("skipped (done before)") == 2
+    with open(os.path.join(out, "benchmark.json")) as f:
+        assert json.load(f)["accuracy"]["variants"] == accuracy["variants"]
+    # ... and refuses to mix them with a run made under other settings
+    other = run_benchmark("accuracy", "--quick", "--output", out, "--iters", "4")
+    assert other.returncode == 2 and "other settings" in other.stderr
+
+
+def _runs(a, b):
+    return {"vipa": {str(s): {"metrics": {"val": {"oIoU": v}}} for s, v in enumerate(a)},
+            "kv_language": {str(s): {"metrics": {"val": {"oIoU": v}}} for s, v in enumerate(b)}}
+
+
+def test_compare_verdicts_need_agreement_beyond_seed_spread():
+    beats = compare(_runs([50.0, 52.0, 51.0], [40.0, 41.0, 40.5]), "vipa", "kv_language")
+    assert beats["outcome"] == "beats" and beats["verdict"].startswith("vipa beats kv_language by 10.50 ± ")
+    assert beats["difference"]["mean"] == pytest.approx(10.5)
+    # Same mean gain but one seed disagrees: noise.
+    noisy = compare(_runs([60.0, 40.0], [45.0, 44.0]), "vipa", "kv_language")
+    assert noisy["outcome"] == "noise" and "not distinguishable from noise" in noisy["verdict"]
+    # Consistent sign but a gain smaller than each variant's own seed spread: noise too.
+    small = compare(_runs([50.0, 58.0], [49.0, 57.0]), "vipa", "kv_language")
+    assert small["outcome"] == "noise"
+    loses = compare(_runs([40.0, 41.0], [50.0, 50.5]), "vipa", "kv_language")
+    assert loses["outcome"] == "loses"
+    assert compare(_runs([50.0], [40.0]), "vipa", "kv_language")["outcome"] == "single seed"
+    assert compare(_runs([], []), "vipa", "kv_language")["outcome"] == "not measured"
