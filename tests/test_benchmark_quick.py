@@ -1,4 +1,5 @@
 """tools/benchmark.py: a real --quick run (speed + accuracy) and the seed-spread verdict."""
+
 import json
 import math
 import os
@@ -54,7 +55,10 @@ def test_quick_benchmark_json_and_resume(quick):
             assert finite(c[key]) and c[key] > 0, (c["mode"], c["batch"], key, c[key])
     for c in inference:
         assert finite(c["matmul_fraction"]) and c["matmul_fraction"] > 0
-    assert finite(speed["matmul"]["gmacs_per_s"]["median"]) and speed["matmul"]["gmacs_per_s"]["median"] > 0
+    assert (
+        finite(speed["matmul"]["gmacs_per_s"]["median"])
+        and speed["matmul"]["gmacs_per_s"]["median"] > 0
+    )
     assert tiny["gmacs_per_image"]["total"] > 0 and tiny["params"]["total"] > 1e6
     for batch, shares in tiny["module_time"].items():
         assert abs(sum(shares["share"].values()) - 1.0) < 1e-6, batch
@@ -73,7 +77,11 @@ def test_quick_benchmark_json_and_resume(quick):
             for m in PAPER_METRICS:
                 assert finite(values[m]) and 0 <= values[m] <= 100, (variant, split, m)
         summary = accuracy["variants"][variant]["val"]["oIoU"]
-        assert summary["n"] == 1 and summary["mean"] == metrics["val"]["oIoU"] and summary["std"] is None
+        assert (
+            summary["n"] == 1
+            and summary["mean"] == metrics["val"]["oIoU"]
+            and summary["std"] is None
+        )
     headline = accuracy["headline"]
     assert headline["outcome"] == "single seed" and "ONE seed" in headline["verdict"]
     assert headline["difference"]["mean"] == pytest.approx(
@@ -88,8 +96,13 @@ def test_quick_benchmark_json_and_resume(quick):
     assert len(data["targets"]) == 6 and {t["status"] for t in data["targets"]} <= TARGET_STATUSES
     with open(os.path.join(out, "benchmark.md")) as f:
         md = f.read()
-    for section in ("## Machine", "## Speed and cost", "## Accuracy and ablations", "## Which claims reproduce",
-                    "## Targets"):
+    for section in (
+        "## Machine",
+        "## Speed and cost",
+        "## Accuracy and ablations",
+        "## Which claims reproduce",
+        "## Targets",
+    ):
         assert section in md and section in stdout
 
     # ---- a second invocation reuses the finished runs instead of training again
@@ -104,13 +117,17 @@ def test_quick_benchmark_json_and_resume(quick):
 
 
 def _runs(a, b):
-    return {"vipa": {str(s): {"metrics": {"val": {"oIoU": v}}} for s, v in enumerate(a)},
-            "kv_language": {str(s): {"metrics": {"val": {"oIoU": v}}} for s, v in enumerate(b)}}
+    return {
+        "vipa": {str(s): {"metrics": {"val": {"oIoU": v}}} for s, v in enumerate(a)},
+        "kv_language": {str(s): {"metrics": {"val": {"oIoU": v}}} for s, v in enumerate(b)},
+    }
 
 
 def test_compare_verdicts_need_agreement_beyond_seed_spread():
     beats = compare(_runs([50.0, 52.0, 51.0], [40.0, 41.0, 40.5]), "vipa", "kv_language")
-    assert beats["outcome"] == "beats" and beats["verdict"].startswith("vipa beats kv_language by 10.50 ± ")
+    assert beats["outcome"] == "beats" and beats["verdict"].startswith(
+        "vipa beats kv_language by 10.50 ± "
+    )
     assert beats["difference"]["mean"] == pytest.approx(10.5)
     # Same mean gain but one seed disagrees: noise.
     noisy = compare(_runs([60.0, 40.0], [45.0, 44.0]), "vipa", "kv_language")

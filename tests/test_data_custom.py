@@ -1,4 +1,5 @@
 """Simple JSON format: validation, conversion to REFER layout, registration, CLI."""
+
 import copy
 import importlib.util
 import json
@@ -33,11 +34,19 @@ def _data():
     return {
         "images": [
             {
-                "file_name": "one.jpg", "height": H, "width": W, "split": "train",
+                "file_name": "one.jpg",
+                "height": H,
+                "width": W,
+                "split": "train",
                 "objects": [
                     {"id": 1, "category": "cup", "segmentation": [[5, 5, 30, 5, 30, 30, 5, 30]]},
                     {"id": "b", "category": "cup", "segmentation": mask_to_rle(_blob())},
-                    {"id": 3, "category": "apple", "segmentation": [[35, 35, 45, 35, 40, 45]], "note": "ignored"},
+                    {
+                        "id": 3,
+                        "category": "apple",
+                        "segmentation": [[35, 35, 45, 35, 40, 45]],
+                        "note": "ignored",
+                    },
                 ],
                 "expressions": [
                     {"text": "the cup on the left", "targets": [1]},
@@ -47,7 +56,10 @@ def _data():
                 ],
             },
             {
-                "file_name": "two.jpg", "height": H, "width": W, "split": "val",
+                "file_name": "two.jpg",
+                "height": H,
+                "width": W,
+                "split": "val",
                 "objects": [{"id": 1, "category": "cup", "segmentation": [[0, 0, 80, 0, 80, 50]]}],
                 "expressions": [{"text": "the only cup", "targets": [1]}],
             },
@@ -83,7 +95,9 @@ def test_convert_and_register_round_trip(tmp_path):
     assert [c["name"] for c in inst["categories"]] == ["apple", "cup"]
 
     name = "test_custom_mine_train"
-    register_referring_dataset(name, str(tmp_path / "root"), "mine", "unc", "train", "/img", extra_key=7)
+    register_referring_dataset(
+        name, str(tmp_path / "root"), "mine", "unc", "train", "/img", extra_key=7
+    )
     try:
         recs = DatasetCatalog.get(name)
         meta = MetadataCatalog.get(name)
@@ -106,11 +120,15 @@ def test_convert_and_register_round_trip(tmp_path):
 
 def test_generalized_conversion(tmp_path):
     src = _write(tmp_path, _generalized_data())
-    with pytest.raises(ReferringFormatError, match=r"expressions\[4\]\.targets: expected exactly one target, got 2"):
+    with pytest.raises(
+        ReferringFormatError, match=r"expressions\[4\]\.targets: expected exactly one target, got 2"
+    ):
         convert_simple_json(src, str(tmp_path / "root" / "g"))
     convert_simple_json(src, str(tmp_path / "root" / "g"), generalized=True)
     name = "test_custom_g_train"
-    register_referring_dataset(name, str(tmp_path / "root"), "g", "unc", "train", "/img", generalized=True)
+    register_referring_dataset(
+        name, str(tmp_path / "root"), "g", "unc", "train", "/img", generalized=True
+    )
     try:
         recs = DatasetCatalog.get(name)
     finally:
@@ -118,7 +136,9 @@ def test_generalized_conversion(tmp_path):
         MetadataCatalog.remove(name)
     by_text = {r["sentence"]["raw"]: r for r in recs}
     assert len(recs) == 6
-    assert by_text["the green cup"]["empty"] is True and by_text["the green cup"]["annotations"] == []
+    assert (
+        by_text["the green cup"]["empty"] is True and by_text["the green cup"]["annotations"] == []
+    )
     both = annotations_to_mask(by_text["both cups"]["annotations"], H, W)
     assert both.sum() == 25 * 25 + _blob().sum()
 
@@ -131,25 +151,56 @@ def _mutations():
 
     img0 = lambda d: d["images"][0]  # noqa: E731
     return [
-        (m(lambda d: img0(d).pop("height")), r"\$\.images\[0\]\.height: expected a positive integer, got None"),
+        (
+            m(lambda d: img0(d).pop("height")),
+            r"\$\.images\[0\]\.height: expected a positive integer, got None",
+        ),
         (m(lambda d: img0(d).update(split=3)), r"\$\.images\[0\]\.split: expected a split name"),
-        (m(lambda d: img0(d)["objects"][0].update(segmentation=[[1, 1, 5, 5]])),
-         r"\$\.images\[0\]\.objects\[0\]\.segmentation: polygon 0 is degenerate: 4 coordinates, expected"),
-        (m(lambda d: img0(d)["objects"][0].update(segmentation=[[1, 1, 2, 2, 3, 3]])),
-         r"\$\.images\[0\]\.objects\[0\]\.segmentation: polygon 0 is degenerate: zero area"),
-        (m(lambda d: img0(d)["objects"][1]["segmentation"].update(size=[W, H])),
-         r"\$\.images\[0\]\.objects\[1\]\.segmentation: RLE size \[80, 50\] does not match the image size \[50, 80\]"),
-        (m(lambda d: img0(d)["objects"][0].update(segmentation=[[1, 1, 200, 1, 200, 20]])),
-         r"\$\.images\[0\]\.objects\[0\]\.segmentation\[0\]: polygon spans .* outside the 80x50 image"),
-        (m(lambda d: (img0(d)["objects"][2].update(id=1), img0(d)["expressions"][3].update(targets=[1]))),
-         r"\$\.images\[0\]\.objects\[2\]\.id: duplicate object id 1"),
-        (m(lambda d: img0(d)["objects"][2].pop("category")), r"\$\.images\[0\]\.objects\[2\]\.category: expected a non-empty"),
-        (m(lambda d: img0(d)["expressions"][1].update(text=" ")), r"\$\.images\[0\]\.expressions\[1\]\.text: expected a non-empty expression"),
-        (m(lambda d: img0(d)["expressions"][0].update(targets=[9])),
-         r"\$\.images\[0\]\.expressions\[0\]\.targets: 9 is not the id of an object of this image"),
-        (m(lambda d: img0(d)["expressions"][0].update(targets=[])),
-         r"\$\.images\[0\]\.expressions\[0\]\.targets: expected exactly one target, got 0"),
-        (m(lambda d: d.pop("images")), r"\$\.images: expected a top-level object with a list 'images'"),
+        (
+            m(lambda d: img0(d)["objects"][0].update(segmentation=[[1, 1, 5, 5]])),
+            r"\$\.images\[0\]\.objects\[0\]\.segmentation: polygon 0 is degenerate: 4 coordinates, expected",
+        ),
+        (
+            m(lambda d: img0(d)["objects"][0].update(segmentation=[[1, 1, 2, 2, 3, 3]])),
+            r"\$\.images\[0\]\.objects\[0\]\.segmentation: polygon 0 is degenerate: zero area",
+        ),
+        (
+            m(lambda d: img0(d)["objects"][1]["segmentation"].update(size=[W, H])),
+            r"\$\.images\[0\]\.objects\[1\]\.segmentation: RLE size \[80, 50\] does not match the image size \[50, 80\]",
+        ),
+        (
+            m(lambda d: img0(d)["objects"][0].update(segmentation=[[1, 1, 200, 1, 200, 20]])),
+            r"\$\.images\[0\]\.objects\[0\]\.segmentation\[0\]: polygon spans .* outside the 80x50 image",
+        ),
+        (
+            m(
+                lambda d: (
+                    img0(d)["objects"][2].update(id=1),
+                    img0(d)["expressions"][3].update(targets=[1]),
+                )
+            ),
+            r"\$\.images\[0\]\.objects\[2\]\.id: duplicate object id 1",
+        ),
+        (
+            m(lambda d: img0(d)["objects"][2].pop("category")),
+            r"\$\.images\[0\]\.objects\[2\]\.category: expected a non-empty",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][1].update(text=" ")),
+            r"\$\.images\[0\]\.expressions\[1\]\.text: expected a non-empty expression",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(targets=[9])),
+            r"\$\.images\[0\]\.expressions\[0\]\.targets: 9 is not the id of an object of this image",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(targets=[])),
+            r"\$\.images\[0\]\.expressions\[0\]\.targets: expected exactly one target, got 0",
+        ),
+        (
+            m(lambda d: d.pop("images")),
+            r"\$\.images: expected a top-level object with a list 'images'",
+        ),
     ]
 
 
@@ -167,22 +218,30 @@ def test_validation_lists_every_problem_and_checks_images(tmp_path):
     data = _data()
     data["images"][0]["expressions"][0]["text"] = ""
     data["images"][1]["width"] = -1
-    with pytest.raises(ReferringFormatError, match=r"2 problem\(s\)[\s\S]*images\[0\][\s\S]*images\[1\]\.width"):
+    with pytest.raises(
+        ReferringFormatError, match=r"2 problem\(s\)[\s\S]*images\[0\][\s\S]*images\[1\]\.width"
+    ):
         validate_simple_json(data, "mine.json")
     (tmp_path / "one.jpg").write_bytes(b"x")
-    with pytest.raises(ReferringFormatError, match=r"images\[1\]\.file_name: image .*two\.jpg does not exist"):
+    with pytest.raises(
+        ReferringFormatError, match=r"images\[1\]\.file_name: image .*two\.jpg does not exist"
+    ):
         validate_simple_json(_data(), "mine.json", image_root=str(tmp_path))
     validate_simple_json(copy.deepcopy(_generalized_data()), "mine.json", generalized=True)
 
 
 def test_register_rejects_bad_invalid_mode():
     with pytest.raises(ValueError, match="invalid='drop'"):
-        register_referring_dataset("test_custom_bad_mode", "/x", "d", "unc", "train", "/img", invalid="drop")
+        register_referring_dataset(
+            "test_custom_bad_mode", "/x", "d", "unc", "train", "/img", invalid="drop"
+        )
     assert "test_custom_bad_mode" not in DatasetCatalog.list()
 
 
 def _tool():
-    spec = importlib.util.spec_from_file_location("convert_referring_json", os.path.join(REPO, "tools", "convert_referring_json.py"))
+    spec = importlib.util.spec_from_file_location(
+        "convert_referring_json", os.path.join(REPO, "tools", "convert_referring_json.py")
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
@@ -193,7 +252,12 @@ def test_cli_tool(tmp_path, capsys):
     good = _write(tmp_path, _data(), "good.json")
     assert tool.main([good, "--check-only"]) == 0
     assert "valid (2 images)" in capsys.readouterr().out
-    assert tool.main([good, "--out-root", str(tmp_path / "root"), "--dataset", "cli", "--split-by", "mine"]) == 0
+    assert (
+        tool.main(
+            [good, "--out-root", str(tmp_path / "root"), "--dataset", "cli", "--split-by", "mine"]
+        )
+        == 0
+    )
     assert os.path.isfile(tmp_path / "root" / "cli" / "refs(mine).p")
     assert os.path.isfile(tmp_path / "root" / "cli" / "instances.json")
 
@@ -201,7 +265,10 @@ def test_cli_tool(tmp_path, capsys):
     assert tool.main([bad, "--out-root", str(tmp_path / "root"), "--dataset", "bad"]) == 1
     err = capsys.readouterr().err
     assert bad in err and "expressions[4].targets" in err and "--generalized" in err
-    assert tool.main([bad, "--out-root", str(tmp_path / "root"), "--dataset", "bad", "--generalized"]) == 0
+    assert (
+        tool.main([bad, "--out-root", str(tmp_path / "root"), "--dataset", "bad", "--generalized"])
+        == 0
+    )
     assert os.path.isfile(tmp_path / "root" / "bad" / "grefs(unc).json")
 
     assert tool.main([str(tmp_path / "nope.json"), "--check-only"]) == 1

@@ -1,4 +1,5 @@
 """ReferringDatasetMapper: image reading, resizing, target masks and tokenization."""
+
 import copy
 
 import cv2
@@ -57,11 +58,24 @@ def _image(path, mode="RGB"):
 
 def _record(file_name, sentence="the box on the left", annotations=None):
     if annotations is None:
-        annotations = [{"segmentation": [POLY], "bbox": [10.0, 5.0, 40.0, 40.0],
-                        "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1, "iscrowd": 0}]
+        annotations = [
+            {
+                "segmentation": [POLY],
+                "bbox": [10.0, 5.0, 40.0, 40.0],
+                "bbox_mode": BoxMode.XYWH_ABS,
+                "category_id": 1,
+                "iscrowd": 0,
+            }
+        ]
     return {
-        "file_name": str(file_name), "height": H, "width": W, "image_id": 3, "ref_id": 11,
-        "annotations": annotations, "sentence": {"raw": sentence, "sent_id": 5}, "empty": not annotations,
+        "file_name": str(file_name),
+        "height": H,
+        "width": W,
+        "image_id": 3,
+        "ref_id": 11,
+        "annotations": annotations,
+        "sentence": {"raw": sentence, "sent_id": 5},
+        "empty": not annotations,
     }
 
 
@@ -87,15 +101,33 @@ def test_train_outputs(tmp_path, tokenizer, mode, out_hw):
     np.testing.assert_array_equal(out["gt_mask"].numpy(), _expected_poly_mask(*out_hw))
     assert out["gt_mask"].sum() > 0 and out["empty"] is False
     assert "annotations" not in out
-    assert (out["height"], out["width"], out["image_id"], out["ref_id"], out["sent_id"]) == (H, W, 3, 11, 5)
+    assert (out["height"], out["width"], out["image_id"], out["ref_id"], out["sent_id"]) == (
+        H,
+        W,
+        3,
+        11,
+        5,
+    )
     assert out["file_name"] == str(tmp_path / "a.png") and out["sentence"] == "the box on the left"
 
 
 def test_test_mode_keeps_annotations_and_rle(tmp_path):
     _image(tmp_path / "a.png")
     anns = [
-        {"segmentation": [POLY], "bbox": [10.0, 5.0, 40.0, 40.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 1, "iscrowd": 0},
-        {"segmentation": mask_to_rle(_rle_mask()), "bbox": [60.0, 30.0, 28.0, 28.0], "bbox_mode": BoxMode.XYWH_ABS, "category_id": 2, "iscrowd": 0},
+        {
+            "segmentation": [POLY],
+            "bbox": [10.0, 5.0, 40.0, 40.0],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 1,
+            "iscrowd": 0,
+        },
+        {
+            "segmentation": mask_to_rle(_rle_mask()),
+            "bbox": [60.0, 30.0, 28.0, 28.0],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 2,
+            "iscrowd": 0,
+        },
     ]
     rec = _record(tmp_path / "a.png", "both boxes", anns)
     out = ReferringDatasetMapper(_cfg(), is_train=False)(rec)
@@ -108,8 +140,14 @@ def test_test_mode_keeps_annotations_and_rle(tmp_path):
 
 def test_no_target_mask_is_empty(tmp_path):
     _image(tmp_path / "a.png")
-    out = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / "a.png", "the purple cow", []))
-    assert out["empty"] is True and out["gt_mask"].sum() == 0 and tuple(out["gt_mask"].shape) == (SIZE, SIZE)
+    out = ReferringDatasetMapper(_cfg(), is_train=False)(
+        _record(tmp_path / "a.png", "the purple cow", [])
+    )
+    assert (
+        out["empty"] is True
+        and out["gt_mask"].sum() == 0
+        and tuple(out["gt_mask"].shape) == (SIZE, SIZE)
+    )
     assert out["annotations"] == []
 
 
@@ -119,21 +157,36 @@ def test_tokenization_padding_and_truncation(tmp_path, tokenizer):
     short = mapper(_record(tmp_path / "a.png", "the box"))
     n = int(short["attention_mask"].sum())
     assert n == 4  # [CLS] the box [SEP]
-    assert short["input_ids"][0] == tokenizer.cls_token_id and short["input_ids"][n - 1] == tokenizer.sep_token_id
+    assert (
+        short["input_ids"][0] == tokenizer.cls_token_id
+        and short["input_ids"][n - 1] == tokenizer.sep_token_id
+    )
     assert short["attention_mask"][:n].eq(1).all() and short["attention_mask"][n:].eq(0).all()
     assert short["input_ids"][n:].eq(tokenizer.pad_token_id).all()
-    long = mapper(_record(tmp_path / "a.png", "the second small red square from the left above the blue star"))
+    long = mapper(
+        _record(tmp_path / "a.png", "the second small red square from the left above the blue star")
+    )
     assert long["attention_mask"].eq(1).all()
-    assert long["input_ids"][0] == tokenizer.cls_token_id and long["input_ids"][-1] == tokenizer.sep_token_id
+    assert (
+        long["input_ids"][0] == tokenizer.cls_token_id
+        and long["input_ids"][-1] == tokenizer.sep_token_id
+    )
     assert tokenizer.decode(long["input_ids"][1:-1]) == "the second small red square from"
 
 
 def test_image_format_grayscale_and_rgba(tmp_path):
     _image(tmp_path / "a.png")
-    rgb = ReferringDatasetMapper(_cfg(FORMAT="RGB"), is_train=False)(_record(tmp_path / "a.png"))["image"]
-    bgr = ReferringDatasetMapper(_cfg(FORMAT="BGR"), is_train=False)(_record(tmp_path / "a.png"))["image"]
+    rgb = ReferringDatasetMapper(_cfg(FORMAT="RGB"), is_train=False)(_record(tmp_path / "a.png"))[
+        "image"
+    ]
+    bgr = ReferringDatasetMapper(_cfg(FORMAT="BGR"), is_train=False)(_record(tmp_path / "a.png"))[
+        "image"
+    ]
     assert torch.equal(rgb, bgr.flip(0))
-    assert rgb[0, :, : SIZE // 2 - 1].float().mean() > 250 and rgb[1, :, : SIZE // 2 - 1].float().mean() < 5
+    assert (
+        rgb[0, :, : SIZE // 2 - 1].float().mean() > 250
+        and rgb[1, :, : SIZE // 2 - 1].float().mean() < 5
+    )
     for mode in ("L", "RGBA"):
         _image(tmp_path / f"{mode}.png", mode)
         out = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / f"{mode}.png"))
@@ -156,7 +209,9 @@ def test_exif_orientation_is_applied(tmp_path):
 
 def test_unreadable_image_names_the_file(tmp_path):
     mapper = ReferringDatasetMapper(_cfg(), is_train=True)
-    with pytest.raises(OSError, match=r"Cannot read image .*missing\.jpg \(image_id=3, ref_id=11\)"):
+    with pytest.raises(
+        OSError, match=r"Cannot read image .*missing\.jpg \(image_id=3, ref_id=11\)"
+    ):
         mapper(_record(tmp_path / "missing.jpg"))
     (tmp_path / "corrupt.jpg").write_bytes(b"this is not an image")
     with pytest.raises(OSError, match=r"Cannot read image .*corrupt\.jpg"):

@@ -1,4 +1,5 @@
 """REFER / gRefCOCO loaders, built-in registrations and bad-input handling."""
+
 import importlib
 import json
 import logging
@@ -6,7 +7,6 @@ import os
 import pickle
 
 import numpy as np
-import pycocotools.mask as mask_util
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
@@ -46,9 +46,29 @@ def _instances():
             {"id": 8, "file_name": "sub/b.jpg", "height": H, "width": W},
         ],
         "annotations": [
-            {"id": 100, "image_id": 7, "category_id": 1, "segmentation": [SQUARE], "bbox": [10, 10, 20, 20], "iscrowd": 0},
-            {"id": 101, "image_id": 7, "category_id": 2, "segmentation": [TRIANGLE], "bbox": [35, 5, 20, 30], "iscrowd": 0},
-            {"id": 102, "image_id": 8, "category_id": 3, "segmentation": _uncompressed_rle(_rle_mask()), "iscrowd": 0},
+            {
+                "id": 100,
+                "image_id": 7,
+                "category_id": 1,
+                "segmentation": [SQUARE],
+                "bbox": [10, 10, 20, 20],
+                "iscrowd": 0,
+            },
+            {
+                "id": 101,
+                "image_id": 7,
+                "category_id": 2,
+                "segmentation": [TRIANGLE],
+                "bbox": [35, 5, 20, 30],
+                "iscrowd": 0,
+            },
+            {
+                "id": 102,
+                "image_id": 8,
+                "category_id": 3,
+                "segmentation": _uncompressed_rle(_rle_mask()),
+                "iscrowd": 0,
+            },
         ],
         "categories": [{"id": i, "name": n} for i, n in ((1, "box"), (2, "tri"), (3, "blob"))],
     }
@@ -56,27 +76,83 @@ def _instances():
 
 def _refs():
     return [
-        {"ref_id": 0, "ann_id": 100, "image_id": 7, "category_id": 1, "split": "train",
-         "sentences": [make_sentence("the box", 0), make_sentence("Left square", 1)], "sent_ids": [0, 1]},
-        {"ref_id": 1, "ann_id": 101, "image_id": 7, "category_id": 2, "split": "train",
-         "sentences": [make_sentence("the triangle", 2)], "sent_ids": [2]},
-        {"ref_id": 2, "ann_id": 102, "image_id": 8, "category_id": 3, "split": "val",
-         "sentences": [make_sentence("the blob", 3), make_sentence("blob at the bottom right", 4)], "sent_ids": [3, 4]},
+        {
+            "ref_id": 0,
+            "ann_id": 100,
+            "image_id": 7,
+            "category_id": 1,
+            "split": "train",
+            "sentences": [make_sentence("the box", 0), make_sentence("Left square", 1)],
+            "sent_ids": [0, 1],
+        },
+        {
+            "ref_id": 1,
+            "ann_id": 101,
+            "image_id": 7,
+            "category_id": 2,
+            "split": "train",
+            "sentences": [make_sentence("the triangle", 2)],
+            "sent_ids": [2],
+        },
+        {
+            "ref_id": 2,
+            "ann_id": 102,
+            "image_id": 8,
+            "category_id": 3,
+            "split": "val",
+            "sentences": [
+                make_sentence("the blob", 3),
+                make_sentence("blob at the bottom right", 4),
+            ],
+            "sent_ids": [3, 4],
+        },
     ]
 
 
 def _grefs():
     return [
-        {"ref_id": 0, "ann_id": [100, 101], "image_id": 7, "category_id": [1, 2], "split": "val",
-         "sentences": [make_sentence("both shapes", 0)], "no_target": False},
-        {"ref_id": 1, "ann_id": [-1], "image_id": 7, "category_id": [-1], "split": "val",
-         "sentences": [make_sentence("the red car", 1), make_sentence("a dog", 2)], "no_target": True},
-        {"ref_id": 2, "ann_id": [], "image_id": 8, "category_id": [], "split": "val",
-         "sentences": [make_sentence("nothing here", 3)]},
-        {"ref_id": 3, "ann_id": 102, "image_id": 8, "category_id": 3, "split": "val",
-         "sentences": [make_sentence("the blob", 4)]},
-        {"ref_id": 4, "ann_id": [101], "image_id": 7, "category_id": [2], "split": "train",
-         "sentences": [make_sentence("the triangle", 5)]},
+        {
+            "ref_id": 0,
+            "ann_id": [100, 101],
+            "image_id": 7,
+            "category_id": [1, 2],
+            "split": "val",
+            "sentences": [make_sentence("both shapes", 0)],
+            "no_target": False,
+        },
+        {
+            "ref_id": 1,
+            "ann_id": [-1],
+            "image_id": 7,
+            "category_id": [-1],
+            "split": "val",
+            "sentences": [make_sentence("the red car", 1), make_sentence("a dog", 2)],
+            "no_target": True,
+        },
+        {
+            "ref_id": 2,
+            "ann_id": [],
+            "image_id": 8,
+            "category_id": [],
+            "split": "val",
+            "sentences": [make_sentence("nothing here", 3)],
+        },
+        {
+            "ref_id": 3,
+            "ann_id": 102,
+            "image_id": 8,
+            "category_id": 3,
+            "split": "val",
+            "sentences": [make_sentence("the blob", 4)],
+        },
+        {
+            "ref_id": 4,
+            "ann_id": [101],
+            "image_id": 7,
+            "category_id": [2],
+            "split": "train",
+            "sentences": [make_sentence("the triangle", 5)],
+        },
     ]
 
 
@@ -93,7 +169,9 @@ def test_loader_round_trip(refer_root):
     # One record per expression of the split.
     assert len(train) == 3 and len(val) == 2
     assert [r["sentence"] for r in train] == [
-        {"raw": "the box", "sent_id": 0}, {"raw": "Left square", "sent_id": 1}, {"raw": "the triangle", "sent_id": 2}
+        {"raw": "the box", "sent_id": 0},
+        {"raw": "Left square", "sent_id": 1},
+        {"raw": "the triangle", "sent_id": 2},
     ]
     r = train[0]
     assert r["file_name"] == os.path.join("/imgs", "a.jpg")
@@ -167,6 +245,8 @@ def _break(kind):
     elif kind == "empty_sentence":
         refs[0]["sentences"][1]["raw"] = "   "
         refs[0]["sentences"][1]["sent"] = ""
+    elif kind == "no_sentences":
+        refs[0]["sentences"] = []
     elif kind == "few_points":
         inst["annotations"][0]["segmentation"] = [[10.0, 10.0, 30.0, 10.0]]
     elif kind == "zero_area":
@@ -179,8 +259,17 @@ def _break(kind):
     [
         ("unknown_ann_id", r"ref_id=0\).*ann_id 999 is not in .*instances\.json", "unknown_ann_id"),
         ("empty_sentence", r"ref_id=0\).*sent_id=1 is empty", "empty_sentence"),
-        ("few_points", r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: 4 coordinates", "degenerate_segmentation"),
-        ("zero_area", r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: zero area", "degenerate_segmentation"),
+        ("no_sentences", r"ref_id=0\): the ref has no sentences", "no_sentences"),
+        (
+            "few_points",
+            r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: 4 coordinates",
+            "degenerate_segmentation",
+        ),
+        (
+            "zero_area",
+            r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: zero area",
+            "degenerate_segmentation",
+        ),
     ],
 )
 def test_bad_refs_error_or_counted_skip(tmp_path, caplog, kind, pattern, reason):
@@ -248,7 +337,9 @@ def test_builtin_root_is_read_at_load_time(tmp_path, monkeypatch):
     monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))  # exported after the import
     recs = DatasetCatalog.get("refsynth_unc_val")
     assert len(recs) == stats["splits"]["val"]["expressions"] > 0
-    assert all(r["file_name"].startswith(os.path.join(str(tmp_path), "refsynth", "images")) for r in recs)
+    assert all(
+        r["file_name"].startswith(os.path.join(str(tmp_path), "refsynth", "images")) for r in recs
+    )
     assert all(os.path.isfile(r["file_name"]) for r in recs)
     grecs = DatasetCatalog.get("grefsynth_unc_val")
     assert any(r["empty"] for r in grecs) and any(len(r["annotations"]) > 1 for r in grecs)

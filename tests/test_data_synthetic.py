@@ -1,4 +1,5 @@
 """The synthetic referring benchmark: masks, expressions, splits, determinism, CLI."""
+
 import collections
 import importlib.util
 import json
@@ -42,7 +43,9 @@ def _index(record):
 def _load(root, variant, split, generalized=False):
     name = f"test_synth_{variant}_{split}"
     image_root = os.path.join(root, "refsynth", "images")
-    register_referring_dataset(name, root, variant, "unc", split, image_root, generalized=generalized)
+    register_referring_dataset(
+        name, root, variant, "unc", split, image_root, generalized=generalized
+    )
     try:
         return DatasetCatalog.get(name)
     finally:
@@ -70,7 +73,11 @@ def test_one_record_per_expression_and_masks_match_drawn_objects(bench):
             mask = annotations_to_mask(r["annotations"], r["height"], r["width"])
             assert mask.sum() > 0
             (ann,) = r["annotations"]
-            hits = [k for k in range(len(scene.objects)) if np.array_equal(mask, scene.instance_map == k + 1)]
+            hits = [
+                k
+                for k in range(len(scene.objects))
+                if np.array_equal(mask, scene.instance_map == k + 1)
+            ]
             assert len(hits) == 1, r["sentence"]
             assert scene.objects[hits[0]].category == cat_name[ann["category_id"]]
     assert total == len([s for r in refs for s in r["sentences"]])
@@ -125,7 +132,9 @@ def test_scene_rules():
         assert objs[-1].visible_frac == 1.0
         for k, o in enumerate(objs):
             if o.visible_frac < 1.0:
-                assert any(np.hypot(o.cx - p.cx, o.cy - p.cy) < o.radius + p.radius for p in objs[k + 1:])
+                assert any(
+                    np.hypot(o.cx - p.cx, o.cy - p.cy) < o.radius + p.radius for p in objs[k + 1 :]
+                )
     assert distractors / n >= 0.7
     assert occluded > 0
     assert cats == set(CATEGORIES) and len(colours) >= 6
@@ -189,21 +198,39 @@ def _cli():
 def test_cli_is_deterministic_and_worker_independent(bench, tmp_path, capsys):
     root, _ = bench
     out = tmp_path / "again"
-    _cli().main(["--out", str(out), "--num-images", str(NUM), "--seed", str(SEED), "--workers", "1"])
+    _cli().main(
+        ["--out", str(out), "--num-images", str(NUM), "--seed", str(SEED), "--workers", "1"]
+    )
     printed = capsys.readouterr().out
     assert "testB" in printed and "expression types" in printed
-    for rel in ("refsynth/refs(unc).p", "refsynth/instances.json", "grefsynth/grefs(unc).json",
-                "refsynth/images/000000.jpg", f"refsynth/images/{NUM - 1:06d}.jpg"):
+    for rel in (
+        "refsynth/refs(unc).p",
+        "refsynth/instances.json",
+        "grefsynth/grefs(unc).json",
+        "refsynth/images/000000.jpg",
+        f"refsynth/images/{NUM - 1:06d}.jpg",
+    ):
         with open(os.path.join(root, rel), "rb") as a, open(out / rel, "rb") as b:
             assert a.read() == b.read(), rel
     # Another seed gives other data; regenerating into a generated folder is allowed.
-    _cli().main(["--out", str(out), "--num-images", str(NUM), "--seed", str(SEED + 1), "--workers", "1"])
-    with open(os.path.join(root, "refsynth/instances.json"), "rb") as a, open(out / "refsynth/instances.json", "rb") as b:
+    _cli().main(
+        ["--out", str(out), "--num-images", str(NUM), "--seed", str(SEED + 1), "--workers", "1"]
+    )
+    with open(os.path.join(root, "refsynth/instances.json"), "rb") as a, open(
+        out / "refsynth/instances.json", "rb"
+    ) as b:
         assert a.read() != b.read()
 
 
 def test_image_size_option_and_bad_inputs(tmp_path):
-    stats = write_benchmark(str(tmp_path / "small"), 4, seed=0, cfg=SynthConfig(image_size=96), workers=1, progress=False)
+    stats = write_benchmark(
+        str(tmp_path / "small"),
+        4,
+        seed=0,
+        cfg=SynthConfig(image_size=96),
+        workers=1,
+        progress=False,
+    )
     for i in range(4):
         scene = regenerate_image(stats, i)[0]
         assert max(scene.height, scene.width) == 96

@@ -24,6 +24,7 @@ Speed and accuracy can run at different times into the same --output: each updat
 own section of benchmark.json. Other processes on the machine distort speed numbers:
 run it on a quiet machine (the JSON records the load average).
 """
+
 import argparse
 import logging
 import os
@@ -36,19 +37,45 @@ from bench.common import BENCHMARK_JSON, BENCHMARK_MD, BenchmarkError, load_benc
 # Defaults of the full benchmark and of --quick (a smoke run, numbers meaningless).
 # None = take it from the config file.
 FULL = {
-    "output": "output/benchmark", "seeds": [0, 1], "variants": acc.DEFAULT_VARIANTS, "iters": None,
-    "image_size": None, "num_images": 1500, "synth_image_size": 256,
-    "speed_configs": ["tiny", "paper"], "tiny_size": 320, "paper_size": 480,
-    "modes": ["no_grad", "inference_mode", "channels_last"], "paper_modes": [speed.BASELINE_MODE],
-    "batches": [1, 8], "train_batch": 8, "repeats": 7, "warmup": 2, "share_runs": 3,
-    "probe_size": 1024, "probe_calls": 5,
+    "output": "output/benchmark",
+    "seeds": [0, 1],
+    "variants": acc.DEFAULT_VARIANTS,
+    "iters": None,
+    "image_size": None,
+    "num_images": 1500,
+    "synth_image_size": 256,
+    "speed_configs": ["tiny", "paper"],
+    "tiny_size": 320,
+    "paper_size": 480,
+    "modes": ["no_grad", "inference_mode", "channels_last"],
+    "paper_modes": [speed.BASELINE_MODE],
+    "batches": [1, 8],
+    "train_batch": 8,
+    "repeats": 7,
+    "warmup": 2,
+    "share_runs": 3,
+    "probe_size": 1024,
+    "probe_calls": 5,
 }
 QUICK = {
-    **FULL, "output": "output/benchmark_quick", "seeds": [0], "variants": [acc.VIPA, acc.KV_LANGUAGE],
-    "iters": 3, "image_size": 96, "num_images": 10, "synth_image_size": 96,
-    "tiny_size": 96, "paper_size": 64, "modes": ["no_grad", "inference_mode"],
-    "batches": [1, 2], "train_batch": 2, "repeats": 2, "warmup": 1, "share_runs": 1,
-    "probe_size": 256, "probe_calls": 3,
+    **FULL,
+    "output": "output/benchmark_quick",
+    "seeds": [0],
+    "variants": [acc.VIPA, acc.KV_LANGUAGE],
+    "iters": 3,
+    "image_size": 96,
+    "num_images": 10,
+    "synth_image_size": 96,
+    "tiny_size": 96,
+    "paper_size": 64,
+    "modes": ["no_grad", "inference_mode"],
+    "batches": [1, 2],
+    "train_batch": 2,
+    "repeats": 2,
+    "warmup": 1,
+    "share_runs": 1,
+    "probe_size": 256,
+    "probe_calls": 3,
 }
 
 # --quick also trains on small batches without data-loader worker processes.
@@ -56,52 +83,130 @@ QUICK_OPTS = ["SOLVER.IMS_PER_BATCH", "2", "DATALOADER.NUM_WORKERS", "0"]
 
 
 def _common(p):
-    p.add_argument("--output", default=None, help=f"folder of benchmark.json / benchmark.md "
-                   f"(default {FULL['output']}, with --quick {QUICK['output']})")
-    p.add_argument("--quick", action="store_true", help="smoke run: tiny data, 3 iterations, 2 variants, "
-                   "1 seed, small images, 2 timing repeats (explicit options still win)")
+    p.add_argument(
+        "--output",
+        default=None,
+        help=f"folder of benchmark.json / benchmark.md "
+        f"(default {FULL['output']}, with --quick {QUICK['output']})",
+    )
+    p.add_argument(
+        "--quick",
+        action="store_true",
+        help="smoke run: tiny data, 3 iterations, 2 variants, "
+        "1 seed, small images, 2 timing repeats (explicit options still win)",
+    )
 
 
 def _accuracy_args(p):
     g = p.add_argument_group("accuracy")
-    g.add_argument("--config-file", default=acc.DEFAULT_CONFIG, help="training config (default: tiny CPU)")
-    g.add_argument("--variants", nargs="+", default=None,
-                   help=f"subset, in this order (default: {' '.join(acc.DEFAULT_VARIANTS)}; "
-                   f"also: {' '.join(n for n in acc.VARIANTS if n not in acc.DEFAULT_VARIANTS)})")
-    g.add_argument("--seeds", nargs="+", type=int, default=None, help="training seeds (default: 0 1)")
-    g.add_argument("--iters", type=int, default=None, help="SOLVER.MAX_ITER of every run (default: config)")
-    g.add_argument("--image-size", type=int, default=None, help="INPUT.IMAGE_SIZE for training/eval (default: config)")
-    g.add_argument("--num-images", type=int, default=None, help=f"synthetic images, all splits (default {FULL['num_images']})")
-    g.add_argument("--synth-image-size", type=int, default=None,
-                   help=f"long side of the generated images (default {FULL['synth_image_size']})")
-    g.add_argument("--data-seed", type=int, default=0, help="seed of the synthetic data, same for every run (default 0)")
-    g.add_argument("--data-root", default=None, help="synthetic data root, generated once (default: <output>/datasets)")
-    g.add_argument("--keep-checkpoints", action="store_true", help="keep each finished run's .pth files")
-    g.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... for every run")
+    g.add_argument(
+        "--config-file", default=acc.DEFAULT_CONFIG, help="training config (default: tiny CPU)"
+    )
+    g.add_argument(
+        "--variants",
+        nargs="+",
+        default=None,
+        help=f"subset, in this order (default: {' '.join(acc.DEFAULT_VARIANTS)}; "
+        f"also: {' '.join(n for n in acc.VARIANTS if n not in acc.DEFAULT_VARIANTS)})",
+    )
+    g.add_argument(
+        "--seeds", nargs="+", type=int, default=None, help="training seeds (default: 0 1)"
+    )
+    g.add_argument(
+        "--iters", type=int, default=None, help="SOLVER.MAX_ITER of every run (default: config)"
+    )
+    g.add_argument(
+        "--image-size",
+        type=int,
+        default=None,
+        help="INPUT.IMAGE_SIZE for training/eval (default: config)",
+    )
+    g.add_argument(
+        "--num-images",
+        type=int,
+        default=None,
+        help=f"synthetic images, all splits (default {FULL['num_images']})",
+    )
+    g.add_argument(
+        "--synth-image-size",
+        type=int,
+        default=None,
+        help=f"long side of the generated images (default {FULL['synth_image_size']})",
+    )
+    g.add_argument(
+        "--data-seed",
+        type=int,
+        default=0,
+        help="seed of the synthetic data, same for every run (default 0)",
+    )
+    g.add_argument(
+        "--data-root",
+        default=None,
+        help="synthetic data root, generated once (default: <output>/datasets)",
+    )
+    g.add_argument(
+        "--keep-checkpoints", action="store_true", help="keep each finished run's .pth files"
+    )
+    g.add_argument(
+        "opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... for every run"
+    )
 
 
 def _speed_args(p):
     g = p.add_argument_group("speed")
-    g.add_argument("--speed-configs", nargs="+", choices=sorted(speed.SPEED_CONFIGS), default=None,
-                   help="configs to measure (default: tiny paper)")
+    g.add_argument(
+        "--speed-configs",
+        nargs="+",
+        choices=sorted(speed.SPEED_CONFIGS),
+        default=None,
+        help="configs to measure (default: tiny paper)",
+    )
     g.add_argument("--tiny-size", type=int, default=None, help=f"default {FULL['tiny_size']}")
     g.add_argument("--paper-size", type=int, default=None, help=f"default {FULL['paper_size']}")
-    g.add_argument("--modes", nargs="+", choices=sorted(speed.INFERENCE_MODES), default=None,
-                   help="inference variants of the tiny config, interleaved (default: all)")
-    g.add_argument("--paper-modes", nargs="+", choices=sorted(speed.INFERENCE_MODES), default=None,
-                   help=f"inference variants of the paper config (default: {speed.BASELINE_MODE})")
-    g.add_argument("--batches", nargs="+", type=int, default=None, help="inference batch sizes (default: 1 8)")
-    g.add_argument("--train-batch", type=int, default=None, help="tiny training-step batch (default 8; 0 = skip)")
+    g.add_argument(
+        "--modes",
+        nargs="+",
+        choices=sorted(speed.INFERENCE_MODES),
+        default=None,
+        help="inference variants of the tiny config, interleaved (default: all)",
+    )
+    g.add_argument(
+        "--paper-modes",
+        nargs="+",
+        choices=sorted(speed.INFERENCE_MODES),
+        default=None,
+        help=f"inference variants of the paper config (default: {speed.BASELINE_MODE})",
+    )
+    g.add_argument(
+        "--batches", nargs="+", type=int, default=None, help="inference batch sizes (default: 1 8)"
+    )
+    g.add_argument(
+        "--train-batch",
+        type=int,
+        default=None,
+        help="tiny training-step batch (default 8; 0 = skip)",
+    )
     g.add_argument("--repeats", type=int, default=None, help="timed calls per case (default 7)")
-    g.add_argument("--warmup", type=int, default=None, help="untimed calls per case first (default 2)")
-    g.add_argument("--share-runs", type=int, default=None, help="runs of the per-module timing (default 3)")
+    g.add_argument(
+        "--warmup", type=int, default=None, help="untimed calls per case first (default 2)"
+    )
+    g.add_argument(
+        "--share-runs", type=int, default=None, help="runs of the per-module timing (default 3)"
+    )
     g.add_argument("--probe-size", type=int, default=None, help="matmul probe side (default 1024)")
     g.add_argument("--probe-calls", type=int, default=None, help="matmuls per probe (default 5)")
-    g.add_argument("--threads", type=int, default=2, help="torch threads for speed (default 2, what the targets assume; 0 = torch's default)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="torch threads for speed (default 2, what the targets assume; 0 = torch's default)",
+    )
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     sub = parser.add_subparsers(dest="task", required=True)
     for name, adders, help_ in (
         ("accuracy", (_accuracy_args,), "train + evaluate every variant (resumable)"),
@@ -144,30 +249,52 @@ def _run(args) -> int:
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     data = load_benchmark(output)
+    if args.task == "report" and "speed" not in data and "accuracy" not in data:
+        raise BenchmarkError(
+            f"No measurements in {output}/{BENCHMARK_JSON}; run 'speed' or 'accuracy' first"
+        )
     failed = 0
 
     if args.task in ("speed", "all"):
         sizes = {"tiny": args.tiny_size, "paper": args.paper_size}
         modes = {"tiny": args.modes, "paper": args.paper_modes}
         data["speed"] = speed.run_speed(
-            {name: sizes[name] for name in args.speed_configs}, modes, args.batches, args.train_batch,
-            args.repeats, args.warmup, args.share_runs, args.threads, args.probe_size, args.probe_calls,
+            {name: sizes[name] for name in args.speed_configs},
+            modes,
+            args.batches,
+            args.train_batch,
+            args.repeats,
+            args.warmup,
+            args.share_runs,
+            args.threads,
+            args.probe_size,
+            args.probe_calls,
         )
         _write(data, output)
 
     if args.task in ("accuracy", "all"):
         opts = (QUICK_OPTS if args.quick else []) + [o for o in args.opts if o != "--"]
         if len(opts) % 2:
-            raise SystemExit(f"Config overrides must be KEY VALUE pairs, got {opts}")
+            raise BenchmarkError(f"Config overrides must be KEY VALUE pairs, got {opts}")
 
         def on_update(section):
             data["accuracy"] = section
             _write(data, output)
 
         section = acc.run_accuracy(
-            args.config_file, args.variants, args.seeds, args.iters, args.image_size,
-            args.data_root or os.path.join(output, "datasets"), args.num_images, args.synth_image_size,
-            args.data_seed, output, opts, args.keep_checkpoints, on_update,
+            args.config_file,
+            args.variants,
+            args.seeds,
+            args.iters,
+            args.image_size,
+            args.data_root or os.path.join(output, "datasets"),
+            args.num_images,
+            args.synth_image_size,
+            args.data_seed,
+            output,
+            opts,
+            args.keep_checkpoints,
+            on_update,
         )
         failed = len(section["failed"])
 

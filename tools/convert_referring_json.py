@@ -10,22 +10,37 @@ grefs(<split-by>).json). Register it with
 vipa_d2.data.register_referring_dataset(name, out_root, dataset, split_by, split, image_root).
 The format is documented in datasets/README.md. Exit status 1 on invalid input.
 """
+
 import argparse
 import os
 import sys
 
-from vipa_d2.data.custom import ReferringFormatError, convert_simple_json, load_simple_json, validate_simple_json
+from vipa_d2.data.custom import (
+    ReferringFormatError,
+    convert_simple_json,
+    load_simple_json,
+    validate_simple_json,
+)
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("json_file", help="file in the simple referring JSON format")
     parser.add_argument("--out-root", help="dataset root to write <out-root>/<dataset>/ into")
     parser.add_argument("--dataset", help="dataset folder name, e.g. mydata")
-    parser.add_argument("--split-by", default="unc", help="split provider in the refs file name (default: unc)")
-    parser.add_argument("--generalized", action="store_true",
-                        help="allow multi-target / no-target expressions; write grefs(<split-by>).json")
-    parser.add_argument("--image-root", help="also check that every image file exists under this folder")
+    parser.add_argument(
+        "--split-by", default="unc", help="split provider in the refs file name (default: unc)"
+    )
+    parser.add_argument(
+        "--generalized",
+        action="store_true",
+        help="allow multi-target / no-target expressions; write grefs(<split-by>).json",
+    )
+    parser.add_argument(
+        "--image-root", help="also check that every image file exists under this folder"
+    )
     parser.add_argument("--check-only", action="store_true", help="validate only, write nothing")
     args = parser.parse_args(argv)
     if not args.check_only and not (args.out_root and args.dataset):

@@ -1,4 +1,5 @@
 """Shared helpers of the benchmark: statistics, machine description, memory, JSON, tables."""
+
 import json
 import math
 import os

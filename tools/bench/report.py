@@ -1,4 +1,5 @@
 """Targets (PASS/FAIL), paper-claim readings and the markdown report, all from benchmark.json."""
+
 from typing import Dict, List, Optional
 
 from . import accuracy as acc
@@ -17,7 +18,9 @@ RELA_LATENCY_S = 4.2
 MIN_HEADLINE_GAIN = 3.0  # val oIoU points VIPA must gain over language K/V
 
 
-def _case(cfg: Dict, batch: int, kind: str = "inference", mode: str = BASELINE_MODE) -> Optional[Dict]:
+def _case(
+    cfg: Dict, batch: int, kind: str = "inference", mode: str = BASELINE_MODE
+) -> Optional[Dict]:
     for c in cfg.get("cases", []):
         if c["kind"] == kind and c["batch"] == batch and (kind != "inference" or c["mode"] == mode):
             return c
@@ -50,35 +53,81 @@ def evaluate_targets(data: Dict) -> List[Dict]:
     ok_t, note_t = cond(tiny, TINY_SIZE)
     c8 = _case(tiny, TARGET_BATCH)
     ips = c8["images_per_s"] if c8 else None
-    out.append(_target(f"tiny @{TINY_SIZE}, batch {TARGET_BATCH}, {TARGET_THREADS} threads: images/s",
-                       f">= {TINY_MIN_IMAGES_PER_S:g}", ips, ips is not None and ips >= TINY_MIN_IMAGES_PER_S,
-                       ok_t, note_t))
+    out.append(
+        _target(
+            f"tiny @{TINY_SIZE}, batch {TARGET_BATCH}, {TARGET_THREADS} threads: images/s",
+            f">= {TINY_MIN_IMAGES_PER_S:g}",
+            ips,
+            ips is not None and ips >= TINY_MIN_IMAGES_PER_S,
+            ok_t,
+            note_t,
+        )
+    )
     shares = tiny.get("module_time", {})
-    share_key = str(TARGET_BATCH) if str(TARGET_BATCH) in shares else (max(shares, key=int) if shares else None)
+    share_key = (
+        str(TARGET_BATCH)
+        if str(TARGET_BATCH) in shares
+        else (max(shares, key=int) if shares else None)
+    )
     head = shares[share_key]["head_share"] if share_key else None
-    out.append(_target(f"tiny @{TINY_SIZE}: VEG + pixel decoder + transformer decoder share of inference time",
-                       f"< {100 * TINY_MAX_HEAD_SHARE:.0f} %", None if head is None else 100 * head,
-                       head is not None and head < TINY_MAX_HEAD_SHARE, ok_t,
-                       f"{note_t}; batch {share_key}" if share_key else note_t))
+    out.append(
+        _target(
+            f"tiny @{TINY_SIZE}: VEG + pixel decoder + transformer decoder share of inference time",
+            f"< {100 * TINY_MAX_HEAD_SHARE:.0f} %",
+            None if head is None else 100 * head,
+            head is not None and head < TINY_MAX_HEAD_SHARE,
+            ok_t,
+            f"{note_t}; batch {share_key}" if share_key else note_t,
+        )
+    )
     frac = c8.get("matmul_fraction") if c8 else None
-    out.append(_target(f"tiny @{TINY_SIZE}, batch {TARGET_BATCH}: achieved multiply-add rate vs fp32 matmul probe",
-                       f">= {100 * TINY_MIN_MATMUL_FRACTION:.0f} %", None if frac is None else 100 * frac,
-                       frac is not None and frac >= TINY_MIN_MATMUL_FRACTION, ok_t, note_t))
+    out.append(
+        _target(
+            f"tiny @{TINY_SIZE}, batch {TARGET_BATCH}: achieved multiply-add rate vs fp32 matmul probe",
+            f">= {100 * TINY_MIN_MATMUL_FRACTION:.0f} %",
+            None if frac is None else 100 * frac,
+            frac is not None and frac >= TINY_MIN_MATMUL_FRACTION,
+            ok_t,
+            note_t,
+        )
+    )
     ok_p, note_p = cond(paper, PAPER_SIZE, need_threads=False)
     gmacs = paper.get("gmacs_per_image", {}).get("total")
-    out.append(_target(f"paper @{PAPER_SIZE}: GMACs per image (ReLA {RELA_GMACS})", f"< {RELA_GMACS}",
-                       gmacs, gmacs is not None and gmacs < RELA_GMACS, ok_p, note_p))
+    out.append(
+        _target(
+            f"paper @{PAPER_SIZE}: GMACs per image (ReLA {RELA_GMACS})",
+            f"< {RELA_GMACS}",
+            gmacs,
+            gmacs is not None and gmacs < RELA_GMACS,
+            ok_p,
+            note_p,
+        )
+    )
     ok_p, note_p = cond(paper, PAPER_SIZE)
     c1 = _case(paper, 1)
     lat = c1["per_image_ms"] / 1e3 if c1 else None
-    out.append(_target(f"paper @{PAPER_SIZE}, batch 1, {TARGET_THREADS} threads: s/image (ReLA ~{RELA_LATENCY_S})",
-                       f"< {RELA_LATENCY_S}", lat, lat is not None and lat < RELA_LATENCY_S, ok_p, note_p))
+    out.append(
+        _target(
+            f"paper @{PAPER_SIZE}, batch 1, {TARGET_THREADS} threads: s/image (ReLA ~{RELA_LATENCY_S})",
+            f"< {RELA_LATENCY_S}",
+            lat,
+            lat is not None and lat < RELA_LATENCY_S,
+            ok_p,
+            note_p,
+        )
+    )
     head_cmp = data.get("accuracy", {}).get("headline", {})
     gain = head_cmp.get("difference", {}).get("mean") if head_cmp else None
-    out.append(_target("VIPA - language K/V, synthetic val oIoU, beyond seed spread",
-                       f">= {MIN_HEADLINE_GAIN:g} and 'beats'", gain,
-                       gain is not None and gain >= MIN_HEADLINE_GAIN and head_cmp.get("outcome") == "beats",
-                       head_cmp.get("outcome") != "single seed", head_cmp.get("verdict", "")))
+    out.append(
+        _target(
+            "VIPA - language K/V, synthetic val oIoU, beyond seed spread",
+            f">= {MIN_HEADLINE_GAIN:g} and 'beats'",
+            gain,
+            gain is not None and gain >= MIN_HEADLINE_GAIN and head_cmp.get("outcome") == "beats",
+            head_cmp.get("outcome") != "single seed",
+            head_cmp.get("verdict", ""),
+        )
+    )
     return out
 
 
@@ -86,8 +135,12 @@ def evaluate_targets(data: Dict) -> List[Dict]:
 # (claim, a, b, paper numbers on RefCOCO+ val oIoU; a - b should be > 0). Compared on
 # synthetic val oIoU; the b - a sign is what the paper's ablation tables report.
 CLAIMS = [
-    ("visual expression beats language features as K/V", acc.VIPA, acc.KV_LANGUAGE,
-     "66.91 vs 64.16 (LE, early fusion) / 62.44 (vanilla LE)"),
+    (
+        "visual expression beats language features as K/V",
+        acc.VIPA,
+        acc.KV_LANGUAGE,
+        "66.91 vs 64.16 (LE, early fusion) / 62.44 (vanilla LE)",
+    ),
     ("step 1 (token retrieval) helps", acc.VIPA, "step2_only", "66.91 vs 64.72"),
     ("step 2 (context refinement) helps", acc.VIPA, "step1_only", "66.91 vs 64.54"),
     ("local cues help on top of the global cue", acc.VIPA, "global_only", "66.91 vs 65.15"),
@@ -99,8 +152,13 @@ CLAIMS = [
     ("VE helps without fusion", "fusion_none", "fusion_none_kv_language", "65.15 vs 62.74"),
     ("VE helps with late fusion", "fusion_late", "fusion_late_kv_language", "66.74 vs 63.88"),
 ]
-READING = {"beats": "reproduces", "noise": "not reproduced (within noise)", "loses": "contradicted",
-           "single seed": "undecided (one seed)", "not measured": "not measured"}
+READING = {
+    "beats": "reproduces",
+    "noise": "not reproduced (within noise)",
+    "loses": "contradicted",
+    "single seed": "undecided (one seed)",
+    "not measured": "not measured",
+}
 
 
 def claim_readings(accuracy: Dict) -> List[Dict]:
@@ -110,23 +168,50 @@ def claim_readings(accuracy: Dict) -> List[Dict]:
         c = acc.compare(runs, a, b)
         rows.append({"claim": claim, "paper": paper, **c, "reading": READING[c["outcome"]]})
     c = acc.compare(runs, acc.VIPA, acc.VIPA, split_b=acc.HEADLINE_SPLIT + acc.SHUFFLED_SUFFIX)
-    rows.append({"claim": "the model reads the expression (shuffled-expression control)",
-                 "paper": "-", **c, "reading": READING[c["outcome"]]})
+    rows.append(
+        {
+            "claim": "the model reads the expression (shuffled-expression control)",
+            "paper": "-",
+            **c,
+            "reading": READING[c["outcome"]],
+        }
+    )
     return rows
 
 
 # ---------------------------------------------------------------- markdown
 NOT_MEASURED = "_not yet measured_"
+INFERENCE_HEADER = (
+    "config|size|mode|batch|latency ms|min-max ms|ms/image|images/s|CPU/wall|peak RSS MiB|GMAC/s|"
+    "% of matmul"
+).split("|")
+TRAIN_HEADER = "config|size|batch|s/iter|iters/s|images/s|CPU/wall|peak RSS MiB".split("|")
 
 
 def _machine_md(data: Dict) -> str:
-    sections = [(k, data[k]["machine"]) for k in ("speed", "accuracy") if k in data and "machine" in data[k]]
+    sections = [
+        (k, data[k]["machine"]) for k in ("speed", "accuracy") if k in data and "machine" in data[k]
+    ]
     if not sections:
         return NOT_MEASURED
-    keys = ["cpu_model", "logical_cpus", "cpus_usable", "torch_threads", "torch", "mkldnn", "python",
-            "platform", "load_avg_1m", "load_avg_1m_end", "time"]
-    rows = [[k] + [fmt(m[k]) if isinstance(m.get(k), float) else str(m.get(k, "-")) for _, m in sections]
-            for k in keys]
+    keys = [
+        "cpu_model",
+        "logical_cpus",
+        "cpus_usable",
+        "torch_threads",
+        "torch",
+        "mkldnn",
+        "python",
+        "platform",
+        "load_avg_1m",
+        "load_avg_1m_end",
+        "time",
+    ]
+    rows = [
+        [k]
+        + [fmt(m[k]) if isinstance(m.get(k), float) else str(m.get(k, "-")) for _, m in sections]
+        for k in keys
+    ]
     return markdown_table(["", *(f"{name} run" for name, _ in sections)], rows)
 
 
@@ -152,23 +237,32 @@ def _speed_md(speed: Dict) -> str:
     for name, c in speed["configs"].items():
         for case in c["cases"]:
             lat = case["latency_s"]
-            common = [name, f"{c['image_size']}", str(case["batch"])]
             if case["kind"] == "inference":
-                rows.append(common[:2] + [case["mode"], common[2], fmt(1e3 * lat["median"], 1),
-                            f"{fmt(1e3 * lat['min'], 1)}-{fmt(1e3 * lat['max'], 1)}", fmt(case["per_image_ms"], 1),
-                            fmt(case["images_per_s"]), fmt(case["cpu_wall_ratio"]), fmt(case["peak_rss_mib"], 0),
-                            fmt(case["achieved_gmacs_per_s"], 1), fmt(100 * case["matmul_fraction"], 1)])
+                rows.append(
+                    [
+                        name,
+                        c["image_size"],
+                        case["mode"],
+                        case["batch"],
+                        fmt(1e3 * lat["median"], 1),
+                    ]
+                    + [f"{fmt(1e3 * lat['min'], 1)}-{fmt(1e3 * lat['max'], 1)}"]
+                    + [fmt(case["per_image_ms"], 1), fmt(case["images_per_s"])]
+                    + [fmt(case["cpu_wall_ratio"]), fmt(case["peak_rss_mib"], 0)]
+                    + [fmt(case["achieved_gmacs_per_s"], 1), fmt(100 * case["matmul_fraction"], 1)]
+                )
             else:
-                train_rows.append(common + [fmt(lat["median"], 3), fmt(case["iters_per_s"], 2),
-                                  fmt(case["images_per_s"], 2), fmt(case["cpu_wall_ratio"]),
-                                  fmt(case["peak_rss_mib"], 0)])
-    parts.append("**Inference**\n\n" + markdown_table(
-        ["config", "size", "mode", "batch", "latency ms", "min-max ms", "ms/image", "images/s", "CPU/wall",
-         "peak RSS MiB", "GMAC/s", "% of matmul"], rows))
+                train_rows.append(
+                    [name, c["image_size"], case["batch"], fmt(lat["median"], 3)]
+                    + [fmt(case["iters_per_s"]), fmt(case["images_per_s"])]
+                    + [fmt(case["cpu_wall_ratio"]), fmt(case["peak_rss_mib"], 0)]
+                )
+    parts.append("**Inference**\n\n" + markdown_table(INFERENCE_HEADER, rows))
     if train_rows:
-        parts.append("**Training step** (forward + backward + AdamW step on a fixed batch; no data loading)\n\n"
-                     + markdown_table(["config", "size", "batch", "s/iter", "iters/s", "images/s", "CPU/wall",
-                                       "peak RSS MiB"], train_rows))
+        parts.append(
+            "**Training step** (forward + backward + AdamW step on a fixed batch; "
+            "no data loading)\n\n" + markdown_table(TRAIN_HEADER, train_rows)
+        )
     for name, c in speed["configs"].items():
         batches = sorted(c["module_time"], key=int)
         modules = [m for m in c["gmacs_per_image"] if m != "total"]
@@ -180,11 +274,15 @@ def _speed_md(speed: Dict) -> str:
                 share = c["module_time"][b]["share"]
                 row.append(fmt(100 * share.get(m, 0.0), 1) if m != "total" else "100.0")
             rows.append(row)
-        heads = ", ".join(f"batch {b}: {fmt(100 * c['module_time'][b]['head_share'], 1)} %" for b in batches)
+        heads = ", ".join(
+            f"batch {b}: {fmt(100 * c['module_time'][b]['head_share'], 1)} %" for b in batches
+        )
         parts.append(
             f"**Cost per module: {c['label']}** at {c['image_size']}x{c['image_size']} "
             f"(GMACs = fvcore multiply-adds per image; time share via forward hooks, no_grad)\n\n"
-            + markdown_table(["module", "params (M)", "GMACs", *(f"time % (batch {b})" for b in batches)], rows)
+            + markdown_table(
+                ["module", "params (M)", "GMACs", *(f"time % (batch {b})" for b in batches)], rows
+            )
             + f"\n\nVEG + pixel decoder + transformer decoder: {heads}."
         )
     m = speed["matmul"]
@@ -221,17 +319,32 @@ def _accuracy_md(accuracy: Dict) -> str:
             m = by_split[split]
             v = acc.VARIANTS[name]
             label = v.label + (" [shuffled expressions]" if "/" in split else "")
-            rows.append([v.group, name, label] + [fmt_spread(m.get(k, {})) for k in acc.METRICS]
-                        + [str(m.get("oIoU", {}).get("n", 0))])
-        parts.append(f"**{split}**\n\n" + markdown_table(
-            ["group", "variant", "description", *acc.METRICS, "seeds"], rows))
-    times = [[name, fmt_spread(_summ([r.get("sec_per_iter_median") for r in runs.values()]), 3),
-              fmt_spread(_summ([r.get("wall_s") for r in runs.values() if not r.get("skipped")]), 0)]
-             for name, runs in accuracy["runs"].items()]
-    parts.append("**Run cost**\n\n" + markdown_table(["variant", "s/iter (median)", "wall s (this invocation)"], times))
+            rows.append(
+                [v.group, name, label]
+                + [fmt_spread(m.get(k, {})) for k in acc.METRICS]
+                + [str(m.get("oIoU", {}).get("n", 0))]
+            )
+        parts.append(
+            f"**{split}**\n\n"
+            + markdown_table(["group", "variant", "description", *acc.METRICS, "seeds"], rows)
+        )
+    times = [
+        [
+            name,
+            fmt_spread(_summ([r.get("sec_per_iter_median") for r in runs.values()]), 3),
+            fmt_spread(_summ([r.get("wall_s") for r in runs.values() if not r.get("skipped")]), 0),
+        ]
+        for name, runs in accuracy["runs"].items()
+    ]
+    parts.append(
+        "**Run cost**\n\n"
+        + markdown_table(["variant", "s/iter (median)", "wall s (this invocation)"], times)
+    )
     if accuracy.get("failed"):
-        parts.append("**Failed runs**: " + ", ".join(f"{f['variant']} seed {f['seed']} ({f['log']})"
-                                                     for f in accuracy["failed"]))
+        parts.append(
+            "**Failed runs**: "
+            + ", ".join(f"{f['variant']} seed {f['seed']} ({f['log']})" for f in accuracy["failed"])
+        )
     return "\n\n".join(parts)
 
 
@@ -243,13 +356,24 @@ def _claims_md(accuracy: Dict) -> str:
     if not accuracy or not accuracy.get("runs"):
         return NOT_MEASURED
     head = accuracy.get("headline", {})
-    rows = [[r["claim"], r["paper"], f"{r['a']} - {r['b']}",
-             fmt_spread(r["difference"]) if r["difference"]["n"] else "-", r["reading"]]
-            for r in claim_readings(accuracy)]
-    return (f"**Headline:** {head.get('verdict', NOT_MEASURED)}\n\n"
-            f"Synthetic val oIoU differences, paired by seed (paper: RefCOCO+ val oIoU). "
-            f"'reproduces' = positive on every seed and larger than the seed noise.\n\n"
-            + markdown_table(["claim", "paper", "comparison", "synthetic val oIoU diff", "reading"], rows))
+    rows = [
+        [
+            r["claim"],
+            r["paper"],
+            f"{r['a']} - {r['b']}",
+            fmt_spread(r["difference"]) if r["difference"]["n"] else "-",
+            r["reading"],
+        ]
+        for r in claim_readings(accuracy)
+    ]
+    return (
+        f"**Headline:** {head.get('verdict', NOT_MEASURED)}\n\n"
+        f"Synthetic val oIoU differences, paired by seed (paper: RefCOCO+ val oIoU). "
+        f"'reproduces' = positive on every seed and larger than the seed noise.\n\n"
+        + markdown_table(
+            ["claim", "paper", "comparison", "synthetic val oIoU diff", "reading"], rows
+        )
+    )
 
 
 def _targets_md(targets: List[Dict]) -> str:
@@ -259,12 +383,18 @@ def _targets_md(targets: List[Dict]) -> str:
 
 def render_markdown(data: Dict) -> str:
     """The whole report: the sections of BENCHMARKS.md, filled from benchmark.json."""
-    return "\n\n".join([
-        "# VIPA benchmark (rendered by tools/benchmark.py from benchmark.json)",
-        "## Machine\n\n" + _machine_md(data),
-        "## Commands\n\n" + _commands_md(data),
-        "## Speed and cost\n\n" + _speed_md(data.get("speed")),
-        "## Accuracy and ablations (synthetic refsynth)\n\n" + _accuracy_md(data.get("accuracy")),
-        "## Which claims reproduce\n\n" + _claims_md(data.get("accuracy")),
-        "## Targets (informational)\n\n" + _targets_md(data.get("targets", [])),
-    ]) + "\n"
+    return (
+        "\n\n".join(
+            [
+                "# VIPA benchmark (rendered by tools/benchmark.py from benchmark.json)",
+                "## Machine\n\n" + _machine_md(data),
+                "## Commands\n\n" + _commands_md(data),
+                "## Speed and cost\n\n" + _speed_md(data.get("speed")),
+                "## Accuracy and ablations (synthetic refsynth)\n\n"
+                + _accuracy_md(data.get("accuracy")),
+                "## Which claims reproduce\n\n" + _claims_md(data.get("accuracy")),
+                "## Targets (informational)\n\n" + _targets_md(data.get("targets", [])),
+            ]
+        )
+        + "\n"
+    )

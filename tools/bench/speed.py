@@ -9,6 +9,7 @@ round-robin, one call at a time, with a matmul probe after each call: machine no
 (other processes, frequency changes) hits all cases and the probe alike, so their ratios
 stay meaningful even on a busy machine.
 """
+
 import argparse
 import copy
 import os
@@ -100,14 +101,18 @@ class MatmulProbe:
         for _ in range(self.calls):
             start = time.perf_counter()
             torch.mm(self.a, self.b, out=self.out)
-            rates.append(self.n ** 3 / (time.perf_counter() - start) / 1e9)
+            rates.append(self.n**3 / (time.perf_counter() - start) / 1e9)
         self.samples.append(statistics.median(rates))
         return self.samples[-1]
 
     def summary(self) -> Dict:
         s = summarize(self.samples)
-        return {"n": self.n, "calls_per_probe": self.calls, "gmacs_per_s": s,
-                "gflops_per_s_median": None if s["median"] is None else 2 * s["median"]}
+        return {
+            "n": self.n,
+            "calls_per_probe": self.calls,
+            "gmacs_per_s": s,
+            "gflops_per_s_median": None if s["median"] is None else 2 * s["median"],
+        }
 
 
 class _BatchCall:
@@ -168,13 +173,27 @@ def _case_result(kind, mode, batch, samples, gmacs_per_image, probe_median) -> D
     return res
 
 
-def measure_config(name: str, spec: SpeedConfig, image_size: int, modes: Sequence[str],
-                   batches: Sequence[int], train_batch: int, repeats: int, warmup: int,
-                   share_runs: int, probe: MatmulProbe, log=print) -> Dict:
+def measure_config(
+    name: str,
+    spec: SpeedConfig,
+    image_size: int,
+    modes: Sequence[str],
+    batches: Sequence[int],
+    train_batch: int,
+    repeats: int,
+    warmup: int,
+    share_runs: int,
+    probe: MatmulProbe,
+    log=print,
+) -> Dict:
     """All measurements of one config (see the module docstring for the interleaving)."""
     peak = PeakRSS()
-    args = argparse.Namespace(config_file=spec.config_file, opts=[], image_size=image_size,
-                              random_text_encoder=spec.random_text_encoder)
+    args = argparse.Namespace(
+        config_file=spec.config_file,
+        opts=[],
+        image_size=image_size,
+        random_text_encoder=spec.random_text_encoder,
+    )
     build_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmpdir:  # holds the random text encoder's config.json
         cfg = model_cost.setup_cfg(args, tmpdir)
@@ -256,9 +275,19 @@ def measure_config(name: str, spec: SpeedConfig, image_size: int, modes: Sequenc
     }
 
 
-def run_speed(configs: Dict[str, int], modes: Dict[str, Sequence[str]], batches: Sequence[int],
-              train_batch: int, repeats: int, warmup: int, share_runs: int, threads: int,
-              probe_n: int, probe_calls: int, log=print) -> Dict:
+def run_speed(
+    configs: Dict[str, int],
+    modes: Dict[str, Sequence[str]],
+    batches: Sequence[int],
+    train_batch: int,
+    repeats: int,
+    warmup: int,
+    share_runs: int,
+    threads: int,
+    probe_n: int,
+    probe_calls: int,
+    log=print,
+) -> Dict:
     """``configs``: name in SPEED_CONFIGS -> square input size; ``modes``: name -> modes."""
     if threads > 0:
         torch.set_num_threads(threads)
@@ -271,23 +300,45 @@ def run_speed(configs: Dict[str, int], modes: Dict[str, Sequence[str]], batches:
     section = {
         "machine": machine_info(),
         "memory_method": PeakRSS().method,
-        "settings": {"configs": dict(configs), "modes": {k: list(v) for k, v in modes.items()},
-                     "batches": list(batches), "train_batch": train_batch, "repeats": repeats,
-                     "warmup": warmup, "share_runs": share_runs, "threads": torch.get_num_threads(),
-                     "timer": "median of perf_counter per call; CPU time via process_time"},
+        "settings": {
+            "configs": dict(configs),
+            "modes": {k: list(v) for k, v in modes.items()},
+            "batches": list(batches),
+            "train_batch": train_batch,
+            "repeats": repeats,
+            "warmup": warmup,
+            "share_runs": share_runs,
+            "threads": torch.get_num_threads(),
+            "timer": "median of perf_counter per call; CPU time via process_time",
+        },
         "configs": {},
     }
     for name, size in configs.items():
         if name not in SPEED_CONFIGS:
-            raise BenchmarkError(f"Unknown speed config {name!r}; expected one of {sorted(SPEED_CONFIGS)}")
+            raise BenchmarkError(
+                f"Unknown speed config {name!r}; expected one of {sorted(SPEED_CONFIGS)}"
+            )
         unknown = [m for m in modes[name] if m not in INFERENCE_MODES]
         if unknown:
-            raise BenchmarkError(f"Unknown inference mode(s) {unknown}; expected some of {sorted(INFERENCE_MODES)}")
+            raise BenchmarkError(
+                f"Unknown inference mode(s) {unknown}; expected some of {sorted(INFERENCE_MODES)}"
+            )
         section["configs"][name] = measure_config(
-            name, SPEED_CONFIGS[name], size, modes[name], batches, train_batch,
-            repeats, warmup, share_runs, probe, log,
+            name,
+            SPEED_CONFIGS[name],
+            size,
+            modes[name],
+            batches,
+            train_batch,
+            repeats,
+            warmup,
+            share_runs,
+            probe,
+            log,
         )
     section["matmul"] = probe.summary()
     section["seconds"] = time.perf_counter() - started
-    section["machine"]["load_avg_1m_end"] = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    section["machine"]["load_avg_1m_end"] = (
+        os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    )
     return section

@@ -2,6 +2,7 @@
 Referring datasets for Detectron2: REFER / gRefCOCO loaders, lazy built-in
 registrations (done on import), your own data, the mapper and the synthetic benchmark.
 """
+
 from . import builtin as _builtin
 from .builtin import BUILTIN_REFERRING, register_all_referring
 from .custom import (

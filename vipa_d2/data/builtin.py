@@ -5,6 +5,7 @@ Registering reads no file. Paths are resolved when a dataset is loaded, under
 ``$DETECTRON2_DATASETS`` (default ``datasets/``), so exporting the variable after the
 import still works. The expected folder tree is documented in ``datasets/README.md``.
 """
+
 import os
 from typing import Dict, NamedTuple, Tuple
 
@@ -114,7 +115,9 @@ def register_all_referring() -> None:
             continue
         DatasetCatalog.register(
             name,
-            lambda d=dataset, b=split_by, s=split, i=image_dir, g=generalized: _load_builtin(d, b, s, i, g),
+            lambda d=dataset, b=split_by, s=split, i=image_dir, g=generalized: _load_builtin(
+                d, b, s, i, g
+            ),
         )
         MetadataCatalog.get(name).set(
             evaluator_type="referring",

@@ -13,6 +13,7 @@ Simple JSON format::
 ``targets`` lists object ids of the same image: exactly one for a classic dataset, any
 number (``[]`` = no target) for a generalized (gRefCOCO-style) one.
 """
+
 import json
 import os
 from typing import Dict, List, Optional, Tuple, Union
@@ -70,7 +71,13 @@ def register_referring_dataset(
     DatasetCatalog.register(
         name,
         lambda: load_refer_dicts(
-            refer_root, dataset, split_by, split, image_root, generalized=generalized, invalid=invalid
+            refer_root,
+            dataset,
+            split_by,
+            split,
+            image_root,
+            generalized=generalized,
+            invalid=invalid,
         ),
     )
     MetadataCatalog.get(name).set(
@@ -91,11 +98,15 @@ def _is_int(v) -> bool:
 
 def _check_image(img, p: str, problems: List[str], generalized: bool, image_root: Optional[str]):
     if not isinstance(img, dict):
-        problems.append(f"{p}: expected an object with file_name/height/width/split/objects/expressions")
+        problems.append(
+            f"{p}: expected an object with file_name/height/width/split/objects/expressions"
+        )
         return
     fname = img.get("file_name")
     if not isinstance(fname, str) or not fname:
-        problems.append(f"{p}.file_name: expected a non-empty string (path relative to the image root)")
+        problems.append(
+            f"{p}.file_name: expected a non-empty string (path relative to the image root)"
+        )
     elif image_root is not None and not os.path.isfile(os.path.join(image_root, fname)):
         problems.append(f"{p}.file_name: image {os.path.join(image_root, fname)} does not exist")
     h, w = img.get("height"), img.get("width")
@@ -105,7 +116,9 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
             problems.append(f"{p}.{key}: expected a positive integer, got {v!r}")
             size_ok = False
     if not isinstance(img.get("split"), str) or not img.get("split"):
-        problems.append(f"{p}.split: expected a split name such as 'train', got {img.get('split')!r}")
+        problems.append(
+            f"{p}.split: expected a split name such as 'train', got {img.get('split')!r}"
+        )
 
     objects = img.get("objects")
     ids = set()
@@ -165,7 +178,11 @@ def _check_segmentation(segm, q: str, h: int, w: int, problems: List[str]):
         for i, poly in enumerate(segm):
             pts = np.asarray(poly, dtype=np.float64).reshape(-1, 2)
             lo, hi = pts.min(axis=0), pts.max(axis=0)
-            if (lo < -_BORDER_TOLERANCE_PX).any() or hi[0] > w + _BORDER_TOLERANCE_PX or hi[1] > h + _BORDER_TOLERANCE_PX:
+            if (
+                (lo < -_BORDER_TOLERANCE_PX).any()
+                or hi[0] > w + _BORDER_TOLERANCE_PX
+                or hi[1] > h + _BORDER_TOLERANCE_PX
+            ):
                 problems.append(
                     f"{q}[{i}]: polygon spans x {lo[0]:.1f}..{hi[0]:.1f}, y {lo[1]:.1f}..{hi[1]:.1f}, "
                     f"outside the {w}x{h} image (expected x, y pixel coordinates)"
@@ -223,15 +240,17 @@ def simple_json_to_refer(data: Dict, generalized: bool = False) -> Tuple[Dict, L
                 rle = mask_util.merge(mask_util.frPyObjects(segm, h, w))
             ann_id = len(annotations) + 1
             ann_of[obj["id"]] = (ann_id, cat_ids[obj["category"]])
-            annotations.append({
-                "id": ann_id,
-                "image_id": image_id,
-                "category_id": cat_ids[obj["category"]],
-                "segmentation": segm,
-                "area": float(mask_util.area(rle)),
-                "bbox": [float(v) for v in mask_util.toBbox(rle)],
-                "iscrowd": 0,
-            })
+            annotations.append(
+                {
+                    "id": ann_id,
+                    "image_id": image_id,
+                    "category_id": cat_ids[obj["category"]],
+                    "segmentation": segm,
+                    "area": float(mask_util.area(rle)),
+                    "bbox": [float(v) for v in mask_util.toBbox(rle)],
+                    "iscrowd": 0,
+                }
+            )
         groups: Dict[Tuple, List[str]] = {}
         for ex in img["expressions"]:
             key = tuple(sorted(ann_of[t][0] for t in ex["targets"]))

@@ -1,4 +1,5 @@
 """Turn a referring record into model inputs: resized image, tokens and target mask."""
+
 import copy
 import logging
 import re
@@ -22,8 +23,10 @@ FLIP_MODES = ("none", "horizontal")
 
 # Words whose meaning a horizontal flip mirrors.
 _LEFT_RIGHT = {
-    "left": "right", "right": "left",
-    "leftmost": "rightmost", "rightmost": "leftmost",
+    "left": "right",
+    "right": "left",
+    "leftmost": "rightmost",
+    "rightmost": "leftmost",
 }
 _LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
 

@@ -1,4 +1,5 @@
 """Rasterize and encode referring-target masks (COCO polygons, RLE or binary arrays)."""
+
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np

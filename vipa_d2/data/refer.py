@@ -8,13 +8,14 @@ Layout of one dataset folder ``<refer_root>/<dataset>/``::
     refs(<splitBy>).p      pickled list of refs (one target object each)     [classic]
     grefs(<splitBy>).json  JSON list of refs, ``ann_id`` a list, [-1] = none [generalized]
 """
+
 import collections
 import json
 import logging
 import os
 import pickle
 import re
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -151,6 +152,28 @@ def _record_annotation(ann: Dict, img: Dict) -> Dict:
     }
 
 
+def _target_problem(aid, img, anns, record_anns, bad_anns, inst_path) -> Optional[Tuple[str, str]]:
+    """(reason, detail) if target ``aid`` of image ``img`` is unusable, else None. Valid
+    annotations are converted once into ``record_anns``; problems are cached in ``bad_anns``."""
+    ann = anns.get(aid)
+    if ann is None:
+        return "unknown_ann_id", f"ann_id {aid!r} is not in {inst_path}"
+    if ann.get("image_id") != img["id"]:
+        return (
+            "ann_image_mismatch",
+            f"ann_id {aid} belongs to image {ann.get('image_id')}, not {img['id']}",
+        )
+    if aid not in record_anns and aid not in bad_anns:
+        why = segmentation_problem(ann.get("segmentation"), img["height"], img["width"])
+        if why is None:
+            record_anns[aid] = _record_annotation(ann, img)
+        else:
+            bad_anns[aid] = why
+    if aid in bad_anns:
+        return "degenerate_segmentation", f"ann_id {aid}: {bad_anns[aid]}"
+    return None
+
+
 def load_refer_dicts(
     refer_root: str,
     dataset: str,
@@ -203,34 +226,30 @@ def load_refer_dicts(
         where = f"ref #{idx} (ref_id={ref.get('ref_id')})"
         img = images.get(ref.get("image_id"))
         if img is None:
-            policy("unknown_image_id", f"{where}: image_id {ref.get('image_id')!r} is not in {inst_path}")
+            policy(
+                "unknown_image_id",
+                f"{where}: image_id {ref.get('image_id')!r} is not in {inst_path}",
+            )
             continue
         ann_ids = _target_ann_ids(ref, generalized)
         if not generalized and (len(ann_ids) != 1 or ann_ids[0] is None):
-            policy("missing_ann_id", f"{where}: expected exactly one target 'ann_id', got {ref.get('ann_id')!r}")
+            policy(
+                "missing_ann_id",
+                f"{where}: expected exactly one target 'ann_id', got {ref.get('ann_id')!r}",
+            )
             continue
         if generalized and ref.get("no_target") is True and ann_ids:
-            policy("inconsistent_no_target", f"{where}: 'no_target' is true but ann_id lists {ann_ids}")
+            policy(
+                "inconsistent_no_target", f"{where}: 'no_target' is true but ann_id lists {ann_ids}"
+            )
             continue
 
-        problem = None
-        for aid in ann_ids:
-            ann = anns.get(aid)
-            if ann is None:
-                problem = ("unknown_ann_id", f"ann_id {aid!r} is not in {inst_path}")
-            elif ann.get("image_id") != img["id"]:
-                problem = ("ann_image_mismatch", f"ann_id {aid} belongs to image {ann.get('image_id')}, not {img['id']}")
-            elif aid not in record_anns and aid not in bad_anns:
-                why = segmentation_problem(ann.get("segmentation"), img["height"], img["width"])
-                if why is None:
-                    record_anns[aid] = _record_annotation(ann, img)
-                else:
-                    bad_anns[aid] = why
-            if problem is None and aid in bad_anns:
-                reason = "degenerate_segmentation"
-                problem = (reason, f"ann_id {aid}: {bad_anns[aid]}")
-            if problem is not None:
-                break
+        problems = (
+            _target_problem(a, img, anns, record_anns, bad_anns, inst_path) for a in ann_ids
+        )
+        problem = next((p for p in problems if p is not None), None)
+        if problem is None and not ref.get("sentences"):
+            problem = ("no_sentences", "the ref has no sentences")
         if problem is not None:
             policy(problem[0], f"{where}: {problem[1]}")
             continue
@@ -244,16 +263,24 @@ def load_refer_dicts(
             "annotations": [record_anns[a] for a in ann_ids],
             "empty": len(ann_ids) == 0,
         }
-        for sent in ref.get("sentences") or []:
+        for sent in ref["sentences"]:
             raw = sent.get("raw") if isinstance(sent.get("raw"), str) else sent.get("sent")
             if not isinstance(raw, str) or not raw.strip():
-                policy("empty_sentence", f"{where}: sentence sent_id={sent.get('sent_id')!r} is empty or missing")
+                policy(
+                    "empty_sentence",
+                    f"{where}: sentence sent_id={sent.get('sent_id')!r} is empty or missing",
+                )
                 continue
             records.append(dict(base, sentence={"raw": raw, "sent_id": sent.get("sent_id")}))
     policy.log_summary()
     logger.info(
         "Loaded %d expressions of %s/%s (%s, split %s) from %s",
-        len(records), dataset, refs_file_name(split_by, generalized), split_by, split, data_dir,
+        len(records),
+        dataset,
+        refs_file_name(split_by, generalized),
+        split_by,
+        split,
+        data_dir,
     )
     return records
 
@@ -289,11 +316,12 @@ def save_refer_dataset(
                 dst.write(src.read())
     else:
         with open(inst_path, "w") as f:
-            json.dump(instances, f, default=_json_default)
+            # dumps (C encoder) + write: json.dump encodes in pure Python, ~10x slower.
+            f.write(json.dumps(instances, default=_json_default))
     refs_path = os.path.join(out_dir, refs_file_name(split_by, generalized))
     if generalized:
         with open(refs_path, "w") as f:
-            json.dump(list(refs), f, default=_json_default)
+            f.write(json.dumps(list(refs), default=_json_default))
     else:
         with open(refs_path, "wb") as f:
             pickle.dump(list(refs), f, protocol=pickle.HIGHEST_PROTOCOL)

@@ -14,7 +14,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
-from detectron2.evaluation import inference_on_dataset, print_csv_format
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
@@ -217,6 +217,8 @@ class ReferringTrainer(DefaultTrainer):
         set with shuffled expressions (key ``<dataset>/shuffled``, per-sample results under
         ``inference/shuffled``). Returns ``{dataset: {"refer": {metric: value}}}``.
         """
+        if isinstance(evaluators, DatasetEvaluator):
+            evaluators = [evaluators]
         if evaluators is not None and len(evaluators) != len(cfg.DATASETS.TEST):
             raise ValueError(
                 f"{len(evaluators)} evaluators given for {len(cfg.DATASETS.TEST)} test sets"

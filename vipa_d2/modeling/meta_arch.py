@@ -81,6 +81,10 @@ class VIPA(nn.Module):
         self.no_target_threshold = no_target_threshold
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        logger.info(
+            "VIPA: fusion=%s, key/value=%s, cues: global=%s local=%s",
+            fusion_mode, "visual expression (VEG)" if veg is not None else "language", global_cue, local_cues,
+        )
 
     @classmethod
     def from_config(cls, cfg):

@@ -8,7 +8,6 @@ Step 2 (visual context refinement): F_a (relevance-weighted mean of each cue's r
 tokens) -> dynamic masked cross-attention over F_v restricted to M -> self-attention among
 the cues ("sharing visual contexts") -> E_V.
 """
-import logging
 from typing import Dict, Optional
 
 import torch
@@ -19,8 +18,6 @@ from detectron2.config import configurable
 
 from .attention import AttentionBlock, FeedForward, sine_position_encoding
 from .sampler import differentiable_topk, num_retrieved
-
-logger = logging.getLogger(__name__)
 
 
 def linguistic_cue_mask(attention_mask: torch.Tensor, global_cue: bool, local_cues: bool) -> torch.Tensor:

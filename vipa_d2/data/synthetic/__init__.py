@@ -3,6 +3,7 @@ Synthetic referring benchmark (refsynth / grefsynth): shapes on textured backgro
 with expressions that need category, colour, size, position, ordinals and relations.
 The CLI is ``datasets/prepare_synthetic.py``; everything else lives here.
 """
+
 from .config import SPLITS, SynthConfig
 from .grammar import EXPRESSION_TYPES, Expression, Program, evaluate
 from .scene import Scene, SceneObject, heldout_combos, sample_scene

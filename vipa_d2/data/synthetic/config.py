@@ -1,4 +1,5 @@
 """Every knob of the synthetic referring benchmark, in one frozen (picklable) dataclass."""
+
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -36,8 +37,12 @@ class SynthConfig:
     # How often each expression type is chosen when several describe a target: category
     # only is down-weighted because it does not need colour / space / comparison.
     type_weights: Tuple[Tuple[str, float], ...] = (
-        ("category", 0.4), ("colour", 1.0), ("size", 1.0),
-        ("position", 1.0), ("ordinal", 1.2), ("relation", 1.5),
+        ("category", 0.4),
+        ("colour", 1.0),
+        ("size", 1.0),
+        ("position", 1.0),
+        ("ordinal", 1.2),
+        ("relation", 1.5),
     )
     # Generalized variant: multi-target and no-target refs per image, sentences per ref.
     multi_target_refs: int = 2
@@ -51,7 +56,10 @@ class SynthConfig:
     heldout_object_prob: float = 0.35
     # Split shares (every split gets at least one image).
     split_fractions: Tuple[Tuple[str, float], ...] = (
-        ("train", 0.7), ("val", 0.1), ("testA", 0.1), ("testB", 0.1),
+        ("train", 0.7),
+        ("val", 0.1),
+        ("testA", 0.1),
+        ("testB", 0.1),
     )
     # Background: grey level range, tint amplitude, texture cells per side, amplitude and
     # colour share of the texture, pixel noise std and number of clutter lines.
@@ -76,8 +84,12 @@ class SynthConfig:
         if not 0 < self.min_aspect <= 1:
             raise ValueError(f"min_aspect={self.min_aspect}: expected in (0, 1]")
         if not 2 <= self.min_objects <= self.max_objects:
-            raise ValueError(f"objects per image {self.min_objects}..{self.max_objects}: expected 2 <= min <= max")
+            raise ValueError(
+                f"objects per image {self.min_objects}..{self.max_objects}: expected 2 <= min <= max"
+            )
         if self.expressions_per_target[0] < 2:
-            raise ValueError("expressions_per_target: at least 2 expressions per target are required")
+            raise ValueError(
+                "expressions_per_target: at least 2 expressions per target are required"
+            )
         if tuple(s for s, _ in self.split_fractions) != SPLITS:
             raise ValueError(f"split_fractions must list the splits {SPLITS} in order")

@@ -9,6 +9,7 @@ extremes and ordinals need a ``position_margin`` gap, size comparisons a ``size_
 and a relation must hold strictly for the target while every other candidate fails
 even its loose reading (e.g. "above" = centre higher at all).
 """
+
 from collections import defaultdict
 from dataclasses import dataclass
 from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
@@ -31,7 +32,16 @@ __all__ = [
     "no_target_expressions",
 ]
 
-EXPRESSION_TYPES = ("category", "colour", "size", "position", "ordinal", "relation", "multi", "no_target")
+EXPRESSION_TYPES = (
+    "category",
+    "colour",
+    "size",
+    "position",
+    "ordinal",
+    "relation",
+    "multi",
+    "no_target",
+)
 _RELATIONS = ("left", "right", "above", "below")
 _ORDINALS = {2: "second", 3: "third"}
 _NUMBERS = {2: "two", 3: "three", 4: "four", 5: "five", 6: "six", 7: "seven", 8: "eight"}
@@ -52,12 +62,24 @@ _POS_T = {
     ("x", "max", False): ("the {n} on the right", "the right {n}", "{n} on the right"),
     ("y", "min", False): ("the {n} at the top", "the upper {n}", "the top {n}"),
     ("y", "max", False): ("the {n} at the bottom", "the lower {n}", "the bottom {n}"),
-    ("x", "min", True): ("the leftmost {n}", "the {n} furthest to the left", "the {n} farthest left"),
-    ("x", "max", True): ("the rightmost {n}", "the {n} furthest to the right", "the {n} farthest right"),
+    ("x", "min", True): (
+        "the leftmost {n}",
+        "the {n} furthest to the left",
+        "the {n} farthest left",
+    ),
+    ("x", "max", True): (
+        "the rightmost {n}",
+        "the {n} furthest to the right",
+        "the {n} farthest right",
+    ),
     ("y", "min", True): ("the topmost {n}", "the highest {n}", "the {n} nearest the top"),
     ("y", "max", True): ("the lowest {n}", "the bottommost {n}", "the {n} nearest the bottom"),
 }
-_ORD_T = ("the {k} {n} from the {side}", "{k} {n} from the {side}", "the {n} that is {k} from the {side}")
+_ORD_T = (
+    "the {k} {n} from the {side}",
+    "{k} {n} from the {side}",
+    "the {n} that is {k} from the {side}",
+)
 _REL_WORDS = {
     "left": ("left of", "to the left of"),
     "right": ("right of", "to the right of"),
@@ -91,7 +113,8 @@ class Expression:
 
 def _members(objs: Sequence[SceneObject], category, colour) -> List[int]:
     return [
-        i for i, o in enumerate(objs)
+        i
+        for i, o in enumerate(objs)
         if (category is None or o.category == category) and (colour is None or o.colour == colour)
     ]
 
@@ -162,7 +185,9 @@ def program_type(prog: Program) -> str:
         return "multi"
     if prog.selector is None:
         return "colour" if prog.colour else "category"
-    return {"size": "size", "pos": "position", "ord": "ordinal", "rel": "relation"}[prog.selector[0]]
+    return {"size": "size", "pos": "position", "ord": "ordinal", "rel": "relation"}[
+        prog.selector[0]
+    ]
 
 
 def _anchor_program(a: int, scene: Scene, cfg: SynthConfig) -> Optional[Program]:
@@ -224,7 +249,9 @@ def realize(prog: Program, scene: Scene, cfg: SynthConfig, rng) -> str:
     if prog.plural:
         size = len(_members(scene.objects, prog.category, prog.colour))
         templates = _ALL_T + (_BOTH_T if size == 2 else ())
-        return pick(rng, templates).format(np=_noun(prog, rng, plural=True), num=_NUMBERS.get(size, str(size)))
+        return pick(rng, templates).format(
+            np=_noun(prog, rng, plural=True), num=_NUMBERS.get(size, str(size))
+        )
     if sel is None:
         return pick(rng, _NONE_T).format(n=n)
     many = len(_members(scene.objects, prog.category, prog.colour)) > 2
@@ -238,7 +265,9 @@ def realize(prog: Program, scene: Scene, cfg: SynthConfig, rng) -> str:
     return pick(rng, _REL_T).format(n=n, r=pick(rng, _REL_WORDS[rel]), a=_noun(anchor_prog, rng))
 
 
-def _phrase_distinct(progs: List[Program], count: int, scene, cfg, rng) -> List[Tuple[str, Program]]:
+def _phrase_distinct(
+    progs: List[Program], count: int, scene, cfg, rng
+) -> List[Tuple[str, Program]]:
     """``count`` distinct texts, cycling over ``progs`` (rephrasing when they run out)."""
     out: List[Tuple[str, Program]] = []
     seen: Set[str] = set()
@@ -291,12 +320,16 @@ def multi_target_expressions(scene: Scene, cfg: SynthConfig, rng) -> List[Expres
     out = []
     for i in rng.permutation(len(keys))[: cfg.multi_target_refs]:
         members = keys[int(i)]
-        for text, p in _phrase_distinct([groups[members]], cfg.generalized_sentences, scene, cfg, rng):
+        for text, p in _phrase_distinct(
+            [groups[members]], cfg.generalized_sentences, scene, cfg, rng
+        ):
             out.append(Expression(text, tuple(sorted(members)), "multi", p))
     return out
 
 
-def no_target_expressions(scene: Scene, cfg: SynthConfig, rng, heldout: Dict[str, str], use_heldout: bool) -> List[Expression]:
+def no_target_expressions(
+    scene: Scene, cfg: SynthConfig, rng, heldout: Dict[str, str], use_heldout: bool
+) -> List[Expression]:
     """
     Up to ``cfg.no_target_refs`` descriptions matching no object: preferably a present
     category in an absent colour (a hard negative), else an absent colour or category.
@@ -306,7 +339,12 @@ def no_target_expressions(scene: Scene, cfg: SynthConfig, rng, heldout: Dict[str
     cats = {o.category for o in scene.objects}
     cols = {o.colour for o in scene.objects}
     allowed = lambda cat, col: use_heldout or heldout.get(cat) != col  # noqa: E731
-    hard = [Program(c, col) for c in sorted(cats) for col in COLOURS if (c, col) not in present and allowed(c, col)]
+    hard = [
+        Program(c, col)
+        for c in sorted(cats)
+        for col in COLOURS
+        if (c, col) not in present and allowed(c, col)
+    ]
     easy = [Program(None, col) for col in COLOURS if col not in cols]
     easy += [Program(c, None) for c in CATEGORIES if c not in cats]
     out = []

@@ -1,4 +1,5 @@
 """Sample and render one synthetic scene: textured background, shapes drawn in z-order."""
+
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -87,7 +88,8 @@ def _place(cfg: SynthConfig, rng, attrs, height: int, width: int) -> Optional[Li
             r = rng.uniform(*cfg.radius_range) * short
             cx, cy = rng.uniform(r, width - r), rng.uniform(r, height - r)
             if all(
-                np.hypot(cx - o.cx, cy - o.cy) >= (1.0 - cfg.max_overlap) * (r + o.radius) for o in objs
+                np.hypot(cx - o.cx, cy - o.cy) >= (1.0 - cfg.max_overlap) * (r + o.radius)
+                for o in objs
             ):
                 break
         else:
@@ -145,7 +147,9 @@ def _draw(cfg: SynthConfig, rng, objs: List[SceneObject], height: int, width: in
         shift = rng.integers(-cfg.colour_jitter, cfg.colour_jitter + 1)
         tint = rng.integers(-cfg.colour_tint_jitter, cfg.colour_tint_jitter + 1, size=3)
         colour = np.clip(base + shift + tint, 0, 255)
-        cv2.fillPoly(img, _outline(o), tuple(float(c) for c in colour), lineType=cv2.LINE_AA, shift=_SHIFT)
+        cv2.fillPoly(
+            img, _outline(o), tuple(float(c) for c in colour), lineType=cv2.LINE_AA, shift=_SHIFT
+        )
     noisy = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.pixel_noise)
     noisy += img
     return np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
@@ -158,7 +162,9 @@ def sample_size(cfg: SynthConfig, rng) -> Tuple[int, int]:
     return (long, short) if rng.random() < 0.5 else (short, long)
 
 
-def sample_scene(cfg: SynthConfig, rng: np.random.Generator, heldout: Dict[str, str], use_heldout: bool) -> Scene:
+def sample_scene(
+    cfg: SynthConfig, rng: np.random.Generator, heldout: Dict[str, str], use_heldout: bool
+) -> Scene:
     """
     Sample a scene whose objects avoid the held-out colour-category combinations
     (``use_heldout=False``) or include at least one of them (``use_heldout=True``, testB).
@@ -167,7 +173,9 @@ def sample_scene(cfg: SynthConfig, rng: np.random.Generator, heldout: Dict[str, 
     height, width = sample_size(cfg, rng)
     for _ in range(cfg.max_layout_tries):
         n = int(rng.integers(cfg.min_objects, cfg.max_objects + 1))
-        objs = _place(cfg, rng, _sample_attributes(cfg, rng, n, heldout, use_heldout), height, width)
+        objs = _place(
+            cfg, rng, _sample_attributes(cfg, rng, n, heldout, use_heldout), height, width
+        )
         if objs is None:
             continue
         ids = _instance_map(objs, height, width)

@@ -1,4 +1,5 @@
 """Shape categories of the synthetic benchmark as unit polygons, and their colours."""
+
 import math
 from typing import Dict, Tuple
 
@@ -30,10 +31,11 @@ def _star() -> np.ndarray:
 
 def _cross() -> np.ndarray:
     a = _CROSS_HALF_WIDTH
-    return np.array(
-        [(-a, -1), (a, -1), (a, -a), (1, -a), (1, a), (a, a), (a, 1), (-a, 1), (-a, a), (-1, a), (-1, -a), (-a, -a)],
-        dtype=np.float64,
-    )
+    # The top arm's outline up to the inner corner, repeated for each arm by quarter turns
+    # ((x, y) -> (-y, x) turns clockwise in image coordinates).
+    quarter = np.array([(-a, -1.0), (a, -1.0), (a, -a)])
+    turn = np.array([[0.0, 1.0], [-1.0, 0.0]])
+    return np.concatenate([quarter @ np.linalg.matrix_power(turn, k) for k in range(4)])
 
 
 def _heart() -> np.ndarray:
@@ -59,11 +61,18 @@ _OUTLINES: Dict[str, Tuple[np.ndarray, float]] = {
     "hexagon": (_regular(6, 0.0), 30.0),
     "cross": (_unit(_cross()), 12.0),
     "heart": (_unit(_heart()), 15.0),
-    "diamond": (np.array([(0, -1), (_DIAMOND_HALF_WIDTH, 0), (0, 1), (-_DIAMOND_HALF_WIDTH, 0)], dtype=np.float64), 8.0),
+    "diamond": (
+        np.array(
+            [(0, -1), (_DIAMOND_HALF_WIDTH, 0), (0, 1), (-_DIAMOND_HALF_WIDTH, 0)], dtype=np.float64
+        ),
+        8.0,
+    ),
 }
 
 CATEGORIES: Tuple[str, ...] = tuple(_OUTLINES)
-PLURALS: Dict[str, str] = {c: (c + "es" if c.endswith(("s", "x", "ss")) else c + "s") for c in CATEGORIES}
+PLURALS: Dict[str, str] = {
+    c: (c + "es" if c.endswith(("s", "x", "ss")) else c + "s") for c in CATEGORIES
+}
 
 # Nameable colours, BGR (OpenCV order).
 COLOURS: Dict[str, Tuple[int, int, int]] = {
@@ -78,7 +87,9 @@ COLOURS: Dict[str, Tuple[int, int, int]] = {
 }
 
 
-def shape_polygon(category: str, cx: float, cy: float, radius: float, angle_frac: float) -> np.ndarray:
+def shape_polygon(
+    category: str, cx: float, cy: float, radius: float, angle_frac: float
+) -> np.ndarray:
     """
     Outline of ``category`` centred at (cx, cy) with circumradius ``radius``, rotated by
     ``angle_frac`` in [-1, 1] times the category's allowed rotation. Returns (K, 2) float.
@@ -87,4 +98,3 @@ def shape_polygon(category: str, cx: float, cy: float, radius: float, angle_frac
     a = math.radians(max_deg * angle_frac)
     rot = np.array([[math.cos(a), -math.sin(a)], [math.sin(a), math.cos(a)]])
     return unit @ rot.T * radius + np.array([cx, cy])
-

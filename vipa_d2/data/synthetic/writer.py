@@ -9,6 +9,7 @@ Splits: train / val / testA share the training colour-category combinations; tes
 images each hold >= 1 object in a combination held out from every other split, and
 only such objects (or groups containing one) are testB targets.
 """
+
 import collections
 import functools
 import json
@@ -64,7 +65,9 @@ def assign_splits(num_images: int, seed: int, cfg: SynthConfig) -> List[str]:
     return [labels[i] for i in order]
 
 
-def generate_image(cfg: SynthConfig, seed: int, index: int, split: str, heldout: Dict[str, str]) -> Tuple[Scene, List[Expression]]:
+def generate_image(
+    cfg: SynthConfig, seed: int, index: int, split: str, heldout: Dict[str, str]
+) -> Tuple[Scene, List[Expression]]:
     """Scene and expressions of image ``index`` (deterministic in seed, index, split)."""
     rng = np.random.default_rng([seed, index])
     use_heldout = split == "testB"
@@ -105,11 +108,17 @@ def _image_entry(index_split, cfg: SynthConfig, seed: int, heldout, image_dir: s
         "width": scene.width,
         "split": split,
         "objects": [
-            {"id": k, "category": o.category, "colour": o.colour,
-             "segmentation": mask_to_rle(scene.instance_map == k + 1)}
+            {
+                "id": k,
+                "category": o.category,
+                "colour": o.colour,
+                "segmentation": mask_to_rle(scene.instance_map == k + 1),
+            }
             for k, o in enumerate(objs)
         ],
-        "expressions": [{"text": e.text, "targets": list(e.targets), "type": e.type} for e in exprs],
+        "expressions": [
+            {"text": e.text, "targets": list(e.targets), "type": e.type} for e in exprs
+        ],
         "_stats": {
             "distractor": max(cats.values()) >= 2,
             "occluded": sum(o.visible_frac < 1.0 for o in objs),
@@ -137,39 +146,49 @@ def _prepare_dir(path: str) -> None:
 def _variant(entries: List[Dict], keep) -> Dict:
     return {
         "images": [
-            {k: v for k, v in e.items() if k != "_stats"} | {"expressions": [x for x in e["expressions"] if keep(x)]}
+            {k: v for k, v in e.items() if k != "_stats"}
+            | {"expressions": [x for x in e["expressions"] if keep(x)]}
             for e in entries
         ]
     }
 
 
+def _split_statistics(es: List[Dict]) -> Dict:
+    exprs = [(e["file_name"], x) for e in es for x in e["expressions"]]
+    single = [(f, x) for f, x in exprs if len(x["targets"]) == 1]
+    distractors = sum(e["_stats"]["distractor"] for e in es)
+    return {
+        "images": len(es),
+        "objects": sum(len(e["objects"]) for e in es),
+        "referred_objects": len({(f, x["targets"][0]) for f, x in single}),
+        "expressions": len(single),
+        "images_with_same_category_distractors": distractors,
+        "share_same_category_distractors": round(distractors / max(len(es), 1), 4),
+        "occluded_objects": sum(e["_stats"]["occluded"] for e in es),
+        "heldout_combination_objects": sum(e["_stats"]["heldout"] for e in es),
+        "expression_types": dict(collections.Counter(x["type"] for _, x in single)),
+        "generalized_expressions": {
+            "single": len(single),
+            "multi": sum(len(x["targets"]) > 1 for _, x in exprs),
+            "no_target": sum(not x["targets"] for _, x in exprs),
+        },
+    }
+
+
 def _statistics(entries: List[Dict], cfg: SynthConfig, seed: int, heldout, seconds: float) -> Dict:
-    per_split = {}
-    for split in SPLITS:
-        es = [e for e in entries if e["split"] == split]
-        single = [x for e in es for x in e["expressions"] if len(x["targets"]) == 1]
-        n_obj = sum(len(e["objects"]) for e in es)
-        per_split[split] = {
-            "images": len(es),
-            "objects": n_obj,
-            "referred_objects": len({(e["file_name"], x["targets"][0]) for e in es for x in e["expressions"] if len(x["targets"]) == 1}),
-            "expressions": len(single),
-            "images_with_same_category_distractors": sum(e["_stats"]["distractor"] for e in es),
-            "share_same_category_distractors": round(sum(e["_stats"]["distractor"] for e in es) / max(len(es), 1), 4),
-            "occluded_objects": sum(e["_stats"]["occluded"] for e in es),
-            "heldout_combination_objects": sum(e["_stats"]["heldout"] for e in es),
-            "expression_types": dict(collections.Counter(x["type"] for x in single)),
-            "generalized_expressions": {
-                "single": len(single),
-                "multi": sum(1 for e in es for x in e["expressions"] if len(x["targets"]) > 1),
-                "no_target": sum(1 for e in es for x in e["expressions"] if not x["targets"]),
-            },
-        }
+    per_split = {
+        split: _split_statistics([e for e in entries if e["split"] == split]) for split in SPLITS
+    }
     total_types = collections.Counter()
     for s in per_split.values():
         total_types.update(s["expression_types"])
     return {
-        "generator": {"num_images": len(entries), "seed": seed, "config": asdict(cfg), "seconds": round(seconds, 2)},
+        "generator": {
+            "num_images": len(entries),
+            "seed": seed,
+            "config": asdict(cfg),
+            "seconds": round(seconds, 2),
+        },
         "heldout_combinations": {cat: col for cat, col in sorted(heldout.items())},
         "testA_testB": (
             "train/val/testA objects never use the held-out colour-category combinations; every "
@@ -179,18 +198,26 @@ def _statistics(entries: List[Dict], cfg: SynthConfig, seed: int, heldout, secon
         "share_same_category_distractors": round(
             sum(e["_stats"]["distractor"] for e in entries) / len(entries), 4
         ),
-        "expression_types": {t: total_types.get(t, 0) for t in EXPRESSION_TYPES if t in total_types},
+        "expression_types": {
+            t: total_types.get(t, 0) for t in EXPRESSION_TYPES if t in total_types
+        },
     }
 
 
 def format_stats(stats: Dict) -> str:
     """A plain-text table of the per-split statistics."""
-    cols = ("images", "objects", "referred_objects", "expressions", "share_same_category_distractors")
-    head = ["split", "images", "objects", "targets", "exprs", "distractor%", "multi", "no-target"]
+    head = ["split", "images", "objects", "occluded", "targets", "exprs", "distractor%"]
+    head += ["multi", "no-target"]
     rows = [head]
     for split, s in stats["splits"].items():
         g = s["generalized_expressions"]
-        rows.append([split] + [str(s[c]) for c in cols[:4]] + [f"{100 * s[cols[4]]:.1f}", str(g["multi"]), str(g["no_target"])])
+        rows.append(
+            [split]
+            + [str(s[k]) for k in ("images", "objects", "occluded_objects")]
+            + [str(s[k]) for k in ("referred_objects", "expressions")]
+            + [f"{100 * s['share_same_category_distractors']:.1f}"]
+            + [str(g["multi"]), str(g["no_target"])]
+        )
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
     types = ", ".join(f"{k}={v}" for k, v in stats["expression_types"].items())
@@ -223,7 +250,9 @@ def write_benchmark(
     heldout = heldout_combos(seed)
     jobs = list(enumerate(assign_splits(num_images, seed, cfg)))
     task = functools.partial(_image_entry, cfg=cfg, seed=seed, heldout=heldout, image_dir=image_dir)
-    bar = functools.partial(tqdm, total=num_images, desc="refsynth", unit="img", disable=not progress)
+    bar = functools.partial(
+        tqdm, total=num_images, desc="refsynth", unit="img", disable=not progress
+    )
     if workers > 1:
         # "spawn": forking a process whose OpenMP / OpenCV thread pools were already used
         # (torch, cv2 in the caller) can deadlock the children.
@@ -239,11 +268,18 @@ def write_benchmark(
     instances, refs = simple_json_to_refer(classic, generalized=False)
     paths = save_refer_dataset(ref_dir, SPLIT_BY, refs, instances)
     _, grefs = simple_json_to_refer(general, generalized=True)
-    save_refer_dataset(gref_dir, SPLIT_BY, grefs, None, generalized=True, instances_file=paths["instances"])
+    save_refer_dataset(
+        gref_dir, SPLIT_BY, grefs, None, generalized=True, instances_file=paths["instances"]
+    )
 
     stats = _statistics(entries, cfg, seed, heldout, time.time() - start)
     for d in (ref_dir, gref_dir):
         with open(os.path.join(d, STATS_FILE), "w") as f:
             json.dump(stats, f, indent=1)
-    logger.info("Synthetic referring benchmark in %s (%.1f s):\n%s", root, stats["generator"]["seconds"], format_stats(stats))
+    logger.info(
+        "Synthetic referring benchmark in %s (%.1f s):\n%s",
+        root,
+        stats["generator"]["seconds"],
+        format_stats(stats),
+    )
     return stats
