@@ -150,8 +150,11 @@ def _draw(cfg: SynthConfig, rng, objs: List[SceneObject], height: int, width: in
         cv2.fillPoly(
             img, _outline(o), tuple(float(c) for c in colour), lineType=cv2.LINE_AA, shift=_SHIFT
         )
-    noisy = rng.standard_normal(img.shape, dtype=np.float32) * np.float32(cfg.pixel_noise)
-    noisy += img
+    # Sensor-like noise, shared by the channels (a third of the random draws of RGB noise).
+    noisy = rng.standard_normal(img.shape[:2] + (1,), dtype=np.float32) * np.float32(
+        cfg.pixel_noise
+    )
+    noisy = noisy + img
     return np.clip(noisy, 0, 255, out=noisy).astype(np.uint8)
 
 
