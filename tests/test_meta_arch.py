@@ -1,5 +1,7 @@
 """The VIPA meta-architecture end to end: training/inference contract, ablation switches,
 image-once/expressions-many API, padding invariance, determinism and a short overfit."""
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -47,6 +49,13 @@ def tokenizer():
     return build_tokenizer(make_cfg())
 
 
+@pytest.fixture(scope="module")
+def default_model():
+    """The tiny config (early fusion, VEG) shared by tests that do not change its weights
+    (tests that do, work on a deep copy)."""
+    return build()
+
+
 def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
     """Mapper-style dicts (see the data contract) with a random image and a box target."""
     g = torch.Generator().manual_seed(seed)
@@ -76,8 +85,8 @@ def capture_decoder_inputs(model):
 
 
 # ------------------------------------------------------------------ contract
-def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer):
-    model = build()
+def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, default_model):
+    model = default_model
     assert model.fusion_mode == "early" and model.veg is not None
     inputs = make_inputs(tokenizer, TEXTS[:2])
     inputs[1]["gt_mask"].zero_()
@@ -103,10 +112,12 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer):
         assert 0 <= out["ref_seg"].min() and out["ref_seg"].max() <= 1
         assert out["no_target_score"].dim() == 0 and 0 <= float(out["no_target_score"]) <= 1
         assert torch.isfinite(out["relevance"]).all() and out["relevance"].abs().max() <= 1 + 1e-5
+    model.zero_grad(set_to_none=True)
 
 
-def test_keep_ratio_batches_non_square_images(tokenizer):
-    model = build("INPUT.RESIZE_MODE", "keep_ratio").eval()
+def test_keep_ratio_batches_non_square_images(tokenizer, default_model):
+    # keep_ratio resizing happens in the mapper: the model sees non-square, padded batches.
+    model = default_model.eval()
     inputs = make_inputs(tokenizer, TEXTS[:2], sizes=[(120, 60), (50, 100)])
     inputs[0]["image"] = inputs[0]["image"][:, :, :32]  # 64 x 32 after a keep-ratio resize
     inputs[1]["image"] = inputs[1]["image"][:, :32, :]
@@ -153,7 +164,7 @@ def test_step_switches_build_run_and_change_the_computation(tokenizer):
     assert out["relevance"].abs().sum() > 0  # cross-attention map stands in for visualisation
 
 
-def test_cue_switches(tokenizer):
+def test_cue_switches(tokenizer, default_model):
     inputs = make_inputs(tokenizer, TEXTS)
     n_words = [int(x["attention_mask"].sum()) - 2 for x in inputs]  # minus [CLS] and [SEP]
     for opts, expected in [
@@ -161,7 +172,7 @@ def test_cue_switches(tokenizer):
         (("MODEL.VIPA.VEG.LOCAL_CUES", False), [1, 1, 1]),
         ((), [n + 1 for n in n_words]),
     ]:
-        model = build(*opts).eval()
+        model = (build(*opts) if opts else copy.deepcopy(default_model)).eval()
         seen = capture_decoder_inputs(model)
         with torch.no_grad():
             model(inputs)
@@ -179,8 +190,9 @@ def _open_fusion_gates(model):
 
 
 @pytest.mark.parametrize("fusion", ["none", "late", "early"])
-def test_fusion_modes_and_image_reuse(tokenizer, fusion):
-    model = build("MODEL.VIPA.FUSION", fusion).eval()
+def test_fusion_modes_and_image_reuse(tokenizer, default_model, fusion):
+    model = copy.deepcopy(default_model) if fusion == "early" else build("MODEL.VIPA.FUSION", fusion)
+    model.eval()
     if fusion == "none":
         assert model.fusion is None
     else:
@@ -209,8 +221,8 @@ def test_fusion_modes_and_image_reuse(tokenizer, fusion):
         assert all(torch.equal(backbone_out[0], f) for f in backbone_out[1:3])
 
 
-def test_padding_tokens_never_change_the_output(tokenizer):
-    model = build().eval()
+def test_padding_tokens_never_change_the_output(tokenizer, default_model):
+    model = copy.deepcopy(default_model).eval()
     _open_fusion_gates(model)
     inputs = make_inputs(tokenizer, TEXTS[:2])
     changed = [dict(x) for x in inputs]
