@@ -106,3 +106,18 @@ def test_checkpoint_problems_are_reported(tmp_path, caplog):
         load_backbone_weights(model, str(tmp_path / "swin.pth"), "tf_efficientnet_lite0")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone_weights(model, str(tmp_path / "nope.pth"), "tf_efficientnet_lite0")
+
+
+def test_freeze_at_and_frozen_bn():
+    cfg = _cfg()
+    cfg.MODEL.BACKBONE.FREEZE_AT = 3  # stem, res2 and res3 stages
+    cfg.MODEL.TIMM.FREEZE_BN = True
+    backbone = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    trainable = {n.split(".")[0] + "." + n.split(".")[1] for n, p in backbone.named_parameters() if p.requires_grad}
+    # tf_efficientnet_lite0 stages: 0,1 -> res2; 2 -> res3; 3,4 -> res4; 5,6 -> res5.
+    assert trainable == {"stages.3", "stages.4", "stages.5", "stages.6"}
+    bns = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert bns and not any(m.training for m in bns) and not any(p.requires_grad for m in bns for p in m.parameters())
+    before = [m.running_mean.clone() for m in bns]
+    backbone(torch.randn(2, 3, 64, 64))
+    assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))

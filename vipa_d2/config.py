@@ -50,6 +50,9 @@ def add_vipa_config(cfg):
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
     # Learning-rate multiplier of the vision backbone relative to SOLVER.BASE_LR.
     cfg.MODEL.TIMM.LR_MULTIPLIER = 1.0
+    # Keep the backbone's BatchNorm layers in inference mode with fixed affine parameters:
+    # batch statistics of the small per-device batches used in RIS are too noisy.
+    cfg.MODEL.TIMM.FREEZE_BN = False
 
     # ----------------------------------------------------------------- VIPA
     cfg.MODEL.VIPA = CN()

@@ -82,6 +82,8 @@ class VIPATimmBackbone(Backbone):
         self.stages = nn.ModuleList(split.stages)
         self._nhwc = split.channels_last_out
         self._stage_names: Dict[int, str] = {}
+        # Level (res2..res5) of every stage with a feature output, requested or not.
+        self._stage_levels = {idx: _res_name(info["reduction"]) for idx, info in split.feature_info.items()}
         self._out_feature_strides, self._out_feature_channels = {}, {}
         for idx, info in split.feature_info.items():
             name = _res_name(info["reduction"])
@@ -100,6 +102,31 @@ class VIPATimmBackbone(Backbone):
         last = max(self._stage_names)
         del self.stages[last + 1 :]
         self._hook: Optional[StageHook] = None
+        self._freeze(cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.TIMM.FREEZE_BN)
+
+    def _freeze(self, freeze_at: int, freeze_bn: bool) -> None:
+        """
+        Detectron2's FREEZE_AT semantics: 1 freezes the stem, k >= 2 also the stages up to
+        the one producing res{k}. ``freeze_bn`` fixes every BatchNorm (see :meth:`train`).
+        """
+        self._frozen_bn = []
+        if freeze_bn:
+            self._frozen_bn = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+            for m in self._frozen_bn:
+                m.requires_grad_(False)
+        if freeze_at >= 1:
+            self.stem.requires_grad_(False)
+        for idx, stage in enumerate(self.stages):
+            # A stage belongs to the level of the first feature output at or after it.
+            level = min(i for i in self._stage_levels if i >= idx)
+            if int(self._stage_levels[level][len("res"):]) <= freeze_at:
+                stage.requires_grad_(False)
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        for m in self._frozen_bn:  # frozen BatchNorms always use their running statistics
+            m.train(False)
+        return self
 
     @property
     def size_divisibility(self) -> int:
