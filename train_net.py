@@ -9,9 +9,11 @@ Train / evaluate VIPA with Detectron2.
 """
 import os
 
+import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.utils import comm
 
 from vipa_d2 import add_vipa_config
 from vipa_d2.data.builtin import INVALID_REFS_ENV
@@ -32,6 +34,10 @@ def setup(args):
     # called without a cfg); spawned ranks and data-loader workers inherit it.
     os.environ[INVALID_REFS_ENV] = cfg.DATASETS.INVALID_REFS
     default_setup(cfg, args)
+    if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
+        # Ranks sharing a CPU split its cores; oversubscribed intra-op threads spin-wait on
+        # each other and can make every step many times slower.
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
     return cfg
 
 

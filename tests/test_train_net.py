@@ -98,10 +98,15 @@ def test_optimizer_param_groups(tmp_path):
     setting = {p: (g["lr"], g["weight_decay"]) for g in groups for p in g["params"]}
     assert len(setting) == sum(len(g["params"]) for g in groups)  # each param in one group
 
-    seen = {"backbone": 0, "text_encoder": 0, "other": 0, "norm": 0, "bias": 0, "embedding": 0}
+    seen = {"backbone": 0, "text_encoder": 0, "other": 0, "norm": 0, "bias": 0, "embedding": 0,
+            "frozen": 0}
     for module_name, module in model.named_modules():
         for local, param in module.named_parameters(recurse=False):
             name = f"{module_name}.{local}"
+            if not param.requires_grad:  # frozen (BACKBONE.FREEZE_AT, TIMM.FREEZE_BN)
+                seen["frozen"] += 1
+                assert param not in setting, name
+                continue
             lr, wd = setting[param]
             if name.startswith("backbone."):
                 expected_lr, key = 0.001 * 0.1, "backbone"
@@ -214,7 +219,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     # restored by the per-iteration seeding, not by the data pipeline.
     opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "1"]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    train_net.main(parse(straight_dir, opts=opts))
+    train_net.main(parse(straight_dir, opts=opts + ["SOLVER.CHECKPOINT_MAX_KEEP", "1"]))
+    # Periodic checkpoints after iterations 2 and 4; only the newest one is kept.
+    assert sorted(p.name for p in straight_dir.glob("*.pth")) == [
+        "model_0000003.pth", "model_final.pth"
+    ]
 
     trainer = train_net.Trainer(train_net.setup(parse(resumed_dir, opts=opts)))
     trainer.resume_or_load(resume=False)

@@ -38,6 +38,8 @@ DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml"
 STATS_FILE = "stats.json"  # written last by the generator: its presence marks a finished run
 METRIC_COLUMNS = ["oIoU", "mIoU"] + [f"Prec@{t}" for t in PRECISION_THRESHOLDS]
 VIS_SPLIT = "val"
+# Lines of detectron2's console log worth echoing while a step runs.
+PROGRESS_MARKERS = (" iter: ", "Start inference on", "Total inference time", "Saving checkpoint")
 
 
 def parse_args(argv=None):
@@ -47,7 +49,7 @@ def parse_args(argv=None):
     parser.add_argument("--data-root", default="datasets", help="dataset root ($DETECTRON2_DATASETS)")
     parser.add_argument("--output", default="output/vipa_tiny_cpu", help="OUTPUT_DIR of the run")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="training config")
-    parser.add_argument("--num-images", type=int, default=1500, help="synthetic images over all splits")
+    parser.add_argument("--num-images", type=int, default=1000, help="synthetic images over all splits")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes (gloo on CPU)")
     parser.add_argument("--vis-images", type=int, default=3, help="val images to visualise")
@@ -79,17 +81,29 @@ def load_cfg(config_file: str, opts):
 
 
 def run_train_net(args_list, log_name: str, output: str) -> float:
-    """Run train_net.py with ``args_list``; its console output goes to ``output/log_name``."""
+    """
+    Run train_net.py with ``args_list``: its whole console output goes to ``output/log_name``,
+    progress lines (iterations, inference) to the console as well. Returns the seconds taken.
+    """
     cmd = [sys.executable, os.path.join(REPO, "train_net.py")] + args_list
     log_path = os.path.join(output, log_name)
-    print(f"[main_job] $ {' '.join(cmd)}\n[main_job]   (console output: {log_path})")
+    print(f"[main_job] $ {' '.join(cmd)}\n[main_job]   (console output: {log_path})", flush=True)
     start = time.perf_counter()
-    with open(log_path, "w") as log:
-        proc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO)
-    if proc.returncode != 0:
+    # Line-buffered on both ends so the log file and the echoed progress keep up.
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    with open(log_path, "w", buffering=1) as log:
+        proc = subprocess.Popen(
+            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
+        )
+        for line in proc.stdout:
+            log.write(line)
+            if any(marker in line for marker in PROGRESS_MARKERS):
+                print("   ", line.rstrip()[:200], flush=True)
+        returncode = proc.wait()
+    if returncode != 0:
         with open(log_path) as f:
             tail = f.read()[-3000:]
-        sys.exit(f"[main_job] train_net.py failed (exit {proc.returncode}); end of {log_path}:\n{tail}")
+        sys.exit(f"[main_job] train_net.py failed (exit {returncode}); end of {log_path}:\n{tail}")
     return time.perf_counter() - start
 
 
