@@ -17,3 +17,13 @@ def _seed_everything():
     np.random.seed(0)
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture(scope="module")
+def single_thread():
+    # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription
+    # stalls when other processes are busy (and is no slower when they are not).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

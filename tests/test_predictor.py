@@ -25,14 +25,7 @@ TINY_OPTS = [
 ]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    # Tiny models on a shared 2-core machine: one intra-op thread avoids oversubscription
-    # stalls when other processes are busy (and is no slower when they are not).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def tiny_cfg(*opts):
