@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(REPO, "tools")
@@ -46,9 +47,12 @@ def test_quick_benchmark_json_and_resume(quick):
     assert tiny["image_size"] == 96
     inference = [c for c in tiny["cases"] if c["kind"] == "inference"]
     assert {(c["mode"], c["batch"]) for c in inference} == {
-        (m, b) for m in ("no_grad", "inference_mode") for b in (1, 2)
+        (m, b) for m in ("no_grad", "channels_last") for b in (1, 2)
     }
-    assert [c["batch"] for c in tiny["cases"] if c["kind"] == "train"] == [2]
+    # The tiny config runs NHWC: its own path is the one the targets read.
+    assert tiny["default_mode"] == "channels_last"
+    train = [(c["mode"], c["batch"]) for c in tiny["cases"] if c["kind"] == "train"]
+    assert train == [("train", 2), ("train_channels_last", 2)]
     for c in tiny["cases"]:
         assert c["latency_s"]["n"] == 2
         for key in ("per_image_ms", "cpu_wall_ratio", "peak_rss_mib", "images_per_s"):
@@ -139,3 +143,50 @@ def test_compare_verdicts_need_agreement_beyond_seed_spread():
     assert loses["outcome"] == "loses"
     assert compare(_runs([50.0], [40.0]), "vipa", "kv_language")["outcome"] == "single seed"
     assert compare(_runs([], []), "vipa", "kv_language")["outcome"] == "not measured"
+
+
+def test_evaluation_before_after_on_a_saved_checkpoint(tmp_path):
+    """The 'evaluation' sub-task: every optimisation step timed on the real evaluation path."""
+    from detectron2.config import get_cfg
+    from detectron2.modeling import build_model
+
+    from vipa_d2 import add_vipa_config
+    from vipa_d2.data.synthetic import SynthConfig, write_benchmark
+
+    root = str(tmp_path / "datasets")
+    write_benchmark(root, 6, seed=0, cfg=SynthConfig(image_size=64), workers=1, progress=False)
+    small = [
+        "INPUT.IMAGE_SIZE", "64", "MODEL.TIMM.WEIGHTS", "", "MODEL.VIPA.HIDDEN_DIM", "32",
+        "MODEL.VIPA.NHEADS", "2", "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", "16",
+        "DATALOADER.NUM_WORKERS", "0",
+    ]
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml"))
+    cfg.merge_from_list(small)
+    torch.manual_seed(0)
+    weights = str(tmp_path / "model.pth")
+    torch.save({"model": build_model(cfg).state_dict()}, weights)
+
+    out = str(tmp_path / "bench")
+    proc = run_benchmark(
+        "evaluation", "--output", out, "--weights", weights, "--eval-data-root", root,
+        "--dataset", "refsynth_unc_val", "--eval-samples", "5", "--eval-repeats", "1", *small,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    with open(os.path.join(out, "benchmark.json")) as f:
+        section = json.load(f)["evaluation"]
+    steps = section["steps"]
+    assert section["settings"]["samples"] == 5
+    assert [(s["trim_text_padding"], s["channels_last"], s["batch"]) for s in steps] == [
+        (False, False, 1), (True, False, 1), (True, True, 1), (True, True, 8),
+    ]
+    for s in steps:
+        assert s["wall_s"]["n"] == 1 and s["samples_per_s"] > 0
+        # The optimisations change the memory layout and shapes, not the values.
+        for k, v in s["metrics"].items():
+            assert v == pytest.approx(steps[0]["metrics"][k], abs=0.5), (s["step"], k)
+    assert "## Evaluation before/after" in proc.stdout
+
+    missing = run_benchmark("evaluation", "--output", out, "--weights", str(tmp_path / "no.pth"))
+    assert missing.returncode == 2 and "no.pth: no such file" in missing.stderr

@@ -14,6 +14,7 @@ from detectron2.structures import BoxMode
 from vipa_d2 import add_vipa_config
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
+from vipa_d2.modeling.meta_arch import trim_text_padding
 
 TINY = "configs/synthetic/vipa_tiny_cpu.yaml"
 # Small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
@@ -139,7 +140,7 @@ def test_language_kv_source_does_not_run_the_veg(tokenizer):
     model.eval()
     with torch.no_grad():
         out = model(inputs)[0]
-        ids, mask = model.preprocess_text(inputs)
+        ids, mask = trim_text_padding(*model.preprocess_text(inputs))
         expected = model.language_proj(model.text_encoder(ids, mask))
     assert torch.allclose(seen[-1][2], expected, atol=1e-5)
     assert torch.count_nonzero(out["relevance"]) == 0  # nothing retrieved in this baseline
@@ -243,6 +244,43 @@ def test_padding_tokens_never_change_the_output(tokenizer, default_model):
     with torch.no_grad():
         c = model(changed)
     assert not torch.allclose(a[0]["ref_seg"], c[0]["ref_seg"], atol=1e-4)
+
+
+def test_text_padding_is_trimmed_to_the_longest_expression(tokenizer, default_model):
+    model = copy.deepcopy(default_model).eval()
+    _open_fusion_gates(model)
+    short, long = make_inputs(tokenizer, [TEXTS[1], TEXTS[2]])
+    lengths = [int(x["attention_mask"].sum()) for x in (short, long)]
+    assert lengths[0] < lengths[1] < len(short["input_ids"])
+    seen = []
+    model.text_encoder.register_forward_hook(lambda m, args, out: seen.append(args[0].shape[1]))
+    with torch.no_grad():
+        alone = model([short])[0]  # trimmed to its own length
+        together = model([short, long])[0]  # keeps padding up to the longer expression
+    assert seen == [lengths[0], lengths[1]]
+    assert torch.allclose(alone["ref_seg"], together["ref_seg"], atol=1e-5)
+    assert torch.allclose(alone["no_target_score"], together["no_target_score"], atol=1e-6)
+    model.trim_text_padding = False  # MODEL.VIPA.TRIM_TEXT_PADDING False: fixed shapes
+    with torch.no_grad():
+        fixed = model([short])[0]
+    assert seen[-1] == len(short["input_ids"])
+    assert torch.allclose(alone["ref_seg"], fixed["ref_seg"], atol=1e-5)
+
+
+def test_channels_last_layout_keeps_the_outputs(tokenizer, default_model):
+    nhwc = copy.deepcopy(default_model).eval()
+    assert nhwc.channels_last  # the tiny config's setting
+    nchw = copy.deepcopy(nhwc).set_channels_last(False)
+    conv = next(p for p in nhwc.backbone.parameters() if p.dim() == 4)
+    assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
+    inputs = make_inputs(tokenizer, TEXTS[:2])
+    with torch.no_grad():
+        a, b = nhwc(inputs), nchw(inputs)
+    for x, y in zip(a, b):
+        assert torch.allclose(x["ref_seg"], y["ref_seg"], atol=1e-5)
+    # Loading weights (a checkpoint) keeps the model's layout.
+    nhwc.load_state_dict(nchw.state_dict())
+    assert conv.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_fixed_seed_gives_identical_results(tokenizer):

@@ -170,6 +170,21 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     # The same weights on the same data: exactly the metrics of the end of training.
     assert evaluated == {VAL: trained[VAL]}
 
+    # Batched evaluation scores every sample as batch-1 evaluation does (only the float
+    # summation order of the batched kernels differs).
+    batched_dir = tmp_path / "eval_batched"
+    batched = train_net.main(
+        parse(batched_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights, "TEST.IMS_PER_BATCH", "4"])
+    )
+    assert batched[VAL]["refer"] == pytest.approx(trained[VAL]["refer"], abs=0.05)
+    one, many = results_file(eval_dir)["samples"], results_file(batched_dir)["samples"]
+    assert len(one) == len(many) == len(DatasetCatalog.get(VAL))
+    assert [s["sent_id"] for s in one] == [s["sent_id"] for s in many]
+    # At most a few pixels on a threshold boundary may flip.
+    for a, b in zip(one, many):
+        assert abs(a["intersection"] - b["intersection"]) <= 3, (a, b)
+        assert abs(a["union"] - b["union"]) <= 3, (a, b)
+
 
 def test_shuffled_expressions_move_text_only():
     records = DatasetCatalog.get(VAL)

@@ -7,6 +7,7 @@ BENCHMARKS.md, rendered from the JSON) and prints the tables.
   python tools/benchmark.py all --quick                    # smoke run of everything (~2 min)
   python tools/benchmark.py speed --output output/benchmark
   python tools/benchmark.py accuracy --output output/benchmark --seeds 0 1
+  python tools/benchmark.py evaluation --output output/benchmark  # after 'make train'
   python tools/benchmark.py report --output output/benchmark   # re-render from the JSON
 
 speed: tiny config at 320 px and paper config (Swin-B + BERT-base, random weights) at
@@ -20,7 +21,10 @@ accuracy: every variant (VIPA, language K/V, step 1/2 only, global/local cues on
   variants of seed 0 before seed 1; finished runs are skipped when re-invoked, interrupted
   ones resume from their last checkpoint. Reports oIoU, mIoU, Prec@0.5, Prec@0.7 per split,
   mean ± std over seeds, and whether VIPA beats language K/V beyond the seed spread.
-Speed and accuracy can run at different times into the same --output: each updates its
+evaluation: the real evaluation path (loader, mapper, model, evaluator) of a trained
+  checkpoint before/after the first optimisation pass (text padding trimmed, channels-last
+  layout, batched evaluation), switched on one at a time and interleaved.
+Speed, evaluation and accuracy can run at different times into the same --output: each updates its
 own section of benchmark.json. Other processes on the machine distort speed numbers:
 run it on a quiet machine (the JSON records the load average).
 """
@@ -31,7 +35,7 @@ import os
 import sys
 
 from bench import accuracy as acc
-from bench import report, speed
+from bench import evaluation, report, speed
 from bench.common import BENCHMARK_JSON, BENCHMARK_MD, BenchmarkError, load_benchmark, save_json
 
 # Defaults of the full benchmark and of --quick (a smoke run, numbers meaningless).
@@ -68,7 +72,7 @@ QUICK = {
     "synth_image_size": 96,
     "tiny_size": 96,
     "paper_size": 64,
-    "modes": ["no_grad", "inference_mode"],
+    "modes": ["no_grad", "channels_last"],
     "batches": [1, 2],
     "train_batch": 2,
     "repeats": 2,
@@ -203,6 +207,28 @@ def _speed_args(p):
     )
 
 
+def _evaluation_args(p):
+    g = p.add_argument_group("evaluation")
+    g.add_argument(
+        "--eval-config", default=acc.DEFAULT_CONFIG, help="config of the checkpoint (default: tiny CPU)"
+    )
+    g.add_argument(
+        "--weights",
+        default=os.path.join(acc.REPO, "output", "vipa_tiny_cpu", "model_final.pth"),
+        help="trained checkpoint (default: the one 'make train' writes)",
+    )
+    g.add_argument("--dataset", default="refsynth_unc_val", help="split to evaluate")
+    g.add_argument(
+        "--eval-data-root",
+        default=os.path.join(acc.REPO, "datasets"),
+        help="$DETECTRON2_DATASETS of --dataset (default: datasets/, what 'make train' writes)",
+    )
+    g.add_argument("--eval-samples", type=int, default=400, help="first N samples of the split")
+    g.add_argument("--eval-repeats", type=int, default=3, help="timed evaluations per step")
+    g.add_argument("--eval-threads", type=int, default=2, help="torch threads (0 = torch's default)")
+    g.add_argument("eval_opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
+
+
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -212,6 +238,7 @@ def parse_args(argv=None):
         ("accuracy", (_accuracy_args,), "train + evaluate every variant (resumable)"),
         ("speed", (_speed_args,), "latency, throughput, memory, cost, module shares"),
         ("all", (_speed_args, _accuracy_args), "speed, then accuracy"),
+        ("evaluation", (_evaluation_args,), "evaluation speed before/after the optimisation pass"),
         ("report", (), "re-render benchmark.md and the targets from benchmark.json"),
     ):
         p = sub.add_parser(name, help=help_, description=help_)
@@ -244,14 +271,23 @@ def main(argv=None) -> int:
         return 2
 
 
+def _overrides(raw) -> list:
+    """Trailing KEY VALUE config overrides (an optional "--" before them is dropped)."""
+    opts = [o for o in raw if o != "--"]
+    if len(opts) % 2:
+        raise BenchmarkError(f"Config overrides must be KEY VALUE pairs, got {opts}")
+    return opts
+
+
 def _run(args) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     output = os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     data = load_benchmark(output)
-    if args.task == "report" and "speed" not in data and "accuracy" not in data:
+    if args.task == "report" and not any(k in data for k in report.SECTIONS):
         raise BenchmarkError(
-            f"No measurements in {output}/{BENCHMARK_JSON}; run 'speed' or 'accuracy' first"
+            f"No measurements in {output}/{BENCHMARK_JSON}; run 'speed', 'evaluation' or "
+            "'accuracy' first"
         )
     failed = 0
 
@@ -272,10 +308,22 @@ def _run(args) -> int:
         )
         _write(data, output)
 
+    if args.task == "evaluation":
+        opts = _overrides(args.eval_opts)
+        data["evaluation"] = evaluation.run_evaluation(
+            os.path.abspath(args.eval_config),
+            os.path.abspath(args.weights),
+            args.dataset,
+            args.eval_data_root,
+            args.eval_samples,
+            args.eval_repeats,
+            args.eval_threads,
+            opts,
+        )
+        _write(data, output)
+
     if args.task in ("accuracy", "all"):
-        opts = (QUICK_OPTS if args.quick else []) + [o for o in args.opts if o != "--"]
-        if len(opts) % 2:
-            raise BenchmarkError(f"Config overrides must be KEY VALUE pairs, got {opts}")
+        opts = (QUICK_OPTS if args.quick else []) + _overrides(args.opts)
 
         def on_update(section):
             data["accuracy"] = section

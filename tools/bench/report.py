@@ -1,8 +1,10 @@
 """Targets (PASS/FAIL), paper-claim readings and the markdown report, all from benchmark.json."""
 
+import os
 from typing import Dict, List, Optional
 
 from . import accuracy as acc
+from . import evaluation as ev
 from .common import fmt, fmt_spread, markdown_table, summarize
 from .speed import BASELINE_MODE
 
@@ -18,9 +20,9 @@ RELA_LATENCY_S = 4.2
 MIN_HEADLINE_GAIN = 3.0  # val oIoU points VIPA must gain over language K/V
 
 
-def _case(
-    cfg: Dict, batch: int, kind: str = "inference", mode: str = BASELINE_MODE
-) -> Optional[Dict]:
+def _case(cfg: Dict, batch: int, kind: str = "inference", mode: Optional[str] = None) -> Optional[Dict]:
+    """A measured case; inference defaults to the config's own inference path."""
+    mode = mode or cfg.get("default_mode", BASELINE_MODE)
     for c in cfg.get("cases", []):
         if c["kind"] == kind and c["batch"] == batch and (kind != "inference" or c["mode"] == mode):
             return c
@@ -185,12 +187,16 @@ INFERENCE_HEADER = (
     "config|size|mode|batch|latency ms|min-max ms|ms/image|images/s|CPU/wall|peak RSS MiB|GMAC/s|"
     "% of matmul"
 ).split("|")
-TRAIN_HEADER = "config|size|batch|s/iter|iters/s|images/s|CPU/wall|peak RSS MiB".split("|")
+TRAIN_HEADER = "config|size|layout|batch|s/iter|iters/s|images/s|CPU/wall|peak RSS MiB".split("|")
+
+
+# Measured sections of benchmark.json, in report order.
+SECTIONS = ("speed", "evaluation", "accuracy")
 
 
 def _machine_md(data: Dict) -> str:
     sections = [
-        (k, data[k]["machine"]) for k in ("speed", "accuracy") if k in data and "machine" in data[k]
+        (k, data[k]["machine"]) for k in SECTIONS if k in data and "machine" in data[k]
     ]
     if not sections:
         return NOT_MEASURED
@@ -217,7 +223,7 @@ def _machine_md(data: Dict) -> str:
 
 def _commands_md(data: Dict) -> str:
     lines = []
-    for k in ("speed", "accuracy"):
+    for k in SECTIONS:
         if k in data and "machine" in data[k]:
             lines.append(f"# {k}\npython {' '.join(data[k]['machine']['argv'])}")
     return "```\n" + "\n".join(lines) + "\n```" if lines else NOT_MEASURED
@@ -253,7 +259,7 @@ def _speed_md(speed: Dict) -> str:
                 )
             else:
                 train_rows.append(
-                    [name, c["image_size"], case["batch"], fmt(lat["median"], 3)]
+                    [name, c["image_size"], case["mode"], case["batch"], fmt(lat["median"], 3)]
                     + [fmt(case["iters_per_s"]), fmt(case["images_per_s"])]
                     + [fmt(case["cpu_wall_ratio"]), fmt(case["peak_rss_mib"], 0)]
                 )
@@ -279,7 +285,8 @@ def _speed_md(speed: Dict) -> str:
         )
         parts.append(
             f"**Cost per module: {c['label']}** at {c['image_size']}x{c['image_size']} "
-            f"(GMACs = fvcore multiply-adds per image; time share via forward hooks, no_grad)\n\n"
+            f"(GMACs = fvcore multiply-adds per image; time share via forward hooks, no_grad, "
+            f"the config's own layout: {c.get('default_mode', BASELINE_MODE)})\n\n"
             + markdown_table(
                 ["module", "params (M)", "GMACs", *(f"time % (batch {b})" for b in batches)], rows
             )
@@ -376,6 +383,51 @@ def _claims_md(accuracy: Dict) -> str:
     )
 
 
+EVAL_HEADER = (
+    "step|trim text|layout|batch|wall s (median)|min-max s|samples/s|speed-up|CPU/wall|"
+    + "|".join(ev.REPORTED_METRICS)
+).split("|")
+
+
+def _evaluation_md(section: Dict) -> str:
+    if not section:
+        return NOT_MEASURED
+    s = section["settings"]
+    rows = []
+    for r in section["steps"]:
+        w = r["wall_s"]
+        rows.append(
+            [
+                r["step"],
+                "yes" if r["trim_text_padding"] else "no",
+                "NHWC" if r["channels_last"] else "NCHW",
+                r["batch"],
+                fmt(w["median"], 1),
+                f"{fmt(w['min'], 1)}-{fmt(w['max'], 1)}",
+                fmt(r["samples_per_s"]),
+                f"{fmt(r['speedup_vs_before'])}x",
+                fmt(r["cpu_wall_ratio"]),
+            ]
+            + [fmt(r["metrics"][k]) for k in ev.REPORTED_METRICS]
+        )
+    moved = ev.check_steps(section["steps"])
+    agreement = (
+        "Every step scores within 0.5 points of 'before' (the optimisations keep the values)."
+        if not moved
+        else f"Metrics moved by more than 0.5 points at: {', '.join(moved)}."
+    )
+    return (
+        f"`{os.path.basename(s['weights'])}` on the first {s['samples']} samples of "
+        f"`{s['dataset']}`; {s['threads']} torch threads, {s['num_workers']} data-loader "
+        f"worker(s); median of {s['repeats']} timed evaluations per step after one untimed "
+        "round, steps round-robin. Wall time covers loading, mapping, the model, resizing to "
+        "the original size and scoring; CPU/wall counts the main process only.\n\n"
+        + markdown_table(EVAL_HEADER, rows)
+        + "\n\n"
+        + agreement
+    )
+
+
 def _targets_md(targets: List[Dict]) -> str:
     rows = [[t["name"], t["target"], fmt(t["measured"]), t["status"], t["note"]] for t in targets]
     return markdown_table(["target", "goal", "measured", "status", "note"], rows)
@@ -390,6 +442,8 @@ def render_markdown(data: Dict) -> str:
                 "## Machine\n\n" + _machine_md(data),
                 "## Commands\n\n" + _commands_md(data),
                 "## Speed and cost\n\n" + _speed_md(data.get("speed")),
+                "## Evaluation before/after the first optimisation pass\n\n"
+                + _evaluation_md(data.get("evaluation")),
                 "## Accuracy and ablations (synthetic refsynth)\n\n"
                 + _accuracy_md(data.get("accuracy")),
                 "## Which claims reproduce\n\n" + _claims_md(data.get("accuracy")),

@@ -65,8 +65,8 @@ def _inference_mode(model):
 
 
 def _channels_last(model):
-    # A converted copy: the other modes keep timing the unconverted model.
-    converted = copy.deepcopy(model).to(memory_format=torch.channels_last)
+    # A converted copy (NHWC weights and image batches): the other modes keep the NCHW model.
+    converted = copy.deepcopy(model).set_channels_last(True)
     return lambda batch: _call(converted, batch, torch.no_grad)
 
 
@@ -75,8 +75,9 @@ def _call(model, batch, context):
         return model(batch)
 
 
-# Inference variants compared in one interleaved run. "no_grad" is what the evaluator
-# (detectron2's inference_on_dataset) and VIPAPredictor use.
+# Inference variants compared in one interleaved run, all on the same weights in NCHW
+# layout unless the mode changes it. "no_grad" is what the evaluator (detectron2's
+# inference_on_dataset) and VIPAPredictor use; "channels_last" adds MODEL.VIPA.CHANNELS_LAST.
 INFERENCE_MODES: Dict[str, Callable] = {
     "no_grad": _no_grad,
     "inference_mode": _inference_mode,
@@ -141,6 +142,22 @@ def _train_input(cfg, vocab_size: int) -> Dict:
     return {**x, "gt_mask": mask, "empty": False}
 
 
+# Training step layouts timed side by side: name -> MODEL.VIPA.CHANNELS_LAST.
+TRAIN_LAYOUTS = {"train": False, "train_channels_last": True}
+
+
+def _train_step(cfg, model, inputs) -> Callable[[], None]:
+    optimizer = build_vipa_optimizer(cfg, model)
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        losses = model(inputs)
+        sum(losses.values()).backward()
+        optimizer.step()
+
+    return step
+
+
 def _time_once(fn, peak: PeakRSS):
     peak.reset()
     cpu0, wall0 = time.process_time(), time.perf_counter()
@@ -197,7 +214,8 @@ def measure_config(
     build_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmpdir:  # holds the random text encoder's config.json
         cfg = model_cost.setup_cfg(args, tmpdir)
-        model = build_model(cfg).eval()
+        # The modes set their own layout: start every one from NCHW, whatever the config says.
+        model = build_model(cfg).eval().set_channels_last(False)
         train_model = None if spec.heavy or not train_batch else build_model(cfg).train()
     build_s = time.perf_counter() - build_start
     vocab = model.text_encoder.model.config.vocab_size
@@ -216,16 +234,11 @@ def measure_config(
             batch = [one] * b
             cases.append(("inference", mode, b, lambda run=run, batch=batch: run(batch)))
     if train_model is not None:
-        optimizer = build_vipa_optimizer(cfg, train_model)
         train_batch_inputs = [_train_input(cfg, vocab)] * train_batch
-
-        def train_step():
-            optimizer.zero_grad(set_to_none=True)
-            losses = train_model(train_batch_inputs)
-            sum(losses.values()).backward()
-            optimizer.step()
-
-        cases.append(("train", "train", train_batch, train_step))
+        # Both layouts, each with its own copy of the weights and optimizer state.
+        for layout, channels_last in TRAIN_LAYOUTS.items():
+            net = copy.deepcopy(train_model).set_channels_last(channels_last)
+            cases.append(("train", layout, train_batch, _train_step(cfg, net, train_batch_inputs)))
 
     log(f"[speed] {name}: warm-up ({warmup} call(s) per case, {len(cases)} cases) ...")
     for _, _, _, fn in cases:
@@ -247,11 +260,15 @@ def measure_config(
         _case_result(kind, mode, b, samples[i], gmacs["total"], probe_median)
         for i, (kind, mode, b, _) in enumerate(cases)
     ]
+    # The config's own inference path (the evaluator's and predictor's) for the shares and
+    # the targets.
+    default_mode = "channels_last" if cfg.MODEL.VIPA.CHANNELS_LAST else BASELINE_MODE
+    configured = copy.deepcopy(model).set_channels_last(cfg.MODEL.VIPA.CHANNELS_LAST)
     share_batches = [min(batches)] if spec.heavy else sorted(set(batches))
     shares = {}
     for b in share_batches:
         log(f"[speed] {name}: module time shares at batch {b} ({share_runs} runs) ...")
-        times = model_cost.time_modules(_BatchCall(model, [one] * b), one, share_runs)
+        times = model_cost.time_modules(_BatchCall(configured, [one] * b), one, share_runs)
         head = sum(times.get(m, 0.0) for m in model_cost.HEAD_MODULES)
         shares[str(b)] = {
             "time_s": times,
@@ -263,6 +280,7 @@ def measure_config(
         "config_file": os.path.relpath(spec.config_file, REPO),
         "image_size": image_size,
         "text_len": cfg.INPUT.MAX_TEXT_LEN,
+        "default_mode": default_mode,
         "build_s": build_s,
         "params": params,
         "gmacs_per_image": gmacs,

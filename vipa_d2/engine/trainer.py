@@ -177,7 +177,10 @@ class ReferringTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         return build_detection_test_loader(
-            cfg, dataset_name, mapper=ReferringDatasetMapper(cfg, False)
+            cfg,
+            dataset_name,
+            mapper=ReferringDatasetMapper(cfg, False),
+            batch_size=cfg.TEST.IMS_PER_BATCH,
         )
 
     @classmethod
@@ -188,6 +191,7 @@ class ReferringTrainer(DefaultTrainer):
         return build_detection_test_loader(
             records,
             mapper=ReferringDatasetMapper(cfg, False),
+            batch_size=cfg.TEST.IMS_PER_BATCH,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 

@@ -34,6 +34,20 @@ logger = logging.getLogger(__name__)
 KV_SOURCES = ("visual_expression", "language")
 
 
+def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
+    """
+    Drop the padding columns no expression of the batch uses. Padding is masked everywhere
+    downstream, so the outputs do not change; the text encoder, fusion, VEG and decoder
+    then cost what the batch's longest expression needs instead of INPUT.MAX_TEXT_LEN.
+    """
+    used = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
+    if used == 0 or used == attention_mask.shape[1]:
+        return input_ids, attention_mask
+    if not bool(attention_mask[:, used:].eq(0).all()):
+        return input_ids, attention_mask  # padding not on the right: keep everything
+    return input_ids[:, :used], attention_mask[:, :used]
+
+
 @META_ARCH_REGISTRY.register()
 class VIPA(nn.Module):
     @configurable
@@ -55,6 +69,8 @@ class VIPA(nn.Module):
         pixel_mean,
         pixel_std,
         no_target_threshold: float,
+        channels_last: bool = False,
+        trim_text_padding: bool = True,
     ):
         """
         Exactly one of ``veg`` (KV_SOURCE "visual_expression") and ``language_proj``
@@ -79,8 +95,10 @@ class VIPA(nn.Module):
         self.criterion = criterion
         self.global_cue, self.local_cues = global_cue, local_cues
         self.no_target_threshold = no_target_threshold
+        self.trim_text_padding = trim_text_padding
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
+        self.set_channels_last(channels_last)
         logger.info(
             "VIPA: fusion=%s, key/value=%s, cues: global=%s local=%s",
             fusion_mode, "visual expression (VEG)" if veg is not None else "language", global_cue, local_cues,
@@ -128,7 +146,18 @@ class VIPA(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "no_target_threshold": vipa.NO_TARGET_THRESHOLD,
+            "channels_last": vipa.CHANNELS_LAST,
+            "trim_text_padding": vipa.TRIM_TEXT_PADDING,
         }
+
+    def set_channels_last(self, enabled: bool) -> "VIPA":
+        """
+        Keep 4-D weights and the image batch in NHWC (True) or NCHW (False) memory layout.
+        Only the layout changes, not the values; loading a checkpoint later keeps the layout.
+        """
+        self.channels_last = bool(enabled)
+        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        return self
 
     @property
     def device(self) -> torch.device:
@@ -142,7 +171,10 @@ class VIPA(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalize and pad the mapper's uint8 "image" tensors into an ImageList."""
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        return ImageList.from_tensors(images, self.size_divisibility)
+        images = ImageList.from_tensors(images, self.size_divisibility)
+        if self.channels_last:
+            images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
+        return images
 
     def preprocess_text(self, batched_inputs: List[Dict]):
         """Stack the mapper's "input_ids" / "attention_mask" into (B, T) tensors."""
@@ -206,6 +238,8 @@ class VIPA(nn.Module):
         n_img, n_txt = images.tensor.shape[0], input_ids.shape[0]
         if n_img not in (1, n_txt):
             raise ValueError(f"decode() got {n_img} images for {n_txt} expressions; expected 1 or {n_txt} images")
+        if self.trim_text_padding:
+            input_ids, attention_mask = trim_text_padding(input_ids, attention_mask)
         text = self.encode_text(input_ids, attention_mask)
         text_valid = attention_mask.bool()
         cue_valid = linguistic_cue_mask(attention_mask, self.global_cue, self.local_cues)
