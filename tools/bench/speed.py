@@ -235,9 +235,10 @@ def measure_config(
             cases.append(("inference", mode, b, lambda run=run, batch=batch: run(batch)))
     if train_model is not None:
         train_batch_inputs = [_train_input(cfg, vocab)] * train_batch
-        # Both layouts, each with its own copy of the weights and optimizer state.
-        for layout, channels_last in TRAIN_LAYOUTS.items():
-            net = copy.deepcopy(train_model).set_channels_last(channels_last)
+        # Both layouts, each with its own weights and optimizer state (the first one reuses
+        # the built model instead of holding an idle copy in memory).
+        for i, (layout, channels_last) in enumerate(TRAIN_LAYOUTS.items()):
+            net = (copy.deepcopy(train_model) if i else train_model).set_channels_last(channels_last)
             cases.append(("train", layout, train_batch, _train_step(cfg, net, train_batch_inputs)))
 
     log(f"[speed] {name}: warm-up ({warmup} call(s) per case, {len(cases)} cases) ...")
@@ -263,7 +264,10 @@ def measure_config(
     # The config's own inference path (the evaluator's and predictor's) for the shares and
     # the targets.
     default_mode = "channels_last" if cfg.MODEL.VIPA.CHANNELS_LAST else BASELINE_MODE
-    configured = copy.deepcopy(model).set_channels_last(cfg.MODEL.VIPA.CHANNELS_LAST)
+    # ``model`` is NCHW already: copy it only when the config asks for NHWC.
+    configured = (
+        copy.deepcopy(model).set_channels_last(True) if cfg.MODEL.VIPA.CHANNELS_LAST else model
+    )
     share_batches = [min(batches)] if spec.heavy else sorted(set(batches))
     shares = {}
     for b in share_batches:

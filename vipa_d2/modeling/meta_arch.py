@@ -40,12 +40,11 @@ def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     downstream, so the outputs do not change; the text encoder, fusion, VEG and decoder
     then cost what the batch's longest expression needs instead of INPUT.MAX_TEXT_LEN.
     """
-    used = int(attention_mask.sum(dim=1).max()) if attention_mask.numel() else 0
-    if used == 0 or used == attention_mask.shape[1]:
+    used_columns = attention_mask.any(dim=0).nonzero()
+    if used_columns.numel() == 0:
         return input_ids, attention_mask
-    if not bool(attention_mask[:, used:].eq(0).all()):
-        return input_ids, attention_mask  # padding not on the right: keep everything
-    return input_ids[:, :used], attention_mask[:, :used]
+    end = int(used_columns.max()) + 1  # trailing columns no expression uses are dropped
+    return input_ids[:, :end], attention_mask[:, :end]
 
 
 @META_ARCH_REGISTRY.register()
