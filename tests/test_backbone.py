@@ -1,4 +1,6 @@
 """timm backbones as Detectron2 backbones, and the bundled EfficientNet-Lite0 weights."""
+import copy
+
 import cv2
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from detectron2.modeling import build_backbone
 
 from vipa_d2 import add_vipa_config
 from vipa_d2.modeling.backbone import load_backbone_weights
+from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d
 
 # ImageNet-1k indices of the cat classes: tabby, tiger cat, Egyptian cat.
 CAT_CLASSES = {281, 282, 285}
@@ -44,6 +47,7 @@ def test_bundled_lite0_weights_classify_cat(arch):
 
 def test_backbone_features_match_timm_with_bundled_weights():
     cfg = _cfg(weights="bundled")
+    cfg.MODEL.TIMM.FOLD_BN = False  # exact stage split; folding is compared to this below
     backbone = build_backbone(cfg, ShapeSpec(channels=3)).eval()
     ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4))
     load_backbone_weights(ref, "bundled", "tf_efficientnet_lite0")
@@ -121,3 +125,63 @@ def test_freeze_at_and_frozen_bn():
     before = [m.running_mean.clone() for m in bns]
     backbone(torch.randn(2, 3, 64, 64))
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
+
+
+def _pair(fold_bn, freeze_bn=False, arch="tf_efficientnet_lite0"):
+    """Backbones with and without Conv+BN folding holding the same (bundled) weights."""
+    built = []
+    for fold in (fold_bn, not fold_bn):
+        cfg = _cfg(arch=arch, weights="bundled")
+        cfg.MODEL.TIMM.FOLD_BN = fold
+        cfg.MODEL.TIMM.FREEZE_BN = freeze_bn
+        built.append(build_backbone(cfg, ShapeSpec(channels=3)))
+    folded, plain = built if fold_bn else built[::-1]
+    # The layout is unchanged: checkpoints move between the two either way.
+    assert list(folded.state_dict()) == list(plain.state_dict())
+    plain.load_state_dict(folded.state_dict())
+    return folded, plain
+
+
+@pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "efficientnet_lite0"])
+def test_conv_bn_folding_keeps_values_and_checkpoints(arch):
+    folded, plain = _pair(True, arch=arch)
+    n_folded = sum(isinstance(m, FoldedConv2d) for m in folded.modules())
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
+    assert n_folded >= n_bn - 5  # all but the TF-'same'-padded strided convs
+    assert not any(isinstance(m, FoldedConv2d) for m in plain.modules())
+    x = _cat_tensor(160)
+    with torch.no_grad():
+        ours, ref = folded.eval()(x), plain.eval()(x)
+        # channels_last and deepcopy keep each conv tied to its own BatchNorm.
+        moved = copy.deepcopy(folded).to(memory_format=torch.channels_last)
+        nhwc = moved(x.contiguous(memory_format=torch.channels_last))
+    bns = {id(m) for m in moved.modules() if isinstance(m, FoldedBatchNorm2d)}
+    assert all(id(m._bn[0]) in bns for m in moved.modules() if isinstance(m, FoldedConv2d))
+    for name in ref:
+        # float32 rounding of the folded weights, accumulated over ~16 layers
+        tol = dict(rtol=1e-4, atol=1e-4 * ref[name].abs().max().item())
+        torch.testing.assert_close(ours[name], ref[name], **tol)
+        torch.testing.assert_close(nhwc[name], ref[name], **tol)
+
+
+def test_conv_bn_folding_in_training():
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 96, 96)
+    # Frozen BatchNorm: folded in training too, with the same gradients.
+    folded, plain = _pair(True, freeze_bn=True)
+    grads = []
+    for model in (folded.train(), plain.train()):
+        model.zero_grad()
+        sum(f.square().mean() for f in model(x).values()).backward()
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.requires_grad})
+    assert grads[0].keys() == grads[1].keys() and grads[0]
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5, msg=n)
+    # Trainable BatchNorm: batch statistics, computed exactly as before, running stats too.
+    folded, plain = _pair(True, freeze_bn=False)
+    with torch.no_grad():
+        ours, ref = folded.train()(x), plain.train()(x)
+    for name in ref:
+        torch.testing.assert_close(ours[name], ref[name], rtol=0, atol=0)
+    for (n, a), (_, b) in zip(folded.state_dict().items(), plain.state_dict().items()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=n)

@@ -14,7 +14,8 @@ speed: tiny config at 320 px and paper config (Swin-B + BERT-base, random weight
   480 px; batch 1 and 8 latency / images/s (median, warm-up excluded, CPU/wall ratio),
   peak RSS, training iterations/s (tiny, batch 8), params and multiply-adds per module,
   achieved multiply-add rate vs a fp32 matmul probe run between the model calls, share of
-  time per module; inference variants (no_grad, inference_mode, channels_last) interleaved.
+  time per module; inference variants (no_grad, channels_last without and with Conv+BN
+  folding; inference_mode on request) interleaved.
 accuracy: every variant (VIPA, language K/V, step 1/2 only, global/local cues only,
   r in {0.1, 0.3, 0.8}, fusion none/late/early; shuffled-expression control of VIPA)
   trained by its own train_net.py process with the same data, schedule and budget, all
@@ -51,7 +52,7 @@ FULL = {
     "speed_configs": ["tiny", "paper"],
     "tiny_size": 320,
     "paper_size": 480,
-    "modes": ["no_grad", "inference_mode", "channels_last"],
+    "modes": ["no_grad", "channels_last_unfolded", "channels_last"],
     "paper_modes": [speed.BASELINE_MODE],
     "batches": [1, 8],
     "train_batch": 8,
@@ -172,7 +173,7 @@ def _speed_args(p):
         nargs="+",
         choices=sorted(speed.INFERENCE_MODES),
         default=None,
-        help="inference variants of the tiny config, interleaved (default: all)",
+        help=f"inference variants of the tiny config, interleaved (default: {' '.join(FULL['modes'])})",
     )
     g.add_argument(
         "--paper-modes",

@@ -187,7 +187,7 @@ INFERENCE_HEADER = (
     "config|size|mode|batch|latency ms|min-max ms|ms/image|images/s|CPU/wall|peak RSS MiB|GMAC/s|"
     "% of matmul"
 ).split("|")
-TRAIN_HEADER = "config|size|layout|batch|s/iter|iters/s|images/s|CPU/wall|peak RSS MiB".split("|")
+TRAIN_HEADER = "config|size|variant|batch|s/iter|iters/s|images/s|CPU/wall|peak RSS MiB".split("|")
 
 
 # Measured sections of benchmark.json, in report order.
@@ -306,9 +306,12 @@ def _accuracy_md(accuracy: Dict) -> str:
     if not accuracy or not accuracy.get("variants"):
         return NOT_MEASURED
     s = accuracy["settings"]
+    # The tables also hold finished runs of earlier invocations, so list the seeds they
+    # hold rather than the seeds this invocation was asked for.
+    seeds = sorted({int(seed) for by_seed in accuracy["runs"].values() for seed in by_seed})
     parts = [
         f"`{s['config_file']}`, {s['iters']} iterations x batch {s['batch']} at {s['image_size']} px, "
-        f"lr {s['base_lr']}, seeds {s['seeds']}; synthetic data: {s['data']['num_images']} images "
+        f"lr {s['base_lr']}, seeds {seeds} (per variant: the seeds column); synthetic data: {s['data']['num_images']} images "
         f"({s['data']['image_size']} px, data seed {s['data']['seed']}); scored at {s['scored_at']}. "
         "Cells: mean ± std over seeds (a single value = one seed). "
         f"Base: r = {s['base']['ratio']}, fusion {s['base']['fusion']} (the `vipa` row is also the "
@@ -384,7 +387,7 @@ def _claims_md(accuracy: Dict) -> str:
 
 
 EVAL_HEADER = (
-    "step|trim text|layout|batch|wall s (median)|min-max s|samples/s|speed-up|CPU/wall|"
+    "step|trim text|layout|Conv+BN folded|batch|wall s (median)|min-max s|samples/s|speed-up|CPU/wall|"
     + "|".join(ev.REPORTED_METRICS)
 ).split("|")
 
@@ -401,6 +404,8 @@ def _evaluation_md(section: Dict) -> str:
                 r["step"],
                 "yes" if r["trim_text_padding"] else "no",
                 "NHWC" if r["channels_last"] else "NCHW",
+                # Sections written before MODEL.TIMM.FOLD_BN existed ran unfolded.
+                "yes" if r.get("fold_bn", False) else "no",
                 r["batch"],
                 fmt(w["median"], 1),
                 f"{fmt(w['min'], 1)}-{fmt(w['max'], 1)}",

@@ -24,6 +24,7 @@ from detectron2.modeling import build_model
 
 import model_cost  # tools/model_cost.py: params, fvcore multiply-adds, per-module timing hooks
 from vipa_d2.engine import build_vipa_optimizer
+from vipa_d2.modeling.backbone.conv_bn_fold import set_conv_bn_folding
 
 from .common import BenchmarkError, PeakRSS, machine_info, summarize
 
@@ -70,6 +71,12 @@ def _channels_last(model):
     return lambda batch: _call(converted, batch, torch.no_grad)
 
 
+def _channels_last_unfolded(model):
+    # The channels_last path as it was before Conv+BatchNorm folding (MODEL.TIMM.FOLD_BN).
+    converted = set_conv_bn_folding(copy.deepcopy(model).set_channels_last(True), False)
+    return lambda batch: _call(converted, batch, torch.no_grad)
+
+
 def _call(model, batch, context):
     with context():
         return model(batch)
@@ -78,10 +85,12 @@ def _call(model, batch, context):
 # Inference variants compared in one interleaved run, all on the same weights in NCHW
 # layout unless the mode changes it. "no_grad" is what the evaluator (detectron2's
 # inference_on_dataset) and VIPAPredictor use; "channels_last" adds MODEL.VIPA.CHANNELS_LAST.
+# Every mode runs with the config's MODEL.TIMM.FOLD_BN except "channels_last_unfolded".
 INFERENCE_MODES: Dict[str, Callable] = {
     "no_grad": _no_grad,
     "inference_mode": _inference_mode,
     "channels_last": _channels_last,
+    "channels_last_unfolded": _channels_last_unfolded,
 }
 BASELINE_MODE = "no_grad"
 
@@ -142,8 +151,13 @@ def _train_input(cfg, vocab_size: int) -> Dict:
     return {**x, "gt_mask": mask, "empty": False}
 
 
-# Training step layouts timed side by side: name -> MODEL.VIPA.CHANNELS_LAST.
-TRAIN_LAYOUTS = {"train": False, "train_channels_last": True}
+# Training steps timed side by side: name -> (MODEL.VIPA.CHANNELS_LAST, Conv+BN folding).
+# Folding acts in training only where BatchNorm is frozen (MODEL.TIMM.FREEZE_BN).
+TRAIN_LAYOUTS = {
+    "train": (False, True),
+    "train_channels_last_unfolded": (True, False),
+    "train_channels_last": (True, True),
+}
 
 
 def _train_step(cfg, model, inputs) -> Callable[[], None]:
@@ -237,8 +251,9 @@ def measure_config(
         train_batch_inputs = [_train_input(cfg, vocab)] * train_batch
         # Both layouts, each with its own weights and optimizer state (the first one reuses
         # the built model instead of holding an idle copy in memory).
-        for i, (layout, channels_last) in enumerate(TRAIN_LAYOUTS.items()):
+        for i, (layout, (channels_last, fold)) in enumerate(TRAIN_LAYOUTS.items()):
             net = (copy.deepcopy(train_model) if i else train_model).set_channels_last(channels_last)
+            set_conv_bn_folding(net, fold)
             cases.append(("train", layout, train_batch, _train_step(cfg, net, train_batch_inputs)))
 
     log(f"[speed] {name}: warm-up ({warmup} call(s) per case, {len(cases)} cases) ...")

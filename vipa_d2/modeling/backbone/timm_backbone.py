@@ -15,6 +15,7 @@ from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from .conv_bn_fold import fold_conv_bn
 from .weights import load_backbone_weights
 
 logger = logging.getLogger(__name__)
@@ -33,7 +34,10 @@ class _Stages:
 
     def __init__(self, model: nn.Module):
         self.channels_last_out = False
+        # Whether a Conv2d registered right before a BatchNorm feeds it (see fold_conv_bn).
+        self.conv_bn_in_order = False
         if hasattr(model, "conv_stem") and hasattr(model, "blocks"):  # EfficientNet family
+            self.conv_bn_in_order = True
             self.stem = nn.Sequential(model.conv_stem, model.bn1)
             self.stages = list(model.blocks)
             # timm's feature_info names the blocks whose outputs are features.
@@ -102,6 +106,10 @@ class VIPATimmBackbone(Backbone):
         last = max(self._stage_names)
         del self.stages[last + 1 :]
         self._hook: Optional[StageHook] = None
+        if cfg.MODEL.TIMM.FOLD_BN and split.conv_bn_in_order:
+            folded = fold_conv_bn(self)
+            logger.info(f"{arch}: {folded} Conv2d+BatchNorm pairs fold while BatchNorm uses running stats")
+        # After folding: the frozen BatchNorms are the modules now in the BatchNorm slots.
         self._freeze(cfg.MODEL.BACKBONE.FREEZE_AT, cfg.MODEL.TIMM.FREEZE_BN)
 
     def _freeze(self, freeze_at: int, freeze_bn: bool) -> None:
