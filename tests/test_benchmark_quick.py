@@ -52,7 +52,7 @@ def test_quick_benchmark_json_and_resume(quick):
     # The tiny config runs NHWC: its own path is the one the targets read.
     assert tiny["default_mode"] == "channels_last"
     train = [(c["mode"], c["batch"]) for c in tiny["cases"] if c["kind"] == "train"]
-    assert train == [("train", 2), ("train_channels_last_unfolded", 2), ("train_channels_last", 2)]
+    assert train == [("train", 2), ("train_channels_last_first_pass", 2), ("train_channels_last", 2)]
     for c in tiny["cases"]:
         assert c["latency_s"]["n"] == 2
         for key in ("per_image_ms", "cpu_wall_ratio", "peak_rss_mib", "images_per_s"):
@@ -178,9 +178,10 @@ def test_evaluation_before_after_on_a_saved_checkpoint(tmp_path):
         section = json.load(f)["evaluation"]
     steps = section["steps"]
     assert section["settings"]["samples"] == 5
-    assert [(s["trim_text_padding"], s["channels_last"], s["batch"], s["fold_bn"]) for s in steps] == [
-        (False, False, 1, False), (True, False, 1, False), (True, True, 1, False),
-        (True, True, 8, False), (True, True, 8, True),
+    switches = ("trim_text_padding", "channels_last", "batch", "fold_bn", "fused_attention")
+    assert [tuple(s[k] for k in switches) for s in steps] == [
+        (False, False, 1, False, False), (True, False, 1, False, False), (True, True, 1, False, False),
+        (True, True, 8, False, False), (True, True, 8, True, False), (True, True, 8, True, True),
     ]
     for s in steps:
         assert s["wall_s"]["n"] == 1 and s["samples_per_s"] > 0

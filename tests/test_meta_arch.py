@@ -14,6 +14,7 @@ from detectron2.structures import BoxMode
 from vipa_d2 import add_vipa_config
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
+from vipa_d2.modeling.attention import set_fused_attention
 from vipa_d2.modeling.meta_arch import trim_text_padding
 
 TINY = "configs/synthetic/vipa_tiny_cpu.yaml"
@@ -281,6 +282,29 @@ def test_channels_last_layout_keeps_the_outputs(tokenizer, default_model):
     # Loading weights (a checkpoint) keeps the model's layout.
     nhwc.load_state_dict(nchw.state_dict())
     assert conv.is_contiguous(memory_format=torch.channels_last)
+
+
+def test_fused_attention_keeps_outputs_and_gradients(tokenizer, default_model):
+    fused = copy.deepcopy(default_model)
+    _open_fusion_gates(fused)  # so pixel-word attention reaches the output
+    explicit = set_fused_attention(copy.deepcopy(fused), False)
+    inputs = make_inputs(tokenizer, TEXTS[:3])  # different lengths: padding masks
+    with torch.no_grad():
+        a, b = fused.eval()(inputs), explicit.eval()(inputs)
+    for x, y in zip(a, b):
+        assert torch.allclose(x["ref_seg"], y["ref_seg"], atol=1e-5)
+    losses, grads = [], []
+    for model in (fused.train(), explicit.train()):
+        torch.manual_seed(7)  # same Gumbel noise
+        loss = model(inputs)
+        model.zero_grad()
+        sum(loss.values()).backward()
+        losses.append({k: v.item() for k, v in loss.items()})
+        grads.append({n: p.grad for n, p in model.named_parameters() if p.grad is not None})
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    for n in grads[0]:
+        torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5, msg=n)
 
 
 def test_fixed_seed_gives_identical_results(tokenizer):

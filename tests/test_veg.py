@@ -1,11 +1,13 @@
 """Differentiable top-k sampler, linguistic cues and the Visual Expression Generator."""
+import copy
+
 import pytest
 import torch
 
 from detectron2.config import get_cfg
 
 from vipa_d2 import add_vipa_config
-from vipa_d2.modeling.attention import MultiHeadAttention, sine_position_encoding
+from vipa_d2.modeling.attention import MultiHeadAttention, set_fused_attention, sine_position_encoding
 from vipa_d2.modeling.sampler import differentiable_topk, num_retrieved
 from vipa_d2.modeling.veg import VisualExpressionGenerator, linguistic_cue_mask
 
@@ -110,6 +112,30 @@ def test_masked_attention_ignores_tokens_outside_the_mask():
     kv3[0, inside] += 5.0
     out3, _ = attn(q, kv3, kv3, allowed=allowed)
     assert not torch.allclose(out[0, 0], out3[0, 0])
+
+
+@pytest.mark.parametrize("mask_shape", [(2, 3, 10), (2, 1, 10)])
+def test_fused_attention_matches_the_explicit_path(mask_shape):
+    torch.manual_seed(0)
+    fused = MultiHeadAttention(16, 4, kdim=12, vdim=12).train()
+    explicit = set_fused_attention(copy.deepcopy(fused), False)
+    assert fused.fused and not explicit.fused
+    q, kv = torch.randn(2, 3, 16), torch.randn(2, 10, 12, requires_grad=True)
+    allowed = torch.rand(*mask_shape) > 0.5
+    allowed[0, 0] = False  # a row with no allowed key is opened up on both paths
+    outs, grads = [], []
+    for attn in (fused, explicit):
+        out, _ = attn(q, kv, kv, allowed=allowed)
+        kv.grad = None
+        out.square().sum().backward()
+        outs.append(out.detach())
+        grads.append([kv.grad] + [p.grad for p in attn.parameters()])
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-6)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    # Paths that need the probabilities stay explicit: maps are returned as before.
+    _, weights = fused(q, kv, kv, allowed=allowed, need_weights=True)
+    assert weights.shape == (2, 3, 10)
 
 
 def test_sine_position_encoding_is_unique_per_location():

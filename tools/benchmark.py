@@ -14,8 +14,8 @@ speed: tiny config at 320 px and paper config (Swin-B + BERT-base, random weight
   480 px; batch 1 and 8 latency / images/s (median, warm-up excluded, CPU/wall ratio),
   peak RSS, training iterations/s (tiny, batch 8), params and multiply-adds per module,
   achieved multiply-add rate vs a fp32 matmul probe run between the model calls, share of
-  time per module; inference variants (no_grad, channels_last without and with Conv+BN
-  folding; inference_mode on request) interleaved.
+  time per module; inference variants (no_grad; channels_last with and without the second
+  pass's Conv+BN folding and fused attention; inference_mode on request) interleaved.
 accuracy: every variant (VIPA, language K/V, step 1/2 only, global/local cues only,
   r in {0.1, 0.3, 0.8}, fusion none/late/early; shuffled-expression control of VIPA)
   trained by its own train_net.py process with the same data, schedule and budget, all
@@ -23,8 +23,9 @@ accuracy: every variant (VIPA, language K/V, step 1/2 only, global/local cues on
   ones resume from their last checkpoint. Reports oIoU, mIoU, Prec@0.5, Prec@0.7 per split,
   mean ± std over seeds, and whether VIPA beats language K/V beyond the seed spread.
 evaluation: the real evaluation path (loader, mapper, model, evaluator) of a trained
-  checkpoint before/after the first optimisation pass (text padding trimmed, channels-last
-  layout, batched evaluation), switched on one at a time and interleaved.
+  checkpoint before/after the optimisation passes (text padding trimmed, channels-last
+  layout, batched evaluation; Conv+BN folding, fused attention), switched on one at a time
+  and interleaved.
 Speed, evaluation and accuracy can run at different times into the same --output: each updates its
 own section of benchmark.json. Other processes on the machine distort speed numbers:
 run it on a quiet machine (the JSON records the load average).
@@ -52,7 +53,13 @@ FULL = {
     "speed_configs": ["tiny", "paper"],
     "tiny_size": 320,
     "paper_size": 480,
-    "modes": ["no_grad", "channels_last_unfolded", "channels_last"],
+    "modes": [
+        "no_grad",
+        "channels_last_first_pass",
+        "channels_last_unfolded",
+        "channels_last_unfused",
+        "channels_last",
+    ],
     "paper_modes": [speed.BASELINE_MODE],
     "batches": [1, 8],
     "train_batch": 8,

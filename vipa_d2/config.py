@@ -84,6 +84,10 @@ def add_vipa_config(cfg):
     # (padding is masked, so outputs do not change). False keeps shapes fixed, e.g. for
     # tracing/export.
     cfg.MODEL.VIPA.TRIM_TEXT_PADDING = True
+    # Run the fusion/VEG/decoder attention through torch's scaled_dot_product_attention
+    # wherever no attention map or probability reweighting is needed: same values, no
+    # materialised masked logits (see vipa_d2/modeling/attention.py).
+    cfg.MODEL.VIPA.FUSED_ATTENTION = True
 
     # Visual Expression Generator.
     cfg.MODEL.VIPA.VEG = CN()

@@ -387,7 +387,7 @@ def _claims_md(accuracy: Dict) -> str:
 
 
 EVAL_HEADER = (
-    "step|trim text|layout|Conv+BN folded|batch|wall s (median)|min-max s|samples/s|speed-up|CPU/wall|"
+    "step|trim text|layout|Conv+BN folded|fused attention|batch|wall s (median)|min-max s|samples/s|speed-up|CPU/wall|"
     + "|".join(ev.REPORTED_METRICS)
 ).split("|")
 
@@ -404,8 +404,9 @@ def _evaluation_md(section: Dict) -> str:
                 r["step"],
                 "yes" if r["trim_text_padding"] else "no",
                 "NHWC" if r["channels_last"] else "NCHW",
-                # Sections written before MODEL.TIMM.FOLD_BN existed ran unfolded.
+                # Sections written before these switches existed ran without them.
                 "yes" if r.get("fold_bn", False) else "no",
+                "yes" if r.get("fused_attention", False) else "no",
                 r["batch"],
                 fmt(w["median"], 1),
                 f"{fmt(w['min'], 1)}-{fmt(w['max'], 1)}",
@@ -447,7 +448,7 @@ def render_markdown(data: Dict) -> str:
                 "## Machine\n\n" + _machine_md(data),
                 "## Commands\n\n" + _commands_md(data),
                 "## Speed and cost\n\n" + _speed_md(data.get("speed")),
-                "## Evaluation before/after the first optimisation pass\n\n"
+                "## Evaluation before/after the optimisation passes\n\n"
                 + _evaluation_md(data.get("evaluation")),
                 "## Accuracy and ablations (synthetic refsynth)\n\n"
                 + _accuracy_md(data.get("accuracy")),

@@ -24,6 +24,7 @@ from detectron2.modeling import build_model
 
 import model_cost  # tools/model_cost.py: params, fvcore multiply-adds, per-module timing hooks
 from vipa_d2.engine import build_vipa_optimizer
+from vipa_d2.modeling.attention import set_fused_attention
 from vipa_d2.modeling.backbone.conv_bn_fold import set_conv_bn_folding
 
 from .common import BenchmarkError, PeakRSS, machine_info, summarize
@@ -71,10 +72,16 @@ def _channels_last(model):
     return lambda batch: _call(converted, batch, torch.no_grad)
 
 
-def _channels_last_unfolded(model):
-    # The channels_last path as it was before Conv+BatchNorm folding (MODEL.TIMM.FOLD_BN).
-    converted = set_conv_bn_folding(copy.deepcopy(model).set_channels_last(True), False)
-    return lambda batch: _call(converted, batch, torch.no_grad)
+def _channels_last_without(fold: bool, fused: bool):
+    """The channels_last path with the second pass's optimisations switched off in part:
+    Conv+BatchNorm folding (MODEL.TIMM.FOLD_BN) and fused attention (MODEL.VIPA.FUSED_ATTENTION)."""
+
+    def make(model):
+        converted = copy.deepcopy(model).set_channels_last(True)
+        set_fused_attention(set_conv_bn_folding(converted, fold), fused)
+        return lambda batch: _call(converted, batch, torch.no_grad)
+
+    return make
 
 
 def _call(model, batch, context):
@@ -85,12 +92,15 @@ def _call(model, batch, context):
 # Inference variants compared in one interleaved run, all on the same weights in NCHW
 # layout unless the mode changes it. "no_grad" is what the evaluator (detectron2's
 # inference_on_dataset) and VIPAPredictor use; "channels_last" adds MODEL.VIPA.CHANNELS_LAST.
-# Every mode runs with the config's MODEL.TIMM.FOLD_BN except "channels_last_unfolded".
+# The "channels_last_*" modes switch off the second pass's optimisations; "first_pass" is
+# the config's path before it. The other modes keep the config's FOLD_BN/FUSED_ATTENTION.
 INFERENCE_MODES: Dict[str, Callable] = {
     "no_grad": _no_grad,
     "inference_mode": _inference_mode,
     "channels_last": _channels_last,
-    "channels_last_unfolded": _channels_last_unfolded,
+    "channels_last_first_pass": _channels_last_without(fold=False, fused=False),
+    "channels_last_unfolded": _channels_last_without(fold=False, fused=True),
+    "channels_last_unfused": _channels_last_without(fold=True, fused=False),
 }
 BASELINE_MODE = "no_grad"
 
@@ -151,12 +161,13 @@ def _train_input(cfg, vocab_size: int) -> Dict:
     return {**x, "gt_mask": mask, "empty": False}
 
 
-# Training steps timed side by side: name -> (MODEL.VIPA.CHANNELS_LAST, Conv+BN folding).
-# Folding acts in training only where BatchNorm is frozen (MODEL.TIMM.FREEZE_BN).
+# Training steps timed side by side: name -> (MODEL.VIPA.CHANNELS_LAST, Conv+BN folding,
+# fused attention). Folding acts in training only where BatchNorm is frozen
+# (MODEL.TIMM.FREEZE_BN).
 TRAIN_LAYOUTS = {
-    "train": (False, True),
-    "train_channels_last_unfolded": (True, False),
-    "train_channels_last": (True, True),
+    "train": (False, True, True),
+    "train_channels_last_first_pass": (True, False, False),
+    "train_channels_last": (True, True, True),
 }
 
 
@@ -251,9 +262,9 @@ def measure_config(
         train_batch_inputs = [_train_input(cfg, vocab)] * train_batch
         # Both layouts, each with its own weights and optimizer state (the first one reuses
         # the built model instead of holding an idle copy in memory).
-        for i, (layout, (channels_last, fold)) in enumerate(TRAIN_LAYOUTS.items()):
+        for i, (layout, (channels_last, fold, fused)) in enumerate(TRAIN_LAYOUTS.items()):
             net = (copy.deepcopy(train_model) if i else train_model).set_channels_last(channels_last)
-            set_conv_bn_folding(net, fold)
+            set_fused_attention(set_conv_bn_folding(net, fold), fused)
             cases.append(("train", layout, train_batch, _train_step(cfg, net, train_batch_inputs)))
 
     log(f"[speed] {name}: warm-up ({warmup} call(s) per case, {len(cases)} cases) ...")

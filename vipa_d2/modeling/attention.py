@@ -1,10 +1,12 @@
 """
 Attention building blocks shared by the fusion, VEG and decoder modules.
 
-Attention is written with explicit matmuls (not ``scaled_dot_product_attention``) so that
-(1) an extra multiplicative weight (the VEG's retrieved-token mask) can reweight the
-probabilities and carry gradients, (2) attention maps can be returned for visualisation,
-and (3) fvcore counts every multiply-add of it.
+Attention is written with explicit matmuls where (1) an extra multiplicative weight (the
+VEG's retrieved-token mask) reweights the probabilities and carries gradients, or (2)
+attention maps are returned for visualisation. Everywhere else it goes through
+``scaled_dot_product_attention`` (``fused``, MODEL.VIPA.FUSED_ATTENTION): the same values
+without materialising the masked logits, which dominate pixel-word attention (thousands
+of pixels, a few words, 3-dimensional heads). tools/model_cost.py counts both paths.
 """
 import math
 from typing import Optional, Tuple
@@ -52,6 +54,7 @@ class MultiHeadAttention(nn.Module):
         self.v_proj = nn.Linear(vdim or dim, dim)
         self.out_proj = nn.Linear(dim, dim)
         self.dropout = nn.Dropout(dropout)
+        self.fused = True  # see the module docstring; set_fused_attention() switches it
 
     def _split(self, x: torch.Tensor) -> torch.Tensor:
         b, n, _ = x.shape
@@ -69,18 +72,32 @@ class MultiHeadAttention(nn.Module):
         q = self._split(self.q_proj(query))
         k = self._split(self.k_proj(key))
         v = self._split(self.v_proj(value))
-        logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
         if allowed is not None:
-            allowed = allow_at_least_one_key(allowed)
-            logits = logits.masked_fill(~allowed[:, None], float("-inf"))
-        probs = logits.softmax(dim=-1)
-        if reweight is not None:
-            probs = probs * reweight[:, None]
-            probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
-        out = torch.matmul(self.dropout(probs), v)
+            allowed = allow_at_least_one_key(allowed)[:, None]  # broadcast over heads
+        probs = None
+        if self.fused and reweight is None and not need_weights:
+            dropout_p = self.dropout.p if self.training else 0.0
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=allowed, dropout_p=dropout_p)
+        else:
+            logits = torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(self.head_dim)
+            if allowed is not None:
+                logits = logits.masked_fill(~allowed, float("-inf"))
+            probs = logits.softmax(dim=-1)
+            if reweight is not None:
+                probs = probs * reweight[:, None]
+                probs = probs / probs.sum(dim=-1, keepdim=True).clamp(min=torch.finfo(probs.dtype).tiny)
+            out = torch.matmul(self.dropout(probs), v)
         b, _, lq, _ = out.shape
         out = self.out_proj(out.transpose(1, 2).reshape(b, lq, -1))
         return out, (probs.mean(dim=1) if need_weights else None)
+
+
+def set_fused_attention(module: nn.Module, enabled: bool) -> nn.Module:
+    """Route every :class:`MultiHeadAttention` under ``module`` through SDPA where possible."""
+    for m in module.modules():
+        if isinstance(m, MultiHeadAttention):
+            m.fused = bool(enabled)
+    return module
 
 
 class FeedForward(nn.Module):

@@ -22,6 +22,7 @@ from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
+from .attention import set_fused_attention
 from .fusion import FUSION_MODES, VisionLanguageFusion
 from .losses import VIPACriterion, area_downsample
 from .pixel_decoder import build_pixel_decoder
@@ -70,6 +71,7 @@ class VIPA(nn.Module):
         no_target_threshold: float,
         channels_last: bool = False,
         trim_text_padding: bool = True,
+        fused_attention: bool = True,
     ):
         """
         Exactly one of ``veg`` (KV_SOURCE "visual_expression") and ``language_proj``
@@ -98,6 +100,7 @@ class VIPA(nn.Module):
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.set_channels_last(channels_last)
+        set_fused_attention(self, fused_attention)
         logger.info(
             "VIPA: fusion=%s, key/value=%s, cues: global=%s local=%s",
             fusion_mode, "visual expression (VEG)" if veg is not None else "language", global_cue, local_cues,
@@ -147,6 +150,7 @@ class VIPA(nn.Module):
             "no_target_threshold": vipa.NO_TARGET_THRESHOLD,
             "channels_last": vipa.CHANNELS_LAST,
             "trim_text_padding": vipa.TRIM_TEXT_PADDING,
+            "fused_attention": vipa.FUSED_ATTENTION,
         }
 
     def set_channels_last(self, enabled: bool) -> "VIPA":
