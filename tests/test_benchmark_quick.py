@@ -108,6 +108,11 @@ def test_quick_benchmark_json_and_resume(quick):
         "## Targets",
     ):
         assert section in md and section in stdout
+    # The paired table: language K/V minus VIPA, the value the JSON's headline holds.
+    paired = md.split("minus VIPA's, paired by seed")[1].split("**Run cost")[0]
+    kv_row = next(line for line in paired.splitlines() if line.startswith("| kv_language"))
+    head = data["accuracy"]["headline"]["difference"]["mean"]
+    assert float(kv_row.split("|")[3].split("±")[0]) == pytest.approx(-head, abs=0.01)
 
     # ---- a second invocation reuses the finished runs instead of training again
     again = run_benchmark("accuracy", "--quick", "--output", out)

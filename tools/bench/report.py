@@ -350,12 +350,41 @@ def _accuracy_md(accuracy: Dict) -> str:
         "**Run cost**\n\n"
         + markdown_table(["variant", "s/iter (median)", "wall s (this invocation)"], times)
     )
+    paired = _paired_md(accuracy)
+    if paired:
+        parts.append(paired)
     if accuracy.get("failed"):
         parts.append(
             "**Failed runs**: "
             + ", ".join(f"{f['variant']} seed {f['seed']} ({f['log']})" for f in accuracy["failed"])
         )
     return "\n\n".join(parts)
+
+
+def _paired_md(accuracy: Dict) -> str:
+    """Every variant minus VIPA in oIoU, per split, paired by seed (what an ablation costs)."""
+    runs = accuracy["runs"]
+    splits = [s for s in next(iter(runs.get(acc.VIPA, {}).values()), {}).get("metrics", {})
+              if acc.SHUFFLED_SUFFIX not in s]
+    rows = []
+    for name in runs:
+        if name == acc.VIPA:
+            continue
+        cells = [acc.compare(runs, name, acc.VIPA, split=s)["difference"] for s in splits]
+        if not any(c["n"] for c in cells):
+            continue
+        rows.append(
+            [name, acc.VARIANTS[name].label]
+            + [fmt_spread(c) if c["n"] else "-" for c in cells]
+            + [str(max(c["n"] for c in cells))]
+        )
+    if not rows:
+        return ""
+    return (
+        f"**{acc.HEADLINE_METRIC} minus VIPA's, paired by seed** (a single value = one seed; "
+        "negative = the variant is worse)\n\n"
+        + markdown_table(["variant", "description", *splits, "paired seeds"], rows)
+    )
 
 
 def _summ(values):
