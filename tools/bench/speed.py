@@ -260,8 +260,8 @@ def measure_config(
             cases.append(("inference", mode, b, lambda run=run, batch=batch: run(batch)))
     if train_model is not None:
         train_batch_inputs = [_train_input(cfg, vocab)] * train_batch
-        # Both layouts, each with its own weights and optimizer state (the first one reuses
-        # the built model instead of holding an idle copy in memory).
+        # Every TRAIN_LAYOUTS variant, each with its own weights and optimizer state (the
+        # first one reuses the built model instead of holding an idle copy in memory).
         for i, (layout, (channels_last, fold, fused)) in enumerate(TRAIN_LAYOUTS.items()):
             net = (copy.deepcopy(train_model) if i else train_model).set_channels_last(channels_last)
             set_fused_attention(set_conv_bn_folding(net, fold), fused)
