@@ -14,6 +14,7 @@ TOOLS = os.path.join(REPO, "tools")
 if TOOLS not in sys.path:
     sys.path.insert(0, TOOLS)
 from bench.accuracy import compare  # noqa: E402
+from bench.report import evaluate_targets  # noqa: E402
 
 PAPER_METRICS = ("oIoU", "mIoU", "Prec@0.5", "Prec@0.7")
 SPLITS = ("val", "testA", "testB")
@@ -148,6 +149,20 @@ def test_compare_verdicts_need_agreement_beyond_seed_spread():
     assert loses["outcome"] == "loses"
     assert compare(_runs([50.0], [40.0]), "vipa", "kv_language")["outcome"] == "single seed"
     assert compare(_runs([], []), "vipa", "kv_language")["outcome"] == "not measured"
+
+
+def test_speed_target_reads_the_config_path_and_names_a_faster_mode():
+    def case(mode, images_per_s):
+        return {"kind": "inference", "mode": mode, "batch": 8, "images_per_s": images_per_s}
+
+    tiny = {"image_size": 320, "default_mode": "channels_last", "cases": [case("channels_last", 19.5)]}
+    data = {"speed": {"settings": {"threads": 2}, "configs": {"tiny": tiny}}}
+    alone = evaluate_targets(data)[0]
+    assert (alone["measured"], alone["status"]) == (19.5, "FAIL") and "fastest" not in alone["note"]
+    tiny["cases"].append(case("channels_last_compiled", 21.1))  # an opt-in mode: noted, not judged
+    noted = evaluate_targets(data)[0]
+    assert (noted["measured"], noted["status"]) == (19.5, "FAIL")
+    assert noted["note"].endswith("channels_last (config); fastest: channels_last_compiled 21.10")
 
 
 def test_evaluation_before_after_on_a_saved_checkpoint(tmp_path):

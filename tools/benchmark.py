@@ -59,6 +59,7 @@ FULL = {
         "channels_last_unfolded",
         "channels_last_unfused",
         "channels_last",
+        "channels_last_compiled",
     ],
     "paper_modes": [speed.BASELINE_MODE],
     "batches": [1, 8],

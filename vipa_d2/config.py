@@ -88,6 +88,11 @@ def add_vipa_config(cfg):
     # wherever no attention map or probability reweighting is needed: same values, no
     # materialised masked logits (see vipa_d2/modeling/attention.py).
     cfg.MODEL.VIPA.FUSED_ATTENTION = True
+    # torch.compile the backbone (with the early fusion it calls) for inference. Training
+    # stays eager. The first inference call compiles (about 30-90 s on 2 CPU cores; again
+    # once when shapes change), so it pays off for evaluation and serving, not for a few
+    # images. Layout and the switches above must be set before that first call.
+    cfg.MODEL.VIPA.COMPILE_BACKBONE = False
 
     # Visual Expression Generator.
     cfg.MODEL.VIPA.VEG = CN()

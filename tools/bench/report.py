@@ -55,6 +55,15 @@ def evaluate_targets(data: Dict) -> List[Dict]:
     ok_t, note_t = cond(tiny, TINY_SIZE)
     c8 = _case(tiny, TARGET_BATCH)
     ips = c8["images_per_s"] if c8 else None
+    # The target is judged on the config's own path; name a faster opt-in mode beside it.
+    fastest = max(
+        (c for c in tiny.get("cases", []) if c["kind"] == "inference" and c["batch"] == TARGET_BATCH),
+        key=lambda c: c["images_per_s"],
+        default=None,
+    )
+    note_ips = note_t
+    if c8 and fastest and fastest["mode"] != c8["mode"]:
+        note_ips += f"; {c8['mode']} (config); fastest: {fastest['mode']} {fmt(fastest['images_per_s'])}"
     out.append(
         _target(
             f"tiny @{TINY_SIZE}, batch {TARGET_BATCH}, {TARGET_THREADS} threads: images/s",
@@ -62,7 +71,7 @@ def evaluate_targets(data: Dict) -> List[Dict]:
             ips,
             ips is not None and ips >= TINY_MIN_IMAGES_PER_S,
             ok_t,
-            note_t,
+            note_ips,
         )
     )
     shares = tiny.get("module_time", {})

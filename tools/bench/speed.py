@@ -84,6 +84,13 @@ def _channels_last_without(fold: bool, fused: bool):
     return make
 
 
+def _channels_last_compiled(model):
+    # MODEL.VIPA.COMPILE_BACKBONE on the channels_last path: the warm-up calls compile.
+    converted = copy.deepcopy(model).set_channels_last(True)
+    converted.compile_backbone = True
+    return lambda batch: _call(converted, batch, torch.no_grad)
+
+
 def _call(model, batch, context):
     with context():
         return model(batch)
@@ -94,6 +101,7 @@ def _call(model, batch, context):
 # inference_on_dataset) and VIPAPredictor use; "channels_last" adds MODEL.VIPA.CHANNELS_LAST.
 # The "channels_last_*" modes switch off the second pass's optimisations; "first_pass" is
 # the config's path before it. The other modes keep the config's FOLD_BN/FUSED_ATTENTION.
+# "channels_last_compiled" adds the opt-in MODEL.VIPA.COMPILE_BACKBONE.
 INFERENCE_MODES: Dict[str, Callable] = {
     "no_grad": _no_grad,
     "inference_mode": _inference_mode,
@@ -101,6 +109,7 @@ INFERENCE_MODES: Dict[str, Callable] = {
     "channels_last_first_pass": _channels_last_without(fold=False, fused=False),
     "channels_last_unfolded": _channels_last_without(fold=False, fused=True),
     "channels_last_unfused": _channels_last_without(fold=True, fused=False),
+    "channels_last_compiled": _channels_last_compiled,
 }
 BASELINE_MODE = "no_grad"
 

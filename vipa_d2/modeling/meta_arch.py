@@ -72,6 +72,7 @@ class VIPA(nn.Module):
         channels_last: bool = False,
         trim_text_padding: bool = True,
         fused_attention: bool = True,
+        compile_backbone: bool = False,
     ):
         """
         Exactly one of ``veg`` (KV_SOURCE "visual_expression") and ``language_proj``
@@ -97,6 +98,8 @@ class VIPA(nn.Module):
         self.global_cue, self.local_cues = global_cue, local_cues
         self.no_target_threshold = no_target_threshold
         self.trim_text_padding = trim_text_padding
+        self.compile_backbone = compile_backbone
+        self._compiled_backbone = None  # built on the first inference call (see _backbone)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.set_channels_last(channels_last)
@@ -151,6 +154,7 @@ class VIPA(nn.Module):
             "channels_last": vipa.CHANNELS_LAST,
             "trim_text_padding": vipa.TRIM_TEXT_PADDING,
             "fused_attention": vipa.FUSED_ATTENTION,
+            "compile_backbone": vipa.COMPILE_BACKBONE,
         }
 
     def set_channels_last(self, enabled: bool) -> "VIPA":
@@ -160,7 +164,25 @@ class VIPA(nn.Module):
         """
         self.channels_last = bool(enabled)
         self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
+        self._compiled_backbone = None  # compiled code specialises on the weights' layout
         return self
+
+    def __getstate__(self):
+        # Compiled code is bound to this instance's backbone: a copy (copy.deepcopy, pickle)
+        # compiles its own on its first inference call instead of running the original's.
+        state = self.__dict__.copy()
+        state["_compiled_backbone"] = None
+        return state
+
+    def _backbone(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The backbone; compiled for inference when MODEL.VIPA.COMPILE_BACKBONE is set."""
+        if self.training or not self.compile_backbone:
+            return self.backbone(pixels)
+        if self._compiled_backbone is None:
+            # Compiling __call__ keeps the module's hooks; a plain function is not registered
+            # as a submodule, so state_dict keys do not change.
+            self._compiled_backbone = torch.compile(self.backbone.__call__)
+        return self._compiled_backbone(pixels)
 
     @property
     def device(self) -> torch.device:
@@ -201,7 +223,7 @@ class VIPA(nn.Module):
         Under early fusion the features depend on the expression, so only the images are
         kept ("features" is None) and :meth:`decode` runs the backbone.
         """
-        features = None if self.fusion_mode == "early" else self.backbone(images.tensor)
+        features = None if self.fusion_mode == "early" else self._backbone(images.tensor)
         return {"images": images, "features": features}
 
     def encode_text(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -218,7 +240,7 @@ class VIPA(nn.Module):
                 return self.fusion.fuse_stage(name, feature, text, text_valid)
 
             with self.backbone.stage_hook(fuse):
-                return self.backbone(pixels)
+                return self._backbone(pixels)
         features = encoded["features"]
         if next(iter(features.values())).shape[0] != n:
             features = {k: v.expand(n, *v.shape[1:]) for k, v in features.items()}
