@@ -198,13 +198,15 @@ def test_evaluation_before_after_on_a_saved_checkpoint(tmp_path):
         section = json.load(f)["evaluation"]
     steps = section["steps"]
     assert section["settings"]["samples"] == 5
-    switches = ("trim_text_padding", "channels_last", "batch", "fold_bn", "fused_attention")
+    switches = ("trim_text_padding", "channels_last", "batch", "fold_bn", "fused_attention", "compile_backbone")
     assert [tuple(s[k] for k in switches) for s in steps] == [
-        (False, False, 1, False, False), (True, False, 1, False, False), (True, True, 1, False, False),
-        (True, True, 8, False, False), (True, True, 8, True, False), (True, True, 8, True, True),
+        (False, False, 1, False, False, False), (True, False, 1, False, False, False),
+        (True, True, 1, False, False, False), (True, True, 8, False, False, False),
+        (True, True, 8, True, False, False), (True, True, 8, True, True, False),
+        (True, True, 8, True, True, True),
     ]
     for s in steps:
-        assert s["wall_s"]["n"] == 1 and s["samples_per_s"] > 0
+        assert s["wall_s"]["n"] == 1 and s["samples_per_s"] > 0 and s["first_round_s"] > 0
         # The optimisations change the memory layout and shapes, not the values.
         for k, v in s["metrics"].items():
             assert v == pytest.approx(steps[0]["metrics"][k], abs=0.5), (s["step"], k)

@@ -430,19 +430,22 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
 
 
 def test_compiled_backbone_keeps_outputs_and_stays_out_of_training(tokenizer, default_model):
-    # One compilation only (about a minute on 2 cores); shape changes are torch's guards' job.
+    # One compilation only (about a minute on 2 cores): both batches have the same shapes.
     eager = copy.deepcopy(default_model).eval()
     _open_fusion_gates(eager)  # early fusion runs inside the compiled backbone
     compiled = copy.deepcopy(eager)
     compiled.compile_backbone = True
     assert compiled.state_dict().keys() == eager.state_dict().keys()
-    inputs = make_inputs(tokenizer, TEXTS[:2])
-    with torch.no_grad():
-        a, b = eager(inputs), compiled(inputs)
+    # The second batch swaps the expressions: compiled code must read every call's text,
+    # not the first call's.
+    for texts in (TEXTS[:2], TEXTS[1::-1]):
+        inputs = make_inputs(tokenizer, texts)
+        with torch.no_grad():
+            a, b = eager(inputs), compiled(inputs)
+        for x, y in zip(a, b):
+            assert torch.allclose(x["ref_seg"], y["ref_seg"], atol=1e-5)
     assert compiled._compiled_backbone is not None
-    for x, y in zip(a, b):
-        assert torch.allclose(x["ref_seg"], y["ref_seg"], atol=1e-5)
-    # The compiled code is bound to this backbone: a copy must build its own, not run it.
+    # The compiled code is bound to this model: a copy must build its own, not run it.
     assert copy.deepcopy(compiled)._compiled_backbone is None
     # Training runs the eager backbone: the compiled code is neither used nor rebuilt.
     compiled.train()

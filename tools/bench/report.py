@@ -425,7 +425,8 @@ def _claims_md(accuracy: Dict) -> str:
 
 
 EVAL_HEADER = (
-    "step|trim text|layout|Conv+BN folded|fused attention|batch|wall s (median)|min-max s|samples/s|speed-up|CPU/wall|"
+    "step|trim text|layout|Conv+BN folded|fused attention|compiled|batch|first round s|wall s (median)|min-max s|"
+    "samples/s|speed-up|CPU/wall|"
     + "|".join(ev.REPORTED_METRICS)
 ).split("|")
 
@@ -445,7 +446,9 @@ def _evaluation_md(section: Dict) -> str:
                 # Sections written before these switches existed ran without them.
                 "yes" if r.get("fold_bn", False) else "no",
                 "yes" if r.get("fused_attention", False) else "no",
+                "yes" if r.get("compile_backbone", False) else "no",
                 r["batch"],
+                fmt(r.get("first_round_s"), 1),
                 fmt(w["median"], 1),
                 f"{fmt(w['min'], 1)}-{fmt(w['max'], 1)}",
                 fmt(r["samples_per_s"]),
@@ -464,8 +467,9 @@ def _evaluation_md(section: Dict) -> str:
         f"`{os.path.basename(s['weights'])}` on the first {s['samples']} samples of "
         f"`{s['dataset']}`; {s['threads']} torch threads, {s['num_workers']} data-loader "
         f"worker(s); median of {s['repeats']} timed evaluations per step after one untimed "
-        "round, steps round-robin. Wall time covers loading, mapping, the model, resizing to "
-        "the original size and scoring; CPU/wall counts the main process only.\n\n"
+        "round (first round s: it includes any compilation), steps round-robin. Wall time "
+        "covers loading, mapping, the model, resizing to the original size and scoring; "
+        "CPU/wall counts the main process only.\n\n"
         + markdown_table(EVAL_HEADER, rows)
         + "\n\n"
         + agreement

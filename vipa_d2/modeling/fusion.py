@@ -6,9 +6,9 @@ multiplied element-wise with the (projected) pixel feature and added back throug
 learned tanh gate. The gate's last layer starts at zero, so at initialisation the fused
 feature equals the (possibly pretrained) visual feature and fusion is learned gently.
 
-"early" fusion applies these modules inside the backbone (through ``backbone.stage_hook``:
-the fused stage output feeds the next stage); "late" fusion applies them to the backbone
-outputs only.
+"early" fusion applies these modules inside the backbone (through the backbone's
+``stage_hook`` argument: the fused stage output feeds the next stage); "late" fusion
+applies them to the backbone outputs only.
 """
 import math
 from typing import Dict

@@ -174,15 +174,26 @@ class VIPA(nn.Module):
         state["_compiled_backbone"] = None
         return state
 
-    def _backbone(self, pixels: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """The backbone; compiled for inference when MODEL.VIPA.COMPILE_BACKBONE is set."""
-        if self.training or not self.compile_backbone:
+    def _run_backbone(self, pixels: torch.Tensor, text=None, text_valid=None) -> Dict[str, torch.Tensor]:
+        """The backbone; given the text, with early fusion after every output stage."""
+        if text is None:
             return self.backbone(pixels)
+
+        def fuse(name, feature):
+            return self.fusion.fuse_stage(name, feature, text, text_valid)
+
+        return self.backbone(pixels, stage_hook=fuse)
+
+    def _backbone(self, pixels: torch.Tensor, text=None, text_valid=None) -> Dict[str, torch.Tensor]:
+        """:meth:`_run_backbone`, compiled for inference when MODEL.VIPA.COMPILE_BACKBONE is set."""
+        if self.training or not self.compile_backbone:
+            return self._run_backbone(pixels, text, text_valid)
         if self._compiled_backbone is None:
-            # Compiling __call__ keeps the module's hooks; a plain function is not registered
-            # as a submodule, so state_dict keys do not change.
-            self._compiled_backbone = torch.compile(self.backbone.__call__)
-        return self._compiled_backbone(pixels)
+            # The text enters as an argument, so the compiled code reads every call's
+            # expressions (a closure over module state would be frozen at the first call).
+            # A plain function is not a registered submodule: state_dict keys stay the same.
+            self._compiled_backbone = torch.compile(self._run_backbone)
+        return self._compiled_backbone(pixels, text, text_valid)
 
     @property
     def device(self) -> torch.device:
@@ -235,12 +246,7 @@ class VIPA(nn.Module):
         if self.fusion_mode == "early":
             pixels = encoded["images"].tensor
             pixels = pixels.expand(n, *pixels.shape[1:]) if pixels.shape[0] != n else pixels
-
-            def fuse(name, feature):
-                return self.fusion.fuse_stage(name, feature, text, text_valid)
-
-            with self.backbone.stage_hook(fuse):
-                return self._backbone(pixels)
+            return self._backbone(pixels, text, text_valid)
         features = encoded["features"]
         if next(iter(features.values())).shape[0] != n:
             features = {k: v.expand(n, *v.shape[1:]) for k, v in features.items()}

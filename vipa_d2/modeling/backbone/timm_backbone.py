@@ -5,7 +5,6 @@ inject a per-stage hook whose output is fed to the next stage: this is the docum
 side channel through which early vision-language fusion enters the backbone without
 changing Detectron2's ``forward(images)`` contract.
 """
-import contextlib
 import logging
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -105,7 +104,6 @@ class VIPATimmBackbone(Backbone):
         # Stages after the last requested output are not run (and hold no parameters).
         last = max(self._stage_names)
         del self.stages[last + 1 :]
-        self._hook: Optional[StageHook] = None
         if cfg.MODEL.TIMM.FOLD_BN and split.conv_bn_in_order:
             folded = fold_conv_bn(self)
             logger.info(f"{arch}: {folded} Conv2d+BatchNorm pairs fold while BatchNorm uses running stats")
@@ -146,20 +144,13 @@ class VIPATimmBackbone(Backbone):
             for n in self._out_features
         }
 
-    @contextlib.contextmanager
-    def stage_hook(self, fn: StageHook):
+    def forward(self, x: torch.Tensor, stage_hook: Optional[StageHook] = None) -> Dict[str, torch.Tensor]:
         """
-        Within this context every output stage's feature ``f`` (NCHW) is replaced by
-        ``fn(name, f)`` before it is returned *and* before the next stage consumes it.
-        Used for early vision-language fusion (language reaches ``fn`` by closure).
+        ``stage_hook`` (optional): every output stage's feature ``f`` (NCHW) is replaced by
+        ``stage_hook(name, f)`` before it is returned *and* before the next stage consumes
+        it. Used for early vision-language fusion (language reaches it by closure). It is an
+        argument, not module state, so torch.compile traces the closure's tensors as inputs.
         """
-        previous, self._hook = self._hook, fn
-        try:
-            yield self
-        finally:
-            self._hook = previous
-
-    def forward(self, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         outputs = {}
         x = self.stem(x)
         for idx, stage in enumerate(self.stages):
@@ -168,8 +159,8 @@ class VIPATimmBackbone(Backbone):
             if name is None:
                 continue
             feat = x.permute(0, 3, 1, 2) if self._nhwc else x
-            if self._hook is not None:
-                feat = self._hook(name, feat)
+            if stage_hook is not None:
+                feat = stage_hook(name, feat)
                 x = feat.permute(0, 2, 3, 1) if self._nhwc else feat
             outputs[name] = feat.contiguous() if self._nhwc else feat
         return outputs
