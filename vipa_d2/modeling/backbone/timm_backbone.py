@@ -1,9 +1,9 @@
 """Detectron2 ``Backbone`` over timm models (EfficientNet, Swin), run stage by stage.
 
 Running the stages ourselves (instead of timm's ``features_only`` wrapper) lets a caller
-inject a per-stage hook whose output is fed to the next stage: this is the documented
-side channel through which early vision-language fusion enters the backbone without
-changing Detectron2's ``forward(images)`` contract.
+pass a per-stage hook whose output is fed to the next stage: the optional ``stage_hook``
+argument of ``forward``, through which early vision-language fusion enters the backbone.
+Without it, ``forward(images)`` is Detectron2's usual backbone contract.
 """
 import logging
 from typing import Callable, Dict, List, Optional, Tuple
