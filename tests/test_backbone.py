@@ -83,11 +83,13 @@ def test_stage_hook_feeds_next_stage():
             return torch.zeros_like(feat) if name == "res3" else feat
 
         hooked = backbone(x, stage_hook=zero_res3)
+        after = backbone(x)
     assert seen == ["res2", "res3", "res4", "res5"]
     torch.testing.assert_close(hooked["res2"], plain["res2"])
     assert hooked["res3"].abs().sum() == 0
     # The zeroed stage output was consumed by the later stages.
     assert not torch.allclose(hooked["res4"], plain["res4"])
+    torch.testing.assert_close(after["res5"], plain["res5"])  # the hook leaves nothing behind
 
 
 def test_checkpoint_problems_are_reported(tmp_path, caplog):

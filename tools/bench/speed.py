@@ -66,29 +66,24 @@ def _inference_mode(model):
     return lambda batch: _call(model, batch, torch.inference_mode)
 
 
-def _channels_last(model):
+def _channels_last(model, adjust: Optional[Callable] = None):
     # A converted copy (NHWC weights and image batches): the other modes keep the NCHW model.
+    # ``adjust`` sets the mode's switches on the copy before its first call.
     converted = copy.deepcopy(model).set_channels_last(True)
+    if adjust is not None:
+        adjust(converted)
     return lambda batch: _call(converted, batch, torch.no_grad)
 
 
 def _channels_last_without(fold: bool, fused: bool):
     """The channels_last path with the second pass's optimisations switched off in part:
     Conv+BatchNorm folding (MODEL.TIMM.FOLD_BN) and fused attention (MODEL.VIPA.FUSED_ATTENTION)."""
-
-    def make(model):
-        converted = copy.deepcopy(model).set_channels_last(True)
-        set_fused_attention(set_conv_bn_folding(converted, fold), fused)
-        return lambda batch: _call(converted, batch, torch.no_grad)
-
-    return make
+    return lambda model: _channels_last(model, lambda m: set_fused_attention(set_conv_bn_folding(m, fold), fused))
 
 
 def _channels_last_compiled(model):
     # MODEL.VIPA.COMPILE_BACKBONE on the channels_last path: the warm-up calls compile.
-    converted = copy.deepcopy(model).set_channels_last(True)
-    converted.compile_backbone = True
-    return lambda batch: _call(converted, batch, torch.no_grad)
+    return _channels_last(model, lambda m: setattr(m, "compile_backbone", True))
 
 
 def _call(model, batch, context):
