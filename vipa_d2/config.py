@@ -16,8 +16,6 @@ def add_vipa_config(cfg):
     cfg.INPUT.RESIZE_MODE = "square"
     # Maximum number of text tokens including [CLS] and [SEP] (peers: 20).
     cfg.INPUT.MAX_TEXT_LEN = 20
-    # Horizontal flip is off by default: it breaks "left"/"right" expressions.
-    cfg.INPUT.RANDOM_FLIP = "none"
     # How malformed refs (unknown ann_id, empty sentence, degenerate polygon) are
     # handled by the REFER loaders: "error" raises, "skip" logs and counts them.
     cfg.DATASETS.INVALID_REFS = "error"
@@ -32,6 +30,10 @@ def add_vipa_config(cfg):
     cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER = 1.0
     # Freeze the text encoder weights (no gradients).
     cfg.MODEL.TEXT_ENCODER.FREEZE = False
+    # Freeze only the token/position embeddings. A trained word-embedding table gets a dense
+    # gradient and an optimizer update over its whole vocabulary (30k x 384 for MiniLM) every
+    # step, although a batch uses a few dozen rows: most of the text encoder's training cost.
+    cfg.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS = False
     # Build the architecture from NAME's config.json with random weights (no weight files
     # needed; used by tools/model_cost.py for configs whose weights are not available offline).
     cfg.MODEL.TEXT_ENCODER.RANDOM_INIT = False
@@ -118,6 +120,13 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.VEG.SHARE_LAYERS = 1
     # Hidden size of the feed-forward blocks after the VEG's cross- and self-attention.
     cfg.MODEL.VIPA.VEG.DIM_FEEDFORWARD = 1024
+    # Add the tokens' position encoding to what E_V is built from (step-1 aggregation and
+    # step-2 values), so each E_V token carries WHERE its retrieved tokens are; without it
+    # the position reaches the attention keys only and E_V is a bag of appearance vectors.
+    cfg.MODEL.VIPA.VEG.POSITION_IN_VALUES = False
+    # Add the projected cue to its E_V token (cue identity): the decoder then knows which
+    # word a visual token answers, not just what it looks like.
+    cfg.MODEL.VIPA.VEG.CUE_IDENTITY = False
 
     # Pixel decoder (multi-scale, plain convolutions: no custom CUDA ops).
     cfg.MODEL.VIPA.PIXEL_DECODER = CN()
@@ -127,6 +136,13 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.PIXEL_DECODER.IN_FEATURES = ["res2", "res3", "res4", "res5"]
     # Normalization of the pixel decoder convolutions ("GN", "BN", "" ...).
     cfg.MODEL.VIPA.PIXEL_DECODER.NORM = "GN"
+    # Transformer encoder layers (pixel self-attention with sine positions) on the coarsest
+    # pixel decoder level: a CNN + FPN sees a neighbourhood, while "the leftmost", "second
+    # from the right" and "left of the ..." compare objects across the whole image.
+    cfg.MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS = 0
+    # Append normalised (x, y) coordinate channels to every lateral input (CoordConv):
+    # absolute position for "on the left" / "at the top" without relying on padding cues.
+    cfg.MODEL.VIPA.PIXEL_DECODER.COORDINATES = False
     # Channels of the per-pixel mask embedding (at the finest input stride).
     cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM = 256
 
@@ -140,6 +156,13 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD = 1024
     # Dropout inside attention and feed-forward blocks.
     cfg.MODEL.VIPA.DECODER.DROPOUT = 0.0
+    # A learned "nothing" key/value token beside the K/V set: a pixel that matches no cue
+    # (background) can attend to it instead of being forced onto some cue by the softmax.
+    cfg.MODEL.VIPA.DECODER.NULL_KV = False
+    # Add a mask term computed from the K/V set directly: a kernel from the pooled K/V
+    # tokens dotted with the mask features, so the expression reaches the mask logits
+    # without going through the pixel queries' softmax.
+    cfg.MODEL.VIPA.DECODER.KV_KERNEL = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()
@@ -151,6 +174,11 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.LOSS.CONTRASTIVE_WEIGHT = 0.5
     # Temperature of the pixel contrastive loss.
     cfg.MODEL.VIPA.LOSS.CONTRASTIVE_TEMPERATURE = 0.1
+    # Which cues' relevance rows the contrastive loss supervises with the target: "global"
+    # (the [CLS] cue, which stands for the whole expression) or "all". "all" tells every
+    # word, "the" and "left" included, to retrieve the target, and the cues collapse onto
+    # one set; "global" leaves each word free to retrieve what helps the mask (a landmark).
+    cfg.MODEL.VIPA.LOSS.CONTRASTIVE_CUES = "all"
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
     # Weight of the no-target classification loss (generalized data only).

@@ -15,6 +15,9 @@ from torch import nn
 
 from detectron2.config import configurable
 
+# Cues whose relevance the pixel contrastive loss supervises (MODEL.VIPA.LOSS.CONTRASTIVE_CUES).
+CONTRASTIVE_CUES = ("global", "all")
+
 
 def area_downsample(masks: torch.Tensor, size) -> torch.Tensor:
     """(B, H, W) float masks -> (B, h, w) fraction of each cell covered."""
@@ -83,10 +86,16 @@ class VIPACriterion(nn.Module):
         contrastive_temperature: float,
         deep_supervision: bool,
         no_target_weight: float,
+        contrastive_cues: str = "all",
     ):
         super().__init__()
         if contrastive_temperature <= 0:
             raise ValueError(f"MODEL.VIPA.LOSS.CONTRASTIVE_TEMPERATURE must be > 0, got {contrastive_temperature}")
+        if contrastive_cues not in CONTRASTIVE_CUES:
+            raise ValueError(
+                f"MODEL.VIPA.LOSS.CONTRASTIVE_CUES must be one of {CONTRASTIVE_CUES}, got {contrastive_cues!r}"
+            )
+        self.contrastive_cues = contrastive_cues
         self.bce_weight = bce_weight
         self.dice_weight = dice_weight
         self.contrastive_weight = contrastive_weight
@@ -97,6 +106,11 @@ class VIPACriterion(nn.Module):
     @classmethod
     def from_config(cls, cfg):
         loss = cfg.MODEL.VIPA.LOSS
+        if loss.CONTRASTIVE_CUES == "global" and not cfg.MODEL.VIPA.VEG.GLOBAL_CUE:
+            raise ValueError(
+                'MODEL.VIPA.LOSS.CONTRASTIVE_CUES "global" supervises the [CLS] cue, but '
+                'MODEL.VIPA.VEG.GLOBAL_CUE is False; set CONTRASTIVE_CUES "all" for local cues only'
+            )
         return {
             "bce_weight": loss.BCE_WEIGHT,
             "dice_weight": loss.DICE_WEIGHT,
@@ -104,6 +118,7 @@ class VIPACriterion(nn.Module):
             "contrastive_temperature": loss.CONTRASTIVE_TEMPERATURE,
             "deep_supervision": loss.DEEP_SUPERVISION,
             "no_target_weight": loss.NO_TARGET_WEIGHT,
+            "contrastive_cues": loss.CONTRASTIVE_CUES,
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
@@ -141,8 +156,13 @@ class VIPACriterion(nn.Module):
         if relevance is not None and self.contrastive_weight > 0:
             token_target = area_downsample(gt, relevance_grid).flatten(1)
             token_valid = area_downsample(image_valid, relevance_grid).flatten(1) >= 0.5
+            supervised = cue_valid
+            if self.contrastive_cues == "global":
+                # Only the [CLS] row (position 0, see linguistic_cue_mask) names the target.
+                supervised = torch.zeros_like(cue_valid)
+                supervised[:, 0] = cue_valid[:, 0]
             losses["loss_contrastive"] = self.contrastive_weight * pixel_contrastive_loss(
-                relevance, cue_valid, token_target, token_valid, self.contrastive_temperature
+                relevance, supervised, token_target, token_valid, self.contrastive_temperature
             )
         # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
         # no-target head never becomes an unused parameter under DDP.

@@ -1,7 +1,9 @@
 """
 Multi-scale pixel decoder: FPN-style lateral 1x1 convs, top-down nearest upsampling and
 3x3 output convs (plain convolutions, no deformable attention / custom CUDA ops), plus a
-1x1 projection of the finest level to the per-pixel mask embedding.
+1x1 projection of the finest level to the per-pixel mask embedding. Optionally, coordinate
+channels on every lateral input and transformer encoder layers (pixel self-attention) on
+the coarsest level give the features absolute position and image-wide context.
 """
 from typing import Dict, List, Tuple
 
@@ -13,6 +15,8 @@ import fvcore.nn.weight_init as weight_init
 from detectron2.config import configurable
 from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
+
+from .attention import AttentionBlock, FeedForward, sine_position_encoding
 
 VIPA_PIXEL_DECODER_REGISTRY = Registry("VIPA_PIXEL_DECODER")
 VIPA_PIXEL_DECODER_REGISTRY.__doc__ = """
@@ -36,13 +40,27 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
 @VIPA_PIXEL_DECODER_REGISTRY.register()
 class VIPAFPNPixelDecoder(nn.Module):
     @configurable
-    def __init__(self, input_shape: Dict[str, ShapeSpec], *, conv_dim: int, mask_dim: int, norm: str):
+    def __init__(
+        self,
+        input_shape: Dict[str, ShapeSpec],
+        *,
+        conv_dim: int,
+        mask_dim: int,
+        norm: str,
+        transformer_layers: int = 0,
+        nheads: int = 8,
+        dim_feedforward: int = 1024,
+        coordinates: bool = False,
+    ):
         """
         Args:
             input_shape: the used backbone features (any order; sorted fine to coarse here).
             conv_dim: width of every output level (= MODEL.VIPA.HIDDEN_DIM).
             mask_dim: channels of the mask features at the finest input stride.
             norm: Detectron2 norm name for the convs ("" for none).
+            transformer_layers: self-attention encoder layers on the coarsest level.
+            nheads, dim_feedforward: of those layers.
+            coordinates: append (x, y) in [-1, 1] to every lateral conv's input.
         """
         super().__init__()
         items = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
@@ -51,8 +69,10 @@ class VIPAFPNPixelDecoder(nn.Module):
         use_bias = norm == ""
         self.lateral_convs = nn.ModuleList()
         self.output_convs = nn.ModuleList()
+        self.coordinates = coordinates
+        extra = 2 if coordinates else 0
         for _, spec in items:
-            lateral = Conv2d(spec.channels, conv_dim, 1, bias=use_bias, norm=get_norm(norm, conv_dim))
+            lateral = Conv2d(spec.channels + extra, conv_dim, 1, bias=use_bias, norm=get_norm(norm, conv_dim))
             output = Conv2d(
                 conv_dim, conv_dim, 3, padding=1, bias=use_bias, norm=get_norm(norm, conv_dim), activation=F.relu
             )
@@ -63,6 +83,10 @@ class VIPAFPNPixelDecoder(nn.Module):
         self.mask_features = Conv2d(conv_dim, mask_dim, 1)
         weight_init.c2_xavier_fill(self.mask_features)
         self.mask_stride = items[0][1].stride
+        self.encoder = nn.ModuleList(
+            nn.ModuleList([AttentionBlock(conv_dim, nheads), FeedForward(conv_dim, dim_feedforward)])
+            for _ in range(transformer_layers)
+        )
 
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
@@ -72,7 +96,28 @@ class VIPAFPNPixelDecoder(nn.Module):
             "conv_dim": cfg.MODEL.VIPA.HIDDEN_DIM,
             "mask_dim": cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM,
             "norm": cfg.MODEL.VIPA.PIXEL_DECODER.NORM,
+            "transformer_layers": cfg.MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS,
+            "nheads": cfg.MODEL.VIPA.NHEADS,
+            "dim_feedforward": cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD,
+            "coordinates": cfg.MODEL.VIPA.PIXEL_DECODER.COORDINATES,
         }
+
+    @staticmethod
+    def _with_coordinates(x: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = x.shape
+        ys = torch.linspace(-1.0, 1.0, h, device=x.device, dtype=x.dtype)
+        xs = torch.linspace(-1.0, 1.0, w, device=x.device, dtype=x.dtype)
+        grid = torch.stack(torch.meshgrid(xs, ys, indexing="xy"))  # (2, H, W): x then y
+        return torch.cat([x, grid[None].expand(b, -1, -1, -1)], dim=1)
+
+    def _encode(self, y: torch.Tensor) -> torch.Tensor:
+        """Pixel self-attention (sine positions on queries and keys) over one level."""
+        b, c, h, w = y.shape
+        tokens = y.flatten(2).transpose(1, 2)
+        pos = sine_position_encoding(h, w, c, y.device, y.dtype)[None]
+        for attn, ffn in self.encoder:
+            tokens = ffn(attn(tokens, tokens, query_pos=pos, memory_pos=pos)[0])
+        return tokens.transpose(1, 2).reshape(b, c, h, w)
 
     def forward(self, features: Dict[str, torch.Tensor]) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         outputs: Dict[str, torch.Tensor] = {}
@@ -80,7 +125,10 @@ class VIPAFPNPixelDecoder(nn.Module):
         # Coarse to fine.
         for idx in range(len(self.in_features) - 1, -1, -1):
             name = self.in_features[idx]
-            y = self.lateral_convs[idx](features[name])
+            x = features[name]
+            y = self.lateral_convs[idx](self._with_coordinates(x) if self.coordinates else x)
+            if top_down is None and len(self.encoder):
+                y = self._encode(y)
             if top_down is not None:
                 y = y + F.interpolate(top_down, size=y.shape[-2:], mode="nearest")
             top_down = self.output_convs[idx](y)

@@ -79,7 +79,9 @@ class TextEncoder(nn.Module):
     """
 
     @configurable
-    def __init__(self, *, name: str, freeze: bool = False, random_init: bool = False):
+    def __init__(
+        self, *, name: str, freeze: bool = False, freeze_embeddings: bool = False, random_init: bool = False
+    ):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
@@ -93,6 +95,11 @@ class TextEncoder(nn.Module):
         self.frozen = freeze
         if freeze:
             self.model.requires_grad_(False)
+        elif freeze_embeddings:
+            # BERT-family models keep word, position and type embeddings (and their
+            # LayerNorm) in one ``embeddings`` block; other models at least expose the words.
+            embeddings = getattr(self.model, "embeddings", None) or self.model.get_input_embeddings()
+            embeddings.requires_grad_(False)
         logger.info("Text encoder %s (hidden size %d) from %s", name, self.hidden_size, path)
 
     @classmethod
@@ -100,6 +107,7 @@ class TextEncoder(nn.Module):
         return {
             "name": cfg.MODEL.TEXT_ENCODER.NAME,
             "freeze": cfg.MODEL.TEXT_ENCODER.FREEZE,
+            "freeze_embeddings": cfg.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS,
             "random_init": cfg.MODEL.TEXT_ENCODER.RANDOM_INIT,
         }
 

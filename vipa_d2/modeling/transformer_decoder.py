@@ -63,11 +63,15 @@ class VIPATransformerDecoder(nn.Module):
         num_layers: int,
         dim_feedforward: int,
         dropout: float,
+        null_kv: bool = False,
+        kv_kernel: bool = False,
     ):
         """
         Args:
             in_strides: {scale name: stride} of the pixel decoder outputs refined here.
             num_layers: decoder layers, one scale each, cycling coarse to fine.
+            null_kv: append a learned "nothing" token to the K/V set.
+            kv_kernel: add a mask term from a kernel of the pooled K/V tokens.
         """
         super().__init__()
         if num_layers < 1:
@@ -84,6 +88,9 @@ class VIPATransformerDecoder(nn.Module):
         self.mask_embed = _mlp(hidden_dim, hidden_dim, mask_dim)
         # Pooled refined pixels + pooled K/V tokens -> "the expression refers to nothing".
         self.no_target_head = _mlp(2 * hidden_dim, hidden_dim, 1)
+        # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
+        self.null_embed = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02) if null_kv else None
+        self.kv_kernel = _mlp(hidden_dim, hidden_dim, mask_dim) if kv_kernel else None
         # Start from a low no-target probability (most expressions have a target), so an
         # untrained head does not empty masks at inference (RetinaNet-style prior init).
         nn.init.constant_(self.no_target_head[-1].bias, -math.log((1 - NO_TARGET_PRIOR) / NO_TARGET_PRIOR))
@@ -107,6 +114,8 @@ class VIPATransformerDecoder(nn.Module):
             "num_layers": dec.NUM_LAYERS,
             "dim_feedforward": dec.DIM_FEEDFORWARD,
             "dropout": dec.DROPOUT,
+            "null_kv": dec.NULL_KV,
+            "kv_kernel": dec.KV_KERNEL,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -144,21 +153,30 @@ class VIPATransformerDecoder(nn.Module):
             c = tokens[n].shape[-1]
             level = self.level_embed.weight[lvl][None, None]
             pos[n] = sine_position_encoding(*sizes[n], c, kv.device, kv.dtype)[None] + level
+        valid = kv_valid.to(kv.dtype)[..., None]
+        kv_pooled = (kv * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
+        # The expression's direct say in every layer's mask (0 without KV_KERNEL).
+        direct = 0.0
+        if self.kv_kernel is not None:
+            direct = torch.einsum("bhwd,bd->bhw", mask_features, self.kv_kernel(kv_pooled))
+        attn_kv, attn_valid = kv, kv_valid
+        if self.null_embed is not None:
+            attn_kv = torch.cat([kv, self.null_embed.expand(kv.shape[0], 1, -1)], dim=1)
+            attn_valid = torch.cat([kv_valid, kv_valid.new_ones(kv.shape[0], 1)], dim=1)
+
         pred_masks = []
         x = None
         for i, layer in enumerate(self.layers):
             lvl = i % len(self.in_features)
             name = self.in_features[lvl]
             old = tokens[name]
-            x = layer(old, pos[name], kv, kv_valid)
+            x = layer(old, pos[name], attn_kv, attn_valid)
             tokens[name] = x
             for finer in self.in_features[lvl + 1 :]:
                 tokens[finer] = tokens[finer] + resize_tokens(x - old, sizes[name], sizes[finer])
             # Intermediate masks only serve deep supervision: skip them at inference.
             if self.training or i == self.num_layers - 1:
-                pred_masks.append(self.predict_mask(x, sizes[name], mask_features))
+                pred_masks.append(self.predict_mask(x, sizes[name], mask_features) + direct)
 
-        valid = kv_valid.to(kv.dtype)[..., None]
-        kv_pooled = (kv * valid).sum(dim=1) / valid.sum(dim=1).clamp(min=1.0)
         no_target = self.no_target_head(torch.cat([self.decoder_norm(x).mean(dim=1), kv_pooled], dim=-1))
         return {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1)}

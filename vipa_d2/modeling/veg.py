@@ -87,6 +87,8 @@ class VisualExpressionGenerator(nn.Module):
         share_layers: int,
         dim_feedforward: int,
         dropout: float,
+        position_in_values: bool = False,
+        cue_identity: bool = False,
     ):
         super().__init__()
         if not (step1 or step2):
@@ -100,6 +102,7 @@ class VisualExpressionGenerator(nn.Module):
             raise ValueError(f"MODEL.VIPA.VEG.SHARE_LAYERS must be >= 0, got {share_layers}")
         self.step1, self.step2 = step1, step2
         self.ratio, self.sampler, self.temperature, self.gumbel_noise = ratio, sampler, temperature, gumbel_noise
+        self.position_in_values, self.cue_identity = position_in_values, cue_identity
 
         self.visual_proj = nn.Conv2d(visual_channels, hidden_dim, kernel_size=1)
         self.visual_norm = nn.LayerNorm(hidden_dim)
@@ -132,6 +135,8 @@ class VisualExpressionGenerator(nn.Module):
             "share_layers": veg.SHARE_LAYERS,
             "dim_feedforward": veg.DIM_FEEDFORWARD,
             "dropout": cfg.MODEL.VIPA.DECODER.DROPOUT,
+            "position_in_values": veg.POSITION_IN_VALUES,
+            "cue_identity": veg.CUE_IDENTITY,
         }
 
     def retrieve(self, cues: torch.Tensor, fv: torch.Tensor, token_valid: torch.Tensor):
@@ -193,10 +198,15 @@ class VisualExpressionGenerator(nn.Module):
         if token_valid is None:
             token_valid = torch.ones(b, h * w, dtype=torch.bool, device=visual.device)
         out = {"valid": cue_valid, "grid": (h, w), "relevance": None}
+        pos = sine_position_encoding(h, w, fv.shape[-1], fv.device, fv.dtype)[None]
+        # What E_V is built from: appearance alone, or appearance + where it is.
+        values = fv + pos if self.position_in_values else fv
 
         if self.step1:
             relevance, mask, support = self.retrieve(cues, fv, token_valid)
-            queries = self.aggregate(relevance, mask, support, fv)
+            queries = self.aggregate(relevance, mask, support, values)
+            if self.cue_identity:
+                queries = queries + cues
             allowed, reweight = support, mask
             out.update(relevance=relevance, retrieval_mask=mask, attention=relevance)
         else:
@@ -209,8 +219,11 @@ class VisualExpressionGenerator(nn.Module):
         if not self.step2:
             out["visual_expression"] = queries
             return out
-        pos = sine_position_encoding(h, w, fv.shape[-1], fv.device, fv.dtype)[None]
-        refined, attn = self.refine(queries, fv, pos, allowed, reweight, cue_valid, need_weights=not self.step1)
+        # Keys always see the position; values too when E_V is to carry it.
+        memory, memory_pos = (values, None) if self.position_in_values else (fv, pos)
+        refined, attn = self.refine(
+            queries, memory, memory_pos, allowed, reweight, cue_valid, need_weights=not self.step1
+        )
         if not self.step1:
             out["attention"] = attn
         out["visual_expression"] = refined
