@@ -170,3 +170,73 @@ def test_criterion_names_and_weights():
     crit = VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.DEEP_SUPERVISION": False}))
     losses = crit(preds, torch.zeros(2), gt, valid, empty)  # no relevance: no contrastive loss
     assert set(losses) == {"loss_bce", "loss_dice", "loss_no_target"}
+
+
+def test_pixel_decoder_coordinates_and_self_attention_see_the_whole_image():
+    # No GroupNorm: its statistics would mix the whole map even without self-attention.
+    opts = {"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"], "MODEL.VIPA.PIXEL_DECODER.NORM": ""}
+    plain = build_pixel_decoder(small_cfg(**opts), SHAPES).eval()
+    assert plain.lateral_convs[0].weight.shape[1] == SHAPES["res3"].channels and len(plain.encoder) == 0
+    opts.update({"MODEL.VIPA.PIXEL_DECODER.COORDINATES": True, "MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS": 2})
+    dec = build_pixel_decoder(small_cfg(**opts), SHAPES).eval()
+    assert dec.lateral_convs[0].weight.shape[1] == SHAPES["res3"].channels + 2 and len(dec.encoder) == 2
+    # Coordinates: identical features at two places give different outputs.
+    f = {k: torch.ones(1, s.channels, 128 // s.stride, 128 // s.stride) for k, s in SHAPES.items()}
+    with torch.no_grad():
+        out = dec(f)[1]["res5"][0]
+        assert not torch.allclose(out[:, 0, 0], out[:, -1, -1], atol=1e-4)
+        # Self-attention: a change in one corner of the coarsest level reaches the opposite
+        # corner, which the 1x1 lateral and 3x3 output convs alone cannot do at 4x4.
+        g = features(1, 128)
+        base = dec(g)[1]["res5"][0, :, -1, -1]
+        g["res5"][0, :, 0, 0] += 5.0
+        assert not torch.allclose(dec(g)[1]["res5"][0, :, -1, -1], base, atol=1e-4)
+        base_plain = plain(g)[1]["res5"][0, :, -1, -1]
+        g["res5"][0, :, 0, 0] -= 5.0
+        assert torch.allclose(plain(g)[1]["res5"][0, :, -1, -1], base_plain)
+
+
+def test_null_kv_and_kv_kernel():
+    dec = VIPATransformerDecoder(
+        small_cfg(**{"MODEL.VIPA.DECODER.NULL_KV": True, "MODEL.VIPA.DECODER.KV_KERNEL": True}), SHAPES
+    ).eval()
+    plain = VIPATransformerDecoder(small_cfg(), SHAPES).eval()
+    assert dec.null_embed.shape == (1, 1, 32) and plain.null_embed is None and plain.kv_kernel is None
+    multi, mf, kv, valid = decoder_inputs()
+    with torch.no_grad():
+        out = dec(multi, mf, kv, valid)["pred_masks"][-1]
+        # Invalid K/V tokens stay invisible with the null token appended.
+        kv2 = kv.clone()
+        kv2[0, 4:] = 10.0
+        torch.testing.assert_close(dec(multi, mf, kv2, valid)["pred_masks"][-1], out)
+        # The null token takes part: changing it changes the masks.
+        dec.null_embed.add_(1.0)
+        assert not torch.allclose(dec(multi, mf, kv, valid)["pred_masks"][-1], out, atol=1e-4)
+        dec.null_embed.sub_(1.0)
+        # The kernel term is the pooled-K/V kernel dotted with the mask features.
+        kernel = dec.kv_kernel((kv * valid[..., None]).sum(1) / valid.sum(1, keepdim=True))
+        direct = torch.einsum("bdhw,bd->bhw", mf, kernel)
+        dec.kv_kernel = None
+        torch.testing.assert_close(dec(multi, mf, kv, valid)["pred_masks"][-1] + direct, out)
+
+
+def test_contrastive_loss_on_the_global_cue_only():
+    gt = torch.zeros(1, 16, 16)
+    gt[0, :8, :8] = 1
+    valid = torch.ones(1, 16, 16)
+    rel = torch.randn(1, 4, 16, requires_grad=True)
+    cues = torch.ones(1, 4, dtype=torch.bool)
+    crit = VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global"}))
+    loss = crit([torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
+    loss["loss_contrastive"].backward()
+    assert rel.grad[0, 0].abs().sum() > 0 and (rel.grad[0, 1:] == 0).all()
+    # Same value as the loss over a cue mask holding [CLS] alone.
+    only_cls = torch.zeros_like(cues)
+    only_cls[0, 0] = True
+    target = torch.nn.functional.adaptive_avg_pool2d(gt[:, None], (4, 4))[:, 0].flatten(1)
+    expected = 0.5 * pixel_contrastive_loss(rel, only_cls, target, torch.ones(1, 16, dtype=torch.bool), 0.1)
+    torch.testing.assert_close(loss["loss_contrastive"], expected)
+    with pytest.raises(ValueError, match="CONTRASTIVE_CUES"):
+        VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "words"}))
+    with pytest.raises(ValueError, match="GLOBAL_CUE"):
+        VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global", "MODEL.VIPA.VEG.GLOBAL_CUE": False}))

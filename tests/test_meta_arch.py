@@ -147,6 +147,25 @@ def test_language_kv_source_does_not_run_the_veg(tokenizer):
     assert torch.count_nonzero(out["relevance"]) == 0  # nothing retrieved in this baseline
 
 
+def test_loss_matched_control_has_language_kv_and_the_relevance_loss(tokenizer):
+    model = build("MODEL.VIPA.KV_SOURCE", "language_relevance")
+    assert model.kv_source == "language_relevance" and model.language_proj is not None
+    assert model.veg is not None and model.veg.step1 and not model.veg.step2
+    seen = capture_decoder_inputs(model)
+    inputs = make_inputs(tokenizer, TEXTS[:2])
+    model.train()
+    losses = model(inputs)
+    assert losses["loss_contrastive"] > 0
+    model.eval()
+    with torch.no_grad():
+        out = model(inputs)[0]
+        ids, mask = trim_text_padding(*model.preprocess_text(inputs))
+        expected = model.language_proj(model.text_encoder(ids, mask))
+    # The decoder sees the language only; the VEG's relevance is still shown.
+    assert torch.allclose(seen[-1][2], expected, atol=1e-5)
+    assert torch.count_nonzero(out["relevance"]) > 0
+
+
 def test_step_switches_build_run_and_change_the_computation(tokenizer):
     inputs = make_inputs(tokenizer, TEXTS[:2])
     # STEP2 off: no (masked) cross-attention module in the VEG; E_V = F_a still retrieved.
@@ -170,7 +189,7 @@ def test_cue_switches(tokenizer, default_model):
     inputs = make_inputs(tokenizer, TEXTS)
     n_words = [int(x["attention_mask"].sum()) - 2 for x in inputs]  # minus [CLS] and [SEP]
     for opts, expected in [
-        (("MODEL.VIPA.VEG.GLOBAL_CUE", False), n_words),
+        (("MODEL.VIPA.VEG.GLOBAL_CUE", False, "MODEL.VIPA.LOSS.CONTRASTIVE_CUES", "all"), n_words),
         (("MODEL.VIPA.VEG.LOCAL_CUES", False), [1, 1, 1]),
         ((), [n + 1 for n in n_words]),
     ]:

@@ -57,3 +57,13 @@ def test_path_resolution_errors(tmp_path):
     assert resolve_text_encoder_path("bert-base-uncased") == "bert-base-uncased"
     with pytest.raises(FileNotFoundError, match="not a directory"):
         resolve_text_encoder_path(str(tmp_path / "missing_model"))
+
+
+def test_freeze_embeddings_trains_the_layers_only(cfg):
+    c = cfg.clone()
+    c.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS = True
+    enc = TextEncoder(c)
+    trainable = {n for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable and not any(".embeddings." in n for n in trainable)
+    assert all(not p.requires_grad for p in enc.model.embeddings.parameters())
+    assert any(".encoder.layer." in n for n in trainable)

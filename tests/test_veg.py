@@ -241,3 +241,31 @@ def test_step_switches_change_the_computation():
 
     with pytest.raises(ValueError, match="STEP1 and STEP2"):
         build_veg(STEP1=False, STEP2=False)
+
+
+def test_visual_expression_carries_position_and_cue_identity():
+    visual, text, attn = veg_inputs(b=1)
+    cues = linguistic_cue_mask(attn, True, True)
+    valid = cues[0]
+    # Step 1's aggregate over a mirrored image: the same tokens are retrieved (mirrored), so
+    # without position in the values the aggregate cannot tell the two images apart.
+    plain = build_veg(STEP2=False).eval()
+    rich = build_veg(STEP2=False, POSITION_IN_VALUES=True).eval()
+    rich.load_state_dict(plain.state_dict())  # no new parameters: the same weights
+    flipped = visual.flip(-1)
+    with torch.no_grad():
+        e_plain = [plain(v, text, cues)["visual_expression"] for v in (visual, flipped)]
+        e_rich = [rich(v, text, cues)["visual_expression"] for v in (visual, flipped)]
+    torch.testing.assert_close(e_plain[0][0, valid], e_plain[1][0, valid], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(e_rich[0][0, valid], e_rich[1][0, valid], atol=1e-3)
+    # Cue identity: the step-1 queries are the aggregate plus the projected cue.
+    ident = build_veg(STEP2=False, CUE_IDENTITY=True).eval()
+    ident.load_state_dict(plain.state_dict())
+    with torch.no_grad():
+        diff = ident(visual, text, cues)["visual_expression"] - e_plain[0]
+        projected = plain.cue_norm(plain.cue_proj(text))
+    torch.testing.assert_close(diff, projected, rtol=1e-4, atol=1e-4)
+    # Both run through step 2 as well.
+    full = build_veg(POSITION_IN_VALUES=True, CUE_IDENTITY=True).eval()
+    with torch.no_grad():
+        assert torch.isfinite(full(visual, text, cues)["visual_expression"]).all()

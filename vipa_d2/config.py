@@ -67,8 +67,10 @@ def add_vipa_config(cfg):
     # the backbone outputs) or "early" (pixel-word attention inside the backbone
     # stages, LAVT-style, fed to the next stage).
     cfg.MODEL.VIPA.FUSION = "early"
-    # Key/value set of the transformer decoder: "visual_expression" (VIPA) or
-    # "language" (the paper's vanilla language-expression baseline; VEG is not run).
+    # Key/value set of the transformer decoder: "visual_expression" (VIPA), "language"
+    # (the paper's vanilla language-expression baseline; VEG is not run) or
+    # "language_relevance" (the loss-matched control: language K/V, plus a step-1-only VEG
+    # whose relevance map gets the same pixel contrastive loss as VIPA's).
     cfg.MODEL.VIPA.KV_SOURCE = "visual_expression"
     # Channel width shared by VEG, pixel decoder and transformer decoder.
     cfg.MODEL.VIPA.HIDDEN_DIM = 256

@@ -79,7 +79,11 @@ VARIANTS = OrderedDict(
             "global_only", "cues", "global cue only ([CLS])", ("MODEL.VIPA.VEG.LOCAL_CUES", "False")
         ),
         Variant(
-            "local_only", "cues", "local cues only (words)", ("MODEL.VIPA.VEG.GLOBAL_CUE", "False")
+            "local_only",
+            "cues",
+            "local cues only (words)",
+            # Without [CLS] the contrastive loss can only supervise the words.
+            ("MODEL.VIPA.VEG.GLOBAL_CUE", "False", "MODEL.VIPA.LOSS.CONTRASTIVE_CUES", "all"),
         ),
         Variant("ratio_0.1", "ratio", "r = 0.1", ("MODEL.VIPA.VEG.RATIO", "0.1")),
         Variant("ratio_0.8", "ratio", "r = 0.8", ("MODEL.VIPA.VEG.RATIO", "0.8")),

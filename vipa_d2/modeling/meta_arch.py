@@ -32,7 +32,10 @@ from .veg import VisualExpressionGenerator, linguistic_cue_mask
 
 logger = logging.getLogger(__name__)
 
-KV_SOURCES = ("visual_expression", "language")
+# "language_relevance" is the loss-matched control: language K/V, while a VEG (step 1
+# only) still computes the cue-token relevance so the pixel contrastive loss supervises
+# the same features as in VIPA; nothing of it reaches the decoder.
+KV_SOURCES = ("visual_expression", "language", "language_relevance")
 
 
 def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -58,6 +61,7 @@ class VIPA(nn.Module):
         text_encoder: nn.Module,
         fusion: Optional[VisionLanguageFusion],
         fusion_mode: str,
+        kv_source: str = "",
         veg: Optional[VisualExpressionGenerator],
         veg_in_feature: str,
         language_proj: Optional[nn.Module],
@@ -75,16 +79,27 @@ class VIPA(nn.Module):
         compile_backbone: bool = False,
     ):
         """
-        Exactly one of ``veg`` (KV_SOURCE "visual_expression") and ``language_proj``
-        (KV_SOURCE "language") is given; ``fusion`` is None iff ``fusion_mode`` is "none".
+        ``kv_source`` (one of KV_SOURCES; "" infers it from the modules given) decides which
+        modules are needed: ``veg`` for "visual_expression", ``language_proj`` for
+        "language", both for "language_relevance". ``fusion`` is None iff ``fusion_mode``
+        is "none".
         """
         super().__init__()
         if fusion_mode not in FUSION_MODES:
             raise ValueError(f"MODEL.VIPA.FUSION must be one of {FUSION_MODES}, got {fusion_mode!r}")
         if (fusion is None) != (fusion_mode == "none"):
             raise ValueError(f"Fusion mode {fusion_mode!r} and the fusion module do not match")
-        if (veg is None) == (language_proj is None):
-            raise ValueError("Give exactly one of `veg` and `language_proj` (the decoder's key/value source)")
+        if not kv_source:
+            kv_source = "visual_expression" if language_proj is None else "language"
+        needs = {"visual_expression": (True, False), "language": (False, True), "language_relevance": (True, True)}
+        if kv_source not in needs:
+            raise ValueError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
+        if needs[kv_source] != (veg is not None, language_proj is not None):
+            raise ValueError(
+                f"kv_source {kv_source!r} needs veg={needs[kv_source][0]} and language_proj="
+                f"{needs[kv_source][1]} (the decoder's key/value source)"
+            )
+        self.kv_source = kv_source
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.fusion = fusion
@@ -106,7 +121,7 @@ class VIPA(nn.Module):
         set_fused_attention(self, fused_attention)
         logger.info(
             "VIPA: fusion=%s, key/value=%s, cues: global=%s local=%s",
-            fusion_mode, "visual expression (VEG)" if veg is not None else "language", global_cue, local_cues,
+            fusion_mode, kv_source, global_cue, local_cues,
         )
 
     @classmethod
@@ -125,14 +140,16 @@ class VIPA(nn.Module):
         text_dim = text_encoder.hidden_size
         fusion = None if vipa.FUSION == "none" else VisionLanguageFusion(cfg, shapes, text_dim)
         veg = language_proj = None
-        if vipa.KV_SOURCE == "visual_expression":
+        if vipa.KV_SOURCE in ("visual_expression", "language_relevance"):
             if vipa.VEG.IN_FEATURE not in shapes:
                 raise ValueError(
                     f"MODEL.VIPA.VEG.IN_FEATURE={vipa.VEG.IN_FEATURE!r} is not a backbone output "
                     f"(available: {sorted(shapes)}; see MODEL.TIMM.OUT_FEATURES)"
                 )
-            veg = VisualExpressionGenerator(cfg, shapes[vipa.VEG.IN_FEATURE].channels, text_dim)
-        else:
+            # The control needs only step 1's relevance; step 2 would be unused parameters.
+            control = {"step1": True, "step2": False} if vipa.KV_SOURCE == "language_relevance" else {}
+            veg = VisualExpressionGenerator(cfg, shapes[vipa.VEG.IN_FEATURE].channels, text_dim, **control)
+        if vipa.KV_SOURCE in ("language", "language_relevance"):
             # The "vanilla language expression" baseline: projected word features as K/V.
             language_proj = nn.Sequential(nn.Linear(text_dim, vipa.HIDDEN_DIM), nn.LayerNorm(vipa.HIDDEN_DIM))
         return {
@@ -140,6 +157,7 @@ class VIPA(nn.Module):
             "text_encoder": text_encoder,
             "fusion": fusion,
             "fusion_mode": vipa.FUSION,
+            "kv_source": vipa.KV_SOURCE,
             "veg": veg,
             "veg_in_feature": vipa.VEG.IN_FEATURE,
             "language_proj": language_proj,
@@ -284,6 +302,7 @@ class VIPA(nn.Module):
             visual = features[self.veg_in_feature]
             token_valid = area_downsample(image_valid, visual.shape[-2:]).flatten(1) >= 0.5
             veg_out = self.veg(visual, text, cue_valid, token_valid)
+        if self.language_proj is None:
             kv = veg_out["visual_expression"]
         else:
             kv = self.language_proj(text)
