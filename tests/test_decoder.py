@@ -213,11 +213,43 @@ def test_null_kv_and_kv_kernel():
         dec.null_embed.add_(1.0)
         assert not torch.allclose(dec(multi, mf, kv, valid)["pred_masks"][-1], out, atol=1e-4)
         dec.null_embed.sub_(1.0)
-        # The kernel term is the pooled-K/V kernel dotted with the mask features.
+        # The kernel starts at zero (no say before training); once trained, its term is the
+        # pooled-K/V kernel dotted with the mask features.
+        dec.kv_kernel = None
+        torch.testing.assert_close(dec(multi, mf, kv, valid)["pred_masks"][-1], out)
+        dec = VIPATransformerDecoder(
+            small_cfg(**{"MODEL.VIPA.DECODER.NULL_KV": True, "MODEL.VIPA.DECODER.KV_KERNEL": True}), SHAPES
+        ).eval()
+        torch.nn.init.normal_(dec.kv_kernel[-1].weight)
+        out = dec(multi, mf, kv, valid)["pred_masks"][-1]
         kernel = dec.kv_kernel((kv * valid[..., None]).sum(1) / valid.sum(1, keepdim=True))
         direct = torch.einsum("bdhw,bd->bhw", mf, kernel)
         dec.kv_kernel = None
         torch.testing.assert_close(dec(multi, mf, kv, valid)["pred_masks"][-1] + direct, out)
+
+
+def test_mask_refinement_feature_gives_finer_masks():
+    opts = {"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"]}
+    coarse = build_pixel_decoder(small_cfg(**opts), SHAPES)
+    fine = build_pixel_decoder(small_cfg(**opts, **{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res2"}), SHAPES)
+    f = features()
+    assert coarse(f)[0].shape == (2, 16, 8, 8) and coarse.mask_stride == 8
+    assert fine(f)[0].shape == (2, 16, 16, 16) and fine.mask_stride == 4
+    # At the start the finer masks are the coarse ones upsampled (the projection is zero) ...
+    fine.load_state_dict(coarse.state_dict(), strict=False)
+    up = torch.nn.functional.interpolate(coarse(f)[0], size=(16, 16), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(fine(f)[0], up)
+    # ... and res2 reaches them through what the projection learns.
+    fine(f)[0].square().sum().backward()
+    assert fine.refine_lateral.weight.grad.abs().sum() > 0
+    torch.nn.init.normal_(fine.refine_lateral.weight)
+    base = fine(f)[0]
+    f["res2"] = f["res2"] + 1.0
+    assert not torch.allclose(fine(f)[0], base)
+    with pytest.raises(ValueError, match="MASK_REFINE_FEATURE"):
+        build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res1"}), SHAPES)
+    with pytest.raises(ValueError, match="finer than the mask features"):
+        build_pixel_decoder(small_cfg(**opts, **{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res4"}), SHAPES)
 
 
 def test_contrastive_loss_on_the_global_cue_only():

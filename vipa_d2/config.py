@@ -145,6 +145,10 @@ def add_vipa_config(cfg):
     # Append normalised (x, y) coordinate channels to every lateral input (CoordConv):
     # absolute position for "on the left" / "at the top" without relying on padding cues.
     cfg.MODEL.VIPA.PIXEL_DECODER.COORDINATES = False
+    # A backbone feature finer than the pixel decoder's finest input (e.g. "res2") whose 1x1
+    # projection is added to the upsampled mask features: masks at its stride for a few
+    # MACs, instead of a full-width FPN level there. "" keeps masks at the finest input.
+    cfg.MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE = ""
     # Channels of the per-pixel mask embedding (at the finest input stride).
     cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM = 256
 

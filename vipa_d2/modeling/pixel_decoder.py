@@ -5,7 +5,7 @@ Multi-scale pixel decoder: FPN-style lateral 1x1 convs, top-down nearest upsampl
 channels on every lateral input and transformer encoder layers (pixel self-attention) on
 the coarsest level give the features absolute position and image-wide context.
 """
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -28,10 +28,11 @@ Registry for VIPA pixel decoders: ``__init__(cfg, input_shape)`` (via ``from_con
 def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
     """Build ``MODEL.VIPA.PIXEL_DECODER.NAME`` on the backbone's ``output_shape()``."""
     name = cfg.MODEL.VIPA.PIXEL_DECODER.NAME
-    missing = [f for f in cfg.MODEL.VIPA.PIXEL_DECODER.IN_FEATURES if f not in input_shape]
+    wanted = list(cfg.MODEL.VIPA.PIXEL_DECODER.IN_FEATURES) + [cfg.MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE]
+    missing = [f for f in wanted if f and f not in input_shape]
     if missing:
         raise ValueError(
-            f"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES has {missing}, which the backbone does not "
+            f"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES / MASK_REFINE_FEATURE name {missing}, which the backbone does not "
             f"output (it outputs {sorted(input_shape)}; see MODEL.TIMM.OUT_FEATURES)"
         )
     return VIPA_PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)
@@ -51,6 +52,8 @@ class VIPAFPNPixelDecoder(nn.Module):
         nheads: int = 8,
         dim_feedforward: int = 1024,
         coordinates: bool = False,
+        refine_feature: str = "",
+        refine_shape: Optional[ShapeSpec] = None,
     ):
         """
         Args:
@@ -61,6 +64,8 @@ class VIPAFPNPixelDecoder(nn.Module):
             transformer_layers: self-attention encoder layers on the coarsest level.
             nheads, dim_feedforward: of those layers.
             coordinates: append (x, y) in [-1, 1] to every lateral conv's input.
+            refine_feature, refine_shape: a finer backbone feature (and its shape) whose 1x1
+                projection is added to the upsampled mask features ("" for none).
         """
         super().__init__()
         items = sorted(input_shape.items(), key=lambda kv: kv[1].stride)
@@ -83,6 +88,20 @@ class VIPAFPNPixelDecoder(nn.Module):
         self.mask_features = Conv2d(conv_dim, mask_dim, 1)
         weight_init.c2_xavier_fill(self.mask_features)
         self.mask_stride = items[0][1].stride
+        self.refine_feature = refine_feature
+        self.refine_lateral = None
+        if refine_feature:
+            if refine_shape is None or refine_shape.stride >= self.mask_stride:
+                raise ValueError(
+                    f"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE={refine_feature!r} must be a backbone "
+                    f"feature finer than the mask features (stride {self.mask_stride}), got {refine_shape}"
+                )
+            # No norm (MASK_DIM need not suit GroupNorm), and zero at the start: the raw
+            # backbone feature's scale would swamp the masks; the detail is learned on top.
+            self.refine_lateral = Conv2d(refine_shape.channels, mask_dim, 1)
+            nn.init.zeros_(self.refine_lateral.weight)
+            nn.init.zeros_(self.refine_lateral.bias)
+            self.mask_stride = refine_shape.stride
         self.encoder = nn.ModuleList(
             nn.ModuleList([AttentionBlock(conv_dim, nheads), FeedForward(conv_dim, dim_feedforward)])
             for _ in range(transformer_layers)
@@ -91,6 +110,7 @@ class VIPAFPNPixelDecoder(nn.Module):
     @classmethod
     def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec]):
         names = cfg.MODEL.VIPA.PIXEL_DECODER.IN_FEATURES
+        refine = cfg.MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE
         return {
             "input_shape": {k: input_shape[k] for k in names},
             "conv_dim": cfg.MODEL.VIPA.HIDDEN_DIM,
@@ -100,6 +120,8 @@ class VIPAFPNPixelDecoder(nn.Module):
             "nheads": cfg.MODEL.VIPA.NHEADS,
             "dim_feedforward": cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD,
             "coordinates": cfg.MODEL.VIPA.PIXEL_DECODER.COORDINATES,
+            "refine_feature": refine,
+            "refine_shape": input_shape.get(refine) if refine else None,
         }
 
     @staticmethod
@@ -133,4 +155,12 @@ class VIPAFPNPixelDecoder(nn.Module):
                 y = y + F.interpolate(top_down, size=y.shape[-2:], mode="nearest")
             top_down = self.output_convs[idx](y)
             outputs[name] = top_down
-        return self.mask_features(top_down), outputs
+        mask_features = self.mask_features(top_down)
+        if self.refine_lateral is not None:
+            # Object boundaries at the finer stride: the coarse mask features, upsampled, plus
+            # a cheap projection of the finer backbone feature (no wide convs at that size).
+            fine = features[self.refine_feature]
+            mask_features = F.interpolate(
+                mask_features, size=fine.shape[-2:], mode="bilinear", align_corners=False
+            ) + self.refine_lateral(fine)
+        return mask_features, outputs

@@ -90,7 +90,12 @@ class VIPATransformerDecoder(nn.Module):
         self.no_target_head = _mlp(2 * hidden_dim, hidden_dim, 1)
         # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
         self.null_embed = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02) if null_kv else None
-        self.kv_kernel = _mlp(hidden_dim, hidden_dim, mask_dim) if kv_kernel else None
+        self.kv_kernel = None
+        if kv_kernel:
+            self.kv_kernel = _mlp(hidden_dim, hidden_dim, mask_dim)
+            # Starts at zero: the untrained kernel would add noise of the masks' own scale.
+            nn.init.zeros_(self.kv_kernel[-1].weight)
+            nn.init.zeros_(self.kv_kernel[-1].bias)
         # Start from a low no-target probability (most expressions have a target), so an
         # untrained head does not empty masks at inference (RetinaNet-style prior init).
         nn.init.constant_(self.no_target_head[-1].bias, -math.log((1 - NO_TARGET_PRIOR) / NO_TARGET_PRIOR))
