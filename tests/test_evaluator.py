@@ -1,6 +1,9 @@
 """ReferringEvaluator: hand-computed metrics on tiny masks, file output, 2-process gather."""
+import importlib.util
 import json
 import math
+import os
+import re
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -14,6 +17,7 @@ from detectron2.utils import comm
 from vipa_d2.data.masks import annotations_to_mask
 from vipa_d2.evaluation import ReferringEvaluator
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN = "test_evaluator_refer_plain"
 GENERALIZED = "test_evaluator_refer_generalized"
 PREC_KEYS = ["Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
@@ -418,6 +422,27 @@ def test_retrieval_shape_mismatch_names_the_sample():
     evaluator = ReferringEvaluator(PLAIN, distributed=False)
     with pytest.raises(ValueError, match=r"'retrieved' of .*ref_id=200.*\(4, 3, 4\).*\(4, 4, 4\)"):
         evaluator.process(inputs[:1], outputs[:1])
+
+
+def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
+    path = os.path.join(REPO, "tools", "main_job.py")
+    spec = importlib.util.spec_from_file_location("main_job", path)
+    main_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main_job)
+    inputs, outputs = retrieval_samples()
+    evaluator = ReferringEvaluator(PLAIN, distributed=False, output_dir=str(tmp_path / "inference"))
+    evaluator.process(inputs, outputs)
+    evaluator.evaluate()
+    rows = main_job.read_results(str(tmp_path), [PLAIN, "not_evaluated"])
+    assert list(rows) == [PLAIN]
+    text = main_job.format_breakdowns(rows)
+    by_type, retrieval = text.split("\n\n")
+    # One row per type (the dataset named on the first), then the retrieval numbers.
+    assert re.search(rf"\|\s*{PLAIN}\s*\|\s*colour\s*\|\s*1\s*\|\s*100\.00", by_type)
+    assert re.search(r"\|\s*\|\s*relation\s*\|\s*3\s*\|", by_type)
+    cells = [PLAIN, "40.97", "3", "46.43", "26.79", "2"]  # see test_retrieval_report_hand_computed
+    assert re.search(r"\|\s*" + r"\s*\|\s*".join(cells) + r"\s*\|", retrieval), retrieval
+    assert main_job.format_breakdowns(main_job.read_results(str(tmp_path / "none"), [PLAIN])) == ""
 
 
 def test_retrieval_means_over_no_sample_are_left_out():
