@@ -435,6 +435,9 @@ def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
     evaluator.evaluate()
     rows = main_job.read_results(str(tmp_path), [PLAIN, "not_evaluated"])
     assert list(rows) == [PLAIN]
+    # The metric table's rows, as tools/bench reads them, are unchanged.
+    ((metrics, n),) = main_job.read_metrics(str(tmp_path), [PLAIN]).values()
+    assert n == 4 and metrics == pytest.approx(dict(evaluator.evaluate()["refer"]))
     text = main_job.format_breakdowns(rows)
     by_type, retrieval = text.split("\n\n")
     # One row per type (the dataset named on the first), then the retrieval numbers.

@@ -136,11 +136,21 @@ def read_results(output: str, names):
     return rows
 
 
+def metric_rows(results):
+    """{row name: (metrics, number of samples)} of :func:`read_results`' files."""
+    return OrderedDict((name, (p["metrics"], len(p["samples"]))) for name, p in results.items())
+
+
+def read_metrics(output: str, names):
+    """{row name: (metrics, number of samples)} from the evaluator's per-sample result files."""
+    return metric_rows(read_results(output, names))
+
+
 def format_table(rows) -> str:
     header = ["dataset", "samples"] + METRIC_COLUMNS
     lines = [header] + [
-        [name, str(len(p["samples"]))] + [f"{p['metrics'][c]:.2f}" for c in METRIC_COLUMNS]
-        for name, p in rows.items()
+        [name, str(n)] + [f"{metrics[c]:.2f}" for c in METRIC_COLUMNS]
+        for name, (metrics, n) in rows.items()
     ]
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     fmt = lambda line: "| " + " | ".join(v.rjust(w) for v, w in zip(line, widths)) + " |"  # noqa: E731
@@ -215,11 +225,11 @@ def main(argv=None):
     visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
     vis_s = time.perf_counter() - vis_start
 
-    rows = read_results(output, cfg.DATASETS.TEST)
+    results = read_results(output, cfg.DATASETS.TEST)
     it_s = iteration_seconds(output)
     print("\nVIPA tiny CPU: referring segmentation, scored at the original image resolution")
-    print(format_table(rows))
-    breakdowns = format_breakdowns(rows)
+    print(format_table(metric_rows(results)))
+    breakdowns = format_breakdowns(results)
     if breakdowns:
         print("\n" + breakdowns)
     print(f"\nTimings: data {data_s:.0f} s, training {train_s:.0f} s "
