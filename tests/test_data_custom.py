@@ -143,6 +143,42 @@ def test_generalized_conversion(tmp_path):
     assert both.sum() == 25 * 25 + _blob().sum()
 
 
+def test_type_and_landmark_reach_refer_sentences_and_records(tmp_path):
+    data = _data()
+    data["images"][0]["expressions"] += [
+        {"text": "the cup left of the apple", "targets": [1], "type": "relation",
+         "landmark": 3, "landmark_phrase": "apple"},
+        {"text": "the right cup", "targets": ["b"], "type": "position"},
+    ]
+    paths = convert_simple_json(_write(tmp_path, data), str(tmp_path / "root" / "mine"))
+    with open(paths["refs"], "rb") as f:
+        sentences = {s["raw"]: s for r in pickle.load(f) for s in r["sentences"]}
+    # The apple is the third object of the first image: ann id 3.
+    assert sentences["the cup left of the apple"]["type"] == "relation"
+    assert sentences["the cup left of the apple"]["landmark_ann_id"] == 3
+    assert sentences["the cup left of the apple"]["landmark_phrase"] == "apple"
+    assert sentences["the right cup"]["type"] == "position"
+    assert "landmark_ann_id" not in sentences["the right cup"]
+    assert set(sentences["left cup"]) == {"raw", "sent", "tokens", "sent_id"}  # as before
+
+    name = "test_custom_landmark_train"
+    register_referring_dataset(name, str(tmp_path / "root"), "mine", "unc", "train", "/img")
+    try:
+        recs = {r["sentence"]["raw"]: r for r in DatasetCatalog.get(name)}
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+    rel = recs["the cup left of the apple"]
+    assert rel["type"] == "relation" and rel["sentence"]["sent_id"] is not None
+    assert (rel["landmark"]["ann_id"], rel["landmark"]["phrase"]) == (3, "apple")
+    np.testing.assert_array_equal(
+        annotations_to_mask([rel["landmark"]["annotation"]], H, W),
+        annotations_to_mask(recs["the apple"]["annotations"], H, W),
+    )
+    assert recs["the right cup"]["type"] == "position" and "landmark" not in recs["the right cup"]
+    assert not {"type", "landmark"} & set(recs["left cup"])
+
+
 def _mutations():
     def m(path_fn):
         data = _data()
@@ -200,6 +236,31 @@ def _mutations():
         (
             m(lambda d: d.pop("images")),
             r"\$\.images: expected a top-level object with a list 'images'",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][1].update(type="")),
+            r"\$\.images\[0\]\.expressions\[1\]\.type: expected a non-empty expression type",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(landmark="b")),
+            r"expressions\[0\]\.landmark_phrase: required when 'landmark' is given",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(landmark_phrase="cup")),
+            r"expressions\[0\]\.landmark: required when 'landmark_phrase' is given",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(landmark=9, landmark_phrase="cup")),
+            r"expressions\[0\]\.landmark: 9 is not the id of an object of this image",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(landmark=1, landmark_phrase="cup")),
+            r"expressions\[0\]\.landmark: 1 is also a target of the expression",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(landmark="b", landmark_phrase="mug")),
+            r"expressions\[0\]\.landmark_phrase: 'mug' does not occur \(as whole words\) in "
+            r"the text 'the cup on the left'",
         ),
     ]
 

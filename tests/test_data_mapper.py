@@ -254,3 +254,54 @@ def test_size_mismatch_is_reported(tmp_path):
     cv2.imwrite(str(tmp_path / "small.png"), np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(Exception, match=r"small\.png"):
         ReferringDatasetMapper(_cfg(), is_train=True)(_record(tmp_path / "small.png"))
+
+
+def _landmark_record(file_name, sentence="the box left of the red box"):
+    rec = _record(file_name, sentence)
+    rec["type"] = "relation"
+    rec["landmark"] = {
+        "ann_id": 9,
+        "phrase": "red box",
+        "annotation": {
+            "segmentation": mask_to_rle(_rle_mask()),
+            "bbox": [60.0, 30.0, 28.0, 28.0],
+            "bbox_mode": BoxMode.XYWH_ABS,
+            "category_id": 2,
+            "iscrowd": 0,
+        },
+    }
+    return rec
+
+
+def test_test_mode_carries_type_landmark_mask_and_tokens(tmp_path, tokenizer):
+    _image(tmp_path / "a.png")
+    rec = _landmark_record(tmp_path / "a.png")
+    before = copy.deepcopy(rec)
+    out = ReferringDatasetMapper(_cfg(MAX_TEXT_LEN=12), is_train=False)(rec)
+    assert rec == before
+    assert out["type"] == "relation"
+    # The landmark mask is at the original resolution, like the evaluator's target.
+    assert out["landmark_mask"].dtype == torch.uint8
+    np.testing.assert_array_equal(out["landmark_mask"].numpy(), _rle_mask())
+    tokens = out["landmark_tokens"]
+    assert tokens.dtype == torch.bool and tuple(tokens.shape) == (12,)
+    words = tokenizer.convert_ids_to_tokens(out["input_ids"][tokens].tolist())
+    assert words == ["red", "box"]  # the last "box": the landmark's, not the target's
+    # Training never needs them.
+    train = ReferringDatasetMapper(_cfg(), is_train=True)(rec)
+    assert not {"type", "landmark_mask", "landmark_tokens"} & set(train)
+
+
+def test_landmark_tokens_truncated_or_missing_phrase(tmp_path):
+    _image(tmp_path / "a.png")
+    mapper = ReferringDatasetMapper(_cfg(MAX_TEXT_LEN=8), is_train=False)
+    # [CLS] the box left of the red [SEP]: "box" of the landmark is cut off.
+    out = mapper(_landmark_record(tmp_path / "a.png"))
+    assert out["landmark_tokens"].tolist() == [False] * 6 + [True, False]
+    # A text that does not name the landmark (e.g. the shuffled-expression control's):
+    # no landmark token, the mask is still there.
+    out = mapper(_landmark_record(tmp_path / "a.png", "the blue circle"))
+    assert not out["landmark_tokens"].any() and out["landmark_mask"].sum() == _rle_mask().sum()
+    # Records without the fields (real datasets) get none of them.
+    plain = mapper(_record(tmp_path / "a.png"))
+    assert not {"type", "landmark_mask", "landmark_tokens"} & set(plain)

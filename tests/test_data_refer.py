@@ -352,3 +352,48 @@ def test_grefs_file_is_json_list(refer_root):
     with open(os.path.join(refer_root, "gtoy", "grefs(unc).json")) as f:
         data = json.load(f)
     assert isinstance(data, list) and data[1]["ann_id"] == [-1]
+
+
+@pytest.mark.parametrize(
+    "fields,pattern,reason",
+    [
+        ({"type": 3}, r"sent_id=1: 'type' must be a non-empty string, got 3", "bad_type"),
+        (
+            {"landmark_ann_id": 101, "landmark_phrase": "circle"},
+            r"sent_id=1: 'landmark_phrase' 'circle' is not a phrase of the sentence",
+            "bad_landmark",
+        ),
+        ({"landmark_ann_id": 101}, r"'landmark_phrase' None is not a phrase", "bad_landmark"),
+        (
+            {"landmark_ann_id": 102, "landmark_phrase": "triangle"},
+            r"sent_id=1: landmark ann_id 102 belongs to image 8, not 7",
+            "landmark_ann_image_mismatch",
+        ),
+    ],
+)
+def test_bad_breakdown_fields_error_or_skip_the_sentence(tmp_path, caplog, fields, pattern, reason):
+    refs = _refs()
+    refs[0]["sentences"][1] = make_sentence("the square left of the triangle", 1) | fields
+    save_refer_dataset(str(tmp_path / "bad"), "unc", refs, _instances())
+    with pytest.raises(ReferringDataError, match=pattern):
+        load_refer_dicts(str(tmp_path), "bad", "unc", "train", "/imgs")
+    with caplog.at_level(logging.WARNING, logger="vipa_d2.data.refer"):
+        recs = load_refer_dicts(str(tmp_path), "bad", "unc", "train", "/imgs", invalid="skip")
+    assert [r["sentence"]["raw"] for r in recs] == ["the box", "the triangle"]
+    assert f"skipped 1 invalid item(s): {reason}=1" in caplog.text
+
+
+def test_breakdown_fields_become_record_fields(tmp_path):
+    refs = _refs()
+    landmark = {"landmark_ann_id": 101, "landmark_phrase": "triangle"}
+    refs[0]["sentences"][1] = make_sentence("the square left of the triangle", 1) | landmark
+    refs[0]["sentences"][1]["type"] = "relation"
+    save_refer_dataset(str(tmp_path / "toy"), "unc", refs, _instances())
+    recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
+    rel = recs[1]
+    assert rel["type"] == "relation"
+    assert rel["sentence"] == {"raw": "the square left of the triangle", "sent_id": 1}
+    assert rel["landmark"]["ann_id"] == 101 and rel["landmark"]["phrase"] == "triangle"
+    # The landmark annotation is the one the triangle's own ref gets.
+    assert rel["landmark"]["annotation"] == recs[2]["annotations"][0]
+    assert not {"type", "landmark"} & set(recs[0])

@@ -108,6 +108,48 @@ def test_expressions_unambiguous_diverse_and_two_per_target(bench):
     assert SINGLE_TYPES | {"multi", "no_target"} <= set(types)
 
 
+def test_types_and_landmarks_reach_refer_sentences_and_records(bench):
+    root, stats = bench
+    with open(os.path.join(root, "grefsynth", "grefs(unc).json")) as f:
+        grefs = json.load(f)
+    with open(os.path.join(root, "refsynth", "instances.json")) as f:
+        inst = json.load(f)
+    index_of = {img["id"]: int(os.path.splitext(img["file_name"])[0]) for img in inst["images"]}
+    # Object k of an image is its k-th annotation (file order).
+    ann_object, seen = {}, collections.Counter()
+    for ann in inst["annotations"]:
+        ann_object[ann["id"]] = (seen[ann["image_id"]], ann["image_id"])
+        seen[ann["image_id"]] += 1
+    exprs = {i: {e.text: e for e in regenerate_image(stats, i)[1]} for i in range(NUM)}
+    relations = 0
+    for ref in grefs:
+        for sent in ref["sentences"]:
+            e = exprs[index_of[ref["image_id"]]][sent["raw"]]
+            assert sent["type"] == e.type
+            if e.type != "relation":
+                assert "landmark_ann_id" not in sent and "landmark_phrase" not in sent
+                continue
+            relations += 1
+            assert ann_object[sent["landmark_ann_id"]] == (e.landmark, ref["image_id"])
+            assert e.landmark not in e.targets
+            # The realized text ends with the landmark's noun phrase.
+            assert sent["landmark_phrase"] == e.landmark_phrase
+            assert sent["raw"].endswith(" the " + e.landmark_phrase)
+    assert relations > 0
+
+    scenes = {}
+    for r in _load(root, "refsynth", "val"):
+        i = _index(r)
+        e = exprs[i][r["sentence"]["raw"]]
+        assert r["type"] == e.type
+        assert ("landmark" in r) == (e.type == "relation")
+        if "landmark" in r:
+            scene = scenes.setdefault(i, regenerate_image(stats, i)[0])
+            mask = annotations_to_mask([r["landmark"]["annotation"]], r["height"], r["width"])
+            np.testing.assert_array_equal(mask, scene.instance_map == e.landmark + 1)
+            assert r["landmark"]["phrase"] == e.landmark_phrase
+
+
 def test_scene_rules():
     cfg = SynthConfig()
     heldout = heldout_combos(0)

@@ -1,6 +1,9 @@
 """ReferringEvaluator: hand-computed metrics on tiny masks, file output, 2-process gather."""
+import importlib.util
 import json
 import math
+import os
+import re
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -14,6 +17,7 @@ from detectron2.utils import comm
 from vipa_d2.data.masks import annotations_to_mask
 from vipa_d2.evaluation import ReferringEvaluator
 
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLAIN = "test_evaluator_refer_plain"
 GENERALIZED = "test_evaluator_refer_generalized"
 PREC_KEYS = ["Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
@@ -273,3 +277,181 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
     other = json.loads((tmp_path / "rank1.json").read_text())
     assert other == {}
     assert main["refer"] == dict(single)  # exact equality, not approx
+
+
+# ------------------------------------------------- per-type scoreboard, retrieval report
+OLD_SAMPLE_KEYS = {
+    "image_id", "ref_id", "sent_id", "gt_empty", "pred_empty", "intersection", "union", "iou"
+}
+
+
+def test_data_without_types_or_retrieval_keeps_the_old_results(tmp_path):
+    inputs = plain_samples()
+    outputs = [{"ref_seg": expected_gt(i)} for i in range(3)]
+    evaluator = ReferringEvaluator(PLAIN, distributed=False, output_dir=str(tmp_path))
+    evaluator.process(inputs, outputs)
+    results = evaluator.evaluate()
+    assert list(results) == ["refer"] and set(results["refer"]) == {"oIoU", "mIoU", *PREC_KEYS}
+    payload = json.loads((tmp_path / f"referring_results_{PLAIN}.json").read_text())
+    assert set(payload) == {"dataset", "resolution", "mask_threshold", "metrics", "samples"}
+    assert all(set(row) == OLD_SAMPLE_KEYS for row in payload["samples"])
+
+
+def test_per_type_metrics_hand_computed(tmp_path):
+    inputs = plain_samples()
+    for inp, kind in zip(inputs, ("colour", "relation", "relation")):
+        inp["type"] = kind
+    # IoUs: 4/6 (colour); 10/12 and 8/20 (relation).
+    pred0 = box_mask(4, 4, (1, 3), (1, 4))
+    pred1 = box_mask(6, 8, (0, 2), (0, 4)) + box_mask(6, 8, (4, 6), (7, 8))
+    pred2 = box_mask(6, 8, (1, 5), (2, 4))
+    outputs = [{"ref_seg": p} for p in (pred0, pred1, pred2)]
+    evaluator = ReferringEvaluator(PLAIN, distributed=False, output_dir=str(tmp_path))
+    evaluator.process(inputs, outputs)
+    results = evaluator.evaluate()
+    assert list(results) == ["refer", "refer_by_type"]
+    assert results["refer"]["oIoU"] == pytest.approx(100.0 * 22 / 38)  # overall unchanged
+    expected = {
+        "colour/samples": 1,
+        "colour/oIoU": 100.0 * 4 / 6,
+        "colour/mIoU": 100.0 * 4 / 6,
+        "colour/Prec@0.5": 100.0,
+        "relation/samples": 2,
+        "relation/oIoU": 100.0 * 18 / 32,
+        "relation/mIoU": 100.0 * (10 / 12 + 8 / 20) / 2,
+        "relation/Prec@0.5": 50.0,
+    }
+    assert list(results["refer_by_type"]) == list(expected)
+    assert results["refer_by_type"] == pytest.approx(expected)
+    payload = json.loads((tmp_path / f"referring_results_{PLAIN}.json").read_text())
+    assert payload["refer_by_type"]["relation"] == pytest.approx(
+        {k.split("/")[1]: v for k, v in expected.items() if k.startswith("relation/")}
+    )
+    assert [row["type"] for row in payload["samples"]] == ["colour", "relation", "relation"]
+    assert "retrieval" not in payload  # the model output no retrieval
+
+
+def _retrieved(*boxes, size=4):
+    """bool (len(boxes), size, size): one rows/cols box per text position (None = empty)."""
+    sets = torch.zeros(len(boxes), size, size, dtype=torch.bool)
+    for t, box in enumerate(boxes):
+        if box is not None:
+            sets[t, box[0] : box[1], box[2] : box[3]] = True
+    return sets
+
+
+def retrieval_samples():
+    """Four 4x4 samples with hand-made retrieved sets; expected values in the test."""
+    target = rect_polygon(0, 0, 2, 2)  # rows 0-1, cols 0-1
+    landmark = box_mask(4, 4, (2, 4), (0, 4)).to(torch.uint8)  # rows 2-3
+    inputs = [sample(i, 4, 4, [target]) for i in range(4)]
+    for inp, kind in zip(inputs, ("relation", "relation", "colour", "relation")):
+        inp["type"] = kind
+    # 0: cues 0-2; landmark tokens 1, 2 (and 4, beyond the trimmed length T=4: not a cue).
+    tokens = lambda *positions: torch.isin(torch.arange(6), torch.tensor(positions))  # noqa: E731
+    inputs[0].update(landmark_mask=landmark, landmark_tokens=tokens(1, 2, 4))
+    # 1: the landmark token is position 3, not a cue: no landmark share.
+    inputs[1].update(landmark_mask=landmark, landmark_tokens=tokens(3))
+    # 3: landmark token 1 retrieves the whole image.
+    inputs[3].update(landmark_mask=landmark, landmark_tokens=tokens(1))
+    cues = torch.tensor([True, True, True, False])
+    outputs = [
+        # A = rows 0-1 x cols 0-1, B = rows 0-1 x cols 0-3, C = rows 2-3 x cols 0-2; the
+        # invalid position 3 retrieves everything and must be ignored.
+        {"retrieved": _retrieved((0, 2, 0, 2), (0, 2, 0, 4), (2, 4, 0, 3), (0, 4, 0, 4)),
+         "cue_valid": cues},
+        {"retrieved": _retrieved((0, 1, 0, 4), (0, 1, 0, 4), None, (2, 4, 0, 4)),
+         "cue_valid": torch.tensor([True, True, False, False])},
+        {"retrieved": _retrieved((0, 1, 0, 1), (0, 4, 0, 4)),
+         "cue_valid": torch.tensor([True, False])},
+        {"retrieved": _retrieved((0, 1, 0, 1), (0, 4, 0, 4)),
+         "cue_valid": torch.tensor([True, True])},
+    ]
+    for out in outputs:
+        out["ref_seg"] = box_mask(4, 4, (0, 2), (0, 2))
+    return inputs, outputs
+
+
+def test_retrieval_report_hand_computed(tmp_path):
+    inputs, outputs = retrieval_samples()
+    evaluator = ReferringEvaluator(PLAIN, distributed=False, output_dir=str(tmp_path))
+    evaluator.process(inputs[:2], outputs[:2])
+    evaluator.process(inputs[2:], outputs[2:])
+    results = evaluator.evaluate()
+    # Sample 0: J(A,B) = 4/8, J(A,C) = J(B,C) = 0 -> 1/6. Sample 1: identical sets -> 1.
+    # Sample 2: one cue, skipped. Sample 3: 1 px vs 16 px -> 1/16.
+    jaccards = [1 / 6, 1.0, 1 / 16]
+    # Landmark cues, pooled: sample 0 retrieves B (8 px, 4 on the target) + C (6 px, all on
+    # the landmark) -> 6/14 on the landmark, 4/14 on the target; sample 3 the whole image
+    # -> 8/16 and 4/16. Sample 1 has no landmark cue.
+    expected = {
+        "cue_jaccard": 100.0 * sum(jaccards) / 3,
+        "cue_jaccard_samples": 3,
+        "landmark_on_landmark": 100.0 * (6 / 14 + 8 / 16) / 2,
+        "landmark_on_target": 100.0 * (4 / 14 + 4 / 16) / 2,
+        "landmark_samples": 2,
+    }
+    assert list(results["retrieval"]) == list(expected)
+    assert results["retrieval"] == pytest.approx(expected)
+    assert results["refer_by_type"]["relation/samples"] == 3
+    payload = json.loads((tmp_path / f"referring_results_{PLAIN}.json").read_text())
+    assert payload["retrieval"] == pytest.approx(expected)
+    rows = payload["samples"]
+    assert [r["cues"] for r in rows] == [3, 2, 1, 2]
+    assert [r["cue_jaccard"] for r in rows] == pytest.approx([1 / 6, 1.0, None, 1 / 16])
+    assert [r.get("landmark_cues") for r in rows] == [2, 0, None, 1]
+    assert [r.get("landmark_on_landmark") for r in rows] == pytest.approx([6 / 14, None, None, 0.5])
+    assert [r.get("landmark_on_target") for r in rows] == pytest.approx([4 / 14, None, None, 0.25])
+
+
+def test_retrieval_without_types_or_landmarks():
+    inputs, outputs = retrieval_samples()
+    for inp in inputs:
+        for key in ("type", "landmark_mask", "landmark_tokens"):
+            inp.pop(key, None)
+    evaluator = ReferringEvaluator(PLAIN, distributed=False)
+    evaluator.process(inputs, outputs)
+    results = evaluator.evaluate()
+    assert list(results) == ["refer", "retrieval"]
+    assert list(results["retrieval"]) == ["cue_jaccard", "cue_jaccard_samples"]
+
+
+def test_retrieval_shape_mismatch_names_the_sample():
+    inputs, outputs = retrieval_samples()
+    outputs[0]["retrieved"] = outputs[0]["retrieved"][:, :3]
+    evaluator = ReferringEvaluator(PLAIN, distributed=False)
+    with pytest.raises(ValueError, match=r"'retrieved' of .*ref_id=200.*\(4, 3, 4\).*\(4, 4, 4\)"):
+        evaluator.process(inputs[:1], outputs[:1])
+
+
+def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
+    path = os.path.join(REPO, "tools", "main_job.py")
+    spec = importlib.util.spec_from_file_location("main_job", path)
+    main_job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(main_job)
+    inputs, outputs = retrieval_samples()
+    evaluator = ReferringEvaluator(PLAIN, distributed=False, output_dir=str(tmp_path / "inference"))
+    evaluator.process(inputs, outputs)
+    evaluator.evaluate()
+    rows = main_job.read_results(str(tmp_path), [PLAIN, "not_evaluated"])
+    assert list(rows) == [PLAIN]
+    # The metric table's rows, as tools/bench reads them, are unchanged.
+    ((metrics, n),) = main_job.read_metrics(str(tmp_path), [PLAIN]).values()
+    assert n == 4 and metrics == pytest.approx(dict(evaluator.evaluate()["refer"]))
+    text = main_job.format_breakdowns(rows)
+    by_type, retrieval = text.split("\n\n")
+    # One row per type (the dataset named on the first), then the retrieval numbers.
+    assert re.search(rf"\|\s*{PLAIN}\s*\|\s*colour\s*\|\s*1\s*\|\s*100\.00", by_type)
+    assert re.search(r"\|\s*\|\s*relation\s*\|\s*3\s*\|", by_type)
+    cells = [PLAIN, "40.97", "3", "46.43", "26.79", "2"]  # see test_retrieval_report_hand_computed
+    assert re.search(r"\|\s*" + r"\s*\|\s*".join(cells) + r"\s*\|", retrieval), retrieval
+    assert main_job.format_breakdowns(main_job.read_results(str(tmp_path / "none"), [PLAIN])) == ""
+
+
+def test_retrieval_means_over_no_sample_are_left_out():
+    inputs, outputs = retrieval_samples()
+    # Only the one-cue sample, and a landmark sample without landmark cues.
+    evaluator = ReferringEvaluator(PLAIN, distributed=False)
+    one_cue = torch.tensor([True, False, False, False])
+    evaluator.process([inputs[2], inputs[1]], [outputs[2], dict(outputs[1], cue_valid=one_cue)])
+    assert evaluator.evaluate()["retrieval"] == {"cue_jaccard_samples": 0, "landmark_samples": 0}

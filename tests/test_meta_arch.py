@@ -16,6 +16,7 @@ from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.attention import set_fused_attention
 from vipa_d2.modeling.meta_arch import trim_text_padding
+from vipa_d2.modeling.veg import linguistic_cue_mask
 
 TINY = "configs/synthetic/vipa_tiny_cpu.yaml"
 # Small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
@@ -117,6 +118,30 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
     model.zero_grad(set_to_none=True)
 
 
+def test_postprocess_returns_each_cues_retrieved_tokens(tokenizer, default_model):
+    model = default_model.eval()
+    sizes = [(64, 64), (37, 91), (128, 64)]
+    inputs = make_inputs(tokenizer, TEXTS, sizes)
+    with torch.no_grad():
+        outs = model(inputs)
+        images = model.preprocess_image(inputs)
+        ids, mask = model.preprocess_text(inputs)
+        raw = model.decode(model.encode_image(images), ids, mask)
+    t = int(mask.sum(1).max())  # text trimmed to the longest expression
+    cues = linguistic_cue_mask(mask[:, :t], True, True)
+    for i, (out, (h, w)) in enumerate(zip(outs, sizes)):
+        assert out["retrieved"].dtype == torch.bool and tuple(out["retrieved"].shape) == (t, h, w)
+        assert torch.equal(out["cue_valid"], cues[i])
+        assert out["retrieved"][cues[i]].flatten(1).any(1).all()
+    # At the input resolution (64 x 64, no padding) a cue's set is exactly its N_p tokens,
+    # each a block of the image.
+    gh, gw = raw["veg"]["grid"]
+    support = (raw["veg"]["retrieval_mask"][0] > 0.5).view(t, gh, gw)
+    assert (support.flatten(1).sum(1) == round(0.3 * gh * gw)).all()
+    expected = support.repeat_interleave(64 // gh, 1).repeat_interleave(64 // gw, 2)
+    assert torch.equal(outs[0]["retrieved"], expected)
+
+
 def test_keep_ratio_batches_non_square_images(tokenizer, default_model):
     # keep_ratio resizing happens in the mapper: the model sees non-square, padded batches.
     model = default_model.eval()
@@ -145,6 +170,7 @@ def test_language_kv_source_does_not_run_the_veg(tokenizer):
         expected = model.language_proj(model.text_encoder(ids, mask))
     assert torch.allclose(seen[-1][2], expected, atol=1e-5)
     assert torch.count_nonzero(out["relevance"]) == 0  # nothing retrieved in this baseline
+    assert "retrieved" not in out and "cue_valid" not in out
 
 
 def test_loss_matched_control_has_language_kv_and_the_relevance_loss(tokenizer):
@@ -183,6 +209,7 @@ def test_step_switches_build_run_and_change_the_computation(tokenizer):
     with torch.no_grad():
         out = model(inputs)[0]
     assert out["relevance"].abs().sum() > 0  # cross-attention map stands in for visualisation
+    assert "retrieved" not in out  # every cue attends to every token: nothing is retrieved
 
 
 def test_cue_switches(tokenizer, default_model):

@@ -156,6 +156,9 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     assert set(trained) == {VAL, VAL + "/shuffled"}
     assert set(trained[VAL]["refer"]) == {"oIoU", "mIoU", "Prec@0.5", "Prec@0.6",
                                           "Prec@0.7", "Prec@0.8", "Prec@0.9"}
+    # The synthetic data carries expression types and landmarks, the VEG retrieves.
+    for name in (VAL, VAL + "/shuffled"):
+        assert list(trained[name]) == ["refer", "refer_by_type", "retrieval"], name
     assert (train_dir / "last_checkpoint").read_text() == "model_final.pth"
     assert not glob.glob(str(train_dir / "**" / "*.tmp.*"), recursive=True)
     per_sample = results_file(train_dir)

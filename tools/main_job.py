@@ -11,7 +11,8 @@ example visualisations.
 3. evaluates ``DATASETS.TEST`` with ``train_net.py --eval-only``, plus the
    shuffled-expression control (expressions permuted across samples);
 4. writes overlays for a few val images with ``demo/demo.py``;
-5. prints the metric table, the timings and where everything is.
+5. prints the metric table, the per-expression-type table and the retrieval report (when
+   the data / model provide them), the timings and where everything is.
 
 Extra ``KEY VALUE`` pairs at the end override the config (as for train_net.py).
 """
@@ -32,6 +33,12 @@ from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SynthConfig, write_benchmark
 from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
+from vipa_d2.evaluation.breakdown import (
+    BY_TYPE_KEY,
+    RETRIEVAL_KEY,
+    format_by_type,
+    format_retrieval,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
@@ -117,17 +124,26 @@ def iteration_seconds(output: str):
     return times[len(times) // 2] if times else None
 
 
-def read_metrics(output: str, names):
-    """{row name: metrics} from the evaluator's per-sample result files."""
+def read_results(output: str, names):
+    """{row name: content of the evaluator's per-sample results file} (shuffled control too)."""
     rows = OrderedDict()
     for name in names:
         for suffix, folder in (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled"))):
             path = os.path.join(output, folder, f"referring_results_{name}.json")
             if os.path.isfile(path):
                 with open(path) as f:
-                    payload = json.load(f)
-                rows[name + suffix] = (payload["metrics"], len(payload["samples"]))
+                    rows[name + suffix] = json.load(f)
     return rows
+
+
+def metric_rows(results):
+    """{row name: (metrics, number of samples)} of :func:`read_results`' files."""
+    return OrderedDict((name, (p["metrics"], len(p["samples"]))) for name, p in results.items())
+
+
+def read_metrics(output: str, names):
+    """{row name: (metrics, number of samples)} from the evaluator's per-sample result files."""
+    return metric_rows(read_results(output, names))
 
 
 def format_table(rows) -> str:
@@ -140,6 +156,25 @@ def format_table(rows) -> str:
     fmt = lambda line: "| " + " | ".join(v.rjust(w) for v, w in zip(line, widths)) + " |"  # noqa: E731
     rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
     return "\n".join([fmt(lines[0]), rule] + [fmt(line) for line in lines[1:]])
+
+
+def format_breakdowns(rows) -> str:
+    """The per-type table and the retrieval report of the result files that have them."""
+    parts = []
+    by_type = OrderedDict((name, p[BY_TYPE_KEY]) for name, p in rows.items() if BY_TYPE_KEY in p)
+    if by_type:
+        parts.append("Per expression type (percent):\n" + format_by_type(by_type))
+    retrieval = OrderedDict(
+        (name, p[RETRIEVAL_KEY]) for name, p in rows.items() if RETRIEVAL_KEY in p
+    )
+    if retrieval:
+        parts.append(
+            "Retrieval report (percent): cue Jaccard = mean pairwise Jaccard of the tokens the "
+            "cues of one expression retrieve;\nlandmark cues = share of the area the landmark "
+            "phrase's cues retrieve that lies on the landmark object / on the target\n"
+            + format_retrieval(retrieval)
+        )
+    return "\n\n".join(parts)
 
 
 def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_images: int):
@@ -190,10 +225,13 @@ def main(argv=None):
     visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
     vis_s = time.perf_counter() - vis_start
 
-    rows = read_metrics(output, cfg.DATASETS.TEST)
+    results = read_results(output, cfg.DATASETS.TEST)
     it_s = iteration_seconds(output)
     print("\nVIPA tiny CPU: referring segmentation, scored at the original image resolution")
-    print(format_table(rows))
+    print(format_table(metric_rows(results)))
+    breakdowns = format_breakdowns(results)
+    if breakdowns:
+        print("\n" + breakdowns)
     print(f"\nTimings: data {data_s:.0f} s, training {train_s:.0f} s "
           f"({cfg.SOLVER.MAX_ITER} iterations, {it_s if it_s is None else round(it_s, 3)} s/iter median), "
           f"evaluation {eval_s:.0f} s, visualisation {vis_s:.0f} s, "

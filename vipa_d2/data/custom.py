@@ -11,7 +11,11 @@ Simple JSON format::
 
 ``segmentation`` is COCO polygons or an RLE dict ``{"size": [h, w], "counts": ...}``;
 ``targets`` lists object ids of the same image: exactly one for a classic dataset, any
-number (``[]`` = no target) for a generalized (gRefCOCO-style) one.
+number (``[]`` = no target) for a generalized (gRefCOCO-style) one. Optional, per
+expression, for the evaluator's per-type and landmark breakdowns: ``type`` (a name such
+as "relation") and, together, ``landmark`` (an object id of the image) and
+``landmark_phrase`` (the words of ``text`` naming that object); they become the REFER
+sentence fields ``type``, ``landmark_ann_id`` and ``landmark_phrase``.
 """
 
 import json
@@ -22,6 +26,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 from .refer import INVALID_MODES, load_refer_dicts, make_sentence, save_refer_dataset
 
@@ -167,6 +172,41 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
                 f"{q}.targets: expected exactly one target, got {len(targets)} "
                 "(multi-target / no-target expressions need the generalized format: --generalized)"
             )
+        _check_breakdown_fields(ex, q, ids, problems)
+
+
+def _check_breakdown_fields(ex: Dict, q: str, ids, problems: List[str]):
+    """The optional "type", "landmark" and "landmark_phrase" of expression ``ex``."""
+    if "type" in ex and (not isinstance(ex["type"], str) or not ex["type"].strip()):
+        problems.append(
+            f"{q}.type: expected a non-empty expression type such as 'relation', "
+            f"got {ex['type']!r}"
+        )
+    if "landmark" not in ex and "landmark_phrase" not in ex:
+        return
+    for missing, given in (("landmark_phrase", "landmark"), ("landmark", "landmark_phrase")):
+        if missing not in ex:
+            problems.append(f"{q}.{missing}: required when '{given}' is given (both or neither)")
+            return
+    landmark, phrase = ex["landmark"], ex["landmark_phrase"]
+    if not (_is_int(landmark) or isinstance(landmark, str)):
+        problems.append(
+            f"{q}.landmark: expected the id of an object of this image, got {landmark!r}"
+        )
+    elif landmark not in ids:
+        problems.append(f"{q}.landmark: {landmark!r} is not the id of an object of this image")
+    elif isinstance(ex.get("targets"), list) and landmark in ex["targets"]:
+        problems.append(f"{q}.landmark: {landmark!r} is also a target of the expression")
+    text = ex.get("text")
+    if not isinstance(phrase, str) or not phrase.strip():
+        problems.append(
+            f"{q}.landmark_phrase: expected the words of 'text' naming the landmark, "
+            f"got {phrase!r}"
+        )
+    elif isinstance(text, str) and find_phrase(text, phrase) is None:
+        problems.append(
+            f"{q}.landmark_phrase: {phrase!r} does not occur (as whole words) in the text {text!r}"
+        )
 
 
 def _check_segmentation(segm, q: str, h: int, w: int, problems: List[str]):
@@ -251,14 +291,17 @@ def simple_json_to_refer(data: Dict, generalized: bool = False) -> Tuple[Dict, L
                     "iscrowd": 0,
                 }
             )
-        groups: Dict[Tuple, List[str]] = {}
+        groups: Dict[Tuple, List[Dict]] = {}
         for ex in img["expressions"]:
             key = tuple(sorted(ann_of[t][0] for t in ex["targets"]))
-            groups.setdefault(key, []).append(ex["text"])
+            groups.setdefault(key, []).append(ex)
         cat_of_ann = dict(ann_of.values())
-        for key, texts in groups.items():
-            sentences = [make_sentence(t, sent_id + k) for k, t in enumerate(texts)]
-            sent_id += len(texts)
+        for key, exprs in groups.items():
+            sentences = [
+                make_sentence(ex["text"], sent_id + k) | _breakdown_fields(ex, ann_of)
+                for k, ex in enumerate(exprs)
+            ]
+            sent_id += len(exprs)
             ref = {
                 "ref_id": len(refs),
                 "image_id": image_id,
@@ -277,6 +320,14 @@ def simple_json_to_refer(data: Dict, generalized: bool = False) -> Tuple[Dict, L
             refs.append(ref)
     categories = [{"id": i, "name": n, "supercategory": "object"} for n, i in cat_ids.items()]
     return {"images": images, "annotations": annotations, "categories": categories}, refs
+
+
+def _breakdown_fields(ex: Dict, ann_of: Dict) -> Dict:
+    """The optional sentence fields of expression ``ex`` (its landmark as an ann id)."""
+    out = {"type": ex["type"]} if "type" in ex else {}
+    if "landmark" in ex:
+        out.update(landmark_ann_id=ann_of[ex["landmark"]][0], landmark_phrase=ex["landmark_phrase"])
+    return out
 
 
 def load_simple_json(path: str) -> Dict:

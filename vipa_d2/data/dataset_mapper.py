@@ -12,6 +12,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
 from ..modeling.text_encoder import build_tokenizer, tokenize
+from .landmark import breakdown_inputs
 from .masks import annotations_to_mask
 
 logger = logging.getLogger(__name__)
@@ -71,6 +72,10 @@ class ReferringDatasetMapper:
         image (uint8 3xH'xW', cfg.INPUT.FORMAT), input_ids / attention_mask (int64, MAX_TEXT_LEN),
         gt_mask (uint8 H'xW', union of the targets, zeros for no-target), empty, sentence,
         height, width, image_id, ref_id, file_name, sent_id  [+ annotations in test mode]
+
+    In test mode a record's optional ``type`` is passed on and its ``landmark`` becomes
+    ``landmark_mask`` (uint8 height x width, original resolution) and ``landmark_tokens``
+    (bool MAX_TEXT_LEN, the tokens of the landmark phrase), see :mod:`vipa_d2.data.landmark`.
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
     words left/right in the expression so it still describes the flipped image.
@@ -148,4 +153,7 @@ class ReferringDatasetMapper:
             out[key] = record[key]
         if not self.is_train:
             out["annotations"] = copy.deepcopy(record["annotations"])
+            # Only the evaluator's breakdowns read these, and test mode never flips, so the
+            # landmark phrase is found in the sentence as written.
+            out.update(breakdown_inputs(record, sentence, self.tokenizer, self.max_text_len))
         return out

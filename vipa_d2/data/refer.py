@@ -21,6 +21,7 @@ import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.structures import BoxMode
 
+from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 
 logger = logging.getLogger(__name__)
@@ -174,6 +175,33 @@ def _target_problem(aid, img, anns, record_anns, bad_anns, inst_path) -> Optiona
     return None
 
 
+def _sentence_breakdown(sent, raw, img, anns, record_anns, bad_anns, inst_path):
+    """
+    The record fields of a sentence's optional ``type`` / ``landmark_ann_id`` +
+    ``landmark_phrase`` (see :mod:`vipa_d2.data.custom`): ({"type": ..., "landmark":
+    {"ann_id", "phrase", "annotation"}}, None), or ({}, (reason, detail)) when malformed.
+    """
+    out = {}
+    if "type" in sent:
+        if not isinstance(sent["type"], str) or not sent["type"].strip():
+            return {}, ("bad_type", f"'type' must be a non-empty string, got {sent['type']!r}")
+        out["type"] = sent["type"]
+    if "landmark_ann_id" not in sent and "landmark_phrase" not in sent:
+        return out, None
+    aid, phrase = sent.get("landmark_ann_id"), sent.get("landmark_phrase")
+    if not isinstance(phrase, str) or find_phrase(raw, phrase) is None:
+        why = (
+            f"'landmark_phrase' {phrase!r} is not a phrase of the sentence {raw!r} "
+            "('landmark_ann_id' and 'landmark_phrase' come together)"
+        )
+        return {}, ("bad_landmark", why)
+    problem = _target_problem(aid, img, anns, record_anns, bad_anns, inst_path)
+    if problem is not None:
+        return {}, ("landmark_" + problem[0], f"landmark {problem[1]}")
+    out["landmark"] = {"ann_id": aid, "phrase": phrase, "annotation": record_anns[aid]}
+    return out, None
+
+
 def load_refer_dicts(
     refer_root: str,
     dataset: str,
@@ -202,6 +230,8 @@ def load_refer_dicts(
     Returns:
         list[dict] in the record format of the shared data contract (``annotations`` in
         original image coordinates, empty with ``empty=True`` for no-target expressions).
+        A sentence with the optional breakdown fields adds ``type`` and ``landmark``
+        ({"ann_id", "phrase", "annotation"}: the landmark object as a record annotation).
     """
     data_dir = os.path.join(refer_root, dataset)
     refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
@@ -271,7 +301,15 @@ def load_refer_dicts(
                     f"{where}: sentence sent_id={sent.get('sent_id')!r} is empty or missing",
                 )
                 continue
-            records.append(dict(base, sentence={"raw": raw, "sent_id": sent.get("sent_id")}))
+            extra, problem = _sentence_breakdown(
+                sent, raw, img, anns, record_anns, bad_anns, inst_path
+            )
+            if problem is not None:
+                detail = f"{where}: sentence sent_id={sent.get('sent_id')!r}: {problem[1]}"
+                policy(problem[0], detail)
+                continue
+            record = dict(base, sentence={"raw": raw, "sent_id": sent.get("sent_id")})
+            records.append(record | extra)
     policy.log_summary()
     logger.info(
         "Loaded %d expressions of %s/%s (%s, split %s) from %s",

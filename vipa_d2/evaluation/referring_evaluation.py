@@ -17,6 +17,8 @@ from detectron2.utils.logger import create_small_table
 from vipa_d2.data.masks import annotations_to_mask
 from vipa_d2.utils.atomic_io import atomic_open
 
+from . import breakdown
+
 logger = logging.getLogger(__name__)
 
 # IoU thresholds of the Prec@X columns every RIS paper prints.
@@ -37,6 +39,9 @@ class ReferringEvaluator(DatasetEvaluator):
     * ``Prec@X``: share of samples with IoU >= X;
     * ``N-acc`` / ``T-acc`` (generalized data, or when any target is empty): share of
       no-target samples predicted empty / of target samples predicted non-empty.
+
+    Inputs with a ``type`` add the same metrics per type, outputs with ``retrieved`` a
+    report on the cues' retrieved tokens (see :mod:`vipa_d2.evaluation.breakdown`).
     """
 
     def __init__(
@@ -111,6 +116,7 @@ class ReferringEvaluator(DatasetEvaluator):
             "pred_empty": not bool(pred.any()),
             "intersection": int((pred & gt).sum()),
             "union": int((pred | gt).sum()),
+            **breakdown.sample_fields(inp, out, gt, sample_name),
         }
 
     def evaluate(self):
@@ -136,8 +142,12 @@ class ReferringEvaluator(DatasetEvaluator):
                 self._dataset_name, len(samples), create_small_table(metrics)
             )
         )
+        # Per expression type / retrieval report, only when the data and model support them.
+        sections = breakdown.summarize(samples, self._compute_metrics)
+        results.update(breakdown.flatten_sections(sections))
+        breakdown.log_sections(self._dataset_name, sections)
         if self._output_dir:
-            self._write_samples(samples, metrics)
+            self._write_samples(samples, metrics, sections)
         return results
 
     def _compute_metrics(self, samples) -> "OrderedDict[str, float]":
@@ -158,7 +168,7 @@ class ReferringEvaluator(DatasetEvaluator):
             metrics["T-acc"] = _share(target, lambda s: not s["pred_empty"])
         return metrics
 
-    def _write_samples(self, samples, metrics):
+    def _write_samples(self, samples, metrics, sections):
         PathManager.mkdirs(self._output_dir)
         file_name = "referring_results_{}.json".format(self._dataset_name.replace("/", "_"))
         path = os.path.join(self._output_dir, file_name)
@@ -167,6 +177,7 @@ class ReferringEvaluator(DatasetEvaluator):
             "resolution": "original",
             "mask_threshold": self._mask_threshold,
             "metrics": metrics,
+            **sections,
             "samples": samples,
         }
         # Atomic: a killed job never leaves a half-written results file behind.

@@ -336,6 +336,9 @@ class VIPA(nn.Module):
         Per expression: "ref_seg" (height, width) foreground probability, "relevance"
         (height, width) map of the cues' retrieval relevance (mean over valid cues; zeros
         for the language-K/V baseline, which retrieves nothing) and "no_target_score".
+        When VEG step 1 feeds the decoder, also "retrieved", bool (T, height, width): the
+        visual tokens each text position retrieved, and "cue_valid", bool (T,): which
+        positions are cues (T: the possibly trimmed text length).
         ``output_sizes``: (height, width) per expression. Masks of expressions judged
         no-target (score > NO_TARGET_THRESHOLD) are emptied.
         """
@@ -349,6 +352,14 @@ class VIPA(nn.Module):
             relevance = (veg["attention"] * w).sum(1) / w.sum(1).clamp(min=1.0)
             relevance = relevance.view(-1, 1, *veg["grid"])
             relevance = F.interpolate(relevance, size=padded, mode="bilinear", align_corners=False)
+        retrieved = None
+        # Only when step 1 ran and its visual expression is the decoder's K/V: with language
+        # K/V nothing the decoder reads was retrieved.
+        if veg is not None and veg["relevance"] is not None and self.language_proj is None:
+            # The support of M on the token grid, each token a block of the padded image.
+            support = (veg["retrieval_mask"] > 0.5).to(logits.dtype)
+            support = support.view(*support.shape[:2], *veg["grid"])
+            retrieved = F.interpolate(support, size=padded, mode="nearest")
         results = []
         for i, (height, width) in enumerate(output_sizes):
             image_size = images.image_sizes[i if len(images.image_sizes) > 1 else 0]
@@ -361,6 +372,10 @@ class VIPA(nn.Module):
                 else prob.new_zeros(height, width)
             )
             results.append({"ref_seg": prob, "relevance": rel, "no_target_score": scores[i]})
+            if retrieved is not None:
+                # Resized like ref_seg, then thresholded back to a set.
+                kept = sem_seg_postprocess(retrieved[i], image_size, height, width) > 0.5
+                results[-1].update(retrieved=kept, cue_valid=outputs["cue_valid"][i])
         return results
 
     # ----------------------------------------------------------------- forward

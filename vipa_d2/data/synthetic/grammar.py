@@ -109,6 +109,14 @@ class Expression:
     targets: Tuple[int, ...]  # indices into scene.objects; () = no target
     type: str
     program: Program
+    # Relations: the words of ``text`` that name the landmark (anchor) object, e.g. "red circle".
+    landmark_phrase: Optional[str] = None
+
+    @property
+    def landmark(self) -> Optional[int]:
+        """Index into scene.objects of a relation's landmark (anchor) object, else None."""
+        sel = self.program.selector
+        return sel[2] if sel is not None and sel[0] == "rel" else None
 
 
 def _members(objs: Sequence[SceneObject], category, colour) -> List[int]:
@@ -244,41 +252,56 @@ def _noun(prog: Program, rng, plural: bool = False) -> str:
 
 def realize(prog: Program, scene: Scene, cfg: SynthConfig, rng) -> str:
     """One English phrasing of ``prog`` (random among the templates of its kind)."""
+    return _realize(prog, scene, cfg, rng)[0]
+
+
+def _realize(prog: Program, scene: Scene, cfg: SynthConfig, rng) -> Tuple[str, Optional[str]]:
+    """:func:`realize` and, for a relation, the phrase naming its landmark (None otherwise).
+    The phrase is kept as drawn: re-deriving it would draw again from ``rng``."""
     n = _noun(prog, rng)
     sel = prog.selector
     if prog.plural:
         size = len(_members(scene.objects, prog.category, prog.colour))
         templates = _ALL_T + (_BOTH_T if size == 2 else ())
-        return pick(rng, templates).format(
+        text = pick(rng, templates).format(
             np=_noun(prog, rng, plural=True), num=_NUMBERS.get(size, str(size))
         )
+        return text, None
     if sel is None:
-        return pick(rng, _NONE_T).format(n=n)
+        return pick(rng, _NONE_T).format(n=n), None
     many = len(_members(scene.objects, prog.category, prog.colour)) > 2
     if sel[0] == "size":
-        return pick(rng, _SIZE_T[(sel[1], many)]).format(n=n, np=_noun(prog, rng, plural=True))
+        text = pick(rng, _SIZE_T[(sel[1], many)]).format(n=n, np=_noun(prog, rng, plural=True))
+        return text, None
     if sel[0] == "pos":
-        return pick(rng, _POS_T[(sel[1], sel[2], many)]).format(n=n)
+        return pick(rng, _POS_T[(sel[1], sel[2], many)]).format(n=n), None
     if sel[0] == "ord":
-        return pick(rng, _ORD_T).format(n=n, k=_ORDINALS[sel[3]], side=_SIDES[(sel[1], sel[2])])
+        text = pick(rng, _ORD_T).format(n=n, k=_ORDINALS[sel[3]], side=_SIDES[(sel[1], sel[2])])
+        return text, None
     _, rel, _, anchor_prog = sel
-    return pick(rng, _REL_T).format(n=n, r=pick(rng, _REL_WORDS[rel]), a=_noun(anchor_prog, rng))
+    # Same draw order as before the landmark phrase was kept: template, relation word, noun.
+    template = pick(rng, _REL_T)
+    words = pick(rng, _REL_WORDS[rel])
+    landmark = _noun(anchor_prog, rng)
+    return template.format(n=n, r=words, a=landmark), landmark
 
 
 def _phrase_distinct(
-    progs: List[Program], count: int, scene, cfg, rng
-) -> List[Tuple[str, Program]]:
-    """``count`` distinct texts, cycling over ``progs`` (rephrasing when they run out)."""
-    out: List[Tuple[str, Program]] = []
+    progs: List[Program], count: int, targets, scene, cfg, rng, kind: Optional[str] = None
+) -> List[Expression]:
+    """``count`` expressions of ``targets`` with distinct texts, cycling over ``progs``
+    (rephrasing when they run out). ``kind``: their type (default: each program's)."""
+    out: List[Expression] = []
     seen: Set[str] = set()
     for i in range(count * _PHRASING_TRIES):
         if len(out) == count:
             break
         prog = progs[i % len(progs)]
-        text = realize(prog, scene, cfg, rng)
+        text, landmark_phrase = _realize(prog, scene, cfg, rng)
         if text not in seen:
             seen.add(text)
-            out.append((text, prog))
+            kind_of = kind or program_type(prog)
+            out.append(Expression(text, tuple(targets), kind_of, prog, landmark_phrase))
     return out
 
 
@@ -300,10 +323,7 @@ def single_target_expressions(t: int, scene: Scene, cfg: SynthConfig, rng) -> Li
     rest = [p for p in progs if p not in chosen]
     while len(chosen) < count and rest:
         chosen.append(rest.pop(int(rng.integers(len(rest)))))
-    return [
-        Expression(text, (t,), program_type(p), p)
-        for text, p in _phrase_distinct(chosen, count, scene, cfg, rng)
-    ]
+    return _phrase_distinct(chosen, count, (t,), scene, cfg, rng)
 
 
 def multi_target_expressions(scene: Scene, cfg: SynthConfig, rng) -> List[Expression]:
@@ -320,10 +340,9 @@ def multi_target_expressions(scene: Scene, cfg: SynthConfig, rng) -> List[Expres
     out = []
     for i in rng.permutation(len(keys))[: cfg.multi_target_refs]:
         members = keys[int(i)]
-        for text, p in _phrase_distinct(
-            [groups[members]], cfg.generalized_sentences, scene, cfg, rng
-        ):
-            out.append(Expression(text, tuple(sorted(members)), "multi", p))
+        out += _phrase_distinct(
+            [groups[members]], cfg.generalized_sentences, sorted(members), scene, cfg, rng, "multi"
+        )
     return out
 
 
@@ -355,6 +374,7 @@ def no_target_expressions(
         prog = pool.pop(int(rng.integers(len(pool))))
         if evaluate(prog, scene, cfg) != frozenset():
             raise RuntimeError(f"no-target program {prog} denotes objects")  # construction bug
-        for text, p in _phrase_distinct([prog], cfg.generalized_sentences, scene, cfg, rng):
-            out.append(Expression(text, (), "no_target", p))
+        out += _phrase_distinct(
+            [prog], cfg.generalized_sentences, (), scene, cfg, rng, "no_target"
+        )
     return out

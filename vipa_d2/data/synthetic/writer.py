@@ -116,15 +116,23 @@ def _image_entry(index_split, cfg: SynthConfig, seed: int, heldout, image_dir: s
             }
             for k, o in enumerate(objs)
         ],
-        "expressions": [
-            {"text": e.text, "targets": list(e.targets), "type": e.type} for e in exprs
-        ],
+        "expressions": [_expression_entry(e) for e in exprs],
         "_stats": {
             "distractor": max(cats.values()) >= 2,
             "occluded": sum(o.visible_frac < 1.0 for o in objs),
             "heldout": sum(heldout[o.category] == o.colour for o in objs),
         },
     }
+
+
+def _expression_entry(e: Expression) -> Dict:
+    """One simple-JSON expression; object ids are scene indices (the ``objects[].id``)."""
+    entry = {"text": e.text, "targets": list(e.targets), "type": e.type}
+    if e.landmark is not None:
+        # For the per-type scoreboard and the retrieval report: which object, and which
+        # words of the text, name a relation's landmark.
+        entry.update(landmark=e.landmark, landmark_phrase=e.landmark_phrase)
+    return entry
 
 
 def _worker_init():

@@ -1,0 +1,79 @@
+"""
+Optional per-expression annotations used to break results down (they never change
+training): an expression ``type`` ("relation", "colour", ...) and, for a relation, its
+landmark: the object the target is described relative to and the phrase naming it, e.g.
+"the circle above the red star" -> landmark phrase "red star".
+"""
+
+import re
+from typing import Dict, Optional, Tuple
+
+import numpy as np
+import torch
+
+from .masks import annotations_to_mask
+
+__all__ = ["find_phrase", "phrase_token_mask", "breakdown_inputs"]
+
+
+def find_phrase(text: str, phrase: str) -> Optional[Tuple[int, int]]:
+    """
+    Character span [start, end) of the LAST whole-word, case-insensitive occurrence of
+    ``phrase`` in ``text``, or None. The last one because a relation names its landmark
+    after the target ("the cup left of the cup" -> the second "cup").
+    """
+    if not phrase.strip():
+        return None
+    pattern = r"(?<!\w)" + re.escape(phrase) + r"(?!\w)"
+    matches = list(re.finditer(pattern, text, flags=re.IGNORECASE))
+    return matches[-1].span() if matches else None
+
+
+def phrase_token_mask(tokenizer, text: str, span: Tuple[int, int], max_len: int) -> torch.Tensor:
+    """
+    bool (max_len,): the tokens of ``text`` (tokenized exactly as
+    :func:`vipa_d2.modeling.text_encoder.tokenize` does) overlapping the character
+    ``span``. Special and padding tokens, and words cut off by truncation, are never marked.
+    """
+    if not getattr(tokenizer, "is_fast", False):
+        raise TypeError(
+            f"{type(tokenizer).__name__} is not a fast tokenizer: locating a phrase's tokens "
+            "needs its offsets mapping (use a tokenizer with a tokenizer.json)"
+        )
+    enc = tokenizer(
+        text,
+        padding="max_length",
+        truncation=True,
+        max_length=max_len,
+        return_offsets_mapping=True,
+        return_special_tokens_mask=True,
+    )
+    start, end = span
+    offsets = np.asarray(enc["offset_mapping"]).reshape(-1, 2)
+    special = np.asarray(enc["special_tokens_mask"], dtype=bool)
+    inside = (offsets[:, 0] < end) & (offsets[:, 1] > start) & ~special
+    return torch.from_numpy(inside)
+
+
+def breakdown_inputs(record: Dict, sentence: str, tokenizer, max_len: int) -> Dict:
+    """
+    The test mapper's extra fields for a record carrying them: ``type``, and for a
+    landmark ``landmark_mask`` (uint8, original height x width, rasterized like the
+    target) and ``landmark_tokens`` (bool, max_len). The phrase is looked up in
+    ``sentence`` as the model reads it: a text from elsewhere (the shuffled-expression
+    control) that does not contain it marks no token.
+    """
+    out = {}
+    if "type" in record:
+        out["type"] = record["type"]
+    landmark = record.get("landmark")
+    if landmark is not None:
+        h, w = record["height"], record["width"]
+        out["landmark_mask"] = torch.as_tensor(annotations_to_mask([landmark["annotation"]], h, w))
+        span = find_phrase(sentence, landmark["phrase"])
+        out["landmark_tokens"] = (
+            phrase_token_mask(tokenizer, sentence, span, max_len)
+            if span is not None
+            else torch.zeros(max_len, dtype=torch.bool)
+        )
+    return out

@@ -1,0 +1,232 @@
+"""
+Breakdowns of referring results, computed by :class:`ReferringEvaluator` when the data or
+the model provide what they need (otherwise nothing changes):
+
+* **per expression type** (records with a ``type``, e.g. the synthetic benchmark):
+  oIoU / mIoU / Prec@0.5 of each type, under the ``refer_by_type`` results key;
+* **retrieval report** (model outputs with ``retrieved`` / ``cue_valid``, i.e. a VEG with
+  step 1): how much the cues' retrieved visual tokens overlap (mean pairwise Jaccard), and,
+  for expressions with a landmark (``landmark_mask`` / ``landmark_tokens``), where the
+  landmark phrase's cues look: the share of their retrieved area on the landmark object
+  and on the target. Under the ``retrieval`` results key.
+
+All values are percentages; a mean over no sample is left out (its count is 0). The
+per-sample numbers are computed in :func:`sample_fields` (no mask is kept), the rest
+from the gathered samples.
+"""
+import logging
+import math
+from collections import OrderedDict
+from typing import Callable, Dict, List, Optional
+
+import torch
+from tabulate import tabulate
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "BY_TYPE_KEY",
+    "RETRIEVAL_KEY",
+    "TYPE_METRICS",
+    "sample_fields",
+    "cue_jaccard",
+    "landmark_shares",
+    "summarize",
+    "flatten_sections",
+    "format_by_type",
+    "format_retrieval",
+    "log_sections",
+]
+
+BY_TYPE_KEY = "refer_by_type"
+RETRIEVAL_KEY = "retrieval"
+# Per-type columns: the headline metrics; a type holds too few samples for finer Prec@X.
+TYPE_METRICS = ("oIoU", "mIoU", "Prec@0.5")
+_RETRIEVAL_COLUMNS = (
+    ("cue_jaccard", "cue Jaccard"),
+    ("cue_jaccard_samples", "samples"),
+    ("landmark_on_landmark", "landmark cues on landmark"),
+    ("landmark_on_target", "on target"),
+    ("landmark_samples", "landmark samples"),
+)
+
+
+def cue_jaccard(retrieved: torch.Tensor) -> Optional[float]:
+    """Mean pairwise Jaccard index of the C retrieved sets ``retrieved`` (bool C x ...);
+    two empty sets count as identical (1). None for fewer than 2 sets."""
+    c = retrieved.shape[0]
+    if c < 2:
+        return None
+    # float64: pixel counts stay exact, whatever the image size.
+    sets = retrieved.reshape(c, -1).to(torch.float64)
+    inter = sets @ sets.T
+    area = inter.diagonal()
+    union = area[:, None] + area[None, :] - inter
+    jaccard = torch.where(union > 0, inter / union.clamp(min=1), torch.ones_like(inter))
+    i, j = torch.triu_indices(c, c, offset=1, device=jaccard.device)
+    return float(jaccard[i, j].mean())
+
+
+def landmark_shares(retrieved: torch.Tensor, landmark: torch.Tensor, target: torch.Tensor):
+    """
+    (share on ``landmark``, share on ``target``) of the area retrieved by the K cues
+    ``retrieved`` (bool K x H x W), pooled over the cues (sum of their areas); None when
+    nothing is retrieved.
+    """
+    total = int(retrieved.sum())
+    if total == 0:
+        return None
+    return (
+        int((retrieved & landmark).sum()) / total,
+        int((retrieved & target).sum()) / total,
+    )
+
+
+def _check_shape(name: str, value: torch.Tensor, shape, sample_name: str) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise ValueError(
+            f"ReferringEvaluator: {name!r} of {sample_name} has shape {tuple(value.shape)}, "
+            f"expected {tuple(shape)}"
+        )
+
+
+def sample_fields(inp: Dict, out: Dict, gt: torch.Tensor, sample_name: str) -> Dict:
+    """
+    The per-sample values of the breakdowns, for the evaluator's sample dict: ``type``;
+    with ``out["retrieved"]``: ``cues``, ``cue_jaccard`` (None below 2 cues) and, with a
+    landmark, ``landmark_cues`` (landmark-phrase tokens that are cues),
+    ``landmark_on_landmark`` / ``landmark_on_target`` (fractions, None without such cues).
+    ``gt``: the bool target mask at the resolution of ``retrieved``.
+    """
+    fields = {}
+    if "type" in inp:
+        fields["type"] = str(inp["type"])
+    retrieved = out.get("retrieved")
+    if retrieved is None:
+        return fields
+    height, width = gt.shape
+    cue_valid = out["cue_valid"].to(device=retrieved.device, dtype=torch.bool)
+    t = cue_valid.shape[0]
+    _check_shape("retrieved", retrieved, (t, height, width), sample_name)
+    retrieved = retrieved.bool()
+    fields["cues"] = int(cue_valid.sum())
+    fields["cue_jaccard"] = cue_jaccard(retrieved[cue_valid])
+    if "landmark_tokens" not in inp:
+        return fields
+    landmark_mask = inp["landmark_mask"]
+    _check_shape("landmark_mask", landmark_mask, (height, width), sample_name)
+    # The model may drop trailing padding columns (T <= the mapper's MAX_TEXT_LEN): the
+    # positions it kept are the first T.
+    tokens = torch.zeros_like(cue_valid)
+    given = inp["landmark_tokens"][:t].to(device=tokens.device, dtype=torch.bool)
+    tokens[: given.shape[0]] = given
+    tokens &= cue_valid
+    fields["landmark_cues"] = int(tokens.sum())
+    shares = None
+    if fields["landmark_cues"]:
+        landmark = landmark_mask.to(device=retrieved.device, dtype=torch.bool)
+        shares = landmark_shares(retrieved[tokens], landmark, gt.to(retrieved.device))
+    fields["landmark_on_landmark"], fields["landmark_on_target"] = shares or (None, None)
+    return fields
+
+
+def _mean_percent(values: List[float]) -> float:
+    # fsum: exactly rounded, so the result does not depend on the gather order.
+    return 100.0 * math.fsum(values) / len(values)
+
+
+def _by_type(samples: List[Dict], compute_metrics: Callable) -> "OrderedDict":
+    groups = OrderedDict()
+    for s in samples:
+        if "type" in s:
+            groups.setdefault(s["type"], []).append(s)
+    out = OrderedDict()
+    for name in sorted(groups):
+        metrics = compute_metrics(groups[name])
+        out[name] = OrderedDict(samples=len(groups[name]))
+        out[name].update((k, metrics[k]) for k in TYPE_METRICS)
+    return out
+
+
+def _retrieval(samples: List[Dict]) -> "OrderedDict":
+    # A mean over no sample is left out (its count says 0) rather than NaN: NaN breaks
+    # equality checks of results and is not valid JSON.
+    out = OrderedDict()
+    jaccards = [s["cue_jaccard"] for s in samples if s.get("cue_jaccard") is not None]
+    if jaccards:
+        out["cue_jaccard"] = _mean_percent(jaccards)
+    out["cue_jaccard_samples"] = len(jaccards)
+    if any("landmark_cues" in s for s in samples):
+        scored = [s for s in samples if s.get("landmark_on_landmark") is not None]
+        if scored:
+            for key in ("landmark_on_landmark", "landmark_on_target"):
+                out[key] = _mean_percent([s[key] for s in scored])
+        out["landmark_samples"] = len(scored)
+    return out
+
+
+def summarize(samples: List[Dict], compute_metrics: Callable) -> "OrderedDict":
+    """
+    The breakdown sections the samples support: {BY_TYPE_KEY: {type: {"samples",
+    *TYPE_METRICS}}} when any sample has a type (``compute_metrics`` scores a list of
+    samples, so a type is scored exactly like the whole set), {RETRIEVAL_KEY: {...}} when
+    any has retrieval values. Empty when neither: the evaluator's results stay as they were.
+    """
+    sections = OrderedDict()
+    if any("type" in s for s in samples):
+        sections[BY_TYPE_KEY] = _by_type(samples, compute_metrics)
+    if any("cues" in s for s in samples):
+        sections[RETRIEVAL_KEY] = _retrieval(samples)
+    return sections
+
+
+def flatten_sections(sections: Dict) -> "OrderedDict":
+    """The sections as Detectron2 results entries: one level of metrics per task (nested
+    dicts would break ``print_csv_format``), e.g. ``refer_by_type/relation/oIoU``."""
+    out = OrderedDict()
+    for key, section in sections.items():
+        if key == BY_TYPE_KEY:
+            section = OrderedDict(
+                (f"{name}/{metric}", float(value))
+                for name, metrics in section.items()
+                for metric, value in metrics.items()
+            )
+        out[key] = section
+    return out
+
+
+def format_by_type(by_dataset: Dict[str, Dict]) -> str:
+    """A table of the per-type metrics, {dataset name: by-type section}; each dataset
+    is named on its first row only."""
+    rows = [
+        [dataset if k == 0 else "", name, metrics["samples"]] + [metrics[m] for m in TYPE_METRICS]
+        for dataset, section in by_dataset.items()
+        for k, (name, metrics) in enumerate(section.items())
+    ]
+    headers = ["dataset", "type", "samples", *TYPE_METRICS]
+    return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".2f")
+
+
+def format_retrieval(by_dataset: Dict[str, Dict]) -> str:
+    """A table of the retrieval reports, {dataset name: retrieval section}."""
+    keys = [k for k, _ in _RETRIEVAL_COLUMNS]
+    if not any("landmark_samples" in section for section in by_dataset.values()):
+        keys = keys[:2]
+    # A blank cell: no sample to average over (see _retrieval).
+    rows = [[name] + [section.get(k, "") for k in keys] for name, section in by_dataset.items()]
+    headers = ["dataset"] + [dict(_RETRIEVAL_COLUMNS)[k] for k in keys]
+    return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".2f")
+
+
+def log_sections(dataset_name: str, sections: Dict) -> None:
+    """Log the tables of the sections :func:`summarize` returned (if any)."""
+    if BY_TYPE_KEY in sections:
+        table = format_by_type({dataset_name: sections[BY_TYPE_KEY]})
+        logger.info(f"Referring segmentation on {dataset_name} per expression type:\n{table}")
+    if RETRIEVAL_KEY in sections:
+        table = format_retrieval({dataset_name: sections[RETRIEVAL_KEY]})
+        logger.info(
+            f"Retrieval report on {dataset_name} (percent; cue Jaccard: mean pairwise Jaccard "
+            f"of the cues' retrieved tokens; landmark cues: share of the landmark phrase's "
+            f"retrieved area on the landmark object / on the target):\n{table}"
+        )
