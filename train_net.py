@@ -16,7 +16,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from vipa_d2 import add_vipa_config
-from vipa_d2.data.builtin import INVALID_REFS_ENV
+from vipa_d2.data.builtin import check_invalid_refs_setting
 from vipa_d2.engine import ReferringTrainer
 
 
@@ -30,9 +30,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    # Built-in dataset loaders read the malformed-ref policy from the environment (they are
-    # called without a cfg); spawned ranks and data-loader workers inherit it.
-    os.environ[INVALID_REFS_ENV] = cfg.DATASETS.INVALID_REFS
+    check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         # Ranks sharing a CPU split its cores; oversubscribed intra-op threads spin-wait on

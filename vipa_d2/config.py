@@ -18,8 +18,9 @@ def add_vipa_config(cfg):
     cfg.INPUT.MAX_TEXT_LEN = 20
     # Horizontal flip is off by default: it breaks "left"/"right" expressions.
     cfg.INPUT.RANDOM_FLIP = "none"
-    # How malformed refs (unknown ann_id, empty sentence, degenerate polygon) are
-    # handled by the REFER loaders: "error" raises, "skip" logs and counts them.
+    # Kept so older configs still merge; only "error" is accepted. Built-in datasets have one
+    # fixed policy (a ref the official readers cannot read raises; datasets/README.md), and
+    # your own REFER folders take invalid="error" | "skip" in register_referring_dataset.
     cfg.DATASETS.INVALID_REFS = "error"
 
     # --------------------------------------------------------- text encoder
