@@ -23,6 +23,13 @@ def add_vipa_config(cfg):
     # your own REFER folders take invalid="error" | "skip" in register_referring_dataset.
     cfg.DATASETS.INVALID_REFS = "error"
 
+    # ---------------------------------------------------------- checkpoints
+    # Load MODEL.WEIGHTS and --resume checkpoints with full pickle instead of
+    # torch.load(weights_only=True). Full pickle runs any code the file names: set it only
+    # for files you trust that hold more than tensors and plain containers (weights-only
+    # loading refuses those with an error saying so). .pkl / .pyth files always need it.
+    cfg.MODEL.WEIGHTS_TRUSTED = False
+
     # --------------------------------------------------------- text encoder
     cfg.MODEL.TEXT_ENCODER = CN()
     # A Hugging Face hub name (e.g. "bert-base-uncased", needs the network once) or a

@@ -64,7 +64,7 @@ class ReferringTrainer(DefaultTrainer):
       (SEED, rank, iteration) when ``SEED >= 0``;
     * ``ReferringEvaluator`` for datasets whose metadata says ``evaluator_type="referring"``;
     * AdamW/SGD with encoder lr multipliers (:mod:`vipa_d2.engine.optimizer`);
-    * atomic checkpoints;
+    * atomic checkpoints, loaded weights-only unless ``MODEL.WEIGHTS_TRUSTED``;
     * DDP over gloo on CPU-only machines (detectron2 passes ``device_ids=[local_rank]``,
       which DDP rejects for CPU modules);
     * ``TEST.SHUFFLED_EXPRESSION_CONTROL``: each test set also scored with shuffled
@@ -92,7 +92,7 @@ class ReferringTrainer(DefaultTrainer):
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, trusted=cfg.MODEL.WEIGHTS_TRUSTED, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
