@@ -179,3 +179,11 @@ def add_vipa_config(cfg):
     # Samples per inference batch in each evaluation process (detectron2's test loader
     # uses 1). Batches amortize per-call overhead; results do not depend on it.
     cfg.TEST.IMS_PER_BATCH = 1
+    # Resolution the evaluator scores at: "original" (each image's own size, the honest
+    # default) or "input" (the resized model input, e.g. INPUT.IMAGE_SIZE squared, where
+    # the LAVT and ReLA evaluators score; its target is the transformed polygons
+    # rasterised at that size).
+    cfg.TEST.EVAL_RESOLUTION = "original"
+    # Also write each prediction (the scored binary mask, at TEST.EVAL_RESOLUTION) as COCO
+    # RLE into the per-sample results file, for error analysis.
+    cfg.TEST.SAVE_PREDICTION_RLE = False
