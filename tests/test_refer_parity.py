@@ -13,6 +13,7 @@ import pickle
 import resource
 import subprocess
 import sys
+from typing import Callable, NamedTuple, Optional, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -371,13 +372,20 @@ def _refs_pickle(edit):
     return _write_bytes(REFS, make)
 
 
-# name -> (mutation, split, generalized, invalid, (file, item, field, problem) substrings)
+class _Bad(NamedTuple):
+    """A broken copy of the fixture: how to break it, what the error must name (file, item,
+    field, problem substrings; None for a load that must succeed), and how to load it."""
+
+    mutate: Callable
+    expect: Optional[Tuple]
+    split: str = "train"
+    generalized: bool = False
+    invalid: str = "error"
+
+
 BAD_INPUTS = {
-    "nan_coordinate": (
+    "nan_coordinate": _Bad(
         _set_poly_value(11, 0, 3, float("nan")),
-        "train",
-        False,
-        "error",
         (
             INST,
             "ann_id=11 (target of ref_id=0)",
@@ -385,11 +393,8 @@ BAD_INPUTS = {
             "nan is not a finite number",
         ),
     ),
-    "inf_coordinate": (
+    "inf_coordinate": _Bad(
         _set_poly_value(12, 1, 0, float("inf")),
-        "train",
-        False,
-        "error",
         (
             INST,
             "ann_id=12 (target of ref_id=1)",
@@ -397,196 +402,121 @@ BAD_INPUTS = {
             "inf is not a finite number",
         ),
     ),
-    "absurd_coordinate": (
+    "absurd_coordinate": _Bad(
         _set_poly_value(11, 0, 0, 1e15),
-        "train",
-        False,
-        "error",
         (INST, "ann_id=11", "segmentation[0][0]", "far outside the 37x23 image"),
     ),
-    "huge_integer_coordinate": (
+    "huge_integer_coordinate": _Bad(
         _set_poly_value(11, 0, 1, 10**400),
-        "train",
-        False,
-        "error",
         (INST, "ann_id=11", "segmentation[0][1]", "is not a finite number"),
     ),
-    "bool_coordinate": (
+    "bool_coordinate": _Bad(
         _set_poly_value(11, 0, 2, True),
-        "train",
-        False,
-        "error",
         (INST, "ann_id=11", "segmentation[0][2]", "expected a number, got True"),
     ),
-    "first_polygon_of_4": (
+    "first_polygon_of_4": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 11).update(segmentation=[[1, 2, 3, 4]])),
-        "train",
-        False,
-        "error",
         (INST, "ann_id=11", "segmentation[0]", "4 numbers"),
     ),
-    "segmentation_string": (
+    "segmentation_string": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 11).update(segmentation="abc")),
-        "train",
-        False,
-        "error",
         (INST, "ann_id=11", "segmentation", "got str"),
     ),
-    "missing_segmentation": (
+    "missing_segmentation": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 11).pop("segmentation")),
-        "train",
-        False,
-        "error",
         (INST, "ann_id=11", "segmentation", "missing"),
     ),
-    "height_string": (
+    "height_string": _Bad(
         _mutate_json(INST, lambda d: _img(d, 1).update(height="23")),
-        "train",
-        False,
-        "error",
         (INST, "image_id=1 (image of ref_id=0)", "height", "expected a positive integer, got '23'"),
     ),
-    "missing_height": (
+    "missing_height": _Bad(
         _mutate_json(INST, lambda d: _img(d, 1).pop("height")),
-        "train",
-        False,
-        "error",
         (INST, "image_id=1", "height", "got None"),
     ),
-    "huge_image": (
+    "huge_image": _Bad(
         _mutate_json(INST, lambda d: _img(d, 3).update(height=10**6)),
-        "testB",
-        False,
-        "error",
         (INST, "image_id=3", "height", "outside 1..32768"),
+        split="testB",
     ),
-    "annotation_without_id": (
+    "annotation_without_id": _Bad(
         _mutate_json(INST, lambda d: d["annotations"][0].pop("id")),
-        "train",
-        False,
-        "error",
         (INST, "annotations[0]", "id", "got None"),
     ),
-    "rle_counts_sum": (
+    "rle_counts_sum": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 16)["segmentation"]["counts"].__setitem__(-1, 999)),
-        "testB",
-        False,
-        "error",
         (INST, "ann_id=16", "segmentation.counts", "add up to"),
+        split="testB",
     ),
-    "rle_negative_run": (
+    "rle_negative_run": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 16)["segmentation"]["counts"].__setitem__(0, -5)),
-        "testB",
-        False,
-        "error",
         (INST, "ann_id=16", "segmentation.counts", "non-negative"),
+        split="testB",
     ),
-    "rle_bad_character": (
+    "rle_bad_character": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 15)["segmentation"].update(counts="0~~")),
-        "testB",
-        False,
-        "error",
         (INST, "ann_id=15", "segmentation.counts", "not an RLE character"),
+        split="testB",
     ),
-    "rle_endless_run": (
+    "rle_endless_run": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 15)["segmentation"].update(counts="o" * 40)),
-        "testB",
-        False,
-        "error",
         (INST, "ann_id=15", "segmentation.counts", "longer than 7"),
+        split="testB",
     ),
-    "rle_wrong_size": (
+    "rle_wrong_size": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 15)["segmentation"].update(size=[48, 65])),
-        "testB",
-        False,
-        "error",
         (INST, "ann_id=15", "segmentation.size", "does not match"),
+        split="testB",
     ),
-    "instances_syntax_error": (
+    "instances_syntax_error": _Bad(
         _write_bytes(INST, lambda b, r: b[:-3] + b",]"),
-        "train",
-        False,
-        "error",
         (INST, None, None, "not valid JSON (line 1"),
     ),
-    "instances_not_utf8": (
-        _write_bytes(INST, lambda b, r: b"\xff" + b),
-        "train",
-        False,
-        "error",
-        (INST, None, None, "not UTF-8"),
+    "instances_not_utf8": _Bad(
+        _write_bytes(INST, lambda b, r: b"\xff" + b), (INST, None, None, "not UTF-8")
     ),
-    "grefs_syntax_error": (
+    "grefs_syntax_error": _Bad(
         _write_bytes(GREFS, lambda b, r: b[: len(b) // 2]),
-        "val",
-        True,
-        "error",
         (GREFS, None, None, "not valid JSON"),
+        split="val",
+        generalized=True,
     ),
-    "truncated_pickle": (
+    "truncated_pickle": _Bad(
         _write_bytes(REFS, lambda b, r: b[: len(b) // 2]),
-        "train",
-        False,
-        "error",
         (REFS, None, None, "not a readable plain-data pickle"),
     ),
-    "garbage_pickle": (
+    "garbage_pickle": _Bad(
         _write_bytes(REFS, lambda b, r: b"\x80\x02garbage\x00\xff" * 10),
-        "train",
-        False,
-        "error",
         (REFS, None, None, "not a readable plain-data pickle"),
     ),
-    "pickle_that_runs_code": (
+    "pickle_that_runs_code": _Bad(
         _refs_pickle(lambda refs, root: refs[0].update(extra=_RunsCode(os.path.join(root, "RAN")))),
-        "train",
-        False,
-        "error",
         (REFS, None, None, "refers to the global os.makedirs"),
     ),
-    "refs_not_a_list": (
+    "refs_not_a_list": _Bad(
         _write_bytes(REFS, lambda b, r: pickle.dumps({"refs": pickle.loads(b)})),
-        "train",
-        False,
-        "error",
         (REFS, None, None, "expected a list of refs, got dict"),
     ),
-    "ann_id_list_in_classic_refs": (
+    "ann_id_list_in_classic_refs": _Bad(
         _refs_pickle(lambda refs, root: refs[0].update(ann_id=[11])),
-        "train",
-        False,
-        "error",
         (REFS, "ref #0 (ref_id=0)", "ann_id", "expected one annotation id"),
     ),
-    "sentences_not_a_list": (
+    "sentences_not_a_list": _Bad(
         _refs_pickle(lambda refs, root: refs[0].update(sentences="hello")),
-        "train",
-        False,
-        "error",
         (REFS, "ref #0 (ref_id=0)", "sentences", "got str"),
     ),
-    "ref_without_image_id": (
+    "ref_without_image_id": _Bad(
         _refs_pickle(lambda refs, root: refs[0].pop("image_id")),
-        "train",
-        False,
-        "error",
         (REFS, "ref #0 (ref_id=0)", "image_id", "missing"),
     ),
-    "no_target_mixed_with_targets": (
+    "no_target_mixed_with_targets": _Bad(
         _mutate_json(GREFS, lambda d: d[0].update(ann_id=[-1, 11])),
-        "val",
-        True,
-        "error",
         (GREFS, "ref #0 (ref_id=0)", "ann_id", "mixes the no-target id -1"),
+        split="val",
+        generalized=True,
     ),
     # The skip policy (own datasets) drops the broken ref and reads the rest.
-    "nan_coordinate_skipped": (
-        _set_poly_value(11, 0, 3, float("nan")),
-        "train",
-        False,
-        "skip",
-        None,
-    ),
+    "nan_coordinate_skipped": _Bad(_set_poly_value(11, 0, 3, float("nan")), None, invalid="skip"),
 }
 
 _RUNNER = r"""
@@ -621,11 +551,11 @@ def bad_results(tmp_path_factory):
     """Every bad input loaded in ONE subprocess (capped memory, timeout): a crash there
     cannot take pytest down, and its exit status shows whether any input killed it."""
     jobs = []
-    for name, (mutate, split, generalized, invalid, _) in BAD_INPUTS.items():
+    for name, case in BAD_INPUTS.items():
         case_root = str(tmp_path_factory.mktemp(name))
         _write_dataset(case_root)
-        mutate(case_root)
-        jobs.append([name, case_root, split, generalized, invalid])
+        case.mutate(case_root)
+        jobs.append([name, case_root, case.split, case.generalized, case.invalid])
     env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-c", _RUNNER, json.dumps(jobs)],
@@ -641,11 +571,11 @@ def bad_results(tmp_path_factory):
     return {"results": json.loads(line[len("RESULTS ") :]), "roots": {j[0]: j[1] for j in jobs}}
 
 
-@pytest.mark.parametrize("name", [n for n, case in BAD_INPUTS.items() if case[4] is not None])
+@pytest.mark.parametrize("name", [n for n, case in BAD_INPUTS.items() if case.expect is not None])
 def test_bad_input_gives_one_line_error_naming_file_id_and_field(bad_results, name):
     result = bad_results["results"][name]
     assert "error" in result, result
-    file, item, field, problem = BAD_INPUTS[name][4]
+    file, item, field, problem = BAD_INPUTS[name].expect
     message = result["error"]
     path = os.path.join(bad_results["roots"][name], file)
     assert "\n" not in message and message.startswith(path + ": "), message
