@@ -10,14 +10,13 @@ Train / evaluate VIPA with Detectron2.
 import os
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from vipa_d2 import add_vipa_config
-from vipa_d2.data.builtin import INVALID_REFS_ENV
-from vipa_d2.engine import ReferringTrainer
+from vipa_d2.data.builtin import check_invalid_refs_setting
+from vipa_d2.engine import ReferringTrainer, WeightsOnlyCheckpointer
 
 
 class Trainer(ReferringTrainer):
@@ -30,9 +29,7 @@ def setup(args):
     cfg.merge_from_file(args.config_file)
     cfg.merge_from_list(args.opts)
     cfg.freeze()
-    # Built-in dataset loaders read the malformed-ref policy from the environment (they are
-    # called without a cfg); spawned ranks and data-loader workers inherit it.
-    os.environ[INVALID_REFS_ENV] = cfg.DATASETS.INVALID_REFS
+    check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         # Ranks sharing a CPU split its cores; oversubscribed intra-op threads spin-wait on
@@ -45,9 +42,10 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        DetectionCheckpointer(model, save_dir=cfg.OUTPUT_DIR).resume_or_load(
-            cfg.MODEL.WEIGHTS, resume=args.resume
+        checkpointer = WeightsOnlyCheckpointer(
+            model, save_dir=cfg.OUTPUT_DIR, trusted=cfg.MODEL.WEIGHTS_TRUSTED
         )
+        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

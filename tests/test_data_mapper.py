@@ -44,12 +44,13 @@ def _rle_mask():
     return m
 
 
-def _image(path, mode="RGB"):
-    """A noise image whose left half is pure red, saved in PIL ``mode``."""
+def _image(path, mode="RGB", size=(H, W)):
+    """A noise image of ``size`` (h, w) whose left half is pure red, saved in PIL ``mode``."""
+    h, w = size
     rng = np.random.default_rng(0)
-    arr = rng.integers(0, 255, size=(H, W, 3), dtype=np.uint8)
-    arr[:, : W // 2, 0] = 255  # left half strongly red: channel order is checkable
-    arr[:, : W // 2, 1:] = 0
+    arr = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
+    arr[:, : w // 2, 0] = 255  # left half strongly red: channel order is checkable
+    arr[:, : w // 2, 1:] = 0
     img = Image.fromarray(arr, "RGB")
     if mode != "RGB":
         img = img.convert(mode)

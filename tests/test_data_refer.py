@@ -242,33 +242,39 @@ def _break(kind):
     inst, refs = _instances(), _refs()
     if kind == "unknown_ann_id":
         refs[0]["ann_id"] = 999
-    elif kind == "empty_sentence":
-        refs[0]["sentences"][1]["raw"] = "   "
-        refs[0]["sentences"][1]["sent"] = ""
-    elif kind == "no_sentences":
-        refs[0]["sentences"] = []
-    elif kind == "few_points":
+    elif kind == "bad_sentence":
+        refs[0]["sentences"][1]["raw"] = None
+        del refs[0]["sentences"][1]["sent"]
+    elif kind == "first_polygon_4_numbers":
+        # pycocotools cannot read it (it takes a first entry of 4 numbers for a box).
         inst["annotations"][0]["segmentation"] = [[10.0, 10.0, 30.0, 10.0]]
-    elif kind == "zero_area":
-        inst["annotations"][0]["segmentation"] = [[10.0, 10.0, 20.0, 20.0, 30.0, 30.0]]
+    elif kind == "ann_on_other_image":
+        inst["annotations"][0]["image_id"] = 8
     return inst, refs
 
 
 @pytest.mark.parametrize(
     "kind,pattern,reason",
     [
-        ("unknown_ann_id", r"ref_id=0\).*ann_id 999 is not in .*instances\.json", "unknown_ann_id"),
-        ("empty_sentence", r"ref_id=0\).*sent_id=1 is empty", "empty_sentence"),
-        ("no_sentences", r"ref_id=0\): the ref has no sentences", "no_sentences"),
         (
-            "few_points",
-            r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: 4 coordinates",
-            "degenerate_segmentation",
+            "unknown_ann_id",
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): ann_id: 999 is not an annotation id of .*instances\.json$",
+            "unknown_ann_id",
         ),
         (
-            "zero_area",
-            r"ref_id=0\).*ann_id 100: polygon 0 is degenerate: zero area",
-            "degenerate_segmentation",
+            "bad_sentence",
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): sentences\[1\]\.raw: expected the sentence as a string",
+            "malformed_sentence",
+        ),
+        (
+            "first_polygon_4_numbers",
+            r"instances\.json: ann_id=100 \(target of ref_id=0\): segmentation\[0\]: 4 numbers",
+            "bad_segmentation",
+        ),
+        (
+            "ann_on_other_image",
+            r"instances\.json: ann_id=100 \(target of ref_id=0\): image_id: 8, but the ref is about image 7",
+            "ann_image_mismatch",
         ),
     ],
 )
@@ -277,16 +283,32 @@ def test_bad_refs_error_or_counted_skip(tmp_path, caplog, kind, pattern, reason)
     save_refer_dataset(str(tmp_path / "bad"), "unc", refs, inst)
     with pytest.raises(ReferringDataError, match=pattern) as e:
         load_refer_dicts(str(tmp_path), "bad", "unc", "train", "/imgs")
-    assert "refs(unc).p" in str(e.value) and "skip" in str(e.value)
+    assert "\n" not in str(e.value)
 
     with caplog.at_level(logging.WARNING, logger="vipa_d2.data.refer"):
         recs = load_refer_dicts(str(tmp_path), "bad", "unc", "train", "/imgs", invalid="skip")
     sents = [r["sentence"]["raw"] for r in recs]
-    if kind == "empty_sentence":
-        assert sents == ["the box", "the triangle"]  # only the empty sentence is dropped
+    if kind == "bad_sentence":
+        assert sents == ["the box", "the triangle"]  # only the bad sentence is dropped
     else:
         assert sents == ["the triangle"]  # the whole broken ref is dropped
     assert f"skipped 1 invalid item(s): {reason}=1" in caplog.text
+
+
+def test_readable_oddities_are_read_as_the_official_api_does(tmp_path, caplog):
+    # A blank sentence, a ref without sentences and a target whose polygon has no area
+    # are all read by lichengunc/refer: a record each (none for no sentence), no error.
+    inst, refs = _instances(), _refs()
+    refs[0]["sentences"][1]["raw"] = "   "
+    refs[1]["sentences"] = []
+    inst["annotations"][0]["segmentation"] = [[10.0, 10.0, 20.0, 20.0, 30.0, 30.0]]
+    save_refer_dataset(str(tmp_path / "odd"), "unc", refs, inst)
+    with caplog.at_level(logging.WARNING, logger="vipa_d2.data.refer"):
+        recs = load_refer_dicts(str(tmp_path), "odd", "unc", "train", "/imgs")
+    assert [r["sentence"]["raw"] for r in recs] == ["the box", "   "]
+    assert annotations_to_mask(recs[0]["annotations"], H, W).sum() == 0
+    assert "1 blank sentences (kept)" in caplog.text
+    assert "1 refs without sentences (no record)" in caplog.text
 
 
 def test_invalid_mode_is_checked(refer_root):
@@ -343,9 +365,15 @@ def test_builtin_root_is_read_at_load_time(tmp_path, monkeypatch):
     assert all(os.path.isfile(r["file_name"]) for r in recs)
     grecs = DatasetCatalog.get("grefsynth_unc_val")
     assert any(r["empty"] for r in grecs) and any(len(r["annotations"]) > 1 for r in grecs)
+    # The malformed-ref policy of built-ins is fixed: no environment variable changes it.
     monkeypatch.setenv("VIPA_INVALID_REFS", "bogus")
-    with pytest.raises(ValueError, match="VIPA_INVALID_REFS"):
-        DatasetCatalog.get("refsynth_unc_val")
+    assert len(DatasetCatalog.get("refsynth_unc_val")) == len(recs)
+
+
+def test_invalid_refs_setting_only_accepts_the_fixed_policy():
+    builtin.check_invalid_refs_setting("error")
+    with pytest.raises(ValueError, match=r"DATASETS.INVALID_REFS='skip'.*invalid='skip'"):
+        builtin.check_invalid_refs_setting("skip")
 
 
 def test_grefs_file_is_json_list(refer_root):

@@ -19,7 +19,6 @@ Extra ``KEY VALUE`` pairs at the end override the config (as for train_net.py).
 import argparse
 import json
 import os
-import pickle
 import subprocess
 import sys
 import time
@@ -30,6 +29,7 @@ from detectron2.config import get_cfg
 from vipa_d2 import add_vipa_config
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
+from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SynthConfig, write_benchmark
 from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
@@ -179,8 +179,8 @@ def format_breakdowns(rows) -> str:
 
 def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_images: int):
     """Overlays of the first ``num_images`` val images with their expressions (demo.py)."""
-    with open(os.path.join(root, REFSYNTH, refs_file_name("unc", False)), "rb") as f:
-        refs = [r for r in pickle.load(f) if r["split"] == VIS_SPLIT]
+    refs_path = os.path.join(root, REFSYNTH, refs_file_name("unc", False))
+    refs = [r for r in load_plain_pickle(refs_path) if r["split"] == VIS_SPLIT]
     with open(os.path.join(root, REFSYNTH, "instances.json")) as f:
         files = {img["id"]: img["file_name"] for img in json.load(f)["images"]}
     by_image = OrderedDict()

@@ -16,9 +16,17 @@ def add_vipa_config(cfg):
     cfg.INPUT.RESIZE_MODE = "square"
     # Maximum number of text tokens including [CLS] and [SEP] (peers: 20).
     cfg.INPUT.MAX_TEXT_LEN = 20
-    # How malformed refs (unknown ann_id, empty sentence, degenerate polygon) are
-    # handled by the REFER loaders: "error" raises, "skip" logs and counts them.
+    # Kept so older configs still merge; only "error" is accepted. Built-in datasets have one
+    # fixed policy (a ref the official readers cannot read raises; datasets/README.md), and
+    # your own REFER folders take invalid="error" | "skip" in register_referring_dataset.
     cfg.DATASETS.INVALID_REFS = "error"
+
+    # ---------------------------------------------------------- checkpoints
+    # Load MODEL.WEIGHTS and --resume checkpoints with full pickle instead of
+    # torch.load(weights_only=True). Full pickle runs any code the file names: set it only
+    # for files you trust that hold more than tensors and plain containers (weights-only
+    # loading refuses those with an error saying so). .pkl / .pyth files always need it.
+    cfg.MODEL.WEIGHTS_TRUSTED = False
 
     # --------------------------------------------------------- text encoder
     cfg.MODEL.TEXT_ENCODER = CN()
@@ -205,3 +213,11 @@ def add_vipa_config(cfg):
     # Samples per inference batch in each evaluation process (detectron2's test loader
     # uses 1). Batches amortize per-call overhead; results do not depend on it.
     cfg.TEST.IMS_PER_BATCH = 1
+    # Resolution the evaluator scores at: "original" (each image's own size, the honest
+    # default) or "input" (the resized model input, e.g. INPUT.IMAGE_SIZE squared, where
+    # the LAVT and ReLA evaluators score; its target is the transformed polygons
+    # rasterised at that size).
+    cfg.TEST.EVAL_RESOLUTION = "original"
+    # Also write each prediction (the scored binary mask, at TEST.EVAL_RESOLUTION) as COCO
+    # RLE into the per-sample results file, for error analysis.
+    cfg.TEST.SAVE_PREDICTION_RLE = False

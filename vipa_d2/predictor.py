@@ -11,13 +11,13 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
 from .data.dataset_mapper import build_referring_augmentations
+from .engine.checkpoint import WeightsOnlyCheckpointer
 from .modeling.text_encoder import build_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
@@ -61,11 +61,11 @@ def _listing(kind: str, items: List[str]) -> str:
     return f"{len(items)} {kind} [{shown}{more}]"
 
 
-class _CheckingCheckpointer(DetectionCheckpointer):
+class _CheckingCheckpointer(WeightsOnlyCheckpointer):
     """
-    A DetectionCheckpointer that refuses a checkpoint whose weights do not match the
-    model exactly (missing, unexpected or shape-mismatched keys), checked before any
-    weight is copied, so a wrong file never leaves a half-loaded model behind.
+    A weights-only DetectionCheckpointer that refuses a checkpoint whose weights do not
+    match the model exactly (missing, unexpected or shape-mismatched keys), checked before
+    any weight is copied, so a wrong file never leaves a half-loaded model behind.
     """
 
     def _load_file(self, filename):
@@ -121,11 +121,13 @@ class _CheckingCheckpointer(DetectionCheckpointer):
         return "; ".join(parts)
 
 
-def load_weights(model: torch.nn.Module, weights: str) -> None:
+def load_weights(model: torch.nn.Module, weights: str, trusted: bool = False) -> None:
     """
     Load ``weights`` (``MODEL.WEIGHTS``) into ``model`` with a DetectionCheckpointer,
-    refusing missing files and any key/shape mismatch. An empty string keeps the random
-    initialisation and logs a warning saying so.
+    refusing missing files and any key/shape mismatch. The file is read weights-only
+    unless ``trusted`` (``MODEL.WEIGHTS_TRUSTED``; see
+    :class:`vipa_d2.engine.checkpoint.WeightsOnlyCheckpointer`). An empty string keeps the
+    random initialisation and logs a warning saying so.
     """
     if not weights:
         logger.warning(
@@ -144,7 +146,7 @@ def load_weights(model: torch.nn.Module, weights: str) -> None:
         if not os.path.isfile(local):
             raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
     try:
-        _CheckingCheckpointer(model).load(weights, checkpointables=[])
+        _CheckingCheckpointer(model, trusted=trusted).load(weights, checkpointables=[])
     except WeightsError as e:
         raise WeightsError(f"MODEL.WEIGHTS={weights}: {e}") from e
 
@@ -182,7 +184,7 @@ class VIPAPredictor:
             raise ValueError(f"INPUT.FORMAT={self.input_format!r}: VIPAPredictor supports {SUPPORTED_FORMATS}")
         self.model = build_model(self.cfg)
         self.model.eval()
-        load_weights(self.model, cfg.MODEL.WEIGHTS)
+        load_weights(self.model, cfg.MODEL.WEIGHTS, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
         self.augmentations = T.AugmentationList(build_referring_augmentations(cfg, is_train=False))
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN

@@ -4,6 +4,12 @@ Built-in referring datasets, registered lazily on ``import vipa_d2``.
 Registering reads no file. Paths are resolved when a dataset is loaded, under
 ``$DETECTRON2_DATASETS`` (default ``datasets/``), so exporting the variable after the
 import still works. The expected folder tree is documented in ``datasets/README.md``.
+
+Built-in datasets are read with one fixed policy, :data:`BUILTIN_INVALID_POLICY`: a ref the
+official readers cannot read, or with values that are not finite, raises
+``ReferringDataError``. The official files hold none, so such a ref means a damaged or
+different file, which skipping would hide. To read such a file anyway, register it as your
+own dataset: ``register_referring_dataset(..., invalid="skip")``.
 """
 
 import os
@@ -11,18 +17,22 @@ from typing import Dict, NamedTuple, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .refer import INVALID_MODES, load_refer_dicts
+from .refer import load_refer_dicts
 
-__all__ = ["BUILTIN_REFERRING", "DatasetsRoot", "register_all_referring", "builtin_root"]
+__all__ = [
+    "BUILTIN_REFERRING",
+    "BUILTIN_INVALID_POLICY",
+    "DatasetsRoot",
+    "register_all_referring",
+    "builtin_root",
+    "check_invalid_refs_setting",
+]
 
 # Environment variable (and default) of Detectron2's dataset root.
 DATASETS_ENV = "DETECTRON2_DATASETS"
 DEFAULT_DATASETS_ROOT = "datasets"
-# Environment variable that sets how malformed refs are handled by built-in loaders
-# (the config's DATASETS.INVALID_REFS is applied by the training tools through
-# ``register_referring_dataset``; built-ins have no cfg at load time).
-INVALID_REFS_ENV = "VIPA_INVALID_REFS"
-DEFAULT_INVALID_REFS = "error"
+# How built-in loaders handle a ref they cannot read: fixed, not configurable (see above).
+BUILTIN_INVALID_POLICY = "error"
 
 # Image folders, relative to the dataset root.
 COCO_TRAIN2014 = os.path.join("coco", "train2014")
@@ -87,11 +97,17 @@ class DatasetsRoot(os.PathLike):
         return hash(DatasetsRoot)
 
 
-def _invalid_mode() -> str:
-    mode = os.environ.get(INVALID_REFS_ENV, DEFAULT_INVALID_REFS)
-    if mode not in INVALID_MODES:
-        raise ValueError(f"${INVALID_REFS_ENV}={mode!r}: expected one of {INVALID_MODES}")
-    return mode
+def check_invalid_refs_setting(value: str) -> None:
+    """
+    ``DATASETS.INVALID_REFS`` is kept so older configs still merge, but built-in datasets
+    have one fixed policy: any other value is refused rather than silently ignored.
+    """
+    if value != BUILTIN_INVALID_POLICY:
+        raise ValueError(
+            f"DATASETS.INVALID_REFS={value!r}: built-in datasets are always read with "
+            f"{BUILTIN_INVALID_POLICY!r} (datasets/README.md, 'Malformed refs'); to skip bad refs "
+            "of a file, register it with register_referring_dataset(..., invalid='skip')"
+        )
 
 
 def _load_builtin(dataset, split_by, split, image_dir, generalized):
@@ -103,7 +119,7 @@ def _load_builtin(dataset, split_by, split, image_dir, generalized):
         split,
         os.path.join(root, image_dir),
         generalized=generalized,
-        invalid=_invalid_mode(),
+        invalid=BUILTIN_INVALID_POLICY,
     )
 
 

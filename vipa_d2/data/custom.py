@@ -29,6 +29,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 from .refer import INVALID_MODES, load_refer_dicts, make_sentence, save_refer_dataset
+from .validation import ReferringDataError
 
 __all__ = [
     "ReferringFormatError",
@@ -46,7 +47,7 @@ _BORDER_TOLERANCE_PX = 1.0
 _MAX_LISTED_PROBLEMS = 25
 
 
-class ReferringFormatError(ValueError):
+class ReferringFormatError(ReferringDataError):
     """The simple JSON file is malformed; the message names the file and JSON paths."""
 
 

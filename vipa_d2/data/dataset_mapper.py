@@ -11,7 +11,8 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from ..modeling.text_encoder import build_tokenizer, tokenize
+from ..modeling.text_encoder import build_tokenizer
+from .expressions import tokenize_expression
 from .landmark import breakdown_inputs
 from .masks import annotations_to_mask
 
@@ -132,7 +133,7 @@ class ReferringDatasetMapper:
         sentence = record["sentence"]["raw"]
         if any(isinstance(t, T.HFlipTransform) for t in transforms):
             sentence = swap_left_right(sentence)
-        tokens = tokenize(self.tokenizer, [sentence], self.max_text_len)
+        tokens = tokenize_expression(self.tokenizer, sentence, self.max_text_len)
 
         annos = [
             utils.transform_instance_annotations(copy.deepcopy(a), transforms, out_hw)

@@ -5,6 +5,8 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import pycocotools.mask as mask_util
 
+from . import validation
+
 __all__ = [
     "segmentation_to_mask",
     "annotations_to_mask",
@@ -12,6 +14,8 @@ __all__ = [
     "normalize_rle",
     "polygon_area",
     "segmentation_problem",
+    "coco_rle",
+    "record_segmentation",
 ]
 
 Segmentation = Union[List[List[float]], Dict, np.ndarray]
@@ -39,22 +43,16 @@ def normalize_rle(rle: Dict, height: int, width: int) -> Dict:
 
 def segmentation_problem(segm, height: int, width: int) -> Optional[str]:
     """
-    Why ``segm`` cannot serve as a target mask of a ``height`` x ``width`` image,
-    or None when it is fine. Checks polygons for < 3 points and zero area, and RLE
-    for its structure, its size and an empty mask.
+    Why ``segm`` cannot serve as a target mask of a ``height`` x ``width`` image in the
+    simple JSON format, or None when it is fine. Stricter than the REFER readers (see
+    :func:`vipa_d2.data.validation.segmentation_problem`, checked first): every polygon
+    needs >= 3 points and a mask that is not empty, and an RLE mask must not be empty.
     """
     if isinstance(segm, dict):
-        if "size" not in segm or "counts" not in segm:
-            return f"RLE must have keys 'size' and 'counts', got keys {sorted(segm)}"
-        size = list(segm["size"])
-        if size != [height, width]:
-            return f"RLE size {size} does not match the image size [{height}, {width}]"
-        if not isinstance(segm["counts"], (str, bytes, list)):
-            return f"RLE 'counts' must be a string or a list, got {type(segm['counts']).__name__}"
-        try:
-            area = int(mask_util.area(normalize_rle(segm, height, width)))
-        except Exception as e:  # pycocotools raises bare Exceptions on corrupt counts
-            return f"RLE could not be decoded ({e})"
+        problem = validation.segmentation_problem(segm, height, width)
+        if problem is not None:
+            return problem[1]
+        area = int(mask_util.area(normalize_rle(segm, height, width)))
         return None if area > 0 else "RLE mask is empty (zero area)"
     if isinstance(segm, (list, tuple)):
         if len(segm) == 0:
@@ -69,10 +67,59 @@ def segmentation_problem(segm, height: int, width: int) -> Optional[str]:
                     f"polygon {i} is degenerate: {len(poly)} coordinates, expected an even "
                     "number >= 6 (at least 3 points)"
                 )
-            if polygon_area(poly) <= 0.0:
+            bad_value = validation.polygon_values_problem(list(poly))
+            if bad_value is not None:
+                return f"polygon {i}, value {bad_value[0]}: {bad_value[1]}"
+            # Far-outside coordinates must not reach pycocotools (the caller reports them
+            # as outside the image): the shoelace area stands in for the raster area.
+            if validation.polygon_coordinates_problem(list(poly), height, width) is None:
+                area = _polygon_mask_area(poly, height, width)
+            else:
+                area = polygon_area(poly)
+            if area <= 0.0:
                 return f"polygon {i} is degenerate: zero area"
         return None
     return f"segmentation must be a list of polygons or an RLE dict, got {type(segm).__name__}"
+
+
+def _polygon_mask_area(poly, height: int, width: int) -> int:
+    """Pixels of one polygon as pycocotools rasterises it (non-zero for a self-intersecting one)."""
+    rle = mask_util.frPyObjects([[float(v) for v in poly]], height, width)
+    return int(mask_util.area(rle)[0])
+
+
+def coco_rle(segm, height: int, width: int) -> Dict:
+    """
+    The mask of an annotation's ``segmentation`` exactly as the official REFER / G_REFER
+    readers compute it: polygons through ``pycocotools.mask.frPyObjects`` on the list as
+    given, parts merged (union); RLE as is. Returns compressed RLE with ``str`` counts.
+    Only for input that :func:`vipa_d2.data.validation.segmentation_problem` accepts:
+    pycocotools' C code checks nothing itself.
+    """
+    if isinstance(segm, dict):
+        return normalize_rle(segm, height, width)
+    polys = [[float(v) for v in poly] for poly in segm]
+    rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
+    return normalize_rle(rle, height, width)
+
+
+def _regular_polygons(segm) -> bool:
+    return isinstance(segm, (list, tuple)) and all(
+        len(poly) >= 6 and len(poly) % 2 == 0 for poly in segm
+    )
+
+
+def record_segmentation(segm, height: int, width: int):
+    """
+    ``segm`` in the form a record carries: polygons of >= 3 points each stay polygons
+    (float lists; transforms move their points and rasterising them gives :func:`coco_rle`
+    exactly); anything else that pycocotools reads (a part of 1-2 points or an odd number
+    of values, which detectron2's transforms cannot take) becomes the RLE pycocotools
+    gives for it. Validated input only, as for :func:`coco_rle`.
+    """
+    if _regular_polygons(segm):
+        return [[float(v) for v in poly] for poly in segm]
+    return coco_rle(segm, height, width)
 
 
 def segmentation_to_mask(segm: Segmentation, height: int, width: int) -> np.ndarray:

@@ -15,14 +15,16 @@ import logging
 import os
 import pickle
 import re
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import pycocotools.mask as mask_util
 from detectron2.structures import BoxMode
 
+from . import validation as check
 from .landmark import find_phrase
-from .masks import normalize_rle, segmentation_problem
+from .masks import coco_rle, record_segmentation
+from .validation import ReferringDataError, data_error, quote
 
 logger = logging.getLogger(__name__)
 
@@ -37,14 +39,8 @@ __all__ = [
 ]
 
 INVALID_MODES = ("error", "skip")
-# gRefCOCO marks a no-target ref with this ann_id.
-NO_TARGET_ANN_ID = -1
 # How many individual skips are logged before only the summary is.
 _MAX_LOGGED_SKIPS = 10
-
-
-class ReferringDataError(ValueError):
-    """A referring annotation file is malformed (names the file and the offending entry)."""
 
 
 def refs_file_name(split_by: str, generalized: bool) -> str:
@@ -67,36 +63,46 @@ def _require_file(path: str, layout: str) -> None:
         raise FileNotFoundError(f"Referring dataset file not found: {path}\n  {layout}")
 
 
-def _load_refs(path: str, generalized: bool) -> List[Dict]:
-    if generalized:
-        with open(path, "r") as f:
-            refs = json.load(f)
-    else:
-        with open(path, "rb") as f:
-            try:
-                refs = pickle.load(f)
-            except UnicodeDecodeError:
-                # The original REFER pickles were written by Python 2.
-                f.seek(0)
-                refs = pickle.load(f, encoding="latin1")
+def _load_refs(path: str, generalized: bool) -> List:
+    # REFER pickles are read admitting plain data only: a pickle can name code to run.
+    refs = check.read_json_file(path) if generalized else check.read_pickle_file(path)
     if not isinstance(refs, list):
-        raise ReferringDataError(f"{path}: expected a list of refs, got {type(refs).__name__}")
+        raise data_error(path, None, None, f"expected a list of refs, got {type(refs).__name__}")
     return refs
 
 
 def _load_instances(path: str):
-    with open(path, "r") as f:
-        data = json.load(f)
+    """{image id: image}, {ann id: ann}; entries without a usable id make the file unreadable."""
+    data = check.read_json_file(path)
+    if not isinstance(data, dict):
+        raise data_error(
+            path, None, None, f"expected a COCO-style object, got {type(data).__name__}"
+        )
+    tables = []
     for key in ("images", "annotations"):
-        if not isinstance(data, dict) or not isinstance(data.get(key), list):
-            raise ReferringDataError(f"{path}: expected a COCO-style object with a list '{key}'")
-    images = {img["id"]: img for img in data["images"]}
-    anns = {ann["id"]: ann for ann in data["annotations"]}
-    return images, anns
+        entries = data.get(key)
+        if not isinstance(entries, list):
+            raise data_error(path, None, key, f"expected a list, got {quote(entries)}")
+        table = {}
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict):
+                raise data_error(
+                    path, f"{key}[{i}]", None, f"expected an object, got {type(entry).__name__}"
+                )
+            if not check.valid_id(entry.get("id")):
+                raise data_error(
+                    path,
+                    f"{key}[{i}]",
+                    "id",
+                    f"expected an integer or string id, got {quote(entry.get('id'))}",
+                )
+            table[entry["id"]] = entry
+        tables.append(table)
+    return tables
 
 
 class _InvalidRefPolicy:
-    """Raise on malformed refs, or skip them with a log line and a count ("skip")."""
+    """Raise the error of a malformed ref, or skip the ref with a log line and a count ("skip")."""
 
     def __init__(self, mode: str, source: str):
         if mode not in INVALID_MODES:
@@ -105,15 +111,12 @@ class _InvalidRefPolicy:
         self.source = source
         self.counts = collections.Counter()
 
-    def __call__(self, reason: str, detail: str) -> None:
-        msg = f"{self.source}: {detail}"
+    def __call__(self, reason: str, error: ReferringDataError) -> None:
         if self.mode == "error":
-            raise ReferringDataError(
-                msg + " (set DATASETS.INVALID_REFS 'skip' / invalid='skip' to skip such refs)"
-            )
+            raise error
         self.counts[reason] += 1
         if sum(self.counts.values()) <= _MAX_LOGGED_SKIPS:
-            logger.warning("Skipping invalid ref: %s", msg)
+            logger.warning("Skipping invalid ref: %s", error)
 
     def log_summary(self) -> None:
         if self.counts:
@@ -125,80 +128,119 @@ class _InvalidRefPolicy:
             )
 
 
-def _target_ann_ids(ref: Dict, generalized: bool) -> List:
-    ann_id = ref.get("ann_id")
-    ids = list(ann_id) if isinstance(ann_id, (list, tuple)) else [ann_id]
-    if generalized:
-        ids = [a for a in ids if a is not None and a != NO_TARGET_ANN_ID]
-    return ids
+def _is_box(bbox) -> bool:
+    return (
+        isinstance(bbox, (list, tuple))
+        and len(bbox) == 4
+        and check.polygon_values_problem(list(bbox)) is None
+    )
 
 
 def _record_annotation(ann: Dict, img: Dict) -> Dict:
+    """A record annotation of a validated target (see :func:`record_segmentation`)."""
     h, w = img["height"], img["width"]
-    segm = ann["segmentation"]
-    if isinstance(segm, dict):
-        segm = normalize_rle(segm, h, w)
-    else:
-        segm = [[float(v) for v in poly] for poly in segm]
+    segm = record_segmentation(ann["segmentation"], h, w)
     bbox = ann.get("bbox")
-    if bbox is None:
-        rle = segm if isinstance(segm, dict) else mask_util.merge(mask_util.frPyObjects(segm, h, w))
+    if not _is_box(bbox):
+        rle = segm if isinstance(segm, dict) else coco_rle(segm, h, w)
         bbox = mask_util.toBbox(rle).tolist()
+    category_id = ann.get("category_id", 0)
+    iscrowd = ann.get("iscrowd", 0)
     return {
         "segmentation": segm,
         "bbox": [float(v) for v in bbox],
         "bbox_mode": BoxMode.XYWH_ABS,
-        "category_id": ann.get("category_id", 0),
-        "iscrowd": int(ann.get("iscrowd", 0)),
+        "category_id": category_id if check.valid_id(category_id) else 0,
+        "iscrowd": int(iscrowd) if isinstance(iscrowd, (int, bool)) else 0,
     }
 
 
-def _target_problem(aid, img, anns, record_anns, bad_anns, inst_path) -> Optional[Tuple[str, str]]:
-    """(reason, detail) if target ``aid`` of image ``img`` is unusable, else None. Valid
-    annotations are converted once into ``record_anns``; problems are cached in ``bad_anns``."""
-    ann = anns.get(aid)
-    if ann is None:
-        return "unknown_ann_id", f"ann_id {aid!r} is not in {inst_path}"
-    if ann.get("image_id") != img["id"]:
-        return (
-            "ann_image_mismatch",
-            f"ann_id {aid} belongs to image {ann.get('image_id')}, not {img['id']}",
-        )
-    if aid not in record_anns and aid not in bad_anns:
-        why = segmentation_problem(ann.get("segmentation"), img["height"], img["width"])
-        if why is None:
-            record_anns[aid] = _record_annotation(ann, img)
-        else:
-            bad_anns[aid] = why
-    if aid in bad_anns:
-        return "degenerate_segmentation", f"ann_id {aid}: {bad_anns[aid]}"
-    return None
+class _TargetChecker:
+    """
+    Checks the image and target annotations a ref uses, each entry once (problems cached),
+    naming instances.json in its errors. Returns (reason, error) or None.
+    """
+
+    def __init__(self, inst_path: str, images: Dict, anns: Dict):
+        self.inst_path = inst_path
+        self.images = images
+        self.anns = anns
+        self._image_problems: Dict = {}
+        self._ann_problems: Dict = {}
+
+    def image(self, ref: Dict, where: str, refs_path: str):
+        iid = ref["image_id"]
+        img = self.images.get(iid)
+        if img is None:
+            return "unknown_image_id", data_error(
+                refs_path, where, "image_id", f"{quote(iid)} is not an image id of {self.inst_path}"
+            )
+        if iid not in self._image_problems:
+            self._image_problems[iid] = check.image_problem(img)
+        problem = self._image_problems[iid]
+        if problem is not None:
+            item = f"image_id={quote(iid)} (image of ref_id={quote(ref['ref_id'])})"
+            return "bad_image", data_error(self.inst_path, item, *problem)
+        return None
+
+    def annotation(self, aid, ref: Dict, where: str, refs_path: str):
+        ann = self.anns.get(aid)
+        if ann is None:
+            return "unknown_ann_id", data_error(
+                refs_path,
+                where,
+                "ann_id",
+                f"{quote(aid)} is not an annotation id of {self.inst_path}",
+            )
+        item = f"ann_id={quote(aid)} (target of ref_id={quote(ref['ref_id'])})"
+        if ann.get("image_id") != ref["image_id"]:
+            # ReLA's loader asserts this; a target drawn on another image is no target.
+            return "ann_image_mismatch", data_error(
+                self.inst_path,
+                item,
+                "image_id",
+                f"{quote(ann.get('image_id'))}, "
+                f"but the ref is about image {quote(ref['image_id'])}",
+            )
+        if aid not in self._ann_problems:
+            img = self.images[ref["image_id"]]
+            if "segmentation" not in ann:
+                self._ann_problems[aid] = ("segmentation", "missing")
+            else:
+                self._ann_problems[aid] = check.segmentation_problem(
+                    ann["segmentation"], img["height"], img["width"]
+                )
+        problem = self._ann_problems[aid]
+        if problem is not None:
+            return "bad_segmentation", data_error(self.inst_path, item, *problem)
+        return None
 
 
-def _sentence_breakdown(sent, raw, img, anns, record_anns, bad_anns, inst_path):
+def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str, targets, refs_path: str):
     """
     The record fields of a sentence's optional ``type`` / ``landmark_ann_id`` +
     ``landmark_phrase`` (see :mod:`vipa_d2.data.custom`): ({"type": ..., "landmark":
-    {"ann_id", "phrase", "annotation"}}, None), or ({}, (reason, detail)) when malformed.
+    {"ann_id", "phrase"}}, None), or ({}, (reason, error)) when malformed.
     """
     out = {}
     if "type" in sent:
         if not isinstance(sent["type"], str) or not sent["type"].strip():
-            return {}, ("bad_type", f"'type' must be a non-empty string, got {sent['type']!r}")
+            error = data_error(refs_path, where, f"{field}.type", f"expected a non-empty string, got {quote(sent['type'])}")
+            return {}, ("bad_type", error)
         out["type"] = sent["type"]
     if "landmark_ann_id" not in sent and "landmark_phrase" not in sent:
         return out, None
     aid, phrase = sent.get("landmark_ann_id"), sent.get("landmark_phrase")
     if not isinstance(phrase, str) or find_phrase(raw, phrase) is None:
         why = (
-            f"'landmark_phrase' {phrase!r} is not a phrase of the sentence {raw!r} "
+            f"{quote(phrase)} is not a phrase of the sentence {quote(raw)} "
             "('landmark_ann_id' and 'landmark_phrase' come together)"
         )
-        return {}, ("bad_landmark", why)
-    problem = _target_problem(aid, img, anns, record_anns, bad_anns, inst_path)
-    if problem is not None:
-        return {}, ("landmark_" + problem[0], f"landmark {problem[1]}")
-    out["landmark"] = {"ann_id": aid, "phrase": phrase, "annotation": record_anns[aid]}
+        return {}, ("bad_landmark", data_error(refs_path, where, f"{field}.landmark_phrase", why))
+    failure = targets.annotation(aid, ref, where, refs_path)
+    if failure is not None:
+        return {}, ("landmark_" + failure[0], failure[1])
+    out["landmark"] = {"ann_id": aid, "phrase": phrase}
     return out, None
 
 
@@ -213,19 +255,28 @@ def load_refer_dicts(
     invalid: str = "error",
 ) -> List[Dict]:
     """
-    Load one split of a REFER-format dataset as Detectron2 records, one per expression.
+    Load one split of a REFER-format dataset as Detectron2 records, one per expression,
+    as the official readers read it (lichengunc/refer's ``REFER`` for ``refs(*).p``,
+    ReLA's ``G_REFER`` and loader for ``grefs(*).json``): every sentence of every ref of
+    the split is one record, refs are selected as the official ``getRefIds`` selects them
+    (:func:`vipa_d2.data.validation.split_matches`), and each target's mask is the one
+    pycocotools gives for its ``segmentation`` (:func:`vipa_d2.data.masks.coco_rle`).
 
     Args:
         refer_root: folder holding ``<dataset>/instances.json`` and the refs file.
         dataset: sub-folder name, e.g. "refcoco", "grefcoco", "refsynth".
         split_by: the split provider in the refs file name, e.g. "unc", "umd", "google".
-        split: the ``split`` value of the refs to keep, e.g. "train", "testA".
+        split: the split to load, e.g. "train", "testA".
         image_root: folder the ``file_name`` of each image in instances.json is relative to.
         generalized: read gRefCOCO's ``grefs(<split_by>).json`` (several or no targets per
             ref) instead of ``refs(<split_by>).p`` (exactly one target per ref).
-        invalid: "error" raises :class:`ReferringDataError` on a malformed ref (unknown
-            ``ann_id`` / ``image_id``, empty sentence, degenerate polygon or empty RLE);
-            "skip" drops it with a warning and a logged per-reason count.
+        invalid: what to do with a ref the official readers cannot read or whose values
+            are not finite (missing key, wrong type, unknown ``ann_id`` / ``image_id``, a
+            target on another image, a segmentation pycocotools cannot read, non-finite or
+            far-outside coordinates, RLE counts that do not fit the image): "error" raises
+            :class:`ReferringDataError` naming the file, the ref / annotation and the field;
+            "skip" drops the ref (a bad sentence: only that sentence) with a warning and a
+            logged per-reason count. Files that cannot be read at all always raise.
 
     Returns:
         list[dict] in the record format of the shared data contract (``annotations`` in
@@ -239,78 +290,99 @@ def load_refer_dicts(
     layout = expected_layout(dataset, split_by, generalized, image_root)
     _require_file(refs_path, layout)
     _require_file(inst_path, layout)
+    policy = _InvalidRefPolicy(invalid, refs_path)
     refs = _load_refs(refs_path, generalized)
     images, anns = _load_instances(inst_path)
-    policy = _InvalidRefPolicy(invalid, refs_path)
 
-    available = sorted({str(r.get("split")) for r in refs})
-    if split not in available:
-        raise ValueError(f"{refs_path}: no ref has split {split!r}; available splits: {available}")
+    # Refs of the split, every ref's structure checked first (its split must be readable
+    # to know whether it is in the split).
+    selected, available = [], set()
+    for idx, ref in enumerate(refs):
+        where = f"ref #{idx}" + (
+            f" (ref_id={quote(ref.get('ref_id'))})" if isinstance(ref, dict) else ""
+        )
+        problem = check.ref_problem(ref, generalized)
+        if problem is not None:
+            if isinstance(ref, dict) and isinstance(ref.get("split"), str):
+                if not check.split_matches(ref["split"], split, generalized):
+                    continue  # another split's problem
+            policy("malformed_ref", data_error(refs_path, where, *problem))
+            continue
+        available.add(ref["split"])
+        if check.split_matches(ref["split"], split, generalized):
+            selected.append((where, ref))
+    if not selected and not policy.counts:
+        raise ValueError(
+            f"{refs_path}: no ref has split {split!r}; available splits: {sorted(available)}"
+        )
+
+    # Everything the split's refs use is checked before anything is rasterised.
+    targets = _TargetChecker(inst_path, images, anns)
+    usable = []
+    notes = collections.Counter()  # readings of odd but readable input, logged once
+    for where, ref in selected:
+        ann_ids = check.target_ann_ids(ref, generalized)
+        failure = targets.image(ref, where, refs_path)
+        for aid in ann_ids:
+            failure = failure or targets.annotation(aid, ref, where, refs_path)
+        if failure is not None:
+            policy(*failure)
+            continue
+        if (
+            generalized
+            and isinstance(ref.get("no_target"), bool)
+            and ref["no_target"] != (not ann_ids)
+        ):
+            notes["'no_target' disagrees with ann_id (ann_id decides, as in ReLA)"] += 1
+        sentences = []
+        for j, sent in enumerate(ref["sentences"]):
+            text, problem = check.sentence_text(sent)
+            if problem is not None:
+                field = f"sentences[{j}]" + (f".{problem[0]}" if problem[0] else "")
+                policy("malformed_sentence", data_error(refs_path, where, field, problem[1]))
+                continue
+            if not text.strip():
+                notes["blank sentences (kept)"] += 1
+            extra, failure = _sentence_breakdown(sent, text, ref, where, f"sentences[{j}]", targets, refs_path)
+            if failure is not None:
+                policy(*failure)
+                continue
+            sentences.append((text, sent["sent_id"], extra))
+        if not ref["sentences"]:
+            notes["refs without sentences (no record)"] += 1
+        usable.append((ref, ann_ids, sentences))
 
     record_anns: Dict = {}  # ann_id -> record annotation (shared between expressions)
-    bad_anns: Dict = {}  # ann_id -> problem description
     records: List[Dict] = []
-    for idx, ref in enumerate(refs):
-        if ref.get("split") != split:
-            continue
-        where = f"ref #{idx} (ref_id={ref.get('ref_id')})"
-        img = images.get(ref.get("image_id"))
-        if img is None:
-            policy(
-                "unknown_image_id",
-                f"{where}: image_id {ref.get('image_id')!r} is not in {inst_path}",
-            )
-            continue
-        ann_ids = _target_ann_ids(ref, generalized)
-        if not generalized and (len(ann_ids) != 1 or ann_ids[0] is None):
-            policy(
-                "missing_ann_id",
-                f"{where}: expected exactly one target 'ann_id', got {ref.get('ann_id')!r}",
-            )
-            continue
-        if generalized and ref.get("no_target") is True and ann_ids:
-            policy(
-                "inconsistent_no_target", f"{where}: 'no_target' is true but ann_id lists {ann_ids}"
-            )
-            continue
-
-        problems = (
-            _target_problem(a, img, anns, record_anns, bad_anns, inst_path) for a in ann_ids
-        )
-        problem = next((p for p in problems if p is not None), None)
-        if problem is None and not ref.get("sentences"):
-            problem = ("no_sentences", "the ref has no sentences")
-        if problem is not None:
-            policy(problem[0], f"{where}: {problem[1]}")
-            continue
-
+    for ref, ann_ids, sentences in usable:
+        img = images[ref["image_id"]]
+        for aid in ann_ids:
+            if aid not in record_anns:
+                record_anns[aid] = _record_annotation(anns[aid], img)
         base = {
             "file_name": os.path.join(image_root, img["file_name"]),
             "height": int(img["height"]),
             "width": int(img["width"]),
             "image_id": img["id"],
-            "ref_id": ref.get("ref_id"),
+            "ref_id": ref["ref_id"],
             "annotations": [record_anns[a] for a in ann_ids],
             "empty": len(ann_ids) == 0,
         }
-        for sent in ref["sentences"]:
-            raw = sent.get("raw") if isinstance(sent.get("raw"), str) else sent.get("sent")
-            if not isinstance(raw, str) or not raw.strip():
-                policy(
-                    "empty_sentence",
-                    f"{where}: sentence sent_id={sent.get('sent_id')!r} is empty or missing",
-                )
-                continue
-            extra, problem = _sentence_breakdown(
-                sent, raw, img, anns, record_anns, bad_anns, inst_path
-            )
-            if problem is not None:
-                detail = f"{where}: sentence sent_id={sent.get('sent_id')!r}: {problem[1]}"
-                policy(problem[0], detail)
-                continue
-            record = dict(base, sentence={"raw": raw, "sent_id": sent.get("sent_id")})
-            records.append(record | extra)
+        for raw, sent_id, extra in sentences:
+            landmark = extra.get("landmark")
+            if landmark is not None:
+                aid = landmark["ann_id"]
+                if aid not in record_anns:
+                    record_anns[aid] = _record_annotation(anns[aid], img)
+                extra = dict(extra, landmark=dict(landmark, annotation=record_anns[aid]))
+            records.append(dict(base, sentence={"raw": raw, "sent_id": sent_id}) | extra)
     policy.log_summary()
+    if notes:
+        logger.warning(
+            "%s: read as the official readers do: %s",
+            refs_path,
+            ", ".join(f"{n} {what}" for what, n in sorted(notes.items())),
+        )
     logger.info(
         "Loaded %d expressions of %s/%s (%s, split %s) from %s",
         len(records),
@@ -361,8 +433,10 @@ def save_refer_dataset(
         with open(refs_path, "w") as f:
             f.write(json.dumps(list(refs), default=_json_default))
     else:
+        # Readers admit plain data only (see safe_pickle): numpy values become Python ones.
+        plain = json.loads(json.dumps(list(refs), default=_json_default))
         with open(refs_path, "wb") as f:
-            pickle.dump(list(refs), f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(plain, f, protocol=pickle.HIGHEST_PROTOCOL)
     return {"instances": inst_path, "refs": refs_path}
 
 

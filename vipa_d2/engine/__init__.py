@@ -1,5 +1,9 @@
 """Training/evaluation machinery for VIPA on Detectron2 (used by train_net.py)."""
-from .checkpoint import AtomicDetectionCheckpointer
+from .checkpoint import (
+    AtomicDetectionCheckpointer,
+    UntrustedCheckpointError,
+    WeightsOnlyCheckpointer,
+)
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
@@ -15,4 +19,6 @@ __all__ = [
     "build_vipa_optimizer",
     "get_vipa_optimizer_params",
     "shuffle_expressions",
+    "UntrustedCheckpointError",
+    "WeightsOnlyCheckpointer",
 ]

@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
+from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.evaluation import ReferringEvaluator
 
 from .checkpoint import AtomicDetectionCheckpointer
@@ -64,7 +65,7 @@ class ReferringTrainer(DefaultTrainer):
       (SEED, rank, iteration) when ``SEED >= 0``;
     * ``ReferringEvaluator`` for datasets whose metadata says ``evaluator_type="referring"``;
     * AdamW/SGD with encoder lr multipliers (:mod:`vipa_d2.engine.optimizer`);
-    * atomic checkpoints;
+    * atomic checkpoints, loaded weights-only unless ``MODEL.WEIGHTS_TRUSTED``;
     * DDP over gloo on CPU-only machines (detectron2 passes ``device_ids=[local_rank]``,
       which DDP rejects for CPU modules);
     * ``TEST.SHUFFLED_EXPRESSION_CONTROL``: each test set also scored with shuffled
@@ -92,7 +93,7 @@ class ReferringTrainer(DefaultTrainer):
         )
         self.scheduler = self.build_lr_scheduler(cfg, optimizer)
         self.checkpointer = AtomicDetectionCheckpointer(
-            model, cfg.OUTPUT_DIR, trainer=weakref.proxy(self)
+            model, cfg.OUTPUT_DIR, trusted=cfg.MODEL.WEIGHTS_TRUSTED, trainer=weakref.proxy(self)
         )
         self.start_iter = 0
         self.max_iter = cfg.SOLVER.MAX_ITER
@@ -179,7 +180,7 @@ class ReferringTrainer(DefaultTrainer):
         return build_detection_test_loader(
             cfg,
             dataset_name,
-            mapper=ReferringDatasetMapper(cfg, False),
+            mapper=build_test_mapper(cfg),
             batch_size=cfg.TEST.IMS_PER_BATCH,
         )
 
@@ -190,7 +191,7 @@ class ReferringTrainer(DefaultTrainer):
         records = shuffle_expressions(DatasetCatalog.get(dataset_name), max(cfg.SEED, 0))
         return build_detection_test_loader(
             records,
-            mapper=ReferringDatasetMapper(cfg, False),
+            mapper=build_test_mapper(cfg),
             batch_size=cfg.TEST.IMS_PER_BATCH,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
@@ -212,6 +213,8 @@ class ReferringTrainer(DefaultTrainer):
             output_dir=output_folder,
             mask_threshold=cfg.MODEL.VIPA.MASK_THRESHOLD,
             no_target_threshold=cfg.MODEL.VIPA.NO_TARGET_THRESHOLD,
+            resolution=cfg.TEST.EVAL_RESOLUTION,
+            save_prediction_rle=cfg.TEST.SAVE_PREDICTION_RLE,
         )
 
     @classmethod

@@ -14,10 +14,12 @@ from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
-from vipa_d2.data.masks import annotations_to_mask
+from vipa_d2.data.eval_resolution import check_eval_resolution
 from vipa_d2.utils.atomic_io import atomic_open
 
 from . import breakdown
+from .rela_metrics import rela_metrics
+from .sample_results import sample_details, target_mask
 
 logger = logging.getLogger(__name__)
 
@@ -28,10 +30,13 @@ PRECISION_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9)
 class ReferringEvaluator(DatasetEvaluator):
     """
     Scores one predicted mask per expression against the union of its target masks,
-    at the ORIGINAL image resolution (the input's ``height`` x ``width``).
+    at the ORIGINAL image resolution (the input's ``height`` x ``width``), or with
+    ``resolution="input"`` at the model's input resolution (see
+    :mod:`vipa_d2.data.eval_resolution`).
 
-    Only per-sample intersection/union counts and ids are kept (never masks), so memory
-    is O(#samples) and the cross-process gather is tiny. Metrics are in percent:
+    Only per-sample intersection/union counts, ids and the sentence are kept (masks only
+    as compact RLE, and only with ``save_prediction_rle``), so memory is O(#samples) and
+    the cross-process gather is small. Metrics are in percent:
 
     * ``oIoU``: sum of intersections / sum of unions over all samples;
     * ``mIoU``: mean per-sample IoU, an empty union (empty prediction and empty target)
@@ -40,6 +45,8 @@ class ReferringEvaluator(DatasetEvaluator):
     * ``N-acc`` / ``T-acc`` (generalized data, or when any target is empty): share of
       no-target samples predicted empty / of target samples predicted non-empty.
 
+    On generalized data ReLA's metrics (cIoU, gIoU, N-acc, T-acc, Pr@0.7/0.8/0.9, as ReLA
+    defines them: :mod:`.rela_metrics`) are reported beside these, under ``"rela"``.
     Inputs with a ``type`` add the same metrics per type, outputs with ``retrieved`` a
     report on the cues' retrieved tokens (see :mod:`vipa_d2.evaluation.breakdown`).
     """
@@ -52,6 +59,8 @@ class ReferringEvaluator(DatasetEvaluator):
         *,
         mask_threshold: float = 0.5,
         no_target_threshold: float = 0.5,
+        resolution: str = "original",
+        save_prediction_rle: bool = False,
     ):
         """
         Args:
@@ -64,12 +73,17 @@ class ReferringEvaluator(DatasetEvaluator):
                 predicted (pass ``cfg.MODEL.VIPA.MASK_THRESHOLD``).
             no_target_threshold: on generalized datasets, a ``no_target_score`` above this
                 predicts an empty mask (pass ``cfg.MODEL.VIPA.NO_TARGET_THRESHOLD``).
+            resolution: "original" or "input" (``cfg.TEST.EVAL_RESOLUTION``).
+            save_prediction_rle: keep each scored prediction as COCO RLE in the per-sample
+                results (``cfg.TEST.SAVE_PREDICTION_RLE``).
         """
         self._dataset_name = dataset_name
         self._distributed = distributed
         self._output_dir = output_dir
         self._mask_threshold = float(mask_threshold)
         self._no_target_threshold = float(no_target_threshold)
+        self._resolution = check_eval_resolution(resolution)
+        self._save_prediction_rle = bool(save_prediction_rle)
         self._generalized = bool(
             getattr(MetadataCatalog.get(dataset_name), "generalized", False)
         )
@@ -86,29 +100,24 @@ class ReferringEvaluator(DatasetEvaluator):
         sample_name = "{} (image_id={}, ref_id={}, sent_id={})".format(
             self._dataset_name, inp.get("image_id"), inp.get("ref_id"), inp.get("sent_id")
         )
-        if "annotations" not in inp:
-            raise KeyError(
-                f"ReferringEvaluator: input {sample_name} has no 'annotations'; the test "
-                "mapper must keep the original annotations to score at the original size."
-            )
         height, width = int(inp["height"]), int(inp["width"])
         ref_seg = out["ref_seg"]
         if tuple(ref_seg.shape) != (height, width):
             raise ValueError(
                 f"ReferringEvaluator: 'ref_seg' of {sample_name} has shape "
-                f"{tuple(ref_seg.shape)}, expected the original (height, width) = "
+                f"{tuple(ref_seg.shape)}, expected the {self._resolution} (height, width) = "
                 f"{(height, width)}."
             )
         pred = ref_seg > self._mask_threshold
-        if (
+        vetoed = (
             self._generalized
             and "no_target_score" in out
             and float(out["no_target_score"]) > self._no_target_threshold
-        ):
+        )
+        if vetoed:
             pred = torch.zeros_like(pred)
-        gt = torch.from_numpy(annotations_to_mask(inp["annotations"], height, width))
-        gt = gt.to(device=pred.device, dtype=torch.bool)
-        return {
+        gt = target_mask(inp, self._resolution, sample_name).to(device=pred.device)
+        row = {
             "image_id": _plain_id(inp.get("image_id")),
             "ref_id": _plain_id(inp.get("ref_id")),
             "sent_id": _plain_id(inp.get("sent_id")),
@@ -118,6 +127,11 @@ class ReferringEvaluator(DatasetEvaluator):
             "union": int((pred | gt).sum()),
             **breakdown.sample_fields(inp, out, gt, sample_name),
         }
+        pred_no_target = vetoed if "no_target_score" in out else row["pred_empty"]
+        row.update(
+            sample_details(inp, pred, pred_no_target, row["gt_empty"], self._save_prediction_rle)
+        )
+        return row
 
     def evaluate(self):
         if self._distributed:
@@ -137,17 +151,24 @@ class ReferringEvaluator(DatasetEvaluator):
             s["iou"] = s["intersection"] / s["union"] if s["union"] > 0 else 1.0
         metrics = self._compute_metrics(samples)
         results = OrderedDict(refer=metrics)
-        logger.info(
-            "Referring segmentation on {} ({} samples, scored at original resolution):\n{}".format(
-                self._dataset_name, len(samples), create_small_table(metrics)
+        if self._generalized:
+            results["rela"] = rela_metrics(samples)
+        for task, values in results.items():
+            logger.info(
+                "Referring segmentation on {} ({} samples, {} resolution), {} metrics:\n{}".format(
+                    self._dataset_name,
+                    len(samples),
+                    self._resolution,
+                    task,
+                    create_small_table(values),
+                )
             )
-        )
         # Per expression type / retrieval report, only when the data and model support them.
         sections = breakdown.summarize(samples, self._compute_metrics)
         results.update(breakdown.flatten_sections(sections))
         breakdown.log_sections(self._dataset_name, sections)
         if self._output_dir:
-            self._write_samples(samples, metrics, sections)
+            self._write_samples(samples, metrics, sections, results.get("rela"))
         return results
 
     def _compute_metrics(self, samples) -> "OrderedDict[str, float]":
@@ -168,18 +189,20 @@ class ReferringEvaluator(DatasetEvaluator):
             metrics["T-acc"] = _share(target, lambda s: not s["pred_empty"])
         return metrics
 
-    def _write_samples(self, samples, metrics, sections):
+    def _write_samples(self, samples, metrics, sections, rela=None):
         PathManager.mkdirs(self._output_dir)
         file_name = "referring_results_{}.json".format(self._dataset_name.replace("/", "_"))
         path = os.path.join(self._output_dir, file_name)
         payload = {
             "dataset": self._dataset_name,
-            "resolution": "original",
+            "resolution": self._resolution,
             "mask_threshold": self._mask_threshold,
             "metrics": metrics,
             **sections,
             "samples": samples,
         }
+        if rela is not None:
+            payload["rela_metrics"] = rela
         # Atomic: a killed job never leaves a half-written results file behind.
         with atomic_open(path, "w") as f:
             json.dump(payload, f)

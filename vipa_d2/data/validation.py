@@ -1,0 +1,394 @@
+"""
+Checks of referring-dataset input before any of it reaches pycocotools' C code, and the
+error they raise.
+
+pycocotools rasterises without checks of its own: a NaN or huge polygon coordinate
+overflows an ``int`` and makes it allocate without bound, and RLE counts that do not add
+up to the image size make it write past its buffer; either takes the process down. Every
+value that reaches it from a dataset file is checked here first, so bad input gives a
+one-line :class:`ReferringDataError` naming the file, the entry and the field.
+
+What is accepted follows what the official readers (lichengunc/refer's ``REFER`` as
+ported in LAVT, ReLA's ``G_REFER`` and its detectron2 loader) can read: polygons exactly
+as ``pycocotools.mask.frPyObjects`` takes them (self-intersecting, several parts, parts of
+any length after the first), RLE as is. Beyond that only values that are not finite, or
+far outside the image, are refused.
+"""
+
+import json
+import math
+import numbers
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .safe_pickle import load_plain_pickle
+
+__all__ = [
+    "ReferringDataError",
+    "data_error",
+    "MAX_IMAGE_SIDE",
+    "MAX_IMAGE_PIXELS",
+    "COORDINATE_MARGIN",
+    "image_problem",
+    "segmentation_problem",
+    "polygon_coordinates_problem",
+    "polygon_values_problem",
+    "valid_id",
+    "read_json_file",
+    "read_pickle_file",
+    "NO_TARGET_ANN_ID",
+    "ref_problem",
+    "target_ann_ids",
+    "sentence_text",
+    "split_matches",
+]
+
+# Largest image side and pixel count accepted. pycocotools merges the parts of a mask in a
+# buffer of 4 bytes per pixel: these bound it (256 MiB) whatever a file claims.
+MAX_IMAGE_SIDE = 1 << 15
+MAX_IMAGE_PIXELS = 1 << 26
+# Polygon coordinates may lie outside the image (pycocotools clips them) by at most this
+# many image widths / heights; further out they are corrupt. Bounded coordinates also
+# bound pycocotools' work and memory, which grow with the polygon's perimeter.
+COORDINATE_MARGIN = 1.0
+# Longest value representation quoted in an error message.
+_MAX_QUOTED = 60
+# pycocotools' compressed RLE: 6 bits per character, offset by '0'; a 32-bit count never
+# needs more than 7 characters.
+_RLE_CHAR_MIN, _RLE_CHAR_MAX = 48, 48 + 63
+_RLE_MAX_CHARS_PER_COUNT = 7
+
+Problem = Tuple[str, str]  # (field, what is wrong)
+
+
+class ReferringDataError(ValueError):
+    """
+    A referring dataset file cannot be used. The message is one line naming the file, the
+    entry (ref / annotation / image id) and the field where they are known; they are also
+    in the attributes ``file``, ``item`` and ``field`` (None when not applicable).
+    """
+
+    def __init__(self, message: str, *, file=None, item=None, field=None):
+        super().__init__(message)
+        self.file = file
+        self.item = item
+        self.field = field
+
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())
+
+
+def quote(value: Any) -> str:
+    """A short one-line representation of ``value`` for error messages."""
+    text = _one_line(repr(value))
+    return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
+
+
+def data_error(
+    file: str, item: Optional[str], field: Optional[str], problem: str
+) -> ReferringDataError:
+    """``ReferringDataError("<file>: <item>: <field>: <problem>")`` on one line."""
+    parts = [str(file)] + [p for p in (item, field) if p] + [problem]
+    return ReferringDataError(_one_line(": ".join(parts)), file=file, item=item, field=field)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
+
+
+def _is_finite(v) -> bool:
+    try:
+        return math.isfinite(v)
+    except OverflowError:  # an integer beyond the float range
+        return False
+
+
+def valid_id(v) -> bool:
+    """An id the official readers can index by: an integer or a string (not a bool)."""
+    return _is_int(v) or isinstance(v, str)
+
+
+# ------------------------------------------------------------------------------ files
+def read_json_file(path: str):
+    """``json.load`` of ``path``; a ReferringDataError naming the file and position otherwise."""
+    try:
+        with open(path, "rb") as f:
+            return json.loads(f.read())
+    except json.JSONDecodeError as e:
+        raise data_error(
+            path, None, None, f"not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"
+        ) from e
+    except UnicodeDecodeError as e:
+        raise data_error(
+            path, None, None, f"not valid JSON (not UTF-8 text: {e.reason} at byte {e.start})"
+        ) from e
+    except (ValueError, RecursionError, MemoryError) as e:  # 4300+ digit ints, deep nesting
+        raise data_error(path, None, None, f"not readable JSON ({type(e).__name__}: {e})") from e
+
+
+def read_pickle_file(path: str):
+    """Plain-data pickle at ``path`` (see :mod:`.safe_pickle`); ReferringDataError otherwise."""
+    try:
+        return load_plain_pickle(path)
+    except (OSError, MemoryError) as e:
+        raise data_error(path, None, None, f"cannot be read ({type(e).__name__}: {e})") from e
+    except Exception as e:  # truncated / malformed pickles raise many exception types
+        raise data_error(
+            path, None, None, f"not a readable plain-data pickle ({type(e).__name__}: {e})"
+        ) from e
+
+
+# ----------------------------------------------------------------------------- images
+def image_problem(img: Dict) -> Optional[Problem]:
+    """(field, problem) of an ``images`` entry of instances.json, or None when usable."""
+    fname = img.get("file_name")
+    if not isinstance(fname, str) or not fname:
+        return "file_name", f"expected a non-empty file name, got {quote(fname)}"
+    for key in ("height", "width"):
+        v = img.get(key)
+        if not _is_int(v):
+            return key, f"expected a positive integer, got {quote(v)}"
+        if not 0 < v <= MAX_IMAGE_SIDE:
+            return key, f"{v} is outside 1..{MAX_IMAGE_SIDE}"
+    if img["height"] * img["width"] > MAX_IMAGE_PIXELS:
+        return "height", f"{img['height']}x{img['width']} pixels is more than {MAX_IMAGE_PIXELS}"
+    return None
+
+
+# ----------------------------------------------------------------------- segmentation
+def segmentation_problem(segm, height: int, width: int) -> Optional[Problem]:
+    """
+    (field, problem) when ``segm`` (an annotation's ``segmentation``) cannot be read as the
+    mask of a ``height`` x ``width`` image, else None. After this returns None,
+    ``pycocotools.mask.frPyObjects`` / ``decode`` on it are memory-safe and bounded.
+
+    Polygons: a non-empty list of lists of finite numbers within :data:`COORDINATE_MARGIN`
+    image sizes of the image, whose first polygon has more than 4 numbers (pycocotools
+    reads a first entry of 4 numbers as a box and fails on it; fewer is unsupported). Later
+    parts may have any length, as for pycocotools. RLE: ``{"size": [height, width],
+    "counts": str | bytes | list}`` whose counts add up to ``height * width``.
+    """
+    if isinstance(segm, dict):
+        return _rle_problem(segm, height, width)
+    if isinstance(segm, (list, tuple)):
+        return _polygons_problem(segm, height, width)
+    return "segmentation", f"expected a list of polygons or an RLE dict, got {type(segm).__name__}"
+
+
+def _polygons_problem(segm: Sequence, height: int, width: int) -> Optional[Problem]:
+    if len(segm) == 0:
+        return "segmentation", "empty list of polygons"
+    for i, poly in enumerate(segm):
+        field = f"segmentation[{i}]"
+        if not isinstance(poly, (list, tuple)):
+            return field, f"expected a list of numbers [x0, y0, x1, y1, ...], got {quote(poly)}"
+        if i == 0 and len(poly) <= 4:
+            return field, (
+                f"{len(poly)} numbers: the first polygon needs at least 5 (pycocotools cannot "
+                "read a first polygon of 4 or fewer numbers)"
+            )
+        problem = polygon_coordinates_problem(poly, height, width)
+        if problem is not None:
+            return f"{field}{problem[0]}", problem[1]
+    return None
+
+
+def polygon_coordinates_problem(poly: Sequence, height: int, width: int) -> Optional[Problem]:
+    """
+    ("[j]", problem) for the first coordinate of the flat polygon ``poly`` that is not a
+    finite number within :data:`COORDINATE_MARGIN` image sizes of the image, else None.
+    """
+    return polygon_values_problem(poly) or _polygon_bounds_problem(poly, height, width)
+
+
+def polygon_values_problem(poly: Sequence) -> Optional[Problem]:
+    """("[j]", problem) for the first value of ``poly`` that is not a finite number, else None."""
+    # Fast path over plain int/float (every value of a JSON file); numpy scalars and other
+    # Reals of Python-built data take the per-value path.
+    if not {type(v) for v in poly} <= {int, float}:
+        for j, v in enumerate(poly):
+            if not _is_number(v):
+                return f"[{j}]", f"expected a number, got {quote(v)}"
+    try:
+        finite = bool(np.isfinite(np.asarray(poly, dtype=np.float64)).all())
+    except OverflowError:  # an integer beyond the float range
+        finite = False
+    if not finite:
+        j = next(j for j, v in enumerate(poly) if not _is_finite(v))
+        return f"[{j}]", f"{quote(poly[j])} is not a finite number"
+    return None
+
+
+def _polygon_bounds_problem(poly: Sequence, height: int, width: int) -> Optional[Problem]:
+    xy = np.asarray(poly, dtype=np.float64)
+    lo_x, hi_x = -COORDINATE_MARGIN * width, (1 + COORDINATE_MARGIN) * width
+    lo_y, hi_y = -COORDINATE_MARGIN * height, (1 + COORDINATE_MARGIN) * height
+    outside = np.zeros(len(xy), dtype=bool)
+    outside[0::2] = (xy[0::2] < lo_x) | (xy[0::2] > hi_x)
+    outside[1::2] = (xy[1::2] < lo_y) | (xy[1::2] > hi_y)
+    if not outside.any():
+        return None
+    j = int(np.argmax(outside))
+    axis, lo, hi = ("x", lo_x, hi_x) if j % 2 == 0 else ("y", lo_y, hi_y)
+    return f"[{j}]", (
+        f"{axis} = {quote(poly[j])} is far outside the {width}x{height} image "
+        f"(accepted: {lo:g}..{hi:g})"
+    )
+
+
+def _rle_problem(segm: Dict, height: int, width: int) -> Optional[Problem]:
+    for key in ("size", "counts"):
+        if key not in segm:
+            return (
+                f"segmentation.{key}",
+                f"missing: an RLE needs 'size' and 'counts', got keys {sorted(map(str, segm))}",
+            )
+    size = segm["size"]
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(s) for s in size):
+        return "segmentation.size", f"expected [height, width], got {quote(size)}"
+    if [int(s) for s in size] != [height, width]:
+        return (
+            "segmentation.size",
+            f"RLE size {[int(s) for s in size]} does not match the image size [{height}, {width}]",
+        )
+    counts = segm["counts"]
+    if isinstance(counts, str):
+        try:
+            counts = counts.encode("ascii")
+        except UnicodeEncodeError:
+            return "segmentation.counts", "compressed RLE counts must be ASCII"
+    if isinstance(counts, bytes):
+        problem = compressed_counts_problem(counts, height * width)
+    elif isinstance(counts, (list, tuple)):
+        problem = _uncompressed_counts_problem(counts, height * width)
+    else:
+        problem = f"expected a string or a list of run lengths, got {type(counts).__name__}"
+    return None if problem is None else ("segmentation.counts", problem)
+
+
+def _uncompressed_counts_problem(counts: Sequence, total: int) -> Optional[str]:
+    for j, c in enumerate(counts):
+        if not _is_int(c) or c < 0:
+            return f"run length #{j} is {quote(c)}, expected a non-negative integer"
+    if sum(counts) != total:
+        return f"run lengths add up to {sum(counts)}, expected height * width = {total}"
+    return None
+
+
+def compressed_counts_problem(counts: bytes, total: int) -> Optional[str]:
+    """
+    Why pycocotools' compressed RLE string ``counts`` does not encode exactly ``total``
+    pixels (None when it does). Decodes as pycocotools' ``rleFrString`` does: 5 value bits
+    and a continuation bit per character, the last character's 0x10 bit a sign, counts
+    from the fourth on stored as a difference to the count two before. The C decoder
+    trusts all of this; here nothing is trusted.
+    """
+    decoded: List[int] = []
+    p, n = 0, len(counts)
+    while p < n:
+        x, k, more = 0, 0, True
+        while more:
+            if p >= n:
+                return "the string ends inside a run length"
+            c = counts[p]
+            if not _RLE_CHAR_MIN <= c <= _RLE_CHAR_MAX:
+                return f"character {chr(c)!r} at {p} is not an RLE character ('0'..'o')"
+            c -= _RLE_CHAR_MIN
+            x |= (c & 0x1F) << (5 * k)
+            more = bool(c & 0x20)
+            p += 1
+            k += 1
+            if k > _RLE_MAX_CHARS_PER_COUNT:
+                return f"run length #{len(decoded)} is longer than {_RLE_MAX_CHARS_PER_COUNT} characters"
+            if not more and c & 0x10:
+                x |= -1 << (5 * k)
+        if len(decoded) > 2:
+            x += decoded[-2]
+        if not 0 <= x <= total:
+            return f"run length #{len(decoded)} is {x}, outside 0..{total}"
+        decoded.append(x)
+    if sum(decoded) != total:
+        return f"run lengths add up to {sum(decoded)}, expected height * width = {total}"
+    return None
+
+
+# ------------------------------------------------------------------------------- refs
+# gRefCOCO marks a no-target ref with this ann_id.
+NO_TARGET_ANN_ID = -1
+
+
+def ref_problem(ref, generalized: bool) -> Optional[Problem]:
+    """
+    (field, problem) when a ref cannot be read as the official readers read it, else None:
+    ``ref_id`` / ``image_id`` ids, ``ann_id`` one id (classic) or an id / a list of ids /
+    ``[-1]`` (generalized, as ReLA's loader), ``sentences`` a list, ``split`` a string.
+    """
+    if not isinstance(ref, dict):
+        return "", f"expected an object, got {type(ref).__name__}"
+    for key in ("ref_id", "image_id", "split", "ann_id", "sentences"):
+        if key not in ref:
+            return key, "missing"
+    for key in ("ref_id", "image_id"):
+        if not valid_id(ref[key]):
+            return key, f"expected an integer or string id, got {quote(ref[key])}"
+    if not isinstance(ref["split"], str):
+        return "split", f"expected a split name, got {quote(ref['split'])}"
+    if not isinstance(ref["sentences"], list):
+        return "sentences", f"expected a list of sentences, got {type(ref['sentences']).__name__}"
+    ann_id = ref["ann_id"]
+    if not generalized:
+        if not valid_id(ann_id):
+            return "ann_id", f"expected one annotation id, got {quote(ann_id)}"
+        return None
+    ids = ann_id if isinstance(ann_id, list) else [ann_id]
+    if not all(valid_id(a) for a in ids):
+        return "ann_id", f"expected annotation ids, got {quote(ann_id)}"
+    if NO_TARGET_ANN_ID in ids and len(ids) > 1:
+        return "ann_id", f"{quote(ann_id)} mixes the no-target id {NO_TARGET_ANN_ID} with targets"
+    return None
+
+
+def target_ann_ids(ref: Dict, generalized: bool) -> List:
+    """Target annotation ids of a ref that :func:`ref_problem` accepts ([] = no target)."""
+    ann_id = ref["ann_id"]
+    if not generalized:
+        return [ann_id]
+    ids = ann_id if isinstance(ann_id, list) else [ann_id]
+    return [] if ids == [NO_TARGET_ANN_ID] else list(ids)
+
+
+def sentence_text(sent) -> Tuple[Optional[str], Optional[Problem]]:
+    """(text, None) of a REFER sentence (``raw``, else ``sent``), or (None, (field, problem))."""
+    if not isinstance(sent, dict):
+        return None, ("", f"expected an object, got {type(sent).__name__}")
+    raw = sent.get("raw")
+    text = raw if isinstance(raw, str) else sent.get("sent")
+    if not isinstance(text, str):
+        return None, ("raw", f"expected the sentence as a string, got {quote(raw)}")
+    if "sent_id" not in sent:
+        return None, ("sent_id", "missing")
+    if not valid_id(sent["sent_id"]):
+        return None, ("sent_id", f"expected an integer or string id, got {quote(sent['sent_id'])}")
+    return text, None
+
+
+def split_matches(ref_split: str, split: str, generalized: bool) -> bool:
+    """
+    Whether a ref of ``ref_split`` belongs to the requested ``split``, as the official
+    readers select refs: lichengunc/refer's ``getRefIds`` takes every ref whose split
+    contains "test" for "test" and whose split contains the letter for "testA/B/C" (so
+    "testAB" counts for both), exact names otherwise; ReLA's ``G_REFER`` exact names.
+    """
+    if generalized:
+        return ref_split == split
+    if split in ("testA", "testB", "testC"):
+        return split[-1] in ref_split
+    if split == "test":
+        return "test" in ref_split
+    return ref_split == split
