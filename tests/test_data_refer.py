@@ -385,16 +385,20 @@ def test_grefs_file_is_json_list(refer_root):
 @pytest.mark.parametrize(
     "fields,pattern,reason",
     [
-        ({"type": 3}, r"sent_id=1: 'type' must be a non-empty string, got 3", "bad_type"),
+        (
+            {"type": 3},
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): sentences\[1\]\.type: expected a non-empty string, got 3",
+            "bad_type",
+        ),
         (
             {"landmark_ann_id": 101, "landmark_phrase": "circle"},
-            r"sent_id=1: 'landmark_phrase' 'circle' is not a phrase of the sentence",
+            r"sentences\[1\]\.landmark_phrase: 'circle' is not a phrase of the sentence",
             "bad_landmark",
         ),
-        ({"landmark_ann_id": 101}, r"'landmark_phrase' None is not a phrase", "bad_landmark"),
+        ({"landmark_ann_id": 101}, r"sentences\[1\]\.landmark_phrase: None is not a phrase", "bad_landmark"),
         (
             {"landmark_ann_id": 102, "landmark_phrase": "triangle"},
-            r"sent_id=1: landmark ann_id 102 belongs to image 8, not 7",
+            r"instances\.json: ann_id=102 \(landmark of ref_id=0\): image_id: 8, but the ref is about image 7",
             "landmark_ann_image_mismatch",
         ),
     ],

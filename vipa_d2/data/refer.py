@@ -183,7 +183,7 @@ class _TargetChecker:
             return "bad_image", data_error(self.inst_path, item, *problem)
         return None
 
-    def annotation(self, aid, ref: Dict, where: str, refs_path: str):
+    def annotation(self, aid, ref: Dict, where: str, refs_path: str, role: str = "target"):
         ann = self.anns.get(aid)
         if ann is None:
             return "unknown_ann_id", data_error(
@@ -192,7 +192,7 @@ class _TargetChecker:
                 "ann_id",
                 f"{quote(aid)} is not an annotation id of {self.inst_path}",
             )
-        item = f"ann_id={quote(aid)} (target of ref_id={quote(ref['ref_id'])})"
+        item = f"ann_id={quote(aid)} ({role} of ref_id={quote(ref['ref_id'])})"
         if ann.get("image_id") != ref["image_id"]:
             # ReLA's loader asserts this; a target drawn on another image is no target.
             return "ann_image_mismatch", data_error(
@@ -237,7 +237,7 @@ def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str,
             "('landmark_ann_id' and 'landmark_phrase' come together)"
         )
         return {}, ("bad_landmark", data_error(refs_path, where, f"{field}.landmark_phrase", why))
-    failure = targets.annotation(aid, ref, where, refs_path)
+    failure = targets.annotation(aid, ref, where, refs_path, role="landmark")
     if failure is not None:
         return {}, ("landmark_" + failure[0], failure[1])
     out["landmark"] = {"ann_id": aid, "phrase": phrase}
