@@ -280,8 +280,10 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
 
 
 # ------------------------------------------------- per-type scoreboard, retrieval report
+# Every sample's keys without the breakdowns (ids, counts and the error-analysis details).
 OLD_SAMPLE_KEYS = {
-    "image_id", "ref_id", "sent_id", "gt_empty", "pred_empty", "intersection", "union", "iou"
+    "image_id", "ref_id", "sent_id", "gt_empty", "pred_empty", "intersection", "union", "iou",
+    "file_name", "sentence", "no_target", "pred_no_target",
 }
 
 

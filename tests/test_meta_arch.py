@@ -26,7 +26,7 @@ SMALL = [
     "MODEL.VIPA.HIDDEN_DIM", 32,
     "MODEL.VIPA.NHEADS", 4,
     "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", 16,
-    "MODEL.VIPA.PIXEL_DECODER.IN_FEATURES", ["res2", "res3", "res4", "res5"],  # stride-4 masks at 64 px
+    # The tiny config's stride-8 FPN with masks brought to stride 4 by res2 (MASK_REFINE_FEATURE).
     "MODEL.VIPA.DECODER.NUM_LAYERS", 3,
     "MODEL.VIPA.DECODER.DIM_FEEDFORWARD", 64,
     "MODEL.VIPA.VEG.DIM_FEEDFORWARD", 64,
