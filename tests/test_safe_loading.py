@@ -166,3 +166,16 @@ def test_weights_trusted_is_a_documented_config_key():
         source = f.read()
     comment = source[: source.index("cfg.MODEL.WEIGHTS_TRUSTED")].rsplit("\n\n", 1)[-1]
     assert "weights_only" in comment and "trust" in comment
+
+
+def test_backbone_weights_file_is_read_weights_only(tmp_path):
+    from vipa_d2.modeling.backbone.weights import _read_checkpoint
+
+    path, marker = str(tmp_path / "evil.pth"), str(tmp_path / "ran")
+    _evil_checkpoint(path, marker)
+    with pytest.raises(ValueError, match=r"MODEL.TIMM.WEIGHTS=.*evil\.pth.*weights-only"):
+        _read_checkpoint(path)
+    assert not os.path.exists(marker)
+    # A plain state_dict still loads.
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, path)
+    assert set(_read_checkpoint(path)) == {"weight", "bias"}

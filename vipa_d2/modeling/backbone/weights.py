@@ -1,6 +1,7 @@
 """Loading pretrained backbone weights, including efficientnet_pytorch-style checkpoints."""
 import logging
 import os
+import pickle
 import re
 from typing import Dict
 
@@ -66,7 +67,14 @@ def _read_checkpoint(path: str) -> Dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu")
+    try:
+        # Weights only: a file from a stranger must not run code when it is read.
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(
+            f"MODEL.TIMM.WEIGHTS={path!r} holds more than tensors and plain containers, which "
+            f"weights-only loading refuses ({e}); re-save its state_dict, or use .safetensors."
+        ) from e
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
