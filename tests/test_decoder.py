@@ -196,6 +196,25 @@ def test_pixel_decoder_coordinates_and_self_attention_see_the_whole_image():
         assert torch.allclose(plain(g)[1]["res5"][0, :, -1, -1], base_plain)
 
 
+def test_pixel_self_attention_runs_on_the_configured_level():
+    opts = {
+        "MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"],
+        "MODEL.VIPA.PIXEL_DECODER.NORM": "",
+        "MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS": 1,
+        "MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_FEATURE": "res4",
+    }
+    dec = build_pixel_decoder(small_cfg(**opts), SHAPES).eval()
+    g = features(1, 128)
+    with torch.no_grad():
+        base = dec(g)[1]["res4"][0, :, -1, -1]
+        g["res4"][0, :, 0, 0] += 5.0
+        # Stride 16 is 8x8 here: only self-attention carries one corner to the other.
+        assert not torch.allclose(dec(g)[1]["res4"][0, :, -1, -1], base, atol=1e-4)
+    opts["MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_FEATURE"] = "res2"
+    with pytest.raises(ValueError, match="TRANSFORMER_FEATURE='res2'.*IN_FEATURES"):
+        build_pixel_decoder(small_cfg(**opts), SHAPES)
+
+
 def test_null_kv_and_kv_kernel():
     dec = VIPATransformerDecoder(
         small_cfg(**{"MODEL.VIPA.DECODER.NULL_KV": True, "MODEL.VIPA.DECODER.KV_KERNEL": True}), SHAPES

@@ -150,6 +150,10 @@ def add_vipa_config(cfg):
     # pixel decoder level: a CNN + FPN sees a neighbourhood, while "the leftmost", "second
     # from the right" and "left of the ..." compare objects across the whole image.
     cfg.MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS = 0
+    # The IN_FEATURES level those layers run on, after its top-down sum ("" = the coarsest).
+    # At stride 32 two objects a clear ordinal gap apart (0.1 of a 256-pixel side) can share
+    # a cell; stride 16 keeps them apart for "the second ... from the left".
+    cfg.MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_FEATURE = ""
     # Append normalised (x, y) coordinate channels to every lateral input (CoordConv):
     # absolute position for "on the left" / "at the top" without relying on padding cues.
     cfg.MODEL.VIPA.PIXEL_DECODER.COORDINATES = False

@@ -49,6 +49,7 @@ class VIPAFPNPixelDecoder(nn.Module):
         mask_dim: int,
         norm: str,
         transformer_layers: int = 0,
+        transformer_feature: str = "",
         nheads: int = 8,
         dim_feedforward: int = 1024,
         coordinates: bool = False,
@@ -61,7 +62,8 @@ class VIPAFPNPixelDecoder(nn.Module):
             conv_dim: width of every output level (= MODEL.VIPA.HIDDEN_DIM).
             mask_dim: channels of the mask features at the finest input stride.
             norm: Detectron2 norm name for the convs ("" for none).
-            transformer_layers: self-attention encoder layers on the coarsest level.
+            transformer_layers: self-attention encoder layers on one level.
+            transformer_feature: that level, after its top-down sum ("" = the coarsest).
             nheads, dim_feedforward: of those layers.
             coordinates: append (x, y) in [-1, 1] to every lateral conv's input.
             refine_feature, refine_shape: a finer backbone feature (and its shape) whose 1x1
@@ -102,6 +104,12 @@ class VIPAFPNPixelDecoder(nn.Module):
             nn.init.zeros_(self.refine_lateral.weight)
             nn.init.zeros_(self.refine_lateral.bias)
             self.mask_stride = refine_shape.stride
+        self.transformer_feature = transformer_feature or self.in_features[-1]
+        if self.transformer_feature not in self.in_features:
+            raise ValueError(
+                f"MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_FEATURE={transformer_feature!r} is not one of "
+                f"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES {self.in_features}"
+            )
         self.encoder = nn.ModuleList(
             nn.ModuleList([AttentionBlock(conv_dim, nheads), FeedForward(conv_dim, dim_feedforward)])
             for _ in range(transformer_layers)
@@ -117,6 +125,7 @@ class VIPAFPNPixelDecoder(nn.Module):
             "mask_dim": cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM,
             "norm": cfg.MODEL.VIPA.PIXEL_DECODER.NORM,
             "transformer_layers": cfg.MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS,
+            "transformer_feature": cfg.MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_FEATURE,
             "nheads": cfg.MODEL.VIPA.NHEADS,
             "dim_feedforward": cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD,
             "coordinates": cfg.MODEL.VIPA.PIXEL_DECODER.COORDINATES,
@@ -149,10 +158,10 @@ class VIPAFPNPixelDecoder(nn.Module):
             name = self.in_features[idx]
             x = features[name]
             y = self.lateral_convs[idx](self._with_coordinates(x) if self.coordinates else x)
-            if top_down is None and len(self.encoder):
-                y = self._encode(y)
             if top_down is not None:
                 y = y + F.interpolate(top_down, size=y.shape[-2:], mode="nearest")
+            if name == self.transformer_feature and len(self.encoder):
+                y = self._encode(y)
             top_down = self.output_convs[idx](y)
             outputs[name] = top_down
         mask_features = self.mask_features(top_down)
