@@ -57,8 +57,10 @@ def cue_jaccard(retrieved: torch.Tensor) -> Optional[float]:
     c = retrieved.shape[0]
     if c < 2:
         return None
-    # float64: pixel counts stay exact, whatever the image size.
-    sets = retrieved.reshape(c, -1).to(torch.float64)
+    sets = retrieved.reshape(c, -1)
+    # Pixel counts must stay exact: float32 holds integers up to 2**24, larger images need
+    # float64 (slower, so only then).
+    sets = sets.to(torch.float32 if sets.shape[1] <= 2**24 else torch.float64)
     inter = sets @ sets.T
     area = inter.diagonal()
     union = area[:, None] + area[None, :] - inter
