@@ -20,8 +20,8 @@ import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
 
-from test_data_mapper import _cfg, _image
-from test_data_refer import _uncompressed_rle
+from test_dataset_mapper import _cfg, _image
+from test_refer import _uncompressed_rle
 from vipa_d2.data import ReferringDatasetMapper, annotations_to_mask, load_refer_dicts
 from vipa_d2.data.refer import make_sentence, save_refer_dataset
 

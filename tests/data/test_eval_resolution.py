@@ -8,8 +8,8 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from test_data_mapper import _cfg, _image, _record
-from test_evaluator import (
+from test_dataset_mapper import _cfg, _image, _record
+from test_referring_evaluation import (
     GENERALIZED,
     PLAIN,
     box_mask,
