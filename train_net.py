@@ -10,12 +10,10 @@ Train / evaluate VIPA with Detectron2.
 import os
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
-from vipa_d2 import add_vipa_config
-from vipa_d2.data.builtin import check_invalid_refs_setting
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.engine import ReferringTrainer, WeightsOnlyCheckpointer
 
 
@@ -24,12 +22,8 @@ class Trainer(ReferringTrainer):
 
 
 def setup(args):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_vipa_cfg(args.config_file, args.opts)
     cfg.freeze()
-    check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
     default_setup(cfg, args)
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         # Ranks sharing a CPU split its cores; oversubscribed intra-op threads spin-wait on

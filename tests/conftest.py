@@ -1,10 +1,14 @@
-"""Shared pytest fixtures: deterministic seeding and small real assets on disk."""
+"""Shared pytest fixtures: deterministic seeding, one thread, a synthetic benchmark on disk
+(helpers and paths: tests/common.py)."""
 import os
 import random
 
 import numpy as np
 import pytest
 import torch
+
+from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.data.synthetic import SynthConfig, write_benchmark
 
 # Tests never touch the network: transformers/hub must resolve everything locally.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -27,3 +31,38 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="session")
+def synthetic_benchmark(tmp_path_factory):
+    """
+    ``make(num_images, image_size=None, seed=0, workers=1) -> (root, stats)``: a synthetic
+    benchmark (``<root>/refsynth``, ``<root>/grefsynth``) written once per session for each
+    set of arguments (``image_size`` None: the generator's default). Shared: read, never
+    write, under ``root``.
+    """
+    written = {}
+
+    def make(num_images, image_size=None, seed=0, workers=1):
+        key = (num_images, image_size, seed, workers)
+        if key not in written:
+            root = str(tmp_path_factory.mktemp("synthetic"))
+            synth = SynthConfig() if image_size is None else SynthConfig(image_size=image_size)
+            stats = write_benchmark(root, num_images, seed=seed, cfg=synth, workers=workers, progress=False)
+            written[key] = (root, stats)
+        return written[key]
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def synthetic_datasets_root(synthetic_benchmark):
+    """
+    A small synthetic benchmark (6 images of 64 px) as the built-in datasets' root
+    (``$DETECTRON2_DATASETS``, which ranks spawned by ``launch`` inherit) for one module.
+    """
+    root, _ = synthetic_benchmark(6, image_size=64)
+    patch = pytest.MonkeyPatch()
+    patch.setenv(DATASETS_ENV, root)
+    yield root
+    patch.undo()

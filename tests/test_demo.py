@@ -1,5 +1,4 @@
 """demo/demo.py end to end: overlays of the input's size, file naming, and clear refusals."""
-import importlib.util
 import os
 import shutil
 import subprocess
@@ -9,42 +8,25 @@ import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import detection_utils as utils
 from PIL import Image
 
-from vipa_d2 import add_vipa_config
-from vipa_d2.data.synthetic import SynthConfig, write_benchmark
+from common import PREDICTOR_OPTS, REPO_ROOT, TINY_CONFIG, load_script, make_cfg
 from vipa_d2.predictor import VIPAPredictor
 from vipa_d2.utils.visualizer import draw_overlay
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-DEMO = os.path.join(REPO, "demo", "demo.py")
-CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
-TINY_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96", "MODEL.VIPA.HIDDEN_DIM", "64", "MODEL.TIMM.WEIGHTS", ""]
-
-
+DEMO = os.path.join(REPO_ROOT, "demo", "demo.py")
 pytestmark = pytest.mark.usefixtures("single_thread")
 
-
-def _load_demo():
-    spec = importlib.util.spec_from_file_location("vipa_demo", DEMO)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-demo = _load_demo()
+demo = load_script(DEMO)
 
 
 @pytest.fixture(scope="module")
-def images(tmp_path_factory):
+def images(synthetic_benchmark, tmp_path_factory):
     """A folder with two synthetic images (JPEG, as the generator writes them)."""
-    root = str(tmp_path_factory.mktemp("synth"))
-    write_benchmark(root, 4, seed=0, cfg=SynthConfig(image_size=128), workers=1, progress=False)
+    root, _ = synthetic_benchmark(4, image_size=128)
     source = os.path.join(root, "refsynth", "images")
-    folder = os.path.join(root, "two")
-    os.makedirs(folder)
+    folder = str(tmp_path_factory.mktemp("two"))
     for name in sorted(os.listdir(source))[:2]:
         shutil.copy(os.path.join(source, name), folder)
     files = sorted(os.path.join(folder, f) for f in os.listdir(folder))
@@ -54,10 +36,7 @@ def images(tmp_path_factory):
 @pytest.fixture(scope="module")
 def weights(tmp_path_factory):
     """A saved tiny model and the predictor it came from."""
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(TINY_OPTS)
+    cfg = make_cfg(*PREDICTOR_OPTS, config_file=TINY_CONFIG)
     torch.manual_seed(0)
     predictor = VIPAPredictor(cfg)
     out = tmp_path_factory.mktemp("weights")
@@ -68,7 +47,7 @@ def weights(tmp_path_factory):
 def _run_cli(*args):
     env = dict(os.environ, OMP_NUM_THREADS="1")  # as _single_thread, for the child process
     return subprocess.run(
-        [sys.executable, DEMO, *args], capture_output=True, text=True, cwd=REPO, env=env, timeout=300
+        [sys.executable, DEMO, *args], capture_output=True, text=True, cwd=REPO_ROOT, env=env, timeout=300
     )
 
 
@@ -76,8 +55,8 @@ def test_cli_writes_overlay_of_input_size_with_random_weights(images, tmp_path):
     _, files = images
     out = tmp_path / "overlay.png"
     proc = _run_cli(
-        "--config-file", CONFIG, "--input", files[0], "--text", "the red circle",
-        "--output", str(out), "--opts", *TINY_OPTS,
+        "--config-file", TINY_CONFIG, "--input", files[0], "--text", "the red circle",
+        "--output", str(out), "--opts", *PREDICTOR_OPTS,
     )
     assert proc.returncode == 0, proc.stderr
     assert "Traceback" not in proc.stderr
@@ -92,11 +71,11 @@ def test_folder_several_expressions_relevance_and_trailing_opts(images, weights,
     ckpt, predictor = weights
     texts = ["the object on the left", "the biggest shape"]
     out = tmp_path / "out"
-    argv = ["--config-file", CONFIG, "--input", folder, "--output", str(out), "--show-relevance"]
+    argv = ["--config-file", TINY_CONFIG, "--input", folder, "--output", str(out), "--show-relevance"]
     for t in texts:
         argv += ["--text", t]
     # Detectron2-style overrides at the end of the command line.
-    rc = demo.main(argv + TINY_OPTS + ["MODEL.WEIGHTS", ckpt])
+    rc = demo.main(argv + PREDICTOR_OPTS + ["MODEL.WEIGHTS", ckpt])
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "RANDOM" not in captured.out
@@ -128,11 +107,11 @@ def _refusal(argv, capsys):
 
 def test_refusals_before_the_model(images, tmp_path, capsys):
     _, files = images
-    base = ["--config-file", CONFIG, "--input", files[0], "--output", str(tmp_path / "o.png")]
+    base = ["--config-file", TINY_CONFIG, "--input", files[0], "--output", str(tmp_path / "o.png")]
     missing = str(tmp_path / "nope.png")
-    msg = _refusal(["--config-file", CONFIG, "--input", missing, "--text", "a", "--output", str(tmp_path)], capsys)
+    msg = _refusal(["--config-file", TINY_CONFIG, "--input", missing, "--text", "a", "--output", str(tmp_path)], capsys)
     assert missing in msg and "not found" in msg
-    msg = _refusal(["--config-file", CONFIG, "--input", str(tmp_path / "*.jpg"), "--text", "a", "--output", str(tmp_path)], capsys)
+    msg = _refusal(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "*.jpg"), "--text", "a", "--output", str(tmp_path)], capsys)
     assert "no files match" in msg
     for blank in ["", "   \t"]:
         assert "empty or blank" in _refusal(base + ["--text", "cat", "--text", blank], capsys)
@@ -141,7 +120,7 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
     msg = _refusal(base + ["--text", "cat", "MODEL.NO_SUCH", "1"], capsys)  # trailing style
     assert "MODEL.NO_SUCH" in msg
     bad_cfg = tmp_path / "bad.yaml"
-    bad_cfg.write_text(f'_BASE_: "{CONFIG}"\nMODEL:\n  VIPA:\n    NOT_A_KEY: 3\n')
+    bad_cfg.write_text(f'_BASE_: "{TINY_CONFIG}"\nMODEL:\n  VIPA:\n    NOT_A_KEY: 3\n')
     msg = _refusal(["--config-file", str(bad_cfg)] + base[2:] + ["--text", "cat"], capsys)
     assert "MODEL.VIPA.NOT_A_KEY" in msg and "bad.yaml" in msg
     msg = _refusal(["--config-file", str(tmp_path / "none.yaml")] + base[2:] + ["--text", "cat"], capsys)
@@ -157,8 +136,8 @@ def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
     ckpt, predictor = weights
     unreadable = tmp_path / "broken.png"
     unreadable.write_bytes(b"\x89PNG not really")
-    base = ["--config-file", CONFIG, "--text", "cat", "--output", str(tmp_path / "o.png")]
-    msg = _refusal(base + ["--input", str(unreadable), "--opts", *TINY_OPTS], capsys)
+    base = ["--config-file", TINY_CONFIG, "--text", "cat", "--output", str(tmp_path / "o.png")]
+    msg = _refusal(base + ["--input", str(unreadable), "--opts", *PREDICTOR_OPTS], capsys)
     assert str(unreadable) in msg and "Cannot read image" in msg
 
     state = torch.load(ckpt, map_location="cpu")["model"]
@@ -167,7 +146,7 @@ def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
     state["veg.unused.weight"] = torch.zeros(1)
     torch.save({"model": state}, tmp_path / "mismatch.pth")
     msg = _refusal(
-        base + ["--input", files[0], "--opts", *TINY_OPTS, "MODEL.WEIGHTS", str(tmp_path / "mismatch.pth")], capsys
+        base + ["--input", files[0], "--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", str(tmp_path / "mismatch.pth")], capsys
     )
     assert "mismatch.pth" in msg and dropped in msg and "veg.unused.weight" in msg
     assert "missing" in msg and "unexpected" in msg
@@ -176,7 +155,7 @@ def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
 def test_refusal_from_a_subprocess_has_no_traceback(images, tmp_path):
     _, files = images
     proc = _run_cli(
-        "--config-file", CONFIG, "--input", files[0], "--text", "cat",
+        "--config-file", TINY_CONFIG, "--input", files[0], "--text", "cat",
         "--output", str(tmp_path / "o.png"), "--opts", "MODEL.BOGUS", "1",
     )
     assert proc.returncode == 1

@@ -1,46 +1,25 @@
 """VIPAPredictor and the overlay drawing, on a real synthetic image with a tiny random model."""
 import logging
-import os
 
 import numpy as np
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
-from detectron2.config import get_cfg
 from detectron2.data import detection_utils as utils
 
-from vipa_d2 import add_vipa_config
+from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, load_refer_dicts
-from vipa_d2.data.synthetic import SynthConfig, write_benchmark
 from vipa_d2.modeling.sampler import num_retrieved
 from vipa_d2.predictor import VIPAPredictor, WeightsError
 from vipa_d2.utils.visualizer import caption_layout, draw_overlay, draw_relevance_figure
 
-CONFIG = os.path.join(os.path.dirname(__file__), "..", "configs", "synthetic", "vipa_tiny_cpu.yaml")
-TINY_OPTS = [
-    "MODEL.DEVICE", "cpu",
-    "INPUT.IMAGE_SIZE", 96,
-    "MODEL.VIPA.HIDDEN_DIM", 64,
-    "MODEL.TIMM.WEIGHTS", "",
-]
-
-
 pytestmark = pytest.mark.usefixtures("single_thread")
 
 
-def tiny_cfg(*opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(TINY_OPTS + list(opts))
-    return cfg
-
-
 @pytest.fixture(scope="module")
-def records(tmp_path_factory):
+def records(synthetic_benchmark):
     """Expressions of one synthetic image (non-square: checks the original-size outputs)."""
-    root = str(tmp_path_factory.mktemp("synth"))
-    write_benchmark(root, 4, seed=0, cfg=SynthConfig(image_size=128), workers=1, progress=False)
+    root, _ = synthetic_benchmark(4, image_size=128)
     recs = load_refer_dicts(root, "refsynth", "unc", "val", f"{root}/refsynth/images")
     recs = [r for r in recs if r["file_name"] == recs[0]["file_name"]]
     assert len(recs) >= 3 and recs[0]["height"] != recs[0]["width"]
@@ -50,7 +29,7 @@ def records(tmp_path_factory):
 @pytest.fixture(scope="module")
 def predictor():
     torch.manual_seed(0)
-    return VIPAPredictor(tiny_cfg())
+    return VIPAPredictor(make_cfg(*PREDICTOR_OPTS, config_file=TINY_CONFIG))
 
 
 def test_masks_equal_model_on_mapper_output(predictor, records):
@@ -102,7 +81,7 @@ def _assert_same(multi, singles):
 @pytest.mark.parametrize("fusion", ["early", "late"])
 def test_multi_expression_matches_single_calls(records, fusion):
     torch.manual_seed(0)
-    p = VIPAPredictor(tiny_cfg("MODEL.VIPA.FUSION", fusion))
+    p = VIPAPredictor(make_cfg(*PREDICTOR_OPTS, "MODEL.VIPA.FUSION", fusion, config_file=TINY_CONFIG))
     # The fusion gates start at zero (fused == visual): open them so the image features
     # really depend on the expression, as after training.
     with torch.no_grad():
@@ -120,7 +99,9 @@ def test_multi_expression_matches_single_calls(records, fusion):
 def test_weights_roundtrip_and_mismatch(predictor, records, tmp_path, caplog):
     rec = records[0]
     DetectionCheckpointer(predictor.model, save_dir=str(tmp_path)).save("model_final")
-    loaded = VIPAPredictor(tiny_cfg("MODEL.WEIGHTS", str(tmp_path / "model_final.pth")))
+    loaded = VIPAPredictor(
+        make_cfg(*PREDICTOR_OPTS, "MODEL.WEIGHTS", str(tmp_path / "model_final.pth"), config_file=TINY_CONFIG)
+    )
     a = predictor(rec["file_name"], rec["sentence"]["raw"])
     b = loaded(rec["file_name"], rec["sentence"]["raw"])
     np.testing.assert_allclose(a["prob"], b["prob"], atol=1e-6)
@@ -133,13 +114,17 @@ def test_weights_roundtrip_and_mismatch(predictor, records, tmp_path, caplog):
     state[shaped] = torch.zeros(2, 2)
     torch.save({"model": state}, tmp_path / "bad.pth")
     with pytest.raises(WeightsError) as e:
-        VIPAPredictor(tiny_cfg("MODEL.WEIGHTS", str(tmp_path / "bad.pth")))
+        VIPAPredictor(
+            make_cfg(*PREDICTOR_OPTS, "MODEL.WEIGHTS", str(tmp_path / "bad.pth"), config_file=TINY_CONFIG)
+        )
     msg = str(e.value)
     assert "bad.pth" in msg and missing in msg and "head.extra.weight" in msg
     assert f"{shaped}: checkpoint (2, 2)" in msg
 
     with pytest.raises(FileNotFoundError, match="nothere.pth"):
-        VIPAPredictor(tiny_cfg("MODEL.WEIGHTS", str(tmp_path / "nothere.pth")))
+        VIPAPredictor(
+            make_cfg(*PREDICTOR_OPTS, "MODEL.WEIGHTS", str(tmp_path / "nothere.pth"), config_file=TINY_CONFIG)
+        )
 
 
 def test_random_weights_warn(records):
@@ -149,14 +134,14 @@ def test_random_weights_warn(records):
     log = logging.getLogger("vipa_d2.predictor")
     log.addHandler(handler)
     try:
-        VIPAPredictor(tiny_cfg())
+        VIPAPredictor(make_cfg(*PREDICTOR_OPTS, config_file=TINY_CONFIG))
     finally:
         log.removeHandler(handler)
     assert any(level == logging.WARNING and "RANDOM" in msg for level, msg in seen)
 
 
 def test_confidence_zero_for_empty_mask(records):
-    p = VIPAPredictor(tiny_cfg("MODEL.VIPA.MASK_THRESHOLD", 1.0))
+    p = VIPAPredictor(make_cfg(*PREDICTOR_OPTS, "MODEL.VIPA.MASK_THRESHOLD", 1.0, config_file=TINY_CONFIG))
     r = p(records[0]["file_name"], records[0]["sentence"]["raw"])
     assert not r["mask"].any() and r["confidence"] == 0.0 and r["prob"].max() > 0
 

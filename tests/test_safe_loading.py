@@ -9,11 +9,9 @@ import sys
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.solver import build_lr_scheduler
 
-from test_refer_parity import _RunsCode
-from vipa_d2 import add_vipa_config
+from common import REPO_ROOT, RunsCode, make_cfg
 from vipa_d2.data.safe_pickle import ForbiddenPickleError, loads_plain_pickle
 from vipa_d2.engine import (
     AtomicDetectionCheckpointer,
@@ -21,8 +19,6 @@ from vipa_d2.engine import (
     WeightsOnlyCheckpointer,
 )
 from vipa_d2.predictor import WeightsError, load_weights
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # ----------------------------------------------------------------------- REFER pickles
@@ -41,7 +37,7 @@ def test_plain_pickle_round_trip_and_refusal(tmp_path):
     assert loads_plain_pickle(pickle.dumps([b"x"], protocol=3)) == [b"x"]
     marker = str(tmp_path / "ran")
     with pytest.raises(ForbiddenPickleError, match=r"refers to the global os\.makedirs"):
-        loads_plain_pickle(pickle.dumps([_RunsCode(marker)]))
+        loads_plain_pickle(pickle.dumps([RunsCode(marker)]))
     assert not os.path.exists(marker)
     # Any class is refused, harmless or not.
     with pytest.raises(ForbiddenPickleError, match=r"collections\.OrderedDict"):
@@ -63,7 +59,7 @@ print(mod.loads_plain_pickle(b"\x80\x02]r\xff\xff\xff\xff."))
 def test_forged_memo_index_costs_no_memory():
     # In a 1 GiB subprocess that imports nothing but the module: a regression cannot take
     # pytest down with it.
-    path = os.path.join(REPO, "vipa_d2", "data", "safe_pickle.py")
+    path = os.path.join(REPO_ROOT, "vipa_d2", "data", "safe_pickle.py")
     proc = subprocess.run(
         [sys.executable, "-c", _FORGED_MEMO, path], capture_output=True, text=True, timeout=120
     )
@@ -73,7 +69,7 @@ def test_forged_memo_index_costs_no_memory():
 # ------------------------------------------------------------------------- checkpoints
 def _evil_checkpoint(path, marker):
     model = torch.nn.Linear(2, 2)
-    torch.save({"model": model.state_dict(), "extra": _RunsCode(marker)}, path)
+    torch.save({"model": model.state_dict(), "extra": RunsCode(marker)}, path)
     return model
 
 
@@ -111,9 +107,7 @@ def test_full_pickle_formats_need_the_opt_in(tmp_path):
 def test_trainer_state_round_trips_weights_only(tmp_path):
     # What the trainer checkpoints: model, optimizer (AdamW state), detectron2's scheduler,
     # iteration and hook state all load with weights_only=True.
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_list(["SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR", "SOLVER.MAX_ITER", "10"])
+    cfg = make_cfg("SOLVER.LR_SCHEDULER_NAME", "WarmupCosineLR", "SOLVER.MAX_ITER", "10")
 
     class Trainer:  # the state DefaultTrainer.state_dict() has
         def __init__(self, scheduler):
@@ -159,10 +153,9 @@ def test_trainer_state_round_trips_weights_only(tmp_path):
 
 
 def test_weights_trusted_is_a_documented_config_key():
-    cfg = get_cfg()
-    add_vipa_config(cfg)
+    cfg = make_cfg()
     assert cfg.MODEL.WEIGHTS_TRUSTED is False
-    with open(os.path.join(REPO, "vipa_d2", "config.py")) as f:
+    with open(os.path.join(REPO_ROOT, "vipa_d2", "config.py")) as f:
         source = f.read()
     comment = source[: source.index("cfg.MODEL.WEIGHTS_TRUSTED")].rsplit("\n\n", 1)[-1]
     assert "weights_only" in comment and "trust" in comment

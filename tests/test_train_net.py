@@ -1,16 +1,19 @@
 """train_net.py end to end at tiny scale: real trainer, evaluator, checkpoints, processes."""
 import glob
-import json
 import os
-import sys
+import pickle
+import shutil
 
 import pytest
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import HookBase, default_argument_parser, launch
+from detectron2.engine import HookBase, launch
 
+from common import INSTANT_TEST_VAL as VAL
+from common import import_train_net, results_file, train_net_args
+from vipa_d2.data import ReferringDataError
 from vipa_d2.data.builtin import DATASETS_ENV
-from vipa_d2.data.synthetic import SynthConfig, write_benchmark
+from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.engine import (
     AtomicDetectionCheckpointer,
     build_vipa_optimizer,
@@ -18,63 +21,12 @@ from vipa_d2.engine import (
     shuffle_expressions,
 )
 
-# train_net.py lives at the repository root; spawned ranks inherit this sys.path.
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if REPO not in sys.path:
-    sys.path.insert(0, REPO)
-import train_net  # noqa: E402
-
-CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
-VAL = "refsynth_unc_val"
-# A model small enough to train a few iterations in seconds on CPU.
-TINY = [
-    "INPUT.IMAGE_SIZE", "64",
-    "MODEL.TIMM.WEIGHTS", "",
-    # No backward through MiniLM and ~3x smaller checkpoints (no AdamW state for it); its
-    # dropout still draws random numbers, so exact resume still covers it.
-    "MODEL.TEXT_ENCODER.FREEZE", "True",
-    "MODEL.VIPA.HIDDEN_DIM", "32",
-    "MODEL.VIPA.NHEADS", "2",
-    "MODEL.VIPA.VEG.DIM_FEEDFORWARD", "64",
-    "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", "32",
-    "MODEL.VIPA.DECODER.NUM_LAYERS", "3",
-    "MODEL.VIPA.DECODER.DIM_FEEDFORWARD", "64",
-    "SOLVER.IMS_PER_BATCH", "2",
-    "SOLVER.MAX_ITER", "4",
-    "SOLVER.WARMUP_ITERS", "1",
-    "SOLVER.CHECKPOINT_PERIOD", "1000",
-    "DATALOADER.NUM_WORKERS", "0",
-    "DATASETS.TEST", f"('{VAL}',)",
-    "SEED", "7",
-]
-
-
-@pytest.fixture(scope="module", autouse=True)
-def synthetic_root(tmp_path_factory):
-    """A tiny synthetic benchmark as the built-in dataset root for this module."""
-    root = str(tmp_path_factory.mktemp("datasets"))
-    write_benchmark(root, 6, seed=0, cfg=SynthConfig(image_size=64), workers=1, progress=False)
-    previous = os.environ.get(DATASETS_ENV)
-    os.environ[DATASETS_ENV] = root
-    yield root
-    if previous is None:
-        del os.environ[DATASETS_ENV]
-    else:
-        os.environ[DATASETS_ENV] = previous
-
-
-def parse(output_dir, *flags, opts=()):
-    argv = ["--config-file", CONFIG, *flags, "--dist-url", "auto"]
-    return default_argument_parser().parse_args(argv + TINY + ["OUTPUT_DIR", str(output_dir), *opts])
+train_net = import_train_net()
+pytestmark = pytest.mark.usefixtures("synthetic_datasets_root")
 
 
 def final_weights(output_dir):
     return torch.load(os.path.join(output_dir, "model_final.pth"), map_location="cpu")["model"]
-
-
-def results_file(output_dir, name=VAL, sub="inference"):
-    with open(os.path.join(output_dir, sub, f"referring_results_{name}.json")) as f:
-        return json.load(f)
 
 
 # --------------------------------------------------------------------------- optimizer
@@ -87,7 +39,7 @@ NORM_TYPES = (
 
 
 def test_optimizer_param_groups(tmp_path):
-    args = parse(tmp_path, opts=[
+    args = train_net_args(tmp_path, opts=[
         "SOLVER.BASE_LR", "0.001", "SOLVER.WEIGHT_DECAY", "0.05",
         "MODEL.TIMM.LR_MULTIPLIER", "0.1", "MODEL.TEXT_ENCODER.LR_MULTIPLIER", "0.25",
         "MODEL.TEXT_ENCODER.FREEZE", "False",
@@ -137,7 +89,7 @@ def test_optimizer_param_groups(tmp_path):
 
 
 def test_optimizer_skips_frozen_text_encoder_and_rejects_unknown_name(tmp_path):
-    cfg = train_net.setup(parse(tmp_path))  # TINY freezes the text encoder
+    cfg = train_net.setup(train_net_args(tmp_path))  # the instant test freezes the text encoder
     model = train_net.Trainer.build_model(cfg)
     in_groups = {p for g in get_vipa_optimizer_params(cfg, model) for p in g["params"]}
     text_params = set(model.text_encoder.parameters())
@@ -151,7 +103,7 @@ def test_optimizer_skips_frozen_text_encoder_and_rejects_unknown_name(tmp_path):
 # ------------------------------------------------------------- train / eval round trip
 def test_train_checkpoint_eval_only_round_trip(tmp_path):
     train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
-    trained = train_net.main(parse(train_dir, opts=["TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]))
+    trained = train_net.main(train_net_args(train_dir, opts=["TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]))
 
     assert set(trained) == {VAL, VAL + "/shuffled"}
     assert set(trained[VAL]["refer"]) == {"oIoU", "mIoU", "Prec@0.5", "Prec@0.6",
@@ -169,7 +121,7 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     )
 
     weights = str(train_dir / "model_final.pth")
-    evaluated = train_net.main(parse(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
+    evaluated = train_net.main(train_net_args(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
     # The same weights on the same data: exactly the metrics of the end of training.
     assert evaluated == {VAL: trained[VAL]}
 
@@ -177,7 +129,7 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     # summation order of the batched kernels differs).
     batched_dir = tmp_path / "eval_batched"
     batched = train_net.main(
-        parse(batched_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights, "TEST.IMS_PER_BATCH", "4"])
+        train_net_args(batched_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights, "TEST.IMS_PER_BATCH", "4"])
     )
     assert batched[VAL]["refer"] == pytest.approx(trained[VAL]["refer"], abs=0.05)
     one, many = results_file(eval_dir)["samples"], results_file(batched_dir)["samples"]
@@ -211,12 +163,30 @@ def test_shuffled_expressions_move_text_only():
 
 def test_build_evaluator_rejects_non_referring_dataset(tmp_path):
     MetadataCatalog.get("test_train_net_coco_like").set(evaluator_type="coco")
-    cfg = train_net.setup(parse(tmp_path))
+    cfg = train_net.setup(train_net_args(tmp_path))
     with pytest.raises(ValueError, match="test_train_net_coco_like.*'coco'.*'referring'"):
         train_net.Trainer.build_evaluator(cfg, "test_train_net_coco_like")
 
 
 # ------------------------------------------------------------------ never lose work
+def test_builtin_refs_policy_reaches_the_trainer_data_loader(synthetic_benchmark, tmp_path, monkeypatch):
+    # Built-in datasets are read with one fixed policy (a bad ref is an error): the real
+    # training loader stops at a ref naming no annotation, with the file and the ref.
+    root, _ = synthetic_benchmark(6, image_size=64)
+    broken = tmp_path / "datasets"
+    shutil.copytree(root, broken)
+    refs_file = broken / "refsynth" / "refs(unc).p"
+    refs = load_plain_pickle(str(refs_file))
+    bad = next(i for i, ref in enumerate(refs) if ref["split"] == "train")
+    refs[bad]["ann_id"] = -1
+    with open(refs_file, "wb") as f:
+        pickle.dump(refs, f)
+    monkeypatch.setenv(DATASETS_ENV, str(broken))
+    cfg = train_net.setup(train_net_args(tmp_path / "out"))
+    with pytest.raises(ReferringDataError, match=rf"refs\(unc\)\.p: ref #{bad} .*ann_id: -1"):
+        train_net.Trainer.build_train_loader(cfg)
+
+
 class _Killed(Exception):
     pass
 
@@ -237,13 +207,13 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     # restored by the per-iteration seeding, not by the data pipeline.
     opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "1"]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    train_net.main(parse(straight_dir, opts=opts + ["SOLVER.CHECKPOINT_MAX_KEEP", "1"]))
+    train_net.main(train_net_args(straight_dir, opts=opts + ["SOLVER.CHECKPOINT_MAX_KEEP", "1"]))
     # Periodic checkpoints after iterations 2 and 4; only the newest one is kept.
     assert sorted(p.name for p in straight_dir.glob("*.pth")) == [
         "model_0000003.pth", "model_final.pth"
     ]
 
-    trainer = train_net.Trainer(train_net.setup(parse(resumed_dir, opts=opts)))
+    trainer = train_net.Trainer(train_net.setup(train_net_args(resumed_dir, opts=opts)))
     trainer.resume_or_load(resume=False)
     trainer.register_hooks([_KillAfter(2)])
     with pytest.raises(_Killed):
@@ -251,7 +221,7 @@ def test_resume_reproduces_uninterrupted_run(tmp_path):
     assert (resumed_dir / "last_checkpoint").read_text() == "model_0000001.pth"
     assert not (resumed_dir / "model_final.pth").exists()
 
-    train_net.main(parse(resumed_dir, "--resume", opts=opts))
+    train_net.main(train_net_args(resumed_dir, "--resume", opts=opts))
     straight, resumed = final_weights(straight_dir), final_weights(resumed_dir)
     assert straight.keys() == resumed.keys()
     for key in straight:
@@ -279,12 +249,12 @@ def test_checkpoint_save_is_atomic(tmp_path):
 def test_two_process_training_and_evaluation(tmp_path):
     two_dir, one_dir = tmp_path / "two", tmp_path / "one"
     # --num-gpus 2 on a CPU machine: detectron2's launch spawns 2 ranks over gloo.
-    args = parse(two_dir, "--num-gpus", "2", opts=["SOLVER.MAX_ITER", "2"])
+    args = train_net_args(two_dir, "--num-gpus", "2", opts=["SOLVER.MAX_ITER", "2"])
     launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
     assert (two_dir / "last_checkpoint").read_text() == "model_final.pth"
     two_process = results_file(two_dir)  # written by rank 0 after gathering both ranks
 
     weights = str(two_dir / "model_final.pth")
-    one_process = train_net.main(parse(one_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
+    one_process = train_net.main(train_net_args(one_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
     assert len(two_process["samples"]) == len(DatasetCatalog.get(VAL))
     assert two_process["metrics"] == dict(one_process[VAL]["refer"])  # exact

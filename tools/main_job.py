@@ -24,9 +24,7 @@ import sys
 import time
 from collections import OrderedDict
 
-from detectron2.config import get_cfg
-
-from vipa_d2 import add_vipa_config
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
@@ -77,14 +75,6 @@ def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
     start = time.perf_counter()
     write_benchmark(root, num_images, seed=seed, cfg=SynthConfig(), workers=os.cpu_count() or 1)
     return time.perf_counter() - start
-
-
-def load_cfg(config_file: str, opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
 
 
 def run_train_net(args_list, log_name: str, output: str) -> float:
@@ -212,7 +202,7 @@ def main(argv=None):
     train_s = run_train_net(
         common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts, "train_console.log", output
     )
-    cfg = load_cfg(args.config_file, args.opts)
+    cfg = get_vipa_cfg(args.config_file, args.opts)
     weights = os.path.join(output, "model_final.pth")
     eval_s = run_train_net(
         common + ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,

@@ -22,11 +22,10 @@ from collections import defaultdict
 
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.utils.analysis import FlopCountAnalysis
 
-from vipa_d2 import add_vipa_config
+from vipa_d2 import get_vipa_cfg
 
 logger = logging.getLogger("vipa_d2.model_cost")
 
@@ -50,10 +49,7 @@ def sdpa_flop_jit(inputs, outputs):
 
 
 def setup_cfg(args, tmpdir):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(args.config_file)
-    cfg.merge_from_list(args.opts)
+    cfg = get_vipa_cfg(args.config_file, args.opts)
     cfg.MODEL.DEVICE = "cpu"
     cfg.MODEL.TIMM.WEIGHTS = ""
     if args.random_text_encoder:

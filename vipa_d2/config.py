@@ -1,5 +1,10 @@
 """Config keys added by vipa_d2 on top of Detectron2's defaults."""
+from typing import Sequence
+
 from detectron2.config import CfgNode as CN
+from detectron2.config import get_cfg
+
+from .data.builtin import check_invalid_refs_setting
 
 
 def add_vipa_config(cfg):
@@ -225,3 +230,19 @@ def add_vipa_config(cfg):
     # Also write each prediction (the scored binary mask, at TEST.EVAL_RESOLUTION) as COCO
     # RLE into the per-sample results file, for error analysis.
     cfg.TEST.SAVE_PREDICTION_RLE = False
+
+
+def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
+    """
+    The config every entry point starts from: Detectron2's defaults, the VIPA keys, then
+    ``config_file`` (skipped when empty) and ``opts`` (``KEY VALUE ...`` as on a command
+    line). Not frozen, so callers can still adjust it. A ``DATASETS.INVALID_REFS`` other
+    than the built-in policy is refused here, for every entry point alike.
+    """
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    if config_file:
+        cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
+    return cfg

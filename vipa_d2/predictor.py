@@ -11,12 +11,11 @@ from typing import Dict, List, Sequence, Union
 import numpy as np
 import torch
 
-from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 from detectron2.utils.file_io import PathManager
 
-from .data.dataset_mapper import build_referring_augmentations
+from .data.dataset_mapper import build_referring_augmentations, read_image
 from .engine.checkpoint import WeightsOnlyCheckpointer
 from .modeling.text_encoder import build_tokenizer, tokenize
 
@@ -43,16 +42,6 @@ def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"Referring expression #{i} is empty or blank ({t!r}); expected some words")
     return texts
-
-
-def read_image(path: str, image_format: str) -> np.ndarray:
-    """Read ``path`` as an HxWx3 uint8 array in ``image_format``; OSError naming the path."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"Image not found: {path}")
-    try:
-        return utils.read_image(path, format=image_format)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad/truncated files
-        raise OSError(f"Cannot read image {path}: expected an image file ({e})") from e
 
 
 def _listing(kind: str, items: List[str]) -> str:

@@ -1,7 +1,6 @@
 """Simple JSON format: validation, conversion to REFER layout, registration, CLI."""
 
 import copy
-import importlib.util
 import json
 import os
 import pickle
@@ -11,6 +10,7 @@ import numpy as np
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
+from common import load_script
 from vipa_d2.data import (
     ReferringFormatError,
     annotations_to_mask,
@@ -21,7 +21,6 @@ from vipa_d2.data import (
 )
 
 H, W = 50, 80
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _blob():
@@ -299,17 +298,8 @@ def test_register_rejects_bad_invalid_mode():
     assert "test_custom_bad_mode" not in DatasetCatalog.list()
 
 
-def _tool():
-    spec = importlib.util.spec_from_file_location(
-        "convert_referring_json", os.path.join(REPO, "tools", "convert_referring_json.py")
-    )
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_cli_tool(tmp_path, capsys):
-    tool = _tool()
+    tool = load_script("tools/convert_referring_json.py")
     good = _write(tmp_path, _data(), "good.json")
     assert tool.main([good, "--check-only"]) == 0
     assert "valid (2 images)" in capsys.readouterr().out

@@ -7,77 +7,29 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from PIL import Image
 
-from vipa_d2 import add_vipa_config
+from common import IMAGE_H as H
+from common import IMAGE_W as W
+from common import MAPPER_IMAGE_SIZE as SIZE
+from common import MAPPER_MAX_TEXT_LEN as MAX_LEN
+from common import MAPPER_OPTS, POLY, make_cfg, mapper_record, write_image
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.data.dataset_mapper import swap_left_right
 from vipa_d2.modeling.text_encoder import build_tokenizer
 
-H, W = 60, 90  # landscape, so "square" and "keep_ratio" differ
-SIZE = 32
-MAX_LEN = 8
-POLY = [10.0, 5.0, 50.0, 5.0, 50.0, 45.0, 10.0, 45.0]
-
-
-def _cfg(**overrides):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.INPUT.IMAGE_SIZE = SIZE
-    cfg.INPUT.MAX_TEXT_LEN = MAX_LEN
-    for key, value in overrides.items():  # INPUT.<key> overrides
-        setattr(cfg.INPUT, key, value)
-    return cfg
-
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(_cfg())
+    return build_tokenizer(make_cfg(*MAPPER_OPTS))
 
 
 def _rle_mask():
     m = np.zeros((H, W), np.uint8)
     m[30:58, 60:88] = 1
     return m
-
-
-def _image(path, mode="RGB", size=(H, W)):
-    """A noise image of ``size`` (h, w) whose left half is pure red, saved in PIL ``mode``."""
-    h, w = size
-    rng = np.random.default_rng(0)
-    arr = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
-    arr[:, : w // 2, 0] = 255  # left half strongly red: channel order is checkable
-    arr[:, : w // 2, 1:] = 0
-    img = Image.fromarray(arr, "RGB")
-    if mode != "RGB":
-        img = img.convert(mode)
-    img.save(path)
-
-
-def _record(file_name, sentence="the box on the left", annotations=None):
-    if annotations is None:
-        annotations = [
-            {
-                "segmentation": [POLY],
-                "bbox": [10.0, 5.0, 40.0, 40.0],
-                "bbox_mode": BoxMode.XYWH_ABS,
-                "category_id": 1,
-                "iscrowd": 0,
-            }
-        ]
-    return {
-        "file_name": str(file_name),
-        "height": H,
-        "width": W,
-        "image_id": 3,
-        "ref_id": 11,
-        "annotations": annotations,
-        "sentence": {"raw": sentence, "sent_id": 5},
-        "empty": not annotations,
-    }
 
 
 def _expected_poly_mask(out_h, out_w):
@@ -89,10 +41,10 @@ def _expected_poly_mask(out_h, out_w):
 
 @pytest.mark.parametrize("mode,out_hw", [("square", (SIZE, SIZE)), ("keep_ratio", (21, SIZE))])
 def test_train_outputs(tmp_path, tokenizer, mode, out_hw):
-    _image(tmp_path / "a.png")
-    rec = _record(tmp_path / "a.png")
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png")
     before = copy.deepcopy(rec)
-    out = ReferringDatasetMapper(_cfg(RESIZE_MODE=mode), is_train=True)(rec)
+    out = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.RESIZE_MODE", mode), is_train=True)(rec)
     assert rec == before  # the record is not modified
     assert out["image"].dtype == torch.uint8 and tuple(out["image"].shape) == (3, *out_hw)
     assert out["gt_mask"].dtype == torch.uint8 and tuple(out["gt_mask"].shape) == out_hw
@@ -113,15 +65,9 @@ def test_train_outputs(tmp_path, tokenizer, mode, out_hw):
 
 
 def test_test_mode_keeps_annotations_and_rle(tmp_path):
-    _image(tmp_path / "a.png")
+    write_image(tmp_path / "a.png")
     anns = [
-        {
-            "segmentation": [POLY],
-            "bbox": [10.0, 5.0, 40.0, 40.0],
-            "bbox_mode": BoxMode.XYWH_ABS,
-            "category_id": 1,
-            "iscrowd": 0,
-        },
+        mapper_record(tmp_path / "a.png")["annotations"][0],  # the POLY target
         {
             "segmentation": mask_to_rle(_rle_mask()),
             "bbox": [60.0, 30.0, 28.0, 28.0],
@@ -130,8 +76,8 @@ def test_test_mode_keeps_annotations_and_rle(tmp_path):
             "iscrowd": 0,
         },
     ]
-    rec = _record(tmp_path / "a.png", "both boxes", anns)
-    out = ReferringDatasetMapper(_cfg(), is_train=False)(rec)
+    rec = mapper_record(tmp_path / "a.png", "both boxes", anns)
+    out = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)(rec)
     assert out["annotations"] == anns  # original coordinates, untouched
     assert out["annotations"] is not rec["annotations"]
     resize = T.ResizeTransform(H, W, SIZE, SIZE)
@@ -140,9 +86,9 @@ def test_test_mode_keeps_annotations_and_rle(tmp_path):
 
 
 def test_no_target_mask_is_empty(tmp_path):
-    _image(tmp_path / "a.png")
-    out = ReferringDatasetMapper(_cfg(), is_train=False)(
-        _record(tmp_path / "a.png", "the purple cow", [])
+    write_image(tmp_path / "a.png")
+    out = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)(
+        mapper_record(tmp_path / "a.png", "the purple cow", [])
     )
     assert (
         out["empty"] is True
@@ -153,9 +99,9 @@ def test_no_target_mask_is_empty(tmp_path):
 
 
 def test_tokenization_padding_and_truncation(tmp_path, tokenizer):
-    _image(tmp_path / "a.png")
-    mapper = ReferringDatasetMapper(_cfg(), is_train=True)
-    short = mapper(_record(tmp_path / "a.png", "the box"))
+    write_image(tmp_path / "a.png")
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)
+    short = mapper(mapper_record(tmp_path / "a.png", "the box"))
     n = int(short["attention_mask"].sum())
     assert n == 4  # [CLS] the box [SEP]
     assert (
@@ -165,7 +111,7 @@ def test_tokenization_padding_and_truncation(tmp_path, tokenizer):
     assert short["attention_mask"][:n].eq(1).all() and short["attention_mask"][n:].eq(0).all()
     assert short["input_ids"][n:].eq(tokenizer.pad_token_id).all()
     long = mapper(
-        _record(tmp_path / "a.png", "the second small red square from the left above the blue star")
+        mapper_record(tmp_path / "a.png", "the second small red square from the left above the blue star")
     )
     assert long["attention_mask"].eq(1).all()
     assert (
@@ -176,23 +122,20 @@ def test_tokenization_padding_and_truncation(tmp_path, tokenizer):
 
 
 def test_image_format_grayscale_and_rgba(tmp_path):
-    _image(tmp_path / "a.png")
-    rgb = ReferringDatasetMapper(_cfg(FORMAT="RGB"), is_train=False)(_record(tmp_path / "a.png"))[
-        "image"
-    ]
-    bgr = ReferringDatasetMapper(_cfg(FORMAT="BGR"), is_train=False)(_record(tmp_path / "a.png"))[
-        "image"
-    ]
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png")
+    rgb = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.FORMAT", "RGB"), is_train=False)(rec)["image"]
+    bgr = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.FORMAT", "BGR"), is_train=False)(rec)["image"]
     assert torch.equal(rgb, bgr.flip(0))
     assert (
         rgb[0, :, : SIZE // 2 - 1].float().mean() > 250
         and rgb[1, :, : SIZE // 2 - 1].float().mean() < 5
     )
     for mode in ("L", "RGBA"):
-        _image(tmp_path / f"{mode}.png", mode)
-        out = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / f"{mode}.png"))
+        write_image(tmp_path / f"{mode}.png", mode)
+        out = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)(mapper_record(tmp_path / f"{mode}.png"))
         assert tuple(out["image"].shape) == (3, SIZE, SIZE)
-    gray = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / "L.png"))["image"]
+    gray = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)(mapper_record(tmp_path / "L.png"))["image"]
     assert torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
 
 
@@ -202,28 +145,28 @@ def test_exif_orientation_is_applied(tmp_path):
     exif = stored.getexif()
     exif[0x0112] = 6
     stored.save(tmp_path / "rot.jpg", exif=exif)
-    rec = _record(tmp_path / "rot.jpg", annotations=[])
+    rec = mapper_record(tmp_path / "rot.jpg", annotations=[])
     rec["height"], rec["width"] = W, H
-    out = ReferringDatasetMapper(_cfg(RESIZE_MODE="keep_ratio"), is_train=False)(rec)
+    out = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.RESIZE_MODE", "keep_ratio"), is_train=False)(rec)
     assert tuple(out["image"].shape) == (3, SIZE, 21)
 
 
 def test_unreadable_image_names_the_file(tmp_path):
-    mapper = ReferringDatasetMapper(_cfg(), is_train=True)
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)
     with pytest.raises(
         OSError, match=r"Cannot read image .*missing\.jpg \(image_id=3, ref_id=11\)"
     ):
-        mapper(_record(tmp_path / "missing.jpg"))
+        mapper(mapper_record(tmp_path / "missing.jpg"))
     (tmp_path / "corrupt.jpg").write_bytes(b"this is not an image")
     with pytest.raises(OSError, match=r"Cannot read image .*corrupt\.jpg"):
-        mapper(_record(tmp_path / "corrupt.jpg"))
+        mapper(mapper_record(tmp_path / "corrupt.jpg"))
 
 
 def test_horizontal_flip_mirrors_mask_and_words(tmp_path):
-    _image(tmp_path / "a.png")
-    rec = _record(tmp_path / "a.png", "the Left box, left of the rightmost star")
-    plain = ReferringDatasetMapper(_cfg(), is_train=True)(rec)["gt_mask"].numpy()
-    mapper = ReferringDatasetMapper(_cfg(RANDOM_FLIP="horizontal"), is_train=True)
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png", "the Left box, left of the rightmost star")
+    plain = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)(rec)["gt_mask"].numpy()
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.RANDOM_FLIP", "horizontal"), is_train=True)
     seen = set()
     for _ in range(30):
         out = mapper(rec)
@@ -236,7 +179,7 @@ def test_horizontal_flip_mirrors_mask_and_words(tmp_path):
             seen.add("flipped")
     assert seen == {"kept", "flipped"}
     # Never flipped at test time.
-    test_mapper = ReferringDatasetMapper(_cfg(RANDOM_FLIP="horizontal"), is_train=False)
+    test_mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.RANDOM_FLIP", "horizontal"), is_train=False)
     assert all(test_mapper(rec)["sentence"] == rec["sentence"]["raw"] for _ in range(10))
 
 
@@ -246,19 +189,19 @@ def test_swap_left_right_word_boundaries():
 
 def test_bad_config_values(tmp_path):
     with pytest.raises(ValueError, match="RESIZE_MODE='stretch'"):
-        ReferringDatasetMapper(_cfg(RESIZE_MODE="stretch"), is_train=True)
+        ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.RESIZE_MODE", "stretch"), is_train=True)
     with pytest.raises(ValueError, match="RANDOM_FLIP='vertical'"):
-        ReferringDatasetMapper(_cfg(RANDOM_FLIP="vertical"), is_train=True)
+        ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.RANDOM_FLIP", "vertical"), is_train=True)
 
 
 def test_size_mismatch_is_reported(tmp_path):
     cv2.imwrite(str(tmp_path / "small.png"), np.zeros((10, 10, 3), np.uint8))
     with pytest.raises(Exception, match=r"small\.png"):
-        ReferringDatasetMapper(_cfg(), is_train=True)(_record(tmp_path / "small.png"))
+        ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)(mapper_record(tmp_path / "small.png"))
 
 
 def _landmark_record(file_name, sentence="the box left of the red box"):
-    rec = _record(file_name, sentence)
+    rec = mapper_record(file_name, sentence)
     rec["type"] = "relation"
     rec["landmark"] = {
         "ann_id": 9,
@@ -275,10 +218,10 @@ def _landmark_record(file_name, sentence="the box left of the red box"):
 
 
 def test_test_mode_carries_type_landmark_mask_and_tokens(tmp_path, tokenizer):
-    _image(tmp_path / "a.png")
+    write_image(tmp_path / "a.png")
     rec = _landmark_record(tmp_path / "a.png")
     before = copy.deepcopy(rec)
-    out = ReferringDatasetMapper(_cfg(MAX_TEXT_LEN=12), is_train=False)(rec)
+    out = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.MAX_TEXT_LEN", 12), is_train=False)(rec)
     assert rec == before
     assert out["type"] == "relation"
     # The landmark mask is at the original resolution, like the evaluator's target.
@@ -289,13 +232,13 @@ def test_test_mode_carries_type_landmark_mask_and_tokens(tmp_path, tokenizer):
     words = tokenizer.convert_ids_to_tokens(out["input_ids"][tokens].tolist())
     assert words == ["red", "box"]  # the last "box": the landmark's, not the target's
     # Training never needs them.
-    train = ReferringDatasetMapper(_cfg(), is_train=True)(rec)
+    train = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)(rec)
     assert not {"type", "landmark_mask", "landmark_tokens"} & set(train)
 
 
 def test_landmark_tokens_truncated_or_missing_phrase(tmp_path):
-    _image(tmp_path / "a.png")
-    mapper = ReferringDatasetMapper(_cfg(MAX_TEXT_LEN=8), is_train=False)
+    write_image(tmp_path / "a.png")
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.MAX_TEXT_LEN", 8), is_train=False)
     # [CLS] the box left of the red [SEP]: "box" of the landmark is cut off.
     out = mapper(_landmark_record(tmp_path / "a.png"))
     assert out["landmark_tokens"].tolist() == [False] * 6 + [True, False]
@@ -304,5 +247,5 @@ def test_landmark_tokens_truncated_or_missing_phrase(tmp_path):
     out = mapper(_landmark_record(tmp_path / "a.png", "the blue circle"))
     assert not out["landmark_tokens"].any() and out["landmark_mask"].sum() == _rle_mask().sum()
     # Records without the fields (real datasets) get none of them.
-    plain = mapper(_record(tmp_path / "a.png"))
+    plain = mapper(mapper_record(tmp_path / "a.png"))
     assert not {"type", "landmark_mask", "landmark_tokens"} & set(plain)

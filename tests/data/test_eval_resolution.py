@@ -8,27 +8,30 @@ import pycocotools.mask as mask_util
 import pytest
 import torch
 
-from test_dataset_mapper import _cfg, _image, _record
-from test_referring_evaluation import (
+from common import (
     GENERALIZED,
+    INSTANT_TEST_VAL,
+    MAPPER_OPTS,
     PLAIN,
     box_mask,
     generalized_samples,
+    import_train_net,
+    make_cfg,
+    mapper_record,
     rect_polygon,
+    register_evaluator_metadata,
+    results_file,
     run_evaluator,
     sample,
+    train_net_args,
+    write_image,
 )
-from test_train_net import (
-    VAL,
-    parse,
-    results_file,
-    synthetic_root,
-    train_net,
-)  # noqa: F401  (fixture)
 from vipa_d2.data import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import InputResolutionMapper, build_test_mapper
 from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.evaluation.rela_metrics import rela_metrics
+
+register_evaluator_metadata()
 
 RELA_KEYS = ["cIoU", "gIoU", "N-acc", "T-acc", "Pr@0.7", "Pr@0.8", "Pr@0.9"]
 
@@ -81,15 +84,15 @@ def test_the_two_resolutions_score_their_own_targets():
 
 
 def test_input_resolution_mapper_gives_the_model_input_size(tmp_path):
-    _image(tmp_path / "a.png")  # 60 x 90: not square, so the sizes are told apart
-    cfg = _cfg()
+    write_image(tmp_path / "a.png")  # 60 x 90: not square, so the sizes are told apart
+    cfg = make_cfg(*MAPPER_OPTS)
     cfg.TEST.EVAL_RESOLUTION = "input"
     mapper = build_test_mapper(cfg)
     assert isinstance(mapper, InputResolutionMapper)
-    out = mapper(_record(tmp_path / "a.png"))
+    out = mapper(mapper_record(tmp_path / "a.png"))
     assert (out["height"], out["width"]) == (32, 32) == tuple(out["gt_mask"].shape)
     assert (out["original_height"], out["original_width"]) == (60, 90)
-    plain = ReferringDatasetMapper(_cfg(), is_train=False)(_record(tmp_path / "a.png"))
+    plain = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)(mapper_record(tmp_path / "a.png"))
     assert (plain["height"], plain["width"]) == (60, 90)
     # An oracle prediction at the input size scores 100 there.
     metrics = run_evaluator(PLAIN, [out], [{"ref_seg": out["gt_mask"].float()}], resolution="input")
@@ -176,10 +179,11 @@ def test_per_sample_results_carry_sentence_file_and_rle(tmp_path):
     assert "prediction" not in payload["samples"][0]
 
 
+@pytest.mark.usefixtures("synthetic_datasets_root")
 def test_eval_only_at_input_resolution_end_to_end(tmp_path):
     # Random weights: the point is where and how it is scored, not how well.
-    results = train_net.main(
-        parse(
+    results = import_train_net().main(
+        train_net_args(
             tmp_path,
             "--eval-only",
             opts=[
@@ -194,9 +198,9 @@ def test_eval_only_at_input_resolution_end_to_end(tmp_path):
     )
     payload = results_file(tmp_path)
     assert payload["resolution"] == "input" and payload["metrics"] == pytest.approx(
-        results[VAL]["refer"]
+        results[INSTANT_TEST_VAL]["refer"]
     )
     assert payload["samples"]
     for row in payload["samples"]:
-        assert row["prediction"]["size"] == [64, 64]  # TINY's INPUT.IMAGE_SIZE, square
+        assert row["prediction"]["size"] == [64, 64]  # the instant test's INPUT.IMAGE_SIZE, square
         assert row["sentence"] and row["file_name"].endswith(".jpg")

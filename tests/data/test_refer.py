@@ -11,11 +11,11 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.structures import BoxMode
 
+from common import uncompressed_rle
 import vipa_d2  # noqa: F401  registers the built-ins
 from vipa_d2.data import annotations_to_mask, load_refer_dicts, save_refer_dataset
 from vipa_d2.data import builtin
 from vipa_d2.data.refer import ReferringDataError, make_sentence
-from vipa_d2.data.synthetic import write_benchmark
 
 H, W = 40, 60
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
@@ -26,17 +26,6 @@ def _rle_mask():
     m = np.zeros((H, W), np.uint8)
     m[20:35, 40:58] = 1
     return m
-
-
-def _uncompressed_rle(mask):
-    """COCO's uncompressed RLE (list counts, column-major runs starting with zeros)."""
-    flat = mask.flatten(order="F")
-    change = np.flatnonzero(np.diff(flat)) + 1
-    bounds = np.concatenate([[0], change, [flat.size]])
-    counts = np.diff(bounds).tolist()
-    if flat[0] == 1:
-        counts = [0] + counts
-    return {"size": list(mask.shape), "counts": counts}
 
 
 def _instances():
@@ -66,7 +55,7 @@ def _instances():
                 "id": 102,
                 "image_id": 8,
                 "category_id": 3,
-                "segmentation": _uncompressed_rle(_rle_mask()),
+                "segmentation": uncompressed_rle(_rle_mask()),
                 "iscrowd": 0,
             },
         ],
@@ -354,13 +343,13 @@ def test_builtin_registration_is_idempotent():
     assert len(DatasetCatalog.list()) == before
 
 
-def test_builtin_root_is_read_at_load_time(tmp_path, monkeypatch):
-    stats = write_benchmark(str(tmp_path), 8, seed=5, workers=1, progress=False)
-    monkeypatch.setenv("DETECTRON2_DATASETS", str(tmp_path))  # exported after the import
+def test_builtin_root_is_read_at_load_time(synthetic_benchmark, monkeypatch):
+    root, stats = synthetic_benchmark(8, seed=5)
+    monkeypatch.setenv("DETECTRON2_DATASETS", root)  # exported after the import
     recs = DatasetCatalog.get("refsynth_unc_val")
     assert len(recs) == stats["splits"]["val"]["expressions"] > 0
     assert all(
-        r["file_name"].startswith(os.path.join(str(tmp_path), "refsynth", "images")) for r in recs
+        r["file_name"].startswith(os.path.join(root, "refsynth", "images")) for r in recs
     )
     assert all(os.path.isfile(r["file_name"]) for r in recs)
     grecs = DatasetCatalog.get("grefsynth_unc_val")

@@ -20,13 +20,11 @@ import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
 
-from test_dataset_mapper import _cfg, _image
-from test_refer import _uncompressed_rle
+from common import MAPPER_OPTS, REPO_ROOT, RunsCode, make_cfg, uncompressed_rle, write_image
 from vipa_d2.data import ReferringDatasetMapper, annotations_to_mask, load_refer_dicts
 from vipa_d2.data.refer import make_sentence, save_refer_dataset
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 32  # test_data_mapper._cfg's INPUT.IMAGE_SIZE
+SIZE = 32  # MAPPER_OPTS' INPUT.IMAGE_SIZE
 # (image id, file, height, width, PIL mode): gray and RGBA files, odd sizes.
 IMAGES = [
     (1, "gray.png", 23, 37, "L"),
@@ -56,7 +54,7 @@ def _annotations():
         13: (2, [[5, 5, 20, 5, 20, 15], [25, 2, 35, 20]]),  # + a 2-point part
         14: (2, [[2.5, 25, 15, 25.5, 15, 29, 2]]),  # odd count: pycocotools reads 3 points
         15: (3, _compressed_rle(_blob(h3, w3))),
-        16: (3, _uncompressed_rle(1 - _blob(h3, w3))),
+        16: (3, uncompressed_rle(1 - _blob(h3, w3))),
         17: (3, [[-10, -10, 30, -5, 40, 60, -5, 50]]),  # partly outside: clipped
         18: (3, [[5, 5, 10, 10, 15, 15]]),  # collinear: an empty mask
         19: (2, [[0, 0, 40, 0, 40, 29, 0, 29]]),  # integer coordinates
@@ -150,7 +148,7 @@ def root(tmp_path_factory):
     _write_dataset(root)
     os.makedirs(os.path.join(root, "images"))
     for _, fname, h, w, mode in IMAGES:
-        _image(os.path.join(root, "images", fname), mode, size=(h, w))
+        write_image(os.path.join(root, "images", fname), mode, size=(h, w))
     return root
 
 
@@ -281,7 +279,7 @@ def _input_resolution_target(rec, h, w):
 
 
 def test_mapper_reads_odd_images_and_long_unicode(root):
-    mapper = ReferringDatasetMapper(_cfg(FORMAT="RGB"), is_train=False)
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.FORMAT", "RGB"), is_train=False)
     images = os.path.join(root, "images")
     records = [
         r
@@ -313,16 +311,6 @@ def test_mapper_reads_odd_images_and_long_unicode(root):
 
 
 # ------------------------------------------------------------------------- bad input
-class _RunsCode:
-    """Pickles as a call of os.makedirs(path): loading it with plain pickle creates path."""
-
-    def __init__(self, path):
-        self.path = path
-
-    def __reduce__(self):
-        return (os.makedirs, (self.path,))
-
-
 def _mutate_json(name, fn):
     def apply(root):
         path = os.path.join(root, name)
@@ -490,7 +478,7 @@ BAD_INPUTS = {
         (REFS, None, None, "not a readable plain-data pickle"),
     ),
     "pickle_that_runs_code": _Bad(
-        _refs_pickle(lambda refs, root: refs[0].update(extra=_RunsCode(os.path.join(root, "RAN")))),
+        _refs_pickle(lambda refs, root: refs[0].update(extra=RunsCode(os.path.join(root, "RAN")))),
         (REFS, None, None, "refers to the global os.makedirs"),
     ),
     "refs_not_a_list": _Bad(
@@ -556,10 +544,10 @@ def bad_results(tmp_path_factory):
         _write_dataset(case_root)
         case.mutate(case_root)
         jobs.append([name, case_root, case.split, case.generalized, case.invalid])
-    env = dict(os.environ, PYTHONPATH=REPO + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    env = dict(os.environ, PYTHONPATH=REPO_ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     proc = subprocess.run(
         [sys.executable, "-c", _RUNNER, json.dumps(jobs)],
-        cwd=REPO,
+        cwd=REPO_ROOT,
         env=env,
         capture_output=True,
         text=True,
@@ -600,7 +588,7 @@ def test_validation_accepts_what_pycocotools_reads_safely():
 
     blob = _blob(48, 64)
     assert segmentation_problem(_compressed_rle(blob), 48, 64) is None
-    assert segmentation_problem(_uncompressed_rle(blob), 48, 64) is None
+    assert segmentation_problem(uncompressed_rle(blob), 48, 64) is None
     for aid, seg in (
         (11, [[2, 2, 30, 20, 30, 2, 2, 20]]),
         (13, [[5, 5, 20, 5, 20, 15], [25, 2, 35, 20]]),

@@ -1,7 +1,6 @@
 """The synthetic referring benchmark: masks, expressions, splits, determinism, CLI."""
 
 import collections
-import importlib.util
 import json
 import os
 import pickle
@@ -11,6 +10,7 @@ import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 import vipa_d2  # noqa: F401  registers the built-ins
+from common import load_script
 from vipa_d2.data import annotations_to_mask, register_referring_dataset
 from vipa_d2.data.synthetic import (
     CATEGORIES,
@@ -24,16 +24,13 @@ from vipa_d2.data.synthetic import (
     write_benchmark,
 )
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NUM, SEED = 20, 3
 SINGLE_TYPES = {"category", "colour", "size", "position", "ordinal", "relation"}
 
 
 @pytest.fixture(scope="module")
-def bench(tmp_path_factory):
-    root = str(tmp_path_factory.mktemp("synth"))
-    stats = write_benchmark(root, NUM, seed=SEED, workers=2, progress=False)
-    return root, stats
+def bench(synthetic_benchmark):
+    return synthetic_benchmark(NUM, seed=SEED, workers=2)
 
 
 def _index(record):
@@ -229,18 +226,10 @@ def test_statistics(bench):
     assert os.path.isfile(os.path.join(root, "grefsynth", "stats.json"))
 
 
-def _cli():
-    path = os.path.join(REPO, "datasets", "prepare_synthetic.py")
-    spec = importlib.util.spec_from_file_location("prepare_synthetic", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
 def test_cli_is_deterministic_and_worker_independent(bench, tmp_path, capsys):
     root, _ = bench
     out = tmp_path / "again"
-    _cli().main(
+    load_script("datasets/prepare_synthetic.py").main(
         ["--out", str(out), "--num-images", str(NUM), "--seed", str(SEED), "--workers", "1"]
     )
     printed = capsys.readouterr().out
@@ -255,7 +244,7 @@ def test_cli_is_deterministic_and_worker_independent(bench, tmp_path, capsys):
         with open(os.path.join(root, rel), "rb") as a, open(out / rel, "rb") as b:
             assert a.read() == b.read(), rel
     # Another seed gives other data; regenerating into a generated folder is allowed.
-    _cli().main(
+    load_script("datasets/prepare_synthetic.py").main(
         ["--out", str(out), "--num-images", str(NUM), "--seed", str(SEED + 1), "--workers", "1"]
     )
     with open(os.path.join(root, "refsynth/instances.json"), "rb") as a, open(

@@ -1,48 +1,33 @@
 """ReferringEvaluator: hand-computed metrics on tiny masks, file output, 2-process gather."""
-import importlib.util
 import json
 import math
-import os
 import re
 
 import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.data import MetadataCatalog
 from detectron2.engine import launch
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
+from common import (
+    GENERALIZED,
+    PLAIN,
+    box_mask,
+    generalized_samples,
+    load_script,
+    rect_polygon,
+    register_evaluator_metadata,
+    run_evaluator,
+    sample,
+)
 from vipa_d2.data.masks import annotations_to_mask
 from vipa_d2.evaluation import ReferringEvaluator
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PLAIN = "test_evaluator_refer_plain"
-GENERALIZED = "test_evaluator_refer_generalized"
 PREC_KEYS = ["Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
 
-
-def _register_metadata():
-    # Idempotent: spawned workers start with an empty MetadataCatalog and call this too.
-    if "generalized" not in MetadataCatalog.get(PLAIN).as_dict():
-        MetadataCatalog.get(PLAIN).set(evaluator_type="referring", generalized=False)
-    if "generalized" not in MetadataCatalog.get(GENERALIZED).as_dict():
-        MetadataCatalog.get(GENERALIZED).set(evaluator_type="referring", generalized=True)
-
-
-_register_metadata()
-
-
-def rect_polygon(x0, y0, x1, y1):
-    """Polygon annotation whose rasterization is rows y0..y1-1, cols x0..x1-1."""
-    return {
-        "segmentation": [[x0, y0, x1, y0, x1, y1, x0, y1]],
-        "bbox": [x0, y0, x1 - x0, y1 - y0],
-        "bbox_mode": BoxMode.XYWH_ABS,
-        "category_id": 0,
-        "iscrowd": 0,
-    }
+register_evaluator_metadata()
 
 
 def rle_annotation(mask):
@@ -54,23 +39,6 @@ def rle_annotation(mask):
         "bbox_mode": BoxMode.XYWH_ABS,
         "category_id": 0,
         "iscrowd": 0,
-    }
-
-
-def box_mask(height, width, rows, cols, value=1.0):
-    mask = torch.zeros(height, width)
-    mask[rows[0] : rows[1], cols[0] : cols[1]] = value
-    return mask
-
-
-def sample(idx, height, width, annotations):
-    return {
-        "image_id": 100 + idx,
-        "ref_id": 200 + idx,
-        "sent_id": 300 + idx,
-        "height": height,
-        "width": width,
-        "annotations": annotations,
     }
 
 
@@ -92,15 +60,6 @@ def expected_gt(idx):
     if idx == 1:
         return box_mask(6, 8, (0, 2), (0, 4)) + box_mask(6, 8, (4, 6), (6, 8))
     return box_mask(6, 8, (1, 5), (2, 7))
-
-
-def run_evaluator(name, inputs, outputs, **kwargs):
-    evaluator = ReferringEvaluator(name, distributed=False, **kwargs)
-    evaluator.reset()
-    # Two process() calls, as inference_on_dataset feeds batches.
-    evaluator.process(inputs[:1], outputs[:1])
-    evaluator.process(inputs[1:], outputs[1:])
-    return evaluator.evaluate()["refer"]
 
 
 def test_ground_truth_rasterization_matches_hand_drawn_masks():
@@ -153,28 +112,6 @@ def test_mask_threshold_is_configurable():
     assert run_evaluator(PLAIN, inputs, [{"ref_seg": pred}])["oIoU"] == pytest.approx(100.0)
     strict = run_evaluator(PLAIN, inputs, [{"ref_seg": pred}], mask_threshold=0.7)
     assert strict["oIoU"] == 0.0
-
-
-def generalized_samples():
-    """No-target and target samples with predictions; see the test for the expected values."""
-    full = torch.ones(4, 4)
-    inputs = [
-        sample(0, 4, 4, []),  # no-target, predicted empty       -> U=0, IoU 1, N ok
-        sample(1, 4, 4, []),  # no-target, 1 px predicted        -> U=1, IoU 0, N wrong
-        sample(2, 4, 4, [rect_polygon(0, 0, 2, 2)]),  # exact    -> I=U=4, IoU 1, T ok
-        sample(3, 4, 4, [rect_polygon(2, 2, 4, 4)]),  # missed   -> U=4, IoU 0, T wrong
-        sample(4, 4, 4, [rect_polygon(0, 0, 4, 4)]),  # vetoed by no_target_score -> U=16
-        sample(5, 4, 4, []),  # no-target, mask vetoed by no_target_score -> IoU 1, N ok
-    ]
-    outputs = [
-        {"ref_seg": torch.zeros(4, 4), "no_target_score": torch.tensor(0.9)},
-        {"ref_seg": box_mask(4, 4, (3, 4), (3, 4)), "no_target_score": torch.tensor(0.1)},
-        {"ref_seg": box_mask(4, 4, (0, 2), (0, 2)), "no_target_score": torch.tensor(0.1)},
-        {"ref_seg": torch.zeros(4, 4), "no_target_score": torch.tensor(0.1)},
-        {"ref_seg": full.clone(), "no_target_score": torch.tensor(0.9)},
-        {"ref_seg": full.clone(), "no_target_score": torch.tensor(0.8)},
-    ]
-    return inputs, outputs
 
 
 def test_empty_targets_and_no_target_accuracy():
@@ -246,7 +183,7 @@ def test_per_sample_results_file(tmp_path):
 
 def _two_process_worker(inputs, outputs, result_dir):
     """Runs in each spawned rank: score this rank's half, write what evaluate() returns."""
-    _register_metadata()
+    register_evaluator_metadata()
     rank, world = comm.get_rank(), comm.get_world_size()
     half = math.ceil(len(inputs) / world)
     evaluator = ReferringEvaluator(GENERALIZED, distributed=True)
@@ -427,10 +364,7 @@ def test_retrieval_shape_mismatch_names_the_sample():
 
 
 def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
-    path = os.path.join(REPO, "tools", "main_job.py")
-    spec = importlib.util.spec_from_file_location("main_job", path)
-    main_job = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(main_job)
+    main_job = load_script("tools/main_job.py")
     inputs, outputs = retrieval_samples()
     evaluator = ReferringEvaluator(PLAIN, distributed=False, output_dir=str(tmp_path / "inference"))
     evaluator.process(inputs, outputs)

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import timm
 import torch
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
-from vipa_d2 import add_vipa_config
+from common import make_cfg
 from vipa_d2.modeling.backbone import load_backbone_weights
 from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d
 
@@ -18,13 +17,8 @@ from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv
 CAT_CLASSES = {281, 282, 285}
 
 
-def _cfg(arch="tf_efficientnet_lite0", weights=""):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.MODEL.BACKBONE.NAME = "VIPATimmBackbone"
-    cfg.MODEL.TIMM.ARCH = arch
-    cfg.MODEL.TIMM.WEIGHTS = weights
-    return cfg
+# A timm backbone as Detectron2's backbone, random weights unless a test sets them.
+BACKBONE = ["MODEL.BACKBONE.NAME", "VIPATimmBackbone", "MODEL.TIMM.ARCH", "tf_efficientnet_lite0", "MODEL.TIMM.WEIGHTS", ""]
 
 
 def _cat_tensor(size=224):
@@ -46,7 +40,7 @@ def test_bundled_lite0_weights_classify_cat(arch):
 
 
 def test_backbone_features_match_timm_with_bundled_weights():
-    cfg = _cfg(weights="bundled")
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.WEIGHTS", "bundled")
     cfg.MODEL.TIMM.FOLD_BN = False  # exact stage split; folding is compared to this below
     backbone = build_backbone(cfg, ShapeSpec(channels=3)).eval()
     ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4))
@@ -62,7 +56,7 @@ def test_backbone_features_match_timm_with_bundled_weights():
 
 
 def test_swin_any_aspect():
-    cfg = _cfg(arch="swin_tiny_patch4_window7_224")
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "swin_tiny_patch4_window7_224")
     cfg.MODEL.TIMM.OUT_FEATURES = ["res3", "res4", "res5"]
     backbone = build_backbone(cfg, ShapeSpec(channels=3)).eval()
     with torch.no_grad():
@@ -72,7 +66,7 @@ def test_swin_any_aspect():
 
 
 def test_stage_hook_feeds_next_stage():
-    backbone = build_backbone(_cfg(), ShapeSpec(channels=3)).eval()
+    backbone = build_backbone(make_cfg(*BACKBONE), ShapeSpec(channels=3)).eval()
     x = torch.randn(1, 3, 64, 64)
     with torch.no_grad():
         plain = backbone(x)
@@ -112,7 +106,7 @@ def test_checkpoint_problems_are_reported(tmp_path, caplog):
 
 
 def test_freeze_at_and_frozen_bn():
-    cfg = _cfg()
+    cfg = make_cfg(*BACKBONE)
     cfg.MODEL.BACKBONE.FREEZE_AT = 3  # stem, res2 and res3 stages
     cfg.MODEL.TIMM.FREEZE_BN = True
     backbone = build_backbone(cfg, ShapeSpec(channels=3)).train()
@@ -130,7 +124,7 @@ def _pair(fold_bn, freeze_bn=False, arch="tf_efficientnet_lite0"):
     """Backbones with and without Conv+BN folding holding the same (bundled) weights."""
     built = []
     for fold in (fold_bn, not fold_bn):
-        cfg = _cfg(arch=arch, weights="bundled")
+        cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", arch, "MODEL.TIMM.WEIGHTS", "bundled")
         cfg.MODEL.TIMM.FOLD_BN = fold
         cfg.MODEL.TIMM.FREEZE_BN = freeze_bn
         built.append(build_backbone(cfg, ShapeSpec(channels=3)))

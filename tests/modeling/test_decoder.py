@@ -2,10 +2,9 @@
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.layers import ShapeSpec
 
-from vipa_d2 import add_vipa_config
+from common import make_cfg
 from vipa_d2.modeling import build_pixel_decoder
 from vipa_d2.modeling.losses import VIPACriterion, dice_loss, pixel_contrastive_loss, sigmoid_bce_loss
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
@@ -18,16 +17,14 @@ SHAPES = {
 }
 
 
-def small_cfg(**opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.MODEL.VIPA.HIDDEN_DIM = 32
-    cfg.MODEL.VIPA.NHEADS = 4
-    cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM = 16
-    cfg.MODEL.VIPA.DECODER.NUM_LAYERS = 3
-    cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD = 64
-    cfg.merge_from_list([x for kv in opts.items() for x in kv])
-    return cfg
+# Narrow heads: a 32-wide model with 16-channel mask features and 3 decoder layers.
+SMALL = [
+    "MODEL.VIPA.HIDDEN_DIM", 32,
+    "MODEL.VIPA.NHEADS", 4,
+    "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", 16,
+    "MODEL.VIPA.DECODER.NUM_LAYERS", 3,
+    "MODEL.VIPA.DECODER.DIM_FEEDFORWARD", 64,
+]
 
 
 def features(b=2, size=64):
@@ -35,14 +32,14 @@ def features(b=2, size=64):
 
 
 def test_pixel_decoder_scales_and_mask_features():
-    dec = build_pixel_decoder(small_cfg(), SHAPES)
+    dec = build_pixel_decoder(make_cfg(*SMALL), SHAPES)
     mask_features, multi = dec(features())
     assert mask_features.shape == (2, 16, 16, 16)  # stride 4, MASK_DIM
     assert {k: tuple(v.shape) for k, v in multi.items()} == {
         "res2": (2, 32, 16, 16), "res3": (2, 32, 8, 8), "res4": (2, 32, 4, 4), "res5": (2, 32, 2, 2)
     }
     # Stride-8 mask features when res2 is left out.
-    dec = build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"]}), SHAPES)
+    dec = build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"]}), SHAPES)
     assert dec(features())[0].shape == (2, 16, 8, 8)
     # Top-down path: the coarsest input influences the finest output.
     f = features()
@@ -53,15 +50,15 @@ def test_pixel_decoder_scales_and_mask_features():
 
 def test_pixel_decoder_config_errors():
     with pytest.raises(ValueError, match="PIXEL_DECODER.IN_FEATURES"):
-        build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res1", "res3"]}), SHAPES)
+        build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res1", "res3"]}), SHAPES)
     with pytest.raises(KeyError):
-        build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.NAME": "NoSuchDecoder"}), SHAPES)
+        build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.NAME": "NoSuchDecoder"}), SHAPES)
     with pytest.raises(ValueError, match="DECODER.IN_FEATURES"):
-        VIPATransformerDecoder(small_cfg(**{"MODEL.VIPA.DECODER.IN_FEATURES": ["res5", "res1"]}), SHAPES)
+        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.IN_FEATURES": ["res5", "res1"]}), SHAPES)
 
 
 def decoder_inputs(b=2, t=6):
-    pix = build_pixel_decoder(small_cfg(), SHAPES).eval()
+    pix = build_pixel_decoder(make_cfg(*SMALL), SHAPES).eval()
     with torch.no_grad():
         mask_features, multi = pix(features(b))
     kv = torch.randn(b, t, 32)
@@ -71,7 +68,7 @@ def decoder_inputs(b=2, t=6):
 
 
 def test_transformer_decoder_outputs_and_key_padding():
-    dec = VIPATransformerDecoder(small_cfg(), SHAPES)
+    dec = VIPATransformerDecoder(make_cfg(*SMALL), SHAPES)
     assert dec.in_features == ["res5", "res4", "res3"]
     multi, mf, kv, valid = decoder_inputs()
     dec.train()
@@ -96,7 +93,7 @@ def test_transformer_decoder_outputs_and_key_padding():
 def test_transformer_decoder_propagates_coarse_refinement_to_finer_scales():
     # Layer 0 refines res5 only; layer 1 refines res4. Layer 1's mask depends on layer 0's
     # parameters only through the write-back/propagation to the finer scale.
-    dec = VIPATransformerDecoder(small_cfg(**{"MODEL.VIPA.DECODER.NUM_LAYERS": 2}), SHAPES).train()
+    dec = VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.NUM_LAYERS": 2}), SHAPES).train()
     multi, mf, kv, valid = decoder_inputs()
     out = dec(multi, mf, kv, valid)
     out["pred_masks"][1].sum().backward()
@@ -151,7 +148,7 @@ def test_pixel_contrastive_loss():
 
 
 def test_criterion_names_and_weights():
-    cfg = small_cfg(**{"MODEL.VIPA.LOSS.BCE_WEIGHT": 3.0})
+    cfg = make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.BCE_WEIGHT": 3.0})
     crit = VIPACriterion(cfg)
     preds = [torch.randn(2, 8, 8) for _ in range(3)]
     gt = torch.zeros(2, 32, 32)
@@ -167,7 +164,7 @@ def test_criterion_names_and_weights():
     assert all(torch.isfinite(v) for v in losses.values())
     target = torch.nn.functional.adaptive_avg_pool2d(gt[:, None], (8, 8))[:, 0]
     assert torch.allclose(losses["loss_bce"], 3.0 * sigmoid_bce_loss(preds[-1], target, torch.ones(2, 8, 8)))
-    crit = VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.DEEP_SUPERVISION": False}))
+    crit = VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.DEEP_SUPERVISION": False}))
     losses = crit(preds, torch.zeros(2), gt, valid, empty)  # no relevance: no contrastive loss
     assert set(losses) == {"loss_bce", "loss_dice", "loss_no_target"}
 
@@ -175,10 +172,10 @@ def test_criterion_names_and_weights():
 def test_pixel_decoder_coordinates_and_self_attention_see_the_whole_image():
     # No GroupNorm: its statistics would mix the whole map even without self-attention.
     opts = {"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"], "MODEL.VIPA.PIXEL_DECODER.NORM": ""}
-    plain = build_pixel_decoder(small_cfg(**opts), SHAPES).eval()
+    plain = build_pixel_decoder(make_cfg(*SMALL, **opts), SHAPES).eval()
     assert plain.lateral_convs[0].weight.shape[1] == SHAPES["res3"].channels and len(plain.encoder) == 0
     opts.update({"MODEL.VIPA.PIXEL_DECODER.COORDINATES": True, "MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS": 2})
-    dec = build_pixel_decoder(small_cfg(**opts), SHAPES).eval()
+    dec = build_pixel_decoder(make_cfg(*SMALL, **opts), SHAPES).eval()
     assert dec.lateral_convs[0].weight.shape[1] == SHAPES["res3"].channels + 2 and len(dec.encoder) == 2
     # Coordinates: identical features at two places give different outputs.
     f = {k: torch.ones(1, s.channels, 128 // s.stride, 128 // s.stride) for k, s in SHAPES.items()}
@@ -203,7 +200,7 @@ def test_pixel_self_attention_runs_on_the_configured_level():
         "MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_LAYERS": 1,
         "MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_FEATURE": "res4",
     }
-    dec = build_pixel_decoder(small_cfg(**opts), SHAPES).eval()
+    dec = build_pixel_decoder(make_cfg(*SMALL, **opts), SHAPES).eval()
     g = features(1, 128)
     with torch.no_grad():
         base = dec(g)[1]["res4"][0, :, -1, -1]
@@ -212,14 +209,14 @@ def test_pixel_self_attention_runs_on_the_configured_level():
         assert not torch.allclose(dec(g)[1]["res4"][0, :, -1, -1], base, atol=1e-4)
     opts["MODEL.VIPA.PIXEL_DECODER.TRANSFORMER_FEATURE"] = "res2"
     with pytest.raises(ValueError, match="TRANSFORMER_FEATURE='res2'.*IN_FEATURES"):
-        build_pixel_decoder(small_cfg(**opts), SHAPES)
+        build_pixel_decoder(make_cfg(*SMALL, **opts), SHAPES)
 
 
 def test_null_kv_and_kv_kernel():
     dec = VIPATransformerDecoder(
-        small_cfg(**{"MODEL.VIPA.DECODER.NULL_KV": True, "MODEL.VIPA.DECODER.KV_KERNEL": True}), SHAPES
+        make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.NULL_KV": True, "MODEL.VIPA.DECODER.KV_KERNEL": True}), SHAPES
     ).eval()
-    plain = VIPATransformerDecoder(small_cfg(), SHAPES).eval()
+    plain = VIPATransformerDecoder(make_cfg(*SMALL), SHAPES).eval()
     assert dec.null_embed.shape == (1, 1, 32) and plain.null_embed is None and plain.kv_kernel is None
     multi, mf, kv, valid = decoder_inputs()
     with torch.no_grad():
@@ -237,7 +234,7 @@ def test_null_kv_and_kv_kernel():
         dec.kv_kernel = None
         torch.testing.assert_close(dec(multi, mf, kv, valid)["pred_masks"][-1], out)
         dec = VIPATransformerDecoder(
-            small_cfg(**{"MODEL.VIPA.DECODER.NULL_KV": True, "MODEL.VIPA.DECODER.KV_KERNEL": True}), SHAPES
+            make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.NULL_KV": True, "MODEL.VIPA.DECODER.KV_KERNEL": True}), SHAPES
         ).eval()
         torch.nn.init.normal_(dec.kv_kernel[-1].weight)
         out = dec(multi, mf, kv, valid)["pred_masks"][-1]
@@ -249,8 +246,8 @@ def test_null_kv_and_kv_kernel():
 
 def test_mask_refinement_feature_gives_finer_masks():
     opts = {"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res3", "res4", "res5"]}
-    coarse = build_pixel_decoder(small_cfg(**opts), SHAPES)
-    fine = build_pixel_decoder(small_cfg(**opts, **{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res2"}), SHAPES)
+    coarse = build_pixel_decoder(make_cfg(*SMALL, **opts), SHAPES)
+    fine = build_pixel_decoder(make_cfg(*SMALL, **opts, **{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res2"}), SHAPES)
     f = features()
     assert coarse(f)[0].shape == (2, 16, 8, 8) and coarse.mask_stride == 8
     assert fine(f)[0].shape == (2, 16, 16, 16) and fine.mask_stride == 4
@@ -266,9 +263,9 @@ def test_mask_refinement_feature_gives_finer_masks():
     f["res2"] = f["res2"] + 1.0
     assert not torch.allclose(fine(f)[0], base)
     with pytest.raises(ValueError, match="MASK_REFINE_FEATURE"):
-        build_pixel_decoder(small_cfg(**{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res1"}), SHAPES)
+        build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res1"}), SHAPES)
     with pytest.raises(ValueError, match="finer than the mask features"):
-        build_pixel_decoder(small_cfg(**opts, **{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res4"}), SHAPES)
+        build_pixel_decoder(make_cfg(*SMALL, **opts, **{"MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE": "res4"}), SHAPES)
 
 
 def test_contrastive_loss_on_the_global_cue_only():
@@ -277,7 +274,7 @@ def test_contrastive_loss_on_the_global_cue_only():
     valid = torch.ones(1, 16, 16)
     rel = torch.randn(1, 4, 16, requires_grad=True)
     cues = torch.ones(1, 4, dtype=torch.bool)
-    crit = VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global"}))
+    crit = VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global"}))
     loss = crit([torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
     loss["loss_contrastive"].backward()
     assert rel.grad[0, 0].abs().sum() > 0 and (rel.grad[0, 1:] == 0).all()
@@ -288,6 +285,6 @@ def test_contrastive_loss_on_the_global_cue_only():
     expected = 0.5 * pixel_contrastive_loss(rel, only_cls, target, torch.ones(1, 16, dtype=torch.bool), 0.1)
     torch.testing.assert_close(loss["loss_contrastive"], expected)
     with pytest.raises(ValueError, match="CONTRASTIVE_CUES"):
-        VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "words"}))
+        VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "words"}))
     with pytest.raises(ValueError, match="GLOBAL_CUE"):
-        VIPACriterion(small_cfg(**{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global", "MODEL.VIPA.VEG.GLOBAL_CUE": False}))
+        VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global", "MODEL.VIPA.VEG.GLOBAL_CUE": False}))

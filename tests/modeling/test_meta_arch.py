@@ -7,19 +7,17 @@ import numpy as np
 import pytest
 import torch
 
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from vipa_d2 import add_vipa_config
+from common import TINY_CONFIG, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.attention import set_fused_attention
 from vipa_d2.modeling.meta_arch import trim_text_padding
 from vipa_d2.modeling.veg import linguistic_cue_mask
 
-TINY = "configs/synthetic/vipa_tiny_cpu.yaml"
-# Small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
+# TINY_CONFIG small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
 SMALL = [
     "INPUT.IMAGE_SIZE", 64,
     "MODEL.TIMM.WEIGHTS", "",
@@ -34,22 +32,14 @@ SMALL = [
 TEXTS = ["the red circle on the left", "blue square", "a big green triangle next to the square"]
 
 
-def make_cfg(*opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(TINY)
-    cfg.merge_from_list(SMALL + list(opts))
-    return cfg
-
-
 def build(*opts, seed=0):
     torch.manual_seed(seed)
-    return build_model(make_cfg(*opts))
+    return build_model(make_cfg(*SMALL, *opts, config_file=TINY_CONFIG))
 
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(make_cfg())
+    return build_tokenizer(make_cfg(*SMALL, config_file=TINY_CONFIG))
 
 
 @pytest.fixture(scope="module")
@@ -396,10 +386,12 @@ def test_short_overfit_lowers_loss_and_raises_iou(tmp_path):
     # Bundled pretrained Lite0 + MiniLM; the text encoder is frozen to keep the test fast.
     # (HIDDEN_DIM 32 / MASK_DIM 16 underfit in so few steps: mIoU ~0.35; 64 / 32 reach ~0.85.)
     cfg = make_cfg(
+        *SMALL,
         "MODEL.TIMM.WEIGHTS", "bundled",
         "MODEL.TEXT_ENCODER.FREEZE", True,
         "MODEL.VIPA.HIDDEN_DIM", 64,
         "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", 32,
+        config_file=TINY_CONFIG,
     )
     torch.manual_seed(0)
     model = build_model(cfg)
@@ -438,13 +430,9 @@ def test_short_overfit_lowers_loss_and_raises_iou(tmp_path):
 
 # ---------------------------------------------------------------------- cost
 def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path):
-    import importlib.util
-
     from transformers import BertConfig
 
-    spec = importlib.util.spec_from_file_location("model_cost", "tools/model_cost.py")
-    model_cost = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(model_cost)
+    model_cost = load_script("tools/model_cost.py")
     # A text encoder from config.json alone (no weight files): MODEL.TEXT_ENCODER.RANDOM_INIT.
     text_dir = tmp_path / "tiny-bert"
     text_dir.mkdir()
@@ -453,7 +441,8 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
     )
     model = build("MODEL.TEXT_ENCODER.NAME", str(text_dir), "MODEL.TEXT_ENCODER.RANDOM_INIT", True).eval()
     assert model.text_encoder.hidden_size == 32
-    inputs = model_cost.dummy_input(make_cfg(), model.text_encoder.model.config.vocab_size)
+    cfg = make_cfg(*SMALL, config_file=TINY_CONFIG)
+    inputs = model_cost.dummy_input(cfg, model.text_encoder.model.config.vocab_size)
     assert inputs["image"].shape == (3, 64, 64)
     flops, unsupported = model_cost.count_flops(model, [inputs])
     for part in ("backbone", "text_encoder", "fusion", "veg", "pixel_decoder", "transformer_decoder"):

@@ -1,17 +1,14 @@
 """Text encoder and tokenizer, with the bundled MiniLM weights."""
 import pytest
 import torch
-from detectron2.config import get_cfg
 
-from vipa_d2 import add_vipa_config
+from common import make_cfg
 from vipa_d2.modeling.text_encoder import TextEncoder, build_tokenizer, resolve_text_encoder_path, tokenize
 
 
 @pytest.fixture(scope="module")
 def cfg():
-    c = get_cfg()
-    add_vipa_config(c)
-    return c
+    return make_cfg()
 
 
 @pytest.fixture(scope="module")

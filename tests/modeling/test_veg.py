@@ -4,9 +4,7 @@ import copy
 import pytest
 import torch
 
-from detectron2.config import get_cfg
-
-from vipa_d2 import add_vipa_config
+from common import make_cfg
 from vipa_d2.modeling.attention import MultiHeadAttention, set_fused_attention, sine_position_encoding
 from vipa_d2.modeling.sampler import differentiable_topk, num_retrieved
 from vipa_d2.modeling.veg import VisualExpressionGenerator, linguistic_cue_mask
@@ -14,19 +12,13 @@ from vipa_d2.modeling.veg import VisualExpressionGenerator, linguistic_cue_mask
 HIDDEN, TEXT_DIM, VIS_CH = 32, 24, 40
 
 
-def veg_cfg(**veg_opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.MODEL.VIPA.HIDDEN_DIM = HIDDEN
-    cfg.MODEL.VIPA.NHEADS = 4
-    cfg.MODEL.VIPA.VEG.DIM_FEEDFORWARD = 64
-    for k, v in veg_opts.items():
-        setattr(cfg.MODEL.VIPA.VEG, k, v)
-    return cfg
+# A 32-wide VEG with 4 heads.
+SMALL = ["MODEL.VIPA.HIDDEN_DIM", HIDDEN, "MODEL.VIPA.NHEADS", 4, "MODEL.VIPA.VEG.DIM_FEEDFORWARD", 64]
 
 
 def build_veg(**veg_opts):
-    return VisualExpressionGenerator(veg_cfg(**veg_opts), VIS_CH, TEXT_DIM)
+    cfg = make_cfg(*SMALL, **{f"MODEL.VIPA.VEG.{k}": v for k, v in veg_opts.items()})
+    return VisualExpressionGenerator(cfg, VIS_CH, TEXT_DIM)
 
 
 def veg_inputs(b=2, t=8, h=6, w=5):

@@ -18,7 +18,8 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from main_job import iteration_seconds, load_cfg, read_metrics  # tools/main_job.py
+from main_job import iteration_seconds, read_metrics  # tools/main_job.py
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import BUILTIN_REFERRING, DATASETS_ENV
 from vipa_d2.data.synthetic import REFSYNTH, SynthConfig, write_benchmark
 from vipa_d2.engine import SHUFFLED_SUFFIX
@@ -364,9 +365,9 @@ def run_accuracy(
     data = ensure_data(
         data_root, num_images, synth_image_size, data_seed, workers=os.cpu_count() or 1, log=log
     )
-    base_cfg = load_cfg(config_file, list(opts))
+    base_cfg = get_vipa_cfg(config_file, list(opts))
     shared = schedule_opts(base_cfg, iters, image_size) + list(opts)
-    cfg = load_cfg(config_file, shared)
+    cfg = get_vipa_cfg(config_file, shared)
     test_sets = list(cfg.DATASETS.TEST)
     if not test_sets:
         raise BenchmarkError(

@@ -110,10 +110,6 @@ class PeakRSS:
         return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
-def is_finite_number(x) -> bool:
-    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def load_benchmark(output_dir: str) -> Dict:
     """The benchmark.json of ``output_dir`` (an empty skeleton when there is none yet)."""
     path = os.path.join(output_dir, BENCHMARK_JSON)

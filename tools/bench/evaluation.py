@@ -17,7 +17,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 
-from main_job import load_cfg  # tools/main_job.py
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine import ReferringTrainer
 
@@ -87,7 +87,7 @@ def run_evaluation(
 
     steps = []
     for label, overrides in STEPS:
-        cfg = load_cfg(config_file, list(opts) + overrides + ["MODEL.WEIGHTS", weights])
+        cfg = get_vipa_cfg(config_file, list(opts) + overrides + ["MODEL.WEIGHTS", weights])
         model = ReferringTrainer.build_model(cfg).eval()
         DetectionCheckpointer(model).load(weights)
         steps.append((label, cfg, model))

@@ -2,6 +2,7 @@
 
 import copy
 import logging
+import os
 import re
 from typing import Dict, List
 
@@ -18,7 +19,7 @@ from .masks import annotations_to_mask
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReferringDatasetMapper", "build_referring_augmentations", "swap_left_right"]
+__all__ = ["ReferringDatasetMapper", "build_referring_augmentations", "read_image", "swap_left_right"]
 
 RESIZE_MODES = ("square", "keep_ratio")
 FLIP_MODES = ("none", "horizontal")
@@ -31,6 +32,21 @@ _LEFT_RIGHT = {
     "rightmost": "leftmost",
 }
 _LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
+
+
+def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarray:
+    """
+    ``file_name`` as an HxWx3 uint8 array in ``image_format`` (Detectron2's reader: EXIF
+    orientation applied). Errors name the file and ``source`` (where it came from, e.g. a
+    record's ids): FileNotFoundError if it is missing, OSError if it is no readable image.
+    """
+    where = f" ({source})" if source else ""
+    if not os.path.isfile(file_name):
+        raise FileNotFoundError(f"Cannot read image {file_name}{where}: no such file")
+    try:
+        return utils.read_image(file_name, format=image_format)
+    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad or truncated files
+        raise OSError(f"Cannot read image {file_name}{where}: expected an image file ({e})") from e
 
 
 def swap_left_right(sentence: str) -> str:
@@ -111,14 +127,8 @@ class ReferringDatasetMapper:
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
-        file_name = record["file_name"]
-        try:
-            image = utils.read_image(file_name, format=self.image_format)
-        except (OSError, ValueError, SyntaxError) as e:
-            raise OSError(
-                f"Cannot read image {file_name} (image_id={record.get('image_id')}, "
-                f"ref_id={record.get('ref_id')}): {e}"
-            ) from e
+        source = f"image_id={record.get('image_id')}, ref_id={record.get('ref_id')}"
+        image = read_image(record["file_name"], self.image_format, source)
         utils.check_image_size(record, image)
         return image
 

@@ -23,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import cv2
 import numpy as np
+from tabulate import tabulate
 from tqdm import tqdm
 
 from ..custom import simple_json_to_refer, validate_simple_json
@@ -216,7 +217,7 @@ def format_stats(stats: Dict) -> str:
     """A plain-text table of the per-split statistics."""
     head = ["split", "images", "objects", "occluded", "targets", "exprs", "distractor%"]
     head += ["multi", "no-target"]
-    rows = [head]
+    rows = []
     for split, s in stats["splits"].items():
         g = s["generalized_expressions"]
         rows.append(
@@ -226,8 +227,7 @@ def format_stats(stats: Dict) -> str:
             + [f"{100 * s['share_same_category_distractors']:.1f}"]
             + [str(g["multi"]), str(g["no_target"])]
         )
-    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
-    lines = ["  ".join(v.rjust(w) for v, w in zip(r, widths)) for r in rows]
+    lines = [tabulate(rows, headers=head, tablefmt="plain", stralign="right", disable_numparse=True)]
     types = ", ".join(f"{k}={v}" for k, v in stats["expression_types"].items())
     lines.append(f"expression types (refsynth, all splits): {types}")
     lines.append(f"held-out colour-category combinations (testB): {stats['heldout_combinations']}")
