@@ -1,0 +1,65 @@
+"""
+What a ``train_net.py`` run leaves in its OUTPUT_DIR, read back for the tools
+(``tools/main_job.py``, ``tools/study.py``): the config it ran, the evaluator's per-split
+results files and the training iteration times.
+"""
+import json
+import os
+import statistics
+from collections import OrderedDict
+from typing import Dict, Optional, Sequence
+
+from detectron2.config import CfgNode, get_cfg
+
+from vipa_d2.config import add_vipa_config
+from vipa_d2.data.builtin import BUILTIN_REFERRING
+from vipa_d2.engine import SHUFFLED_SUFFIX
+
+__all__ = ["load_config", "split_label", "read_results", "iteration_seconds"]
+
+# Where ReferringTrainer.test writes the evaluator's files: the plain run, and the
+# shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
+_RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled")))
+
+
+def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
+    """The (unfrozen) config ``train_net.py`` builds from ``config_file`` and ``opts``."""
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def split_label(dataset_name: str) -> str:
+    """'refsynth_unc_val' -> 'val', 'refsynth_unc_val/shuffled' -> 'val/shuffled' (built-in
+    splits by their split name; other names unchanged)."""
+    shuffled = dataset_name.endswith(SHUFFLED_SUFFIX)
+    base = dataset_name[: -len(SHUFFLED_SUFFIX)] if shuffled else dataset_name
+    label = BUILTIN_REFERRING[base][2] if base in BUILTIN_REFERRING else base
+    return label + SHUFFLED_SUFFIX if shuffled else label
+
+
+def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[str, Dict]":
+    """
+    {dataset name: the evaluator's ``referring_results_<name>.json``} for the datasets
+    evaluated in ``output_dir``; the shuffled control's under ``<name>/shuffled``.
+    """
+    rows = OrderedDict()
+    for name in dataset_names:
+        for suffix, folder in _RESULT_FOLDERS:
+            path = os.path.join(output_dir, folder, f"referring_results_{name}.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rows[name + suffix] = json.load(f)
+    return rows
+
+
+def iteration_seconds(output_dir: str) -> Optional[float]:
+    """Median seconds per training iteration in Detectron2's ``metrics.json`` (None if none)."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        times = [row["time"] for row in map(json.loads, f) if "time" in row]
+    return statistics.median(times) if times else None
