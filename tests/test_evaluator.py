@@ -437,9 +437,10 @@ def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
     evaluator.evaluate()
     rows = main_job.read_results(str(tmp_path), [PLAIN, "not_evaluated"])
     assert list(rows) == [PLAIN]
-    # The metric table's rows, as tools/bench reads them, are unchanged.
-    ((metrics, n),) = main_job.read_metrics(str(tmp_path), [PLAIN]).values()
+    # The metric table's rows, as the tools read them, are unchanged.
+    metrics, n = rows[PLAIN]["metrics"], len(rows[PLAIN]["samples"])
     assert n == 4 and metrics == pytest.approx(dict(evaluator.evaluate()["refer"]))
+    assert re.search(rf"\|\s*{PLAIN}\s*\|\s*4\s*\|", main_job.format_table(rows))
     text = main_job.format_breakdowns(rows)
     by_type, retrieval = text.split("\n\n")
     # One row per type (the dataset named on the first), then the retrieval numbers.

@@ -129,3 +129,40 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study):
     assert "model_0000001.pth" in console and "Starting training from iteration 2" in console
     assert resumed["status"] == "done" and resumed["splits"] == data["runs"]["language/seed0"]["splits"]
     assert resumed["wall_s"] > data["runs"]["language/seed0"]["wall_s"]  # both sittings counted
+
+
+study_report = _load_tool("study_report")
+
+
+def _entry(variant, seed, val, test_a, test_b, ratio=0.3):
+    splits = {"val": {"oIoU": val}, "testA": {"oIoU": test_a}, "testB": {"oIoU": test_b}}
+    by_type = {"val": {"ordinal": {"oIoU": val - 40.0}}}
+    return {"variant": variant, "seed": seed, "status": "done", "splits": splits, "by_type": by_type,
+            "retrieval": {"val": {"cue_jaccard": 60.0 + seed, "cue_jaccard_samples": 9}},
+            "ratio": ratio, "iterations": 4, "wall_s": 60.0}
+
+
+def test_report_applies_the_rule_and_draws(tmp_path, capsys):
+    runs = [_entry("vipa", s, v, v, v) for s, v in enumerate([80.0, 81.0, 82.0])]
+    runs += [_entry("language", s, v, v, v) for s, v in enumerate([77.0, 78.0, 78.5])]  # +3, +3, +3.5
+    runs += [_entry("fusion_none", s, v, v, v + 5) for s, v in enumerate([77.0, 78.0])]  # testB flips
+    runs += [_entry("ratio_0.1", s, v, v, v, 0.1) for s, v in enumerate([70.0, 90.0])]  # +10, -9: noise
+    runs += [_entry("ratio_0.8", 0, 70.0, 70.0, 70.0, 0.8)]  # one seed
+    runs.append({**_entry("step1_only", 0, 1.0, 1.0, 1.0), "status": "running"})  # unfinished: left out
+    results = tmp_path / "study.json"
+    results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
+    out = tmp_path / "docs"
+    assert study_report.main([str(results), "--output", str(out)]) == 0
+    md = (out / "study.md").read_text()
+    assert md == capsys.readouterr().out.rstrip("\n") + "\n" and study_report.RULE in md
+    verdicts = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+                for line in md.split("## Paired differences, vipa")[1].split("##")[0].splitlines()
+                if line.startswith("| ") and "verdict" not in line}
+    assert verdicts == {"language": "reproduces", "fusion_none": "does not reproduce",
+                        "ratio_0.1": "does not reproduce", "ratio_0.8": "undecided (1 seed)"}
+    words = " ".join(md.split())  # tabulate pads the columns
+    assert "| language | 0: +3.00, 1: +3.00, 2: +3.50 | +3.17 ± 0.17 |" in words
+    assert "| vipa | 0 1 2 | 81.00 ± 1.00 |" in words and "step1_only" not in md
+    assert "| variant | ordinal | |---" in words and "| language | +3.17 ± 0.17 |" in words
+    for picture in ("ratio_curve.png", "variants.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in md

@@ -24,21 +24,15 @@ import sys
 import time
 from collections import OrderedDict
 
-from detectron2.config import get_cfg
+from tabulate import tabulate
 
-from vipa_d2 import add_vipa_config
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SynthConfig, write_benchmark
-from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
-from vipa_d2.evaluation.breakdown import (
-    BY_TYPE_KEY,
-    RETRIEVAL_KEY,
-    format_by_type,
-    format_retrieval,
-)
+from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY, format_by_type, format_retrieval
+from vipa_d2.utils.run_outputs import iteration_seconds, load_config, read_results
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
@@ -50,9 +44,7 @@ PROGRESS_MARKERS = (" iter: ", "Start inference on", "Total inference time", "Sa
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="datasets", help="dataset root ($DETECTRON2_DATASETS)")
     parser.add_argument("--output", default="output/vipa_tiny_cpu", help="OUTPUT_DIR of the run")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="training config")
@@ -79,14 +71,6 @@ def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def load_cfg(config_file: str, opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    return cfg
-
-
 def run_train_net(args_list, log_name: str, output: str) -> float:
     """
     Run train_net.py with ``args_list``: its whole console output goes to ``output/log_name``,
@@ -99,9 +83,7 @@ def run_train_net(args_list, log_name: str, output: str) -> float:
     # Line-buffered on both ends so the log file and the echoed progress keep up.
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     with open(log_path, "w", buffering=1) as log:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
-        )
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env)
         for line in proc.stdout:
             log.write(line)
             if any(marker in line for marker in PROGRESS_MARKERS):
@@ -109,53 +91,14 @@ def run_train_net(args_list, log_name: str, output: str) -> float:
         returncode = proc.wait()
     if returncode != 0:
         with open(log_path) as f:
-            tail = f.read()[-3000:]
-        sys.exit(f"[main_job] train_net.py failed (exit {returncode}); end of {log_path}:\n{tail}")
+            sys.exit(f"[main_job] train_net.py failed (exit {returncode}); end of {log_path}:\n{f.read()[-3000:]}")
     return time.perf_counter() - start
 
 
-def iteration_seconds(output: str):
-    """Median seconds per training iteration, from detectron2's metrics.json."""
-    path = os.path.join(output, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        times = sorted(json.loads(line)["time"] for line in f if '"time"' in line)
-    return times[len(times) // 2] if times else None
-
-
-def read_results(output: str, names):
-    """{row name: content of the evaluator's per-sample results file} (shuffled control too)."""
-    rows = OrderedDict()
-    for name in names:
-        for suffix, folder in (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled"))):
-            path = os.path.join(output, folder, f"referring_results_{name}.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    rows[name + suffix] = json.load(f)
-    return rows
-
-
-def metric_rows(results):
-    """{row name: (metrics, number of samples)} of :func:`read_results`' files."""
-    return OrderedDict((name, (p["metrics"], len(p["samples"]))) for name, p in results.items())
-
-
-def read_metrics(output: str, names):
-    """{row name: (metrics, number of samples)} from the evaluator's per-sample result files."""
-    return metric_rows(read_results(output, names))
-
-
-def format_table(rows) -> str:
-    header = ["dataset", "samples"] + METRIC_COLUMNS
-    lines = [header] + [
-        [name, str(n)] + [f"{metrics[c]:.2f}" for c in METRIC_COLUMNS]
-        for name, (metrics, n) in rows.items()
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    fmt = lambda line: "| " + " | ".join(v.rjust(w) for v, w in zip(line, widths)) + " |"  # noqa: E731
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(lines[0]), rule] + [fmt(line) for line in lines[1:]])
+def format_table(results) -> str:
+    """The metric table of :func:`read_results`' files, one row per dataset."""
+    rows = [[name, len(p["samples"])] + [p["metrics"][c] for c in METRIC_COLUMNS] for name, p in results.items()]
+    return tabulate(rows, ["dataset", "samples"] + METRIC_COLUMNS, tablefmt="github", floatfmt=".2f")
 
 
 def format_breakdowns(rows) -> str:
@@ -164,9 +107,7 @@ def format_breakdowns(rows) -> str:
     by_type = OrderedDict((name, p[BY_TYPE_KEY]) for name, p in rows.items() if BY_TYPE_KEY in p)
     if by_type:
         parts.append("Per expression type (percent):\n" + format_by_type(by_type))
-    retrieval = OrderedDict(
-        (name, p[RETRIEVAL_KEY]) for name, p in rows.items() if RETRIEVAL_KEY in p
-    )
+    retrieval = OrderedDict((name, p[RETRIEVAL_KEY]) for name, p in rows.items() if RETRIEVAL_KEY in p)
     if retrieval:
         parts.append(
             "Retrieval report (percent): cue Jaccard = mean pairwise Jaccard of the tokens the "
@@ -209,26 +150,20 @@ def main(argv=None):
 
     common = ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
     # Evaluation is a separate step below (timed on its own), so training evaluates nothing.
-    train_s = run_train_net(
-        common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts, "train_console.log", output
-    )
-    cfg = load_cfg(args.config_file, args.opts)
+    train_s = run_train_net(common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts,
+                            "train_console.log", output)
+    cfg = load_config(args.config_file, args.opts)
     weights = os.path.join(output, "model_final.pth")
-    eval_s = run_train_net(
-        common + ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,
-                  "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"] + args.opts,
-        "eval_console.log", output,
-    )
+    eval_s = run_train_net(common + ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,
+                                     "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"] + args.opts, "eval_console.log", output)
 
-    vis_dir = os.path.join(output, "visualizations")
-    vis_start = time.perf_counter()
+    vis_dir, vis_start = os.path.join(output, "visualizations"), time.perf_counter()
     visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
     vis_s = time.perf_counter() - vis_start
 
-    results = read_results(output, cfg.DATASETS.TEST)
-    it_s = iteration_seconds(output)
+    results, it_s = read_results(output, cfg.DATASETS.TEST), iteration_seconds(output)
     print("\nVIPA tiny CPU: referring segmentation, scored at the original image resolution")
-    print(format_table(metric_rows(results)))
+    print(format_table(results))
     breakdowns = format_breakdowns(results)
     if breakdowns:
         print("\n" + breakdowns)

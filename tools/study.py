@@ -31,9 +31,8 @@ import sys
 import time
 
 from vipa_d2.data.builtin import DATASETS_ENV
-from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 from vipa_d2.utils.atomic_io import atomic_open
-from vipa_d2.utils.run_outputs import iteration_seconds, load_config, read_results, split_label
+from vipa_d2.utils.run_outputs import iteration_seconds, load_config, split_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "train_net.py")
@@ -121,29 +120,12 @@ def train(config_file, opts, run_dir, data_root, num_gpus):
     os.makedirs(run_dir, exist_ok=True)
     log_path = os.path.join(run_dir, "train_console.log")
     with open(log_path, "a") as log:
-        log.write(f"$ {' '.join(cmd)}\n")
-        log.flush()
+        print("$", *cmd, file=log, flush=True)
         code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
                               env=dict(os.environ, **{DATASETS_ENV: data_root})).returncode
     if code != 0:
         with open(log_path) as f:
             raise StudyError(f"train_net.py exited {code}; end of {log_path}:\n{f.read()[-2000:]}")
-
-
-def scores(run_dir, cfg):
-    """Per split: the metrics, the per-expression-type and the retrieval sections."""
-    rows = read_results(run_dir, cfg.DATASETS.TEST)
-    missing = [n for n in cfg.DATASETS.TEST if n not in rows]
-    if missing or not rows:
-        raise StudyError(f"{run_dir}: train_net.py wrote no results for {missing or 'DATASETS.TEST (empty)'}")
-    out = {"splits": {}, "by_type": {}, "retrieval": {}}
-    for name, payload in rows.items():
-        label = split_label(name)
-        out["splits"][label] = payload["metrics"]
-        for key, section in (("by_type", BY_TYPE_KEY), ("retrieval", RETRIEVAL_KEY)):
-            if section in payload:
-                out[key][label] = payload[section]
-    return out
 
 
 def run_one(key, variant, seed, config_file, shared, args, data):
@@ -167,10 +149,10 @@ def run_one(key, variant, seed, config_file, shared, args, data):
     start = time.perf_counter()
     try:
         train(config_file, opts, run_dir, os.path.abspath(args.data_root), args.num_gpus)
-        entry.update(scores(run_dir, cfg), status="done", iterations=cfg.SOLVER.MAX_ITER,
+        entry.update(split_scores(run_dir, cfg.DATASETS.TEST), status="done", iterations=cfg.SOLVER.MAX_ITER,
                      ratio=cfg.MODEL.VIPA.VEG.RATIO, sec_per_iter=iteration_seconds(run_dir),
                      finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    except StudyError as e:
+    except (StudyError, FileNotFoundError) as e:
         entry.update(status="failed", error=str(e)[-800:])
         print(f"[study] {key}: FAILED: {e}", file=sys.stderr)
     finally:  # an interrupted run keeps the time it spent (its status stays "running")
@@ -178,10 +160,9 @@ def run_one(key, variant, seed, config_file, shared, args, data):
         save_results(args.results, data)
     if entry["status"] == "done":
         print(f"[study] {key}: val oIoU {entry['splits'].get('val', {}).get('oIoU')}, {entry['wall_s']:.0f} s")
-        if not args.keep_checkpoints:  # ~0.3 GB each, only needed to resume
-            for name in os.listdir(run_dir):
-                if name.startswith("model_") and name.endswith(".pth") and name != "model_final.pth":
-                    os.remove(os.path.join(run_dir, name))
+        for name in [] if args.keep_checkpoints else os.listdir(run_dir):  # ~0.3 GB each, only to resume
+            if name.startswith("model_") and name.endswith(".pth") and name != "model_final.pth":
+                os.remove(os.path.join(run_dir, name))
     return entry["status"] == "done"
 
 

@@ -14,8 +14,9 @@ from detectron2.config import CfgNode, get_cfg
 from vipa_d2.config import add_vipa_config
 from vipa_d2.data.builtin import BUILTIN_REFERRING
 from vipa_d2.engine import SHUFFLED_SUFFIX
+from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
-__all__ = ["load_config", "split_label", "read_results", "iteration_seconds"]
+__all__ = ["load_config", "split_label", "read_results", "split_scores", "iteration_seconds"]
 
 # Where ReferringTrainer.test writes the evaluator's files: the plain run, and the
 # shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
@@ -53,6 +54,22 @@ def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[
                 with open(path) as f:
                     rows[name + suffix] = json.load(f)
     return rows
+
+
+def split_scores(output_dir: str, dataset_names: Sequence[str]) -> Dict[str, Dict]:
+    """
+    {"splits" / "by_type" / "retrieval": {split label: that section}} of the datasets
+    evaluated in ``output_dir`` (see :func:`split_label`); FileNotFoundError naming the
+    datasets without a results file.
+    """
+    results = read_results(output_dir, dataset_names)
+    missing = [n for n in dataset_names if n not in results]
+    if missing or not results:
+        raise FileNotFoundError(f"{output_dir}: no evaluation results for {missing or 'any dataset'}")
+    sections = (("splits", "metrics"), ("by_type", BY_TYPE_KEY), ("retrieval", RETRIEVAL_KEY))
+    return {
+        key: {split_label(name): p[field] for name, p in results.items() if field in p} for key, field in sections
+    }
 
 
 def iteration_seconds(output_dir: str) -> Optional[float]:
