@@ -20,7 +20,7 @@ run continues from its last checkpoint. ``tools/study_report.py`` renders the JS
 
 Each run is its own ``train_net.py`` process, not a call into it: a fresh process starts
 from clean RNG, memory and device state, a crash or a kill loses one run at most, and
-``--num-gpus`` / ``MODEL.DEVICE`` behave exactly as for train_net.py. Its few seconds of
+``--num-gpus`` / ``MODEL.DEVICE`` behave exactly as for train_net.py; its seconds of
 start-up are nothing beside a run's minutes.
 """
 import argparse

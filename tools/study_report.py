@@ -162,6 +162,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     with open(args.results) as f:
         runs = by_variant(json.load(f).get("runs", {}))
+    runs = {n: runs[n] for n in sorted(runs, key=lambda n: n != args.reference)}  # the reference first
     if not runs:
         print(f"study_report.py: error: {args.results} holds no finished run", file=sys.stderr)
         return 2
