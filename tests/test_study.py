@@ -7,7 +7,7 @@ import pytest
 from detectron2.modeling import build_model
 
 from vipa_d2.data.synthetic import SynthConfig, write_benchmark
-from vipa_d2.utils.run_outputs import load_config
+from vipa_d2.utils.runs import load_config
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ABLATIONS = os.path.join(REPO, "configs", "synthetic", "ablations")

@@ -1,17 +1,11 @@
 #!/usr/bin/env python
 """
-Cost and speed of a VIPA config on this machine: parameters and fvcore multiply-adds per
-module (random weights), and optionally timings, each the median of repeated runs with
-wall and CPU time logged:
-
-  --time N          CPU inference time per module (N runs; hooks, vipa_d2/utils/analysis.py)
-  --batches 1 8     inference latency per batch (no_grad, the config's layout); with
-  --train-batch B   also one training step (forward, backward, optimizer step)
-  --eval-weights W  the real evaluation path (test loader, mapper, model, evaluator) of a
-                    checkpoint on the first --eval-samples of --dataset
-
-Every ``--alt "KEY VALUE ..."`` adds the same cases under those overrides; all cases run
-round-robin, one call at a time, so machine noise hits them alike.
+Cost and speed of a VIPA config on this CPU: parameters and fvcore multiply-adds per
+module (random weights); optionally CPU time per module (--time), inference latency per
+batch (--batches), a training step (--train-batch) and the real evaluation path of a
+checkpoint (--eval-weights: test loader, mapper, model, evaluator). Timings are medians of
+--repeats calls, wall and CPU time; every case (also under each ``--alt "KEY VALUE ..."``)
+runs round-robin, one call at a time, so machine noise hits them alike.
 
   python tools/model_cost.py --config-file configs/synthetic/vipa_tiny_cpu.yaml --batches 1 8 --repeats 7
   python tools/model_cost.py --config-file configs/refcoco/vipa_swin_base_bert_base.yaml \\
@@ -36,16 +30,13 @@ from tabulate import tabulate
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer
 from vipa_d2.utils.analysis import HEAD_MODULES, MODULES, count_flops, count_params, dummy_input, time_modules
-from vipa_d2.utils.run_outputs import load_config
-
-RANDOM_TEXT_ENCODERS = ("bert-base",)
-
+from vipa_d2.utils.runs import load_config
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True)
     p.add_argument("--image-size", type=int, default=0, help="square input side (default: INPUT.IMAGE_SIZE)")
-    p.add_argument("--random-text-encoder", choices=RANDOM_TEXT_ENCODERS, default=None,
+    p.add_argument("--random-text-encoder", choices=["bert-base"], default=None,
                    help="a text encoder of this shape with random weights (no download)")
     p.add_argument("--time", type=int, default=0, help="time N inference runs per module (0 = skip)")
     p.add_argument("--batches", type=int, nargs="*", default=[], help="inference batch sizes to time")
@@ -81,9 +72,8 @@ def setup_cfg(args, opts, tmpdir):
 
 def interleaved(cases, repeats, warmup):
     """{label: medians of wall and CPU seconds} of ``cases`` ({label: fn}) run round-robin."""
-    for fn in cases.values():
-        for _ in range(warmup):
-            fn()
+    for fn in list(cases.values()) * warmup:
+        fn()
     samples = {label: [] for label in cases}
     for r in range(repeats):
         labels = list(cases)
@@ -97,14 +87,8 @@ def interleaved(cases, repeats, warmup):
 
 def speed_cases(label, cfg, model, batches, train_batch):
     one = dummy_input(cfg, model.text_encoder.model.config.vocab_size)
-    cases = {}
-
-    def infer(b):
-        with torch.no_grad():  # what the evaluator and VIPAPredictor use
-            model([one] * b)
-
-    for b in batches:
-        cases[f"{label} | inference | batch {b}"] = lambda b=b: infer(b)
+    # no_grad: what the evaluator and VIPAPredictor use.
+    cases = {f"{label} | inference | batch {b}": torch.no_grad()(lambda b=b: model([one] * b)) for b in batches}
     if train_batch:
         size = cfg.INPUT.IMAGE_SIZE
         mask = torch.zeros(size, size, dtype=torch.uint8)
@@ -127,7 +111,8 @@ def eval_case(label, cfg, model, dataset, samples, results):
     if subset not in DatasetCatalog.list():
         records = DatasetCatalog.get(dataset)[:samples]
         DatasetCatalog.register(subset, lambda: records)
-        MetadataCatalog.get(subset).set(**{k: v for k, v in MetadataCatalog.get(dataset).as_dict().items() if k != "name"})
+        meta = MetadataCatalog.get(dataset).as_dict()
+        MetadataCatalog.get(subset).set(**{k: v for k, v in meta.items() if k != "name"})
 
     def run():
         loader = ReferringTrainer.build_test_loader(cfg, subset)

@@ -8,20 +8,18 @@ that ``make train`` writes, resumable over several sittings, every result in one
 
 A variant is a config leaf ``configs/synthetic/ablations/<variant>.yaml``; its run for seed
 k trains into ``<output>/<variant>/seed<k>/`` with ``SEED k`` at the leaf's schedule
-(``--max-iter`` shortens it, warm-up and checkpoint period in proportion). The training
-sampler, the per-sample augmentations and the per-iteration RNGs all derive from SEED
-(``vipa_d2/engine/reproducibility.py``), so every variant of a seed sees the same data in
-the same order: seeds are paired. Runs go seed by seed, so a study stopped early still
-holds comparable pairs. Trailing ``KEY VALUE`` pairs go to every run (``MODEL.DEVICE cuda``).
+(``--max-iter`` shortens it, warm-up and checkpoint period in proportion). Sampler,
+augmentations and per-iteration RNGs all derive from SEED (vipa_d2/engine/reproducibility.py):
+every variant of a seed sees the same data in the same order. Runs go seed by seed, so a
+study stopped early holds comparable pairs. Trailing ``KEY VALUE`` pairs go to every run.
 
-Rerunning the command skips the runs the results file holds as done (and refuses one made
-with other settings); the others restart with ``train_net.py --resume``, so an interrupted
-run continues from its last checkpoint. ``tools/study_report.py`` renders the JSON.
+Rerunning skips the runs the results file holds as done (and refuses one made with other
+settings); the others restart with ``train_net.py --resume``: an interrupted run continues
+from its last checkpoint. ``tools/study_report.py`` renders the JSON.
 
-Each run is its own ``train_net.py`` process, not a call into it: a fresh process starts
-from clean RNG, memory and device state, a crash or a kill loses one run at most, and
-``--num-gpus`` / ``MODEL.DEVICE`` behave exactly as for train_net.py; its seconds of
-start-up are nothing beside a run's minutes.
+Each run is its own train_net.py process, not a call into it: a fresh process starts from
+clean RNG, memory and device state, a crash loses one run at most, and ``--num-gpus`` /
+``MODEL.DEVICE cuda`` behave as for train_net.py; seconds of start-up beside minutes of run.
 """
 import argparse
 import json
@@ -32,13 +30,11 @@ import time
 
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.utils.atomic_io import atomic_open
-from vipa_d2.utils.run_outputs import iteration_seconds, load_config, split_scores
+from vipa_d2.utils.runs import iteration_seconds, load_config, run_train_net, split_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "train_net.py")
 ABLATIONS = os.path.join(REPO, "configs", "synthetic", "ablations")
-# A run's settings: a results entry made with other ones is not the same run.
-SIGNATURE = ("config_file", "opts")
 
 
 class StudyError(ValueError):
@@ -89,10 +85,10 @@ def schedule_opts(cfg, max_iter):
 
 
 def load_results(path: str):
-    if not os.path.isfile(path):
-        return {"runs": {}}
-    with open(path) as f:
-        data = json.load(f)
+    data = {"runs": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
     if not isinstance(data.get("runs"), dict):
         raise StudyError(f"--results {path}: not a study results file (no 'runs' mapping)")
     return data
@@ -107,25 +103,11 @@ def save_results(path: str, data) -> None:
 def git_commit():
     """HEAD of the repository ('+dirty' with uncommitted changes to tracked files), or None."""
     try:
-        run = lambda *a: subprocess.run(["git", *a], cwd=REPO, capture_output=True, text=True, check=True).stdout  # noqa: E731
-        return run("rev-parse", "HEAD").strip() + ("+dirty" if run("status", "--porcelain", "--untracked-files=no").strip() else "")
+        head, status = (subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout
+                        for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
     except (OSError, subprocess.CalledProcessError):
         return None
-
-
-def train(config_file, opts, run_dir, data_root, num_gpus):
-    """train_net.py --resume into ``run_dir`` (console appended to its train_console.log)."""
-    cmd = [sys.executable, TRAIN_NET, "--config-file", config_file, "--resume",
-           "--num-gpus", str(num_gpus), *opts, "OUTPUT_DIR", run_dir]
-    os.makedirs(run_dir, exist_ok=True)
-    log_path = os.path.join(run_dir, "train_console.log")
-    with open(log_path, "a") as log:
-        print("$", *cmd, file=log, flush=True)
-        code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                              env=dict(os.environ, **{DATASETS_ENV: data_root})).returncode
-    if code != 0:
-        with open(log_path) as f:
-            raise StudyError(f"train_net.py exited {code}; end of {log_path}:\n{f.read()[-2000:]}")
+    return head.strip() + ("+dirty" if status.strip() else "")
 
 
 def run_one(key, variant, seed, config_file, shared, args, data):
@@ -133,8 +115,8 @@ def run_one(key, variant, seed, config_file, shared, args, data):
     opts = shared + ["SEED", str(seed)]
     signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts}
     entry = data["runs"].get(key, {})
-    if entry and {k: entry.get(k) for k in SIGNATURE} != signature:
-        raise StudyError(f"{args.results}: run {key} was made with {[entry.get(k) for k in SIGNATURE]}, "
+    if entry and {k: entry.get(k) for k in signature} != signature:  # other settings: not the same run
+        raise StudyError(f"{args.results}: run {key} was made with {[entry.get(k) for k in signature]}, "
                          f"not {list(signature.values())}; use other --results/--output or drop that entry")
     if entry.get("status") == "done":
         print(f"[study] {key}: done before, skipped")
@@ -148,13 +130,16 @@ def run_one(key, variant, seed, config_file, shared, args, data):
     print(f"[study] {key}: training {cfg.SOLVER.MAX_ITER} iterations in {run_dir}", flush=True)
     start = time.perf_counter()
     try:
-        train(config_file, opts, run_dir, os.path.abspath(args.data_root), args.num_gpus)
+        os.makedirs(run_dir, exist_ok=True)
+        run_train_net(TRAIN_NET, ["--config-file", config_file, "--resume", "--num-gpus", str(args.num_gpus), *opts,
+                                  "OUTPUT_DIR", run_dir], os.path.join(run_dir, "train_console.log"),
+                      {**os.environ, DATASETS_ENV: os.path.abspath(args.data_root)}, print)
         entry.update(split_scores(run_dir, cfg.DATASETS.TEST), status="done", iterations=cfg.SOLVER.MAX_ITER,
                      ratio=cfg.MODEL.VIPA.VEG.RATIO, sec_per_iter=iteration_seconds(run_dir),
                      finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    except (StudyError, FileNotFoundError) as e:
-        entry.update(status="failed", error=str(e)[-800:])
-        print(f"[study] {key}: FAILED: {e}", file=sys.stderr)
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        entry.update(status="failed", error=f"{e} {getattr(e, 'output', '')}"[-800:])
+        print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
     finally:  # an interrupted run keeps the time it spent (its status stays "running")
         entry["wall_s"] += time.perf_counter() - start
         save_results(args.results, data)

@@ -5,10 +5,9 @@ Render the results JSON of ``tools/study.py``: markdown tables and PNG pictures.
     python tools/study_report.py output/study/study.json --output docs/study
 
 Writes ``study.md`` (also printed): per variant mean ± std over seeds per split; paired
-differences (reference minus variant, same seeds) per seed with mean ± standard error,
-per split and per expression type, and the verdict of the rule below; the retrieval
-report. Pictures: ``ratio_curve.png`` (oIoU against the token ratio r, seed spread) and
-``variants.png`` (per-variant bars). Only what the JSON holds: no targets, no paper numbers.
+differences (reference minus variant, same seeds) per seed, their mean ± standard error per
+split and per expression type, and the verdict of RULE; the retrieval report; pictures
+``ratio_curve.png`` (oIoU against r) and ``variants.png``. No targets, no paper numbers.
 """
 import argparse
 import json
@@ -52,12 +51,10 @@ def by_variant(runs):
 
 
 def stats(values):
-    """(n, mean, sample std, standard error); spreads are None below 2 values."""
+    """(n, mean, sample std, standard error); spreads are None below 2 values, all below 1."""
     n = len(values)
-    if n == 0:
-        return 0, None, None, None
     std = statistics.stdev(values) if n > 1 else None
-    return n, statistics.fmean(values), std, None if std is None else std / math.sqrt(n)
+    return n, statistics.fmean(values) if n else None, std, None if std is None else std / math.sqrt(n)
 
 
 def fmt(mean, spread=None, sign=False):
@@ -67,22 +64,27 @@ def fmt(mean, spread=None, sign=False):
     return text if spread is None else f"{text} ± {spread:.2f}"
 
 
-def value(entry, split, metric, kind="splits"):
-    """The metric of a run in a split (``kind="by_type"``: split is "val/<type>"), or None."""
-    if kind == "by_type":
-        split, type_ = split.split("/", 1)
-        return entry["by_type"].get(split, {}).get(type_, {}).get(metric)
-    return entry["splits"].get(split, {}).get(metric)
+def value(entry, *path):
+    """entry[path[0]][path[1]]... (e.g. "splits", "val", "oIoU"), None where a level is missing."""
+    for key in path:
+        entry = entry.get(key) if isinstance(entry, dict) else None
+    return entry
 
 
-def paired(ref, runs, split, metric, kind="splits"):
+def spread(seeds, *path):
+    """'mean ± std' over the seeds that have ``path``."""
+    return fmt(*stats([v for v in (value(e, *path) for e in seeds.values()) if v is not None])[1:3])
+
+
+def paired(ref, seeds, *path):
     """{seed: reference minus variant} over the seeds both ran."""
-    diffs = {}
-    for seed in sorted(set(ref) & set(runs)):
-        a, b = value(ref[seed], split, metric, kind), value(runs[seed], split, metric, kind)
-        if a is not None and b is not None:
-            diffs[seed] = a - b
-    return diffs
+    pairs = {s: (value(ref[s], *path), value(seeds[s], *path)) for s in sorted(set(ref) & set(seeds))}
+    return {s: a - b for s, (a, b) in pairs.items() if a is not None and b is not None}
+
+
+def mean_se(diffs):
+    """'mean ± standard error' of paired differences."""
+    return fmt(*stats(list(diffs.values()))[1::2], sign=True)
 
 
 def verdict(diffs):
@@ -96,41 +98,33 @@ def verdict(diffs):
 
 
 def render(runs, ref_name, metric):
-    splits = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
-    ref = runs.get(ref_name, {})
+    splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs.get(ref_name, {})
+    others = {name: seeds for name, seeds in runs.items() if name != ref_name}
+    table = lambda rows, header: tabulate(rows, header, tablefmt="github")  # noqa: E731
+    rows = [[name, " ".join(map(str, sorted(seeds))), *(spread(seeds, "splits", s, metric) for s in splits),
+             next(iter(seeds.values()))["iterations"], f"{sum(e['wall_s'] for e in seeds.values()) / 60:.0f}"]
+            for name, seeds in runs.items()]
     parts = [f"# Ablation study\n\nVerdict rule, fixed before reading the numbers: {RULE}.\n",
-             f"## {metric} per variant (mean ± std over seeds)\n"]
+             f"## {metric} per variant (mean ± std over seeds)\n",
+             table(rows, ["variant", "seeds", *splits, "iterations", "minutes (all seeds)"]),
+             f"\n## Paired differences, {ref_name} minus variant ({metric}; mean ± standard error)\n"]
     rows = []
-    for name, seeds in runs.items():
-        cells = [stats([value(e, s, metric) for e in seeds.values() if value(e, s, metric) is not None]) for s in splits]
-        wall = sum(e["wall_s"] for e in seeds.values()) / 60
-        rows.append([name, " ".join(map(str, sorted(seeds))), *(fmt(c[1], c[2]) for c in cells),
-                     next(iter(seeds.values()))["iterations"], f"{wall:.0f}"])
-    parts.append(tabulate(rows, ["variant", "seeds", *splits, "iterations", "minutes (all seeds)"], tablefmt="github"))
-    parts.append(f"\n## Paired differences, {ref_name} minus variant ({metric}; mean ± standard error)\n")
-    rows = []
-    for name, seeds in runs.items():
-        if name == ref_name:
-            continue
-        diffs = {s: paired(ref, seeds, s, metric) for s in splits}
-        per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs[DECIDING_SPLIT].items())
-        rows.append([name, per_seed or "-", *(fmt(*stats(list(diffs[s].values()))[1::2], sign=True) for s in splits),
-                     verdict(diffs)])
-    parts.append(tabulate(rows, ["variant", f"{DECIDING_SPLIT} per seed", *splits, "verdict"], tablefmt="github"))
-    types = sorted({t for e in ref.values() for t in e["by_type"].get(DECIDING_SPLIT, {})})
+    for name, seeds in others.items():
+        diffs = {s: paired(ref, seeds, "splits", s, metric) for s in splits}
+        per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs[DECIDING_SPLIT].items()) or "-"
+        rows.append([name, per_seed, *(mean_se(diffs[s]) for s in splits), verdict(diffs)])
+    parts.append(table(rows, ["variant", f"{DECIDING_SPLIT} per seed", *splits, "verdict"]))
+    types = sorted({t for e in ref.values() for t in value(e, "by_type", DECIDING_SPLIT) or {}})
     if types:
-        parts.append(f"\n## Paired differences per expression type on {DECIDING_SPLIT} ({metric})\n")
-        rows = [[name] + [fmt(*stats(list(paired(ref, seeds, f"{DECIDING_SPLIT}/{t}", metric, "by_type").values()))[1::2],
-                              sign=True) for t in types] for name, seeds in runs.items() if name != ref_name]
-        parts.append(tabulate(rows, ["variant", *types], tablefmt="github"))
-    keys = sorted({k for seeds in runs.values() for e in seeds.values() for k in e["retrieval"].get(DECIDING_SPLIT, {})
-                   if not k.endswith("samples")})
+        parts += [f"\n## Paired differences per expression type on {DECIDING_SPLIT} ({metric})\n",
+                  table([[name, *(mean_se(paired(ref, seeds, "by_type", DECIDING_SPLIT, t, metric)) for t in types)]
+                         for name, seeds in others.items()], ["variant", *types])]
+    keys = sorted({k for seeds in runs.values() for e in seeds.values()
+                   for k in value(e, "retrieval", DECIDING_SPLIT) or {} if not k.endswith("samples")})
     if keys:
-        parts.append(f"\n## Retrieval report on {DECIDING_SPLIT} (percent, mean ± std over seeds)\n")
-        rows = [[name] + [fmt(*stats([e["retrieval"][DECIDING_SPLIT][k] for e in seeds.values()
-                                      if k in e["retrieval"].get(DECIDING_SPLIT, {})])[1:3]) for k in keys]
-                for name, seeds in runs.items()]
-        parts.append(tabulate(rows, ["variant", *keys], tablefmt="github"))
+        parts += [f"\n## Retrieval report on {DECIDING_SPLIT} (percent, mean ± std over seeds)\n",
+                  table([[name, *(spread(seeds, "retrieval", DECIDING_SPLIT, k) for k in keys)]
+                         for name, seeds in runs.items()], ["variant", *keys])]
     return "\n".join(parts) + "\n"
 
 
@@ -139,7 +133,7 @@ def plot(runs, names, x_of, metric, path, xlabel=None):
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names)), 3.8))
     for i, split in enumerate((DECIDING_SPLIT, *CONFIRMING_SPLITS)):
         xs = [x_of(n, i) for n in names]
-        vals = [[value(e, split, metric) for e in runs[n].values()] for n in names]
+        vals = [[v for e in runs[n].values() if (v := value(e, "splits", split, metric)) is not None] for n in names]
         means, stds = [stats(v)[1] for v in vals], [stats(v)[2] or 0 for v in vals]
         if xlabel:  # a curve over a numeric setting
             line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=split)[0]

@@ -1,13 +1,16 @@
 """
-What a ``train_net.py`` run leaves in its OUTPUT_DIR, read back for the tools
-(``tools/main_job.py``, ``tools/study.py``): the config it ran, the evaluator's per-split
-results files and the training iteration times.
+``train_net.py`` runs for the tools (``tools/main_job.py``, ``tools/study.py``): starting
+one as a process, and reading back what it leaves in its OUTPUT_DIR (the evaluator's
+per-split results files, the training iteration times) and the config it ran.
 """
 import json
 import os
 import statistics
+import subprocess
+import sys
+import time
 from collections import OrderedDict
-from typing import Dict, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from detectron2.config import CfgNode, get_cfg
 
@@ -16,8 +19,12 @@ from vipa_d2.data.builtin import BUILTIN_REFERRING
 from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
-__all__ = ["load_config", "split_label", "read_results", "split_scores", "iteration_seconds"]
+__all__ = [
+    "load_config", "run_train_net", "split_label", "read_results", "split_scores", "iteration_seconds"
+]
 
+# Lines of Detectron2's console log worth echoing while a run goes.
+PROGRESS_MARKERS = (" iter: ", "Start inference on", "Total inference time", "Saving checkpoint")
 # Where ReferringTrainer.test writes the evaluator's files: the plain run, and the
 # shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
 _RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled")))
@@ -30,6 +37,32 @@ def load_config(config_file: str, opts: Sequence[str] = ()) -> CfgNode:
     cfg.merge_from_file(config_file)
     cfg.merge_from_list(list(opts))
     return cfg
+
+
+def run_train_net(
+    train_net: str, args: Sequence[str], log_path: str, env: Mapping[str, str], echo: Callable[[str], None]
+) -> float:
+    """
+    Run the script ``train_net`` with ``args`` in a fresh process under ``env``: its console
+    output is appended to ``log_path``; the command and the progress lines go to ``echo``.
+    Returns the seconds taken; CalledProcessError (the end of the log as its output) on failure.
+    """
+    cmd = [sys.executable, train_net, *args]
+    echo(f"$ {' '.join(cmd)}\n  (console output: {log_path})")
+    start = time.perf_counter()
+    # Line-buffered on both ends so the log file and the echoed progress keep up.
+    with open(log_path, "a", buffering=1) as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=os.path.dirname(os.path.abspath(train_net)), env={**env, "PYTHONUNBUFFERED": "1"})
+        for line in proc.stdout:
+            log.write(line)
+            if any(marker in line for marker in PROGRESS_MARKERS):
+                echo("    " + line.rstrip()[:200])
+    if proc.wait() != 0:
+        with open(log_path) as f:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"end of {log_path}:\n{f.read()[-3000:]}")
+    return time.perf_counter() - start
 
 
 def split_label(dataset_name: str) -> str:
