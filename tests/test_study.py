@@ -69,6 +69,15 @@ def test_every_leaf_is_listed():
     assert sorted(f[: -len(".yaml")] for f in os.listdir(ABLATIONS)) == sorted(LEAF_CHANGES)
 
 
+def test_bad_arguments_are_named(tmp_path, capsys):
+    assert study.main(["--variants", "vipa", "vipaa", "--output", str(tmp_path)]) == 2
+    assert "unknown or repeated ['vipaa']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--seeds", "0", "-1", "--output", str(tmp_path)])
+    assert "--seeds must be >= 0, got [0, -1]" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # nothing started
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """Two runs (VIPA and language K/V, seed 0), 4 iterations each, on 6 synthetic images."""

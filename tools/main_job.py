@@ -106,8 +106,7 @@ def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_im
 
 def main(argv=None):
     args = parse_args(argv)
-    root = os.path.abspath(args.data_root)
-    output = os.path.abspath(args.output)
+    root, output = os.path.abspath(args.data_root), os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     # train_net.py, its ranks and data-loader workers find the built-in datasets here.
     os.environ[DATASETS_ENV] = root

@@ -125,8 +125,7 @@ def eval_case(label, cfg, model, dataset, samples, results):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.threads > 0:
-        torch.set_num_threads(args.threads)
+    torch.set_num_threads(args.threads or torch.get_num_threads())
     os.environ[DATASETS_ENV] = os.path.abspath(args.data_root)
     result = {"config_file": args.config_file, "opts": args.opts, "threads": torch.get_num_threads()}
     cases, metrics = {}, {}

@@ -22,6 +22,7 @@ clean RNG, memory and device state, a crash loses one run at most, and ``--num-g
 ``MODEL.DEVICE cuda`` behave as for train_net.py; seconds of start-up beside minutes of run.
 """
 import argparse
+import fcntl
 import json
 import os
 import subprocess
@@ -48,18 +49,18 @@ def parse_args(argv=None):
     parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="SEED of the runs (default 0)")
     parser.add_argument("--output", default=os.path.join("output", "study"), help="folder of the run folders")
     parser.add_argument("--results", default=None, help="the study's JSON (default <output>/study.json)")
-    parser.add_argument("--data-root", default=os.path.join(REPO, "datasets"),
-                        help="$DETECTRON2_DATASETS of the runs (default: where 'make train' writes)")
+    parser.add_argument("--data-root", default=os.path.join(REPO, "datasets"), help="the 'make train' data")
     parser.add_argument("--config-dir", default=ABLATIONS, help="where the variants' YAML leaves are")
     parser.add_argument("--max-iter", type=int, default=None, help="shorter schedule: SOLVER.MAX_ITER")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes per run (train_net.py)")
-    parser.add_argument("--keep-checkpoints", action="store_true",
-                        help="keep a finished run's periodic checkpoints (default: model_final.pth only)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' periodic checkpoints")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... for every run")
     args = parser.parse_args(argv)
     args.opts = [o for o in args.opts if o != "--"]
     if len(args.opts) % 2:
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    if min(args.seeds) < 0:  # SEED < 0 draws a random seed per run: no paired data order
+        parser.error(f"--seeds must be >= 0, got {args.seeds}")
     args.results = args.results or os.path.join(args.output, "study.json")
     return args
 
@@ -94,27 +95,35 @@ def load_results(path: str):
     return data
 
 
-def save_results(path: str, data) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    with atomic_open(path, "w") as f:  # a killed study never leaves half a file
-        json.dump(data, f, indent=1, sort_keys=True)
+def save_entry(path: str, key: str, entry) -> None:
+    """Write one run's entry into the results file, re-read under a lock on its folder: studies
+    sharing the file (other variants or seeds in parallel) keep each other's entries."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_results(path)
+        with atomic_open(path, "w") as f:  # a killed study never leaves half a file
+            json.dump({**data, "runs": {**data["runs"], key: entry}}, f, indent=1, sort_keys=True)
+    finally:
+        os.close(lock)  # releases the lock
 
 
 def git_commit():
-    """HEAD of the repository ('+dirty' with uncommitted changes to tracked files), or None."""
-    try:
-        head, status = (subprocess.run(["git", *cmd], cwd=REPO, capture_output=True, text=True, check=True).stdout
-                        for cmd in (["rev-parse", "HEAD"], ["status", "--porcelain", "--untracked-files=no"]))
+    """HEAD of the repository, '-dirty' with uncommitted changes to tracked files (None outside git)."""
+    try:  # --exclude: the commit, never a tag's name
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return None
-    return head.strip() + ("+dirty" if status.strip() else "")
 
 
-def run_one(key, variant, seed, config_file, shared, args, data):
+def run_one(key, variant, seed, config_file, shared, args):
     """Train + score one run unless the results hold it as done; True when it is done."""
     opts = shared + ["SEED", str(seed)]
     signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts}
-    entry = data["runs"].get(key, {})
+    entry = load_results(args.results)["runs"].get(key, {})
     if entry and {k: entry.get(k) for k in signature} != signature:  # other settings: not the same run
         raise StudyError(f"{args.results}: run {key} was made with {[entry.get(k) for k in signature]}, "
                          f"not {list(signature.values())}; use other --results/--output or drop that entry")
@@ -125,8 +134,7 @@ def run_one(key, variant, seed, config_file, shared, args, data):
     cfg = load_config(config_file, opts)
     entry = {**signature, "variant": variant, "seed": seed, "output_dir": run_dir, "status": "running",
              "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE, "commit": git_commit()}
-    data["runs"][key] = entry
-    save_results(args.results, data)
+    save_entry(args.results, key, entry)
     print(f"[study] {key}: training {cfg.SOLVER.MAX_ITER} iterations in {run_dir}", flush=True)
     start = time.perf_counter()
     try:
@@ -142,7 +150,7 @@ def run_one(key, variant, seed, config_file, shared, args, data):
         print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
     finally:  # an interrupted run keeps the time it spent (its status stays "running")
         entry["wall_s"] += time.perf_counter() - start
-        save_results(args.results, data)
+        save_entry(args.results, key, entry)
     if entry["status"] == "done":
         print(f"[study] {key}: val oIoU {entry['splits'].get('val', {}).get('oIoU')}, {entry['wall_s']:.0f} s")
         for name in [] if args.keep_checkpoints else os.listdir(run_dir):  # ~0.3 GB each, only to resume
@@ -154,13 +162,11 @@ def run_one(key, variant, seed, config_file, shared, args, data):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        configs = variant_configs(args.config_dir, args.variants)
-        data = load_results(args.results)
-        failed = 0
+        configs, failed = variant_configs(args.config_dir, args.variants), 0
         for seed in args.seeds:
             for variant, config_file in configs.items():
                 shared = schedule_opts(load_config(config_file, args.opts), args.max_iter) + args.opts
-                failed += not run_one(f"{variant}/seed{seed}", variant, seed, config_file, shared, args, data)
+                failed += not run_one(f"{variant}/seed{seed}", variant, seed, config_file, shared, args)
     except StudyError as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2

@@ -26,9 +26,7 @@ RULE = (
     "a claim reproduces when the paired mean difference (VIPA minus variant, same seeds) on val exceeds "
     "twice its standard error over seeds, with at least 2 seeds, and has the same sign on testA and testB"
 )
-DECIDING_SPLIT, CONFIRMING_SPLITS = "val", ("testA", "testB")
-MIN_SEEDS = 2
-SE_MULTIPLE = 2.0
+DECIDING_SPLIT, CONFIRMING_SPLITS, MIN_SEEDS, SE_MULTIPLE = "val", ("testA", "testB"), 2, 2.0  # RULE's terms
 RATIO_PREFIX = "ratio_"  # variants that differ from the reference in MODEL.VIPA.VEG.RATIO only
 
 
@@ -58,10 +56,8 @@ def stats(values):
 
 
 def fmt(mean, spread=None, sign=False):
-    if mean is None:
-        return "-"
-    text = f"{mean:+.2f}" if sign else f"{mean:.2f}"
-    return text if spread is None else f"{text} ± {spread:.2f}"
+    text = "-" if mean is None else f"{mean:+.2f}" if sign else f"{mean:.2f}"
+    return text if spread is None else f"{text} ± {spread:.2f}"  # no spread without a mean
 
 
 def value(entry, *path):
