@@ -96,7 +96,7 @@ def verdict(diffs):
 def render(runs, ref_name, metric):
     splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs.get(ref_name, {})
     others = {name: seeds for name, seeds in runs.items() if name != ref_name}
-    table = lambda rows, header: tabulate(rows, header, tablefmt="github")  # noqa: E731
+    table = lambda rows, header: tabulate(rows, header, tablefmt="github", disable_numparse=True)  # noqa: E731
     rows = [[name, " ".join(map(str, sorted(seeds))), *(spread(seeds, "splits", s, metric) for s in splits),
              next(iter(seeds.values()))["iterations"], f"{sum(e['wall_s'] for e in seeds.values()) / 60:.0f}"]
             for name, seeds in runs.items()]
