@@ -47,14 +47,13 @@ def run_train_net(
     output is appended to ``log_path``; the command and the progress lines go to ``echo``.
     Returns the seconds taken; CalledProcessError (the end of the log as its output) on failure.
     """
-    cmd = [sys.executable, train_net, *args]
+    cmd = [sys.executable, "-u", train_net, *args]  # unbuffered: the log and the echo keep up
     echo(f"$ {' '.join(cmd)}\n  (console output: {log_path})")
     start = time.perf_counter()
-    # Line-buffered on both ends so the log file and the echoed progress keep up.
     with open(log_path, "a", buffering=1) as log:
         log.write(f"$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=os.path.dirname(os.path.abspath(train_net)), env={**env, "PYTHONUNBUFFERED": "1"})
+                                cwd=os.path.dirname(os.path.abspath(train_net)), env=dict(env))
         for line in proc.stdout:
             log.write(line)
             if any(marker in line for marker in PROGRESS_MARKERS):
