@@ -78,6 +78,17 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     assert not os.listdir(tmp_path)  # nothing started
 
 
+def test_studies_sharing_a_results_file_keep_each_others_entries(tmp_path):
+    path = str(tmp_path / "study.json")
+    study.save_entry(path, "vipa/seed0", {"status": "done"})
+    study.save_entry(path, "language/seed1", {"status": "running"})  # as written by another study
+    study.save_entry(path, "vipa/seed0", {"status": "done", "wall_s": 1.0})
+    assert study.load_results(path) == {
+        "runs": {"vipa/seed0": {"status": "done", "wall_s": 1.0}, "language/seed1": {"status": "running"}}
+    }
+    assert os.listdir(tmp_path) == ["study.json"]  # no lock or temporary file left behind
+
+
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
     """Two runs (VIPA and language K/V, seed 0), 4 iterations each, on 6 synthetic images."""
