@@ -24,33 +24,27 @@ import sys
 import time
 from collections import OrderedDict
 
-from vipa_d2 import get_vipa_cfg
+from tabulate import tabulate
+
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SynthConfig, write_benchmark
-from vipa_d2.engine import SHUFFLED_SUFFIX
+from vipa_d2.data.synthetic.writer import STATS_FILE  # written last: a finished benchmark has it
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
-from vipa_d2.evaluation.breakdown import (
-    BY_TYPE_KEY,
-    RETRIEVAL_KEY,
-    format_by_type,
-    format_retrieval,
-)
+from vipa_d2.evaluation.breakdown import format_sections
+from vipa_d2 import get_vipa_cfg
+from vipa_d2.utils.runs import iteration_seconds, read_results, run_train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
-STATS_FILE = "stats.json"  # written last by the generator: its presence marks a finished run
+TRAIN_NET = os.path.join(REPO, "train_net.py")
 METRIC_COLUMNS = ["oIoU", "mIoU"] + [f"Prec@{t}" for t in PRECISION_THRESHOLDS]
 VIS_SPLIT = "val"
-# Lines of detectron2's console log worth echoing while a step runs.
-PROGRESS_MARKERS = (" iter: ", "Start inference on", "Total inference time", "Saving checkpoint")
 
 
 def parse_args(argv=None):
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-root", default="datasets", help="dataset root ($DETECTRON2_DATASETS)")
     parser.add_argument("--output", default="output/vipa_tiny_cpu", help="OUTPUT_DIR of the run")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="training config")
@@ -77,94 +71,19 @@ def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def run_train_net(args_list, log_name: str, output: str) -> float:
-    """
-    Run train_net.py with ``args_list``: its whole console output goes to ``output/log_name``,
-    progress lines (iterations, inference) to the console as well. Returns the seconds taken.
-    """
-    cmd = [sys.executable, os.path.join(REPO, "train_net.py")] + args_list
-    log_path = os.path.join(output, log_name)
-    print(f"[main_job] $ {' '.join(cmd)}\n[main_job]   (console output: {log_path})", flush=True)
-    start = time.perf_counter()
-    # Line-buffered on both ends so the log file and the echoed progress keep up.
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "w", buffering=1) as log:
-        proc = subprocess.Popen(
-            cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=REPO, env=env
-        )
-        for line in proc.stdout:
-            log.write(line)
-            if any(marker in line for marker in PROGRESS_MARKERS):
-                print("   ", line.rstrip()[:200], flush=True)
-        returncode = proc.wait()
-    if returncode != 0:
-        with open(log_path) as f:
-            tail = f.read()[-3000:]
-        sys.exit(f"[main_job] train_net.py failed (exit {returncode}); end of {log_path}:\n{tail}")
-    return time.perf_counter() - start
+def train_net_step(args_list, log_name: str, output: str) -> float:
+    """train_net.py with ``args_list``, console output in ``output/log_name``; seconds taken."""
+    try:
+        return run_train_net(TRAIN_NET, args_list, os.path.join(output, log_name), os.environ,
+                             lambda line: print("[main_job]", line, flush=True))
+    except subprocess.CalledProcessError as e:
+        sys.exit(f"[main_job] train_net.py failed (exit {e.returncode}); {e.output}")
 
 
-def iteration_seconds(output: str):
-    """Median seconds per training iteration, from detectron2's metrics.json."""
-    path = os.path.join(output, "metrics.json")
-    if not os.path.isfile(path):
-        return None
-    with open(path) as f:
-        times = sorted(json.loads(line)["time"] for line in f if '"time"' in line)
-    return times[len(times) // 2] if times else None
-
-
-def read_results(output: str, names):
-    """{row name: content of the evaluator's per-sample results file} (shuffled control too)."""
-    rows = OrderedDict()
-    for name in names:
-        for suffix, folder in (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled"))):
-            path = os.path.join(output, folder, f"referring_results_{name}.json")
-            if os.path.isfile(path):
-                with open(path) as f:
-                    rows[name + suffix] = json.load(f)
-    return rows
-
-
-def metric_rows(results):
-    """{row name: (metrics, number of samples)} of :func:`read_results`' files."""
-    return OrderedDict((name, (p["metrics"], len(p["samples"]))) for name, p in results.items())
-
-
-def read_metrics(output: str, names):
-    """{row name: (metrics, number of samples)} from the evaluator's per-sample result files."""
-    return metric_rows(read_results(output, names))
-
-
-def format_table(rows) -> str:
-    header = ["dataset", "samples"] + METRIC_COLUMNS
-    lines = [header] + [
-        [name, str(n)] + [f"{metrics[c]:.2f}" for c in METRIC_COLUMNS]
-        for name, (metrics, n) in rows.items()
-    ]
-    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
-    fmt = lambda line: "| " + " | ".join(v.rjust(w) for v, w in zip(line, widths)) + " |"  # noqa: E731
-    rule = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
-    return "\n".join([fmt(lines[0]), rule] + [fmt(line) for line in lines[1:]])
-
-
-def format_breakdowns(rows) -> str:
-    """The per-type table and the retrieval report of the result files that have them."""
-    parts = []
-    by_type = OrderedDict((name, p[BY_TYPE_KEY]) for name, p in rows.items() if BY_TYPE_KEY in p)
-    if by_type:
-        parts.append("Per expression type (percent):\n" + format_by_type(by_type))
-    retrieval = OrderedDict(
-        (name, p[RETRIEVAL_KEY]) for name, p in rows.items() if RETRIEVAL_KEY in p
-    )
-    if retrieval:
-        parts.append(
-            "Retrieval report (percent): cue Jaccard = mean pairwise Jaccard of the tokens the "
-            "cues of one expression retrieve;\nlandmark cues = share of the area the landmark "
-            "phrase's cues retrieve that lies on the landmark object / on the target\n"
-            + format_retrieval(retrieval)
-        )
-    return "\n\n".join(parts)
+def format_table(results) -> str:
+    """The metric table of :func:`read_results`' files, one row per dataset."""
+    rows = [[name, len(p["samples"])] + [p["metrics"][c] for c in METRIC_COLUMNS] for name, p in results.items()]
+    return tabulate(rows, ["dataset", "samples"] + METRIC_COLUMNS, tablefmt="github", floatfmt=".2f")
 
 
 def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_images: int):
@@ -188,8 +107,7 @@ def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_im
 
 def main(argv=None):
     args = parse_args(argv)
-    root = os.path.abspath(args.data_root)
-    output = os.path.abspath(args.output)
+    root, output = os.path.abspath(args.data_root), os.path.abspath(args.output)
     os.makedirs(output, exist_ok=True)
     # train_net.py, its ranks and data-loader workers find the built-in datasets here.
     os.environ[DATASETS_ENV] = root
@@ -199,33 +117,27 @@ def main(argv=None):
 
     common = ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
     # Evaluation is a separate step below (timed on its own), so training evaluates nothing.
-    train_s = run_train_net(
-        common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts, "train_console.log", output
-    )
+    train_s = train_net_step(common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts,
+                             "train_console.log", output)
     cfg = get_vipa_cfg(args.config_file, args.opts)
     weights = os.path.join(output, "model_final.pth")
-    eval_s = run_train_net(
-        common + ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,
-                  "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"] + args.opts,
-        "eval_console.log", output,
-    )
+    eval_opts = ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,
+                 "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]
+    eval_s = train_net_step(common + eval_opts + args.opts, "eval_console.log", output)
 
-    vis_dir = os.path.join(output, "visualizations")
-    vis_start = time.perf_counter()
+    vis_dir, vis_start = os.path.join(output, "visualizations"), time.perf_counter()
     visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
     vis_s = time.perf_counter() - vis_start
 
-    results = read_results(output, cfg.DATASETS.TEST)
-    it_s = iteration_seconds(output)
+    results, it_s = read_results(output, cfg.DATASETS.TEST), iteration_seconds(output)
     print("\nVIPA tiny CPU: referring segmentation, scored at the original image resolution")
-    print(format_table(metric_rows(results)))
-    breakdowns = format_breakdowns(results)
+    print(format_table(results))
+    breakdowns = format_sections(results)
     if breakdowns:
         print("\n" + breakdowns)
     print(f"\nTimings: data {data_s:.0f} s, training {train_s:.0f} s "
           f"({cfg.SOLVER.MAX_ITER} iterations, {it_s if it_s is None else round(it_s, 3)} s/iter median), "
-          f"evaluation {eval_s:.0f} s, visualisation {vis_s:.0f} s, "
-          f"total {time.perf_counter() - total_start:.0f} s")
+          f"evaluation {eval_s:.0f} s, visualisation {vis_s:.0f} s, total {time.perf_counter() - total_start:.0f} s")
     print(f"Checkpoint:      {weights}")
     print(f"Metrics:         {os.path.join(output, 'inference')} (per-sample results, "
           f"shuffled control in inference/shuffled), training curves in {output}/metrics.json")

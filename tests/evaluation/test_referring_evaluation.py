@@ -371,17 +371,18 @@ def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
     evaluator.evaluate()
     rows = main_job.read_results(str(tmp_path), [PLAIN, "not_evaluated"])
     assert list(rows) == [PLAIN]
-    # The metric table's rows, as tools/bench reads them, are unchanged.
-    ((metrics, n),) = main_job.read_metrics(str(tmp_path), [PLAIN]).values()
+    # The metric table's rows, as the tools read them, are unchanged.
+    metrics, n = rows[PLAIN]["metrics"], len(rows[PLAIN]["samples"])
     assert n == 4 and metrics == pytest.approx(dict(evaluator.evaluate()["refer"]))
-    text = main_job.format_breakdowns(rows)
+    assert re.search(rf"\|\s*{PLAIN}\s*\|\s*4\s*\|", main_job.format_table(rows))
+    text = main_job.format_sections(rows)
     by_type, retrieval = text.split("\n\n")
     # One row per type (the dataset named on the first), then the retrieval numbers.
     assert re.search(rf"\|\s*{PLAIN}\s*\|\s*colour\s*\|\s*1\s*\|\s*100\.00", by_type)
     assert re.search(r"\|\s*\|\s*relation\s*\|\s*3\s*\|", by_type)
     cells = [PLAIN, "40.97", "3", "46.43", "26.79", "2"]  # see test_retrieval_report_hand_computed
     assert re.search(r"\|\s*" + r"\s*\|\s*".join(cells) + r"\s*\|", retrieval), retrieval
-    assert main_job.format_breakdowns(main_job.read_results(str(tmp_path / "none"), [PLAIN])) == ""
+    assert main_job.format_sections(main_job.read_results(str(tmp_path / "none"), [PLAIN])) == ""
 
 
 def test_retrieval_means_over_no_sample_are_left_out():

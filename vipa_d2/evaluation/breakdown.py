@@ -35,6 +35,7 @@ __all__ = [
     "flatten_sections",
     "format_by_type",
     "format_retrieval",
+    "format_sections",
     "log_sections",
 ]
 
@@ -42,6 +43,11 @@ BY_TYPE_KEY = "refer_by_type"
 RETRIEVAL_KEY = "retrieval"
 # Per-type columns: the headline metrics; a type holds too few samples for finer Prec@X.
 TYPE_METRICS = ("oIoU", "mIoU", "Prec@0.5")
+# What the retrieval report's numbers are (the caption of its tables).
+RETRIEVAL_CAPTION = (
+    "percent; cue Jaccard: mean pairwise Jaccard of the cues' retrieved tokens; landmark cues: share "
+    "of the landmark phrase's retrieved area on the landmark object / on the target"
+)
 _RETRIEVAL_COLUMNS = (
     ("cue_jaccard", "cue Jaccard"),
     ("cue_jaccard_samples", "samples"),
@@ -220,6 +226,19 @@ def format_retrieval(by_dataset: Dict[str, Dict]) -> str:
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".2f")
 
 
+def format_sections(results: Dict[str, Dict]) -> str:
+    """The per-type table and the retrieval report of {dataset name: results holding the
+    sections} (an evaluator's results file or entry), "" when none has them."""
+    parts = []
+    by_type = OrderedDict((name, r[BY_TYPE_KEY]) for name, r in results.items() if BY_TYPE_KEY in r)
+    if by_type:
+        parts.append("Per expression type (percent):\n" + format_by_type(by_type))
+    retrieval = OrderedDict((name, r[RETRIEVAL_KEY]) for name, r in results.items() if RETRIEVAL_KEY in r)
+    if retrieval:
+        parts.append(f"Retrieval report ({RETRIEVAL_CAPTION}):\n" + format_retrieval(retrieval))
+    return "\n\n".join(parts)
+
+
 def log_sections(dataset_name: str, sections: Dict) -> None:
     """Log the tables of the sections :func:`summarize` returned (if any)."""
     if BY_TYPE_KEY in sections:
@@ -227,8 +246,4 @@ def log_sections(dataset_name: str, sections: Dict) -> None:
         logger.info(f"Referring segmentation on {dataset_name} per expression type:\n{table}")
     if RETRIEVAL_KEY in sections:
         table = format_retrieval({dataset_name: sections[RETRIEVAL_KEY]})
-        logger.info(
-            f"Retrieval report on {dataset_name} (percent; cue Jaccard: mean pairwise Jaccard "
-            f"of the cues' retrieved tokens; landmark cues: share of the landmark phrase's "
-            f"retrieved area on the landmark object / on the target):\n{table}"
-        )
+        logger.info(f"Retrieval report on {dataset_name} ({RETRIEVAL_CAPTION}):\n{table}")

@@ -1,0 +1,188 @@
+"""tools/study.py on a 2-run quick list: results JSON, skip on rerun, resume; the ablation leaves."""
+import importlib.util
+import json
+import os
+
+import pytest
+from detectron2.modeling import build_model
+
+from vipa_d2.data.synthetic import SynthConfig, write_benchmark
+from vipa_d2 import get_vipa_cfg
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ABLATIONS = os.path.join(REPO, "configs", "synthetic", "ablations")
+BASE = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+# Each leaf's whole difference from the tiny config it is based on.
+LEAF_CHANGES = {
+    "vipa": {},
+    "language": {"MODEL.VIPA.KV_SOURCE": "language"},
+    "language_relevance": {"MODEL.VIPA.KV_SOURCE": "language_relevance"},
+    "step1_only": {"MODEL.VIPA.VEG.STEP2": False},
+    "step2_only": {"MODEL.VIPA.VEG.STEP1": False},
+    "global_cue_only": {"MODEL.VIPA.VEG.LOCAL_CUES": False},
+    "local_cues_only": {"MODEL.VIPA.VEG.GLOBAL_CUE": False, "MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "all"},
+    "ratio_0.1": {"MODEL.VIPA.VEG.RATIO": 0.1},
+    "ratio_0.5": {"MODEL.VIPA.VEG.RATIO": 0.5},
+    "ratio_0.8": {"MODEL.VIPA.VEG.RATIO": 0.8},
+    "fusion_none": {"MODEL.VIPA.FUSION": "none"},
+    "fusion_late": {"MODEL.VIPA.FUSION": "late"},
+}
+# A model that trains a few iterations in seconds; checkpoints after iterations 2 and 4.
+TINY = [
+    "INPUT.IMAGE_SIZE", "64", "MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.FREEZE", "True",
+    "MODEL.VIPA.HIDDEN_DIM", "32", "MODEL.VIPA.NHEADS", "2", "MODEL.VIPA.VEG.DIM_FEEDFORWARD", "64",
+    "MODEL.VIPA.PIXEL_DECODER.MASK_DIM", "32", "MODEL.VIPA.DECODER.NUM_LAYERS", "2",
+    "MODEL.VIPA.DECODER.DIM_FEEDFORWARD", "64", "SOLVER.IMS_PER_BATCH", "2", "SOLVER.WARMUP_ITERS", "1",
+    "SOLVER.CHECKPOINT_PERIOD", "2", "DATALOADER.NUM_WORKERS", "0",
+]
+SPLITS = ("val", "testA", "testB")
+
+
+def _load_tool(name):
+    """A script of tools/ as a module, by its file path (tools/ is not a package)."""
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+study = _load_tool("study")
+
+
+def _flat(cfg, prefix=""):
+    out = {}
+    for key, value in cfg.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return out
+
+
+@pytest.mark.parametrize("variant", sorted(LEAF_CHANGES))
+def test_ablation_leaf_holds_only_its_change_and_builds(variant):
+    base = _flat(get_vipa_cfg(BASE))
+    leaf = get_vipa_cfg(os.path.join(ABLATIONS, f"{variant}.yaml"))
+    assert {k: v for k, v in _flat(leaf).items() if base[k] != v} == LEAF_CHANGES[variant]
+    leaf.merge_from_list(TINY)
+    assert build_model(leaf).training
+
+
+def test_every_leaf_is_listed():
+    assert sorted(f[: -len(".yaml")] for f in os.listdir(ABLATIONS)) == sorted(LEAF_CHANGES)
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    assert study.main(["--variants", "vipa", "vipaa", "--output", str(tmp_path)]) == 2
+    assert "unknown or repeated ['vipaa']" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--seeds", "0", "-1", "--output", str(tmp_path)])
+    assert "--seeds must be >= 0, got [0, -1]" in capsys.readouterr().err
+    assert not os.listdir(tmp_path)  # nothing started
+
+
+def test_studies_sharing_a_results_file_keep_each_others_entries(tmp_path):
+    path = str(tmp_path / "study.json")
+    study.save_entry(path, "vipa/seed0", {"status": "done"})
+    study.save_entry(path, "language/seed1", {"status": "running"})  # as written by another study
+    study.save_entry(path, "vipa/seed0", {"status": "done", "wall_s": 1.0})
+    assert study.load_results(path) == {
+        "runs": {"vipa/seed0": {"status": "done", "wall_s": 1.0}, "language/seed1": {"status": "running"}}
+    }
+    assert os.listdir(tmp_path) == ["study.json"]  # no lock or temporary file left behind
+
+
+@pytest.fixture(scope="module")
+def quick_study(tmp_path_factory):
+    """Two runs (VIPA and language K/V, seed 0), 4 iterations each, on 6 synthetic images."""
+    tmp = tmp_path_factory.mktemp("study")
+    write_benchmark(str(tmp / "data"), 6, seed=0, cfg=SynthConfig(image_size=64), workers=1, progress=False)
+    argv = ["--variants", "vipa", "language", "--seeds", "0", "--max-iter", "4", "--output", str(tmp / "runs"),
+            "--data-root", str(tmp / "data"), "--keep-checkpoints", *TINY]
+    assert study.main(argv) == 0
+    with open(tmp / "runs" / "study.json") as f:
+        return tmp, argv, json.load(f)
+
+
+def test_study_writes_every_run_to_one_json(quick_study):
+    tmp, _, data = quick_study
+    assert sorted(data["runs"]) == ["language/seed0", "vipa/seed0"]
+    for key, entry in data["runs"].items():
+        assert entry["status"] == "done" and entry["iterations"] == 4 and entry["wall_s"] > 0
+        assert entry["output_dir"] == str(tmp / "runs" / key.replace("/", os.sep))
+        assert entry["opts"][-2:] == ["SEED", "0"] and entry["config_file"].endswith(f"{entry['variant']}.yaml")
+        assert set(entry["splits"]) == set(SPLITS) and set(entry["by_type"]) == set(SPLITS)
+        for metrics in entry["splits"].values():
+            assert {"oIoU", "mIoU", "Prec@0.5", "Prec@0.9"} <= set(metrics)
+            assert all(0 <= v <= 100 for v in metrics.values())
+        assert entry["sec_per_iter"] > 0 and entry["ratio"] == 0.3 and entry["commit"]
+    # Only VIPA's VEG retrieves: the language baseline has no retrieval report.
+    assert set(data["runs"]["vipa/seed0"]["retrieval"]) == set(SPLITS)
+    assert data["runs"]["language/seed0"]["retrieval"] == {}
+
+
+def test_rerun_skips_finished_runs(quick_study, capsys):
+    tmp, argv, data = quick_study
+    metrics = tmp / "runs" / "vipa" / "seed0" / "metrics.json"
+    mtime = metrics.stat().st_mtime_ns
+    assert study.main(argv) == 0
+    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert metrics.stat().st_mtime_ns == mtime  # nothing trained, nothing evaluated
+    with open(tmp / "runs" / "study.json") as f:
+        assert json.load(f) == data
+    # ... and a run made with other settings is refused, not mixed in.
+    assert study.main(argv + ["SOLVER.BASE_LR", "0.001"]) == 2
+    assert "vipa/seed0 was made with" in capsys.readouterr().err
+
+
+def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study):
+    tmp, argv, data = quick_study
+    run_dir = tmp / "runs" / "language" / "seed0"
+    # As if killed after iteration 2: the periodic checkpoint is the last, the entry unfinished.
+    (run_dir / "model_final.pth").unlink()
+    (run_dir / "last_checkpoint").write_text("model_0000001.pth")
+    interrupted = {k: v for k, v in data["runs"]["language/seed0"].items() if k not in ("splits", "status")}
+    with open(tmp / "runs" / "study.json", "w") as f:
+        json.dump({"runs": {**data["runs"], "language/seed0": {**interrupted, "status": "running"}}}, f)
+
+    assert study.main(argv) == 0
+    with open(tmp / "runs" / "study.json") as f:
+        resumed = json.load(f)["runs"]["language/seed0"]
+    console = (run_dir / "train_console.log").read_text().split("$ ")[-1]
+    assert "model_0000001.pth" in console and "Starting training from iteration 2" in console
+    assert resumed["status"] == "done" and resumed["splits"] == data["runs"]["language/seed0"]["splits"]
+    assert resumed["wall_s"] > data["runs"]["language/seed0"]["wall_s"]  # both sittings counted
+
+
+study_report = _load_tool("study_report")
+
+
+def _entry(variant, seed, val, test_a, test_b, ratio=0.3):
+    splits = {"val": {"oIoU": val}, "testA": {"oIoU": test_a}, "testB": {"oIoU": test_b}}
+    by_type = {"val": {"ordinal": {"oIoU": val - 40.0}}}
+    return {"variant": variant, "seed": seed, "status": "done", "splits": splits, "by_type": by_type,
+            "retrieval": {"val": {"cue_jaccard": 60.0 + seed, "cue_jaccard_samples": 9}},
+            "ratio": ratio, "iterations": 4, "wall_s": 60.0}
+
+
+def test_report_applies_the_rule_and_draws(tmp_path, capsys):
+    runs = [_entry("vipa", s, v, v, v) for s, v in enumerate([80.0, 81.0, 82.0])]
+    runs += [_entry("language", s, v, v, v) for s, v in enumerate([77.0, 78.0, 78.5])]  # +3, +3, +3.5
+    runs += [_entry("fusion_none", s, v, v, v + 5) for s, v in enumerate([77.0, 78.0])]  # testB flips
+    runs += [_entry("ratio_0.1", s, v, v, v, 0.1) for s, v in enumerate([70.0, 90.0])]  # +10, -9: noise
+    runs += [_entry("ratio_0.8", 0, 70.0, 70.0, 70.0, 0.8)]  # one seed
+    runs.append({**_entry("step1_only", 0, 1.0, 1.0, 1.0), "status": "running"})  # unfinished: left out
+    results = tmp_path / "study.json"
+    results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
+    out = tmp_path / "docs"
+    assert study_report.main([str(results), "--output", str(out)]) == 0
+    md = (out / "study.md").read_text()
+    assert md == capsys.readouterr().out.rstrip("\n") + "\n" and study_report.RULE in md
+    verdicts = {line.split("|")[1].strip(): line.split("|")[-2].strip()
+                for line in md.split("## Paired differences, vipa")[1].split("##")[0].splitlines()
+                if line.startswith("| ") and "verdict" not in line}
+    assert verdicts == {"language": "reproduces", "fusion_none": "does not reproduce",
+                        "ratio_0.1": "does not reproduce", "ratio_0.8": "undecided (1 seed)"}
+    words = " ".join(md.split())  # tabulate pads the columns
+    assert "| language | 0: +3.00, 1: +3.00, 2: +3.50 | +3.17 ± 0.17 |" in words
+    assert "| vipa | 0 1 2 | 81.00 ± 1.00 |" in words and "step1_only" not in md
+    assert "| variant | ordinal | |---" in words and "| language | +3.17 ± 0.17 |" in words
+    for picture in ("ratio_curve.png", "variants.png"):
+        assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in md

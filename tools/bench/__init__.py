@@ -1,1 +1,0 @@
-"""Building blocks of ``tools/benchmark.py``: speed/cost, accuracy/ablations, report."""

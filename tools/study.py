@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""
+The ablation study: (variant, seed) runs of ``train_net.py`` on the synthetic benchmark
+that ``make train`` writes, resumable over several sittings, every result in one JSON file.
+
+    python tools/study.py --variants vipa language language_relevance --seeds 0 1 2 \\
+        --output output/study --results output/study/study.json [--max-iter 1000] [KEY VALUE ...]
+
+A variant is a config leaf ``configs/synthetic/ablations/<variant>.yaml``; its run for seed
+k trains into ``<output>/<variant>/seed<k>/`` with ``SEED k`` at the leaf's schedule
+(``--max-iter`` shortens it, warm-up and checkpoint period in proportion). Sampler,
+augmentations and per-iteration RNGs all derive from SEED (vipa_d2/engine/reproducibility.py):
+every variant of a seed sees the same data in the same order. Runs go seed by seed, so a
+study stopped early holds comparable pairs. Trailing ``KEY VALUE`` pairs go to every run.
+
+Rerunning skips the runs the results file holds as done (and refuses one made with other
+settings); the others restart with ``train_net.py --resume``: an interrupted run continues
+from its last checkpoint. ``tools/study_report.py`` renders the JSON.
+
+Each run is its own train_net.py process, not a call into it: a fresh process starts from
+clean RNG, memory and device state, a crash loses one run at most, and ``--num-gpus`` /
+``MODEL.DEVICE cuda`` behave as for train_net.py; seconds of start-up beside minutes of run.
+"""
+import argparse
+import fcntl
+import json
+import os
+import subprocess
+import sys
+import time
+
+from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.utils.atomic_io import atomic_open
+from vipa_d2 import get_vipa_cfg
+from vipa_d2.utils.runs import iteration_seconds, run_train_net, split_scores
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN_NET = os.path.join(REPO, "train_net.py")
+ABLATIONS = os.path.join(REPO, "configs", "synthetic", "ablations")
+
+
+class StudyError(ValueError):
+    """Bad arguments or a results file that does not match them (said without a traceback)."""
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--variants", nargs="+", default=None,
+                        help=f"config leaves in --config-dir, by name (default: all of {ABLATIONS})")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0], help="SEED of the runs (default 0)")
+    parser.add_argument("--output", default=os.path.join("output", "study"), help="folder of the run folders")
+    parser.add_argument("--results", default=None, help="the study's JSON (default <output>/study.json)")
+    parser.add_argument("--data-root", default=os.path.join(REPO, "datasets"), help="the 'make train' data")
+    parser.add_argument("--config-dir", default=ABLATIONS, help="where the variants' YAML leaves are")
+    parser.add_argument("--max-iter", type=int, default=None, help="shorter schedule: SOLVER.MAX_ITER")
+    parser.add_argument("--num-gpus", type=int, default=1, help="processes per run (train_net.py)")
+    parser.add_argument("--keep-checkpoints", action="store_true", help="keep finished runs' periodic checkpoints")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ... for every run")
+    args = parser.parse_args(argv)
+    args.opts = [o for o in args.opts if o != "--"]
+    if len(args.opts) % 2:
+        parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
+    if min(args.seeds) < 0:  # SEED < 0 draws a random seed per run: no paired data order
+        parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    args.results = args.results or os.path.join(args.output, "study.json")
+    return args
+
+
+def variant_configs(config_dir: str, names):
+    """{variant: its YAML leaf}; all leaves of ``config_dir`` when ``names`` is None."""
+    found = sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
+    names = names or found
+    unknown = [n for n in names if n not in found]
+    if unknown or len(set(names)) != len(names):
+        raise StudyError(f"--variants {names}: unknown or repeated {unknown}; the leaves in {config_dir} are {found}")
+    return {n: os.path.join(os.path.abspath(config_dir), n + ".yaml") for n in names}
+
+
+def schedule_opts(cfg, max_iter):
+    """SOLVER overrides for a shorter schedule: warm-up and checkpoint period scale with it."""
+    if max_iter is None:
+        return []
+    scale = max_iter / cfg.SOLVER.MAX_ITER
+    return ["SOLVER.MAX_ITER", str(max_iter),
+            "SOLVER.WARMUP_ITERS", str(max(1, round(cfg.SOLVER.WARMUP_ITERS * scale))),
+            "SOLVER.CHECKPOINT_PERIOD", str(max(1, round(cfg.SOLVER.CHECKPOINT_PERIOD * scale)))]
+
+
+def load_results(path: str):
+    data = {"runs": {}}
+    if os.path.isfile(path):
+        with open(path) as f:
+            data = json.load(f)
+    if not isinstance(data.get("runs"), dict):
+        raise StudyError(f"--results {path}: not a study results file (no 'runs' mapping)")
+    return data
+
+
+def save_entry(path: str, key: str, entry) -> None:
+    """Write one run's entry into the results file, re-read under a lock on its folder: studies
+    sharing the file (other variants or seeds in parallel) keep each other's entries."""
+    folder = os.path.dirname(os.path.abspath(path))
+    os.makedirs(folder, exist_ok=True)
+    lock = os.open(folder, os.O_RDONLY)
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        data = load_results(path)
+        with atomic_open(path, "w") as f:  # a killed study never leaves half a file
+            json.dump({**data, "runs": {**data["runs"], key: entry}}, f, indent=1, sort_keys=True)
+    finally:
+        os.close(lock)  # releases the lock
+
+
+def git_commit():
+    """HEAD of the repository, '-dirty' with uncommitted changes to tracked files (None outside git)."""
+    try:  # --exclude: the commit, never a tag's name
+        return subprocess.run(["git", "describe", "--always", "--dirty", "--abbrev=40", "--exclude=*"], cwd=REPO,
+                              capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def run_one(key, variant, seed, config_file, shared, args):
+    """Train + score one run unless the results hold it as done; True when it is done."""
+    opts = shared + ["SEED", str(seed)]
+    signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts}
+    entry = load_results(args.results)["runs"].get(key, {})
+    if entry and {k: entry.get(k) for k in signature} != signature:  # other settings: not the same run
+        raise StudyError(f"{args.results}: run {key} was made with {[entry.get(k) for k in signature]}, "
+                         f"not {list(signature.values())}; use other --results/--output or drop that entry")
+    if entry.get("status") == "done":
+        print(f"[study] {key}: done before, skipped")
+        return True
+    run_dir = os.path.join(os.path.abspath(args.output), variant, f"seed{seed}")
+    cfg = get_vipa_cfg(config_file, opts)
+    entry = {**signature, "variant": variant, "seed": seed, "output_dir": run_dir, "status": "running",
+             "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE, "commit": git_commit()}
+    save_entry(args.results, key, entry)
+    print(f"[study] {key}: training {cfg.SOLVER.MAX_ITER} iterations in {run_dir}", flush=True)
+    start = time.perf_counter()
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        run_train_net(TRAIN_NET, ["--config-file", config_file, "--resume", "--num-gpus", str(args.num_gpus), *opts,
+                                  "OUTPUT_DIR", run_dir], os.path.join(run_dir, "train_console.log"),
+                      {**os.environ, DATASETS_ENV: os.path.abspath(args.data_root)}, print)
+        entry.update(split_scores(run_dir, cfg.DATASETS.TEST), status="done", iterations=cfg.SOLVER.MAX_ITER,
+                     ratio=cfg.MODEL.VIPA.VEG.RATIO, sec_per_iter=iteration_seconds(run_dir),
+                     finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+        entry.update(status="failed", error=f"{e} {getattr(e, 'output', '')}"[-800:])
+        print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
+    finally:  # an interrupted run keeps the time it spent (its status stays "running")
+        entry["wall_s"] += time.perf_counter() - start
+        save_entry(args.results, key, entry)
+    if entry["status"] == "done":
+        print(f"[study] {key}: val oIoU {entry['splits'].get('val', {}).get('oIoU')}, {entry['wall_s']:.0f} s")
+        for name in [] if args.keep_checkpoints else os.listdir(run_dir):  # ~0.3 GB each, only to resume
+            if name.startswith("model_") and name.endswith(".pth") and name != "model_final.pth":
+                os.remove(os.path.join(run_dir, name))
+    return entry["status"] == "done"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        configs, failed = variant_configs(args.config_dir, args.variants), 0
+        for seed in args.seeds:
+            for variant, config_file in configs.items():
+                shared = schedule_opts(get_vipa_cfg(config_file, args.opts), args.max_iter) + args.opts
+                failed += not run_one(f"{variant}/seed{seed}", variant, seed, config_file, shared, args)
+    except StudyError as e:
+        print(f"study.py: error: {e}", file=sys.stderr)
+        return 2
+    print(f"[study] results in {args.results}" + (f"; {failed} run(s) failed, rerun to retry" if failed else ""))
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

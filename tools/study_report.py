@@ -1,0 +1,179 @@
+#!/usr/bin/env python
+"""
+Render the results JSON of ``tools/study.py``: markdown tables and PNG pictures.
+
+    python tools/study_report.py output/study/study.json --output docs/study
+
+Writes ``study.md`` (also printed): per variant mean ± std over seeds per split; paired
+differences (reference minus variant, same seeds) per seed, their mean ± standard error per
+split and per expression type, and the verdict of RULE; the retrieval report; pictures
+``ratio_curve.png`` (oIoU against r) and ``variants.png``. No targets, no paper numbers.
+"""
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display
+import matplotlib.pyplot as plt  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+RULE = (
+    "a claim reproduces when the paired mean difference (VIPA minus variant, same seeds) on val exceeds "
+    "twice its standard error over seeds, with at least 2 seeds, and has the same sign on testA and testB"
+)
+DECIDING_SPLIT, CONFIRMING_SPLITS, MIN_SEEDS, SE_MULTIPLE = "val", ("testA", "testB"), 2, 2.0  # RULE's terms
+RATIO_PREFIX = "ratio_"  # variants that differ from the reference in MODEL.VIPA.VEG.RATIO only
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("results", help="the JSON tools/study.py writes")
+    parser.add_argument("--output", default="docs/study", help="folder of study.md and the PNGs")
+    parser.add_argument("--reference", default="vipa", help="the variant every other one is paired with")
+    parser.add_argument("--metric", default="oIoU", help="metric of the differences and pictures")
+    return parser.parse_args(argv)
+
+
+def by_variant(runs):
+    """{variant: {seed: entry}} of the finished runs, variants in first-seen order."""
+    out = {}
+    for entry in runs.values():
+        if entry.get("status") == "done":
+            out.setdefault(entry["variant"], {})[entry["seed"]] = entry
+    return out
+
+
+def stats(values):
+    """(n, mean, sample std, standard error); spreads are None below 2 values, all below 1."""
+    n = len(values)
+    std = statistics.stdev(values) if n > 1 else None
+    return n, statistics.fmean(values) if n else None, std, None if std is None else std / math.sqrt(n)
+
+
+def fmt(mean, spread=None, sign=False):
+    text = "-" if mean is None else f"{mean:+.2f}" if sign else f"{mean:.2f}"
+    return text if spread is None else f"{text} ± {spread:.2f}"  # no spread without a mean
+
+
+def value(entry, *path):
+    """entry[path[0]][path[1]]... (e.g. "splits", "val", "oIoU"), None where a level is missing."""
+    for key in path:
+        entry = entry.get(key) if isinstance(entry, dict) else None
+    return entry
+
+
+def spread(seeds, *path):
+    """'mean ± std' over the seeds that have ``path``."""
+    return fmt(*stats([v for v in (value(e, *path) for e in seeds.values()) if v is not None])[1:3])
+
+
+def paired(ref, seeds, *path):
+    """{seed: reference minus variant} over the seeds both ran."""
+    pairs = {s: (value(ref[s], *path), value(seeds[s], *path)) for s in sorted(set(ref) & set(seeds))}
+    return {s: a - b for s, (a, b) in pairs.items() if a is not None and b is not None}
+
+
+def mean_se(diffs):
+    """'mean ± standard error' of paired differences."""
+    return fmt(*stats(list(diffs.values()))[1::2], sign=True)
+
+
+def verdict(diffs):
+    """The rule on {split: {seed: difference}}."""
+    n, mean, _, se = stats(list(diffs[DECIDING_SPLIT].values()))
+    if n < MIN_SEEDS:
+        return f"undecided ({n} seed{'s' * (n != 1)})"
+    others = [stats(list(diffs[s].values()))[1] for s in CONFIRMING_SPLITS]
+    same_sign = all(m is not None and (m > 0) == (mean > 0) for m in others)
+    return "reproduces" if mean > SE_MULTIPLE * se and same_sign else "does not reproduce"
+
+
+def render(runs, ref_name, metric):
+    splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs.get(ref_name, {})
+    others = {name: seeds for name, seeds in runs.items() if name != ref_name}
+    table = lambda rows, header: tabulate(rows, header, tablefmt="github", disable_numparse=True)  # noqa: E731
+    rows = [[name, " ".join(map(str, sorted(seeds))), *(spread(seeds, "splits", s, metric) for s in splits),
+             next(iter(seeds.values()))["iterations"], f"{sum(e['wall_s'] for e in seeds.values()) / 60:.0f}"]
+            for name, seeds in runs.items()]
+    parts = [f"# Ablation study\n\nVerdict rule, fixed before reading the numbers: {RULE}.\n",
+             f"## {metric} per variant (mean ± std over seeds)\n",
+             table(rows, ["variant", "seeds", *splits, "iterations", "minutes (all seeds)"]),
+             f"\n## Paired differences, {ref_name} minus variant ({metric}; mean ± standard error)\n"]
+    rows = []
+    for name, seeds in others.items():
+        diffs = {s: paired(ref, seeds, "splits", s, metric) for s in splits}
+        per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs[DECIDING_SPLIT].items()) or "-"
+        rows.append([name, per_seed, *(mean_se(diffs[s]) for s in splits), verdict(diffs)])
+    parts.append(table(rows, ["variant", f"{DECIDING_SPLIT} per seed", *splits, "verdict"]))
+    types = sorted({t for e in ref.values() for t in value(e, "by_type", DECIDING_SPLIT) or {}})
+    if types:
+        parts += [f"\n## Paired differences per expression type on {DECIDING_SPLIT} ({metric})\n",
+                  table([[name, *(mean_se(paired(ref, seeds, "by_type", DECIDING_SPLIT, t, metric)) for t in types)]
+                         for name, seeds in others.items()], ["variant", *types])]
+    keys = sorted({k for seeds in runs.values() for e in seeds.values()
+                   for k in value(e, "retrieval", DECIDING_SPLIT) or {} if not k.endswith("samples")})
+    if keys:
+        parts += [f"\n## Retrieval report on {DECIDING_SPLIT} (percent, mean ± std over seeds)\n",
+                  table([[name, *(spread(seeds, "retrieval", DECIDING_SPLIT, k) for k in keys)]
+                         for name, seeds in runs.items()], ["variant", *keys])]
+    return "\n".join(parts) + "\n"
+
+
+def plot(runs, names, x_of, metric, path, xlabel=None):
+    """Per split: mean ± std over seeds at ``x_of(variant, index)``, seeds as dots."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names)), 3.8))
+    for i, split in enumerate((DECIDING_SPLIT, *CONFIRMING_SPLITS)):
+        xs = [x_of(n, i) for n in names]
+        vals = [[v for e in runs[n].values() if (v := value(e, "splits", split, metric)) is not None] for n in names]
+        means, stds = [stats(v)[1] for v in vals], [stats(v)[2] or 0 for v in vals]
+        if xlabel:  # a curve over a numeric setting
+            line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=split)[0]
+        else:
+            line = ax.bar(xs, means, 0.8 / (len(CONFIRMING_SPLITS) + 1), yerr=stds, capsize=2, label=split)
+        for x, v in zip(xs, vals):
+            ax.scatter([x] * len(v), v, s=8, color="black" if not xlabel else line.get_color(), zorder=3)
+    if xlabel:
+        ax.set_xlabel(xlabel)
+    else:
+        ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
+    ax.set_ylabel(f"{metric} (mean ± std over seeds; dots: seeds)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    with open(args.results) as f:
+        runs = by_variant(json.load(f).get("runs", {}))
+    runs = {n: runs[n] for n in sorted(runs, key=lambda n: n != args.reference)}  # the reference first
+    if not runs:
+        print(f"study_report.py: error: {args.results} holds no finished run", file=sys.stderr)
+        return 2
+    os.makedirs(args.output, exist_ok=True)
+    text = render(runs, args.reference, args.metric)
+    names, pictures = list(runs), ["variants.png"]
+    width = 0.8 / (len(CONFIRMING_SPLITS) + 1)
+    plot(runs, names, lambda n, i: names.index(n) + (i - len(CONFIRMING_SPLITS) / 2) * width, args.metric,
+         os.path.join(args.output, pictures[0]))
+    ratios = sorted((n for n in runs if n == args.reference or n.startswith(RATIO_PREFIX)),
+                    key=lambda n: next(iter(runs[n].values()))["ratio"])
+    if len(ratios) > 1:  # the token-ratio curve: the reference and its ratio_* variants
+        pictures.insert(0, "ratio_curve.png")
+        plot(runs, ratios, lambda n, i: next(iter(runs[n].values()))["ratio"], args.metric,
+             os.path.join(args.output, pictures[0]), xlabel="token ratio r (MODEL.VIPA.VEG.RATIO)")
+    text += "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in pictures) + "\n"
+    with open(os.path.join(args.output, "study.md"), "w") as f:
+        f.write(text)
+    print(text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,102 @@
+"""
+``train_net.py`` runs for the tools (``tools/main_job.py``, ``tools/study.py``): starting
+one as a process, and reading back what it leaves in its OUTPUT_DIR (the evaluator's
+per-split results files, the training iteration times) and the config it ran.
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from typing import Callable, Dict, Mapping, Optional, Sequence
+
+from vipa_d2.data.builtin import BUILTIN_REFERRING
+from vipa_d2.engine import SHUFFLED_SUFFIX
+from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
+
+__all__ = [
+    "run_train_net", "split_label", "read_results", "split_scores", "iteration_seconds"
+]
+
+# Lines of Detectron2's console log worth echoing while a run goes.
+PROGRESS_MARKERS = (" iter: ", "Start inference on", "Total inference time", "Saving checkpoint")
+# Where ReferringTrainer.test writes the evaluator's files: the plain run, and the
+# shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
+_RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled")))
+
+
+def run_train_net(
+    train_net: str, args: Sequence[str], log_path: str, env: Mapping[str, str], echo: Callable[[str], None]
+) -> float:
+    """
+    Run the script ``train_net`` with ``args`` in a fresh process under ``env``: its console
+    output is appended to ``log_path``; the command and the progress lines go to ``echo``.
+    Returns the seconds taken; CalledProcessError (the end of the log as its output) on failure.
+    """
+    cmd = [sys.executable, "-u", train_net, *args]  # unbuffered: the log and the echo keep up
+    echo(f"$ {' '.join(cmd)}\n  (console output: {log_path})")
+    start = time.perf_counter()
+    with open(log_path, "a", buffering=1) as log:
+        log.write(f"$ {' '.join(cmd)}\n")
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                cwd=os.path.dirname(os.path.abspath(train_net)), env=dict(env))
+        for line in proc.stdout:
+            log.write(line)
+            if any(marker in line for marker in PROGRESS_MARKERS):
+                echo("    " + line.rstrip()[:200])
+    if proc.wait() != 0:
+        with open(log_path) as f:
+            raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"end of {log_path}:\n{f.read()[-3000:]}")
+    return time.perf_counter() - start
+
+
+def split_label(dataset_name: str) -> str:
+    """'refsynth_unc_val' -> 'val', 'refsynth_unc_val/shuffled' -> 'val/shuffled' (built-in
+    splits by their split name; other names unchanged)."""
+    shuffled = dataset_name.endswith(SHUFFLED_SUFFIX)
+    base = dataset_name[: -len(SHUFFLED_SUFFIX)] if shuffled else dataset_name
+    label = BUILTIN_REFERRING[base][2] if base in BUILTIN_REFERRING else base
+    return label + SHUFFLED_SUFFIX if shuffled else label
+
+
+def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[str, Dict]":
+    """
+    {dataset name: the evaluator's ``referring_results_<name>.json``} for the datasets
+    evaluated in ``output_dir``; the shuffled control's under ``<name>/shuffled``.
+    """
+    rows = OrderedDict()
+    for name in dataset_names:
+        for suffix, folder in _RESULT_FOLDERS:
+            path = os.path.join(output_dir, folder, f"referring_results_{name}.json")
+            if os.path.isfile(path):
+                with open(path) as f:
+                    rows[name + suffix] = json.load(f)
+    return rows
+
+
+def split_scores(output_dir: str, dataset_names: Sequence[str]) -> Dict[str, Dict]:
+    """
+    {"splits" / "by_type" / "retrieval": {split label: that section}} of the datasets
+    evaluated in ``output_dir`` (see :func:`split_label`); FileNotFoundError naming the
+    datasets without a results file.
+    """
+    results = read_results(output_dir, dataset_names)
+    missing = [n for n in dataset_names if n not in results]
+    if missing or not results:
+        raise FileNotFoundError(f"{output_dir}: no evaluation results for {missing or 'any dataset'}")
+    sections = (("splits", "metrics"), ("by_type", BY_TYPE_KEY), ("retrieval", RETRIEVAL_KEY))
+    return {
+        key: {split_label(name): p[field] for name, p in results.items() if field in p} for key, field in sections
+    }
+
+
+def iteration_seconds(output_dir: str) -> Optional[float]:
+    """Median seconds per training iteration in Detectron2's ``metrics.json`` (None if none)."""
+    path = os.path.join(output_dir, "metrics.json")
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        times = [row["time"] for row in map(json.loads, f) if "time" in row]
+    return statistics.median(times) if times else None
