@@ -1,5 +1,6 @@
 """VIPA's composition: the registered head and decoders, one dropout key per place, and
 checkpoints written before the head existed (top-level veg./pixel_decoder./...)."""
+import copy
 import os
 from collections import OrderedDict
 
@@ -110,3 +111,18 @@ def test_speedups_and_runtime_options_keep_the_outputs(tmp_path):
     assert not any(m.fused for m in model.modules() if hasattr(m, "fused"))
     for a, b in zip(fast, slow):
         torch.testing.assert_close(a["ref_seg"], b["ref_seg"], rtol=1e-4, atol=1e-5)
+
+
+def test_compiled_backbone_runs_each_models_own_modules():
+    # VIPA compiles run_backbone, a function of the modules, not a bound method: a copy of
+    # a compiled model (deepcopy shares the compiled function) must run its own weights.
+    from vipa_d2.modeling.meta_arch import run_backbone
+
+    compiled = torch.compile(run_backbone)
+    first = torch.nn.Conv2d(3, 4, 3).eval()
+    second = copy.deepcopy(first)
+    with torch.no_grad():
+        second.weight.add_(1.0)
+        x = torch.randn(1, 3, 8, 8)
+        for module in (first, second, first):
+            torch.testing.assert_close(compiled(module, None, x), module(x))
