@@ -6,6 +6,9 @@ import sys
 
 import pytest
 from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
+from detectron2.config import get_cfg
+
+from vipa_d2 import add_vipa_config
 
 CONFIGS = sorted(glob.glob(os.path.join(CONFIGS_DIR, "**", "*.yaml"), recursive=True))
 
@@ -58,3 +61,54 @@ def test_import_registers_everything_without_network():
     )
     env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")}
     subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=REPO_ROOT)
+
+
+def _leaves(node, prefix=""):
+    for key, value in node.items():
+        if hasattr(value, "items"):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def test_add_vipa_config_only_adds_keys():
+    # Every Detectron2 key holds a marker first: add_vipa_config must leave all of them
+    # (VIPA's values of core keys live in configs/Base-VIPA.yaml).
+    cfg = get_cfg()
+    core = dict(_leaves(cfg))
+    for key in core:
+        node = cfg
+        *parents, leaf = key.split(".")
+        for name in parents:
+            node = node[name]
+        node[leaf] = ("marker", key)
+    add_vipa_config(cfg)
+    changed = [k for k, v in _leaves(cfg) if k in core and v != ("marker", k)]
+    assert not changed
+
+
+def test_retired_speed_switches_merge_with_a_warning(tmp_path, caplog):
+    # Always on now (VIPA.set_speedups turns them off): an old YAML still means the same model.
+    old = tmp_path / "old.yaml"
+    old.write_text(
+        f'_BASE_: "{os.path.join(REPO_ROOT, "configs/synthetic/vipa_tiny_cpu.yaml")}"\n'
+        "MODEL:\n  TIMM:\n    FOLD_BN: False\n  VIPA:\n    TRIM_TEXT_PADDING: False\n    FUSED_ATTENTION: False\n"
+    )
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    with caplog.at_level("WARNING"):
+        cfg.merge_from_file(str(old))
+    for key in ("MODEL.TIMM.FOLD_BN", "MODEL.VIPA.TRIM_TEXT_PADDING", "MODEL.VIPA.FUSED_ATTENTION"):
+        assert f"Deprecated config key (ignoring): {key}" in caplog.text
+    assert "FOLD_BN" not in cfg.MODEL.TIMM and "TRIM_TEXT_PADDING" not in cfg.MODEL.VIPA
+
+
+@pytest.mark.parametrize(
+    "old, new",
+    [("MODEL.VIPA.CHANNELS_LAST", "MODEL.CHANNELS_LAST"), ("MODEL.VIPA.COMPILE_BACKBONE", "TEST.COMPILE_BACKBONE")],
+)
+def test_moved_runtime_keys_name_their_new_place(old, new):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
+        cfg.clone().merge_from_list([old, "True"])

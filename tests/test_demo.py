@@ -141,14 +141,14 @@ def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
     assert str(unreadable) in msg and "Cannot read image" in msg
 
     state = torch.load(ckpt, map_location="cpu")["model"]
-    dropped = next(k for k in state if k.startswith("transformer_decoder."))
+    dropped = next(k for k in state if k.startswith("head.transformer_decoder."))
     del state[dropped]
-    state["veg.unused.weight"] = torch.zeros(1)
+    state["head.veg.unused.weight"] = torch.zeros(1)
     torch.save({"model": state}, tmp_path / "mismatch.pth")
     msg = _refusal(
         base + ["--input", files[0], "--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", str(tmp_path / "mismatch.pth")], capsys
     )
-    assert "mismatch.pth" in msg and dropped in msg and "veg.unused.weight" in msg
+    assert "mismatch.pth" in msg and dropped in msg and "head.veg.unused.weight" in msg
     assert "missing" in msg and "unexpected" in msg
 
 

@@ -108,7 +108,7 @@ def test_weights_roundtrip_and_mismatch(predictor, records, tmp_path, caplog):
 
     state = {k: v.clone() for k, v in predictor.model.state_dict().items()}
     missing = next(k for k in state if k.startswith("backbone."))
-    shaped = next(k for k in state if k.startswith("veg.") and k.endswith("weight"))
+    shaped = next(k for k in state if k.startswith("head.veg.") and k.endswith("weight"))
     del state[missing]
     state["head.extra.weight"] = torch.zeros(3)
     state[shaped] = torch.zeros(2, 2)

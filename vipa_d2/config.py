@@ -6,12 +6,32 @@ from detectron2.config import get_cfg
 
 from .data.builtin import check_invalid_refs_setting
 
+# Keys of earlier versions that switched value-preserving speed-ups, which are now always on
+# (vipa_d2.modeling.VIPA.set_speedups turns them off for debugging). A config that sets
+# them still describes the same model, so it merges with a warning and the key is ignored.
+DEPRECATED_KEYS = ("MODEL.VIPA.TRIM_TEXT_PADDING", "MODEL.VIPA.FUSED_ATTENTION", "MODEL.TIMM.FOLD_BN")
+# Keys that moved: a config that sets the old name fails with an error naming the new one
+# (ignoring it would silently change how the model runs).
+RENAMED_KEYS = {
+    "MODEL.VIPA.CHANNELS_LAST": (
+        "MODEL.CHANNELS_LAST",
+        "the memory layout is how the built model runs (applied by ReferringTrainer.build_model), "
+        "not part of the architecture",
+    ),
+    "MODEL.VIPA.COMPILE_BACKBONE": ("TEST.COMPILE_BACKBONE", "compilation is an inference option"),
+}
+
 
 def add_vipa_config(cfg):
     """
     Add the keys VIPA uses to a Detectron2 config (call after ``get_cfg()``).
-    Every key is documented at its definition.
+    Every key is documented at its definition; no Detectron2 default is changed
+    (configs/Base-VIPA.yaml sets VIPA's values of core keys).
     """
+    for key in DEPRECATED_KEYS:
+        cfg.register_deprecated_key(key)
+    for old, (new, why) in RENAMED_KEYS.items():
+        cfg.register_renamed_key(old, new, message=why)
     # ---------------------------------------------------------------- data
     # Side length of the square input images (peers: 480). In "square" mode the image
     # is resized to IMAGE_SIZE x IMAGE_SIZE; in "keep_ratio" mode the long side is
@@ -32,6 +52,13 @@ def add_vipa_config(cfg):
     # for files you trust that hold more than tensors and plain containers (weights-only
     # loading refuses those with an error saying so). .pkl / .pyth files always need it.
     cfg.MODEL.WEIGHTS_TRUSTED = False
+
+    # ------------------------------------------------------------- runtime
+    # Keep conv weights and image batches in NHWC ("channels last") memory layout, in
+    # training and inference. Same values; on CPU (oneDNN) the depthwise convs of
+    # EfficientNet run faster this way. Not an architecture choice: applied to the built
+    # model by ReferringTrainer.build_model (VIPA.set_runtime_options).
+    cfg.MODEL.CHANNELS_LAST = False
 
     # --------------------------------------------------------- text encoder
     cfg.MODEL.TEXT_ENCODER = CN()
@@ -68,11 +95,6 @@ def add_vipa_config(cfg):
     # Keep the backbone's BatchNorm layers in inference mode with fixed affine parameters:
     # batch statistics of the small per-device batches used in RIS are too noisy.
     cfg.MODEL.TIMM.FREEZE_BN = False
-    # Apply each BatchNorm inside the convolution before it whenever the BatchNorm uses
-    # its running statistics (inference; training with FREEZE_BN): same values up to
-    # float rounding, one pass over the activation less. Checkpoints are unaffected.
-    # EfficientNet-family backbones only (Swin has no BatchNorm).
-    cfg.MODEL.TIMM.FOLD_BN = True
 
     # ----------------------------------------------------------------- VIPA
     cfg.MODEL.VIPA = CN()
@@ -80,6 +102,11 @@ def add_vipa_config(cfg):
     # the backbone outputs) or "early" (pixel-word attention inside the backbone
     # stages, LAVT-style, fed to the next stage).
     cfg.MODEL.VIPA.FUSION = "early"
+    # Dropout inside the fusion's pixel-word attention.
+    cfg.MODEL.VIPA.FUSION_DROPOUT = 0.0
+    # Registered name in VIPA_HEAD_REGISTRY (vipa_d2/modeling/head.py): the part after the
+    # vision and language encoders (VEG, pixel decoder, transformer decoder).
+    cfg.MODEL.VIPA.HEAD_NAME = "VIPAHead"
     # Key/value set of the transformer decoder: "visual_expression" (VIPA), "language"
     # (the paper's vanilla language-expression baseline; VEG is not run) or
     # "language_relevance" (the loss-matched control: language K/V, plus a step-1-only VEG
@@ -93,23 +120,6 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.NO_TARGET_THRESHOLD = 0.5
     # Foreground probability above which a pixel belongs to the mask.
     cfg.MODEL.VIPA.MASK_THRESHOLD = 0.5
-    # Keep conv weights and image batches in NHWC ("channels last") memory layout. Same
-    # values; on CPU (oneDNN) the depthwise convs of EfficientNet run faster this way
-    # (tools/benchmark.py speed times both layouts).
-    cfg.MODEL.VIPA.CHANNELS_LAST = False
-    # Cut each batch's text to its longest expression instead of INPUT.MAX_TEXT_LEN
-    # (padding is masked, so outputs do not change). False keeps shapes fixed, e.g. for
-    # tracing/export.
-    cfg.MODEL.VIPA.TRIM_TEXT_PADDING = True
-    # Run the fusion/VEG/decoder attention through torch's scaled_dot_product_attention
-    # wherever no attention map or probability reweighting is needed: same values, no
-    # materialised masked logits (see vipa_d2/modeling/attention.py).
-    cfg.MODEL.VIPA.FUSED_ATTENTION = True
-    # torch.compile the backbone (with the early fusion it calls) for inference. Training
-    # stays eager. The first inference call compiles (about 30-90 s on 2 CPU cores; again
-    # once when shapes change), so it pays off for evaluation and serving, not for a few
-    # images. Layout and the switches above must be set before that first call.
-    cfg.MODEL.VIPA.COMPILE_BACKBONE = False
 
     # Visual Expression Generator.
     cfg.MODEL.VIPA.VEG = CN()
@@ -135,6 +145,8 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.VEG.SHARE_LAYERS = 1
     # Hidden size of the feed-forward blocks after the VEG's cross- and self-attention.
     cfg.MODEL.VIPA.VEG.DIM_FEEDFORWARD = 1024
+    # Dropout inside the VEG's attention and feed-forward blocks.
+    cfg.MODEL.VIPA.VEG.DROPOUT = 0.0
     # Add the tokens' position encoding to what E_V is built from (step-1 aggregation and
     # step-2 values), so each E_V token carries WHERE its retrieved tokens are; without it
     # the position reaches the attention keys only and E_V is a bag of appearance vectors.
@@ -171,13 +183,15 @@ def add_vipa_config(cfg):
 
     # Transformer decoder (queries = vision features, key/value = visual expression).
     cfg.MODEL.VIPA.DECODER = CN()
+    # Registered name in VIPA_TRANSFORMER_DECODER_REGISTRY (vipa_d2/modeling/transformer_decoder.py).
+    cfg.MODEL.VIPA.DECODER.NAME = "VIPATransformerDecoder"
     # Scales the decoder layers cycle through, coarse to fine.
     cfg.MODEL.VIPA.DECODER.IN_FEATURES = ["res5", "res4", "res3"]
     # Number of decoder layers (one scale each, round robin over IN_FEATURES).
     cfg.MODEL.VIPA.DECODER.NUM_LAYERS = 6
     # Hidden size of the feed-forward block in each layer.
     cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD = 1024
-    # Dropout inside attention and feed-forward blocks.
+    # Dropout inside the decoder's attention and feed-forward blocks.
     cfg.MODEL.VIPA.DECODER.DROPOUT = 0.0
     # A learned "nothing" key/value token beside the K/V set: a pixel that matches no cue
     # (background) can attend to it instead of being forced onto some cue by the softmax.
@@ -222,6 +236,11 @@ def add_vipa_config(cfg):
     # Samples per inference batch in each evaluation process (detectron2's test loader
     # uses 1). Batches amortize per-call overhead; results do not depend on it.
     cfg.TEST.IMS_PER_BATCH = 1
+    # torch.compile the backbone (with the early fusion it calls) for inference; training
+    # stays eager. The first inference call compiles (about 30-90 s on 2 CPU cores; again
+    # once when shapes change), so it pays off for evaluation and serving, not for a few
+    # images. Applied by ReferringTrainer.build_model (VIPA.set_runtime_options).
+    cfg.TEST.COMPILE_BACKBONE = False
     # Resolution the evaluator scores at: "original" (each image's own size, the honest
     # default) or "input" (the resized model input, e.g. INPUT.IMAGE_SIZE squared, where
     # the LAVT and ReLA evaluators score; its target is the transformed polygons

@@ -17,6 +17,7 @@ from detectron2.utils.file_io import PathManager
 
 from .data.dataset_mapper import build_referring_augmentations, read_image
 from .engine.checkpoint import WeightsOnlyCheckpointer
+from .modeling.meta_arch import runtime_options
 from .modeling.text_encoder import build_tokenizer, tokenize
 
 logger = logging.getLogger(__name__)
@@ -171,7 +172,7 @@ class VIPAPredictor:
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in SUPPORTED_FORMATS:
             raise ValueError(f"INPUT.FORMAT={self.input_format!r}: VIPAPredictor supports {SUPPORTED_FORMATS}")
-        self.model = build_model(self.cfg)
+        self.model = build_model(self.cfg).set_runtime_options(**runtime_options(self.cfg))
         self.model.eval()
         load_weights(self.model, cfg.MODEL.WEIGHTS, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
         self.augmentations = T.AugmentationList(build_referring_augmentations(cfg, is_train=False))

@@ -11,7 +11,7 @@ from detectron2.modeling import build_backbone
 
 from common import make_cfg
 from vipa_d2.modeling.backbone import load_backbone_weights
-from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d
+from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d, set_conv_bn_folding
 
 # ImageNet-1k indices of the cat classes: tabby, tiger cat, Egyptian cat.
 CAT_CLASSES = {281, 282, 285}
@@ -41,8 +41,8 @@ def test_bundled_lite0_weights_classify_cat(arch):
 
 def test_backbone_features_match_timm_with_bundled_weights():
     cfg = make_cfg(*BACKBONE, "MODEL.TIMM.WEIGHTS", "bundled")
-    cfg.MODEL.TIMM.FOLD_BN = False  # exact stage split; folding is compared to this below
-    backbone = build_backbone(cfg, ShapeSpec(channels=3)).eval()
+    # Folding off: the exact stage split; folding is compared to this below.
+    backbone = set_conv_bn_folding(build_backbone(cfg, ShapeSpec(channels=3)), False).eval()
     ref = timm.create_model("tf_efficientnet_lite0", features_only=True, out_indices=(1, 2, 3, 4))
     load_backbone_weights(ref, "bundled", "tf_efficientnet_lite0")
     x = _cat_tensor(160)
@@ -120,15 +120,13 @@ def test_freeze_at_and_frozen_bn():
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
 
 
-def _pair(fold_bn, freeze_bn=False, arch="tf_efficientnet_lite0"):
-    """Backbones with and without Conv+BN folding holding the same (bundled) weights."""
-    built = []
-    for fold in (fold_bn, not fold_bn):
-        cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", arch, "MODEL.TIMM.WEIGHTS", "bundled")
-        cfg.MODEL.TIMM.FOLD_BN = fold
-        cfg.MODEL.TIMM.FREEZE_BN = freeze_bn
-        built.append(build_backbone(cfg, ShapeSpec(channels=3)))
-    folded, plain = built if fold_bn else built[::-1]
+def _pair(freeze_bn=False, arch="tf_efficientnet_lite0"):
+    """Backbones with Conv+BN folding (always built in) on and switched off, holding the
+    same (bundled) weights."""
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", arch, "MODEL.TIMM.WEIGHTS", "bundled")
+    cfg.MODEL.TIMM.FREEZE_BN = freeze_bn
+    folded = build_backbone(cfg, ShapeSpec(channels=3))
+    plain = set_conv_bn_folding(build_backbone(cfg, ShapeSpec(channels=3)), False)
     # The layout is unchanged: checkpoints move between the two either way.
     assert list(folded.state_dict()) == list(plain.state_dict())
     plain.load_state_dict(folded.state_dict())
@@ -137,11 +135,11 @@ def _pair(fold_bn, freeze_bn=False, arch="tf_efficientnet_lite0"):
 
 @pytest.mark.parametrize("arch", ["tf_efficientnet_lite0", "efficientnet_lite0"])
 def test_conv_bn_folding_keeps_values_and_checkpoints(arch):
-    folded, plain = _pair(True, arch=arch)
+    folded, plain = _pair(arch=arch)
     n_folded = sum(isinstance(m, FoldedConv2d) for m in folded.modules())
     n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in plain.modules())
     assert n_folded >= n_bn - 5  # all but the TF-'same'-padded strided convs
-    assert not any(isinstance(m, FoldedConv2d) for m in plain.modules())
+    assert not any(m.fold for m in plain.modules() if isinstance(m, FoldedBatchNorm2d))
     x = _cat_tensor(160)
     with torch.no_grad():
         ours, ref = folded.eval()(x), plain.eval()(x)
@@ -161,7 +159,7 @@ def test_conv_bn_folding_in_training():
     torch.manual_seed(0)
     x = torch.randn(2, 3, 96, 96)
     # Frozen BatchNorm: folded in training too, with the same gradients.
-    folded, plain = _pair(True, freeze_bn=True)
+    folded, plain = _pair(freeze_bn=True)
     grads = []
     for model in (folded.train(), plain.train()):
         model.zero_grad()
@@ -171,7 +169,7 @@ def test_conv_bn_folding_in_training():
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5, msg=n)
     # Trainable BatchNorm: batch statistics, computed exactly as before, running stats too.
-    folded, plain = _pair(True, freeze_bn=False)
+    folded, plain = _pair(freeze_bn=False)
     with torch.no_grad():
         ours, ref = folded.train()(x), plain.train()(x)
     for name in ref:

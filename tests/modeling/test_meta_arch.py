@@ -13,8 +13,7 @@ from detectron2.structures import BoxMode
 from common import TINY_CONFIG, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
-from vipa_d2.modeling.attention import set_fused_attention
-from vipa_d2.modeling.meta_arch import trim_text_padding
+from vipa_d2.modeling.meta_arch import runtime_options, trim_text_padding
 from vipa_d2.modeling.veg import linguistic_cue_mask
 
 # TINY_CONFIG small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
@@ -73,14 +72,14 @@ def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
 def capture_decoder_inputs(model):
     """Forward hook: the transformer decoder's (features, mask_features, kv, kv_valid)."""
     seen = []
-    model.transformer_decoder.register_forward_hook(lambda m, args, out: seen.append(args))
+    model.head.transformer_decoder.register_forward_hook(lambda m, args, out: seen.append(args))
     return seen
 
 
 # ------------------------------------------------------------------ contract
 def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, default_model):
     model = default_model
-    assert model.fusion_mode == "early" and model.veg is not None
+    assert model.fusion_mode == "early" and model.head.veg is not None
     inputs = make_inputs(tokenizer, TEXTS[:2])
     inputs[1]["gt_mask"].zero_()
     inputs[1]["empty"] = True  # a generalized (no-target) sample in the batch
@@ -90,7 +89,7 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
     assert all(torch.isfinite(v) and v.dim() == 0 for v in losses.values())
     sum(losses.values()).backward()
     for part in ("veg", "pixel_decoder", "transformer_decoder"):
-        params = [(n, p) for n, p in model.named_parameters() if n.startswith(part)]
+        params = [(n, p) for n, p in model.named_parameters() if n.startswith("head." + part)]
         assert params and all(p.grad is not None for _, p in params), part
         nonzero = sum(bool(p.grad.abs().sum() > 0) for _, p in params)
         assert nonzero / len(params) > 0.9, (part, nonzero, len(params))
@@ -150,9 +149,9 @@ def test_language_kv_sources(tokenizer, kv_source):
     # "language" runs no VEG; the loss-matched control runs step 1 for its relevance loss.
     control = kv_source == "language_relevance"
     if control:
-        assert model.veg is not None and model.veg.step1 and not model.veg.step2
+        assert model.head.veg is not None and model.head.veg.step1 and not model.head.veg.step2
     else:
-        assert model.veg is None and not any("veg" in n for n, _ in model.named_parameters())
+        assert model.head.veg is None and not any("veg" in n for n, _ in model.named_parameters())
     seen = capture_decoder_inputs(model)
     inputs = make_inputs(tokenizer, TEXTS[:2])
     model.train()
@@ -163,7 +162,7 @@ def test_language_kv_sources(tokenizer, kv_source):
     with torch.no_grad():
         out = model(inputs)[0]
         ids, mask = trim_text_padding(*model.preprocess_text(inputs))
-        expected = model.language_proj(model.text_encoder(ids, mask))
+        expected = model.head.language_proj(model.text_encoder(ids, mask))
     assert torch.allclose(seen[-1][2], expected, atol=1e-5)
     # Only the control retrieves anything (shown, never decoded).
     assert (torch.count_nonzero(out["relevance"]) > 0) == control
@@ -175,13 +174,13 @@ def test_step_switches_build_run_and_change_the_computation(tokenizer):
     inputs = make_inputs(tokenizer, TEXTS[:2])
     # STEP2 off: no (masked) cross-attention module in the VEG; E_V = F_a still retrieved.
     model = build("MODEL.VIPA.VEG.STEP2", False).train()
-    assert not hasattr(model.veg, "cross_attn") and not hasattr(model.veg, "share")
+    assert not hasattr(model.head.veg, "cross_attn") and not hasattr(model.head.veg, "share")
     losses = model(inputs)
     assert "loss_contrastive" in losses and all(torch.isfinite(v) for v in losses.values())
     # STEP1 off: no retrieval, no relevance -> no contrastive loss; the cross-attention runs unmasked.
     model = build("MODEL.VIPA.VEG.STEP1", False).train()
     calls = []
-    model.veg.cross_attn.register_forward_hook(lambda m, i, o: calls.append(1))
+    model.head.veg.cross_attn.register_forward_hook(lambda m, i, o: calls.append(1))
     losses = model(inputs)
     assert "loss_contrastive" not in losses and len(calls) == 1
     model.eval()
@@ -286,7 +285,7 @@ def test_text_padding_is_trimmed_to_the_longest_expression(tokenizer, default_mo
     assert seen == [lengths[0], lengths[1]]
     assert torch.allclose(alone["ref_seg"], together["ref_seg"], atol=1e-5)
     assert torch.allclose(alone["no_target_score"], together["no_target_score"], atol=1e-6)
-    model.trim_text_padding = False  # MODEL.VIPA.TRIM_TEXT_PADDING False: fixed shapes
+    model.set_speedups(trim_text_padding=False)  # fixed shapes
     with torch.no_grad():
         fixed = model([short])[0]
     assert seen[-1] == len(short["input_ids"])
@@ -294,9 +293,9 @@ def test_text_padding_is_trimmed_to_the_longest_expression(tokenizer, default_mo
 
 
 def test_channels_last_layout_keeps_the_outputs(tokenizer, default_model):
-    nhwc = copy.deepcopy(default_model).eval()
-    assert nhwc.channels_last  # the tiny config's setting
-    nchw = copy.deepcopy(nhwc).set_channels_last(False)
+    assert runtime_options(make_cfg())["channels_last"]  # the tiny config's setting
+    nhwc = copy.deepcopy(default_model).eval().set_runtime_options(channels_last=True)
+    nchw = copy.deepcopy(nhwc).set_runtime_options(channels_last=False)
     conv = next(p for p in nhwc.backbone.parameters() if p.dim() == 4)
     assert conv.is_contiguous(memory_format=torch.channels_last) and not conv.is_contiguous()
     inputs = make_inputs(tokenizer, TEXTS[:2])
@@ -312,7 +311,7 @@ def test_channels_last_layout_keeps_the_outputs(tokenizer, default_model):
 def test_fused_attention_keeps_outputs_and_gradients(tokenizer, default_model):
     fused = copy.deepcopy(default_model)
     _open_fusion_gates(fused)  # so pixel-word attention reaches the output
-    explicit = set_fused_attention(copy.deepcopy(fused), False)
+    explicit = copy.deepcopy(fused).set_speedups(fused_attention=False)
     inputs = make_inputs(tokenizer, TEXTS[:3])  # different lengths: padding masks
     with torch.no_grad():
         a, b = fused.eval()(inputs), explicit.eval()(inputs)
@@ -458,7 +457,7 @@ def test_compiled_backbone_keeps_outputs_and_stays_out_of_training(tokenizer, de
     eager = copy.deepcopy(default_model).eval()
     _open_fusion_gates(eager)  # early fusion runs inside the compiled backbone
     compiled = copy.deepcopy(eager)
-    compiled.compile_backbone = True
+    compiled.set_runtime_options(compile_backbone=True)
     assert compiled.state_dict().keys() == eager.state_dict().keys()
     # The second batch swaps the expressions: compiled code must read every call's text,
     # not the first call's.
@@ -468,11 +467,13 @@ def test_compiled_backbone_keeps_outputs_and_stays_out_of_training(tokenizer, de
             a, b = eager(inputs), compiled(inputs)
         for x, y in zip(a, b):
             assert torch.allclose(x["ref_seg"], y["ref_seg"], atol=1e-5)
-    assert compiled._compiled_backbone is not None
-    # The compiled code is bound to this model: a copy must build its own, not run it.
-    assert copy.deepcopy(compiled)._compiled_backbone is None
-    # Training runs the eager backbone: the compiled code is neither used nor rebuilt.
+    compiled_run, calls = compiled._compiled_backbone, []
+    assert compiled_run is not None
+    compiled._compiled_backbone = lambda *args: calls.append(1) or compiled_run(*args)
+    with torch.no_grad():
+        compiled(inputs)
+    assert calls == [1]
+    # Training runs the eager backbone: the compiled code is not used.
     compiled.train()
-    compiled._compiled_backbone = None
     sum(compiled(inputs).values()).backward()
-    assert compiled._compiled_backbone is None
+    assert calls == [1]

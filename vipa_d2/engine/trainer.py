@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.evaluation import ReferringEvaluator
+from vipa_d2.modeling import VIPA, runtime_options
 
 from .checkpoint import AtomicDetectionCheckpointer
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
@@ -99,6 +100,15 @@ class ReferringTrainer(DefaultTrainer):
         self.max_iter = cfg.SOLVER.MAX_ITER
         self.cfg = cfg
         self.register_hooks(self.build_hooks())
+
+    @classmethod
+    def build_model(cls, cfg):
+        """DefaultTrainer's model, run as the config asks (layout, compilation: not part
+        of the architecture, see VIPA.set_runtime_options)."""
+        model = super().build_model(cfg)
+        if isinstance(model, VIPA):
+            model.set_runtime_options(**runtime_options(cfg))
+        return model
 
     @staticmethod
     def wrap_ddp(model):

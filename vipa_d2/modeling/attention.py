@@ -4,7 +4,7 @@ Attention building blocks shared by the fusion, VEG and decoder modules.
 Attention is written with explicit matmuls where (1) an extra multiplicative weight (the
 VEG's retrieved-token mask) reweights the probabilities and carries gradients, or (2)
 attention maps are returned for visualisation. Everywhere else it goes through
-``scaled_dot_product_attention`` (``fused``, MODEL.VIPA.FUSED_ATTENTION): the same values
+``scaled_dot_product_attention`` (``fused``; VIPA.set_speedups turns it off): the same values
 without materialising the masked logits, which dominate pixel-word attention (thousands
 of pixels, a few words, 3-dimensional heads). tools/model_cost.py counts both paths.
 """

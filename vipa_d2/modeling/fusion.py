@@ -66,7 +66,7 @@ class VisionLanguageFusion(nn.Module):
             "input_shape": input_shape,
             "text_dim": text_dim,
             "nheads": cfg.MODEL.VIPA.NHEADS,
-            "dropout": cfg.MODEL.VIPA.DECODER.DROPOUT,
+            "dropout": cfg.MODEL.VIPA.FUSION_DROPOUT,
         }
 
     def fuse_stage(self, name: str, feature: torch.Tensor, text: torch.Tensor, text_valid: torch.Tensor):

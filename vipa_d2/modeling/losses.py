@@ -24,6 +24,12 @@ def area_downsample(masks: torch.Tensor, size) -> torch.Tensor:
     return F.adaptive_avg_pool2d(masks[:, None].float(), size)[:, 0]
 
 
+def token_validity(image_valid: torch.Tensor, grid) -> torch.Tensor:
+    """(B, H, W) image validity -> (B, h*w) bool: the tokens of a ``grid`` = (h, w) map
+    that lie mostly inside the image (the others cover batch padding)."""
+    return area_downsample(image_valid, grid).flatten(1) >= 0.5
+
+
 def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Mean BCE over all (weighted) pixels of the batch."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
@@ -140,6 +146,7 @@ class VIPACriterion(nn.Module):
         relevance: Optional[torch.Tensor] = None,
         relevance_grid=None,
         cue_valid: Optional[torch.Tensor] = None,
+        token_valid: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -147,6 +154,8 @@ class VIPACriterion(nn.Module):
             gt_masks, image_valid: (B, H, W) at the padded input resolution (0/1).
             empty: (B,) bool, the expression refers to nothing.
             relevance: (B, T, N) VEG relevance on a ``relevance_grid`` = (h, w) grid, or None.
+            token_valid: (B, N) bool, the tokens of that grid inside the image, as the VEG
+                used them (derived from ``image_valid`` when not given).
         """
         gt = gt_masks.float()
         losses = self.mask_losses(pred_masks[-1], gt, image_valid)
@@ -155,7 +164,8 @@ class VIPACriterion(nn.Module):
                 losses.update(self.mask_losses(logits, gt, image_valid, suffix=f"_{i}"))
         if relevance is not None and self.contrastive_weight > 0:
             token_target = area_downsample(gt, relevance_grid).flatten(1)
-            token_valid = area_downsample(image_valid, relevance_grid).flatten(1) >= 0.5
+            if token_valid is None:
+                token_valid = token_validity(image_valid, relevance_grid)
             supervised = cue_valid
             if self.contrastive_cues == "global":
                 # Only the [CLS] row (position 0, see linguistic_cue_mask) names the target.

@@ -1,8 +1,8 @@
 """
 The VIPA meta-architecture: vision encoder (+ optional early/late pixel-word fusion),
-language encoder, Visual Expression Generator (VEG), pixel decoder and a transformer
-decoder whose queries are the pixel features and whose key/value set is the visual
-expression (or, for the baseline, the language features).
+language encoder and a head (:mod:`vipa_d2.modeling.head`: Visual Expression Generator,
+pixel decoder and a transformer decoder whose queries are the pixel features and whose
+key/value set is the visual expression or, for the baseline, the language features).
 
 Encoding the image and decoding an expression are separate steps (``encode_image`` /
 ``decode``) so a predictor can run several expressions against one image. With EARLY
@@ -23,19 +23,17 @@ from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from .attention import set_fused_attention
+from .backbone.conv_bn_fold import set_conv_bn_folding
 from .fusion import FUSION_MODES, VisionLanguageFusion
-from .losses import VIPACriterion, area_downsample
-from .pixel_decoder import build_pixel_decoder
+from .head import build_vipa_head
+from .losses import VIPACriterion
 from .text_encoder import TextEncoder
-from .transformer_decoder import VIPATransformerDecoder
-from .veg import VisualExpressionGenerator, linguistic_cue_mask
 
 logger = logging.getLogger(__name__)
 
-# "language_relevance" is the loss-matched control: language K/V, while a VEG (step 1
-# only) still computes the cue-token relevance so the pixel contrastive loss supervises
-# the same features as in VIPA; nothing of it reaches the decoder.
-KV_SOURCES = ("visual_expression", "language", "language_relevance")
+# Top-level modules that version 1 state dicts (before the head existed) held; they now
+# live under ``head.`` (see VIPA._load_from_state_dict).
+_MOVED_TO_HEAD = ("veg", "language_proj", "pixel_decoder", "transformer_decoder")
 
 
 def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -51,8 +49,32 @@ def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
     return input_ids[:, :end], attention_mask[:, :end]
 
 
+def run_backbone(backbone: nn.Module, fusion: Optional[nn.Module], pixels: torch.Tensor, text=None, text_valid=None):
+    """The backbone; given the text, with early fusion after every output stage.
+
+    A plain function of the modules (not a bound method): compiled once, it serves any
+    model, torch.compile's guards telling one model's modules from another's (a copy's).
+    """
+    if text is None:
+        return backbone(pixels)
+
+    def fuse(name, feature):
+        return fusion.fuse_stage(name, feature, text, text_valid)
+
+    return backbone(pixels, stage_hook=fuse)
+
+
+def runtime_options(cfg) -> Dict[str, bool]:
+    """The config's keyword arguments for :meth:`VIPA.set_runtime_options`."""
+    return {"channels_last": cfg.MODEL.CHANNELS_LAST, "compile_backbone": cfg.TEST.COMPILE_BACKBONE}
+
+
 @META_ARCH_REGISTRY.register()
 class VIPA(nn.Module):
+    # State-dict layout version: 2 keeps VEG, language projection and both decoders under
+    # ``head.``; version 1 checkpoints held them at the top level and are renamed on loading.
+    _version = 2
+
     @configurable
     def __init__(
         self,
@@ -61,157 +83,123 @@ class VIPA(nn.Module):
         text_encoder: nn.Module,
         fusion: Optional[VisionLanguageFusion],
         fusion_mode: str,
-        kv_source: str = "",
-        veg: Optional[VisualExpressionGenerator],
-        veg_in_feature: str,
-        language_proj: Optional[nn.Module],
-        pixel_decoder: nn.Module,
-        transformer_decoder: VIPATransformerDecoder,
+        head: nn.Module,
         criterion: VIPACriterion,
-        global_cue: bool,
-        local_cues: bool,
         pixel_mean,
         pixel_std,
         no_target_threshold: float,
-        channels_last: bool = False,
-        trim_text_padding: bool = True,
-        fused_attention: bool = True,
-        compile_backbone: bool = False,
     ):
         """
-        ``kv_source`` (one of KV_SOURCES; "" infers it from the modules given) decides which
-        modules are needed: ``veg`` for "visual_expression", ``language_proj`` for
-        "language", both for "language_relevance". ``fusion`` is None iff ``fusion_mode``
-        is "none".
+        ``fusion`` is None iff ``fusion_mode`` is "none". The value-preserving speed-ups are
+        on (:meth:`set_speedups` turns them off for debugging); layout and compilation are
+        runtime options (:meth:`set_runtime_options`), NCHW and eager after construction.
         """
         super().__init__()
         if fusion_mode not in FUSION_MODES:
             raise ValueError(f"MODEL.VIPA.FUSION must be one of {FUSION_MODES}, got {fusion_mode!r}")
         if (fusion is None) != (fusion_mode == "none"):
             raise ValueError(f"Fusion mode {fusion_mode!r} and the fusion module do not match")
-        if not kv_source:
-            kv_source = "visual_expression" if language_proj is None else "language"
-        needs = {"visual_expression": (True, False), "language": (False, True), "language_relevance": (True, True)}
-        if kv_source not in needs:
-            raise ValueError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
-        if needs[kv_source] != (veg is not None, language_proj is not None):
-            raise ValueError(
-                f"kv_source {kv_source!r} needs veg={needs[kv_source][0]} and language_proj="
-                f"{needs[kv_source][1]} (the decoder's key/value source)"
-            )
-        self.kv_source = kv_source
         self.backbone = backbone
         self.text_encoder = text_encoder
         self.fusion = fusion
         self.fusion_mode = fusion_mode
-        self.veg = veg
-        self.veg_in_feature = veg_in_feature
-        self.language_proj = language_proj
-        self.pixel_decoder = pixel_decoder
-        self.transformer_decoder = transformer_decoder
+        self.head = head
         self.criterion = criterion
-        self.global_cue, self.local_cues = global_cue, local_cues
         self.no_target_threshold = no_target_threshold
-        self.trim_text_padding = trim_text_padding
-        self.compile_backbone = compile_backbone
-        self._compiled_backbone = None  # built on the first inference call (see _backbone)
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
-        self.set_channels_last(channels_last)
-        set_fused_attention(self, fused_attention)
-        logger.info(
-            "VIPA: fusion=%s, key/value=%s, cues: global=%s local=%s",
-            fusion_mode, kv_source, global_cue, local_cues,
-        )
+        self.trim_text_padding = True
+        self.channels_last = False
+        self._compiled_backbone = None  # set_runtime_options(compile_backbone=True)
+        logger.info("VIPA: fusion=%s, head=%s", fusion_mode, type(head).__name__)
 
     @classmethod
     def from_config(cls, cfg):
         vipa = cfg.MODEL.VIPA
-        if vipa.KV_SOURCE not in KV_SOURCES:
-            raise ValueError(f"MODEL.VIPA.KV_SOURCE must be one of {KV_SOURCES}, got {vipa.KV_SOURCE!r}")
         if vipa.FUSION not in FUSION_MODES:
             raise ValueError(f"MODEL.VIPA.FUSION must be one of {FUSION_MODES}, got {vipa.FUSION!r}")
-        # Fail on a bad cue choice before building anything heavy.
-        linguistic_cue_mask(torch.ones(1, 3, dtype=torch.long), vipa.VEG.GLOBAL_CUE, vipa.VEG.LOCAL_CUES)
-
         backbone = build_backbone(cfg)
         shapes = backbone.output_shape()
         text_encoder = TextEncoder(cfg)
         text_dim = text_encoder.hidden_size
         fusion = None if vipa.FUSION == "none" else VisionLanguageFusion(cfg, shapes, text_dim)
-        veg = language_proj = None
-        if vipa.KV_SOURCE in ("visual_expression", "language_relevance"):
-            if vipa.VEG.IN_FEATURE not in shapes:
-                raise ValueError(
-                    f"MODEL.VIPA.VEG.IN_FEATURE={vipa.VEG.IN_FEATURE!r} is not a backbone output "
-                    f"(available: {sorted(shapes)}; see MODEL.TIMM.OUT_FEATURES)"
-                )
-            # The control needs only step 1's relevance; step 2 would be unused parameters.
-            control = {"step1": True, "step2": False} if vipa.KV_SOURCE == "language_relevance" else {}
-            veg = VisualExpressionGenerator(cfg, shapes[vipa.VEG.IN_FEATURE].channels, text_dim, **control)
-        if vipa.KV_SOURCE in ("language", "language_relevance"):
-            # The "vanilla language expression" baseline: projected word features as K/V.
-            language_proj = nn.Sequential(nn.Linear(text_dim, vipa.HIDDEN_DIM), nn.LayerNorm(vipa.HIDDEN_DIM))
         return {
             "backbone": backbone,
             "text_encoder": text_encoder,
             "fusion": fusion,
             "fusion_mode": vipa.FUSION,
-            "kv_source": vipa.KV_SOURCE,
-            "veg": veg,
-            "veg_in_feature": vipa.VEG.IN_FEATURE,
-            "language_proj": language_proj,
-            "pixel_decoder": build_pixel_decoder(cfg, shapes),
-            "transformer_decoder": VIPATransformerDecoder(cfg, shapes),
+            "head": build_vipa_head(cfg, shapes, text_dim),
             "criterion": VIPACriterion(cfg),
-            "global_cue": vipa.VEG.GLOBAL_CUE,
-            "local_cues": vipa.VEG.LOCAL_CUES,
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "no_target_threshold": vipa.NO_TARGET_THRESHOLD,
-            "channels_last": vipa.CHANNELS_LAST,
-            "trim_text_padding": vipa.TRIM_TEXT_PADDING,
-            "fused_attention": vipa.FUSED_ATTENTION,
-            "compile_backbone": vipa.COMPILE_BACKBONE,
         }
 
-    def set_channels_last(self, enabled: bool) -> "VIPA":
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
+        # Version 1 (or no version recorded): rename the head's modules into ``head.``.
+        # Children read the renamed keys, as they load after this module.
+        if local_metadata.get("version", 1) < 2:
+            for key in [k for k in state_dict if k.startswith(prefix)]:
+                rest = key[len(prefix) :]
+                if rest.split(".", 1)[0] in _MOVED_TO_HEAD:
+                    state_dict[prefix + "head." + rest] = state_dict.pop(key)
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
+
+    # ------------------------------------------------------------ switches
+    def set_speedups(
+        self,
+        *,
+        trim_text_padding: Optional[bool] = None,
+        fused_attention: Optional[bool] = None,
+        fold_bn: Optional[bool] = None,
+    ) -> "VIPA":
         """
-        Keep 4-D weights and the image batch in NHWC (True) or NCHW (False) memory layout.
-        Only the layout changes, not the values; loading a checkpoint later keeps the layout.
+        Turn the value-preserving speed-ups on or off (None leaves one as it is); all are on
+        after construction, and turning them off changes no output beyond float rounding.
+        For debugging and timing: ``trim_text_padding`` cuts each batch's text to its
+        longest expression (off: fixed shapes, e.g. for tracing); ``fused_attention`` runs
+        attention without maps through scaled_dot_product_attention; ``fold_bn`` applies
+        each BatchNorm with running statistics inside the convolution before it.
         """
-        self.channels_last = bool(enabled)
-        self.to(memory_format=torch.channels_last if enabled else torch.contiguous_format)
-        self._compiled_backbone = None  # compiled code specialises on the weights' layout
+        if trim_text_padding is not None:
+            self.trim_text_padding = bool(trim_text_padding)
+        if fused_attention is not None:
+            set_fused_attention(self, fused_attention)
+        if fold_bn is not None:
+            set_conv_bn_folding(self, fold_bn)
         return self
 
-    def __getstate__(self):
-        # Compiled code is bound to this instance's backbone: a copy (copy.deepcopy, pickle)
-        # compiles its own on its first inference call instead of running the original's.
-        state = self.__dict__.copy()
-        state["_compiled_backbone"] = None
-        return state
+    def set_runtime_options(
+        self, *, channels_last: Optional[bool] = None, compile_backbone: Optional[bool] = None
+    ) -> "VIPA":
+        """
+        How the built model runs (None leaves an option as it is; :func:`runtime_options`
+        reads them from a config: ``MODEL.CHANNELS_LAST``, ``TEST.COMPILE_BACKBONE``).
 
-    def _run_backbone(self, pixels: torch.Tensor, text=None, text_valid=None) -> Dict[str, torch.Tensor]:
-        """The backbone; given the text, with early fusion after every output stage."""
-        if text is None:
-            return self.backbone(pixels)
-
-        def fuse(name, feature):
-            return self.fusion.fuse_stage(name, feature, text, text_valid)
-
-        return self.backbone(pixels, stage_hook=fuse)
+        ``channels_last``: keep 4-D weights and the image batch in NHWC (True) or NCHW
+        (False) memory layout; only the layout changes, not the values, and loading a
+        checkpoint later keeps it. ``compile_backbone``: torch.compile the backbone (with
+        the early fusion it calls) for inference; training stays eager. Compiled code
+        specialises on the weights' layout, so the layout is set before compiling.
+        """
+        if channels_last is not None and bool(channels_last) != self.channels_last:
+            if self._compiled_backbone is not None:
+                raise ValueError(
+                    "set_runtime_options: change channels_last before compile_backbone (the "
+                    "compiled backbone specialises on the weights' layout)"
+                )
+            self.channels_last = bool(channels_last)
+            self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compile_backbone is not None:
+            # The text enters as an argument, so the compiled code reads every call's
+            # expressions; a function is not a submodule, so state_dict keys stay the same.
+            self._compiled_backbone = torch.compile(run_backbone) if compile_backbone else None
+        return self
 
     def _backbone(self, pixels: torch.Tensor, text=None, text_valid=None) -> Dict[str, torch.Tensor]:
-        """:meth:`_run_backbone`, compiled for inference when MODEL.VIPA.COMPILE_BACKBONE is set."""
-        if self.training or not self.compile_backbone:
-            return self._run_backbone(pixels, text, text_valid)
-        if self._compiled_backbone is None:
-            # The text enters as an argument, so the compiled code reads every call's
-            # expressions (a closure over module state would be frozen at the first call).
-            # A plain function is not a registered submodule: state_dict keys stay the same.
-            self._compiled_backbone = torch.compile(self._run_backbone)
-        return self._compiled_backbone(pixels, text, text_valid)
+        """:func:`run_backbone`, compiled for inference when ``compile_backbone`` is set."""
+        run = run_backbone if self.training or self._compiled_backbone is None else self._compiled_backbone
+        return run(self.backbone, self.fusion, pixels, text, text_valid)
 
     @property
     def device(self) -> torch.device:
@@ -280,7 +268,7 @@ class VIPA(nn.Module):
         ``encoded`` (from :meth:`encode_image`) holds B images and the text B expressions,
         or one image and any number of expressions (the image is broadcast).
         Returns the raw outputs: "pred_masks" (per-layer logits at the mask-feature
-        resolution), "no_target_logit", "veg" (VEG outputs or None), "cue_valid",
+        resolution), "no_target_logit", "veg" (VEG outputs, with "token_valid", or None), "cue_valid",
         "image_valid" (B, H, W).
         """
         images = encoded["images"]
@@ -290,25 +278,12 @@ class VIPA(nn.Module):
         if self.trim_text_padding:
             input_ids, attention_mask = trim_text_padding(input_ids, attention_mask)
         text = self.encode_text(input_ids, attention_mask)
-        text_valid = attention_mask.bool()
-        cue_valid = linguistic_cue_mask(attention_mask, self.global_cue, self.local_cues)
-        features = self._vision_language_features(encoded, text, text_valid)
-
+        features = self._vision_language_features(encoded, text, attention_mask.bool())
         image_valid = self.image_valid_mask(images)
         if n_img != n_txt:
             image_valid = image_valid.expand(n_txt, *image_valid.shape[1:])
-        veg_out = None
-        if self.veg is not None:
-            visual = features[self.veg_in_feature]
-            token_valid = area_downsample(image_valid, visual.shape[-2:]).flatten(1) >= 0.5
-            veg_out = self.veg(visual, text, cue_valid, token_valid)
-        if self.language_proj is None:
-            kv = veg_out["visual_expression"]
-        else:
-            kv = self.language_proj(text)
-        mask_features, multi_scale = self.pixel_decoder(features)
-        out = self.transformer_decoder(multi_scale, mask_features, kv, cue_valid)
-        out.update(veg=veg_out, cue_valid=cue_valid, image_valid=image_valid)
+        out = self.head(features, text, attention_mask, image_valid)
+        out["image_valid"] = image_valid
         return out
 
     def losses(self, outputs: Dict, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
@@ -329,6 +304,7 @@ class VIPA(nn.Module):
             relevance=veg["relevance"] if has_relevance else None,
             relevance_grid=veg["grid"] if has_relevance else None,
             cue_valid=outputs["cue_valid"],
+            token_valid=veg["token_valid"] if has_relevance else None,
         )
 
     def postprocess(self, outputs: Dict, images: ImageList, output_sizes: List) -> List[Dict]:
@@ -355,7 +331,7 @@ class VIPA(nn.Module):
         retrieved = None
         # Only when step 1 ran and its visual expression is the decoder's K/V: with language
         # K/V nothing the decoder reads was retrieved.
-        if veg is not None and veg["relevance"] is not None and self.language_proj is None:
+        if veg is not None and veg["relevance"] is not None and self.head.language_proj is None:
             # The support of M on the token grid, each token a block of the padded image.
             support = (veg["retrieval_mask"] > 0.5).to(logits.dtype)
             support = support.view(*support.shape[:2], *veg["grid"])

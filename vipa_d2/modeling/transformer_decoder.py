@@ -19,11 +19,24 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
+from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, sine_position_encoding
 
 # Initial no-target probability of the no-target head.
 NO_TARGET_PRIOR = 0.01
+
+VIPA_TRANSFORMER_DECODER_REGISTRY = Registry("VIPA_TRANSFORMER_DECODER")
+VIPA_TRANSFORMER_DECODER_REGISTRY.__doc__ = """
+Registry for VIPA transformer decoders, built from ``MODEL.VIPA.DECODER.NAME`` with
+``(cfg, input_shape)``; ``forward(features, mask_features, kv, kv_valid)`` returns
+``{"pred_masks": [...], "no_target_logit": (B,)}`` (see VIPATransformerDecoder).
+"""
+
+
+def build_transformer_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
+    """Build ``MODEL.VIPA.DECODER.NAME`` on the backbone's ``output_shape()``."""
+    return VIPA_TRANSFORMER_DECODER_REGISTRY.get(cfg.MODEL.VIPA.DECODER.NAME)(cfg, input_shape)
 
 
 class PixelQueryLayer(nn.Module):
@@ -51,6 +64,7 @@ def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
     return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
+@VIPA_TRANSFORMER_DECODER_REGISTRY.register()
 class VIPATransformerDecoder(nn.Module):
     @configurable
     def __init__(

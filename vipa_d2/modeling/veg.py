@@ -134,7 +134,7 @@ class VisualExpressionGenerator(nn.Module):
             "gumbel_noise": veg.GUMBEL_NOISE,
             "share_layers": veg.SHARE_LAYERS,
             "dim_feedforward": veg.DIM_FEEDFORWARD,
-            "dropout": cfg.MODEL.VIPA.DECODER.DROPOUT,
+            "dropout": veg.DROPOUT,
             "position_in_values": veg.POSITION_IN_VALUES,
             "cue_identity": veg.CUE_IDENTITY,
         }

@@ -11,8 +11,10 @@ from detectron2.utils.analysis import FlopCountAnalysis
 
 __all__ = ["MODULES", "HEAD_MODULES", "dummy_input", "count_params", "count_flops", "time_modules"]
 
-# Top-level children of VIPA reported separately (others are summed into "other").
+# Parts of VIPA reported separately, by their short name (others are summed into "other"):
+# the meta-architecture's children, and the head's.
 MODULES = ("backbone", "text_encoder", "fusion", "veg", "language_proj", "pixel_decoder", "transformer_decoder")
+_PATHS = {m: m if m in ("backbone", "text_encoder", "fusion") else f"head.{m}" for m in MODULES}
 # The modules whose share of inference time the VIPA head budget is about.
 HEAD_MODULES = ("veg", "pixel_decoder", "transformer_decoder")
 
@@ -46,8 +48,8 @@ def dummy_input(cfg, vocab_size: int):
 def count_params(model):
     params = defaultdict(int)
     for name, p in model.named_parameters():
-        top = name.split(".")[0]
-        params[top if top in MODULES else "other"] += p.numel()
+        part = next((m for m, path in _PATHS.items() if name.startswith(path + ".")), "other")
+        params[part] += p.numel()
     return params
 
 
@@ -59,15 +61,15 @@ def count_flops(model, inputs):
     by_module = flops.by_module()
     total = flops.total()
     # TracingAdapter wraps the model as "model".
-    out = {m: by_module.get(f"model.{m}", 0) for m in MODULES if f"model.{m}" in by_module}
+    out = {m: by_module[f"model.{p}"] for m, p in _PATHS.items() if f"model.{p}" in by_module}
     out["other"] = total - sum(out.values())
     out["total"] = total
     return out, dict(flops.unsupported_ops())
 
 
 def time_modules(model, inputs, runs: int):
-    """Mean wall time per forward, total and per top-level module (exclusive of nested
-    top-level modules: early fusion runs inside the backbone and is subtracted from it)."""
+    """Mean wall time per forward, total and per reported part (exclusive of nested
+    parts: early fusion runs inside the backbone and is subtracted from it)."""
     spent = defaultdict(float)
     stack = []
     handles = []
@@ -86,8 +88,11 @@ def time_modules(model, inputs, runs: int):
         if outer:  # nested inside another top-level module: not that module's own time
             spent[outer[-1][0]] -= elapsed
 
-    for name in MODULES:
-        module = getattr(model, name, None)
+    for name, path in _PATHS.items():
+        try:
+            module = model.get_submodule(path)
+        except AttributeError:  # e.g. no fusion, or no VEG in the language baseline
+            continue
         if module is None:
             continue
         # Hook descendants too (depth <= 2): early fusion calls its per-stage modules

@@ -104,7 +104,9 @@ class VIPATimmBackbone(Backbone):
         # Stages after the last requested output are not run (and hold no parameters).
         last = max(self._stage_names)
         del self.stages[last + 1 :]
-        if cfg.MODEL.TIMM.FOLD_BN and split.conv_bn_in_order:
+        # Always: same values up to float rounding, one pass over the activation less while
+        # BatchNorm uses running statistics; set_conv_bn_folding turns it off for debugging.
+        if split.conv_bn_in_order:
             folded = fold_conv_bn(self)
             logger.info(f"{arch}: {folded} Conv2d+BatchNorm pairs fold while BatchNorm uses running stats")
         # After folding: the frozen BatchNorms are the modules now in the BatchNorm slots.

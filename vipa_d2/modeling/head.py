@@ -1,0 +1,142 @@
+"""
+VIPA's head: everything after the (language-fused) vision encoder. It turns the backbone
+features and the text features into mask logits through the key/value set of the decoder:
+the Visual Expression Generator's visual expression (VIPA), the projected words (the
+vanilla language baseline) or both (the loss-matched control). The pixel decoder and the
+transformer decoder are built by registered name, so either can be swapped from a config.
+"""
+import logging
+from typing import Dict, Optional
+
+import torch
+from torch import nn
+
+from detectron2.config import configurable
+from detectron2.layers import ShapeSpec
+from detectron2.utils.registry import Registry
+
+from .losses import token_validity
+from .pixel_decoder import build_pixel_decoder
+from .transformer_decoder import build_transformer_decoder
+from .veg import VisualExpressionGenerator, linguistic_cue_mask
+
+logger = logging.getLogger(__name__)
+
+VIPA_HEAD_REGISTRY = Registry("VIPA_HEAD")
+VIPA_HEAD_REGISTRY.__doc__ = """
+Registry for VIPA heads, built from ``MODEL.VIPA.HEAD_NAME`` with
+``(cfg, input_shape, text_dim)``; ``forward(features, text, attention_mask, image_valid)``
+returns the outputs :class:`vipa_d2.modeling.VIPA` and its criterion read (see VIPAHead).
+"""
+
+# "language_relevance" is the loss-matched control: language K/V, while a VEG (step 1
+# only) still computes the cue-token relevance so the pixel contrastive loss supervises
+# the same features as in VIPA; nothing of it reaches the decoder.
+KV_SOURCES = ("visual_expression", "language", "language_relevance")
+# Which K/V source needs (a VEG, a language projection).
+_KV_PARTS = {"visual_expression": (True, False), "language": (False, True), "language_relevance": (True, True)}
+
+
+def build_vipa_head(cfg, input_shape: Dict[str, ShapeSpec], text_dim: int) -> nn.Module:
+    """Build ``MODEL.VIPA.HEAD_NAME`` on the backbone's ``output_shape()`` and the text width."""
+    return VIPA_HEAD_REGISTRY.get(cfg.MODEL.VIPA.HEAD_NAME)(cfg, input_shape, text_dim)
+
+
+@VIPA_HEAD_REGISTRY.register()
+class VIPAHead(nn.Module):
+    @configurable
+    def __init__(
+        self,
+        *,
+        kv_source: str,
+        veg: Optional[VisualExpressionGenerator],
+        veg_in_feature: str,
+        language_proj: Optional[nn.Module],
+        pixel_decoder: nn.Module,
+        transformer_decoder: nn.Module,
+        global_cue: bool,
+        local_cues: bool,
+    ):
+        """
+        ``kv_source`` (one of KV_SOURCES) decides which modules are needed: ``veg`` for
+        "visual_expression", ``language_proj`` for "language", both for "language_relevance".
+        ``global_cue`` / ``local_cues``: which text positions are cues (and decoder keys).
+        """
+        super().__init__()
+        if kv_source not in _KV_PARTS:
+            raise ValueError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
+        if _KV_PARTS[kv_source] != (veg is not None, language_proj is not None):
+            raise ValueError(
+                f"kv_source {kv_source!r} needs veg={_KV_PARTS[kv_source][0]} and language_proj="
+                f"{_KV_PARTS[kv_source][1]} (the decoder's key/value source)"
+            )
+        self.kv_source = kv_source
+        self.veg = veg
+        self.veg_in_feature = veg_in_feature
+        self.language_proj = language_proj
+        self.pixel_decoder = pixel_decoder
+        self.transformer_decoder = transformer_decoder
+        self.global_cue, self.local_cues = global_cue, local_cues
+        logger.info("VIPAHead: key/value=%s, cues: global=%s local=%s", kv_source, global_cue, local_cues)
+
+    @classmethod
+    def from_config(cls, cfg, input_shape: Dict[str, ShapeSpec], text_dim: int):
+        vipa = cfg.MODEL.VIPA
+        if vipa.KV_SOURCE not in KV_SOURCES:
+            raise ValueError(f"MODEL.VIPA.KV_SOURCE must be one of {KV_SOURCES}, got {vipa.KV_SOURCE!r}")
+        # Fail on a bad cue choice before building anything heavy.
+        linguistic_cue_mask(torch.ones(1, 3, dtype=torch.long), vipa.VEG.GLOBAL_CUE, vipa.VEG.LOCAL_CUES)
+        needs_veg, needs_language = _KV_PARTS[vipa.KV_SOURCE]
+        veg = language_proj = None
+        if needs_veg:
+            if vipa.VEG.IN_FEATURE not in input_shape:
+                raise ValueError(
+                    f"MODEL.VIPA.VEG.IN_FEATURE={vipa.VEG.IN_FEATURE!r} is not a backbone output "
+                    f"(available: {sorted(input_shape)}; see MODEL.TIMM.OUT_FEATURES)"
+                )
+            # The control needs only step 1's relevance; step 2 would be unused parameters.
+            control = {"step1": True, "step2": False} if needs_language else {}
+            veg = VisualExpressionGenerator(cfg, input_shape[vipa.VEG.IN_FEATURE].channels, text_dim, **control)
+        if needs_language:
+            # The "vanilla language expression" baseline: projected word features as K/V.
+            language_proj = nn.Sequential(nn.Linear(text_dim, vipa.HIDDEN_DIM), nn.LayerNorm(vipa.HIDDEN_DIM))
+        return {
+            "kv_source": vipa.KV_SOURCE,
+            "veg": veg,
+            "veg_in_feature": vipa.VEG.IN_FEATURE,
+            "language_proj": language_proj,
+            "pixel_decoder": build_pixel_decoder(cfg, input_shape),
+            "transformer_decoder": build_transformer_decoder(cfg, input_shape),
+            "global_cue": vipa.VEG.GLOBAL_CUE,
+            "local_cues": vipa.VEG.LOCAL_CUES,
+        }
+
+    def forward(
+        self,
+        features: Dict[str, torch.Tensor],
+        text: torch.Tensor,
+        attention_mask: torch.Tensor,
+        image_valid: torch.Tensor,
+    ) -> Dict:
+        """
+        Args:
+            features: backbone features {name: (B, C, H, W)} (fused with the text if asked).
+            text: (B, T, Ct) text features; attention_mask: (B, T) of the tokens.
+            image_valid: (B, H, W) float, 1 inside each image, 0 on the batch padding.
+        Returns:
+            "pred_masks" (per-layer logits at the mask-feature resolution),
+            "no_target_logit", "veg" (VEG outputs, with the "token_valid" the criterion
+            reuses, or None) and "cue_valid" (B, T) bool.
+        """
+        cue_valid = linguistic_cue_mask(attention_mask, self.global_cue, self.local_cues)
+        veg_out = None
+        if self.veg is not None:
+            visual = features[self.veg_in_feature]
+            token_valid = token_validity(image_valid, visual.shape[-2:])
+            veg_out = self.veg(visual, text, cue_valid, token_valid)
+            veg_out["token_valid"] = token_valid
+        kv = veg_out["visual_expression"] if self.language_proj is None else self.language_proj(text)
+        mask_features, multi_scale = self.pixel_decoder(features)
+        out = self.transformer_decoder(multi_scale, mask_features, kv, cue_valid)
+        out.update(veg=veg_out, cue_valid=cue_valid)
+        return out
