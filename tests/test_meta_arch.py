@@ -16,6 +16,7 @@ from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.attention import set_fused_attention
 from vipa_d2.modeling.meta_arch import trim_text_padding
+from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, files_entry
 from vipa_d2.modeling.veg import linguistic_cue_mask
 
 TINY = "configs/synthetic/vipa_tiny_cpu.yaml"
@@ -445,13 +446,12 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
     spec = importlib.util.spec_from_file_location("model_cost", "tools/model_cost.py")
     model_cost = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(model_cost)
-    # A text encoder from config.json alone (no weight files): MODEL.TEXT_ENCODER.RANDOM_INIT.
-    text_dir = tmp_path / "tiny-bert"
-    text_dir.mkdir()
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).to_json_file(
-        str(text_dir / "config.json")
-    )
-    model = build("MODEL.TEXT_ENCODER.NAME", str(text_dir), "MODEL.TEXT_ENCODER.RANDOM_INIT", True).eval()
+    # A text encoder from config.json alone (no weight files): what a checkpoint's
+    # text-encoder files give when MODEL.WEIGHTS is set; the weights themselves stay random.
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    files = files_entry({"config.json": config.to_json_string().encode()})
+    torch.save({CHECKPOINT_FILES_KEY: files}, tmp_path / "arch.pth")
+    model = build("MODEL.WEIGHTS", str(tmp_path / "arch.pth")).eval()
     assert model.text_encoder.hidden_size == 32
     inputs = model_cost.dummy_input(make_cfg(), model.text_encoder.model.config.vocab_size)
     assert inputs["image"].shape == (3, 64, 64)
