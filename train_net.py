@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from vipa_d2 import get_vipa_cfg
-from vipa_d2.engine import ReferringTrainer, WeightsOnlyCheckpointer
+from vipa_d2.engine import ReferringTrainer, load_weights
 
 
 class Trainer(ReferringTrainer):
@@ -36,10 +36,13 @@ def main(args):
     cfg = setup(args)
     if args.eval_only:
         model = Trainer.build_model(cfg)
-        checkpointer = WeightsOnlyCheckpointer(
-            model, save_dir=cfg.OUTPUT_DIR, trusted=cfg.MODEL.WEIGHTS_TRUSTED
+        # As strict as the demo: a checkpoint that does not match fails, listing the keys.
+        load_weights(
+            model,
+            cfg.MODEL.WEIGHTS,
+            trusted=cfg.MODEL.WEIGHTS_TRUSTED,
+            resume_dir=cfg.OUTPUT_DIR if args.resume else "",
         )
-        checkpointer.resume_or_load(cfg.MODEL.WEIGHTS, resume=args.resume)
         return Trainer.test(cfg, model)
     trainer = Trainer(cfg)
     trainer.resume_or_load(resume=args.resume)

@@ -4,15 +4,21 @@ Segment what referring expressions describe in images and write overlay PNGs.
 
     python demo/demo.py --config-file configs/synthetic/vipa_tiny_cpu.yaml \
         --input img.png --text "the red circle" --output out.png \
-        [--text "another expression" ...] [--show-relevance] [--opts KEY VALUE ...]
+        [--text "another expression" ...] [--show-relevance] [--save-masks] [--save-json] \
+        [--opts KEY VALUE ...]
+    python demo/demo.py --config-file ... --manifest images.csv --output out/ ...
 
 ``--input`` takes image files, folders (their images, not recursive) or quoted glob
-patterns. ``--output`` is a file (single image and single expression only) or a folder:
-``<stem>.png`` per image for one expression, ``<stem>_<k>.png`` (k = 0, 1, ... in
-``--text`` order) for several. ``--show-relevance`` adds ``<name>_relevance.png``: the
-relevance heatmap and the visual tokens each word retrieved. Config overrides go after
-``--opts`` or, Detectron2 style, at the end of the command line (after an option other
-than ``--input``, whose list would swallow them).
+patterns, each segmented for every ``--text``; ``--manifest`` (JSON or CSV, see
+vipa_d2/data/manifest.py) gives each image its own expressions instead. ``--output`` is a
+file (single image and single expression only) or a folder: ``<stem>.png`` per image for
+one expression, ``<stem>_<k>.png`` (k = 0, 1, ... in expression order) for several.
+``--show-relevance`` adds ``<name>_relevance.png``: the relevance heatmap and the visual
+tokens each word retrieved; ``--save-masks`` adds ``<name>_mask.png`` (the binary mask,
+0/255); ``--save-json`` writes ``<stem>.json`` per image: per expression its text, the mask
+as COCO RLE, the confidence, the no-target score and the retrieved words. Config overrides
+go after ``--opts`` or, Detectron2 style, at the end of the command line (after an option
+other than ``--input``, whose list would swallow them).
 
 Bad input (missing config or image, unknown config key, empty expression, missing or
 mismatched weights) ends the run with one message on stderr and exit status 1.
@@ -20,6 +26,7 @@ mismatched weights) ends the run with one message on stderr and exit status 1.
 import argparse
 import contextlib
 import glob
+import json
 import logging
 import os
 import sys
@@ -27,16 +34,31 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from detectron2.config import get_cfg
+import numpy as np
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from vipa_d2 import add_vipa_config
+from vipa_d2.data.manifest import ManifestEntry, read_manifest
+from vipa_d2.data.masks import mask_to_rle
+from vipa_d2.data.validation import ReferringDataError
 from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image, validate_expressions
-from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure, save_image
+from vipa_d2.utils.atomic_io import atomic_open
+from vipa_d2.utils.visualizer import (
+    draw_overlay,
+    draw_prediction_and_target,
+    draw_relevance_figure,
+    save_image,
+)
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 GLOB_CHARS = "*?["
 REFUSAL_EXIT_CODE = 1
+# A binary mask PNG: 0 outside, this inside.
+MASK_PNG_VALUE = 255
+
+# Every image to segment, with its expressions (and targets, from a manifest).
+Jobs = List[ManifestEntry]
 
 
 class DemoError(Exception):
@@ -50,12 +72,16 @@ def get_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config file")
     parser.add_argument(
-        "--input", required=True, nargs="+", metavar="IMG|DIR|GLOB",
-        help="image files, folders of images or quoted glob patterns",
+        "--input", nargs="+", metavar="IMG|DIR|GLOB",
+        help="image files, folders of images or quoted glob patterns (with --text)",
     )
     parser.add_argument(
-        "--text", required=True, action="append", metavar="EXPRESSION",
-        help="a referring expression; repeat for several",
+        "--text", action="append", metavar="EXPRESSION",
+        help="a referring expression for every input image; repeat for several",
+    )
+    parser.add_argument(
+        "--manifest", metavar="FILE.json|FILE.csv",
+        help="images with their own expressions, instead of --input and --text",
     )
     parser.add_argument(
         "--output", required=True, metavar="FILE|DIR",
@@ -64,6 +90,11 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--show-relevance", action="store_true",
         help="also write the relevance heatmap and the visual tokens each word retrieved",
+    )
+    parser.add_argument("--save-masks", action="store_true", help="also write each binary mask as a PNG")
+    parser.add_argument(
+        "--save-json", action="store_true",
+        help="also write a JSON per image: text, COCO RLE mask, confidence, no-target score, retrieved words",
     )
     parser.add_argument(
         "--opts", nargs="*", default=[], metavar="KEY VALUE",
@@ -126,49 +157,109 @@ def collect_inputs(patterns: Sequence[str]) -> List[str]:
     return paths
 
 
-def plan_outputs(
-    inputs: Sequence[str], num_texts: int, output: str
-) -> Dict[Tuple[str, int], str]:
+def _is_file_output(output: str) -> bool:
+    return output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output)
+
+
+def plan_outputs(jobs: Jobs, output: str) -> Dict[Tuple[str, int], str]:
     """Overlay path for each (image, expression index)."""
-    as_file = output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output)
-    if as_file:
-        if len(inputs) != 1 or num_texts != 1:
+    if _is_file_output(output):
+        if len(jobs) != 1 or len(jobs[0].expressions) != 1:
             raise DemoError(
                 f"--output {output} is a file, which takes a single image and a single --text; "
-                f"got {len(inputs)} image(s) and {num_texts} expression(s): give a folder instead"
+                f"got {len(jobs)} image(s) and {sum(len(j.expressions) for j in jobs)} expression(s): "
+                "give a folder instead"
             )
-        return {(inputs[0], 0): output}
+        return {(jobs[0].image, 0): output}
     if os.path.exists(output) and not os.path.isdir(output):
         raise DemoError(f"--output {output} exists and is not a folder")
     by_stem: Dict[str, str] = {}
-    for path in inputs:
-        stem = os.path.splitext(os.path.basename(path))[0]
-        if stem in by_stem:
-            raise DemoError(f"inputs {by_stem[stem]} and {path} would write the same output name {stem!r}")
-        by_stem[stem] = path
     plan = {}
-    for stem, path in by_stem.items():
-        for k in range(num_texts):
-            name = f"{stem}.png" if num_texts == 1 else f"{stem}_{k}.png"
-            plan[(path, k)] = os.path.join(output, name)
+    for job in jobs:
+        stem = os.path.splitext(os.path.basename(job.image))[0]
+        if stem in by_stem:
+            raise DemoError(f"inputs {by_stem[stem]} and {job.image} would write the same output name {stem!r}")
+        by_stem[stem] = job.image
+        count = len(job.expressions)
+        for k in range(count):
+            name = f"{stem}.png" if count == 1 else f"{stem}_{k}.png"
+            plan[(job.image, k)] = os.path.join(output, name)
     return plan
 
 
+def _suffixed(overlay_path: str, suffix: str, ext: str = "") -> str:
+    root, overlay_ext = os.path.splitext(overlay_path)
+    return f"{root}{suffix}{ext or overlay_ext}"
+
+
 def relevance_path(overlay_path: str) -> str:
-    root, ext = os.path.splitext(overlay_path)
-    return f"{root}_relevance{ext}"
+    return _suffixed(overlay_path, "_relevance")
 
 
-def run(args) -> Tuple[int, int, str]:
-    """Run the demo for parsed ``args``; returns (images, expressions, output)."""
+def mask_path(overlay_path: str) -> str:
+    return _suffixed(overlay_path, "_mask", ".png")
+
+
+def json_path(image_path: str, output: str) -> str:
+    """``<stem>.json`` in the output folder, or beside an output file."""
+    if _is_file_output(output):
+        return _suffixed(output, "", ".json")
+    stem = os.path.splitext(os.path.basename(image_path))[0]
+    return os.path.join(output, f"{stem}.json")
+
+
+def image_record(path: str, image: np.ndarray, texts: Sequence[str], results: Sequence[Dict]) -> Dict:
+    """What ``--save-json`` writes for one image (masks as compressed COCO RLE)."""
+    return {
+        "image": path,
+        "height": int(image.shape[0]),
+        "width": int(image.shape[1]),
+        "expressions": [
+            {
+                "text": text,
+                "mask": mask_to_rle(result["mask"]),
+                "area": int(result["mask"].sum()),
+                "confidence": result["confidence"],
+                "no_target_score": result["no_target_score"],
+                "retrieved_words": [cue["word"] for cue in result["retrieved"]],
+            }
+            for text, result in zip(texts, results)
+        ],
+    }
+
+
+def collect_jobs(args) -> Jobs:
+    """The images and their expressions, from --manifest or from --input and --text."""
+    if args.manifest:
+        if args.input or args.text:
+            raise DemoError("--manifest gives the images and their expressions: drop --input and --text")
+        try:
+            return read_manifest(args.manifest)
+        except ReferringDataError as e:
+            raise DemoError(f"invalid manifest {e}") from e
+    if not args.input or not args.text:
+        raise DemoError("give --input and --text, or --manifest")
     texts = list(args.text)
     try:
         validate_expressions(texts)
     except ValueError as e:
         raise DemoError(str(e)) from e
+    return [ManifestEntry(path, texts) for path in collect_inputs(args.input)]
+
+
+def summary(jobs: Jobs) -> str:
+    """"N image(s) x M expression(s)", or the total when images have different counts."""
+    counts = {len(job.expressions) for job in jobs}
+    if len(counts) == 1:
+        return f"{len(jobs)} image(s) x {counts.pop()} expression(s)"
+    return f"{len(jobs)} image(s), {sum(len(job.expressions) for job in jobs)} expression(s) in all"
+
+
+def run(args) -> Tuple[str, str]:
+    """Run the demo for parsed ``args``; returns (what was segmented, output)."""
+    jobs = collect_jobs(args)
     cfg = setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts))
-    inputs = collect_inputs(args.input)
-    plan = plan_outputs(inputs, len(texts), args.output)
+    plan = plan_outputs(jobs, args.output)
 
     try:
         predictor = VIPAPredictor(cfg)
@@ -177,19 +268,31 @@ def run(args) -> Tuple[int, int, str]:
     except ValueError as e:  # a config value the model rejects, e.g. an unknown mode name
         raise DemoError(f"invalid config: {e}") from e
 
-    for path in tqdm(inputs, desc="images", unit="img", disable=len(inputs) <= 1):
+    fmt = cfg.INPUT.FORMAT
+    for job in tqdm(jobs, desc="images", unit="img", disable=len(jobs) <= 1):
+        path, texts = job.image, job.expressions
         try:
-            image = read_image(path, cfg.INPUT.FORMAT)
-        except OSError as e:
+            image = read_image(path, fmt)
+            targets = job.target_masks(*image.shape[:2])
+        except (OSError, ReferringDataError) as e:
             raise DemoError(str(e)) from e
         results = predictor(image, texts)
         for k, (text, result) in enumerate(zip(texts, results)):
             out_path = plan[(path, k)]
-            save_image(out_path, draw_overlay(image, result, text, image_format=cfg.INPUT.FORMAT))
+            if targets is None:
+                picture = draw_overlay(image, result, text, image_format=fmt)
+            else:  # evaluation pictures: prediction beside target
+                picture = draw_prediction_and_target(image, result, targets[k], text, image_format=fmt)
+            save_image(out_path, picture)
             if args.show_relevance:
-                figure = draw_relevance_figure(image, result, text, image_format=cfg.INPUT.FORMAT)
-                save_image(relevance_path(out_path), figure)
-    return len(inputs), len(texts), args.output
+                save_image(relevance_path(out_path), draw_relevance_figure(image, result, text, image_format=fmt))
+            if args.save_masks:
+                save_image(mask_path(out_path), result["mask"].astype(np.uint8) * MASK_PNG_VALUE)
+        if args.save_json:
+            record = image_record(path, image, texts, results)
+            with atomic_open(json_path(path, args.output), "w") as f:
+                json.dump(record, f, ensure_ascii=False, indent=1)
+    return summary(jobs), args.output
 
 
 @contextlib.contextmanager
@@ -221,14 +324,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     start = time.perf_counter()
     try:
         with _console_logging():
-            images, expressions, output = run(args)
+            done, output = run(args)
     except DemoError as e:
         print(f"demo.py: error: {e}", file=sys.stderr)
         return REFUSAL_EXIT_CODE
-    print(
-        f"Done: {images} image(s) x {expressions} expression(s) -> {output} "
-        f"in {time.perf_counter() - start:.1f} s"
-    )
+    print(f"Done: {done} -> {output} in {time.perf_counter() - start:.1f} s")
     return 0
 
 

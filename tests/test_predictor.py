@@ -1,6 +1,7 @@
 """VIPAPredictor and the overlay drawing, on a real synthetic image with a tiny random model."""
 import logging
 
+import cv2
 import numpy as np
 import pytest
 import torch
@@ -11,7 +12,13 @@ from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, load_refer_dicts
 from vipa_d2.modeling.sampler import num_retrieved
 from vipa_d2.predictor import VIPAPredictor, WeightsError
-from vipa_d2.utils.visualizer import caption_layout, draw_overlay, draw_relevance_figure
+from vipa_d2.utils.visualizer import (
+    BACKGROUND_DIM,
+    CONTOUR_COLORS,
+    caption_layout,
+    draw_overlay,
+    draw_relevance_figure,
+)
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -131,7 +138,7 @@ def test_random_weights_warn(records):
     seen = []
     handler = logging.Handler()
     handler.emit = lambda r: seen.append((r.levelno, r.getMessage()))
-    log = logging.getLogger("vipa_d2.predictor")
+    log = logging.getLogger("vipa_d2")  # the strict loader (vipa_d2.engine.checkpoint) warns
     log.addHandler(handler)
     try:
         VIPAPredictor(make_cfg(*PREDICTOR_OPTS, config_file=TINY_CONFIG))
@@ -159,7 +166,7 @@ def test_bad_inputs(predictor, records, tmp_path):
             predictor(records[0]["file_name"], bad)
 
 
-def test_overlay_changes_exactly_the_mask(predictor, records):
+def test_overlay_dims_the_background_and_outlines_the_mask(predictor, records):
     rec = records[0]
     cfg = predictor.cfg
     image = utils.read_image(rec["file_name"], format=cfg.INPUT.FORMAT)
@@ -170,9 +177,20 @@ def test_overlay_changes_exactly_the_mask(predictor, records):
     caption = f"{rec['sentence']['raw']} ({result['confidence']:.2f})"
     _, band = caption_layout(caption, *rgb.shape[:2])
     assert 0 < band < rgb.shape[0] // 2
-    changed = (overlay != rgb).any(axis=-1)
-    np.testing.assert_array_equal(changed[band:], result["mask"][band:])
-    assert changed[:band].any()  # the caption is drawn
+    mask = result["mask"][band:]
+    below, original = overlay[band:], rgb[band:]
+    # Outside the mask: exactly the dimmed image.
+    dimmed = (original.astype(np.float32) * BACKGROUND_DIM).round().astype(np.uint8)
+    np.testing.assert_array_equal(below[~mask], dimmed[~mask])
+    # Inside: the image's own colours, except the outline, white at the mask's very border.
+    changed = (below != original).any(axis=-1) & mask
+    assert set(map(tuple, below[changed])) <= set(CONTOUR_COLORS)
+    full = result["mask"]
+    eroded = cv2.erode(full.astype(np.uint8), np.ones((3, 3), np.uint8), borderValue=0).astype(bool)
+    border = (full & ~eroded)[band:]
+    assert border.any() and (below[border] == CONTOUR_COLORS[0]).all()
+    assert (mask & ~changed).any()
+    assert (overlay[:band] != rgb[:band]).any()  # the caption is drawn
 
 
 def test_relevance_figure_has_a_tile_per_cue(predictor, records):

@@ -87,22 +87,32 @@ def format_table(results) -> str:
 
 
 def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_images: int):
-    """Overlays of the first ``num_images`` val images with their expressions (demo.py)."""
+    """Prediction beside target for the first ``num_images`` val images (demo.py --manifest)."""
     refs_path = os.path.join(root, REFSYNTH, refs_file_name("unc", False))
     refs = [r for r in load_plain_pickle(refs_path) if r["split"] == VIS_SPLIT]
     with open(os.path.join(root, REFSYNTH, "instances.json")) as f:
-        files = {img["id"]: img["file_name"] for img in json.load(f)["images"]}
+        instances = json.load(f)
+    files = {img["id"]: img["file_name"] for img in instances["images"]}
+    segmentations = {ann["id"]: ann["segmentation"] for ann in instances["annotations"]}
     by_image = OrderedDict()
     for ref in refs:
-        by_image.setdefault(ref["image_id"], []).append(ref["sentences"][0]["raw"])
+        by_image.setdefault(ref["image_id"], []).append((ref["sentences"][0]["raw"], segmentations[ref["ann_id"]]))
+    manifest = [
+        {
+            "image": os.path.join(root, REFSYNTH, "images", files[image_id]),
+            "expressions": [text for text, _ in pairs[:3]],
+            "targets": [segm for _, segm in pairs[:3]],
+        }
+        for image_id, pairs in list(by_image.items())[:num_images]
+    ]
     os.makedirs(out_dir, exist_ok=True)
-    for image_id, texts in list(by_image.items())[:num_images]:
-        cmd = [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", cfg_file,
-               "--input", os.path.join(root, REFSYNTH, "images", files[image_id])]
-        for text in texts[:3]:
-            cmd += ["--text", text]
-        cmd += ["--output", out_dir, "--show-relevance", "--opts", "MODEL.WEIGHTS", weights] + list(opts)
-        subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    manifest_path = os.path.join(out_dir, "manifest.json")
+    with open(manifest_path, "w") as f:
+        json.dump(manifest, f)
+    cmd = [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", cfg_file,
+           "--manifest", manifest_path, "--output", out_dir, "--show-relevance",
+           "--opts", "MODEL.WEIGHTS", weights] + list(opts)
+    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
 
 
 def main(argv=None):

@@ -21,14 +21,13 @@ import tempfile
 import time
 
 import torch
-from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from tabulate import tabulate
 
 from vipa_d2.data.builtin import DATASETS_ENV
-from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer
+from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, load_weights
 from vipa_d2.utils.analysis import HEAD_MODULES, MODULES, count_flops, count_params, dummy_input, time_modules
 from vipa_d2 import get_vipa_cfg
 
@@ -144,7 +143,7 @@ def main(argv=None):
                     result["time_ms"] = {k: v * 1e3 for k, v in time_modules(model, one, args.time).items()}
             cases.update(speed_cases(label, cfg, model, args.batches, args.train_batch))
             if args.eval_weights:
-                DetectionCheckpointer(model).load(args.eval_weights)
+                load_weights(model, args.eval_weights)  # weights-only and strict
                 cases.update(eval_case(label, cfg, model, args.dataset, args.eval_samples, metrics))
         result["timings"] = interleaved(cases, args.repeats, args.warmup) if cases else {}
     for label, t in result["timings"].items():

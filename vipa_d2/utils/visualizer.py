@@ -1,54 +1,68 @@
-"""Pictures of referring-segmentation results: mask overlays, relevance heatmaps and
-the visual tokens each linguistic cue retrieved (the paper's "visualized attention").
+"""Pictures of referring-segmentation results: mask overlays, prediction beside target,
+relevance heatmaps and the visual tokens each linguistic cue retrieved (the paper's
+"visualized attention").
 
 Every function takes an HxWx3 uint8 image in ``image_format`` (default RGB) and
 returns an RGB uint8 array; :func:`save_image` writes such an array to disk.
 
-The overlay is designed to be checkable: only mask pixels are tinted, the contour is
-drawn *inside* the mask, and the caption lives in a band at the top of the image
-whose height :func:`caption_layout` reports, so outside that band the overlay differs
-from the input exactly on the mask pixels.
+The overlay is designed to be unmistakable and checkable: everything outside the mask is
+dimmed, the mask keeps the image's own colours and is outlined inside its border by a
+white and a black ring (one of them contrasts with any object colour), and the caption,
+drawn with Detectron2's ``Visualizer`` (any Unicode text its font has), lives in a band at
+the top whose height :func:`caption_layout` reports.
 """
 import math
 import os
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import cv2
 import numpy as np
+from matplotlib.font_manager import FontProperties
+from matplotlib.textpath import TextToPath
 from PIL import Image
 
 from detectron2.data.detection_utils import convert_image_to_rgb
+from detectron2.utils.visualizer import Visualizer
 
 __all__ = [
     "caption_layout",
     "draw_caption",
     "draw_overlay",
+    "draw_prediction_and_target",
     "draw_relevance",
     "draw_retrieved_tokens",
     "draw_relevance_figure",
     "save_image",
 ]
 
-# Style. Colours are RGB; a tint colour far from the primary colours keeps a tinted
-# pixel distinguishable from the input in practice.
+# Style. Colours are RGB. The tint of retrieved visual tokens, far from the primary colours.
 MASK_COLOR = (30, 144, 255)
 MASK_ALPHA = 0.5
-# Opaque darker shade of the tint: the contour stands out against the tinted inside.
-CONTOUR_COLOR = (0, 70, 180)
-# The contour is as thick as 1/CONTOUR_FRACTION of the short image side (at least 1 px).
-CONTOUR_FRACTION = 200
-CAPTION_TEXT_COLOR = (255, 255, 255)
+# Outside the mask the overlay keeps this share of the brightness: the mask stands out
+# in its own colours, whatever they are (a tint would blend into objects of its hue).
+BACKGROUND_DIM = 0.4
+# The mask's outline, outermost ring first; each ring is as thick as 1/CONTOUR_FRACTION of
+# the short image side (at least 1 px). White and black: one contrasts with any colour.
+CONTOUR_COLORS = ((255, 255, 255), (0, 0, 0))
+CONTOUR_FRACTION = 100
+CAPTION_TEXT_COLOR = "white"
 # The caption band darkens the image under it by this factor, for legibility.
 CAPTION_BAND_DIM = 0.35
-# Font scale 1.0 at this short image side; never below CAPTION_MIN_SCALE.
-CAPTION_REFERENCE_SIDE = 640
-CAPTION_MIN_SCALE = 0.3
+# Font height in pixels per pixel of the short image side, and its lower bound.
+CAPTION_FONT_FRACTION = 1 / 24
+CAPTION_MIN_FONT_PX = 8
 CAPTION_MAX_LINES = 2
-CAPTION_FONT = cv2.FONT_HERSHEY_SIMPLEX
+# Detectron2's Visualizer.draw_text font family; its default (DejaVu Sans) covers Latin,
+# Greek and Cyrillic scripts.
+CAPTION_FONT_FAMILY = "sans-serif"
+# matplotlib sizes text in points: 72 per inch.
+POINTS_PER_INCH = 72
 # Unretrieved visual tokens are dimmed to this share of their brightness.
 TOKEN_DIM = 0.3
 # Long side, in pixels, of each tile of the relevance figure.
 FIGURE_TILE_SIDE = 256
+# Width in pixels of the white gap between prediction and target.
+SIDE_BY_SIDE_GAP = 4
 
 
 def _to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
@@ -60,45 +74,51 @@ def _to_rgb(image: np.ndarray, image_format: str) -> np.ndarray:
     return np.ascontiguousarray(convert_image_to_rgb(image, image_format))
 
 
-def _ascii(text: str) -> str:
-    # OpenCV's Hershey fonts draw ASCII only; anything else would come out as '?'.
-    return "".join(c if 32 <= ord(c) < 127 else "?" for c in " ".join(text.split()))
+def _font_px(height: int, width: int) -> Tuple[float, int]:
+    """(font size, padding) in pixels for an image of this size."""
+    size = max(min(height, width) * CAPTION_FONT_FRACTION, CAPTION_MIN_FONT_PX)
+    return size, max(2, int(round(size / 3)))
 
 
-def _font(height: int, width: int) -> Tuple[float, int, int]:
-    """(font scale, stroke thickness, padding) for an image of this size."""
-    scale = max(min(height, width) / CAPTION_REFERENCE_SIDE, CAPTION_MIN_SCALE)
-    thickness = max(1, int(round(scale * 2)))
-    pad = max(2, int(round(scale * 8)))
-    return scale, thickness, pad
+def _text_extent(text: str, size_px: float) -> Tuple[float, float]:
+    """(width, height) in pixels of ``text`` at font size ``size_px`` (at 72 dpi a point
+    is a pixel)."""
+    prop = FontProperties(family=CAPTION_FONT_FAMILY, size=size_px)
+    width, height, descent = TextToPath().get_text_width_height_descent(text, prop, ismath=False)
+    return width, height + descent
 
 
-def _text_width(text: str, scale: float, thickness: int) -> int:
-    return cv2.getTextSize(text, CAPTION_FONT, scale, thickness)[0][0]
+def _text_width(text: str, size_px: float) -> float:
+    return _text_extent(text, size_px)[0]
 
 
-def _shorten(text: str, max_width: int, scale: float, thickness: int) -> str:
+def _shorten(text: str, max_width: int, size_px: float) -> str:
     """``text`` cut to fit ``max_width`` with a trailing '...'."""
-    while text and _text_width(text + "...", scale, thickness) > max_width:
+    while text and _text_width(text + "...", size_px) > max_width:
         text = text[:-1]
     return text + "..."
 
 
-def _wrap(text: str, max_width: int, scale: float, thickness: int) -> List[str]:
+def _wrap(text: str, max_width: int, size_px: float) -> List[str]:
     """Greedy word wrap into at most CAPTION_MAX_LINES lines; a line that does not fit,
     or the last line when words are left over, ends in '...'."""
     lines: List[str] = []
     words = text.split(" ")
     while words and len(lines) < CAPTION_MAX_LINES:
         line = words.pop(0)
-        while words and _text_width(line + " " + words[0], scale, thickness) <= max_width:
+        while words and _text_width(line + " " + words[0], size_px) <= max_width:
             line += " " + words.pop(0)
-        if _text_width(line, scale, thickness) > max_width:
-            line = _shorten(line, max_width, scale, thickness)
+        if _text_width(line, size_px) > max_width:
+            line = _shorten(line, max_width, size_px)
         lines.append(line)
     if words:
-        lines[-1] = _shorten(lines[-1] + " " + " ".join(words), max_width, scale, thickness)
+        lines[-1] = _shorten(lines[-1] + " " + " ".join(words), max_width, size_px)
     return lines
+
+
+def _line_height(size_px: float) -> int:
+    # An accented capital and a descender: the tallest a line of text gets.
+    return int(math.ceil(_text_extent("Ág", size_px)[1]))
 
 
 def caption_layout(text: str, height: int, width: int) -> Tuple[List[str], int]:
@@ -107,48 +127,54 @@ def caption_layout(text: str, height: int, width: int) -> Tuple[List[str], int]:
     the wrapped lines and the height in pixels of the band (at the top of the image)
     that the caption occupies. Returns ``([], 0)`` for an empty caption.
     """
-    text = _ascii(text)
+    text = " ".join(text.split())
     if not text:
         return [], 0
-    scale, thickness, pad = _font(height, width)
-    lines = _wrap(text, max(1, width - 2 * pad), scale, thickness)
-    (_, line_h), baseline = cv2.getTextSize("Ag", CAPTION_FONT, scale, thickness)
-    band = len(lines) * (line_h + baseline + pad) + pad
+    size, pad = _font_px(height, width)
+    lines = _wrap(text, max(1, width - 2 * pad), size)
+    band = len(lines) * (_line_height(size) + pad) + pad
     return lines, min(band, height)
 
 
 def draw_caption(image: np.ndarray, text: str, image_format: str = "RGB") -> np.ndarray:
-    """``image`` with ``text`` written in a darkened band across its top (RGB out)."""
+    """
+    ``image`` with ``text`` written in a darkened band across its top (RGB out), by
+    Detectron2's ``Visualizer.draw_text``: Unicode text is drawn as such.
+    """
     out = _to_rgb(image, image_format).copy()
     h, w = out.shape[:2]
     lines, band = caption_layout(text, h, w)
     if not lines:
         return out
-    scale, thickness, pad = _font(h, w)
-    out[:band] = (out[:band].astype(np.float32) * CAPTION_BAND_DIM).round().astype(np.uint8)
-    (_, line_h), baseline = cv2.getTextSize("Ag", CAPTION_FONT, scale, thickness)
+    size, pad = _font_px(h, w)
+    dimmed = (out[:band].astype(np.float32) * CAPTION_BAND_DIM).round().astype(np.uint8)
+    visualizer = Visualizer(dimmed, scale=1.0)
+    # draw_text sizes its font in points, which the figure renders at its dpi.
+    points = size * POINTS_PER_INCH / visualizer.output.dpi
     y = pad
     for line in lines:
-        y += line_h
-        cv2.putText(
-            out, line, (pad, y), CAPTION_FONT, scale, CAPTION_TEXT_COLOR, thickness, cv2.LINE_AA
+        visualizer.draw_text(
+            line, (pad, y), font_size=points, color=CAPTION_TEXT_COLOR, horizontal_alignment="left"
         )
-        y += baseline + pad
-    # putText may antialias a pixel or two past the band; keep the band the only change.
-    out[band:] = _to_rgb(image, image_format)[band:]
+        y += _line_height(size) + pad
+    out[:band] = visualizer.output.get_image()
     return out
 
 
-def _inner_contour(mask: np.ndarray) -> np.ndarray:
-    """Mask pixels within ``thickness`` px of the mask's border (a subset of the mask)."""
+def _contour_rings(mask: np.ndarray) -> List[np.ndarray]:
+    """The mask's border as len(CONTOUR_COLORS) nested rings inside it, outermost first."""
     h, w = mask.shape
     thickness = max(1, int(round(min(h, w) / CONTOUR_FRACTION)))
     kernel = np.ones((2 * thickness + 1, 2 * thickness + 1), np.uint8)
-    # Zero border: a mask touching the image edge gets a contour along that edge too.
-    inner = cv2.erode(
-        mask.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0
-    ).astype(bool)
-    return mask & ~inner
+    rings, current = [], mask
+    for _ in CONTOUR_COLORS:
+        # Zero border: a mask touching the image edge gets a contour along that edge too.
+        inner = cv2.erode(
+            current.astype(np.uint8), kernel, borderType=cv2.BORDER_CONSTANT, borderValue=0
+        ).astype(bool)
+        rings.append(current & ~inner)
+        current = inner
+    return rings
 
 
 def draw_overlay(
@@ -156,9 +182,7 @@ def draw_overlay(
     result: Dict,
     text: str,
     image_format: str = "RGB",
-    color: Sequence[int] = MASK_COLOR,
-    contour_color: Sequence[int] = CONTOUR_COLOR,
-    alpha: float = MASK_ALPHA,
+    dim: float = BACKGROUND_DIM,
 ) -> np.ndarray:
     """
     The predicted mask over the image, at the image's size (RGB uint8 out).
@@ -169,22 +193,36 @@ def draw_overlay(
             and, in the caption, ``result["confidence"]`` when present.
         text: the expression, drawn as the caption.
 
-    Mask pixels are blended with ``color``; the contour is drawn inside the mask in
-    ``contour_color``; nothing outside the mask changes except the caption band at the top.
+    Pixels outside the mask keep ``dim`` of their brightness; mask pixels are unchanged
+    except for the white-then-black outline inside the mask's border; the caption band at
+    the top is drawn over all of it.
     """
     rgb = _to_rgb(image, image_format)
     mask = np.asarray(result["mask"]).astype(bool)
     if mask.shape != rgb.shape[:2]:
         raise ValueError(f"Mask shape {mask.shape} does not match image shape {rgb.shape[:2]}")
-    out = rgb.astype(np.float32)
-    col = np.asarray(color, dtype=np.float32)
-    out[mask] = out[mask] * (1.0 - alpha) + col * alpha
-    out[_inner_contour(mask)] = np.asarray(contour_color, dtype=np.float32)
-    out = out.round().astype(np.uint8)
+    out = rgb.copy()
+    out[~mask] = (rgb[~mask].astype(np.float32) * dim).round().astype(np.uint8)
+    for ring, color in zip(_contour_rings(mask), CONTOUR_COLORS):
+        out[ring] = color
     caption = text
     if "confidence" in result:
         caption = f"{text} ({float(result['confidence']):.2f})"
     return draw_caption(out, caption)
+
+
+def draw_prediction_and_target(
+    image: np.ndarray, result: Dict, target: np.ndarray, text: str, image_format: str = "RGB"
+) -> np.ndarray:
+    """
+    The predicted mask (left, captioned with ``text`` and the confidence) beside the
+    target mask ``target`` (bool HxW, right, captioned "target"), drawn alike by
+    :func:`draw_overlay` with a white gap between: for evaluation pictures.
+    """
+    left = draw_overlay(image, result, f"prediction: {text}", image_format)
+    right = draw_overlay(image, {"mask": target}, "target", image_format)
+    gap = np.full((left.shape[0], SIDE_BY_SIDE_GAP, 3), 255, dtype=np.uint8)
+    return np.concatenate([left, gap, right], axis=1)
 
 
 def _normalize(values: np.ndarray) -> np.ndarray:
@@ -274,7 +312,8 @@ def draw_relevance_figure(
 
 
 def save_image(path: str, rgb: np.ndarray) -> None:
-    """Write an RGB uint8 array (format from the file extension); creates the folder."""
+    """Write an RGB (HxWx3) or grey (HxW) uint8 array (format from the file extension);
+    creates the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
     Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(path)

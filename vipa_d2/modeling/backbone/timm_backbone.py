@@ -78,7 +78,12 @@ class VIPATimmBackbone(Backbone):
             model = timm.create_model(arch, pretrained=False, in_chans=input_shape.channels, **kwargs)
         except RuntimeError as e:  # timm raises RuntimeError for unknown names
             raise ValueError(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
-        load_backbone_weights(model, cfg.MODEL.TIMM.WEIGHTS, arch)
+        if cfg.MODEL.WEIGHTS:
+            # The checkpoint holds the backbone too: fetching pretrained weights only to
+            # overwrite them would need the network (MODEL.TIMM.WEIGHTS "timm") for nothing.
+            logger.info("Backbone %s: built from its config, weights to come from MODEL.WEIGHTS", arch)
+        else:
+            load_backbone_weights(model, cfg.MODEL.TIMM.WEIGHTS, arch)
 
         split = _Stages(model)
         self.stem = split.stem

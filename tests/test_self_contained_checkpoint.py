@@ -1,0 +1,136 @@
+"""MODEL.WEIGHTS is all a trained model needs: encoders built from configs, the text encoder's
+config and tokenizer read from the checkpoint, offline, with an empty hub cache."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.engine import AtomicDetectionCheckpointer
+from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, build_tokenizer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+PAPER = os.path.join(REPO, "configs", "refcoco", "vipa_swin_base_bert_base.yaml")
+TINY = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+# Swin-B at 480 px is slow on CPU; 96 px keeps the paper architecture (windows are padded).
+SMALL_INPUT = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96"]
+# The paper config names hub weights (timm's Swin-B, bert-base-uncased) that tests cannot
+# fetch: the checkpoint is made from a model with a random backbone and the bundled MiniLM
+# (BERT's uncased vocabulary) in bert-base's place. Loading uses the paper config unchanged.
+SUBSTITUTES = ["MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", "bundled-minilm"]
+TEXTS = ["the café table", "the left one"]
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+# Run in a fresh process: the hub's offline switch and cache folder are read at import time.
+_LOAD_AND_PREDICT = r"""
+import json, sys
+import numpy as np
+from detectron2.config import get_cfg
+from vipa_d2 import VIPAPredictor, add_vipa_config
+config, weights, texts, out = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+cfg = get_cfg()
+add_vipa_config(cfg)
+cfg.merge_from_file(config)
+cfg.merge_from_list(json.loads(sys.argv[5]) + ["MODEL.WEIGHTS", weights])
+predictor = VIPAPredictor(cfg)
+image = np.random.default_rng(0).integers(0, 256, (80, 112, 3), dtype=np.uint8)
+results = predictor(image, texts)
+np.savez(out, *[r["prob"] for r in results])
+"""
+
+
+def _cfg(config, *opts):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(config)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def _offline_env(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("HF_", "TRANSFORMERS_", "HUGGINGFACE_"))}
+    cache = tmp_path / "empty_hf_home"
+    cache.mkdir()
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(cache), OMP_NUM_THREADS="1")
+    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    return env
+
+
+def test_paper_checkpoint_loads_and_predicts_offline_with_an_empty_cache(tmp_path):
+    cfg = _cfg(PAPER, *SMALL_INPUT, *SUBSTITUTES)
+    torch.manual_seed(0)
+    model = build_model(cfg).eval()
+    AtomicDetectionCheckpointer(model, str(tmp_path)).save("model_final")
+    weights = str(tmp_path / "model_final.pth")
+    saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
+    assert {"config.json", "tokenizer_config.json", "vocab.txt"} <= set(saved[CHECKPOINT_FILES_KEY])
+
+    out = str(tmp_path / "probs.npz")
+    proc = subprocess.run(
+        [sys.executable, "-c", _LOAD_AND_PREDICT, PAPER, weights, json.dumps(TEXTS), out, json.dumps(SMALL_INPUT)],
+        capture_output=True, text=True, env=_offline_env(tmp_path), cwd=str(tmp_path), timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    # Nothing was fetched: the empty cache stays empty.
+    assert not any(files for _, _, files in os.walk(tmp_path / "empty_hf_home"))
+
+    # The same probabilities as the model that was saved (same weights, same tokenizer).
+    from vipa_d2 import VIPAPredictor
+
+    predictor = VIPAPredictor(cfg)
+    predictor.model.load_state_dict(model.state_dict())
+    image = np.random.default_rng(0).integers(0, 256, (80, 112, 3), dtype=np.uint8)
+    expected = predictor(image, TEXTS)
+    with np.load(out) as got:
+        for i, r in enumerate(expected):
+            np.testing.assert_allclose(got[f"arr_{i}"], r["prob"], atol=1e-5)
+
+
+def test_checkpoint_without_text_encoder_files_and_no_local_name_is_refused_clearly(tmp_path):
+    cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "")
+    torch.save({"model": {}}, tmp_path / "old.pth")
+    name = "no-such-org/no-such-text-encoder"
+    cfg.merge_from_list(["MODEL.WEIGHTS", str(tmp_path / "old.pth"), "MODEL.TEXT_ENCODER.NAME", name])
+    with pytest.raises(FileNotFoundError) as e:
+        build_model(cfg)
+    message = str(e.value)
+    assert "old.pth" in message and f"MODEL.TEXT_ENCODER.NAME={name!r}" in message
+    assert CHECKPOINT_FILES_KEY in message and "local directory" in message
+    # The tokenizer follows the same rule, with the same message.
+    with pytest.raises(FileNotFoundError, match="MODEL.TEXT_ENCODER.NAME"):
+        build_tokenizer(cfg)
+
+
+def test_checkpoint_files_win_over_the_configured_name(tmp_path):
+    # An older checkpoint (no files entry) still loads through a local NAME; a new one
+    # carries its files, which are used even when NAME names something unavailable.
+    cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.VIPA.HIDDEN_DIM", "64")
+    model = build_model(cfg)
+    AtomicDetectionCheckpointer(model, str(tmp_path)).save("new")
+    cfg.merge_from_list(["MODEL.WEIGHTS", str(tmp_path / "new.pth"), "MODEL.TEXT_ENCODER.NAME", "not/available"])
+    rebuilt = build_model(cfg)
+    assert rebuilt.text_encoder.files == model.text_encoder.files
+    assert build_tokenizer(cfg).tokenize("the café") == build_tokenizer(_cfg(TINY)).tokenize("the café")
+
+
+@pytest.mark.parametrize(
+    "entry, problem",
+    [
+        ({"../evil.json": torch.zeros(1, dtype=torch.uint8), "config.json": torch.zeros(1, dtype=torch.uint8)}, "'../evil.json'"),
+        ({"config.json": torch.zeros(2)}, "'config.json'"),
+        ({"vocab.txt": torch.zeros(1, dtype=torch.uint8)}, "including 'config.json'"),
+    ],
+)
+def test_malformed_files_entry_is_refused(tmp_path, entry, problem):
+    torch.save({"model": {}, CHECKPOINT_FILES_KEY: entry}, tmp_path / "odd.pth")
+    cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.WEIGHTS", str(tmp_path / "odd.pth"))
+    with pytest.raises(ValueError, match="odd.pth") as e:
+        build_tokenizer(cfg)
+    assert problem in str(e.value) and CHECKPOINT_FILES_KEY in str(e.value)

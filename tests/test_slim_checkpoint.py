@@ -1,0 +1,103 @@
+"""tools/slim_checkpoint.py: a model-only export of a real training checkpoint that is
+smaller, loads in the demo, the predictor and the evaluator, and gives the same masks (fp32)
+or nearly the same (fp16)."""
+import importlib.util
+import os
+
+import numpy as np
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.data import DatasetCatalog
+
+from test_train_net import CONFIG, REPO, TINY, VAL, parse, synthetic_root, train_net  # noqa: F401 (autouse fixture)
+from vipa_d2 import VIPAPredictor, add_vipa_config
+from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY
+
+# fp16 weights move probabilities by ~1e-3: only pixels near the threshold may flip.
+MIN_FP16_MEAN_IOU = 0.98
+
+
+def _load_tool():
+    spec = importlib.util.spec_from_file_location("slim_checkpoint", os.path.join(REPO, "tools", "slim_checkpoint.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+slim_checkpoint = _load_tool()
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A real training checkpoint (model, trainer state with AdamW and scheduler, iteration)."""
+    out = tmp_path_factory.mktemp("train")
+    train_net.main(parse(out, opts=["DATASETS.TEST", "()"]))
+    return str(out / "model_final.pth")
+
+
+def _predictor(weights):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_list(TINY + ["MODEL.WEIGHTS", weights])
+    return VIPAPredictor(cfg)
+
+
+def _masks(predictor):
+    """Masks of every val expression, image by image."""
+    by_image = {}
+    for record in DatasetCatalog.get(VAL):
+        by_image.setdefault(record["file_name"], []).append(record["sentence"]["raw"])
+    return [r["mask"] for path, texts in by_image.items() for r in predictor(path, texts)]
+
+
+def _iou(a, b):
+    union = np.logical_or(a, b).sum()
+    return 1.0 if union == 0 else np.logical_and(a, b).sum() / union
+
+
+def test_export_is_smaller_and_gives_the_same_masks(trained, tmp_path, capsys):
+    slim, half = str(tmp_path / "slim.pth"), str(tmp_path / "slim_fp16.pth")
+    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim, *TINY]) == 0
+    printed = capsys.readouterr().out
+    assert "slim.pth" in printed and "MB (fp32, model only)" in printed
+    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", half, "--fp16", *TINY]) == 0
+
+    full_size, slim_size, half_size = (os.path.getsize(p) for p in (trained, slim, half))
+    assert slim_size < full_size and half_size < 0.6 * slim_size
+    full = torch.load(trained, map_location="cpu", weights_only=True)
+    assert {"trainer", "iteration"} <= set(full)  # optimizer, scheduler and hook state
+    exported = torch.load(slim, map_location="cpu", weights_only=True)
+    assert set(exported) == {"model", CHECKPOINT_FILES_KEY}
+    assert all(torch.equal(exported["model"][k], v) for k, v in full["model"].items())
+    halved = torch.load(half, map_location="cpu", weights_only=True)["model"]
+    assert {v.dtype for v in halved.values() if v.is_floating_point()} == {torch.float16}
+
+    reference = _masks(_predictor(trained))
+    assert any(0 < m.sum() < m.size for m in reference)  # partial masks: equality means something
+    for a, b in zip(reference, _masks(_predictor(slim))):
+        np.testing.assert_array_equal(a, b)
+    ious = [_iou(a, b) for a, b in zip(reference, _masks(_predictor(half)))]
+    print(f"fp16 vs fp32 masks: mean IoU {np.mean(ious):.4f} over {len(ious)} expressions")
+    assert np.mean(ious) >= MIN_FP16_MEAN_IOU
+
+
+def test_export_evaluates_like_the_training_checkpoint(trained, tmp_path):
+    slim = str(tmp_path / "slim.pth")
+    slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim, *TINY])
+    original = train_net.main(parse(tmp_path / "a", "--eval-only", opts=["MODEL.WEIGHTS", trained]))
+    exported = train_net.main(parse(tmp_path / "b", "--eval-only", opts=["MODEL.WEIGHTS", slim]))
+    assert exported == original and set(original[VAL]["refer"]) >= {"oIoU", "mIoU"}
+
+
+def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path):
+    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS=.*model_final.pth.*unexpected keys"):
+        slim_checkpoint.main(
+            ["--config-file", CONFIG, "--input", trained, "--output", str(tmp_path / "x.pth"), *TINY,
+             "MODEL.VIPA.DECODER.NUM_LAYERS", "2"]
+        )
+    assert not (tmp_path / "x.pth").exists()
+    with pytest.raises(ValueError, match="is the --input file"):
+        slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", trained, *TINY])

@@ -1,0 +1,60 @@
+"""`train_net.py --eval-only` loads MODEL.WEIGHTS as strictly as the predictor and the demo:
+one loader (vipa_d2.engine.checkpoint.load_weights) refuses a mismatch, listing the keys."""
+import os
+
+import pytest
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from test_train_net import CONFIG, TINY, parse, train_net
+from vipa_d2 import VIPAPredictor, add_vipa_config
+from vipa_d2.engine import AtomicDetectionCheckpointer, WeightsError
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+@pytest.fixture(scope="module")
+def mismatched(tmp_path_factory):
+    """A checkpoint of the tiny model with one key missing and one unexpected key added."""
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(CONFIG)
+    cfg.merge_from_list(TINY)
+    folder = tmp_path_factory.mktemp("weights")
+    AtomicDetectionCheckpointer(build_model(cfg), str(folder)).save("good")
+    checkpoint = torch.load(folder / "good.pth", map_location="cpu", weights_only=True)
+    missing = next(k for k in checkpoint["model"] if k.startswith("transformer_decoder."))
+    del checkpoint["model"][missing]
+    checkpoint["model"]["veg.unused.weight"] = torch.zeros(1)
+    torch.save(checkpoint, folder / "bad.pth")
+    return str(folder / "bad.pth"), missing, cfg
+
+
+def _eval_only(output_dir, *flags, opts=()):
+    return train_net.main(parse(output_dir, "--eval-only", *flags, opts=opts))
+
+
+def test_eval_only_refuses_a_mismatched_checkpoint_like_the_predictor(mismatched, tmp_path):
+    bad, missing, cfg = mismatched
+    with pytest.raises(WeightsError) as from_eval:
+        _eval_only(tmp_path / "eval", opts=["MODEL.WEIGHTS", bad])
+    message = str(from_eval.value)
+    assert "bad.pth" in message and missing in message and "veg.unused.weight" in message
+    assert "1 missing keys" in message and "1 unexpected keys" in message
+    cfg = cfg.clone()
+    cfg.MODEL.WEIGHTS = bad
+    with pytest.raises(WeightsError) as from_predictor:
+        VIPAPredictor(cfg)
+    assert str(from_predictor.value) == message
+
+
+def test_eval_only_resume_loads_the_recorded_checkpoint_strictly(mismatched, tmp_path):
+    bad, missing, _ = mismatched
+    out = tmp_path / "run"
+    out.mkdir()
+    os.symlink(bad, out / "model_0000009.pth")
+    (out / "last_checkpoint").write_text("model_0000009.pth")
+    # --resume: the recorded checkpoint wins over MODEL.WEIGHTS (Detectron2's rule), strictly.
+    with pytest.raises(WeightsError, match=f"model_0000009.pth.*{missing}"):
+        _eval_only(out, "--resume")

@@ -1,0 +1,67 @@
+#!/usr/bin/env python
+r"""
+Export a model-only checkpoint: the weights and the text encoder's config and tokenizer
+files, without the optimizer, scheduler and iteration a training checkpoint carries.
+
+    python tools/slim_checkpoint.py --config-file configs/synthetic/vipa_tiny_cpu.yaml \
+        --input output/vipa_tiny_cpu/model_final.pth --output model_slim.pth [--fp16] [KEY VALUE ...]
+
+The checkpoint is loaded strictly into the model ``--config-file`` builds (a file that does
+not match fails, listing the keys), so the export loads wherever the config does: the demo,
+``VIPAPredictor`` and ``train_net.py --eval-only MODEL.WEIGHTS model_slim.pth``.
+``--fp16`` stores floating-point weights in half precision (about half the size); they are
+loaded back into the float32 model, so masks agree closely but not exactly.
+"""
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+import torch
+from detectron2.config import get_cfg
+from detectron2.modeling import build_model
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.engine.checkpoint import load_weights, model_checkpoint, save_checkpoint_file
+
+MEGABYTE = 1024 * 1024
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="config the checkpoint was trained with")
+    parser.add_argument("--input", required=True, metavar="FILE", help="checkpoint to export (e.g. model_final.pth)")
+    parser.add_argument("--output", required=True, metavar="FILE", help="model-only checkpoint to write")
+    parser.add_argument("--fp16", action="store_true", help="store floating-point weights in half precision")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    return parser
+
+
+def export(config_file: str, source: str, output: str, fp16: bool = False, opts: Sequence[str] = ()) -> None:
+    """Write ``source``'s model, checked against ``config_file``, to ``output``."""
+    if os.path.abspath(source) == os.path.abspath(output):
+        raise ValueError(f"--output {output} is the --input file; give another path")
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(config_file)
+    cfg.merge_from_list(list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
+    cfg.freeze()
+    model = build_model(cfg)
+    load_weights(model, source, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
+    save_checkpoint_file(model_checkpoint(model, torch.float16 if fp16 else None), output)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    export(args.config_file, args.input, args.output, args.fp16, args.opts)
+    before, after = os.path.getsize(args.input), os.path.getsize(args.output)
+    precision = "fp16" if args.fp16 else "fp32"
+    print(
+        f"{args.output}: {after / MEGABYTE:.1f} MB ({precision}, model only), "
+        f"from {args.input}: {before / MEGABYTE:.1f} MB ({after / before:.0%})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,65 @@
+"""
+Reading ``MODEL.WEIGHTS`` as data: where the file is, and ``torch.load`` weights-only.
+
+Used by the checkpointers (vipa_d2/engine/checkpoint.py) and by the text encoder, which
+reads its config and tokenizer files from the checkpoint before the weights are loaded
+(the engine imports the data loaders, which import the text encoder: this module sits
+below both).
+"""
+import os
+import pickle
+
+import torch
+from detectron2.utils.file_io import PathManager
+
+__all__ = ["UntrustedCheckpointError", "local_weights_path", "torch_load_checkpoint"]
+
+# What the error for a refused checkpoint tells the user to do.
+TRUST_HINT = (
+    "if you trust this file, set MODEL.WEIGHTS_TRUSTED True (full pickle runs any code the "
+    "file names)"
+)
+
+
+class UntrustedCheckpointError(ValueError):
+    """A checkpoint needs full pickle to load and was not marked trusted."""
+
+
+def local_weights_path(weights: str) -> str:
+    """
+    The local file behind ``MODEL.WEIGHTS`` (a path, or a URL fetched by Detectron2's
+    PathManager); FileNotFoundError naming the value when there is none.
+    """
+    if "://" not in weights:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
+        return weights
+    try:
+        local = PathManager.get_local_path(weights)
+    except Exception as e:  # any fetch failure (no network, bad URL) means "not there"
+        raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: cannot fetch the checkpoint: {e}") from e
+    if not os.path.isfile(local):
+        raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
+    return local
+
+
+def torch_load_checkpoint(f, trusted: bool = False, mmap: bool = False):
+    """
+    ``torch.load`` of a checkpoint on the CPU, with ``weights_only=True`` unless
+    ``trusted``: tensors and plain containers only, any other class or function the pickle
+    names is refused (plain ``torch.load`` would call it). ``mmap`` maps the tensors
+    instead of reading them (for a look at a checkpoint's non-tensor entries; zip-format
+    files only, which is what ``torch.save`` writes).
+    """
+    kwargs = {"map_location": torch.device("cpu"), "mmap": mmap or None}
+    if trusted:
+        return torch.load(f, weights_only=False, **kwargs)
+    try:
+        return torch.load(f, weights_only=True, **kwargs)
+    except pickle.UnpicklingError as e:
+        # torch prefixes the unpickler's reason with advice to drop weights_only.
+        reason = str(e).split("WeightsUnpickler error:")[-1]
+        reason = " ".join(reason.split())
+        raise UntrustedCheckpointError(
+            f"{f}: cannot be loaded as weights only ({reason}); {TRUST_HINT}"
+        ) from None
