@@ -1,4 +1,5 @@
 """Training/evaluation machinery for VIPA on Detectron2 (used by train_net.py)."""
+from .best_checkpoint import BestMetricCheckpointer, best_metric_name
 from .checkpoint import (
     AtomicDetectionCheckpointer,
     UntrustedCheckpointError,
@@ -11,6 +12,8 @@ from .trainer import ReferringTrainer
 
 __all__ = [
     "AtomicDetectionCheckpointer",
+    "BestMetricCheckpointer",
+    "best_metric_name",
     "PositionSeededDataset",
     "ReferringTrainer",
     "ResumableTrainingSampler",
