@@ -7,21 +7,16 @@ import sys
 import gradio_client
 import numpy as np
 import pytest
-import torch
-from detectron2.config import get_cfg
 from PIL import Image
 
-from vipa_d2 import add_vipa_config
-from vipa_d2.data import load_refer_dicts
-from vipa_d2.data.synthetic import SynthConfig, write_benchmark
-from vipa_d2.predictor import VIPAPredictor
+# Fixtures: a tiny random-weight predictor and one synthetic image's expressions.
+from test_predictor import predictor, records  # noqa: F401
 from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure
 
 
 REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 APP = os.path.join(REPO, "demo", "app.py")
 CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
-TINY_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", 96, "MODEL.VIPA.HIDDEN_DIM", 64, "MODEL.TIMM.WEIGHTS", ""]
 LOOPBACK = "127.0.0.1"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -51,25 +46,11 @@ def app_module():
 
 
 @pytest.fixture(scope="module")
-def predictor():
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(TINY_OPTS)
-    torch.manual_seed(0)
-    return VIPAPredictor(cfg)
-
-
-@pytest.fixture(scope="module")
-def sample(tmp_path_factory):
+def sample(records, tmp_path_factory):
     """One synthetic image (as a PNG file, so the upload is lossless) and two of its expressions."""
-    root = str(tmp_path_factory.mktemp("synth"))
-    write_benchmark(root, 4, seed=0, cfg=SynthConfig(image_size=128), workers=1, progress=False)
-    recs = load_refer_dicts(root, "refsynth", "unc", "val", f"{root}/refsynth/images")
-    recs = [r for r in recs if r["file_name"] == recs[0]["file_name"]]
-    path = os.path.join(root, "upload.png")
-    Image.open(recs[0]["file_name"]).convert("RGB").save(path)
-    return path, [recs[0]["sentence"]["raw"], recs[-1]["sentence"]["raw"]]
+    path = str(tmp_path_factory.mktemp("upload") / "upload.png")
+    Image.open(records[0]["file_name"]).convert("RGB").save(path)
+    return path, [records[0]["sentence"]["raw"], records[-1]["sentence"]["raw"]]
 
 
 @pytest.fixture(scope="module")
