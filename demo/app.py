@@ -10,13 +10,15 @@ relevance maps and the visual tokens each word retrieved.
 It serves on http://127.0.0.1:7860 (``--host`` / ``--port`` to change; binding another
 address than loopback exposes the model to your network). The same function is an HTTP
 API, ``/segment`` (see the page's "Use via API" link, or ``gradio_client``):
-``(image, expressions) -> (overlays, relevance figures, details)``; details is a list, per
-expression, of its text, confidence, no-target score, mask area and retrieved words.
+``(image, expressions) -> (overlays, relevance figures, word table, details)``; details is
+a list, per expression, of its text, confidence, no-target score, mask area and, per word,
+the visual tokens it retrieved and the share of their area on the mask.
 """
 import argparse
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import cv2
 import gradio as gr
 import numpy as np
 
@@ -29,6 +31,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7860
 API_NAME = "segment"
 TITLE = "VIPA referring image segmentation"
+WORD_TABLE_HEADERS = ["expression", "word", "tokens retrieved", "% of their area on the mask"]
 
 
 def parse_expressions(text: str) -> List[str]:
@@ -39,27 +42,49 @@ def parse_expressions(text: str) -> List[str]:
     return expressions
 
 
+def share_on_mask(tokens: np.ndarray, mask: np.ndarray) -> float:
+    """Percent of the image area of the retrieved tokens that the predicted mask covers."""
+    height, width = mask.shape
+    cells = cv2.resize(tokens.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    area = np.count_nonzero(cells)
+    return 100.0 * np.count_nonzero(cells & mask) / area if area else 0.0
+
+
 def describe(text: str, result: Dict) -> Dict:
-    """The JSON-able facts of one prediction: what the page's table and the API return."""
+    """The JSON-able facts of one prediction: what the page's tables and the API return."""
     return {
         "expression": text,
         "confidence": round(float(result["confidence"]), 4),
         "no_target_score": round(float(result["no_target_score"]), 4),
         "mask_pixels": int(np.count_nonzero(result["mask"])),
         # Per linguistic cue ([CLS] = the whole sentence, then the word pieces): how many
-        # visual tokens it retrieved; empty for a model without VEG.
+        # visual tokens it retrieved and how much of them lies on the answer; empty for a
+        # model without VEG.
         "retrieved": [
-            {"word": cue["word"], "tokens": int(np.count_nonzero(cue["tokens"]))}
+            {
+                "word": cue["word"],
+                "tokens": int(np.count_nonzero(cue["tokens"])),
+                "on_mask_percent": round(share_on_mask(cue["tokens"], result["mask"]), 1),
+            }
             for cue in result["retrieved"]
         ],
     }
+
+
+def word_table(details: List[Dict]) -> List[List]:
+    """One row per (expression, cue) for the page: the retrieved tokens at a glance."""
+    return [
+        [d["expression"], cue["word"], cue["tokens"], cue["on_mask_percent"]]
+        for d in details
+        for cue in d["retrieved"]
+    ]
 
 
 def make_segment(predictor: VIPAPredictor):
     """The page's callback: RGB image + expressions -> overlays, relevance figures, details."""
     image_format = predictor.input_format
 
-    def segment(image: Optional[np.ndarray], expressions: str) -> Tuple[List, List, List[Dict]]:
+    def segment(image: Optional[np.ndarray], expressions: str) -> Tuple[List, List, List[List], List[Dict]]:
         if image is None:
             raise gr.Error("Upload an image first.")
         texts = parse_expressions(expressions)
@@ -71,7 +96,8 @@ def make_segment(predictor: VIPAPredictor):
             (draw_relevance_figure(image, r, t, image_format=image_format), t)
             for t, r in zip(texts, results)
         ]
-        return overlays, figures, [describe(t, r) for t, r in zip(texts, results)]
+        details = [describe(t, r) for t, r in zip(texts, results)]
+        return overlays, figures, word_table(details), details
 
     return segment
 
@@ -96,11 +122,15 @@ def build_app(predictor: VIPAPredictor) -> gr.Blocks:
                     label="Relevance map, then the visual tokens each word retrieved",
                     columns=1, object_fit="contain", format="png",
                 )
-        details = gr.JSON(label="Confidence, no-target score and retrieved tokens per expression")
+        words = gr.Dataframe(
+            headers=WORD_TABLE_HEADERS, label="Visual tokens each word retrieved", interactive=False
+        )
+        with gr.Accordion("Details (JSON): confidence, no-target score, retrieved tokens", open=False):
+            details = gr.JSON(show_label=False)
         run.click(
             make_segment(predictor),
             inputs=[image, expressions],
-            outputs=[overlays, figures, details],
+            outputs=[overlays, figures, words, details],
             api_name=API_NAME,
         )
     return app

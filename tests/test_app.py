@@ -70,7 +70,7 @@ def _read(path) -> np.ndarray:
 
 def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, client, predictor, sample):
     path, texts = sample
-    overlays, figures, details = client.predict(
+    overlays, figures, table, details = client.predict(
         gradio_client.handle_file(path), "\n".join(texts) + "\n\n", api_name="/" + app_module.API_NAME
     )
     image = _read(path)
@@ -89,6 +89,14 @@ def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, clien
         assert words == ["[CLS]"] + predictor.tokenizer.tokenize(text)
         assert [c["tokens"] for c in info["retrieved"]] == [int(c["tokens"].sum()) for c in result["retrieved"]]
         assert all(c["tokens"] > 0 for c in info["retrieved"])
+        for cue, got in zip(result["retrieved"], info["retrieved"]):
+            assert got["on_mask_percent"] == pytest.approx(
+                app_module.share_on_mask(cue["tokens"], result["mask"]), abs=0.05
+            )
+    # The page's table: one row per (expression, word), the same numbers.
+    rows = [[d["expression"], c["word"], c["tokens"], c["on_mask_percent"]] for d in details for c in d["retrieved"]]
+    assert table["headers"] == app_module.WORD_TABLE_HEADERS
+    assert [[r[0], r[1], int(r[2]), float(r[3])] for r in table["data"]] == rows
     # The two expressions get different answers: the text reaches the model.
     assert not np.array_equal(_read(overlays[0]["image"]), _read(overlays[1]["image"]))
 
@@ -96,6 +104,15 @@ def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, clien
 def test_api_refuses_blank_expressions_with_a_message(app_module, client, sample):
     with pytest.raises(gradio_client.exceptions.AppError, match="at least one referring expression"):
         client.predict(gradio_client.handle_file(sample[0]), " \n ", api_name="/" + app_module.API_NAME)
+
+
+def test_share_on_mask(app_module):
+    tokens = np.zeros((2, 2), bool)
+    tokens[0, 0] = tokens[1, 1] = True  # two retrieved tokens of a 2x2 grid on a 4x4 image
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True  # covers the first token only
+    assert app_module.share_on_mask(tokens, mask) == pytest.approx(50.0)
+    assert app_module.share_on_mask(np.zeros((2, 2), bool), mask) == 0.0
 
 
 def test_serves_on_loopback_by_default(app_module):
