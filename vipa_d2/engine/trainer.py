@@ -24,6 +24,7 @@ from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.modeling import VIPA, runtime_options
 
+from .best_checkpoint import BestMetricCheckpointer, best_metric_name
 from .checkpoint import AtomicDetectionCheckpointer
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .optimizer import build_vipa_optimizer
@@ -69,6 +70,8 @@ class ReferringTrainer(DefaultTrainer):
     * atomic checkpoints, loaded weights-only unless ``MODEL.WEIGHTS_TRUSTED``;
     * DDP over gloo on CPU-only machines (detectron2 passes ``device_ids=[local_rank]``,
       which DDP rejects for CPU modules);
+    * ``TEST.EVAL_PERIOD > 0``: ``model_best.pth`` keeps the weights of the best oIoU on the
+      first ``DATASETS.TEST`` set (:class:`vipa_d2.engine.best_checkpoint.BestMetricCheckpointer`);
     * ``TEST.SHUFFLED_EXPRESSION_CONTROL``: each test set also scored with shuffled
       expressions, reported as ``<dataset>/shuffled``.
     """
@@ -141,6 +144,15 @@ class ReferringTrainer(DefaultTrainer):
                 else h
                 for h in ret
             ]
+        if self.cfg.TEST.EVAL_PERIOD > 0 and self.cfg.DATASETS.TEST:
+            # After EvalHook, whose results it reads; the first test set is the validation set.
+            evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            ret.insert(
+                evaluation + 1,
+                BestMetricCheckpointer(
+                    self.cfg.TEST.EVAL_PERIOD, self.checkpointer, best_metric_name(self.cfg.DATASETS.TEST[0])
+                ),
+            )
         if self.cfg.SEED >= 0:
             ret.insert(0, StepSeedHook(self.seed))
         else:

@@ -1,0 +1,160 @@
+#!/usr/bin/env python
+r"""
+Web demo: upload an image, type referring expressions (one per line), see the masks, the
+relevance maps and the visual tokens each word retrieved.
+
+    pip install 'vipa_d2[demo]'          # Gradio
+    python demo/app.py --config-file configs/synthetic/vipa_tiny_cpu.yaml \
+        MODEL.WEIGHTS output/vipa_tiny_cpu/model_final.pth
+
+It serves on http://127.0.0.1:7860 (``--host`` / ``--port`` to change; binding another
+address than loopback exposes the model to your network). The same function is an HTTP
+API, ``/segment`` (see the page's "Use via API" link, or ``gradio_client``):
+``(image, expressions) -> (overlays, relevance figures, word table, details)``; details is
+a list, per expression, of its text, confidence, no-target score, mask area and, per word,
+the visual tokens it retrieved and the share of their area on the mask.
+"""
+import argparse
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import cv2
+import gradio as gr
+import numpy as np
+
+from demo import DemoError, setup_cfg  # demo/demo.py: this script's folder is sys.path[0]
+from vipa_d2.predictor import VIPAPredictor, WeightsError
+from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure
+
+# Gradio's own default port; loopback only unless the user says otherwise.
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+API_NAME = "segment"
+TITLE = "VIPA referring image segmentation"
+WORD_TABLE_HEADERS = ["expression", "word", "tokens retrieved", "% of their area on the mask"]
+
+
+def parse_expressions(text: str) -> List[str]:
+    """One expression per non-blank line; gr.Error (shown in the page) when there is none."""
+    expressions = [line.strip() for line in (text or "").splitlines() if line.strip()]
+    if not expressions:
+        raise gr.Error("Type at least one referring expression (one per line).")
+    return expressions
+
+
+def share_on_mask(tokens: np.ndarray, mask: np.ndarray) -> float:
+    """Percent of the image area of the retrieved tokens that the predicted mask covers."""
+    height, width = mask.shape
+    cells = cv2.resize(tokens.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+    area = np.count_nonzero(cells)
+    return 100.0 * np.count_nonzero(cells & mask) / area if area else 0.0
+
+
+def describe(text: str, result: Dict) -> Dict:
+    """The JSON-able facts of one prediction: what the page's tables and the API return."""
+    return {
+        "expression": text,
+        "confidence": round(float(result["confidence"]), 4),
+        "no_target_score": round(float(result["no_target_score"]), 4),
+        "mask_pixels": int(np.count_nonzero(result["mask"])),
+        # Per linguistic cue ([CLS] = the whole sentence, then the word pieces): how many
+        # visual tokens it retrieved and how much of them lies on the answer; empty for a
+        # model without VEG.
+        "retrieved": [
+            {
+                "word": cue["word"],
+                "tokens": int(np.count_nonzero(cue["tokens"])),
+                "on_mask_percent": round(share_on_mask(cue["tokens"], result["mask"]), 1),
+            }
+            for cue in result["retrieved"]
+        ],
+    }
+
+
+def word_table(details: List[Dict]) -> List[List]:
+    """One row per (expression, cue) for the page: the retrieved tokens at a glance."""
+    return [
+        [d["expression"], cue["word"], cue["tokens"], cue["on_mask_percent"]]
+        for d in details
+        for cue in d["retrieved"]
+    ]
+
+
+def make_segment(predictor: VIPAPredictor):
+    """The page's callback: RGB image + expressions -> overlays, relevance figures, details."""
+    image_format = predictor.input_format
+
+    def segment(image: Optional[np.ndarray], expressions: str) -> Tuple[List, List, List[List], List[Dict]]:
+        if image is None:
+            raise gr.Error("Upload an image first.")
+        texts = parse_expressions(expressions)
+        # Gradio hands over RGB; the predictor and the drawing take cfg.INPUT.FORMAT.
+        image = np.ascontiguousarray(image if image_format == "RGB" else image[:, :, ::-1])
+        results = predictor(image, texts)
+        overlays = [(draw_overlay(image, r, t, image_format=image_format), t) for t, r in zip(texts, results)]
+        figures = [
+            (draw_relevance_figure(image, r, t, image_format=image_format), t)
+            for t, r in zip(texts, results)
+        ]
+        details = [describe(t, r) for t, r in zip(texts, results)]
+        return overlays, figures, word_table(details), details
+
+    return segment
+
+
+def build_app(predictor: VIPAPredictor) -> gr.Blocks:
+    """The Gradio page around ``predictor`` (not launched)."""
+    # No usage statistics are sent anywhere: the demo works offline.
+    with gr.Blocks(title=TITLE, analytics_enabled=False) as app:
+        gr.Markdown(f"# {TITLE}\nUpload an image and type one referring expression per line.")
+        with gr.Row():
+            with gr.Column():
+                image = gr.Image(type="numpy", image_mode="RGB", label="Image")
+                expressions = gr.Textbox(
+                    lines=3, label="Referring expressions (one per line)",
+                    placeholder="the red circle\nthe second square from the left",
+                )
+                run = gr.Button("Segment", variant="primary")
+            with gr.Column():
+                # PNG, not Gradio's default WebP: the API returns the exact pixels.
+                overlays = gr.Gallery(label="Masks", columns=2, object_fit="contain", format="png")
+                figures = gr.Gallery(
+                    label="Relevance map, then the visual tokens each word retrieved",
+                    columns=1, object_fit="contain", format="png",
+                )
+        words = gr.Dataframe(
+            headers=WORD_TABLE_HEADERS, label="Visual tokens each word retrieved", interactive=False
+        )
+        with gr.Accordion("Details (JSON): confidence, no-target score, retrieved tokens", open=False):
+            details = gr.JSON(show_label=False)
+        run.click(
+            make_segment(predictor),
+            inputs=[image, expressions],
+            outputs=[overlays, figures, words, details],
+            api_name=API_NAME,
+        )
+    return app
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config file")
+    parser.add_argument("--host", default=DEFAULT_HOST, help="address to serve on (default: loopback)")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on")
+    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    return parser
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = get_parser().parse_args(argv)
+    try:
+        predictor = VIPAPredictor(setup_cfg(args.config_file, args.opts))
+    except (DemoError, FileNotFoundError, WeightsError, ValueError) as e:
+        print(f"app.py: error: {e}", file=sys.stderr)
+        return 1
+    build_app(predictor).launch(server_name=args.host, server_port=args.port)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,120 @@
+"""demo/app.py served on loopback and called through its HTTP API, as a user's script would."""
+import importlib.util
+import os
+import socket
+import sys
+
+import gradio_client
+import numpy as np
+import pytest
+from PIL import Image
+
+# Fixtures: a tiny random-weight predictor and one synthetic image's expressions.
+from test_predictor import predictor, records  # noqa: F401
+from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure
+
+
+REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
+APP = os.path.join(REPO, "demo", "app.py")
+CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+LOOPBACK = "127.0.0.1"
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _load_app():
+    # app.py imports demo/demo.py as `demo`, the script's own folder being sys.path[0].
+    sys.path.insert(0, os.path.dirname(APP))
+    try:
+        spec = importlib.util.spec_from_file_location("vipa_app", APP)
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+    finally:
+        sys.path.remove(os.path.dirname(APP))
+    return module
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind((LOOPBACK, 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_module():
+    return _load_app()
+
+
+@pytest.fixture(scope="module")
+def sample(records, tmp_path_factory):
+    """One synthetic image (as a PNG file, so the upload is lossless) and two of its expressions."""
+    path = str(tmp_path_factory.mktemp("upload") / "upload.png")
+    Image.open(records[0]["file_name"]).convert("RGB").save(path)
+    return path, [records[0]["sentence"]["raw"], records[-1]["sentence"]["raw"]]
+
+
+@pytest.fixture(scope="module")
+def client(app_module, predictor):
+    app = app_module.build_app(predictor)
+    port = _free_port()
+    app.launch(server_name=LOOPBACK, server_port=port, prevent_thread_lock=True, quiet=True)
+    try:
+        yield gradio_client.Client(f"http://{LOOPBACK}:{port}/", verbose=False, analytics_enabled=False)
+    finally:
+        app.close()
+
+
+def _read(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, client, predictor, sample):
+    path, texts = sample
+    overlays, figures, table, details = client.predict(
+        gradio_client.handle_file(path), "\n".join(texts) + "\n\n", api_name="/" + app_module.API_NAME
+    )
+    image = _read(path)
+    expected = predictor(image, texts)
+    assert [d["expression"] for d in details] == texts  # blank lines are no expressions
+    assert len(overlays) == len(figures) == len(texts)
+    for text, result, overlay, figure, info in zip(texts, expected, overlays, figures, details):
+        # The served pictures are exactly the ones drawn from the predictor's own result.
+        np.testing.assert_array_equal(_read(overlay["image"]), draw_overlay(image, result, text))
+        np.testing.assert_array_equal(_read(figure["image"]), draw_relevance_figure(image, result, text))
+        assert overlay["caption"] == text
+        assert info["mask_pixels"] == int(result["mask"].sum())
+        assert info["confidence"] == pytest.approx(result["confidence"], abs=1e-4)
+        assert info["no_target_score"] == pytest.approx(result["no_target_score"], abs=1e-4)
+        words = [c["word"] for c in info["retrieved"]]
+        assert words == ["[CLS]"] + predictor.tokenizer.tokenize(text)
+        assert [c["tokens"] for c in info["retrieved"]] == [int(c["tokens"].sum()) for c in result["retrieved"]]
+        assert all(c["tokens"] > 0 for c in info["retrieved"])
+        for cue, got in zip(result["retrieved"], info["retrieved"]):
+            assert got["on_mask_percent"] == pytest.approx(
+                app_module.share_on_mask(cue["tokens"], result["mask"]), abs=0.05
+            )
+    # The page's table: one row per (expression, word), the same numbers.
+    rows = [[d["expression"], c["word"], c["tokens"], c["on_mask_percent"]] for d in details for c in d["retrieved"]]
+    assert table["headers"] == app_module.WORD_TABLE_HEADERS
+    assert [[r[0], r[1], int(r[2]), float(r[3])] for r in table["data"]] == rows
+    # The two expressions get different answers: the text reaches the model.
+    assert not np.array_equal(_read(overlays[0]["image"]), _read(overlays[1]["image"]))
+
+
+def test_api_refuses_blank_expressions_with_a_message(app_module, client, sample):
+    with pytest.raises(gradio_client.exceptions.AppError, match="at least one referring expression"):
+        client.predict(gradio_client.handle_file(sample[0]), " \n ", api_name="/" + app_module.API_NAME)
+
+
+def test_share_on_mask(app_module):
+    tokens = np.zeros((2, 2), bool)
+    tokens[0, 0] = tokens[1, 1] = True  # two retrieved tokens of a 2x2 grid on a 4x4 image
+    mask = np.zeros((4, 4), bool)
+    mask[:2, :2] = True  # covers the first token only
+    assert app_module.share_on_mask(tokens, mask) == pytest.approx(50.0)
+    assert app_module.share_on_mask(np.zeros((2, 2), bool), mask) == 0.0
+
+
+def test_serves_on_loopback_by_default(app_module):
+    args = app_module.get_parser().parse_args(["--config-file", CONFIG, "MODEL.DEVICE", "cpu"])
+    assert args.host == LOOPBACK and args.opts == ["MODEL.DEVICE", "cpu"]

@@ -1,0 +1,130 @@
+"""Every YAML under configs/: merges, names registered datasets, holds only its changes, builds."""
+import glob
+import os
+
+import pytest
+import torch
+import yaml
+from detectron2.config import CfgNode, get_cfg
+from detectron2.data import DatasetCatalog
+from detectron2.modeling import build_model
+
+import vipa_d2  # noqa: F401  (registers the datasets)
+from vipa_d2 import add_vipa_config
+from vipa_d2.modeling.text_encoder import build_tokenizer, tokenize
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(glob.glob(os.path.join(ROOT, "configs", "**", "*.yaml"), recursive=True))
+# Built offline and small: random backbone weights, the bundled MiniLM in place of a hub
+# text encoder (BERT-base is not available offline), a tiny input.
+OFFLINE_OPTS = ["MODEL.DEVICE", "cpu", "MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", "bundled-minilm"]
+BUILD_SIZE = 64
+# Every built-in dataset family has a config (vipa_d2/data/builtin.py).
+REAL_DATASET_LEAVES = {
+    "refcoco": "configs/refcoco/vipa_swin_base_bert_base.yaml",
+    "refcoco+": "configs/refcoco+/vipa_swin_base_bert_base.yaml",
+    "refcocog_umd": "configs/refcocog/vipa_swin_base_bert_base_umd.yaml",
+    "refcocog_google": "configs/refcocog/vipa_swin_base_bert_base_google.yaml",
+    "grefcoco": "configs/grefcoco/vipa_swin_base_bert_base.yaml",
+    "refclef": "configs/referit/vipa_swin_base_bert_base.yaml",
+}
+SWIN_B_22K = "swin_base_patch4_window12_384.ms_in22k"
+
+
+def rel(path: str) -> str:
+    return os.path.relpath(path, ROOT)
+
+
+def load(path: str, opts=()) -> CfgNode:
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(list(opts))
+    return cfg
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def _value(cfg: CfgNode, dotted: str):
+    node = cfg
+    for part in dotted.split("."):
+        node = node[part]
+    return node
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=rel)
+def test_config_names_registered_datasets(path):
+    cfg = load(path)
+    registered = set(DatasetCatalog.list())
+    for name in list(cfg.DATASETS.TRAIN) + list(cfg.DATASETS.TEST):
+        assert name in registered, f"{rel(path)}: dataset {name!r} is not registered"
+
+
+def _chain_keys(path: str) -> set:
+    """The keys the YAML files of ``path``'s _BASE_ chain set themselves (not code defaults)."""
+    with open(path) as f:
+        own = yaml.safe_load(f)
+    base = own.pop("_BASE_", None)
+    keys = {key for key, _ in _flatten(own)}
+    return keys | (_chain_keys(os.path.join(os.path.dirname(path), base)) if base else set())
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if "_BASE_" in open(p).read()], ids=rel)
+def test_config_holds_only_its_changes(path):
+    """No key of a YAML repeats a value that a YAML of its _BASE_ chain already sets."""
+    with open(path) as f:
+        own = yaml.safe_load(f)
+    base_path = os.path.join(os.path.dirname(path), own.pop("_BASE_"))
+    base, merged, base_keys = load(base_path), load(path), _chain_keys(base_path)
+    repeated = [k for k, _ in _flatten(own) if k in base_keys and _value(merged, k) == _value(base, k)]
+    assert not repeated, f"{rel(path)} repeats its base's values for {repeated}"
+
+
+def test_every_builtin_dataset_has_a_paper_config():
+    for family, leaf in REAL_DATASET_LEAVES.items():
+        cfg = load(os.path.join(ROOT, leaf))
+        assert cfg.MODEL.TIMM.ARCH == SWIN_B_22K and cfg.MODEL.TEXT_ENCODER.NAME == "bert-base-uncased"
+        assert cfg.INPUT.IMAGE_SIZE == 480
+        assert all(name.startswith(family) for name in cfg.DATASETS.TRAIN + cfg.DATASETS.TEST), leaf
+    small_leaf = "configs/refcoco/vipa_swin_tiny_bert_base.yaml"
+    outputs = [load(os.path.join(ROOT, p)).OUTPUT_DIR for p in [*REAL_DATASET_LEAVES.values(), small_leaf]]
+    assert len(set(outputs)) == len(outputs), "two configs write to the same OUTPUT_DIR"
+    small = load(os.path.join(ROOT, small_leaf))
+    assert small.MODEL.TIMM.ARCH.startswith("swin_tiny") and small.MODEL.TIMM.ARCH.endswith(".ms_in22k")
+
+
+def _model_key(cfg: CfgNode) -> str:
+    # Configs that differ only outside MODEL / INPUT build the same model: build it once.
+    return cfg.MODEL.dump() + cfg.INPUT.dump()
+
+
+def _distinct_models():
+    seen = {}
+    for path in CONFIGS:
+        cfg = load(path, OFFLINE_OPTS + ["INPUT.IMAGE_SIZE", BUILD_SIZE])
+        seen.setdefault(_model_key(cfg), (rel(path), cfg))
+    return list(seen.values())
+
+
+MODELS = _distinct_models()
+
+
+@pytest.mark.parametrize("name,cfg", MODELS, ids=[name for name, _ in MODELS])
+def test_config_builds_and_predicts(name, cfg, single_thread):
+    model = build_model(cfg).eval()
+    arch = cfg.MODEL.TIMM.ARCH.split(".")[0]
+    assert type(model.backbone).__name__ == cfg.MODEL.BACKBONE.NAME
+    image = torch.randint(0, 256, (3, BUILD_SIZE, BUILD_SIZE), dtype=torch.uint8)
+    tokens = tokenize(build_tokenizer(cfg), ["the dog on the left"], cfg.INPUT.MAX_TEXT_LEN)
+    sample = {"image": image, "height": 50, "width": 70}
+    sample.update(input_ids=tokens["input_ids"][0], attention_mask=tokens["attention_mask"][0])
+    with torch.no_grad():
+        out = model([sample])[0]
+    assert out["ref_seg"].shape == (50, 70), f"{name} ({arch})"
+    assert torch.isfinite(out["ref_seg"]).all()

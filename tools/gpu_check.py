@@ -1,0 +1,123 @@
+#!/usr/bin/env python
+"""
+GPU readiness in a few minutes, one table out: on a CUDA machine, train the tiny config
+with AMP for a few hundred iterations, evaluate it, and time the paper config's inference
+at 480x480, batch 1 and 8, fp32 and fp16 autocast.
+
+    python tools/gpu_check.py [--iters 300] [--data-root datasets] [--text-encoder bert-base-uncased]
+
+The paper config is timed with random weights (speed does not depend on them): Swin-B is
+built without fetching, the text encoder is ``--text-encoder`` (BERT-base needs the hub
+once or a local copy; ``bundled-minilm`` works offline, and the table says which ran).
+"""
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import torch
+from detectron2.config import get_cfg
+from tabulate import tabulate
+
+from vipa_d2 import add_vipa_config
+from vipa_d2.data.synthetic import write_benchmark
+from vipa_d2.engine import ReferringTrainer
+from vipa_d2.modeling.text_encoder import build_tokenizer, tokenize
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+PAPER = os.path.join(REPO, "configs", "refcoco", "vipa_swin_base_bert_base.yaml")
+PAPER_SIZE = 480
+BATCHES = (1, 8)
+# Synthetic benchmark written when --data-root has none (the size `make train` uses).
+SYNTH_IMAGES = 1000
+WARMUP, TIMED = 3, 10
+NO_CUDA_EXIT = 2
+
+
+def get_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--iters", type=int, default=300, help="training iterations of the tiny config")
+    parser.add_argument("--data-root", default="datasets", help="where refsynth is (written if missing)")
+    parser.add_argument("--text-encoder", default="bert-base-uncased", help="paper config's MODEL.TEXT_ENCODER.NAME")
+    parser.add_argument("--output", default=None, help="training output folder (default: a temporary one)")
+    return parser
+
+
+def load_cfg(path, opts):
+    cfg = get_cfg()
+    add_vipa_config(cfg)
+    cfg.merge_from_file(path)
+    cfg.merge_from_list(opts)
+    return cfg
+
+
+def tiny_train_cfg(args, output_dir):
+    return load_cfg(TINY, [
+        "MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", True, "SOLVER.MAX_ITER", args.iters,
+        "SOLVER.CHECKPOINT_PERIOD", args.iters, "DATALOADER.NUM_WORKERS", 4, "OUTPUT_DIR", output_dir,
+        "DATASETS.TEST", ("refsynth_unc_val",),
+    ])
+
+
+def paper_cfg(args):
+    return load_cfg(PAPER, [
+        "MODEL.DEVICE", "cuda", "MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", args.text_encoder,
+        "INPUT.IMAGE_SIZE", PAPER_SIZE,
+    ])
+
+
+def train_tiny(args):
+    if not os.path.isdir(os.path.join(args.data_root, "refsynth")):
+        write_benchmark(args.data_root, SYNTH_IMAGES, seed=0)
+    os.environ["DETECTRON2_DATASETS"] = args.data_root  # Detectron2's own dataset-root variable
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ReferringTrainer(tiny_train_cfg(args, args.output or tmp))
+        trainer.resume_or_load(resume=False)
+        start = time.perf_counter()
+        results = trainer.train()
+        seconds = time.perf_counter() - start
+    return seconds, results["refsynth_unc_val"]["refer"]["oIoU"]
+
+
+@torch.no_grad()
+def time_paper(args, batch, amp):
+    cfg = paper_cfg(args)
+    model = ReferringTrainer.build_model(cfg).eval()
+    tokens = tokenize(build_tokenizer(cfg), ["the man in the black suit on the right"], cfg.INPUT.MAX_TEXT_LEN)
+    image = torch.randint(0, 256, (3, PAPER_SIZE, PAPER_SIZE), dtype=torch.uint8)
+    sample = {"image": image, "height": PAPER_SIZE, "width": PAPER_SIZE,
+              "input_ids": tokens["input_ids"][0], "attention_mask": tokens["attention_mask"][0]}
+    inputs = [sample] * batch
+    with torch.autocast("cuda", dtype=torch.float16, enabled=amp):
+        for i in range(WARMUP + TIMED):
+            if i == WARMUP:
+                torch.cuda.synchronize()
+                start = time.perf_counter()
+            model(inputs)
+    torch.cuda.synchronize()
+    return (time.perf_counter() - start) / TIMED
+
+
+def main(argv=None) -> int:
+    args = get_parser().parse_args(argv)
+    if not torch.cuda.is_available():
+        print(f"gpu_check.py: no CUDA device (torch {torch.__version__}, built for CUDA "
+              f"{torch.version.cuda or 'none'}): nothing to check on this machine.", file=sys.stderr)
+        return NO_CUDA_EXIT
+    seconds, oiou = train_tiny(args)
+    rows = [["tiny config, AMP train + eval", f"{args.iters} iterations", f"{seconds:.0f} s, val oIoU {oiou:.2f}"]]
+    for amp in (False, True):
+        for batch in BATCHES:
+            per_batch = time_paper(args, batch, amp)
+            rows.append([f"paper config ({args.text_encoder}), {'fp16' if amp else 'fp32'}",
+                         f"{PAPER_SIZE}x{PAPER_SIZE}, batch {batch}",
+                         f"{per_batch * 1000:.1f} ms/batch, {batch / per_batch:.1f} img/s"])
+    print(f"GPU: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(tabulate(rows, headers=["check", "setting", "result"], tablefmt="pipe"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
