@@ -7,7 +7,10 @@ import numpy as np
 import pytest
 import torch
 
+from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
+from vipa_d2.data import load_refer_dicts
 from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.predictor import VIPAPredictor
 from vipa_d2.data.synthetic import SynthConfig, write_benchmark
 
 # Tests never touch the network: transformers/hub must resolve everything locally.
@@ -66,3 +69,20 @@ def synthetic_datasets_root(synthetic_benchmark):
     patch.setenv(DATASETS_ENV, root)
     yield root
     patch.undo()
+
+
+# A tiny random-weight predictor and one synthetic image's expressions (predictor, demo, web app tests).
+@pytest.fixture(scope="module")
+def records(synthetic_benchmark):
+    """Expressions of one synthetic image (non-square: checks the original-size outputs)."""
+    root, _ = synthetic_benchmark(4, image_size=128)
+    recs = load_refer_dicts(root, "refsynth", "unc", "val", f"{root}/refsynth/images")
+    recs = [r for r in recs if r["file_name"] == recs[0]["file_name"]]
+    assert len(recs) >= 3 and recs[0]["height"] != recs[0]["width"]
+    return recs
+
+
+@pytest.fixture(scope="module")
+def predictor():
+    torch.manual_seed(0)
+    return VIPAPredictor(make_cfg(*PREDICTOR_OPTS, config_file=TINY_CONFIG))

@@ -9,14 +9,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-# Fixtures: a tiny random-weight predictor and one synthetic image's expressions.
-from test_predictor import predictor, records  # noqa: F401
+from common import REPO_ROOT, TINY_CONFIG
 from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure
 
 
-REPO = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-APP = os.path.join(REPO, "demo", "app.py")
-CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+APP = os.path.join(REPO_ROOT, "demo", "app.py")
 LOOPBACK = "127.0.0.1"
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -116,5 +113,5 @@ def test_share_on_mask(app_module):
 
 
 def test_serves_on_loopback_by_default(app_module):
-    args = app_module.get_parser().parse_args(["--config-file", CONFIG, "MODEL.DEVICE", "cpu"])
+    args = app_module.get_parser().parse_args(["--config-file", TINY_CONFIG, "MODEL.DEVICE", "cpu"])
     assert args.host == LOOPBACK and args.opts == ["MODEL.DEVICE", "cpu"]

@@ -1,11 +1,15 @@
 """TEST.EVAL_PERIOD with the real trainer: model_best.pth holds the best val oIoU, across --resume."""
 import os
 
+import pytest
 import torch
 
-from test_train_net import VAL, parse, synthetic_root, train_net  # noqa: F401  (fixture)
+from common import INSTANT_TEST_VAL as VAL
+from common import import_train_net, train_net_args
 from vipa_d2.engine import BestMetricCheckpointer, best_metric_name
 
+train_net = import_train_net()
+pytestmark = pytest.mark.usefixtures("synthetic_datasets_root")
 EVAL_EVERY = ["TEST.EVAL_PERIOD", "2", "SOLVER.MAX_ITER", "4"]
 
 
@@ -16,7 +20,7 @@ def _best_hook(trainer):
 
 
 def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
-    cfg = train_net.setup(parse(tmp_path, opts=EVAL_EVERY))
+    cfg = train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY))
     trainer = train_net.Trainer(cfg)
     trainer.resume_or_load(resume=False)
     trainer.train()
@@ -36,7 +40,7 @@ def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
     assert saved["model"].keys() == trainer.model.state_dict().keys()
 
     # A resumed run starts from the recorded best, not from None.
-    resumed = train_net.Trainer(train_net.setup(parse(tmp_path, opts=EVAL_EVERY + ["SOLVER.MAX_ITER", "6"])))
+    resumed = train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY + ["SOLVER.MAX_ITER", "6"])))
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 4
     assert (_best_hook(resumed).best_metric, _best_hook(resumed).best_iter) == (best_value, best_iter)
@@ -56,5 +60,5 @@ def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
 
 
 def test_no_best_checkpointer_without_periodic_evaluation(tmp_path):
-    trainer = train_net.Trainer(train_net.setup(parse(tmp_path, opts=["TEST.EVAL_PERIOD", "0"])))
+    trainer = train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=["TEST.EVAL_PERIOD", "0"])))
     assert not any(isinstance(h, BestMetricCheckpointer) for h in trainer._hooks)

@@ -9,6 +9,7 @@ from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
 from detectron2.config import get_cfg
 
 from vipa_d2 import add_vipa_config
+from vipa_d2.modeling.head import KV_SOURCES
 
 CONFIGS = sorted(glob.glob(os.path.join(CONFIGS_DIR, "**", "*.yaml"), recursive=True))
 
@@ -23,7 +24,7 @@ def test_configs_found():
 def test_config_merges(path):
     cfg = make_cfg(config_file=path)
     assert cfg.MODEL.META_ARCHITECTURE == "VIPA"
-    assert cfg.MODEL.VIPA.KV_SOURCE in ("visual_expression", "language")
+    assert cfg.MODEL.VIPA.KV_SOURCE in KV_SOURCES
     assert cfg.MODEL.VIPA.FUSION in ("none", "late", "early")
 
 

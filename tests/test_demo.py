@@ -1,10 +1,15 @@
-"""demo/demo.py end to end: overlays of the input's size, file naming, and clear refusals."""
+"""demo/demo.py end to end: overlays of the input's size, file naming, clear refusals; binary
+masks, a JSON per image, manifests giving each image its own expressions, Unicode captions,
+and prediction beside target."""
+import csv
+import json
 import os
 import shutil
 import subprocess
 import sys
 
 import numpy as np
+import pycocotools.mask as mask_util
 import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
@@ -12,8 +17,15 @@ from detectron2.data import detection_utils as utils
 from PIL import Image
 
 from common import PREDICTOR_OPTS, REPO_ROOT, TINY_CONFIG, load_script, make_cfg
+from vipa_d2.data.masks import segmentation_to_mask
 from vipa_d2.predictor import VIPAPredictor
-from vipa_d2.utils.visualizer import draw_overlay
+from vipa_d2.utils.visualizer import (
+    SIDE_BY_SIDE_GAP,
+    caption_layout,
+    draw_caption,
+    draw_overlay,
+    draw_prediction_and_target,
+)
 
 DEMO = os.path.join(REPO_ROOT, "demo", "demo.py")
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -161,3 +173,163 @@ def test_refusal_from_a_subprocess_has_no_traceback(images, tmp_path):
     assert proc.returncode == 1
     assert proc.stderr.strip() == "demo.py: error: invalid config override: Non-existent key: MODEL.BOGUS"
     assert not (tmp_path / "o.png").exists()
+
+
+# ----------------------------------------------------------- masks, JSON, manifests, captions
+TEXTS = ["the café table", "the biggest shape"]
+
+
+def _stem(path):
+    return os.path.splitext(os.path.basename(path))[0]
+
+
+def test_save_masks_and_json_hold_the_predictions(images, weights, tmp_path, capsys):
+    folder, files = images
+    ckpt, predictor = weights
+    out = tmp_path / "out"
+    argv = ["--config-file", TINY_CONFIG, "--input", folder, "--output", str(out), "--save-masks", "--save-json"]
+    for text in TEXTS:
+        argv += ["--text", text]
+    assert demo.main(argv + ["--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt]) == 0, capsys.readouterr().err
+    for path in files:
+        stem = _stem(path)
+        expected = {f"{stem}_{k}{suffix}.png" for k in range(2) for suffix in ("", "_mask")} | {f"{stem}.json"}
+        assert expected <= set(os.listdir(out))
+        image = utils.read_image(path, format=predictor.cfg.INPUT.FORMAT)
+        results = predictor(image, TEXTS)
+        with open(out / f"{stem}.json", encoding="utf-8") as f:
+            record = json.load(f)
+        assert (record["image"], record["height"], record["width"]) == (path, *image.shape[:2])
+        assert [e["text"] for e in record["expressions"]] == TEXTS  # "café" round-trips
+        for k, (entry, result) in enumerate(zip(record["expressions"], results)):
+            written = np.asarray(Image.open(out / f"{stem}_{k}_mask.png"))
+            assert written.dtype == np.uint8 and set(np.unique(written)) <= {0, 255}
+            np.testing.assert_array_equal(written == 255, result["mask"])
+            rle = dict(entry["mask"], counts=entry["mask"]["counts"].encode("ascii"))
+            np.testing.assert_array_equal(mask_util.decode(rle).astype(bool), result["mask"])
+            assert entry["area"] == int(result["mask"].sum())
+            assert entry["confidence"] == pytest.approx(result["confidence"], abs=1e-6)
+            assert entry["no_target_score"] == pytest.approx(result["no_target_score"], abs=1e-6)
+            assert entry["retrieved_words"] == [c["word"] for c in result["retrieved"]]
+            if k == 0:  # the uncased tokenizer folds the accent; the text keeps it
+                assert entry["retrieved_words"] == ["[CLS]", "the", "cafe", "table"]
+    assert any(0 < e["area"] < record["height"] * record["width"] for e in record["expressions"])
+
+
+def _write_manifests(tmp_path, files):
+    """The same manifest as JSON and CSV: image 0 with two expressions, image 1 with one."""
+    rel = [os.path.relpath(f, tmp_path) for f in files]
+    entries = [{"image": rel[0], "expressions": TEXTS}, {"image": rel[1], "expressions": ["the left one"]}]
+    (tmp_path / "m.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
+    with open(tmp_path / "m.csv", "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["image", "expression"])
+        writer.writerows([[rel[0], TEXTS[0]], [rel[1], "the left one"], [rel[0], TEXTS[1]]])
+    return entries
+
+
+@pytest.mark.parametrize("kind", ["json", "csv"])
+def test_manifest_gives_each_image_its_expressions(images, weights, tmp_path, capsys, kind):
+    _, files = images
+    ckpt, predictor = weights
+    _write_manifests(tmp_path, files)
+    out = tmp_path / "out"
+    argv = ["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / f"m.{kind}"), "--output", str(out), "--save-json"]
+    assert demo.main(argv + ["--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt]) == 0
+    assert "Done: 2 image(s), 3 expression(s) in all" in capsys.readouterr().out
+    a, b = _stem(files[0]), _stem(files[1])
+    assert set(os.listdir(out)) == {f"{a}_0.png", f"{a}_1.png", f"{b}.png", f"{a}.json", f"{b}.json"}
+    with open(out / f"{a}.json", encoding="utf-8") as f:
+        assert [e["text"] for e in json.load(f)["expressions"]] == TEXTS
+    fmt = predictor.cfg.INPUT.FORMAT
+    image = utils.read_image(files[1], format=fmt)
+    written = np.asarray(Image.open(out / f"{b}.png").convert("RGB"))
+    expected = draw_overlay(image, predictor(image, "the left one"), "the left one", image_format=fmt)
+    np.testing.assert_array_equal(written, expected)
+
+
+def test_bad_manifests_are_refused_naming_file_entry_and_key(images, tmp_path, capsys):
+    _, files = images
+    entries = _write_manifests(tmp_path, files)
+    base = ["--config-file", TINY_CONFIG, "--output", str(tmp_path / "out")]
+
+    def refusal(name, content):
+        path = tmp_path / name
+        path.write_text(content, encoding="utf-8")
+        return _refusal(base + ["--manifest", str(path)], capsys)
+
+    msg = refusal("typo.json", json.dumps([entries[0], {"image": entries[1]["image"], "expression": ["x"]}]))
+    assert "typo.json: entry 1:" in msg and "'expressions'" in msg
+    msg = refusal("gone.json", json.dumps([{"image": "nothere.jpg", "expressions": ["x"]}]))
+    assert "gone.json: entry 0: image: image 'nothere.jpg' not found" in msg
+    msg = refusal("blank.json", json.dumps([{"image": entries[0]["image"], "expressions": ["ok", "  "]}]))
+    assert "blank.json: entry 0: expressions[1]:" in msg and "non-empty referring expression" in msg
+    msg = refusal("twice.json", json.dumps([entries[0], entries[0]]))
+    assert "twice.json: entry 1: image:" in msg and "already listed in entry 0" in msg
+    msg = refusal("broken.json", '[{"image": ')
+    assert "broken.json" in msg and "not valid JSON (line 1" in msg
+    msg = refusal("header.csv", "file,text\na.jpg,the cup\n")
+    assert "header.csv: row 1:" in msg and "image,expression" in msg
+    msg = refusal("row.csv", f"image,expression\n{entries[0]['image']},the cup\n{entries[1]['image']},\n")
+    assert "row.csv: row 3: expression:" in msg
+    assert "unknown manifest format '.txt'" in refusal("list.txt", "a.jpg")
+    msg = _refusal(base + ["--manifest", str(tmp_path / "m.json"), "--text", "cat"], capsys)
+    assert "drop --input and --text" in msg
+    assert "give --input and --text, or --manifest" in _refusal(base + ["--text", "cat"], capsys)
+
+
+def test_unicode_caption_is_drawn_not_replaced():
+    image = np.full((96, 160, 3), 120, np.uint8)
+    drawn = {text: draw_caption(image, text) for text in ["the café table", "the caf? table", "the cafe table"]}
+    _, band = caption_layout("the café table", *image.shape[:2])
+    assert band > 0
+    accented = drawn["the café table"][:band]
+    # The accent is drawn: neither a '?' nor the bare letter.
+    assert (accented != drawn["the caf? table"][:band]).any()
+    assert (accented != drawn["the cafe table"][:band]).any()
+    np.testing.assert_array_equal(drawn["the café table"][band:], image[band:])
+
+
+def test_prediction_beside_target():
+    image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
+    prediction, target = np.zeros((64, 80), bool), np.zeros((64, 80), bool)
+    prediction[20:40, 10:30] = True
+    target[25:50, 20:45] = True
+    result = {"mask": prediction, "confidence": 0.8}
+    figure = draw_prediction_and_target(image, result, target, "the square")
+    left, right = figure[:, :80], figure[:, -80:]
+    assert figure.shape == (64, 80 + SIDE_BY_SIDE_GAP + 80, 3)
+    np.testing.assert_array_equal(left, draw_overlay(image, result, "prediction: the square"))
+    np.testing.assert_array_equal(right, draw_overlay(image, {"mask": target}, "target"))
+    assert (figure[:, 80:-80] == 255).all()
+
+
+def test_manifest_targets_draw_prediction_beside_target(images, weights, tmp_path, capsys):
+    _, files = images
+    ckpt, predictor = weights
+    square = [[10, 10, 60, 10, 60, 50, 10, 50]]  # a COCO polygon
+    entry = {"image": files[0], "expressions": TEXTS, "targets": [square, None]}
+    (tmp_path / "t.json").write_text(json.dumps([entry]), encoding="utf-8")
+    out = tmp_path / "out"
+    argv = ["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "t.json"), "--output", str(out)]
+    assert demo.main(argv + ["--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt]) == 0, capsys.readouterr().err
+    fmt = predictor.cfg.INPUT.FORMAT
+    image = utils.read_image(files[0], format=fmt)
+    results = predictor(image, TEXTS)
+    target = segmentation_to_mask(square, *image.shape[:2]).astype(bool)
+    no_target = np.zeros(image.shape[:2], bool)
+    for k, mask in enumerate([target, no_target]):
+        written = np.asarray(Image.open(out / f"{_stem(files[0])}_{k}.png").convert("RGB"))
+        expected = draw_prediction_and_target(image, results[k], mask, TEXTS[k], image_format=fmt)
+        np.testing.assert_array_equal(written, expected)
+
+    # A target that does not fit the image is named by manifest, entry and key.
+    entry["targets"] = [{"size": [5, 5], "counts": "0"}, None]
+    (tmp_path / "bad.json").write_text(json.dumps([entry]), encoding="utf-8")
+    argv = ["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "bad.json"), "--output", str(out)]
+    msg = _refusal(argv + ["--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt], capsys)
+    assert "bad.json: entry 0: targets[0].segmentation.size:" in msg and "does not match the image size" in msg
+    entry["targets"] = [None]
+    (tmp_path / "short.json").write_text(json.dumps([entry]), encoding="utf-8")
+    msg = _refusal(["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "short.json"), "--output", str(out)], capsys)
+    assert "short.json: entry 0: targets: expected a list of 2 segmentations" in msg

@@ -9,7 +9,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import detection_utils as utils
 
 from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
-from vipa_d2.data import ReferringDatasetMapper, load_refer_dicts
+from vipa_d2.data import ReferringDatasetMapper
 from vipa_d2.modeling.sampler import num_retrieved
 from vipa_d2.predictor import VIPAPredictor, WeightsError
 from vipa_d2.utils.visualizer import (
@@ -21,22 +21,6 @@ from vipa_d2.utils.visualizer import (
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
-
-
-@pytest.fixture(scope="module")
-def records(synthetic_benchmark):
-    """Expressions of one synthetic image (non-square: checks the original-size outputs)."""
-    root, _ = synthetic_benchmark(4, image_size=128)
-    recs = load_refer_dicts(root, "refsynth", "unc", "val", f"{root}/refsynth/images")
-    recs = [r for r in recs if r["file_name"] == recs[0]["file_name"]]
-    assert len(recs) >= 3 and recs[0]["height"] != recs[0]["width"]
-    return recs
-
-
-@pytest.fixture(scope="module")
-def predictor():
-    torch.manual_seed(0)
-    return VIPAPredictor(make_cfg(*PREDICTOR_OPTS, config_file=TINY_CONFIG))
 
 
 def test_masks_equal_model_on_mapper_output(predictor, records):

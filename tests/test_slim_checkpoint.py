@@ -1,47 +1,38 @@
 """tools/slim_checkpoint.py: a model-only export of a real training checkpoint that is
 smaller, loads in the demo, the predictor and the evaluator, and gives the same masks (fp32)
 or nearly the same (fp16)."""
-import importlib.util
 import os
 
 import numpy as np
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.data import DatasetCatalog
 
-from test_train_net import CONFIG, REPO, TINY, VAL, parse, synthetic_root, train_net  # noqa: F401 (autouse fixture)
-from vipa_d2 import VIPAPredictor, add_vipa_config
+from common import INSTANT_TEST_CONFIG as CONFIG
+from common import INSTANT_TEST_VAL as VAL
+from common import import_train_net, load_script, make_cfg, train_net_args
+from vipa_d2 import VIPAPredictor
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY
 
 # fp16 weights move probabilities by ~1e-3: only pixels near the threshold may flip.
 MIN_FP16_MEAN_IOU = 0.98
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("slim_checkpoint", os.path.join(REPO, "tools", "slim_checkpoint.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-slim_checkpoint = _load_tool()
-pytestmark = pytest.mark.usefixtures("single_thread")
+slim_checkpoint = load_script("tools/slim_checkpoint.py")
+train_net = import_train_net()
+pytestmark = pytest.mark.usefixtures("single_thread", "synthetic_datasets_root")
 
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real training checkpoint (model, trainer state with AdamW and scheduler, iteration)."""
     out = tmp_path_factory.mktemp("train")
-    train_net.main(parse(out, opts=["DATASETS.TEST", "()"]))
+    train_net.main(train_net_args(out, opts=["DATASETS.TEST", "()"]))
     return str(out / "model_final.pth")
 
 
 def _predictor(weights):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(TINY + ["MODEL.WEIGHTS", weights])
+    cfg = make_cfg("MODEL.WEIGHTS", weights, config_file=CONFIG)
     return VIPAPredictor(cfg)
 
 
@@ -60,10 +51,10 @@ def _iou(a, b):
 
 def test_export_is_smaller_and_gives_the_same_masks(trained, tmp_path, capsys):
     slim, half = str(tmp_path / "slim.pth"), str(tmp_path / "slim_fp16.pth")
-    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim, *TINY]) == 0
+    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim]) == 0
     printed = capsys.readouterr().out
     assert "slim.pth" in printed and "MB (fp32, model only)" in printed
-    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", half, "--fp16", *TINY]) == 0
+    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", half, "--fp16"]) == 0
 
     full_size, slim_size, half_size = (os.path.getsize(p) for p in (trained, slim, half))
     assert slim_size < full_size and half_size < 0.6 * slim_size
@@ -86,18 +77,18 @@ def test_export_is_smaller_and_gives_the_same_masks(trained, tmp_path, capsys):
 
 def test_export_evaluates_like_the_training_checkpoint(trained, tmp_path):
     slim = str(tmp_path / "slim.pth")
-    slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim, *TINY])
-    original = train_net.main(parse(tmp_path / "a", "--eval-only", opts=["MODEL.WEIGHTS", trained]))
-    exported = train_net.main(parse(tmp_path / "b", "--eval-only", opts=["MODEL.WEIGHTS", slim]))
+    slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim])
+    original = train_net.main(train_net_args(tmp_path / "a", "--eval-only", opts=["MODEL.WEIGHTS", trained]))
+    exported = train_net.main(train_net_args(tmp_path / "b", "--eval-only", opts=["MODEL.WEIGHTS", slim]))
     assert exported == original and set(original[VAL]["refer"]) >= {"oIoU", "mIoU"}
 
 
 def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path):
     with pytest.raises(ValueError, match=r"MODEL.WEIGHTS=.*model_final.pth.*unexpected keys"):
         slim_checkpoint.main(
-            ["--config-file", CONFIG, "--input", trained, "--output", str(tmp_path / "x.pth"), *TINY,
+            ["--config-file", CONFIG, "--input", trained, "--output", str(tmp_path / "x.pth"),
              "MODEL.VIPA.DECODER.NUM_LAYERS", "2"]
         )
     assert not (tmp_path / "x.pth").exists()
     with pytest.raises(ValueError, match="is the --input file"):
-        slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", trained, *TINY])
+        slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", trained])

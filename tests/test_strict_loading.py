@@ -4,35 +4,32 @@ import os
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from test_train_net import CONFIG, TINY, parse, train_net
-from vipa_d2 import VIPAPredictor, add_vipa_config
+from common import INSTANT_TEST_CONFIG, import_train_net, make_cfg, train_net_args
+from vipa_d2 import VIPAPredictor
 from vipa_d2.engine import AtomicDetectionCheckpointer, WeightsError
 
-pytestmark = pytest.mark.usefixtures("single_thread")
+train_net = import_train_net()
+pytestmark = pytest.mark.usefixtures("single_thread", "synthetic_datasets_root")
 
 
 @pytest.fixture(scope="module")
 def mismatched(tmp_path_factory):
     """A checkpoint of the tiny model with one key missing and one unexpected key added."""
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(CONFIG)
-    cfg.merge_from_list(TINY)
+    cfg = make_cfg(config_file=INSTANT_TEST_CONFIG)
     folder = tmp_path_factory.mktemp("weights")
     AtomicDetectionCheckpointer(build_model(cfg), str(folder)).save("good")
     checkpoint = torch.load(folder / "good.pth", map_location="cpu", weights_only=True)
-    missing = next(k for k in checkpoint["model"] if k.startswith("transformer_decoder."))
+    missing = next(k for k in checkpoint["model"] if k.startswith("head.transformer_decoder."))
     del checkpoint["model"][missing]
-    checkpoint["model"]["veg.unused.weight"] = torch.zeros(1)
+    checkpoint["model"]["head.veg.unused.weight"] = torch.zeros(1)
     torch.save(checkpoint, folder / "bad.pth")
     return str(folder / "bad.pth"), missing, cfg
 
 
 def _eval_only(output_dir, *flags, opts=()):
-    return train_net.main(parse(output_dir, "--eval-only", *flags, opts=opts))
+    return train_net.main(train_net_args(output_dir, "--eval-only", *flags, opts=opts))
 
 
 def test_eval_only_refuses_a_mismatched_checkpoint_like_the_predictor(mismatched, tmp_path):
@@ -40,7 +37,7 @@ def test_eval_only_refuses_a_mismatched_checkpoint_like_the_predictor(mismatched
     with pytest.raises(WeightsError) as from_eval:
         _eval_only(tmp_path / "eval", opts=["MODEL.WEIGHTS", bad])
     message = str(from_eval.value)
-    assert "bad.pth" in message and missing in message and "veg.unused.weight" in message
+    assert "bad.pth" in message and missing in message and "head.veg.unused.weight" in message
     assert "1 missing keys" in message and "1 unexpected keys" in message
     cfg = cfg.clone()
     cfg.MODEL.WEIGHTS = bad

@@ -295,7 +295,7 @@ def test_text_padding_is_trimmed_to_the_longest_expression(tokenizer, default_mo
 
 
 def test_channels_last_layout_keeps_the_outputs(tokenizer, default_model):
-    assert runtime_options(make_cfg())["channels_last"]  # the tiny config's setting
+    assert runtime_options(make_cfg(config_file=TINY_CONFIG))["channels_last"]  # the tiny config's setting
     nhwc = copy.deepcopy(default_model).eval().set_runtime_options(channels_last=True)
     nchw = copy.deepcopy(nhwc).set_runtime_options(channels_last=False)
     conv = next(p for p in nhwc.backbone.parameters() if p.dim() == 4)

@@ -6,7 +6,7 @@ argument of ``forward``, through which early vision-language fusion enters the b
 Without it, ``forward(images)`` is Detectron2's usual backbone contract.
 """
 import logging
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, Optional
 
 import torch
 from torch import nn
