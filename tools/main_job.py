@@ -26,6 +26,7 @@ from collections import OrderedDict
 
 from tabulate import tabulate
 
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
@@ -33,7 +34,6 @@ from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SynthConfig, write_bench
 from vipa_d2.data.synthetic.writer import STATS_FILE  # written last: a finished benchmark has it
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
 from vipa_d2.evaluation.breakdown import format_sections
-from vipa_d2 import get_vipa_cfg
 from vipa_d2.utils.runs import iteration_seconds, read_results, run_train_net
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -26,10 +26,10 @@ from detectron2.evaluation import inference_on_dataset
 from detectron2.modeling import build_model
 from tabulate import tabulate
 
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, load_weights
 from vipa_d2.utils.analysis import HEAD_MODULES, MODULES, count_flops, count_params, dummy_input, time_modules
-from vipa_d2 import get_vipa_cfg
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -29,9 +29,9 @@ import subprocess
 import sys
 import time
 
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.utils.atomic_io import atomic_open
-from vipa_d2 import get_vipa_cfg
 from vipa_d2.utils.runs import iteration_seconds, run_train_net, split_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
