@@ -122,6 +122,11 @@ class StrictCheckpointer(WeightsOnlyCheckpointer):
             if state and all(k.startswith("module.") for k in state):  # saved from (D)DP
                 state = {k[len("module.") :]: v for k, v in state.items()}
                 checkpoint["model"] = state
+            # Older layouts (e.g. VIPA before its head existed) are renamed first, so they
+            # are compared, and loaded, in the model's current layout.
+            upgrade = getattr(self.model, "upgrade_state_dict", None)
+            if upgrade is not None:
+                state = checkpoint["model"] = upgrade(dict(state))
             expected = self.model.state_dict()
             problems = _describe(
                 [k for k in expected if k not in state],

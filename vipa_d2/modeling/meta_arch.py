@@ -135,14 +135,22 @@ class VIPA(nn.Module):
             "no_target_threshold": vipa.NO_TARGET_THRESHOLD,
         }
 
+    @staticmethod
+    def upgrade_state_dict(state_dict, prefix: str = ""):
+        """Rename, in place, a version-1 state dict's head modules (``veg.`` ...) into
+        ``head.``; keys already in the current layout stay. Returns ``state_dict``. Also
+        used by checkpointers that compare keys before loading (StrictCheckpointer)."""
+        for key in [k for k in state_dict if k.startswith(prefix)]:
+            rest = key[len(prefix) :]
+            if rest.split(".", 1)[0] in _MOVED_TO_HEAD:
+                state_dict[prefix + "head." + rest] = state_dict.pop(key)
+        return state_dict
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, *args, **kwargs):
         # Version 1 (or no version recorded): rename the head's modules into ``head.``.
         # Children read the renamed keys, as they load after this module.
         if local_metadata.get("version", 1) < 2:
-            for key in [k for k in state_dict if k.startswith(prefix)]:
-                rest = key[len(prefix) :]
-                if rest.split(".", 1)[0] in _MOVED_TO_HEAD:
-                    state_dict[prefix + "head." + rest] = state_dict.pop(key)
+            self.upgrade_state_dict(state_dict, prefix)
         super()._load_from_state_dict(state_dict, prefix, local_metadata, *args, **kwargs)
 
     # ------------------------------------------------------------ switches

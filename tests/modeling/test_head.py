@@ -1,21 +1,18 @@
 """VIPA's composition: the registered head and decoders, one dropout key per place, and
 checkpoints written before the head existed (top-level veg./pixel_decoder./...)."""
 import copy
-import os
 from collections import OrderedDict
 
 import pytest
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from vipa_d2 import add_vipa_config
+from common import TINY_CONFIG, make_cfg
 from vipa_d2.engine import ReferringTrainer
-from vipa_d2.engine.checkpoint import WeightsOnlyCheckpointer
+from vipa_d2.engine.checkpoint import WeightsOnlyCheckpointer, load_weights
 from vipa_d2.modeling import VIPAHead
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The tiny config, narrow and with a random backbone: built in about a second.
 SMALL = [
     "INPUT.IMAGE_SIZE", 64, "MODEL.TIMM.WEIGHTS", "", "MODEL.VIPA.HIDDEN_DIM", 32,
@@ -26,11 +23,7 @@ HEAD_PARTS = ("veg", "language_proj", "pixel_decoder", "transformer_decoder")
 
 
 def small_cfg(*opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(os.path.join(ROOT, "configs/synthetic/vipa_tiny_cpu.yaml"))
-    cfg.merge_from_list(SMALL + list(opts))
-    return cfg
+    return make_cfg(*SMALL, *opts, config_file=TINY_CONFIG)
 
 
 def old_layout(state_dict):
@@ -86,6 +79,12 @@ def test_old_checkpoints_load_into_the_head(tmp_path, caplog):
     with caplog.at_level("WARNING"):
         WeightsOnlyCheckpointer(model).load(str(tmp_path / "old.pth"), checkpointables=[])
     assert "not found in the checkpoint" not in caplog.text and "not used by the model" not in caplog.text
+    torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0)
+    # The strict loader of the predictor, the demo and --eval-only compares keys before
+    # loading: it must see the file in the current layout too.
+    torch.manual_seed(4)
+    model = build_model(small_cfg())
+    load_weights(model, str(tmp_path / "old.pth"))
     torch.testing.assert_close(model.state_dict(), state, rtol=0, atol=0)
     # A new-layout file loads unchanged (nothing is renamed twice).
     model.load_state_dict(state)
