@@ -33,12 +33,12 @@ import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from detectron2.config import get_cfg
 import numpy as np
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from vipa_d2 import add_vipa_config
+from vipa_d2 import get_vipa_cfg
+from vipa_d2.data.builtin import check_invalid_refs_setting
 from vipa_d2.data.manifest import ManifestEntry, read_manifest
 from vipa_d2.data.masks import mask_to_rle
 from vipa_d2.data.validation import ReferringDataError
@@ -111,18 +111,17 @@ def setup_cfg(config_file: str, opts: Sequence[str]):
     """The frozen config: defaults + vipa keys + ``config_file`` + ``opts``."""
     if not os.path.isfile(config_file):
         raise DemoError(f"config file not found: {config_file}")
-    cfg = get_cfg()
-    add_vipa_config(cfg)
     # yacs reports an unknown key as KeyError (file) or AssertionError (list), a bad
     # value as ValueError/TypeError; all name the key in their message.
     try:
-        cfg.merge_from_file(config_file)
+        cfg = get_vipa_cfg(config_file)
     except (KeyError, AssertionError, ValueError, TypeError) as e:
         raise DemoError(f"invalid config file {config_file}: {_message(e)}") from e
     if len(opts) % 2:
         raise DemoError(f"config overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
     try:
         cfg.merge_from_list(list(opts))
+        check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
     except (KeyError, AssertionError, ValueError, TypeError) as e:
         raise DemoError(f"invalid config override: {_message(e)}") from e
     cfg.freeze()
