@@ -93,8 +93,6 @@ def time_modules(model, inputs, runs: int):
             module = model.get_submodule(path)
         except AttributeError:  # e.g. no fusion, or no VEG in the language baseline
             continue
-        if module is None:
-            continue
         # Hook descendants too (depth <= 2): early fusion calls its per-stage modules
         # (fusion.stages.<name>), never ``fusion`` itself.
         parts = [m for n, m in module.named_modules() if n.count(".") <= 1]
