@@ -169,6 +169,7 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
     runs += [_entry("ratio_0.1", s, v, v, v, 0.1) for s, v in enumerate([70.0, 90.0])]  # +10, -9: noise
     runs += [_entry("ratio_0.8", 0, 70.0, 70.0, 70.0, 0.8)]  # one seed
     runs.append({**_entry("step1_only", 0, 1.0, 1.0, 1.0), "status": "running"})  # unfinished: left out
+    runs[0]["note"] = "trained elsewhere, re-evaluated here"
     results = tmp_path / "study.json"
     results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
     out = tmp_path / "docs"
@@ -183,6 +184,7 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
     words = " ".join(md.split())  # tabulate pads the columns
     assert "| language | 0: +3.00, 1: +3.00, 2: +3.50 | +3.17 ± 0.17 |" in words
     assert "| vipa | 0 1 2 | 81.00 ± 1.00 |" in words and "step1_only" not in md
+    assert "Notes on single runs: - vipa, seed 0: trained elsewhere, re-evaluated here ## Paired" in words
     assert "| variant | ordinal | |---" in words and "| language | +3.17 ± 0.17 |" in words
     for picture in ("ratio_curve.png", "variants.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in md

@@ -6,7 +6,8 @@ Render the results JSON of ``tools/study.py``: markdown tables and PNG pictures.
 
 Writes ``study.md`` (also printed): per variant mean ± std over seeds per split; paired
 differences (reference minus variant, same seeds) per seed, their mean ± standard error per
-split and per expression type, and the verdict of RULE; the retrieval report; pictures
+split and per expression type, and the verdict of RULE; the retrieval report; the entries'
+``note`` fields (hand-written provenance, e.g. a model trained outside the study); pictures
 ``ratio_curve.png`` (oIoU against r) and ``variants.png``. No targets, no paper numbers.
 """
 import argparse
@@ -93,6 +94,13 @@ def verdict(diffs):
     return "reproduces" if mean > SE_MULTIPLE * se and same_sign else "does not reproduce"
 
 
+def notes(runs):
+    """Lines for the runs whose entry carries a ``note`` (e.g. where a run's model came from)."""
+    found = [f"- {name}, seed {seed}: {e['note']}" for name, seeds in runs.items()
+             for seed, e in sorted(seeds.items()) if e.get("note")]
+    return ["\nNotes on single runs:\n", *found] if found else []
+
+
 def render(runs, ref_name, metric):
     splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs.get(ref_name, {})
     others = {name: seeds for name, seeds in runs.items() if name != ref_name}
@@ -103,6 +111,7 @@ def render(runs, ref_name, metric):
     parts = [f"# Ablation study\n\nVerdict rule, fixed before reading the numbers: {RULE}.\n",
              f"## {metric} per variant (mean ± std over seeds)\n",
              table(rows, ["variant", "seeds", *splits, "iterations", "minutes (all seeds)"]),
+             *notes(runs),
              f"\n## Paired differences, {ref_name} minus variant ({metric}; mean ± standard error)\n"]
     rows = []
     for name, seeds in others.items():
