@@ -216,6 +216,12 @@ def add_vipa_config(cfg):
     # word, "the" and "left" included, to retrieve the target, and the cues collapse onto
     # one set; "global" leaves each word free to retrieve what helps the mask (a landmark).
     cfg.MODEL.VIPA.LOSS.CONTRASTIVE_CUES = "all"
+    # Weight of a second pixel contrastive loss that tells the words of a relation's landmark
+    # phrase ("red star" in "the circle above the red star") to retrieve the landmark, on
+    # training records that name one (the synthetic benchmark's "landmark" field; records
+    # without it are unaffected). 0 turns it off: then only the mask loss tells a word what
+    # to retrieve, and landmark words land on the target as often as on the landmark.
+    cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT = 0.0
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
     # Weight of the no-target classification loss (generalized data only).

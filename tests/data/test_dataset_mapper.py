@@ -249,3 +249,28 @@ def test_landmark_tokens_truncated_or_missing_phrase(tmp_path):
     # Records without the fields (real datasets) get none of them.
     plain = mapper(mapper_record(tmp_path / "a.png"))
     assert not {"type", "landmark_mask", "landmark_tokens"} & set(plain)
+
+
+def test_training_landmark_fields_follow_the_flip(tmp_path, tokenizer):
+    """LANDMARK_WEIGHT > 0: training inputs carry the augmented landmark and its phrase's tokens."""
+    write_image(tmp_path / "a.png")
+    rec = _landmark_record(tmp_path / "a.png", "the box left of the red box")
+    opts = [*MAPPER_OPTS, "INPUT.MAX_TEXT_LEN", 12, "MODEL.VIPA.LOSS.LANDMARK_WEIGHT", 1.0]
+    plain = ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)
+    assert plain["landmark_mask"].shape == plain["gt_mask"].shape and plain["landmark_mask"].sum() > 0
+    words = tokenizer.convert_ids_to_tokens(plain["input_ids"][plain["landmark_tokens"]].tolist())
+    assert words == ["red", "box"]
+    mapper = ReferringDatasetMapper(make_cfg(*opts, "INPUT.RANDOM_FLIP", "horizontal"), is_train=True)
+    seen = set()
+    for _ in range(30):
+        out = mapper(rec)
+        flipped = out["sentence"] != rec["sentence"]["raw"]
+        expected = plain["landmark_mask"].numpy()[:, ::-1] if flipped else plain["landmark_mask"].numpy()
+        np.testing.assert_array_equal(out["landmark_mask"].numpy(), expected)
+        assert torch.equal(out["landmark_tokens"], plain["landmark_tokens"])  # "right of the red box"
+        seen.add(flipped)
+    assert seen == {True, False}
+    # A record without a landmark gets empty fields, so a batch still stacks.
+    none = ReferringDatasetMapper(make_cfg(*opts), is_train=True)(mapper_record(tmp_path / "a.png"))
+    assert none["landmark_mask"].shape == none["gt_mask"].shape and not none["landmark_mask"].any()
+    assert tuple(none["landmark_tokens"].shape) == (12,) and not none["landmark_tokens"].any()

@@ -288,3 +288,31 @@ def test_contrastive_loss_on_the_global_cue_only():
         VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "words"}))
     with pytest.raises(ValueError, match="GLOBAL_CUE"):
         VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global", "MODEL.VIPA.VEG.GLOBAL_CUE": False}))
+
+
+def test_landmark_loss_supervises_the_landmark_words_only():
+    gt, landmark = torch.zeros(1, 16, 16), torch.zeros(1, 16, 16)
+    gt[0, :8, :8] = 1
+    landmark[0, 8:, 8:] = 1
+    valid = torch.ones(1, 16, 16)
+    cues = torch.ones(1, 4, dtype=torch.bool)
+    words = torch.tensor([[False, False, True, True, False]])  # T_max 5: relevance was trimmed to 4
+    crit = VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.LANDMARK_WEIGHT": 2.0}))
+    rel = torch.randn(1, 4, 16, requires_grad=True)
+    loss = crit([torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues,
+                landmark_masks=landmark, landmark_tokens=words)
+    loss["loss_landmark"].backward()
+    assert (rel.grad[0, :2] == 0).all() and rel.grad[0, 2:].abs().sum() > 0
+    # The target loss leaves the landmark words alone ("all" cues otherwise).
+    rel.grad = None
+    loss["loss_contrastive"].backward()
+    assert (rel.grad[0, 2:] == 0).all() and rel.grad[0, :2].abs().sum() > 0
+    # Relevance on the landmark scores better than relevance on the target.
+    def landmark_loss(rows):
+        return crit([torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rows, (4, 4), cues,
+                    landmark_masks=landmark, landmark_tokens=words)["loss_landmark"]
+    on = lambda m: torch.nn.functional.adaptive_avg_pool2d(m[:, None], (4, 4))[:, 0].flatten(1)[:, None].repeat(1, 4, 1)  # noqa: E731
+    assert landmark_loss(5 * on(landmark)) < landmark_loss(5 * on(gt))
+    # Off by default: no landmark loss, no inputs needed.
+    assert "loss_landmark" not in VIPACriterion(make_cfg(*SMALL))(
+        [torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)

@@ -109,6 +109,28 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
     model.zero_grad(set_to_none=True)
 
 
+def test_landmark_loss_trains_through_the_model(tokenizer):
+    """MODEL.VIPA.LOSS.LANDMARK_WEIGHT: the mapper's landmark fields reach a landmark loss
+    whose gradient reaches the VEG; inputs without them are refused by name."""
+    model = build("MODEL.VIPA.LOSS.LANDMARK_WEIGHT", 1.0).train()
+    inputs = make_inputs(tokenizer, ["the circle left of the red square", "blue square"])
+    tokens = tokenize(tokenizer, ["the circle left of the red square"], 20)["input_ids"][0]
+    for x, n_words in zip(inputs, (2, 0)):  # "red square"; the second expression names no landmark
+        x["landmark_mask"] = torch.zeros_like(x["gt_mask"])
+        x["landmark_tokens"] = torch.zeros(20, dtype=torch.bool)
+    inputs[0]["landmark_mask"][40:60, 40:60] = 1
+    inputs[0]["landmark_tokens"][6:8] = True
+    assert tokenizer.convert_ids_to_tokens(tokens[6:8].tolist()) == ["red", "square"]
+    losses = model(inputs)
+    assert torch.isfinite(losses["loss_landmark"]) and losses["loss_landmark"] > 0
+    losses["loss_landmark"].backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for n, p in model.named_parameters() if "veg" in n)
+    for x in inputs:
+        del x["landmark_mask"]
+    with pytest.raises(ValueError, match="LANDMARK_WEIGHT.*landmark_mask"):
+        model(inputs)
+
+
 def test_postprocess_returns_each_cues_retrieved_tokens(tokenizer, default_model):
     model = default_model.eval()
     sizes = [(64, 64), (37, 91), (128, 64)]

@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 
 from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
-from .landmark import breakdown_inputs
+from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import annotations_to_mask
 
 logger = logging.getLogger(__name__)
@@ -94,6 +94,10 @@ class ReferringDatasetMapper:
     ``landmark_mask`` (uint8 height x width, original resolution) and ``landmark_tokens``
     (bool MAX_TEXT_LEN, the tokens of the landmark phrase), see :mod:`vipa_d2.data.landmark`.
 
+    With ``landmark_supervision`` (``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0) training
+    inputs also carry ``landmark_mask`` (uint8 H'xW', augmented with the image) and
+    ``landmark_tokens``, empty for records without a landmark.
+
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
     words left/right in the expression so it still describes the flipped image.
     """
@@ -107,8 +111,10 @@ class ReferringDatasetMapper:
         image_format: str,
         tokenizer,
         max_text_len: int,
+        landmark_supervision: bool = False,
     ):
         self.is_train = is_train
+        self.landmark_supervision = landmark_supervision
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.tokenizer = tokenizer
@@ -124,6 +130,8 @@ class ReferringDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "tokenizer": build_tokenizer(cfg),
             "max_text_len": cfg.INPUT.MAX_TEXT_LEN,
+            # Only the training loss reads a landmark (test mode passes it on for the report).
+            "landmark_supervision": is_train and cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
@@ -162,6 +170,8 @@ class ReferringDatasetMapper:
         }
         for key in ("height", "width", "image_id", "ref_id", "file_name"):
             out[key] = record[key]
+        if self.is_train and self.landmark_supervision:
+            out.update(landmark_training_inputs(record, transforms, out_hw, sentence, self.tokenizer, self.max_text_len))
         if not self.is_train:
             out["annotations"] = copy.deepcopy(record["annotations"])
             # Only the evaluator's breakdowns read these, and test mode never flips, so the

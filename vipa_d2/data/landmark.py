@@ -1,19 +1,21 @@
 """
-Optional per-expression annotations used to break results down (they never change
-training): an expression ``type`` ("relation", "colour", ...) and, for a relation, its
+Optional per-expression annotations used to break results down (training reads the
+landmark only under ``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0): an expression ``type`` ("relation", "colour", ...) and, for a relation, its
 landmark: the object the target is described relative to and the phrase naming it, e.g.
 "the circle above the red star" -> landmark phrase "red star".
 """
 
+import copy
 import re
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
+from detectron2.data import detection_utils as utils
 
 from .masks import annotations_to_mask
 
-__all__ = ["find_phrase", "phrase_token_mask", "breakdown_inputs"]
+__all__ = ["find_phrase", "phrase_token_mask", "breakdown_inputs", "landmark_training_inputs"]
 
 
 def find_phrase(text: str, phrase: str) -> Optional[Tuple[int, int]]:
@@ -70,10 +72,31 @@ def breakdown_inputs(record: Dict, sentence: str, tokenizer, max_len: int) -> Di
     if landmark is not None:
         h, w = record["height"], record["width"]
         out["landmark_mask"] = torch.as_tensor(annotations_to_mask([landmark["annotation"]], h, w))
-        span = find_phrase(sentence, landmark["phrase"])
-        out["landmark_tokens"] = (
-            phrase_token_mask(tokenizer, sentence, span, max_len)
-            if span is not None
-            else torch.zeros(max_len, dtype=torch.bool)
-        )
+        out["landmark_tokens"] = _landmark_tokens(tokenizer, sentence, landmark["phrase"], max_len)
     return out
+
+
+def _landmark_tokens(tokenizer, sentence: str, phrase: str, max_len: int) -> torch.Tensor:
+    """bool (max_len,): the tokens of ``phrase`` in ``sentence``; none when it is not there."""
+    span = find_phrase(sentence, phrase)
+    if span is None:
+        return torch.zeros(max_len, dtype=torch.bool)
+    return phrase_token_mask(tokenizer, sentence, span, max_len)
+
+
+def landmark_training_inputs(record: Dict, transforms, out_hw, sentence: str, tokenizer, max_len: int) -> Dict:
+    """
+    The training mapper's landmark fields (``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0), present
+    on every record so batches stack: ``landmark_mask`` (uint8, ``out_hw``, the landmark
+    after the image's augmentation; zeros without one) and ``landmark_tokens`` (bool,
+    max_len; none without one). ``sentence`` is the expression as augmented (a flip swaps
+    left/right words; a landmark phrase names an object by category and colour, so it is
+    still found).
+    """
+    landmark = record.get("landmark")
+    if landmark is None:
+        return {"landmark_mask": torch.zeros(out_hw, dtype=torch.uint8),
+                "landmark_tokens": torch.zeros(max_len, dtype=torch.bool)}
+    anno = utils.transform_instance_annotations(copy.deepcopy(landmark["annotation"]), transforms, out_hw)
+    return {"landmark_mask": torch.as_tensor(annotations_to_mask([anno], *out_hw)),
+            "landmark_tokens": _landmark_tokens(tokenizer, sentence, landmark["phrase"], max_len)}

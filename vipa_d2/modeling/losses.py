@@ -93,6 +93,7 @@ class VIPACriterion(nn.Module):
         deep_supervision: bool,
         no_target_weight: float,
         contrastive_cues: str = "all",
+        landmark_weight: float = 0.0,
     ):
         super().__init__()
         if contrastive_temperature <= 0:
@@ -108,6 +109,7 @@ class VIPACriterion(nn.Module):
         self.contrastive_temperature = contrastive_temperature
         self.deep_supervision = deep_supervision
         self.no_target_weight = no_target_weight
+        self.landmark_weight = landmark_weight
 
     @classmethod
     def from_config(cls, cfg):
@@ -125,6 +127,7 @@ class VIPACriterion(nn.Module):
             "deep_supervision": loss.DEEP_SUPERVISION,
             "no_target_weight": loss.NO_TARGET_WEIGHT,
             "contrastive_cues": loss.CONTRASTIVE_CUES,
+            "landmark_weight": loss.LANDMARK_WEIGHT,
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
@@ -147,6 +150,8 @@ class VIPACriterion(nn.Module):
         relevance_grid=None,
         cue_valid: Optional[torch.Tensor] = None,
         token_valid: Optional[torch.Tensor] = None,
+        landmark_masks: Optional[torch.Tensor] = None,
+        landmark_tokens: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -156,6 +161,9 @@ class VIPACriterion(nn.Module):
             relevance: (B, T, N) VEG relevance on a ``relevance_grid`` = (h, w) grid, or None.
             token_valid: (B, N) bool, the tokens of that grid inside the image, as the VEG
                 used them (derived from ``image_valid`` when not given).
+            landmark_masks, landmark_tokens: (B, H, W) and (B, T_max) bool, each expression's
+                landmark and the text positions of its phrase (all zero without one); read
+                when ``landmark_weight`` > 0 and there is relevance.
         """
         gt = gt_masks.float()
         losses = self.mask_losses(pred_masks[-1], gt, image_valid)
@@ -171,9 +179,19 @@ class VIPACriterion(nn.Module):
                 # Only the [CLS] row (position 0, see linguistic_cue_mask) names the target.
                 supervised = torch.zeros_like(cue_valid)
                 supervised[:, 0] = cue_valid[:, 0]
+            landmark_rows = None
+            if self.landmark_weight > 0:
+                # The text may be trimmed to the batch's longest expression (relevance's T).
+                landmark_rows = landmark_tokens[:, : relevance.shape[1]].bool() & cue_valid
+                supervised = supervised & ~landmark_rows  # a landmark word is not told to find the target
             losses["loss_contrastive"] = self.contrastive_weight * pixel_contrastive_loss(
                 relevance, supervised, token_target, token_valid, self.contrastive_temperature
             )
+            if landmark_rows is not None:
+                landmark_target = area_downsample(landmark_masks.float(), relevance_grid).flatten(1)
+                losses["loss_landmark"] = self.landmark_weight * pixel_contrastive_loss(
+                    relevance, landmark_rows, landmark_target, token_valid, self.contrastive_temperature
+                )
         # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
         # no-target head never becomes an unused parameter under DDP.
         losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(

@@ -303,6 +303,19 @@ class VIPA(nn.Module):
         empty = torch.tensor([bool(x.get("empty", False)) for x in batched_inputs], device=self.device)
         veg = outputs["veg"]
         has_relevance = veg is not None and veg["relevance"] is not None
+        landmark = {}
+        if self.criterion.landmark_weight > 0:
+            if any("landmark_mask" not in x for x in batched_inputs):
+                raise ValueError(
+                    "MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0 needs training inputs with 'landmark_mask' and "
+                    "'landmark_tokens' (vipa_d2.data.ReferringDatasetMapper built from the same config)"
+                )
+            landmark = {
+                "landmark_masks": ImageList.from_tensors(
+                    [x["landmark_mask"].to(self.device) for x in batched_inputs], self.size_divisibility
+                ).tensor,
+                "landmark_tokens": torch.stack([x["landmark_tokens"] for x in batched_inputs]).to(self.device),
+            }
         return self.criterion(
             outputs["pred_masks"],
             outputs["no_target_logit"],
@@ -313,6 +326,7 @@ class VIPA(nn.Module):
             relevance_grid=veg["grid"] if has_relevance else None,
             cue_valid=outputs["cue_valid"],
             token_valid=veg["token_valid"] if has_relevance else None,
+            **landmark,
         )
 
     def postprocess(self, outputs: Dict, images: ImageList, output_sizes: List) -> List[Dict]:
