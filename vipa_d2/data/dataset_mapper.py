@@ -15,7 +15,7 @@ from detectron2.data import transforms as T
 from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
-from .masks import annotations_to_mask
+from .masks import augmented_mask
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +114,7 @@ class ReferringDatasetMapper:
         landmark_supervision: bool = False,
     ):
         self.is_train = is_train
-        self.landmark_supervision = landmark_supervision
+        self.landmark_supervision = is_train and landmark_supervision  # test mode passes the landmark on as data
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.tokenizer = tokenizer
@@ -130,8 +130,7 @@ class ReferringDatasetMapper:
             "image_format": cfg.INPUT.FORMAT,
             "tokenizer": build_tokenizer(cfg),
             "max_text_len": cfg.INPUT.MAX_TEXT_LEN,
-            # Only the training loss reads a landmark (test mode passes it on for the report).
-            "landmark_supervision": is_train and cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
+            "landmark_supervision": cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
@@ -153,11 +152,7 @@ class ReferringDatasetMapper:
             sentence = swap_left_right(sentence)
         tokens = tokenize_expression(self.tokenizer, sentence, self.max_text_len)
 
-        annos = [
-            utils.transform_instance_annotations(copy.deepcopy(a), transforms, out_hw)
-            for a in record["annotations"]
-        ]
-        gt_mask = annotations_to_mask(annos, *out_hw)
+        gt_mask = augmented_mask(record["annotations"], transforms, out_hw)
 
         out = {
             "image": torch.as_tensor(np.ascontiguousarray(image.transpose(2, 0, 1))),
@@ -170,7 +165,7 @@ class ReferringDatasetMapper:
         }
         for key in ("height", "width", "image_id", "ref_id", "file_name"):
             out[key] = record[key]
-        if self.is_train and self.landmark_supervision:
+        if self.landmark_supervision:
             out.update(landmark_training_inputs(record, transforms, out_hw, sentence, self.tokenizer, self.max_text_len))
         if not self.is_train:
             out["annotations"] = copy.deepcopy(record["annotations"])

@@ -1,19 +1,17 @@
 """
 Optional per-expression annotations used to break results down (training reads the
-landmark only under ``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0): an expression ``type`` ("relation", "colour", ...) and, for a relation, its
-landmark: the object the target is described relative to and the phrase naming it, e.g.
+landmark only under ``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0): an expression ``type``
+("relation", "colour", ...) and, for a relation, its landmark: the object the target is described relative to and the phrase naming it, e.g.
 "the circle above the red star" -> landmark phrase "red star".
 """
 
-import copy
 import re
 from typing import Dict, Optional, Tuple
 
 import numpy as np
 import torch
-from detectron2.data import detection_utils as utils
 
-from .masks import annotations_to_mask
+from .masks import annotations_to_mask, augmented_mask
 
 __all__ = ["find_phrase", "phrase_token_mask", "breakdown_inputs", "landmark_training_inputs"]
 
@@ -97,6 +95,5 @@ def landmark_training_inputs(record: Dict, transforms, out_hw, sentence: str, to
     if landmark is None:
         return {"landmark_mask": torch.zeros(out_hw, dtype=torch.uint8),
                 "landmark_tokens": torch.zeros(max_len, dtype=torch.bool)}
-    anno = utils.transform_instance_annotations(copy.deepcopy(landmark["annotation"]), transforms, out_hw)
-    return {"landmark_mask": torch.as_tensor(annotations_to_mask([anno], *out_hw)),
+    return {"landmark_mask": torch.as_tensor(augmented_mask([landmark["annotation"]], transforms, out_hw)),
             "landmark_tokens": _landmark_tokens(tokenizer, sentence, landmark["phrase"], max_len)}

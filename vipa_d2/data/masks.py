@@ -1,15 +1,18 @@
 """Rasterize and encode referring-target masks (COCO polygons, RLE or binary arrays)."""
 
+import copy
 from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
+from detectron2.data.detection_utils import transform_instance_annotations
 
 from . import validation
 
 __all__ = [
     "segmentation_to_mask",
     "annotations_to_mask",
+    "augmented_mask",
     "mask_to_rle",
     "normalize_rle",
     "polygon_area",
@@ -156,6 +159,13 @@ def annotations_to_mask(annotations: Sequence[Dict], height: int, width: int) ->
     for ann in annotations:
         np.maximum(out, segmentation_to_mask(ann["segmentation"], height, width), out=out)
     return out
+
+
+def augmented_mask(annotations: Sequence[Dict], transforms, out_hw) -> np.ndarray:
+    """Union mask (uint8, ``out_hw``) of ``annotations`` after the image's ``transforms``
+    (the annotations are copied, never modified)."""
+    annos = [transform_instance_annotations(copy.deepcopy(a), transforms, out_hw) for a in annotations]
+    return annotations_to_mask(annos, *out_hw)
 
 
 def mask_to_rle(mask: np.ndarray) -> Dict:

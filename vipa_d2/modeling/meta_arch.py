@@ -294,12 +294,14 @@ class VIPA(nn.Module):
         out["image_valid"] = image_valid
         return out
 
+    def batch_masks(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
+        """(B, H, W): the inputs' ``key`` masks, padded like the image batch."""
+        return ImageList.from_tensors([x[key].to(self.device) for x in batched_inputs], self.size_divisibility).tensor
+
     def losses(self, outputs: Dict, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         if any("gt_mask" not in x for x in batched_inputs):
             raise ValueError("Training inputs need a 'gt_mask' (see vipa_d2.data.ReferringDatasetMapper)")
-        gt = ImageList.from_tensors(
-            [x["gt_mask"].to(self.device) for x in batched_inputs], self.size_divisibility
-        ).tensor
+        gt = self.batch_masks(batched_inputs, "gt_mask")
         empty = torch.tensor([bool(x.get("empty", False)) for x in batched_inputs], device=self.device)
         veg = outputs["veg"]
         has_relevance = veg is not None and veg["relevance"] is not None
@@ -311,9 +313,7 @@ class VIPA(nn.Module):
                     "'landmark_tokens' (vipa_d2.data.ReferringDatasetMapper built from the same config)"
                 )
             landmark = {
-                "landmark_masks": ImageList.from_tensors(
-                    [x["landmark_mask"].to(self.device) for x in batched_inputs], self.size_divisibility
-                ).tensor,
+                "landmark_masks": self.batch_masks(batched_inputs, "landmark_mask"),
                 "landmark_tokens": torch.stack([x["landmark_tokens"] for x in batched_inputs]).to(self.device),
             }
         return self.criterion(
