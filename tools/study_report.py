@@ -150,10 +150,11 @@ def plot(runs, names, x_of, metric, path, xlabel=None):
         ax.set_xlabel(xlabel)
     else:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel(f"{metric} (mean ± std over seeds; dots: seeds)")
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    ax.set_ylabel(metric)
+    ax.set_title("mean ± std over seeds; dots: single seeds", fontsize="medium")
+    # Outside the axes: inside, the legend hides bars and seed dots.
+    ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
+    fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)
 
 

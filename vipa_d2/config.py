@@ -200,6 +200,10 @@ def add_vipa_config(cfg):
     # tokens dotted with the mask features, so the expression reaches the mask logits
     # without going through the pixel queries' softmax.
     cfg.MODEL.VIPA.DECODER.KV_KERNEL = False
+    # Maps per decoder layer whose sums over the half-planes left of, right of, above and
+    # below each pixel are added to its token (vipa_d2/modeling/directional_counts.py):
+    # softmax attention cannot count, ordinals and positions need counts. 0 = off.
+    cfg.MODEL.VIPA.DECODER.COUNT_MAPS = 0
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()

@@ -7,6 +7,7 @@ from detectron2.layers import ShapeSpec
 from common import make_cfg
 from vipa_d2.modeling import build_pixel_decoder
 from vipa_d2.modeling.losses import VIPACriterion, dice_loss, pixel_contrastive_loss, sigmoid_bce_loss
+from vipa_d2.modeling.directional_counts import half_plane_sums
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
 SHAPES = {
@@ -316,3 +317,38 @@ def test_landmark_loss_supervises_the_landmark_words_only():
     # Off by default: no landmark loss, no inputs needed.
     assert "loss_landmark" not in VIPACriterion(make_cfg(*SMALL))(
         [torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
+
+
+def test_half_plane_sums_count_cells_strictly_on_each_side():
+    # Two one-cell "objects" on a 3x4 grid: (row 0, col 1) and (row 2, col 3).
+    maps = torch.zeros(1, 3, 4, 1)
+    maps[0, 0, 1, 0] = maps[0, 2, 3, 0] = 1.0
+    sums = half_plane_sums(maps)[0, ..., 0]  # (3, 4, 4): left, right, above, below
+    assert sums[1, 2].tolist() == [1.0, 1.0, 1.0, 1.0]  # centre cell: one object each way
+    assert sums[0, 1].tolist() == [0.0, 1.0, 0.0, 1.0]  # an object does not count itself
+    assert sums[2, 0].tolist() == [0.0, 2.0, 1.0, 0.0]
+    assert sums[0, 3].tolist() == [1.0, 0.0, 0.0, 1.0]  # its own column is not "left"
+
+
+def test_directional_counts_start_as_identity_and_learn():
+    cfg = make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_MAPS": 4})
+    torch.manual_seed(0)
+    dec = VIPATransformerDecoder(cfg, SHAPES).train()
+    assert dec.counts is not None and len(dec.counts) == 3
+    torch.manual_seed(0)
+    plain = VIPATransformerDecoder(make_cfg(*SMALL), SHAPES).train()
+    assert plain.counts is None
+    plain.load_state_dict({k: v for k, v in dec.state_dict().items() if not k.startswith("counts.")})
+    multi, mf, kv, valid = decoder_inputs()
+    out = dec(multi, mf, kv, valid)["pred_masks"]
+    for a, b in zip(out, plain(multi, mf, kv, valid)["pred_masks"]):
+        torch.testing.assert_close(a, b)  # zero-started block: nothing changes before training
+    out[-1].sum().backward()
+    assert dec.counts[-1].mlp[-1].weight.grad.abs().sum() > 0
+    # Once trained, a pixel's token depends on what lies in its half-planes.
+    torch.nn.init.normal_(dec.counts[0].mlp[-1].weight)
+    x = torch.randn(2, 12, 32)
+    y = dec.counts[0](x, (3, 4))
+    x2 = x.clone()
+    x2[:, 11] = torch.randn(2, 32) * 5  # the bottom-right cell changes; the top-left token sees it
+    assert not torch.allclose(dec.counts[0](x2, (3, 4))[:, 0], y[:, 0], atol=1e-5)

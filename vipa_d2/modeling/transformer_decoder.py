@@ -22,6 +22,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, sine_position_encoding
+from .directional_counts import DirectionalCounts
 
 # Initial no-target probability of the no-target head.
 NO_TARGET_PRIOR = 0.01
@@ -79,6 +80,7 @@ class VIPATransformerDecoder(nn.Module):
         dropout: float,
         null_kv: bool = False,
         kv_kernel: bool = False,
+        count_maps: int = 0,
     ):
         """
         Args:
@@ -86,6 +88,8 @@ class VIPATransformerDecoder(nn.Module):
             num_layers: decoder layers, one scale each, cycling coarse to fine.
             null_kv: append a learned "nothing" token to the K/V set.
             kv_kernel: add a mask term from a kernel of the pooled K/V tokens.
+            count_maps: maps per layer of a :class:`DirectionalCounts` block after each
+                layer (0: none).
         """
         super().__init__()
         if num_layers < 1:
@@ -97,6 +101,9 @@ class VIPATransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(
             PixelQueryLayer(hidden_dim, nheads, dim_feedforward, dropout) for _ in range(num_layers)
         )
+        self.counts = None
+        if count_maps > 0:
+            self.counts = nn.ModuleList(DirectionalCounts(hidden_dim, count_maps, hidden_dim) for _ in range(num_layers))
         self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.mask_embed = _mlp(hidden_dim, hidden_dim, mask_dim)
@@ -135,6 +142,7 @@ class VIPATransformerDecoder(nn.Module):
             "dropout": dec.DROPOUT,
             "null_kv": dec.NULL_KV,
             "kv_kernel": dec.KV_KERNEL,
+            "count_maps": dec.COUNT_MAPS,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -190,6 +198,8 @@ class VIPATransformerDecoder(nn.Module):
             name = self.in_features[lvl]
             old = tokens[name]
             x = layer(old, pos[name], attn_kv, attn_valid)
+            if self.counts is not None:
+                x = self.counts[i](x, sizes[name])
             tokens[name] = x
             for finer in self.in_features[lvl + 1 :]:
                 tokens[finer] = tokens[finer] + resize_tokens(x - old, sizes[name], sizes[finer])
