@@ -130,6 +130,19 @@ def test_rerun_skips_finished_runs(quick_study, capsys):
     # ... and a run made with other settings is refused, not mixed in.
     assert study.main(argv + ["SOLVER.BASE_LR", "0.001"]) == 2
     assert "vipa/seed0 was made with" in capsys.readouterr().err
+    # So is one whose recipe changed under the same leaf and overrides (a changed default).
+    with open(tmp / "runs" / "study.json", "w") as f:
+        json.dump({"runs": {**data["runs"], "vipa/seed0": {**data["runs"]["vipa/seed0"], "config_digest": "0" * 16}}}, f)
+    assert study.main(argv) == 2
+    assert "a changed default or leaf changes config_digest" in capsys.readouterr().err
+
+
+def test_config_digest_sees_defaults():
+    cfg = get_vipa_cfg(BASE)
+    other = cfg.clone()
+    other.MODEL.VIPA.DECODER.COUNT_MAPS = 0
+    assert study.config_digest(cfg) == study.config_digest(cfg.clone())
+    assert study.config_digest(cfg) != study.config_digest(other)
 
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study):

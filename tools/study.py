@@ -14,7 +14,7 @@ every variant of a seed sees the same data in the same order. Runs go seed by se
 study stopped early holds comparable pairs. Trailing ``KEY VALUE`` pairs go to every run.
 
 Rerunning skips the runs the results file holds as done (and refuses one made with other
-settings); the others restart with ``train_net.py --resume``: an interrupted run continues
+settings, the whole merged config compared: a changed default is a new recipe); the others restart with ``train_net.py --resume``: an interrupted run continues
 from its last checkpoint. ``tools/study_report.py`` renders the JSON.
 
 Each run is its own train_net.py process, not a call into it: a fresh process starts from
@@ -23,6 +23,7 @@ clean RNG, memory and device state, a crash loses one run at most, and ``--num-g
 """
 import argparse
 import fcntl
+import hashlib
 import json
 import os
 import subprocess
@@ -111,6 +112,12 @@ def save_entry(path: str, key: str, entry) -> None:
         os.close(lock)  # releases the lock
 
 
+def config_digest(cfg) -> str:
+    """Digest of a run's whole merged config. Leaf name and overrides do not say which recipe
+    a run had: a default changed between sittings would pair runs of two recipes."""
+    return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
+
+
 def git_commit():
     """HEAD of the repository, '-dirty' with uncommitted changes to tracked files (None outside git)."""
     try:  # --exclude: the commit, never a tag's name
@@ -123,16 +130,17 @@ def git_commit():
 def run_one(key, variant, seed, config_file, shared, args):
     """Train + score one run unless the results hold it as done; True when it is done."""
     opts = shared + ["SEED", str(seed)]
-    signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts}
+    cfg = get_vipa_cfg(config_file, opts)
+    signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts, "config_digest": config_digest(cfg)}
     entry = load_results(args.results)["runs"].get(key, {})
     if entry and {k: entry.get(k) for k in signature} != signature:  # other settings: not the same run
-        raise StudyError(f"{args.results}: run {key} was made with {[entry.get(k) for k in signature]}, "
-                         f"not {list(signature.values())}; use other --results/--output or drop that entry")
+        raise StudyError(f"{args.results}: run {key} was made with {[entry.get(k) for k in signature]} "
+                         f"(commit {entry.get('commit')}), not {list(signature.values())}; a changed default "
+                         "or leaf changes config_digest. Use other --results/--output or drop that entry")
     if entry.get("status") == "done":
         print(f"[study] {key}: done before, skipped")
         return True
     run_dir = os.path.join(os.path.abspath(args.output), variant, f"seed{seed}")
-    cfg = get_vipa_cfg(config_file, opts)
     entry = {**signature, "variant": variant, "seed": seed, "output_dir": run_dir, "status": "running",
              "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE, "commit": git_commit()}
     save_entry(args.results, key, entry)
