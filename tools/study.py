@@ -14,8 +14,9 @@ every variant of a seed sees the same data in the same order. Runs go seed by se
 study stopped early holds comparable pairs. Trailing ``KEY VALUE`` pairs go to every run.
 
 Rerunning skips the runs the results file holds as done (and refuses one made with other
-settings, the whole merged config compared: a changed default is a new recipe); the others restart with ``train_net.py --resume``: an interrupted run continues
-from its last checkpoint. ``tools/study_report.py`` renders the JSON.
+settings, the whole merged config compared: a changed default is a new recipe); the others
+restart with ``train_net.py --resume``: an interrupted run continues from its last
+checkpoint. ``tools/study_report.py`` renders the JSON.
 
 Each run is its own train_net.py process, not a call into it: a fresh process starts from
 clean RNG, memory and device state, a crash loses one run at most, and ``--num-gpus`` /

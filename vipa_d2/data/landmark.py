@@ -1,8 +1,9 @@
 """
 Optional per-expression annotations used to break results down (training reads the
 landmark only under ``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0): an expression ``type``
-("relation", "colour", ...) and, for a relation, its landmark: the object the target is described relative to and the phrase naming it, e.g.
-"the circle above the red star" -> landmark phrase "red star".
+("relation", "colour", ...) and, for a relation, its landmark: the object the target is
+described relative to and the phrase naming it, e.g. "the circle above the red star" ->
+landmark phrase "red star".
 """
 
 import re

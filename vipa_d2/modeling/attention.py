@@ -100,6 +100,11 @@ def set_fused_attention(module: nn.Module, enabled: bool) -> nn.Module:
     return module
 
 
+def mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
+    """Linear -> ReLU -> Linear (heads and kernels; no residual or norm, unlike FeedForward)."""
+    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
+
+
 class FeedForward(nn.Module):
     """Two-layer MLP block with residual and post-LayerNorm (transformer FFN)."""
 

@@ -16,6 +16,8 @@ and as a fraction of the map's total, relative (independent of the group's size)
 import torch
 from torch import nn
 
+from .attention import mlp
+
 # Four half-planes per map, each summed two ways (log-cells and fraction of the total).
 HALF_PLANES = 4
 SUM_KINDS = 2
@@ -55,9 +57,7 @@ class DirectionalCounts(nn.Module):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.maps = nn.Linear(dim, num_maps)
-        self.mlp = nn.Sequential(
-            nn.Linear(HALF_PLANES * SUM_KINDS * num_maps, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, dim)
-        )
+        self.mlp = mlp(HALF_PLANES * SUM_KINDS * num_maps, hidden_dim, dim)
         # Starts at zero: at initialisation the decoder computes what it did without the block.
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)

@@ -21,7 +21,7 @@ from detectron2.config import configurable
 from detectron2.layers import ShapeSpec
 from detectron2.utils.registry import Registry
 
-from .attention import AttentionBlock, FeedForward, sine_position_encoding
+from .attention import AttentionBlock, FeedForward, mlp, sine_position_encoding
 from .directional_counts import DirectionalCounts
 
 # Initial no-target probability of the no-target head.
@@ -59,10 +59,6 @@ def resize_tokens(x: torch.Tensor, size, new_size) -> torch.Tensor:
     grid = x.unflatten(1, tuple(size)).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=tuple(new_size), mode="bilinear", align_corners=False)
     return grid.permute(0, 2, 3, 1).flatten(1, 2)
-
-
-def _mlp(in_dim: int, hidden_dim: int, out_dim: int) -> nn.Sequential:
-    return nn.Sequential(nn.Linear(in_dim, hidden_dim), nn.ReLU(inplace=True), nn.Linear(hidden_dim, out_dim))
 
 
 @VIPA_TRANSFORMER_DECODER_REGISTRY.register()
@@ -106,14 +102,14 @@ class VIPATransformerDecoder(nn.Module):
             self.counts = nn.ModuleList(DirectionalCounts(hidden_dim, count_maps, hidden_dim) for _ in range(num_layers))
         self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
         self.decoder_norm = nn.LayerNorm(hidden_dim)
-        self.mask_embed = _mlp(hidden_dim, hidden_dim, mask_dim)
+        self.mask_embed = mlp(hidden_dim, hidden_dim, mask_dim)
         # Pooled refined pixels + pooled K/V tokens -> "the expression refers to nothing".
-        self.no_target_head = _mlp(2 * hidden_dim, hidden_dim, 1)
+        self.no_target_head = mlp(2 * hidden_dim, hidden_dim, 1)
         # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
         self.null_embed = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02) if null_kv else None
         self.kv_kernel = None
         if kv_kernel:
-            self.kv_kernel = _mlp(hidden_dim, hidden_dim, mask_dim)
+            self.kv_kernel = mlp(hidden_dim, hidden_dim, mask_dim)
             # Starts at zero: the untrained kernel would add noise of the masks' own scale.
             nn.init.zeros_(self.kv_kernel[-1].weight)
             nn.init.zeros_(self.kv_kernel[-1].bias)
