@@ -204,6 +204,11 @@ def add_vipa_config(cfg):
     # below each pixel are added to its token (vipa_d2/modeling/directional_counts.py):
     # softmax attention cannot count, ordinals and positions need counts. 0 = off.
     cfg.MODEL.VIPA.DECODER.COUNT_MAPS = 0
+    # Make the count maps count objects: each map is a predicted object-centre map (one
+    # per layer, trained on every object's box centre, LOSS.CENTRE_WEIGHT) times a learned
+    # gate, so its half-plane sums are "how many gated objects lie left of this pixel".
+    # Needs COUNT_MAPS > 0 and training records with "object_boxes" (the REFER loader's).
+    cfg.MODEL.VIPA.DECODER.COUNT_CENTRES = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()
@@ -226,6 +231,9 @@ def add_vipa_config(cfg):
     # without it are unaffected). 0 turns it off: then only the mask loss tells a word what
     # to retrieve, and landmark words land on the target as often as on the landmark.
     cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT = 0.0
+    # Weight of the object-centre loss of DECODER.COUNT_CENTRES (binary cross-entropy
+    # against a Gaussian of one grid cell at every object's box centre, per object).
+    cfg.MODEL.VIPA.LOSS.CENTRE_WEIGHT = 0.1
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
     # Weight of the no-target classification loss (generalized data only).

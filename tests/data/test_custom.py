@@ -176,6 +176,10 @@ def test_type_and_landmark_reach_refer_sentences_and_records(tmp_path):
     )
     assert recs["the right cup"]["type"] == "position" and "landmark" not in recs["the right cup"]
     assert not {"type", "landmark"} & set(recs["left cup"])
+    # Every record lists the boxes of all objects of its image, targets or not.
+    assert len(rel["object_boxes"]) == 3 and rel["object_boxes"] == recs["left cup"]["object_boxes"]
+    assert [5.0, 5.0, 25.0, 25.0] in rel["object_boxes"]
+    assert recs["the apple"]["annotations"][0]["bbox"] in rel["object_boxes"]
 
 
 def _mutations():

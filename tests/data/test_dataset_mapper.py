@@ -274,3 +274,33 @@ def test_training_landmark_fields_follow_the_flip(tmp_path, tokenizer):
     none = ReferringDatasetMapper(make_cfg(*opts), is_train=True)(mapper_record(tmp_path / "a.png"))
     assert none["landmark_mask"].shape == none["gt_mask"].shape and not none["landmark_mask"].any()
     assert tuple(none["landmark_tokens"].shape) == (12,) and not none["landmark_tokens"].any()
+
+
+def test_object_boxes_follow_resize_and_flip(tmp_path):
+    """COUNT_CENTRES: training inputs carry every object's box, augmented with the image."""
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png", "the box on the left")
+    rec["object_boxes"] = [[10.0, 5.0, 40.0, 40.0], [60.0, 30.0, 28.0, 28.0]]
+    opts = [*MAPPER_OPTS, "MODEL.VIPA.DECODER.COUNT_MAPS", 4, "MODEL.VIPA.DECODER.COUNT_CENTRES", True]
+    before = copy.deepcopy(rec)
+    out = ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)
+    assert rec == before
+    out_h, out_w = out["gt_mask"].shape
+    sx, sy = out_w / W, out_h / H
+    expected = torch.tensor([[10 * sx, 5 * sy, 50 * sx, 45 * sy], [60 * sx, 30 * sy, 88 * sx, 58 * sy]])
+    torch.testing.assert_close(out["object_boxes"], expected)
+    mapper = ReferringDatasetMapper(make_cfg(*opts, "INPUT.RANDOM_FLIP", "horizontal"), is_train=True)
+    seen = set()
+    for _ in range(30):
+        got = mapper(rec)
+        flipped = got["sentence"] != rec["sentence"]["raw"]
+        mirrored = torch.stack([out_w - expected[:, 2], expected[:, 1], out_w - expected[:, 0], expected[:, 3]], 1)
+        torch.testing.assert_close(got["object_boxes"], mirrored if flipped else expected)
+        seen.add(flipped)
+    assert seen == {True, False}
+    # Test mode and configs without centre maps never need them.
+    assert "object_boxes" not in ReferringDatasetMapper(make_cfg(*opts), is_train=False)(rec)
+    assert "object_boxes" not in ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)(rec)
+    del rec["object_boxes"]
+    with pytest.raises(KeyError, match=r"image_id=3, ref_id=11 has no 'object_boxes'"):
+        ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)

@@ -1,4 +1,6 @@
 """Pixel decoder, transformer decoder (pixel queries, visual-expression K/V) and losses."""
+import math
+
 import pytest
 import torch
 
@@ -6,7 +8,15 @@ from detectron2.layers import ShapeSpec
 
 from common import make_cfg
 from vipa_d2.modeling import build_pixel_decoder
-from vipa_d2.modeling.losses import VIPACriterion, dice_loss, pixel_contrastive_loss, sigmoid_bce_loss
+from vipa_d2.modeling.losses import (
+    CENTRE_SIGMA_CELLS,
+    VIPACriterion,
+    centre_heatmaps,
+    centre_loss,
+    dice_loss,
+    pixel_contrastive_loss,
+    sigmoid_bce_loss,
+)
 from vipa_d2.modeling.directional_counts import half_plane_sums
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
@@ -348,7 +358,47 @@ def test_directional_counts_start_as_identity_and_learn():
     # Once trained, a pixel's token depends on what lies in its half-planes.
     torch.nn.init.normal_(dec.counts[0].mlp[-1].weight)
     x = torch.randn(2, 12, 32)
-    y = dec.counts[0](x, (3, 4))
+    y, centres = dec.counts[0](x, (3, 4))
+    assert centres is None  # no centre maps unless asked
     x2 = x.clone()
     x2[:, 11] = torch.randn(2, 32) * 5  # the bottom-right cell changes; the top-left token sees it
-    assert not torch.allclose(dec.counts[0](x2, (3, 4))[:, 0], y[:, 0], atol=1e-5)
+    assert not torch.allclose(dec.counts[0](x2, (3, 4))[0][:, 0], y[:, 0], atol=1e-5)
+
+
+def test_centre_heatmaps_peak_at_box_centres():
+    # A 64 x 32 input on an (8, 4) grid: cells of 8 x 8 pixels.
+    boxes = [torch.tensor([[16.0, 8.0, 32.0, 24.0], [0.0, 48.0, 16.0, 64.0]]), torch.zeros(0, 4)]
+    heat = centre_heatmaps(boxes, (8, 4), (64, 32))
+    assert heat.shape == (2, 8, 4) and not heat[1].any()  # an image without objects: all zero
+    # First box: centre (24, 16) px = cell coordinates (x 2.5, y 1.5), between four cells.
+    expected = math.exp(-0.5 / (2 * CENTRE_SIGMA_CELLS**2))
+    for r, c in ((1, 2), (1, 3), (2, 2), (2, 3)):
+        assert heat[0, r, c].item() == pytest.approx(expected)
+    # Second box: centre (8, 56) px = cell (x 0.5, y 6.5): again four equal cells.
+    assert heat[0, 6, 0].item() == pytest.approx(expected) and heat[0, 7, 1].item() == pytest.approx(expected)
+    assert heat[0].max().item() == pytest.approx(expected) and heat.min().item() >= 0
+
+
+def test_count_centres_gate_the_maps_and_are_trained():
+    with pytest.raises(ValueError, match="COUNT_CENTRES needs MODEL.VIPA.DECODER.COUNT_MAPS > 0"):
+        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_CENTRES": True}), SHAPES)
+    cfg = make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True})
+    torch.manual_seed(0)
+    dec = VIPATransformerDecoder(cfg, SHAPES).train()
+    multi, mf, kv, valid = decoder_inputs()
+    out = dec(multi, mf, kv, valid)
+    grids = [tuple(multi[dec.in_features[i % len(dec.in_features)]].shape[-2:]) for i in range(3)]
+    assert [tuple(c.shape[-2:]) for c in out["centre_logits"]] == grids
+    boxes = [torch.tensor([[0.0, 0.0, 8.0, 8.0]]), torch.zeros(0, 4)]
+    sum(centre_loss(c, boxes, (32, 32)) for c in out["centre_logits"]).backward()
+    assert all(block.centre.weight.grad.abs().sum() > 0 for block in dec.counts)
+    assert "centre_logits" not in dec.eval()(multi, mf, kv, valid)  # inference needs no centre maps
+    # A closed centre map counts nothing, whatever the gates: the sums vanish.
+    block = dec.counts[0]
+    torch.nn.init.normal_(block.mlp[-1].weight)
+    torch.nn.init.constant_(block.centre.bias, -1e4)
+    torch.nn.init.zeros_(block.centre.weight)
+    x = torch.randn(2, 12, 32)
+    x2 = x.clone()
+    x2[:, 11] = torch.randn(2, 32) * 5
+    torch.testing.assert_close(block(x2, (3, 4))[0][:, 0], block(x, (3, 4))[0][:, 0])

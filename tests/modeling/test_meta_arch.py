@@ -137,6 +137,24 @@ def test_landmark_loss_trains_through_the_model(tokenizer):
         model(inputs)
 
 
+def test_centre_loss_trains_through_the_model(tokenizer):
+    """MODEL.VIPA.DECODER.COUNT_CENTRES: the mapper's object boxes reach one centre loss per
+    decoder layer, whose gradient reaches the centre maps; inputs without them are refused."""
+    model = build("MODEL.VIPA.DECODER.COUNT_CENTRES", True).train()
+    inputs = make_inputs(tokenizer, ["the second circle from the left", "blue square"])
+    inputs[0]["object_boxes"] = torch.tensor([[8.0, 10.0, 40.0, 30.0], [40.0, 40.0, 60.0, 60.0]])
+    inputs[1]["object_boxes"] = torch.zeros(0, 4)  # an image without annotated objects
+    losses = model(inputs)
+    layers = model.head.transformer_decoder.num_layers
+    assert {f"loss_centre_{i}" for i in range(layers)} <= set(losses)
+    assert all(torch.isfinite(losses[f"loss_centre_{i}"]) and losses[f"loss_centre_{i}"] > 0 for i in range(layers))
+    losses["loss_centre_0"].backward()
+    assert model.head.transformer_decoder.counts[0].centre.weight.grad.abs().sum() > 0
+    del inputs[0]["object_boxes"]
+    with pytest.raises(ValueError, match=r"COUNT_CENTRES needs training inputs with \['object_boxes'\]; missing"):
+        model(inputs)
+
+
 def test_postprocess_returns_each_cues_retrieved_tokens(tokenizer, default_model):
     model = default_model.eval()
     sizes = [(64, 64), (37, 91), (128, 64)]

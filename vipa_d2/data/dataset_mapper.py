@@ -11,6 +11,7 @@ import torch
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
+from detectron2.structures import BoxMode
 
 from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
@@ -98,6 +99,10 @@ class ReferringDatasetMapper:
     inputs also carry ``landmark_mask`` (uint8 H'xW', augmented with the image) and
     ``landmark_tokens``, empty for records without a landmark.
 
+    With ``centre_supervision`` (``MODEL.VIPA.DECODER.COUNT_CENTRES``) training inputs also
+    carry ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the
+    image's augmentation, clipped to it): every object of the image, for the centre maps.
+
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
     words left/right in the expression so it still describes the flipped image.
     """
@@ -112,9 +117,11 @@ class ReferringDatasetMapper:
         tokenizer,
         max_text_len: int,
         landmark_supervision: bool = False,
+        centre_supervision: bool = False,
     ):
         self.is_train = is_train
         self.landmark_supervision = is_train and landmark_supervision  # test mode passes the landmark on as data
+        self.centre_supervision = is_train and centre_supervision
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.tokenizer = tokenizer
@@ -131,6 +138,7 @@ class ReferringDatasetMapper:
             "tokenizer": build_tokenizer(cfg),
             "max_text_len": cfg.INPUT.MAX_TEXT_LEN,
             "landmark_supervision": cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
+            "centre_supervision": cfg.MODEL.VIPA.DECODER.COUNT_CENTRES and cfg.MODEL.VIPA.LOSS.CENTRE_WEIGHT > 0,
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
@@ -138,6 +146,21 @@ class ReferringDatasetMapper:
         image = read_image(record["file_name"], self.image_format, source)
         utils.check_image_size(record, image)
         return image
+
+    @staticmethod
+    def _object_boxes(record: Dict, transforms, out_hw) -> torch.Tensor:
+        boxes = record.get("object_boxes")
+        if boxes is None:
+            raise KeyError(
+                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')} has no 'object_boxes' "
+                "(XYWH_ABS boxes of every object of its image), which MODEL.VIPA.DECODER.COUNT_CENTRES trains on; "
+                "vipa_d2's REFER loader writes them, a custom loader must too"
+            )
+        xyxy = BoxMode.convert(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+        xyxy = transforms.apply_box(xyxy).clip(min=0)
+        xyxy[:, 0::2] = xyxy[:, 0::2].clip(max=out_hw[1])
+        xyxy[:, 1::2] = xyxy[:, 1::2].clip(max=out_hw[0])
+        return torch.as_tensor(xyxy, dtype=torch.float32)
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         record = dataset_dict  # never modified: annotations are deep-copied below
@@ -167,6 +190,8 @@ class ReferringDatasetMapper:
             out[key] = record[key]
         if self.landmark_supervision:
             out.update(landmark_training_inputs(record, transforms, out_hw, sentence, self.tokenizer, self.max_text_len))
+        if self.centre_supervision:
+            out["object_boxes"] = self._object_boxes(record, transforms, out_hw)
         if not self.is_train:
             out["annotations"] = copy.deepcopy(record["annotations"])
             # Only the evaluator's breakdowns read these, and test mode never flips, so the

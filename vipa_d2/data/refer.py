@@ -155,6 +155,21 @@ def _record_annotation(ann: Dict, img: Dict) -> Dict:
     }
 
 
+def _object_boxes_by_image(anns: Dict, notes) -> Dict:
+    """{image id: [[x, y, w, h] of every annotation of the image with a usable bbox]}: the
+    objects an image holds, targets or not (centre maps learn where objects are, see
+    MODEL.VIPA.DECODER.COUNT_CENTRES); annotations without a usable box are counted in
+    ``notes``."""
+    boxes: Dict = collections.defaultdict(list)
+    for ann in anns.values():
+        bbox = ann.get("bbox")
+        if _is_box(bbox):
+            boxes[ann.get("image_id")].append([float(v) for v in bbox])
+        else:
+            notes["annotations without a usable bbox (left out of object_boxes)"] += 1
+    return boxes
+
+
 class _TargetChecker:
     """
     Checks the image and target annotations a ref uses, each entry once (problems cached),
@@ -283,6 +298,8 @@ def load_refer_dicts(
         original image coordinates, empty with ``empty=True`` for no-target expressions).
         A sentence with the optional breakdown fields adds ``type`` and ``landmark``
         ({"ann_id", "phrase", "annotation"}: the landmark object as a record annotation).
+        Every record has ``object_boxes``: XYWH_ABS boxes of all annotated objects of its
+        image, targets or not.
     """
     data_dir = os.path.join(refer_root, dataset)
     refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
@@ -353,6 +370,7 @@ def load_refer_dicts(
         usable.append((ref, ann_ids, sentences))
 
     record_anns: Dict = {}  # ann_id -> record annotation (shared between expressions)
+    object_boxes = _object_boxes_by_image(anns, notes)
     records: List[Dict] = []
     for ref, ann_ids, sentences in usable:
         img = images[ref["image_id"]]
@@ -367,6 +385,7 @@ def load_refer_dicts(
             "ref_id": ref["ref_id"],
             "annotations": [record_anns[a] for a in ann_ids],
             "empty": len(ann_ids) == 0,
+            "object_boxes": object_boxes.get(img["id"], []),
         }
         for raw, sent_id, extra in sentences:
             landmark = extra.get("landmark")

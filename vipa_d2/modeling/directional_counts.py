@@ -12,6 +12,11 @@ of it, above its row, below it) and adds an MLP of the sums back to the tokens.
 A map that gives each object of the named group the same mass turns its half-plane sums
 into object counts, so the sums are given twice: as log(1 + cells), absolute (counts),
 and as a fraction of the map's total, relative (independent of the group's size).
+
+Left to themselves the maps stay diffuse (they do not count objects, BENCHMARKS.md). With
+``centres`` each map is an object-centre map, trained on the objects' box centres
+(:func:`vipa_d2.modeling.losses.centre_heatmaps`), times a learned gate per map: every
+object gets the same mass wherever the gate is open, so the sums count the gated objects.
 """
 import torch
 from torch import nn
@@ -53,19 +58,31 @@ def half_plane_sums(maps: torch.Tensor) -> torch.Tensor:
 class DirectionalCounts(nn.Module):
     """Residual block on (B, h*w, C) tokens of an (h, w) grid; see the module docstring."""
 
-    def __init__(self, dim: int, num_maps: int, hidden_dim: int):
+    def __init__(self, dim: int, num_maps: int, hidden_dim: int, centres: bool = False):
         super().__init__()
         self.norm = nn.LayerNorm(dim)
         self.maps = nn.Linear(dim, num_maps)
+        self.centre = nn.Linear(dim, 1) if centres else None
         self.mlp = mlp(HALF_PLANES * SUM_KINDS * num_maps, hidden_dim, dim)
         # Starts at zero: at initialisation the decoder computes what it did without the block.
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
-    def forward(self, x: torch.Tensor, size) -> torch.Tensor:
-        maps = torch.sigmoid(self.maps(self.norm(x))).unflatten(1, tuple(size))
+    def forward(self, x: torch.Tensor, size):
+        """
+        (B, h*w, C) tokens of an ``size`` = (h, w) grid -> (the tokens with the counts added,
+        the (B, h, w) object-centre logits, or None without ``centres``).
+        """
+        normed = self.norm(x)
+        maps = torch.sigmoid(self.maps(normed))
+        centre_logits = None
+        if self.centre is not None:
+            centre_logits = self.centre(normed)
+            maps = maps * torch.sigmoid(centre_logits)
+            centre_logits = centre_logits.squeeze(-1).unflatten(1, tuple(size))
+        maps = maps.unflatten(1, tuple(size))
         sums = half_plane_sums(maps)
         # At least one cell, so an empty map gives fractions of zero, not NaN.
         total = maps.sum(dim=(1, 2)).clamp(min=1.0)[:, None, None, None, :]
         features = torch.cat([torch.log1p(sums), sums / total], dim=3)
-        return x + self.mlp(features.flatten(3).flatten(1, 2))
+        return x + self.mlp(features.flatten(3).flatten(1, 2)), centre_logits

@@ -36,6 +36,41 @@ def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch
     return (loss * weights).sum() / weights.sum().clamp(min=1.0)
 
 
+# Spread of an object's centre on a grid, in cells: one cell keeps two objects a few cells
+# apart distinct on the finest decoder grid, and gives every object the same mass.
+CENTRE_SIGMA_CELLS = 1.0
+
+
+def centre_heatmaps(boxes: List[torch.Tensor], grid, input_hw) -> torch.Tensor:
+    """
+    (B, h, w) targets of the object-centre maps on an (h, w) ``grid`` covering the padded
+    input of size ``input_hw``: per cell, the largest Gaussian (peak 1, std
+    ``CENTRE_SIGMA_CELLS``) of the image's object centres. ``boxes``: per image, (K, 4)
+    XYXY boxes in input pixels (K may be 0).
+    """
+    h, w = grid
+    ref = boxes[0] if boxes else torch.zeros(0, 4)
+    ys = torch.arange(h, dtype=torch.float32, device=ref.device)
+    xs = torch.arange(w, dtype=torch.float32, device=ref.device)
+    out = []
+    for b in boxes:
+        b = b.float()
+        # Centres in cell units: cell j covers [j, j + 1) * stride, its centre is j + 0.5.
+        cx = (b[:, 0] + b[:, 2]) / 2 * (w / input_hw[1]) - 0.5
+        cy = (b[:, 1] + b[:, 3]) / 2 * (h / input_hw[0]) - 0.5
+        d2 = (ys[None, :, None] - cy[:, None, None]) ** 2 + (xs[None, None, :] - cx[:, None, None]) ** 2
+        gauss = torch.exp(-d2 / (2 * CENTRE_SIGMA_CELLS**2))
+        out.append(gauss.amax(dim=0) if len(b) else gauss.new_zeros(h, w))
+    return torch.stack(out)
+
+
+def centre_loss(logits: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> torch.Tensor:
+    """BCE of (B, h, w) centre logits against :func:`centre_heatmaps`, summed, per object."""
+    target = centre_heatmaps(boxes, logits.shape[-2:], input_hw).to(logits.dtype)
+    loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
+    return loss / max(1, sum(len(b) for b in boxes))
+
+
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, smooth: float = 1.0):
     """Per-sample soft Dice loss (smoothed so an empty target asks for an empty prediction), batch mean."""
     probs = logits.sigmoid() * weights
@@ -94,6 +129,7 @@ class VIPACriterion(nn.Module):
         no_target_weight: float,
         contrastive_cues: str = "all",
         landmark_weight: float = 0.0,
+        centre_weight: float = 0.0,
     ):
         super().__init__()
         if contrastive_temperature <= 0:
@@ -110,6 +146,7 @@ class VIPACriterion(nn.Module):
         self.deep_supervision = deep_supervision
         self.no_target_weight = no_target_weight
         self.landmark_weight = landmark_weight
+        self.centre_weight = centre_weight
 
     @classmethod
     def from_config(cls, cfg):
@@ -128,6 +165,8 @@ class VIPACriterion(nn.Module):
             "no_target_weight": loss.NO_TARGET_WEIGHT,
             "contrastive_cues": loss.CONTRASTIVE_CUES,
             "landmark_weight": loss.LANDMARK_WEIGHT,
+            # Only the centre maps of DECODER.COUNT_CENTRES have a centre loss.
+            "centre_weight": loss.CENTRE_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_CENTRES else 0.0,
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
@@ -152,6 +191,8 @@ class VIPACriterion(nn.Module):
         token_valid: Optional[torch.Tensor] = None,
         landmark_masks: Optional[torch.Tensor] = None,
         landmark_tokens: Optional[torch.Tensor] = None,
+        centre_logits: Optional[List[torch.Tensor]] = None,
+        object_boxes: Optional[List[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -164,6 +205,9 @@ class VIPACriterion(nn.Module):
             landmark_masks, landmark_tokens: (B, H, W) and (B, T_max) bool, each expression's
                 landmark and the text positions of its phrase (all zero without one); read
                 when ``landmark_weight`` > 0 and there is relevance.
+            centre_logits, object_boxes: per decoder layer (B, h, w) object-centre logits,
+                and per image (K, 4) XYXY boxes of all its objects in input pixels; read
+                when ``centre_weight`` > 0.
         """
         gt = gt_masks.float()
         losses = self.mask_losses(pred_masks[-1], gt, image_valid)
@@ -192,6 +236,9 @@ class VIPACriterion(nn.Module):
                 losses["loss_landmark"] = self.landmark_weight * pixel_contrastive_loss(
                     relevance, landmark_rows, landmark_target, token_valid, self.contrastive_temperature
                 )
+        if self.centre_weight > 0:
+            for i, logits in enumerate(centre_logits):
+                losses[f"loss_centre_{i}"] = self.centre_weight * centre_loss(logits, object_boxes, gt.shape[-2:])
         # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
         # no-target head never becomes an unused parameter under DDP.
         losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(

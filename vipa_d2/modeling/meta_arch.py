@@ -69,6 +69,16 @@ def runtime_options(cfg) -> Dict[str, bool]:
     return {"channels_last": cfg.MODEL.CHANNELS_LAST, "compile_backbone": cfg.TEST.COMPILE_BACKBONE}
 
 
+
+def require_inputs(batched_inputs: List[Dict], keys: List[str], needed_by: str) -> None:
+    """A clear error when some input lacks one of ``keys`` that ``needed_by`` trains on."""
+    missing = sorted({k for x in batched_inputs for k in keys if k not in x})
+    if missing:
+        raise ValueError(
+            f"{needed_by} needs training inputs with {keys}; missing {missing} "
+            "(see vipa_d2.data.ReferringDatasetMapper, built from the same config)"
+        )
+
 @META_ARCH_REGISTRY.register()
 class VIPA(nn.Module):
     # State-dict layout version: 2 keeps VEG, language projection and both decoders under
@@ -299,22 +309,24 @@ class VIPA(nn.Module):
         return ImageList.from_tensors([x[key].to(self.device) for x in batched_inputs], self.size_divisibility).tensor
 
     def losses(self, outputs: Dict, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
-        if any("gt_mask" not in x for x in batched_inputs):
-            raise ValueError("Training inputs need a 'gt_mask' (see vipa_d2.data.ReferringDatasetMapper)")
+        require_inputs(batched_inputs, ["gt_mask"], "Training")
         gt = self.batch_masks(batched_inputs, "gt_mask")
         empty = torch.tensor([bool(x.get("empty", False)) for x in batched_inputs], device=self.device)
         veg = outputs["veg"]
         has_relevance = veg is not None and veg["relevance"] is not None
         landmark = {}
         if self.criterion.landmark_weight > 0:
-            if any("landmark_mask" not in x for x in batched_inputs):
-                raise ValueError(
-                    "MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0 needs training inputs with 'landmark_mask' and "
-                    "'landmark_tokens' (vipa_d2.data.ReferringDatasetMapper built from the same config)"
-                )
+            require_inputs(batched_inputs, ["landmark_mask", "landmark_tokens"], "MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0")
             landmark = {
                 "landmark_masks": self.batch_masks(batched_inputs, "landmark_mask"),
                 "landmark_tokens": torch.stack([x["landmark_tokens"] for x in batched_inputs]).to(self.device),
+            }
+        centres = {}
+        if self.criterion.centre_weight > 0:
+            require_inputs(batched_inputs, ["object_boxes"], "MODEL.VIPA.DECODER.COUNT_CENTRES")
+            centres = {
+                "centre_logits": outputs["centre_logits"],
+                "object_boxes": [x["object_boxes"].to(self.device) for x in batched_inputs],
             }
         return self.criterion(
             outputs["pred_masks"],
@@ -327,6 +339,7 @@ class VIPA(nn.Module):
             cue_valid=outputs["cue_valid"],
             token_valid=veg["token_valid"] if has_relevance else None,
             **landmark,
+            **centres,
         )
 
     def postprocess(self, outputs: Dict, images: ImageList, output_sizes: List) -> List[Dict]:

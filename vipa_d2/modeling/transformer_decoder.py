@@ -77,6 +77,7 @@ class VIPATransformerDecoder(nn.Module):
         null_kv: bool = False,
         kv_kernel: bool = False,
         count_maps: int = 0,
+        count_centres: bool = False,
     ):
         """
         Args:
@@ -86,6 +87,8 @@ class VIPATransformerDecoder(nn.Module):
             kv_kernel: add a mask term from a kernel of the pooled K/V tokens.
             count_maps: maps per layer of a :class:`DirectionalCounts` block after each
                 layer (0: none).
+            count_centres: the count maps are object-centre maps times gates; the
+                centre logits are returned for the criterion (needs ``count_maps`` > 0).
         """
         super().__init__()
         if num_layers < 1:
@@ -97,9 +100,13 @@ class VIPATransformerDecoder(nn.Module):
         self.layers = nn.ModuleList(
             PixelQueryLayer(hidden_dim, nheads, dim_feedforward, dropout) for _ in range(num_layers)
         )
+        if count_centres and count_maps < 1:
+            raise ValueError("MODEL.VIPA.DECODER.COUNT_CENTRES needs MODEL.VIPA.DECODER.COUNT_MAPS > 0 (the maps it gates)")
         self.counts = None
         if count_maps > 0:
-            self.counts = nn.ModuleList(DirectionalCounts(hidden_dim, count_maps, hidden_dim) for _ in range(num_layers))
+            self.counts = nn.ModuleList(
+                DirectionalCounts(hidden_dim, count_maps, hidden_dim, count_centres) for _ in range(num_layers)
+            )
         self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
         self.decoder_norm = nn.LayerNorm(hidden_dim)
         self.mask_embed = mlp(hidden_dim, hidden_dim, mask_dim)
@@ -139,6 +146,7 @@ class VIPATransformerDecoder(nn.Module):
             "null_kv": dec.NULL_KV,
             "kv_kernel": dec.KV_KERNEL,
             "count_maps": dec.COUNT_MAPS,
+            "count_centres": dec.COUNT_CENTRES,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -165,7 +173,8 @@ class VIPATransformerDecoder(nn.Module):
             kv: (B, L, C) key/value tokens; kv_valid: (B, L) bool, False = absent/padding.
         Returns:
             {"pred_masks": [(B, Hm, Wm) logits per layer (in eval mode only the last)],
-             "no_target_logit": (B,)}
+             "no_target_logit": (B,)}, and in training with ``count_centres``
+            "centre_logits": [(B, h, w) object-centre logits per layer, on its grid].
         """
         # Work on (B, HW, C) tokens throughout: one layout change per scale, not per layer.
         sizes = {n: tuple(features[n].shape[-2:]) for n in self.in_features}
@@ -187,7 +196,7 @@ class VIPATransformerDecoder(nn.Module):
             attn_kv = torch.cat([kv, self.null_embed.expand(kv.shape[0], 1, -1)], dim=1)
             attn_valid = torch.cat([kv_valid, kv_valid.new_ones(kv.shape[0], 1)], dim=1)
 
-        pred_masks = []
+        pred_masks, centre_logits = [], []
         x = None
         for i, layer in enumerate(self.layers):
             lvl = i % len(self.in_features)
@@ -195,7 +204,9 @@ class VIPATransformerDecoder(nn.Module):
             old = tokens[name]
             x = layer(old, pos[name], attn_kv, attn_valid)
             if self.counts is not None:
-                x = self.counts[i](x, sizes[name])
+                x, centres = self.counts[i](x, sizes[name])
+                if centres is not None and self.training:
+                    centre_logits.append(centres)
             tokens[name] = x
             for finer in self.in_features[lvl + 1 :]:
                 tokens[finer] = tokens[finer] + resize_tokens(x - old, sizes[name], sizes[finer])
@@ -204,4 +215,7 @@ class VIPATransformerDecoder(nn.Module):
                 pred_masks.append(self.predict_mask(x, sizes[name], mask_features) + direct)
 
         no_target = self.no_target_head(torch.cat([self.decoder_norm(x).mean(dim=1), kv_pooled], dim=-1))
-        return {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1)}
+        out = {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1)}
+        if centre_logits:
+            out["centre_logits"] = centre_logits
+        return out
