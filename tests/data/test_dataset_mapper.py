@@ -281,7 +281,8 @@ def test_object_boxes_follow_resize_and_flip(tmp_path):
     write_image(tmp_path / "a.png")
     rec = mapper_record(tmp_path / "a.png", "the box on the left")
     rec["object_boxes"] = [[10.0, 5.0, 40.0, 40.0], [60.0, 30.0, 28.0, 28.0]]
-    opts = [*MAPPER_OPTS, "MODEL.VIPA.DECODER.COUNT_MAPS", 4, "MODEL.VIPA.DECODER.COUNT_CENTRES", True]
+    opts = [*MAPPER_OPTS, "INPUT.RANDOM_FLIP", "none",  # Detectron2's default flips
+            "MODEL.VIPA.DECODER.COUNT_MAPS", 4, "MODEL.VIPA.DECODER.COUNT_CENTRES", True]
     before = copy.deepcopy(rec)
     out = ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)
     assert rec == before
@@ -301,6 +302,9 @@ def test_object_boxes_follow_resize_and_flip(tmp_path):
     # Test mode and configs without centre maps never need them.
     assert "object_boxes" not in ReferringDatasetMapper(make_cfg(*opts), is_train=False)(rec)
     assert "object_boxes" not in ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)(rec)
+    # A box that lies outside the image marks no centre.
+    outside = dict(rec, object_boxes=rec["object_boxes"] + [[W + 5.0, 10.0, 20.0, 20.0]])
+    torch.testing.assert_close(ReferringDatasetMapper(make_cfg(*opts), is_train=True)(outside)["object_boxes"], expected)
     del rec["object_boxes"]
     with pytest.raises(KeyError, match=r"image_id=3, ref_id=11 has no 'object_boxes'"):
         ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)

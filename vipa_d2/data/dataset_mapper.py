@@ -101,7 +101,8 @@ class ReferringDatasetMapper:
 
     With ``centre_supervision`` (``MODEL.VIPA.DECODER.COUNT_CENTRES``) training inputs also
     carry ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the
-    image's augmentation, clipped to it): every object of the image, for the centre maps.
+    image's augmentation, clipped to it; none left outside it): every object of the image,
+    for the centre maps.
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
     words left/right in the expression so it still describes the flipped image.
@@ -160,7 +161,9 @@ class ReferringDatasetMapper:
         xyxy = transforms.apply_box(xyxy).clip(min=0)
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(max=out_hw[1])
         xyxy[:, 1::2] = xyxy[:, 1::2].clip(max=out_hw[0])
-        return torch.as_tensor(xyxy, dtype=torch.float32)
+        # An object outside the augmented image (e.g. cropped away) has no centre to mark.
+        inside = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
+        return torch.as_tensor(xyxy[inside], dtype=torch.float32)
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         record = dataset_dict  # never modified: annotations are deep-copied below
