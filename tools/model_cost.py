@@ -92,8 +92,10 @@ def speed_cases(label, cfg, model, batches, train_batch):
         size = cfg.INPUT.IMAGE_SIZE
         mask = torch.zeros(size, size, dtype=torch.uint8)
         mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1  # a centred square target
+        box = torch.tensor([[size / 4, size / 4, 3 * size / 4, 3 * size / 4]])  # the image's one object
         net = build_model(cfg).train()
-        optimizer, batch = build_vipa_optimizer(cfg, net), [{**one, "gt_mask": mask, "empty": False}] * train_batch
+        target = {"gt_mask": mask, "empty": False, "object_boxes": box}
+        optimizer, batch = build_vipa_optimizer(cfg, net), [{**one, **target}] * train_batch
 
         def step():
             optimizer.zero_grad(set_to_none=True)

@@ -65,6 +65,8 @@ def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
             "attention_mask": tok["attention_mask"][0],
             "gt_mask": gt,
             "empty": False,
+            # Every object of the image (the target and one other), as the training mapper gives them.
+            "object_boxes": torch.tensor([[10.0, 8.0 + 4 * i, 30.0 + 4 * i, 40.0], [40.0, 44.0, 60.0, 60.0]]),
             "height": h,
             "width": w,
         })
@@ -95,13 +97,15 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
         assert params and all(p.grad is not None for _, p in params), part
         assert all(("veg" if part == "veg" else "decoder") in n for n, _ in params)
         # A directional-count block's output layer starts at zero, so the layers before it
-        # get gradient only from the second step on; its output layer gets it at once.
-        zero_started = {n for n, _ in params if ".counts." in n and ".mlp.2." not in n}
+        # get gradient only from the second step on; its output layer gets it at once, and
+        # its centre map from the centre loss.
+        zero_started = {n for n, _ in params if ".counts." in n and ".mlp.2." not in n and ".centre." not in n}
         assert all(p.grad.abs().sum() == 0 for n, p in params if n in zero_started)
         params = [(n, p) for n, p in params if n not in zero_started]
         nonzero = sum(bool(p.grad.abs().sum() > 0) for _, p in params)
         assert nonzero / len(params) > 0.9, (part, nonzero, len(params))
     assert any(".counts." in n and p.grad.abs().sum() > 0 for n, p in model.named_parameters())
+    assert "loss_centre_0" in losses  # the tiny config's centre maps are trained
 
     model.eval()
     sizes = [(300, 400), (37, 91), (128, 64)]
