@@ -98,8 +98,9 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
         assert all(("veg" if part == "veg" else "decoder") in n for n, _ in params)
         # A directional-count block's output layer starts at zero, so the layers before it
         # get gradient only from the second step on; its output layer gets it at once, and
-        # its centre map from the centre loss.
-        zero_started = {n for n, _ in params if ".counts." in n and ".mlp.2." not in n and ".centre." not in n}
+        # its centre map and the norm before it from the centre loss.
+        trained_at_once = (".mlp.2.", ".centre.", ".norm.")
+        zero_started = {n for n, _ in params if ".counts." in n and not any(k in n for k in trained_at_once)}
         assert all(p.grad.abs().sum() == 0 for n, p in params if n in zero_started)
         params = [(n, p) for n, p in params if n not in zero_started]
         nonzero = sum(bool(p.grad.abs().sum() > 0) for _, p in params)
@@ -420,14 +421,17 @@ def write_shape_records(root, n_images=2):
             img[m > 0] = SHAPE_COLORS[k]
         file_name = str(root / f"{i}.png")
         cv2.imwrite(file_name, img[:, :, ::-1])
+        boxes = {}
         for k, m in masks.items():
             ys, xs = np.nonzero(m)
-            bbox = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+            boxes[k] = [float(xs.min()), float(ys.min()), float(np.ptp(xs) + 1), float(np.ptp(ys) + 1)]
+        for k, m in masks.items():
             records.append({
                 "file_name": file_name, "height": h, "width": w, "image_id": i, "ref_id": len(records),
-                "annotations": [{"segmentation": mask_to_rle(m), "bbox": bbox, "bbox_mode": BoxMode.XYWH_ABS,
+                "annotations": [{"segmentation": mask_to_rle(m), "bbox": boxes[k], "bbox_mode": BoxMode.XYWH_ABS,
                                  "category_id": 0, "iscrowd": 0}],
                 "sentence": {"raw": k, "sent_id": len(records)}, "empty": False, "mask": m > 0,
+                "object_boxes": list(boxes.values()),  # both shapes, as the REFER loader gives them
             })
     return records
 

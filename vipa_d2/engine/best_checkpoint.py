@@ -1,6 +1,9 @@
 """Keep the weights of the best validation score seen so far (``model_best.pth``)."""
 import logging
 import math
+import os
+
+import torch
 
 from detectron2.engine import hooks
 
@@ -23,7 +26,10 @@ class BestMetricCheckpointer(hooks.BestCheckpointer):
     * the best value and its iteration are hook state, so they are saved with every
       checkpoint and restored by ``--resume`` (the stock hook starts again from None and
       would overwrite ``model_best.pth`` with a worse model after a restart);
-    * ``model_best.pth`` records ``best_metric: {name, value, iteration}``.
+    * ``model_best.pth`` records ``best_metric: {name, value, iteration}``;
+    * saving it leaves ``last_checkpoint`` where it was (``--resume`` continues training),
+      and a resumed run takes the best from ``model_best.pth`` when that is better than
+      the state it resumed (the evaluation after training comes after model_final.pth).
     """
 
     def _best_checking(self):
@@ -34,11 +40,17 @@ class BestMetricCheckpointer(hooks.BestCheckpointer):
             if math.isfinite(value) and improved:
                 # Update before saving: the saved trainer state must hold the new best.
                 self.best_metric, self.best_iter = value, iteration
+                # model_best is no resume point: saving tags it as the last checkpoint, and
+                # the evaluation after training counts MAX_ITER where model_final.pth holds
+                # MAX_ITER - 1, so --resume from it would skip an iteration. Keep the tag.
+                resume_from = self._checkpointer.get_checkpoint_file() if self._checkpointer.has_checkpoint() else None
                 self._checkpointer.save(
                     self._file_prefix,
                     iteration=iteration,
                     best_metric={"name": self._val_metric, "value": value, "iteration": iteration},
                 )
+                if resume_from:
+                    self._checkpointer.tag_last_checkpoint(os.path.basename(resume_from))
                 logger.info(f"Saved {self._file_prefix}: {self._val_metric} = {value:.4f} @ iteration {iteration}")
                 return
         # Not better, not finite or not computed: the stock hook logs why and saves nothing.
@@ -50,3 +62,12 @@ class BestMetricCheckpointer(hooks.BestCheckpointer):
     def load_state_dict(self, state_dict):
         self.best_metric = state_dict["best_metric"]
         self.best_iter = state_dict["best_iter"]
+        # --resume continues from the last periodic checkpoint, saved before the evaluation
+        # after training: a best found there is recorded only in model_best.pth.
+        path = os.path.join(self._checkpointer.save_dir, f"{self._file_prefix}.pth")
+        if os.path.isfile(path):
+            recorded = torch.load(path, map_location="cpu", weights_only=True).get("best_metric") or {}
+            value = recorded.get("value")
+            if recorded.get("name") == self._val_metric and value is not None and math.isfinite(value):
+                if self.best_metric is None or self._compare(value, self.best_metric):
+                    self.best_metric, self.best_iter = value, recorded.get("iteration")
