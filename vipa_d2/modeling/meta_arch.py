@@ -69,7 +69,6 @@ def runtime_options(cfg) -> Dict[str, bool]:
     return {"channels_last": cfg.MODEL.CHANNELS_LAST, "compile_backbone": cfg.TEST.COMPILE_BACKBONE}
 
 
-
 def require_inputs(batched_inputs: List[Dict], keys: List[str], needed_by: str) -> None:
     """A clear error when some input lacks one of ``keys`` that ``needed_by`` trains on."""
     missing = sorted({k for x in batched_inputs for k in keys if k not in x})
@@ -78,6 +77,7 @@ def require_inputs(batched_inputs: List[Dict], keys: List[str], needed_by: str) 
             f"{needed_by} needs training inputs with {keys}; missing {missing} "
             "(see vipa_d2.data.ReferringDatasetMapper, built from the same config)"
         )
+
 
 @META_ARCH_REGISTRY.register()
 class VIPA(nn.Module):
