@@ -234,6 +234,13 @@ def add_vipa_config(cfg):
     # Weight of the object-centre loss of DECODER.COUNT_CENTRES (binary cross-entropy
     # against a Gaussian of one grid cell at every object's box centre, per object).
     cfg.MODEL.VIPA.LOSS.CENTRE_WEIGHT = 0.1
+    # Weight of a loss that tells the first count map's gate which objects to count: those
+    # the expression's category / colour words name (every square of "the second square
+    # from the left"), BCE at each object's centre, per decoder layer. Left alone the gates
+    # count every object and ordinals fail. Needs DECODER.COUNT_CENTRES and training
+    # records with "object_in_group" (from the REFER sentence field "group_ann_ids", which
+    # the synthetic benchmark writes). 0 = off.
+    cfg.MODEL.VIPA.LOSS.GROUP_WEIGHT = 0.0
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
     # Weight of the no-target classification loss (generalized data only).

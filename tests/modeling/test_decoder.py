@@ -358,7 +358,7 @@ def test_directional_counts_start_as_identity_and_learn():
     # Once trained, a pixel's token depends on what lies in its half-planes.
     torch.nn.init.normal_(dec.counts[0].mlp[-1].weight)
     x = torch.randn(2, 12, 32)
-    y, centres = dec.counts[0](x, (3, 4))
+    y, centres, _ = dec.counts[0](x, (3, 4))
     assert centres is None  # no centre maps unless asked
     x2 = x.clone()
     x2[:, 11] = torch.randn(2, 32) * 5  # the bottom-right cell changes; the top-left token sees it

@@ -15,7 +15,10 @@ number (``[]`` = no target) for a generalized (gRefCOCO-style) one. Optional, pe
 expression, for the evaluator's per-type and landmark breakdowns: ``type`` (a name such
 as "relation") and, together, ``landmark`` (an object id of the image) and
 ``landmark_phrase`` (the words of ``text`` naming that object); they become the REFER
-sentence fields ``type``, ``landmark_ann_id`` and ``landmark_phrase``.
+sentence fields ``type``, ``landmark_ann_id`` and ``landmark_phrase``. Optional too, for
+``MODEL.VIPA.LOSS.GROUP_WEIGHT``: ``group``, the object ids its category / colour words
+name (the candidates of "the second cup from the left": every cup), which becomes the
+REFER sentence field ``group_ann_ids``.
 """
 
 import json
@@ -177,7 +180,17 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
 
 
 def _check_breakdown_fields(ex: Dict, q: str, ids, problems: List[str]):
-    """The optional "type", "landmark" and "landmark_phrase" of expression ``ex``."""
+    """The optional "type", "group", "landmark" and "landmark_phrase" of expression ``ex``."""
+    if "group" in ex:
+        group = ex["group"]
+        if not isinstance(group, list) or any(not (_is_int(g) or isinstance(g, str)) for g in group):
+            problems.append(f"{q}.group: expected a list of object ids of this image, got {group!r}")
+        elif len(set(group)) != len(group):
+            problems.append(f"{q}.group: duplicate ids in {group}")
+        else:
+            unknown = [g for g in group if g not in ids]
+            if unknown:
+                problems.append(f"{q}.group: {unknown!r} are not ids of objects of this image")
     if "type" in ex and (not isinstance(ex["type"], str) or not ex["type"].strip()):
         problems.append(
             f"{q}.type: expected a non-empty expression type such as 'relation', "
@@ -324,8 +337,10 @@ def simple_json_to_refer(data: Dict, generalized: bool = False) -> Tuple[Dict, L
 
 
 def _breakdown_fields(ex: Dict, ann_of: Dict) -> Dict:
-    """The optional sentence fields of expression ``ex`` (its landmark as an ann id)."""
+    """The optional sentence fields of expression ``ex`` (its landmark and group as ann ids)."""
     out = {"type": ex["type"]} if "type" in ex else {}
+    if "group" in ex:
+        out["group_ann_ids"] = [ann_of[g][0] for g in ex["group"]]
     if "landmark" in ex:
         out.update(landmark_ann_id=ann_of[ex["landmark"]][0], landmark_phrase=ex["landmark_phrase"])
     return out

@@ -102,7 +102,9 @@ class ReferringDatasetMapper:
     With ``centre_supervision`` (``MODEL.VIPA.DECODER.COUNT_CENTRES``) training inputs also
     carry ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the
     image's augmentation, clipped to it; none left outside it): every object of the image,
-    for the centre maps.
+    for the centre maps. With ``group_supervision`` (``MODEL.VIPA.LOSS.GROUP_WEIGHT`` > 0)
+    they also carry ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
+    the same boxes): which objects the expression's category / colour words name.
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
     words left/right in the expression so it still describes the flipped image.
@@ -119,10 +121,12 @@ class ReferringDatasetMapper:
         max_text_len: int,
         landmark_supervision: bool = False,
         centre_supervision: bool = False,
+        group_supervision: bool = False,
     ):
         self.is_train = is_train
         self.landmark_supervision = is_train and landmark_supervision  # test mode passes the landmark on as data
         self.centre_supervision = is_train and centre_supervision
+        self.group_supervision = self.centre_supervision and group_supervision
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.tokenizer = tokenizer
@@ -140,6 +144,7 @@ class ReferringDatasetMapper:
             "max_text_len": cfg.INPUT.MAX_TEXT_LEN,
             "landmark_supervision": cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
             "centre_supervision": cfg.MODEL.VIPA.DECODER.COUNT_CENTRES and cfg.MODEL.VIPA.LOSS.CENTRE_WEIGHT > 0,
+            "group_supervision": cfg.MODEL.VIPA.LOSS.GROUP_WEIGHT > 0,
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
@@ -149,21 +154,39 @@ class ReferringDatasetMapper:
         return image
 
     @staticmethod
-    def _object_boxes(record: Dict, transforms, out_hw) -> torch.Tensor:
-        boxes = record.get("object_boxes")
-        if boxes is None:
+    def _require(record: Dict, key: str, what: str, needed_by: str):
+        if key not in record:
             raise KeyError(
-                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')} has no 'object_boxes' "
-                "(XYWH_ABS boxes of every object of its image), which MODEL.VIPA.DECODER.COUNT_CENTRES trains on; "
-                "vipa_d2's REFER loader writes them, a custom loader must too"
+                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')} has no {key!r} "
+                f"({what}), which {needed_by} trains on; vipa_d2's REFER loader writes them, a custom loader must too"
             )
+        return record[key]
+
+    def _object_boxes(self, record: Dict, transforms, out_hw) -> Dict[str, torch.Tensor]:
+        boxes = self._require(
+            record, "object_boxes", "XYWH_ABS boxes of every object of its image", "MODEL.VIPA.DECODER.COUNT_CENTRES"
+        )
         xyxy = BoxMode.convert(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(max=out_hw[1])
         xyxy[:, 1::2] = xyxy[:, 1::2].clip(max=out_hw[0])
         # An object outside the augmented image (e.g. cropped away) has no centre to mark.
         inside = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
-        return torch.as_tensor(xyxy[inside], dtype=torch.float32)
+        out = {"object_boxes": torch.as_tensor(xyxy[inside], dtype=torch.float32)}
+        if self.group_supervision:
+            in_group = self._require(
+                record,
+                "object_in_group",
+                "per object box, whether the expression's category / colour words name it",
+                "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0",
+            )
+            if len(in_group) != len(boxes):
+                raise ValueError(
+                    f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}: 'object_in_group' has "
+                    f"{len(in_group)} entries for {len(boxes)} 'object_boxes'; expected one per box"
+                )
+            out["object_in_group"] = torch.as_tensor(np.asarray(in_group, dtype=bool)[inside])
+        return out
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         record = dataset_dict  # never modified: annotations are deep-copied below
@@ -194,7 +217,7 @@ class ReferringDatasetMapper:
         if self.landmark_supervision:
             out.update(landmark_training_inputs(record, transforms, out_hw, sentence, self.tokenizer, self.max_text_len))
         if self.centre_supervision:
-            out["object_boxes"] = self._object_boxes(record, transforms, out_hw)
+            out.update(self._object_boxes(record, transforms, out_hw))
         if not self.is_train:
             out["annotations"] = copy.deepcopy(record["annotations"])
             # Only the evaluator's breakdowns read these, and test mode never flips, so the

@@ -156,15 +156,15 @@ def _record_annotation(ann: Dict, img: Dict) -> Dict:
 
 
 def _object_boxes_by_image(anns: Dict, notes) -> Dict:
-    """{image id: [[x, y, w, h] of every annotation of the image with a usable bbox]}: the
-    objects an image holds, targets or not (centre maps learn where objects are, see
-    MODEL.VIPA.DECODER.COUNT_CENTRES); annotations without a usable box are counted in
-    ``notes``."""
+    """{image id: [(ann id, [x, y, w, h]) of every annotation of the image with a usable
+    bbox]}: the objects an image holds, targets or not (centre maps learn where objects
+    are, see MODEL.VIPA.DECODER.COUNT_CENTRES); annotations without a usable box are
+    counted in ``notes``."""
     boxes: Dict = collections.defaultdict(list)
-    for ann in anns.values():
+    for aid, ann in anns.items():
         bbox = ann.get("bbox")
         if _is_box(bbox):
-            boxes[ann.get("image_id")].append([float(v) for v in bbox])
+            boxes[ann.get("image_id")].append((aid, [float(v) for v in bbox]))
         else:
             notes["annotations without a usable bbox (left out of object_boxes)"] += 1
     return boxes
@@ -233,11 +233,22 @@ class _TargetChecker:
 
 def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str, targets, refs_path: str):
     """
-    The record fields of a sentence's optional ``type`` / ``landmark_ann_id`` +
-    ``landmark_phrase`` (see :mod:`vipa_d2.data.custom`): ({"type": ..., "landmark":
-    {"ann_id", "phrase"}}, None), or ({}, (reason, error)) when malformed.
+    The record fields of a sentence's optional ``type`` / ``group_ann_ids`` /
+    ``landmark_ann_id`` + ``landmark_phrase`` (see :mod:`vipa_d2.data.custom`): ({"type":
+    ..., "group_ann_ids": [...], "landmark": {"ann_id", "phrase"}}, None), or ({}, (reason,
+    error)) when malformed.
     """
     out = {}
+    if "group_ann_ids" in sent:
+        group = sent["group_ann_ids"]
+        if not isinstance(group, list):
+            error = data_error(refs_path, where, f"{field}.group_ann_ids", f"expected a list of annotation ids, got {quote(group)}")
+            return {}, ("bad_group", error)
+        for aid in group:
+            failure = targets.annotation(aid, ref, where, refs_path, role="group member")
+            if failure is not None:
+                return {}, ("group_" + failure[0], failure[1])
+        out["group_ann_ids"] = group
     if "type" in sent:
         if not isinstance(sent["type"], str) or not sent["type"].strip():
             error = data_error(refs_path, where, f"{field}.type", f"expected a non-empty string, got {quote(sent['type'])}")
@@ -299,7 +310,9 @@ def load_refer_dicts(
         A sentence with the optional breakdown fields adds ``type`` and ``landmark``
         ({"ann_id", "phrase", "annotation"}: the landmark object as a record annotation).
         Every record has ``object_boxes``: XYWH_ABS boxes of all annotated objects of its
-        image, targets or not.
+        image, targets or not. A sentence with ``group_ann_ids`` adds ``object_in_group``:
+        per box of ``object_boxes``, whether its object is one the expression's category /
+        colour words name.
     """
     data_dir = os.path.join(refer_root, dataset)
     refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
@@ -385,9 +398,13 @@ def load_refer_dicts(
             "ref_id": ref["ref_id"],
             "annotations": [record_anns[a] for a in ann_ids],
             "empty": len(ann_ids) == 0,
-            "object_boxes": object_boxes.get(img["id"], []),
+            "object_boxes": [box for _, box in object_boxes.get(img["id"], [])],
         }
         for raw, sent_id, extra in sentences:
+            if "group_ann_ids" in extra:
+                group = set(extra["group_ann_ids"])
+                extra = {k: v for k, v in extra.items() if k != "group_ann_ids"}
+                extra["object_in_group"] = [aid in group for aid, _ in object_boxes.get(img["id"], [])]
             landmark = extra.get("landmark")
             if landmark is not None:
                 aid = landmark["ann_id"]

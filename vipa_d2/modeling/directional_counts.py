@@ -17,6 +17,10 @@ Left to themselves the maps stay diffuse (they do not count objects, BENCHMARKS.
 ``centres`` each map is an object-centre map, trained on the objects' box centres
 (:func:`vipa_d2.modeling.losses.centre_heatmaps`), times a learned gate per map: every
 object gets the same mass wherever the gate is open, so the sums count the gated objects.
+Which objects a gate opens on is learnt from the mask loss alone, unless the first map's
+gate (``GROUP_MAP``) is told: MODEL.VIPA.LOSS.GROUP_WEIGHT trains it to open on the objects
+the expression's category / colour words name, so that map counts the candidates of "the
+second square from the left" (:func:`vipa_d2.modeling.losses.group_loss`).
 """
 import torch
 from torch import nn
@@ -26,6 +30,8 @@ from .attention import mlp
 # Four half-planes per map, each summed two ways (log-cells and fraction of the total).
 HALF_PLANES = 4
 SUM_KINDS = 2
+# The map whose gate MODEL.VIPA.LOSS.GROUP_WEIGHT supervises with the named group.
+GROUP_MAP = 0
 
 
 def half_plane_sums(maps: torch.Tensor) -> torch.Tensor:
@@ -71,18 +77,21 @@ class DirectionalCounts(nn.Module):
     def forward(self, x: torch.Tensor, size):
         """
         (B, h*w, C) tokens of an ``size`` = (h, w) grid -> (the tokens with the counts added,
-        the (B, h, w) object-centre logits, or None without ``centres``).
+        the (B, h, w) object-centre logits and the (B, h, w) gate logits of ``GROUP_MAP``;
+        both None without ``centres``).
         """
         normed = self.norm(x)
-        maps = torch.sigmoid(self.maps(normed))
-        centre_logits = None
+        gate_logits = self.maps(normed)
+        maps = torch.sigmoid(gate_logits)
+        centre_logits = group_logits = None
         if self.centre is not None:
             centre_logits = self.centre(normed)
             maps = maps * torch.sigmoid(centre_logits)
             centre_logits = centre_logits.squeeze(-1).unflatten(1, tuple(size))
+            group_logits = gate_logits[..., GROUP_MAP].unflatten(1, tuple(size))
         maps = maps.unflatten(1, tuple(size))
         sums = half_plane_sums(maps)
         # At least one cell, so an empty map gives fractions of zero, not NaN.
         total = maps.sum(dim=(1, 2)).clamp(min=1.0)[:, None, None, None, :]
         features = torch.cat([torch.log1p(sums), sums / total], dim=3)
-        return x + self.mlp(features.flatten(3).flatten(1, 2)), centre_logits
+        return x + self.mlp(features.flatten(3).flatten(1, 2)), centre_logits, group_logits

@@ -41,26 +41,32 @@ def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch
 CENTRE_SIGMA_CELLS = 1.0
 
 
+def _centre_gaussians(boxes: torch.Tensor, grid, input_hw) -> torch.Tensor:
+    """(K, 4) XYXY ``boxes`` in input pixels -> (K, h, w): per object, a Gaussian (peak 1,
+    std ``CENTRE_SIGMA_CELLS``) at its box centre on an (h, w) ``grid`` covering the padded
+    input of size ``input_hw``."""
+    h, w = grid
+    b = boxes.float()
+    ys = torch.arange(h, dtype=torch.float32, device=b.device)
+    xs = torch.arange(w, dtype=torch.float32, device=b.device)
+    # Centres in cell units: cell j covers [j, j + 1) * stride, its centre is j + 0.5.
+    cx = (b[:, 0] + b[:, 2]) / 2 * (w / input_hw[1]) - 0.5
+    cy = (b[:, 1] + b[:, 3]) / 2 * (h / input_hw[0]) - 0.5
+    d2 = (ys[None, :, None] - cy[:, None, None]) ** 2 + (xs[None, None, :] - cx[:, None, None]) ** 2
+    return torch.exp(-d2 / (2 * CENTRE_SIGMA_CELLS**2))
+
+
 def centre_heatmaps(boxes: List[torch.Tensor], grid, input_hw) -> torch.Tensor:
     """
     (B, h, w) targets of the object-centre maps on an (h, w) ``grid`` covering the padded
-    input of size ``input_hw``: per cell, the largest Gaussian (peak 1, std
-    ``CENTRE_SIGMA_CELLS``) of the image's object centres. ``boxes``: per image, (K, 4)
-    XYXY boxes in input pixels (K may be 0).
+    input of size ``input_hw``: per cell, the largest of the image's object Gaussians
+    (:func:`_centre_gaussians`). ``boxes``: per image, (K, 4) XYXY boxes in input pixels
+    (K may be 0).
     """
-    h, w = grid
-    ref = boxes[0] if boxes else torch.zeros(0, 4)
-    ys = torch.arange(h, dtype=torch.float32, device=ref.device)
-    xs = torch.arange(w, dtype=torch.float32, device=ref.device)
     out = []
     for b in boxes:
-        b = b.float()
-        # Centres in cell units: cell j covers [j, j + 1) * stride, its centre is j + 0.5.
-        cx = (b[:, 0] + b[:, 2]) / 2 * (w / input_hw[1]) - 0.5
-        cy = (b[:, 1] + b[:, 3]) / 2 * (h / input_hw[0]) - 0.5
-        d2 = (ys[None, :, None] - cy[:, None, None]) ** 2 + (xs[None, None, :] - cx[:, None, None]) ** 2
-        gauss = torch.exp(-d2 / (2 * CENTRE_SIGMA_CELLS**2))
-        out.append(gauss.amax(dim=0) if len(b) else gauss.new_zeros(h, w))
+        gauss = _centre_gaussians(b, grid, input_hw)
+        out.append(gauss.amax(dim=0) if len(b) else gauss.new_zeros(tuple(grid)))
     return torch.stack(out)
 
 
@@ -69,6 +75,29 @@ def centre_loss(logits: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> to
     target = centre_heatmaps(boxes, logits.shape[-2:], input_hw).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
     return loss / max(1, sum(len(b) for b in boxes))
+
+
+def group_loss(
+    logits: torch.Tensor, boxes: List[torch.Tensor], in_group: List[torch.Tensor], input_hw
+) -> torch.Tensor:
+    """
+    BCE of (B, h, w) gate logits against group membership, at the objects' centres: per
+    object, the BCE of every cell against "in the group" (1) or not (0), weighted by the
+    object's centre Gaussian normalised to sum 1, then the mean over the batch's objects.
+    The gate only counts where the centre map is open, so only centres are supervised.
+    ``in_group``: per image, (K,) bool for its (K, 4) XYXY ``boxes``.
+    """
+    total, count = logits.sum() * 0.0, 0
+    for lg, b, member in zip(logits, boxes, in_group):
+        if not len(b):
+            continue
+        weights = _centre_gaussians(b, lg.shape, input_hw).to(lg.dtype)
+        weights = weights / weights.flatten(1).sum(-1).clamp(min=1e-12)[:, None, None]
+        target = member.to(lg.dtype)[:, None, None].expand_as(weights)
+        bce = F.binary_cross_entropy_with_logits(lg[None].expand_as(weights), target, reduction="none")
+        total = total + (bce * weights).sum()
+        count += len(b)
+    return total / max(1, count)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, smooth: float = 1.0):
@@ -130,6 +159,7 @@ class VIPACriterion(nn.Module):
         contrastive_cues: str = "all",
         landmark_weight: float = 0.0,
         centre_weight: float = 0.0,
+        group_weight: float = 0.0,
     ):
         super().__init__()
         if contrastive_temperature <= 0:
@@ -147,10 +177,16 @@ class VIPACriterion(nn.Module):
         self.no_target_weight = no_target_weight
         self.landmark_weight = landmark_weight
         self.centre_weight = centre_weight
+        self.group_weight = group_weight
 
     @classmethod
     def from_config(cls, cfg):
         loss = cfg.MODEL.VIPA.LOSS
+        if loss.GROUP_WEIGHT > 0 and not cfg.MODEL.VIPA.DECODER.COUNT_CENTRES:
+            raise ValueError(
+                "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0 supervises the gates of the object-centre count maps; "
+                "it needs MODEL.VIPA.DECODER.COUNT_CENTRES True (and COUNT_MAPS > 0)"
+            )
         if loss.CONTRASTIVE_CUES == "global" and not cfg.MODEL.VIPA.VEG.GLOBAL_CUE:
             raise ValueError(
                 'MODEL.VIPA.LOSS.CONTRASTIVE_CUES "global" supervises the [CLS] cue, but '
@@ -167,6 +203,7 @@ class VIPACriterion(nn.Module):
             "landmark_weight": loss.LANDMARK_WEIGHT,
             # Only the centre maps of DECODER.COUNT_CENTRES have a centre loss.
             "centre_weight": loss.CENTRE_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_CENTRES else 0.0,
+            "group_weight": loss.GROUP_WEIGHT,
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
@@ -193,6 +230,8 @@ class VIPACriterion(nn.Module):
         landmark_tokens: Optional[torch.Tensor] = None,
         centre_logits: Optional[List[torch.Tensor]] = None,
         object_boxes: Optional[List[torch.Tensor]] = None,
+        group_logits: Optional[List[torch.Tensor]] = None,
+        object_in_group: Optional[List[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -208,6 +247,10 @@ class VIPACriterion(nn.Module):
             centre_logits, object_boxes: per decoder layer (B, h, w) object-centre logits,
                 and per image (K, 4) XYXY boxes of all its objects in input pixels; read
                 when ``centre_weight`` > 0.
+            group_logits, object_in_group: per decoder layer (B, h, w) logits of the gate
+                supervised with the named group, and per image (K,) bool, which of its
+                ``object_boxes`` the expression's category / colour words name; read when
+                ``group_weight`` > 0.
         """
         gt = gt_masks.float()
         losses = self.mask_losses(pred_masks[-1], gt, image_valid)
@@ -239,6 +282,11 @@ class VIPACriterion(nn.Module):
         if self.centre_weight > 0:
             for i, logits in enumerate(centre_logits):
                 losses[f"loss_centre_{i}"] = self.centre_weight * centre_loss(logits, object_boxes, gt.shape[-2:])
+        if self.group_weight > 0:
+            for i, logits in enumerate(group_logits):
+                losses[f"loss_group_{i}"] = self.group_weight * group_loss(
+                    logits, object_boxes, object_in_group, gt.shape[-2:]
+                )
         # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
         # no-target head never becomes an unused parameter under DDP.
         losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(

@@ -328,6 +328,12 @@ class VIPA(nn.Module):
                 "centre_logits": outputs["centre_logits"],
                 "object_boxes": [x["object_boxes"].to(self.device) for x in batched_inputs],
             }
+        if self.criterion.group_weight > 0:
+            require_inputs(batched_inputs, ["object_in_group"], "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0")
+            centres.update(
+                group_logits=outputs["group_logits"],
+                object_in_group=[x["object_in_group"].to(self.device) for x in batched_inputs],
+            )
         return self.criterion(
             outputs["pred_masks"],
             outputs["no_target_logit"],

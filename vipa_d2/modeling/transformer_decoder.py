@@ -88,7 +88,8 @@ class VIPATransformerDecoder(nn.Module):
             count_maps: maps per layer of a :class:`DirectionalCounts` block after each
                 layer (0: none).
             count_centres: the count maps are object-centre maps times gates; the
-                centre logits are returned for the criterion (needs ``count_maps`` > 0).
+                centre logits and the first map's gate logits are returned for the
+                criterion (needs ``count_maps`` > 0).
         """
         super().__init__()
         if num_layers < 1:
@@ -174,7 +175,8 @@ class VIPATransformerDecoder(nn.Module):
         Returns:
             {"pred_masks": [(B, Hm, Wm) logits per layer (in eval mode only the last)],
              "no_target_logit": (B,)}, and in training with ``count_centres``
-            "centre_logits": [(B, h, w) object-centre logits per layer, on its grid].
+            "centre_logits": [(B, h, w) object-centre logits per layer, on its grid] and
+            "group_logits": [(B, h, w) logits of the gate LOSS.GROUP_WEIGHT supervises, ditto].
         """
         # Work on (B, HW, C) tokens throughout: one layout change per scale, not per layer.
         sizes = {n: tuple(features[n].shape[-2:]) for n in self.in_features}
@@ -196,7 +198,7 @@ class VIPATransformerDecoder(nn.Module):
             attn_kv = torch.cat([kv, self.null_embed.expand(kv.shape[0], 1, -1)], dim=1)
             attn_valid = torch.cat([kv_valid, kv_valid.new_ones(kv.shape[0], 1)], dim=1)
 
-        pred_masks, centre_logits = [], []
+        pred_masks, centre_logits, group_logits = [], [], []
         x = None
         for i, layer in enumerate(self.layers):
             lvl = i % len(self.in_features)
@@ -204,9 +206,10 @@ class VIPATransformerDecoder(nn.Module):
             old = tokens[name]
             x = layer(old, pos[name], attn_kv, attn_valid)
             if self.counts is not None:
-                x, centres = self.counts[i](x, sizes[name])
+                x, centres, group = self.counts[i](x, sizes[name])
                 if centres is not None and self.training:
                     centre_logits.append(centres)
+                    group_logits.append(group)
             tokens[name] = x
             for finer in self.in_features[lvl + 1 :]:
                 tokens[finer] = tokens[finer] + resize_tokens(x - old, sizes[name], sizes[finer])
@@ -218,4 +221,5 @@ class VIPATransformerDecoder(nn.Module):
         out = {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1)}
         if centre_logits:
             out["centre_logits"] = centre_logits
+            out["group_logits"] = group_logits
         return out

@@ -111,6 +111,9 @@ class Expression:
     program: Program
     # Relations: the words of ``text`` that name the landmark (anchor) object, e.g. "red circle".
     landmark_phrase: Optional[str] = None
+    # The objects its category / colour words name: the candidates its selector chooses
+    # from ("the second square from the left": every square), () for a no-target expression.
+    group: Tuple[int, ...] = ()
 
     @property
     def landmark(self) -> Optional[int]:
@@ -301,7 +304,8 @@ def _phrase_distinct(
         if text not in seen:
             seen.add(text)
             kind_of = kind or program_type(prog)
-            out.append(Expression(text, tuple(targets), kind_of, prog, landmark_phrase))
+            group = tuple(_members(scene.objects, prog.category, prog.colour))
+            out.append(Expression(text, tuple(targets), kind_of, prog, landmark_phrase, group))
     return out
 
 

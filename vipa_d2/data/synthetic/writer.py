@@ -128,7 +128,7 @@ def _image_entry(index_split, cfg: SynthConfig, seed: int, heldout, image_dir: s
 
 def _expression_entry(e: Expression) -> Dict:
     """One simple-JSON expression; object ids are scene indices (the ``objects[].id``)."""
-    entry = {"text": e.text, "targets": list(e.targets), "type": e.type}
+    entry = {"text": e.text, "targets": list(e.targets), "type": e.type, "group": list(e.group)}
     if e.landmark is not None:
         # For the per-type scoreboard and the retrieval report: which object, and which
         # words of the text, name a relation's landmark.
