@@ -147,7 +147,7 @@ def test_type_and_landmark_reach_refer_sentences_and_records(tmp_path):
     data["images"][0]["expressions"] += [
         {"text": "the cup left of the apple", "targets": [1], "type": "relation",
          "landmark": 3, "landmark_phrase": "apple"},
-        {"text": "the right cup", "targets": ["b"], "type": "position"},
+        {"text": "the right cup", "targets": ["b"], "type": "position", "group": [1, "b"]},
     ]
     paths = convert_simple_json(_write(tmp_path, data), str(tmp_path / "root" / "mine"))
     with open(paths["refs"], "rb") as f:
@@ -158,6 +158,7 @@ def test_type_and_landmark_reach_refer_sentences_and_records(tmp_path):
     assert sentences["the cup left of the apple"]["landmark_phrase"] == "apple"
     assert sentences["the right cup"]["type"] == "position"
     assert "landmark_ann_id" not in sentences["the right cup"]
+    assert sentences["the right cup"]["group_ann_ids"] == [1, 2]  # the two cups
     assert set(sentences["left cup"]) == {"raw", "sent", "tokens", "sent_id"}  # as before
 
     name = "test_custom_landmark_train"
@@ -175,6 +176,7 @@ def test_type_and_landmark_reach_refer_sentences_and_records(tmp_path):
         annotations_to_mask(recs["the apple"]["annotations"], H, W),
     )
     assert recs["the right cup"]["type"] == "position" and "landmark" not in recs["the right cup"]
+    assert recs["the right cup"]["object_in_group"] == [True, True, False]  # cups, not the apple
     assert not {"type", "landmark"} & set(recs["left cup"])
     # Every record lists the boxes of all objects of its image, targets or not.
     assert len(rel["object_boxes"]) == 3 and rel["object_boxes"] == recs["left cup"]["object_boxes"]
@@ -264,6 +266,18 @@ def _mutations():
             m(lambda d: img0(d)["expressions"][0].update(landmark="b", landmark_phrase="mug")),
             r"expressions\[0\]\.landmark_phrase: 'mug' does not occur \(as whole words\) in "
             r"the text 'the cup on the left'",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(group=1)),
+            r"expressions\[0\]\.group: expected a list of object ids of this image, got 1",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(group=[1, 1])),
+            r"expressions\[0\]\.group: duplicate ids in \[1, 1\]",
+        ),
+        (
+            m(lambda d: img0(d)["expressions"][0].update(group=[1, 7])),
+            r"expressions\[0\]\.group: \[7\] are not ids of objects of this image",
         ),
     ]
 

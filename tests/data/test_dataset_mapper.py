@@ -308,3 +308,23 @@ def test_object_boxes_follow_resize_and_flip(tmp_path):
     del rec["object_boxes"]
     with pytest.raises(KeyError, match=r"image_id=3, ref_id=11 has no 'object_boxes'"):
         ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)
+
+
+def test_object_in_group_follows_the_boxes_kept(tmp_path):
+    """LOSS.GROUP_WEIGHT: training inputs say which of their object boxes the expression's
+    category / colour words name, for the boxes the augmentation kept."""
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png", "the box on the left")
+    rec["object_boxes"] = [[10.0, 5.0, 40.0, 40.0], [W + 5.0, 10.0, 20.0, 20.0], [60.0, 30.0, 28.0, 28.0]]
+    rec["object_in_group"] = [True, True, False]
+    opts = [*MAPPER_OPTS, "MODEL.VIPA.DECODER.COUNT_MAPS", 4, "MODEL.VIPA.DECODER.COUNT_CENTRES", True]
+    mapper = ReferringDatasetMapper(make_cfg(*opts, "MODEL.VIPA.LOSS.GROUP_WEIGHT", 1.0), is_train=True)
+    out = mapper(rec)
+    assert len(out["object_boxes"]) == 2  # the box outside the image is dropped, and its flag with it
+    assert out["object_in_group"].tolist() == [True, False]
+    assert "object_in_group" not in ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)
+    with pytest.raises(ValueError, match=r"ref_id=11: 'object_in_group' has 2 entries for 3 'object_boxes'"):
+        mapper(dict(rec, object_in_group=[True, False]))
+    del rec["object_in_group"]
+    with pytest.raises(KeyError, match=r"image_id=3, ref_id=11 has no 'object_in_group'.*GROUP_WEIGHT > 0"):
+        mapper(rec)

@@ -390,6 +390,21 @@ def test_grefs_file_is_json_list(refer_root):
             r"instances\.json: ann_id=102 \(landmark of ref_id=0\): image_id: 8, but the ref is about image 7",
             "landmark_ann_image_mismatch",
         ),
+        (
+            {"group_ann_ids": 100},
+            r"sentences\[1\]\.group_ann_ids: expected a list of annotation ids, got 100",
+            "bad_group",
+        ),
+        (
+            {"group_ann_ids": [100, 999]},
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): ann_id: 999 is not an annotation id of .*instances\.json",
+            "group_unknown_ann_id",
+        ),
+        (
+            {"group_ann_ids": [100, 102]},
+            r"instances\.json: ann_id=102 \(group member of ref_id=0\): image_id: 8, but the ref is about image 7",
+            "group_ann_image_mismatch",
+        ),
     ],
 )
 def test_bad_breakdown_fields_error_or_skip_the_sentence(tmp_path, caplog, fields, pattern, reason):
@@ -418,3 +433,15 @@ def test_breakdown_fields_become_record_fields(tmp_path):
     # The landmark annotation is the one the triangle's own ref gets.
     assert rel["landmark"]["annotation"] == recs[2]["annotations"][0]
     assert not {"type", "landmark"} & set(recs[0])
+
+
+def test_group_ann_ids_become_object_in_group_beside_object_boxes(tmp_path):
+    refs = _refs()
+    refs[0]["sentences"][1] = make_sentence("the square left of the triangle", 1) | {"group_ann_ids": [100]}
+    refs[1]["sentences"][0]["group_ann_ids"] = [100, 101]
+    save_refer_dataset(str(tmp_path / "toy"), "unc", refs, _instances())
+    recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
+    assert [r["object_boxes"] for r in recs] == [[[10.0, 10.0, 20.0, 20.0], [35.0, 5.0, 20.0, 30.0]]] * 3
+    assert "object_in_group" not in recs[0]  # the sentence names no group
+    assert recs[1]["object_in_group"] == [True, False] and recs[2]["object_in_group"] == [True, True]
+    assert not any("group_ann_ids" in r for r in recs)

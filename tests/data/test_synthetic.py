@@ -147,6 +147,46 @@ def test_types_and_landmarks_reach_refer_sentences_and_records(bench):
             assert r["landmark"]["phrase"] == e.landmark_phrase
 
 
+def test_groups_are_the_objects_the_category_and_colour_words_name(bench):
+    """Every sentence's group_ann_ids: the objects matching its category / colour words,
+    the targets among them; records turn them into object_in_group beside object_boxes."""
+    root, stats = bench
+    with open(os.path.join(root, "grefsynth", "grefs(unc).json")) as f:
+        grefs = json.load(f)
+    with open(os.path.join(root, "refsynth", "instances.json")) as f:
+        inst = json.load(f)
+    index_of = {img["id"]: int(os.path.splitext(img["file_name"])[0]) for img in inst["images"]}
+    ann_object, seen = {}, collections.Counter()
+    for ann in inst["annotations"]:
+        ann_object[ann["id"]] = seen[ann["image_id"]]
+        seen[ann["image_id"]] += 1
+    exprs = {i: {e.text: e for e in regenerate_image(stats, i)[1]} for i in range(NUM)}
+    by_type = collections.Counter()
+    for ref in grefs:
+        scene = regenerate_image(stats, index_of[ref["image_id"]])[0]
+        for sent in ref["sentences"]:
+            e = exprs[index_of[ref["image_id"]]][sent["raw"]]
+            group = sorted(ann_object[a] for a in sent["group_ann_ids"])
+            p = e.program
+            named = [
+                k
+                for k, o in enumerate(scene.objects)
+                if (p.category is None or o.category == p.category) and (p.colour is None or o.colour == p.colour)
+            ]
+            assert group == named, sent["raw"]
+            assert set(e.targets) <= set(group)
+            if e.type in ("category", "colour", "multi"):
+                assert set(group) == set(e.targets)
+            by_type[e.type] += len(group) > len(e.targets)
+    assert by_type["ordinal"] > 0 and by_type["no_target"] == 0
+
+    for r in _load(root, "refsynth", "val"):
+        assert len(r["object_in_group"]) == len(r["object_boxes"])
+        e = exprs[_index(r)][r["sentence"]["raw"]]
+        # object_boxes lists the image's objects in annotation (= scene) order.
+        assert [k for k, member in enumerate(r["object_in_group"]) if member] == list(e.group)
+
+
 def test_scene_rules():
     cfg = SynthConfig()
     heldout = heldout_combos(0)

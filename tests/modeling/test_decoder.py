@@ -13,6 +13,7 @@ from vipa_d2.modeling.losses import (
     VIPACriterion,
     centre_heatmaps,
     centre_loss,
+    group_loss,
     dice_loss,
     pixel_contrastive_loss,
     sigmoid_bce_loss,
@@ -402,3 +403,47 @@ def test_count_centres_gate_the_maps_and_are_trained():
     x2 = x.clone()
     x2[:, 11] = torch.randn(2, 32) * 5
     torch.testing.assert_close(block(x2, (3, 4))[0][:, 0], block(x, (3, 4))[0][:, 0])
+
+
+def test_group_loss_reads_the_gate_at_each_objects_centre():
+    # A 64 x 32 input on an (8, 4) grid; the first box is centred on cell (row 2, col 1)
+    # exactly, the second on cell (row 6, col 2).
+    boxes = [torch.tensor([[8.0, 16.0, 16.0, 24.0], [16.0, 48.0, 24.0, 56.0]]), torch.zeros(0, 4)]
+    in_group = [torch.tensor([True, False]), torch.zeros(0, dtype=torch.bool)]
+    right = torch.zeros(2, 8, 4)
+    right[0] = -20.0
+    right[0, :5] = 20.0  # open on the first object's side of the image, closed on the second's
+    loss = group_loss(right, boxes, in_group, (64, 32)).item()
+    assert loss < 1.0  # only the tails of the centre Gaussians reach the wrong side
+    # Each object's weights sum to 1 and every cell costs 0 or 20 either way, so the
+    # gate with the membership swapped costs the rest of 20; no objects, no loss.
+    swapped = group_loss(right, boxes, [torch.tensor([False, True]), in_group[1]], (64, 32)).item()
+    assert loss + swapped == pytest.approx(20.0, rel=1e-4)
+    assert group_loss(right, [torch.zeros(0, 4)] * 2, [in_group[1]] * 2, (64, 32)).item() == 0
+    # The cells at a centre weigh most: closing the gate there costs far more than far away.
+    at_centre, far = right.clone(), right.clone()
+    at_centre[0, 2, 1] = -20.0
+    far[0, 0, 3] = -20.0
+    assert group_loss(at_centre, boxes, in_group, (64, 32)).item() - loss > 1.0
+    assert group_loss(far, boxes, in_group, (64, 32)).item() - loss < 0.1
+
+
+def test_group_loss_per_layer_and_needs_the_centre_maps():
+    with pytest.raises(ValueError, match="GROUP_WEIGHT > 0 supervises the gates.*COUNT_CENTRES True"):
+        VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.GROUP_WEIGHT": 1.0}))
+    cfg = make_cfg(*SMALL, **{
+        "MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True, "MODEL.VIPA.LOSS.GROUP_WEIGHT": 1.0,
+    })
+    torch.manual_seed(0)
+    dec = VIPATransformerDecoder(cfg, SHAPES).train()
+    multi, mf, kv, valid = decoder_inputs()
+    out = dec(multi, mf, kv, valid)
+    assert [g.shape for g in out["group_logits"]] == [c.shape for c in out["centre_logits"]]
+    boxes = [torch.tensor([[0.0, 0.0, 8.0, 8.0], [16.0, 16.0, 32.0, 32.0]]), torch.zeros(0, 4)]
+    in_group = [torch.tensor([True, False]), torch.zeros(0, dtype=torch.bool)]
+    sum(group_loss(g, boxes, in_group, (32, 32)) for g in out["group_logits"]).backward()
+    # Only the supervised map's gate gets gradient from it.
+    for block in dec.counts:
+        grad = block.maps.weight.grad.abs().sum(dim=1)
+        assert grad[0] > 0 and not grad[1:].any()
+    assert "group_logits" not in dec.eval()(multi, mf, kv, valid)

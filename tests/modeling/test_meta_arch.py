@@ -13,6 +13,7 @@ from detectron2.structures import BoxMode
 from common import TINY_CONFIG, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
+from vipa_d2.modeling.directional_counts import GROUP_MAP
 from vipa_d2.modeling.meta_arch import runtime_options, trim_text_padding
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, files_entry
 from vipa_d2.modeling.veg import linguistic_cue_mask
@@ -157,6 +158,25 @@ def test_centre_loss_trains_through_the_model(tokenizer):
     assert model.head.transformer_decoder.counts[0].centre.weight.grad.abs().sum() > 0
     del inputs[0]["object_boxes"]
     with pytest.raises(ValueError, match=r"COUNT_CENTRES needs training inputs with \['object_boxes'\]; missing"):
+        model(inputs)
+
+
+def test_group_loss_trains_through_the_model(tokenizer):
+    """MODEL.VIPA.LOSS.GROUP_WEIGHT: the mapper's object_in_group reaches one group loss per
+    decoder layer, whose gradient reaches the supervised gate; inputs without it are refused."""
+    model = build("MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.LOSS.GROUP_WEIGHT", 1.0).train()
+    inputs = make_inputs(tokenizer, ["the second circle from the left", "blue square"])
+    inputs[0]["object_boxes"] = torch.tensor([[8.0, 10.0, 40.0, 30.0], [40.0, 40.0, 60.0, 60.0]])
+    inputs[0]["object_in_group"] = torch.tensor([True, False])
+    inputs[1]["object_boxes"] = torch.zeros(0, 4)
+    inputs[1]["object_in_group"] = torch.zeros(0, dtype=torch.bool)
+    losses = model(inputs)
+    layers = model.head.transformer_decoder.num_layers
+    assert all(torch.isfinite(losses[f"loss_group_{i}"]) and losses[f"loss_group_{i}"] > 0 for i in range(layers))
+    losses["loss_group_0"].backward()
+    assert model.head.transformer_decoder.counts[0].maps.weight.grad[GROUP_MAP].abs().sum() > 0
+    del inputs[1]["object_in_group"]
+    with pytest.raises(ValueError, match=r"GROUP_WEIGHT > 0 needs training inputs with \['object_in_group'\]; missing"):
         model(inputs)
 
 

@@ -154,17 +154,21 @@ class ReferringDatasetMapper:
         return image
 
     @staticmethod
-    def _require(record: Dict, key: str, what: str, needed_by: str):
+    def _require(record: Dict, key: str, what: str, needed_by: str, source: str):
         if key not in record:
             raise KeyError(
                 f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')} has no {key!r} "
-                f"({what}), which {needed_by} trains on; vipa_d2's REFER loader writes them, a custom loader must too"
+                f"({what}), which {needed_by} trains on; {source}"
             )
         return record[key]
 
     def _object_boxes(self, record: Dict, transforms, out_hw) -> Dict[str, torch.Tensor]:
         boxes = self._require(
-            record, "object_boxes", "XYWH_ABS boxes of every object of its image", "MODEL.VIPA.DECODER.COUNT_CENTRES"
+            record,
+            "object_boxes",
+            "XYWH_ABS boxes of every object of its image",
+            "MODEL.VIPA.DECODER.COUNT_CENTRES",
+            "vipa_d2's REFER loader writes them, a custom loader must too",
         )
         xyxy = BoxMode.convert(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)
@@ -179,6 +183,8 @@ class ReferringDatasetMapper:
                 "object_in_group",
                 "per object box, whether the expression's category / colour words name it",
                 "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0",
+                "vipa_d2's REFER loader writes it for sentences with 'group_ann_ids' (a synthetic benchmark "
+                "generated before that field needs regenerating), a custom loader must too",
             )
             if len(in_group) != len(boxes):
                 raise ValueError(
