@@ -105,33 +105,40 @@ def test_expressions_unambiguous_diverse_and_two_per_target(bench):
     assert SINGLE_TYPES | {"multi", "no_target"} <= set(types)
 
 
-def test_types_and_landmarks_reach_refer_sentences_and_records(bench):
-    root, stats = bench
+def _generalized_sentences(root, stats):
+    """[(ref, sentence, its Expression)] of grefsynth, and {ann id: (object index in its
+    scene, image id)}: object k of an image is its k-th annotation (file order)."""
     with open(os.path.join(root, "grefsynth", "grefs(unc).json")) as f:
         grefs = json.load(f)
     with open(os.path.join(root, "refsynth", "instances.json")) as f:
         inst = json.load(f)
     index_of = {img["id"]: int(os.path.splitext(img["file_name"])[0]) for img in inst["images"]}
-    # Object k of an image is its k-th annotation (file order).
     ann_object, seen = {}, collections.Counter()
     for ann in inst["annotations"]:
         ann_object[ann["id"]] = (seen[ann["image_id"]], ann["image_id"])
         seen[ann["image_id"]] += 1
     exprs = {i: {e.text: e for e in regenerate_image(stats, i)[1]} for i in range(NUM)}
+    sentences = [
+        (ref, sent, exprs[index_of[ref["image_id"]]][sent["raw"]]) for ref in grefs for sent in ref["sentences"]
+    ]
+    return sentences, ann_object, exprs
+
+
+def test_types_and_landmarks_reach_refer_sentences_and_records(bench):
+    root, stats = bench
+    sentences, ann_object, exprs = _generalized_sentences(root, stats)
     relations = 0
-    for ref in grefs:
-        for sent in ref["sentences"]:
-            e = exprs[index_of[ref["image_id"]]][sent["raw"]]
-            assert sent["type"] == e.type
-            if e.type != "relation":
-                assert "landmark_ann_id" not in sent and "landmark_phrase" not in sent
-                continue
-            relations += 1
-            assert ann_object[sent["landmark_ann_id"]] == (e.landmark, ref["image_id"])
-            assert e.landmark not in e.targets
-            # The realized text ends with the landmark's noun phrase.
-            assert sent["landmark_phrase"] == e.landmark_phrase
-            assert sent["raw"].endswith(" the " + e.landmark_phrase)
+    for ref, sent, e in sentences:
+        assert sent["type"] == e.type
+        if e.type != "relation":
+            assert "landmark_ann_id" not in sent and "landmark_phrase" not in sent
+            continue
+        relations += 1
+        assert ann_object[sent["landmark_ann_id"]] == (e.landmark, ref["image_id"])
+        assert e.landmark not in e.targets
+        # The realized text ends with the landmark's noun phrase.
+        assert sent["landmark_phrase"] == e.landmark_phrase
+        assert sent["raw"].endswith(" the " + e.landmark_phrase)
     assert relations > 0
 
     scenes = {}
@@ -151,33 +158,24 @@ def test_groups_are_the_objects_the_category_and_colour_words_name(bench):
     """Every sentence's group_ann_ids: the objects matching its category / colour words,
     the targets among them; records turn them into object_in_group beside object_boxes."""
     root, stats = bench
-    with open(os.path.join(root, "grefsynth", "grefs(unc).json")) as f:
-        grefs = json.load(f)
-    with open(os.path.join(root, "refsynth", "instances.json")) as f:
-        inst = json.load(f)
-    index_of = {img["id"]: int(os.path.splitext(img["file_name"])[0]) for img in inst["images"]}
-    ann_object, seen = {}, collections.Counter()
-    for ann in inst["annotations"]:
-        ann_object[ann["id"]] = seen[ann["image_id"]]
-        seen[ann["image_id"]] += 1
-    exprs = {i: {e.text: e for e in regenerate_image(stats, i)[1]} for i in range(NUM)}
-    by_type = collections.Counter()
-    for ref in grefs:
-        scene = regenerate_image(stats, index_of[ref["image_id"]])[0]
-        for sent in ref["sentences"]:
-            e = exprs[index_of[ref["image_id"]]][sent["raw"]]
-            group = sorted(ann_object[a] for a in sent["group_ann_ids"])
-            p = e.program
-            named = [
-                k
-                for k, o in enumerate(scene.objects)
-                if (p.category is None or o.category == p.category) and (p.colour is None or o.colour == p.colour)
-            ]
-            assert group == named, sent["raw"]
-            assert set(e.targets) <= set(group)
-            if e.type in ("category", "colour", "multi"):
-                assert set(group) == set(e.targets)
-            by_type[e.type] += len(group) > len(e.targets)
+    sentences, ann_object, exprs = _generalized_sentences(root, stats)
+    by_type, scenes = collections.Counter(), {}
+    for ref, sent, e in sentences:
+        if _index(ref) not in scenes:
+            scenes[_index(ref)] = regenerate_image(stats, _index(ref))[0]
+        scene = scenes[_index(ref)]
+        group = sorted(ann_object[a][0] for a in sent["group_ann_ids"])
+        p = e.program
+        named = [
+            k
+            for k, o in enumerate(scene.objects)
+            if (p.category is None or o.category == p.category) and (p.colour is None or o.colour == p.colour)
+        ]
+        assert group == named, sent["raw"]
+        assert set(e.targets) <= set(group)
+        if e.type in ("category", "colour", "multi"):
+            assert set(group) == set(e.targets)
+        by_type[e.type] += len(group) > len(e.targets)
     assert by_type["ordinal"] > 0 and by_type["no_target"] == 0
 
     for r in _load(root, "refsynth", "val"):
