@@ -267,6 +267,10 @@ def add_vipa_config(cfg):
     # once when shapes change), so it pays off for evaluation and serving, not for a few
     # images. Applied by ReferringTrainer.build_model (VIPA.set_runtime_options).
     cfg.TEST.COMPILE_BACKBONE = False
+    # The torch.compile backend TEST.COMPILE_BACKBONE compiles with: "inductor" (torch's
+    # default, generated kernels) or another name torch._dynamo.list_backends() gives,
+    # e.g. "cudagraphs" on a GPU.
+    cfg.TEST.COMPILE_BACKEND = "inductor"
     # Resolution the evaluator scores at: "original" (each image's own size, the honest
     # default) or "input" (the resized model input, e.g. INPUT.IMAGE_SIZE squared, where
     # the LAVT and ReLA evaluators score; its target is the transformed polygons

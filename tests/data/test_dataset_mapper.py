@@ -328,3 +328,11 @@ def test_object_in_group_follows_the_boxes_kept(tmp_path):
     del rec["object_in_group"]
     with pytest.raises(KeyError, match=r"image_id=3, ref_id=11 has no 'object_in_group'.*GROUP_WEIGHT > 0"):
         mapper(rec)
+    # The group loss marks centres too: without the centre loss the boxes still come, and a
+    # record without them is refused in the group loss's name.
+    no_centre = make_cfg(*opts, "MODEL.VIPA.LOSS.GROUP_WEIGHT", 1.0, "MODEL.VIPA.LOSS.CENTRE_WEIGHT", 0.0)
+    out = ReferringDatasetMapper(no_centre, is_train=True)(dict(rec, object_in_group=[False, True, True]))
+    assert len(out["object_boxes"]) == 2 and out["object_in_group"].tolist() == [False, True]
+    del rec["object_boxes"]
+    with pytest.raises(KeyError, match=r"ref_id=11 has no 'object_boxes'.*which MODEL.VIPA.LOSS.GROUP_WEIGHT > 0"):
+        ReferringDatasetMapper(no_centre, is_train=True)(dict(rec, object_in_group=[]))

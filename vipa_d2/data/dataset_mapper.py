@@ -103,7 +103,7 @@ class ReferringDatasetMapper:
     carry ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the
     image's augmentation, clipped to it; none left outside it): every object of the image,
     for the centre maps. With ``group_supervision`` (``MODEL.VIPA.LOSS.GROUP_WEIGHT`` > 0)
-    they also carry ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
+    they carry those boxes and also ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
     the same boxes): which objects the expression's category / colour words name.
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
@@ -126,7 +126,7 @@ class ReferringDatasetMapper:
         self.is_train = is_train
         self.landmark_supervision = is_train and landmark_supervision  # test mode passes the landmark on as data
         self.centre_supervision = is_train and centre_supervision
-        self.group_supervision = self.centre_supervision and group_supervision
+        self.group_supervision = is_train and group_supervision
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.tokenizer = tokenizer
@@ -167,7 +167,7 @@ class ReferringDatasetMapper:
             record,
             "object_boxes",
             "XYWH_ABS boxes of every object of its image",
-            "MODEL.VIPA.DECODER.COUNT_CENTRES",
+            "MODEL.VIPA.DECODER.COUNT_CENTRES" if self.centre_supervision else "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0",
             "vipa_d2's REFER loader writes them, a custom loader must too",
         )
         xyxy = BoxMode.convert(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
@@ -222,7 +222,7 @@ class ReferringDatasetMapper:
             out[key] = record[key]
         if self.landmark_supervision:
             out.update(landmark_training_inputs(record, transforms, out_hw, sentence, self.tokenizer, self.max_text_len))
-        if self.centre_supervision:
+        if self.centre_supervision or self.group_supervision:  # both losses mark the objects' centres
             out.update(self._object_boxes(record, transforms, out_hw))
         if not self.is_train:
             out["annotations"] = copy.deepcopy(record["annotations"])

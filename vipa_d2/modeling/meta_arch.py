@@ -66,7 +66,11 @@ def run_backbone(backbone: nn.Module, fusion: Optional[nn.Module], pixels: torch
 
 def runtime_options(cfg) -> Dict[str, bool]:
     """The config's keyword arguments for :meth:`VIPA.set_runtime_options`."""
-    return {"channels_last": cfg.MODEL.CHANNELS_LAST, "compile_backbone": cfg.TEST.COMPILE_BACKBONE}
+    return {
+        "channels_last": cfg.MODEL.CHANNELS_LAST,
+        "compile_backbone": cfg.TEST.COMPILE_BACKBONE,
+        "compile_backend": cfg.TEST.COMPILE_BACKEND,
+    }
 
 
 def require_inputs(batched_inputs: List[Dict], keys: List[str], needed_by: str) -> None:
@@ -121,6 +125,7 @@ class VIPA(nn.Module):
         self.trim_text_padding = True
         self.channels_last = False
         self._compiled_backbone = None  # set_runtime_options(compile_backbone=True)
+        self.compile_backend = "inductor"  # torch.compile's default; set_runtime_options(compile_backend=...)
         logger.info("VIPA: fusion=%s, head=%s", fusion_mode, type(head).__name__)
 
     @classmethod
@@ -188,17 +193,24 @@ class VIPA(nn.Module):
         return self
 
     def set_runtime_options(
-        self, *, channels_last: Optional[bool] = None, compile_backbone: Optional[bool] = None
+        self,
+        *,
+        channels_last: Optional[bool] = None,
+        compile_backbone: Optional[bool] = None,
+        compile_backend: Optional[str] = None,
     ) -> "VIPA":
         """
         How the built model runs (None leaves an option as it is; :func:`runtime_options`
-        reads them from a config: ``MODEL.CHANNELS_LAST``, ``TEST.COMPILE_BACKBONE``).
+        reads them from a config: ``MODEL.CHANNELS_LAST``, ``TEST.COMPILE_BACKBONE``,
+        ``TEST.COMPILE_BACKEND``).
 
         ``channels_last``: keep 4-D weights and the image batch in NHWC (True) or NCHW
         (False) memory layout; only the layout changes, not the values, and loading a
         checkpoint later keeps it. ``compile_backbone``: torch.compile the backbone (with
         the early fusion it calls) for inference; training stays eager. Compiled code
         specialises on the weights' layout, so the layout is set before compiling.
+        ``compile_backend``: the torch.compile backend it compiles with (a name
+        ``torch._dynamo.list_backends`` knows; an unknown one is refused here).
         """
         if channels_last is not None and bool(channels_last) != self.channels_last:
             if self._compiled_backbone is not None:
@@ -208,10 +220,22 @@ class VIPA(nn.Module):
                 )
             self.channels_last = bool(channels_last)
             self.to(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        if compile_backend is not None and compile_backend != self.compile_backend:
+            known = torch._dynamo.list_backends(exclude_tags=())  # the debugging ones too
+            if compile_backend not in known:
+                raise ValueError(
+                    f"set_runtime_options: compile_backend (TEST.COMPILE_BACKEND) {compile_backend!r} is not a "
+                    f"torch.compile backend; expected one of {known}"
+                )
+            self.compile_backend = compile_backend
+            if compile_backbone is None and self._compiled_backbone is not None:
+                compile_backbone = True  # recompile with the new backend
         if compile_backbone is not None:
             # The text enters as an argument, so the compiled code reads every call's
             # expressions; a function is not a submodule, so state_dict keys stay the same.
-            self._compiled_backbone = torch.compile(run_backbone) if compile_backbone else None
+            self._compiled_backbone = (
+                torch.compile(run_backbone, backend=self.compile_backend) if compile_backbone else None
+            )
         return self
 
     def _backbone(self, pixels: torch.Tensor, text=None, text_valid=None) -> Dict[str, torch.Tensor]:
@@ -329,9 +353,10 @@ class VIPA(nn.Module):
                 "object_boxes": [x["object_boxes"].to(self.device) for x in batched_inputs],
             }
         if self.criterion.group_weight > 0:
-            require_inputs(batched_inputs, ["object_in_group"], "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0")
+            require_inputs(batched_inputs, ["object_boxes", "object_in_group"], "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0")
             centres.update(
                 group_logits=outputs["group_logits"],
+                object_boxes=[x["object_boxes"].to(self.device) for x in batched_inputs],
                 object_in_group=[x["object_in_group"].to(self.device) for x in batched_inputs],
             )
         return self.criterion(
