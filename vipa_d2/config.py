@@ -209,6 +209,13 @@ def add_vipa_config(cfg):
     # gate, so its half-plane sums are "how many gated objects lie left of this pixel".
     # Needs COUNT_MAPS > 0 and training records with "object_boxes" (the REFER loader's).
     cfg.MODEL.VIPA.DECODER.COUNT_CENTRES = False
+    # Also read each cell's counts at its object's centre, through an offset every cell
+    # predicts (trained on the centre of the smallest object box holding it,
+    # LOSS.OFFSET_WEIGHT). A cell's own counts depend on its column and row: the right half
+    # of "the second square" sees as many squares on its left as the left half of the
+    # third; at the centre, all of an object's pixels read the same counts. Needs
+    # COUNT_CENTRES.
+    cfg.MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()
@@ -242,6 +249,9 @@ def add_vipa_config(cfg):
     # 1.0 the gate does pick the group, but position and relation words went unlearned and
     # val oIoU fell by 15-23 at two seeds (BENCHMARKS.md), so it is opt-in, for research.
     cfg.MODEL.VIPA.LOSS.GROUP_WEIGHT = 0.0
+    # Weight of the L1 loss on the offsets of DECODER.COUNT_AT_OBJECT_CENTRES (in grid
+    # cells, per decoder layer, averaged over the cells inside some object box).
+    cfg.MODEL.VIPA.LOSS.OFFSET_WEIGHT = 0.1
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
     # Weight of the no-target classification loss (generalized data only).

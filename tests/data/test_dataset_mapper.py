@@ -308,6 +308,12 @@ def test_object_boxes_follow_resize_and_flip(tmp_path):
     del rec["object_boxes"]
     with pytest.raises(KeyError, match=r"image_id=3, ref_id=11 has no 'object_boxes'"):
         ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)
+    # The offsets of COUNT_AT_OBJECT_CENTRES train on them too, with the centre loss off;
+    # a record without them is refused in that loss's name.
+    offsets = make_cfg(*opts, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES", True, "MODEL.VIPA.LOSS.CENTRE_WEIGHT", 0.0)
+    torch.testing.assert_close(ReferringDatasetMapper(offsets, is_train=True)(before)["object_boxes"], expected)
+    with pytest.raises(KeyError, match=r"no 'object_boxes'.*which MODEL.VIPA.LOSS.OFFSET_WEIGHT > 0 trains on"):
+        ReferringDatasetMapper(offsets, is_train=True)(rec)
 
 
 def test_object_in_group_follows_the_boxes_kept(tmp_path):

@@ -15,10 +15,11 @@ from vipa_d2.modeling.losses import (
     centre_loss,
     group_loss,
     dice_loss,
+    offset_loss,
     pixel_contrastive_loss,
     sigmoid_bce_loss,
 )
-from vipa_d2.modeling.directional_counts import half_plane_sums
+from vipa_d2.modeling.directional_counts import half_plane_sums, sample_at_offsets
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
 SHAPES = {
@@ -359,8 +360,8 @@ def test_directional_counts_start_as_identity_and_learn():
     # Once trained, a pixel's token depends on what lies in its half-planes.
     torch.nn.init.normal_(dec.counts[0].mlp[-1].weight)
     x = torch.randn(2, 12, 32)
-    y, centres, _ = dec.counts[0](x, (3, 4))
-    assert centres is None  # no centre maps unless asked
+    y, aux = dec.counts[0](x, (3, 4))
+    assert aux == {}  # no centre maps unless asked
     x2 = x.clone()
     x2[:, 11] = torch.randn(2, 32) * 5  # the bottom-right cell changes; the top-left token sees it
     assert not torch.allclose(dec.counts[0](x2, (3, 4))[0][:, 0], y[:, 0], atol=1e-5)
@@ -447,3 +448,78 @@ def test_group_loss_per_layer_and_needs_the_centre_maps():
         grad = block.maps.weight.grad.abs().sum(dim=1)
         assert grad[0] > 0 and not grad[1:].any()
     assert "group_logits" not in dec.eval()(multi, mf, kv, valid)
+
+
+def test_sample_at_offsets_reads_the_cell_moved_to():
+    grid = torch.arange(12.0).view(1, 3, 4, 1)  # value = 4 * row + column
+    offsets = torch.zeros(1, 3, 4, 2)
+    torch.testing.assert_close(sample_at_offsets(grid, offsets), grid)
+    offsets[0, 0, 0] = torch.tensor([2.0, 1.0])  # cell (0, 0) reads cell (1, 2)
+    offsets[0, 2, 3] = torch.tensor([-0.5, 0.0])  # halfway between (2, 2) and (2, 3)
+    offsets[0, 1, 1] = torch.tensor([9.0, -9.0])  # off the grid: the border cell (0, 3)
+    out = sample_at_offsets(grid, offsets)[0, ..., 0]
+    assert out[0, 0].item() == pytest.approx(6.0)
+    assert out[2, 3].item() == pytest.approx(10.5)
+    assert out[1, 1].item() == pytest.approx(3.0)
+
+
+def test_offset_loss_points_each_cell_in_a_box_at_its_centre():
+    # A 32 x 32 input on a (4, 4) grid: cells of 8 x 8 pixels. A large box holds a small one;
+    # the cells of the small one belong to it.
+    boxes = [torch.tensor([[0.0, 0.0, 32.0, 16.0], [16.0, 0.0, 32.0, 8.0]]), torch.zeros(0, 4)]
+    target = torch.zeros(2, 4, 4, 2)
+    for r in range(2):
+        for c in range(4):
+            target[0, r, c] = torch.tensor([2.0 - (c + 0.5), 1.0 - (r + 0.5)])  # large box: centre (2, 1)
+    for c in (2, 3):
+        target[0, 0, c] = torch.tensor([3.0 - (c + 0.5), 0.5 - 0.5])  # small box: centre (3, 0.5)
+    assert offset_loss(target, boxes, (32, 32)).item() == pytest.approx(0.0, abs=1e-6)
+    # Cells outside every box (rows 2-3, and the whole second image) are not trained.
+    off = target.clone()
+    off[0, 2:] = 100.0
+    off[1] = 100.0
+    assert offset_loss(off, boxes, (32, 32)).item() == pytest.approx(0.0, abs=1e-6)
+    # The mean over the 8 held cells: one cell off by (1, 1) costs 2 / 8.
+    off[0, 1, 1] += 1.0
+    assert offset_loss(off, boxes, (32, 32)).item() == pytest.approx(0.25)
+    assert offset_loss(off, [torch.zeros(0, 4)] * 2, (32, 32)).item() == 0
+
+
+def test_counts_at_object_centres_are_the_same_on_all_of_an_objects_cells():
+    with pytest.raises(ValueError, match="COUNT_AT_OBJECT_CENTRES needs MODEL.VIPA.DECODER.COUNT_CENTRES True"):
+        VIPATransformerDecoder(
+            make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES": True}),
+            SHAPES,
+        )
+    cfg = make_cfg(*SMALL, **{
+        "MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+        "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES": True,
+    })
+    torch.manual_seed(0)
+    dec = VIPATransformerDecoder(cfg, SHAPES).train()
+    multi, mf, kv, valid = decoder_inputs()
+    out = dec(multi, mf, kv, valid)
+    assert [tuple(o.shape) for o in out["centre_offsets"]] == [(*c.shape, 2) for c in out["centre_logits"]]
+    boxes = [torch.tensor([[0.0, 0.0, 24.0, 24.0]]), torch.zeros(0, 4)]  # holds a cell centre of every grid
+    sum(offset_loss(o, boxes, (32, 32)) for o in out["centre_offsets"]).backward()
+    assert all(block.offset.weight.grad.abs().sum() > 0 for block in dec.counts)
+    assert "centre_offsets" not in dec.eval()(multi, mf, kv, valid)
+    # What a cell reads at its object's centre does not depend on which of the object's
+    # cells it is: with the own-cell half of the features switched off, two cells whose
+    # offsets point at the same centre get the same change.
+    block = dec.counts[0]
+    torch.nn.init.normal_(block.mlp[0].weight)
+    torch.nn.init.normal_(block.mlp[-1].weight)
+    own = block.mlp[0].weight.shape[1] // 2
+    with torch.no_grad():
+        block.mlp[0].weight[:, :own] = 0.0
+    x = torch.randn(1, 12, 32)
+    offsets = torch.zeros(1, 3, 4, 2)
+    offsets[0, 1, 1] = torch.tensor([1.0, 0.0])  # cells (1, 1) and (1, 3) both read (1, 2)
+    offsets[0, 1, 3] = torch.tensor([-1.0, 0.0])
+    block.offset.forward = lambda normed: offsets.flatten(1, 2)
+    y, aux = block(x, (3, 4))
+    change = (y - x).view(3, 4, -1)
+    torch.testing.assert_close(change[1, 1], change[1, 2])
+    torch.testing.assert_close(change[1, 3], change[1, 2])
+    assert not torch.allclose(change[1, 0], change[1, 2])

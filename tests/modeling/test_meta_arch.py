@@ -157,7 +157,26 @@ def test_centre_loss_trains_through_the_model(tokenizer):
     losses["loss_centre_0"].backward()
     assert model.head.transformer_decoder.counts[0].centre.weight.grad.abs().sum() > 0
     del inputs[0]["object_boxes"]
-    with pytest.raises(ValueError, match=r"COUNT_CENTRES needs training inputs with \['object_boxes'\]; missing"):
+    with pytest.raises(ValueError, match=r"CENTRE_WEIGHT > 0 needs training inputs with \['object_boxes'\]; missing"):
+        model(inputs)
+
+
+def test_offset_loss_trains_through_the_model(tokenizer):
+    """MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES: the mapper's object boxes reach one offset
+    loss per decoder layer, also with the centre loss off; inputs without boxes are refused."""
+    opts = ("MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES", True)
+    model = build(*opts, "MODEL.VIPA.LOSS.CENTRE_WEIGHT", 0.0).train()
+    inputs = make_inputs(tokenizer, ["the second circle from the left", "blue square"])
+    inputs[0]["object_boxes"] = torch.tensor([[8.0, 10.0, 40.0, 30.0], [40.0, 40.0, 60.0, 60.0]])
+    inputs[1]["object_boxes"] = torch.zeros(0, 4)
+    losses = model(inputs)
+    layers = model.head.transformer_decoder.num_layers
+    assert "loss_centre_0" not in losses
+    assert all(torch.isfinite(losses[f"loss_offset_{i}"]) and losses[f"loss_offset_{i}"] > 0 for i in range(layers))
+    losses["loss_offset_0"].backward()
+    assert model.head.transformer_decoder.counts[0].offset.weight.grad.abs().sum() > 0
+    del inputs[0]["object_boxes"]
+    with pytest.raises(ValueError, match=r"OFFSET_WEIGHT > 0 needs training inputs with \['object_boxes'\]"):
         model(inputs)
 
 

@@ -4,7 +4,7 @@ import copy
 import logging
 import os
 import re
-from typing import Dict, List
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -13,6 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
+from ..modeling.losses import object_box_losses
 from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
@@ -99,11 +100,12 @@ class ReferringDatasetMapper:
     inputs also carry ``landmark_mask`` (uint8 H'xW', augmented with the image) and
     ``landmark_tokens``, empty for records without a landmark.
 
-    With ``centre_supervision`` (``MODEL.VIPA.DECODER.COUNT_CENTRES``) training inputs also
-    carry ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the
-    image's augmentation, clipped to it; none left outside it): every object of the image,
-    for the centre maps. With ``group_supervision`` (``MODEL.VIPA.LOSS.GROUP_WEIGHT`` > 0)
-    they carry those boxes and also ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
+    With ``box_losses`` (the losses that train on boxes,
+    :func:`vipa_d2.modeling.losses.object_box_losses`) training inputs also carry
+    ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the image's
+    augmentation, clipped to it; none left outside it): every object of the image, for the
+    centre maps and offsets. With ``group_supervision`` (``MODEL.VIPA.LOSS.GROUP_WEIGHT`` >
+    0) they also carry ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
     the same boxes): which objects the expression's category / colour words name.
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
@@ -120,12 +122,12 @@ class ReferringDatasetMapper:
         tokenizer,
         max_text_len: int,
         landmark_supervision: bool = False,
-        centre_supervision: bool = False,
+        box_losses: Tuple[str, ...] = (),
         group_supervision: bool = False,
     ):
         self.is_train = is_train
         self.landmark_supervision = is_train and landmark_supervision  # test mode passes the landmark on as data
-        self.centre_supervision = is_train and centre_supervision
+        self.box_losses = tuple(box_losses) if is_train else ()
         self.group_supervision = is_train and group_supervision
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
@@ -143,7 +145,7 @@ class ReferringDatasetMapper:
             "tokenizer": build_tokenizer(cfg),
             "max_text_len": cfg.INPUT.MAX_TEXT_LEN,
             "landmark_supervision": cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
-            "centre_supervision": cfg.MODEL.VIPA.DECODER.COUNT_CENTRES and cfg.MODEL.VIPA.LOSS.CENTRE_WEIGHT > 0,
+            "box_losses": object_box_losses(cfg),
             "group_supervision": cfg.MODEL.VIPA.LOSS.GROUP_WEIGHT > 0,
         }
 
@@ -167,7 +169,7 @@ class ReferringDatasetMapper:
             record,
             "object_boxes",
             "XYWH_ABS boxes of every object of its image",
-            "MODEL.VIPA.DECODER.COUNT_CENTRES" if self.centre_supervision else "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0",
+            " and ".join(self.box_losses),
             "vipa_d2's REFER loader writes them, a custom loader must too",
         )
         xyxy = BoxMode.convert(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
@@ -222,7 +224,7 @@ class ReferringDatasetMapper:
             out[key] = record[key]
         if self.landmark_supervision:
             out.update(landmark_training_inputs(record, transforms, out_hw, sentence, self.tokenizer, self.max_text_len))
-        if self.centre_supervision or self.group_supervision:  # both losses mark the objects' centres
+        if self.box_losses:
             out.update(self._object_boxes(record, transforms, out_hw))
         if not self.is_train:
             out["annotations"] = copy.deepcopy(record["annotations"])

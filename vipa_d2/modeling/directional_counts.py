@@ -21,8 +21,15 @@ Which objects a gate opens on is learnt from the mask loss alone, unless the fir
 gate (``GROUP_MAP``) is told: MODEL.VIPA.LOSS.GROUP_WEIGHT trains it to open on the objects
 the expression's category / colour words name, so that map counts the candidates of "the
 second square from the left" (:func:`vipa_d2.modeling.losses.group_loss`).
+
+Counts at a pixel belong to the pixel's column and row, not to its object: the right half
+of the second square sees two squares on its left (itself included), as does the left
+half of the third. With ``object_centres`` each cell also predicts the offset to its
+object's centre (trained on box centres, :func:`vipa_d2.modeling.losses.offset_loss`) and
+reads the sums there too, so every pixel of an object gets that object's counts.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import mlp
@@ -61,15 +68,43 @@ def half_plane_sums(maps: torch.Tensor) -> torch.Tensor:
     )
 
 
+def sample_at_offsets(grid: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
+    """
+    (B, H, W, F) values on a grid, (B, H, W, 2) offsets (x, y) in cells -> (B, H, W, F):
+    per cell, the values bilinearly read at the cell moved by its offset (clamped to the
+    grid's border cells).
+    """
+    h, w = grid.shape[1:3]
+    ys = torch.arange(h, dtype=offsets.dtype, device=offsets.device)
+    xs = torch.arange(w, dtype=offsets.dtype, device=offsets.device)
+    x = xs[None, None, :] + offsets[..., 0]
+    y = ys[None, :, None] + offsets[..., 1]
+    # grid_sample's coordinates with align_corners=False: -1 and 1 are the grid's outer edges.
+    where = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)
+    out = F.grid_sample(grid.permute(0, 3, 1, 2), where, mode="bilinear", padding_mode="border", align_corners=False)
+    return out.permute(0, 2, 3, 1)
+
+
 class DirectionalCounts(nn.Module):
     """Residual block on (B, h*w, C) tokens of an (h, w) grid; see the module docstring."""
 
-    def __init__(self, dim: int, num_maps: int, hidden_dim: int, centres: bool = False):
+    def __init__(
+        self, dim: int, num_maps: int, hidden_dim: int, centres: bool = False, object_centres: bool = False
+    ):
         super().__init__()
+        if object_centres and not centres:
+            raise ValueError("DirectionalCounts: object_centres reads the counts at object centres; it needs centres")
         self.norm = nn.LayerNorm(dim)
         self.maps = nn.Linear(dim, num_maps)
         self.centre = nn.Linear(dim, 1) if centres else None
-        self.mlp = mlp(HALF_PLANES * SUM_KINDS * num_maps, hidden_dim, dim)
+        self.offset = None
+        if object_centres:
+            self.offset = nn.Linear(dim, 2)
+            # Starts at zero: every cell first reads its own sums.
+            nn.init.zeros_(self.offset.weight)
+            nn.init.zeros_(self.offset.bias)
+        reads = 2 if object_centres else 1
+        self.mlp = mlp(HALF_PLANES * SUM_KINDS * num_maps * reads, hidden_dim, dim)
         # Starts at zero: at initialisation the decoder computes what it did without the block.
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
@@ -77,21 +112,27 @@ class DirectionalCounts(nn.Module):
     def forward(self, x: torch.Tensor, size):
         """
         (B, h*w, C) tokens of an ``size`` = (h, w) grid -> (the tokens with the counts added,
-        the (B, h, w) object-centre logits and the (B, h, w) gate logits of ``GROUP_MAP``;
-        both None without ``centres``).
+        a dict of what the criterion trains on, in (B, h, w, ...) grids: with ``centres``
+        "centre_logits" (object centres) and "group_logits" (the gate of ``GROUP_MAP``),
+        with ``object_centres`` also "centre_offsets" ((x, y) in cells); empty without).
         """
+        size = tuple(size)
         normed = self.norm(x)
         gate_logits = self.maps(normed)
         maps = torch.sigmoid(gate_logits)
-        centre_logits = group_logits = None
+        aux = {}
         if self.centre is not None:
             centre_logits = self.centre(normed)
             maps = maps * torch.sigmoid(centre_logits)
-            centre_logits = centre_logits.squeeze(-1).unflatten(1, tuple(size))
-            group_logits = gate_logits[..., GROUP_MAP].unflatten(1, tuple(size))
-        maps = maps.unflatten(1, tuple(size))
+            aux["centre_logits"] = centre_logits.squeeze(-1).unflatten(1, size)
+            aux["group_logits"] = gate_logits[..., GROUP_MAP].unflatten(1, size)
+        maps = maps.unflatten(1, size)
         sums = half_plane_sums(maps)
         # At least one cell, so an empty map gives fractions of zero, not NaN.
         total = maps.sum(dim=(1, 2)).clamp(min=1.0)[:, None, None, None, :]
-        features = torch.cat([torch.log1p(sums), sums / total], dim=3)
-        return x + self.mlp(features.flatten(3).flatten(1, 2)), centre_logits, group_logits
+        features = torch.cat([torch.log1p(sums), sums / total], dim=3).flatten(3)
+        if self.offset is not None:
+            offsets = self.offset(normed).unflatten(1, size)
+            aux["centre_offsets"] = offsets
+            features = torch.cat([features, sample_at_offsets(features, offsets)], dim=-1)
+        return x + self.mlp(features.flatten(1, 2)), aux

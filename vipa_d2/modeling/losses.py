@@ -100,6 +100,60 @@ def group_loss(
     return total / max(1, count)
 
 
+def offset_loss(offsets: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> torch.Tensor:
+    """
+    L1 of (B, h, w, 2) offsets (x, y, in cells) against each cell's offset to the centre of
+    the smallest of its image's object ``boxes`` (per image (K, 4) XYXY, input pixels) that
+    holds the cell's centre, averaged over those cells; cells in no box are not trained.
+    """
+    h, w = offsets.shape[1:3]
+    ys = torch.arange(h, dtype=torch.float32, device=offsets.device) + 0.5
+    xs = torch.arange(w, dtype=torch.float32, device=offsets.device) + 0.5
+    total, cells = offsets.sum() * 0.0, 0
+    for off, b in zip(offsets, boxes):
+        if not len(b):
+            continue
+        # Boxes and their centres in cell units (cell j spans [j, j + 1), centre j + 0.5).
+        scale = b.new_tensor([w / input_hw[1], h / input_hw[0]] * 2)
+        cb = b.float() * scale
+        inside = (
+            (xs[None, None, :] >= cb[:, 0, None, None])
+            & (xs[None, None, :] < cb[:, 2, None, None])
+            & (ys[None, :, None] >= cb[:, 1, None, None])
+            & (ys[None, :, None] < cb[:, 3, None, None])
+        )  # (K, h, w)
+        area = (cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])
+        owner = torch.where(inside, area[:, None, None], torch.full_like(area, float("inf"))[:, None, None]).argmin(0)
+        held = inside.any(0)
+        if not bool(held.any()):
+            continue
+        centre = (cb[:, :2] + cb[:, 2:]) / 2  # (K, 2) x, y
+        target = torch.stack([centre[owner, 0] - xs[None, :], centre[owner, 1] - ys[:, None]], dim=-1)
+        total = total + (off[held] - target[held].to(off.dtype)).abs().sum()
+        cells += int(held.sum())
+    return total / max(1, cells)
+
+
+# The criterion's weights whose losses train on the objects' boxes (training inputs'
+# ``object_boxes``), with their config keys.
+BOX_LOSS_KEYS = {
+    "centre_weight": "MODEL.VIPA.LOSS.CENTRE_WEIGHT",
+    "group_weight": "MODEL.VIPA.LOSS.GROUP_WEIGHT",
+    "offset_weight": "MODEL.VIPA.LOSS.OFFSET_WEIGHT",
+}
+
+
+def box_losses(weights: Dict) -> List[str]:
+    """"KEY > 0" for each loss of ``BOX_LOSS_KEYS`` that ``weights`` (the criterion's
+    arguments) turn on."""
+    return [f"{key} > 0" for name, key in BOX_LOSS_KEYS.items() if weights.get(name, 0.0) > 0]
+
+
+def object_box_losses(cfg) -> List[str]:
+    """:func:`box_losses` of the criterion a config builds."""
+    return box_losses(VIPACriterion.from_config(cfg))
+
+
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, smooth: float = 1.0):
     """Per-sample soft Dice loss (smoothed so an empty target asks for an empty prediction), batch mean."""
     probs = logits.sigmoid() * weights
@@ -160,6 +214,7 @@ class VIPACriterion(nn.Module):
         landmark_weight: float = 0.0,
         centre_weight: float = 0.0,
         group_weight: float = 0.0,
+        offset_weight: float = 0.0,
     ):
         super().__init__()
         if contrastive_temperature <= 0:
@@ -178,6 +233,9 @@ class VIPACriterion(nn.Module):
         self.landmark_weight = landmark_weight
         self.centre_weight = centre_weight
         self.group_weight = group_weight
+        self.offset_weight = offset_weight
+        weights = dict(centre_weight=centre_weight, group_weight=group_weight, offset_weight=offset_weight)
+        self.box_losses = box_losses(weights)
 
     @classmethod
     def from_config(cls, cfg):
@@ -204,6 +262,8 @@ class VIPACriterion(nn.Module):
             # Only the centre maps of DECODER.COUNT_CENTRES have a centre loss.
             "centre_weight": loss.CENTRE_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_CENTRES else 0.0,
             "group_weight": loss.GROUP_WEIGHT,
+            # Only the offsets of DECODER.COUNT_AT_OBJECT_CENTRES have an offset loss.
+            "offset_weight": loss.OFFSET_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES else 0.0,
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
@@ -232,6 +292,7 @@ class VIPACriterion(nn.Module):
         object_boxes: Optional[List[torch.Tensor]] = None,
         group_logits: Optional[List[torch.Tensor]] = None,
         object_in_group: Optional[List[torch.Tensor]] = None,
+        centre_offsets: Optional[List[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -251,6 +312,9 @@ class VIPACriterion(nn.Module):
                 supervised with the named group, and per image (K,) bool, which of its
                 ``object_boxes`` the expression's category / colour words name; read when
                 ``group_weight`` > 0.
+            centre_offsets: per decoder layer (B, h, w, 2) offsets (x, y, in cells) from each
+                cell to its object's centre; read, with ``object_boxes``, when
+                ``offset_weight`` > 0.
         """
         gt = gt_masks.float()
         losses = self.mask_losses(pred_masks[-1], gt, image_valid)
@@ -287,6 +351,9 @@ class VIPACriterion(nn.Module):
                 losses[f"loss_group_{i}"] = self.group_weight * group_loss(
                     logits, object_boxes, object_in_group, gt.shape[-2:]
                 )
+        if self.offset_weight > 0:
+            for i, offsets in enumerate(centre_offsets):
+                losses[f"loss_offset_{i}"] = self.offset_weight * offset_loss(offsets, object_boxes, gt.shape[-2:])
         # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
         # no-target head never becomes an unused parameter under DDP.
         losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(

@@ -346,19 +346,18 @@ class VIPA(nn.Module):
                 "landmark_tokens": torch.stack([x["landmark_tokens"] for x in batched_inputs]).to(self.device),
             }
         centres = {}
-        if self.criterion.centre_weight > 0:
-            require_inputs(batched_inputs, ["object_boxes"], "MODEL.VIPA.DECODER.COUNT_CENTRES")
-            centres = {
-                "centre_logits": outputs["centre_logits"],
-                "object_boxes": [x["object_boxes"].to(self.device) for x in batched_inputs],
-            }
-        if self.criterion.group_weight > 0:
-            require_inputs(batched_inputs, ["object_boxes", "object_in_group"], "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0")
-            centres.update(
-                group_logits=outputs["group_logits"],
-                object_boxes=[x["object_boxes"].to(self.device) for x in batched_inputs],
-                object_in_group=[x["object_in_group"].to(self.device) for x in batched_inputs],
-            )
+        c = self.criterion
+        if c.box_losses:
+            require_inputs(batched_inputs, ["object_boxes"], " and ".join(c.box_losses))
+            centres["object_boxes"] = [x["object_boxes"].to(self.device) for x in batched_inputs]
+        if c.centre_weight > 0:
+            centres["centre_logits"] = outputs["centre_logits"]
+        if c.group_weight > 0:
+            require_inputs(batched_inputs, ["object_in_group"], "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0")
+            centres["group_logits"] = outputs["group_logits"]
+            centres["object_in_group"] = [x["object_in_group"].to(self.device) for x in batched_inputs]
+        if c.offset_weight > 0:
+            centres["centre_offsets"] = outputs["centre_offsets"]
         return self.criterion(
             outputs["pred_masks"],
             outputs["no_target_logit"],

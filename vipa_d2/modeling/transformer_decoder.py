@@ -78,6 +78,7 @@ class VIPATransformerDecoder(nn.Module):
         kv_kernel: bool = False,
         count_maps: int = 0,
         count_centres: bool = False,
+        count_at_object_centres: bool = False,
     ):
         """
         Args:
@@ -90,6 +91,9 @@ class VIPATransformerDecoder(nn.Module):
             count_centres: the count maps are object-centre maps times gates; the
                 centre logits and the first map's gate logits are returned for the
                 criterion (needs ``count_maps`` > 0).
+            count_at_object_centres: each cell also reads the counts at its object's
+                centre, through a predicted offset returned for the criterion (needs
+                ``count_centres``).
         """
         super().__init__()
         if num_layers < 1:
@@ -103,10 +107,16 @@ class VIPATransformerDecoder(nn.Module):
         )
         if count_centres and count_maps < 1:
             raise ValueError("MODEL.VIPA.DECODER.COUNT_CENTRES needs MODEL.VIPA.DECODER.COUNT_MAPS > 0 (the maps it gates)")
+        if count_at_object_centres and not count_centres:
+            raise ValueError(
+                "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES needs MODEL.VIPA.DECODER.COUNT_CENTRES True (the object "
+                "centres it reads the counts at)"
+            )
         self.counts = None
         if count_maps > 0:
             self.counts = nn.ModuleList(
-                DirectionalCounts(hidden_dim, count_maps, hidden_dim, count_centres) for _ in range(num_layers)
+                DirectionalCounts(hidden_dim, count_maps, hidden_dim, count_centres, count_at_object_centres)
+                for _ in range(num_layers)
             )
         self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
         self.decoder_norm = nn.LayerNorm(hidden_dim)
@@ -148,6 +158,7 @@ class VIPATransformerDecoder(nn.Module):
             "kv_kernel": dec.KV_KERNEL,
             "count_maps": dec.COUNT_MAPS,
             "count_centres": dec.COUNT_CENTRES,
+            "count_at_object_centres": dec.COUNT_AT_OBJECT_CENTRES,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -176,7 +187,8 @@ class VIPATransformerDecoder(nn.Module):
             {"pred_masks": [(B, Hm, Wm) logits per layer (in eval mode only the last)],
              "no_target_logit": (B,)}, and in training with ``count_centres``
             "centre_logits": [(B, h, w) object-centre logits per layer, on its grid] and
-            "group_logits": [(B, h, w) logits of the gate LOSS.GROUP_WEIGHT supervises, ditto].
+            "group_logits": [(B, h, w) logits of the gate LOSS.GROUP_WEIGHT supervises, ditto],
+            with ``count_at_object_centres`` also "centre_offsets": [(B, h, w, 2) per layer].
         """
         # Work on (B, HW, C) tokens throughout: one layout change per scale, not per layer.
         sizes = {n: tuple(features[n].shape[-2:]) for n in self.in_features}
@@ -198,7 +210,7 @@ class VIPATransformerDecoder(nn.Module):
             attn_kv = torch.cat([kv, self.null_embed.expand(kv.shape[0], 1, -1)], dim=1)
             attn_valid = torch.cat([kv_valid, kv_valid.new_ones(kv.shape[0], 1)], dim=1)
 
-        pred_masks, centre_logits, group_logits = [], [], []
+        pred_masks, count_outputs = [], {}
         x = None
         for i, layer in enumerate(self.layers):
             lvl = i % len(self.in_features)
@@ -206,10 +218,10 @@ class VIPATransformerDecoder(nn.Module):
             old = tokens[name]
             x = layer(old, pos[name], attn_kv, attn_valid)
             if self.counts is not None:
-                x, centres, group = self.counts[i](x, sizes[name])
-                if centres is not None and self.training:
-                    centre_logits.append(centres)
-                    group_logits.append(group)
+                x, aux = self.counts[i](x, sizes[name])
+                if self.training:  # only the criterion reads them
+                    for key, value in aux.items():
+                        count_outputs.setdefault(key, []).append(value)
             tokens[name] = x
             for finer in self.in_features[lvl + 1 :]:
                 tokens[finer] = tokens[finer] + resize_tokens(x - old, sizes[name], sizes[finer])
@@ -218,8 +230,4 @@ class VIPATransformerDecoder(nn.Module):
                 pred_masks.append(self.predict_mask(x, sizes[name], mask_features) + direct)
 
         no_target = self.no_target_head(torch.cat([self.decoder_norm(x).mean(dim=1), kv_pooled], dim=-1))
-        out = {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1)}
-        if centre_logits:
-            out["centre_logits"] = centre_logits
-            out["group_logits"] = group_logits
-        return out
+        return {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1), **count_outputs}
