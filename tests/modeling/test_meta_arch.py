@@ -99,15 +99,15 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
         assert all(("veg" if part == "veg" else "decoder") in n for n, _ in params)
         # A directional-count block's output layer starts at zero, so the layers before it
         # get gradient only from the second step on; its output layer gets it at once, and
-        # its centre map and the norm before it from the centre loss.
-        trained_at_once = (".mlp.2.", ".centre.", ".norm.")
+        # its centre map, its offsets and the norm before them from the centre and offset losses.
+        trained_at_once = (".mlp.2.", ".centre.", ".offset.", ".norm.")
         zero_started = {n for n, _ in params if ".counts." in n and not any(k in n for k in trained_at_once)}
         assert all(p.grad.abs().sum() == 0 for n, p in params if n in zero_started)
         params = [(n, p) for n, p in params if n not in zero_started]
         nonzero = sum(bool(p.grad.abs().sum() > 0) for _, p in params)
         assert nonzero / len(params) > 0.9, (part, nonzero, len(params))
     assert any(".counts." in n and p.grad.abs().sum() > 0 for n, p in model.named_parameters())
-    assert "loss_centre_0" in losses  # the tiny config's centre maps are trained
+    assert {"loss_centre_0", "loss_offset_0"} <= set(losses)  # the tiny config's centre maps and offsets are trained
 
     model.eval()
     sizes = [(300, 400), (37, 91), (128, 64)]
@@ -157,7 +157,7 @@ def test_centre_loss_trains_through_the_model(tokenizer):
     losses["loss_centre_0"].backward()
     assert model.head.transformer_decoder.counts[0].centre.weight.grad.abs().sum() > 0
     del inputs[0]["object_boxes"]
-    with pytest.raises(ValueError, match=r"CENTRE_WEIGHT > 0 needs training inputs with \['object_boxes'\]; missing"):
+    with pytest.raises(ValueError, match=r"CENTRE_WEIGHT > 0 (and .* )?needs training inputs with \['object_boxes'\]; missing"):
         model(inputs)
 
 
