@@ -216,6 +216,11 @@ def add_vipa_config(cfg):
     # third; at the centre, all of an object's pixels read the same counts. Needs
     # COUNT_CENTRES.
     cfg.MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES = False
+    # Count only the centre maps' local maxima (3x3, probability above 0.5), each with its
+    # value: an object's Gaussian mass varies with where its centre falls on the grid, so
+    # Gaussian sums are fuzzy counts; peaks near 1 make them object counts. Needs
+    # COUNT_CENTRES.
+    cfg.MODEL.VIPA.DECODER.COUNT_PEAKS = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()

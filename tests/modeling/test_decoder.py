@@ -19,7 +19,7 @@ from vipa_d2.modeling.losses import (
     pixel_contrastive_loss,
     sigmoid_bce_loss,
 )
-from vipa_d2.modeling.directional_counts import half_plane_sums, sample_at_offsets
+from vipa_d2.modeling.directional_counts import half_plane_sums, keep_peaks, sample_at_offsets
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
 SHAPES = {
@@ -523,3 +523,52 @@ def test_counts_at_object_centres_are_the_same_on_all_of_an_objects_cells():
     torch.testing.assert_close(change[1, 1], change[1, 2])
     torch.testing.assert_close(change[1, 3], change[1, 2])
     assert not torch.allclose(change[1, 0], change[1, 2])
+
+
+def test_keep_peaks_keeps_one_cell_per_object_above_the_threshold():
+    # Two objects' Gaussians (one centred between cells), a background bump below the threshold.
+    h, w = 12, 16
+    ys, xs = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    centre = torch.maximum(torch.exp(-((ys - 3) ** 2 + (xs - 3) ** 2) / 2), torch.exp(-((ys - 8) ** 2 + (xs - 10.4) ** 2) / 2))
+    centre[11, 15] = 0.3
+    peaks = keep_peaks(centre[None])[0]
+    assert peaks.nonzero().tolist() == [[3, 3], [8, 10]]
+    torch.testing.assert_close(peaks[3, 3], centre[3, 3])
+    # The sums then count objects: one peak left of the second object's column, one above its row.
+    sums = half_plane_sums(peaks[None, ..., None])[0, 8, 10, :, 0]
+    assert sums[0] == pytest.approx(1.0, abs=0.01) and sums[2] == pytest.approx(1.0, abs=0.01)
+    assert sums[1] == 0 and sums[3] == 0
+    # The kept values carry the gradient; the cells left out get none.
+    c = centre[None].clone().requires_grad_()
+    keep_peaks(c).sum().backward()
+    assert c.grad[0, 3, 3] == 1 and c.grad[0, 3, 4] == 0
+
+
+def test_count_peaks_need_the_centre_maps_and_count_only_peaks():
+    with pytest.raises(ValueError, match="COUNT_PEAKS needs MODEL.VIPA.DECODER.COUNT_CENTRES True"):
+        VIPATransformerDecoder(
+            make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_PEAKS": True}), SHAPES
+        )
+    cfg = make_cfg(*SMALL, **{
+        "MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+        "MODEL.VIPA.DECODER.COUNT_PEAKS": True,
+    })
+    torch.manual_seed(0)
+    dec = VIPATransformerDecoder(cfg, SHAPES).train()
+    assert all(block.peaks for block in dec.counts)
+    block = dec.counts[0]
+    torch.nn.init.normal_(block.mlp[-1].weight)
+    torch.nn.init.zeros_(block.maps.weight)
+    torch.nn.init.constant_(block.maps.bias, 1e4)  # every gate open
+    x = torch.randn(1, 12, 32)
+    # A centre map with one peak at cell (1, 2) and a lower plateau beside it: only the peak
+    # counts, so raising the neighbour (still below the peak) changes nothing.
+    logits = torch.full((1, 3, 4), -1e4)
+    logits[0, 1, 2], logits[0, 1, 1] = 3.0, 1.0
+    block.centre.forward = lambda normed: logits.flatten(1)[..., None]
+    before, _ = block(x, (3, 4))
+    logits[0, 1, 1] = 2.0
+    after, _ = block(x, (3, 4))
+    torch.testing.assert_close(after, before)
+    logits[0, 1, 1] = 4.0  # now the neighbour is the peak: the counts move
+    assert not torch.allclose(block(x, (3, 4))[0], before)

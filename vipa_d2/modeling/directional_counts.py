@@ -27,6 +27,11 @@ of the second square sees two squares on its left (itself included), as does the
 half of the third. With ``object_centres`` each cell also predicts the offset to its
 object's centre (trained on box centres, :func:`vipa_d2.modeling.losses.offset_loss`) and
 reads the sums there too, so every pixel of an object gets that object's counts.
+
+A centre map is a Gaussian per object: its mass varies with the object's place on the grid
+and with how well the map is predicted, so a sum of 9 cells may be one object or two.
+With ``peaks`` only each map's local maxima above :data:`PEAK_THRESHOLD` count, each with
+its value (close to 1 once the centre loss has trained): the sums become object counts.
 """
 import torch
 import torch.nn.functional as F
@@ -39,6 +44,10 @@ HALF_PLANES = 4
 SUM_KINDS = 2
 # The map whose gate MODEL.VIPA.LOSS.GROUP_WEIGHT supervises with the named group.
 GROUP_MAP = 0
+# With ``peaks``: a cell is an object's peak when no cell of its 3x3 neighbourhood is higher
+# and its centre probability is above this (background local maxima are near 0).
+PEAK_THRESHOLD = 0.5
+PEAK_WINDOW = 3
 
 
 def half_plane_sums(maps: torch.Tensor) -> torch.Tensor:
@@ -85,15 +94,33 @@ def sample_at_offsets(grid: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
     return out.permute(0, 2, 3, 1)
 
 
+def keep_peaks(centre: torch.Tensor) -> torch.Tensor:
+    """
+    (B, H, W) centre probabilities -> the same with every cell zeroed that is not a local
+    maximum of its ``PEAK_WINDOW`` neighbourhood or not above ``PEAK_THRESHOLD``. The kept
+    values carry the gradient; which cells are kept does not.
+    """
+    pooled = F.max_pool2d(centre[:, None], PEAK_WINDOW, stride=1, padding=PEAK_WINDOW // 2)[:, 0]
+    keep = (centre >= pooled) & (centre > PEAK_THRESHOLD)
+    return centre * keep.to(centre.dtype)
+
+
 class DirectionalCounts(nn.Module):
     """Residual block on (B, h*w, C) tokens of an (h, w) grid; see the module docstring."""
 
     def __init__(
-        self, dim: int, num_maps: int, hidden_dim: int, centres: bool = False, object_centres: bool = False
+        self,
+        dim: int,
+        num_maps: int,
+        hidden_dim: int,
+        centres: bool = False,
+        object_centres: bool = False,
+        peaks: bool = False,
     ):
         super().__init__()
-        if object_centres and not centres:
-            raise ValueError("DirectionalCounts: object_centres reads the counts at object centres; it needs centres")
+        if (object_centres or peaks) and not centres:
+            raise ValueError("DirectionalCounts: object_centres and peaks work on the centre maps; they need centres")
+        self.peaks = peaks
         self.norm = nn.LayerNorm(dim)
         self.maps = nn.Linear(dim, num_maps)
         self.centre = nn.Linear(dim, 1) if centres else None
@@ -123,7 +150,10 @@ class DirectionalCounts(nn.Module):
         aux = {}
         if self.centre is not None:
             centre_logits = self.centre(normed)
-            maps = maps * torch.sigmoid(centre_logits)
+            centre = torch.sigmoid(centre_logits)
+            if self.peaks:
+                centre = keep_peaks(centre.squeeze(-1).unflatten(1, size)).flatten(1)[..., None]
+            maps = maps * centre
             aux["centre_logits"] = centre_logits.squeeze(-1).unflatten(1, size)
             aux["group_logits"] = gate_logits[..., GROUP_MAP].unflatten(1, size)
         maps = maps.unflatten(1, size)

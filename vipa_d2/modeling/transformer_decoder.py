@@ -79,6 +79,7 @@ class VIPATransformerDecoder(nn.Module):
         count_maps: int = 0,
         count_centres: bool = False,
         count_at_object_centres: bool = False,
+        count_peaks: bool = False,
     ):
         """
         Args:
@@ -94,6 +95,8 @@ class VIPATransformerDecoder(nn.Module):
             count_at_object_centres: each cell also reads the counts at its object's
                 centre, through a predicted offset returned for the criterion (needs
                 ``count_centres``).
+            count_peaks: only the centre maps' local maxima count, so the sums count
+                objects, not Gaussian mass (needs ``count_centres``).
         """
         super().__init__()
         if num_layers < 1:
@@ -112,10 +115,15 @@ class VIPATransformerDecoder(nn.Module):
                 "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES needs MODEL.VIPA.DECODER.COUNT_CENTRES True (the object "
                 "centres it reads the counts at)"
             )
+        if count_peaks and not count_centres:
+            raise ValueError(
+                "MODEL.VIPA.DECODER.COUNT_PEAKS needs MODEL.VIPA.DECODER.COUNT_CENTRES True (the centre maps whose "
+                "peaks it counts)"
+            )
         self.counts = None
         if count_maps > 0:
             self.counts = nn.ModuleList(
-                DirectionalCounts(hidden_dim, count_maps, hidden_dim, count_centres, count_at_object_centres)
+                DirectionalCounts(hidden_dim, count_maps, hidden_dim, count_centres, count_at_object_centres, count_peaks)
                 for _ in range(num_layers)
             )
         self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
@@ -159,6 +167,7 @@ class VIPATransformerDecoder(nn.Module):
             "count_maps": dec.COUNT_MAPS,
             "count_centres": dec.COUNT_CENTRES,
             "count_at_object_centres": dec.COUNT_AT_OBJECT_CENTRES,
+            "count_peaks": dec.COUNT_PEAKS,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
