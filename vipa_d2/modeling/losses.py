@@ -123,7 +123,7 @@ def offset_loss(offsets: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> t
             & (ys[None, :, None] < cb[:, 3, None, None])
         )  # (K, h, w)
         area = (cb[:, 2] - cb[:, 0]) * (cb[:, 3] - cb[:, 1])
-        owner = torch.where(inside, area[:, None, None], torch.full_like(area, float("inf"))[:, None, None]).argmin(0)
+        owner = torch.where(inside, area[:, None, None], float("inf")).argmin(0)
         held = inside.any(0)
         if not bool(held.any()):
             continue
