@@ -13,7 +13,7 @@ A map that gives each object of the named group the same mass turns its half-pla
 into object counts, so the sums are given twice: as log(1 + cells), absolute (counts),
 and as a fraction of the map's total, relative (independent of the group's size).
 
-Left to themselves the maps stay diffuse (they do not count objects, BENCHMARKS.md). With
+Left to themselves the maps stay diffuse (they do not count objects, docs/benchmarks/EXPERIMENTS.md). With
 ``centres`` each map is an object-centre map, trained on the objects' box centres
 (:func:`vipa_d2.modeling.losses.centre_heatmaps`), times a learned gate per map: every
 object gets the same mass wherever the gate is open, so the sums count the gated objects.
