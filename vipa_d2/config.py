@@ -252,7 +252,8 @@ def add_vipa_config(cfg):
     # DECODER.COUNT_CENTRES and training records with "object_in_group" (from the REFER
     # sentence field "group_ann_ids", which the synthetic benchmark writes). 0 = off: at
     # 1.0 the gate does pick the group, but position and relation words went unlearned and
-    # val oIoU fell by 15-23 at two seeds (docs/benchmarks/EXPERIMENTS.md), so it is opt-in, for research.
+    # val oIoU fell by 15-23 at two seeds (docs/benchmarks/EXPERIMENTS.md), so it is
+    # opt-in, for research.
     cfg.MODEL.VIPA.LOSS.GROUP_WEIGHT = 0.0
     # Weight of the L1 loss on the offsets of DECODER.COUNT_AT_OBJECT_CENTRES (in grid
     # cells, per decoder layer, averaged over the cells inside some object box).

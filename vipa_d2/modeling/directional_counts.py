@@ -13,14 +13,15 @@ A map that gives each object of the named group the same mass turns its half-pla
 into object counts, so the sums are given twice: as log(1 + cells), absolute (counts),
 and as a fraction of the map's total, relative (independent of the group's size).
 
-Left to themselves the maps stay diffuse (they do not count objects, docs/benchmarks/EXPERIMENTS.md). With
-``centres`` each map is an object-centre map, trained on the objects' box centres
-(:func:`vipa_d2.modeling.losses.centre_heatmaps`), times a learned gate per map: every
-object gets the same mass wherever the gate is open, so the sums count the gated objects.
-Which objects a gate opens on is learnt from the mask loss alone, unless the first map's
-gate (``GROUP_MAP``) is told: MODEL.VIPA.LOSS.GROUP_WEIGHT trains it to open on the objects
-the expression's category / colour words name, so that map counts the candidates of "the
-second square from the left" (:func:`vipa_d2.modeling.losses.group_loss`).
+Left to themselves the maps stay diffuse: they do not count objects
+(docs/benchmarks/EXPERIMENTS.md). With ``centres`` each map is an object-centre map,
+trained on the objects' box centres (:func:`vipa_d2.modeling.losses.centre_heatmaps`),
+times a learned gate per map: every object gets the same mass wherever the gate is open,
+so the sums count the gated objects. Which objects a gate opens on is learnt from the mask
+loss alone, unless the first map's gate (``GROUP_MAP``) is told:
+MODEL.VIPA.LOSS.GROUP_WEIGHT trains it to open on the objects the expression's category /
+colour words name, so that map counts the candidates of "the second square from the left"
+(:func:`vipa_d2.modeling.losses.group_loss`).
 
 Counts at a pixel belong to the pixel's column and row, not to its object: the right half
 of the second square sees two squares on its left (itself included), as does the left
@@ -145,18 +146,17 @@ class DirectionalCounts(nn.Module):
         """
         size = tuple(size)
         normed = self.norm(x)
-        gate_logits = self.maps(normed)
+        gate_logits = self.maps(normed).unflatten(1, size)
         maps = torch.sigmoid(gate_logits)
         aux = {}
         if self.centre is not None:
-            centre_logits = self.centre(normed)
+            centre_logits = self.centre(normed).squeeze(-1).unflatten(1, size)
             centre = torch.sigmoid(centre_logits)
             if self.peaks:
-                centre = keep_peaks(centre.squeeze(-1).unflatten(1, size)).flatten(1)[..., None]
-            maps = maps * centre
-            aux["centre_logits"] = centre_logits.squeeze(-1).unflatten(1, size)
-            aux["group_logits"] = gate_logits[..., GROUP_MAP].unflatten(1, size)
-        maps = maps.unflatten(1, size)
+                centre = keep_peaks(centre)
+            maps = maps * centre[..., None]
+            aux["centre_logits"] = centre_logits
+            aux["group_logits"] = gate_logits[..., GROUP_MAP]
         sums = half_plane_sums(maps)
         # At least one cell, so an empty map gives fractions of zero, not NaN.
         total = maps.sum(dim=(1, 2)).clamp(min=1.0)[:, None, None, None, :]
