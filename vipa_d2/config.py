@@ -255,6 +255,11 @@ def add_vipa_config(cfg):
     # val oIoU fell by 15-23 at two seeds (docs/benchmarks/EXPERIMENTS.md), so it is
     # opt-in, for research.
     cfg.MODEL.VIPA.LOSS.GROUP_WEIGHT = 0.0
+    # The group loss trains the gate's own weights only: it reads the count blocks' tokens
+    # detached, so it cannot turn them into "matches the category / colour words" (what
+    # made GROUP_WEIGHT 1.0 leave position and relation words unlearned); the gate must
+    # find the group in what the mask loss put there. Needs GROUP_WEIGHT > 0.
+    cfg.MODEL.VIPA.LOSS.GROUP_GATE_ONLY = False
     # Weight of the L1 loss on the offsets of DECODER.COUNT_AT_OBJECT_CENTRES (in grid
     # cells, per decoder layer, averaged over the cells inside some object box).
     cfg.MODEL.VIPA.LOSS.OFFSET_WEIGHT = 0.1

@@ -450,6 +450,30 @@ def test_group_loss_per_layer_and_needs_the_centre_maps():
     assert "group_logits" not in dec.eval()(multi, mf, kv, valid)
 
 
+def test_group_gate_only_trains_the_gate_and_nothing_before_it():
+    """LOSS.GROUP_GATE_ONLY: the same group logits, but their loss reaches only the gate's
+    weights, never the tokens (nor the layers that made them); it needs a group loss."""
+    with pytest.raises(ValueError, match="GROUP_GATE_ONLY True limits what the group loss trains.*GROUP_WEIGHT is 0.0"):
+        VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.GROUP_GATE_ONLY": True}))
+    keys = {"MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True}
+    multi, mf, kv, valid = decoder_inputs()
+    kv.requires_grad_(True)
+    logits, grads = {}, {}
+    for gate_only in (False, True):
+        torch.manual_seed(0)
+        dec = VIPATransformerDecoder(make_cfg(*SMALL, **keys, **{"MODEL.VIPA.LOSS.GROUP_GATE_ONLY": gate_only}), SHAPES).train()
+        kv.grad = None
+        out = dec(multi, mf, kv, valid)
+        sum(g.sum() for g in out["group_logits"]).backward()
+        logits[gate_only] = [g.detach() for g in out["group_logits"]]
+        grads[gate_only] = (kv.grad, dec.counts[-1].maps.weight.grad[0], dec.layers[0].ffn.linear1.weight.grad)
+    for a, b in zip(logits[False], logits[True]):
+        torch.testing.assert_close(a, b)
+    assert grads[False][0].abs().sum() > 0 and grads[False][2].abs().sum() > 0
+    assert grads[True][0] is None and grads[True][2] is None  # the tokens get nothing
+    assert grads[True][1].abs().sum() > 0
+
+
 def test_sample_at_offsets_reads_the_cell_moved_to():
     grid = torch.arange(12.0).view(1, 3, 4, 1)  # value = 4 * row + column
     offsets = torch.zeros(1, 3, 4, 2)

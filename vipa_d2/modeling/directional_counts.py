@@ -117,11 +117,13 @@ class DirectionalCounts(nn.Module):
         centres: bool = False,
         object_centres: bool = False,
         peaks: bool = False,
+        group_gate_only: bool = False,
     ):
         super().__init__()
         if (object_centres or peaks) and not centres:
             raise ValueError("DirectionalCounts: object_centres and peaks work on the centre maps; they need centres")
         self.peaks = peaks
+        self.group_gate_only = group_gate_only
         self.norm = nn.LayerNorm(dim)
         self.maps = nn.Linear(dim, num_maps)
         self.centre = nn.Linear(dim, 1) if centres else None
@@ -141,7 +143,9 @@ class DirectionalCounts(nn.Module):
         """
         (B, h*w, C) tokens of an ``size`` = (h, w) grid -> (the tokens with the counts added,
         a dict of what the criterion trains on, in (B, h, w, ...) grids: with ``centres``
-        "centre_logits" (object centres) and "group_logits" (the gate of ``GROUP_MAP``),
+        "centre_logits" (object centres) and "group_logits" (the gate of ``GROUP_MAP``; with
+        ``group_gate_only`` computed from detached tokens, so a loss on it trains the gate's
+        weights and nothing before them),
         with ``object_centres`` also "centre_offsets" ((x, y) in cells); empty without).
         """
         size = tuple(size)
@@ -157,6 +161,10 @@ class DirectionalCounts(nn.Module):
             maps = maps * centre[..., None]
             aux["centre_logits"] = centre_logits
             aux["group_logits"] = gate_logits[..., GROUP_MAP]
+            if self.group_gate_only:  # same values; the group loss reaches the gate's weights only
+                row = slice(GROUP_MAP, GROUP_MAP + 1)
+                group = F.linear(normed.detach(), self.maps.weight[row], self.maps.bias[row])
+                aux["group_logits"] = group.squeeze(-1).unflatten(1, size)
         sums = half_plane_sums(maps)
         # At least one cell, so an empty map gives fractions of zero, not NaN.
         total = maps.sum(dim=(1, 2)).clamp(min=1.0)[:, None, None, None, :]

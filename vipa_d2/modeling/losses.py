@@ -245,6 +245,11 @@ class VIPACriterion(nn.Module):
                 "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0 supervises the gates of the object-centre count maps; "
                 "it needs MODEL.VIPA.DECODER.COUNT_CENTRES True (and COUNT_MAPS > 0)"
             )
+        if loss.GROUP_GATE_ONLY and loss.GROUP_WEIGHT <= 0:
+            raise ValueError(
+                "MODEL.VIPA.LOSS.GROUP_GATE_ONLY True limits what the group loss trains, but there is none: "
+                f"MODEL.VIPA.LOSS.GROUP_WEIGHT is {loss.GROUP_WEIGHT}; set it > 0 or the key False"
+            )
         if loss.CONTRASTIVE_CUES == "global" and not cfg.MODEL.VIPA.VEG.GLOBAL_CUE:
             raise ValueError(
                 'MODEL.VIPA.LOSS.CONTRASTIVE_CUES "global" supervises the [CLS] cue, but '

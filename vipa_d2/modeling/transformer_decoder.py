@@ -80,6 +80,7 @@ class VIPATransformerDecoder(nn.Module):
         count_centres: bool = False,
         count_at_object_centres: bool = False,
         count_peaks: bool = False,
+        group_gate_only: bool = False,
     ):
         """
         Args:
@@ -97,6 +98,8 @@ class VIPATransformerDecoder(nn.Module):
                 ``count_centres``).
             count_peaks: only the centre maps' local maxima count, so the sums count
                 objects, not Gaussian mass (needs ``count_centres``).
+            group_gate_only: the returned group logits come from detached tokens, so the
+                group loss trains only the gate (LOSS.GROUP_GATE_ONLY).
         """
         super().__init__()
         if num_layers < 1:
@@ -123,7 +126,9 @@ class VIPATransformerDecoder(nn.Module):
         self.counts = None
         if count_maps > 0:
             self.counts = nn.ModuleList(
-                DirectionalCounts(hidden_dim, count_maps, hidden_dim, count_centres, count_at_object_centres, count_peaks)
+                DirectionalCounts(
+                    hidden_dim, count_maps, hidden_dim, count_centres, count_at_object_centres, count_peaks, group_gate_only
+                )
                 for _ in range(num_layers)
             )
         self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
@@ -168,6 +173,7 @@ class VIPATransformerDecoder(nn.Module):
             "count_centres": dec.COUNT_CENTRES,
             "count_at_object_centres": dec.COUNT_AT_OBJECT_CENTRES,
             "count_peaks": dec.COUNT_PEAKS,
+            "group_gate_only": cfg.MODEL.VIPA.LOSS.GROUP_GATE_ONLY,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
