@@ -37,8 +37,6 @@ def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
     return texts
 
 
-
-
 class VIPAPredictor:
     """
     Build the model from ``cfg``, load ``cfg.MODEL.WEIGHTS`` (empty: random weights, with
