@@ -130,9 +130,27 @@ def test_rerun_skips_finished_runs(quick_study, capsys):
     # ... and a run made with other settings is refused, not mixed in.
     assert study.main(argv + ["SOLVER.BASE_LR", "0.001"]) == 2
     assert "vipa/seed0 was made with" in capsys.readouterr().err
-    # So is one whose recipe changed under the same leaf and overrides (a changed default).
+    # So is one whose recipe changed under the same leaf and overrides (a changed default),
+    # naming the key; a key added since the run is the same recipe only at its default.
+    vipa = data["runs"]["vipa/seed0"]
+    stored = {k: v for k, v in vipa["config"].items() if k != "MODEL.VIPA.LOSS.GROUP_GATE_ONLY"}
+    cases = {  # stored config -> the error, or None when the run counts as done
+        "changed": ({**vipa["config"], "MODEL.VIPA.DECODER.COUNT_MAPS": 3}, "COUNT_MAPS: 3 then, 8 now"),
+        "added at its default": (stored, None),
+        "added, not at its default": (
+            {k: v for k, v in vipa["config"].items() if k != "MODEL.VIPA.DECODER.COUNT_CENTRES"},
+            "COUNT_CENTRES: '<absent>' then, True now",
+        ),
+    }
+    for case, (config, error) in cases.items():
+        with open(tmp / "runs" / "study.json", "w") as f:
+            json.dump({"runs": {**data["runs"], "vipa/seed0": {**vipa, "config": config}}}, f)
+        assert study.main(argv) == (2 if error else 0), case
+        assert (error or "done before, skipped") in capsys.readouterr()[1 if error else 0], case
+    # An entry of an older study.py has only the digest, which must match.
+    old = {k: v for k, v in vipa.items() if k != "config"}
     with open(tmp / "runs" / "study.json", "w") as f:
-        json.dump({"runs": {**data["runs"], "vipa/seed0": {**data["runs"]["vipa/seed0"], "config_digest": "0" * 16}}}, f)
+        json.dump({"runs": {**data["runs"], "vipa/seed0": {**old, "config_digest": "0" * 16}}}, f)
     assert study.main(argv) == 2
     assert "a changed default or leaf changes config_digest" in capsys.readouterr().err
 

@@ -14,9 +14,11 @@ every variant of a seed sees the same data in the same order. Runs go seed by se
 study stopped early holds comparable pairs. Trailing ``KEY VALUE`` pairs go to every run.
 
 Rerunning skips the runs the results file holds as done (and refuses one made with other
-settings, the whole merged config compared: a changed default is a new recipe); the others
-restart with ``train_net.py --resume``: an interrupted run continues from its last
-checkpoint. ``tools/study_report.py`` renders the JSON.
+settings, the whole merged config compared, key by key: a changed default is a new recipe,
+while a key added since the run, at its ``add_vipa_config`` default, is not, because keys
+are added off, leaving the default path as it was); the others restart with
+``train_net.py --resume``: an interrupted run continues from its last checkpoint.
+``tools/study_report.py`` renders the JSON.
 
 Each run is its own train_net.py process, not a call into it: a fresh process starts from
 clean RNG, memory and device state, a crash loses one run at most, and ``--num-gpus`` /
@@ -119,6 +121,45 @@ def config_digest(cfg) -> str:
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 
+def flat_config(cfg, prefix: str = ""):
+    """{"FULL.KEY": value} of a config, as JSON stores it (tuples become lists)."""
+    out = {}
+    for key, value in cfg.items():
+        out.update(flat_config(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return json.loads(json.dumps(out))
+
+
+def recipe_changes(stored, current, defaults):
+    """
+    {key: (stored value, current value)} where a run's stored flat config and the current
+    one differ. A key the stored config lacks was added since: the same recipe only at its
+    default (``defaults``), since keys are added off; "<absent>" marks a missing side.
+    """
+    absent = "<absent>"
+    changes = {k: (v, current.get(k, absent)) for k, v in stored.items() if current.get(k, absent) != v}
+    changes.update({k: (absent, v) for k, v in current.items() if k not in stored and v != defaults.get(k, absent)})
+    return changes
+
+
+def check_same_recipe(key, entry, signature, config, results_path):
+    """Raise StudyError when a results entry was made with other settings than this run's."""
+    if entry.get("config_file") != signature["config_file"] or entry.get("opts") != signature["opts"]:
+        raise StudyError(f"{results_path}: run {key} was made with {entry.get('config_file')} {entry.get('opts')} "
+                         f"(commit {entry.get('commit')}), not {signature['config_file']} {signature['opts']}. "
+                         "Use other --results/--output or drop that entry")
+    if "config" not in entry:  # an entry of an older study.py: its digest is all there is to compare
+        if entry.get("config_digest") != signature["config_digest"]:
+            raise StudyError(f"{results_path}: run {key} has config_digest {entry.get('config_digest')} (commit "
+                             f"{entry.get('commit')}), not {signature['config_digest']}: a changed default or leaf "
+                             "changes config_digest. Use other --results/--output or drop that entry")
+        return
+    changes = recipe_changes(entry["config"], config, flat_config(get_vipa_cfg()))
+    if changes:
+        listed = "; ".join(f"{k}: {old!r} then, {new!r} now" for k, (old, new) in sorted(changes.items())[:10])
+        raise StudyError(f"{results_path}: run {key} (commit {entry.get('commit')}) had another recipe, "
+                         f"{len(changes)} key(s) differ: {listed}. Use other --results/--output or drop that entry")
+
+
 def git_commit():
     """HEAD of the repository, '-dirty' with uncommitted changes to tracked files (None outside git)."""
     try:  # --exclude: the commit, never a tag's name
@@ -133,16 +174,15 @@ def run_one(key, variant, seed, config_file, shared, args):
     opts = shared + ["SEED", str(seed)]
     cfg = get_vipa_cfg(config_file, opts)
     signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts, "config_digest": config_digest(cfg)}
+    config = flat_config(cfg)
     entry = load_results(args.results)["runs"].get(key, {})
-    if entry and {k: entry.get(k) for k in signature} != signature:  # other settings: not the same run
-        raise StudyError(f"{args.results}: run {key} was made with {[entry.get(k) for k in signature]} "
-                         f"(commit {entry.get('commit')}), not {list(signature.values())}; a changed default "
-                         "or leaf changes config_digest. Use other --results/--output or drop that entry")
+    if entry:  # other settings: not the same run
+        check_same_recipe(key, entry, signature, config, args.results)
     if entry.get("status") == "done":
         print(f"[study] {key}: done before, skipped")
         return True
     run_dir = os.path.join(os.path.abspath(args.output), variant, f"seed{seed}")
-    entry = {**signature, "variant": variant, "seed": seed, "output_dir": run_dir, "status": "running",
+    entry = {**signature, "config": config, "variant": variant, "seed": seed, "output_dir": run_dir, "status": "running",
              "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE, "commit": git_commit()}
     save_entry(args.results, key, entry)
     print(f"[study] {key}: training {cfg.SOLVER.MAX_ITER} iterations in {run_dir}", flush=True)
