@@ -49,18 +49,11 @@ def _load_tool(name):
 study = _load_tool("study")
 
 
-def _flat(cfg, prefix=""):
-    out = {}
-    for key, value in cfg.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return out
-
-
 @pytest.mark.parametrize("variant", sorted(LEAF_CHANGES))
 def test_ablation_leaf_holds_only_its_change_and_builds(variant):
-    base = _flat(get_vipa_cfg(BASE))
+    base = study.flat_config(get_vipa_cfg(BASE))
     leaf = get_vipa_cfg(os.path.join(ABLATIONS, f"{variant}.yaml"))
-    assert {k: v for k, v in _flat(leaf).items() if base[k] != v} == LEAF_CHANGES[variant]
+    assert {k: v for k, v in study.flat_config(leaf).items() if base[k] != v} == LEAF_CHANGES[variant]
     leaf.merge_from_list(TINY)
     assert build_model(leaf).training
 

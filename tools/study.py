@@ -176,7 +176,7 @@ def run_one(key, variant, seed, config_file, shared, args):
     signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts, "config_digest": config_digest(cfg)}
     config = flat_config(cfg)
     entry = load_results(args.results)["runs"].get(key, {})
-    if entry:  # other settings: not the same run
+    if entry:  # made before: only with the same settings is it this run
         check_same_recipe(key, entry, signature, config, args.results)
     if entry.get("status") == "done":
         print(f"[study] {key}: done before, skipped")

@@ -160,11 +160,12 @@ class DirectionalCounts(nn.Module):
                 centre = keep_peaks(centre)
             maps = maps * centre[..., None]
             aux["centre_logits"] = centre_logits
-            aux["group_logits"] = gate_logits[..., GROUP_MAP]
             if self.group_gate_only:  # same values; the group loss reaches the gate's weights only
                 row = slice(GROUP_MAP, GROUP_MAP + 1)
                 group = F.linear(normed.detach(), self.maps.weight[row], self.maps.bias[row])
                 aux["group_logits"] = group.squeeze(-1).unflatten(1, size)
+            else:
+                aux["group_logits"] = gate_logits[..., GROUP_MAP]
         sums = half_plane_sums(maps)
         # At least one cell, so an empty map gives fractions of zero, not NaN.
         total = maps.sum(dim=(1, 2)).clamp(min=1.0)[:, None, None, None, :]
