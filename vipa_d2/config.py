@@ -221,6 +221,12 @@ def add_vipa_config(cfg):
     # Gaussian sums are fuzzy counts; peaks near 1 make them object counts. Needs
     # COUNT_CENTRES.
     cfg.MODEL.VIPA.DECODER.COUNT_PEAKS = False
+    # Decide ordinals and extremes among objects: the last layer's centre peaks are ranked
+    # along each axis by their learned membership in the named group, the expression picks
+    # a rank, and every cell of the picked object gets that score added to its final mask
+    # logit (vipa_d2/modeling/object_ranks.py). Per-pixel counts leave "second from the
+    # left" to each pixel token. Needs COUNT_AT_OBJECT_CENTRES.
+    cfg.MODEL.VIPA.DECODER.OBJECT_RANKS = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()

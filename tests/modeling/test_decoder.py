@@ -20,6 +20,7 @@ from vipa_d2.modeling.losses import (
     sigmoid_bce_loss,
 )
 from vipa_d2.modeling.directional_counts import half_plane_sums, keep_peaks, sample_at_offsets
+from vipa_d2.modeling.object_ranks import ObjectRanks, count_bins, rank_counts
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
 SHAPES = {
@@ -596,3 +597,65 @@ def test_count_peaks_need_the_centre_maps_and_count_only_peaks():
     torch.testing.assert_close(after, before)
     logits[0, 1, 1] = 4.0  # now the neighbour is the peak: the counts move
     assert not torch.allclose(block(x, (3, 4))[0], before)
+
+
+def test_rank_counts_and_bins_count_the_weighted_candidates_on_each_side():
+    xs, ys = torch.tensor([[1.0, 4.0, 6.0, 4.0]]), torch.tensor([[1.0, 0.0, 2.0, 2.0]])
+    weight = torch.tensor([[1.0, 1.0, 0.5, 0.0]])
+    counts = rank_counts(xs, ys, weight)[0]
+    # Candidate 1 (column 4): one member left (column 1); right: 0.5 (column 6); the
+    # weightless candidate 3 in its own column counts on neither side.
+    assert counts.tolist() == [[0.0, 1.5, 1.0, 0.5], [1.0, 0.5, 0.0, 1.5], [2.0, 0.0, 2.0, 0.0], [1.0, 0.5, 2.0, 0.0]]
+    bins = count_bins(torch.tensor([0.0, 1.5, 9.0]), 3)
+    assert bins.tolist() == [[1, 0, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0, 1]]
+
+
+def test_object_ranks_score_the_picked_object_on_all_its_cells():
+    with pytest.raises(ValueError, match="OBJECT_RANKS needs MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True"):
+        VIPATransformerDecoder(
+            make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+                                "MODEL.VIPA.DECODER.OBJECT_RANKS": True}),
+            SHAPES,
+        )
+    torch.manual_seed(0)
+    ranks = ObjectRanks(32)
+    x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
+    # Three objects in row 1 of a 3x8 grid, centred at columns 1, 4 and 6.
+    logits = torch.full((1, 3, 8), -10.0)
+    logits[0, 1, [1, 4, 6]] = 20.0
+    offsets = torch.zeros(1, 3, 8, 2)
+    offsets[0, :, 3, 0], offsets[0, :, 5, 0] = 1.0, -1.0  # columns 3 and 5 belong to the middle object
+    offsets[0, 0, 4, 1], offsets[0, 2, 4, 1] = 1.0, -1.0
+    # Untrained, the block adds nothing.
+    assert ranks(x, (3, 8), logits, offsets, expression).abs().max() == 0
+    # Every candidate a member; the expression picks "exactly one member on the left".
+    torch.nn.init.constant_(ranks.member[-1].bias, 20.0)
+    torch.nn.init.zeros_(ranks.member[-1].weight)
+    with torch.no_grad():
+        ranks.select[-1].bias[1] = 1.0  # direction "left" (0), bin 1
+    score = ranks(x, (3, 8), logits, offsets, expression)[0]
+    middle = score[:, 3:6]
+    torch.testing.assert_close(middle, torch.ones_like(middle), atol=1e-3, rtol=0)
+    assert score[:, [0, 1, 7]].abs().max() < 1e-3  # the leftmost object and cells far from the middle one
+    # The score trains the block's weights; the detections it reads get no gradient from it.
+    logits.requires_grad_()
+    ranks(x, (3, 8), logits, offsets, expression).sum().backward()
+    assert ranks.select[-1].bias.grad.abs().sum() > 0 and logits.grad is None
+
+
+def test_object_ranks_add_to_the_final_mask_only():
+    cfg = make_cfg(*SMALL, **{
+        "MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+        "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES": True, "MODEL.VIPA.DECODER.OBJECT_RANKS": True,
+    })
+    torch.manual_seed(0)
+    dec = VIPATransformerDecoder(cfg, SHAPES).train()
+    multi, mf, kv, valid = decoder_inputs()
+    before = dec(multi, mf, kv, valid)["pred_masks"]
+    torch.nn.init.normal_(dec.object_ranks.select[-1].weight)
+    after = dec(multi, mf, kv, valid)["pred_masks"]
+    for early, early_after in zip(before[:-1], after[:-1]):
+        torch.testing.assert_close(early_after, early)
+    assert not torch.allclose(after[-1], before[-1])
+    after[-1].sum().backward()
+    assert dec.object_ranks.member[0].weight.grad.abs().sum() > 0

@@ -23,6 +23,7 @@ from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, mlp, sine_position_encoding
 from .directional_counts import DirectionalCounts
+from .object_ranks import ObjectRanks
 
 # Initial no-target probability of the no-target head.
 NO_TARGET_PRIOR = 0.01
@@ -81,6 +82,7 @@ class VIPATransformerDecoder(nn.Module):
         count_at_object_centres: bool = False,
         count_peaks: bool = False,
         group_gate_only: bool = False,
+        object_ranks: bool = False,
     ):
         """
         Args:
@@ -100,6 +102,9 @@ class VIPATransformerDecoder(nn.Module):
                 objects, not Gaussian mass (needs ``count_centres``).
             group_gate_only: the returned group logits come from detached tokens, so the
                 group loss trains only the gate (LOSS.GROUP_GATE_ONLY).
+            object_ranks: an :class:`ObjectRanks` block ranks the last layer's detected
+                objects along each axis and adds its per-object score to the final mask
+                (needs ``count_at_object_centres``: the centres and offsets it reads).
         """
         super().__init__()
         if num_layers < 1:
@@ -123,6 +128,12 @@ class VIPATransformerDecoder(nn.Module):
                 "MODEL.VIPA.DECODER.COUNT_PEAKS needs MODEL.VIPA.DECODER.COUNT_CENTRES True (the centre maps whose "
                 "peaks it counts)"
             )
+        if object_ranks and not count_at_object_centres:
+            raise ValueError(
+                "MODEL.VIPA.DECODER.OBJECT_RANKS needs MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True (the object "
+                "centres and offsets it ranks and assigns cells by)"
+            )
+        self.object_ranks = ObjectRanks(hidden_dim) if object_ranks else None
         self.counts = None
         if count_maps > 0:
             self.counts = nn.ModuleList(
@@ -174,6 +185,7 @@ class VIPATransformerDecoder(nn.Module):
             "count_at_object_centres": dec.COUNT_AT_OBJECT_CENTRES,
             "count_peaks": dec.COUNT_PEAKS,
             "group_gate_only": cfg.MODEL.VIPA.LOSS.GROUP_GATE_ONLY,
+            "object_ranks": dec.OBJECT_RANKS,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -232,6 +244,7 @@ class VIPATransformerDecoder(nn.Module):
             name = self.in_features[lvl]
             old = tokens[name]
             x = layer(old, pos[name], attn_kv, attn_valid)
+            aux = {}
             if self.counts is not None:
                 x, aux = self.counts[i](x, sizes[name])
                 if self.training:  # only the criterion reads them
@@ -242,7 +255,11 @@ class VIPATransformerDecoder(nn.Module):
                 tokens[finer] = tokens[finer] + resize_tokens(x - old, sizes[name], sizes[finer])
             # Intermediate masks only serve deep supervision: skip them at inference.
             if self.training or i == self.num_layers - 1:
-                pred_masks.append(self.predict_mask(x, sizes[name], mask_features) + direct)
+                mask = self.predict_mask(x, sizes[name], mask_features) + direct
+                if self.object_ranks is not None and i == self.num_layers - 1:
+                    score = self.object_ranks(x, sizes[name], aux["centre_logits"], aux["centre_offsets"], kv_pooled)
+                    mask = mask + F.interpolate(score[:, None], size=mask.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+                pred_masks.append(mask)
 
         no_target = self.no_target_head(torch.cat([self.decoder_norm(x).mean(dim=1), kv_pooled], dim=-1))
         return {"pred_masks": pred_masks, "no_target_logit": no_target.squeeze(-1), **count_outputs}
