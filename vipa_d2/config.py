@@ -225,7 +225,8 @@ def add_vipa_config(cfg):
     # along each axis by their learned membership in the named group, the expression picks
     # a rank, and every cell of the picked object gets that score added to its final mask
     # logit (vipa_d2/modeling/object_ranks.py). Per-pixel counts leave "second from the
-    # left" to each pixel token. Needs COUNT_AT_OBJECT_CENTRES.
+    # left" to each pixel token. Needs COUNT_AT_OBJECT_CENTRES. Measured worse than the
+    # default at seeds 0 and 1 (docs/benchmarks/EXPERIMENTS.md), so off.
     cfg.MODEL.VIPA.DECODER.OBJECT_RANKS = False
 
     # Losses.
