@@ -78,6 +78,14 @@ def half_plane_sums(maps: torch.Tensor) -> torch.Tensor:
     )
 
 
+def offset_points(offsets: torch.Tensor) -> torch.Tensor:
+    """(B, H, W, 2) offsets (x, y) in cells -> (B, H, W, 2): the (x, y) each cell's offset points at."""
+    h, w = offsets.shape[1:3]
+    ys = torch.arange(h, dtype=offsets.dtype, device=offsets.device)
+    xs = torch.arange(w, dtype=offsets.dtype, device=offsets.device)
+    return torch.stack([xs[None, None, :] + offsets[..., 0], ys[None, :, None] + offsets[..., 1]], dim=-1)
+
+
 def sample_at_offsets(grid: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor:
     """
     (B, H, W, F) values on a grid, (B, H, W, 2) offsets (x, y) in cells -> (B, H, W, F):
@@ -85,12 +93,9 @@ def sample_at_offsets(grid: torch.Tensor, offsets: torch.Tensor) -> torch.Tensor
     grid's border cells).
     """
     h, w = grid.shape[1:3]
-    ys = torch.arange(h, dtype=offsets.dtype, device=offsets.device)
-    xs = torch.arange(w, dtype=offsets.dtype, device=offsets.device)
-    x = xs[None, None, :] + offsets[..., 0]
-    y = ys[None, :, None] + offsets[..., 1]
+    points = offset_points(offsets)
     # grid_sample's coordinates with align_corners=False: -1 and 1 are the grid's outer edges.
-    where = torch.stack([(2 * x + 1) / w - 1, (2 * y + 1) / h - 1], dim=-1)
+    where = torch.stack([(2 * points[..., 0] + 1) / w - 1, (2 * points[..., 1] + 1) / h - 1], dim=-1)
     out = F.grid_sample(grid.permute(0, 3, 1, 2), where, mode="bilinear", padding_mode="border", align_corners=False)
     return out.permute(0, 2, 3, 1)
 

@@ -28,7 +28,7 @@ import torch
 from torch import nn
 
 from .attention import mlp
-from .directional_counts import HALF_PLANES, keep_peaks
+from .directional_counts import HALF_PLANES, keep_peaks, offset_points
 
 # Candidates ranked per image (the synthetic scenes hold up to 6 objects).
 MAX_CANDIDATES = 10
@@ -86,10 +86,7 @@ class ObjectRanks(nn.Module):
             peaks = keep_peaks(torch.sigmoid(centre_logits)).flatten(1)
             found, idx = peaks.topk(min(self.max_candidates, h * w), dim=1)
             xs, ys = (idx % w).to(x.dtype), torch.div(idx, w, rounding_mode="floor").to(x.dtype)
-            cy, cx = torch.meshgrid(
-                torch.arange(h, dtype=x.dtype, device=x.device), torch.arange(w, dtype=x.dtype, device=x.device), indexing="ij"
-            )
-            points = (torch.stack([cx, cy], dim=-1)[None] + offsets).flatten(1, 2)  # (B, h*w, 2)
+            points = offset_points(offsets).flatten(1, 2)  # (B, h*w, 2)
             d2 = (points[:, :, None, 0] - xs[:, None]) ** 2 + (points[:, :, None, 1] - ys[:, None]) ** 2
             assign = torch.softmax(-d2 / (2 * ASSIGN_SIGMA**2) + torch.log(found + EMPTY_PRIOR)[:, None], dim=-1)
         tokens = self.norm(x).gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))

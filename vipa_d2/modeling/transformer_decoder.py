@@ -244,7 +244,6 @@ class VIPATransformerDecoder(nn.Module):
             name = self.in_features[lvl]
             old = tokens[name]
             x = layer(old, pos[name], attn_kv, attn_valid)
-            aux = {}
             if self.counts is not None:
                 x, aux = self.counts[i](x, sizes[name])
                 if self.training:  # only the criterion reads them
@@ -256,6 +255,7 @@ class VIPATransformerDecoder(nn.Module):
             # Intermediate masks only serve deep supervision: skip them at inference.
             if self.training or i == self.num_layers - 1:
                 mask = self.predict_mask(x, sizes[name], mask_features) + direct
+                # ObjectRanks is built only with the count blocks, so ``aux`` holds this layer's centres.
                 if self.object_ranks is not None and i == self.num_layers - 1:
                     score = self.object_ranks(x, sizes[name], aux["centre_logits"], aux["centre_offsets"], kv_pooled)
                     mask = mask + F.interpolate(score[:, None], size=mask.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
