@@ -228,6 +228,14 @@ def add_vipa_config(cfg):
     # left" to each pixel token. Needs COUNT_AT_OBJECT_CENTRES. Measured worse than the
     # default at seeds 0 and 1 (docs/benchmarks/EXPERIMENTS.md), so off.
     cfg.MODEL.VIPA.DECODER.OBJECT_RANKS = False
+    # Choose the referred object among the last layer's centre peaks with its own target
+    # (LOSS.CHOICE_WEIGHT): membership in the named group and its rank within the group give
+    # each candidate a log-probability of being the referred one, and every cell of a
+    # candidate gets it (times a learned gain) added to its final mask logit
+    # (vipa_d2/modeling/object_ranks.py). OBJECT_RANKS learnt the same pick through the mask
+    # alone. Needs COUNT_AT_OBJECT_CENTRES and training records with "object_in_group";
+    # not with OBJECT_RANKS.
+    cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()
@@ -271,6 +279,11 @@ def add_vipa_config(cfg):
     # Weight of the L1 loss on the offsets of DECODER.COUNT_AT_OBJECT_CENTRES (in grid
     # cells, per decoder layer, averaged over the cells inside some object box).
     cfg.MODEL.VIPA.LOSS.OFFSET_WEIGHT = 0.1
+    # Weight of DECODER.OBJECT_CHOICE's losses: cross-entropy of its choice against the
+    # candidates whose centre lies on the target mask (images where none does are left
+    # out), and BCE of its membership against "object_in_group" of the object box each
+    # candidate's centre falls in (nearest box centre when boxes overlap).
+    cfg.MODEL.VIPA.LOSS.CHOICE_WEIGHT = 1.0
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
     # Weight of the no-target classification loss (generalized data only).

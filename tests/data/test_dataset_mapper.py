@@ -334,6 +334,10 @@ def test_object_in_group_follows_the_boxes_kept(tmp_path):
     del rec["object_in_group"]
     with pytest.raises(KeyError, match=r"image_id=3, ref_id=11 has no 'object_in_group'.*GROUP_WEIGHT > 0"):
         mapper(rec)
+    # The object choice trains its membership on the group too.
+    choice = [*opts, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES", True, "MODEL.VIPA.DECODER.OBJECT_CHOICE", True]
+    with pytest.raises(KeyError, match=r"ref_id=11 has no 'object_in_group'.*which MODEL.VIPA.LOSS.CHOICE_WEIGHT > 0"):
+        ReferringDatasetMapper(make_cfg(*choice), is_train=True)(rec)
     # The group loss marks centres too: without the centre loss the boxes still come, and a
     # record without them is refused in the group loss's name.
     no_centre = make_cfg(*opts, "MODEL.VIPA.LOSS.GROUP_WEIGHT", 1.0, "MODEL.VIPA.LOSS.CENTRE_WEIGHT", 0.0)

@@ -3,6 +3,7 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from detectron2.layers import ShapeSpec
 
@@ -13,14 +14,16 @@ from vipa_d2.modeling.losses import (
     VIPACriterion,
     centre_heatmaps,
     centre_loss,
+    choice_loss,
     group_loss,
+    member_loss,
     dice_loss,
     offset_loss,
     pixel_contrastive_loss,
     sigmoid_bce_loss,
 )
 from vipa_d2.modeling.directional_counts import half_plane_sums, keep_peaks, sample_at_offsets
-from vipa_d2.modeling.object_ranks import ObjectRanks, count_bins, rank_counts
+from vipa_d2.modeling.object_ranks import ObjectChoice, ObjectRanks, count_bins, rank_counts
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
 SHAPES = {
@@ -610,6 +613,27 @@ def test_rank_counts_and_bins_count_the_weighted_candidates_on_each_side():
     assert bins.tolist() == [[1, 0, 0, 0], [0, 0.5, 0.5, 0], [0, 0, 0, 1]]
 
 
+def three_objects_in_a_row():
+    """Centre logits and offsets of a 3x8 grid with objects centred at row 1, columns 1, 4
+    and 6; columns 3 and 5 belong to the middle object (offsets point at column 4)."""
+    logits = torch.full((1, 3, 8), -10.0)
+    logits[0, 1, [1, 4, 6]] = 20.0
+    offsets = torch.zeros(1, 3, 8, 2)
+    offsets[0, :, 3, 0], offsets[0, :, 5, 0] = 1.0, -1.0
+    offsets[0, 0, 4, 1], offsets[0, 2, 4, 1] = 1.0, -1.0
+    return logits, offsets
+
+
+
+def object_block_decoder(key: str) -> VIPATransformerDecoder:
+    """A training-mode decoder with the count blocks at object centres and the object block ``key``."""
+    cfg = make_cfg(*SMALL, **{
+        "MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+        "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES": True, f"MODEL.VIPA.DECODER.{key}": True,
+    })
+    torch.manual_seed(0)
+    return VIPATransformerDecoder(cfg, SHAPES).train()
+
 def test_object_ranks_score_the_picked_object_on_all_its_cells():
     with pytest.raises(ValueError, match="OBJECT_RANKS needs MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True"):
         VIPATransformerDecoder(
@@ -620,12 +644,7 @@ def test_object_ranks_score_the_picked_object_on_all_its_cells():
     torch.manual_seed(0)
     ranks = ObjectRanks(32)
     x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
-    # Three objects in row 1 of a 3x8 grid, centred at columns 1, 4 and 6.
-    logits = torch.full((1, 3, 8), -10.0)
-    logits[0, 1, [1, 4, 6]] = 20.0
-    offsets = torch.zeros(1, 3, 8, 2)
-    offsets[0, :, 3, 0], offsets[0, :, 5, 0] = 1.0, -1.0  # columns 3 and 5 belong to the middle object
-    offsets[0, 0, 4, 1], offsets[0, 2, 4, 1] = 1.0, -1.0
+    logits, offsets = three_objects_in_a_row()
     # Untrained, the block adds nothing.
     assert ranks(x, (3, 8), logits, offsets, expression).abs().max() == 0
     # Every candidate a member; the expression picks "exactly one member on the left".
@@ -644,12 +663,7 @@ def test_object_ranks_score_the_picked_object_on_all_its_cells():
 
 
 def test_object_ranks_add_to_the_final_mask_only():
-    cfg = make_cfg(*SMALL, **{
-        "MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
-        "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES": True, "MODEL.VIPA.DECODER.OBJECT_RANKS": True,
-    })
-    torch.manual_seed(0)
-    dec = VIPATransformerDecoder(cfg, SHAPES).train()
+    dec = object_block_decoder("OBJECT_RANKS")
     multi, mf, kv, valid = decoder_inputs()
     before = dec(multi, mf, kv, valid)["pred_masks"]
     torch.nn.init.normal_(dec.object_ranks.select[-1].weight)
@@ -659,3 +673,91 @@ def test_object_ranks_add_to_the_final_mask_only():
     assert not torch.allclose(after[-1], before[-1])
     after[-1].sum().backward()
     assert dec.object_ranks.member[0].weight.grad.abs().sum() > 0
+
+
+def test_object_choice_gives_the_chosen_objects_cells_its_log_probability():
+    with pytest.raises(ValueError, match="OBJECT_CHOICE needs MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True"):
+        VIPATransformerDecoder(
+            make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+                                "MODEL.VIPA.DECODER.OBJECT_CHOICE": True}),
+            SHAPES,
+        )
+    with pytest.raises(ValueError, match="OBJECT_CHOICE and OBJECT_RANKS both score"):
+        VIPATransformerDecoder(
+            make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+                                "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES": True,
+                                "MODEL.VIPA.DECODER.OBJECT_CHOICE": True, "MODEL.VIPA.DECODER.OBJECT_RANKS": True}),
+            SHAPES,
+        )
+    torch.manual_seed(0)
+    choice = ObjectChoice(32)
+    x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
+    logits, offsets = three_objects_in_a_row()
+    # Every candidate a member: untrained, the three objects are equally likely.
+    torch.nn.init.constant_(choice.member[-1].bias, 20.0)
+    torch.nn.init.zeros_(choice.member[-1].weight)
+    cells, out = choice(x, (3, 8), logits, offsets, expression)
+    assert out["choice_found"].tolist() == [[True] * 3 + [False] * 7]
+    torch.testing.assert_close(out["choice_logits"][0, :3].exp(), torch.full((3,), 1 / 3), atol=1e-4, rtol=0)
+    # Centres as fractions of the grid: (column + 0.5) / 8, (row + 0.5) / 3 (in any slot order).
+    points = out["choice_points"][0, :3]
+    torch.testing.assert_close(points[points[:, 0].argsort()], torch.tensor([[1.5 / 8, 0.5], [4.5 / 8, 0.5], [6.5 / 8, 0.5]]))
+    # The expression picks "exactly one member on the left": the middle object.
+    with torch.no_grad():
+        choice.select[-1].bias[1] = 30.0  # direction "left" (0), bin 1
+    cells, out = choice(x, (3, 8), logits, offsets, expression)
+    cells = cells[0]
+    # Log-probability ~0 on all of the middle object's cells (the soft assignment leaks
+    # exp(-8) of a cell two columns from another centre, at -30 each).
+    assert cells[:, 3:6].abs().max() < 0.02
+    assert cells[:, [0, 1, 2, 6, 7]].max() < -25  # the others' cells are pushed down
+    # A candidate outside the named group loses its share.
+    torch.nn.init.normal_(choice.member[-1].weight)
+    logits.requires_grad_()
+    cells, out = choice(x, (3, 8), logits, offsets, expression)
+    (cells.sum() + out["choice_logits"][0, 0]).backward()
+    assert choice.gain.grad.abs() > 0 and choice.member[0].weight.grad.abs().sum() > 0
+    assert logits.grad is None  # the detections it reads get no gradient from it
+
+
+def test_object_choice_adds_to_the_final_mask_and_returns_its_candidates_in_training():
+    dec = object_block_decoder("OBJECT_CHOICE")
+    multi, mf, kv, valid = decoder_inputs()
+    out = dec(multi, mf, kv, valid)
+    assert {"choice_logits", "member_logits", "choice_points", "choice_found"} <= set(out)
+    with torch.no_grad():
+        dec.object_choice.gain.zero_()
+    without = dec(multi, mf, kv, valid)["pred_masks"]
+    for early, early_without in zip(out["pred_masks"][:-1], without[:-1]):
+        torch.testing.assert_close(early_without, early)
+    assert not torch.allclose(out["pred_masks"][-1], without[-1])
+    assert set(dec.eval()(multi, mf, kv, valid)) == {"pred_masks", "no_target_logit"}
+
+
+def test_choice_loss_targets_the_candidates_centred_on_the_target():
+    # A 16 x 16 input; the target covers the left half of image 0; image 1 has none.
+    gt = torch.zeros(2, 16, 16)
+    gt[0, :, :8] = 1
+    points = torch.tensor([[[0.25, 0.5], [0.75, 0.5], [0.1, 0.1]]] * 2)
+    found = torch.tensor([[True, True, False], [True, True, True]])
+    log_prob = torch.log_softmax(torch.tensor([[0.0, 1.0, -5.0], [2.0, 0.0, 0.0]]), dim=-1).requires_grad_()
+    loss = choice_loss(log_prob, points, found, gt)
+    # Only candidate 0 of image 0 counts (candidate 2 lies on the target but is an empty slot).
+    torch.testing.assert_close(loss, -log_prob[0, 0])
+    loss.backward()
+    assert torch.isfinite(log_prob.grad).all() and log_prob.grad[1].abs().sum() == 0
+    # No positive anywhere: zero, still differentiable.
+    none = choice_loss(log_prob, points, found, torch.zeros(2, 16, 16))
+    assert none.item() == 0 and none.requires_grad
+
+
+def test_member_loss_reads_the_group_of_the_box_each_candidate_lies_in():
+    # A 32 x 32 input; box 1 lies inside box 0 (its centre is the nearer one there).
+    boxes = [torch.tensor([[0.0, 0.0, 32.0, 16.0], [16.0, 0.0, 32.0, 8.0]]), torch.zeros(0, 4)]
+    in_group = [torch.tensor([False, True]), torch.zeros(0, dtype=torch.bool)]
+    # Image 0: in box 1 only via nearest centre, in box 0 only, in no box, an empty slot.
+    points = torch.tensor([[[0.75, 0.125], [0.25, 0.25], [0.5, 0.9], [0.75, 0.125]]] * 2)
+    found = torch.tensor([[True, True, True, False], [True] * 4])
+    logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0] * 4])
+    expected = (F.binary_cross_entropy_with_logits(logits[0, :2], torch.tensor([1.0, 0.0]), reduction="sum")) / 2
+    torch.testing.assert_close(member_loss(logits, points, found, boxes, in_group, (32, 32)), expected)

@@ -180,15 +180,21 @@ def test_offset_loss_trains_through_the_model(tokenizer):
         model(inputs)
 
 
-def test_group_loss_trains_through_the_model(tokenizer):
-    """MODEL.VIPA.LOSS.GROUP_WEIGHT: the mapper's object_in_group reaches one group loss per
-    decoder layer, whose gradient reaches the supervised gate; inputs without it are refused."""
-    model = build("MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.LOSS.GROUP_WEIGHT", 1.0).train()
+def grouped_inputs(tokenizer):
+    """Two training inputs with object boxes and the named group (the second image has no objects)."""
     inputs = make_inputs(tokenizer, ["the second circle from the left", "blue square"])
     inputs[0]["object_boxes"] = torch.tensor([[8.0, 10.0, 40.0, 30.0], [40.0, 40.0, 60.0, 60.0]])
     inputs[0]["object_in_group"] = torch.tensor([True, False])
     inputs[1]["object_boxes"] = torch.zeros(0, 4)
     inputs[1]["object_in_group"] = torch.zeros(0, dtype=torch.bool)
+    return inputs
+
+
+def test_group_loss_trains_through_the_model(tokenizer):
+    """MODEL.VIPA.LOSS.GROUP_WEIGHT: the mapper's object_in_group reaches one group loss per
+    decoder layer, whose gradient reaches the supervised gate; inputs without it are refused."""
+    model = build("MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.LOSS.GROUP_WEIGHT", 1.0).train()
+    inputs = grouped_inputs(tokenizer)
     losses = model(inputs)
     layers = model.head.transformer_decoder.num_layers
     assert all(torch.isfinite(losses[f"loss_group_{i}"]) and losses[f"loss_group_{i}"] > 0 for i in range(layers))
@@ -202,6 +208,24 @@ def test_group_loss_trains_through_the_model(tokenizer):
     assert "loss_centre_0" not in losses and torch.isfinite(losses["loss_group_0"])
     del inputs[1]["object_in_group"]
     with pytest.raises(ValueError, match=r"GROUP_WEIGHT > 0 needs training inputs with \[.*'object_in_group'\]; missing"):
+        model(inputs)
+
+
+def test_choice_loss_trains_through_the_model(tokenizer):
+    """MODEL.VIPA.DECODER.OBJECT_CHOICE: the candidates reach the choice and membership
+    losses, whose gradients reach the block; inputs without the named group are refused."""
+    model = build(
+        "MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES", True,
+        "MODEL.VIPA.DECODER.OBJECT_CHOICE", True,
+    ).train()
+    inputs = grouped_inputs(tokenizer)
+    losses = model(inputs)
+    assert torch.isfinite(losses["loss_choice"]) and torch.isfinite(losses["loss_choice_member"])
+    sum(losses.values()).backward()
+    choice = model.head.transformer_decoder.object_choice
+    assert choice.gain.grad is not None and choice.member[0].weight.grad is not None
+    del inputs[0]["object_in_group"]
+    with pytest.raises(ValueError, match=r"CHOICE_WEIGHT > 0 needs training inputs with \['object_in_group'\]; missing"):
         model(inputs)
 
 

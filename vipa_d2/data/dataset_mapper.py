@@ -13,7 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from ..modeling.losses import object_box_losses
+from ..modeling.losses import object_box_losses, object_group_losses
 from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
@@ -104,8 +104,8 @@ class ReferringDatasetMapper:
     :func:`vipa_d2.modeling.losses.object_box_losses`) training inputs also carry
     ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the image's
     augmentation, clipped to it; none left outside it): every object of the image, for the
-    centre maps and offsets. With ``group_supervision`` (``MODEL.VIPA.LOSS.GROUP_WEIGHT`` >
-    0) they also carry ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
+    centre maps and offsets. With ``group_losses`` (those that train on the named group,
+    :func:`vipa_d2.modeling.losses.object_group_losses`) they also carry ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
     the same boxes): which objects the expression's category / colour words name.
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
@@ -123,12 +123,12 @@ class ReferringDatasetMapper:
         max_text_len: int,
         landmark_supervision: bool = False,
         box_losses: Tuple[str, ...] = (),
-        group_supervision: bool = False,
+        group_losses: Tuple[str, ...] = (),
     ):
         self.is_train = is_train
         self.landmark_supervision = is_train and landmark_supervision  # test mode passes the landmark on as data
         self.box_losses = tuple(box_losses) if is_train else ()
-        self.group_supervision = is_train and group_supervision
+        self.group_losses = tuple(group_losses) if is_train else ()
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.tokenizer = tokenizer
@@ -146,7 +146,7 @@ class ReferringDatasetMapper:
             "max_text_len": cfg.INPUT.MAX_TEXT_LEN,
             "landmark_supervision": cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
             "box_losses": object_box_losses(cfg),
-            "group_supervision": cfg.MODEL.VIPA.LOSS.GROUP_WEIGHT > 0,
+            "group_losses": object_group_losses(cfg),
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
@@ -179,12 +179,12 @@ class ReferringDatasetMapper:
         # An object outside the augmented image (e.g. cropped away) has no centre to mark.
         inside = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         out = {"object_boxes": torch.as_tensor(xyxy[inside], dtype=torch.float32)}
-        if self.group_supervision:
+        if self.group_losses:
             in_group = self._require(
                 record,
                 "object_in_group",
                 "per object box, whether the expression's category / colour words name it",
-                "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0",
+                " and ".join(self.group_losses),
                 "vipa_d2's REFER loader writes it for sentences with 'group_ann_ids' (a synthetic benchmark "
                 "generated before that field needs regenerating), a custom loader must too",
             )

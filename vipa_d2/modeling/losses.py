@@ -134,24 +134,88 @@ def offset_loss(offsets: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> t
     return total / max(1, cells)
 
 
+def choice_loss(log_prob: torch.Tensor, points: torch.Tensor, found: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """
+    Cross-entropy of (B, K) log-probabilities over candidates against the candidates whose
+    centre (``points``: (B, K, 2) (x, y) fractions of the padded input) lies on the (B, H, W)
+    target mask ``gt``; ``found`` (B, K) bool marks the slots holding a candidate. Several
+    such candidates share the target (-log of their summed probability); images with none
+    (no target, or the detector missed it) are left out.
+    """
+    h, w = gt.shape[-2:]
+    cols = (points[..., 0] * w).long().clamp(0, w - 1)
+    rows = (points[..., 1] * h).long().clamp(0, h - 1)
+    on = (gt[torch.arange(len(gt), device=gt.device)[:, None], rows, cols] > 0.5) & found
+    has = on.any(dim=1)
+    if not has.any():
+        return log_prob.sum() * 0.0  # keeps the graph (DDP) while contributing nothing
+    # Only images with a positive: a row of -inf alone would give NaN gradients.
+    return -torch.logsumexp(log_prob[has].masked_fill(~on[has], float("-inf")), dim=1).mean()
+
+
+def member_loss(
+    logits: torch.Tensor,
+    points: torch.Tensor,
+    found: torch.Tensor,
+    boxes: List[torch.Tensor],
+    in_group: List[torch.Tensor],
+    input_hw,
+) -> torch.Tensor:
+    """
+    BCE of (B, K) membership logits of candidates centred at ``points`` ((B, K, 2) (x, y)
+    fractions of the padded input of size ``input_hw``; ``found`` (B, K) bool marks real
+    candidates) against ``in_group`` of the object box each centre falls in (the box with
+    the nearest centre where boxes overlap). ``boxes``: per image, (N, 4) XYXY in input
+    pixels; ``in_group``: per image, (N,) bool. Candidates in no box are not trained.
+    """
+    total, count = logits.sum() * 0.0, 0
+    scale = points.new_tensor([input_hw[1], input_hw[0]])
+    for lg, pt, held, b, g in zip(logits, points, found, boxes, in_group):
+        if len(b) == 0:
+            continue
+        px = pt * scale  # (K, 2)
+        b = b.to(px.dtype)
+        inside = (px[:, None, 0] >= b[None, :, 0]) & (px[:, None, 0] < b[None, :, 2])
+        inside &= (px[:, None, 1] >= b[None, :, 1]) & (px[:, None, 1] < b[None, :, 3])
+        d2 = ((px[:, None] - (b[None, :, :2] + b[None, :, 2:]) / 2) ** 2).sum(dim=-1)
+        box = d2.masked_fill(~inside, float("inf")).argmin(dim=1)
+        trained = held & inside.any(dim=1)
+        if trained.any():
+            target = g.to(lg.dtype)[box]
+            total = total + F.binary_cross_entropy_with_logits(lg[trained], target[trained], reduction="sum")
+            count += int(trained.sum())
+    return total / max(1, count)
+
+
 # The criterion's weights whose losses train on the objects' boxes (training inputs'
 # ``object_boxes``), with their config keys.
 BOX_LOSS_KEYS = {
     "centre_weight": "MODEL.VIPA.LOSS.CENTRE_WEIGHT",
     "group_weight": "MODEL.VIPA.LOSS.GROUP_WEIGHT",
     "offset_weight": "MODEL.VIPA.LOSS.OFFSET_WEIGHT",
+    "choice_weight": "MODEL.VIPA.LOSS.CHOICE_WEIGHT",
+}
+# Those that also train on the named group (training inputs' ``object_in_group``).
+GROUP_LOSS_KEYS = {
+    "group_weight": "MODEL.VIPA.LOSS.GROUP_WEIGHT",
+    "choice_weight": "MODEL.VIPA.LOSS.CHOICE_WEIGHT",
 }
 
 
-def box_losses(weights: Dict) -> List[str]:
-    """"KEY > 0" for each loss of ``BOX_LOSS_KEYS`` that ``weights`` (the criterion's
-    arguments) turn on."""
-    return [f"{key} > 0" for name, key in BOX_LOSS_KEYS.items() if weights.get(name, 0.0) > 0]
+def box_losses(weights: Dict, keys: Dict = BOX_LOSS_KEYS) -> List[str]:
+    """"KEY > 0" for each loss of ``keys`` that ``weights`` (the criterion's arguments)
+    turn on."""
+    return [f"{key} > 0" for name, key in keys.items() if weights.get(name, 0.0) > 0]
 
 
 def object_box_losses(cfg) -> List[str]:
     """:func:`box_losses` of the criterion a config builds."""
     return box_losses(VIPACriterion.from_config(cfg))
+
+
+def object_group_losses(cfg) -> List[str]:
+    """The losses of the criterion a config builds that train on ``object_in_group``."""
+    return box_losses(VIPACriterion.from_config(cfg), GROUP_LOSS_KEYS)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, smooth: float = 1.0):
@@ -215,6 +279,7 @@ class VIPACriterion(nn.Module):
         centre_weight: float = 0.0,
         group_weight: float = 0.0,
         offset_weight: float = 0.0,
+        choice_weight: float = 0.0,
     ):
         super().__init__()
         if contrastive_temperature <= 0:
@@ -234,8 +299,12 @@ class VIPACriterion(nn.Module):
         self.centre_weight = centre_weight
         self.group_weight = group_weight
         self.offset_weight = offset_weight
-        weights = dict(centre_weight=centre_weight, group_weight=group_weight, offset_weight=offset_weight)
+        self.choice_weight = choice_weight
+        weights = dict(
+            centre_weight=centre_weight, group_weight=group_weight, offset_weight=offset_weight, choice_weight=choice_weight
+        )
         self.box_losses = box_losses(weights)
+        self.group_losses = box_losses(weights, GROUP_LOSS_KEYS)
 
     @classmethod
     def from_config(cls, cfg):
@@ -269,6 +338,8 @@ class VIPACriterion(nn.Module):
             "group_weight": loss.GROUP_WEIGHT,
             # Only the offsets of DECODER.COUNT_AT_OBJECT_CENTRES have an offset loss.
             "offset_weight": loss.OFFSET_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES else 0.0,
+            # Only the candidates of DECODER.OBJECT_CHOICE have a choice loss.
+            "choice_weight": loss.CHOICE_WEIGHT if cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE else 0.0,
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
@@ -298,6 +369,10 @@ class VIPACriterion(nn.Module):
         group_logits: Optional[List[torch.Tensor]] = None,
         object_in_group: Optional[List[torch.Tensor]] = None,
         centre_offsets: Optional[List[torch.Tensor]] = None,
+        choice_logits: Optional[torch.Tensor] = None,
+        member_logits: Optional[torch.Tensor] = None,
+        choice_points: Optional[torch.Tensor] = None,
+        choice_found: Optional[torch.Tensor] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -320,6 +395,11 @@ class VIPACriterion(nn.Module):
             centre_offsets: per decoder layer (B, h, w, 2) offsets (x, y, in cells) from each
                 cell to its object's centre; read, with ``object_boxes``, when
                 ``offset_weight`` > 0.
+            choice_logits, member_logits, choice_points, choice_found: the object choice's
+                (B, K) log-probabilities and membership logits of its candidates, their
+                centres ((B, K, 2) (x, y) fractions of the padded input) and which slots
+                hold one (:class:`vipa_d2.modeling.object_ranks.ObjectChoice`); read, with
+                ``object_boxes`` and ``object_in_group``, when ``choice_weight`` > 0.
         """
         gt = gt_masks.float()
         losses = self.mask_losses(pred_masks[-1], gt, image_valid)
@@ -359,6 +439,11 @@ class VIPACriterion(nn.Module):
         if self.offset_weight > 0:
             for i, offsets in enumerate(centre_offsets):
                 losses[f"loss_offset_{i}"] = self.offset_weight * offset_loss(offsets, object_boxes, gt.shape[-2:])
+        if self.choice_weight > 0:
+            losses["loss_choice"] = self.choice_weight * choice_loss(choice_logits, choice_points, choice_found, gt)
+            losses["loss_choice_member"] = self.choice_weight * member_loss(
+                member_logits, choice_points, choice_found, object_boxes, object_in_group, gt.shape[-2:]
+            )
         # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
         # no-target head never becomes an unused parameter under DDP.
         losses["loss_no_target"] = self.no_target_weight * F.binary_cross_entropy_with_logits(

@@ -352,12 +352,16 @@ class VIPA(nn.Module):
             centres["object_boxes"] = [x["object_boxes"].to(self.device) for x in batched_inputs]
         if c.centre_weight > 0:
             centres["centre_logits"] = outputs["centre_logits"]
-        if c.group_weight > 0:
-            require_inputs(batched_inputs, ["object_in_group"], "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0")
-            centres["group_logits"] = outputs["group_logits"]
+        if c.group_losses:
+            require_inputs(batched_inputs, ["object_in_group"], " and ".join(c.group_losses))
             centres["object_in_group"] = [x["object_in_group"].to(self.device) for x in batched_inputs]
+        if c.group_weight > 0:
+            centres["group_logits"] = outputs["group_logits"]
         if c.offset_weight > 0:
             centres["centre_offsets"] = outputs["centre_offsets"]
+        if c.choice_weight > 0:
+            for key in ("choice_logits", "member_logits", "choice_points", "choice_found"):
+                centres[key] = outputs[key]
         return self.criterion(
             outputs["pred_masks"],
             outputs["no_target_logit"],

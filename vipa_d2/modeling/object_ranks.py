@@ -23,8 +23,13 @@ block does not). Each gets
 Every cell then takes the score of the candidate its centre offset points at, and the
 decoder adds that to the last layer's mask logits. The weight vector starts at zero, so
 the untrained block changes nothing.
+
+:class:`ObjectChoice` makes the same pick with its own object-level target: a
+cross-entropy over the candidates against the referred object, membership trained on the
+named group.
 """
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .attention import mlp
@@ -57,19 +62,62 @@ def count_bins(counts: torch.Tensor, max_rank: int) -> torch.Tensor:
     return (1 - (counts.clamp(max=max_rank)[..., None] - levels).abs()).clamp(min=0)
 
 
-class ObjectRanks(nn.Module):
-    """Per-cell object scores from the last decoder layer; see the module docstring."""
+def detect_candidates(centre_logits: torch.Tensor, offsets: torch.Tensor, max_candidates: int):
+    """
+    The candidates of a (B, h, w) centre-logit grid and each cell's soft assignment to them,
+    all without gradient (the centre and offset losses train the detections).
 
-    def __init__(self, dim: int, max_candidates: int = MAX_CANDIDATES, max_rank: int = MAX_RANK):
+    Returns:
+        idx (B, K) flat cells of the (at most ``max_candidates``) highest peaks; found (B, K)
+        their centre probabilities (0: fewer peaks than K, the slot is empty); xs, ys (B, K)
+        their columns and rows; assign (B, h*w, K): per cell, a softmax over the candidates
+        by squared distance to where its offset points (width ``ASSIGN_SIGMA``), empty slots
+        held back by log(``EMPTY_PRIOR``).
+    """
+    h, w = centre_logits.shape[-2:]
+    with torch.no_grad():
+        peaks = keep_peaks(torch.sigmoid(centre_logits)).flatten(1)
+        found, idx = peaks.topk(min(max_candidates, h * w), dim=1)
+        dtype = centre_logits.dtype
+        xs, ys = (idx % w).to(dtype), torch.div(idx, w, rounding_mode="floor").to(dtype)
+        points = offset_points(offsets).flatten(1, 2)  # (B, h*w, 2)
+        d2 = (points[:, :, None, 0] - xs[:, None]) ** 2 + (points[:, :, None, 1] - ys[:, None]) ** 2
+        assign = torch.softmax(-d2 / (2 * ASSIGN_SIGMA**2) + torch.log(found + EMPTY_PRIOR)[:, None], dim=-1)
+    return idx, found, xs, ys, assign
+
+
+class _ObjectBlock(nn.Module):
+    """What the object blocks share: their candidates, membership logits and rank bins."""
+
+    def __init__(self, dim: int, max_candidates: int, max_rank: int, select_bias: bool):
         super().__init__()
         self.max_candidates = max_candidates
         self.max_rank = max_rank
         self.norm = nn.LayerNorm(dim)
         self.member = mlp(2 * dim, dim, 1)
-        # Weights over (4 directions x bins) and a bias term, from the pooled expression.
-        self.select = mlp(dim, dim, HALF_PLANES * (max_rank + 1) + 1)
+        # Weights over (4 directions x bins), and with ``select_bias`` a bias term, from the
+        # pooled expression; zero at the start.
+        self.select = mlp(dim, dim, HALF_PLANES * (max_rank + 1) + int(select_bias))
         nn.init.zeros_(self.select[-1].weight)
         nn.init.zeros_(self.select[-1].bias)
+
+    def candidates(self, x, centre_logits, offsets, expression):
+        """:func:`detect_candidates` (less idx) and the candidates' (B, K) membership logits."""
+        idx, found, xs, ys, assign = detect_candidates(centre_logits, offsets, self.max_candidates)
+        tokens = self.norm(x).gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
+        expr = expression[:, None].expand_as(tokens)
+        return found, xs, ys, assign, self.member(torch.cat([tokens, expr], dim=-1)).squeeze(-1)
+
+    def rank_bins(self, xs, ys, member):
+        """(B, K, 4 * (max_rank + 1)): each candidate's binned counts of members per side."""
+        return count_bins(rank_counts(xs, ys, member), self.max_rank).flatten(2)
+
+
+class ObjectRanks(_ObjectBlock):
+    """Per-cell object scores from the last decoder layer; see the module docstring."""
+
+    def __init__(self, dim: int, max_candidates: int = MAX_CANDIDATES, max_rank: int = MAX_RANK):
+        super().__init__(dim, max_candidates, max_rank, select_bias=True)
 
     def forward(self, x, size, centre_logits, offsets, expression):
         """
@@ -81,18 +129,60 @@ class ObjectRanks(nn.Module):
         Returns:
             (B, h, w) score of the object each cell belongs to (0 where no candidate).
         """
-        h, w = size
-        with torch.no_grad():  # detections are read here; the centre and offset losses train them
-            peaks = keep_peaks(torch.sigmoid(centre_logits)).flatten(1)
-            found, idx = peaks.topk(min(self.max_candidates, h * w), dim=1)
-            xs, ys = (idx % w).to(x.dtype), torch.div(idx, w, rounding_mode="floor").to(x.dtype)
-            points = offset_points(offsets).flatten(1, 2)  # (B, h*w, 2)
-            d2 = (points[:, :, None, 0] - xs[:, None]) ** 2 + (points[:, :, None, 1] - ys[:, None]) ** 2
-            assign = torch.softmax(-d2 / (2 * ASSIGN_SIGMA**2) + torch.log(found + EMPTY_PRIOR)[:, None], dim=-1)
-        tokens = self.norm(x).gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
-        expr = expression[:, None].expand_as(tokens)
-        member = torch.sigmoid(self.member(torch.cat([tokens, expr], dim=-1)).squeeze(-1)) * found
-        bins = count_bins(rank_counts(xs, ys, member), self.max_rank).flatten(2)
+        found, xs, ys, assign, member_logits = self.candidates(x, centre_logits, offsets, expression)
+        member = torch.sigmoid(member_logits) * found
+        bins = self.rank_bins(xs, ys, member)
         features = torch.cat([bins, torch.ones_like(member)[..., None]], dim=-1)
         score = member * (features * self.select(expression)[:, None]).sum(dim=-1)  # (B, K)
-        return torch.einsum("bpk,bk->bp", assign, score).unflatten(1, (h, w))
+        return torch.einsum("bpk,bk->bp", assign, score).unflatten(1, tuple(size))
+
+
+class ObjectChoice(_ObjectBlock):
+    """
+    The referred object chosen among the last decoder layer's detected objects, with its
+    own object-level target (``ObjectRanks`` learnt its pick through the mask loss alone
+    and hurt). Per candidate (:func:`detect_candidates`):
+
+    - a group-membership logit from its token and the pooled expression (the criterion
+      trains it on the named group, ``object_in_group``);
+    - its counts of members left / right / above / below as bins, as in ``ObjectRanks``;
+    - a choice logit: log sigmoid(membership) (the referred object is a member) plus the
+      bins weighted by a vector the pooled expression predicts (zero at the start, so the
+      untrained block chooses among members uniformly). Empty slots get log(EMPTY_PRIOR).
+
+    The criterion trains the choice as a cross-entropy over the candidates against the ones
+    whose centre lies on the target mask. Every cell then takes the log-probability of the
+    candidate its offset points at, times a learned gain (starting at 1: added to a logit, a
+    log-probability keeps the chosen object's cells as they are and lowers the others'),
+    and the decoder adds that to the final mask logits.
+    """
+
+    def __init__(self, dim: int, max_candidates: int = MAX_CANDIDATES, max_rank: int = MAX_RANK):
+        super().__init__(dim, max_candidates, max_rank, select_bias=False)
+        self.gain = nn.Parameter(torch.ones(()))
+
+    def forward(self, x, size, centre_logits, offsets, expression):
+        """
+        Args: as :meth:`ObjectRanks.forward`.
+        Returns:
+            (B, h, w) the gain times the log-probability that the object each cell belongs
+            to is the referred one, and a dict for the criterion: "choice_logits" (B, K)
+            log-probabilities over the candidates, "member_logits" (B, K), "choice_points"
+            (B, K, 2) the candidates' centres as (x, y) fractions of the grid (of the padded
+            input) and "choice_found" (B, K) bool, the slots that hold a candidate.
+        """
+        h, w = size
+        found, xs, ys, assign, member_logits = self.candidates(x, centre_logits, offsets, expression)
+        held = found > 0
+        member = torch.sigmoid(member_logits) * held
+        rank = (self.rank_bins(xs, ys, member) * self.select(expression)[:, None]).sum(dim=-1)
+        logits = F.logsigmoid(member_logits) + rank + torch.log(held.to(rank.dtype) + EMPTY_PRIOR)
+        log_prob = torch.log_softmax(logits, dim=-1)
+        cells = self.gain * torch.einsum("bpk,bk->bp", assign, log_prob).unflatten(1, (h, w))
+        points = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], dim=-1)
+        return cells, {
+            "choice_logits": log_prob,
+            "member_logits": member_logits,
+            "choice_points": points,
+            "choice_found": held,
+        }

@@ -23,7 +23,7 @@ from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, mlp, sine_position_encoding
 from .directional_counts import DirectionalCounts
-from .object_ranks import ObjectRanks
+from .object_ranks import ObjectChoice, ObjectRanks
 
 # Initial no-target probability of the no-target head.
 NO_TARGET_PRIOR = 0.01
@@ -83,6 +83,7 @@ class VIPATransformerDecoder(nn.Module):
         count_peaks: bool = False,
         group_gate_only: bool = False,
         object_ranks: bool = False,
+        object_choice: bool = False,
     ):
         """
         Args:
@@ -105,6 +106,10 @@ class VIPATransformerDecoder(nn.Module):
             object_ranks: an :class:`ObjectRanks` block ranks the last layer's detected
                 objects along each axis and adds its per-object score to the final mask
                 (needs ``count_at_object_centres``: the centres and offsets it reads).
+            object_choice: an :class:`ObjectChoice` block chooses the referred object among
+                the last layer's detected objects (trained by the criterion's choice loss on
+                the returned candidates) and adds its log-probability to the final mask
+                (needs ``count_at_object_centres``; not with ``object_ranks``).
         """
         super().__init__()
         if num_layers < 1:
@@ -133,7 +138,17 @@ class VIPATransformerDecoder(nn.Module):
                 "MODEL.VIPA.DECODER.OBJECT_RANKS needs MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True (the object "
                 "centres and offsets it ranks and assigns cells by)"
             )
+        if object_choice and not count_at_object_centres:
+            raise ValueError(
+                "MODEL.VIPA.DECODER.OBJECT_CHOICE needs MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True (the object "
+                "centres and offsets it chooses among and assigns cells by)"
+            )
+        if object_choice and object_ranks:
+            raise ValueError(
+                "MODEL.VIPA.DECODER.OBJECT_CHOICE and OBJECT_RANKS both score the final mask by object; set one of them"
+            )
         self.object_ranks = ObjectRanks(hidden_dim) if object_ranks else None
+        self.object_choice = ObjectChoice(hidden_dim) if object_choice else None
         self.counts = None
         if count_maps > 0:
             self.counts = nn.ModuleList(
@@ -186,6 +201,7 @@ class VIPATransformerDecoder(nn.Module):
             "count_peaks": dec.COUNT_PEAKS,
             "group_gate_only": cfg.MODEL.VIPA.LOSS.GROUP_GATE_ONLY,
             "object_ranks": dec.OBJECT_RANKS,
+            "object_choice": dec.OBJECT_CHOICE,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -215,7 +231,9 @@ class VIPATransformerDecoder(nn.Module):
              "no_target_logit": (B,)}, and in training with ``count_centres``
             "centre_logits": [(B, h, w) object-centre logits per layer, on its grid] and
             "group_logits": [(B, h, w) logits of the gate LOSS.GROUP_WEIGHT supervises, ditto],
-            with ``count_at_object_centres`` also "centre_offsets": [(B, h, w, 2) per layer].
+            with ``count_at_object_centres`` also "centre_offsets": [(B, h, w, 2) per layer];
+            with ``object_choice`` also its candidates' "choice_logits", "member_logits",
+            "choice_points" and "choice_found" (:meth:`ObjectChoice.forward`).
         """
         # Work on (B, HW, C) tokens throughout: one layout change per scale, not per layer.
         sizes = {n: tuple(features[n].shape[-2:]) for n in self.in_features}
@@ -255,9 +273,17 @@ class VIPATransformerDecoder(nn.Module):
             # Intermediate masks only serve deep supervision: skip them at inference.
             if self.training or i == self.num_layers - 1:
                 mask = self.predict_mask(x, sizes[name], mask_features) + direct
-                # ObjectRanks is built only with the count blocks, so ``aux`` holds this layer's centres.
-                if self.object_ranks is not None and i == self.num_layers - 1:
+                # The object blocks are built only with the count blocks, so ``aux`` holds this layer's centres.
+                score, last = None, i == self.num_layers - 1
+                if self.object_ranks is not None and last:
                     score = self.object_ranks(x, sizes[name], aux["centre_logits"], aux["centre_offsets"], kv_pooled)
+                if self.object_choice is not None and last:
+                    score, choice = self.object_choice(
+                        x, sizes[name], aux["centre_logits"], aux["centre_offsets"], kv_pooled
+                    )
+                    if self.training:
+                        count_outputs.update(choice)
+                if score is not None:
                     mask = mask + F.interpolate(score[:, None], size=mask.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
                 pred_masks.append(mask)
 
