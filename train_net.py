@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from vipa_d2 import get_vipa_cfg
-from vipa_d2.engine import ReferringTrainer, load_weights
+from vipa_d2.engine import ReferringTrainer, leave_process_group, load_weights
 
 
 class Trainer(ReferringTrainer):
@@ -43,10 +43,13 @@ def main(args):
             trusted=cfg.MODEL.WEIGHTS_TRUSTED,
             resume_dir=cfg.OUTPUT_DIR if args.resume else "",
         )
-        return Trainer.test(cfg, model)
-    trainer = Trainer(cfg)
-    trainer.resume_or_load(resume=args.resume)
-    return trainer.train()
+        results = Trainer.test(cfg, model)
+    else:
+        trainer = Trainer(cfg)
+        trainer.resume_or_load(resume=args.resume)
+        results = trainer.train()
+    leave_process_group()
+    return results
 
 
 def invoke_main() -> None:

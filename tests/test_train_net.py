@@ -246,11 +246,18 @@ def test_checkpoint_save_is_atomic(tmp_path):
 
 
 # --------------------------------------------------------------------- two processes
+def main_leaving_no_group(args):
+    """train_net.main in a launched rank; it must take its process group down (gloo can
+    abort a rank at exit otherwise)."""
+    train_net.main(args)
+    assert not torch.distributed.is_initialized(), "train_net.main left its process group up"
+
+
 def test_two_process_training_and_evaluation(tmp_path):
     two_dir, one_dir = tmp_path / "two", tmp_path / "one"
     # --num-gpus 2 on a CPU machine: detectron2's launch spawns 2 ranks over gloo.
     args = train_net_args(two_dir, "--num-gpus", "2", opts=["SOLVER.MAX_ITER", "2"])
-    launch(train_net.main, args.num_gpus, dist_url=args.dist_url, args=(args,))
+    launch(main_leaving_no_group, args.num_gpus, dist_url=args.dist_url, args=(args,))
     assert (two_dir / "last_checkpoint").read_text() == "model_final.pth"
     two_process = results_file(two_dir)  # written by rank 0 after gathering both ranks
 

@@ -23,6 +23,7 @@ from common import (
     sample,
 )
 from vipa_d2.data.masks import annotations_to_mask
+from vipa_d2.engine import leave_process_group
 from vipa_d2.evaluation import ReferringEvaluator
 
 PREC_KEYS = ["Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
@@ -191,11 +192,7 @@ def _two_process_worker(inputs, outputs, result_dir):
     evaluator.process(inputs[rank * half : (rank + 1) * half], outputs[rank * half : (rank + 1) * half])
     with open(f"{result_dir}/rank{rank}.json", "w") as f:
         json.dump(evaluator.evaluate(), f)
-    # Leave together and take gloo down before the interpreter exits: a rank that exits while
-    # the group's threads still run can abort ("terminate called without an active
-    # exception", SIGABRT), seen once in CI at ceddac4.
-    comm.synchronize()
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 def test_two_process_evaluation_equals_single_process(tmp_path):

@@ -11,6 +11,7 @@ from .checkpoint import (
 )
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
+from .process_group import leave_process_group
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
 from .trainer import ReferringTrainer
 
@@ -25,6 +26,7 @@ __all__ = [
     "StepSeedHook",
     "build_vipa_optimizer",
     "get_vipa_optimizer_params",
+    "leave_process_group",
     "shuffle_expressions",
     "StrictCheckpointer",
     "UntrustedCheckpointError",
