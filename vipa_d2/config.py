@@ -234,7 +234,8 @@ def add_vipa_config(cfg):
     # candidate gets it (times a learned gain) added to its final mask logit
     # (vipa_d2/modeling/object_ranks.py). OBJECT_RANKS learnt the same pick through the mask
     # alone. Needs COUNT_AT_OBJECT_CENTRES and training records with "object_in_group";
-    # not with OBJECT_RANKS.
+    # not with OBJECT_RANKS. Measured no better than the default at seeds 0 and 1 (it picks
+    # the right ordinal only half the time, docs/benchmarks/EXPERIMENTS.md), so off.
     cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE = False
 
     # Losses.
