@@ -237,6 +237,16 @@ def add_vipa_config(cfg):
     # not with OBJECT_RANKS. Measured no better than the default at seeds 0 and 1 (it picks
     # the right ordinal only half the time, docs/benchmarks/EXPERIMENTS.md), so off.
     cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE = False
+    # OBJECT_CHOICE reads its rank weights ("second from the left": bin 1 of "members on
+    # the left") from the words (the text encoder's tokens through a projection, pooled by
+    # attention from a learned query) rather than from the pooled K/V tokens, which the
+    # probes found do not carry an ordinal's side and number. Needs OBJECT_CHOICE.
+    cfg.MODEL.VIPA.DECODER.CHOICE_FROM_WORDS = False
+    # OBJECT_CHOICE also bins each candidate's count of larger and of smaller members ("the
+    # biggest": none larger), areas from the group gate over the cells assigned to it; the
+    # positional bins alone pick the right object for ~80 % of size expressions. Needs
+    # OBJECT_CHOICE.
+    cfg.MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()

@@ -23,7 +23,7 @@ from vipa_d2.modeling.losses import (
     sigmoid_bce_loss,
 )
 from vipa_d2.modeling.directional_counts import half_plane_sums, keep_peaks, sample_at_offsets
-from vipa_d2.modeling.object_ranks import ObjectChoice, ObjectRanks, count_bins, rank_counts
+from vipa_d2.modeling.object_ranks import MAX_RANK, ObjectChoice, ObjectRanks, count_bins, rank_counts, size_counts
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
 SHAPES = {
@@ -732,6 +732,60 @@ def test_object_choice_adds_to_the_final_mask_and_returns_its_candidates_in_trai
         torch.testing.assert_close(early_without, early)
     assert not torch.allclose(out["pred_masks"][-1], without[-1])
     assert set(dec.eval()(multi, mf, kv, valid)) == {"pred_masks", "no_target_logit"}
+
+
+def test_choice_size_ranks_pick_by_area_among_members():
+    with pytest.raises(ValueError, match="CHOICE_SIZE_RANKS needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
+        object_block_decoder("CHOICE_SIZE_RANKS")
+    areas, weight = torch.tensor([[3.0, 9.0, 5.0]]), torch.tensor([[1.0, 1.0, 0.5]])
+    # Per candidate: the weight of the larger ones, then of the smaller ones.
+    assert size_counts(areas, weight)[0].tolist() == [[1.5, 0.0], [0.0, 1.5], [1.0, 1.0]]
+    torch.manual_seed(0)
+    choice = ObjectChoice(32, size_ranks=True)
+    x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
+    logits, offsets = three_objects_in_a_row()
+    with pytest.raises(ValueError, match="size_ranks needs the group gate's logits"):
+        choice(x, (3, 8), logits, offsets, expression)
+    # The group gate covers 3 cells of the left object, 9 of the middle one, 6 of the right one.
+    group = torch.full((1, 3, 8), -20.0)
+    group[0, :, [1, 3, 4, 5, 6, 7]] = 20.0
+    torch.nn.init.constant_(choice.member[-1].bias, 20.0)
+    torch.nn.init.zeros_(choice.member[-1].weight)
+    bins = MAX_RANK + 1
+    with torch.no_grad():
+        choice.select[-1].bias[4 * bins] = 30.0  # "no member larger" (size side 0 after the 4 directions), bin 0
+    cells = choice(x, (3, 8), logits, offsets, expression, group)[0][0]
+    assert cells[:, 3:6].abs().max() < 0.02 and cells[:, [0, 1, 2, 6, 7]].max() < -25
+    with torch.no_grad():
+        choice.select[-1].bias.zero_()
+        choice.select[-1].bias[5 * bins] = 30.0  # "no member smaller": the left one
+    cells = choice(x, (3, 8), logits, offsets, expression, group)[0][0]
+    assert cells[:, :2].abs().max() < 0.02 and cells[:, 3:].max() < -25
+
+
+def test_choice_from_words_reads_the_valid_words():
+    with pytest.raises(ValueError, match="CHOICE_FROM_WORDS needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
+        object_block_decoder("CHOICE_FROM_WORDS")
+    torch.manual_seed(0)
+    choice = ObjectChoice(32, nheads=4, from_words=True)
+    torch.nn.init.normal_(choice.select[-1].weight)  # zero at the start: nothing would reach the words
+    x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
+    logits, offsets = three_objects_in_a_row()
+    with pytest.raises(ValueError, match="from_words needs the words"):
+        choice(x, (3, 8), logits, offsets, expression)
+    words, valid = torch.randn(1, 5, 32), torch.tensor([[True, True, True, False, False]])
+    before = choice(x, (3, 8), logits, offsets, expression, words=words, words_valid=valid)[1]["choice_logits"]
+    padded = words.clone()
+    padded[0, 3:] = 7.0
+    same = choice(x, (3, 8), logits, offsets, expression, words=padded, words_valid=valid)[1]["choice_logits"]
+    torch.testing.assert_close(same, before)
+    other = words.clone()
+    other[0, 1] = -words[0, 1]
+    changed = choice(x, (3, 8), logits, offsets, expression, words=other, words_valid=valid)[1]["choice_logits"]
+    assert not torch.allclose(changed[0, :3], before[0, :3])
+    # The pooled expression no longer selects: it changes membership only.
+    changed[0, :3].sum().backward()
+    assert choice.word_query_embed.grad.abs().sum() > 0 and choice.word_pool.q_proj.weight.grad.abs().sum() > 0
 
 
 def test_choice_loss_targets_the_candidates_centred_on_the_target():

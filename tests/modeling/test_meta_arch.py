@@ -212,18 +212,24 @@ def test_group_loss_trains_through_the_model(tokenizer):
 
 
 def test_choice_loss_trains_through_the_model(tokenizer):
-    """MODEL.VIPA.DECODER.OBJECT_CHOICE: the candidates reach the choice and membership
-    losses, whose gradients reach the block; inputs without the named group are refused."""
+    """MODEL.VIPA.DECODER.OBJECT_CHOICE (reading the words, with size ranks): the candidates
+    reach the choice and membership losses, whose gradients reach the block and the word
+    projection while the visual expression stays the K/V; inputs without the named group
+    are refused."""
     model = build(
         "MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES", True,
-        "MODEL.VIPA.DECODER.OBJECT_CHOICE", True,
+        "MODEL.VIPA.DECODER.OBJECT_CHOICE", True, "MODEL.VIPA.DECODER.CHOICE_FROM_WORDS", True,
+        "MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS", True,
     ).train()
+    assert model.head.kv_source == "visual_expression" and model.head.language_proj is not None
+    choice = model.head.transformer_decoder.object_choice
+    torch.nn.init.normal_(choice.select[-1].weight)  # zero at the start: nothing would reach the words
     inputs = grouped_inputs(tokenizer)
     losses = model(inputs)
     assert torch.isfinite(losses["loss_choice"]) and torch.isfinite(losses["loss_choice_member"])
     sum(losses.values()).backward()
-    choice = model.head.transformer_decoder.object_choice
     assert choice.gain.grad is not None and choice.member[0].weight.grad is not None
+    assert choice.word_query_embed.grad.abs().sum() > 0 and model.head.language_proj[0].weight.grad.abs().sum() > 0
     del inputs[0]["object_in_group"]
     with pytest.raises(ValueError, match=r"CHOICE_WEIGHT > 0 needs training inputs with \['object_in_group'\]; missing"):
         model(inputs)

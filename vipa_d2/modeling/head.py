@@ -60,15 +60,20 @@ class VIPAHead(nn.Module):
         """
         ``kv_source`` (one of KV_SOURCES) decides which modules are needed: ``veg`` for
         "visual_expression", ``language_proj`` for "language", both for "language_relevance".
+        A transformer decoder whose ``reads_words`` is True also gets the projected words,
+        so it needs ``language_proj`` whatever the source.
         ``global_cue`` / ``local_cues``: which text positions are cues (and decoder keys).
         """
         super().__init__()
         if kv_source not in _KV_PARTS:
             raise ValueError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
-        if _KV_PARTS[kv_source] != (veg is not None, language_proj is not None):
+        self.decoder_reads_words = getattr(transformer_decoder, "reads_words", False)
+        needs_veg, needs_language = _KV_PARTS[kv_source]
+        needs_language = needs_language or self.decoder_reads_words
+        if (needs_veg, needs_language) != (veg is not None, language_proj is not None):
             raise ValueError(
-                f"kv_source {kv_source!r} needs veg={_KV_PARTS[kv_source][0]} and language_proj="
-                f"{_KV_PARTS[kv_source][1]} (the decoder's key/value source)"
+                f"kv_source {kv_source!r} with a decoder that reads words={self.decoder_reads_words} needs "
+                f"veg={needs_veg} and language_proj={needs_language} (the decoder's key/value source)"
             )
         self.kv_source = kv_source
         self.veg = veg
@@ -87,6 +92,7 @@ class VIPAHead(nn.Module):
         # Fail on a bad cue choice before building anything heavy.
         linguistic_cue_mask(torch.ones(1, 3, dtype=torch.long), vipa.VEG.GLOBAL_CUE, vipa.VEG.LOCAL_CUES)
         needs_veg, needs_language = _KV_PARTS[vipa.KV_SOURCE]
+        transformer_decoder = build_transformer_decoder(cfg, input_shape)
         veg = language_proj = None
         if needs_veg:
             if vipa.VEG.IN_FEATURE not in input_shape:
@@ -97,8 +103,9 @@ class VIPAHead(nn.Module):
             # The control needs only step 1's relevance; step 2 would be unused parameters.
             control = {"step1": True, "step2": False} if needs_language else {}
             veg = VisualExpressionGenerator(cfg, input_shape[vipa.VEG.IN_FEATURE].channels, text_dim, **control)
-        if needs_language:
-            # The "vanilla language expression" baseline: projected word features as K/V.
+        if needs_language or getattr(transformer_decoder, "reads_words", False):
+            # The "vanilla language expression" baseline: projected word features as K/V
+            # (and the words a decoder reads, e.g. DECODER.CHOICE_FROM_WORDS).
             language_proj = nn.Sequential(nn.Linear(text_dim, vipa.HIDDEN_DIM), nn.LayerNorm(vipa.HIDDEN_DIM))
         return {
             "kv_source": vipa.KV_SOURCE,
@@ -106,7 +113,7 @@ class VIPAHead(nn.Module):
             "veg_in_feature": vipa.VEG.IN_FEATURE,
             "language_proj": language_proj,
             "pixel_decoder": build_pixel_decoder(cfg, input_shape),
-            "transformer_decoder": build_transformer_decoder(cfg, input_shape),
+            "transformer_decoder": transformer_decoder,
             "global_cue": vipa.VEG.GLOBAL_CUE,
             "local_cues": vipa.VEG.LOCAL_CUES,
         }
@@ -135,8 +142,10 @@ class VIPAHead(nn.Module):
             token_valid = token_validity(image_valid, visual.shape[-2:])
             veg_out = self.veg(visual, text, cue_valid, token_valid)
             veg_out["token_valid"] = token_valid
-        kv = veg_out["visual_expression"] if self.language_proj is None else self.language_proj(text)
+        words = None if self.language_proj is None else self.language_proj(text)
+        kv = veg_out["visual_expression"] if self.kv_source == "visual_expression" else words
         mask_features, multi_scale = self.pixel_decoder(features)
-        out = self.transformer_decoder(multi_scale, mask_features, kv, cue_valid)
+        extra = {"words": words, "words_valid": attention_mask.bool()} if self.decoder_reads_words else {}
+        out = self.transformer_decoder(multi_scale, mask_features, kv, cue_valid, **extra)
         out.update(veg=veg_out, cue_valid=cue_valid)
         return out

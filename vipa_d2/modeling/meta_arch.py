@@ -400,7 +400,7 @@ class VIPA(nn.Module):
         retrieved = None
         # Only when step 1 ran and its visual expression is the decoder's K/V: with language
         # K/V nothing the decoder reads was retrieved.
-        if veg is not None and veg["relevance"] is not None and self.head.language_proj is None:
+        if veg is not None and veg["relevance"] is not None and self.head.kv_source == "visual_expression":
             # The support of M on the token grid, each token a block of the padded image.
             support = (veg["retrieval_mask"] > 0.5).to(logits.dtype)
             support = support.view(*support.shape[:2], *veg["grid"])

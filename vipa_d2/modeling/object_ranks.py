@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .attention import mlp
+from .attention import MultiHeadAttention, mlp
 from .directional_counts import HALF_PLANES, keep_peaks, offset_points
 
 # Candidates ranked per image (the synthetic scenes hold up to 6 objects).
@@ -43,6 +43,8 @@ MAX_RANK = 5
 ASSIGN_SIGMA = 0.5
 # Candidates that are no peak (fewer peaks than MAX_CANDIDATES) get log(this) in the assignment.
 EMPTY_PRIOR = 1e-6
+# Size "sides" of ObjectChoice's size ranks: members larger than a candidate, members smaller.
+SIZE_SIDES = 2
 
 
 def rank_counts(xs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -53,6 +55,16 @@ def rank_counts(xs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor) -> tor
     dx = xs[:, None, :] - xs[:, :, None]  # [b, i, j] = x_j - x_i
     dy = ys[:, None, :] - ys[:, :, None]
     sides = torch.stack([dx < 0, dx > 0, dy < 0, dy > 0], dim=-1).to(weight.dtype)  # (B, K, K, 4)
+    return torch.einsum("bijs,bj->bis", sides, weight)
+
+
+def size_counts(areas: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """
+    (B, K) areas and weights -> (B, K, 2): per candidate, the weight of the candidates with
+    a larger area and of those with a smaller one ("the biggest": none larger).
+    """
+    da = areas[:, None, :] - areas[:, :, None]  # [b, i, j] = area_j - area_i
+    sides = torch.stack([da > 0, da < 0], dim=-1).to(weight.dtype)
     return torch.einsum("bijs,bj->bis", sides, weight)
 
 
@@ -89,15 +101,15 @@ def detect_candidates(centre_logits: torch.Tensor, offsets: torch.Tensor, max_ca
 class _ObjectBlock(nn.Module):
     """What the object blocks share: their candidates, membership logits and rank bins."""
 
-    def __init__(self, dim: int, max_candidates: int, max_rank: int, select_bias: bool):
+    def __init__(self, dim: int, max_candidates: int, max_rank: int, select_bias: bool, sides: int = HALF_PLANES):
         super().__init__()
         self.max_candidates = max_candidates
         self.max_rank = max_rank
         self.norm = nn.LayerNorm(dim)
         self.member = mlp(2 * dim, dim, 1)
-        # Weights over (4 directions x bins), and with ``select_bias`` a bias term, from the
+        # Weights over (``sides`` x bins), and with ``select_bias`` a bias term, from the
         # pooled expression; zero at the start.
-        self.select = mlp(dim, dim, HALF_PLANES * (max_rank + 1) + int(select_bias))
+        self.select = mlp(dim, dim, sides * (max_rank + 1) + int(select_bias))
         nn.init.zeros_(self.select[-1].weight)
         nn.init.zeros_(self.select[-1].bias)
 
@@ -108,9 +120,15 @@ class _ObjectBlock(nn.Module):
         expr = expression[:, None].expand_as(tokens)
         return found, xs, ys, assign, self.member(torch.cat([tokens, expr], dim=-1)).squeeze(-1)
 
-    def rank_bins(self, xs, ys, member):
-        """(B, K, 4 * (max_rank + 1)): each candidate's binned counts of members per side."""
-        return count_bins(rank_counts(xs, ys, member), self.max_rank).flatten(2)
+    def rank_bins(self, xs, ys, member, areas=None):
+        """
+        (B, K, sides * (max_rank + 1)): each candidate's binned counts of members per side,
+        with (B, K) ``areas`` also of the members larger and smaller than it.
+        """
+        counts = rank_counts(xs, ys, member)
+        if areas is not None:
+            counts = torch.cat([counts, size_counts(areas, member)], dim=-1)
+        return count_bins(counts, self.max_rank).flatten(2)
 
 
 class ObjectRanks(_ObjectBlock):
@@ -145,10 +163,15 @@ class ObjectChoice(_ObjectBlock):
 
     - a group-membership logit from its token and the pooled expression (the criterion
       trains it on the named group, ``object_in_group``);
-    - its counts of members left / right / above / below as bins, as in ``ObjectRanks``;
+    - its counts of members left / right / above / below as bins, as in ``ObjectRanks``,
+      and with ``size_ranks`` its counts of larger and of smaller members (areas: the
+      group gate summed over the cells assigned to it);
     - a choice logit: log sigmoid(membership) (the referred object is a member) plus the
-      bins weighted by a vector the pooled expression predicts (zero at the start, so the
-      untrained block chooses among members uniformly). Empty slots get log(EMPTY_PRIOR).
+      bins weighted by a select vector (zero at the start, so the untrained block chooses
+      among members uniformly). Empty slots get log(EMPTY_PRIOR). The select vector comes
+      from the pooled expression, or with ``from_words`` from the words, pooled by
+      attention from a learned query: the probes found the pooled visual expression does
+      not carry an ordinal's side and number (docs/benchmarks/EXPERIMENTS.md).
 
     The criterion trains the choice as a cross-entropy over the candidates against the ones
     whose centre lies on the target mask. Every cell then takes the log-probability of the
@@ -157,13 +180,45 @@ class ObjectChoice(_ObjectBlock):
     and the decoder adds that to the final mask logits.
     """
 
-    def __init__(self, dim: int, max_candidates: int = MAX_CANDIDATES, max_rank: int = MAX_RANK):
-        super().__init__(dim, max_candidates, max_rank, select_bias=False)
+    def __init__(
+        self,
+        dim: int,
+        nheads: int = 1,
+        from_words: bool = False,
+        size_ranks: bool = False,
+        max_candidates: int = MAX_CANDIDATES,
+        max_rank: int = MAX_RANK,
+    ):
+        sides = HALF_PLANES + (SIZE_SIDES if size_ranks else 0)
+        super().__init__(dim, max_candidates, max_rank, select_bias=False, sides=sides)
+        self.size_ranks = size_ranks
         self.gain = nn.Parameter(torch.ones(()))
+        self.word_pool = self.word_query_embed = None
+        if from_words:
+            # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
+            self.word_query_embed = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+            self.word_pool = MultiHeadAttention(dim, nheads)
 
-    def forward(self, x, size, centre_logits, offsets, expression):
+    @property
+    def reads_words(self) -> bool:
+        return self.word_pool is not None
+
+    def select_vector(self, expression, words, words_valid):
+        """(B, sides * bins) rank weights from the pooled expression or the pooled words."""
+        if self.word_pool is None:
+            return self.select(expression)
+        if words is None:
+            raise ValueError("ObjectChoice with from_words needs the words (B, T, C) and their (B, T) validity")
+        query = self.word_query_embed.expand(words.shape[0], -1, -1)
+        pooled, _ = self.word_pool(query, words, words, allowed=words_valid[:, None, :])
+        return self.select(pooled.squeeze(1))
+
+    def forward(self, x, size, centre_logits, offsets, expression, group_logits=None, words=None, words_valid=None):
         """
-        Args: as :meth:`ObjectRanks.forward`.
+        Args: as :meth:`ObjectRanks.forward`, and
+            group_logits: (B, h, w) the group gate's logits (needed with ``size_ranks``).
+            words: (B, T, C) projected word features, words_valid: (B, T) bool (needed with
+                ``from_words``).
         Returns:
             (B, h, w) the gain times the log-probability that the object each cell belongs
             to is the referred one, and a dict for the criterion: "choice_logits" (B, K)
@@ -175,7 +230,14 @@ class ObjectChoice(_ObjectBlock):
         found, xs, ys, assign, member_logits = self.candidates(x, centre_logits, offsets, expression)
         held = found > 0
         member = torch.sigmoid(member_logits) * held
-        rank = (self.rank_bins(xs, ys, member) * self.select(expression)[:, None]).sum(dim=-1)
+        areas = None
+        if self.size_ranks:
+            if group_logits is None:
+                raise ValueError("ObjectChoice with size_ranks needs the group gate's logits (B, h, w)")
+            with torch.no_grad():  # like the candidates: read as detected
+                areas = torch.einsum("bpk,bp->bk", assign, torch.sigmoid(group_logits).flatten(1))
+        bins = self.rank_bins(xs, ys, member, areas)
+        rank = (bins * self.select_vector(expression, words, words_valid)[:, None]).sum(dim=-1)
         logits = F.logsigmoid(member_logits) + rank + torch.log(held.to(rank.dtype) + EMPTY_PRIOR)
         log_prob = torch.log_softmax(logits, dim=-1)
         cells = self.gain * torch.einsum("bpk,bk->bp", assign, log_prob).unflatten(1, (h, w))

@@ -11,7 +11,7 @@ a per-pixel dot product between the upsampled embedding of the refined scale and
 pixel decoder's mask features.
 """
 import math
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 import torch
 import torch.nn.functional as F
@@ -84,6 +84,8 @@ class VIPATransformerDecoder(nn.Module):
         group_gate_only: bool = False,
         object_ranks: bool = False,
         object_choice: bool = False,
+        choice_from_words: bool = False,
+        choice_size_ranks: bool = False,
     ):
         """
         Args:
@@ -110,6 +112,9 @@ class VIPATransformerDecoder(nn.Module):
                 the last layer's detected objects (trained by the criterion's choice loss on
                 the returned candidates) and adds its log-probability to the final mask
                 (needs ``count_at_object_centres``; not with ``object_ranks``).
+            choice_from_words: the choice's rank weights come from the words, which
+                ``forward`` then needs (``reads_words`` is True; needs ``object_choice``).
+            choice_size_ranks: the choice also ranks candidates by area (needs ``object_choice``).
         """
         super().__init__()
         if num_layers < 1:
@@ -147,8 +152,17 @@ class VIPATransformerDecoder(nn.Module):
             raise ValueError(
                 "MODEL.VIPA.DECODER.OBJECT_CHOICE and OBJECT_RANKS both score the final mask by object; set one of them"
             )
+        for name, on in (("CHOICE_FROM_WORDS", choice_from_words), ("CHOICE_SIZE_RANKS", choice_size_ranks)):
+            if on and not object_choice:
+                raise ValueError(
+                    f"MODEL.VIPA.DECODER.{name} needs MODEL.VIPA.DECODER.OBJECT_CHOICE True (the choice it changes)"
+                )
         self.object_ranks = ObjectRanks(hidden_dim) if object_ranks else None
-        self.object_choice = ObjectChoice(hidden_dim) if object_choice else None
+        self.object_choice = None
+        if object_choice:
+            self.object_choice = ObjectChoice(hidden_dim, nheads, choice_from_words, choice_size_ranks)
+        # The head passes the projected words to ``forward`` only when this is True.
+        self.reads_words = self.object_choice is not None and self.object_choice.reads_words
         self.counts = None
         if count_maps > 0:
             self.counts = nn.ModuleList(
@@ -202,6 +216,8 @@ class VIPATransformerDecoder(nn.Module):
             "group_gate_only": cfg.MODEL.VIPA.LOSS.GROUP_GATE_ONLY,
             "object_ranks": dec.OBJECT_RANKS,
             "object_choice": dec.OBJECT_CHOICE,
+            "choice_from_words": dec.CHOICE_FROM_WORDS,
+            "choice_size_ranks": dec.CHOICE_SIZE_RANKS,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -220,12 +236,16 @@ class VIPATransformerDecoder(nn.Module):
         mask_features: torch.Tensor,
         kv: torch.Tensor,
         kv_valid: torch.Tensor,
+        words: Optional[torch.Tensor] = None,
+        words_valid: Optional[torch.Tensor] = None,
     ) -> Dict[str, object]:
         """
         Args:
             features: pixel decoder outputs {name: (B, C, H, W)} (at least ``in_features``).
             mask_features: (B, MASK_DIM, Hm, Wm).
             kv: (B, L, C) key/value tokens; kv_valid: (B, L) bool, False = absent/padding.
+            words: (B, T, C) projected word features and words_valid (B, T) bool, read only
+                when ``reads_words``.
         Returns:
             {"pred_masks": [(B, Hm, Wm) logits per layer (in eval mode only the last)],
              "no_target_logit": (B,)}, and in training with ``count_centres``
@@ -279,7 +299,8 @@ class VIPATransformerDecoder(nn.Module):
                     score = self.object_ranks(x, sizes[name], aux["centre_logits"], aux["centre_offsets"], kv_pooled)
                 if self.object_choice is not None and last:
                     score, choice = self.object_choice(
-                        x, sizes[name], aux["centre_logits"], aux["centre_offsets"], kv_pooled
+                        x, sizes[name], aux["centre_logits"], aux["centre_offsets"], kv_pooled,
+                        aux["group_logits"], words, words_valid,
                     )
                     if self.training:
                         count_outputs.update(choice)
