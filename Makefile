@@ -10,6 +10,8 @@ STAMP := $(VENV)/.vipa_setup_stamp
 DATA_ROOT ?= datasets
 TRAIN_OUT ?= output/vipa_tiny_cpu
 PYTEST_ARGS ?=
+# The suite has a 5-minute budget: every run lists its slowest tests.
+PYTEST_DURATIONS ?= 15
 
 .PHONY: setup test train clean-venv
 
@@ -34,7 +36,7 @@ $(STAMP): requirements.txt setup.py tools/find_python310.sh
 	echo "[setup] done: $(VENV) ready"
 
 test: setup
-	$(PY) -m pytest -q tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q --durations=$(PYTEST_DURATIONS) tests $(PYTEST_ARGS)
 
 train: setup
 	$(PY) tools/main_job.py --data-root $(DATA_ROOT) --output $(TRAIN_OUT)

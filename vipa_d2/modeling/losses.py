@@ -196,10 +196,7 @@ BOX_LOSS_KEYS = {
     "choice_weight": "MODEL.VIPA.LOSS.CHOICE_WEIGHT",
 }
 # Those that also train on the named group (training inputs' ``object_in_group``).
-GROUP_LOSS_KEYS = {
-    "group_weight": "MODEL.VIPA.LOSS.GROUP_WEIGHT",
-    "choice_weight": "MODEL.VIPA.LOSS.CHOICE_WEIGHT",
-}
+GROUP_LOSS_KEYS = {name: BOX_LOSS_KEYS[name] for name in ("group_weight", "choice_weight")}
 
 
 def box_losses(weights: Dict, keys: Dict = BOX_LOSS_KEYS) -> List[str]:
