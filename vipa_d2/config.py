@@ -239,14 +239,23 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE = False
     # OBJECT_CHOICE reads its rank weights ("second from the left": bin 1 of "members on
     # the left") from the words (the text encoder's tokens through a projection, pooled by
-    # attention from a learned query) rather than from the pooled K/V tokens, which the
-    # probes found do not carry an ordinal's side and number. Needs OBJECT_CHOICE.
+    # attention from a learned query) rather than from the pooled K/V tokens. Measured
+    # with CHOICE_SIZE_RANKS at seeds 0 / 1: val -1.01 / -0.62, ordinals no better; offline
+    # the words teach the selector faster than the pooled K/V (EXPERIMENTS.md). Needs
+    # OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_FROM_WORDS = False
     # OBJECT_CHOICE also bins each candidate's count of larger and of smaller members ("the
     # biggest": none larger), areas from the group gate over the cells assigned to it; the
-    # positional bins alone pick the right object for ~80 % of size expressions. Needs
-    # OBJECT_CHOICE.
+    # positional bins alone pick the right object for ~80 % of size expressions. Measured:
+    # size expressions fell 6-8 points (the group gate is trained at centres only, so its
+    # areas are rough), so off. Needs OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS = False
+    # OBJECT_CHOICE's rank weights are a learned scale times P(side) x P(bin) (two softmaxes)
+    # instead of a free weight per (side, bin), so the side words learnt from extremes
+    # ("the leftmost X", bin 0) serve ordinals ("the second X from the left", bin 1). An
+    # offline fit on a trained run's inputs learnt val ordinals to 96 % in 500 steps this
+    # way, the free weights to 55 % (docs/benchmarks/EXPERIMENTS.md). Needs OBJECT_CHOICE.
+    cfg.MODEL.VIPA.DECODER.CHOICE_FACTORISED = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()

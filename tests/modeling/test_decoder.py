@@ -22,7 +22,7 @@ from vipa_d2.modeling.losses import (
     pixel_contrastive_loss,
     sigmoid_bce_loss,
 )
-from vipa_d2.modeling.directional_counts import half_plane_sums, keep_peaks, sample_at_offsets
+from vipa_d2.modeling.directional_counts import HALF_PLANES, half_plane_sums, keep_peaks, sample_at_offsets
 from vipa_d2.modeling.object_ranks import MAX_RANK, ObjectChoice, ObjectRanks, count_bins, rank_counts, size_counts
 from vipa_d2.modeling.transformer_decoder import VIPATransformerDecoder
 
@@ -786,6 +786,31 @@ def test_choice_from_words_reads_the_valid_words():
     # The pooled expression no longer selects: it changes membership only.
     changed[0, :3].sum().backward()
     assert choice.word_query_embed.grad.abs().sum() > 0 and choice.word_pool.q_proj.weight.grad.abs().sum() > 0
+
+
+def test_factorised_choice_weights_are_side_times_bin():
+    with pytest.raises(ValueError, match="CHOICE_FACTORISED needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
+        object_block_decoder("CHOICE_FACTORISED")
+    torch.manual_seed(0)
+    choice = ObjectChoice(32, factorised=True)
+    x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
+    logits, offsets = three_objects_in_a_row()
+    torch.nn.init.constant_(choice.member[-1].bias, 20.0)
+    torch.nn.init.zeros_(choice.member[-1].weight)
+    # Untrained: uniform side and bin probabilities add the same to every candidate.
+    out = choice(x, (3, 8), logits, offsets, expression)[1]
+    torch.testing.assert_close(out["choice_logits"][0, :3].exp(), torch.full((3,), 1 / 3), atol=1e-4, rtol=0)
+    # Side scores first (4), then bins (MAX_RANK + 1): "left" and "bin 1" -> the scale on (left, 1).
+    with torch.no_grad():
+        choice.select[-1].bias[0] = 30.0
+        choice.select[-1].bias[HALF_PLANES + 1] = 30.0
+    weights = choice.select_vector(expression, None, None)[0].view(HALF_PLANES, MAX_RANK + 1)
+    torch.testing.assert_close(weights[0, 1], choice.factor_scale, atol=1e-3, rtol=0)
+    assert weights.sum() - weights[0, 1] < 1e-3
+    cells = choice(x, (3, 8), logits, offsets, expression)[0][0]
+    assert cells[:, 3:6].abs().max() < 0.02 and cells[:, [0, 1, 7]].max() < -9  # the scale, 10 at the start
+    cells.sum().backward()
+    assert choice.factor_scale.grad.abs() > 0
 
 
 def test_choice_loss_targets_the_candidates_centred_on_the_target():

@@ -45,6 +45,9 @@ ASSIGN_SIGMA = 0.5
 EMPTY_PRIOR = 1e-6
 # Size "sides" of ObjectChoice's size ranks: members larger than a candidate, members smaller.
 SIZE_SIDES = 2
+# Factorised rank weights: the largest rank logit they can give (scale of side x bin
+# probabilities; learned from here), enough to outweigh membership logits of members.
+FACTORISED_SCALE = 10.0
 
 
 def rank_counts(xs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -101,15 +104,15 @@ def detect_candidates(centre_logits: torch.Tensor, offsets: torch.Tensor, max_ca
 class _ObjectBlock(nn.Module):
     """What the object blocks share: their candidates, membership logits and rank bins."""
 
-    def __init__(self, dim: int, max_candidates: int, max_rank: int, select_bias: bool, sides: int = HALF_PLANES):
+    def __init__(self, dim: int, max_candidates: int, max_rank: int, select_dim: int):
         super().__init__()
         self.max_candidates = max_candidates
         self.max_rank = max_rank
         self.norm = nn.LayerNorm(dim)
         self.member = mlp(2 * dim, dim, 1)
-        # Weights over (``sides`` x bins), and with ``select_bias`` a bias term, from the
-        # pooled expression; zero at the start.
-        self.select = mlp(dim, dim, sides * (max_rank + 1) + int(select_bias))
+        # The rank weights (``select_dim`` outputs, read by each block) from the pooled
+        # expression; zero at the start.
+        self.select = mlp(dim, dim, select_dim)
         nn.init.zeros_(self.select[-1].weight)
         nn.init.zeros_(self.select[-1].bias)
 
@@ -135,7 +138,8 @@ class ObjectRanks(_ObjectBlock):
     """Per-cell object scores from the last decoder layer; see the module docstring."""
 
     def __init__(self, dim: int, max_candidates: int = MAX_CANDIDATES, max_rank: int = MAX_RANK):
-        super().__init__(dim, max_candidates, max_rank, select_bias=True)
+        # Weights over (4 directions x bins) and a bias term.
+        super().__init__(dim, max_candidates, max_rank, HALF_PLANES * (max_rank + 1) + 1)
 
     def forward(self, x, size, centre_logits, offsets, expression):
         """
@@ -167,11 +171,14 @@ class ObjectChoice(_ObjectBlock):
       and with ``size_ranks`` its counts of larger and of smaller members (areas: the
       group gate summed over the cells assigned to it);
     - a choice logit: log sigmoid(membership) (the referred object is a member) plus the
-      bins weighted by a select vector (zero at the start, so the untrained block chooses
-      among members uniformly). Empty slots get log(EMPTY_PRIOR). The select vector comes
-      from the pooled expression, or with ``from_words`` from the words, pooled by
-      attention from a learned query: the probes found the pooled visual expression does
-      not carry an ordinal's side and number (docs/benchmarks/EXPERIMENTS.md).
+      bins weighted by rank weights (uniform over the bins at the start, so the untrained
+      block chooses among members uniformly). Empty slots get log(EMPTY_PRIOR). The
+      weights come from the pooled expression, or with ``from_words`` from the words,
+      pooled by attention from a learned query. With ``factorised`` they are a learned
+      scale times P(side) x P(bin), two softmaxes, instead of one free weight per (side,
+      bin): "left" learnt from "the leftmost X" (bin 0) then serves "the second X from the
+      left" (bin 1), which the free weights have to learn again from the rarer ordinals
+      (docs/benchmarks/EXPERIMENTS.md, session 16).
 
     The criterion trains the choice as a cross-entropy over the candidates against the ones
     whose centre lies on the target mask. Every cell then takes the log-probability of the
@@ -186,12 +193,15 @@ class ObjectChoice(_ObjectBlock):
         nheads: int = 1,
         from_words: bool = False,
         size_ranks: bool = False,
+        factorised: bool = False,
         max_candidates: int = MAX_CANDIDATES,
         max_rank: int = MAX_RANK,
     ):
         sides = HALF_PLANES + (SIZE_SIDES if size_ranks else 0)
-        super().__init__(dim, max_candidates, max_rank, select_bias=False, sides=sides)
+        super().__init__(dim, max_candidates, max_rank, sides + max_rank + 1 if factorised else sides * (max_rank + 1))
+        self.sides = sides
         self.size_ranks = size_ranks
+        self.factor_scale = nn.Parameter(torch.tensor(FACTORISED_SCALE)) if factorised else None
         self.gain = nn.Parameter(torch.ones(()))
         self.word_pool = self.word_query_embed = None
         if from_words:
@@ -205,13 +215,17 @@ class ObjectChoice(_ObjectBlock):
 
     def select_vector(self, expression, words, words_valid):
         """(B, sides * bins) rank weights from the pooled expression or the pooled words."""
-        if self.word_pool is None:
-            return self.select(expression)
-        if words is None:
-            raise ValueError("ObjectChoice with from_words needs the words (B, T, C) and their (B, T) validity")
-        query = self.word_query_embed.expand(words.shape[0], -1, -1)
-        pooled, _ = self.word_pool(query, words, words, allowed=words_valid[:, None, :])
-        return self.select(pooled.squeeze(1))
+        if self.word_pool is not None:
+            if words is None:
+                raise ValueError("ObjectChoice with from_words needs the words (B, T, C) and their (B, T) validity")
+            query = self.word_query_embed.expand(words.shape[0], -1, -1)
+            expression = self.word_pool(query, words, words, allowed=words_valid[:, None, :])[0].squeeze(1)
+        raw = self.select(expression)
+        if self.factor_scale is None:
+            return raw
+        side, rank = raw.split([self.sides, self.max_rank + 1], dim=-1)
+        weights = side.softmax(dim=-1)[:, :, None] * rank.softmax(dim=-1)[:, None, :]
+        return self.factor_scale * weights.flatten(1)
 
     def forward(self, x, size, centre_logits, offsets, expression, group_logits=None, words=None, words_valid=None):
         """

@@ -86,6 +86,7 @@ class VIPATransformerDecoder(nn.Module):
         object_choice: bool = False,
         choice_from_words: bool = False,
         choice_size_ranks: bool = False,
+        choice_factorised: bool = False,
     ):
         """
         Args:
@@ -115,6 +116,7 @@ class VIPATransformerDecoder(nn.Module):
             choice_from_words: the choice's rank weights come from the words, which
                 ``forward`` then needs (``reads_words`` is True; needs ``object_choice``).
             choice_size_ranks: the choice also ranks candidates by area (needs ``object_choice``).
+            choice_factorised: the choice's rank weights are P(side) x P(bin) (needs ``object_choice``).
         """
         super().__init__()
         if num_layers < 1:
@@ -152,7 +154,12 @@ class VIPATransformerDecoder(nn.Module):
             raise ValueError(
                 "MODEL.VIPA.DECODER.OBJECT_CHOICE and OBJECT_RANKS both score the final mask by object; set one of them"
             )
-        for name, on in (("CHOICE_FROM_WORDS", choice_from_words), ("CHOICE_SIZE_RANKS", choice_size_ranks)):
+        choice_keys = (
+            ("CHOICE_FROM_WORDS", choice_from_words),
+            ("CHOICE_SIZE_RANKS", choice_size_ranks),
+            ("CHOICE_FACTORISED", choice_factorised),
+        )
+        for name, on in choice_keys:
             if on and not object_choice:
                 raise ValueError(
                     f"MODEL.VIPA.DECODER.{name} needs MODEL.VIPA.DECODER.OBJECT_CHOICE True (the choice it changes)"
@@ -160,7 +167,7 @@ class VIPATransformerDecoder(nn.Module):
         self.object_ranks = ObjectRanks(hidden_dim) if object_ranks else None
         self.object_choice = None
         if object_choice:
-            self.object_choice = ObjectChoice(hidden_dim, nheads, choice_from_words, choice_size_ranks)
+            self.object_choice = ObjectChoice(hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised)
         # The head passes the projected words to ``forward`` only when this is True.
         self.reads_words = self.object_choice is not None and self.object_choice.reads_words
         self.counts = None
@@ -218,6 +225,7 @@ class VIPATransformerDecoder(nn.Module):
             "object_choice": dec.OBJECT_CHOICE,
             "choice_from_words": dec.CHOICE_FROM_WORDS,
             "choice_size_ranks": dec.CHOICE_SIZE_RANKS,
+            "choice_factorised": dec.CHOICE_FACTORISED,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
