@@ -32,7 +32,9 @@ VIPA_TRANSFORMER_DECODER_REGISTRY = Registry("VIPA_TRANSFORMER_DECODER")
 VIPA_TRANSFORMER_DECODER_REGISTRY.__doc__ = """
 Registry for VIPA transformer decoders, built from ``MODEL.VIPA.DECODER.NAME`` with
 ``(cfg, input_shape)``; ``forward(features, mask_features, kv, kv_valid)`` returns
-``{"pred_masks": [...], "no_target_logit": (B,)}`` (see VIPATransformerDecoder).
+``{"pred_masks": [...], "no_target_logit": (B,)}`` (see VIPATransformerDecoder). A decoder
+with a true ``reads_words`` attribute is also passed ``words=`` (B, T, C) projected word
+features and ``words_valid=`` (B, T) bool by the head.
 """
 
 
