@@ -37,6 +37,11 @@ KV_SOURCES = ("visual_expression", "language", "language_relevance")
 _KV_PARTS = {"visual_expression": (True, False), "language": (False, True), "language_relevance": (True, True)}
 
 
+def word_projection(text_dim: int, hidden_dim: int) -> nn.Module:
+    """Text features -> the decoder's width: the language baseline's K/V, or the words a decoder reads."""
+    return nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.LayerNorm(hidden_dim))
+
+
 def build_vipa_head(cfg, input_shape: Dict[str, ShapeSpec], text_dim: int) -> nn.Module:
     """Build ``MODEL.VIPA.HEAD_NAME`` on the backbone's ``output_shape()`` and the text width."""
     return VIPA_HEAD_REGISTRY.get(cfg.MODEL.VIPA.HEAD_NAME)(cfg, input_shape, text_dim)
@@ -92,7 +97,6 @@ class VIPAHead(nn.Module):
         # Fail on a bad cue choice before building anything heavy.
         linguistic_cue_mask(torch.ones(1, 3, dtype=torch.long), vipa.VEG.GLOBAL_CUE, vipa.VEG.LOCAL_CUES)
         needs_veg, needs_language = _KV_PARTS[vipa.KV_SOURCE]
-        transformer_decoder = build_transformer_decoder(cfg, input_shape)
         veg = language_proj = None
         if needs_veg:
             if vipa.VEG.IN_FEATURE not in input_shape:
@@ -103,16 +107,21 @@ class VIPAHead(nn.Module):
             # The control needs only step 1's relevance; step 2 would be unused parameters.
             control = {"step1": True, "step2": False} if needs_language else {}
             veg = VisualExpressionGenerator(cfg, input_shape[vipa.VEG.IN_FEATURE].channels, text_dim, **control)
-        if needs_language or getattr(transformer_decoder, "reads_words", False):
-            # The "vanilla language expression" baseline: projected word features as K/V
-            # (and the words a decoder reads, e.g. DECODER.CHOICE_FROM_WORDS).
-            language_proj = nn.Sequential(nn.Linear(text_dim, vipa.HIDDEN_DIM), nn.LayerNorm(vipa.HIDDEN_DIM))
+        if needs_language:
+            # The "vanilla language expression" baseline: projected word features as K/V.
+            language_proj = word_projection(text_dim, vipa.HIDDEN_DIM)
+        pixel_decoder = build_pixel_decoder(cfg, input_shape)
+        transformer_decoder = build_transformer_decoder(cfg, input_shape)
+        if language_proj is None and getattr(transformer_decoder, "reads_words", False):
+            # The words a decoder reads (e.g. DECODER.CHOICE_FROM_WORDS). Built last, so every
+            # other module draws the same initial weights as without it.
+            language_proj = word_projection(text_dim, vipa.HIDDEN_DIM)
         return {
             "kv_source": vipa.KV_SOURCE,
             "veg": veg,
             "veg_in_feature": vipa.VEG.IN_FEATURE,
             "language_proj": language_proj,
-            "pixel_decoder": build_pixel_decoder(cfg, input_shape),
+            "pixel_decoder": pixel_decoder,
             "transformer_decoder": transformer_decoder,
             "global_cue": vipa.VEG.GLOBAL_CUE,
             "local_cues": vipa.VEG.LOCAL_CUES,
