@@ -42,6 +42,12 @@ def word_projection(text_dim: int, hidden_dim: int) -> nn.Module:
     return nn.Sequential(nn.Linear(text_dim, hidden_dim), nn.LayerNorm(hidden_dim))
 
 
+def decoder_reads_words(transformer_decoder: nn.Module) -> bool:
+    """Whether a decoder asks for the projected words (an optional attribute: registered
+    third-party decoders without it keep the plain interface)."""
+    return getattr(transformer_decoder, "reads_words", False)
+
+
 def build_vipa_head(cfg, input_shape: Dict[str, ShapeSpec], text_dim: int) -> nn.Module:
     """Build ``MODEL.VIPA.HEAD_NAME`` on the backbone's ``output_shape()`` and the text width."""
     return VIPA_HEAD_REGISTRY.get(cfg.MODEL.VIPA.HEAD_NAME)(cfg, input_shape, text_dim)
@@ -72,7 +78,7 @@ class VIPAHead(nn.Module):
         super().__init__()
         if kv_source not in _KV_PARTS:
             raise ValueError(f"kv_source must be one of {KV_SOURCES}, got {kv_source!r}")
-        self.decoder_reads_words = getattr(transformer_decoder, "reads_words", False)
+        self.decoder_reads_words = decoder_reads_words(transformer_decoder)
         needs_veg, needs_language = _KV_PARTS[kv_source]
         needs_language = needs_language or self.decoder_reads_words
         if (needs_veg, needs_language) != (veg is not None, language_proj is not None):
@@ -112,7 +118,7 @@ class VIPAHead(nn.Module):
             language_proj = word_projection(text_dim, vipa.HIDDEN_DIM)
         pixel_decoder = build_pixel_decoder(cfg, input_shape)
         transformer_decoder = build_transformer_decoder(cfg, input_shape)
-        if language_proj is None and getattr(transformer_decoder, "reads_words", False):
+        if language_proj is None and decoder_reads_words(transformer_decoder):
             # The words a decoder reads (e.g. DECODER.CHOICE_FROM_WORDS). Built last, so every
             # other module draws the same initial weights as without it.
             language_proj = word_projection(text_dim, vipa.HIDDEN_DIM)

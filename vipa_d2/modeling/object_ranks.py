@@ -50,6 +50,11 @@ SIZE_SIDES = 2
 FACTORISED_SCALE = 10.0
 
 
+def _weigh_sides(sides: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """(B, K, K, S) bools [b, i, j, s] "j lies on side s of i" and (B, K) weights -> (B, K, S) sums."""
+    return torch.einsum("bijs,bj->bis", sides.to(weight.dtype), weight)
+
+
 def rank_counts(xs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     """
     (B, K) centre columns, rows and weights -> (B, K, 4): per candidate, the weight of the
@@ -57,8 +62,7 @@ def rank_counts(xs: torch.Tensor, ys: torch.Tensor, weight: torch.Tensor) -> tor
     """
     dx = xs[:, None, :] - xs[:, :, None]  # [b, i, j] = x_j - x_i
     dy = ys[:, None, :] - ys[:, :, None]
-    sides = torch.stack([dx < 0, dx > 0, dy < 0, dy > 0], dim=-1).to(weight.dtype)  # (B, K, K, 4)
-    return torch.einsum("bijs,bj->bis", sides, weight)
+    return _weigh_sides(torch.stack([dx < 0, dx > 0, dy < 0, dy > 0], dim=-1), weight)
 
 
 def size_counts(areas: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
@@ -67,8 +71,7 @@ def size_counts(areas: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     a larger area and of those with a smaller one ("the biggest": none larger).
     """
     da = areas[:, None, :] - areas[:, :, None]  # [b, i, j] = area_j - area_i
-    sides = torch.stack([da > 0, da < 0], dim=-1).to(weight.dtype)
-    return torch.einsum("bijs,bj->bis", sides, weight)
+    return _weigh_sides(torch.stack([da > 0, da < 0], dim=-1), weight)
 
 
 def count_bins(counts: torch.Tensor, max_rank: int) -> torch.Tensor:
