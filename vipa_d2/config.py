@@ -255,9 +255,9 @@ def add_vipa_config(cfg):
     # ("the leftmost X", bin 0) serve ordinals ("the second X from the left", bin 1). An
     # offline fit on a trained run's inputs learnt val ordinals to 96 % in 500 steps this
     # way, the free weights to 55 %. Measured with OBJECT_CHOICE + CHOICE_FROM_WORDS at
-    # seeds 0 / 1: val +3.69 / +3.39, ordinals 46 -> 72 and 41 -> 75 (EXPERIMENTS.md); off
-    # until a pair without CHOICE_FROM_WORDS decides which keys the default takes. Needs
-    # OBJECT_CHOICE.
+    # seeds 0 / 1: val +3.69 / +3.39, ordinals 46 -> 72 and 41 -> 75; without
+    # CHOICE_FROM_WORDS only +0.77 / +1.16 (EXPERIMENTS.md). Off until the default takes
+    # all three keys with a fresh `make train`. Needs OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTORISED = False
 
     # Losses.
