@@ -39,8 +39,14 @@ TINY_CONFIG = os.path.join(CONFIGS_DIR, "synthetic", "vipa_tiny_cpu.yaml")
 # TINY_CONFIG shrunk to a few-iteration training run (DensePose's quick_schedules idea).
 INSTANT_TEST_CONFIG = os.path.join(CONFIGS_DIR, "quick_schedules", "vipa_tiny_instant_test.yaml")
 # TINY_CONFIG as a random 96 px model for the predictor and the demo (strings, so they also
-# serve as command-line overrides).
-PREDICTOR_OPTS = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96", "MODEL.VIPA.HIDDEN_DIM", "64", "MODEL.TIMM.WEIGHTS", ""]
+# serve as command-line overrides). Without the object choice: untrained, it is uniform over
+# its candidates and lowers every mask logit by log(candidates), so random masks are empty
+# and mask comparisons would compare nothing.
+PREDICTOR_OPTS = [
+    "MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96", "MODEL.VIPA.HIDDEN_DIM", "64", "MODEL.TIMM.WEIGHTS", "",
+    "MODEL.VIPA.DECODER.OBJECT_CHOICE", "False", "MODEL.VIPA.DECODER.CHOICE_FROM_WORDS", "False",
+    "MODEL.VIPA.DECODER.CHOICE_FACTORISED", "False",
+]
 
 
 def make_cfg(*opts, config_file: str = "", **keys):

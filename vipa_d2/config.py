@@ -234,8 +234,9 @@ def add_vipa_config(cfg):
     # candidate gets it (times a learned gain) added to its final mask logit
     # (vipa_d2/modeling/object_ranks.py). OBJECT_RANKS learnt the same pick through the mask
     # alone. Needs COUNT_AT_OBJECT_CENTRES and training records with "object_in_group";
-    # not with OBJECT_RANKS. Measured no better than the default at seeds 0 and 1 (it picks
-    # the right ordinal only half the time, docs/benchmarks/EXPERIMENTS.md), so off.
+    # not with OBJECT_RANKS. Alone it measured no better than the default at seeds 0 and 1
+    # (it picks the right ordinal only half the time, docs/benchmarks/EXPERIMENTS.md); with
+    # CHOICE_FROM_WORDS and CHOICE_FACTORISED it is the tiny synthetic config's default.
     cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE = False
     # OBJECT_CHOICE reads its rank weights ("second from the left": bin 1 of "members on
     # the left") from the words (the text encoder's tokens through a projection, pooled by
@@ -256,8 +257,9 @@ def add_vipa_config(cfg):
     # offline fit on a trained run's inputs learnt val ordinals to 96 % in 500 steps this
     # way, the free weights to 55 %. Measured with OBJECT_CHOICE + CHOICE_FROM_WORDS at
     # seeds 0 / 1: val +3.69 / +3.39, ordinals 46 -> 72 and 41 -> 75; without
-    # CHOICE_FROM_WORDS only +0.77 / +1.16 (EXPERIMENTS.md). Off until the default takes
-    # all three keys with a fresh `make train`. Needs OBJECT_CHOICE.
+    # CHOICE_FROM_WORDS only +0.77 / +1.16 (EXPERIMENTS.md). The tiny synthetic config
+    # turns on all three keys; off here, as OBJECT_CHOICE needs "object_in_group", which
+    # real REFER data does not have. Needs OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTORISED = False
 
     # Losses.

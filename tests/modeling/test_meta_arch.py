@@ -68,6 +68,8 @@ def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
             "empty": False,
             # Every object of the image (the target and one other), as the training mapper gives them.
             "object_boxes": torch.tensor([[10.0, 8.0 + 4 * i, 30.0 + 4 * i, 40.0], [40.0, 44.0, 60.0, 60.0]]),
+            # ... and which of them belong to the named group (the tiny config's object choice).
+            "object_in_group": torch.tensor([True, i % 2 == 1]),
             "height": h,
             "width": w,
         })
@@ -101,7 +103,11 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
         # get gradient only from the second step on; its output layer gets it at once, and
         # its centre map, its offsets and the norm before them from the centre and offset losses.
         trained_at_once = (".mlp.2.", ".centre.", ".offset.", ".norm.")
-        zero_started = {n for n, _ in params if ".counts." in n and not any(k in n for k in trained_at_once)}
+        # So does the object choice's rank-weight head: what feeds it (the word pool, its
+        # first layer) waits for the second step too.
+        feeds_choice_select = (".object_choice.word_", ".object_choice.select.0.")
+        zero_started = {n for n, _ in params if ".counts." in n and not any(k in n for k in trained_at_once)
+                        or any(k in n for k in feeds_choice_select)}
         assert all(p.grad.abs().sum() == 0 for n, p in params if n in zero_started)
         params = [(n, p) for n, p in params if n not in zero_started]
         nonzero = sum(bool(p.grad.abs().sum() > 0) for _, p in params)
@@ -176,7 +182,7 @@ def test_offset_loss_trains_through_the_model(tokenizer):
     losses["loss_offset_0"].backward()
     assert model.head.transformer_decoder.counts[0].offset.weight.grad.abs().sum() > 0
     del inputs[0]["object_boxes"]
-    with pytest.raises(ValueError, match=r"OFFSET_WEIGHT > 0 needs training inputs with \['object_boxes'\]"):
+    with pytest.raises(ValueError, match=r"OFFSET_WEIGHT > 0 (and .* )?needs training inputs with \['object_boxes'\]"):
         model(inputs)
 
 
@@ -207,7 +213,7 @@ def test_group_loss_trains_through_the_model(tokenizer):
     losses = no_centre(inputs)
     assert "loss_centre_0" not in losses and torch.isfinite(losses["loss_group_0"])
     del inputs[1]["object_in_group"]
-    with pytest.raises(ValueError, match=r"GROUP_WEIGHT > 0 needs training inputs with \[.*'object_in_group'\]; missing"):
+    with pytest.raises(ValueError, match=r"GROUP_WEIGHT > 0 (and .* )?needs training inputs with \[.*'object_in_group'\]; missing"):
         model(inputs)
 
 
@@ -507,6 +513,7 @@ def write_shape_records(root, n_images=2):
                                  "category_id": 0, "iscrowd": 0}],
                 "sentence": {"raw": k, "sent_id": len(records)}, "empty": False, "mask": m > 0,
                 "object_boxes": list(boxes.values()),  # both shapes, as the REFER loader gives them
+                "object_in_group": [name == k for name in boxes],  # each expression names one shape
             })
     return records
 

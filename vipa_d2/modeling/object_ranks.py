@@ -197,6 +197,7 @@ class ObjectChoice(_ObjectBlock):
         from_words: bool = False,
         size_ranks: bool = False,
         factorised: bool = False,
+        dropout: float = 0.0,
         max_candidates: int = MAX_CANDIDATES,
         max_rank: int = MAX_RANK,
     ):
@@ -210,7 +211,8 @@ class ObjectChoice(_ObjectBlock):
         if from_words:
             # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
             self.word_query_embed = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
-            self.word_pool = MultiHeadAttention(dim, nheads)
+            # The decoder's attention dropout (DECODER.DROPOUT) applies to this attention too.
+            self.word_pool = MultiHeadAttention(dim, nheads, dropout)
 
     @property
     def reads_words(self) -> bool:

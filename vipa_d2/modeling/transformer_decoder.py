@@ -169,7 +169,9 @@ class VIPATransformerDecoder(nn.Module):
         self.object_ranks = ObjectRanks(hidden_dim) if object_ranks else None
         self.object_choice = None
         if object_choice:
-            self.object_choice = ObjectChoice(hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised)
+            self.object_choice = ObjectChoice(
+                hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised, dropout=dropout
+            )
         # The head passes the projected words to ``forward`` only when this is True.
         self.reads_words = self.object_choice is not None and self.object_choice.reads_words
         self.counts = None
