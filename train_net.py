@@ -14,7 +14,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from vipa_d2 import get_vipa_cfg
-from vipa_d2.engine import ReferringTrainer, leave_process_group, load_weights
+from vipa_d2.engine import ReferringTrainer, keep_freed_host_memory, leave_process_group, load_weights
 
 
 class Trainer(ReferringTrainer):
@@ -25,6 +25,8 @@ def setup(args):
     cfg = get_vipa_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    if cfg.MODEL.KEEP_FREED_HOST_MEMORY:
+        keep_freed_host_memory()
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         # Ranks sharing a CPU split its cores; oversubscribed intra-op threads spin-wait on
         # each other and can make every step many times slower.

@@ -2,7 +2,10 @@
 import glob
 import os
 import pickle
+import platform
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -10,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase, launch
 
 from common import INSTANT_TEST_VAL as VAL
-from common import import_train_net, results_file, train_net_args
+from common import REPO_ROOT, import_train_net, results_file, train_net_args
 from vipa_d2.data import ReferringDataError
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
@@ -187,6 +190,44 @@ def test_builtin_refs_policy_reaches_the_trainer_data_loader(synthetic_benchmark
         train_net.Trainer.build_train_loader(cfg)
 
 
+# A fresh interpreter (the setting is process-wide): how much of a live 64 MB tensor glibc
+# serves by its own mmap (unmapped again on free), before and after train_net's setup.
+_MMAPPED_AROUND_SETUP = """
+import ctypes, os, sys, torch
+sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
+from common import import_train_net, train_net_args
+
+class MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in
+                "arena ordblks smblks hblks hblkhd usmblks fsmblks uordblks fordblks keepcost".split()]
+
+mallinfo2 = ctypes.CDLL(None).mallinfo2
+mallinfo2.restype = MallInfo2
+
+def mmapped_bytes_of_a_64mb_tensor():
+    start = mallinfo2().hblkhd
+    activation = torch.ones(16 << 20)
+    return mallinfo2().hblkhd - start
+
+before = mmapped_bytes_of_a_64mb_tensor()
+import_train_net().setup(train_net_args(sys.argv[2]))
+print(before, mmapped_bytes_of_a_64mb_tensor())
+"""
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
+def test_setup_keeps_freed_host_memory(tmp_path):
+    # By default glibc gives every block over ~32 MB its own mmap and unmaps it on free, so
+    # each training step faults its largest activations in again page by page. With
+    # MODEL.KEEP_FREED_HOST_MEMORY (default on) they come from the heap and stay there.
+    out = subprocess.run(
+        [sys.executable, "-c", _MMAPPED_AROUND_SETUP, REPO_ROOT, str(tmp_path)],
+        check=True, capture_output=True, text=True,
+    ).stdout.split()
+    before, after = int(out[-2]), int(out[-1])
+    assert before >= 64 << 20 and after == 0, (before, after)
+
+
 class _Killed(Exception):
     pass
 
@@ -203,11 +244,13 @@ class _KillAfter(HookBase):
 
 
 def test_resume_reproduces_uninterrupted_run(tmp_path):
-    # One loader worker: the mapping runs in another process, so the model-side RNG must be
-    # restored by the per-iteration seeding, not by the data pipeline.
-    opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "1"]
+    # The straight run maps samples in a loader worker, the resumed one in the training
+    # process: the model-side RNG must come from the per-iteration seeding either way, and
+    # in-process mapping must not move it (same weights for any DATALOADER.NUM_WORKERS).
+    opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0"]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    train_net.main(train_net_args(straight_dir, opts=opts + ["SOLVER.CHECKPOINT_MAX_KEEP", "1"]))
+    in_worker = ["DATALOADER.NUM_WORKERS", "1", "SOLVER.CHECKPOINT_MAX_KEEP", "1"]
+    train_net.main(train_net_args(straight_dir, opts=opts + in_worker))
     # Periodic checkpoints after iterations 2 and 4; only the newest one is kept.
     assert sorted(p.name for p in straight_dir.glob("*.pth")) == [
         "model_0000003.pth", "model_final.pth"

@@ -10,6 +10,7 @@ from .checkpoint import (
     model_checkpoint,
 )
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
+from .host_memory import keep_freed_host_memory
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
 from .process_group import leave_process_group
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
@@ -26,6 +27,7 @@ __all__ = [
     "StepSeedHook",
     "build_vipa_optimizer",
     "get_vipa_optimizer_params",
+    "keep_freed_host_memory",
     "leave_process_group",
     "shuffle_expressions",
     "StrictCheckpointer",

@@ -8,8 +8,10 @@ from the start: the sampler stream is a pure function of (seed, position), each 
 is mapped under an RNG seeded by (seed, position), and each iteration starts from an RNG
 seeded by (seed, rank, iteration). Resuming at iteration k therefore only needs k.
 """
+import contextlib
 import itertools
 import logging
+import random
 from typing import Iterator, Tuple
 
 import numpy as np
@@ -17,7 +19,7 @@ import torch
 from detectron2.engine import HookBase
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
-from torch.utils.data import Dataset, Sampler
+from torch.utils.data import Dataset, Sampler, get_worker_info
 
 logger = logging.getLogger(__name__)
 
@@ -83,8 +85,26 @@ class PositionSeededDataset(Dataset):
 
     def __getitem__(self, key: Tuple[int, int]):
         position, index = key
-        seed_all_rng(derive_seed(self._seed, position))
-        return self._mapper(self._records[index])
+        # Mapped in the training process itself (DATALOADER.NUM_WORKERS 0), the sample must
+        # leave the RNGs StepSeedHook seeded for the model alone: same values as a worker.
+        with _restored_rngs(enabled=get_worker_info() is None):
+            seed_all_rng(derive_seed(self._seed, position))
+            return self._mapper(self._records[index])
+
+
+@contextlib.contextmanager
+def _restored_rngs(enabled: bool):
+    """Put the python, numpy and torch (CPU and CUDA) RNG states back on exit."""
+    if not enabled:
+        yield
+        return
+    python_state, numpy_state = random.getstate(), np.random.get_state()
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        try:
+            yield
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
 
 
 class StepSeedHook(HookBase):
