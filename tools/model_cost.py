@@ -6,6 +6,8 @@ batch (--batches), a training step (--train-batch) and the real evaluation path 
 checkpoint (--eval-weights: test loader, mapper, model, evaluator). Timings are medians of
 --repeats calls, wall and CPU time; every case (also under each ``--alt "KEY VALUE ..."``)
 runs round-robin, one call at a time, so machine noise hits them alike.
+MODEL.KEEP_FREED_HOST_MEMORY is process-wide: it is taken from the config and opts, not
+from --alt (compare it across two runs).
 
   python tools/model_cost.py --config-file configs/synthetic/vipa_tiny_cpu.yaml --batches 1 8 --repeats 7
   python tools/model_cost.py --config-file configs/refcoco/vipa_swin_base_bert_base.yaml \\
@@ -28,7 +30,7 @@ from tabulate import tabulate
 
 from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
-from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, load_weights
+from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, keep_freed_host_memory, load_weights
 from vipa_d2.utils.analysis import HEAD_MODULES, MODULES, count_flops, count_params, dummy_input, time_modules
 
 def parse_args(argv=None):
@@ -135,7 +137,8 @@ def main(argv=None):
             cfg = setup_cfg(args, alt.split(), tmpdir)
             model = build_model(cfg).eval()
             label = alt or "config"
-            if not alt:  # the cost table is the config's own
+            if not alt:  # the cost table and the process settings are the config's own
+                result["keep_freed_host_memory"] = cfg.MODEL.KEEP_FREED_HOST_MEMORY and keep_freed_host_memory()
                 one = dummy_input(cfg, model.text_encoder.model.config.vocab_size)
                 result.update(image_size=cfg.INPUT.IMAGE_SIZE, text_len=cfg.INPUT.MAX_TEXT_LEN,
                               params=dict(count_params(model)))
