@@ -96,7 +96,8 @@ def speed_cases(label, cfg, model, batches, train_batch):
         mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1  # a centred square target
         box = torch.tensor([[size / 4, size / 4, 3 * size / 4, 3 * size / 4]])  # the image's one object
         net = build_model(cfg).train()
-        target = {"gt_mask": mask, "empty": False, "object_boxes": box}
+        # ... which is in the referent's group (what the object choice trains on).
+        target = {"gt_mask": mask, "empty": False, "object_boxes": box, "object_in_group": torch.tensor([True])}
         optimizer, batch = build_vipa_optimizer(cfg, net), [{**one, **target}] * train_batch
 
         def step():

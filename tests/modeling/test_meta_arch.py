@@ -10,7 +10,7 @@ import torch
 from detectron2.modeling import build_model
 from detectron2.structures import BoxMode
 
-from common import TINY_CONFIG, make_cfg
+from common import TINY_CONFIG, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.directional_counts import GROUP_MAP
@@ -586,6 +586,16 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
     assert not any("scaled_dot_product" in op for op in unsupported)  # attention is counted
     params = analysis.count_params(model)
     assert sum(params.values()) == sum(p.numel() for p in model.parameters())
+
+
+def test_model_cost_times_a_training_step_of_the_tiny_config():
+    # tools/model_cost.py --train-batch: its made-up batch must carry every input the tiny
+    # config's losses need (the object choice trains on object_in_group).
+    speed_cases = load_script("tools/model_cost.py").speed_cases
+    cfg = make_cfg(*SMALL, config_file=TINY_CONFIG)
+    cases = speed_cases("config", cfg, build_model(cfg), batches=[], train_batch=2)
+    assert list(cases) == ["config | train | batch 2"]
+    cases["config | train | batch 2"]()
 
 
 def test_compiled_backbone_keeps_outputs_and_stays_out_of_training(tokenizer, default_model):
