@@ -267,6 +267,15 @@ def add_vipa_config(cfg):
     # turns on all three keys; off here, as OBJECT_CHOICE needs "object_in_group", which
     # real REFER data does not have. Needs OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTORISED = False
+    # In inference (not in training), OBJECT_CHOICE keeps only its most probable candidate:
+    # every cell of another object gets log(1e-6) times the learned gain. The soft choice
+    # lowers a runner-up by only gain x log p (gain ~1.1 when trained), so an unsure pick
+    # between neighbours ("the third X from the left") left both in the mask. Only for data
+    # with one target object per expression. On the make-train model (seed 0): ordinals
+    # 67.5 -> 71.4 val (72.2 -> 81.3 testA) but size 85.4 -> 62.6 (the choice cannot rank
+    # by size, and its unsure picks there were harmless while soft): val oIoU 88.77 ->
+    # 86.82, so off (docs/benchmarks/EXPERIMENTS.md, session 19). Needs OBJECT_CHOICE.
+    cfg.MODEL.VIPA.DECODER.CHOICE_HARD_AT_TEST = False
 
     # Losses.
     cfg.MODEL.VIPA.LOSS = CN()

@@ -720,6 +720,29 @@ def test_object_choice_gives_the_chosen_objects_cells_its_log_probability():
     assert logits.grad is None  # the detections it reads get no gradient from it
 
 
+def test_hard_choice_at_test_keeps_only_the_most_probable_object():
+    with pytest.raises(ValueError, match="CHOICE_HARD_AT_TEST needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
+        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_HARD_AT_TEST": True}), SHAPES)
+    torch.manual_seed(0)
+    soft, hard = ObjectChoice(32), ObjectChoice(32, hard_at_test=True)
+    x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
+    logits, offsets = three_objects_in_a_row()
+    for choice in (soft, hard):  # all members; the middle object likelier than the others, but unsure
+        torch.nn.init.constant_(choice.member[-1].bias, 20.0)
+        torch.nn.init.zeros_(choice.member[-1].weight)
+        with torch.no_grad():
+            choice.select[-1].bias[1] = 1.0  # "one member on the left"
+    soft.select.load_state_dict(hard.select.state_dict())
+    train_soft, _ = soft(x, (3, 8), logits, offsets, expression)
+    train_hard, _ = hard(x, (3, 8), logits, offsets, expression)
+    torch.testing.assert_close(train_hard, train_soft)  # training is the soft choice
+    test_soft = soft.eval()(x, (3, 8), logits, offsets, expression)[0][0]
+    test_hard = hard.eval()(x, (3, 8), logits, offsets, expression)[0][0]
+    assert test_soft[:, [0, 1, 2, 6, 7]].max() > -2  # soft: the runner-ups are barely lowered
+    assert test_hard[:, [0, 1, 2, 6, 7]].max() < -13  # hard: log(1e-6) on every other object
+    assert test_hard[:, 3:6].abs().max() < 0.02  # the picked object's cells are kept
+
+
 def test_object_choice_adds_to_the_final_mask_and_returns_its_candidates_in_training():
     dec = object_block_decoder("OBJECT_CHOICE")
     multi, mf, kv, valid = decoder_inputs()

@@ -200,6 +200,7 @@ class ObjectChoice(_ObjectBlock):
         dropout: float = 0.0,
         max_candidates: int = MAX_CANDIDATES,
         max_rank: int = MAX_RANK,
+        hard_at_test: bool = False,
     ):
         sides = HALF_PLANES + (SIZE_SIDES if size_ranks else 0)
         super().__init__(dim, max_candidates, max_rank, sides + max_rank + 1 if factorised else sides * (max_rank + 1))
@@ -207,6 +208,7 @@ class ObjectChoice(_ObjectBlock):
         self.size_ranks = size_ranks
         self.factor_scale = nn.Parameter(torch.tensor(FACTORISED_SCALE)) if factorised else None
         self.gain = nn.Parameter(torch.ones(()))
+        self.hard_at_test = hard_at_test
         self.word_pool = self.word_query_embed = None
         if from_words:
             # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
@@ -259,7 +261,13 @@ class ObjectChoice(_ObjectBlock):
         rank = (bins * self.select_vector(expression, words, words_valid)[:, None]).sum(dim=-1)
         logits = F.logsigmoid(member_logits) + rank + torch.log(held.to(rank.dtype) + EMPTY_PRIOR)
         log_prob = torch.log_softmax(logits, dim=-1)
-        cells = self.gain * torch.einsum("bpk,bk->bp", assign, log_prob).unflatten(1, (h, w))
+        mark = log_prob
+        if self.hard_at_test and not self.training:
+            # A learned gain near 1 lowers a runner-up at p = 0.3 by only ~1.3 logits, so an
+            # unsure choice leaves both objects in the mask: keep the most probable one only.
+            picked = F.one_hot(log_prob.argmax(dim=-1), log_prob.shape[-1]).to(log_prob.dtype)
+            mark = torch.log(picked + EMPTY_PRIOR)
+        cells = self.gain * torch.einsum("bpk,bk->bp", assign, mark).unflatten(1, (h, w))
         points = torch.stack([(xs + 0.5) / w, (ys + 0.5) / h], dim=-1)
         return cells, {
             "choice_logits": log_prob,

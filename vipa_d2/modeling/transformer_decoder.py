@@ -89,6 +89,7 @@ class VIPATransformerDecoder(nn.Module):
         choice_from_words: bool = False,
         choice_size_ranks: bool = False,
         choice_factorised: bool = False,
+        choice_hard_at_test: bool = False,
     ):
         """
         Args:
@@ -119,6 +120,8 @@ class VIPATransformerDecoder(nn.Module):
                 ``forward`` then needs (``reads_words`` is True; needs ``object_choice``).
             choice_size_ranks: the choice also ranks candidates by area (needs ``object_choice``).
             choice_factorised: the choice's rank weights are P(side) x P(bin) (needs ``object_choice``).
+            choice_hard_at_test: in inference, the mask keeps only the most probable candidate's
+                cells (needs ``object_choice``).
         """
         super().__init__()
         if num_layers < 1:
@@ -160,6 +163,7 @@ class VIPATransformerDecoder(nn.Module):
             ("CHOICE_FROM_WORDS", choice_from_words),
             ("CHOICE_SIZE_RANKS", choice_size_ranks),
             ("CHOICE_FACTORISED", choice_factorised),
+            ("CHOICE_HARD_AT_TEST", choice_hard_at_test),
         )
         for name, on in choice_keys:
             if on and not object_choice:
@@ -170,7 +174,8 @@ class VIPATransformerDecoder(nn.Module):
         self.object_choice = None
         if object_choice:
             self.object_choice = ObjectChoice(
-                hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised, dropout=dropout
+                hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised, dropout=dropout,
+                hard_at_test=choice_hard_at_test,
             )
         # The head passes the projected words to ``forward`` only when this is True.
         self.reads_words = self.object_choice is not None and self.object_choice.reads_words
@@ -230,6 +235,7 @@ class VIPATransformerDecoder(nn.Module):
             "choice_from_words": dec.CHOICE_FROM_WORDS,
             "choice_size_ranks": dec.CHOICE_SIZE_RANKS,
             "choice_factorised": dec.CHOICE_FACTORISED,
+            "choice_hard_at_test": dec.CHOICE_HARD_AT_TEST,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
