@@ -187,7 +187,8 @@ class ObjectChoice(_ObjectBlock):
     whose centre lies on the target mask. Every cell then takes the log-probability of the
     candidate its offset points at, times a learned gain (starting at 1: added to a logit, a
     log-probability keeps the chosen object's cells as they are and lowers the others'),
-    and the decoder adds that to the final mask logits.
+    and the decoder adds that to the final mask logits. With ``hard_at_test`` inference
+    uses the most probable candidate alone (log(EMPTY_PRIOR) for the others; opt-in).
     """
 
     def __init__(
