@@ -724,15 +724,16 @@ def test_hard_choice_at_test_keeps_only_the_most_probable_object():
     with pytest.raises(ValueError, match="CHOICE_HARD_AT_TEST needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
         VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_HARD_AT_TEST": True}), SHAPES)
     torch.manual_seed(0)
-    soft, hard = ObjectChoice(32), ObjectChoice(32, hard_at_test=True)
+    soft = ObjectChoice(32)
     x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
     logits, offsets = three_objects_in_a_row()
-    for choice in (soft, hard):  # all members; the middle object likelier than the others, but unsure
-        torch.nn.init.constant_(choice.member[-1].bias, 20.0)
-        torch.nn.init.zeros_(choice.member[-1].weight)
-        with torch.no_grad():
-            choice.select[-1].bias[1] = 1.0  # "one member on the left"
-    soft.select.load_state_dict(hard.select.state_dict())
+    # All members; the middle object likelier than the others, but unsure.
+    torch.nn.init.constant_(soft.member[-1].bias, 20.0)
+    torch.nn.init.zeros_(soft.member[-1].weight)
+    with torch.no_grad():
+        soft.select[-1].bias[1] = 1.0  # "one member on the left"
+    hard = ObjectChoice(32, hard_at_test=True)
+    hard.load_state_dict(soft.state_dict())
     train_soft, _ = soft(x, (3, 8), logits, offsets, expression)
     train_hard, _ = hard(x, (3, 8), logits, offsets, expression)
     torch.testing.assert_close(train_hard, train_soft)  # training is the soft choice

@@ -87,17 +87,14 @@ class PositionSeededDataset(Dataset):
         position, index = key
         # Mapped in the training process itself (DATALOADER.NUM_WORKERS 0), the sample must
         # leave the RNGs StepSeedHook seeded for the model alone: same values as a worker.
-        with _restored_rngs(enabled=get_worker_info() is None):
+        with _restored_rngs() if get_worker_info() is None else contextlib.nullcontext():
             seed_all_rng(derive_seed(self._seed, position))
             return self._mapper(self._records[index])
 
 
 @contextlib.contextmanager
-def _restored_rngs(enabled: bool):
+def _restored_rngs():
     """Put the python, numpy and torch (CPU and CUDA) RNG states back on exit."""
-    if not enabled:
-        yield
-        return
     python_state, numpy_state = random.getstate(), np.random.get_state()
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
         try:
