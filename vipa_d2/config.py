@@ -257,6 +257,13 @@ def add_vipa_config(cfg):
     # size expressions fell 6-8 points (the group gate is trained at centres only, so its
     # areas are rough), so off. Needs OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS = False
+    # Where CHOICE_SIZE_RANKS reads each candidate's area: "group_gate" (the group gate
+    # summed over the cells assigned to it, as measured above) or "regressed" (an MLP of
+    # the candidate's token predicts its log area, trained by LOSS.AREA_WEIGHT on the
+    # annotations' "area", which training records then need as "object_areas"). On the
+    # synthetic training set the annotations' areas name the referred object of 806 of 807
+    # size expressions, the boxes' areas of 769.
+    cfg.MODEL.VIPA.DECODER.CHOICE_AREAS = "group_gate"
     # OBJECT_CHOICE's rank weights are a learned scale times P(side) x P(bin) (two softmaxes)
     # instead of a free weight per (side, bin), so the side words learnt from extremes
     # ("the leftmost X", bin 0) serve ordinals ("the second X from the left", bin 1). An
@@ -324,6 +331,10 @@ def add_vipa_config(cfg):
     # out), and BCE of its membership against "object_in_group" of the object box each
     # candidate's centre falls in (nearest box centre when boxes overlap).
     cfg.MODEL.VIPA.LOSS.CHOICE_WEIGHT = 1.0
+    # Weight of the L1 loss on DECODER.CHOICE_AREAS "regressed": each candidate's predicted
+    # log area (a fraction of the padded input) against the log "area" of the object box its
+    # centre falls in (training records' "object_areas", scaled with the augmentation).
+    cfg.MODEL.VIPA.LOSS.AREA_WEIGHT = 1.0
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
     # Weight of the no-target classification loss (generalized data only).

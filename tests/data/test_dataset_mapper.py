@@ -346,3 +346,35 @@ def test_object_in_group_follows_the_boxes_kept(tmp_path):
     del rec["object_boxes"]
     with pytest.raises(KeyError, match=r"ref_id=11 has no 'object_boxes'.*which MODEL.VIPA.LOSS.GROUP_WEIGHT > 0"):
         ReferringDatasetMapper(no_centre, is_train=True)(dict(rec, object_in_group=[]))
+
+
+def test_object_areas_scale_with_their_boxes(tmp_path):
+    """LOSS.AREA_WEIGHT: training inputs carry each kept object's area in augmented pixels,
+    scaled as its box was; records without usable areas are refused by name."""
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png", "the bigger box")
+    rec["object_boxes"] = [[10.0, 5.0, 40.0, 40.0], [W + 5.0, 10.0, 20.0, 20.0], [60.0, 30.0, 28.0, 28.0]]
+    rec["object_in_group"] = [True, True, False]
+    rec["object_areas"] = [1200.0, 300.0, 500.0]
+    opts = [*MAPPER_OPTS, "INPUT.RANDOM_FLIP", "none", "MODEL.VIPA.DECODER.COUNT_MAPS", 4,
+            "MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES", True,
+            "MODEL.VIPA.DECODER.OBJECT_CHOICE", True, "MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS", True]
+    regressed = make_cfg(*opts, "MODEL.VIPA.DECODER.CHOICE_AREAS", "regressed")
+    out = ReferringDatasetMapper(regressed, is_train=True)(rec)
+    out_h, out_w = out["gt_mask"].shape
+    scale = (out_w / W) * (out_h / H)
+    # The box outside the image is dropped, and its area with it.
+    torch.testing.assert_close(out["object_areas"], torch.tensor([1200.0 * scale, 500.0 * scale]))
+    assert "object_areas" not in ReferringDatasetMapper(make_cfg(*opts), is_train=True)(rec)  # group-gate areas
+    assert "object_areas" not in ReferringDatasetMapper(regressed, is_train=False)(rec)
+    # No area loss: nothing to read.
+    no_loss = make_cfg(*opts, "MODEL.VIPA.DECODER.CHOICE_AREAS", "regressed", "MODEL.VIPA.LOSS.AREA_WEIGHT", 0.0)
+    assert "object_areas" not in ReferringDatasetMapper(no_loss, is_train=True)(rec)
+    mapper = ReferringDatasetMapper(regressed, is_train=True)
+    with pytest.raises(ValueError, match=r"ref_id=11: 'object_areas' has 2 entries for 3 'object_boxes'"):
+        mapper(dict(rec, object_areas=[1.0, 2.0]))
+    with pytest.raises(ValueError, match=r"ref_id=11: 'object_areas' \[1200.0, -1.0, 500.0\] must be finite and >= 0"):
+        mapper(dict(rec, object_areas=[1200.0, -1.0, 500.0]))
+    del rec["object_areas"]
+    with pytest.raises(KeyError, match=r"ref_id=11 has no 'object_areas'.*which MODEL.VIPA.LOSS.AREA_WEIGHT > 0"):
+        mapper(rec)

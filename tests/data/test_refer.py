@@ -445,3 +445,20 @@ def test_group_ann_ids_become_object_in_group_beside_object_boxes(tmp_path):
     assert "object_in_group" not in recs[0]  # the sentence names no group
     assert recs[1]["object_in_group"] == [True, False] and recs[2]["object_in_group"] == [True, True]
     assert not any("group_ann_ids" in r for r in recs)
+
+
+def test_annotation_areas_become_object_areas_beside_object_boxes(tmp_path):
+    inst = _instances()
+    inst["annotations"][0]["area"] = 400
+    inst["annotations"][1]["area"] = 250.5
+    save_refer_dataset(str(tmp_path / "toy"), "unc", _refs(), inst)
+    recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
+    assert [r["object_areas"] for r in recs] == [[400.0, 250.5]] * 3
+    # One object of the image without a usable area: no areas for its records (the area
+    # loss then refuses them by name), the boxes as before.
+    for bad in (None, "400", -1.0, float("nan"), True):
+        inst["annotations"][1]["area"] = bad
+        save_refer_dataset(str(tmp_path / "toy"), "unc", _refs(), inst)
+        recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
+        assert not any("object_areas" in r for r in recs), bad
+        assert [r["object_boxes"] for r in recs] == [[[10.0, 10.0, 20.0, 20.0], [35.0, 5.0, 20.0, 30.0]]] * 3

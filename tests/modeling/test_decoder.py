@@ -12,6 +12,7 @@ from vipa_d2.modeling import build_pixel_decoder
 from vipa_d2.modeling.losses import (
     CENTRE_SIGMA_CELLS,
     VIPACriterion,
+    area_loss,
     centre_heatmaps,
     centre_loss,
     choice_loss,
@@ -787,6 +788,40 @@ def test_choice_size_ranks_pick_by_area_among_members():
     assert cells[:, :2].abs().max() < 0.02 and cells[:, 3:].max() < -25
 
 
+def test_choice_regressed_areas_rank_by_the_area_head_alone():
+    """CHOICE_AREAS "regressed": the size ranks read an MLP of each candidate's token,
+    detached (the area loss trains it), instead of the group gate."""
+    with pytest.raises(ValueError, match='CHOICE_AREAS "regressed" needs MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS True'):
+        VIPATransformerDecoder(make_cfg(*SMALL, **{
+            "MODEL.VIPA.DECODER.COUNT_MAPS": 4, "MODEL.VIPA.DECODER.COUNT_CENTRES": True,
+            "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES": True, "MODEL.VIPA.DECODER.OBJECT_CHOICE": True,
+            "MODEL.VIPA.DECODER.CHOICE_AREAS": "regressed",
+        }), SHAPES)
+    with pytest.raises(ValueError, match=r"CHOICE_AREAS must be one of \('group_gate', 'regressed'\), got 'boxes'"):
+        ObjectChoice(32, size_ranks=True, areas="boxes")
+    assert ObjectChoice(32, areas="regressed").area is None  # no size ranks: nothing reads it
+    torch.manual_seed(0)
+    choice = ObjectChoice(32, size_ranks=True, areas="regressed")
+    x, expression = torch.randn(1, 24, 32), torch.randn(1, 32)
+    logits, offsets = three_objects_in_a_row()
+    torch.nn.init.constant_(choice.member[-1].bias, 20.0)
+    torch.nn.init.zeros_(choice.member[-1].weight)
+    bins = MAX_RANK + 1
+    with torch.no_grad():
+        choice.select[-1].bias[4 * bins] = 30.0  # "no member larger", bin 0
+    cells, out = choice(x, (3, 8), logits, offsets, expression)  # no group gate needed
+    found = out["choice_found"][0]
+    log_areas = out["choice_log_areas"][0].masked_fill(~found, float("-inf"))
+    column = int(out["choice_points"][0, log_areas.argmax(), 0] * 8)  # the largest by the head
+    others = [c for c in range(8) if abs(c - column) > 1]
+    assert cells[0, :, column].abs().max() < 0.02 and cells[0, :, others].max() < -25
+    # The choice does not train the head; the area loss does.
+    out["choice_logits"][0, found].sum().backward(retain_graph=True)
+    assert choice.area[0].weight.grad is None
+    out["choice_log_areas"].sum().backward()
+    assert choice.area[0].weight.grad.abs().sum() > 0
+
+
 def test_choice_from_words_reads_the_valid_words():
     with pytest.raises(ValueError, match="CHOICE_FROM_WORDS needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
         object_block_decoder("CHOICE_FROM_WORDS")
@@ -864,3 +899,18 @@ def test_member_loss_reads_the_group_of_the_box_each_candidate_lies_in():
     logits = torch.tensor([[1.0, 2.0, 3.0, 4.0], [0.0] * 4])
     expected = (F.binary_cross_entropy_with_logits(logits[0, :2], torch.tensor([1.0, 0.0]), reduction="sum")) / 2
     torch.testing.assert_close(member_loss(logits, points, found, boxes, in_group, (32, 32)), expected)
+
+
+def test_area_loss_reads_the_log_area_of_the_box_each_candidate_lies_in():
+    # A 32 x 32 input; box 1 lies inside box 0 (its centre is the nearer one there).
+    boxes = [torch.tensor([[0.0, 0.0, 32.0, 16.0], [16.0, 0.0, 32.0, 8.0]]), torch.zeros(0, 4)]
+    areas = [torch.tensor([256.0, 64.0]), torch.zeros(0)]
+    points = torch.tensor([[[0.75, 0.125], [0.25, 0.25], [0.5, 0.9], [0.75, 0.125]]] * 2)
+    found = torch.tensor([[True, True, True, False], [True] * 4])
+    log_areas = torch.tensor([[-3.0, -1.0, 5.0, 9.0], [0.0] * 4])
+    # Fractions of the 1,024-pixel input: 64 / 1024 for box 1, 256 / 1024 for box 0.
+    expected = ((-3.0 - math.log(64 / 1024)) ** 2) ** 0.5 + abs(-1.0 - math.log(256 / 1024))
+    torch.testing.assert_close(area_loss(log_areas, points, found, boxes, areas, (32, 32)), torch.tensor(expected / 2))
+    # An object shrunk to nothing counts as one pixel, not log(0).
+    zero = area_loss(log_areas, points, found, boxes, [torch.tensor([256.0, 0.0]), torch.zeros(0)], (32, 32))
+    assert torch.isfinite(zero)

@@ -241,6 +241,26 @@ def test_choice_loss_trains_through_the_model(tokenizer):
         model(inputs)
 
 
+def test_area_loss_trains_the_choice_area_head_through_the_model(tokenizer):
+    """CHOICE_AREAS "regressed": the area loss reaches the choice's area head from the
+    training inputs' object_areas; inputs without them are refused by name."""
+    model = build(
+        "MODEL.VIPA.DECODER.COUNT_CENTRES", True, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES", True,
+        "MODEL.VIPA.DECODER.OBJECT_CHOICE", True, "MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS", True,
+        "MODEL.VIPA.DECODER.CHOICE_AREAS", "regressed",
+    ).train()
+    inputs = grouped_inputs(tokenizer)
+    inputs[0]["object_areas"] = torch.tensor([500.0, 300.0])
+    inputs[1]["object_areas"] = torch.zeros(0)
+    losses = model(inputs)
+    assert torch.isfinite(losses["loss_choice_area"])
+    sum(losses.values()).backward()
+    assert model.head.transformer_decoder.object_choice.area[0].weight.grad.abs().sum() > 0
+    del inputs[0]["object_areas"]
+    with pytest.raises(ValueError, match=r"AREA_WEIGHT > 0 needs training inputs with \['object_areas'\]; missing"):
+        model(inputs)
+
+
 def test_postprocess_returns_each_cues_retrieved_tokens(tokenizer, default_model):
     model = default_model.eval()
     sizes = [(64, 64), (37, 91), (128, 64)]

@@ -13,7 +13,7 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 
-from ..modeling.losses import object_box_losses, object_group_losses
+from ..modeling.losses import object_area_losses, object_box_losses, object_group_losses
 from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
@@ -106,7 +106,10 @@ class ReferringDatasetMapper:
     augmentation, clipped to it; none left outside it): every object of the image, for the
     centre maps and offsets. With ``group_losses`` (those that train on the named group,
     :func:`vipa_d2.modeling.losses.object_group_losses`) they also carry ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
-    the same boxes): which objects the expression's category / colour words name.
+    the same boxes): which objects the expression's category / colour words name. With
+    ``area_losses`` (those that train on areas, :func:`vipa_d2.modeling.losses.object_area_losses`)
+    they carry ``object_areas`` (float32 (K,), the record's ``object_areas`` for the same
+    boxes, in augmented pixels).
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
     words left/right in the expression so it still describes the flipped image.
@@ -124,11 +127,13 @@ class ReferringDatasetMapper:
         landmark_supervision: bool = False,
         box_losses: Tuple[str, ...] = (),
         group_losses: Tuple[str, ...] = (),
+        area_losses: Tuple[str, ...] = (),
     ):
         self.is_train = is_train
         self.landmark_supervision = is_train and landmark_supervision  # test mode passes the landmark on as data
         self.box_losses = tuple(box_losses) if is_train else ()
         self.group_losses = tuple(group_losses) if is_train else ()
+        self.area_losses = tuple(area_losses) if is_train else ()
         self.augmentations = T.AugmentationList(augmentations)
         self.image_format = image_format
         self.tokenizer = tokenizer
@@ -147,6 +152,7 @@ class ReferringDatasetMapper:
             "landmark_supervision": cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0,
             "box_losses": object_box_losses(cfg),
             "group_losses": object_group_losses(cfg),
+            "area_losses": object_area_losses(cfg),
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
@@ -172,7 +178,8 @@ class ReferringDatasetMapper:
             " and ".join(self.box_losses),
             "vipa_d2's REFER loader writes them, a custom loader must too",
         )
-        xyxy = BoxMode.convert(np.asarray(boxes, dtype=np.float64).reshape(-1, 4), BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
+        xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        xyxy = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(max=out_hw[1])
         xyxy[:, 1::2] = xyxy[:, 1::2].clip(max=out_hw[0])
@@ -194,7 +201,30 @@ class ReferringDatasetMapper:
                     f"{len(in_group)} entries for {len(boxes)} 'object_boxes'; expected one per box"
                 )
             out["object_in_group"] = torch.as_tensor(np.asarray(in_group, dtype=bool)[inside])
+        if self.area_losses:
+            out["object_areas"] = self._object_areas(record, len(boxes), xywh, xyxy)[inside]
         return out
+
+    def _object_areas(self, record: Dict, count: int, xywh: np.ndarray, xyxy: np.ndarray) -> torch.Tensor:
+        """The record's ``object_areas`` in augmented pixels: each scaled as its box was
+        (resizing scales both alike, a crop keeps the share of the box left)."""
+        areas = self._require(
+            record,
+            "object_areas",
+            "per object box, the area of its object in pixels",
+            " and ".join(self.area_losses),
+            "vipa_d2's REFER loader writes them from the annotations' 'area', a custom loader must too",
+        )
+        source = f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}"
+        if len(areas) != count:
+            raise ValueError(f"{source}: 'object_areas' has {len(areas)} entries for {count} 'object_boxes'; expected one per box")
+        areas = np.asarray(areas, dtype=np.float64)
+        if not np.isfinite(areas).all() or (areas < 0).any():
+            raise ValueError(f"{source}: 'object_areas' {areas.tolist()} must be finite and >= 0 (pixels)")
+        before = xywh[:, 2] * xywh[:, 3]
+        after = (xyxy[:, 2] - xyxy[:, 0]).clip(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clip(min=0)
+        scale = np.divide(after, before, out=np.zeros_like(after), where=before > 0)
+        return torch.as_tensor(areas * scale, dtype=torch.float32)
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         record = dataset_dict  # never modified: annotations are deep-copied below

@@ -12,6 +12,8 @@ Layout of one dataset folder ``<refer_root>/<dataset>/``::
 import collections
 import json
 import logging
+import math
+import numbers
 import os
 import pickle
 import re
@@ -155,16 +157,28 @@ def _record_annotation(ann: Dict, img: Dict) -> Dict:
     }
 
 
+def _usable_area(ann: Dict) -> Optional[float]:
+    """An annotation's "area" as a float, or None when it is missing, not a number, not finite or < 0."""
+    area = ann.get("area")
+    if not isinstance(area, numbers.Real) or isinstance(area, bool):
+        return None
+    try:
+        area = float(area)
+    except OverflowError:  # an integer beyond the float range
+        return None
+    return area if math.isfinite(area) and area >= 0 else None
+
+
 def _object_boxes_by_image(anns: Dict, notes) -> Dict:
-    """{image id: [(ann id, [x, y, w, h]) of every annotation of the image with a usable
-    bbox]}: the objects an image holds, targets or not (centre maps learn where objects
-    are, see MODEL.VIPA.DECODER.COUNT_CENTRES); annotations without a usable box are
-    counted in ``notes``."""
+    """{image id: [(ann id, [x, y, w, h], area or None) of every annotation of the image
+    with a usable bbox]}: the objects an image holds, targets or not (centre maps learn
+    where objects are, see MODEL.VIPA.DECODER.COUNT_CENTRES); annotations without a usable
+    box are counted in ``notes``."""
     boxes: Dict = collections.defaultdict(list)
     for aid, ann in anns.items():
         bbox = ann.get("bbox")
         if _is_box(bbox):
-            boxes[ann.get("image_id")].append((aid, [float(v) for v in bbox]))
+            boxes[ann.get("image_id")].append((aid, [float(v) for v in bbox], _usable_area(ann)))
         else:
             notes["annotations without a usable bbox (left out of object_boxes)"] += 1
     return boxes
@@ -310,7 +324,8 @@ def load_refer_dicts(
         A sentence with the optional breakdown fields adds ``type`` and ``landmark``
         ({"ann_id", "phrase", "annotation"}: the landmark object as a record annotation).
         Every record has ``object_boxes``: XYWH_ABS boxes of all annotated objects of its
-        image, targets or not. A sentence with ``group_ann_ids`` adds ``object_in_group``:
+        image, targets or not, and, where each of those annotations has a usable "area",
+        ``object_areas`` (their areas in pixels, in the same order). A sentence with ``group_ann_ids`` adds ``object_in_group``:
         per box of ``object_boxes``, whether its object is one the expression's category /
         colour words name.
     """
@@ -387,6 +402,7 @@ def load_refer_dicts(
     records: List[Dict] = []
     for ref, ann_ids, sentences in usable:
         img = images[ref["image_id"]]
+        objects = object_boxes.get(img["id"], [])
         for aid in ann_ids:
             if aid not in record_anns:
                 record_anns[aid] = _record_annotation(anns[aid], img)
@@ -398,13 +414,18 @@ def load_refer_dicts(
             "ref_id": ref["ref_id"],
             "annotations": [record_anns[a] for a in ann_ids],
             "empty": len(ann_ids) == 0,
-            "object_boxes": [box for _, box in object_boxes.get(img["id"], [])],
+            "object_boxes": [box for _, box, _ in objects],
         }
+        areas = [area for _, _, area in objects]
+        if None in areas:
+            notes["records whose image has an object box without a usable 'area' (no object_areas)"] += 1
+        else:
+            base["object_areas"] = areas
         for raw, sent_id, extra in sentences:
             if "group_ann_ids" in extra:
                 group = set(extra["group_ann_ids"])
                 extra = {k: v for k, v in extra.items() if k != "group_ann_ids"}
-                extra["object_in_group"] = [aid in group for aid, _ in object_boxes.get(img["id"], [])]
+                extra["object_in_group"] = [aid in group for aid, _, _ in objects]
             landmark = extra.get("landmark")
             if landmark is not None:
                 aid = landmark["ann_id"]

@@ -7,6 +7,7 @@ targets in [0, 1]) and batch-padding pixels are excluded via an area-downsampled
 map. The pixel contrastive loss supervises the VEG's cue-to-token relevance on the VEG
 grid, with the ground truth area-downsampled the same way.
 """
+import functools
 from typing import Dict, List, Optional
 
 import torch
@@ -153,38 +154,60 @@ def choice_loss(log_prob: torch.Tensor, points: torch.Tensor, found: torch.Tenso
     return -torch.logsumexp(log_prob[has].masked_fill(~on[has], float("-inf")), dim=1).mean()
 
 
-def member_loss(
-    logits: torch.Tensor,
-    points: torch.Tensor,
-    found: torch.Tensor,
-    boxes: List[torch.Tensor],
-    in_group: List[torch.Tensor],
-    input_hw,
-) -> torch.Tensor:
+def _boxes_of_points(points: torch.Tensor, boxes: torch.Tensor):
     """
-    BCE of (B, K) membership logits of candidates centred at ``points`` ((B, K, 2) (x, y)
-    fractions of the padded input of size ``input_hw``; ``found`` (B, K) bool marks real
-    candidates) against ``in_group`` of the object box each centre falls in (the box with
-    the nearest centre where boxes overlap). ``boxes``: per image, (N, 4) XYXY in input
-    pixels; ``in_group``: per image, (N,) bool. Candidates in no box are not trained.
+    (K, 2) (x, y) points and (N, 4) XYXY boxes, both in input pixels -> (K,) the box each
+    point falls in (the one with the nearest centre where boxes overlap) and (K,) bool,
+    whether it falls in any.
     """
-    total, count = logits.sum() * 0.0, 0
+    b = boxes.to(points.dtype)
+    inside = (points[:, None, 0] >= b[None, :, 0]) & (points[:, None, 0] < b[None, :, 2])
+    inside &= (points[:, None, 1] >= b[None, :, 1]) & (points[:, None, 1] < b[None, :, 3])
+    d2 = ((points[:, None] - (b[None, :, :2] + b[None, :, 2:]) / 2) ** 2).sum(dim=-1)
+    return d2.masked_fill(~inside, float("inf")).argmin(dim=1), inside.any(dim=1)
+
+
+def _per_candidate_box_loss(values, points, found, boxes, targets, input_hw, loss_fn) -> torch.Tensor:
+    """
+    ``loss_fn(values, targets)`` summed over the candidates of each image whose centre
+    (``points``: (B, K, 2) (x, y) fractions of the padded input of size ``input_hw``;
+    ``found`` (B, K) bool marks real candidates) falls in one of its object ``boxes`` (per
+    image (N, 4) XYXY in input pixels), each against ``targets`` (per image (N,)) of that
+    box, averaged over them; candidates in no box are not trained.
+    """
+    total, count = values.sum() * 0.0, 0
     scale = points.new_tensor([input_hw[1], input_hw[0]])
-    for lg, pt, held, b, g in zip(logits, points, found, boxes, in_group):
+    for v, pt, held, b, t in zip(values, points, found, boxes, targets):
         if len(b) == 0:
             continue
-        px = pt * scale  # (K, 2)
-        b = b.to(px.dtype)
-        inside = (px[:, None, 0] >= b[None, :, 0]) & (px[:, None, 0] < b[None, :, 2])
-        inside &= (px[:, None, 1] >= b[None, :, 1]) & (px[:, None, 1] < b[None, :, 3])
-        d2 = ((px[:, None] - (b[None, :, :2] + b[None, :, 2:]) / 2) ** 2).sum(dim=-1)
-        box = d2.masked_fill(~inside, float("inf")).argmin(dim=1)
-        trained = held & inside.any(dim=1)
+        box, inside = _boxes_of_points(pt * scale, b)
+        trained = held & inside
         if trained.any():
-            target = g.to(lg.dtype)[box]
-            total = total + F.binary_cross_entropy_with_logits(lg[trained], target[trained], reduction="sum")
+            total = total + loss_fn(v[trained], t.to(v.dtype)[box][trained])
             count += int(trained.sum())
     return total / max(1, count)
+
+
+def member_loss(logits, points, found, boxes: List[torch.Tensor], in_group: List[torch.Tensor], input_hw):
+    """
+    BCE of (B, K) membership logits of candidates centred at ``points`` against
+    ``in_group`` (per image, (N,) bool) of the object box each centre falls in
+    (:func:`_per_candidate_box_loss`).
+    """
+    bce = functools.partial(F.binary_cross_entropy_with_logits, reduction="sum")
+    return _per_candidate_box_loss(logits, points, found, boxes, in_group, input_hw, bce)
+
+
+def area_loss(log_areas, points, found, boxes: List[torch.Tensor], areas: List[torch.Tensor], input_hw):
+    """
+    L1 of (B, K) predicted log areas (fractions of the padded input of size ``input_hw``)
+    of candidates centred at ``points`` against the log of ``areas`` (per image, (N,) in
+    input pixels) of the object box each centre falls in (:func:`_per_candidate_box_loss`).
+    """
+    # At least one pixel: an object the augmentation shrank to nothing has no log area.
+    log_fraction = [torch.log(a.clamp(min=1.0) / (input_hw[0] * input_hw[1])) for a in areas]
+    l1 = functools.partial(F.l1_loss, reduction="sum")
+    return _per_candidate_box_loss(log_areas, points, found, boxes, log_fraction, input_hw, l1)
 
 
 # The criterion's weights whose losses train on the objects' boxes (training inputs'
@@ -194,9 +217,12 @@ BOX_LOSS_KEYS = {
     "group_weight": "MODEL.VIPA.LOSS.GROUP_WEIGHT",
     "offset_weight": "MODEL.VIPA.LOSS.OFFSET_WEIGHT",
     "choice_weight": "MODEL.VIPA.LOSS.CHOICE_WEIGHT",
+    "area_weight": "MODEL.VIPA.LOSS.AREA_WEIGHT",
 }
 # Those that also train on the named group (training inputs' ``object_in_group``).
 GROUP_LOSS_KEYS = {name: BOX_LOSS_KEYS[name] for name in ("group_weight", "choice_weight")}
+# Those that also train on the objects' areas (training inputs' ``object_areas``).
+AREA_LOSS_KEYS = {name: BOX_LOSS_KEYS[name] for name in ("area_weight",)}
 
 
 def box_losses(weights: Dict, keys: Dict = BOX_LOSS_KEYS) -> List[str]:
@@ -213,6 +239,11 @@ def object_box_losses(cfg) -> List[str]:
 def object_group_losses(cfg) -> List[str]:
     """The losses of the criterion a config builds that train on ``object_in_group``."""
     return box_losses(VIPACriterion.from_config(cfg), GROUP_LOSS_KEYS)
+
+
+def object_area_losses(cfg) -> List[str]:
+    """The losses of the criterion a config builds that train on ``object_areas``."""
+    return box_losses(VIPACriterion.from_config(cfg), AREA_LOSS_KEYS)
 
 
 def dice_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor, smooth: float = 1.0):
@@ -258,6 +289,11 @@ def pixel_contrastive_loss(
     return (per_cue * cue_w).sum() / cue_w.sum().clamp(min=1.0)
 
 
+def _regresses_areas(dec) -> bool:
+    """Whether a config's DECODER builds the object choice's area regression."""
+    return dec.OBJECT_CHOICE and dec.CHOICE_SIZE_RANKS and dec.CHOICE_AREAS == "regressed"
+
+
 class VIPACriterion(nn.Module):
     """Computes the named, weighted losses from the model's raw outputs."""
 
@@ -277,6 +313,7 @@ class VIPACriterion(nn.Module):
         group_weight: float = 0.0,
         offset_weight: float = 0.0,
         choice_weight: float = 0.0,
+        area_weight: float = 0.0,
     ):
         super().__init__()
         if contrastive_temperature <= 0:
@@ -297,11 +334,17 @@ class VIPACriterion(nn.Module):
         self.group_weight = group_weight
         self.offset_weight = offset_weight
         self.choice_weight = choice_weight
+        self.area_weight = area_weight
         weights = dict(
-            centre_weight=centre_weight, group_weight=group_weight, offset_weight=offset_weight, choice_weight=choice_weight
+            centre_weight=centre_weight,
+            group_weight=group_weight,
+            offset_weight=offset_weight,
+            choice_weight=choice_weight,
+            area_weight=area_weight,
         )
         self.box_losses = box_losses(weights)
         self.group_losses = box_losses(weights, GROUP_LOSS_KEYS)
+        self.area_losses = box_losses(weights, AREA_LOSS_KEYS)
 
     @classmethod
     def from_config(cls, cfg):
@@ -337,6 +380,8 @@ class VIPACriterion(nn.Module):
             "offset_weight": loss.OFFSET_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES else 0.0,
             # Only the candidates of DECODER.OBJECT_CHOICE have a choice loss.
             "choice_weight": loss.CHOICE_WEIGHT if cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE else 0.0,
+            # Only the regressed areas of DECODER.CHOICE_AREAS have an area loss.
+            "area_weight": loss.AREA_WEIGHT if _regresses_areas(cfg.MODEL.VIPA.DECODER) else 0.0,
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):
@@ -370,6 +415,8 @@ class VIPACriterion(nn.Module):
         member_logits: Optional[torch.Tensor] = None,
         choice_points: Optional[torch.Tensor] = None,
         choice_found: Optional[torch.Tensor] = None,
+        choice_log_areas: Optional[torch.Tensor] = None,
+        object_areas: Optional[List[torch.Tensor]] = None,
     ) -> Dict[str, torch.Tensor]:
         """
         Args:
@@ -397,6 +444,9 @@ class VIPACriterion(nn.Module):
                 centres ((B, K, 2) (x, y) fractions of the padded input) and which slots
                 hold one (:class:`vipa_d2.modeling.object_ranks.ObjectChoice`); read, with
                 ``object_boxes`` and ``object_in_group``, when ``choice_weight`` > 0.
+            choice_log_areas, object_areas: the choice's (B, K) predicted log areas, and per
+                image (K,) the areas of ``object_boxes``' objects in input pixels; read, with
+                ``choice_points`` and ``choice_found``, when ``area_weight`` > 0.
         """
         gt = gt_masks.float()
         losses = self.mask_losses(pred_masks[-1], gt, image_valid)
@@ -440,6 +490,10 @@ class VIPACriterion(nn.Module):
             losses["loss_choice"] = self.choice_weight * choice_loss(choice_logits, choice_points, choice_found, gt)
             losses["loss_choice_member"] = self.choice_weight * member_loss(
                 member_logits, choice_points, choice_found, object_boxes, object_in_group, gt.shape[-2:]
+            )
+        if self.area_weight > 0:
+            losses["loss_choice_area"] = self.area_weight * area_loss(
+                choice_log_areas, choice_points, choice_found, object_boxes, object_areas, gt.shape[-2:]
             )
         # Always trained (target 0 on non-generalized data), and kept even at weight 0 so the
         # no-target head never becomes an unused parameter under DDP.

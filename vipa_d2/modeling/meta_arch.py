@@ -359,9 +359,13 @@ class VIPA(nn.Module):
             centres["group_logits"] = outputs["group_logits"]
         if c.offset_weight > 0:
             centres["centre_offsets"] = outputs["centre_offsets"]
-        if c.choice_weight > 0:
+        if c.choice_weight > 0 or c.area_weight > 0:
             for key in ("choice_logits", "member_logits", "choice_points", "choice_found"):
                 centres[key] = outputs[key]
+        if c.area_losses:
+            require_inputs(batched_inputs, ["object_areas"], " and ".join(c.area_losses))
+            centres["object_areas"] = [x["object_areas"].to(self.device) for x in batched_inputs]
+            centres["choice_log_areas"] = outputs["choice_log_areas"]
         return self.criterion(
             outputs["pred_masks"],
             outputs["no_target_logit"],

@@ -28,6 +28,8 @@ the untrained block changes nothing.
 cross-entropy over the candidates against the referred object, membership trained on the
 named group.
 """
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,6 +47,12 @@ ASSIGN_SIGMA = 0.5
 EMPTY_PRIOR = 1e-6
 # Size "sides" of ObjectChoice's size ranks: members larger than a candidate, members smaller.
 SIZE_SIDES = 2
+# Where ObjectChoice's size ranks read the candidates' areas (MODEL.VIPA.DECODER.CHOICE_AREAS).
+CHOICE_AREAS = ("group_gate", "regressed")
+# The regressed area a candidate starts at, as a fraction of the padded input: an object
+# of a few percent, so the area loss does not begin ~4 log units off (an L1 gradient that
+# would push the decoder's tokens for hundreds of steps).
+INITIAL_AREA_FRACTION = 1 / 64
 # Factorised rank weights: the largest rank logit they can give (scale of side x bin
 # probabilities; learned from here), enough to outweigh membership logits of members.
 FACTORISED_SCALE = 10.0
@@ -120,11 +128,12 @@ class _ObjectBlock(nn.Module):
         nn.init.zeros_(self.select[-1].bias)
 
     def candidates(self, x, centre_logits, offsets, expression):
-        """:func:`detect_candidates` (less idx) and the candidates' (B, K) membership logits."""
+        """:func:`detect_candidates` (less idx), the candidates' (B, K, C) normalised tokens
+        and their (B, K) membership logits."""
         idx, found, xs, ys, assign = detect_candidates(centre_logits, offsets, self.max_candidates)
         tokens = self.norm(x).gather(1, idx[..., None].expand(-1, -1, x.shape[-1]))
         expr = expression[:, None].expand_as(tokens)
-        return found, xs, ys, assign, self.member(torch.cat([tokens, expr], dim=-1)).squeeze(-1)
+        return found, xs, ys, assign, tokens, self.member(torch.cat([tokens, expr], dim=-1)).squeeze(-1)
 
     def rank_bins(self, xs, ys, member, areas=None):
         """
@@ -154,7 +163,7 @@ class ObjectRanks(_ObjectBlock):
         Returns:
             (B, h, w) score of the object each cell belongs to (0 where no candidate).
         """
-        found, xs, ys, assign, member_logits = self.candidates(x, centre_logits, offsets, expression)
+        found, xs, ys, assign, _, member_logits = self.candidates(x, centre_logits, offsets, expression)
         member = torch.sigmoid(member_logits) * found
         bins = self.rank_bins(xs, ys, member)
         features = torch.cat([bins, torch.ones_like(member)[..., None]], dim=-1)
@@ -171,8 +180,11 @@ class ObjectChoice(_ObjectBlock):
     - a group-membership logit from its token and the pooled expression (the criterion
       trains it on the named group, ``object_in_group``);
     - its counts of members left / right / above / below as bins, as in ``ObjectRanks``,
-      and with ``size_ranks`` its counts of larger and of smaller members (areas: the
-      group gate summed over the cells assigned to it);
+      and with ``size_ranks`` its counts of larger and of smaller members. ``areas`` says
+      where the areas come from: "group_gate", the group gate summed over the cells
+      assigned to the candidate, or "regressed", an MLP of its token predicting its log
+      area (the criterion trains it on the annotated areas; the ranks read it detached,
+      like the candidates);
     - a choice logit: log sigmoid(membership) (the referred object is a member) plus the
       bins weighted by rank weights (uniform over the bins at the start, so the untrained
       block chooses among members uniformly). Empty slots get log(EMPTY_PRIOR). The
@@ -202,11 +214,19 @@ class ObjectChoice(_ObjectBlock):
         max_candidates: int = MAX_CANDIDATES,
         max_rank: int = MAX_RANK,
         hard_at_test: bool = False,
+        areas: str = "group_gate",
     ):
+        if areas not in CHOICE_AREAS:
+            raise ValueError(f"MODEL.VIPA.DECODER.CHOICE_AREAS must be one of {CHOICE_AREAS}, got {areas!r}")
         sides = HALF_PLANES + (SIZE_SIDES if size_ranks else 0)
         super().__init__(dim, max_candidates, max_rank, sides + max_rank + 1 if factorised else sides * (max_rank + 1))
         self.sides = sides
         self.size_ranks = size_ranks
+        # Built only where the ranks read it, so every parameter gets a gradient (DDP).
+        self.area = None
+        if size_ranks and areas == "regressed":
+            self.area = mlp(dim, dim, 1)
+            nn.init.constant_(self.area[-1].bias, math.log(INITIAL_AREA_FRACTION))
         self.factor_scale = nn.Parameter(torch.tensor(FACTORISED_SCALE)) if factorised else None
         self.gain = nn.Parameter(torch.ones(()))
         self.hard_at_test = hard_at_test
@@ -246,14 +266,19 @@ class ObjectChoice(_ObjectBlock):
             to is the referred one, and a dict for the criterion: "choice_logits" (B, K)
             log-probabilities over the candidates, "member_logits" (B, K), "choice_points"
             (B, K, 2) the candidates' centres as (x, y) fractions of the grid (of the padded
-            input) and "choice_found" (B, K) bool, the slots that hold a candidate.
+            input) and "choice_found" (B, K) bool, the slots that hold a candidate; with
+            regressed areas also "choice_log_areas" (B, K), each candidate's predicted log
+            area as a fraction of the padded input.
         """
         h, w = size
-        found, xs, ys, assign, member_logits = self.candidates(x, centre_logits, offsets, expression)
+        found, xs, ys, assign, tokens, member_logits = self.candidates(x, centre_logits, offsets, expression)
         held = found > 0
         member = torch.sigmoid(member_logits) * held
-        areas = None
-        if self.size_ranks:
+        areas, extra = None, {}
+        if self.area is not None:
+            extra["choice_log_areas"] = self.area(tokens).squeeze(-1)
+            areas = extra["choice_log_areas"].detach()  # the area loss trains it, not the choice
+        elif self.size_ranks:
             if group_logits is None:
                 raise ValueError("ObjectChoice with size_ranks needs the group gate's logits (B, h, w)")
             with torch.no_grad():  # like the candidates: read as detected
@@ -275,4 +300,5 @@ class ObjectChoice(_ObjectBlock):
             "member_logits": member_logits,
             "choice_points": points,
             "choice_found": held,
+            **extra,
         }

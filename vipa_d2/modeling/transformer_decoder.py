@@ -90,6 +90,7 @@ class VIPATransformerDecoder(nn.Module):
         choice_size_ranks: bool = False,
         choice_factorised: bool = False,
         choice_hard_at_test: bool = False,
+        choice_areas: str = "group_gate",
     ):
         """
         Args:
@@ -122,6 +123,8 @@ class VIPATransformerDecoder(nn.Module):
             choice_factorised: the choice's rank weights are P(side) x P(bin) (needs ``object_choice``).
             choice_hard_at_test: in inference, the mask keeps only the most probable candidate's
                 cells (needs ``object_choice``).
+            choice_areas: where the size ranks read the candidates' areas, "group_gate" or
+                "regressed" (:class:`ObjectChoice`; "regressed" needs ``choice_size_ranks``).
         """
         super().__init__()
         if num_layers < 1:
@@ -170,12 +173,17 @@ class VIPATransformerDecoder(nn.Module):
                 raise ValueError(
                     f"MODEL.VIPA.DECODER.{name} needs MODEL.VIPA.DECODER.OBJECT_CHOICE True (the choice it changes)"
                 )
+        if choice_areas == "regressed" and not choice_size_ranks:
+            raise ValueError(
+                'MODEL.VIPA.DECODER.CHOICE_AREAS "regressed" needs MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS True (the '
+                "size ranks that read the areas)"
+            )
         self.object_ranks = ObjectRanks(hidden_dim) if object_ranks else None
         self.object_choice = None
         if object_choice:
             self.object_choice = ObjectChoice(
                 hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised, dropout=dropout,
-                hard_at_test=choice_hard_at_test,
+                hard_at_test=choice_hard_at_test, areas=choice_areas,
             )
         # The head passes the projected words to ``forward`` only when this is True.
         self.reads_words = self.object_choice is not None and self.object_choice.reads_words
@@ -236,6 +244,7 @@ class VIPATransformerDecoder(nn.Module):
             "choice_size_ranks": dec.CHOICE_SIZE_RANKS,
             "choice_factorised": dec.CHOICE_FACTORISED,
             "choice_hard_at_test": dec.CHOICE_HARD_AT_TEST,
+            "choice_areas": dec.CHOICE_AREAS,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
@@ -271,7 +280,8 @@ class VIPATransformerDecoder(nn.Module):
             "group_logits": [(B, h, w) logits of the gate LOSS.GROUP_WEIGHT supervises, ditto],
             with ``count_at_object_centres`` also "centre_offsets": [(B, h, w, 2) per layer];
             with ``object_choice`` also its candidates' "choice_logits", "member_logits",
-            "choice_points" and "choice_found" (:meth:`ObjectChoice.forward`).
+            "choice_points" and "choice_found" (and "choice_log_areas" with regressed
+            areas; :meth:`ObjectChoice.forward`).
         """
         # Work on (B, HW, C) tokens throughout: one layout change per scale, not per layer.
         sizes = {n: tuple(features[n].shape[-2:]) for n in self.in_features}
