@@ -105,11 +105,12 @@ class ReferringDatasetMapper:
     ``object_boxes`` (float32 (K, 4) XYXY, the record's ``object_boxes`` after the image's
     augmentation, clipped to it; none left outside it): every object of the image, for the
     centre maps and offsets. With ``group_losses`` (those that train on the named group,
-    :func:`vipa_d2.modeling.losses.object_group_losses`) they also carry ``object_in_group`` (bool (K,), the record's ``object_in_group`` for
-    the same boxes): which objects the expression's category / colour words name. With
-    ``area_losses`` (those that train on areas, :func:`vipa_d2.modeling.losses.object_area_losses`)
-    they carry ``object_areas`` (float32 (K,), the record's ``object_areas`` for the same
-    boxes, in augmented pixels).
+    :func:`vipa_d2.modeling.losses.object_group_losses`) they also carry
+    ``object_in_group`` (bool (K,), the record's ``object_in_group`` for the same boxes):
+    which objects the expression's category / colour words name. With ``area_losses``
+    (those that train on areas, :func:`vipa_d2.modeling.losses.object_area_losses`) they
+    carry ``object_areas`` (float32 (K,), the record's ``object_areas`` for the same boxes,
+    in augmented pixels).
 
     A horizontal flip (training only, ``INPUT.RANDOM_FLIP "horizontal"``) also swaps the
     words left/right in the expression so it still describes the flipped image.

@@ -325,9 +325,9 @@ def load_refer_dicts(
         ({"ann_id", "phrase", "annotation"}: the landmark object as a record annotation).
         Every record has ``object_boxes``: XYWH_ABS boxes of all annotated objects of its
         image, targets or not, and, where each of those annotations has a usable "area",
-        ``object_areas`` (their areas in pixels, in the same order). A sentence with ``group_ann_ids`` adds ``object_in_group``:
-        per box of ``object_boxes``, whether its object is one the expression's category /
-        colour words name.
+        ``object_areas`` (their areas in pixels, in the same order). A sentence with
+        ``group_ann_ids`` adds ``object_in_group``: per box of ``object_boxes``, whether its
+        object is one the expression's category / colour words name.
     """
     data_dir = os.path.join(refer_root, dataset)
     refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
