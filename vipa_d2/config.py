@@ -274,6 +274,13 @@ def add_vipa_config(cfg):
     # turns on all three keys; off here, as OBJECT_CHOICE needs "object_in_group", which
     # real REFER data does not have. Needs OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTORISED = False
+    # With CHOICE_FROM_WORDS and CHOICE_FACTORISED: pool the words with two learned queries,
+    # P(side) from one pool and P(bin) from the other, instead of both from one. Probed at
+    # the default (EXPERIMENTS.md, session 20): in the runs whose choice never learnt
+    # "third", every head of the one pool puts 0.8-0.99 of its attention on "third" and
+    # 0.0-0.2 on the side word, so the choice cannot tell "third from the left" from "third
+    # from the right"; in the run that learnt it, the heads split between the two words.
+    cfg.MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES = False
     # In inference (not in training), OBJECT_CHOICE keeps only its most probable candidate:
     # every cell of another object gets log(1e-6) times the learned gain. The soft choice
     # lowers a runner-up by only gain x log p (gain ~1.1 when trained), so an unsure pick

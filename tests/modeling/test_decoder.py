@@ -822,6 +822,34 @@ def test_choice_regressed_areas_rank_by_the_area_head_alone():
     assert choice.area[0].weight.grad.abs().sum() > 0
 
 
+def test_choice_factor_queries_read_side_and_bin_from_their_own_pools():
+    with pytest.raises(ValueError, match="CHOICE_FACTOR_QUERIES needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
+        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES": True}), SHAPES)
+    with pytest.raises(ValueError, match="CHOICE_FACTOR_QUERIES .* needs CHOICE_FROM_WORDS and CHOICE_FACTORISED True"):
+        ObjectChoice(32, from_words=True, factor_queries=True)
+    torch.manual_seed(0)
+    choice = ObjectChoice(32, nheads=4, from_words=True, factorised=True, factor_queries=True)
+    torch.nn.init.normal_(choice.select[-1].weight)  # zero at the start: every factor uniform
+    words, valid = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+
+    def marginals():
+        weights = choice.select_vector(None, words, valid).unflatten(1, (choice.sides, MAX_RANK + 1))
+        weights = weights / choice.factor_scale
+        return weights.sum(dim=2), weights.sum(dim=1)  # P(side), P(bin)
+
+    side, rank = marginals()
+    with torch.no_grad():
+        choice.word_query_embed[:, 1] += 1.0  # the bin's query
+    side_b, rank_b = marginals()
+    torch.testing.assert_close(side_b, side)
+    assert not torch.allclose(rank_b, rank)
+    with torch.no_grad():
+        choice.word_query_embed[:, 0] += 1.0  # the side's query
+    side_c, rank_c = marginals()
+    torch.testing.assert_close(rank_c, rank_b)
+    assert not torch.allclose(side_c, side_b)
+
+
 def test_choice_from_words_reads_the_valid_words():
     with pytest.raises(ValueError, match="CHOICE_FROM_WORDS needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
         object_block_decoder("CHOICE_FROM_WORDS")

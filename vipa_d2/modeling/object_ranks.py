@@ -193,7 +193,10 @@ class ObjectChoice(_ObjectBlock):
       scale times P(side) x P(bin), two softmaxes, instead of one free weight per (side,
       bin): "left" learnt from "the leftmost X" (bin 0) then serves "the second X from the
       left" (bin 1), which the free weights have to learn again from the rarer ordinals
-      (docs/benchmarks/EXPERIMENTS.md, session 16).
+      (docs/benchmarks/EXPERIMENTS.md, session 16). With ``factor_queries`` the words are
+      pooled twice, by one learned query per factor, P(side) read from the first pool and
+      P(bin) from the second: with one pool, "third" could take all the attention and leave
+      the side out (EXPERIMENTS.md, session 20).
 
     The criterion trains the choice as a cross-entropy over the candidates against the ones
     whose centre lies on the target mask. Every cell then takes the log-probability of the
@@ -215,9 +218,15 @@ class ObjectChoice(_ObjectBlock):
         max_rank: int = MAX_RANK,
         hard_at_test: bool = False,
         areas: str = "group_gate",
+        factor_queries: bool = False,
     ):
         if areas not in CHOICE_AREAS:
             raise ValueError(f"MODEL.VIPA.DECODER.CHOICE_AREAS must be one of {CHOICE_AREAS}, got {areas!r}")
+        if factor_queries and not (from_words and factorised):
+            raise ValueError(
+                "MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES pools the words once per factor of the factorised rank "
+                "weights; it needs CHOICE_FROM_WORDS and CHOICE_FACTORISED True"
+            )
         sides = HALF_PLANES + (SIZE_SIDES if size_ranks else 0)
         super().__init__(dim, max_candidates, max_rank, sides + max_rank + 1 if factorised else sides * (max_rank + 1))
         self.sides = sides
@@ -233,7 +242,9 @@ class ObjectChoice(_ObjectBlock):
         self.word_pool = self.word_query_embed = None
         if from_words:
             # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
-            self.word_query_embed = nn.Parameter(torch.randn(1, 1, dim) * dim**-0.5)
+            # With factor_queries one query per factor: the side's pool and the bin's.
+            queries = 2 if factor_queries else 1
+            self.word_query_embed = nn.Parameter(torch.randn(1, queries, dim) * dim**-0.5)
             # The decoder's attention dropout (DECODER.DROPOUT) applies to this attention too.
             self.word_pool = MultiHeadAttention(dim, nheads, dropout)
 
@@ -247,11 +258,19 @@ class ObjectChoice(_ObjectBlock):
             if words is None:
                 raise ValueError("ObjectChoice with from_words needs the words (B, T, C) and their (B, T) validity")
             query = self.word_query_embed.expand(words.shape[0], -1, -1)
-            expression = self.word_pool(query, words, words, allowed=words_valid[:, None, :])[0].squeeze(1)
+            pooled = self.word_pool(query, words, words, allowed=words_valid[:, None, :])[0]  # (B, queries, C)
+            if pooled.shape[1] == 2:  # factor queries: each factor read from its own pool
+                side = self.select(pooled[:, 0])[:, : self.sides]
+                rank = self.select(pooled[:, 1])[:, self.sides :]
+                return self._factorised(side, rank)
+            expression = pooled.squeeze(1)
         raw = self.select(expression)
         if self.factor_scale is None:
             return raw
-        side, rank = raw.split([self.sides, self.max_rank + 1], dim=-1)
+        return self._factorised(*raw.split([self.sides, self.max_rank + 1], dim=-1))
+
+    def _factorised(self, side, rank):
+        """(B, sides) and (B, bins) scores -> (B, sides * bins) the learned scale x P(side) x P(bin)."""
         weights = side.softmax(dim=-1)[:, :, None] * rank.softmax(dim=-1)[:, None, :]
         return self.factor_scale * weights.flatten(1)
 

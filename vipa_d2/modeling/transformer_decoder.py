@@ -91,6 +91,7 @@ class VIPATransformerDecoder(nn.Module):
         choice_factorised: bool = False,
         choice_hard_at_test: bool = False,
         choice_areas: str = "group_gate",
+        choice_factor_queries: bool = False,
     ):
         """
         Args:
@@ -125,6 +126,8 @@ class VIPATransformerDecoder(nn.Module):
                 cells (needs ``object_choice``).
             choice_areas: where the size ranks read the candidates' areas, "group_gate" or
                 "regressed" (:class:`ObjectChoice`; "regressed" needs ``choice_size_ranks``).
+            choice_factor_queries: the choice pools the words once per factor of its
+                factorised rank weights (needs ``choice_from_words`` and ``choice_factorised``).
         """
         super().__init__()
         if num_layers < 1:
@@ -167,6 +170,7 @@ class VIPATransformerDecoder(nn.Module):
             ("CHOICE_SIZE_RANKS", choice_size_ranks),
             ("CHOICE_FACTORISED", choice_factorised),
             ("CHOICE_HARD_AT_TEST", choice_hard_at_test),
+            ("CHOICE_FACTOR_QUERIES", choice_factor_queries),
         )
         for name, on in choice_keys:
             if on and not object_choice:
@@ -183,7 +187,7 @@ class VIPATransformerDecoder(nn.Module):
         if object_choice:
             self.object_choice = ObjectChoice(
                 hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised, dropout=dropout,
-                hard_at_test=choice_hard_at_test, areas=choice_areas,
+                hard_at_test=choice_hard_at_test, areas=choice_areas, factor_queries=choice_factor_queries,
             )
         # The head passes the projected words to ``forward`` only when this is True.
         self.reads_words = self.object_choice is not None and self.object_choice.reads_words
@@ -245,6 +249,7 @@ class VIPATransformerDecoder(nn.Module):
             "choice_factorised": dec.CHOICE_FACTORISED,
             "choice_hard_at_test": dec.CHOICE_HARD_AT_TEST,
             "choice_areas": dec.CHOICE_AREAS,
+            "choice_factor_queries": dec.CHOICE_FACTOR_QUERIES,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
