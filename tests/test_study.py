@@ -2,6 +2,7 @@
 import importlib.util
 import json
 import os
+import time
 
 import pytest
 from detectron2.modeling import build_model
@@ -212,3 +213,26 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
     assert "| variant | ordinal | |---" in words and "| language | +3.17 ± 0.17 |" in words
     for picture in ("ratio_curve.png", "variants.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in md
+
+
+def test_running_entry_keeps_its_time_while_the_block_runs(tmp_path):
+    """keeping_time: a study killed outright mid-run still leaves the time it had spent in
+    its entry (written every HEARTBEAT_S), and nothing is written after the block ends."""
+    results = str(tmp_path / "study.json")
+    entry = {"status": "running", "wall_s": 100.0}
+    study.save_entry(results, "vipa/seed0", entry)
+
+    def stored():
+        with open(results) as f:
+            return json.load(f)["runs"]["vipa/seed0"]
+
+    with study.keeping_time(results, "vipa/seed0", entry, every=0.01):
+        for _ in range(1000):  # until the first beat lands (at most ~10 s)
+            if stored()["wall_s"] > 100.0:
+                break
+            time.sleep(0.01)
+        assert stored()["wall_s"] > 100.0 and stored()["status"] == "running"
+    entry.update(status="done", wall_s=123.0)
+    study.save_entry(results, "vipa/seed0", entry)
+    time.sleep(0.05)  # a beat left running would overwrite the finished entry
+    assert stored() == {"status": "done", "wall_s": 123.0}

@@ -17,7 +17,8 @@ Rerunning skips the runs the results file holds as done (and refuses one made wi
 settings, the whole merged config compared, key by key: a changed default is a new recipe,
 while a key added since the run, at its ``add_vipa_config`` default, is not, because keys
 are added off, leaving the default path as it was); the others restart with
-``train_net.py --resume``: an interrupted run continues from its last checkpoint.
+``train_net.py --resume``: an interrupted run continues from its last checkpoint, and its
+entry keeps the time already spent (written every minute, so even a killed study keeps it).
 ``tools/study_report.py`` renders the JSON.
 
 Each run is its own train_net.py process, not a call into it: a fresh process starts from
@@ -25,12 +26,14 @@ clean RNG, memory and device state, a crash loses one run at most, and ``--num-g
 ``MODEL.DEVICE cuda`` behave as for train_net.py; seconds of start-up beside minutes of run.
 """
 import argparse
+import contextlib
 import fcntl
 import hashlib
 import json
 import os
 import subprocess
 import sys
+import threading
 import time
 
 from vipa_d2 import get_vipa_cfg
@@ -41,6 +44,9 @@ from vipa_d2.utils.runs import iteration_seconds, run_train_net, split_scores
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "train_net.py")
 ABLATIONS = os.path.join(REPO, "configs", "synthetic", "ablations")
+# Seconds between writes of a training run's wall time into its entry: a study killed
+# outright (SIGKILL, e.g. when a sitting ends) runs no ``finally``, and would lose the time.
+HEARTBEAT_S = 60.0
 
 
 class StudyError(ValueError):
@@ -113,6 +119,25 @@ def save_entry(path: str, key: str, entry) -> None:
             json.dump({**data, "runs": {**data["runs"], key: entry}}, f, indent=1, sort_keys=True)
     finally:
         os.close(lock)  # releases the lock
+
+
+@contextlib.contextmanager
+def keeping_time(path: str, key: str, entry, every: float = HEARTBEAT_S):
+    """Inside the block, every ``every`` seconds, ``entry`` (its "wall_s" plus the time spent
+    in the block) is written to the results file; the writes end before the block does."""
+    base, start, stop = entry["wall_s"], time.perf_counter(), threading.Event()
+
+    def beat():
+        while not stop.wait(every):
+            save_entry(path, key, {**entry, "wall_s": base + time.perf_counter() - start})
+
+    thread = threading.Thread(target=beat, name="study-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def config_digest(cfg) -> str:
@@ -189,16 +214,17 @@ def run_one(key, variant, seed, config_file, shared, args):
     start = time.perf_counter()
     try:
         os.makedirs(run_dir, exist_ok=True)
-        run_train_net(TRAIN_NET, ["--config-file", config_file, "--resume", "--num-gpus", str(args.num_gpus), *opts,
-                                  "OUTPUT_DIR", run_dir], os.path.join(run_dir, "train_console.log"),
-                      {**os.environ, DATASETS_ENV: os.path.abspath(args.data_root)}, print)
+        with keeping_time(args.results, key, entry):
+            run_train_net(TRAIN_NET, ["--config-file", config_file, "--resume", "--num-gpus", str(args.num_gpus),
+                                      *opts, "OUTPUT_DIR", run_dir], os.path.join(run_dir, "train_console.log"),
+                          {**os.environ, DATASETS_ENV: os.path.abspath(args.data_root)}, print)
         entry.update(split_scores(run_dir, cfg.DATASETS.TEST), status="done", iterations=cfg.SOLVER.MAX_ITER,
                      ratio=cfg.MODEL.VIPA.VEG.RATIO, sec_per_iter=iteration_seconds(run_dir),
                      finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
     except (subprocess.CalledProcessError, FileNotFoundError) as e:
         entry.update(status="failed", error=f"{e} {getattr(e, 'output', '')}"[-800:])
         print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
-    finally:  # an interrupted run keeps the time it spent (its status stays "running")
+    finally:  # an interrupted run keeps the time it spent (its status stays "running"; killed: see HEARTBEAT_S)
         entry["wall_s"] += time.perf_counter() - start
         save_entry(args.results, key, entry)
     if entry["status"] == "done":
