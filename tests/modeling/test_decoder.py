@@ -799,6 +799,8 @@ def test_choice_regressed_areas_rank_by_the_area_head_alone():
         }), SHAPES)
     with pytest.raises(ValueError, match=r"CHOICE_AREAS must be one of \('group_gate', 'regressed'\), got 'boxes'"):
         ObjectChoice(32, size_ranks=True, areas="boxes")
+    with pytest.raises(ValueError, match=r"CHOICE_AREAS must be one of .*, got 'boxes'"):  # without the choice too
+        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_AREAS": "boxes"}), SHAPES)
     assert ObjectChoice(32, areas="regressed").area is None  # no size ranks: nothing reads it
     torch.manual_seed(0)
     choice = ObjectChoice(32, size_ranks=True, areas="regressed")

@@ -23,7 +23,7 @@ from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, mlp, sine_position_encoding
 from .directional_counts import DirectionalCounts
-from .object_ranks import ObjectChoice, ObjectRanks
+from .object_ranks import CHOICE_AREAS, ObjectChoice, ObjectRanks
 
 # Initial no-target probability of the no-target head.
 NO_TARGET_PRIOR = 0.01
@@ -177,6 +177,8 @@ class VIPATransformerDecoder(nn.Module):
                 raise ValueError(
                     f"MODEL.VIPA.DECODER.{name} needs MODEL.VIPA.DECODER.OBJECT_CHOICE True (the choice it changes)"
                 )
+        if choice_areas not in CHOICE_AREAS:
+            raise ValueError(f"MODEL.VIPA.DECODER.CHOICE_AREAS must be one of {CHOICE_AREAS}, got {choice_areas!r}")
         if choice_areas == "regressed" and not choice_size_ranks:
             raise ValueError(
                 'MODEL.VIPA.DECODER.CHOICE_AREAS "regressed" needs MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS True (the '
