@@ -188,40 +188,47 @@ class ReferringDatasetMapper:
         inside = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         out = {"object_boxes": torch.as_tensor(xyxy[inside], dtype=torch.float32)}
         if self.group_losses:
-            in_group = self._require(
+            in_group = self._per_box(
                 record,
                 "object_in_group",
+                len(boxes),
                 "per object box, whether the expression's category / colour words name it",
-                " and ".join(self.group_losses),
+                self.group_losses,
                 "vipa_d2's REFER loader writes it for sentences with 'group_ann_ids' (a synthetic benchmark "
                 "generated before that field needs regenerating), a custom loader must too",
             )
-            if len(in_group) != len(boxes):
-                raise ValueError(
-                    f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}: 'object_in_group' has "
-                    f"{len(in_group)} entries for {len(boxes)} 'object_boxes'; expected one per box"
-                )
             out["object_in_group"] = torch.as_tensor(np.asarray(in_group, dtype=bool)[inside])
         if self.area_losses:
             out["object_areas"] = self._object_areas(record, len(boxes), xywh, xyxy)[inside]
         return out
 
+    def _per_box(self, record: Dict, key: str, count: int, what: str, needed_by: Tuple[str, ...], source: str):
+        """The record's ``key`` (:meth:`_require`), checked to hold one entry per object box."""
+        values = self._require(record, key, what, " and ".join(needed_by), source)
+        if len(values) != count:
+            raise ValueError(
+                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}: {key!r} has "
+                f"{len(values)} entries for {count} 'object_boxes'; expected one per box"
+            )
+        return values
+
     def _object_areas(self, record: Dict, count: int, xywh: np.ndarray, xyxy: np.ndarray) -> torch.Tensor:
         """The record's ``object_areas`` in augmented pixels: each scaled as its box was
         (resizing scales both alike, a crop keeps the share of the box left)."""
-        areas = self._require(
+        areas = self._per_box(
             record,
             "object_areas",
+            count,
             "per object box, the area of its object in pixels",
-            " and ".join(self.area_losses),
+            self.area_losses,
             "vipa_d2's REFER loader writes them from the annotations' 'area', a custom loader must too",
         )
-        source = f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}"
-        if len(areas) != count:
-            raise ValueError(f"{source}: 'object_areas' has {len(areas)} entries for {count} 'object_boxes'; expected one per box")
         areas = np.asarray(areas, dtype=np.float64)
         if not np.isfinite(areas).all() or (areas < 0).any():
-            raise ValueError(f"{source}: 'object_areas' {areas.tolist()} must be finite and >= 0 (pixels)")
+            raise ValueError(
+                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}: 'object_areas' "
+                f"{areas.tolist()} must be finite and >= 0 (pixels)"
+            )
         before = xywh[:, 2] * xywh[:, 3]
         after = (xyxy[:, 2] - xyxy[:, 0]).clip(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clip(min=0)
         scale = np.divide(after, before, out=np.zeros_like(after), where=before > 0)
