@@ -211,8 +211,11 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
     assert "| vipa | 0 1 2 | 81.00 ± 1.00 |" in words and "step1_only" not in md
     assert "Notes on single runs: - vipa, seed 0: trained elsewhere, re-evaluated here ## Paired" in words
     assert "| variant | ordinal | |---" in words and "| language | +3.17 ± 0.17 |" in words
-    for picture in ("ratio_curve.png", "variants.png"):
+    for picture in ("ratio_curve.png", "variants.png", "differences.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in md
+    diffs = study_report.differences(study_report.by_variant(json.loads(results.read_text())["runs"]), "vipa", "oIoU")
+    assert list(diffs) == ["language", "fusion_none", "ratio_0.1", "ratio_0.8"]
+    assert [diffs["fusion_none"][s]["splits"]["testB"]["oIoU"] for s in (0, 1)] == [-2.0, -2.0]
 
 
 def test_running_entry_keeps_its_time_while_the_block_runs(tmp_path):

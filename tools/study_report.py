@@ -8,7 +8,8 @@ Writes ``study.md`` (also printed): per variant mean ± std over seeds per split
 differences (reference minus variant, same seeds) per seed, their mean ± standard error per
 split and per expression type, and the verdict of RULE; the retrieval report; the entries'
 ``note`` fields (hand-written provenance, e.g. a model trained outside the study); pictures
-``ratio_curve.png`` (oIoU against r) and ``variants.png``. No targets, no paper numbers.
+``ratio_curve.png`` (oIoU against r), ``variants.png`` and ``differences.png`` (the paired
+differences, the rule's question, on a scale where they show). No targets, no paper numbers.
 """
 import argparse
 import json
@@ -133,8 +134,23 @@ def render(runs, ref_name, metric):
     return "\n".join(parts) + "\n"
 
 
-def plot(runs, names, x_of, metric, path, xlabel=None):
-    """Per split: mean ± std over seeds at ``x_of(variant, index)``, seeds as dots."""
+def differences(runs, ref_name, metric):
+    """{variant: {seed: {"splits": {split: {metric: reference minus variant}}}}}: the paired
+    differences shaped as runs, so ``plot`` draws them like scores."""
+    splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs[ref_name]
+    out = {}
+    for name, seeds in runs.items():
+        per_split = {split: paired(ref, seeds, "splits", split, metric) for split in splits}
+        shared = sorted(set().union(*per_split.values()))
+        if name != ref_name and shared:
+            out[name] = {seed: {"splits": {split: {metric: d[seed]} for split, d in per_split.items() if seed in d}}
+                         for seed in shared}
+    return out
+
+
+def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
+    """Per split: mean ± std over seeds at ``x_of(variant, index)``, seeds as dots. A
+    ``ylabel`` marks differences: they get a zero line."""
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names)), 3.8))
     for i, split in enumerate((DECIDING_SPLIT, *CONFIRMING_SPLITS)):
         xs = [x_of(n, i) for n in names]
@@ -150,7 +166,9 @@ def plot(runs, names, x_of, metric, path, xlabel=None):
         ax.set_xlabel(xlabel)
     else:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
-    ax.set_ylabel(metric)
+    ax.set_ylabel(ylabel or metric)
+    if ylabel:
+        ax.axhline(0.0, color="grey", linewidth=0.8)
     ax.set_title("mean ± std over seeds; dots: single seeds", fontsize="medium")
     # Outside the axes: inside, the legend hides bars and seed dots.
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
@@ -178,6 +196,12 @@ def main(argv=None) -> int:
         pictures.insert(0, "ratio_curve.png")
         plot(runs, ratios, lambda n, i: next(iter(runs[n].values()))["ratio"], args.metric,
              os.path.join(args.output, pictures[0]), xlabel="token ratio r (MODEL.VIPA.VEG.RATIO)")
+    diffs = differences(runs, args.reference, args.metric)
+    if diffs:  # bars from 0 hide differences of a point; these bars start at 0 difference
+        pictures.append("differences.png")
+        others = list(diffs)
+        plot(diffs, others, lambda n, i: others.index(n) + (i - len(CONFIRMING_SPLITS) / 2) * width, args.metric,
+             os.path.join(args.output, pictures[-1]), ylabel=f"{args.reference} minus variant, {args.metric}")
     text += "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in pictures) + "\n"
     with open(os.path.join(args.output, "study.md"), "w") as f:
         f.write(text)
