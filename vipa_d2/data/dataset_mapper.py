@@ -51,6 +51,11 @@ def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarra
         raise OSError(f"Cannot read image {file_name}{where}: expected an image file ({e})") from e
 
 
+def _record_name(record: Dict) -> str:
+    """How errors name a record: its image and referred object."""
+    return f"image_id={record.get('image_id')}, ref_id={record.get('ref_id')}"
+
+
 def swap_left_right(sentence: str) -> str:
     """Mirror left/right words so an expression stays true for a horizontally flipped image."""
 
@@ -157,8 +162,7 @@ class ReferringDatasetMapper:
         }
 
     def _read_image(self, record: Dict) -> np.ndarray:
-        source = f"image_id={record.get('image_id')}, ref_id={record.get('ref_id')}"
-        image = read_image(record["file_name"], self.image_format, source)
+        image = read_image(record["file_name"], self.image_format, _record_name(record))
         utils.check_image_size(record, image)
         return image
 
@@ -166,7 +170,7 @@ class ReferringDatasetMapper:
     def _require(record: Dict, key: str, what: str, needed_by: str, source: str):
         if key not in record:
             raise KeyError(
-                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')} has no {key!r} "
+                f"Record {_record_name(record)} has no {key!r} "
                 f"({what}), which {needed_by} trains on; {source}"
             )
         return record[key]
@@ -207,7 +211,7 @@ class ReferringDatasetMapper:
         values = self._require(record, key, what, " and ".join(needed_by), source)
         if len(values) != count:
             raise ValueError(
-                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}: {key!r} has "
+                f"Record {_record_name(record)}: {key!r} has "
                 f"{len(values)} entries for {count} 'object_boxes'; expected one per box"
             )
         return values
@@ -226,7 +230,7 @@ class ReferringDatasetMapper:
         areas = np.asarray(areas, dtype=np.float64)
         if not np.isfinite(areas).all() or (areas < 0).any():
             raise ValueError(
-                f"Record image_id={record.get('image_id')}, ref_id={record.get('ref_id')}: 'object_areas' "
+                f"Record {_record_name(record)}: 'object_areas' "
                 f"{areas.tolist()} must be finite and >= 0 (pixels)"
             )
         before = xywh[:, 2] * xywh[:, 3]
