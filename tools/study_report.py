@@ -29,6 +29,7 @@ RULE = (
     "twice its standard error over seeds, with at least 2 seeds, and has the same sign on testA and testB"
 )
 DECIDING_SPLIT, CONFIRMING_SPLITS, MIN_SEEDS, SE_MULTIPLE = "val", ("testA", "testB"), 2, 2.0  # RULE's terms
+BAR_WIDTH = 0.8 / (len(CONFIRMING_SPLITS) + 1)  # a variant's split bars fill 0.8 of its slot
 RATIO_PREFIX = "ratio_"  # variants that differ from the reference in MODEL.VIPA.VEG.RATIO only
 
 
@@ -140,12 +141,19 @@ def differences(runs, ref_name, metric):
     splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs[ref_name]
     out = {}
     for name, seeds in runs.items():
+        if name == ref_name:
+            continue
         per_split = {split: paired(ref, seeds, "splits", split, metric) for split in splits}
         shared = sorted(set().union(*per_split.values()))
-        if name != ref_name and shared:
+        if shared:
             out[name] = {seed: {"splits": {split: {metric: d[seed]} for split, d in per_split.items() if seed in d}}
                          for seed in shared}
     return out
+
+
+def side_by_side(names):
+    """``x_of`` for ``plot``'s bars: the splits' bars of a variant side by side at its index."""
+    return lambda name, i: names.index(name) + (i - len(CONFIRMING_SPLITS) / 2) * BAR_WIDTH
 
 
 def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
@@ -159,7 +167,7 @@ def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
         if xlabel:  # a curve over a numeric setting
             line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=split)[0]
         else:
-            line = ax.bar(xs, means, 0.8 / (len(CONFIRMING_SPLITS) + 1), yerr=stds, capsize=2, label=split)
+            line = ax.bar(xs, means, BAR_WIDTH, yerr=stds, capsize=2, label=split)
         for x, v in zip(xs, vals):
             ax.scatter([x] * len(v), v, s=8, color="black" if not xlabel else line.get_color(), zorder=3)
     if xlabel:
@@ -187,9 +195,7 @@ def main(argv=None) -> int:
     os.makedirs(args.output, exist_ok=True)
     text = render(runs, args.reference, args.metric)
     names, pictures = list(runs), ["variants.png"]
-    width = 0.8 / (len(CONFIRMING_SPLITS) + 1)
-    plot(runs, names, lambda n, i: names.index(n) + (i - len(CONFIRMING_SPLITS) / 2) * width, args.metric,
-         os.path.join(args.output, pictures[0]))
+    plot(runs, names, side_by_side(names), args.metric, os.path.join(args.output, pictures[0]))
     ratios = sorted((n for n in runs if n == args.reference or n.startswith(RATIO_PREFIX)),
                     key=lambda n: next(iter(runs[n].values()))["ratio"])
     if len(ratios) > 1:  # the token-ratio curve: the reference and its ratio_* variants
@@ -199,9 +205,8 @@ def main(argv=None) -> int:
     diffs = differences(runs, args.reference, args.metric)
     if diffs:  # bars from 0 hide differences of a point; these bars start at 0 difference
         pictures.append("differences.png")
-        others = list(diffs)
-        plot(diffs, others, lambda n, i: others.index(n) + (i - len(CONFIRMING_SPLITS) / 2) * width, args.metric,
-             os.path.join(args.output, pictures[-1]), ylabel=f"{args.reference} minus variant, {args.metric}")
+        plot(diffs, list(diffs), side_by_side(list(diffs)), args.metric, os.path.join(args.output, pictures[-1]),
+             ylabel=f"{args.reference} minus variant, {args.metric}")
     text += "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in pictures) + "\n"
     with open(os.path.join(args.output, "study.md"), "w") as f:
         f.write(text)
