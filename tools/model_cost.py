@@ -96,8 +96,10 @@ def speed_cases(label, cfg, model, batches, train_batch):
         mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1  # a centred square target
         box = torch.tensor([[size / 4, size / 4, 3 * size / 4, 3 * size / 4]])  # the image's one object
         net = build_model(cfg).train()
-        # ... which is in the referent's group (what the object choice trains on).
-        target = {"gt_mask": mask, "empty": False, "object_boxes": box, "object_in_group": torch.tensor([True])}
+        # ... which is in the referent's group (what the object choice trains on), with its
+        # area (what the size ranks' area head trains on).
+        target = {"gt_mask": mask, "empty": False, "object_boxes": box, "object_in_group": torch.tensor([True]),
+                  "object_areas": torch.tensor([(size / 2) ** 2])}
         optimizer, batch = build_vipa_optimizer(cfg, net), [{**one, **target}] * train_batch
 
         def step():

@@ -255,7 +255,8 @@ def add_vipa_config(cfg):
     # biggest": none larger), areas from the group gate over the cells assigned to it; the
     # positional bins alone pick the right object for ~80 % of size expressions. Measured:
     # size expressions fell 6-8 points (the group gate is trained at centres only, so its
-    # areas are rough), so off. Needs OBJECT_CHOICE.
+    # areas are rough), so off; with CHOICE_AREAS "regressed" (below) it is the tiny synthetic
+    # config's default. Needs OBJECT_CHOICE.
     cfg.MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS = False
     # Where CHOICE_SIZE_RANKS reads each candidate's area: "group_gate" (the group gate
     # summed over the cells assigned to it, as measured above) or "regressed" (an MLP of
@@ -264,8 +265,10 @@ def add_vipa_config(cfg):
     # synthetic training set the annotations' areas name the referred object of 806 of 807
     # size expressions, the boxes' areas of 769. Measured with CHOICE_SIZE_RANKS at seeds
     # 1 / 2: the size pick right for 124 of 130 val expressions (default 84), size oIoU +6.9
-    # / +0.8, but val -0.48 / -0.04, so "group_gate" with the size ranks off
-    # (docs/benchmarks/EXPERIMENTS.md, session 20).
+    # / +0.8, but val -0.48 / -0.04 (session 20). With CHOICE_FACTOR_QUERIES too (session 22):
+    # val +0.47 / +1.20, size +6.7 / +8.0, so "regressed" with the size ranks on in the tiny
+    # synthetic config; "group_gate" here, as real REFER data may lack per-object areas
+    # (docs/benchmarks/EXPERIMENTS.md).
     cfg.MODEL.VIPA.DECODER.CHOICE_AREAS = "group_gate"
     # OBJECT_CHOICE's rank weights are a learned scale times P(side) x P(bin) (two softmaxes)
     # instead of a free weight per (side, bin), so the side words learnt from extremes

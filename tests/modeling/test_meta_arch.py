@@ -70,6 +70,8 @@ def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
             "object_boxes": torch.tensor([[10.0, 8.0 + 4 * i, 30.0 + 4 * i, 40.0], [40.0, 44.0, 60.0, 60.0]]),
             # ... and which of them belong to the named group (the tiny config's object choice).
             "object_in_group": torch.tensor([True, i % 2 == 1]),
+            # ... and their areas in pixels (the tiny config's size ranks regress them).
+            "object_areas": torch.tensor([(20.0 + 4 * i) * (32 - 4 * i), 20.0 * 16]),
             "height": h,
             "width": w,
         })
@@ -534,6 +536,7 @@ def write_shape_records(root, n_images=2):
                 "sentence": {"raw": k, "sent_id": len(records)}, "empty": False, "mask": m > 0,
                 "object_boxes": list(boxes.values()),  # both shapes, as the REFER loader gives them
                 "object_in_group": [name == k for name in boxes],  # each expression names one shape
+                "object_areas": [float(m.sum()) for m in masks.values()],  # the size ranks' target
             })
     return records
 
