@@ -31,11 +31,19 @@ train_net = import_train_net()
 pytestmark = pytest.mark.usefixtures("single_thread", "synthetic_datasets_root")
 
 
+def _train_net(output_dir, *flags, opts=()):
+    return train_net.main(train_net_args(output_dir, *flags, opts=[*OPTS, *opts]))
+
+
+def _export(source, output, *extra):
+    return slim_checkpoint.main(["--config-file", CONFIG, "--input", source, "--output", output, *extra, *OPTS])
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     """A real training checkpoint (model, trainer state with AdamW and scheduler, iteration)."""
     out = tmp_path_factory.mktemp("train")
-    train_net.main(train_net_args(out, opts=[*OPTS, "DATASETS.TEST", "()"]))
+    _train_net(out, opts=["DATASETS.TEST", "()"])
     return str(out / "model_final.pth")
 
 
@@ -59,10 +67,10 @@ def _iou(a, b):
 
 def test_export_is_smaller_and_gives_the_same_masks(trained, tmp_path, capsys):
     slim, half = str(tmp_path / "slim.pth"), str(tmp_path / "slim_fp16.pth")
-    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim, *OPTS]) == 0
+    assert _export(trained, slim) == 0
     printed = capsys.readouterr().out
     assert "slim.pth" in printed and "MB (fp32, model only)" in printed
-    assert slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", half, "--fp16", *OPTS]) == 0
+    assert _export(trained, half, "--fp16") == 0
 
     full_size, slim_size, half_size = (os.path.getsize(p) for p in (trained, slim, half))
     assert slim_size < full_size and half_size < 0.6 * slim_size
@@ -86,18 +94,15 @@ def test_export_is_smaller_and_gives_the_same_masks(trained, tmp_path, capsys):
 
 def test_export_evaluates_like_the_training_checkpoint(trained, tmp_path):
     slim = str(tmp_path / "slim.pth")
-    slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", slim, *OPTS])
-    original = train_net.main(train_net_args(tmp_path / "a", "--eval-only", opts=[*OPTS, "MODEL.WEIGHTS", trained]))
-    exported = train_net.main(train_net_args(tmp_path / "b", "--eval-only", opts=[*OPTS, "MODEL.WEIGHTS", slim]))
+    _export(trained, slim)
+    original = _train_net(tmp_path / "a", "--eval-only", opts=["MODEL.WEIGHTS", trained])
+    exported = _train_net(tmp_path / "b", "--eval-only", opts=["MODEL.WEIGHTS", slim])
     assert exported == original and set(original[VAL]["refer"]) >= {"oIoU", "mIoU"}
 
 
 def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path):
     with pytest.raises(ValueError, match=r"MODEL.WEIGHTS=.*model_final.pth.*unexpected keys"):
-        slim_checkpoint.main(
-            ["--config-file", CONFIG, "--input", trained, "--output", str(tmp_path / "x.pth"),
-             *OPTS, "MODEL.VIPA.DECODER.NUM_LAYERS", "2"]
-        )
+        _export(trained, str(tmp_path / "x.pth"), "MODEL.VIPA.DECODER.NUM_LAYERS", "2")
     assert not (tmp_path / "x.pth").exists()
     with pytest.raises(ValueError, match="is the --input file"):
-        slim_checkpoint.main(["--config-file", CONFIG, "--input", trained, "--output", trained])
+        _export(trained, trained)

@@ -99,7 +99,7 @@ def speed_cases(label, cfg, model, batches, train_batch):
         # ... which is in the referent's group (what the object choice trains on), with its
         # area (what the size ranks' area head trains on).
         target = {"gt_mask": mask, "empty": False, "object_boxes": box, "object_in_group": torch.tensor([True]),
-                  "object_areas": torch.tensor([(size / 2) ** 2])}
+                  "object_areas": mask.sum(dtype=torch.float32).reshape(1)}
         optimizer, batch = build_vipa_optimizer(cfg, net), [{**one, **target}] * train_batch
 
         def step():

@@ -60,6 +60,7 @@ def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
         tok = tokenize(tokenizer, [text], 20)
         gt = torch.zeros(image_size, image_size, dtype=torch.uint8)
         gt[8 + 4 * i : 40, 10 : 30 + 4 * i] = 1
+        boxes = torch.tensor([[10.0, 8.0 + 4 * i, 30.0 + 4 * i, 40.0], [40.0, 44.0, 60.0, 60.0]])
         out.append({
             "image": torch.randint(0, 256, (3, image_size, image_size), dtype=torch.uint8, generator=g),
             "input_ids": tok["input_ids"][0],
@@ -67,11 +68,11 @@ def make_inputs(tokenizer, texts, sizes=None, image_size=64, seed=0):
             "gt_mask": gt,
             "empty": False,
             # Every object of the image (the target and one other), as the training mapper gives them.
-            "object_boxes": torch.tensor([[10.0, 8.0 + 4 * i, 30.0 + 4 * i, 40.0], [40.0, 44.0, 60.0, 60.0]]),
+            "object_boxes": boxes,
             # ... and which of them belong to the named group (the tiny config's object choice).
             "object_in_group": torch.tensor([True, i % 2 == 1]),
             # ... and their areas in pixels (the tiny config's size ranks regress them).
-            "object_areas": torch.tensor([(20.0 + 4 * i) * (32 - 4 * i), 20.0 * 16]),
+            "object_areas": (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]),
             "height": h,
             "width": w,
         })
