@@ -38,15 +38,20 @@ CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
 TINY_CONFIG = os.path.join(CONFIGS_DIR, "synthetic", "vipa_tiny_cpu.yaml")
 # TINY_CONFIG shrunk to a few-iteration training run (DensePose's quick_schedules idea).
 INSTANT_TEST_CONFIG = os.path.join(CONFIGS_DIR, "quick_schedules", "vipa_tiny_instant_test.yaml")
-# TINY_CONFIG as a random 96 px model for the predictor and the demo (strings, so they also
-# serve as command-line overrides). Without the object choice: untrained, it is uniform over
-# its candidates and lowers every mask logit by log(candidates), so random masks are empty
-# and mask comparisons would compare nothing.
+# The object choice without the size ranks (group-gated areas instead of regressed ones),
+# for tests that compare masks of a barely trained or random model: with the ranks (the tiny
+# config's default) such a model spreads its choice over the candidates so thinly that every
+# mask is empty, and equal masks would show nothing. Strings, so they also serve as
+# command-line overrides.
+NO_SIZE_RANKS_OPTS = ["MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS", "False", "MODEL.VIPA.DECODER.CHOICE_AREAS", "group_gate"]
+# TINY_CONFIG as a random 96 px model for the predictor and the demo. Without the object
+# choice: untrained, it is uniform over its candidates and lowers every mask logit by
+# log(candidates), so random masks are empty and mask comparisons would compare nothing.
 PREDICTOR_OPTS = [
     "MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96", "MODEL.VIPA.HIDDEN_DIM", "64", "MODEL.TIMM.WEIGHTS", "",
     "MODEL.VIPA.DECODER.OBJECT_CHOICE", "False", "MODEL.VIPA.DECODER.CHOICE_FROM_WORDS", "False",
     "MODEL.VIPA.DECODER.CHOICE_FACTORISED", "False", "MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES", "False",
-    "MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS", "False", "MODEL.VIPA.DECODER.CHOICE_AREAS", "group_gate",
+    *NO_SIZE_RANKS_OPTS,
 ]
 
 

@@ -10,7 +10,7 @@ from detectron2.data import DatasetCatalog
 
 from common import INSTANT_TEST_CONFIG as CONFIG
 from common import INSTANT_TEST_VAL as VAL
-from common import import_train_net, load_script, make_cfg, train_net_args
+from common import NO_SIZE_RANKS_OPTS, import_train_net, load_script, make_cfg, train_net_args
 from vipa_d2 import VIPAPredictor
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY
 
@@ -20,10 +20,9 @@ MIN_FP16_MEDIAN_IOU = 0.98
 # trained model (one of 16 val expressions: IoU 0.59 when this was written).
 MAX_FP16_SWITCHED_SHARE = 1 / 8
 SWITCHED_IOU = 0.9
-# Every run here is the instant test without the size ranks: with them (the tiny config's
-# default) the 4-iteration model's choice spreads over its candidates so thinly that every
-# val mask is empty, and equal masks would show nothing. The export does not depend on keys.
-OPTS = ["MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS", "False", "MODEL.VIPA.DECODER.CHOICE_AREAS", "group_gate"]
+# Every run here is the instant test without the size ranks (a 4-iteration model; see
+# NO_SIZE_RANKS_OPTS). The export does not depend on keys.
+OPTS = NO_SIZE_RANKS_OPTS
 
 
 slim_checkpoint = load_script("tools/slim_checkpoint.py")
