@@ -320,8 +320,9 @@ def add_vipa_config(cfg):
     # training records that name one (the synthetic benchmark's "landmark" field; records
     # without it are unaffected). 0 turns it off: then only the mask loss tells a word what
     # to retrieve, and landmark words land on the target as often as on the landmark. Off
-    # because 0.5 on the tiny config (seeds 1 / 2) puts them on the landmark (11.4 % vs 9 %
-    # on the target) but costs the relations it targets (val −1.45, testB −5.3 oIoU).
+    # because 0.5 and 0.2 on the tiny config (seeds 1 / 2) put them on the whole landmark
+    # (11.4 % of their area vs 9 % on the target) but cost the relations it targets (val
+    # relations −1.4 oIoU at both weights, testB relations −5.3 / −4.8).
     cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT = 0.0
     # Weight of the object-centre loss of DECODER.COUNT_CENTRES (binary cross-entropy
     # against a Gaussian of one grid cell at every object's box centre, per object).
