@@ -20,22 +20,20 @@ MIN_FP16_MEDIAN_IOU = 0.98
 # trained model (one of 16 val expressions: IoU 0.59 when this was written).
 MAX_FP16_SWITCHED_SHARE = 1 / 8
 SWITCHED_IOU = 0.9
-# Every run here is the instant test without the size ranks (a 4-iteration model; see
-# NO_SIZE_RANKS_OPTS). The export does not depend on keys.
-OPTS = NO_SIZE_RANKS_OPTS
-
 
 slim_checkpoint = load_script("tools/slim_checkpoint.py")
 train_net = import_train_net()
 pytestmark = pytest.mark.usefixtures("single_thread", "synthetic_datasets_root")
 
 
+# Every run here is the instant test with NO_SIZE_RANKS_OPTS (a 4-iteration model, whose
+# masks would all be empty with the size ranks). The export does not depend on keys.
 def _train_net(output_dir, *flags, opts=()):
-    return train_net.main(train_net_args(output_dir, *flags, opts=[*OPTS, *opts]))
+    return train_net.main(train_net_args(output_dir, *flags, opts=[*NO_SIZE_RANKS_OPTS, *opts]))
 
 
 def _export(source, output, *extra):
-    return slim_checkpoint.main(["--config-file", CONFIG, "--input", source, "--output", output, *extra, *OPTS])
+    return slim_checkpoint.main(["--config-file", CONFIG, "--input", source, "--output", output, *extra, *NO_SIZE_RANKS_OPTS])
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +45,7 @@ def trained(tmp_path_factory):
 
 
 def _predictor(weights):
-    cfg = make_cfg(*OPTS, "MODEL.WEIGHTS", weights, config_file=CONFIG)
+    cfg = make_cfg(*NO_SIZE_RANKS_OPTS, "MODEL.WEIGHTS", weights, config_file=CONFIG)
     return VIPAPredictor(cfg)
 
 

@@ -321,7 +321,7 @@ def add_vipa_config(cfg):
     # without it are unaffected). 0 turns it off: then only the mask loss tells a word what
     # to retrieve, and landmark words land on the target as often as on the landmark. Off
     # because 0.5 and 0.2 on the tiny config (seeds 1 / 2) put them on the whole landmark
-    # (11.4 % of their area vs 9 % on the target) but cost the relations it targets (val
+    # (11.4 % of their area vs 9 % on the target) but cost the relations the loss targets (val
     # relations −1.4 oIoU at both weights, testB relations −5.3 / −4.8).
     cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT = 0.0
     # Weight of the object-centre loss of DECODER.COUNT_CENTRES (binary cross-entropy
