@@ -9,7 +9,8 @@ differences (reference minus variant, same seeds) per seed, their mean ± standa
 split and per expression type, and the verdict of RULE; the retrieval report; the entries'
 ``note`` fields (hand-written provenance, e.g. a model trained outside the study); pictures
 ``ratio_curve.png`` (oIoU against r), ``variants.png`` and ``differences.png`` (the paired
-differences, the rule's question, on a scale where they show). No targets, no paper numbers.
+differences, the rule's question, on a scale where they show: linear near zero, logarithmic
+beyond DIFFERENCE_LINEAR_RANGE). No targets, no paper numbers.
 """
 import argparse
 import json
@@ -31,6 +32,11 @@ RULE = (
 DECIDING_SPLIT, CONFIRMING_SPLITS, MIN_SEEDS, SE_MULTIPLE = "val", ("testA", "testB"), 2, 2.0  # RULE's terms
 BAR_WIDTH = 0.8 / (len(CONFIRMING_SPLITS) + 1)  # a variant's split bars fill 0.8 of its slot
 RATIO_PREFIX = "ratio_"  # variants that differ from the reference in MODEL.VIPA.VEG.RATIO only
+# The differences picture is linear within this many metric points of zero and logarithmic
+# beyond: one ablation that costs 10-20 points (no fusion) would otherwise flatten the
+# differences of a point or less that most verdicts turn on.
+DIFFERENCE_LINEAR_RANGE = 2.0
+DIFFERENCE_TICKS = (-50, -20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50)
 
 
 def parse_args(argv=None):
@@ -177,7 +183,17 @@ def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
     ax.set_ylabel(ylabel or metric)
     if ylabel:
         ax.axhline(0.0, color="grey", linewidth=0.8)
-    ax.set_title("mean ± std over seeds; dots: single seeds", fontsize="medium")
+        # The linear part gets twice the height of a decade beyond it.
+        ax.set_yscale("symlog", linthresh=DIFFERENCE_LINEAR_RANGE, linscale=2.0)
+        low, high = ax.get_ylim()
+        ticks = [t for t in DIFFERENCE_TICKS if low <= t <= high]
+        ax.set_yticks(ticks, [f"{t:+g}" if t else "0" for t in ticks])
+        ax.set_yticks([], minor=True)
+        ax.set_title(f"linear within ±{DIFFERENCE_LINEAR_RANGE:g}, logarithmic beyond; "
+                     "mean ± std over seeds; dots: single seeds", fontsize="medium")
+        ax.grid(axis="y", which="major", linewidth=0.4, alpha=0.5)
+    else:
+        ax.set_title("mean ± std over seeds; dots: single seeds", fontsize="medium")
     # Outside the axes: inside, the legend hides bars and seed dots.
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.savefig(path, dpi=120, bbox_inches="tight")
