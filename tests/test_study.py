@@ -27,6 +27,8 @@ LEAF_CHANGES = {
     "ratio_0.8": {"MODEL.VIPA.VEG.RATIO": 0.8},
     "fusion_none": {"MODEL.VIPA.FUSION": "none"},
     "fusion_late": {"MODEL.VIPA.FUSION": "late"},
+    "language_fusion_none": {"MODEL.VIPA.KV_SOURCE": "language", "MODEL.VIPA.FUSION": "none"},
+    "language_fusion_late": {"MODEL.VIPA.KV_SOURCE": "language", "MODEL.VIPA.FUSION": "late"},
 }
 # A model that trains a few iterations in seconds; checkpoints after iterations 2 and 4.
 TINY = [
