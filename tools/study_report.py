@@ -36,6 +36,7 @@ RATIO_PREFIX = "ratio_"  # variants that differ from the reference in MODEL.VIPA
 # beyond: one ablation that costs 10-20 points (no fusion) would otherwise flatten the
 # differences of a point or less that most verdicts turn on.
 DIFFERENCE_LINEAR_RANGE = 2.0
+DIFFERENCE_LINEAR_SCALE = 2.0  # the linear part's height, in decades of the logarithmic part
 DIFFERENCE_TICKS = (-50, -20, -10, -5, -2, -1, -0.5, 0, 0.5, 1, 2, 5, 10, 20, 50)
 
 
@@ -181,19 +182,17 @@ def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
     else:
         ax.set_xticks(range(len(names)), names, rotation=30, ha="right")
     ax.set_ylabel(ylabel or metric)
+    title = "mean ± std over seeds; dots: single seeds"
     if ylabel:
         ax.axhline(0.0, color="grey", linewidth=0.8)
-        # The linear part gets twice the height of a decade beyond it.
-        ax.set_yscale("symlog", linthresh=DIFFERENCE_LINEAR_RANGE, linscale=2.0)
+        ax.set_yscale("symlog", linthresh=DIFFERENCE_LINEAR_RANGE, linscale=DIFFERENCE_LINEAR_SCALE)
         low, high = ax.get_ylim()
         ticks = [t for t in DIFFERENCE_TICKS if low <= t <= high]
         ax.set_yticks(ticks, [f"{t:+g}" if t else "0" for t in ticks])
         ax.set_yticks([], minor=True)
-        ax.set_title(f"linear within ±{DIFFERENCE_LINEAR_RANGE:g}, logarithmic beyond; "
-                     "mean ± std over seeds; dots: single seeds", fontsize="medium")
+        title = f"linear within ±{DIFFERENCE_LINEAR_RANGE:g}, logarithmic beyond; {title}"
         ax.grid(axis="y", which="major", linewidth=0.4, alpha=0.5)
-    else:
-        ax.set_title("mean ± std over seeds; dots: single seeds", fontsize="medium")
+    ax.set_title(title, fontsize="medium")
     # Outside the axes: inside, the legend hides bars and seed dots.
     ax.legend(loc="center left", bbox_to_anchor=(1.0, 0.5))
     fig.savefig(path, dpi=120, bbox_inches="tight")
