@@ -204,18 +204,19 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
     md = (out / "study.md").read_text()
     assert md == capsys.readouterr().out.rstrip("\n") + "\n" and study_report.RULE in md
     verdicts = {line.split("|")[1].strip(): line.split("|")[-2].strip()
-                for line in md.split("## Paired differences, vipa")[1].split("##")[0].splitlines()
+                for line in md.split("## Paired differences, reference minus variant")[1].split("##")[0].splitlines()
                 if line.startswith("| ") and "verdict" not in line}
     assert verdicts == {"language": "reproduces", "fusion_none": "does not reproduce",
                         "ratio_0.1": "does not reproduce", "ratio_0.8": "undecided (1 seed)"}
     words = " ".join(md.split())  # tabulate pads the columns
-    assert "| language | 0: +3.00, 1: +3.00, 2: +3.50 | +3.17 ± 0.17 |" in words
+    assert "| language | vipa | 0: +3.00, 1: +3.00, 2: +3.50 | +3.17 ± 0.17 |" in words
     assert "| vipa | 0 1 2 | 81.00 ± 1.00 |" in words and "step1_only" not in md
     assert "Notes on single runs: - vipa, seed 0: trained elsewhere, re-evaluated here ## Paired" in words
-    assert "| variant | ordinal | |---" in words and "| language | +3.17 ± 0.17 |" in words
+    assert "| variant | reference | ordinal | |---" in words and "| language | vipa | +3.17 ± 0.17 |" in words
     for picture in ("ratio_curve.png", "variants.png", "differences.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in md
-    diffs = study_report.differences(study_report.by_variant(json.loads(results.read_text())["runs"]), "vipa", "oIoU")
+    finished = study_report.by_variant(json.loads(results.read_text())["runs"])
+    diffs = study_report.differences(finished, study_report.references(finished, "vipa", []), "oIoU")
     assert list(diffs) == ["language", "fusion_none", "ratio_0.1", "ratio_0.8"]
     assert [diffs["fusion_none"][s]["splits"]["testB"]["oIoU"] for s in (0, 1)] == [-2.0, -2.0]
 
@@ -241,3 +242,27 @@ def test_running_entry_keeps_its_time_while_the_block_runs(tmp_path):
     study.save_entry(results, "vipa/seed0", entry)
     time.sleep(0.05)  # a beat left running would overwrite the finished entry
     assert stored() == {"status": "done", "wall_s": 123.0}
+
+
+def test_report_pairs_a_variant_with_its_own_reference(tmp_path, capsys):
+    """--pair: the language baseline without fusion against VIPA without fusion (one key
+    apart), not against VIPA with fusion (two keys apart); bad pairs are named."""
+    runs = [_entry("vipa", s, v, v, v) for s, v in enumerate([90.0, 91.0])]
+    runs += [_entry("fusion_none", s, v, v, v) for s, v in enumerate([83.0, 82.0])]
+    runs += [_entry("language_fusion_none", s, v, v, v) for s, v in enumerate([79.0, 79.5])]  # +4, +2.5
+    results = tmp_path / "study.json"
+    results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
+    out = tmp_path / "docs"
+    assert study_report.main([str(results), "--output", str(out), "--pair", "language_fusion_none=fusion_none"]) == 0
+    words = " ".join((out / "study.md").read_text().split())
+    assert "| fusion_none | vipa | 0: +7.00, 1: +9.00 |" in words
+    assert "| language_fusion_none | fusion_none | 0: +4.00, 1: +2.50 | +3.25 ± 0.75 |" in words
+    assert "| language_fusion_none | fusion_none | +3.25 ± 0.75 |" in words  # per type, same reference
+    assert (out / "differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    capsys.readouterr()
+    for bad in ("language_fusion_none", "language_fusion_none=late", "vipa=fusion_none", "fusion_none=fusion_none"):
+        assert study_report.main([str(results), "--output", str(out), "--pair", bad]) == 2
+        err = capsys.readouterr().err
+        assert f"--pair {bad!r}: expected VARIANT=REFERENCE" in err and str(results) in err
+    assert study_report.main([str(results), "--output", str(out), "--reference", "vip"]) == 2
+    assert "--reference 'vip' has no finished run (have: vipa, fusion_none, language_fusion_none)" in capsys.readouterr().err

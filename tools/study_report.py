@@ -6,7 +6,8 @@ Render the results JSON of ``tools/study.py``: markdown tables and PNG pictures.
 
 Writes ``study.md`` (also printed): per variant mean ± std over seeds per split; paired
 differences (reference minus variant, same seeds) per seed, their mean ± standard error per
-split and per expression type, and the verdict of RULE; the retrieval report; the entries'
+split and per expression type, and the verdict of RULE, each variant against ``--reference`` or
+its ``--pair`` (VIPA at the variant's other settings, so that a pair differs in one key); the retrieval report; the entries'
 ``note`` fields (hand-written provenance, e.g. a model trained outside the study); pictures
 ``ratio_curve.png`` (oIoU against r), ``variants.png`` and ``differences.png`` (the paired
 differences, the rule's question, on a scale where they show: linear near zero, logarithmic
@@ -45,8 +46,26 @@ def parse_args(argv=None):
     parser.add_argument("results", help="the JSON tools/study.py writes")
     parser.add_argument("--output", default="docs/study", help="folder of study.md and the PNGs")
     parser.add_argument("--reference", default="vipa", help="the variant every other one is paired with")
+    parser.add_argument("--pair", action="append", default=[], metavar="VARIANT=REFERENCE",
+                        help="pair VARIANT with REFERENCE instead of --reference, e.g. language_fusion_none=fusion_none "
+                        "(the language baseline against VIPA, both without fusion); repeatable")
     parser.add_argument("--metric", default="oIoU", help="metric of the differences and pictures")
     return parser.parse_args(argv)
+
+
+def references(runs, default, pairs):
+    """{variant: the variant it is paired with}: ``default``, or the REFERENCE of its
+    ``VARIANT=REFERENCE`` in ``pairs``; ValueError naming what does not fit."""
+    if default not in runs:
+        raise ValueError(f"--reference {default!r} has no finished run (have: {', '.join(runs)})")
+    refs = {name: default for name in runs if name != default}
+    for pair in pairs:
+        variant, sep, ref = pair.partition("=")
+        if not sep or variant not in refs or ref not in runs or ref == variant:
+            raise ValueError(f"--pair {pair!r}: expected VARIANT=REFERENCE, two different variants with finished "
+                             f"runs, VARIANT not --reference {default!r} (have: {', '.join(runs)})")
+        refs[variant] = ref
+    return refs
 
 
 def by_variant(runs):
@@ -110,9 +129,9 @@ def notes(runs):
     return ["\nNotes on single runs:\n", *found] if found else []
 
 
-def render(runs, ref_name, metric):
-    splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs.get(ref_name, {})
-    others = {name: seeds for name, seeds in runs.items() if name != ref_name}
+def render(runs, refs, metric):
+    """The markdown report; ``refs`` as ``references`` returns it."""
+    splits = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
     table = lambda rows, header: tabulate(rows, header, tablefmt="github", disable_numparse=True)  # noqa: E731
     rows = [[name, " ".join(map(str, sorted(seeds))), *(spread(seeds, "splits", s, metric) for s in splits),
              next(iter(seeds.values()))["iterations"], f"{sum(e['wall_s'] for e in seeds.values()) / 60:.0f}"]
@@ -121,18 +140,18 @@ def render(runs, ref_name, metric):
              f"## {metric} per variant (mean ± std over seeds)\n",
              table(rows, ["variant", "seeds", *splits, "iterations", "minutes (all seeds)"]),
              *notes(runs),
-             f"\n## Paired differences, {ref_name} minus variant ({metric}; mean ± standard error)\n"]
+             f"\n## Paired differences, reference minus variant ({metric}; mean ± standard error)\n"]
     rows = []
-    for name, seeds in others.items():
-        diffs = {s: paired(ref, seeds, "splits", s, metric) for s in splits}
+    for name, ref in refs.items():
+        diffs = {s: paired(runs[ref], runs[name], "splits", s, metric) for s in splits}
         per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs[DECIDING_SPLIT].items()) or "-"
-        rows.append([name, per_seed, *(mean_se(diffs[s]) for s in splits), verdict(diffs)])
-    parts.append(table(rows, ["variant", f"{DECIDING_SPLIT} per seed", *splits, "verdict"]))
-    types = sorted({t for e in ref.values() for t in value(e, "by_type", DECIDING_SPLIT) or {}})
-    if types:
+        rows.append([name, ref, per_seed, *(mean_se(diffs[s]) for s in splits), verdict(diffs)])
+    parts.append(table(rows, ["variant", "reference", f"{DECIDING_SPLIT} per seed", *splits, "verdict"]))
+    types = sorted({t for seeds in runs.values() for e in seeds.values() for t in value(e, "by_type", DECIDING_SPLIT) or {}})
+    if types and refs:
         parts += [f"\n## Paired differences per expression type on {DECIDING_SPLIT} ({metric})\n",
-                  table([[name, *(mean_se(paired(ref, seeds, "by_type", DECIDING_SPLIT, t, metric)) for t in types)]
-                         for name, seeds in others.items()], ["variant", *types])]
+                  table([[name, ref, *(mean_se(paired(runs[ref], runs[name], "by_type", DECIDING_SPLIT, t, metric))
+                                       for t in types)] for name, ref in refs.items()], ["variant", "reference", *types])]
     keys = sorted({k for seeds in runs.values() for e in seeds.values()
                    for k in value(e, "retrieval", DECIDING_SPLIT) or {} if not k.endswith("samples")})
     if keys:
@@ -142,15 +161,13 @@ def render(runs, ref_name, metric):
     return "\n".join(parts) + "\n"
 
 
-def differences(runs, ref_name, metric):
+def differences(runs, refs, metric):
     """{variant: {seed: {"splits": {split: {metric: reference minus variant}}}}}: the paired
     differences shaped as runs, so ``plot`` draws them like scores."""
-    splits, ref = (DECIDING_SPLIT, *CONFIRMING_SPLITS), runs[ref_name]
+    splits = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
     out = {}
-    for name, seeds in runs.items():
-        if name == ref_name:
-            continue
-        per_split = {split: paired(ref, seeds, "splits", split, metric) for split in splits}
+    for name, ref in refs.items():
+        per_split = {split: paired(runs[ref], runs[name], "splits", split, metric) for split in splits}
         shared = sorted(set().union(*per_split.values()))
         if shared:
             out[name] = {seed: {"splits": {split: {metric: d[seed]} for split, d in per_split.items() if seed in d}}
@@ -207,8 +224,13 @@ def main(argv=None) -> int:
     if not runs:
         print(f"study_report.py: error: {args.results} holds no finished run", file=sys.stderr)
         return 2
+    try:
+        refs = references(runs, args.reference, args.pair)
+    except ValueError as e:
+        print(f"study_report.py: error: {args.results}: {e}", file=sys.stderr)
+        return 2
     os.makedirs(args.output, exist_ok=True)
-    text = render(runs, args.reference, args.metric)
+    text = render(runs, refs, args.metric)
     names, pictures = list(runs), ["variants.png"]
     plot(runs, names, side_by_side(names), args.metric, os.path.join(args.output, pictures[0]))
     ratios = sorted((n for n in runs if n == args.reference or n.startswith(RATIO_PREFIX)),
@@ -217,11 +239,14 @@ def main(argv=None) -> int:
         pictures.insert(0, "ratio_curve.png")
         plot(runs, ratios, lambda n, i: next(iter(runs[n].values()))["ratio"], args.metric,
              os.path.join(args.output, pictures[0]), xlabel="token ratio r (MODEL.VIPA.VEG.RATIO)")
-    diffs = differences(runs, args.reference, args.metric)
+    # A variant paired elsewhere is labelled with its reference.
+    diffs = {name if refs[name] == args.reference else f"{name} (vs {refs[name]})": d
+             for name, d in differences(runs, refs, args.metric).items()}
     if diffs:  # bars from 0 hide differences of a point; these bars start at 0 difference
         pictures.append("differences.png")
         plot(diffs, list(diffs), side_by_side(list(diffs)), args.metric, os.path.join(args.output, pictures[-1]),
-             ylabel=f"{args.reference} minus variant, {args.metric}")
+             ylabel=f"{args.reference if set(refs.values()) == {args.reference} else 'reference'} "
+                    f"minus variant, {args.metric}")
     text += "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in pictures) + "\n"
     with open(os.path.join(args.output, "study.md"), "w") as f:
         f.write(text)
