@@ -216,7 +216,7 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
     for picture in ("ratio_curve.png", "variants.png", "differences.png"):
         assert (out / picture).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and f"]({picture})" in md
     finished = study_report.by_variant(json.loads(results.read_text())["runs"])
-    diffs = study_report.differences(finished, study_report.references(finished, "vipa", []), "oIoU")
+    diffs = study_report.differences(finished, study_report.references(finished, "vipa", [])[0], "oIoU")
     assert list(diffs) == ["language", "fusion_none", "ratio_0.1", "ratio_0.8"]
     assert [diffs["fusion_none"][s]["splits"]["testB"]["oIoU"] for s in (0, 1)] == [-2.0, -2.0]
 
@@ -246,21 +246,25 @@ def test_running_entry_keeps_its_time_while_the_block_runs(tmp_path):
 
 def test_report_pairs_a_variant_with_its_own_reference(tmp_path, capsys):
     """--pair: the language baseline without fusion against VIPA without fusion (one key
-    apart), not against VIPA with fusion (two keys apart); bad pairs are named."""
+    apart), not against VIPA with fusion (two keys apart); a pair whose variant has not run
+    yet is left out, saying so; bad pairs are named."""
     runs = [_entry("vipa", s, v, v, v) for s, v in enumerate([90.0, 91.0])]
     runs += [_entry("fusion_none", s, v, v, v) for s, v in enumerate([83.0, 82.0])]
     runs += [_entry("language_fusion_none", s, v, v, v) for s, v in enumerate([79.0, 79.5])]  # +4, +2.5
     results = tmp_path / "study.json"
     results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
     out = tmp_path / "docs"
-    assert study_report.main([str(results), "--output", str(out), "--pair", "language_fusion_none=fusion_none"]) == 0
+    pairs = ["--pair", "language_fusion_none=fusion_none", "--pair", "language_fusion_late=fusion_late"]
+    assert study_report.main([str(results), "--output", str(out), *pairs]) == 0
+    assert "--pair 'language_fusion_late=fusion_late' left out: its variant has no finished run yet" in capsys.readouterr().err
     words = " ".join((out / "study.md").read_text().split())
     assert "| fusion_none | vipa | 0: +7.00, 1: +9.00 |" in words
     assert "| language_fusion_none | fusion_none | 0: +4.00, 1: +2.50 | +3.25 ± 0.75 |" in words
     assert "| language_fusion_none | fusion_none | +3.25 ± 0.75 |" in words  # per type, same reference
     assert (out / "differences.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     capsys.readouterr()
-    for bad in ("language_fusion_none", "language_fusion_none=late", "vipa=fusion_none", "fusion_none=fusion_none"):
+    for bad in ("language_fusion_none", "language_fusion_none=late", "vipa=fusion_none", "fusion_none=fusion_none",
+                "late=late"):
         assert study_report.main([str(results), "--output", str(out), "--pair", bad]) == 2
         err = capsys.readouterr().err
         assert f"--pair {bad!r}: expected VARIANT=REFERENCE" in err and str(results) in err

@@ -48,24 +48,31 @@ def parse_args(argv=None):
     parser.add_argument("--reference", default="vipa", help="the variant every other one is paired with")
     parser.add_argument("--pair", action="append", default=[], metavar="VARIANT=REFERENCE",
                         help="pair VARIANT with REFERENCE instead of --reference, e.g. language_fusion_none=fusion_none "
-                        "(the language baseline against VIPA, both without fusion); repeatable")
+                        "(the language baseline against VIPA, both without fusion); repeatable; a VARIANT with no "
+                        "finished run yet is left out, with a note")
     parser.add_argument("--metric", default="oIoU", help="metric of the differences and pictures")
     return parser.parse_args(argv)
 
 
 def references(runs, default, pairs):
-    """{variant: the variant it is paired with}: ``default``, or the REFERENCE of its
-    ``VARIANT=REFERENCE`` in ``pairs``; ValueError naming what does not fit."""
+    """({variant: the variant it is paired with}, [pairs left out]): ``default``, or the
+    REFERENCE of the variant's ``VARIANT=REFERENCE`` in ``pairs``. A pair whose VARIANT has no
+    finished run yet is left out (a study renders while it runs); ValueError names any other
+    pair that does not fit."""
+    have = f"(have: {', '.join(runs)})"
     if default not in runs:
-        raise ValueError(f"--reference {default!r} has no finished run (have: {', '.join(runs)})")
-    refs = {name: default for name in runs if name != default}
+        raise ValueError(f"--reference {default!r} has no finished run {have}")
+    refs, waiting = {name: default for name in runs if name != default}, []
     for pair in pairs:
         variant, sep, ref = pair.partition("=")
-        if not sep or variant not in refs or ref not in runs or ref == variant:
-            raise ValueError(f"--pair {pair!r}: expected VARIANT=REFERENCE, two different variants with finished "
-                             f"runs, VARIANT not --reference {default!r} (have: {', '.join(runs)})")
-        refs[variant] = ref
-    return refs
+        if sep and variant not in runs and variant != ref:
+            waiting.append(pair)
+        elif not sep or variant == default or ref not in runs or ref == variant:
+            raise ValueError(f"--pair {pair!r}: expected VARIANT=REFERENCE, REFERENCE a finished variant other "
+                             f"than VARIANT, VARIANT not --reference {default!r} {have}")
+        else:
+            refs[variant] = ref
+    return refs, waiting
 
 
 def by_variant(runs):
@@ -225,10 +232,13 @@ def main(argv=None) -> int:
         print(f"study_report.py: error: {args.results} holds no finished run", file=sys.stderr)
         return 2
     try:
-        refs = references(runs, args.reference, args.pair)
+        refs, waiting = references(runs, args.reference, args.pair)
     except ValueError as e:
         print(f"study_report.py: error: {args.results}: {e}", file=sys.stderr)
         return 2
+    for pair in waiting:
+        print(f"study_report.py: {args.results}: --pair {pair!r} left out: its variant has no finished run yet",
+              file=sys.stderr)
     os.makedirs(args.output, exist_ok=True)
     text = render(runs, refs, args.metric)
     names, pictures = list(runs), ["variants.png"]
