@@ -6,12 +6,12 @@ Render the results JSON of ``tools/study.py``: markdown tables and PNG pictures.
 
 Writes ``study.md`` (also printed): per variant mean ± std over seeds per split; paired
 differences (reference minus variant, same seeds) per seed, their mean ± standard error per
-split and per expression type, and the verdict of RULE, each variant against ``--reference`` or
-its ``--pair`` (VIPA at the variant's other settings, so that a pair differs in one key); the retrieval report; the entries'
-``note`` fields (hand-written provenance, e.g. a model trained outside the study); pictures
-``ratio_curve.png`` (oIoU against r), ``variants.png`` and ``differences.png`` (the paired
-differences, the rule's question, on a scale where they show: linear near zero, logarithmic
-beyond DIFFERENCE_LINEAR_RANGE). No targets, no paper numbers.
+split and per expression type, and the verdict of RULE, each variant against ``--reference``
+or its ``--pair`` (VIPA at the variant's other settings, so that a pair differs in one key);
+the retrieval report; the entries' ``note`` fields (hand-written provenance, e.g. a model
+trained outside the study); pictures ``ratio_curve.png`` (oIoU against r), ``variants.png``
+and ``differences.png`` (the paired differences, the rule's question, on a scale where they
+show: linear near zero, logarithmic beyond DIFFERENCE_LINEAR_RANGE). No targets, no paper numbers.
 """
 import argparse
 import json
@@ -47,32 +47,33 @@ def parse_args(argv=None):
     parser.add_argument("--output", default="docs/study", help="folder of study.md and the PNGs")
     parser.add_argument("--reference", default="vipa", help="the variant every other one is paired with")
     parser.add_argument("--pair", action="append", default=[], metavar="VARIANT=REFERENCE",
-                        help="pair VARIANT with REFERENCE instead of --reference, e.g. language_fusion_none=fusion_none "
-                        "(the language baseline against VIPA, both without fusion); repeatable; a VARIANT with no "
-                        "finished run yet is left out, with a note")
+                        help="pair VARIANT with REFERENCE instead of --reference, e.g. "
+                        "language_fusion_none=fusion_none (the language baseline against VIPA, both without fusion); "
+                        "repeatable; a VARIANT with no finished run yet is left out, with a note")
     parser.add_argument("--metric", default="oIoU", help="metric of the differences and pictures")
     return parser.parse_args(argv)
 
 
 def references(runs, default, pairs):
-    """({variant: the variant it is paired with}, [pairs left out]): ``default``, or the
-    REFERENCE of the variant's ``VARIANT=REFERENCE`` in ``pairs``. A pair whose VARIANT has no
-    finished run yet is left out (a study renders while it runs); ValueError names any other
+    """({variant: the variant it is paired with}, [remarks]): ``default``, or the REFERENCE of
+    the variant's ``VARIANT=REFERENCE`` in ``pairs``. A study renders while it runs: a
+    ``default`` with no finished run yet pairs with nothing (its variants stay undecided), a
+    pair whose VARIANT has none is left out, and the remarks say so; ValueError names any other
     pair that does not fit."""
     have = f"(have: {', '.join(runs)})"
+    refs, remarks = {name: default for name in runs if name != default}, []
     if default not in runs:
-        raise ValueError(f"--reference {default!r} has no finished run {have}")
-    refs, waiting = {name: default for name in runs if name != default}, []
+        remarks.append(f"--reference {default!r} has no finished run yet {have}: nothing is paired with it")
     for pair in pairs:
         variant, sep, ref = pair.partition("=")
         if sep and variant not in runs and variant != ref:
-            waiting.append(pair)
+            remarks.append(f"--pair {pair!r} left out: its variant has no finished run yet")
         elif not sep or variant == default or ref not in runs or ref == variant:
             raise ValueError(f"--pair {pair!r}: expected VARIANT=REFERENCE, REFERENCE a finished variant other "
                              f"than VARIANT, VARIANT not --reference {default!r} {have}")
         else:
             refs[variant] = ref
-    return refs, waiting
+    return refs, remarks
 
 
 def by_variant(runs):
@@ -150,15 +151,17 @@ def render(runs, refs, metric):
              f"\n## Paired differences, reference minus variant ({metric}; mean ± standard error)\n"]
     rows = []
     for name, ref in refs.items():
-        diffs = {s: paired(runs[ref], runs[name], "splits", s, metric) for s in splits}
+        diffs = {s: paired(runs.get(ref, {}), runs[name], "splits", s, metric) for s in splits}
         per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs[DECIDING_SPLIT].items()) or "-"
         rows.append([name, ref, per_seed, *(mean_se(diffs[s]) for s in splits), verdict(diffs)])
     parts.append(table(rows, ["variant", "reference", f"{DECIDING_SPLIT} per seed", *splits, "verdict"]))
-    types = sorted({t for seeds in runs.values() for e in seeds.values() for t in value(e, "by_type", DECIDING_SPLIT) or {}})
+    types = sorted({t for seeds in runs.values() for e in seeds.values()
+                    for t in value(e, "by_type", DECIDING_SPLIT) or {}})
     if types and refs:
+        by_type = lambda ref, seeds, t: paired(ref, seeds, "by_type", DECIDING_SPLIT, t, metric)  # noqa: E731
         parts += [f"\n## Paired differences per expression type on {DECIDING_SPLIT} ({metric})\n",
-                  table([[name, ref, *(mean_se(paired(runs[ref], runs[name], "by_type", DECIDING_SPLIT, t, metric))
-                                       for t in types)] for name, ref in refs.items()], ["variant", "reference", *types])]
+                  table([[name, ref, *(mean_se(by_type(runs.get(ref, {}), runs[name], t)) for t in types)]
+                         for name, ref in refs.items()], ["variant", "reference", *types])]
     keys = sorted({k for seeds in runs.values() for e in seeds.values()
                    for k in value(e, "retrieval", DECIDING_SPLIT) or {} if not k.endswith("samples")})
     if keys:
@@ -174,7 +177,7 @@ def differences(runs, refs, metric):
     splits = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
     out = {}
     for name, ref in refs.items():
-        per_split = {split: paired(runs[ref], runs[name], "splits", split, metric) for split in splits}
+        per_split = {split: paired(runs.get(ref, {}), runs[name], "splits", split, metric) for split in splits}
         shared = sorted(set().union(*per_split.values()))
         if shared:
             out[name] = {seed: {"splits": {split: {metric: d[seed]} for split, d in per_split.items() if seed in d}}
@@ -232,13 +235,12 @@ def main(argv=None) -> int:
         print(f"study_report.py: error: {args.results} holds no finished run", file=sys.stderr)
         return 2
     try:
-        refs, waiting = references(runs, args.reference, args.pair)
+        refs, remarks = references(runs, args.reference, args.pair)
     except ValueError as e:
         print(f"study_report.py: error: {args.results}: {e}", file=sys.stderr)
         return 2
-    for pair in waiting:
-        print(f"study_report.py: {args.results}: --pair {pair!r} left out: its variant has no finished run yet",
-              file=sys.stderr)
+    for remark in remarks:
+        print(f"study_report.py: {args.results}: {remark}", file=sys.stderr)
     os.makedirs(args.output, exist_ok=True)
     text = render(runs, refs, args.metric)
     names, pictures = list(runs), ["variants.png"]
