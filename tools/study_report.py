@@ -115,6 +115,12 @@ def paired(ref, seeds, *path):
     return {s: a - b for s, (a, b) in pairs.items() if a is not None and b is not None}
 
 
+def against(runs, name, ref, *path):
+    """``paired`` of variant ``name`` with its reference ``ref``: nothing while ``ref`` has no
+    finished run (see ``references``)."""
+    return paired(runs.get(ref, {}), runs[name], *path)
+
+
 def mean_se(diffs):
     """'mean ± standard error' of paired differences."""
     return fmt(*stats(list(diffs.values()))[1::2], sign=True)
@@ -151,16 +157,16 @@ def render(runs, refs, metric):
              f"\n## Paired differences, reference minus variant ({metric}; mean ± standard error)\n"]
     rows = []
     for name, ref in refs.items():
-        diffs = {s: paired(runs.get(ref, {}), runs[name], "splits", s, metric) for s in splits}
+        diffs = {s: against(runs, name, ref, "splits", s, metric) for s in splits}
         per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs[DECIDING_SPLIT].items()) or "-"
         rows.append([name, ref, per_seed, *(mean_se(diffs[s]) for s in splits), verdict(diffs)])
     parts.append(table(rows, ["variant", "reference", f"{DECIDING_SPLIT} per seed", *splits, "verdict"]))
     types = sorted({t for seeds in runs.values() for e in seeds.values()
                     for t in value(e, "by_type", DECIDING_SPLIT) or {}})
     if types and refs:
-        by_type = lambda ref, seeds, t: paired(ref, seeds, "by_type", DECIDING_SPLIT, t, metric)  # noqa: E731
         parts += [f"\n## Paired differences per expression type on {DECIDING_SPLIT} ({metric})\n",
-                  table([[name, ref, *(mean_se(by_type(runs.get(ref, {}), runs[name], t)) for t in types)]
+                  table([[name, ref, *(mean_se(against(runs, name, ref, "by_type", DECIDING_SPLIT, t, metric))
+                                       for t in types)]
                          for name, ref in refs.items()], ["variant", "reference", *types])]
     keys = sorted({k for seeds in runs.values() for e in seeds.values()
                    for k in value(e, "retrieval", DECIDING_SPLIT) or {} if not k.endswith("samples")})
@@ -177,7 +183,7 @@ def differences(runs, refs, metric):
     splits = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
     out = {}
     for name, ref in refs.items():
-        per_split = {split: paired(runs.get(ref, {}), runs[name], "splits", split, metric) for split in splits}
+        per_split = {split: against(runs, name, ref, "splits", split, metric) for split in splits}
         shared = sorted(set().union(*per_split.values()))
         if shared:
             out[name] = {seed: {"splits": {split: {metric: d[seed]} for split, d in per_split.items() if seed in d}}
