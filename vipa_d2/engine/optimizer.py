@@ -4,7 +4,9 @@ import logging
 
 import torch
 from detectron2.solver import get_default_optimizer_params
-from detectron2.solver.build import maybe_add_gradient_clipping, reduce_param_groups
+from detectron2.solver.build import reduce_param_groups
+
+from .gradient_clipping import with_gradient_clipping
 
 logger = logging.getLogger(__name__)
 
@@ -65,18 +67,18 @@ def get_vipa_optimizer_params(cfg, model: torch.nn.Module):
 
 def build_vipa_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
     """``SOLVER.OPTIMIZER`` ("ADAMW" or "SGD") over :func:`get_vipa_optimizer_params`,
-    with detectron2's ``SOLVER.CLIP_GRADIENTS``."""
+    with detectron2's ``SOLVER.CLIP_GRADIENTS`` (per parameter, batched: gradient_clipping.py)."""
     params = get_vipa_optimizer_params(cfg, model)
     name = cfg.SOLVER.OPTIMIZER.upper()
     if name == "ADAMW":
-        optimizer = torch.optim.AdamW(
+        optimizer = with_gradient_clipping(cfg, torch.optim.AdamW)(
             params,
             lr=cfg.SOLVER.BASE_LR,
             betas=tuple(cfg.SOLVER.BETAS),
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
     elif name == "SGD":
-        optimizer = torch.optim.SGD(
+        optimizer = with_gradient_clipping(cfg, torch.optim.SGD)(
             params,
             lr=cfg.SOLVER.BASE_LR,
             momentum=cfg.SOLVER.MOMENTUM,
@@ -89,4 +91,4 @@ def build_vipa_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
         )
     n_params = sum(p.numel() for g in params for p in g["params"])
     logger.info(f"{name} over {len(params)} param groups, {n_params} trainable parameters")
-    return maybe_add_gradient_clipping(cfg, optimizer)
+    return optimizer
