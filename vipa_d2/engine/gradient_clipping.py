@@ -17,9 +17,14 @@ NORM_EPS = 1e-6
 CLIP_TYPES = ("value", "norm")
 
 
+def _check_clip_type(clip_type: str) -> None:
+    if clip_type not in CLIP_TYPES:
+        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got {clip_type!r}")
+
+
 def _batchable(grads: List[torch.Tensor]) -> bool:
-    # torch's foreach kernels take dense CPU / CUDA tensors; anything else goes one by one.
-    return all(g.device.type in ("cpu", "cuda") and not g.is_sparse for g in grads)
+    # torch has foreach kernels for CPU and CUDA; other devices go one tensor at a time.
+    return all(g.device.type in ("cpu", "cuda") for g in grads)
 
 
 def _by_device_and_dtype(grads: Iterable[torch.Tensor]) -> List[List[torch.Tensor]]:
@@ -38,8 +43,7 @@ def clip_each_gradient_(
     ``[-clip_value, clip_value]``; "norm" scales it to a ``norm_type``-norm of at most
     ``clip_value`` (each parameter's norm on its own, as detectron2's per-parameter clipper).
     """
-    if clip_type not in CLIP_TYPES:
-        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got {clip_type!r}")
+    _check_clip_type(clip_type)
     grads = [p.grad for p in parameters if p.grad is not None]
     for group in _by_device_and_dtype(grads):
         if not _batchable(group):
@@ -81,8 +85,7 @@ def with_gradient_clipping(cfg, optimizer_type: Type[torch.optim.Optimizer]) -> 
     if not clip.ENABLED:
         return optimizer_type
     clip_type, clip_value, norm_type = clip.CLIP_TYPE, float(clip.CLIP_VALUE), float(clip.NORM_TYPE)
-    if clip_type not in CLIP_TYPES:
-        raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got {clip_type!r}")
+    _check_clip_type(clip_type)
 
     def step(self, closure=None):
         clip_each_gradient_(
