@@ -3,8 +3,9 @@ Detectron2's ``SOLVER.CLIP_GRADIENTS`` ("value" / "norm", each parameter on its 
 in one batched pass over all gradients.
 
 Detectron2 calls torch's clipper once per parameter. For the tiny VIPA's 408 trainable
-tensors that is ~3,000 small ops a step: ~23 ms of CPU time, and on a GPU ~2,400 of the
-~10,600 kernel launches of a launch-bound step (BENCHMARKS.md, section 3). The same
+tensors that is ~10,600 aten ops a step (2,900 batched): 25 ms of CPU time (8 batched), and
+on a GPU roughly 2,000 of the ~10,600 kernel launches of a launch-bound step (an estimate;
+BENCHMARKS.md, section 3). The same
 per-parameter arithmetic applied to all gradients at once gives bitwise the same gradients
 (tests/test_gradient_clipping.py), so training is unchanged.
 """
