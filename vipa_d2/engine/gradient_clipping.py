@@ -5,9 +5,9 @@ in one batched pass over all gradients.
 Detectron2 calls torch's clipper once per parameter. For the tiny VIPA's 408 trainable
 tensors that is ~10,600 aten ops a step (2,900 batched): 25 ms of CPU time (8 batched), and
 on a GPU roughly 2,000 of the ~10,600 kernel launches of a launch-bound step (an estimate;
-BENCHMARKS.md, section 3). The same
-per-parameter arithmetic applied to all gradients at once gives bitwise the same gradients
-(tests/test_gradient_clipping.py), so training is unchanged.
+BENCHMARKS.md, section 3). The same per-parameter arithmetic applied to all gradients at
+once gives bitwise the same gradients (tests/test_gradient_clipping.py), so training is
+unchanged.
 """
 from typing import Dict, Iterable, List, Tuple, Type
 
@@ -16,16 +16,13 @@ import torch
 # torch.nn.utils.clip_grad_norm_ adds this to the norm before dividing; kept for equality.
 NORM_EPS = 1e-6
 CLIP_TYPES = ("value", "norm")
+# Devices with torch foreach kernels; gradients elsewhere go one tensor at a time.
+FOREACH_DEVICES = ("cpu", "cuda")
 
 
 def _check_clip_type(clip_type: str) -> None:
     if clip_type not in CLIP_TYPES:
         raise ValueError(f"SOLVER.CLIP_GRADIENTS.CLIP_TYPE must be one of {CLIP_TYPES}, got {clip_type!r}")
-
-
-def _batchable(grads: List[torch.Tensor]) -> bool:
-    # torch has foreach kernels for CPU and CUDA; other devices go one tensor at a time.
-    return all(g.device.type in ("cpu", "cuda") for g in grads)
 
 
 def _by_device_and_dtype(grads: Iterable[torch.Tensor]) -> List[List[torch.Tensor]]:
@@ -47,21 +44,19 @@ def clip_each_gradient_(
     _check_clip_type(clip_type)
     grads = [p.grad for p in parameters if p.grad is not None]
     for group in _by_device_and_dtype(grads):
-        if not _batchable(group):
-            for g in group:  # torch's own clippers, one parameter at a time
-                if clip_type == "value":
-                    g.clamp_(-clip_value, clip_value)
-                else:
-                    _scale_to_norm([g], clip_value, norm_type)
-        elif clip_type == "value":
+        foreach = group[0].device.type in FOREACH_DEVICES  # one device per group
+        if clip_type == "norm":
+            _scale_to_norm(group, clip_value, norm_type, foreach)
+        elif foreach:
             torch._foreach_clamp_min_(group, -clip_value)
             torch._foreach_clamp_max_(group, clip_value)
         else:
-            _scale_to_norm(group, clip_value, norm_type)
+            for g in group:
+                g.clamp_(-clip_value, clip_value)
 
 
-def _scale_to_norm(grads: List[torch.Tensor], max_norm: float, norm_type: float) -> None:
-    if _batchable(grads):
+def _scale_to_norm(grads: List[torch.Tensor], max_norm: float, norm_type: float, foreach: bool) -> None:
+    if foreach:
         norms = torch.stack(torch._foreach_norm(grads, norm_type))
     else:
         norms = torch.stack([torch.linalg.vector_norm(g, norm_type) for g in grads])
@@ -69,7 +64,7 @@ def _scale_to_norm(grads: List[torch.Tensor], max_norm: float, norm_type: float)
     # doing the same (one row per parameter) keeps the result bitwise torch's.
     totals = torch.linalg.vector_norm(norms.unsqueeze(1), norm_type, dim=1)
     coefs = torch.clamp(max_norm / (totals + NORM_EPS), max=1.0)
-    if _batchable(grads):
+    if foreach:
         torch._foreach_mul_(grads, list(coefs.unbind(0)))
     else:
         for g, c in zip(grads, coefs.unbind(0)):
