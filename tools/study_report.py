@@ -31,6 +31,7 @@ RULE = (
     "twice its standard error over seeds, with at least 2 seeds, and has the same sign on testA and testB"
 )
 DECIDING_SPLIT, CONFIRMING_SPLITS, MIN_SEEDS, SE_MULTIPLE = "val", ("testA", "testB"), 2, 2.0  # RULE's terms
+RULE_SPLITS = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
 BAR_WIDTH = 0.8 / (len(CONFIRMING_SPLITS) + 1)  # a variant's split bars fill 0.8 of its slot
 RATIO_PREFIX = "ratio_"  # variants that differ from the reference in MODEL.VIPA.VEG.RATIO only
 # The differences picture is linear within this many metric points of zero and logarithmic
@@ -121,6 +122,11 @@ def against(runs, name, ref, *path):
     return paired(runs.get(ref, {}), runs[name], *path)
 
 
+def split_differences(runs, name, ref, metric):
+    """{split: {seed: reference minus variant}} over RULE_SPLITS, what ``verdict`` reads."""
+    return {split: against(runs, name, ref, "splits", split, metric) for split in RULE_SPLITS}
+
+
 def mean_se(diffs):
     """'mean ± standard error' of paired differences."""
     return fmt(*stats(list(diffs.values()))[1::2], sign=True)
@@ -145,7 +151,7 @@ def notes(runs):
 
 def render(runs, refs, metric):
     """The markdown report; ``refs`` as ``references`` returns it."""
-    splits = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
+    splits = RULE_SPLITS
     table = lambda rows, header: tabulate(rows, header, tablefmt="github", disable_numparse=True)  # noqa: E731
     rows = [[name, " ".join(map(str, sorted(seeds))), *(spread(seeds, "splits", s, metric) for s in splits),
              next(iter(seeds.values()))["iterations"], f"{sum(e['wall_s'] for e in seeds.values()) / 60:.0f}"]
@@ -157,7 +163,7 @@ def render(runs, refs, metric):
              f"\n## Paired differences, reference minus variant ({metric}; mean ± standard error)\n"]
     rows = []
     for name, ref in refs.items():
-        diffs = {s: against(runs, name, ref, "splits", s, metric) for s in splits}
+        diffs = split_differences(runs, name, ref, metric)
         per_seed = ", ".join(f"{k}: {d:+.2f}" for k, d in diffs[DECIDING_SPLIT].items()) or "-"
         rows.append([name, ref, per_seed, *(mean_se(diffs[s]) for s in splits), verdict(diffs)])
     parts.append(table(rows, ["variant", "reference", f"{DECIDING_SPLIT} per seed", *splits, "verdict"]))
@@ -180,10 +186,9 @@ def render(runs, refs, metric):
 def differences(runs, refs, metric):
     """{variant: {seed: {"splits": {split: {metric: reference minus variant}}}}}: the paired
     differences shaped as runs, so ``plot`` draws them like scores."""
-    splits = (DECIDING_SPLIT, *CONFIRMING_SPLITS)
     out = {}
     for name, ref in refs.items():
-        per_split = {split: against(runs, name, ref, "splits", split, metric) for split in splits}
+        per_split = split_differences(runs, name, ref, metric)
         shared = sorted(set().union(*per_split.values()))
         if shared:
             out[name] = {seed: {"splits": {split: {metric: d[seed]} for split, d in per_split.items() if seed in d}}
@@ -200,7 +205,7 @@ def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
     """Per split: mean ± std over seeds at ``x_of(variant, index)``, seeds as dots. A
     ``ylabel`` marks differences: they get a zero line."""
     fig, ax = plt.subplots(figsize=(max(5, 0.8 * len(names)), 3.8))
-    for i, split in enumerate((DECIDING_SPLIT, *CONFIRMING_SPLITS)):
+    for i, split in enumerate(RULE_SPLITS):
         xs = [x_of(n, i) for n in names]
         vals = [[v for e in runs[n].values() if (v := value(e, "splits", split, metric)) is not None] for n in names]
         means, stds = [stats(v)[1] for v in vals], [stats(v)[2] or 0 for v in vals]
