@@ -324,6 +324,12 @@ def add_vipa_config(cfg):
     # (11.4 % of their area vs 9 % on the target) but cost the relations the loss targets (val
     # relations −1.4 oIoU at both weights, testB relations −5.3 / −4.8).
     cfg.MODEL.VIPA.LOSS.LANDMARK_WEIGHT = 0.0
+    # Weight of a loss that keeps the words' retrieved token sets apart: the mean pairwise
+    # soft Jaccard of the word cues' step-1 sets (the sampler's relaxation at VEG.TEMPERATURE,
+    # without Gumbel noise). [CLS] is left out because the contrastive loss pins it to the
+    # target. 0 turns it off: then nothing but the mask loss keeps two words from retrieving
+    # the same tokens. Needs VEG.STEP1.
+    cfg.MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT = 0.0
     # Weight of the object-centre loss of DECODER.COUNT_CENTRES (binary cross-entropy
     # against a Gaussian of one grid cell at every object's box centre, per object).
     cfg.MODEL.VIPA.LOSS.CENTRE_WEIGHT = 0.1

@@ -16,6 +16,7 @@ from vipa_d2.modeling.losses import (
     centre_heatmaps,
     centre_loss,
     choice_loss,
+    cue_overlap_loss,
     group_loss,
     member_loss,
     dice_loss,
@@ -334,6 +335,51 @@ def test_landmark_loss_supervises_the_landmark_words_only():
     # Off by default: no landmark loss, no inputs needed.
     assert "loss_landmark" not in VIPACriterion(make_cfg(*SMALL))(
         [torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
+
+
+def test_cue_overlap_loss_is_the_jaccard_of_the_retrieved_sets():
+    """On well-separated rows the soft sets are the hard top-k: same sets give 1, disjoint 0,
+    half-shared 1/3; invalid cues and samples without a pair do not count."""
+    valid = torch.ones(1, 8, dtype=torch.bool)
+    rows = torch.full((1, 4, 8), -1.0)
+    rows[0, 0, :2] = rows[0, 1, :2] = 1.0  # the same two tokens
+    rows[0, 2, 2:4] = 1.0  # two others
+    rows[0, 3, 1:3] = 1.0  # one of each
+    def overlap(rel, cues, tokens=valid):
+        return cue_overlap_loss(rel, cues, tokens, ratio=0.2, temperature=0.01)  # k = 2 of 8, 1 of 7
+    pick = lambda *i: torch.tensor([[k in i for k in range(4)]])
+    torch.testing.assert_close(overlap(rows, pick(0, 1)), torch.tensor(1.0))
+    torch.testing.assert_close(overlap(rows, pick(0, 2)), torch.tensor(0.0))
+    torch.testing.assert_close(overlap(rows, pick(0, 3)), torch.tensor(1 / 3))
+    torch.testing.assert_close(overlap(rows, pick(0, 1, 2)), torch.tensor(1 / 3))  # pairs 1, 0, 0
+    # A second sample with a single cue has no pair: the mean stays the first sample's.
+    two = torch.cat([rows, torch.randn(1, 4, 8)])
+    torch.testing.assert_close(overlap(two, torch.cat([pick(0, 1), pick(2)])), torch.tensor(1.0))
+    # Tokens outside the image are never part of a set (k counts the valid ones only).
+    inside = valid.clone()
+    inside[0, 1] = False
+    torch.testing.assert_close(overlap(rows, pick(0, 3), inside), torch.tensor(0.0))  # {0} and {2}
+    # The gradient pulls shared tokens down in one of the rows.
+    rel = rows.clone().requires_grad_(True)
+    cue_overlap_loss(rel, pick(0, 3), valid, ratio=0.2, temperature=0.5).backward()
+    assert rel.grad[0, 0, 1] > 0 and rel.grad[0, 3, 1] > 0 and (rel.grad[0, 1:3] == 0).all()
+
+
+def test_cue_overlap_loss_leaves_the_global_cue_out():
+    gt = torch.zeros(1, 16, 16)
+    gt[0, :8, :8] = 1
+    valid = torch.ones(1, 16, 16)
+    cues = torch.tensor([[True, True, True, False]])
+    crit = VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT": 2.0}))
+    rel = torch.randn(1, 4, 16, requires_grad=True)
+    loss = crit([torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
+    expected = 2.0 * cue_overlap_loss(rel, torch.tensor([[False, True, True, False]]), valid.bool()[:, :4, :4].flatten(1),
+                                      ratio=0.3, temperature=0.1)
+    torch.testing.assert_close(loss["loss_cue_overlap"], expected)
+    assert "loss_cue_overlap" not in VIPACriterion(make_cfg(*SMALL))(
+        [torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
+    with pytest.raises(ValueError, match="CUE_OVERLAP_WEIGHT.*STEP1"):
+        VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT": 1.0, "MODEL.VIPA.VEG.STEP1": False}))
 
 
 def test_half_plane_sums_count_cells_strictly_on_each_side():

@@ -152,6 +152,16 @@ def test_landmark_loss_trains_through_the_model(tokenizer):
         model(inputs)
 
 
+def test_cue_overlap_loss_trains_the_retrieval_through_the_model(tokenizer):
+    """MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT: the words' overlap loss reaches the VEG's projections."""
+    model = build("MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT", 1.0).train()
+    losses = model(make_inputs(tokenizer, TEXTS[:2]))
+    assert torch.isfinite(losses["loss_cue_overlap"]) and 0 < losses["loss_cue_overlap"] <= 1
+    losses["loss_cue_overlap"].backward()
+    veg = model.head.veg
+    assert veg.cue_proj.weight.grad.abs().sum() > 0 and veg.visual_proj.weight.grad.abs().sum() > 0
+
+
 def test_centre_loss_trains_through_the_model(tokenizer):
     """MODEL.VIPA.DECODER.COUNT_CENTRES: the mapper's object boxes reach one centre loss per
     decoder layer, whose gradient reaches the centre maps; inputs without them are refused."""

@@ -16,6 +16,8 @@ from torch import nn
 
 from detectron2.config import configurable
 
+from .sampler import differentiable_topk, num_retrieved
+
 # Cues whose relevance the pixel contrastive loss supervises (MODEL.VIPA.LOSS.CONTRASTIVE_CUES).
 CONTRASTIVE_CUES = ("global", "all")
 
@@ -289,6 +291,33 @@ def pixel_contrastive_loss(
     return (per_cue * cue_w).sum() / cue_w.sum().clamp(min=1.0)
 
 
+def cue_overlap_loss(
+    relevance: torch.Tensor, cue_rows: torch.Tensor, token_valid: torch.Tensor, ratio: float, temperature: float
+) -> torch.Tensor:
+    """
+    Mean pairwise soft Jaccard of the retrieved token sets of the ``cue_rows`` (B, T) cues.
+
+    Each set is the step-1 sampler's soft top-k of a relevance row (B, T, N) (k = the VEG's
+    N_p, no noise), so on hard rows the value is the Jaccard index the evaluator reports.
+    Averaged over the pairs of a sample, then over samples with at least one pair.
+    """
+    soft, _ = differentiable_topk(
+        relevance, num_retrieved(token_valid.sum(dim=1), ratio), mode="soft", temperature=temperature,
+        valid=token_valid,
+    )
+    inter = torch.bmm(soft, soft.transpose(1, 2))  # (B, T, T)
+    area = soft.sum(dim=-1)
+    union = area[:, :, None] + area[:, None, :] - inter
+    jaccard = inter / union.clamp(min=torch.finfo(union.dtype).tiny)
+    t = relevance.shape[1]
+    upper = torch.ones(t, t, dtype=torch.bool, device=relevance.device).triu(diagonal=1)
+    pairs = (cue_rows[:, :, None] & cue_rows[:, None, :] & upper).to(jaccard.dtype)
+    num_pairs = pairs.sum(dim=(1, 2))
+    per_sample = (jaccard * pairs).sum(dim=(1, 2)) / num_pairs.clamp(min=1.0)
+    has_pairs = (num_pairs > 0).to(jaccard.dtype)
+    return (per_sample * has_pairs).sum() / has_pairs.sum().clamp(min=1.0)
+
+
 def _regresses_areas(dec) -> bool:
     """Whether a config's DECODER builds the object choice's area regression."""
     return dec.OBJECT_CHOICE and dec.CHOICE_SIZE_RANKS and dec.CHOICE_AREAS == "regressed"
@@ -309,6 +338,9 @@ class VIPACriterion(nn.Module):
         no_target_weight: float,
         contrastive_cues: str = "all",
         landmark_weight: float = 0.0,
+        cue_overlap_weight: float = 0.0,
+        retrieval_ratio: float = 0.3,
+        retrieval_temperature: float = 0.1,
         centre_weight: float = 0.0,
         group_weight: float = 0.0,
         offset_weight: float = 0.0,
@@ -330,6 +362,8 @@ class VIPACriterion(nn.Module):
         self.deep_supervision = deep_supervision
         self.no_target_weight = no_target_weight
         self.landmark_weight = landmark_weight
+        self.cue_overlap_weight = cue_overlap_weight
+        self.retrieval_ratio, self.retrieval_temperature = retrieval_ratio, retrieval_temperature
         self.centre_weight = centre_weight
         self.group_weight = group_weight
         self.offset_weight = offset_weight
@@ -364,6 +398,11 @@ class VIPACriterion(nn.Module):
                 'MODEL.VIPA.LOSS.CONTRASTIVE_CUES "global" supervises the [CLS] cue, but '
                 'MODEL.VIPA.VEG.GLOBAL_CUE is False; set CONTRASTIVE_CUES "all" for local cues only'
             )
+        if loss.CUE_OVERLAP_WEIGHT > 0 and not cfg.MODEL.VIPA.VEG.STEP1:
+            raise ValueError(
+                "MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT > 0 keeps the cues' retrieved sets apart, but "
+                "MODEL.VIPA.VEG.STEP1 is False: there is no retrieval; set the weight 0 or STEP1 True"
+            )
         return {
             "bce_weight": loss.BCE_WEIGHT,
             "dice_weight": loss.DICE_WEIGHT,
@@ -373,6 +412,10 @@ class VIPACriterion(nn.Module):
             "no_target_weight": loss.NO_TARGET_WEIGHT,
             "contrastive_cues": loss.CONTRASTIVE_CUES,
             "landmark_weight": loss.LANDMARK_WEIGHT,
+            "cue_overlap_weight": loss.CUE_OVERLAP_WEIGHT,
+            # The sets the overlap loss compares are those step 1 retrieves.
+            "retrieval_ratio": cfg.MODEL.VIPA.VEG.RATIO,
+            "retrieval_temperature": cfg.MODEL.VIPA.VEG.TEMPERATURE,
             # Only the centre maps of DECODER.COUNT_CENTRES have a centre loss.
             "centre_weight": loss.CENTRE_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_CENTRES else 0.0,
             "group_weight": loss.GROUP_WEIGHT,
@@ -453,10 +496,10 @@ class VIPACriterion(nn.Module):
         if self.deep_supervision:
             for i, logits in enumerate(pred_masks[:-1]):
                 losses.update(self.mask_losses(logits, gt, image_valid, suffix=f"_{i}"))
+        if relevance is not None and token_valid is None:
+            token_valid = token_validity(image_valid, relevance_grid)
         if relevance is not None and self.contrastive_weight > 0:
             token_target = area_downsample(gt, relevance_grid).flatten(1)
-            if token_valid is None:
-                token_valid = token_validity(image_valid, relevance_grid)
             supervised = cue_valid
             if self.contrastive_cues == "global":
                 # Only the [CLS] row (position 0, see linguistic_cue_mask) names the target.
@@ -475,6 +518,12 @@ class VIPACriterion(nn.Module):
                 losses["loss_landmark"] = self.landmark_weight * pixel_contrastive_loss(
                     relevance, landmark_rows, landmark_target, token_valid, self.contrastive_temperature
                 )
+        if relevance is not None and self.cue_overlap_weight > 0:
+            words = cue_valid.clone()
+            words[:, 0] = False  # [CLS] (see linguistic_cue_mask)
+            losses["loss_cue_overlap"] = self.cue_overlap_weight * cue_overlap_loss(
+                relevance, words, token_valid, self.retrieval_ratio, self.retrieval_temperature
+            )
         if self.centre_weight > 0:
             for i, logits in enumerate(centre_logits):
                 losses[f"loss_centre_{i}"] = self.centre_weight * centre_loss(logits, object_boxes, gt.shape[-2:])
