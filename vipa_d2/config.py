@@ -328,7 +328,9 @@ def add_vipa_config(cfg):
     # soft Jaccard of the word cues' step-1 sets (the sampler's relaxation at VEG.TEMPERATURE,
     # without Gumbel noise). [CLS] is left out because the contrastive loss pins it to the
     # target. 0 turns it off: then nothing but the mask loss keeps two words from retrieving
-    # the same tokens. Needs VEG.STEP1.
+    # the same tokens. Needs VEG.STEP1. Off because 1.0 on the tiny config (seeds 1 / 2) did
+    # not lower the overlap (the loss stayed at ~0.37; the val cue Jaccard rose 0.55 → 0.66,
+    # 0.60 → 0.68) and cost val −3.4 / −1.3 oIoU (docs/benchmarks/EXPERIMENTS.md, session 32).
     cfg.MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT = 0.0
     # Weight of the object-centre loss of DECODER.COUNT_CENTRES (binary cross-entropy
     # against a Gaussian of one grid cell at every object's box centre, per object).
