@@ -373,11 +373,14 @@ def test_cue_overlap_loss_leaves_the_global_cue_out():
     crit = VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT": 2.0}))
     rel = torch.randn(1, 4, 16, requires_grad=True)
     loss = crit([torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
-    expected = 2.0 * cue_overlap_loss(rel, torch.tensor([[False, True, True, False]]), valid.bool()[:, :4, :4].flatten(1),
-                                      ratio=0.3, temperature=0.1)
+    expected = 2.0 * cue_overlap_loss(rel, torch.tensor([[False, True, True, False]]), torch.ones(1, 16, dtype=torch.bool),
+                                      ratio=0.3, temperature=0.1)  # the VEG's RATIO and TEMPERATURE
     torch.testing.assert_close(loss["loss_cue_overlap"], expected)
     assert "loss_cue_overlap" not in VIPACriterion(make_cfg(*SMALL))(
         [torch.randn(1, 4, 4)], torch.zeros(1), gt, valid, torch.tensor([False]), rel, (4, 4), cues)
+    with pytest.raises(ValueError, match="retrieval_ratio and retrieval_temperature"):
+        VIPACriterion(bce_weight=1.0, dice_weight=1.0, contrastive_weight=0.0, contrastive_temperature=0.1,
+                      deep_supervision=False, no_target_weight=1.0, cue_overlap_weight=1.0)
     with pytest.raises(ValueError, match="CUE_OVERLAP_WEIGHT.*STEP1"):
         VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT": 1.0, "MODEL.VIPA.VEG.STEP1": False}))
 

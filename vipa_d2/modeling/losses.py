@@ -339,8 +339,8 @@ class VIPACriterion(nn.Module):
         contrastive_cues: str = "all",
         landmark_weight: float = 0.0,
         cue_overlap_weight: float = 0.0,
-        retrieval_ratio: float = 0.3,
-        retrieval_temperature: float = 0.1,
+        retrieval_ratio: Optional[float] = None,
+        retrieval_temperature: Optional[float] = None,
         centre_weight: float = 0.0,
         group_weight: float = 0.0,
         offset_weight: float = 0.0,
@@ -353,6 +353,11 @@ class VIPACriterion(nn.Module):
         if contrastive_cues not in CONTRASTIVE_CUES:
             raise ValueError(
                 f"MODEL.VIPA.LOSS.CONTRASTIVE_CUES must be one of {CONTRASTIVE_CUES}, got {contrastive_cues!r}"
+            )
+        if cue_overlap_weight > 0 and (retrieval_ratio is None or retrieval_temperature is None):
+            raise ValueError(
+                "cue_overlap_weight > 0 compares the sets step 1 retrieves: it needs the VEG's "
+                "retrieval_ratio and retrieval_temperature (MODEL.VIPA.VEG.RATIO / TEMPERATURE)"
             )
         self.contrastive_cues = contrastive_cues
         self.bce_weight = bce_weight
