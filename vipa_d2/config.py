@@ -160,6 +160,11 @@ def add_vipa_config(cfg):
     # Add the projected cue to its E_V token (cue identity): the decoder then knows which
     # word a visual token answers, not just what it looks like.
     cfg.MODEL.VIPA.VEG.CUE_IDENTITY = False
+    # Step 1 ranks tokens for a word by its relevance minus the mean relevance of the
+    # expression's words (the word rows centred per token; [CLS] and one-word expressions
+    # keep their cosine). Off: every word ranks by its own cosine, and tokens that all words
+    # find relevant (the objects) end up in every word's set.
+    cfg.MODEL.VIPA.VEG.CENTRE_WORDS = False
 
     # Pixel decoder (multi-scale, plain convolutions: no custom CUDA ops).
     cfg.MODEL.VIPA.PIXEL_DECODER = CN()

@@ -7,7 +7,7 @@ import torch
 from common import make_cfg
 from vipa_d2.modeling.attention import MultiHeadAttention, set_fused_attention, sine_position_encoding
 from vipa_d2.modeling.sampler import differentiable_topk, num_retrieved
-from vipa_d2.modeling.veg import VisualExpressionGenerator, linguistic_cue_mask
+from vipa_d2.modeling.veg import VisualExpressionGenerator, centre_word_relevance, linguistic_cue_mask
 
 HIDDEN, TEXT_DIM, VIS_CH = 32, 24, 40
 
@@ -161,10 +161,10 @@ def test_dynamic_masked_cross_attention_only_sees_retrieved_tokens():
     visual, text, attn = veg_inputs(b=1)
     fv = veg.visual_norm(veg.visual_proj(visual).flatten(2).transpose(1, 2))
     cues = veg.cue_norm(veg.cue_proj(text))
-    relevance, mask, support = veg.retrieve(cues, fv, torch.ones(1, fv.shape[1], dtype=torch.bool))
+    cue_valid = linguistic_cue_mask(attn, True, True)
+    relevance, mask, support = veg.retrieve(cues, fv, torch.ones(1, fv.shape[1], dtype=torch.bool), cue_valid)
     queries = veg.aggregate(relevance, mask, support, fv)
     pos = sine_position_encoding(6, 5, HIDDEN)[None]
-    cue_valid = linguistic_cue_mask(attn, True, True)
 
     def run(tokens):
         return veg.refine(queries, tokens, pos, support, mask, cue_valid)[0][0, 0]
@@ -178,6 +178,31 @@ def test_dynamic_masked_cross_attention_only_sees_retrieved_tokens():
     perturbed = fv.clone()
     perturbed[0, inside] += 3.0
     assert not torch.allclose(run(perturbed), base, atol=1e-3)
+
+
+def test_centred_words_rank_what_they_like_more_than_the_other_words():
+    torch.manual_seed(0)
+    visual, text, attn = veg_inputs()
+    attn[1, 3:] = 0  # sample 1: [CLS] w [SEP], a one-word expression
+    attn[1, 2] = 1
+    cues = linguistic_cue_mask(attn, True, True)
+    plain, centred = build_veg(), build_veg(CENTRE_WORDS=True)
+    centred.load_state_dict(plain.state_dict())
+    out, out_c = plain.eval()(visual, text, cues), centred.eval()(visual, text, cues)
+    cosine, rel = out["relevance"], out_c["relevance"]
+    # Sample 0's four words: each row is its cosine minus the words' mean, so the word rows
+    # sum to zero on every token; [CLS] keeps its cosine, and so does the lone word of sample 1.
+    words = slice(1, 5)
+    assert torch.allclose(rel[0, words], cosine[0, words] - cosine[0, words].mean(0), atol=1e-6)
+    assert torch.allclose(rel[0, words].sum(0), torch.zeros(30), atol=1e-5)
+    assert torch.equal(rel[:, 0], cosine[:, 0]) and torch.equal(rel[1, 1], cosine[1, 1])
+    # Retrieval follows the centred rows: a token every word likes equally is no word's pick.
+    k = out_c["retrieval_mask"][0, 1].sum().int()
+    assert torch.equal(out_c["retrieval_mask"][0, 1].bool(), torch.zeros(30, dtype=torch.bool).scatter(0, rel[0, 1].topk(k).indices, True))
+    shared = torch.randn(1, 1, 30) * 5.0  # a component common to every word
+    moved = cosine.clone()
+    moved[0, words] += shared[0]
+    assert torch.allclose(centre_word_relevance(moved, cues)[0, words], rel[0, words], atol=1e-5)
 
 
 def test_veg_gradient_reaches_relevance_through_the_mask():
@@ -214,7 +239,7 @@ def test_step_switches_change_the_computation():
     assert not hasattr(veg, "cross_attn") and len(list(veg.children())) == 5
     out = veg(visual, text, cues)
     fv = veg.visual_norm(veg.visual_proj(visual).flatten(2).transpose(1, 2))
-    rel, mask, support = veg.retrieve(veg.cue_norm(veg.cue_proj(text)), fv, torch.ones(2, 30, dtype=torch.bool))
+    rel, mask, support = veg.retrieve(veg.cue_norm(veg.cue_proj(text)), fv, torch.ones(2, 30, dtype=torch.bool), cues)
     assert torch.equal(out["visual_expression"], veg.aggregate(rel, mask, support, fv))
 
     # STEP1 off: no relevance; all tokens are attended to (M = 1), cross-attention weights exposed.

@@ -45,6 +45,23 @@ def linguistic_cue_mask(attention_mask: torch.Tensor, global_cue: bool, local_cu
     return cues & valid
 
 
+def centre_word_relevance(relevance: torch.Tensor, cue_valid: torch.Tensor) -> torch.Tensor:
+    """
+    ``relevance`` (B, T, N) with each word row replaced by its difference from the mean word
+    row of its expression, so that a word ranks the tokens it is MORE relevant to than the
+    expression's words on average, not the tokens every word likes. [CLS] (row 0) keeps its
+    cosine (the contrastive loss pins it to the target), and so does the word of a one-word
+    expression, which has nothing to be compared with (its difference would be all zeros).
+    """
+    words = cue_valid.clone()
+    words[:, 0] = False
+    count = words.sum(dim=1)
+    weight = words.to(relevance.dtype)[..., None]
+    mean = (relevance * weight).sum(dim=1, keepdim=True) / count.clamp(min=1)[:, None, None]
+    centred = words & (count >= 2)[:, None]
+    return torch.where(centred[..., None], relevance - mean, relevance)
+
+
 class CueSharingLayer(nn.Module):
     """Self-attention among the cue tokens (absent cues masked as keys) + FFN."""
 
@@ -89,6 +106,7 @@ class VisualExpressionGenerator(nn.Module):
         dropout: float,
         position_in_values: bool = False,
         cue_identity: bool = False,
+        centre_words: bool = False,
     ):
         super().__init__()
         if not (step1 or step2):
@@ -103,6 +121,7 @@ class VisualExpressionGenerator(nn.Module):
         self.step1, self.step2 = step1, step2
         self.ratio, self.sampler, self.temperature, self.gumbel_noise = ratio, sampler, temperature, gumbel_noise
         self.position_in_values, self.cue_identity = position_in_values, cue_identity
+        self.centre_words = centre_words
 
         self.visual_proj = nn.Conv2d(visual_channels, hidden_dim, kernel_size=1)
         self.visual_norm = nn.LayerNorm(hidden_dim)
@@ -137,15 +156,18 @@ class VisualExpressionGenerator(nn.Module):
             "dropout": veg.DROPOUT,
             "position_in_values": veg.POSITION_IN_VALUES,
             "cue_identity": veg.CUE_IDENTITY,
+            "centre_words": veg.CENTRE_WORDS,
         }
 
-    def retrieve(self, cues: torch.Tensor, fv: torch.Tensor, token_valid: torch.Tensor):
+    def retrieve(self, cues: torch.Tensor, fv: torch.Tensor, token_valid: torch.Tensor, cue_valid: torch.Tensor):
         """
         Step 1 on projected cues (B, T, C) and visual tokens (B, N, C): cosine relevance
-        (B, T, N), the retrieval mask M (float, carries the sampler's gradient) and its
-        support (bool, exactly N_p tokens per cue).
+        (B, T, N; word rows centred with ``centre_words``), the retrieval mask M (float,
+        carries the sampler's gradient) and its support (bool, exactly N_p tokens per cue).
         """
         relevance = torch.einsum("btc,bnc->btn", F.normalize(cues, dim=-1), F.normalize(fv, dim=-1))
+        if self.centre_words:
+            relevance = centre_word_relevance(relevance, cue_valid)
         mask, support = differentiable_topk(
             relevance,
             num_retrieved(token_valid.sum(dim=1), self.ratio),
@@ -203,7 +225,7 @@ class VisualExpressionGenerator(nn.Module):
         values = fv + pos if self.position_in_values else fv
 
         if self.step1:
-            relevance, mask, support = self.retrieve(cues, fv, token_valid)
+            relevance, mask, support = self.retrieve(cues, fv, token_valid, cue_valid)
             queries = self.aggregate(relevance, mask, support, values)
             if self.cue_identity:
                 queries = queries + cues
