@@ -335,7 +335,9 @@ def add_vipa_config(cfg):
     # target. 0 turns it off: then nothing but the mask loss keeps two words from retrieving
     # the same tokens. Needs VEG.STEP1. Off because 1.0 on the tiny config (seeds 1 / 2) did
     # not lower the overlap (the loss stayed at ~0.37; the val cue Jaccard rose 0.55 → 0.66,
-    # 0.60 → 0.68) and cost val −3.4 / −1.3 oIoU (docs/benchmarks/EXPERIMENTS.md, session 32).
+    # 0.60 → 0.68, the word pairs' to 0.77 / 0.81) and cost val −3.4 / −1.3 oIoU: it flattened
+    # the word rows (relevance std 0.18 → 0.08), which lowers a soft Jaccard without parting
+    # the hard sets (docs/benchmarks/EXPERIMENTS.md, sessions 32 / 33).
     cfg.MODEL.VIPA.LOSS.CUE_OVERLAP_WEIGHT = 0.0
     # Weight of the object-centre loss of DECODER.COUNT_CENTRES (binary cross-entropy
     # against a Gaussian of one grid cell at every object's box centre, per object).
