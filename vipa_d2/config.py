@@ -163,7 +163,8 @@ def add_vipa_config(cfg):
     # Step 1 ranks tokens for a word by its relevance minus the mean relevance of the
     # expression's words (the word rows centred per token; [CLS] and one-word expressions
     # keep their cosine). Off: every word ranks by its own cosine, and tokens that all words
-    # find relevant (the objects) end up in every word's set.
+    # find relevant (the objects) end up in every word's set. configs/Base-VIPA.yaml turns it
+    # on (docs/benchmarks/EXPERIMENTS.md, session 33).
     cfg.MODEL.VIPA.VEG.CENTRE_WORDS = False
 
     # Pixel decoder (multi-scale, plain convolutions: no custom CUDA ops).
