@@ -7,7 +7,13 @@ import torch
 from common import make_cfg
 from vipa_d2.modeling.attention import MultiHeadAttention, set_fused_attention, sine_position_encoding
 from vipa_d2.modeling.sampler import differentiable_topk, num_retrieved
-from vipa_d2.modeling.veg import VisualExpressionGenerator, centre_word_relevance, linguistic_cue_mask
+from vipa_d2.modeling.veg import (
+    VisualExpressionGenerator,
+    centre_word_relevance,
+    global_cue_mask,
+    linguistic_cue_mask,
+    word_cue_mask,
+)
 
 HIDDEN, TEXT_DIM, VIS_CH = 32, 24, 40
 
@@ -83,6 +89,15 @@ def test_linguistic_cues_exclude_padding_and_sep():
     assert linguistic_cue_mask(attn, False, True).long().tolist() == [[0, 1, 1, 1, 0, 0, 0], [0, 1, 0, 0, 0, 0, 0]]
     with pytest.raises(ValueError, match="GLOBAL_CUE and MODEL.VIPA.VEG.LOCAL_CUES"):
         linguistic_cue_mask(attn, False, False)
+
+
+def test_word_and_global_cue_masks_split_a_cue_mask():
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 0, 0, 0, 0]])
+    for global_cue, local_cues in ((True, True), (True, False), (False, True)):
+        cues = linguistic_cue_mask(attn, global_cue, local_cues)
+        assert torch.equal(word_cue_mask(cues), linguistic_cue_mask(attn, False, True) & cues)
+        assert torch.equal(global_cue_mask(cues), linguistic_cue_mask(attn, True, False) & cues)
+        assert torch.equal(word_cue_mask(cues) | global_cue_mask(cues), cues)
 
 
 # ----------------------------------------------------------------- attention

@@ -17,6 +17,7 @@ from torch import nn
 from detectron2.config import configurable
 
 from .sampler import differentiable_topk, num_retrieved
+from .veg import global_cue_mask, word_cue_mask
 
 # Cues whose relevance the pixel contrastive loss supervises (MODEL.VIPA.LOSS.CONTRASTIVE_CUES).
 CONTRASTIVE_CUES = ("global", "all")
@@ -507,9 +508,7 @@ class VIPACriterion(nn.Module):
             token_target = area_downsample(gt, relevance_grid).flatten(1)
             supervised = cue_valid
             if self.contrastive_cues == "global":
-                # Only the [CLS] row (position 0, see linguistic_cue_mask) names the target.
-                supervised = torch.zeros_like(cue_valid)
-                supervised[:, 0] = cue_valid[:, 0]
+                supervised = global_cue_mask(cue_valid)  # only the [CLS] row names the target
             landmark_rows = None
             if self.landmark_weight > 0:
                 # The text may be trimmed to the batch's longest expression (relevance's T).
@@ -524,10 +523,8 @@ class VIPACriterion(nn.Module):
                     relevance, landmark_rows, landmark_target, token_valid, self.contrastive_temperature
                 )
         if relevance is not None and self.cue_overlap_weight > 0:
-            words = cue_valid.clone()
-            words[:, 0] = False  # [CLS] (see linguistic_cue_mask)
             losses["loss_cue_overlap"] = self.cue_overlap_weight * cue_overlap_loss(
-                relevance, words, token_valid, self.retrieval_ratio, self.retrieval_temperature
+                relevance, word_cue_mask(cue_valid), token_valid, self.retrieval_ratio, self.retrieval_temperature
             )
         if self.centre_weight > 0:
             for i, logits in enumerate(centre_logits):

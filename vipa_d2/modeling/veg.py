@@ -45,6 +45,18 @@ def linguistic_cue_mask(attention_mask: torch.Tensor, global_cue: bool, local_cu
     return cues & valid
 
 
+def word_cue_mask(cue_valid: torch.Tensor) -> torch.Tensor:
+    """The local (word) cues of a ``linguistic_cue_mask``: every cue but [CLS] (position 0)."""
+    words = cue_valid.clone()
+    words[:, 0] = False
+    return words
+
+
+def global_cue_mask(cue_valid: torch.Tensor) -> torch.Tensor:
+    """The global cue of a ``linguistic_cue_mask``: [CLS] where it is a cue, no word."""
+    return cue_valid & ~word_cue_mask(cue_valid)
+
+
 def centre_word_relevance(relevance: torch.Tensor, cue_valid: torch.Tensor) -> torch.Tensor:
     """
     ``relevance`` (B, T, N) with each word row replaced by its difference from the mean word
@@ -53,8 +65,7 @@ def centre_word_relevance(relevance: torch.Tensor, cue_valid: torch.Tensor) -> t
     cosine (the contrastive loss pins it to the target), and so does the word of a one-word
     expression, which has nothing to be compared with (its difference would be all zeros).
     """
-    words = cue_valid.clone()
-    words[:, 0] = False
+    words = word_cue_mask(cue_valid)
     count = words.sum(dim=1)
     weight = words.to(relevance.dtype)[..., None]
     mean = (relevance * weight).sum(dim=1, keepdim=True) / count.clamp(min=1)[:, None, None]
