@@ -55,8 +55,8 @@ def main(args):
 
 
 def invoke_main() -> None:
+    # default_setup logs the arguments once the logger exists.
     args = default_argument_parser().parse_args()
-    print("Command Line Args:", args)
     launch(
         main,
         args.num_gpus,
