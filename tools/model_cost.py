@@ -3,7 +3,8 @@
 Cost and speed of a VIPA config on this CPU: parameters and fvcore multiply-adds per
 module (random weights); optionally CPU time per module (--time), inference latency per
 batch (--batches), a training step (--train-batch) and the real evaluation path of a
-checkpoint (--eval-weights: test loader, mapper, model, evaluator). Timings are medians of
+checkpoint (--eval-weights: test loader, mapper, model, evaluator). Every model is built as
+the trainer builds it, with the config's runtime options (layout, compilation). Timings are medians of
 --repeats calls, wall and CPU time; every case (also under each ``--alt "KEY VALUE ..."``)
 runs round-robin, one call at a time, so machine noise hits them alike.
 MODEL.KEEP_FREED_HOST_MEMORY is process-wide: it is taken from the config and opts, not
@@ -25,7 +26,6 @@ import time
 import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
-from detectron2.modeling import build_model
 from tabulate import tabulate
 
 from vipa_d2 import get_vipa_cfg
@@ -71,6 +71,13 @@ def setup_cfg(args, opts, tmpdir):
     return cfg
 
 
+def build_as_trained(cfg):
+    """The model as the trainer, evaluator and predictor run it: ``build_model`` leaves the
+    runtime options (``MODEL.CHANNELS_LAST``, ``TEST.COMPILE_BACKBONE``) unapplied, and
+    the tiny config's NHWC layout changes which parts of a step cost the most."""
+    return ReferringTrainer.build_model(cfg)
+
+
 def interleaved(cases, repeats, warmup):
     """{label: medians of wall and CPU seconds} of ``cases`` ({label: fn}) run round-robin."""
     for fn in list(cases.values()) * warmup:
@@ -95,7 +102,7 @@ def speed_cases(label, cfg, model, batches, train_batch):
         mask = torch.zeros(size, size, dtype=torch.uint8)
         mask[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = 1  # a centred square target
         box = torch.tensor([[size / 4, size / 4, 3 * size / 4, 3 * size / 4]])  # the image's one object
-        net = build_model(cfg).train()
+        net = build_as_trained(cfg).train()
         # ... which is in the referent's group (what the object choice trains on), with its
         # area (what the size ranks' area head trains on).
         target = {"gt_mask": mask, "empty": False, "object_boxes": box, "object_in_group": torch.tensor([True]),
@@ -138,7 +145,7 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmpdir:
         for alt in [""] + args.alt:
             cfg = setup_cfg(args, alt.split(), tmpdir)
-            model = build_model(cfg).eval()
+            model = build_as_trained(cfg).eval()
             label = alt or "config"
             if not alt:  # the cost table and the process settings are the config's own
                 result["keep_freed_host_memory"] = cfg.MODEL.KEEP_FREED_HOST_MEMORY and keep_freed_host_memory()

@@ -625,9 +625,15 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
 def test_model_cost_times_a_training_step_of_the_tiny_config():
     # tools/model_cost.py --train-batch: its made-up batch must carry every input the tiny
     # config's losses need (the object choice trains on object_in_group).
-    speed_cases = load_script("tools/model_cost.py").speed_cases
+    tool = load_script("tools/model_cost.py")
     cfg = make_cfg(*SMALL, config_file=TINY_CONFIG)
-    cases = speed_cases("config", cfg, build_model(cfg), batches=[], train_batch=2)
+    # It times the model in the layout the trainer runs (NHWC here): built by build_model
+    # alone, NCHW, a step's depthwise backward costs 2-4 times more (session 35).
+    model = tool.build_as_trained(cfg)
+    assert cfg.MODEL.CHANNELS_LAST and model.channels_last
+    conv = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last) and not conv.weight.is_contiguous()
+    cases = tool.speed_cases("config", cfg, model, batches=[], train_batch=2)
     assert list(cases) == ["config | train | batch 2"]
     cases["config | train | batch 2"]()
 
