@@ -148,6 +148,7 @@ def test_type_and_landmark_reach_refer_sentences_and_records(tmp_path):
         {"text": "the cup left of the apple", "targets": [1], "type": "relation",
          "landmark": 3, "landmark_phrase": "apple"},
         {"text": "the right cup", "targets": ["b"], "type": "position", "group": [1, "b"]},
+        {"text": "the thing on the left", "targets": [1]},
     ]
     paths = convert_simple_json(_write(tmp_path, data), str(tmp_path / "root" / "mine"))
     with open(paths["refs"], "rb") as f:
@@ -175,6 +176,10 @@ def test_type_and_landmark_reach_refer_sentences_and_records(tmp_path):
         annotations_to_mask([rel["landmark"]["annotation"]], H, W),
         annotations_to_mask(recs["the apple"]["annotations"], H, W),
     )
+    # A one-target sentence naming its target's category carries that name (the mapper
+    # looks up its first occurrence); one that does not name it carries none.
+    assert rel["target_phrase"] == "cup" and recs["the apple"]["target_phrase"] == "apple"
+    assert "target_phrase" not in recs["the thing on the left"]
     assert recs["the right cup"]["type"] == "position" and "landmark" not in recs["the right cup"]
     assert recs["the right cup"]["object_in_group"] == [True, True, False]  # cups, not the apple
     assert not {"type", "landmark"} & set(recs["left cup"])

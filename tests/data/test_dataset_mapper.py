@@ -220,6 +220,7 @@ def _landmark_record(file_name, sentence="the box left of the red box"):
 def test_test_mode_carries_type_landmark_mask_and_tokens(tmp_path, tokenizer):
     write_image(tmp_path / "a.png")
     rec = _landmark_record(tmp_path / "a.png")
+    rec["target_phrase"] = "box"
     before = copy.deepcopy(rec)
     out = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.MAX_TEXT_LEN", 12), is_train=False)(rec)
     assert rec == before
@@ -231,9 +232,13 @@ def test_test_mode_carries_type_landmark_mask_and_tokens(tmp_path, tokenizer):
     assert tokens.dtype == torch.bool and tuple(tokens.shape) == (12,)
     words = tokenizer.convert_ids_to_tokens(out["input_ids"][tokens].tolist())
     assert words == ["red", "box"]  # the last "box": the landmark's, not the target's
+    # The target's name is its first occurrence: "the [box] left of the red box".
+    named = out["target_tokens"]
+    assert named.dtype == torch.bool and named.nonzero().flatten().tolist() == [2]
+    assert tokenizer.convert_ids_to_tokens(out["input_ids"][named].tolist()) == ["box"]
     # Training never needs them.
     train = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)(rec)
-    assert not {"type", "landmark_mask", "landmark_tokens"} & set(train)
+    assert not {"type", "landmark_mask", "landmark_tokens", "target_tokens"} & set(train)
 
 
 def test_landmark_tokens_truncated_or_missing_phrase(tmp_path):

@@ -295,6 +295,10 @@ def retrieval_samples():
     inputs[1].update(landmark_mask=landmark, landmark_tokens=tokens(3))
     # 3: landmark token 1 retrieves the whole image.
     inputs[3].update(landmark_mask=landmark, landmark_tokens=tokens(1))
+    # The target's name: token 1 of sample 0 (position 2 is its other word), of sample 1
+    # (no other word cue: no pair of shares) and of sample 2 (not a cue).
+    for i in (0, 1, 2):
+        inputs[i]["target_tokens"] = tokens(1)
     cues = torch.tensor([True, True, True, False])
     outputs = [
         # A = rows 0-1 x cols 0-1, B = rows 0-1 x cols 0-3, C = rows 2-3 x cols 0-2; the
@@ -325,9 +329,14 @@ def test_retrieval_report_hand_computed(tmp_path):
     # Landmark cues, pooled: sample 0 retrieves B (8 px, 4 on the target) + C (6 px, all on
     # the landmark) -> 6/14 on the landmark, 4/14 on the target; sample 3 the whole image
     # -> 8/16 and 4/16. Sample 1 has no landmark cue.
+    # Target name: sample 0's token 1 retrieves B (4 of 8 px on the target), its other word
+    # C (none of 6); samples 1 and 2 give no pair.
     expected = {
         "cue_jaccard": 100.0 * sum(jaccards) / 3,
         "cue_jaccard_samples": 3,
+        "target_name_on_target": 50.0,
+        "other_words_on_target": 0.0,
+        "target_samples": 1,
         "landmark_on_landmark": 100.0 * (6 / 14 + 8 / 16) / 2,
         "landmark_on_target": 100.0 * (4 / 14 + 4 / 16) / 2,
         "landmark_samples": 2,
@@ -343,12 +352,15 @@ def test_retrieval_report_hand_computed(tmp_path):
     assert [r.get("landmark_cues") for r in rows] == [2, 0, None, 1]
     assert [r.get("landmark_on_landmark") for r in rows] == pytest.approx([6 / 14, None, None, 0.5])
     assert [r.get("landmark_on_target") for r in rows] == pytest.approx([4 / 14, None, None, 0.25])
+    assert [r.get("target_cues") for r in rows] == [1, 1, 0, None]
+    assert [r.get("target_name_on_target") for r in rows] == [0.5, None, None, None]
+    assert [r.get("other_words_on_target") for r in rows] == [0.0, None, None, None]
 
 
 def test_retrieval_without_types_or_landmarks():
     inputs, outputs = retrieval_samples()
     for inp in inputs:
-        for key in ("type", "landmark_mask", "landmark_tokens"):
+        for key in ("type", "landmark_mask", "landmark_tokens", "target_tokens"):
             inp.pop(key, None)
     evaluator = ReferringEvaluator(PLAIN, distributed=False)
     evaluator.process(inputs, outputs)
@@ -382,7 +394,7 @@ def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
     # One row per type (the dataset named on the first), then the retrieval numbers.
     assert re.search(rf"\|\s*{PLAIN}\s*\|\s*colour\s*\|\s*1\s*\|\s*100\.00", by_type)
     assert re.search(r"\|\s*\|\s*relation\s*\|\s*3\s*\|", by_type)
-    cells = [PLAIN, "40.97", "3", "46.43", "26.79", "2"]  # see test_retrieval_report_hand_computed
+    cells = [PLAIN, "40.97", "3", "50.00", "0.00", "1", "46.43", "26.79", "2"]  # see test_retrieval_report_hand_computed
     assert re.search(r"\|\s*" + r"\s*\|\s*".join(cells) + r"\s*\|", retrieval), retrieval
     assert main_job.format_sections(main_job.read_results(str(tmp_path / "none"), [PLAIN])) == ""
 
@@ -393,4 +405,4 @@ def test_retrieval_means_over_no_sample_are_left_out():
     evaluator = ReferringEvaluator(PLAIN, distributed=False)
     one_cue = torch.tensor([True, False, False, False])
     evaluator.process([inputs[2], inputs[1]], [outputs[2], dict(outputs[1], cue_valid=one_cue)])
-    assert evaluator.evaluate()["retrieval"] == {"cue_jaccard_samples": 0, "landmark_samples": 0}
+    assert evaluator.evaluate()["retrieval"] == {"cue_jaccard_samples": 0, "target_samples": 0, "landmark_samples": 0}

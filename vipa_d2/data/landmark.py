@@ -1,9 +1,10 @@
 """
 Optional per-expression annotations used to break results down (training reads the
 landmark only under ``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0): an expression ``type``
-("relation", "colour", ...) and, for a relation, its landmark: the object the target is
-described relative to and the phrase naming it, e.g. "the circle above the red star" ->
-landmark phrase "red star".
+("relation", "colour", ...); the words naming the target's category (``target_phrase``,
+e.g. "circle"); and, for a relation, its landmark: the object the target is described
+relative to and the phrase naming it, e.g. "the circle above the red star" -> landmark
+phrase "red star".
 """
 
 import re
@@ -17,17 +18,18 @@ from .masks import annotations_to_mask, augmented_mask
 __all__ = ["find_phrase", "phrase_token_mask", "breakdown_inputs", "landmark_training_inputs"]
 
 
-def find_phrase(text: str, phrase: str) -> Optional[Tuple[int, int]]:
+def find_phrase(text: str, phrase: str, first: bool = False) -> Optional[Tuple[int, int]]:
     """
-    Character span [start, end) of the LAST whole-word, case-insensitive occurrence of
-    ``phrase`` in ``text``, or None. The last one because a relation names its landmark
-    after the target ("the cup left of the cup" -> the second "cup").
+    Character span [start, end) of the LAST (``first``: the first) whole-word,
+    case-insensitive occurrence of ``phrase`` in ``text``, or None. A relation names its
+    target before its landmark ("the cup left of the cup"): the landmark phrase is the last
+    occurrence, the target's name the first.
     """
     if not phrase.strip():
         return None
     pattern = r"(?<!\w)" + re.escape(phrase) + r"(?!\w)"
     matches = list(re.finditer(pattern, text, flags=re.IGNORECASE))
-    return matches[-1].span() if matches else None
+    return matches[0 if first else -1].span() if matches else None
 
 
 def phrase_token_mask(tokenizer, text: str, span: Tuple[int, int], max_len: int) -> torch.Tensor:
@@ -58,26 +60,30 @@ def phrase_token_mask(tokenizer, text: str, span: Tuple[int, int], max_len: int)
 
 def breakdown_inputs(record: Dict, sentence: str, tokenizer, max_len: int) -> Dict:
     """
-    The test mapper's extra fields for a record carrying them: ``type``, and for a
-    landmark ``landmark_mask`` (uint8, original height x width, rasterized like the
-    target) and ``landmark_tokens`` (bool, max_len). The phrase is looked up in
-    ``sentence`` as the model reads it: a text from elsewhere (the shuffled-expression
-    control) that does not contain it marks no token.
+    The test mapper's extra fields for a record carrying them: ``type``; for a
+    ``target_phrase`` (the words naming the target's category) ``target_tokens`` (bool,
+    max_len, their first occurrence); for a landmark ``landmark_mask`` (uint8, original
+    height x width, rasterized like the target) and ``landmark_tokens`` (bool, max_len).
+    Phrases are looked up in ``sentence`` as the model reads it: a text from elsewhere (the
+    shuffled-expression control) that does not contain one marks no token.
     """
     out = {}
     if "type" in record:
         out["type"] = record["type"]
+    if "target_phrase" in record:
+        out["target_tokens"] = _phrase_tokens(tokenizer, sentence, record["target_phrase"], max_len, first=True)
     landmark = record.get("landmark")
     if landmark is not None:
         h, w = record["height"], record["width"]
         out["landmark_mask"] = torch.as_tensor(annotations_to_mask([landmark["annotation"]], h, w))
-        out["landmark_tokens"] = _landmark_tokens(tokenizer, sentence, landmark["phrase"], max_len)
+        out["landmark_tokens"] = _phrase_tokens(tokenizer, sentence, landmark["phrase"], max_len)
     return out
 
 
-def _landmark_tokens(tokenizer, sentence: str, phrase: str, max_len: int) -> torch.Tensor:
-    """bool (max_len,): the tokens of ``phrase`` in ``sentence``; none when it is not there."""
-    span = find_phrase(sentence, phrase)
+def _phrase_tokens(tokenizer, sentence: str, phrase: str, max_len: int, first: bool = False) -> torch.Tensor:
+    """bool (max_len,): the tokens of ``phrase`` in ``sentence`` (its last occurrence, or the
+    first with ``first``); none when it is not there."""
+    span = find_phrase(sentence, phrase, first=first)
     if span is None:
         return torch.zeros(max_len, dtype=torch.bool)
     return phrase_token_mask(tokenizer, sentence, span, max_len)
@@ -97,4 +103,4 @@ def landmark_training_inputs(record: Dict, transforms, out_hw, sentence: str, to
         return {"landmark_mask": torch.zeros(out_hw, dtype=torch.uint8),
                 "landmark_tokens": torch.zeros(max_len, dtype=torch.bool)}
     return {"landmark_mask": torch.as_tensor(augmented_mask([landmark["annotation"]], transforms, out_hw)),
-            "landmark_tokens": _landmark_tokens(tokenizer, sentence, landmark["phrase"], max_len)}
+            "landmark_tokens": _phrase_tokens(tokenizer, sentence, landmark["phrase"], max_len)}

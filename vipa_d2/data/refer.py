@@ -74,7 +74,9 @@ def _load_refs(path: str, generalized: bool) -> List:
 
 
 def _load_instances(path: str):
-    """{image id: image}, {ann id: ann}; entries without a usable id make the file unreadable."""
+    """{image id: image}, {ann id: ann}, {category id: name}; images and annotations without
+    a usable id make the file unreadable. Categories are optional (they only name targets
+    for the retrieval report): one without an id or a name is not used."""
     data = check.read_json_file(path)
     if not isinstance(data, dict):
         raise data_error(
@@ -100,7 +102,13 @@ def _load_instances(path: str):
                 )
             table[entry["id"]] = entry
         tables.append(table)
-    return tables
+    categories = data.get("categories")
+    names = {
+        c["id"]: c["name"].strip()
+        for c in (categories if isinstance(categories, list) else [])
+        if isinstance(c, dict) and check.valid_id(c.get("id")) and isinstance(c.get("name"), str) and c["name"].strip()
+    }
+    return (*tables, names)
 
 
 class _InvalidRefPolicy:
@@ -323,6 +331,8 @@ def load_refer_dicts(
         original image coordinates, empty with ``empty=True`` for no-target expressions).
         A sentence with the optional breakdown fields adds ``type`` and ``landmark``
         ({"ann_id", "phrase", "annotation"}: the landmark object as a record annotation).
+        A sentence of a one-target ref that names the target's category (its name in
+        instances.json's ``categories``, as whole words) adds ``target_phrase``: that name.
         Every record has ``object_boxes``: XYWH_ABS boxes of all annotated objects of its
         image, targets or not, and, where each of those annotations has a usable "area",
         ``object_areas`` (their areas in pixels, in the same order). A sentence with
@@ -337,7 +347,7 @@ def load_refer_dicts(
     _require_file(inst_path, layout)
     policy = _InvalidRefPolicy(invalid, refs_path)
     refs = _load_refs(refs_path, generalized)
-    images, anns = _load_instances(inst_path)
+    images, anns, category_names = _load_instances(inst_path)
 
     # Refs of the split, every ref's structure checked first (its split must be readable
     # to know whether it is in the split).
@@ -421,7 +431,12 @@ def load_refer_dicts(
             notes["records whose image has an object box without a usable 'area' (no object_areas)"] += 1
         else:
             base["object_areas"] = areas
+        # The retrieval report asks whether the word naming a single target retrieves it.
+        category = anns[ann_ids[0]].get("category_id") if len(ann_ids) == 1 else None
+        name = category_names.get(category) if check.valid_id(category) else None
         for raw, sent_id, extra in sentences:
+            if name is not None and find_phrase(raw, name, first=True) is not None:
+                extra = dict(extra, target_phrase=name)
             if "group_ann_ids" in extra:
                 group = set(extra["group_ann_ids"])
                 extra = {k: v for k, v in extra.items() if k != "group_ann_ids"}

@@ -5,10 +5,13 @@ the model provide what they need (otherwise nothing changes):
 * **per expression type** (records with a ``type``, e.g. the synthetic benchmark):
   oIoU / mIoU / Prec@0.5 of each type, under the ``refer_by_type`` results key;
 * **retrieval report** (model outputs with ``retrieved`` / ``cue_valid``, i.e. a VEG with
-  step 1): how much the cues' retrieved visual tokens overlap (mean pairwise Jaccard), and,
-  for expressions with a landmark (``landmark_mask`` / ``landmark_tokens``), where the
-  landmark phrase's cues look: the share of their retrieved area on the landmark object
-  and on the target. Under the ``retrieval`` results key.
+  step 1): how much the cues' retrieved visual tokens overlap (mean pairwise Jaccard); for
+  expressions naming their target's category (``target_tokens``), the share of the
+  retrieved area of that name's cues on the target, beside the same share for the
+  expression's other words; and, for expressions with a landmark (``landmark_mask`` /
+  ``landmark_tokens``), where the landmark phrase's cues look: the share of their
+  retrieved area on the landmark object and on the target. Under the ``retrieval`` results
+  key.
 
 All values are percentages; a mean over no sample is left out (its count is 0). The
 per-sample numbers are computed in :func:`sample_fields` (no mask is kept), the rest
@@ -22,6 +25,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 from tabulate import tabulate
 
+from vipa_d2.modeling.veg import word_cue_mask
+
 logger = logging.getLogger(__name__)
 
 __all__ = [
@@ -30,6 +35,7 @@ __all__ = [
     "TYPE_METRICS",
     "sample_fields",
     "cue_jaccard",
+    "area_share",
     "landmark_shares",
     "summarize",
     "flatten_sections",
@@ -45,15 +51,18 @@ RETRIEVAL_KEY = "retrieval"
 TYPE_METRICS = ("oIoU", "mIoU", "Prec@0.5")
 # What the retrieval report's numbers are (the caption of its tables).
 RETRIEVAL_CAPTION = (
-    "percent; cue Jaccard: mean pairwise Jaccard of the cues' retrieved tokens; landmark cues: share "
-    "of the landmark phrase's retrieved area on the landmark object / on the target"
+    "percent; cue Jaccard: mean pairwise Jaccard of the cues' retrieved tokens; target name: share "
+    "of the retrieved area of the words naming the target's category on the target / the same for "
+    "the expression's other words; landmark cues: share of the landmark phrase's retrieved area on "
+    "the landmark object / on the target"
 )
-_RETRIEVAL_COLUMNS = (
-    ("cue_jaccard", "cue Jaccard"),
-    ("cue_jaccard_samples", "samples"),
-    ("landmark_on_landmark", "landmark cues on landmark"),
-    ("landmark_on_target", "on target"),
-    ("landmark_samples", "landmark samples"),
+# Column groups of the retrieval table; a group shows when any dataset has its count.
+_RETRIEVAL_GROUPS = (
+    (("cue_jaccard", "cue Jaccard"), ("cue_jaccard_samples", "samples")),
+    (("target_name_on_target", "target name on target"), ("other_words_on_target", "other words"),
+     ("target_samples", "target samples")),
+    (("landmark_on_landmark", "landmark cues on landmark"), ("landmark_on_target", "on target"),
+     ("landmark_samples", "landmark samples")),
 )
 
 
@@ -75,19 +84,21 @@ def cue_jaccard(retrieved: torch.Tensor) -> Optional[float]:
     return float(jaccard[i, j].mean())
 
 
-def landmark_shares(retrieved: torch.Tensor, landmark: torch.Tensor, target: torch.Tensor):
+def area_share(retrieved: torch.Tensor, region: torch.Tensor) -> Optional[float]:
     """
-    (share on ``landmark``, share on ``target``) of the area retrieved by the K cues
-    ``retrieved`` (bool K x H x W), pooled over the cues (sum of their areas); None when
+    The share of the area retrieved by the K cues ``retrieved`` (bool K x H x W), pooled
+    over the cues (sum of their areas), that lies in ``region`` (bool H x W); None when
     nothing is retrieved.
     """
     total = int(retrieved.sum())
-    if total == 0:
-        return None
-    return (
-        int((retrieved & landmark).sum()) / total,
-        int((retrieved & target).sum()) / total,
-    )
+    return int((retrieved & region).sum()) / total if total else None
+
+
+def landmark_shares(retrieved: torch.Tensor, landmark: torch.Tensor, target: torch.Tensor):
+    """(share on ``landmark``, share on ``target``) of ``retrieved`` (:func:`area_share`);
+    None when nothing is retrieved."""
+    on_landmark = area_share(retrieved, landmark)
+    return None if on_landmark is None else (on_landmark, area_share(retrieved, target))
 
 
 def _check_shape(name: str, value: torch.Tensor, shape, sample_name: str) -> None:
@@ -101,8 +112,10 @@ def _check_shape(name: str, value: torch.Tensor, shape, sample_name: str) -> Non
 def sample_fields(inp: Dict, out: Dict, gt: torch.Tensor, sample_name: str) -> Dict:
     """
     The per-sample values of the breakdowns, for the evaluator's sample dict: ``type``;
-    with ``out["retrieved"]``: ``cues``, ``cue_jaccard`` (None below 2 cues) and, with a
-    landmark, ``landmark_cues`` (landmark-phrase tokens that are cues),
+    with ``out["retrieved"]``: ``cues``, ``cue_jaccard`` (None below 2 cues); with a target
+    name, ``target_cues`` (its tokens that are cues), ``target_name_on_target`` and
+    ``other_words_on_target`` (fractions, both None unless both kinds of word retrieve
+    something); with a landmark, ``landmark_cues`` (landmark-phrase tokens that are cues),
     ``landmark_on_landmark`` / ``landmark_on_target`` (fractions, None without such cues).
     ``gt``: the bool target mask at the resolution of ``retrieved``.
     """
@@ -117,25 +130,38 @@ def sample_fields(inp: Dict, out: Dict, gt: torch.Tensor, sample_name: str) -> D
     t = cue_valid.shape[0]
     _check_shape("retrieved", retrieved, (t, height, width), sample_name)
     retrieved = retrieved.bool()
+    target = gt.to(device=retrieved.device, dtype=torch.bool)
     fields["cues"] = int(cue_valid.sum())
     fields["cue_jaccard"] = cue_jaccard(retrieved[cue_valid])
-    if "landmark_tokens" not in inp:
-        return fields
-    landmark_mask = inp["landmark_mask"]
-    _check_shape("landmark_mask", landmark_mask, (height, width), sample_name)
+    if "target_tokens" in inp:
+        named = _phrase_cues(inp["target_tokens"], cue_valid)
+        others = word_cue_mask(cue_valid[None])[0] & ~named
+        fields["target_cues"] = int(named.sum())
+        shares = (area_share(retrieved[named], target), area_share(retrieved[others], target))
+        if None in shares:
+            shares = (None, None)  # a pair or nothing: the two means cover the same samples
+        fields["target_name_on_target"], fields["other_words_on_target"] = shares
+    if "landmark_tokens" in inp:
+        landmark_mask = inp["landmark_mask"]
+        _check_shape("landmark_mask", landmark_mask, (height, width), sample_name)
+        tokens = _phrase_cues(inp["landmark_tokens"], cue_valid)
+        fields["landmark_cues"] = int(tokens.sum())
+        shares = None
+        if fields["landmark_cues"]:
+            landmark = landmark_mask.to(device=retrieved.device, dtype=torch.bool)
+            shares = landmark_shares(retrieved[tokens], landmark, target)
+        fields["landmark_on_landmark"], fields["landmark_on_target"] = shares or (None, None)
+    return fields
+
+
+def _phrase_cues(given: torch.Tensor, cue_valid: torch.Tensor) -> torch.Tensor:
+    """The cues among a phrase's tokens ``given`` (bool, the mapper's MAX_TEXT_LEN)."""
     # The model may drop trailing padding columns (T <= the mapper's MAX_TEXT_LEN): the
     # positions it kept are the first T.
     tokens = torch.zeros_like(cue_valid)
-    given = inp["landmark_tokens"][:t].to(device=tokens.device, dtype=torch.bool)
+    given = given[: cue_valid.shape[0]].to(device=tokens.device, dtype=torch.bool)
     tokens[: given.shape[0]] = given
-    tokens &= cue_valid
-    fields["landmark_cues"] = int(tokens.sum())
-    shares = None
-    if fields["landmark_cues"]:
-        landmark = landmark_mask.to(device=retrieved.device, dtype=torch.bool)
-        shares = landmark_shares(retrieved[tokens], landmark, gt.to(retrieved.device))
-    fields["landmark_on_landmark"], fields["landmark_on_target"] = shares or (None, None)
-    return fields
+    return tokens & cue_valid
 
 
 def _mean_percent(values: List[float]) -> float:
@@ -164,6 +190,12 @@ def _retrieval(samples: List[Dict]) -> "OrderedDict":
     if jaccards:
         out["cue_jaccard"] = _mean_percent(jaccards)
     out["cue_jaccard_samples"] = len(jaccards)
+    if any("target_cues" in s for s in samples):
+        scored = [s for s in samples if s.get("target_name_on_target") is not None]
+        if scored:
+            for key in ("target_name_on_target", "other_words_on_target"):
+                out[key] = _mean_percent([s[key] for s in scored])
+        out["target_samples"] = len(scored)
     if any("landmark_cues" in s for s in samples):
         scored = [s for s in samples if s.get("landmark_on_landmark") is not None]
         if scored:
@@ -217,12 +249,15 @@ def format_by_type(by_dataset: Dict[str, Dict]) -> str:
 
 def format_retrieval(by_dataset: Dict[str, Dict]) -> str:
     """A table of the retrieval reports, {dataset name: retrieval section}."""
-    keys = [k for k, _ in _RETRIEVAL_COLUMNS]
-    if not any("landmark_samples" in section for section in by_dataset.values()):
-        keys = keys[:2]
+    columns = [
+        column
+        for group in _RETRIEVAL_GROUPS
+        if any(group[-1][0] in section for section in by_dataset.values())
+        for column in group
+    ]
     # A blank cell: no sample to average over (see _retrieval).
-    rows = [[name] + [section.get(k, "") for k in keys] for name, section in by_dataset.items()]
-    headers = ["dataset"] + [dict(_RETRIEVAL_COLUMNS)[k] for k in keys]
+    rows = [[name] + [section.get(k, "") for k, _ in columns] for name, section in by_dataset.items()]
+    headers = ["dataset"] + [header for _, header in columns]
     return tabulate(rows, headers=headers, tablefmt="pipe", floatfmt=".2f")
 
 
