@@ -182,6 +182,14 @@ def _by_type(samples: List[Dict], compute_metrics: Callable) -> "OrderedDict":
     return out
 
 
+# The paired shares of the retrieval report: (the per-sample field saying a sample has the
+# phrase, the two shares averaged over the samples where both are defined, their count).
+_SHARE_PAIRS = (
+    ("target_cues", ("target_name_on_target", "other_words_on_target"), "target_samples"),
+    ("landmark_cues", ("landmark_on_landmark", "landmark_on_target"), "landmark_samples"),
+)
+
+
 def _retrieval(samples: List[Dict]) -> "OrderedDict":
     # A mean over no sample is left out (its count says 0) rather than NaN: NaN breaks
     # equality checks of results and is not valid JSON.
@@ -190,18 +198,14 @@ def _retrieval(samples: List[Dict]) -> "OrderedDict":
     if jaccards:
         out["cue_jaccard"] = _mean_percent(jaccards)
     out["cue_jaccard_samples"] = len(jaccards)
-    if any("target_cues" in s for s in samples):
-        scored = [s for s in samples if s.get("target_name_on_target") is not None]
+    for present, keys, count in _SHARE_PAIRS:
+        if not any(present in s for s in samples):
+            continue
+        scored = [s for s in samples if s.get(keys[0]) is not None]
         if scored:
-            for key in ("target_name_on_target", "other_words_on_target"):
+            for key in keys:
                 out[key] = _mean_percent([s[key] for s in scored])
-        out["target_samples"] = len(scored)
-    if any("landmark_cues" in s for s in samples):
-        scored = [s for s in samples if s.get("landmark_on_landmark") is not None]
-        if scored:
-            for key in ("landmark_on_landmark", "landmark_on_target"):
-                out[key] = _mean_percent([s[key] for s in scored])
-        out["landmark_samples"] = len(scored)
+        out[count] = len(scored)
     return out
 
 
