@@ -56,13 +56,20 @@ RETRIEVAL_CAPTION = (
     "the expression's other words; landmark cues: share of the landmark phrase's retrieved area on "
     "the landmark object / on the target"
 )
-# Column groups of the retrieval table; a group shows when any dataset has its count.
-_RETRIEVAL_GROUPS = (
-    (("cue_jaccard", "cue Jaccard"), ("cue_jaccard_samples", "samples")),
-    (("target_name_on_target", "target name on target"), ("other_words_on_target", "other words"),
+# The paired shares of the retrieval report: (the per-sample field saying a sample has the
+# phrase, the two shares averaged over the samples where both are defined, their count),
+# each key with its column header.
+_SHARE_PAIRS = (
+    ("target_cues",
+     (("target_name_on_target", "target name on target"), ("other_words_on_target", "other words")),
      ("target_samples", "target samples")),
-    (("landmark_on_landmark", "landmark cues on landmark"), ("landmark_on_target", "on target"),
+    ("landmark_cues",
+     (("landmark_on_landmark", "landmark cues on landmark"), ("landmark_on_target", "on target")),
      ("landmark_samples", "landmark samples")),
+)
+# Column groups of the retrieval table; a group shows when any dataset has its count.
+_RETRIEVAL_GROUPS = ((("cue_jaccard", "cue Jaccard"), ("cue_jaccard_samples", "samples")),) + tuple(
+    (*shares, count) for _, shares, count in _SHARE_PAIRS
 )
 
 
@@ -182,14 +189,6 @@ def _by_type(samples: List[Dict], compute_metrics: Callable) -> "OrderedDict":
     return out
 
 
-# The paired shares of the retrieval report: (the per-sample field saying a sample has the
-# phrase, the two shares averaged over the samples where both are defined, their count).
-_SHARE_PAIRS = (
-    ("target_cues", ("target_name_on_target", "other_words_on_target"), "target_samples"),
-    ("landmark_cues", ("landmark_on_landmark", "landmark_on_target"), "landmark_samples"),
-)
-
-
 def _retrieval(samples: List[Dict]) -> "OrderedDict":
     # A mean over no sample is left out (its count says 0) rather than NaN: NaN breaks
     # equality checks of results and is not valid JSON.
@@ -198,12 +197,12 @@ def _retrieval(samples: List[Dict]) -> "OrderedDict":
     if jaccards:
         out["cue_jaccard"] = _mean_percent(jaccards)
     out["cue_jaccard_samples"] = len(jaccards)
-    for present, keys, count in _SHARE_PAIRS:
+    for present, shares, (count, _) in _SHARE_PAIRS:
         if not any(present in s for s in samples):
             continue
-        scored = [s for s in samples if s.get(keys[0]) is not None]
+        scored = [s for s in samples if s.get(shares[0][0]) is not None]
         if scored:
-            for key in keys:
+            for key, _ in shares:
                 out[key] = _mean_percent([s[key] for s in scored])
         out[count] = len(scored)
     return out
