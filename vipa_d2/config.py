@@ -294,6 +294,15 @@ def add_vipa_config(cfg):
     # from the right"; in the run that learnt it, the heads split between the two words.
     # With the key, val +1.16 / +1.31 at seeds 1 / 2: the tiny synthetic config's default.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES = False
+    # With CHOICE_FACTOR_QUERIES: each factor's query pools the words with attention of its
+    # own (own key / value projections) instead of both sharing one. Probed in session 36
+    # (EXPERIMENTS.md): in a 1,900-iteration run that never learnt "third" (seed 2, val
+    # ordinals 62.9), the side query put 0.67 of its attention on "third" and 0.10 on the
+    # side word, on training expressions too, so P(side) stayed near uniform there, and a
+    # near-uniform P(side) leaves P(bin) no signal (the factors multiply); in a run that
+    # learnt it, 0.01 and 0.95. The shared keys are what the bin query needs loud (the
+    # number words). Needs CHOICE_FACTOR_QUERIES.
+    cfg.MODEL.VIPA.DECODER.CHOICE_FACTOR_POOLS = False
     # In inference (not in training), OBJECT_CHOICE keeps only its most probable candidate:
     # every cell of another object gets log(1e-6) times the learned gain. The soft choice
     # lowers a runner-up by only gain x log p (gain ~1.1 when trained), so an unsure pick

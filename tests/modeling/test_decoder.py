@@ -901,6 +901,45 @@ def test_choice_factor_queries_read_side_and_bin_from_their_own_pools():
     assert not torch.allclose(side_c, side_b)
 
 
+def test_choice_factor_pools_give_each_factor_its_own_attention():
+    with pytest.raises(ValueError, match="CHOICE_FACTOR_POOLS needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
+        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_FACTOR_POOLS": True}), SHAPES)
+    with pytest.raises(ValueError, match="CHOICE_FACTOR_POOLS .* needs CHOICE_FACTOR_QUERIES True"):
+        ObjectChoice(32, from_words=True, factorised=True, factor_pools=True)
+    torch.manual_seed(0)
+    choice = ObjectChoice(32, nheads=4, from_words=True, factorised=True, factor_queries=True, factor_pools=True)
+    torch.nn.init.normal_(choice.select[-1].weight)  # zero at the start: every factor uniform
+    words, valid = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
+
+    def marginals():
+        weights = choice.select_vector(None, words, valid).unflatten(1, (choice.sides, MAX_RANK + 1))
+        weights = weights / choice.factor_scale
+        return weights.sum(dim=2), weights.sum(dim=1)  # P(side), P(bin)
+
+    side, rank = marginals()
+    with torch.no_grad():
+        choice.bin_pool.k_proj.weight.mul_(3.0)  # the bin's keys only
+    side_b, rank_b = marginals()
+    torch.testing.assert_close(side_b, side)
+    assert not torch.allclose(rank_b, rank)
+    with torch.no_grad():
+        choice.word_pool.k_proj.weight.mul_(3.0)  # now the side's
+    side_c, rank_c = marginals()
+    torch.testing.assert_close(rank_c, rank_b)
+    assert not torch.allclose(side_c, side_b)
+    # Without the key the two queries share word_pool's keys: the same change moves both.
+    torch.manual_seed(0)
+    shared = ObjectChoice(32, nheads=4, from_words=True, factorised=True, factor_queries=True)
+    assert shared.bin_pool is None
+    torch.nn.init.normal_(shared.select[-1].weight)
+    before = shared.select_vector(None, words, valid)
+    with torch.no_grad():
+        shared.word_pool.k_proj.weight.mul_(3.0)
+    after = shared.select_vector(None, words, valid).unflatten(1, (shared.sides, MAX_RANK + 1))
+    before = before.unflatten(1, (shared.sides, MAX_RANK + 1))
+    assert not torch.allclose(after.sum(dim=2), before.sum(dim=2)) and not torch.allclose(after.sum(dim=1), before.sum(dim=1))
+
+
 def test_choice_from_words_reads_the_valid_words():
     with pytest.raises(ValueError, match="CHOICE_FROM_WORDS needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
         object_block_decoder("CHOICE_FROM_WORDS")

@@ -196,7 +196,10 @@ class ObjectChoice(_ObjectBlock):
       (docs/benchmarks/EXPERIMENTS.md, session 16). With ``factor_queries`` the words are
       pooled twice, by one learned query per factor, P(side) read from the first pool and
       P(bin) from the second: with one pool, "third" could take all the attention and leave
-      the side out (EXPERIMENTS.md, session 20).
+      the side out (EXPERIMENTS.md, session 20). With ``factor_pools`` each query also has
+      an attention of its own: with one shared attention the keys are shaped by what the
+      bin query needs (the number words loud), and a side query that drifts onto "third"
+      leaves P(side) uniform there, where P(bin) gets no signal (EXPERIMENTS.md, session 36).
 
     The criterion trains the choice as a cross-entropy over the candidates against the ones
     whose centre lies on the target mask. Every cell then takes the log-probability of the
@@ -219,6 +222,7 @@ class ObjectChoice(_ObjectBlock):
         hard_at_test: bool = False,
         areas: str = "group_gate",
         factor_queries: bool = False,
+        factor_pools: bool = False,
     ):
         if areas not in CHOICE_AREAS:
             raise ValueError(f"MODEL.VIPA.DECODER.CHOICE_AREAS must be one of {CHOICE_AREAS}, got {areas!r}")
@@ -226,6 +230,11 @@ class ObjectChoice(_ObjectBlock):
             raise ValueError(
                 "MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES pools the words once per factor of the factorised rank "
                 "weights; it needs CHOICE_FROM_WORDS and CHOICE_FACTORISED True"
+            )
+        if factor_pools and not factor_queries:
+            raise ValueError(
+                "MODEL.VIPA.DECODER.CHOICE_FACTOR_POOLS gives each factor's query an attention of its own; it needs "
+                "CHOICE_FACTOR_QUERIES True"
             )
         sides = HALF_PLANES + (SIZE_SIDES if size_ranks else 0)
         super().__init__(dim, max_candidates, max_rank, sides + max_rank + 1 if factorised else sides * (max_rank + 1))
@@ -239,7 +248,7 @@ class ObjectChoice(_ObjectBlock):
         self.factor_scale = nn.Parameter(torch.tensor(FACTORISED_SCALE)) if factorised else None
         self.gain = nn.Parameter(torch.ones(()))
         self.hard_at_test = hard_at_test
-        self.word_pool = self.word_query_embed = None
+        self.word_pool = self.word_query_embed = self.bin_pool = None
         if from_words:
             # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
             # With factor_queries one query per factor: the side's pool and the bin's.
@@ -247,6 +256,8 @@ class ObjectChoice(_ObjectBlock):
             self.word_query_embed = nn.Parameter(torch.randn(1, queries, dim) * dim**-0.5)
             # The decoder's attention dropout (DECODER.DROPOUT) applies to this attention too.
             self.word_pool = MultiHeadAttention(dim, nheads, dropout)
+            if factor_pools:  # the bin's own attention; word_pool then serves the side alone
+                self.bin_pool = MultiHeadAttention(dim, nheads, dropout)
 
     @property
     def reads_words(self) -> bool:
@@ -258,7 +269,12 @@ class ObjectChoice(_ObjectBlock):
             if words is None:
                 raise ValueError("ObjectChoice with from_words needs the words (B, T, C) and their (B, T) validity")
             query = self.word_query_embed.expand(words.shape[0], -1, -1)
-            pooled = self.word_pool(query, words, words, allowed=words_valid[:, None, :])[0]  # (B, queries, C)
+            allowed = words_valid[:, None, :]
+            if self.bin_pool is None:
+                pooled = self.word_pool(query, words, words, allowed=allowed)[0]  # (B, queries, C)
+            else:
+                by_side = self.word_pool(query[:, :1], words, words, allowed=allowed)[0]
+                pooled = torch.cat([by_side, self.bin_pool(query[:, 1:], words, words, allowed=allowed)[0]], dim=1)
             if pooled.shape[1] == 2:  # factor queries: each factor read from its own pool
                 side = self.select(pooled[:, 0])[:, : self.sides]
                 rank = self.select(pooled[:, 1])[:, self.sides :]

@@ -92,6 +92,7 @@ class VIPATransformerDecoder(nn.Module):
         choice_hard_at_test: bool = False,
         choice_areas: str = "group_gate",
         choice_factor_queries: bool = False,
+        choice_factor_pools: bool = False,
     ):
         """
         Args:
@@ -128,6 +129,8 @@ class VIPATransformerDecoder(nn.Module):
                 "regressed" (:class:`ObjectChoice`; "regressed" needs ``choice_size_ranks``).
             choice_factor_queries: the choice pools the words once per factor of its
                 factorised rank weights (needs ``choice_from_words`` and ``choice_factorised``).
+            choice_factor_pools: each factor's query pools the words with attention of its own
+                (needs ``choice_factor_queries``).
         """
         super().__init__()
         if num_layers < 1:
@@ -171,6 +174,7 @@ class VIPATransformerDecoder(nn.Module):
             ("CHOICE_FACTORISED", choice_factorised),
             ("CHOICE_HARD_AT_TEST", choice_hard_at_test),
             ("CHOICE_FACTOR_QUERIES", choice_factor_queries),
+            ("CHOICE_FACTOR_POOLS", choice_factor_pools),
         )
         for name, on in choice_keys:
             if on and not object_choice:
@@ -190,6 +194,7 @@ class VIPATransformerDecoder(nn.Module):
             self.object_choice = ObjectChoice(
                 hidden_dim, nheads, choice_from_words, choice_size_ranks, choice_factorised, dropout=dropout,
                 hard_at_test=choice_hard_at_test, areas=choice_areas, factor_queries=choice_factor_queries,
+                factor_pools=choice_factor_pools,
             )
         # The head passes the projected words to ``forward`` only when this is True.
         self.reads_words = self.object_choice is not None and self.object_choice.reads_words
@@ -252,6 +257,7 @@ class VIPATransformerDecoder(nn.Module):
             "choice_hard_at_test": dec.CHOICE_HARD_AT_TEST,
             "choice_areas": dec.CHOICE_AREAS,
             "choice_factor_queries": dec.CHOICE_FACTOR_QUERIES,
+            "choice_factor_pools": dec.CHOICE_FACTOR_POOLS,
         }
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
