@@ -873,13 +873,11 @@ def test_choice_regressed_areas_rank_by_the_area_head_alone():
     assert choice.area[0].weight.grad.abs().sum() > 0
 
 
-def test_choice_factor_queries_read_side_and_bin_from_their_own_pools():
-    with pytest.raises(ValueError, match="CHOICE_FACTOR_QUERIES needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
-        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES": True}), SHAPES)
-    with pytest.raises(ValueError, match="CHOICE_FACTOR_QUERIES .* needs CHOICE_FROM_WORDS and CHOICE_FACTORISED True"):
-        ObjectChoice(32, from_words=True, factor_queries=True)
+def factor_query_choice(**keys):
+    """A factor-query :class:`ObjectChoice` (seed 0; ``keys`` added) whose factors are not
+    uniform, and its (P(side), P(bin)) on two fixed word sets, the second partly padding."""
     torch.manual_seed(0)
-    choice = ObjectChoice(32, nheads=4, from_words=True, factorised=True, factor_queries=True)
+    choice = ObjectChoice(32, nheads=4, from_words=True, factorised=True, factor_queries=True, **keys)
     torch.nn.init.normal_(choice.select[-1].weight)  # zero at the start: every factor uniform
     words, valid = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
 
@@ -888,17 +886,27 @@ def test_choice_factor_queries_read_side_and_bin_from_their_own_pools():
         weights = weights / choice.factor_scale
         return weights.sum(dim=2), weights.sum(dim=1)  # P(side), P(bin)
 
-    side, rank = marginals()
+    return choice, marginals
+
+
+def moved_factors(marginals, change):
+    """Which of (P(side), P(bin)) an in-place parameter ``change`` moves."""
+    before = marginals()
     with torch.no_grad():
-        choice.word_query_embed[:, 1] += 1.0  # the bin's query
-    side_b, rank_b = marginals()
-    torch.testing.assert_close(side_b, side)
-    assert not torch.allclose(rank_b, rank)
-    with torch.no_grad():
-        choice.word_query_embed[:, 0] += 1.0  # the side's query
-    side_c, rank_c = marginals()
-    torch.testing.assert_close(rank_c, rank_b)
-    assert not torch.allclose(side_c, side_b)
+        change()
+    return [not torch.allclose(a, b) for a, b in zip(marginals(), before)]
+
+
+def test_choice_factor_queries_read_side_and_bin_from_their_own_pools():
+    with pytest.raises(ValueError, match="CHOICE_FACTOR_QUERIES needs MODEL.VIPA.DECODER.OBJECT_CHOICE True"):
+        VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES": True}), SHAPES)
+    with pytest.raises(ValueError, match="CHOICE_FACTOR_QUERIES .* needs CHOICE_FROM_WORDS and CHOICE_FACTORISED True"):
+        ObjectChoice(32, from_words=True, factor_queries=True)
+    choice, marginals = factor_query_choice()
+    assert moved_factors(marginals, lambda: choice.word_query_embed[:, 1].add_(1.0)) == [False, True]  # the bin's query
+    assert moved_factors(marginals, lambda: choice.word_query_embed[:, 0].add_(1.0)) == [True, False]  # the side's
+    # The two queries share one attention: its keys move both factors.
+    assert moved_factors(marginals, lambda: choice.word_pool.k_proj.weight.mul_(3.0)) == [True, True]
 
 
 def test_choice_factor_pools_give_each_factor_its_own_attention():
@@ -906,38 +914,10 @@ def test_choice_factor_pools_give_each_factor_its_own_attention():
         VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.CHOICE_FACTOR_POOLS": True}), SHAPES)
     with pytest.raises(ValueError, match="CHOICE_FACTOR_POOLS .* needs CHOICE_FACTOR_QUERIES True"):
         ObjectChoice(32, from_words=True, factorised=True, factor_pools=True)
-    torch.manual_seed(0)
-    choice = ObjectChoice(32, nheads=4, from_words=True, factorised=True, factor_queries=True, factor_pools=True)
-    torch.nn.init.normal_(choice.select[-1].weight)  # zero at the start: every factor uniform
-    words, valid = torch.randn(2, 5, 32), torch.tensor([[True] * 5, [True] * 3 + [False] * 2])
-
-    def marginals():
-        weights = choice.select_vector(None, words, valid).unflatten(1, (choice.sides, MAX_RANK + 1))
-        weights = weights / choice.factor_scale
-        return weights.sum(dim=2), weights.sum(dim=1)  # P(side), P(bin)
-
-    side, rank = marginals()
-    with torch.no_grad():
-        choice.bin_pool.k_proj.weight.mul_(3.0)  # the bin's keys only
-    side_b, rank_b = marginals()
-    torch.testing.assert_close(side_b, side)
-    assert not torch.allclose(rank_b, rank)
-    with torch.no_grad():
-        choice.word_pool.k_proj.weight.mul_(3.0)  # now the side's
-    side_c, rank_c = marginals()
-    torch.testing.assert_close(rank_c, rank_b)
-    assert not torch.allclose(side_c, side_b)
-    # Without the key the two queries share word_pool's keys: the same change moves both.
-    torch.manual_seed(0)
-    shared = ObjectChoice(32, nheads=4, from_words=True, factorised=True, factor_queries=True)
-    assert shared.bin_pool is None
-    torch.nn.init.normal_(shared.select[-1].weight)
-    before = shared.select_vector(None, words, valid)
-    with torch.no_grad():
-        shared.word_pool.k_proj.weight.mul_(3.0)
-    after = shared.select_vector(None, words, valid).unflatten(1, (shared.sides, MAX_RANK + 1))
-    before = before.unflatten(1, (shared.sides, MAX_RANK + 1))
-    assert not torch.allclose(after.sum(dim=2), before.sum(dim=2)) and not torch.allclose(after.sum(dim=1), before.sum(dim=1))
+    choice, marginals = factor_query_choice(factor_pools=True)
+    assert moved_factors(marginals, lambda: choice.bin_pool.k_proj.weight.mul_(3.0)) == [False, True]
+    assert moved_factors(marginals, lambda: choice.word_pool.k_proj.weight.mul_(3.0)) == [True, False]
+    assert moved_factors(marginals, lambda: choice.word_query_embed[:, 1].add_(1.0)) == [False, True]
 
 
 def test_choice_from_words_reads_the_valid_words():
