@@ -301,7 +301,10 @@ def add_vipa_config(cfg):
     # side word, on training expressions too, so P(side) stayed near uniform there, and a
     # near-uniform P(side) leaves P(bin) no signal (the factors multiply); in a run that
     # learnt it, 0.01 and 0.95. The shared keys are what the bin query needs loud (the
-    # number words). Needs CHOICE_FACTOR_QUERIES.
+    # number words). With the key seed 2 reads the side word and learns "third" (val
+    # ordinals 62.9 -> 81.0) but misses position and relation words instead (-15 / -14):
+    # val +0.96 / -3.85 at seeds 1 / 2, so off (EXPERIMENTS.md, session 36). Needs
+    # CHOICE_FACTOR_QUERIES.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTOR_POOLS = False
     # In inference (not in training), OBJECT_CHOICE keeps only its most probable candidate:
     # every cell of another object gets log(1e-6) times the learned gain. The soft choice
