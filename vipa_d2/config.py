@@ -295,15 +295,15 @@ def add_vipa_config(cfg):
     # With the key, val +1.16 / +1.31 at seeds 1 / 2: the tiny synthetic config's default.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES = False
     # With CHOICE_FACTOR_QUERIES: each factor's query pools the words with attention of its
-    # own (own key / value projections) instead of both sharing one. Probed in session 36
-    # (EXPERIMENTS.md): in a 1,900-iteration run that never learnt "third" (seed 2, val
-    # ordinals 62.9), the side query put 0.67 of its attention on "third" and 0.10 on the
-    # side word, on training expressions too, so P(side) stayed near uniform there, and a
-    # near-uniform P(side) leaves P(bin) no signal (the factors multiply); in a run that
+    # own (own query / key / value projections) instead of both sharing one. Probed in
+    # session 36 (EXPERIMENTS.md): in a 1,900-iteration run that never learnt "third" (seed
+    # 2, val ordinals 62.9), the side query put 0.67 of its attention on "third" and 0.10 on
+    # the side word, on training expressions too, so P(side) stayed near uniform there, and
+    # a near-uniform P(side) leaves P(bin) no signal (the factors multiply); in a run that
     # learnt it, 0.01 and 0.95. The shared keys are what the bin query needs loud (the
     # number words). With the key seed 2 reads the side word and learns "third" (val
-    # ordinals 62.9 -> 81.0) but misses position and relation words instead (-15 / -14):
-    # val +0.96 / -3.85 at seeds 1 / 2, so off (EXPERIMENTS.md, session 36). Needs
+    # ordinals 62.9 -> 81.0) but misses position and relation words instead (-15 / -14): val
+    # +0.96 / -3.85 at seeds 1 / 2, so off (EXPERIMENTS.md, session 36). Needs
     # CHOICE_FACTOR_QUERIES.
     cfg.MODEL.VIPA.DECODER.CHOICE_FACTOR_POOLS = False
     # In inference (not in training), OBJECT_CHOICE keeps only its most probable candidate:
