@@ -1,4 +1,4 @@
-"""ReferringEvaluator: hand-computed metrics on tiny masks, file output, 2-process gather."""
+"""ReferringEvaluator: hand-computed metrics on tiny masks, file output, 2-process gather; tools on its files."""
 import json
 import math
 import re
@@ -406,3 +406,49 @@ def test_retrieval_means_over_no_sample_are_left_out():
     one_cue = torch.tensor([True, False, False, False])
     evaluator.process([inputs[2], inputs[1]], [outputs[2], dict(outputs[1], cue_valid=one_cue)])
     assert evaluator.evaluate()["retrieval"] == {"cue_jaccard_samples": 0, "target_samples": 0, "landmark_samples": 0}
+
+
+# ------------------------------------------------------------- tools/pick_ceiling.py
+def pick_ceiling_samples():
+    """One 2x2 target, three predictions: IoU exactly 0.5 (a hit), 0.25, and the whole image."""
+    inputs = [sample(k, 4, 4, [rect_polygon(0, 0, 2, 2)]) for k in range(3)]
+    outputs = [
+        {"ref_seg": box_mask(4, 4, (0, 2), (0, 1))},  # I=2, U=4
+        {"ref_seg": box_mask(4, 4, (0, 1), (0, 1))},  # I=1, U=4
+        {"ref_seg": torch.ones(4, 4)},  # I=4, U=16
+    ]
+    return inputs, outputs
+
+
+def evaluate_into(run_dir, name, samples):
+    run_evaluator(name, *samples, output_dir=str(run_dir / "inference"))
+
+
+def test_pick_ceiling_hits_and_misses_hand_computed(tmp_path, capsys):
+    tool = load_script("tools/pick_ceiling.py")
+    evaluate_into(tmp_path / "run", PLAIN, pick_ceiling_samples())
+    assert tool.main([str(tmp_path / "run"), "--datasets", PLAIN]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if PLAIN in line)
+    # oIoU 7/24; over the one hit 2/4; the IoU-0.5 prediction counts as a hit.
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == [PLAIN, "29.17", "50.00", "2", "3"]
+
+
+def test_pick_ceiling_leaves_no_target_expressions_out(tmp_path, capsys):
+    tool = load_script("tools/pick_ceiling.py")
+    evaluate_into(tmp_path / "run", GENERALIZED, generalized_samples())
+    assert tool.main([str(tmp_path / "run"), "--datasets", GENERALIZED]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if GENERALIZED in line)
+    # Target expressions: exact (4/4), missed (0/4), vetoed (0/16): oIoU 4/24, one hit at 100.
+    assert [c.strip() for c in row.strip("|").split("|")][2:] == ["16.67", "100.00", "2", "3"]
+    assert "3 no-target expressions left out" in out
+
+
+def test_pick_ceiling_names_missing_results(tmp_path, capsys):
+    tool = load_script("tools/pick_ceiling.py")
+    evaluate_into(tmp_path / "run", PLAIN, pick_ceiling_samples())
+    assert tool.main([str(tmp_path / "run"), "--datasets", PLAIN, "not_evaluated"]) == 2
+    err = capsys.readouterr().err
+    assert f"{tmp_path / 'run'}: no inference/referring_results_<name>.json for ['not_evaluated']" in err
+    assert tool.main([str(tmp_path / "empty")]) == 2
+    assert "no config.yaml" in capsys.readouterr().err

@@ -1,0 +1,93 @@
+#!/usr/bin/env python
+"""
+Split runs' oIoU into finding the object and segmenting it, from the per-sample results
+that ``ReferringEvaluator`` writes (``<run>/inference/referring_results_<dataset>.json``).
+
+    python tools/pick_ceiling.py output/study/vipa/seed0 output/study/language/seed0 [--datasets ...]
+
+Per run and split: the oIoU; the oIoU over the *hits*, the expressions whose mask meets
+the target at IoU >= 0.5 (Prec@0.5's criterion), i.e. what the run would score if it never
+segmented the wrong object, its ceiling for better picks with the same masks; and the
+misses. oIoU is a ratio of sums, so a miss weighs by its union: an unsure pick whose mask
+spreads over several objects costs more than its share of the expressions.
+No-target expressions (generalized data) have no object to find and are left out.
+"""
+import argparse
+import os
+import sys
+
+from tabulate import tabulate
+
+from vipa_d2 import get_vipa_cfg
+from vipa_d2.evaluation.referring_evaluation import PRECISION_THRESHOLDS
+from vipa_d2.utils.runs import read_results, split_label
+
+HIT_IOU = PRECISION_THRESHOLDS[0]  # a hit is what Prec@0.5 counts
+SAMPLE_KEYS = ("intersection", "union", "iou", "gt_empty")  # what each per-sample entry needs here
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("runs", nargs="+", help="output folders of train_net.py runs (their inference/ results)")
+    parser.add_argument("--datasets", nargs="+", default=None,
+                        help="evaluated datasets to read (default: DATASETS.TEST of each run's config.yaml)")
+    return parser.parse_args(argv)
+
+
+def oiou(samples) -> float:
+    union = sum(s["union"] for s in samples)
+    return 100.0 * sum(s["intersection"] for s in samples) / union if union else float("nan")
+
+
+def split_hits(samples) -> dict:
+    """{"oIoU", "hit_oIoU", "hits", "misses", "no_target"} of one dataset's per-sample results."""
+    found = [s for s in samples if not s["gt_empty"]]
+    hits = [s for s in found if s["iou"] >= HIT_IOU]
+    return {"oIoU": oiou(found), "hit_oIoU": oiou(hits), "hits": len(hits), "misses": len(found) - len(hits),
+            "no_target": len(samples) - len(found)}
+
+
+def run_datasets(run: str, datasets):
+    if datasets:
+        return list(datasets)
+    config = os.path.join(run, "config.yaml")
+    if not os.path.isfile(config):
+        raise ValueError(f"{run}: no config.yaml to read DATASETS.TEST from; name them with --datasets")
+    return list(get_vipa_cfg(config, []).DATASETS.TEST)
+
+
+def run_rows(run: str, datasets):
+    """One table row per evaluated dataset of ``run`` (its shuffled control left out)."""
+    names = run_datasets(run, datasets)
+    results = read_results(run, names)
+    missing = [n for n in names if n not in results]
+    if missing:
+        raise ValueError(f"{run}: no inference/referring_results_<name>.json for {missing}")
+    for name in names:
+        samples = results[name].get("samples")
+        if not samples:
+            raise ValueError(f"{run}: the results of {name} hold no per-sample entries")
+        lacking = sorted({k for s in samples for k in SAMPLE_KEYS if k not in s})
+        if lacking:
+            raise ValueError(f"{run}: per-sample results of {name} lack {lacking} (expected {list(SAMPLE_KEYS)})")
+        h = split_hits(samples)
+        yield [run, split_label(name), h["oIoU"], h["hit_oIoU"], h["misses"], h["hits"] + h["misses"], h["no_target"]]
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        rows = [row for run in args.runs for row in run_rows(run, args.datasets)]
+    except ValueError as e:
+        print(f"pick_ceiling.py: error: {e}", file=sys.stderr)
+        return 2
+    headers = ["run", "split", "oIoU", f"oIoU over hits (IoU >= {HIT_IOU})", "misses", "expressions"]
+    print(tabulate([row[:-1] for row in rows], headers=headers, tablefmt="pipe", floatfmt=".2f"))
+    left_out = sum(row[-1] for row in rows)
+    if left_out:  # the oIoU column then differs from the evaluator's, which counts them
+        print(f"{left_out} no-target expressions left out of every column")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
