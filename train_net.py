@@ -13,7 +13,7 @@ import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
-from vipa_d2 import get_vipa_cfg
+from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.engine import ReferringTrainer, keep_freed_host_memory, leave_process_group, load_weights
 
 
@@ -56,7 +56,12 @@ def main(args):
 
 def invoke_main() -> None:
     # default_setup logs the arguments once the logger exists.
-    args = default_argument_parser().parse_args()
+    parser = default_argument_parser()
+    args = parser.parse_args()
+    try:  # a config that does not merge fails here, in one line, before any process starts
+        get_vipa_cfg(args.config_file, args.opts)
+    except ConfigError as e:
+        parser.error(str(e))
     launch(
         main,
         args.num_gpus,

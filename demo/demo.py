@@ -37,8 +37,7 @@ import numpy as np
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
-from vipa_d2 import get_vipa_cfg
-from vipa_d2.data.builtin import check_invalid_refs_setting
+from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.manifest import ManifestEntry, read_manifest
 from vipa_d2.data.masks import mask_to_rle
 from vipa_d2.data.validation import ReferringDataError
@@ -111,26 +110,12 @@ def setup_cfg(config_file: str, opts: Sequence[str]):
     """The frozen config: defaults + vipa keys + ``config_file`` + ``opts``."""
     if not os.path.isfile(config_file):
         raise DemoError(f"config file not found: {config_file}")
-    # yacs reports an unknown key as KeyError (file) or AssertionError (list), a bad
-    # value as ValueError/TypeError; all name the key in their message.
     try:
-        cfg = get_vipa_cfg(config_file)
-    except (KeyError, AssertionError, ValueError, TypeError) as e:
-        raise DemoError(f"invalid config file {config_file}: {_message(e)}") from e
-    if len(opts) % 2:
-        raise DemoError(f"config overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
-    try:
-        cfg.merge_from_list(list(opts))
-        check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
-    except (KeyError, AssertionError, ValueError, TypeError) as e:
-        raise DemoError(f"invalid config override: {_message(e)}") from e
+        cfg = get_vipa_cfg(config_file, opts)
+    except ConfigError as e:
+        raise DemoError(str(e)) from e
     cfg.freeze()
     return cfg
-
-
-def _message(e: BaseException) -> str:
-    # KeyError's str() adds quotes around its message.
-    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
 def collect_inputs(patterns: Sequence[str]) -> List[str]:

@@ -8,7 +8,7 @@ import pytest
 from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
 from detectron2.config import get_cfg
 
-from vipa_d2 import add_vipa_config
+from vipa_d2 import ConfigError, add_vipa_config, get_vipa_cfg
 from vipa_d2.modeling.head import KV_SOURCES
 
 CONFIGS = sorted(glob.glob(os.path.join(CONFIGS_DIR, "**", "*.yaml"), recursive=True))
@@ -34,6 +34,22 @@ def test_unknown_key_is_rejected(tmp_path):
     cfg = make_cfg()
     with pytest.raises(KeyError, match="NOT_A_KEY"):
         cfg.merge_from_file(str(bad))
+
+
+def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
+    bad, gone = tmp_path / "bad.yaml", tmp_path / "gone.yaml"
+    bad.write_text(f'_BASE_: "{gone}"\n')
+    cases = [
+        ((str(bad), ()), f"invalid config file {bad}: [Errno 2] No such file or directory: '{gone}'"),
+        ((str(gone), ()), f"invalid config file {gone}: Config file '{gone}' does not exist"),
+        ((TINY_CONFIG, ("MODEL.BOGUS", "1")), "invalid config override: Non-existent key: MODEL.BOGUS"),
+        ((TINY_CONFIG, ("SOLVER.BASE_LR", "1")), "invalid config override: Type mismatch"),
+        ((TINY_CONFIG, ("SEED",)), "config overrides must be KEY VALUE pairs, got an odd number: ['SEED']"),
+    ]
+    for args, message in cases:
+        with pytest.raises(ConfigError) as e:
+            get_vipa_cfg(*args)
+        assert str(e.value).startswith(message), str(e.value)
 
 
 def test_invalid_refs_other_than_the_builtin_policy_is_refused_on_load(tmp_path):

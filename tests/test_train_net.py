@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase, launch
 
 from common import INSTANT_TEST_VAL as VAL
-from common import REPO_ROOT, import_train_net, results_file, train_net_args
+from common import REPO_ROOT, TINY_CONFIG, import_train_net, results_file, train_net_args
 from vipa_d2.data import ReferringDataError
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
@@ -226,6 +226,17 @@ def test_setup_keeps_freed_host_memory(tmp_path):
     ).stdout.split()
     before, after = int(out[-2]), int(out[-1])
     assert before >= 64 << 20 and after == 0, (before, after)
+
+
+def test_config_that_does_not_merge_fails_in_one_line(tmp_path):
+    out = subprocess.run(
+        [sys.executable, os.path.join(REPO_ROOT, "train_net.py"), "--config-file", TINY_CONFIG,
+         "OUTPUT_DIR", str(tmp_path / "out"), "MODEL.BOGUS", "1"],
+        capture_output=True, text=True,
+    )
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.splitlines()[-1] == "train_net.py: error: invalid config override: Non-existent key: MODEL.BOGUS"
+    assert not (tmp_path / "out").exists()
 
 
 class _Killed(Exception):

@@ -36,7 +36,7 @@ import sys
 import threading
 import time
 
-from vipa_d2 import get_vipa_cfg
+from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.utils.runs import iteration_seconds, run_train_net, split_scores
@@ -239,11 +239,12 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         configs, failed = variant_configs(args.config_dir, args.variants), 0
+        # Every variant's config merged with the overrides before the first run starts.
+        shared = {v: schedule_opts(get_vipa_cfg(f, args.opts), args.max_iter) + args.opts for v, f in configs.items()}
         for seed in args.seeds:
             for variant, config_file in configs.items():
-                shared = schedule_opts(get_vipa_cfg(config_file, args.opts), args.max_iter) + args.opts
-                failed += not run_one(f"{variant}/seed{seed}", variant, seed, config_file, shared, args)
-    except StudyError as e:
+                failed += not run_one(f"{variant}/seed{seed}", variant, seed, config_file, shared[variant], args)
+    except (StudyError, ConfigError) as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
     print(f"[study] results in {args.results}" + (f"; {failed} run(s) failed, rerun to retry" if failed else ""))

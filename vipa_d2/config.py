@@ -421,17 +421,44 @@ def add_vipa_config(cfg):
     cfg.TEST.SAVE_PREDICTION_RLE = False
 
 
+class ConfigError(ValueError):
+    """A config file or override that does not merge, said in one line naming the file or
+    the key (the entry points print it without a traceback)."""
+
+
+# yacs reports an unknown key as KeyError (file) or AssertionError (list), a value of the
+# wrong type as ValueError / TypeError; each names the key. OSError: a missing file or _BASE_.
+_MERGE_ERRORS = (KeyError, AssertionError, ValueError, TypeError, OSError)
+
+
+def _merge_message(e: BaseException) -> str:
+    # KeyError's str() adds quotes around its message.
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
 def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     """
     The config every entry point starts from: Detectron2's defaults, the VIPA keys, then
     ``config_file`` (skipped when empty) and ``opts`` (``KEY VALUE ...`` as on a command
     line). Not frozen, so callers can still adjust it. A ``DATASETS.INVALID_REFS`` other
-    than the built-in policy is refused here, for every entry point alike.
+    than the built-in policy is refused here, for every entry point alike. Anything that
+    does not merge raises :class:`ConfigError` naming the file or the override.
     """
     cfg = get_cfg()
     add_vipa_config(cfg)
     if config_file:
-        cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts))
-    check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
+        try:
+            cfg.merge_from_file(config_file)
+        except _MERGE_ERRORS as e:
+            raise ConfigError(f"invalid config file {config_file}: {_merge_message(e)}") from e
+    if len(opts) % 2:
+        raise ConfigError(f"config overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
+    try:
+        cfg.merge_from_list(list(opts))
+    except _MERGE_ERRORS as e:
+        raise ConfigError(f"invalid config override: {_merge_message(e)}") from e
+    try:
+        check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
+    except ValueError as e:
+        raise ConfigError(str(e)) from e
     return cfg
