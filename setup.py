@@ -25,6 +25,7 @@ setup(
         # Pretrained tags such as ".ms_in22k" (configs/refcoco) came with timm 0.9.
         "timm>=0.9",
         "fvcore",
+        "PyYAML",  # config files (fvcore reads them with it too)
         "pycocotools>=2.0.6",
         "opencv-python-headless",
         "Pillow",

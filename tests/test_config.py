@@ -37,9 +37,11 @@ def test_unknown_key_is_rejected(tmp_path):
 
 
 def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
-    bad, gone = tmp_path / "bad.yaml", tmp_path / "gone.yaml"
+    bad, gone, broken = tmp_path / "bad.yaml", tmp_path / "gone.yaml", tmp_path / "broken.yaml"
     bad.write_text(f'_BASE_: "{gone}"\n')
+    broken.write_text("MODEL: [\n")
     cases = [
+        ((str(broken), ()), f"invalid config file {broken}: while parsing"),
         ((str(bad), ()), f"invalid config file {bad}: [Errno 2] No such file or directory: '{gone}'"),
         ((str(gone), ()), f"invalid config file {gone}: Config file '{gone}' does not exist"),
         ((TINY_CONFIG, ("MODEL.BOGUS", "1")), "invalid config override: Non-existent key: MODEL.BOGUS"),

@@ -1,6 +1,7 @@
 """Config keys added by vipa_d2 on top of Detectron2's defaults."""
 from typing import Sequence
 
+import yaml
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
@@ -427,8 +428,9 @@ class ConfigError(ValueError):
 
 
 # yacs reports an unknown key as KeyError (file) or AssertionError (list), a value of the
-# wrong type as ValueError / TypeError; each names the key. OSError: a missing file or _BASE_.
-_MERGE_ERRORS = (KeyError, AssertionError, ValueError, TypeError, OSError)
+# wrong type as ValueError / TypeError; each names the key. OSError: a missing file or
+# _BASE_; YAMLError: a file that is not YAML (its message gives the line).
+_MERGE_ERRORS = (KeyError, AssertionError, ValueError, TypeError, OSError, yaml.YAMLError)
 
 
 def _merge_message(e: BaseException) -> str:
