@@ -20,7 +20,7 @@ from tabulate import tabulate
 
 from vipa_d2 import get_vipa_cfg
 from vipa_d2.evaluation.referring_evaluation import PRECISION_THRESHOLDS
-from vipa_d2.utils.runs import read_results, split_label
+from vipa_d2.utils.runs import required_results, split_label
 
 HIT_IOU = PRECISION_THRESHOLDS[0]  # a hit is what Prec@0.5 counts
 SAMPLE_KEYS = ("intersection", "union", "iou", "gt_empty")  # what each per-sample entry needs here
@@ -59,10 +59,7 @@ def run_datasets(run: str, datasets):
 def run_rows(run: str, datasets):
     """One table row per evaluated dataset of ``run`` (its shuffled control left out)."""
     names = run_datasets(run, datasets)
-    results = read_results(run, names)
-    missing = [n for n in names if n not in results]
-    if missing:
-        raise ValueError(f"{run}: no inference/referring_results_<name>.json for {missing}")
+    results = required_results(run, names)
     for name in names:
         samples = results[name].get("samples")
         if not samples:
@@ -78,7 +75,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     try:
         rows = [row for run in args.runs for row in run_rows(run, args.datasets)]
-    except ValueError as e:
+    except (ValueError, FileNotFoundError) as e:
         print(f"pick_ceiling.py: error: {e}", file=sys.stderr)
         return 2
     headers = ["run", "split", "oIoU", f"oIoU over hits (IoU >= {HIT_IOU})", "misses", "expressions"]

@@ -449,6 +449,6 @@ def test_pick_ceiling_names_missing_results(tmp_path, capsys):
     evaluate_into(tmp_path / "run", PLAIN, pick_ceiling_samples())
     assert tool.main([str(tmp_path / "run"), "--datasets", PLAIN, "not_evaluated"]) == 2
     err = capsys.readouterr().err
-    assert f"{tmp_path / 'run'}: no inference/referring_results_<name>.json for ['not_evaluated']" in err
+    assert f"{tmp_path / 'run'}: no evaluation results for ['not_evaluated']" in err
     assert tool.main([str(tmp_path / "empty")]) == 2
     assert "no config.yaml" in capsys.readouterr().err

@@ -17,7 +17,7 @@ from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
 __all__ = [
-    "run_train_net", "split_label", "read_results", "split_scores", "iteration_seconds"
+    "run_train_net", "split_label", "read_results", "required_results", "split_scores", "iteration_seconds"
 ]
 
 # Lines of Detectron2's console log worth echoing while a run goes.
@@ -76,16 +76,22 @@ def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[
     return rows
 
 
+def required_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[str, Dict]":
+    """:func:`read_results`, or FileNotFoundError naming the datasets without a results file."""
+    results = read_results(output_dir, dataset_names)
+    missing = [n for n in dataset_names if n not in results]
+    if missing or not results:
+        raise FileNotFoundError(f"{output_dir}: no evaluation results for {missing or 'any dataset'}")
+    return results
+
+
 def split_scores(output_dir: str, dataset_names: Sequence[str]) -> Dict[str, Dict]:
     """
     {"splits" / "by_type" / "retrieval": {split label: that section}} of the datasets
     evaluated in ``output_dir`` (see :func:`split_label`); FileNotFoundError naming the
     datasets without a results file.
     """
-    results = read_results(output_dir, dataset_names)
-    missing = [n for n in dataset_names if n not in results]
-    if missing or not results:
-        raise FileNotFoundError(f"{output_dir}: no evaluation results for {missing or 'any dataset'}")
+    results = required_results(output_dir, dataset_names)
     sections = (("splits", "metrics"), ("by_type", BY_TYPE_KEY), ("retrieval", RETRIEVAL_KEY))
     return {
         key: {split_label(name): p[field] for name, p in results.items() if field in p} for key, field in sections
