@@ -334,6 +334,14 @@ def add_vipa_config(cfg):
     # word, "the" and "left" included, to retrieve the target, and the cues collapse onto
     # one set; "global" leaves each word free to retrieve what helps the mask (a landmark).
     cfg.MODEL.VIPA.LOSS.CONTRASTIVE_CUES = "all"
+    # Let the relevance losses (contrastive, landmark, cue overlap) move the text encoder's
+    # word features through the VEG's cue projection. False: in training they read the same
+    # relevance computed from the text detached, so they still train the cue projection and
+    # the visual side (and reach the text through the early fusion), while the word features
+    # the decoder reads (the object choice's word pool) are shaped by the mask and choice
+    # losses alone. Session 37's probe: without the contrastive loss, seed 2's side query
+    # read the side word and learnt "third" (docs/benchmarks/EXPERIMENTS.md).
+    cfg.MODEL.VIPA.LOSS.RELEVANCE_TEXT_GRADIENT = True
     # Weight of a second pixel contrastive loss that tells the words of a relation's landmark
     # phrase ("red star" in "the circle above the red star") to retrieve the landmark, on
     # training records that name one (the synthetic benchmark's "landmark" field; records

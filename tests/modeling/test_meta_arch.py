@@ -162,6 +162,18 @@ def test_cue_overlap_loss_trains_the_retrieval_through_the_model(tokenizer):
     assert veg.cue_proj.weight.grad.abs().sum() > 0 and veg.visual_proj.weight.grad.abs().sum() > 0
 
 
+@pytest.mark.parametrize("text_gradient", [True, False])
+def test_relevance_loss_text_gradient_switch(tokenizer, text_gradient):
+    """MODEL.VIPA.LOSS.RELEVANCE_TEXT_GRADIENT False: the contrastive loss trains the VEG's
+    cue projection but no text-encoder weight (fusion off: the cues are its only route)."""
+    model = build("MODEL.VIPA.FUSION", "none", "MODEL.VIPA.LOSS.RELEVANCE_TEXT_GRADIENT", text_gradient).train()
+    losses = model(make_inputs(tokenizer, TEXTS[:2]))
+    losses["loss_contrastive"].backward()
+    assert model.head.veg.cue_proj.weight.grad.abs().sum() > 0
+    text_grads = [p.grad for p in model.text_encoder.parameters() if p.grad is not None]
+    assert any(g.abs().sum() > 0 for g in text_grads) == text_gradient
+
+
 def test_centre_loss_trains_through_the_model(tokenizer):
     """MODEL.VIPA.DECODER.COUNT_CENTRES: the mapper's object boxes reach one centre loss per
     decoder layer, whose gradient reaches the centre maps; inputs without them are refused."""

@@ -301,3 +301,36 @@ def test_visual_expression_carries_position_and_cue_identity():
     full = build_veg(POSITION_IN_VALUES=True, CUE_IDENTITY=True).eval()
     with torch.no_grad():
         assert torch.isfinite(full(visual, text, cues)["visual_expression"]).all()
+
+
+def test_relevance_losses_can_be_kept_off_the_text_features():
+    torch.manual_seed(0)
+    visual, text, attn = veg_inputs()
+    cues = linguistic_cue_mask(attn, True, True)
+    default = build_veg().train()
+    stopped = VisualExpressionGenerator(
+        make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.RELEVANCE_TEXT_GRADIENT": False}), VIS_CH, TEXT_DIM
+    ).train()
+    stopped.load_state_dict(default.state_dict())  # no new parameters
+    assert default(visual, text, cues)["loss_relevance"] is not None
+
+    def grads(veg):
+        veg.zero_grad()
+        leaf = text.clone().requires_grad_(True)
+        out = veg(visual, leaf, cues)
+        out["loss_relevance"].sum().backward()
+        return out, leaf.grad, veg.cue_proj.weight.grad.clone()
+
+    out_d, text_grad_d, proj_grad_d = grads(default)
+    out_s, text_grad_s, proj_grad_s = grads(stopped)
+    # Same values, same gradient into the cue projection; none into the text.
+    torch.testing.assert_close(out_s["loss_relevance"], out_d["relevance"])
+    torch.testing.assert_close(proj_grad_s, proj_grad_d)
+    assert text_grad_d.abs().sum() > 0 and text_grad_s is None
+    # The retrieval itself still passes the mask losses' gradient to the text.
+    leaf = text.clone().requires_grad_(True)
+    stopped(visual, leaf, cues)["visual_expression"].pow(2).sum().backward()
+    assert leaf.grad.abs().sum() > 0
+    # Inference needs no second copy.
+    out = stopped.eval()(visual, text, cues)
+    assert out["loss_relevance"] is out["relevance"]

@@ -372,7 +372,7 @@ class VIPA(nn.Module):
             gt,
             outputs["image_valid"],
             empty,
-            relevance=veg["relevance"] if has_relevance else None,
+            relevance=veg["loss_relevance"] if has_relevance else None,
             relevance_grid=veg["grid"] if has_relevance else None,
             cue_valid=outputs["cue_valid"],
             token_valid=veg["token_valid"] if has_relevance else None,

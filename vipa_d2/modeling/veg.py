@@ -93,6 +93,9 @@ class VisualExpressionGenerator(nn.Module):
       "visual_expression": (B, T, C) E_V (rows of absent cues are meaningless),
       "valid": (B, T) bool cue validity (the key padding mask of the decoder),
       "relevance": (B, T, N) cosine relevance (None without step 1),
+      "loss_relevance": the relevance the criterion's losses read: "relevance" itself, or
+      in training with ``loss_text_gradient`` False the same values computed from the text
+      detached (None without step 1),
       "retrieval_mask": (B, T, N) M, "attention": (B, T, N) cue->token attention map used
       for visualisation (relevance with step 1, cross-attention weights without),
       "grid": (H, W) of the token grid.
@@ -118,6 +121,7 @@ class VisualExpressionGenerator(nn.Module):
         position_in_values: bool = False,
         cue_identity: bool = False,
         centre_words: bool = False,
+        loss_text_gradient: bool = True,
     ):
         super().__init__()
         if not (step1 or step2):
@@ -133,6 +137,7 @@ class VisualExpressionGenerator(nn.Module):
         self.ratio, self.sampler, self.temperature, self.gumbel_noise = ratio, sampler, temperature, gumbel_noise
         self.position_in_values, self.cue_identity = position_in_values, cue_identity
         self.centre_words = centre_words
+        self.loss_text_gradient = loss_text_gradient
 
         self.visual_proj = nn.Conv2d(visual_channels, hidden_dim, kernel_size=1)
         self.visual_norm = nn.LayerNorm(hidden_dim)
@@ -168,17 +173,22 @@ class VisualExpressionGenerator(nn.Module):
             "position_in_values": veg.POSITION_IN_VALUES,
             "cue_identity": veg.CUE_IDENTITY,
             "centre_words": veg.CENTRE_WORDS,
+            "loss_text_gradient": cfg.MODEL.VIPA.LOSS.RELEVANCE_TEXT_GRADIENT,
         }
+
+    def score(self, cues: torch.Tensor, fv: torch.Tensor, cue_valid: torch.Tensor) -> torch.Tensor:
+        """Cosine relevance (B, T, N) of projected cues (B, T, C) and visual tokens (B, N, C),
+        word rows centred with ``centre_words``."""
+        relevance = torch.einsum("btc,bnc->btn", F.normalize(cues, dim=-1), F.normalize(fv, dim=-1))
+        return centre_word_relevance(relevance, cue_valid) if self.centre_words else relevance
 
     def retrieve(self, cues: torch.Tensor, fv: torch.Tensor, token_valid: torch.Tensor, cue_valid: torch.Tensor):
         """
-        Step 1 on projected cues (B, T, C) and visual tokens (B, N, C): cosine relevance
-        (B, T, N; word rows centred with ``centre_words``), the retrieval mask M (float,
-        carries the sampler's gradient) and its support (bool, exactly N_p tokens per cue).
+        Step 1 on projected cues (B, T, C) and visual tokens (B, N, C): the relevance
+        (``score``), the retrieval mask M (float, carries the sampler's gradient) and its
+        support (bool, exactly N_p tokens per cue).
         """
-        relevance = torch.einsum("btc,bnc->btn", F.normalize(cues, dim=-1), F.normalize(fv, dim=-1))
-        if self.centre_words:
-            relevance = centre_word_relevance(relevance, cue_valid)
+        relevance = self.score(cues, fv, cue_valid)
         mask, support = differentiable_topk(
             relevance,
             num_retrieved(token_valid.sum(dim=1), self.ratio),
@@ -230,7 +240,7 @@ class VisualExpressionGenerator(nn.Module):
         cues = self.cue_norm(self.cue_proj(text))  # (B, T, C)
         if token_valid is None:
             token_valid = torch.ones(b, h * w, dtype=torch.bool, device=visual.device)
-        out = {"valid": cue_valid, "grid": (h, w), "relevance": None}
+        out = {"valid": cue_valid, "grid": (h, w), "relevance": None, "loss_relevance": None}
         pos = sine_position_encoding(h, w, fv.shape[-1], fv.device, fv.dtype)[None]
         # What E_V is built from: appearance alone, or appearance + where it is.
         values = fv + pos if self.position_in_values else fv
@@ -241,7 +251,13 @@ class VisualExpressionGenerator(nn.Module):
             if self.cue_identity:
                 queries = queries + cues
             allowed, reweight = support, mask
-            out.update(relevance=relevance, retrieval_mask=mask, attention=relevance)
+            loss_relevance = relevance
+            if self.training and not self.loss_text_gradient:
+                # The same values through the cue projection, from the text detached: the
+                # losses still train the projection and the visual side, but cannot move the
+                # word features that the decoder (e.g. the object choice's word pool) reads.
+                loss_relevance = self.score(self.cue_norm(self.cue_proj(text.detach())), fv, cue_valid)
+            out.update(relevance=relevance, loss_relevance=loss_relevance, retrieval_mask=mask, attention=relevance)
         else:
             # No retrieval: the projected cues query every (non-padding) visual token.
             queries = cues
