@@ -338,6 +338,11 @@ class VIPA(nn.Module):
         empty = torch.tensor([bool(x.get("empty", False)) for x in batched_inputs], device=self.device)
         veg = outputs["veg"]
         has_relevance = veg is not None and veg["relevance"] is not None
+        # The VEG's copy for the losses (RELEVANCE_TEXT_GRADIENT); a registered head whose
+        # VEG outputs lack it has its losses read the relevance itself.
+        loss_relevance = veg.get("loss_relevance") if has_relevance else None
+        if has_relevance and loss_relevance is None:
+            loss_relevance = veg["relevance"]
         landmark = {}
         if self.criterion.landmark_weight > 0:
             require_inputs(batched_inputs, ["landmark_mask", "landmark_tokens"], "MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0")
@@ -372,7 +377,7 @@ class VIPA(nn.Module):
             gt,
             outputs["image_valid"],
             empty,
-            relevance=veg["loss_relevance"] if has_relevance else None,
+            relevance=loss_relevance,
             relevance_grid=veg["grid"] if has_relevance else None,
             cue_valid=outputs["cue_valid"],
             token_valid=veg["token_valid"] if has_relevance else None,
