@@ -340,9 +340,7 @@ class VIPA(nn.Module):
         has_relevance = veg is not None and veg["relevance"] is not None
         # The VEG's copy for the losses (RELEVANCE_TEXT_GRADIENT); a registered head whose
         # VEG outputs lack it has its losses read the relevance itself.
-        loss_relevance = veg.get("loss_relevance") if has_relevance else None
-        if has_relevance and loss_relevance is None:
-            loss_relevance = veg["relevance"]
+        loss_relevance = veg.get("loss_relevance", veg["relevance"]) if has_relevance else None
         landmark = {}
         if self.criterion.landmark_weight > 0:
             require_inputs(batched_inputs, ["landmark_mask", "landmark_tokens"], "MODEL.VIPA.LOSS.LANDMARK_WEIGHT > 0")
