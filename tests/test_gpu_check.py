@@ -1,6 +1,6 @@
 """tools/gpu_check.py on a machine without CUDA: its arguments, configs and the clear refusal.
 
-The CUDA path itself (AMP training, paper-config timing) needs a GPU and is not run here;
+The CUDA path itself (AMP training, paper-config timing, the step profile) needs a GPU and is not run here;
 it ran once, on an H200 (BENCHMARKS.md, section 3).
 """
 import os
@@ -9,6 +9,8 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import EventStorage
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -47,3 +49,35 @@ def test_steady_step_time_leaves_the_warm_up_out():
             storage.put_scalar("time", seconds)
     assert gpu_check["steady_step_seconds"](storage, 8) == pytest.approx(0.285)  # median of the last 4
     assert gpu_check["steady_step_seconds"](storage, 1) == 0.27  # at least one step
+
+
+def test_step_profiler_covers_exactly_its_steps():
+    # A real detectron2 trainer on a one-layer model: one addmm per forward.
+    model = torch.nn.Linear(4, 1)
+
+    class Loss(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.model = model
+
+        def forward(self, batch):
+            return {"loss": self.model(batch).square().mean()}
+
+    batches = iter(lambda: torch.ones(2, 4), None)  # endless
+    trainer = SimpleTrainer(Loss(), batches, torch.optim.SGD(model.parameters(), lr=0.1))
+    profiler = gpu_check["StepProfiler"](start=2, steps=3)
+    trainer.register_hooks([profiler])
+    trainer.train(0, 7)
+    forwards = sum(e.count for e in profiler._profile.key_averages() if e.key == "aten::addmm")
+    assert forwards == 3  # iterations 2, 3, 4 and no other
+    # No CUDA here: nothing launched, no kernel time (on a GPU these are the step's kernels).
+    assert profiler.summary == {"launches": 0.0, "kernel_ms": 0.0}
+
+
+def test_profile_config_is_fp32_with_or_without_clipping(tmp_path):
+    args = gpu_check["get_parser"]().parse_args(["--text-encoder", "bundled-minilm"])
+    for clip in (True, False):
+        cfg = gpu_check["profile_cfg"](args, str(tmp_path), clip)
+        assert cfg.MODEL.DEVICE == "cuda" and not cfg.SOLVER.AMP.ENABLED
+        assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED == clip and cfg.DATASETS.TEST == ()
+        assert cfg.SOLVER.MAX_ITER == gpu_check["PROFILE_WARMUP"] + gpu_check["PROFILE_STEPS"]

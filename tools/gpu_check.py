@@ -2,7 +2,10 @@
 """
 GPU readiness in a few minutes, one table out: on a CUDA machine, train the tiny config
 with AMP for a few hundred iterations, evaluate it, and time the paper config's inference
-at 480x480, batch 1 and 8, fp32 and fp16 autocast.
+at 480x480, batch 1 and 8, fp32 and fp16 autocast. It also profiles a few fp32 training
+steps of the tiny config (torch.profiler), with gradient clipping and without: kernel
+launches and GPU kernel time per step, because on an H200 that step was bound by its
+~10,600 kernel launches, not by arithmetic (BENCHMARKS.md, section 3).
 
     python tools/gpu_check.py [--iters 300] [--data-root datasets] [--text-encoder bert-base-uncased]
 
@@ -12,12 +15,15 @@ once or a local copy; ``bundled-minilm`` works offline, and the table says which
 """
 import argparse
 import os
+import statistics
 import sys
 import tempfile
 import time
 
 import torch
 from detectron2.config import get_cfg
+from detectron2.engine import HookBase
+from torch.profiler import ProfilerActivity, profile
 from tabulate import tabulate
 
 from vipa_d2 import add_vipa_config
@@ -38,6 +44,13 @@ WARMUP, TIMED = 3, 10
 # later ones ~0.28 s, so a mean over the whole run says little about the steady speed.
 STEADY_SHARE = 0.5
 NO_CUDA_EXIT = 2
+# The profiled fp32 steps come after these many untimed ones (first steps: cuDNN autotuning,
+# allocator growth); their own median time is the unprofiled step time.
+PROFILE_WARMUP, PROFILE_STEPS = 12, 5
+# The first steps of the warm-up are slow for the reasons above: left out of its median.
+PROFILE_SKIP = 4
+# CUDA runtime calls that each launch one kernel (CPU-side profiler events).
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC")
 
 
 def get_parser() -> argparse.ArgumentParser:
@@ -65,6 +78,15 @@ def tiny_train_cfg(args, output_dir):
     ])
 
 
+def profile_cfg(args, output_dir, clip):
+    """fp32 steps of the tiny config, no evaluation; ``clip``: SOLVER.CLIP_GRADIENTS.ENABLED."""
+    return load_cfg(TINY, [
+        "MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", PROFILE_WARMUP + PROFILE_STEPS,
+        "SOLVER.CHECKPOINT_PERIOD", PROFILE_WARMUP + PROFILE_STEPS, "SOLVER.CLIP_GRADIENTS.ENABLED", clip,
+        "DATALOADER.NUM_WORKERS", 4, "OUTPUT_DIR", output_dir, "DATASETS.TEST", (),
+    ])
+
+
 def paper_cfg(args):
     return load_cfg(PAPER, [
         "MODEL.DEVICE", "cuda", "MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", args.text_encoder,
@@ -88,6 +110,48 @@ def train_tiny(args):
 def steady_step_seconds(storage, iters: int) -> float:
     """Median training-step time (IterationTimer's "time") over the last STEADY_SHARE of ``iters``."""
     return storage.history("time").median(max(1, int(iters * STEADY_SHARE)))
+
+
+class StepProfiler(HookBase):
+    """torch.profiler over training iterations [start, start + steps); ``summary`` after them."""
+
+    def __init__(self, start: int, steps: int):
+        self.start, self.steps = start, steps
+        self.summary = None
+        self._profile = None
+
+    def before_step(self):
+        if self.trainer.iter == self.start:
+            cuda = [ProfilerActivity.CUDA] if torch.cuda.is_available() else []
+            self._profile = profile(activities=[ProfilerActivity.CPU] + cuda)
+            self._profile.__enter__()
+
+    def after_step(self):
+        if self.trainer.iter == self.start + self.steps - 1:
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            self._profile.__exit__(None, None, None)
+            self.summary = summarize_profile(self._profile.key_averages(), self.steps)
+
+
+def summarize_profile(averages, steps: int) -> dict:
+    """Per step: kernel launches, and GPU kernel time (the summed self device time), in ms."""
+    launches = sum(e.count for e in averages if e.key in LAUNCH_CALLS)
+    # torch >= 2.4 names it self_device_time_total; 2.3 (this project's CPU lock) self_cuda_time_total.
+    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
+    return {"launches": launches / steps, "kernel_ms": device_us / 1000 / steps}
+
+
+def profile_tiny(args, clip: bool) -> dict:
+    """Kernel launches, GPU kernel time and the unprofiled step time of fp32 tiny-config steps."""
+    profiler = StepProfiler(PROFILE_WARMUP, PROFILE_STEPS)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = ReferringTrainer(profile_cfg(args, tmp, clip))
+        trainer.register_hooks([profiler])
+        trainer.resume_or_load(resume=False)
+        trainer.train()
+    times = [t for t, it in trainer.storage.history("time").values() if PROFILE_SKIP <= it < PROFILE_WARMUP]
+    return {**profiler.summary, "step_s": statistics.median(times)}
 
 
 @torch.no_grad()
@@ -118,6 +182,12 @@ def main(argv=None) -> int:
     seconds, step, oiou = train_tiny(args)
     rows = [["tiny config, AMP train + eval", f"{args.iters} iterations",
              f"{seconds:.0f} s in all, {step:.3f} s/iter (median, last {STEADY_SHARE:.0%}), val oIoU {oiou:.2f}"]]
+    for clip in (True, False):
+        cost = profile_tiny(args, clip)
+        rows.append([f"tiny config, fp32 step, gradient clipping {'on' if clip else 'off'}",
+                     f"profiler, {PROFILE_STEPS} steps after {PROFILE_WARMUP}",
+                     f"{cost['launches']:.0f} kernel launches/step, {cost['kernel_ms']:.1f} ms GPU kernels/step, "
+                     f"{cost['step_s']:.3f} s/step unprofiled (median, steps {PROFILE_SKIP}-{PROFILE_WARMUP - 1})"])
     for amp in (False, True):
         for batch in BATCHES:
             per_batch = time_paper(args, batch, amp)
