@@ -71,7 +71,7 @@ def test_step_profiler_covers_exactly_its_steps():
     forwards = sum(e.count for e in profiler._profile.key_averages() if e.key == "aten::addmm")
     assert forwards == 3  # iterations 2, 3, 4 and no other
     # No CUDA here: nothing launched, no kernel time (on a GPU these are the step's kernels).
-    assert profiler.summary == {"launches": 0.0, "kernel_ms": 0.0}
+    assert profiler.summary == {"launches": 0.0, "device_events": 0.0, "kernel_ms": 0.0}
 
 
 def test_profile_config_is_fp32_with_or_without_clipping(tmp_path):

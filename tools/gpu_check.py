@@ -4,7 +4,7 @@ GPU readiness in a few minutes, one table out: on a CUDA machine, train the tiny
 with AMP for a few hundred iterations, evaluate it, and time the paper config's inference
 at 480x480, batch 1 and 8, fp32 and fp16 autocast. It also profiles a few fp32 training
 steps of the tiny config (torch.profiler), with gradient clipping and without: kernel
-launches and GPU kernel time per step, because on an H200 that step was bound by its
+launches, GPU events and GPU time per step, because on an H200 that step was bound by its
 ~10,600 kernel launches, not by arithmetic (BENCHMARKS.md, section 3).
 
     python tools/gpu_check.py [--iters 300] [--data-root datasets] [--text-encoder bert-base-uncased]
@@ -23,6 +23,7 @@ import time
 import torch
 from detectron2.config import get_cfg
 from detectron2.engine import HookBase
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from tabulate import tabulate
 
@@ -135,11 +136,13 @@ class StepProfiler(HookBase):
 
 
 def summarize_profile(averages, steps: int) -> dict:
-    """Per step: kernel launches, and GPU kernel time (the summed self device time), in ms."""
+    """Per step: kernel launches (runtime calls), device-side events (kernels and copies) and
+    GPU time (the summed self device time, in ms)."""
     launches = sum(e.count for e in averages if e.key in LAUNCH_CALLS)
+    device_events = sum(e.count for e in averages if e.device_type == DeviceType.CUDA)
     # torch >= 2.4 names it self_device_time_total; 2.3 (this project's CPU lock) self_cuda_time_total.
     device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
-    return {"launches": launches / steps, "kernel_ms": device_us / 1000 / steps}
+    return {"launches": launches / steps, "device_events": device_events / steps, "kernel_ms": device_us / 1000 / steps}
 
 
 def profile_tiny(args, clip: bool) -> dict:
@@ -186,7 +189,8 @@ def main(argv=None) -> int:
         cost = profile_tiny(args, clip)
         rows.append([f"tiny config, fp32 step, gradient clipping {'on' if clip else 'off'}",
                      f"profiler, {PROFILE_STEPS} steps after {PROFILE_WARMUP}",
-                     f"{cost['launches']:.0f} kernel launches/step, {cost['kernel_ms']:.1f} ms GPU kernels/step, "
+                     f"{cost['launches']:.0f} kernel launches/step, {cost['device_events']:.0f} GPU events/step, "
+                     f"{cost['kernel_ms']:.1f} ms GPU time/step, "
                      f"{cost['step_s']:.3f} s/step unprofiled (median, steps {PROFILE_SKIP}-{PROFILE_WARMUP - 1})"])
     for amp in (False, True):
         for batch in BATCHES:
