@@ -75,9 +75,8 @@ def test_step_profiler_covers_exactly_its_steps():
 
 
 def test_profile_config_is_fp32_with_or_without_clipping(tmp_path):
-    args = gpu_check["get_parser"]().parse_args(["--text-encoder", "bundled-minilm"])
     for clip in (True, False):
-        cfg = gpu_check["profile_cfg"](args, str(tmp_path), clip)
+        cfg = gpu_check["profile_cfg"](str(tmp_path), clip)
         assert cfg.MODEL.DEVICE == "cuda" and not cfg.SOLVER.AMP.ENABLED
         assert cfg.SOLVER.CLIP_GRADIENTS.ENABLED == clip and cfg.DATASETS.TEST == ()
         assert cfg.SOLVER.MAX_ITER == gpu_check["PROFILE_WARMUP"] + gpu_check["PROFILE_STEPS"]

@@ -71,21 +71,22 @@ def load_cfg(path, opts):
     return cfg
 
 
+def tiny_cfg(output_dir, iters, opts):
+    """The tiny config on CUDA for ``iters`` iterations, one checkpoint (at the end), plus ``opts``."""
+    return load_cfg(TINY, [
+        "MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", iters, "SOLVER.CHECKPOINT_PERIOD", iters,
+        "DATALOADER.NUM_WORKERS", 4, "OUTPUT_DIR", output_dir, *opts,
+    ])
+
+
 def tiny_train_cfg(args, output_dir):
-    return load_cfg(TINY, [
-        "MODEL.DEVICE", "cuda", "SOLVER.AMP.ENABLED", True, "SOLVER.MAX_ITER", args.iters,
-        "SOLVER.CHECKPOINT_PERIOD", args.iters, "DATALOADER.NUM_WORKERS", 4, "OUTPUT_DIR", output_dir,
-        "DATASETS.TEST", ("refsynth_unc_val",),
-    ])
+    return tiny_cfg(output_dir, args.iters, ["SOLVER.AMP.ENABLED", True, "DATASETS.TEST", ("refsynth_unc_val",)])
 
 
-def profile_cfg(args, output_dir, clip):
+def profile_cfg(output_dir, clip):
     """fp32 steps of the tiny config, no evaluation; ``clip``: SOLVER.CLIP_GRADIENTS.ENABLED."""
-    return load_cfg(TINY, [
-        "MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", PROFILE_WARMUP + PROFILE_STEPS,
-        "SOLVER.CHECKPOINT_PERIOD", PROFILE_WARMUP + PROFILE_STEPS, "SOLVER.CLIP_GRADIENTS.ENABLED", clip,
-        "DATALOADER.NUM_WORKERS", 4, "OUTPUT_DIR", output_dir, "DATASETS.TEST", (),
-    ])
+    return tiny_cfg(output_dir, PROFILE_WARMUP + PROFILE_STEPS,
+                    ["SOLVER.CLIP_GRADIENTS.ENABLED", clip, "DATASETS.TEST", ()])
 
 
 def paper_cfg(args):
@@ -145,11 +146,11 @@ def summarize_profile(averages, steps: int) -> dict:
     return {"launches": launches / steps, "device_events": device_events / steps, "kernel_ms": device_us / 1000 / steps}
 
 
-def profile_tiny(args, clip: bool) -> dict:
+def profile_tiny(clip: bool) -> dict:
     """Kernel launches, GPU kernel time and the unprofiled step time of fp32 tiny-config steps."""
     profiler = StepProfiler(PROFILE_WARMUP, PROFILE_STEPS)
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = ReferringTrainer(profile_cfg(args, tmp, clip))
+        trainer = ReferringTrainer(profile_cfg(tmp, clip))
         trainer.register_hooks([profiler])
         trainer.resume_or_load(resume=False)
         trainer.train()
@@ -186,7 +187,7 @@ def main(argv=None) -> int:
     rows = [["tiny config, AMP train + eval", f"{args.iters} iterations",
              f"{seconds:.0f} s in all, {step:.3f} s/iter (median, last {STEADY_SHARE:.0%}), val oIoU {oiou:.2f}"]]
     for clip in (True, False):
-        cost = profile_tiny(args, clip)
+        cost = profile_tiny(clip)
         rows.append([f"tiny config, fp32 step, gradient clipping {'on' if clip else 'off'}",
                      f"profiler, {PROFILE_STEPS} steps after {PROFILE_WARMUP}",
                      f"{cost['launches']:.0f} kernel launches/step, {cost['device_events']:.0f} GPU events/step, "
