@@ -654,7 +654,8 @@ def test_compiled_backbone_keeps_outputs_and_stays_out_of_training(tokenizer, de
     # What is checked here is torch.compile's capture (dynamo: graph, guards, which call
     # reads what), the same for every backend; "eager" runs the captured graph as it is,
     # skipping inductor's code generation (over a minute for this backbone on 2 cores) and
-    # AOTAutograd's tracing (a third of this test's time under "aot_eager"). test_head compiles with inductor.
+    # AOTAutograd's tracing (a third of this test's time under "aot_eager"). test_head
+    # compiles with inductor.
     eager = copy.deepcopy(default_model).eval()
     _open_fusion_gates(eager)  # early fusion runs inside the compiled backbone
     compiled = copy.deepcopy(eager)
