@@ -12,6 +12,10 @@ TRAIN_OUT ?= output/vipa_tiny_cpu
 PYTEST_ARGS ?=
 # The suite has a 5-minute budget: every run lists its slowest tests.
 PYTEST_DURATIONS ?= 15
+# pytest-xdist workers ("auto": one per core). Whole test files go to one worker
+# (--dist loadfile), so a module's fixtures (a trained quick study, a predictor) are built
+# once; tests/conftest.py gives each worker its share of torch's threads.
+PYTEST_WORKERS ?= auto
 
 .PHONY: setup test train clean-venv
 
@@ -36,7 +40,7 @@ $(STAMP): requirements.txt setup.py tools/find_python310.sh
 	echo "[setup] done: $(VENV) ready"
 
 test: setup
-	$(PY) -m pytest -q --durations=$(PYTEST_DURATIONS) tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=$(PYTEST_DURATIONS) tests $(PYTEST_ARGS)
 
 train: setup
 	$(PY) tools/main_job.py --data-root $(DATA_ROOT) --output $(TRAIN_OUT)

@@ -18,6 +18,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
+def pytest_configure(config):
+    # `make test` runs pytest-xdist workers side by side (one per core): each takes its share
+    # of the cores for torch's intra-op threads, not all of them, which would oversubscribe
+    # the machine. `workerinput` exists only in an xdist worker.
+    workers = getattr(config, "workerinput", {}).get("workercount")
+    if workers:
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)
