@@ -7,14 +7,17 @@ Train / evaluate VIPA with Detectron2.
     python train_net.py --config-file ... --resume                # continue the last checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
 """
-import os
-
-import torch
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from vipa_d2 import ConfigError, get_vipa_cfg
-from vipa_d2.engine import ReferringTrainer, keep_freed_host_memory, leave_process_group, load_weights
+from vipa_d2.engine import (
+    ReferringTrainer,
+    keep_freed_host_memory,
+    leave_process_group,
+    load_weights,
+    share_cpu_cores,
+)
 
 
 class Trainer(ReferringTrainer):
@@ -28,9 +31,7 @@ def setup(args):
     if cfg.MODEL.KEEP_FREED_HOST_MEMORY:
         keep_freed_host_memory()
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
-        # Ranks sharing a CPU split its cores; oversubscribed intra-op threads spin-wait on
-        # each other and can make every step many times slower.
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // comm.get_local_size()))
+        share_cpu_cores(comm.get_local_size())  # ranks on one CPU split its cores
     return cfg
 
 

@@ -10,6 +10,7 @@ import torch
 from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
 from vipa_d2.data import load_refer_dicts
 from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.engine import share_cpu_cores
 from vipa_d2.predictor import VIPAPredictor
 from vipa_d2.data.synthetic import SynthConfig, write_benchmark
 
@@ -19,12 +20,11 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def pytest_configure(config):
-    # `make test` runs pytest-xdist workers side by side (one per core): each takes its share
-    # of the cores for torch's intra-op threads, not all of them, which would oversubscribe
-    # the machine. `workerinput` exists only in an xdist worker.
+    # `make test` runs pytest-xdist workers side by side (one per core), which split the
+    # cores as launched ranks do. `workerinput` exists only in an xdist worker.
     workers = getattr(config, "workerinput", {}).get("workercount")
     if workers:
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))
+        share_cpu_cores(workers)
 
 
 @pytest.fixture(autouse=True)

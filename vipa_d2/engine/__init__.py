@@ -9,6 +9,7 @@ from .checkpoint import (
     load_weights,
     model_checkpoint,
 )
+from .cpu_threads import share_cpu_cores
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .host_memory import keep_freed_host_memory
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
@@ -29,6 +30,7 @@ __all__ = [
     "get_vipa_optimizer_params",
     "keep_freed_host_memory",
     "leave_process_group",
+    "share_cpu_cores",
     "shuffle_expressions",
     "StrictCheckpointer",
     "UntrustedCheckpointError",
