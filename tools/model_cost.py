@@ -3,7 +3,8 @@
 Cost and speed of a VIPA config on this CPU: parameters and fvcore multiply-adds per
 module (random weights); optionally CPU time per module (--time), inference latency per
 batch (--batches), a training step (--train-batch) and the real evaluation path of a
-checkpoint (--eval-weights: test loader, mapper, model, evaluator). Every model is built as
+checkpoint (--eval-weights: test loader, mapper, model, evaluator), and where each case's
+time goes (--profile: torch.profiler's costliest ops). Every model is built as
 the trainer builds it, with the config's runtime options (layout, compilation). Timings are medians of
 --repeats calls, wall and CPU time; every case (also under each ``--alt "KEY VALUE ..."``)
 runs round-robin, one call at a time, so machine noise hits them alike.
@@ -11,6 +12,7 @@ MODEL.KEEP_FREED_HOST_MEMORY is process-wide: it is taken from the config and op
 from --alt (compare it across two runs).
 
   python tools/model_cost.py --config-file configs/synthetic/vipa_tiny_cpu.yaml --batches 1 8 --repeats 7
+  python tools/model_cost.py --config-file configs/synthetic/vipa_tiny_cpu.yaml --train-batch 8 --profile 3
   python tools/model_cost.py --config-file configs/refcoco/vipa_swin_base_bert_base.yaml \\
       --random-text-encoder bert-base --image-size 480 --output cost.json
 """
@@ -27,6 +29,7 @@ import torch
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from tabulate import tabulate
+from torch.profiler import ProfilerActivity, profile
 
 from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
@@ -49,6 +52,9 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per case first")
     p.add_argument("--alt", action="append", default=[], help='"KEY VALUE ..." overrides of another case set')
+    p.add_argument("--profile", type=int, default=0,
+                   help="after timing, profile N more calls per case and list its costliest ops")
+    p.add_argument("--profile-top", type=int, default=12, help="ops listed per profiled case")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--output", default="", help="write the results as JSON here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
@@ -91,6 +97,20 @@ def interleaved(cases, repeats, warmup):
             samples[label].append((time.perf_counter() - wall, time.process_time() - cpu))
     return {label: {"wall_s": statistics.median(w for w, _ in s), "cpu_s": statistics.median(c for _, c in s),
                     "walls": [w for w, _ in s]} for label, s in samples.items()}
+
+
+def costliest_ops(fn, calls: int, top: int) -> list:
+    """The ``top`` ops of ``calls`` calls of ``fn`` by self CPU time (aten ops, and Python-side
+    records such as the optimizer's step): name, ms and calls per call of ``fn``, share of the
+    profiled time. Self times exclude an op's children, so they add up to the whole."""
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+    ops = list(prof.key_averages())
+    total_us = sum(e.self_cpu_time_total for e in ops)
+    ops.sort(key=lambda e: e.self_cpu_time_total, reverse=True)
+    return [{"op": e.key, "ms_per_call": e.self_cpu_time_total / 1e3 / calls,
+             "calls_per_call": e.count / calls, "share": e.self_cpu_time_total / total_us} for e in ops[:top]]
 
 
 def speed_cases(label, cfg, model, batches, train_batch):
@@ -161,6 +181,8 @@ def main(argv=None):
                 load_weights(model, args.eval_weights)  # weights-only and strict
                 cases.update(eval_case(label, cfg, model, args.dataset, args.eval_samples, metrics))
         result["timings"] = interleaved(cases, args.repeats, args.warmup) if cases else {}
+        if args.profile:
+            result["profile"] = {label: costliest_ops(fn, args.profile, args.profile_top) for label, fn in cases.items()}
     for label, t in result["timings"].items():
         t["cpu_wall_ratio"], t["metrics"] = t["cpu_s"] / t["wall_s"], metrics.get(label)
     result["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
@@ -180,6 +202,10 @@ def main(argv=None):
         print(tabulate([[label, 1e3 * t["wall_s"], 1e3 * t["cpu_s"], t["cpu_wall_ratio"]]
                         for label, t in result["timings"].items()],
                        [f"case (median of {args.repeats})", "wall ms", "CPU ms", "CPU/wall"], floatfmt=".1f"))
+    for label, ops in result.get("profile", {}).items():
+        print(tabulate([[o["op"], o["ms_per_call"], o["calls_per_call"], 100 * o["share"]] for o in ops],
+                       [f"{label}: costliest ops ({args.profile} calls)", "self ms / call", "calls / call", "% of self"],
+                       floatfmt=".1f"))
     if args.output:
         with open(args.output, "w") as f:
             json.dump(result, f, indent=1)

@@ -648,6 +648,16 @@ def test_model_cost_times_a_training_step_of_the_tiny_config():
     cases = tool.speed_cases("config", cfg, model, batches=[], train_batch=2)
     assert list(cases) == ["config | train | batch 2"]
     cases["config | train | batch 2"]()
+    # --profile: a step's ops, costliest first; their shares of the step's time add up to 1.
+    ops = tool.costliest_ops(cases["config | train | batch 2"], calls=1, top=10**6)
+    assert all(a["ms_per_call"] >= b["ms_per_call"] for a, b in zip(ops, ops[1:]))
+    assert sum(o["share"] for o in ops) == pytest.approx(1.0)
+    names = {o["op"]: o for o in ops}
+    assert names["aten::convolution_backward"]["calls_per_call"] >= 1  # backward ran in each call
+    assert any(name.startswith("Optimizer.step") for name in names)  # and the optimizer's step
+    # ... and --profile-top keeps the costliest (a cheap call: profiling a step costs seconds).
+    cheap = tool.costliest_ops(lambda: torch.ones(64, 64).mm(torch.ones(64, 64)).cumsum(0), calls=2, top=2)
+    assert len(cheap) == 2 and cheap[0]["ms_per_call"] >= cheap[1]["ms_per_call"]
 
 
 def test_compiled_backbone_keeps_outputs_and_stays_out_of_training(tokenizer, default_model):
