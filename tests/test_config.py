@@ -48,10 +48,28 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         ((TINY_CONFIG, ("SOLVER.BASE_LR", "1")), "invalid config override: Type mismatch"),
         ((TINY_CONFIG, ("SEED",)), "config overrides must be KEY VALUE pairs, got an odd number: ['SEED']"),
     ]
+    loop, listed = tmp_path / "loop.yaml", tmp_path / "listed.yaml"
+    loop.write_text(f'_BASE_: "{loop}"\n')
+    listed.write_text("- MODEL\n")
+    cases += [
+        ((str(loop), ()), f"invalid config file {loop}: its _BASE_ chain comes back to a file it has read"),
+        ((str(listed), ()), f"invalid config file {listed}: expected a mapping of config keys at the top level"),
+    ]
     for args, message in cases:
         with pytest.raises(ConfigError) as e:
             get_vipa_cfg(*args)
         assert str(e.value).startswith(message), str(e.value)
+
+
+def test_a_config_file_is_read_as_data_not_run(tmp_path):
+    # Detectron2 falls back to yaml.unsafe_load when safe_load refuses a file: a !!python
+    # tag would run (here: create a file) before any check of the merged values.
+    ran = tmp_path / "ran"
+    evil = tmp_path / "evil.yaml"
+    evil.write_text(f'_BASE_: "{TINY_CONFIG}"\nOUTPUT_DIR: !!python/object/apply:pathlib.Path.touch [!!python/object/apply:pathlib.Path ["{ran}"]]\n')
+    with pytest.raises(ConfigError, match=f"invalid config file {evil}: could not determine a constructor"):
+        get_vipa_cfg(str(evil))
+    assert not ran.exists()
 
 
 def test_invalid_refs_other_than_the_builtin_policy_is_refused_on_load(tmp_path):

@@ -145,8 +145,19 @@ def test_bad_inputs(predictor, records, tmp_path):
         predictor(str(tmp_path / "text.png"), "the cat")
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         predictor(np.zeros((8, 8), np.uint8), "the cat")
+    with pytest.raises(ValueError, match=r"HxWx3 uint8 array in .* \(H, W > 0\), got shape \(0, 0, 3\)"):
+        predictor(np.zeros((0, 0, 3), np.uint8), "the cat")
     for bad in ["", "   ", ["ok", " \t"], []]:
         with pytest.raises(ValueError, match="expression"):
+            predictor(records[0]["file_name"], bad)
+    # Not text at all: named as such, not as a TypeError from inside or a blank expression.
+    for bad, message in [
+        (None, r"Expected a referring expression \(str\) or a list of them, got None"),
+        (5, r"got 5$"),
+        (b"the cat", r"got b'the cat'"),
+        (["the cat", 7], r"Referring expression #1 is 7, a int; expected a str"),
+    ]:
+        with pytest.raises(ValueError, match=message):
             predictor(records[0]["file_name"], bad)
 
 

@@ -8,7 +8,7 @@ from detectron2.modeling import build_model
 
 from common import INSTANT_TEST_CONFIG, import_train_net, make_cfg, train_net_args
 from vipa_d2 import VIPAPredictor
-from vipa_d2.engine import AtomicDetectionCheckpointer, WeightsError
+from vipa_d2.engine import AtomicDetectionCheckpointer, WeightsError, load_weights
 
 train_net = import_train_net()
 pytestmark = pytest.mark.usefixtures("single_thread", "synthetic_datasets_root")
@@ -55,3 +55,22 @@ def test_eval_only_resume_loads_the_recorded_checkpoint_strictly(mismatched, tmp
     # --resume: the recorded checkpoint wins over MODEL.WEIGHTS (Detectron2's rule), strictly.
     with pytest.raises(WeightsError, match=f"model_0000009.pth.*{missing}"):
         _eval_only(out, "--resume")
+
+
+def test_a_file_that_holds_no_weights_is_refused_naming_it(mismatched, tmp_path):
+    # Session 42's bad-input review: these gave AttributeError from deep in the loader, or
+    # "cannot read the checkpoint: " with nothing after it.
+    model = build_model(mismatched[2])
+    torch.save([1, 2], tmp_path / "list.pth")
+    torch.save({"model": [1, 2]}, tmp_path / "model_list.pth")
+    torch.save({"model": {3: torch.zeros(1)}}, tmp_path / "int_keys.pth")
+    (tmp_path / "empty.pth").write_bytes(b"")
+    cases = {
+        "list.pth": r"weights as a mapping of parameter names to tensors \(under 'model'\), got \[1, 2\]",
+        "model_list.pth": r"got \[1, 2\]",
+        "int_keys.pth": r"got \{3: tensor",
+        "empty.pth": r"cannot read the checkpoint \(EOFError\); expected a file written by torch.save",
+    }
+    for name, pattern in cases.items():
+        with pytest.raises(WeightsError, match=f"MODEL.WEIGHTS=.*{name}: .*{pattern}"):
+            load_weights(model, str(tmp_path / name))

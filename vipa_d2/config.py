@@ -461,9 +461,15 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     add_vipa_config(cfg)
     if config_file:
         try:
-            cfg.merge_from_file(config_file)
+            # A config is data: Detectron2 would fall back to yaml.unsafe_load, which runs
+            # the constructors a !!python tag names, for a file safe_load refuses.
+            cfg.merge_from_file(config_file, allow_unsafe=False)
         except _MERGE_ERRORS as e:
             raise ConfigError(f"invalid config file {config_file}: {_merge_message(e)}") from e
+        except RecursionError as e:
+            raise ConfigError(f"invalid config file {config_file}: its _BASE_ chain comes back to a file it has read") from e
+        except AttributeError as e:  # Detectron2 reads the top level with .items()
+            raise ConfigError(f"invalid config file {config_file}: expected a mapping of config keys at the top level ({e})") from e
     if len(opts) % 2:
         raise ConfigError(f"config overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
     try:

@@ -14,6 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from .data.dataset_mapper import build_referring_augmentations, read_image
+from .data.validation import quote
 from .engine.checkpoint import WeightsError, load_weights
 from .modeling.meta_arch import runtime_options
 from .modeling.text_encoder import build_tokenizer, tokenize
@@ -28,11 +29,15 @@ SUPPORTED_FORMATS = ("RGB", "BGR")
 
 def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
     """The expressions as a list; raises ValueError on a missing, empty or blank one."""
+    if isinstance(expressions, (bytes, bytearray)) or not hasattr(expressions, "__iter__"):
+        raise ValueError(f"Expected a referring expression (str) or a list of them, got {quote(expressions)}")
     texts = [expressions] if isinstance(expressions, str) else list(expressions)
     if not texts:
         raise ValueError("Expected at least one referring expression, got none")
     for i, t in enumerate(texts):
-        if not isinstance(t, str) or not t.strip():
+        if not isinstance(t, str):
+            raise ValueError(f"Referring expression #{i} is {quote(t)}, a {type(t).__name__}; expected a str")
+        if not t.strip():
             raise ValueError(f"Referring expression #{i} is empty or blank ({t!r}); expected some words")
     return texts
 
@@ -80,9 +85,9 @@ class VIPAPredictor:
         if isinstance(image, (str, os.PathLike)):
             return read_image(os.fspath(image), self.input_format)
         image = np.asarray(image)
-        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise ValueError(
-                f"Expected an image path or an HxWx3 uint8 array in {self.input_format}, "
+                f"Expected an image path or an HxWx3 uint8 array in {self.input_format} (H, W > 0), "
                 f"got shape {image.shape} dtype {image.dtype}"
             )
         return image

@@ -151,7 +151,7 @@ def test_exif_orientation_is_applied(tmp_path):
     assert tuple(out["image"].shape) == (3, SIZE, 21)
 
 
-def test_unreadable_image_names_the_file(tmp_path):
+def test_unreadable_image_names_the_file(tmp_path, monkeypatch):
     mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)
     with pytest.raises(
         OSError, match=r"Cannot read image .*missing\.jpg \(image_id=3, ref_id=11\)"
@@ -160,6 +160,15 @@ def test_unreadable_image_names_the_file(tmp_path):
     (tmp_path / "corrupt.jpg").write_bytes(b"this is not an image")
     with pytest.raises(OSError, match=r"Cannot read image .*corrupt\.jpg"):
         mapper(mapper_record(tmp_path / "corrupt.jpg"))
+    # PIL would saturate a 16-bit image to nearly all white: refused, not read wrong.
+    Image.fromarray(np.full((H, W), 40000, np.uint16)).save(tmp_path / "wide.png")
+    with pytest.raises(OSError, match=r"Cannot read image .*wide\.png \(image_id=3, ref_id=11\): PIL mode I;16"):
+        mapper(mapper_record(tmp_path / "wide.png"))
+    # Over twice PIL's pixel limit (a decompression bomb): PIL's error, with the file named.
+    write_image(tmp_path / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", H * W // 3)
+    with pytest.raises(OSError, match=r"Cannot read image .*bomb\.png .*decompression bomb"):
+        mapper(mapper_record(tmp_path / "bomb.png"))
 
 
 def test_horizontal_flip_mirrors_mask_and_words(tmp_path):

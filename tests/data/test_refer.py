@@ -16,6 +16,7 @@ import vipa_d2  # noqa: F401  registers the built-ins
 from vipa_d2.data import annotations_to_mask, load_refer_dicts, save_refer_dataset
 from vipa_d2.data import builtin
 from vipa_d2.data.refer import ReferringDataError, make_sentence
+from vipa_d2.data.validation import quote
 
 H, W = 40, 60
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
@@ -284,6 +285,37 @@ def test_bad_refs_error_or_counted_skip(tmp_path, caplog, kind, pattern, reason)
     assert f"skipped 1 invalid item(s): {reason}=1" in caplog.text
 
 
+@pytest.mark.parametrize("key", ["images", "annotations"])
+def test_a_duplicate_id_in_instances_is_refused(tmp_path, key):
+    # The official reader keeps the last entry of an id: a ref would silently get another
+    # image's file or another object's mask.
+    inst = _instances()
+    inst[key].append(dict(inst[key][0]))
+    save_refer_dataset(str(tmp_path / "dup"), "unc", _refs(), inst)
+    last = len(inst[key]) - 1
+    with pytest.raises(ReferringDataError, match=rf"instances\.json: {key}\[{last}\]: id: \d+ is also the id of {key}\[0\]"):
+        load_refer_dicts(str(tmp_path), "dup", "unc", "train", "/imgs")
+
+
+def test_error_quotes_read_a_bounded_part_of_a_huge_value():
+    # A pickle of lists that share themselves is 14 KB on disk and 2^40 elements deep in
+    # memory: quoting it in an error must not walk it (session 42: the loader hung on one).
+    seen = []
+
+    class Counted:
+        def __repr__(self):
+            seen.append(1)
+            return "x"
+
+    assert quote([Counted() for _ in range(10_000)]).startswith("[x, x, x")
+    assert len(seen) <= 30  # the items that fit in the quote, not all 10,000
+    nested = []  # (after the check above, so that a regression fails rather than hangs)
+    for _ in range(40):
+        nested = [nested, nested]
+    assert quote(nested).startswith("[[[[") and quote(nested).endswith("...")
+    assert quote(10**5000) == "<an integer of 16610 bits>"  # too long for str(): described
+
+
 def test_readable_oddities_are_read_as_the_official_api_does(tmp_path, caplog):
     # A blank sentence, a ref without sentences and a target whose polygon has no area
     # are all read by lichengunc/refer: a record each (none for no sentence), no error.
@@ -399,6 +431,16 @@ def test_grefs_file_is_json_list(refer_root):
             {"group_ann_ids": [100, 999]},
             r"refs\(unc\)\.p: ref #0 \(ref_id=0\): ann_id: 999 is not an annotation id of .*instances\.json",
             "group_unknown_ann_id",
+        ),
+        (
+            {"group_ann_ids": [[100]]},
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): ann_id: expected an annotation id \(an integer or a string\), got \[100\]",
+            "group_bad_ann_id",
+        ),
+        (
+            {"landmark_ann_id": {"id": 101}, "landmark_phrase": "triangle"},
+            r"ann_id: expected an annotation id \(an integer or a string\), got \{'id': 101\}",
+            "landmark_bad_ann_id",
         ),
         (
             {"group_ann_ids": [100, 102]},

@@ -8,6 +8,7 @@ from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
+from PIL import Image
 from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -24,6 +25,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["ReferringDatasetMapper", "build_referring_augmentations", "read_image", "swap_left_right"]
 
 RESIZE_MODES = ("square", "keep_ratio")
+# PIL modes of more than 8 bits per channel: PIL's conversion to RGB saturates them (a
+# 16-bit PNG becomes nearly all white), so they are refused rather than read wrong.
+_WIDE_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 FLIP_MODES = ("none", "horizontal")
 
 # Words whose meaning a horizontal flip mirrors.
@@ -46,9 +50,15 @@ def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarra
     if not os.path.isfile(file_name):
         raise FileNotFoundError(f"Cannot read image {file_name}{where}: no such file")
     try:
-        return utils.read_image(file_name, format=image_format)
-    except (OSError, ValueError, SyntaxError) as e:  # PIL's errors for bad or truncated files
+        with Image.open(file_name) as header:  # reads the header only
+            mode = header.mode
+        if mode not in _WIDE_IMAGE_MODES:
+            return utils.read_image(file_name, format=image_format)
+    # PIL's errors for bad or truncated files, and for more pixels than Image.MAX_IMAGE_PIXELS.
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
         raise OSError(f"Cannot read image {file_name}{where}: expected an image file ({e})") from e
+    raise OSError(f"Cannot read image {file_name}{where}: PIL mode {mode} (16-bit or float); expected 8 bits "
+                  "per channel (grey, RGB, RGBA or palette)")
 
 
 def _record_name(record: Dict) -> str:

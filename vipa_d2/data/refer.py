@@ -100,6 +100,11 @@ def _load_instances(path: str):
                     "id",
                     f"expected an integer or string id, got {quote(entry.get('id'))}",
                 )
+            if entry["id"] in table:  # the official reader keeps the last: one entry would vanish unseen
+                first = next(j for j, e in enumerate(entries) if isinstance(e, dict) and e.get("id") == entry["id"])
+                raise data_error(
+                    path, f"{key}[{i}]", "id", f"{quote(entry['id'])} is also the id of {key}[{first}]; expected unique ids"
+                )
             table[entry["id"]] = entry
         tables.append(table)
     categories = data.get("categories")
@@ -221,6 +226,10 @@ class _TargetChecker:
         return None
 
     def annotation(self, aid, ref: Dict, where: str, refs_path: str, role: str = "target"):
+        if not check.valid_id(aid):  # a group member or landmark: the ref's own ids are checked before
+            return "bad_ann_id", data_error(
+                refs_path, where, "ann_id", f"expected an annotation id (an integer or a string), got {quote(aid)}"
+            )
         ann = self.anns.get(aid)
         if ann is None:
             return "unknown_ann_id", data_error(

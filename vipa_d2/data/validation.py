@@ -18,6 +18,7 @@ far outside the image, are refused.
 import json
 import math
 import numbers
+import reprlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -80,9 +81,37 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())
 
 
+class _QuotingRepr(reprlib.Repr):
+    """repr() that stops after what fits in a quote. A value from a stranger's file can be
+    small on disk and huge in memory (a pickle of nested lists that share themselves: 2^40
+    elements in 14 KB), and repr() would walk all of it: containers are cut to a few levels
+    and items. Strings stay whole (their repr is linear in the file), and an integer too
+    long for str() (Python's digit limit) is described instead."""
+
+    def __init__(self):
+        super().__init__()
+        self.maxlevel = 4
+        self.maxlist = self.maxtuple = self.maxset = self.maxfrozenset = self.maxdeque = self.maxdict = _MAX_QUOTED // 3
+        # Other values are cut in the middle past this; the quote keeps a shorter prefix.
+        self.maxother = 4 * _MAX_QUOTED
+
+    def repr_str(self, x, level):
+        return repr(x)
+
+    def repr_int(self, x, level):
+        try:
+            return repr(x)
+        except ValueError:
+            return f"<an integer of {x.bit_length()} bits>"
+
+
+_QUOTING_REPR = _QuotingRepr()
+
+
 def quote(value: Any) -> str:
-    """A short one-line representation of ``value`` for error messages."""
-    text = _one_line(repr(value))
+    """A short one-line representation of ``value`` for error messages, in time bounded by
+    the quote's length whatever the value's size."""
+    text = _one_line(_QUOTING_REPR.repr(value))
     return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
 
 

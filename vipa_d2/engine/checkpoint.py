@@ -6,7 +6,6 @@ files that are never half-written.
 
 import logging
 import os
-import pickle
 from typing import Dict, List, Optional
 
 import numpy as np
@@ -15,10 +14,14 @@ from detectron2.checkpoint import DetectionCheckpointer
 
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, model_files_entry
 from vipa_d2.utils.atomic_io import atomic_open
+from vipa_d2.data.validation import quote
 from vipa_d2.utils.checkpoint_file import (
+    READ_ERRORS,
     TRUST_HINT,
     UntrustedCheckpointError,
+    WeightsError,
     local_weights_path,
+    read_error,
     torch_load_checkpoint,
 )
 
@@ -36,10 +39,6 @@ __all__ = [
 
 # Keys listed per kind in a weights-mismatch message before "... (+N more)".
 MAX_KEYS_REPORTED = 8
-
-
-class WeightsError(ValueError):
-    """``MODEL.WEIGHTS`` cannot be read or does not match the model."""
 
 
 class WeightsOnlyCheckpointer(DetectionCheckpointer):
@@ -104,9 +103,18 @@ class StrictCheckpointer(WeightsOnlyCheckpointer):
 
     def _load_file(self, filename):
         try:
-            return super()._load_file(filename)
-        except (OSError, EOFError, RuntimeError, ValueError, AssertionError, KeyError, pickle.UnpicklingError) as e:
-            raise WeightsError(f"cannot read the checkpoint: {e}") from e
+            loaded = super()._load_file(filename)
+        except READ_ERRORS as e:
+            if isinstance(e, UntrustedCheckpointError):
+                raise WeightsError(str(e)) from e
+            raise read_error(e) from e
+        state = loaded.get("model")  # Detectron2 puts whatever a file holds without "model" there
+        if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
+            raise WeightsError(
+                "expected the checkpoint's weights as a mapping of parameter names to tensors "
+                f"(under 'model'), got {quote(state)}"
+            )
+        return loaded
 
     def _load_model(self, checkpoint):
         if checkpoint.get("matching_heuristics", False):

@@ -18,7 +18,14 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ..utils.checkpoint_file import local_weights_path, torch_load_checkpoint
+from ..utils.checkpoint_file import (
+    READ_ERRORS,
+    UntrustedCheckpointError,
+    WeightsError,
+    local_weights_path,
+    read_error,
+    torch_load_checkpoint,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -114,7 +121,12 @@ def _checkpoint_files(weights: str, trusted: bool) -> Optional[Dict[str, bytes]]
     if not zipfile.is_zipfile(path):  # Detectron2 zoo / legacy formats never hold it
         return None
     # Memory-mapped: the weights are not read here, only the small files entry.
-    checkpoint = torch_load_checkpoint(path, trusted=trusted, mmap=True)
+    try:
+        checkpoint = torch_load_checkpoint(path, trusted=trusted, mmap=True)
+    except UntrustedCheckpointError:
+        raise
+    except READ_ERRORS as e:  # a zip that torch.save did not write, say
+        raise WeightsError(f"MODEL.WEIGHTS={weights}: {read_error(e)}") from e
     entry = checkpoint.get(CHECKPOINT_FILES_KEY) if isinstance(checkpoint, dict) else None
     return None if entry is None else _entry_files(entry, f"MODEL.WEIGHTS={weights}")
 

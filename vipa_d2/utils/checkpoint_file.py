@@ -12,7 +12,7 @@ import pickle
 import torch
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["UntrustedCheckpointError", "local_weights_path", "torch_load_checkpoint"]
+__all__ = ["UntrustedCheckpointError", "WeightsError", "local_weights_path", "read_error", "torch_load_checkpoint"]
 
 # What the error for a refused checkpoint tells the user to do.
 TRUST_HINT = (
@@ -23,6 +23,24 @@ TRUST_HINT = (
 
 class UntrustedCheckpointError(ValueError):
     """A checkpoint needs full pickle to load and was not marked trusted."""
+
+
+class WeightsError(ValueError):
+    """``MODEL.WEIGHTS`` cannot be read or does not match the model."""
+
+
+# What torch.load raises for a file that is not a checkpoint (garbage, empty, cut short, a
+# zip of something else) besides the refusals above.
+READ_ERRORS = (OSError, EOFError, RuntimeError, ValueError, AssertionError, KeyError, TypeError, pickle.UnpicklingError)
+
+
+def read_error(e: BaseException) -> WeightsError:
+    """The WeightsError for a file torch.load could not read (``e``: one of READ_ERRORS)."""
+    # Some say little alone (an empty file: EOFError with no text), hence the type.
+    return WeightsError(
+        f"cannot read the checkpoint ({type(e).__name__}{': ' if str(e) else ''}{e}); expected a file "
+        "written by torch.save, such as train_net.py's model_final.pth"
+    )
 
 
 def local_weights_path(weights: str) -> str:
