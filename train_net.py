@@ -11,6 +11,7 @@ from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 
 from vipa_d2 import ConfigError, get_vipa_cfg
+from vipa_d2.data import register_refer_splits
 from vipa_d2.engine import (
     ReferringTrainer,
     keep_freed_host_memory,
@@ -28,6 +29,7 @@ def setup(args):
     cfg = get_vipa_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    register_refer_splits(cfg.DATASETS.REFER_SPLITS)  # in every process launch starts
     if cfg.MODEL.KEEP_FREED_HOST_MEMORY:
         keep_freed_host_memory()
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:

@@ -51,7 +51,17 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
     loop, listed = tmp_path / "loop.yaml", tmp_path / "listed.yaml"
     loop.write_text(f'_BASE_: "{loop}"\n')
     listed.write_text("- MODEL\n")
+    split = {"name": "mine", "refer_root": "/r", "dataset": "d", "split_by": "unc", "split": "train", "image_root": "/i"}
     cases += [
+        ((TINY_CONFIG, ("DATASETS.REFER_SPLITS", repr([{"name": "mine"}]))),
+         "DATASETS.REFER_SPLITS[0]: missing keys ['refer_root', 'dataset', 'split_by', 'split', 'image_root'], unknown keys []"),
+        ((TINY_CONFIG, ("DATASETS.REFER_SPLITS", repr([split, {**split, "splitby": "unc"}]))),
+         "DATASETS.REFER_SPLITS[1]: missing keys [], unknown keys ['splitby']"),
+        ((TINY_CONFIG, ("DATASETS.REFER_SPLITS", repr([{**split, "generalized": "yes"}]))),
+         "DATASETS.REFER_SPLITS[0].generalized: expected a bool, got 'yes'"),
+        ((TINY_CONFIG, ("DATASETS.REFER_SPLITS", repr([{**split, "invalid": "ignore"}]))),
+         "DATASETS.REFER_SPLITS[0].invalid: 'ignore', expected one of"),
+        ((TINY_CONFIG, ("DATASETS.REFER_SPLITS", repr(["mine"]))), "DATASETS.REFER_SPLITS[0]: expected a mapping"),
         ((str(loop), ()), f"invalid config file {loop}: its _BASE_ chain comes back to a file it has read"),
         ((str(listed), ()), f"invalid config file {listed}: expected a mapping of config keys at the top level"),
     ]
@@ -149,3 +159,20 @@ def test_moved_runtime_keys_name_their_new_place(old, new):
     add_vipa_config(cfg)
     with pytest.raises(KeyError, match=f"{old} was renamed to {new}"):
         cfg.clone().merge_from_list([old, "True"])
+
+
+def test_refer_splits_from_a_yaml_file_as_the_readme_writes_them(tmp_path):
+    leaf = tmp_path / "mine.yaml"
+    leaf.write_text(
+        f'_BASE_: "{TINY_CONFIG}"\n'
+        "DATASETS:\n"
+        "  REFER_SPLITS:\n"
+        "    - {name: mydata_train, refer_root: /data/refer, dataset: mydata, split_by: unc, split: train, image_root: /data/images}\n"
+        "    - {name: mydata_val, refer_root: /data/refer, dataset: mydata, split_by: unc, split: val, image_root: /data/images, generalized: true}\n"
+        '  TRAIN: ("mydata_train",)\n'
+    )
+    cfg = get_vipa_cfg(str(leaf))
+    assert [e["name"] for e in cfg.DATASETS.REFER_SPLITS] == ["mydata_train", "mydata_val"]
+    assert cfg.DATASETS.REFER_SPLITS[1]["generalized"] is True and cfg.DATASETS.TRAIN == ("mydata_train",)
+    cfg.freeze()
+    assert "mydata_val" in cfg.dump()  # what default_setup writes to OUTPUT_DIR/config.yaml

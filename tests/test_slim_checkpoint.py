@@ -2,6 +2,7 @@
 smaller, loads in the demo, the predictor and the evaluator, and gives the same masks (fp32)
 or nearly the same (fp16)."""
 import os
+import re
 
 import numpy as np
 import pytest
@@ -97,9 +98,18 @@ def test_export_evaluates_like_the_training_checkpoint(trained, tmp_path):
     assert exported == original and set(original[VAL]["refer"]) >= {"oIoU", "mIoU"}
 
 
-def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path):
-    with pytest.raises(ValueError, match=r"MODEL.WEIGHTS=.*model_final.pth.*unexpected keys"):
-        _export(trained, str(tmp_path / "x.pth"), "MODEL.VIPA.DECODER.NUM_LAYERS", "2")
-    assert not (tmp_path / "x.pth").exists()
-    with pytest.raises(ValueError, match="is the --input file"):
-        _export(trained, trained)
+def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys):
+    # Each refusal is one line on stderr and exit status 2 (argparse's), not a traceback.
+    refusals = [
+        ((trained, str(tmp_path / "x.pth"), "MODEL.VIPA.DECODER.NUM_LAYERS", "2"),
+         r"MODEL.WEIGHTS=.*model_final.pth.*unexpected keys"),
+        ((trained, trained), "is the --input file"),
+        ((str(tmp_path / "gone.pth"), str(tmp_path / "y.pth")), r"MODEL.WEIGHTS=.*gone.pth: checkpoint file not found"),
+        ((trained, str(tmp_path / "z.pth"), "MODEL.BOGUS", "1"), "invalid config override: Non-existent key: MODEL.BOGUS"),
+    ]
+    for args, message in refusals:
+        with pytest.raises(SystemExit) as e:
+            _export(*args)
+        assert e.value.code == 2
+        assert re.search(message, capsys.readouterr().err)
+    assert not any((tmp_path / f).exists() for f in ("x.pth", "y.pth", "z.pth"))

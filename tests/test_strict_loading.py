@@ -74,3 +74,19 @@ def test_a_file_that_holds_no_weights_is_refused_naming_it(mismatched, tmp_path)
     for name, pattern in cases.items():
         with pytest.raises(WeightsError, match=f"MODEL.WEIGHTS=.*{name}: .*{pattern}"):
             load_weights(model, str(tmp_path / name))
+
+
+def test_training_refuses_weights_of_which_nothing_matches(mismatched, tmp_path):
+    # Training loads MODEL.WEIGHTS leniently (fine-tuning from part of a model), but a file
+    # none of whose names the model has would leave it all at random, exit 0, and say so
+    # only in ~300 warning lines.
+    good = torch.load(os.path.join(os.path.dirname(mismatched[0]), "good.pth"), map_location="cpu", weights_only=True)
+    torch.save({"model": {"detector." + k: v for k, v in good["model"].items()}}, tmp_path / "other.pth")
+    with pytest.raises(WeightsError, match=r"other\.pth: none of its \d+ weights loaded into the model .*detector\.backbone\."):
+        train_net.main(train_net_args(tmp_path / "train", opts=["MODEL.WEIGHTS", str(tmp_path / "other.pth")]))
+    # Part of the model (here its backbone) still loads, as for fine-tuning.
+    part = {k: v for k, v in good["model"].items() if k.startswith("backbone.")}
+    torch.save({"model": part}, tmp_path / "backbone.pth")
+    model = build_model(mismatched[2])
+    AtomicDetectionCheckpointer(model).load(str(tmp_path / "backbone.pth"), checkpointables=[])
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in part.items())

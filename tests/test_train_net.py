@@ -14,7 +14,7 @@ from detectron2.engine import HookBase, launch
 
 from common import INSTANT_TEST_VAL as VAL
 from common import REPO_ROOT, TINY_CONFIG, import_train_net, results_file, train_net_args
-from vipa_d2.data import ReferringDataError
+from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.engine import (
@@ -307,15 +307,31 @@ def main_leaving_no_group(args):
     assert not torch.distributed.is_initialized(), "train_net.main left its process group up"
 
 
-def test_two_process_training_and_evaluation(tmp_path):
+def own_splits(root):
+    """DATASETS.REFER_SPLITS entries registering the synthetic benchmark's train / val as a
+    user's own REFER folder ("mine_train", "mine_val"), and the opts that train and
+    evaluate on them."""
+    entries = [{"name": f"mine_{split}", "refer_root": root, "dataset": "refsynth", "split_by": "unc",
+                "split": split, "image_root": os.path.join(root, "refsynth", "images")} for split in ("train", "val")]
+    opts = ["DATASETS.REFER_SPLITS", repr(entries), "DATASETS.TRAIN", "('mine_train',)", "DATASETS.TEST", "('mine_val',)"]
+    return entries, opts
+
+
+def test_two_process_training_and_evaluation(tmp_path, synthetic_datasets_root):
     two_dir, one_dir = tmp_path / "two", tmp_path / "one"
-    # --num-gpus 2 on a CPU machine: detectron2's launch spawns 2 ranks over gloo.
-    args = train_net_args(two_dir, "--num-gpus", "2", opts=["SOLVER.MAX_ITER", "2"])
+    # --num-gpus 2 on a CPU machine: detectron2's launch spawns 2 ranks over gloo. They
+    # train on splits the config registers (DATASETS.REFER_SPLITS): each rank does it.
+    entries, mine = own_splits(synthetic_datasets_root)
+    args = train_net_args(two_dir, "--num-gpus", "2", opts=["SOLVER.MAX_ITER", "2"] + mine)
     launch(main_leaving_no_group, args.num_gpus, dist_url=args.dist_url, args=(args,))
     assert (two_dir / "last_checkpoint").read_text() == "model_final.pth"
-    two_process = results_file(two_dir)  # written by rank 0 after gathering both ranks
+    two_process = results_file(two_dir, name="mine_val")  # written by rank 0 after gathering both ranks
 
     weights = str(two_dir / "model_final.pth")
-    one_process = train_net.main(train_net_args(one_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
-    assert len(two_process["samples"]) == len(DatasetCatalog.get(VAL))
-    assert two_process["metrics"] == dict(one_process[VAL]["refer"])  # exact
+    one_process = train_net.main(train_net_args(one_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights] + mine))
+    assert len(two_process["samples"]) == len(DatasetCatalog.get("mine_val")) == len(DatasetCatalog.get(VAL))
+    assert two_process["metrics"] == dict(one_process["mine_val"]["refer"])  # exact
+    register_refer_splits(entries)  # the same entries again (another main in this process): a no-op
+    # A name that is registered otherwise (here: a built-in) is refused, naming it.
+    with pytest.raises(ValueError, match=f"DATASETS.REFER_SPLITS: '{VAL}' is already registered as another dataset"):
+        register_refer_splits([{**entries[1], "name": VAL}])

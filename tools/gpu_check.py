@@ -21,13 +21,12 @@ import tempfile
 import time
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.engine import HookBase
 from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from tabulate import tabulate
 
-from vipa_d2 import add_vipa_config
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.synthetic import write_benchmark
 from vipa_d2.engine import ReferringTrainer
 from vipa_d2.modeling.text_encoder import build_tokenizer, tokenize
@@ -63,17 +62,9 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def load_cfg(path, opts):
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(path)
-    cfg.merge_from_list(opts)
-    return cfg
-
-
 def tiny_cfg(output_dir, iters, opts):
     """The tiny config on CUDA for ``iters`` iterations, one checkpoint (at the end), plus ``opts``."""
-    return load_cfg(TINY, [
+    return get_vipa_cfg(TINY, [
         "MODEL.DEVICE", "cuda", "SOLVER.MAX_ITER", iters, "SOLVER.CHECKPOINT_PERIOD", iters,
         "DATALOADER.NUM_WORKERS", 4, "OUTPUT_DIR", output_dir, *opts,
     ])
@@ -90,7 +81,7 @@ def profile_cfg(output_dir, clip):
 
 
 def paper_cfg(args):
-    return load_cfg(PAPER, [
+    return get_vipa_cfg(PAPER, [
         "MODEL.DEVICE", "cuda", "MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", args.text_encoder,
         "INPUT.IMAGE_SIZE", PAPER_SIZE,
     ])

@@ -34,6 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, keep_freed_host_memory, load_weights
+from vipa_d2.modeling.text_encoder import BUNDLED_MINILM, resolve_text_encoder_path
 from vipa_d2.utils.analysis import HEAD_MODULES, MODULES, count_flops, count_params, dummy_input, time_modules
 
 def parse_args(argv=None):
@@ -66,11 +67,14 @@ def setup_cfg(args, opts, tmpdir):
     cfg.MODEL.DEVICE = "cpu"  # a CPU cost tool: the timers do not synchronise with a GPU
     cfg.MODEL.TIMM.WEIGHTS = ""  # random backbone; --eval-weights loads the trained one
     if args.random_text_encoder:
-        from transformers import BertConfig, BertModel
+        from transformers import AutoTokenizer, BertConfig, BertModel
 
         path = os.path.join(tmpdir, args.random_text_encoder)
         if not os.path.isdir(path):  # BertConfig() defaults are BERT-base
             BertModel(BertConfig(), add_pooling_layer=False).save_pretrained(path)
+            # The text encoder keeps its tokenizer's files (checkpoints carry them): the
+            # bundled MiniLM's, BERT-base-uncased's own vocabulary.
+            AutoTokenizer.from_pretrained(resolve_text_encoder_path(BUNDLED_MINILM)).save_pretrained(path)
         cfg.MODEL.TEXT_ENCODER.NAME = path
     cfg.INPUT.IMAGE_SIZE = args.image_size or cfg.INPUT.IMAGE_SIZE
     cfg.freeze()

@@ -18,11 +18,10 @@ import sys
 from typing import Optional, Sequence
 
 import torch
-from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
-from vipa_d2 import add_vipa_config
-from vipa_d2.engine.checkpoint import load_weights, model_checkpoint, save_checkpoint_file
+from vipa_d2 import ConfigError, get_vipa_cfg
+from vipa_d2.engine.checkpoint import WeightsError, load_weights, model_checkpoint, save_checkpoint_file
 
 MEGABYTE = 1024 * 1024
 
@@ -41,10 +40,7 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
     """Write ``source``'s model, checked against ``config_file``, to ``output``."""
     if os.path.abspath(source) == os.path.abspath(output):
         raise ValueError(f"--output {output} is the --input file; give another path")
-    cfg = get_cfg()
-    add_vipa_config(cfg)
-    cfg.merge_from_file(config_file)
-    cfg.merge_from_list(list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
+    cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
     cfg.freeze()
     model = build_model(cfg)
     load_weights(model, source, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
@@ -52,8 +48,12 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = get_parser().parse_args(argv)
-    export(args.config_file, args.input, args.output, args.fp16, args.opts)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    try:
+        export(args.config_file, args.input, args.output, args.fp16, args.opts)
+    except (ConfigError, WeightsError, ValueError, FileNotFoundError) as e:  # each names the file or key
+        parser.error(str(e))
     before, after = os.path.getsize(args.input), os.path.getsize(args.output)
     precision = "fp16" if args.fp16 else "fp32"
     print(

@@ -6,6 +6,7 @@ from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from .data.builtin import check_invalid_refs_setting
+from .data.custom import check_refer_splits
 
 # Keys of earlier versions that switched value-preserving speed-ups, which are now always on
 # (vipa_d2.modeling.VIPA.set_speedups turns them off for debugging). A config that sets
@@ -46,6 +47,12 @@ def add_vipa_config(cfg):
     # fixed policy (a ref the official readers cannot read raises; datasets/README.md), and
     # your own REFER folders take invalid="error" | "skip" in register_referring_dataset.
     cfg.DATASETS.INVALID_REFS = "error"
+    # Your own REFER-format splits, registered by train_net.py in every process it starts
+    # (so --num-gpus and several machines need no registration code): a list of mappings
+    # with register_referring_dataset's arguments, e.g. {name: mydata_train, refer_root:
+    # /data/refer, dataset: mydata, split_by: unc, split: train, image_root: /data/images}
+    # (optional: generalized, invalid); then name them in DATASETS.TRAIN / TEST.
+    cfg.DATASETS.REFER_SPLITS = []
 
     # ---------------------------------------------------------- checkpoints
     # Load MODEL.WEIGHTS and --resume checkpoints with full pickle instead of
@@ -478,6 +485,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
         raise ConfigError(f"invalid config override: {_merge_message(e)}") from e
     try:
         check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
+        check_refer_splits(cfg.DATASETS.REFER_SPLITS)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return cfg

@@ -199,7 +199,15 @@ def _mutations():
     return [
         (
             m(lambda d: img0(d).pop("height")),
-            r"\$\.images\[0\]\.height: expected a positive integer, got None",
+            r"\$\.images\[0\]\.height: expected an integer in 1\.\.32768, got None",
+        ),
+        (  # the loader's bound: a file it would refuse is not written
+            m(lambda d: img0(d).update(width=40000)),
+            r"\$\.images\[0\]\.width: expected an integer in 1\.\.32768, got 40000",
+        ),
+        (  # not an id at all (a list is not hashable: this was a TypeError from inside)
+            m(lambda d: img0(d)["expressions"][0].update(targets=[[1]])),
+            r"\$\.images\[0\]\.expressions\[0\]\.targets: expected object ids \(integers or strings\), got \[1\]",
         ),
         (m(lambda d: img0(d).update(split=3)), r"\$\.images\[0\]\.split: expected a split name"),
         (
@@ -350,3 +358,7 @@ def test_cli_tool(tmp_path, capsys):
     (tmp_path / "broken.json").write_text("{not json")
     assert tool.main([str(tmp_path / "broken.json"), "--check-only"]) == 1
     assert "broken.json: not valid JSON" in capsys.readouterr().err
+    # The loader's JSON reader: bytes that are not UTF-8 are named, not a UnicodeDecodeError.
+    (tmp_path / "latin1.json").write_bytes('{"images": [{"file_name": "caf\u00e9.jpg"}]}'.encode("latin-1"))
+    assert tool.main([str(tmp_path / "latin1.json"), "--check-only"]) == 1
+    assert "latin1.json: not valid JSON (not UTF-8 text" in capsys.readouterr().err

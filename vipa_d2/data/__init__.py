@@ -7,7 +7,9 @@ from . import builtin as _builtin
 from .builtin import BUILTIN_REFERRING, register_all_referring
 from .custom import (
     ReferringFormatError,
+    check_refer_splits,
     convert_simple_json,
+    register_refer_splits,
     register_referring_dataset,
     simple_json_to_refer,
     validate_simple_json,
@@ -22,6 +24,8 @@ __all__ = [
     "ReferringFormatError",
     "convert_simple_json",
     "register_referring_dataset",
+    "check_refer_splits",
+    "register_refer_splits",
     "simple_json_to_refer",
     "validate_simple_json",
     "ReferringDatasetMapper",

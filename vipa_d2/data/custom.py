@@ -32,11 +32,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 from .refer import INVALID_MODES, load_refer_dicts, make_sentence, save_refer_dataset
-from .validation import ReferringDataError
+from .validation import MAX_IMAGE_SIDE, ReferringDataError, quote, read_json_file
 
 __all__ = [
     "ReferringFormatError",
     "register_referring_dataset",
+    "check_refer_splits",
+    "register_refer_splits",
     "validate_simple_json",
     "simple_json_to_refer",
     "load_simple_json",
@@ -101,6 +103,52 @@ def register_referring_dataset(
     )
 
 
+# DATASETS.REFER_SPLITS entries: register_referring_dataset's arguments, required and optional.
+_SPLIT_REQUIRED = ("name", "refer_root", "dataset", "split_by", "split", "image_root")
+_SPLIT_OPTIONAL = {"generalized": bool, "invalid": str}
+# Where a config-registered split records its entry: a second registration of the same
+# entry (train_net.main called again in one process) is then a no-op, another one a clash.
+_SPLIT_METADATA_KEY = "refer_split_entry"
+
+
+def check_refer_splits(entries) -> None:
+    """ValueError naming the entry and key of ``DATASETS.REFER_SPLITS`` that is malformed."""
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(f"DATASETS.REFER_SPLITS: expected a list of mappings, got {entries!r}")
+    for i, entry in enumerate(entries):
+        where = f"DATASETS.REFER_SPLITS[{i}]"
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: expected a mapping of {_SPLIT_REQUIRED} (+ optional {tuple(_SPLIT_OPTIONAL)}), got {entry!r}")
+        missing = [k for k in _SPLIT_REQUIRED if k not in entry]
+        unknown = [k for k in entry if k not in _SPLIT_REQUIRED and k not in _SPLIT_OPTIONAL]
+        if missing or unknown:
+            raise ValueError(f"{where}: missing keys {missing}, unknown keys {unknown}; expected "
+                             f"{_SPLIT_REQUIRED} (+ optional {tuple(_SPLIT_OPTIONAL)})")
+        for k, v in entry.items():
+            expected = _SPLIT_OPTIONAL.get(k, str)
+            if not isinstance(v, expected) or (expected is str and not v.strip()):
+                raise ValueError(f"{where}.{k}: expected a {'non-empty string' if expected is str else 'bool'}, got {v!r}")
+        if entry.get("invalid", "error") not in INVALID_MODES:
+            raise ValueError(f"{where}.invalid: {entry['invalid']!r}, expected one of {INVALID_MODES}")
+
+
+def register_refer_splits(entries) -> None:
+    """
+    Register each ``DATASETS.REFER_SPLITS`` entry (see :func:`check_refer_splits`) with
+    :func:`register_referring_dataset`. An entry registered before is skipped; a name
+    registered otherwise (a built-in, a different entry) is refused.
+    """
+    check_refer_splits(entries)
+    for entry in entries:
+        entry = dict(entry)
+        name = entry["name"]
+        if name in DatasetCatalog.list():
+            if MetadataCatalog.get(name).get(_SPLIT_METADATA_KEY, None) == entry:
+                continue
+            raise ValueError(f"DATASETS.REFER_SPLITS: {name!r} is already registered as another dataset; pick another name")
+        register_referring_dataset(**entry, **{_SPLIT_METADATA_KEY: entry})
+
+
 def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
@@ -121,8 +169,9 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
     h, w = img.get("height"), img.get("width")
     size_ok = True
     for key, v in (("height", h), ("width", w)):
-        if not _is_int(v) or v <= 0:
-            problems.append(f"{p}.{key}: expected a positive integer, got {v!r}")
+        # The loader's bound too (validation.MAX_IMAGE_SIDE): a file it would refuse is not written.
+        if not _is_int(v) or not 0 < v <= MAX_IMAGE_SIDE:
+            problems.append(f"{p}.{key}: expected an integer in 1..{MAX_IMAGE_SIDE}, got {quote(v)}")
             size_ok = False
     if not isinstance(img.get("split"), str) or not img.get("split"):
         problems.append(
@@ -167,7 +216,9 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
             problems.append(f"{q}.targets: expected a list of object ids of this image")
             continue
         for t in targets:
-            if t not in ids:
+            if not (_is_int(t) or isinstance(t, str)):
+                problems.append(f"{q}.targets: expected object ids (integers or strings), got {quote(t)}")
+            elif t not in ids:
                 problems.append(f"{q}.targets: {t!r} is not the id of an object of this image")
         if len(set(map(repr, targets))) != len(targets):
             problems.append(f"{q}.targets: duplicate ids in {targets}")
@@ -351,10 +402,9 @@ def load_simple_json(path: str) -> Dict:
     if not os.path.isfile(path):
         raise FileNotFoundError(f"Simple referring JSON file not found: {path}")
     try:
-        with open(path, "r") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ReferringFormatError(f"{path}: not valid JSON ({e})") from e
+        return read_json_file(path)  # the loader's reader: bad bytes, depth or numbers named
+    except ReferringDataError as e:
+        raise ReferringFormatError(str(e), file=path) from e
 
 
 def convert_simple_json(

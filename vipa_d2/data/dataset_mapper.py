@@ -209,7 +209,9 @@ class ReferringDatasetMapper:
                 "per object box, whether the expression's category / colour words name it",
                 self.group_losses,
                 "vipa_d2's REFER loader writes it for sentences with 'group_ann_ids' (a synthetic benchmark "
-                "generated before that field needs regenerating), a custom loader must too",
+                "generated before that field needs regenerating), a custom loader must too; on data without "
+                "it, turn the object choice off (MODEL.VIPA.DECODER.OBJECT_CHOICE False and the CHOICE_* keys "
+                "README.md's 'Configs' lists)",
             )
             out["object_in_group"] = torch.as_tensor(np.asarray(in_group, dtype=bool)[inside])
         if self.area_losses:

@@ -209,6 +209,29 @@ class AtomicDetectionCheckpointer(WeightsOnlyCheckpointer):
     Loading is weights-only unless ``trusted`` (see :class:`WeightsOnlyCheckpointer`).
     """
 
+    def load(self, path: str, *args, **kwargs):
+        try:
+            return super().load(path, *args, **kwargs)
+        except WeightsError as e:
+            raise WeightsError(f"{path}: {e}") from e
+
+    def _load_model(self, checkpoint):
+        # Detectron2 loads what matches and logs the rest, which suits fine-tuning from a
+        # part of a model (a backbone); a file of which nothing matches would leave the
+        # whole model at its random initialisation, with only a long log to say so.
+        state, names = checkpoint["model"], list(checkpoint["model"])
+        heuristics = checkpoint.get("matching_heuristics", False)  # Caffe2 names: Detectron2 renames and reports
+        incompatible = super()._load_model(checkpoint)
+        # fvcore strips a "module." prefix and drops shape mismatches from ``state`` in place.
+        expected = self.model.state_dict()
+        if not heuristics and expected and not any(k in expected for k in state):
+            raise WeightsError(
+                f"none of its {len(names)} weights loaded into the model ({_listing('names', names)}; "
+                f"the model's: {_listing('names', list(expected))}); expected a checkpoint of this model "
+                "or of a part of it (e.g. 'backbone.' weights)"
+            )
+        return incompatible
+
     def save(self, name: str, **kwargs) -> None:
         if not self.save_dir or not self.save_to_disk:
             return
