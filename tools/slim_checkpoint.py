@@ -20,8 +20,8 @@ from typing import Optional, Sequence
 import torch
 from detectron2.modeling import build_model
 
-from vipa_d2 import ConfigError, get_vipa_cfg
-from vipa_d2.engine.checkpoint import WeightsError, load_weights, model_checkpoint, save_checkpoint_file
+from vipa_d2 import get_vipa_cfg
+from vipa_d2.engine.checkpoint import load_weights, model_checkpoint, save_checkpoint_file
 
 MEGABYTE = 1024 * 1024
 
@@ -52,7 +52,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         export(args.config_file, args.input, args.output, args.fp16, args.opts)
-    except (ConfigError, WeightsError, ValueError, FileNotFoundError) as e:  # each names the file or key
+    # ConfigError and WeightsError are ValueErrors; each of these names the file or key.
+    except (ValueError, FileNotFoundError) as e:
         parser.error(str(e))
     before, after = os.path.getsize(args.input), os.path.getsize(args.output)
     precision = "fp16" if args.fp16 else "fp32"

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
+from vipa_d2.data.validation import quote
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, model_files_entry
 from vipa_d2.utils.atomic_io import atomic_open
-from vipa_d2.data.validation import quote
 from vipa_d2.utils.checkpoint_file import (
     READ_ERRORS,
     TRUST_HINT,
