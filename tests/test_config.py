@@ -62,6 +62,11 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         ((TINY_CONFIG, ("DATASETS.REFER_SPLITS", repr([{**split, "invalid": "ignore"}]))),
          "DATASETS.REFER_SPLITS[0].invalid: 'ignore', expected one of"),
         ((TINY_CONFIG, ("DATASETS.REFER_SPLITS", repr(["mine"]))), "DATASETS.REFER_SPLITS[0]: expected a mapping"),
+        # Sizes that torch or PIL would refuse deep inside, without the key.
+        ((TINY_CONFIG, ("MODEL.VIPA.HIDDEN_DIM", "-5")), "MODEL.VIPA.HIDDEN_DIM=-5: expected an integer >= 1"),
+        ((TINY_CONFIG, ("INPUT.IMAGE_SIZE", "0")), "INPUT.IMAGE_SIZE=0: expected an integer >= 1"),
+        ((TINY_CONFIG, ("INPUT.MAX_TEXT_LEN", "2")), "INPUT.MAX_TEXT_LEN=2: expected an integer >= 3"),
+        ((TINY_CONFIG, ("MODEL.PIXEL_MEAN", "[127.5]")), "MODEL.PIXEL_MEAN=[127.5]: expected 3 values"),
         ((str(loop), ()), f"invalid config file {loop}: its _BASE_ chain comes back to a file it has read"),
         ((str(listed), ()), f"invalid config file {listed}: expected a mapping of config keys at the top level"),
     ]

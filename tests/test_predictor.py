@@ -131,6 +131,20 @@ def test_random_weights_warn(records):
     assert any(level == logging.WARNING and "RANDOM" in msg for level, msg in seen)
 
 
+def test_expressions_cut_by_max_text_len_are_named(predictor, records):
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda r: seen.append(r.getMessage())
+    log = logging.getLogger("vipa_d2.predictor")
+    log.addHandler(handler)
+    try:
+        predictor(records[0]["file_name"], ["the cat", " ".join(["the big red cat"] * 10)])
+    finally:
+        log.removeHandler(handler)
+    cut = [m for m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
+    assert len(cut) == 1 and "#1 (42 tokens)" in cut[0] and "#0" not in cut[0]
+
+
 def test_confidence_zero_for_empty_mask(records):
     p = VIPAPredictor(make_cfg(*PREDICTOR_OPTS, "MODEL.VIPA.MASK_THRESHOLD", 1.0, config_file=TINY_CONFIG))
     r = p(records[0]["file_name"], records[0]["sentence"]["raw"])

@@ -451,6 +451,36 @@ class ConfigError(ValueError):
 _MERGE_ERRORS = (KeyError, AssertionError, ValueError, TypeError, OSError, yaml.YAMLError)
 
 
+# Sizes that must be positive integers (the smallest value each can take): a zero or
+# negative one would otherwise fail deep in torch or PIL without naming the key.
+_SIZE_KEYS = {
+    "INPUT.IMAGE_SIZE": 1,
+    # [CLS], at least one word piece, [SEP].
+    "INPUT.MAX_TEXT_LEN": 3,
+    "MODEL.VIPA.HIDDEN_DIM": 1,
+    "MODEL.VIPA.NHEADS": 1,
+    "MODEL.VIPA.VEG.DIM_FEEDFORWARD": 1,
+    "MODEL.VIPA.PIXEL_DECODER.MASK_DIM": 1,
+    "MODEL.VIPA.DECODER.NUM_LAYERS": 1,
+    "MODEL.VIPA.DECODER.DIM_FEEDFORWARD": 1,
+    "SOLVER.IMS_PER_BATCH": 1,
+}
+
+
+def check_sizes(cfg) -> None:
+    """ValueError naming the first size key of _SIZE_KEYS below its smallest value, or a
+    pixel mean / std that is not one value per input channel."""
+    for key, smallest in _SIZE_KEYS.items():
+        value = cfg
+        for part in key.split("."):
+            value = value[part]
+        if value < smallest:
+            raise ValueError(f"{key}={value!r}: expected an integer >= {smallest}")
+    for key in ("PIXEL_MEAN", "PIXEL_STD"):
+        if len(cfg.MODEL[key]) != 3:
+            raise ValueError(f"MODEL.{key}={list(cfg.MODEL[key])}: expected 3 values, one per input channel")
+
+
 def _merge_message(e: BaseException) -> str:
     # KeyError's str() adds quotes around its message.
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -486,6 +516,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     try:
         check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
         check_refer_splits(cfg.DATASETS.REFER_SPLITS)
+        check_sizes(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return cfg

@@ -92,6 +92,16 @@ class VIPAPredictor:
             )
         return image
 
+    def _warn_cut(self, texts: List[str]) -> None:
+        """Say which expressions INPUT.MAX_TEXT_LEN cuts (the model reads their first words only)."""
+        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        cut = [f"#{i} ({n} tokens)" for i, n in enumerate(lengths) if n > self.max_text_len]
+        if cut:
+            logger.warning(
+                f"Expressions {', '.join(cut)} are longer than INPUT.MAX_TEXT_LEN={self.max_text_len} tokens "
+                "([CLS] and [SEP] included): the model reads only their beginning"
+            )
+
     @torch.no_grad()
     def __call__(self, image, expressions):
         single = isinstance(expressions, str)
@@ -103,6 +113,7 @@ class VIPAPredictor:
         self.augmentations(aug_input)
         tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
         tokens = tokenize(self.tokenizer, texts, self.max_text_len)
+        self._warn_cut(texts)
         input_ids = tokens["input_ids"].to(self.model.device)
         attention_mask = tokens["attention_mask"].to(self.model.device)
 

@@ -7,6 +7,7 @@ import pickle
 import re
 
 import numpy as np
+from PIL import Image
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
@@ -319,6 +320,20 @@ def test_validation_lists_every_problem_and_checks_images(tmp_path):
     ):
         validate_simple_json(_data(), "mine.json", image_root=str(tmp_path))
     validate_simple_json(copy.deepcopy(_generalized_data()), "mine.json", generalized=True)
+
+
+def test_image_root_checks_each_image_size_as_the_trainer_will(tmp_path):
+    # Detectron2's mapper compares the declared size with the image it reads (EXIF rotation
+    # applied) only at training time; with --image-root the converter does it first.
+    Image.fromarray(np.zeros((H, W, 3), np.uint8)).save(tmp_path / "one.jpg")
+    turned = Image.fromarray(np.zeros((W, H, 3), np.uint8))  # stored W x H, shown H x W
+    exif = turned.getexif()
+    exif[0x0112] = 6  # "rotate 90"
+    turned.save(tmp_path / "two.jpg", exif=exif)
+    validate_simple_json(_data(), "mine.json", image_root=str(tmp_path))
+    Image.fromarray(np.zeros((W, H, 3), np.uint8)).save(tmp_path / "two.jpg")  # no EXIF: really W x H
+    with pytest.raises(ReferringFormatError, match=rf"images\[1\]: height x width {H} x {W}, but .*two\.jpg is {W} x {H}"):
+        validate_simple_json(_data(), "mine.json", image_root=str(tmp_path))
 
 
 def test_register_rejects_bad_invalid_mode():

@@ -27,6 +27,7 @@ from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
+from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .landmark import find_phrase
@@ -50,6 +51,10 @@ __all__ = [
 _BORDER_TOLERANCE_PX = 1.0
 # How many problems one validation error message lists.
 _MAX_LISTED_PROBLEMS = 25
+# The EXIF orientation tag, and its values that turn the image by 90 degrees (height and
+# width swap when Detectron2 applies them).
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSED = (5, 6, 7, 8)
 
 
 class ReferringFormatError(ReferringDataError):
@@ -153,6 +158,19 @@ def _is_int(v) -> bool:
     return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
 
 
+def _stored_image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(height, width) of the image file as Detectron2's reader sees it (EXIF rotation
+    applied), from its header; None if it is no image PIL can open."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
+                h, w = w, h
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+        return None
+    return h, w
+
+
 def _check_image(img, p: str, problems: List[str], generalized: bool, image_root: Optional[str]):
     if not isinstance(img, dict):
         problems.append(
@@ -166,6 +184,7 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
         )
     elif image_root is not None and not os.path.isfile(os.path.join(image_root, fname)):
         problems.append(f"{p}.file_name: image {os.path.join(image_root, fname)} does not exist")
+        image_root = None  # nothing to measure below
     h, w = img.get("height"), img.get("width")
     size_ok = True
     for key, v in (("height", h), ("width", w)):
@@ -173,6 +192,15 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
         if not _is_int(v) or not 0 < v <= MAX_IMAGE_SIDE:
             problems.append(f"{p}.{key}: expected an integer in 1..{MAX_IMAGE_SIDE}, got {quote(v)}")
             size_ok = False
+    if size_ok and image_root is not None and isinstance(fname, str) and fname:
+        # Detectron2's mapper checks the two at training time (SizeMismatchError); here the
+        # file is named before anything is written.
+        path = os.path.join(image_root, fname)
+        stored = _stored_image_size(path)
+        if stored is None:
+            problems.append(f"{p}.file_name: {path} is not a readable image")
+        elif stored != (h, w):
+            problems.append(f"{p}: height x width {h} x {w}, but {path} is {stored[0]} x {stored[1]} (after EXIF rotation)")
     if not isinstance(img.get("split"), str) or not img.get("split"):
         problems.append(
             f"{p}.split: expected a split name such as 'train', got {img.get('split')!r}"
