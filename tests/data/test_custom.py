@@ -7,11 +7,11 @@ import pickle
 import re
 
 import numpy as np
-from PIL import Image
 import pytest
 from detectron2.data import DatasetCatalog, MetadataCatalog
+from PIL import Image
 
-from common import load_script
+from common import REPO_ROOT, load_script
 from vipa_d2.data import (
     ReferringFormatError,
     annotations_to_mask,
@@ -334,6 +334,14 @@ def test_image_root_checks_each_image_size_as_the_trainer_will(tmp_path):
     Image.fromarray(np.zeros((W, H, 3), np.uint8)).save(tmp_path / "two.jpg")  # no EXIF: really W x H
     with pytest.raises(ReferringFormatError, match=rf"images\[1\]: height x width {H} x {W}, but .*two\.jpg is {W} x {H}"):
         validate_simple_json(_data(), "mine.json", image_root=str(tmp_path))
+
+
+def test_the_datasets_readme_example_is_valid_as_written():
+    # Users paste it: it must pass validation as printed (generalized: it has a two-target
+    # and a no-target expression, which the README says need --generalized).
+    with open(os.path.join(REPO_ROOT, "datasets", "README.md")) as f:
+        example = re.search(r"```json\n(.*?)```", f.read(), re.S).group(1)
+    validate_simple_json(json.loads(example), "datasets/README.md", generalized=True)
 
 
 def test_register_rejects_bad_invalid_mode():
