@@ -490,9 +490,11 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     """
     The config every entry point starts from: Detectron2's defaults, the VIPA keys, then
     ``config_file`` (skipped when empty) and ``opts`` (``KEY VALUE ...`` as on a command
-    line). Not frozen, so callers can still adjust it. A ``DATASETS.INVALID_REFS`` other
-    than the built-in policy is refused here, for every entry point alike. Anything that
-    does not merge raises :class:`ConfigError` naming the file or the override.
+    line). Not frozen, so callers can still adjust it. Refused here, for every entry point
+    alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
+    the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
+    smallest value. Anything that does not merge or is refused raises :class:`ConfigError`
+    naming the file, the key or the override.
     """
     cfg = get_cfg()
     add_vipa_config(cfg)
