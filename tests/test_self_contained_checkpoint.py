@@ -126,6 +126,9 @@ def test_checkpoint_files_win_over_the_configured_name(tmp_path):
         ({"../evil.json": torch.zeros(1, dtype=torch.uint8), "config.json": torch.zeros(1, dtype=torch.uint8)}, "'../evil.json'"),
         ({"config.json": torch.zeros(2)}, "'config.json'"),
         ({"vocab.txt": torch.zeros(1, dtype=torch.uint8)}, "including 'config.json'"),
+        # transformers would name only the temporary folder the files are read from.
+        ({"config.json": torch.tensor(list(b"{not json"), dtype=torch.uint8)}, "config.json is not valid JSON"),
+        ({"config.json": torch.tensor(list(b"[1, 2]"), dtype=torch.uint8)}, "config.json holds list, expected an object"),
     ],
 )
 def test_malformed_files_entry_is_refused(tmp_path, entry, problem):

@@ -7,6 +7,7 @@ A checkpoint is self-contained: next to the weights it holds the text encoder's
 whatever ``MODEL.TEXT_ENCODER.NAME`` names.
 """
 import contextlib
+import json
 import logging
 import os
 import tempfile
@@ -112,6 +113,12 @@ def _entry_files(entry, source: str) -> Dict[str, bytes]:
         if not plain or "\\" in name or not is_bytes:
             raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} has item {name!r}; expected {expected}")
         files[name] = content.numpy().tobytes()
+    try:  # transformers would name only the temporary folder it is read from
+        config = json.loads(files[CONFIG_FILE])
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
+        raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r}: {CONFIG_FILE} is not valid JSON ({e})") from e
+    if not isinstance(config, dict):
+        raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r}: {CONFIG_FILE} holds {type(config).__name__}, expected an object")
     return files
 
 
