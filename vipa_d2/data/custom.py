@@ -33,7 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 from .refer import INVALID_MODES, load_refer_dicts, make_sentence, save_refer_dataset
-from .validation import MAX_IMAGE_SIDE, ReferringDataError, quote, read_json_file
+from .validation import IMAGE_READ_ERRORS, MAX_IMAGE_SIDE, ReferringDataError, quote, read_json_file, valid_id
 
 __all__ = [
     "ReferringFormatError",
@@ -166,7 +166,7 @@ def _stored_image_size(path: str) -> Optional[Tuple[int, int]]:
             w, h = im.size
             if im.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
                 h, w = w, h
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError):
+    except IMAGE_READ_ERRORS:
         return None
     return h, w
 
@@ -178,13 +178,16 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
         )
         return
     fname = img.get("file_name")
+    image_path = None  # the image file to measure below, when there is one
     if not isinstance(fname, str) or not fname:
         problems.append(
             f"{p}.file_name: expected a non-empty string (path relative to the image root)"
         )
-    elif image_root is not None and not os.path.isfile(os.path.join(image_root, fname)):
-        problems.append(f"{p}.file_name: image {os.path.join(image_root, fname)} does not exist")
-        image_root = None  # nothing to measure below
+    elif image_root is not None:
+        image_path = os.path.join(image_root, fname)
+        if not os.path.isfile(image_path):
+            problems.append(f"{p}.file_name: image {image_path} does not exist")
+            image_path = None
     h, w = img.get("height"), img.get("width")
     size_ok = True
     for key, v in (("height", h), ("width", w)):
@@ -192,15 +195,14 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
         if not _is_int(v) or not 0 < v <= MAX_IMAGE_SIDE:
             problems.append(f"{p}.{key}: expected an integer in 1..{MAX_IMAGE_SIDE}, got {quote(v)}")
             size_ok = False
-    if size_ok and image_root is not None and isinstance(fname, str) and fname:
+    if size_ok and image_path is not None:
         # Detectron2's mapper checks the two at training time (SizeMismatchError); here the
         # file is named before anything is written.
-        path = os.path.join(image_root, fname)
-        stored = _stored_image_size(path)
+        stored = _stored_image_size(image_path)
         if stored is None:
-            problems.append(f"{p}.file_name: {path} is not a readable image")
+            problems.append(f"{p}.file_name: {image_path} is not a readable image")
         elif stored != (h, w):
-            problems.append(f"{p}: height x width {h} x {w}, but {path} is {stored[0]} x {stored[1]} (after EXIF rotation)")
+            problems.append(f"{p}: height x width {h} x {w}, but {image_path} is {stored[0]} x {stored[1]} (after EXIF rotation)")
     if not isinstance(img.get("split"), str) or not img.get("split"):
         problems.append(
             f"{p}.split: expected a split name such as 'train', got {img.get('split')!r}"
@@ -217,7 +219,7 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
             problems.append(f"{q}: expected an object with id/category/segmentation")
             continue
         oid = obj.get("id")
-        if not (_is_int(oid) or isinstance(oid, str)):
+        if not valid_id(oid):
             problems.append(f"{q}.id: expected an integer or string id, got {oid!r}")
         elif oid in ids:
             problems.append(f"{q}.id: duplicate object id {oid!r} in this image")
@@ -244,7 +246,7 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
             problems.append(f"{q}.targets: expected a list of object ids of this image")
             continue
         for t in targets:
-            if not (_is_int(t) or isinstance(t, str)):
+            if not valid_id(t):
                 problems.append(f"{q}.targets: expected object ids (integers or strings), got {quote(t)}")
             elif t not in ids:
                 problems.append(f"{q}.targets: {t!r} is not the id of an object of this image")
@@ -262,7 +264,7 @@ def _check_breakdown_fields(ex: Dict, q: str, ids, problems: List[str]):
     """The optional "type", "group", "landmark" and "landmark_phrase" of expression ``ex``."""
     if "group" in ex:
         group = ex["group"]
-        if not isinstance(group, list) or any(not (_is_int(g) or isinstance(g, str)) for g in group):
+        if not isinstance(group, list) or not all(valid_id(g) for g in group):
             problems.append(f"{q}.group: expected a list of object ids of this image, got {group!r}")
         elif len(set(group)) != len(group):
             problems.append(f"{q}.group: duplicate ids in {group}")
@@ -282,7 +284,7 @@ def _check_breakdown_fields(ex: Dict, q: str, ids, problems: List[str]):
             problems.append(f"{q}.{missing}: required when '{given}' is given (both or neither)")
             return
     landmark, phrase = ex["landmark"], ex["landmark_phrase"]
-    if not (_is_int(landmark) or isinstance(landmark, str)):
+    if not valid_id(landmark):
         problems.append(
             f"{q}.landmark: expected the id of an object of this image, got {landmark!r}"
         )

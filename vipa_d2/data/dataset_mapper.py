@@ -19,6 +19,7 @@ from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
+from .validation import IMAGE_READ_ERRORS
 
 logger = logging.getLogger(__name__)
 
@@ -54,8 +55,7 @@ def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarra
             mode = header.mode
         if mode not in _WIDE_IMAGE_MODES:
             return utils.read_image(file_name, format=image_format)
-    # PIL's errors for bad or truncated files, and for more pixels than Image.MAX_IMAGE_PIXELS.
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
+    except IMAGE_READ_ERRORS as e:
         raise OSError(f"Cannot read image {file_name}{where}: expected an image file ({e})") from e
     raise OSError(f"Cannot read image {file_name}{where}: PIL mode {mode} (16-bit or float); expected 8 bits "
                   "per channel (grey, RGB, RGBA or palette)")

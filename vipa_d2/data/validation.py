@@ -22,12 +22,14 @@ import reprlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from PIL import Image
 
 from .safe_pickle import load_plain_pickle
 
 __all__ = [
     "ReferringDataError",
     "data_error",
+    "IMAGE_READ_ERRORS",
     "MAX_IMAGE_SIDE",
     "MAX_IMAGE_PIXELS",
     "COORDINATE_MARGIN",
@@ -59,6 +61,10 @@ _MAX_QUOTED = 60
 # needs more than 7 characters.
 _RLE_CHAR_MIN, _RLE_CHAR_MAX = 48, 48 + 63
 _RLE_MAX_CHARS_PER_COUNT = 7
+
+# What PIL raises for a file that is no readable image (bad or truncated data), and for
+# more pixels than Image.MAX_IMAGE_PIXELS allows (a decompression bomb).
+IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
 Problem = Tuple[str, str]  # (field, what is wrong)
 
