@@ -23,7 +23,7 @@ from .validation import IMAGE_READ_ERRORS
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReferringDatasetMapper", "build_referring_augmentations", "read_image", "swap_left_right"]
+__all__ = ["ReferringDatasetMapper", "build_referring_augmentations", "read_image", "read_record_image", "swap_left_right"]
 
 RESIZE_MODES = ("square", "keep_ratio")
 # PIL modes of more than 8 bits per channel: PIL's conversion to RGB saturates them (a
@@ -64,6 +64,14 @@ def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarra
 def _record_name(record: Dict) -> str:
     """How errors name a record: its image and referred object."""
     return f"image_id={record.get('image_id')}, ref_id={record.get('ref_id')}"
+
+
+def read_record_image(record: Dict, image_format: str) -> np.ndarray:
+    """A record's image (see :func:`read_image`), refused with Detectron2's
+    ``SizeMismatchError`` when it is not the record's ``height`` x ``width``."""
+    image = read_image(record["file_name"], image_format, _record_name(record))
+    utils.check_image_size(record, image)
+    return image
 
 
 def swap_left_right(sentence: str) -> str:
@@ -171,10 +179,6 @@ class ReferringDatasetMapper:
             "area_losses": object_area_losses(cfg),
         }
 
-    def _read_image(self, record: Dict) -> np.ndarray:
-        image = read_image(record["file_name"], self.image_format, _record_name(record))
-        utils.check_image_size(record, image)
-        return image
 
     @staticmethod
     def _require(record: Dict, key: str, what: str, needed_by: str, source: str):
@@ -252,7 +256,7 @@ class ReferringDatasetMapper:
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         record = dataset_dict  # never modified: annotations are deep-copied below
-        image = self._read_image(record)
+        image = read_record_image(record, self.image_format)
         aug_input = T.AugInput(image)
         transforms = self.augmentations(aug_input)
         image = aug_input.image

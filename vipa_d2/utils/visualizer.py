@@ -33,6 +33,7 @@ __all__ = [
     "draw_retrieved_tokens",
     "draw_relevance_figure",
     "save_image",
+    "side_by_side",
 ]
 
 # Style. Colours are RGB. The tint of retrieved visual tokens, far from the primary colours.
@@ -61,7 +62,7 @@ POINTS_PER_INCH = 72
 TOKEN_DIM = 0.3
 # Long side, in pixels, of each tile of the relevance figure.
 FIGURE_TILE_SIDE = 256
-# Width in pixels of the white gap between prediction and target.
+# Width in pixels of the white gap between pictures shown side by side (prediction and target).
 SIDE_BY_SIDE_GAP = 4
 
 
@@ -221,8 +222,19 @@ def draw_prediction_and_target(
     """
     left = draw_overlay(image, result, f"prediction: {text}", image_format)
     right = draw_overlay(image, {"mask": target}, "target", image_format)
-    gap = np.full((left.shape[0], SIDE_BY_SIDE_GAP, 3), 255, dtype=np.uint8)
-    return np.concatenate([left, gap, right], axis=1)
+    return side_by_side([left, right])
+
+
+def side_by_side(pictures: List[np.ndarray]) -> np.ndarray:
+    """RGB uint8 pictures of one height, left to right, a white gap between each two."""
+    heights = {p.shape[0] for p in pictures}
+    if len(heights) != 1:
+        raise ValueError(f"side_by_side needs pictures of one height, got heights {sorted(heights)}")
+    gap = np.full((heights.pop(), SIDE_BY_SIDE_GAP, 3), 255, dtype=np.uint8)
+    row = [pictures[0]]
+    for picture in pictures[1:]:
+        row += [gap, picture]
+    return np.concatenate(row, axis=1)
 
 
 def _normalize(values: np.ndarray) -> np.ndarray:
