@@ -99,14 +99,19 @@ def test_refusals_name_what_is_wrong(tmp_path, capsys):
         with pytest.raises(SystemExit):
             _run(tmp_path, *args)
 
-    # A record whose image is gone: one message naming the dataset, the record and the file.
-    name = "visualize_data_missing_image"
-    record = dict(DatasetCatalog.get(INSTANT_TEST_VAL)[0], file_name=str(tmp_path / "gone.png"))
-    DatasetCatalog.register(name, lambda: [record])
-    try:
-        assert _run(tmp_path, "--source", "annotation", "--dataset", name) == 1
-    finally:
-        DatasetCatalog.remove(name)
-    err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert name in err and f"image_id={record['image_id']}" in err and "gone.png" in err
-    assert "Traceback" not in err
+    # A record whose image is gone, one without its sentence: one message naming the
+    # dataset, the record and what is wrong.
+    good = DatasetCatalog.get(INSTANT_TEST_VAL)[0]
+    no_sentence = {k: v for k, v in good.items() if k != "sentence"}
+    for name, record, problem in (
+        ("visualize_data_missing_image", dict(good, file_name=str(tmp_path / "gone.png")), "gone.png"),
+        ("visualize_data_no_sentence", no_sentence, "missing key 'sentence'"),
+    ):
+        DatasetCatalog.register(name, lambda record=record: [record])
+        try:
+            assert _run(tmp_path, "--source", "annotation", "--dataset", name) == 1
+        finally:
+            DatasetCatalog.remove(name)
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert f"{name}: record 0 (image_id={good['image_id']})" in err and problem in err
+        assert "Traceback" not in err

@@ -99,13 +99,15 @@ def annotation_pictures(datasets, num: int) -> Iterator[Tuple[str, np.ndarray]]:
         records = DatasetCatalog.get(name)
         records = records[:num] if num else records
         for k, record in enumerate(tqdm(records, desc=name, unit="expression")):
-            # The position first: two records never share a name, ids or not.
-            stem = f"{k:04d}_{file_stem(record['image_id'])}_{file_stem(record['sentence'].get('sent_id'))}"
             try:
-                yield os.path.join(file_stem(name), f"{stem}.png"), draw_record(record)
+                # The position first: two records never share a name, ids or not.
+                stem = f"{k:04d}_{file_stem(record['image_id'])}_{file_stem(record['sentence'].get('sent_id'))}"
+                picture = draw_record(record)
             except DRAW_ERRORS as e:
-                item = f"image_id={record.get('image_id')}, sent_id={record['sentence'].get('sent_id')}"
-                raise ReferringDataError(f"{name}: {item}: {e}", item=item) from e
+                problem = f"missing key {e}" if isinstance(e, KeyError) else str(e)
+                item = f"record {k} (image_id={record.get('image_id')})"
+                raise ReferringDataError(f"{name}: {item}: {problem}", item=item) from e
+            yield os.path.join(file_stem(name), f"{stem}.png"), picture
 
 
 def dataloader_pictures(cfg, num: int) -> Iterator[Tuple[str, np.ndarray]]:
