@@ -18,6 +18,7 @@ from vipa_d2.engine import (
     leave_process_group,
     load_weights,
     share_cpu_cores,
+    verify_referring_results,
 )
 
 
@@ -49,6 +50,8 @@ def main(args):
             resume_dir=cfg.OUTPUT_DIR if args.resume else "",
         )
         results = Trainer.test(cfg, model)
+        if comm.is_main_process():
+            verify_referring_results(cfg, results)
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)

@@ -67,6 +67,10 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         ((TINY_CONFIG, ("INPUT.IMAGE_SIZE", "0")), "INPUT.IMAGE_SIZE=0: expected an integer >= 1"),
         ((TINY_CONFIG, ("INPUT.MAX_TEXT_LEN", "2")), "INPUT.MAX_TEXT_LEN=2: expected an integer >= 3"),
         ((TINY_CONFIG, ("MODEL.PIXEL_MEAN", "[127.5]")), "MODEL.PIXEL_MEAN=[127.5]: expected 3 values"),
+        # Detectron2 would unpack a 3-item entry only after the whole training run.
+        ((TINY_CONFIG, ("TEST.EXPECTED_RESULTS", "[['refsynth_unc_val/refer', 'oIoU', 90.0]]")),
+         "TEST.EXPECTED_RESULTS[0]=['refsynth_unc_val/refer', 'oIoU', 90.0]: expected [task, metric, value, tolerance >= 0]"),
+        ((TINY_CONFIG, ("TEST.EXPECTED_RESULTS", "[['v/refer', 'oIoU', '90', 1.0]]")), "TEST.EXPECTED_RESULTS[0]="),
         ((str(loop), ()), f"invalid config file {loop}: its _BASE_ chain comes back to a file it has read"),
         ((str(listed), ()), f"invalid config file {listed}: expected a mapping of config keys at the top level"),
     ]

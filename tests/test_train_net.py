@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase, launch
 
 from common import INSTANT_TEST_VAL as VAL
-from common import REPO_ROOT, TINY_CONFIG, import_train_net, results_file, train_net_args
+from common import REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, results_file, train_net_args
 from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
@@ -22,6 +22,7 @@ from vipa_d2.engine import (
     build_vipa_optimizer,
     get_vipa_optimizer_params,
     shuffle_expressions,
+    verify_referring_results,
 )
 
 train_net = import_train_net()
@@ -106,7 +107,12 @@ def test_optimizer_skips_frozen_text_encoder_and_rejects_unknown_name(tmp_path):
 # ------------------------------------------------------------- train / eval round trip
 def test_train_checkpoint_eval_only_round_trip(tmp_path):
     train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
-    trained = train_net.main(train_net_args(train_dir, opts=["TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]))
+    # Any oIoU passes these: checked by task "<dataset>/<section>" (Detectron2's own check
+    # read the trainer's dataset-keyed results as task-keyed and exited with status 1).
+    anything = repr([[f"{VAL}/refer", "oIoU", 50.0, 50.0], [f"{VAL}/shuffled/refer", "oIoU", 50.0, 50.0]])
+    trained = train_net.main(train_net_args(
+        train_dir, opts=["TEST.SHUFFLED_EXPRESSION_CONTROL", "True", "TEST.EXPECTED_RESULTS", anything]
+    ))
 
     assert set(trained) == {VAL, VAL + "/shuffled"}
     assert set(trained[VAL]["refer"]) == {"oIoU", "mIoU", "Prec@0.5", "Prec@0.6",
@@ -124,9 +130,12 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     )
 
     weights = str(train_dir / "model_final.pth")
-    evaluated = train_net.main(train_net_args(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights]))
-    # The same weights on the same data: exactly the metrics of the end of training.
+    # The same weights on the same data: exactly the metrics of the end of training, which
+    # --eval-only checks against TEST.EXPECTED_RESULTS as Detectron2's train_net.py does.
+    exact = repr([[f"{VAL}/refer", "oIoU", trained[VAL]["refer"]["oIoU"], 0.0]])
+    evaluated = train_net.main(train_net_args(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights, "TEST.EXPECTED_RESULTS", exact]))
     assert evaluated == {VAL: trained[VAL]}
+    _check_expected_results_refusals(evaluated)
 
     # Batched evaluation scores every sample as batch-1 evaluation does (only the float
     # summation order of the batched kernels differs).
@@ -142,6 +151,24 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     for a, b in zip(one, many):
         assert abs(a["intersection"] - b["intersection"]) <= 3, (a, b)
         assert abs(a["union"] - b["union"]) <= 3, (a, b)
+
+
+def _check_expected_results_refusals(results):
+    """A value off by more than its tolerance exits with status 1 (as in Detectron2); a task
+    or metric the results lack is named with what there is."""
+    oiou = results[VAL]["refer"]["oIoU"]
+
+    def verify(entries):
+        return verify_referring_results(make_cfg(**{"TEST.EXPECTED_RESULTS": entries}), results)
+
+    assert verify([[f"{VAL}/refer", "oIoU", oiou + 0.4, 0.5]]) is True
+    with pytest.raises(SystemExit) as exit_info:
+        verify([[f"{VAL}/refer", "oIoU", oiou + 0.6, 0.5]])
+    assert exit_info.value.code == 1
+    with pytest.raises(ValueError, match=f"task '{VAL}' is not among the results; .* one of: {VAL}/refer, {VAL}/refer_by_type"):
+        verify([[VAL, "oIoU", oiou, 0.5]])
+    with pytest.raises(ValueError, match=f"'{VAL}/refer' has no metric 'IoU'; it has Prec@0.5, .*oIoU"):
+        verify([[f"{VAL}/refer", "IoU", oiou, 0.5]])
 
 
 def test_shuffled_expressions_move_text_only():

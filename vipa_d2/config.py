@@ -7,6 +7,7 @@ from detectron2.config import get_cfg
 
 from .data.builtin import check_invalid_refs_setting
 from .data.custom import check_refer_splits
+from .data.validation import quote
 
 # Keys of earlier versions that switched value-preserving speed-ups, which are now always on
 # (vipa_d2.modeling.VIPA.set_speedups turns them off for debugging). A config that sets
@@ -481,6 +482,20 @@ def check_sizes(cfg) -> None:
             raise ValueError(f"MODEL.{key}={list(cfg.MODEL[key])}: expected 3 values, one per input channel")
 
 
+def check_expected_results(entries) -> None:
+    """ValueError naming the first ``TEST.EXPECTED_RESULTS`` entry that is not
+    ``[task, metric, value, tolerance]`` (vipa_d2/engine/expected_results.py reads them)."""
+    for i, entry in enumerate(entries):
+        numbers = isinstance(entry, (list, tuple)) and len(entry) == 4 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry[2:]
+        )
+        if not (numbers and isinstance(entry[0], str) and isinstance(entry[1], str) and entry[3] >= 0):
+            raise ValueError(
+                f"TEST.EXPECTED_RESULTS[{i}]={quote(entry)}: expected [task, metric, value, tolerance >= 0], "
+                "e.g. ['refcoco_unc_val/refer', 'oIoU', 72.5, 0.5]"
+            )
+
+
 def _merge_message(e: BaseException) -> str:
     # KeyError's str() adds quotes around its message.
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -493,7 +508,8 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     line). Not frozen, so callers can still adjust it. Refused here, for every entry point
     alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
     the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
-    smallest value. Anything that does not merge or is refused raises :class:`ConfigError`
+    smallest value, a ``TEST.EXPECTED_RESULTS`` entry that is not [task, metric, value,
+    tolerance]. Anything that does not merge or is refused raises :class:`ConfigError`
     naming the file, the key or the override.
     """
     cfg = get_cfg()
@@ -519,6 +535,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
         check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
         check_refer_splits(cfg.DATASETS.REFER_SPLITS)
         check_sizes(cfg)
+        check_expected_results(cfg.TEST.EXPECTED_RESULTS)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return cfg

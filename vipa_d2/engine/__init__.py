@@ -10,6 +10,7 @@ from .checkpoint import (
     model_checkpoint,
 )
 from .cpu_threads import share_cpu_cores
+from .expected_results import referring_tasks, verify_referring_results
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .host_memory import keep_freed_host_memory
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
@@ -38,4 +39,6 @@ __all__ = [
     "WeightsOnlyCheckpointer",
     "load_weights",
     "model_checkpoint",
+    "referring_tasks",
+    "verify_referring_results",
 ]

@@ -26,6 +26,7 @@ from vipa_d2.modeling import VIPA, runtime_options
 
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
 from .checkpoint import AtomicDetectionCheckpointer
+from .expected_results import verify_referring_results
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .optimizer import build_vipa_optimizer
 from .reproducibility import (
@@ -160,9 +161,16 @@ class ReferringTrainer(DefaultTrainer):
         return ret
 
     def train(self):
-        """Train; returns the final evaluation results (on every rank, {} where not main)."""
-        super().train()
-        return getattr(self, "_last_eval_results", None)
+        """
+        Train; returns the final evaluation results (on every rank, {} where not main),
+        checked against ``TEST.EXPECTED_RESULTS`` on the main process.
+        """
+        # DefaultTrainer.train minus its verify_results call, which reads task-keyed results.
+        TrainerBase.train(self, self.start_iter, self.max_iter)
+        results = getattr(self, "_last_eval_results", None)
+        if comm.is_main_process():
+            verify_referring_results(self.cfg, results)
+        return results
 
     @classmethod
     def build_optimizer(cls, cfg, model):
