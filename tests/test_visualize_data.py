@@ -74,8 +74,9 @@ def test_dataloader_pictures_are_the_train_loaders_samples(tmp_path):
     # Twice the images' size: their objects then have insides wider than the outline.
     size = ["INPUT.IMAGE_SIZE", "128"]
     assert _run(tmp_path, "--source", "dataloader", "--num", str(num), *size) == 0
-    cfg = make_cfg(*size, config_file=INSTANT_TEST_CONFIG)
-    # The loader is seeded by SEED: a second one gives the same samples in the same order.
+    # The loader is seeded by SEED: a second one gives the same samples in the same order,
+    # also from a worker process (the tool maps in its own).
+    cfg = make_cfg(*size, "DATALOADER.NUM_WORKERS", 1, config_file=INSTANT_TEST_CONFIG)
     loader = iter(ReferringTrainer.build_train_loader(cfg))
     samples = [sample for _ in range(2) for sample in next(loader)][:num]
     checked = []
@@ -110,8 +111,13 @@ def test_refusals_name_what_is_wrong(tmp_path, capsys):
         DatasetCatalog.register(name, lambda record=record: [record])
         try:
             assert _run(tmp_path, "--source", "annotation", "--dataset", name) == 1
+            err = capsys.readouterr().err.strip().splitlines()[-1]
+            assert f"{name}: record 0 (image_id={good['image_id']})" in err and problem in err
+            if problem == "gone.png":  # the same record read for training
+                assert _run(tmp_path, "--source", "dataloader", "--num", "1", "DATASETS.TRAIN", f"('{name}',)",
+                            "DATALOADER.NUM_WORKERS", "1") == 1
+                err = capsys.readouterr().err.strip().splitlines()
+                assert "gone.png" in err[-1] and f"image_id={good['image_id']}" in err[-1]
+                assert not any("Traceback" in line for line in err)
         finally:
             DatasetCatalog.remove(name)
-        err = capsys.readouterr().err.strip().splitlines()[-1]
-        assert f"{name}: record 0 (image_id={good['image_id']})" in err and problem in err
-        assert "Traceback" not in err

@@ -111,6 +111,11 @@ def annotation_pictures(datasets, num: int) -> Iterator[Tuple[str, np.ndarray]]:
 
 
 def dataloader_pictures(cfg, num: int) -> Iterator[Tuple[str, np.ndarray]]:
+    # Mapped in this process: a bad record's error keeps its own one-line message (a
+    # worker's comes wrapped in its traceback). The samples are the same with workers or
+    # without, since each one's augmentation is seeded by its position in the run.
+    cfg = cfg.clone()
+    cfg.DATALOADER.NUM_WORKERS = 0
     loader = iter(ReferringTrainer.build_train_loader(cfg))
     with tqdm(total=num, desc="train loader", unit="sample") as progress:
         while progress.n < num:
