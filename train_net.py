@@ -50,6 +50,8 @@ def main(args):
             resume_dir=cfg.OUTPUT_DIR if args.resume else "",
         )
         results = Trainer.test(cfg, model)
+        if cfg.TEST.AUG.ENABLED:
+            results.update(Trainer.test_with_TTA(cfg, model))
         if comm.is_main_process():
             verify_referring_results(cfg, results)
     else:

@@ -18,6 +18,7 @@ from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.engine import (
+    TTA_SUFFIX,
     AtomicDetectionCheckpointer,
     build_vipa_optimizer,
     get_vipa_optimizer_params,
@@ -111,10 +112,11 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     # read the trainer's dataset-keyed results as task-keyed and exited with status 1).
     anything = repr([[f"{VAL}/refer", "oIoU", 50.0, 50.0], [f"{VAL}/shuffled/refer", "oIoU", 50.0, 50.0]])
     trained = train_net.main(train_net_args(
-        train_dir, opts=["TEST.SHUFFLED_EXPRESSION_CONTROL", "True", "TEST.EXPECTED_RESULTS", anything]
+        train_dir, opts=["TEST.SHUFFLED_EXPRESSION_CONTROL", "True", "TEST.EXPECTED_RESULTS", anything,
+                         "TEST.AUG.ENABLED", "True"]
     ))
 
-    assert set(trained) == {VAL, VAL + "/shuffled"}
+    assert set(trained) == {VAL, VAL + "/shuffled", VAL + TTA_SUFFIX}
     assert set(trained[VAL]["refer"]) == {"oIoU", "mIoU", "Prec@0.5", "Prec@0.6",
                                           "Prec@0.7", "Prec@0.8", "Prec@0.9"}
     # The synthetic data carries expression types and landmarks, the VEG retrieves.
@@ -130,11 +132,17 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     )
 
     weights = str(train_dir / "model_final.pth")
-    # The same weights on the same data: exactly the metrics of the end of training, which
-    # --eval-only checks against TEST.EXPECTED_RESULTS as Detectron2's train_net.py does.
+    # The same weights on the same data: exactly the metrics of the end of training, test-time
+    # augmentation included, which --eval-only checks against TEST.EXPECTED_RESULTS as
+    # Detectron2's train_net.py does.
     exact = repr([[f"{VAL}/refer", "oIoU", trained[VAL]["refer"]["oIoU"], 0.0]])
-    evaluated = train_net.main(train_net_args(eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights, "TEST.EXPECTED_RESULTS", exact]))
-    assert evaluated == {VAL: trained[VAL]}
+    evaluated = train_net.main(train_net_args(
+        eval_dir, "--eval-only", opts=["MODEL.WEIGHTS", weights, "TEST.EXPECTED_RESULTS", exact, "TEST.AUG.ENABLED", "True"]
+    ))
+    assert evaluated == {VAL: trained[VAL], VAL + TTA_SUFFIX: trained[VAL + TTA_SUFFIX]}
+    tta_samples = results_file(eval_dir, sub="inference" + TTA_SUFFIX)
+    assert len(tta_samples["samples"]) == len(DatasetCatalog.get(VAL))
+    assert tta_samples["metrics"] == pytest.approx(evaluated[VAL + TTA_SUFFIX]["refer"])
     _check_expected_results_refusals(evaluated)
 
     # Batched evaluation scores every sample as batch-1 evaluation does (only the float

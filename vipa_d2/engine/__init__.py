@@ -16,6 +16,7 @@ from .host_memory import keep_freed_host_memory
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
 from .process_group import leave_process_group
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
+from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA
 from .trainer import ReferringTrainer
 
 __all__ = [
@@ -39,6 +40,8 @@ __all__ = [
     "WeightsOnlyCheckpointer",
     "load_weights",
     "model_checkpoint",
+    "TTA_SUFFIX",
+    "VIPAWithTTA",
     "referring_tasks",
     "verify_referring_results",
 ]

@@ -34,6 +34,7 @@ from .reproducibility import (
     ResumableTrainingSampler,
     StepSeedHook,
 )
+from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA
 
 logger = logging.getLogger(__name__)
 
@@ -154,6 +155,16 @@ class ReferringTrainer(DefaultTrainer):
                     self.cfg.TEST.EVAL_PERIOD, self.checkpointer, best_metric_name(self.cfg.DATASETS.TEST[0])
                 ),
             )
+        if self.cfg.TEST.AUG.ENABLED:
+            # After the plain evaluation (Detectron2's train_net.py registers it last): its
+            # results join the ones train() returns and TEST.EXPECTED_RESULTS checks.
+            def test_with_tta_and_save():
+                results = self.test_with_TTA(self.cfg, self.model)
+                self._last_eval_results = {**(getattr(self, "_last_eval_results", None) or {}), **results}
+                return results
+
+            evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
+            ret.insert(evaluation + 1, hooks.EvalHook(0, test_with_tta_and_save))
         if self.cfg.SEED >= 0:
             ret.insert(0, StepSeedHook(self.seed))
         else:
@@ -171,6 +182,21 @@ class ReferringTrainer(DefaultTrainer):
         if comm.is_main_process():
             verify_referring_results(self.cfg, results)
         return results
+
+    @classmethod
+    def test_with_TTA(cls, cfg, model):
+        """
+        Score every ``DATASETS.TEST`` set with :class:`VIPAWithTTA` (``TEST.AUG``: the image
+        also flipped, left/right words swapped), as ``<dataset>_TTA``; per-sample results in
+        ``OUTPUT_DIR/inference_TTA``. The shuffled-expression control is not repeated.
+        """
+        plain = cfg.clone()
+        plain.defrost()
+        plain.TEST.SHUFFLED_EXPRESSION_CONTROL = False
+        folder = os.path.join(cfg.OUTPUT_DIR, "inference" + TTA_SUFFIX)
+        evaluators = [cls.build_evaluator(cfg, name, output_folder=folder) for name in cfg.DATASETS.TEST]
+        results = cls.test(plain, VIPAWithTTA(cfg, model), evaluators)
+        return OrderedDict((name + TTA_SUFFIX, value) for name, value in results.items())
 
     @classmethod
     def build_optimizer(cls, cfg, model):

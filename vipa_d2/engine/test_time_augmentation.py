@@ -1,0 +1,74 @@
+"""
+Test-time augmentation for referring segmentation (``TEST.AUG``, Detectron2's
+``test_with_TTA``): each expression is also segmented in the horizontally flipped image,
+with its left/right words swapped so that it still names the same object, and the two
+foreground probabilities are averaged.
+
+Only the flip: the model reads images at ``INPUT.IMAGE_SIZE``, so Detectron2's
+``TEST.AUG.MIN_SIZES`` / ``MAX_SIZE`` (scales for detectors) have nothing to set here.
+"""
+import logging
+from typing import Dict, List
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from ..data.dataset_mapper import swap_left_right
+from ..data.expressions import tokenize_expression
+from ..modeling.text_encoder import build_tokenizer
+
+__all__ = ["TTA_SUFFIX", "VIPAWithTTA"]
+
+# What test_with_TTA appends to dataset names and the per-sample results folder (Detectron2's).
+TTA_SUFFIX = "_TTA"
+
+logger = logging.getLogger(__name__)
+
+# Outputs averaged over the two views, and whether each is a map to flip back.
+AVERAGED = {"ref_seg": True, "relevance": True, "no_target_score": False}
+
+
+class VIPAWithTTA(nn.Module):
+    """
+    ``model`` (a VIPA, possibly DDP-wrapped) in inference, each input run as given and
+    flipped. Per input: "ref_seg", "relevance" (both flipped back) and "no_target_score"
+    are the means over the two views; the other outputs (the retrieved tokens) are those of
+    the view as given, so the retrieval report describes the model, not the augmentation.
+    A no-target verdict in one view only (its "ref_seg" zeroed) halves the mean.
+    """
+
+    def __init__(self, cfg, model: nn.Module):
+        super().__init__()
+        if not cfg.TEST.AUG.FLIP:
+            raise ValueError("TEST.AUG.ENABLED: vipa_d2's test-time augmentation is the horizontal flip; set TEST.AUG.FLIP True")
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        self.model = model
+        self.tokenizer = build_tokenizer(cfg)
+        self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
+        logger.info("Test-time augmentation: horizontal flip with left/right words swapped (TEST.AUG.MIN_SIZES / MAX_SIZE unused)")
+
+    def flipped(self, inputs: Dict) -> Dict:
+        """``inputs`` (a test-mode mapper output) for the mirrored image."""
+        sentence = swap_left_right(inputs["sentence"])
+        tokens = tokenize_expression(self.tokenizer, sentence, self.max_text_len)
+        return {
+            **inputs,
+            "image": torch.flip(inputs["image"], dims=[-1]),
+            "sentence": sentence,
+            "input_ids": tokens["input_ids"][0],
+            "attention_mask": tokens["attention_mask"][0],
+        }
+
+    def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
+        as_given = self.model(batched_inputs)
+        mirrored = self.model([self.flipped(x) for x in batched_inputs])
+        results = []
+        for given, flipped in zip(as_given, mirrored):
+            merged = dict(given)
+            for key, is_map in AVERAGED.items():
+                other = torch.flip(flipped[key], dims=[-1]) if is_map else flipped[key]
+                merged[key] = (given[key] + other) / 2
+            results.append(merged)
+        return results
