@@ -55,7 +55,8 @@ def parse_args(argv=None):
     parser.add_argument("--source", choices=SOURCES, required=True, help="registered records, or the train loader's samples")
     parser.add_argument("--output-dir", required=True, help="folder of the PNGs")
     parser.add_argument("--dataset", nargs="+", default=None,
-                        help="registered datasets (annotation only; default: DATASETS.TRAIN)")
+                        help="registered datasets (annotation only; default: DATASETS.TRAIN); "
+                        "KEY VALUE overrides go after another option, or this list takes them")
     parser.add_argument("--num", type=int, default=DEFAULT_NUM,
                         help=f"pictures per dataset (annotation; 0: all) or in all (dataloader); default {DEFAULT_NUM}")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
