@@ -496,6 +496,20 @@ def check_expected_results(entries) -> None:
             )
 
 
+# The one DATALOADER.SAMPLER_TRAIN the trainer honours: its resumable sampler shuffles as
+# Detectron2's TrainingSampler does (vipa_d2/engine/reproducibility.py).
+SUPPORTED_TRAIN_SAMPLER = "TrainingSampler"
+
+
+def check_train_sampler(name: str) -> None:
+    """ValueError for a DATALOADER.SAMPLER_TRAIN the trainer would silently not use."""
+    if name != SUPPORTED_TRAIN_SAMPLER:
+        raise ValueError(
+            f"DATALOADER.SAMPLER_TRAIN={name!r}: the referring trainer samples with its own resumable "
+            f"sampler, which shuffles as {SUPPORTED_TRAIN_SAMPLER!r} does; other samplers are not supported"
+        )
+
+
 def _merge_message(e: BaseException) -> str:
     # KeyError's str() adds quotes around its message.
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -509,7 +523,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
     the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
     smallest value, a ``TEST.EXPECTED_RESULTS`` entry that is not [task, metric, value,
-    tolerance]. Anything that does not merge or is refused raises :class:`ConfigError`
+    tolerance], a ``DATALOADER.SAMPLER_TRAIN`` the trainer does not use. Anything that does not merge or is refused raises :class:`ConfigError`
     naming the file, the key or the override.
     """
     cfg = get_cfg()
@@ -536,6 +550,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
         check_refer_splits(cfg.DATASETS.REFER_SPLITS)
         check_sizes(cfg)
         check_expected_results(cfg.TEST.EXPECTED_RESULTS)
+        check_train_sampler(cfg.DATALOADER.SAMPLER_TRAIN)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return cfg
