@@ -71,9 +71,12 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         ((TINY_CONFIG, ("TEST.EXPECTED_RESULTS", "[['refsynth_unc_val/refer', 'oIoU', 90.0]]")),
          "TEST.EXPECTED_RESULTS[0]=['refsynth_unc_val/refer', 'oIoU', 90.0]: expected [task, metric, value, tolerance >= 0]"),
         ((TINY_CONFIG, ("TEST.EXPECTED_RESULTS", "[['v/refer', 'oIoU', '90', 1.0]]")), "TEST.EXPECTED_RESULTS[0]="),
-        # The trainer's resumable sampler would have ignored it.
+        # Detectron2 keys the referring pipeline would have ignored.
         ((TINY_CONFIG, ("DATALOADER.SAMPLER_TRAIN", "RepeatFactorTrainingSampler")),
-         "DATALOADER.SAMPLER_TRAIN='RepeatFactorTrainingSampler': the referring trainer samples with its own"),
+         "DATALOADER.SAMPLER_TRAIN='RepeatFactorTrainingSampler': the referring pipeline does not read it; "
+         "it uses the trainer's own resumable sampler"),
+        ((TINY_CONFIG, ("INPUT.MIN_SIZE_TEST", "480")), "INPUT.MIN_SIZE_TEST=480: the referring pipeline does not read it; it uses INPUT.IMAGE_SIZE"),
+        ((TINY_CONFIG, ("INPUT.CROP.ENABLED", "True")), "INPUT.CROP.ENABLED=True: the referring pipeline does not read it"),
         ((str(loop), ()), f"invalid config file {loop}: its _BASE_ chain comes back to a file it has read"),
         ((str(listed), ()), f"invalid config file {listed}: expected a mapping of config keys at the top level"),
     ]

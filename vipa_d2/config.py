@@ -468,13 +468,18 @@ _SIZE_KEYS = {
 }
 
 
+def _value(cfg, key: str):
+    """The value of dotted ``key`` ("INPUT.IMAGE_SIZE") in ``cfg``."""
+    for part in key.split("."):
+        cfg = cfg[part]
+    return cfg
+
+
 def check_sizes(cfg) -> None:
     """ValueError naming the first size key of _SIZE_KEYS below its smallest value, or a
     pixel mean / std that is not one value per input channel."""
     for key, smallest in _SIZE_KEYS.items():
-        value = cfg
-        for part in key.split("."):
-            value = value[part]
+        value = _value(cfg, key)
         if value < smallest:
             raise ValueError(f"{key}={value!r}: expected an integer >= {smallest}")
     for key in ("PIXEL_MEAN", "PIXEL_STD"):
@@ -496,18 +501,27 @@ def check_expected_results(entries) -> None:
             )
 
 
-# The one DATALOADER.SAMPLER_TRAIN the trainer honours: its resumable sampler shuffles as
-# Detectron2's TrainingSampler does (vipa_d2/engine/reproducibility.py).
-SUPPORTED_TRAIN_SAMPLER = "TrainingSampler"
+# Detectron2 keys that the referring pipeline does not read, with what it reads instead: a
+# value other than Detectron2's default would otherwise be silently ignored.
+UNREAD_DETECTRON2_KEYS = {
+    "INPUT.MIN_SIZE_TRAIN": "INPUT.IMAGE_SIZE (and INPUT.RESIZE_MODE)",
+    "INPUT.MIN_SIZE_TRAIN_SAMPLING": "INPUT.IMAGE_SIZE (one size)",
+    "INPUT.MAX_SIZE_TRAIN": "INPUT.IMAGE_SIZE (and INPUT.RESIZE_MODE)",
+    "INPUT.MIN_SIZE_TEST": "INPUT.IMAGE_SIZE (and INPUT.RESIZE_MODE)",
+    "INPUT.MAX_SIZE_TEST": "INPUT.IMAGE_SIZE (and INPUT.RESIZE_MODE)",
+    "INPUT.CROP.ENABLED": "no cropping (a crop could cut the referred object out)",
+    # Its resumable sampler shuffles as TrainingSampler does (vipa_d2/engine/reproducibility.py).
+    "DATALOADER.SAMPLER_TRAIN": "the trainer's own resumable sampler, which shuffles as 'TrainingSampler'",
+}
 
 
-def check_train_sampler(name: str) -> None:
-    """ValueError for a DATALOADER.SAMPLER_TRAIN the trainer would silently not use."""
-    if name != SUPPORTED_TRAIN_SAMPLER:
-        raise ValueError(
-            f"DATALOADER.SAMPLER_TRAIN={name!r}: the referring trainer samples with its own resumable "
-            f"sampler, which shuffles as {SUPPORTED_TRAIN_SAMPLER!r} does; other samplers are not supported"
-        )
+def check_unread_keys(cfg) -> None:
+    """ValueError naming the first UNREAD_DETECTRON2_KEYS key set away from Detectron2's default."""
+    defaults = get_cfg()
+    for key, instead in UNREAD_DETECTRON2_KEYS.items():
+        value = _value(cfg, key)
+        if value != _value(defaults, key):
+            raise ValueError(f"{key}={value!r}: the referring pipeline does not read it; it uses {instead}")
 
 
 def _merge_message(e: BaseException) -> str:
@@ -523,7 +537,8 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
     the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
     smallest value, a ``TEST.EXPECTED_RESULTS`` entry that is not [task, metric, value,
-    tolerance], a ``DATALOADER.SAMPLER_TRAIN`` the trainer does not use. Anything that does not merge or is refused raises :class:`ConfigError`
+    tolerance], a Detectron2 key that vipa_d2 does not read (``UNREAD_DETECTRON2_KEYS``)
+    set away from its default. Anything that does not merge or is refused raises :class:`ConfigError`
     naming the file, the key or the override.
     """
     cfg = get_cfg()
@@ -550,7 +565,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
         check_refer_splits(cfg.DATASETS.REFER_SPLITS)
         check_sizes(cfg)
         check_expected_results(cfg.TEST.EXPECTED_RESULTS)
-        check_train_sampler(cfg.DATALOADER.SAMPLER_TRAIN)
+        check_unread_keys(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e
     return cfg
