@@ -510,6 +510,8 @@ UNREAD_DETECTRON2_KEYS = {
     "INPUT.MIN_SIZE_TEST": "INPUT.IMAGE_SIZE (and INPUT.RESIZE_MODE)",
     "INPUT.MAX_SIZE_TEST": "INPUT.IMAGE_SIZE (and INPUT.RESIZE_MODE)",
     "INPUT.CROP.ENABLED": "no cropping (a crop could cut the referred object out)",
+    "TEST.AUG.MIN_SIZES": "the horizontal flip alone for TEST.AUG (one input size)",
+    "TEST.AUG.MAX_SIZE": "the horizontal flip alone for TEST.AUG (one input size)",
     # Its resumable sampler shuffles as TrainingSampler does (vipa_d2/engine/reproducibility.py).
     "DATALOADER.SAMPLER_TRAIN": "the trainer's own resumable sampler, which shuffles as 'TrainingSampler'",
 }

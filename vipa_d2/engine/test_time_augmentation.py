@@ -5,7 +5,8 @@ with its left/right words swapped so that it still names the same object, and th
 foreground probabilities are averaged.
 
 Only the flip: the model reads images at ``INPUT.IMAGE_SIZE``, so Detectron2's
-``TEST.AUG.MIN_SIZES`` / ``MAX_SIZE`` (scales for detectors) have nothing to set here.
+``TEST.AUG.MIN_SIZES`` / ``MAX_SIZE`` (scales for detectors) have nothing to set here; a
+config that changes them is refused (vipa_d2/config.py, ``UNREAD_DETECTRON2_KEYS``).
 """
 import logging
 from typing import Dict, List
@@ -47,7 +48,7 @@ class VIPAWithTTA(nn.Module):
         self.model = model
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
-        logger.info("Test-time augmentation: horizontal flip with left/right words swapped (TEST.AUG.MIN_SIZES / MAX_SIZE unused)")
+        logger.info("Test-time augmentation: horizontal flip with left/right words swapped")
 
     def flipped(self, inputs: Dict) -> Dict:
         """``inputs`` (a test-mode mapper output) for the mirrored image."""
