@@ -37,6 +37,7 @@ from vipa_d2 import get_vipa_cfg
 from vipa_d2.data import register_refer_splits
 from vipa_d2.data.dataset_mapper import read_record_image
 from vipa_d2.data.masks import annotations_to_mask
+from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.data.validation import ReferringDataError
 from vipa_d2.engine import ReferringTrainer
 from vipa_d2.utils.visualizer import draw_overlay, save_image, side_by_side
@@ -140,7 +141,7 @@ def main(argv=None) -> int:
         datasets = args.dataset or list(cfg.DATASETS.TRAIN)
         unknown = [name for name in datasets if name not in DatasetCatalog.list()]
         if unknown:
-            referring = sorted(n for n in DatasetCatalog.list() if MetadataCatalog.get(n).get("evaluator_type", None) == "referring")
+            referring = sorted(n for n in DatasetCatalog.list() if MetadataCatalog.get(n).get("evaluator_type", None) == REFERRING_EVALUATOR_TYPE)
             parser.error(f"dataset {unknown[0]!r} is not registered; referring datasets: {', '.join(referring)}")
         pictures = annotation_pictures(datasets, args.num)
     else:

@@ -17,7 +17,7 @@ from typing import Dict, NamedTuple, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .refer import load_refer_dicts
+from .refer import REFERRING_EVALUATOR_TYPE, load_refer_dicts
 
 __all__ = [
     "BUILTIN_REFERRING",
@@ -136,7 +136,7 @@ def register_all_referring() -> None:
             ),
         )
         MetadataCatalog.get(name).set(
-            evaluator_type="referring",
+            evaluator_type=REFERRING_EVALUATOR_TYPE,
             generalized=generalized,
             dataset_root=DatasetsRoot(),
             dataset=dataset,

@@ -32,7 +32,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
-from .refer import INVALID_MODES, load_refer_dicts, make_sentence, save_refer_dataset
+from .refer import INVALID_MODES, REFERRING_EVALUATOR_TYPE, load_refer_dicts, make_sentence, save_refer_dataset
 from .validation import IMAGE_READ_ERRORS, MAX_IMAGE_SIDE, ReferringDataError, quote, read_json_file, valid_id
 
 __all__ = [
@@ -97,7 +97,7 @@ def register_referring_dataset(
         ),
     )
     MetadataCatalog.get(name).set(
-        evaluator_type="referring",
+        evaluator_type=REFERRING_EVALUATOR_TYPE,
         generalized=generalized,
         dataset_root=refer_root,
         dataset=dataset,

@@ -179,7 +179,6 @@ class ReferringDatasetMapper:
             "area_losses": object_area_losses(cfg),
         }
 
-
     @staticmethod
     def _require(record: Dict, key: str, what: str, needed_by: str, source: str):
         if key not in record:

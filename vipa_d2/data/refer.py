@@ -33,6 +33,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "ReferringDataError",
     "INVALID_MODES",
+    "REFERRING_EVALUATOR_TYPE",
     "refs_file_name",
     "expected_layout",
     "load_refer_dicts",
@@ -41,6 +42,9 @@ __all__ = [
 ]
 
 INVALID_MODES = ("error", "skip")
+# The evaluator_type the registrations (builtin.py, custom.py) put in a referring dataset's
+# metadata: the trainer scores such datasets with ReferringEvaluator.
+REFERRING_EVALUATOR_TYPE = "referring"
 # How many individual skips are logged before only the summary is.
 _MAX_LOGGED_SKIPS = 10
 

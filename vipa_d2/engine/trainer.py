@@ -21,6 +21,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import build_test_mapper
+from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.modeling import VIPA, runtime_options
 
@@ -37,10 +38,6 @@ from .reproducibility import (
 from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA
 
 logger = logging.getLogger(__name__)
-
-# Evaluator type a dataset's metadata must declare to be scored by ReferringEvaluator.
-REFERRING_EVALUATOR_TYPE = "referring"
-
 
 def run_seed(cfg) -> int:
     """The run's base seed: cfg.SEED, or one random seed shared by all ranks when SEED < 0."""
@@ -146,9 +143,9 @@ class ReferringTrainer(DefaultTrainer):
                 else h
                 for h in ret
             ]
+        evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
         if self.cfg.TEST.EVAL_PERIOD > 0 and self.cfg.DATASETS.TEST:
             # After EvalHook, whose results it reads; the first test set is the validation set.
-            evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
             ret.insert(
                 evaluation + 1,
                 BestMetricCheckpointer(
@@ -163,7 +160,6 @@ class ReferringTrainer(DefaultTrainer):
                 self._last_eval_results = {**(getattr(self, "_last_eval_results", None) or {}), **results}
                 return results
 
-            evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
             ret.insert(evaluation + 1, hooks.EvalHook(0, test_with_tta_and_save))
         if self.cfg.SEED >= 0:
             ret.insert(0, StepSeedHook(self.seed))
