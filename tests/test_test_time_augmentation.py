@@ -5,10 +5,11 @@ import copy
 import pytest
 import torch
 
-from common import TINY_CONFIG, make_cfg
+from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.engine import VIPAWithTTA
 from vipa_d2.modeling.text_encoder import tokenize
+from vipa_d2.predictor import VIPAPredictor
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 SENTENCE = "the leftmost circle, left of the star"
@@ -54,7 +55,26 @@ def test_outputs_are_flip_symmetric_means(tta_inputs, predictor):
         assert torch.equal(a["retrieved"], p["retrieved"])
 
 
-def test_tta_needs_the_flip(predictor):
-    cfg = make_cfg("TEST.AUG.FLIP", "False", config_file=TINY_CONFIG)
+def test_predictor_averages_the_views_as_evaluation_does(tta_inputs, predictor, records):
+    tta, inputs = tta_inputs
+    flipping = VIPAPredictor(make_cfg(*PREDICTOR_OPTS, "TEST.AUG.ENABLED", "True", config_file=TINY_CONFIG))
+    flipping.model.load_state_dict(predictor.model.state_dict())
+    with torch.no_grad():
+        expected = tta(inputs[:1])[0]
+    got = flipping(records[0]["file_name"], SENTENCE)
+    plain = predictor(records[0]["file_name"], SENTENCE)
+    torch.testing.assert_close(torch.from_numpy(got["prob"]), expected["ref_seg"], rtol=0, atol=1e-6)
+    torch.testing.assert_close(torch.from_numpy(got["relevance"]), expected["relevance"], rtol=0, atol=1e-6)
+    assert got["no_target_score"] == pytest.approx(float(expected["no_target_score"]), abs=1e-6)
+    assert (got["mask"] == (got["prob"] > predictor.mask_threshold)).all()
+    assert not (got["prob"] == plain["prob"]).all()  # the mirrored view counts
+    # The retrieved tokens are those of the image as given.
+    for cue, plain_cue in zip(got["retrieved"], plain["retrieved"]):
+        assert cue["word"] == plain_cue["word"] and (cue["tokens"] == plain_cue["tokens"]).all()
+
+
+@pytest.mark.parametrize("build", [lambda cfg, model: VIPAWithTTA(cfg, model), lambda cfg, model: VIPAPredictor(cfg)])
+def test_tta_needs_the_flip(predictor, build):
+    cfg = make_cfg(*PREDICTOR_OPTS, "TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "False", config_file=TINY_CONFIG)
     with pytest.raises(ValueError, match="TEST.AUG.FLIP True"):
-        VIPAWithTTA(cfg, predictor.model)
+        build(cfg, predictor.model)

@@ -5,7 +5,7 @@
 import logging
 import math
 import os
-from typing import Dict, List, Sequence, Union
+from typing import Dict, List, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -13,9 +13,10 @@ import torch
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from .data.dataset_mapper import build_referring_augmentations, read_image
+from .data.dataset_mapper import build_referring_augmentations, read_image, swap_left_right
 from .data.validation import quote
 from .engine.checkpoint import WeightsError, load_weights
+from .engine.test_time_augmentation import average_views, check_flip
 from .modeling.meta_arch import runtime_options
 from .modeling.text_encoder import build_tokenizer, tokenize
 
@@ -66,6 +67,12 @@ class VIPAPredictor:
 
     The image is encoded once for all expressions; with ``MODEL.VIPA.FUSION "early"``
     the backbone depends on the expression, so it runs once per expression, batched.
+
+    With ``TEST.AUG.ENABLED`` (test-time augmentation, as ``train_net.py`` evaluates it)
+    each expression is also segmented in the mirrored image with its left/right words
+    swapped, at twice the cost: ``prob``, ``relevance`` and ``no_target_score`` are the
+    two views' means (``mask`` and ``confidence`` follow from that ``prob``), and
+    ``retrieved`` is the image as given's.
     """
 
     def __init__(self, cfg):
@@ -80,6 +87,9 @@ class VIPAPredictor:
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
         self.mask_threshold = cfg.MODEL.VIPA.MASK_THRESHOLD
+        self.test_time_flip = cfg.TEST.AUG.ENABLED
+        if self.test_time_flip:
+            check_flip(cfg)
 
     def _check_image(self, image) -> np.ndarray:
         if isinstance(image, (str, os.PathLike)):
@@ -112,16 +122,13 @@ class VIPAPredictor:
         aug_input = T.AugInput(original)
         self.augmentations(aug_input)
         tensor = torch.as_tensor(np.ascontiguousarray(aug_input.image.transpose(2, 0, 1)))
-        tokens = tokenize(self.tokenizer, texts, self.max_text_len)
         self._warn_cut(texts)
-        input_ids = tokens["input_ids"].to(self.model.device)
-        attention_mask = tokens["attention_mask"].to(self.model.device)
-
-        images = self.model.preprocess_image([{"image": tensor}])
-        encoded = self.model.encode_image(images)  # once for every expression
-        outputs = self.model.decode(encoded, input_ids, attention_mask)
-        raw = self.model.postprocess(outputs, images, [(height, width)] * len(texts))
-        retrieved = self._retrieved_tokens(outputs, images, tokens["input_ids"])
+        raw, retrieved = self._predict(tensor, texts, (height, width))
+        if self.test_time_flip:
+            mirrored, _ = self._predict(
+                torch.flip(tensor, dims=[-1]), [swap_left_right(t) for t in texts], (height, width)
+            )
+            raw = [average_views(given, flipped) for given, flipped in zip(raw, mirrored)]
 
         results = []
         for i, r in enumerate(raw):
@@ -138,6 +145,18 @@ class VIPAPredictor:
                 }
             )
         return results[0] if single else results
+
+    def _predict(self, tensor: torch.Tensor, texts: List[str], output_size) -> Tuple[List[Dict], List[List[Dict]]]:
+        """The model's postprocessed outputs and retrieved tokens for ``texts`` on one
+        resized CHW image, at ``output_size``."""
+        tokens = tokenize(self.tokenizer, texts, self.max_text_len)
+        input_ids = tokens["input_ids"].to(self.model.device)
+        attention_mask = tokens["attention_mask"].to(self.model.device)
+        images = self.model.preprocess_image([{"image": tensor}])
+        encoded = self.model.encode_image(images)  # once for every expression
+        outputs = self.model.decode(encoded, input_ids, attention_mask)
+        raw = self.model.postprocess(outputs, images, [output_size] * len(texts))
+        return raw, self._retrieved_tokens(outputs, images, tokens["input_ids"])
 
     def _retrieved_tokens(self, outputs: Dict, images, input_ids: torch.Tensor) -> List[List[Dict]]:
         """Per expression, per valid cue: which visual tokens of the image it retrieved."""

@@ -19,7 +19,7 @@ from ..data.dataset_mapper import swap_left_right
 from ..data.expressions import tokenize_expression
 from ..modeling.text_encoder import build_tokenizer
 
-__all__ = ["TTA_SUFFIX", "VIPAWithTTA"]
+__all__ = ["TTA_SUFFIX", "VIPAWithTTA", "average_views", "check_flip"]
 
 # What test_with_TTA appends to dataset names and the per-sample results folder (Detectron2's).
 TTA_SUFFIX = "_TTA"
@@ -28,6 +28,24 @@ logger = logging.getLogger(__name__)
 
 # Outputs averaged over the two views, and whether each is a map to flip back.
 AVERAGED = {"ref_seg": True, "relevance": True, "no_target_score": False}
+
+
+def check_flip(cfg) -> None:
+    """Refuse ``TEST.AUG.FLIP False``: the flip is the only augmentation there is to enable."""
+    if not cfg.TEST.AUG.FLIP:
+        raise ValueError("TEST.AUG.ENABLED: vipa_d2's test-time augmentation is the horizontal flip; set TEST.AUG.FLIP True")
+
+
+def average_views(given: Dict, flipped: Dict) -> Dict:
+    """
+    ``given`` (one expression's postprocessed outputs) with its ``AVERAGED`` outputs
+    replaced by their means with the mirrored view's, whose maps are flipped back first.
+    """
+    merged = dict(given)
+    for key, is_map in AVERAGED.items():
+        other = torch.flip(flipped[key], dims=[-1]) if is_map else flipped[key]
+        merged[key] = (given[key] + other) / 2
+    return merged
 
 
 class VIPAWithTTA(nn.Module):
@@ -41,8 +59,7 @@ class VIPAWithTTA(nn.Module):
 
     def __init__(self, cfg, model: nn.Module):
         super().__init__()
-        if not cfg.TEST.AUG.FLIP:
-            raise ValueError("TEST.AUG.ENABLED: vipa_d2's test-time augmentation is the horizontal flip; set TEST.AUG.FLIP True")
+        check_flip(cfg)
         if isinstance(model, DistributedDataParallel):
             model = model.module
         self.model = model
@@ -65,11 +82,4 @@ class VIPAWithTTA(nn.Module):
     def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
         as_given = self.model(batched_inputs)
         mirrored = self.model([self.flipped(x) for x in batched_inputs])
-        results = []
-        for given, flipped in zip(as_given, mirrored):
-            merged = dict(given)
-            for key, is_map in AVERAGED.items():
-                other = torch.flip(flipped[key], dims=[-1]) if is_map else flipped[key]
-                merged[key] = (given[key] + other) / 2
-            results.append(merged)
-        return results
+        return [average_views(given, flipped) for given, flipped in zip(as_given, mirrored)]
