@@ -206,6 +206,13 @@ def test_build_evaluator_rejects_non_referring_dataset(tmp_path):
         train_net.Trainer.build_evaluator(cfg, "test_train_net_coco_like")
 
 
+def test_amp_needs_the_model_on_cuda(tmp_path):
+    # Read from MODEL.DEVICE, not from the machine: a CPU model on a GPU machine is refused too.
+    cfg = train_net.setup(train_net_args(tmp_path, opts=["SOLVER.AMP.ENABLED", "True"]))
+    with pytest.raises(ValueError, match="SOLVER.AMP.ENABLED=True needs the model on CUDA.*MODEL.DEVICE is 'cpu'"):
+        train_net.Trainer(cfg)
+
+
 # ------------------------------------------------------------------ never lose work
 def test_builtin_refs_policy_reaches_the_trainer_data_loader(synthetic_benchmark, tmp_path, monkeypatch):
     # Built-in datasets are read with one fixed policy (a bad ref is an error): the real

@@ -6,7 +6,7 @@ import torch
 
 from common import make_cfg
 from vipa_d2.modeling.attention import MultiHeadAttention, set_fused_attention, sine_position_encoding
-from vipa_d2.modeling.sampler import differentiable_topk, num_retrieved
+from vipa_d2.modeling.sampler import differentiable_topk, num_retrieved, sample_gumbel_like
 from vipa_d2.modeling.veg import (
     VisualExpressionGenerator,
     centre_word_relevance,
@@ -69,6 +69,16 @@ def test_sampler_ties_invalid_tokens_and_gumbel():
     _, clean = differentiable_topk(scores, 10, gumbel_noise=0.0)
     _, noisy = differentiable_topk(scores, 10, gumbel_noise=1.0)
     assert not torch.equal(clean, noisy)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gumbel_noise_is_finite_in_half_precision(dtype):
+    # Under AMP the scores are half precision; a uniform draw of 0 there (one in 256 for
+    # bf16) would be infinite noise, a token never (or always) retrieved.
+    torch.manual_seed(0)
+    noise = sample_gumbel_like(torch.zeros(100_000, dtype=dtype))
+    assert noise.dtype == dtype and torch.isfinite(noise).all()
+    assert abs(noise.float().mean().item() - 0.5772) < 0.02  # Euler's constant, Gumbel's mean
 
 
 def test_num_retrieved_and_bad_values():

@@ -81,10 +81,11 @@ class ReferringTrainer(DefaultTrainer):
         if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
             setup_logger()
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-        if cfg.SOLVER.AMP.ENABLED and not torch.cuda.is_available():
+        if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
             raise ValueError(
-                "SOLVER.AMP.ENABLED=True needs CUDA (detectron2's AMPTrainer uses "
-                "torch.cuda.amp); set SOLVER.AMP.ENABLED False on this CPU-only machine."
+                f"SOLVER.AMP.ENABLED=True needs the model on CUDA (detectron2's AMPTrainer uses "
+                f"torch.cuda.amp), but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}; set SOLVER.AMP.ENABLED False "
+                "to train there."
             )
         self.seed = run_seed(cfg)
         model = self.build_model(cfg)

@@ -19,10 +19,18 @@ def num_retrieved(num_tokens: torch.Tensor, ratio: float) -> torch.Tensor:
     return torch.clamp(torch.round(num_tokens.float() * ratio).long(), min=1)
 
 
-def sample_gumbel_like(x: torch.Tensor, eps: float = 1e-10) -> torch.Tensor:
-    """Standard Gumbel(0, 1) noise of the shape of ``x``."""
-    u = torch.rand_like(x)
-    return -torch.log(-torch.log(u + eps) + eps)
+# Keeps both logs finite where a uniform draw is exactly 0.
+GUMBEL_EPS = 1e-10
+
+
+def sample_gumbel_like(x: torch.Tensor, eps: float = GUMBEL_EPS) -> torch.Tensor:
+    """
+    Standard Gumbel(0, 1) noise of the shape and dtype of ``x``, drawn in float32: in half
+    precision (AMP) ``eps`` rounds to 0 and one draw in 2,048 (fp16) or 256 (bf16) is 0, which
+    would give that token infinite noise.
+    """
+    u = torch.rand_like(x, dtype=torch.float32)
+    return (-torch.log(-torch.log(u + eps) + eps)).to(x.dtype)
 
 
 def differentiable_topk(
