@@ -108,7 +108,8 @@ def add_vipa_config(cfg):
     # Learning-rate multiplier of the vision backbone relative to SOLVER.BASE_LR.
     cfg.MODEL.TIMM.LR_MULTIPLIER = 1.0
     # Keep the backbone's BatchNorm layers in inference mode with fixed affine parameters:
-    # batch statistics of the small per-device batches used in RIS are too noisy.
+    # batch statistics of the small per-device batches used in RIS are too noisy. Those of
+    # the stages MODEL.BACKBONE.FREEZE_AT freezes are fixed either way, as in Detectron2.
     cfg.MODEL.TIMM.FREEZE_BN = False
 
     # ----------------------------------------------------------------- VIPA

@@ -120,11 +120,32 @@ def test_freeze_at_and_frozen_bn():
     assert all(torch.equal(a, m.running_mean) for a, m in zip(before, bns))
 
 
-def _pair(freeze_bn=False, arch="tf_efficientnet_lite0"):
+def test_frozen_stages_fix_their_batchnorms():
+    # As Detectron2's FrozenBatchNorm2d in frozen stages: without FREEZE_BN, the BatchNorms of
+    # the frozen stem and res2 stages use and keep their running statistics, the others train.
+    cfg = make_cfg(*BACKBONE)
+    cfg.MODEL.BACKBONE.FREEZE_AT = 2
+    cfg.MODEL.TIMM.FREEZE_BN = False
+    backbone = build_backbone(cfg, ShapeSpec(channels=3)).train()
+    frozen_parts = [backbone.stem, backbone.stages[0], backbone.stages[1]]
+    fixed = [m for part in frozen_parts for m in part.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    fixed_ids = {id(m) for m in fixed}
+    training = [m for m in backbone.modules() if isinstance(m, torch.nn.BatchNorm2d) and id(m) not in fixed_ids]
+    assert fixed and training
+    assert not any(m.training for m in fixed) and all(m.training for m in training)
+    before = [m.running_mean.clone() for m in fixed + training]
+    backbone(torch.randn(2, 3, 64, 64))
+    after = [m.running_mean for m in fixed + training]
+    assert all(torch.equal(a, b) for a, b in zip(before[: len(fixed)], after[: len(fixed)]))
+    assert not any(torch.equal(a, b) for a, b in zip(before[len(fixed) :], after[len(fixed) :]))
+
+
+def _pair(freeze_bn=False, arch="tf_efficientnet_lite0", freeze_at=2):
     """Backbones with Conv+BN folding (always built in) on and switched off, holding the
     same (bundled) weights."""
     cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", arch, "MODEL.TIMM.WEIGHTS", "bundled")
     cfg.MODEL.TIMM.FREEZE_BN = freeze_bn
+    cfg.MODEL.BACKBONE.FREEZE_AT = freeze_at
     folded = build_backbone(cfg, ShapeSpec(channels=3))
     plain = set_conv_bn_folding(build_backbone(cfg, ShapeSpec(channels=3)), False)
     # The layout is unchanged: checkpoints move between the two either way.
@@ -168,8 +189,9 @@ def test_conv_bn_folding_in_training():
     assert grads[0].keys() == grads[1].keys() and grads[0]
     for n in grads[0]:
         torch.testing.assert_close(grads[0][n], grads[1][n], rtol=1e-3, atol=1e-5, msg=n)
-    # Trainable BatchNorm: batch statistics, computed exactly as before, running stats too.
-    folded, plain = _pair(freeze_bn=False)
+    # Trainable BatchNorm (no stage frozen): batch statistics, computed exactly as before,
+    # running stats too.
+    folded, plain = _pair(freeze_bn=False, freeze_at=0)
     with torch.no_grad():
         ours, ref = folded.train()(x), plain.train()(x)
     for name in ref:

@@ -120,20 +120,25 @@ class VIPATimmBackbone(Backbone):
     def _freeze(self, freeze_at: int, freeze_bn: bool) -> None:
         """
         Detectron2's FREEZE_AT semantics: 1 freezes the stem, k >= 2 also the stages up to
-        the one producing res{k}. ``freeze_bn`` fixes every BatchNorm (see :meth:`train`).
+        the one producing res{k}; as in Detectron2 (whose frozen stages hold
+        FrozenBatchNorm2d) their BatchNorms are fixed too. ``freeze_bn`` fixes every
+        BatchNorm. Fixed BatchNorms use their running statistics and keep them (see
+        :meth:`train`).
         """
-        self._frozen_bn = []
-        if freeze_bn:
-            self._frozen_bn = [m for m in self.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
-            for m in self._frozen_bn:
-                m.requires_grad_(False)
-        if freeze_at >= 1:
-            self.stem.requires_grad_(False)
+        frozen = [self.stem] if freeze_at >= 1 else []
         for idx, stage in enumerate(self.stages):
             # A stage belongs to the level of the first feature output at or after it.
             level = min(i for i in self._stage_levels if i >= idx)
             if int(self._stage_levels[level][len("res"):]) <= freeze_at:
-                stage.requires_grad_(False)
+                frozen.append(stage)
+        for module in frozen:
+            module.requires_grad_(False)
+        fixed_scope = [self] if freeze_bn else frozen
+        self._frozen_bn = [
+            m for scope in fixed_scope for m in scope.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)
+        ]
+        for m in self._frozen_bn:
+            m.requires_grad_(False)
 
     def train(self, mode: bool = True):
         super().train(mode)
