@@ -85,7 +85,7 @@ def add_vipa_config(cfg):
     cfg.MODEL.TEXT_ENCODER.NAME = "bundled-minilm"
     # Learning-rate multiplier of the text encoder relative to SOLVER.BASE_LR.
     cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER = 1.0
-    # Freeze the text encoder weights (no gradients).
+    # Freeze the text encoder: no gradients, and no dropout (a fixed feature extractor).
     cfg.MODEL.TEXT_ENCODER.FREEZE = False
     # Freeze only the token/position embeddings. A trained word-embedding table gets a dense
     # gradient and an optimizer update over its whole vocabulary (30k x 384 for MiniLM) every

@@ -64,3 +64,15 @@ def test_freeze_embeddings_trains_the_layers_only(cfg):
     assert trainable and not any(".embeddings." in n for n in trainable)
     assert all(not p.requires_grad for p in enc.model.embeddings.parameters())
     assert any(".encoder.layer." in n for n in trainable)
+
+
+@pytest.mark.parametrize("freeze", [True, False])
+def test_frozen_encoder_has_no_dropout_in_training(cfg, tokenizer, freeze):
+    # Frozen: a fixed feature extractor, the same features for the same words at every step.
+    c = cfg.clone()
+    c.MODEL.TEXT_ENCODER.FREEZE = freeze
+    enc = TextEncoder(c).train()
+    tokens = tokenize(tokenizer, ["the small red circle"], c.INPUT.MAX_TEXT_LEN)
+    with torch.no_grad():
+        first, second = (enc(tokens["input_ids"], tokens["attention_mask"]) for _ in range(2))
+    assert enc.training and torch.equal(first, second) == freeze

@@ -257,6 +257,12 @@ class TextEncoder(nn.Module):
             "freeze_embeddings": cfg.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS,
         }
 
+    def train(self, mode: bool = True):
+        super().train(mode)
+        if self.frozen:  # a frozen encoder is a fixed feature extractor: no dropout
+            self.model.train(False)
+        return self
+
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         out = self.model(input_ids=input_ids, attention_mask=attention_mask)
         return out.last_hidden_state
