@@ -38,7 +38,8 @@ def add_vipa_config(cfg):
     # ---------------------------------------------------------------- data
     # Side length of the square input images (peers: 480). In "square" mode the image
     # is resized to IMAGE_SIZE x IMAGE_SIZE; in "keep_ratio" mode the long side is
-    # resized to IMAGE_SIZE and the batch is padded.
+    # resized to IMAGE_SIZE and every image padded to IMAGE_SIZE x IMAGE_SIZE (so that a
+    # result does not depend on the other images of its batch).
     cfg.INPUT.IMAGE_SIZE = 480
     # "square" (LAVT/ReLA practice: aspect not kept) or "keep_ratio" (resize + pad).
     cfg.INPUT.RESIZE_MODE = "square"
@@ -421,7 +422,8 @@ def add_vipa_config(cfg):
     # that shows whether the model uses the language at all).
     cfg.TEST.SHUFFLED_EXPRESSION_CONTROL = False
     # Samples per inference batch in each evaluation process (detectron2's test loader
-    # uses 1). Batches amortize per-call overhead; results do not depend on it.
+    # uses 1). Batches amortize per-call overhead; results do not depend on it (up to float
+    # rounding).
     cfg.TEST.IMS_PER_BATCH = 1
     # torch.compile the backbone (with the early fusion it calls) for inference; training
     # stays eager. The first inference call compiles (about 30-90 s on 2 CPU cores; again

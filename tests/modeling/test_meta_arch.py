@@ -321,6 +321,25 @@ def test_keep_ratio_batches_non_square_images(tokenizer, default_model):
     assert [tuple(o["ref_seg"].shape) for o in outs] == [(120, 60), (50, 100)]
 
 
+
+def test_keep_ratio_results_do_not_depend_on_the_batch(tokenizer):
+    # Every keep_ratio batch is padded to the square: a sample scores the same alone, beside
+    # an image of another shape, or at any TEST.IMS_PER_BATCH / GPU count.
+    model = build("INPUT.RESIZE_MODE", "keep_ratio", "INPUT.IMAGE_SIZE", "64").eval()
+    inputs = make_inputs(tokenizer, TEXTS[:2], sizes=[(120, 60), (50, 100)])
+    inputs[0]["image"] = inputs[0]["image"][:, :, :32]  # 64 x 32 after a keep-ratio resize
+    inputs[1]["image"] = inputs[1]["image"][:, :32, :]
+    with torch.no_grad():
+        together = model(inputs)
+        alone = [model([x])[0] for x in inputs]
+    for a, b in zip(together, alone):
+        torch.testing.assert_close(a["ref_seg"], b["ref_seg"], rtol=0, atol=1e-5)
+        torch.testing.assert_close(a["no_target_score"], b["no_target_score"], rtol=0, atol=1e-6)
+    too_large = make_inputs(tokenizer, TEXTS[:1], image_size=96)
+    with pytest.raises(ValueError, match="96 pixels exceeds the padded size 64"):
+        model(too_large)
+
+
 # ----------------------------------------------------------------- ablations
 @pytest.mark.parametrize("kv_source", ["language", "language_relevance"])
 def test_language_kv_sources(tokenizer, kv_source):

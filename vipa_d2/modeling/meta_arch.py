@@ -102,9 +102,13 @@ class VIPA(nn.Module):
         pixel_mean,
         pixel_std,
         no_target_threshold: float,
+        pad_size: int = 0,
     ):
         """
-        ``fusion`` is None iff ``fusion_mode`` is "none". The value-preserving speed-ups are
+        ``fusion`` is None iff ``fusion_mode`` is "none". ``pad_size`` > 0 pads every batch
+        to ``pad_size`` x ``pad_size`` (then to the backbone's size divisibility), so that a
+        sample's result does not depend on the other images in its batch; 0 pads to the
+        batch's largest image. The value-preserving speed-ups are
         on (:meth:`set_speedups` turns them off for debugging); layout and compilation are
         runtime options (:meth:`set_runtime_options`), NCHW and eager after construction.
         """
@@ -120,6 +124,7 @@ class VIPA(nn.Module):
         self.head = head
         self.criterion = criterion
         self.no_target_threshold = no_target_threshold
+        self.pad_size = pad_size
         self.register_buffer("pixel_mean", torch.tensor(pixel_mean).view(-1, 1, 1), False)
         self.register_buffer("pixel_std", torch.tensor(pixel_std).view(-1, 1, 1), False)
         self.trim_text_padding = True
@@ -148,6 +153,9 @@ class VIPA(nn.Module):
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
             "no_target_threshold": vipa.NO_TARGET_THRESHOLD,
+            # keep_ratio images differ in shape (their long side is IMAGE_SIZE): padding each
+            # to the square keeps test batches, the predictor and any GPU count alike.
+            "pad_size": cfg.INPUT.IMAGE_SIZE if cfg.INPUT.RESIZE_MODE == "keep_ratio" else 0,
         }
 
     @staticmethod
@@ -255,7 +263,7 @@ class VIPA(nn.Module):
     def preprocess_image(self, batched_inputs: List[Dict]) -> ImageList:
         """Normalize and pad the mapper's uint8 "image" tensors into an ImageList."""
         images = [(x["image"].to(self.device).float() - self.pixel_mean) / self.pixel_std for x in batched_inputs]
-        images = ImageList.from_tensors(images, self.size_divisibility)
+        images = self._pad(images)
         if self.channels_last:
             images.tensor = images.tensor.contiguous(memory_format=torch.channels_last)
         return images
@@ -330,7 +338,21 @@ class VIPA(nn.Module):
 
     def batch_masks(self, batched_inputs: List[Dict], key: str) -> torch.Tensor:
         """(B, H, W): the inputs' ``key`` masks, padded like the image batch."""
-        return ImageList.from_tensors([x[key].to(self.device) for x in batched_inputs], self.size_divisibility).tensor
+        return self._pad([x[key].to(self.device) for x in batched_inputs]).tensor
+
+    def _pad(self, tensors: List[torch.Tensor]) -> ImageList:
+        """``tensors`` (..., H, W) batched with zero padding at the bottom and right."""
+        if self.pad_size:
+            largest = max(max(t.shape[-2:]) for t in tensors)
+            if largest > self.pad_size:
+                raise ValueError(
+                    f"An input of {largest} pixels exceeds the padded size {self.pad_size} "
+                    "(INPUT.IMAGE_SIZE, INPUT.RESIZE_MODE 'keep_ratio'): resize inputs with the mapper's augmentations"
+                )
+            constraints = {"square_size": self.pad_size}
+        else:
+            constraints = None
+        return ImageList.from_tensors(tensors, self.size_divisibility, padding_constraints=constraints)
 
     def losses(self, outputs: Dict, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         require_inputs(batched_inputs, ["gt_mask"], "Training")
