@@ -57,6 +57,18 @@ def test_retrieved_tokens_per_cue(predictor, records):
         assert cue["tokens"].sum() == k
 
 
+
+@pytest.mark.parametrize("kv_opts,retrieves", [
+    (("MODEL.VIPA.VEG.STEP1", "False"), False),  # E_V from every token: no retrieval to show
+    (("MODEL.VIPA.KV_SOURCE", "language"), False),  # no VEG
+    (("MODEL.VIPA.KV_SOURCE", "language_relevance"), True),  # retrieves, decodes the words
+])
+def test_retrieved_tokens_only_where_step1_retrieves(records, kv_opts, retrieves):
+    p = VIPAPredictor(make_cfg(*PREDICTOR_OPTS, *kv_opts, config_file=TINY_CONFIG))
+    result = p(records[0]["file_name"], records[0]["sentence"]["raw"])
+    assert bool(result["retrieved"]) == retrieves
+
+
 def _assert_same(multi, singles):
     assert len(multi) == len(singles)
     for a, b in zip(multi, singles):

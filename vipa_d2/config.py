@@ -406,7 +406,8 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.LOSS.AREA_WEIGHT = 1.0
     # Supervise every decoder layer's mask (weights equal to the final layer's).
     cfg.MODEL.VIPA.LOSS.DEEP_SUPERVISION = True
-    # Weight of the no-target classification loss (generalized data only).
+    # Weight of the no-target classification loss (trained on all data: target 0 where every
+    # expression has a target, so the head learns to keep its score low there).
     cfg.MODEL.VIPA.LOSS.NO_TARGET_WEIGHT = 1.0
 
     # --------------------------------------------------------------- solver

@@ -63,7 +63,9 @@ class VIPAPredictor:
       word pieces): ``{"word": str, "position": int (token index), "tokens": bool
       (h, w) grid of the visual tokens the cue retrieved}``. The grid is the VEG token
       grid cropped to the image (its last row/column may reach past the image edge by
-      part of a token); empty when the model has no VEG (language key/value baseline).
+      part of a token); empty when nothing is retrieved (the language key/value
+      baseline, ``VEG.STEP1 False``). The loss-matched control retrieves without decoding
+      from it; its sets are shown.
 
     The image is encoded once for all expressions; with ``MODEL.VIPA.FUSION "early"``
     the backbone depends on the expression, so it runs once per expression, batched.
@@ -162,7 +164,8 @@ class VIPAPredictor:
         """Per expression, per valid cue: which visual tokens of the image it retrieved."""
         veg = outputs.get("veg")
         n = input_ids.shape[0]
-        if veg is None or veg.get("retrieval_mask") is None:
+        # Without VEG step 1 nothing was retrieved: the mask then allows every token.
+        if veg is None or veg.get("relevance") is None:
             return [[] for _ in range(n)]
         gh, gw = veg["grid"]
         ph, pw = images.tensor.shape[-2:]

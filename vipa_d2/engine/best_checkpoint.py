@@ -3,9 +3,10 @@ import logging
 import math
 import os
 
-import torch
-
 from detectron2.engine import hooks
+from detectron2.utils import comm
+
+from ..utils.checkpoint_file import torch_load_checkpoint
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,10 @@ class BestMetricCheckpointer(hooks.BestCheckpointer):
     """
 
     def _best_checking(self):
+        if not comm.is_main_process():
+            # Evaluation results reach the main process's storage only; the others would
+            # warn at every evaluation that the metric is missing (and never save anyway).
+            return
         latest = self.trainer.storage.latest().get(self._val_metric)
         if latest is not None:
             value, iteration = latest
@@ -66,7 +71,14 @@ class BestMetricCheckpointer(hooks.BestCheckpointer):
         # after training: a best found there is recorded only in model_best.pth.
         path = os.path.join(self._checkpointer.save_dir, f"{self._file_prefix}.pth")
         if os.path.isfile(path):
-            recorded = torch.load(path, map_location="cpu", weights_only=True).get("best_metric") or {}
+            try:
+                # Mapped, not read: only the record is needed, not the weights.
+                recorded = torch_load_checkpoint(path, mmap=True).get("best_metric") or {}
+            except Exception as e:
+                raise RuntimeError(
+                    f"{path}: cannot read its best_metric record to resume ({type(e).__name__}: {e}); "
+                    "move the file away to resume without it"
+                ) from e
             value = recorded.get("value")
             if recorded.get("name") == self._val_metric and value is not None and math.isfinite(value):
                 if self.best_metric is None or self._compare(value, self.best_metric):
