@@ -33,7 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 from .refer import INVALID_MODES, REFERRING_EVALUATOR_TYPE, load_refer_dicts, make_sentence, save_refer_dataset
-from .validation import IMAGE_READ_ERRORS, MAX_IMAGE_SIDE, ReferringDataError, quote, read_json_file, valid_id
+from .validation import IMAGE_READ_ERRORS, MAX_IMAGE_SIDE, ReferringDataError, is_int, quote, read_json_file, valid_id
 
 __all__ = [
     "ReferringFormatError",
@@ -154,10 +154,6 @@ def register_refer_splits(entries) -> None:
         register_referring_dataset(**entry, **{_SPLIT_METADATA_KEY: entry})
 
 
-def _is_int(v) -> bool:
-    return isinstance(v, (int, np.integer)) and not isinstance(v, bool)
-
-
 def _stored_image_size(path: str) -> Optional[Tuple[int, int]]:
     """(height, width) of the image file as Detectron2's reader sees it (EXIF rotation
     applied), from its header; None if it is no image PIL can open."""
@@ -192,7 +188,7 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
     size_ok = True
     for key, v in (("height", h), ("width", w)):
         # The loader's bound too (validation.MAX_IMAGE_SIDE): a file it would refuse is not written.
-        if not _is_int(v) or not 0 < v <= MAX_IMAGE_SIDE:
+        if not is_int(v) or not 0 < v <= MAX_IMAGE_SIDE:
             problems.append(f"{p}.{key}: expected an integer in 1..{MAX_IMAGE_SIDE}, got {quote(v)}")
             size_ok = False
     if size_ok and image_path is not None:

@@ -28,6 +28,8 @@ from .safe_pickle import load_plain_pickle
 
 __all__ = [
     "ReferringDataError",
+    "is_int",
+    "shortlist",
     "data_error",
     "IMAGE_READ_ERRORS",
     "MAX_IMAGE_SIDE",
@@ -121,6 +123,12 @@ def quote(value: Any) -> str:
     return text if len(text) <= _MAX_QUOTED else text[: _MAX_QUOTED - 3] + "..."
 
 
+def shortlist(items: Sequence[str], limit: int) -> str:
+    """``items`` joined by commas, at most ``limit`` of them, then how many more there are."""
+    more = f", ... (+{len(items) - limit} more)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
 def data_error(
     file: str, item: Optional[str], field: Optional[str], problem: str
 ) -> ReferringDataError:
@@ -133,7 +141,8 @@ def _is_number(v) -> bool:
     return isinstance(v, numbers.Real) and not isinstance(v, (bool, np.bool_))
 
 
-def _is_int(v) -> bool:
+def is_int(v) -> bool:
+    """An integer, Python's or numpy's, and not a bool."""
     return isinstance(v, numbers.Integral) and not isinstance(v, (bool, np.bool_))
 
 
@@ -146,7 +155,7 @@ def _is_finite(v) -> bool:
 
 def valid_id(v) -> bool:
     """An id the official readers can index by: an integer or a string (not a bool)."""
-    return _is_int(v) or isinstance(v, str)
+    return is_int(v) or isinstance(v, str)
 
 
 # ------------------------------------------------------------------------------ files
@@ -187,7 +196,7 @@ def image_problem(img: Dict) -> Optional[Problem]:
         return "file_name", f"expected a non-empty file name, got {quote(fname)}"
     for key in ("height", "width"):
         v = img.get(key)
-        if not _is_int(v):
+        if not is_int(v):
             return key, f"expected a positive integer, got {quote(v)}"
         if not 0 < v <= MAX_IMAGE_SIDE:
             return key, f"{v} is outside 1..{MAX_IMAGE_SIDE}"
@@ -285,7 +294,7 @@ def _rle_problem(segm: Dict, height: int, width: int) -> Optional[Problem]:
                 f"missing: an RLE needs 'size' and 'counts', got keys {sorted(map(str, segm))}",
             )
     size = segm["size"]
-    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(_is_int(s) for s in size):
+    if not isinstance(size, (list, tuple)) or len(size) != 2 or not all(is_int(s) for s in size):
         return "segmentation.size", f"expected [height, width], got {quote(size)}"
     if [int(s) for s in size] != [height, width]:
         return (
@@ -309,7 +318,7 @@ def _rle_problem(segm: Dict, height: int, width: int) -> Optional[Problem]:
 
 def _uncompressed_counts_problem(counts: Sequence, total: int) -> Optional[str]:
     for j, c in enumerate(counts):
-        if not _is_int(c) or c < 0:
+        if not is_int(c) or c < 0:
             return f"run length #{j} is {quote(c)}, expected a non-negative integer"
     if sum(counts) != total:
         return f"run lengths add up to {sum(counts)}, expected height * width = {total}"

@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 
-from vipa_d2.data.validation import quote
+from vipa_d2.data.validation import quote, shortlist
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, model_files_entry
 from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.utils.checkpoint_file import (
@@ -72,9 +72,7 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
 
 
 def _listing(kind: str, items: List[str]) -> str:
-    shown = ", ".join(items[:MAX_KEYS_REPORTED])
-    more = f", ... (+{len(items) - MAX_KEYS_REPORTED} more)" if len(items) > MAX_KEYS_REPORTED else ""
-    return f"{len(items)} {kind} [{shown}{more}]"
+    return f"{len(items)} {kind} [{shortlist(items, MAX_KEYS_REPORTED)}]"
 
 
 def _describe(missing, unexpected, shapes) -> str:

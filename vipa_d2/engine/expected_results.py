@@ -13,6 +13,8 @@ from typing import Dict
 from detectron2.evaluation import verify_results
 from detectron2.evaluation.testing import flatten_results_dict
 
+from ..data.validation import shortlist
+
 __all__ = ["referring_tasks", "verify_referring_results"]
 
 # Tasks a refusal lists before "... (+N more)".
@@ -30,9 +32,7 @@ def referring_tasks(results) -> Dict[str, Dict[str, float]]:
 
 
 def _listing(names) -> str:
-    names = sorted(names)
-    more = f", ... (+{len(names) - MAX_TASKS_LISTED} more)" if len(names) > MAX_TASKS_LISTED else ""
-    return ", ".join(names[:MAX_TASKS_LISTED]) + more
+    return shortlist(sorted(names), MAX_TASKS_LISTED)
 
 
 def verify_referring_results(cfg, results) -> bool:
