@@ -201,7 +201,8 @@ def add_vipa_config(cfg):
     # projection is added to the upsampled mask features: masks at its stride for a few
     # MACs, instead of a full-width FPN level there. "" keeps masks at the finest input.
     cfg.MODEL.VIPA.PIXEL_DECODER.MASK_REFINE_FEATURE = ""
-    # Channels of the per-pixel mask embedding (at the finest input stride).
+    # Channels of the per-pixel mask embedding (at the finest input stride, or at
+    # MASK_REFINE_FEATURE's when set).
     cfg.MODEL.VIPA.PIXEL_DECODER.MASK_DIM = 256
 
     # Transformer decoder (queries = vision features, key/value = visual expression).

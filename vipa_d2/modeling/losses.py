@@ -2,7 +2,7 @@
 VIPA training losses.
 
 Mask losses (BCE + Dice) are computed at the MASK-FEATURE resolution (stride of the finest
-pixel decoder input): the padded ground truth is area-downsampled to that grid (soft
+pixel decoder input, or of ``PIXEL_DECODER.MASK_REFINE_FEATURE`` when set): the padded ground truth is area-downsampled to that grid (soft
 targets in [0, 1]) and batch-padding pixels are excluded via an area-downsampled validity
 map. The pixel contrastive loss supervises the VEG's cue-to-token relevance on the VEG
 grid, with the ground truth area-downsampled the same way.

@@ -27,6 +27,9 @@ from .object_ranks import CHOICE_AREAS, ObjectChoice, ObjectRanks
 
 # Initial no-target probability of the no-target head.
 NO_TARGET_PRIOR = 0.01
+# Scale of the learned "nothing" key/value token at initialisation: small beside the
+# LayerNormed K/V tokens, as for a transformer's learned embeddings.
+NULL_EMBED_INIT_STD = 0.02
 
 VIPA_TRANSFORMER_DECODER_REGISTRY = Registry("VIPA_TRANSFORMER_DECODER")
 VIPA_TRANSFORMER_DECODER_REGISTRY.__doc__ = """
@@ -212,7 +215,7 @@ class VIPATransformerDecoder(nn.Module):
         # Pooled refined pixels + pooled K/V tokens -> "the expression refers to nothing".
         self.no_target_head = mlp(2 * hidden_dim, hidden_dim, 1)
         # "embed" in the name: no weight decay (vipa_d2.engine.optimizer.embedding_parameters).
-        self.null_embed = nn.Parameter(torch.randn(1, 1, hidden_dim) * 0.02) if null_kv else None
+        self.null_embed = nn.Parameter(torch.randn(1, 1, hidden_dim) * NULL_EMBED_INIT_STD) if null_kv else None
         self.kv_kernel = None
         if kv_kernel:
             self.kv_kernel = mlp(hidden_dim, hidden_dim, mask_dim)
