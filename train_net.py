@@ -9,6 +9,7 @@ Train / evaluate VIPA with Detectron2.
 """
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
+from detectron2.utils.logger import setup_logger
 
 from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data import register_refer_splits
@@ -30,6 +31,9 @@ def setup(args):
     cfg = get_vipa_cfg(args.config_file, args.opts)
     cfg.freeze()
     default_setup(cfg, args)
+    # default_setup sets up Detectron2's and fvcore's loggers only: without this, vipa_d2's
+    # (the evaluator's tables, the retrieval report) reach neither the console nor log.txt.
+    setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vipa_d2")
     register_refer_splits(cfg.DATASETS.REFER_SPLITS)  # in every process launch starts
     if cfg.MODEL.KEEP_FREED_HOST_MEMORY:
         keep_freed_host_memory()

@@ -144,6 +144,12 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     assert len(tta_samples["samples"]) == len(DatasetCatalog.get(VAL))
     assert tta_samples["metrics"] == pytest.approx(evaluated[VAL + TTA_SUFFIX]["refer"])
     _check_expected_results_refusals(evaluated)
+    # vipa_d2's own log lines reach log.txt (and the console) beside Detectron2's: the
+    # evaluator's table and each dataset's name above its copypaste lines.
+    log = (eval_dir / "log.txt").read_text()
+    assert f"Referring segmentation on {VAL} (" in log
+    # Once plain, once with TTA (which, as in Detectron2, renames its results afterwards).
+    assert log.count(f"Evaluation results for {VAL} in csv format:") == 2
 
     # Batched evaluation scores every sample as batch-1 evaluation does (only the float
     # summation order of the batched kernels differs).

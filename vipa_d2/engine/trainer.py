@@ -78,8 +78,9 @@ class ReferringTrainer(DefaultTrainer):
     def __init__(self, cfg):
         # Same steps as DefaultTrainer.__init__, except the DDP wrapper and the checkpointer.
         TrainerBase.__init__(self)
-        if not logging.getLogger("detectron2").isEnabledFor(logging.INFO):
-            setup_logger()
+        for name in ("detectron2", "vipa_d2"):  # when not set up by train_net.py's default_setup
+            if not logging.getLogger(name).isEnabledFor(logging.INFO):
+                setup_logger(name=name)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
             raise ValueError(
