@@ -7,20 +7,29 @@ Train / evaluate VIPA with Detectron2.
     python train_net.py --config-file ... --resume                # continue the last checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
 """
+import sys
+
 from detectron2.engine import default_argument_parser, default_setup, launch
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
 from vipa_d2 import ConfigError, get_vipa_cfg
-from vipa_d2.data import register_refer_splits
+from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.engine import (
     ReferringTrainer,
+    UntrustedCheckpointError,
+    WeightsError,
     keep_freed_host_memory,
     leave_process_group,
     load_weights,
     share_cpu_cores,
     verify_referring_results,
 )
+
+
+# Bad input found after setup (data files, weights): one line and exit status 1, not a
+# traceback. In one process only: launch's spawned ranks report their own.
+INPUT_ERRORS = (ConfigError, ReferringDataError, WeightsError, UntrustedCheckpointError, FileNotFoundError)
 
 
 class Trainer(ReferringTrainer):
@@ -74,14 +83,17 @@ def invoke_main() -> None:
         get_vipa_cfg(args.config_file, args.opts)
     except ConfigError as e:
         parser.error(str(e))
-    launch(
-        main,
-        args.num_gpus,
-        num_machines=args.num_machines,
-        machine_rank=args.machine_rank,
-        dist_url=args.dist_url,
-        args=(args,),
-    )
+    try:
+        launch(
+            main,
+            args.num_gpus,
+            num_machines=args.num_machines,
+            machine_rank=args.machine_rank,
+            dist_url=args.dist_url,
+            args=(args,),
+        )
+    except INPUT_ERRORS as e:  # their messages name the file, record, key or value
+        sys.exit(f"{parser.prog}: error: {e}")
 
 
 if __name__ == "__main__":

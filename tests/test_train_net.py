@@ -238,6 +238,24 @@ def test_builtin_refs_policy_reaches_the_trainer_data_loader(synthetic_benchmark
         train_net.Trainer.build_train_loader(cfg)
 
 
+def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_path, monkeypatch):
+    # A worker would stop at the first missing image, midway; the loaders refuse them first.
+    root, _ = synthetic_benchmark(6, image_size=64)
+    broken = tmp_path / "datasets"
+    shutil.copytree(root, broken)
+    monkeypatch.setenv(DATASETS_ENV, str(broken))
+    cfg = train_net.setup(train_net_args(tmp_path / "out"))
+    (train_set,) = cfg.DATASETS.TRAIN
+    gone = DatasetCatalog.get(train_set)[0]["file_name"]
+    os.remove(gone)
+    with pytest.raises(ReferringDataError, match=rf"^DATASETS.TRAIN \('{train_set}',\): 1 of its \d+ image files do not exist: {gone}$"):
+        train_net.Trainer.build_train_loader(cfg)
+    gone = DatasetCatalog.get(VAL)[0]["file_name"]
+    os.remove(gone)
+    with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files do not exist: {gone}$"):
+        train_net.Trainer.build_test_loader(cfg, VAL)
+
+
 # A fresh interpreter (the setting is process-wide): how much of a live 64 MB tensor glibc
 # serves by its own mmap (unmapped again on free), before and after train_net's setup.
 _MMAPPED_AROUND_SETUP = """
@@ -285,6 +303,19 @@ def test_config_that_does_not_merge_fails_in_one_line(tmp_path):
     assert out.returncode == 2 and "Traceback" not in out.stderr
     assert out.stderr.splitlines()[-1] == "train_net.py: error: invalid config override: Non-existent key: MODEL.BOGUS"
     assert not (tmp_path / "out").exists()
+
+
+
+def test_bad_input_after_setup_fails_in_one_line(tmp_path, monkeypatch):
+    # Found after setup (here: weights that do not exist): one line, exit status 1 (a str
+    # SystemExit code), as the config errors before it are one parser line.
+    missing = str(tmp_path / "nope.pth")
+    argv = ["train_net.py", "--config-file", TINY_CONFIG, "--eval-only", "MODEL.WEIGHTS", missing,
+            "OUTPUT_DIR", str(tmp_path / "out")]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        train_net.invoke_main()
+    assert exit_info.value.code == f"train_net.py: error: MODEL.WEIGHTS={missing}: checkpoint file not found"
 
 
 class _Killed(Exception):
@@ -381,5 +412,5 @@ def test_two_process_training_and_evaluation(tmp_path, synthetic_datasets_root):
     assert two_process["metrics"] == dict(one_process["mine_val"]["refer"])  # exact
     register_refer_splits(entries)  # the same entries again (another main in this process): a no-op
     # A name that is registered otherwise (here: a built-in) is refused, naming it.
-    with pytest.raises(ValueError, match=f"DATASETS.REFER_SPLITS: '{VAL}' is already registered as another dataset"):
+    with pytest.raises(ValueError, match=rf"DATASETS.REFER_SPLITS\[0\].name: '{VAL}' is already registered as another dataset"):
         register_refer_splits([{**entries[1], "name": VAL}])

@@ -16,7 +16,7 @@ from common import IMAGE_W as W
 from common import MAPPER_IMAGE_SIZE as SIZE
 from common import MAPPER_MAX_TEXT_LEN as MAX_LEN
 from common import MAPPER_OPTS, POLY, make_cfg, mapper_record, write_image
-from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
+from vipa_d2.data import ReferringDataError, ReferringDatasetMapper, mask_to_rle
 from vipa_d2.data.dataset_mapper import swap_left_right
 from vipa_d2.modeling.text_encoder import build_tokenizer
 
@@ -392,3 +392,21 @@ def test_object_areas_scale_with_their_boxes(tmp_path):
     del rec["object_areas"]
     with pytest.raises(KeyError, match=r"ref_id=11 has no 'object_areas'.*which MODEL.VIPA.LOSS.AREA_WEIGHT > 0"):
         mapper(rec)
+
+
+def test_check_records_refuses_before_any_batch(tmp_path):
+    """What the mapper would fail on in a worker, midway, is refused up front by name."""
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png")
+    rec["object_boxes"] = [[10.0, 5.0, 40.0, 40.0]]
+    opts = [*MAPPER_OPTS, "MODEL.VIPA.DECODER.COUNT_MAPS", 4, "MODEL.VIPA.DECODER.COUNT_CENTRES", True]
+    mapper = ReferringDatasetMapper(make_cfg(*opts), is_train=True)
+    mapper.check_records([rec, rec], "mine")
+    gone = [dict(rec, file_name=str(tmp_path / f"{i}.png")) for i in range(5)]
+    with pytest.raises(ReferringDataError, match=r"^mine: 5 of its 6 image files do not exist: .*0\.png, .*1\.png, .*2\.png, \.\.\. \(\+2 more\)$"):
+        mapper.check_records([rec, *gone], "mine")
+    unboxed = {k: v for k, v in rec.items() if k != "object_boxes"}
+    with pytest.raises(ReferringDataError, match=r"^mine: 1 of 2 records have no 'object_boxes' .*the first image_id=3, ref_id=11; "):
+        mapper.check_records([rec, unboxed], "mine")
+    # Test mode reads no boxes.
+    ReferringDatasetMapper(make_cfg(*opts), is_train=False).check_records([unboxed], "mine")

@@ -135,6 +135,10 @@ def check_refer_splits(entries) -> None:
                 raise ValueError(f"{where}.{k}: expected a {'non-empty string' if expected is str else 'bool'}, got {v!r}")
         if entry.get("invalid", "error") not in INVALID_MODES:
             raise ValueError(f"{where}.invalid: {entry['invalid']!r}, expected one of {INVALID_MODES}")
+        # The same entry registered before (another main in this process) is no clash.
+        name = entry["name"]
+        if name in DatasetCatalog.list() and MetadataCatalog.get(name).get(_SPLIT_METADATA_KEY, None) != dict(entry):
+            raise ValueError(f"{where}.name: {name!r} is already registered as another dataset; pick another name")
 
 
 def register_refer_splits(entries) -> None:
@@ -146,12 +150,8 @@ def register_refer_splits(entries) -> None:
     check_refer_splits(entries)
     for entry in entries:
         entry = dict(entry)
-        name = entry["name"]
-        if name in DatasetCatalog.list():
-            if MetadataCatalog.get(name).get(_SPLIT_METADATA_KEY, None) == entry:
-                continue
-            raise ValueError(f"DATASETS.REFER_SPLITS: {name!r} is already registered as another dataset; pick another name")
-        register_referring_dataset(**entry, **{_SPLIT_METADATA_KEY: entry})
+        if entry["name"] not in DatasetCatalog.list():
+            register_referring_dataset(**entry, **{_SPLIT_METADATA_KEY: entry})
 
 
 def _stored_image_size(path: str) -> Optional[Tuple[int, int]]:

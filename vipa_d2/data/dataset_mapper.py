@@ -13,17 +13,25 @@ from detectron2.config import configurable
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
+from detectron2.utils.file_io import PathManager
 
 from ..modeling.losses import object_area_losses, object_box_losses, object_group_losses
 from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
-from .validation import IMAGE_READ_ERRORS
+from .validation import IMAGE_READ_ERRORS, ReferringDataError, shortlist
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ReferringDatasetMapper", "build_referring_augmentations", "read_image", "read_record_image", "swap_left_right"]
+__all__ = [
+    "ReferringDatasetMapper",
+    "build_referring_augmentations",
+    "check_image_files",
+    "read_image",
+    "read_record_image",
+    "swap_left_right",
+]
 
 RESIZE_MODES = ("square", "keep_ratio")
 # PIL modes of more than 8 bits per channel: PIL's conversion to RGB saturates them (a
@@ -39,6 +47,27 @@ _LEFT_RIGHT = {
     "rightmost": "leftmost",
 }
 _LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
+
+# Record keys that training losses read: what each holds, and where it comes from.
+LOSS_RECORD_KEYS = {
+    "object_boxes": (
+        "XYWH_ABS boxes of every object of its image",
+        "vipa_d2's REFER loader writes them, a custom loader must too",
+    ),
+    "object_in_group": (
+        "per object box, whether the expression's category / colour words name it",
+        "vipa_d2's REFER loader writes it for sentences with 'group_ann_ids' (a synthetic benchmark "
+        "generated before that field needs regenerating), a custom loader must too; on data without "
+        "it, turn the object choice off (MODEL.VIPA.DECODER.OBJECT_CHOICE False and the CHOICE_* keys "
+        "README.md's 'Configs' lists)",
+    ),
+    "object_areas": (
+        "per object box, the area of its object in pixels",
+        "vipa_d2's REFER loader writes them from the annotations' 'area', a custom loader must too",
+    ),
+}
+# Missing image files a refusal lists before "... (+N more)".
+MAX_FILES_LISTED = 3
 
 
 def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarray:
@@ -72,6 +101,18 @@ def read_record_image(record: Dict, image_format: str) -> np.ndarray:
     image = read_image(record["file_name"], image_format, _record_name(record))
     utils.check_image_size(record, image)
     return image
+
+
+def check_image_files(records: List[Dict], source: str) -> None:
+    """Refuse ``records`` (of the datasets ``source`` names) whose image files do not exist,
+    before a loader reads any: a worker would fail on the first one midway."""
+    files = {r["file_name"] for r in records}
+    missing = sorted(f for f in files if not PathManager.isfile(f))
+    if missing:
+        raise ReferringDataError(
+            f"{source}: {len(missing)} of its {len(files)} image files do not exist: {shortlist(missing, MAX_FILES_LISTED)}",
+            file=missing[0],
+        )
 
 
 def swap_left_right(sentence: str) -> str:
@@ -179,23 +220,38 @@ class ReferringDatasetMapper:
             "area_losses": object_area_losses(cfg),
         }
 
+    def _loss_keys(self) -> Dict[str, Tuple[str, ...]]:
+        """The record keys this mapper's training losses read, each with those losses."""
+        keys = {"object_boxes": self.box_losses, "object_in_group": self.group_losses, "object_areas": self.area_losses}
+        return {key: losses for key, losses in keys.items() if losses}
+
+    def check_records(self, records: List[Dict], source: str) -> None:
+        """
+        Refuse, before any batch is read, what :meth:`__call__` would fail on midway (in a
+        data-loader worker, maybe hours in): image files that do not exist, and records
+        without a key that a training loss reads. ``source`` (the datasets) heads the message.
+        """
+        check_image_files(records, source)
+        for key, losses in self._loss_keys().items():
+            lacking = [r for r in records if key not in r]
+            if lacking:
+                what, origin = LOSS_RECORD_KEYS[key]
+                raise ReferringDataError(
+                    f"{source}: {len(lacking)} of {len(records)} records have no {key!r} ({what}), which "
+                    f"{' and '.join(losses)} trains on, the first {_record_name(lacking[0])}; {origin}",
+                    item=_record_name(lacking[0]),
+                    field=key,
+                )
+
     @staticmethod
-    def _require(record: Dict, key: str, what: str, needed_by: str, source: str):
+    def _require(record: Dict, key: str, needed_by: str):
         if key not in record:
-            raise KeyError(
-                f"Record {_record_name(record)} has no {key!r} "
-                f"({what}), which {needed_by} trains on; {source}"
-            )
+            what, origin = LOSS_RECORD_KEYS[key]
+            raise KeyError(f"Record {_record_name(record)} has no {key!r} ({what}), which {needed_by} trains on; {origin}")
         return record[key]
 
     def _object_boxes(self, record: Dict, transforms, out_hw) -> Dict[str, torch.Tensor]:
-        boxes = self._require(
-            record,
-            "object_boxes",
-            "XYWH_ABS boxes of every object of its image",
-            " and ".join(self.box_losses),
-            "vipa_d2's REFER loader writes them, a custom loader must too",
-        )
+        boxes = self._require(record, "object_boxes", " and ".join(self.box_losses))
         xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         xyxy = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)
@@ -205,25 +261,15 @@ class ReferringDatasetMapper:
         inside = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         out = {"object_boxes": torch.as_tensor(xyxy[inside], dtype=torch.float32)}
         if self.group_losses:
-            in_group = self._per_box(
-                record,
-                "object_in_group",
-                len(boxes),
-                "per object box, whether the expression's category / colour words name it",
-                self.group_losses,
-                "vipa_d2's REFER loader writes it for sentences with 'group_ann_ids' (a synthetic benchmark "
-                "generated before that field needs regenerating), a custom loader must too; on data without "
-                "it, turn the object choice off (MODEL.VIPA.DECODER.OBJECT_CHOICE False and the CHOICE_* keys "
-                "README.md's 'Configs' lists)",
-            )
+            in_group = self._per_box(record, "object_in_group", len(boxes), self.group_losses)
             out["object_in_group"] = torch.as_tensor(np.asarray(in_group, dtype=bool)[inside])
         if self.area_losses:
             out["object_areas"] = self._object_areas(record, len(boxes), xywh, xyxy)[inside]
         return out
 
-    def _per_box(self, record: Dict, key: str, count: int, what: str, needed_by: Tuple[str, ...], source: str):
+    def _per_box(self, record: Dict, key: str, count: int, needed_by: Tuple[str, ...]):
         """The record's ``key`` (:meth:`_require`), checked to hold one entry per object box."""
-        values = self._require(record, key, what, " and ".join(needed_by), source)
+        values = self._require(record, key, " and ".join(needed_by))
         if len(values) != count:
             raise ValueError(
                 f"Record {_record_name(record)}: {key!r} has "
@@ -234,14 +280,7 @@ class ReferringDatasetMapper:
     def _object_areas(self, record: Dict, count: int, xywh: np.ndarray, xyxy: np.ndarray) -> torch.Tensor:
         """The record's ``object_areas`` in augmented pixels: each scaled as its box was
         (resizing scales both alike, a crop keeps the share of the box left)."""
-        areas = self._per_box(
-            record,
-            "object_areas",
-            count,
-            "per object box, the area of its object in pixels",
-            self.area_losses,
-            "vipa_d2's REFER loader writes them from the annotations' 'area', a custom loader must too",
-        )
+        areas = self._per_box(record, "object_areas", count, self.area_losses)
         areas = np.asarray(areas, dtype=np.float64)
         if not np.isfinite(areas).all() or (areas < 0).any():
             raise ValueError(

@@ -19,7 +19,7 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
+from vipa_d2.data.dataset_mapper import ReferringDatasetMapper, check_image_files
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.evaluation import ReferringEvaluator
@@ -214,9 +214,9 @@ class ReferringTrainer(DefaultTrainer):
         sampler = ResumableTrainingSampler(
             len(records), seed=seed, start_position=start_iter * cfg.SOLVER.IMS_PER_BATCH
         )
-        dataset = PositionSeededDataset(
-            DatasetFromList(records, copy=True), ReferringDatasetMapper(cfg, True), seed
-        )
+        mapper = ReferringDatasetMapper(cfg, True)
+        mapper.check_records(records, f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
+        dataset = PositionSeededDataset(DatasetFromList(records, copy=True), mapper, seed)
         return build_detection_train_loader(
             dataset,
             mapper=None,
@@ -231,11 +231,13 @@ class ReferringTrainer(DefaultTrainer):
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
+        records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        check_image_files(records, dataset_name)
         return build_detection_test_loader(
-            cfg,
-            dataset_name,
+            records,
             mapper=build_test_mapper(cfg),
             batch_size=cfg.TEST.IMS_PER_BATCH,
+            num_workers=cfg.DATALOADER.NUM_WORKERS,
         )
 
     @classmethod
@@ -243,6 +245,7 @@ class ReferringTrainer(DefaultTrainer):
         """Test loader of ``dataset_name`` with its expressions shuffled across samples."""
         # Not run_seed(): every rank must shuffle identically without communicating.
         records = shuffle_expressions(DatasetCatalog.get(dataset_name), max(cfg.SEED, 0))
+        check_image_files(records, dataset_name)
         return build_detection_test_loader(
             records,
             mapper=build_test_mapper(cfg),
