@@ -151,7 +151,7 @@ def plan_outputs(jobs: Jobs, output: str) -> Dict[Tuple[str, int], str]:
         if len(jobs) != 1 or len(jobs[0].expressions) != 1:
             raise DemoError(
                 f"--output {output} is a file, which takes a single image and a single --text; "
-                f"got {len(jobs)} image(s) and {sum(len(j.expressions) for j in jobs)} expression(s): "
+                f"got {len(jobs)} image(s) and {sum(len(j.expressions) for j in jobs)} image-expression pair(s): "
                 "give a folder instead"
             )
         return {(jobs[0].image, 0): output}

@@ -14,6 +14,7 @@ from detectron2.engine import HookBase, launch
 
 from common import INSTANT_TEST_VAL as VAL
 from common import REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, results_file, train_net_args
+from vipa_d2 import ConfigError
 from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
@@ -210,6 +211,16 @@ def test_build_evaluator_rejects_non_referring_dataset(tmp_path):
     cfg = train_net.setup(train_net_args(tmp_path))
     with pytest.raises(ValueError, match="test_train_net_coco_like.*'coco'.*'referring'"):
         train_net.Trainer.build_evaluator(cfg, "test_train_net_coco_like")
+
+
+@pytest.mark.parametrize("key,name,problem", [
+    ("DATASETS.TEST", "nodata_val", "is not registered"),
+    ("DATASETS.TRAIN", "coco_2017_val", "is not a referring dataset"),  # a Detectron2 built-in
+])
+def test_datasets_that_are_not_referring_are_refused_at_setup(tmp_path, key, name, problem):
+    # At setup, before the model: a DATASETS.TEST typo used to surface after the training.
+    with pytest.raises(ConfigError, match=rf"^{key}: '{name}' {problem}; the referring datasets are .*{VAL}"):
+        train_net.setup(train_net_args(tmp_path, opts=[key, f"('{name}',)"]))
 
 
 def test_amp_needs_the_model_on_cuda(tmp_path):

@@ -31,7 +31,7 @@ from detectron2.evaluation import inference_on_dataset
 from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
-from vipa_d2 import get_vipa_cfg
+from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, keep_freed_host_memory, load_weights
 from vipa_d2.modeling.text_encoder import BUNDLED_MINILM, resolve_text_encoder_path
@@ -59,7 +59,13 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = default)")
     p.add_argument("--output", default="", help="write the results as JSON here")
     p.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for alt in [""] + args.alt:  # a config that does not load fails here, in one line
+        try:
+            get_vipa_cfg(args.config_file, args.opts + alt.split())
+        except ConfigError as e:
+            p.error(str(e))
+    return args
 
 
 def setup_cfg(args, opts, tmpdir):

@@ -40,6 +40,8 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
     """Write ``source``'s model, checked against ``config_file``, to ``output``."""
     if os.path.abspath(source) == os.path.abspath(output):
         raise ValueError(f"--output {output} is the --input file; give another path")
+    if "://" not in source and not os.path.isfile(source):
+        raise FileNotFoundError(f"--input {source}: no such checkpoint file")
     cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
     cfg.freeze()
     model = build_model(cfg)

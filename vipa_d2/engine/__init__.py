@@ -17,7 +17,7 @@ from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
 from .process_group import leave_process_group
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
 from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA
-from .trainer import ReferringTrainer
+from .trainer import ReferringTrainer, check_referring_datasets
 
 __all__ = [
     "AtomicDetectionCheckpointer",
@@ -29,6 +29,7 @@ __all__ = [
     "SHUFFLED_SUFFIX",
     "StepSeedHook",
     "build_vipa_optimizer",
+    "check_referring_datasets",
     "get_vipa_optimizer_params",
     "keep_freed_host_memory",
     "leave_process_group",

@@ -19,7 +19,9 @@ from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
+from vipa_d2.config import ConfigError
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper, check_image_files
+from vipa_d2.data.validation import shortlist
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.evaluation import ReferringEvaluator
@@ -55,6 +57,31 @@ def broadcast_buffers_from_main(model) -> None:
         return
     for buffer in model.buffers():
         torch.distributed.broadcast(buffer, src=0)
+
+
+# Registered referring datasets a refusal lists before "... (+N more)".
+MAX_DATASETS_LISTED = 12
+
+
+def check_referring_datasets(cfg) -> None:
+    """
+    ConfigError naming a ``DATASETS.TRAIN`` / ``TEST`` entry that is not a registered
+    referring dataset, with the ones there are: before any model is built, where a TEST
+    typo would otherwise surface only after the whole training.
+    """
+    registered = DatasetCatalog.list()
+    referring = sorted(
+        n for n in registered if getattr(MetadataCatalog.get(n), "evaluator_type", None) == REFERRING_EVALUATOR_TYPE
+    )
+    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+        for name in names:
+            if name not in referring:
+                problem = "is not a referring dataset" if name in registered else "is not registered"
+                raise ConfigError(
+                    f"{key}: {name!r} {problem}; the referring datasets are "
+                    f"{shortlist(referring, MAX_DATASETS_LISTED)} (your own: DATASETS.REFER_SPLITS or "
+                    "vipa_d2.data.register_referring_dataset)"
+                )
 
 
 class ReferringTrainer(DefaultTrainer):
