@@ -79,6 +79,9 @@ class VIPAPredictor:
 
     def __init__(self, cfg):
         self.cfg = cfg.clone()
+        self.test_time_flip = cfg.TEST.AUG.ENABLED
+        if self.test_time_flip:
+            check_flip(cfg)
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in SUPPORTED_FORMATS:
             raise ValueError(f"INPUT.FORMAT={self.input_format!r}: VIPAPredictor supports {SUPPORTED_FORMATS}")
@@ -89,9 +92,6 @@ class VIPAPredictor:
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
         self.mask_threshold = cfg.MODEL.VIPA.MASK_THRESHOLD
-        self.test_time_flip = cfg.TEST.AUG.ENABLED
-        if self.test_time_flip:
-            check_flip(cfg)
 
     def _check_image(self, image) -> np.ndarray:
         if isinstance(image, (str, os.PathLike)):
