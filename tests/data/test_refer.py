@@ -211,6 +211,25 @@ def test_grefcoco_multi_and_no_target(refer_root):
     assert len(load_refer_dicts(refer_root, "gtoy", "unc", "train", "/imgs", generalized=True)) == 1
 
 
+def test_grefcoco_leaves_crowd_targets_out_as_rela_does(tmp_path, caplog):
+    instances = _instances()
+    crowd = next(a for a in instances["annotations"] if a["id"] == 101)
+    crowd["iscrowd"] = 1
+    save_refer_dataset(str(tmp_path / "g"), "unc", _grefs(), instances, generalized=True)
+    save_refer_dataset(str(tmp_path / "c"), "unc", _refs(), instances)
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        recs = load_refer_dicts(str(tmp_path), "g", "unc", "val", "/imgs", generalized=True)
+    multi = next(r for r in recs if r["sentence"]["raw"] == "both shapes")
+    # Still a target record, its mask the non-crowd target only.
+    assert multi["empty"] is False and [a["iscrowd"] for a in multi["annotations"]] == [0]
+    union = annotations_to_mask(multi["annotations"], H, W)
+    assert union[15, 15] == 1 and union[10, 45] == 0
+    assert "1 refs with crowd targets (left out of the target, as in ReLA)" in caplog.text
+    # Classic REFER data keeps a crowd target: REFER's getMask reads it.
+    classic = load_refer_dicts(str(tmp_path), "c", "unc", "train", "/imgs")
+    assert any(a["iscrowd"] == 1 for r in classic for a in r["annotations"])
+
+
 def test_missing_files_name_path_and_layout(tmp_path):
     with pytest.raises(FileNotFoundError) as e:
         load_refer_dicts(str(tmp_path), "refcoco", "unc", "train", "/imgs")

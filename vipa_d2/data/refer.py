@@ -426,7 +426,14 @@ def load_refer_dicts(
     for ref, ann_ids, sentences in usable:
         img = images[ref["image_id"]]
         objects = object_boxes.get(img["id"], [])
-        for aid in ann_ids:
+        target_ids = ann_ids
+        if generalized:
+            # ReLA's gRefCOCO loader leaves crowd targets out of the target mask (the record
+            # stays a target one): so do we, for scores beside ReLA's.
+            target_ids = [a for a in ann_ids if not anns[a].get("iscrowd")]
+            if len(target_ids) < len(ann_ids):
+                notes["refs with crowd targets (left out of the target, as in ReLA)"] += 1
+        for aid in target_ids:
             if aid not in record_anns:
                 record_anns[aid] = _record_annotation(anns[aid], img)
         base = {
@@ -435,7 +442,7 @@ def load_refer_dicts(
             "width": int(img["width"]),
             "image_id": img["id"],
             "ref_id": ref["ref_id"],
-            "annotations": [record_anns[a] for a in ann_ids],
+            "annotations": [record_anns[a] for a in target_ids],
             "empty": len(ann_ids) == 0,
             "object_boxes": [box for _, box, _ in objects],
         }
