@@ -8,6 +8,8 @@ import torch
 from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.engine import VIPAWithTTA
+from vipa_d2.engine.test_time_augmentation import average_views
+from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO
 from vipa_d2.modeling.text_encoder import tokenize
 from vipa_d2.predictor import VIPAPredictor
 
@@ -71,6 +73,25 @@ def test_predictor_averages_the_views_as_evaluation_does(tta_inputs, predictor, 
     # The retrieved tokens are those of the image as given.
     for cue, plain_cue in zip(got["retrieved"], plain["retrieved"]):
         assert cue["word"] == plain_cue["word"] and (cue["tokens"] == plain_cue["tokens"]).all()
+
+
+@pytest.mark.parametrize("flipped_score,vetoed", [(0.3, False), (0.7, True)])
+def test_one_no_target_verdict_on_the_mean_score(flipped_score, vetoed):
+    # The model empties a vetoed view's mask (keeping it as ref_seg_before_veto); averaging
+    # the emptied mask would halve the other view's, so the views' probabilities before
+    # any verdict are averaged and the verdict is taken again on the mean score.
+    a, b = torch.rand(3, 5), torch.rand(3, 5)
+    given = {"ref_seg": torch.zeros(3, 5), REF_SEG_BEFORE_VETO: a, "relevance": a, "no_target_score": torch.tensor(0.6)}
+    flipped = {"ref_seg": b, "relevance": b, "no_target_score": torch.tensor(flipped_score)}
+    merged = average_views(given, flipped, no_target_threshold=0.5)
+    mean = (a + b.flip(-1)) / 2
+    torch.testing.assert_close(merged["relevance"], mean)
+    if vetoed:
+        assert not merged["ref_seg"].any()
+        torch.testing.assert_close(merged[REF_SEG_BEFORE_VETO], mean)
+    else:
+        torch.testing.assert_close(merged["ref_seg"], mean)
+        assert REF_SEG_BEFORE_VETO not in merged
 
 
 @pytest.mark.parametrize("build", [lambda cfg, model: VIPAWithTTA(cfg, model), lambda cfg, model: VIPAPredictor(cfg)])

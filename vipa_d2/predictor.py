@@ -130,7 +130,8 @@ class VIPAPredictor:
             mirrored, _ = self._predict(
                 torch.flip(tensor, dims=[-1]), [swap_left_right(t) for t in texts], (height, width)
             )
-            raw = [average_views(given, flipped) for given, flipped in zip(raw, mirrored)]
+            threshold = self.model.no_target_threshold
+            raw = [average_views(given, flipped, threshold) for given, flipped in zip(raw, mirrored)]
 
         results = []
         for i, r in enumerate(raw):

@@ -30,6 +30,7 @@ from vipa_d2.data import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import InputResolutionMapper, build_test_mapper
 from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.evaluation.rela_metrics import rela_metrics
+from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO
 
 register_evaluator_metadata()
 
@@ -123,6 +124,22 @@ def test_rela_metrics_beside_ours_hand_computed():
     plain = ReferringEvaluator(PLAIN, distributed=False)
     plain.process(inputs[2:4], outputs[2:4])
     assert list(plain.evaluate()) == ["refer"]  # ReLA's metrics are for generalized data
+
+
+def test_rela_union_of_a_wrong_no_target_verdict_is_the_mask_as_predicted():
+    # ReLA never empties a mask for its no-target verdict: a target sample wrongly called
+    # no-target adds I = 0 and the union of the mask as predicted (here 16 px, not the
+    # target's 4) to cIoU, as the model's postprocess keeps it in ref_seg_before_veto.
+    inputs = [sample(0, 4, 4, [rect_polygon(0, 0, 2, 2)]), sample(1, 4, 4, [rect_polygon(0, 0, 2, 2)])]
+    outputs = [
+        {"ref_seg": torch.zeros(4, 4), REF_SEG_BEFORE_VETO: torch.ones(4, 4), "no_target_score": torch.tensor(0.9)},
+        {"ref_seg": box_mask(4, 4, (0, 2), (0, 2)), "no_target_score": torch.tensor(0.1)},
+    ]
+    evaluator = ReferringEvaluator(GENERALIZED, distributed=False)
+    evaluator.process(inputs, outputs)
+    results = evaluator.evaluate()
+    assert results["rela"]["cIoU"] == pytest.approx(100.0 * 4 / (16 + 4))
+    assert results["refer"]["oIoU"] == pytest.approx(100.0 * 4 / (4 + 4))  # ours scores the emptied mask
 
 
 def _row(no_target, pred_no_target, inter, union):

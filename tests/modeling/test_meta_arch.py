@@ -14,7 +14,7 @@ from common import TINY_CONFIG, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.directional_counts import GROUP_MAP
-from vipa_d2.modeling.meta_arch import runtime_options, trim_text_padding
+from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO, runtime_options, trim_text_padding
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, files_entry
 from vipa_d2.modeling.veg import linguistic_cue_mask
 from vipa_d2.utils import analysis
@@ -320,6 +320,19 @@ def test_keep_ratio_batches_non_square_images(tokenizer, default_model):
         outs = model(inputs)
     assert [tuple(o["ref_seg"].shape) for o in outs] == [(120, 60), (50, 100)]
 
+
+
+def test_no_target_verdict_empties_the_mask_and_keeps_it_aside(tokenizer, default_model):
+    model = copy.deepcopy(default_model).eval()
+    inputs = make_inputs(tokenizer, TEXTS[:1])
+    with torch.no_grad():
+        model.no_target_threshold = 2.0  # no score is above: nothing emptied
+        kept = model(inputs)[0]
+        model.no_target_threshold = -1.0  # every score is above: every mask emptied
+        emptied = model(inputs)[0]
+    assert REF_SEG_BEFORE_VETO not in kept and kept["ref_seg"].any()
+    assert not emptied["ref_seg"].any()
+    torch.testing.assert_close(emptied[REF_SEG_BEFORE_VETO], kept["ref_seg"], rtol=0, atol=0)
 
 
 def test_keep_ratio_results_do_not_depend_on_the_batch(tokenizer):

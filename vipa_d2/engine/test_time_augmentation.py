@@ -17,6 +17,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from ..data.dataset_mapper import swap_left_right
 from ..data.expressions import tokenize_expression
+from ..modeling.meta_arch import REF_SEG_BEFORE_VETO
 from ..modeling.text_encoder import build_tokenizer
 
 __all__ = ["TTA_SUFFIX", "VIPAWithTTA", "average_views", "check_flip"]
@@ -26,8 +27,9 @@ TTA_SUFFIX = "_TTA"
 
 logger = logging.getLogger(__name__)
 
-# Outputs averaged over the two views, and whether each is a map to flip back.
-AVERAGED = {"ref_seg": True, "relevance": True, "no_target_score": False}
+# Outputs averaged over the two views besides the probability, and whether each is a map
+# to flip back.
+AVERAGED = {"relevance": True, "no_target_score": False}
 
 
 def check_flip(cfg) -> None:
@@ -36,15 +38,22 @@ def check_flip(cfg) -> None:
         raise ValueError("TEST.AUG.ENABLED: vipa_d2's test-time augmentation is the horizontal flip; set TEST.AUG.FLIP True")
 
 
-def average_views(given: Dict, flipped: Dict) -> Dict:
+def average_views(given: Dict, flipped: Dict, no_target_threshold: float) -> Dict:
     """
     ``given`` (one expression's postprocessed outputs) with its ``AVERAGED`` outputs
     replaced by their means with the mirrored view's, whose maps are flipped back first.
+    The foreground probability is the mean of the two views' before any no-target verdict,
+    emptied (as the model does) when the mean no-target score is above
+    ``no_target_threshold``: one verdict, on the averaged score.
     """
-    merged = dict(given)
+    merged = {k: v for k, v in given.items() if k != REF_SEG_BEFORE_VETO}
     for key, is_map in AVERAGED.items():
         other = torch.flip(flipped[key], dims=[-1]) if is_map else flipped[key]
         merged[key] = (given[key] + other) / 2
+    prob = (given.get(REF_SEG_BEFORE_VETO, given["ref_seg"]) + torch.flip(flipped.get(REF_SEG_BEFORE_VETO, flipped["ref_seg"]), dims=[-1])) / 2
+    merged["ref_seg"] = prob
+    if merged["no_target_score"] > no_target_threshold:
+        merged.update(ref_seg=torch.zeros_like(prob), **{REF_SEG_BEFORE_VETO: prob})
     return merged
 
 
@@ -54,7 +63,7 @@ class VIPAWithTTA(nn.Module):
     flipped. Per input: "ref_seg", "relevance" (both flipped back) and "no_target_score"
     are the means over the two views; the other outputs (the retrieved tokens) are those of
     the view as given, so the retrieval report describes the model, not the augmentation.
-    A no-target verdict in one view only (its "ref_seg" zeroed) halves the mean.
+    The no-target verdict is taken once, on the mean score (:func:`average_views`).
     """
 
     def __init__(self, cfg, model: nn.Module):
@@ -82,4 +91,5 @@ class VIPAWithTTA(nn.Module):
     def forward(self, batched_inputs: List[Dict]) -> List[Dict]:
         as_given = self.model(batched_inputs)
         mirrored = self.model([self.flipped(x) for x in batched_inputs])
-        return [average_views(given, flipped) for given, flipped in zip(as_given, mirrored)]
+        threshold = self.model.no_target_threshold
+        return [average_views(given, flipped, threshold) for given, flipped in zip(as_given, mirrored)]

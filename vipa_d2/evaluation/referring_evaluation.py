@@ -15,6 +15,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import create_small_table
 
 from vipa_d2.data.eval_resolution import check_eval_resolution
+from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO
 from vipa_d2.utils.atomic_io import atomic_open
 
 from . import breakdown
@@ -128,6 +129,11 @@ class ReferringEvaluator(DatasetEvaluator):
             **breakdown.sample_fields(inp, out, gt, sample_name),
         }
         pred_no_target = vetoed if "no_target_score" in out else row["pred_empty"]
+        if self._generalized and pred_no_target:
+            # ReLA never empties the mask of a no-target verdict: a wrong one (a target
+            # sample) adds the union of the mask as predicted to cIoU's sum.
+            before = out.get(REF_SEG_BEFORE_VETO, ref_seg) > self._mask_threshold
+            row["union_before_veto"] = int((before | gt).sum())
         row.update(
             sample_details(inp, pred, pred_no_target, row["gt_empty"], self._save_prediction_rle)
         )

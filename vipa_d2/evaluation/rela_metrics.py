@@ -11,7 +11,9 @@ predicted mask is empty. With no-target as the positive class:
 
 * TP (no-target, predicted no-target): IoU 1, adds nothing to the cIoU sums;
 * FN (no-target, predicted target): IoU 0, its union (the predicted pixels) adds to cIoU's;
-* FP (target, predicted no-target): intersection taken as 0, union as scored;
+* FP (target, predicted no-target): intersection taken as 0, union that of the mask as
+  predicted before the verdict emptied it (``union_before_veto``; ReLA's model never
+  empties it);
 * TN (target, predicted target): intersection and union as scored.
 
 * ``gIoU``: mean of those per-sample IoUs over all samples (an empty union of a target
@@ -42,7 +44,8 @@ def _percent(num: float, den: float) -> float:
 def rela_metrics(samples: Iterable[Dict]) -> "OrderedDict[str, float]":
     """
     ReLA's metrics of per-sample results: dicts with ``intersection``, ``union``,
-    ``no_target`` (the record is a no-target one) and ``pred_no_target``.
+    ``no_target`` (the record is a no-target one), ``pred_no_target`` and, where that
+    is true, optionally ``union_before_veto`` (else ``union`` is used).
     """
     counts = {"TP": 0, "FN": 0, "FP": 0, "TN": 0}
     ious, target_ious = [], []
@@ -59,11 +62,12 @@ def rela_metrics(samples: Iterable[Dict]) -> "OrderedDict[str, float]":
             continue
         counts["FP" if s["pred_no_target"] else "TN"] += 1
         inter = 0 if s["pred_no_target"] else s["intersection"]
-        iou = inter / s["union"] if s["union"] > 0 else 0.0
+        union = s.get("union_before_veto", s["union"]) if s["pred_no_target"] else s["union"]
+        iou = inter / union if union > 0 else 0.0
         ious.append(iou)
         target_ious.append(iou)
         total_i += inter
-        total_u += s["union"]
+        total_u += union
 
     metrics = OrderedDict()
     metrics["cIoU"] = _percent(total_i, total_u)

@@ -83,6 +83,10 @@ def require_inputs(batched_inputs: List[Dict], keys: List[str], needed_by: str) 
         )
 
 
+# The key under which postprocess keeps the probability of a mask its no-target verdict
+# emptied.
+REF_SEG_BEFORE_VETO = "ref_seg_before_veto"
+
 @META_ARCH_REGISTRY.register()
 class VIPA(nn.Module):
     # State-dict layout version: 2 keeps VEG, language projection and both decoders under
@@ -414,7 +418,9 @@ class VIPA(nn.Module):
         visual tokens each text position retrieved, and "cue_valid", bool (T,): which
         positions are cues (T: the possibly trimmed text length).
         ``output_sizes``: (height, width) per expression. Masks of expressions judged
-        no-target (score > NO_TARGET_THRESHOLD) are emptied.
+        no-target (score > NO_TARGET_THRESHOLD) are emptied; their probability before that
+        is kept as "ref_seg_before_veto" (ReLA scores a wrong no-target verdict's union with
+        it, and test-time augmentation averages it before deciding again).
         """
         padded = images.tensor.shape[-2:]
         logits = F.interpolate(outputs["pred_masks"][-1][:, None], size=padded, mode="bilinear", align_corners=False)
@@ -438,14 +444,15 @@ class VIPA(nn.Module):
         for i, (height, width) in enumerate(output_sizes):
             image_size = images.image_sizes[i if len(images.image_sizes) > 1 else 0]
             prob = sem_seg_postprocess(logits[i], image_size, height, width)[0].sigmoid()
+            before_veto = {}
             if scores[i] > self.no_target_threshold:
-                prob = torch.zeros_like(prob)
+                prob, before_veto = torch.zeros_like(prob), {REF_SEG_BEFORE_VETO: prob}
             rel = (
                 sem_seg_postprocess(relevance[i], image_size, height, width)[0]
                 if relevance is not None
                 else prob.new_zeros(height, width)
             )
-            results.append({"ref_seg": prob, "relevance": rel, "no_target_score": scores[i]})
+            results.append({"ref_seg": prob, "relevance": rel, "no_target_score": scores[i], **before_veto})
             if retrieved is not None:
                 # Resized like ref_seg, then thresholded back to a set.
                 kept = sem_seg_postprocess(retrieved[i], image_size, height, width) > 0.5
