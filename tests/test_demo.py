@@ -221,7 +221,8 @@ def _write_manifests(tmp_path, files):
     rel = [os.path.relpath(f, tmp_path) for f in files]
     entries = [{"image": rel[0], "expressions": TEXTS}, {"image": rel[1], "expressions": ["the left one"]}]
     (tmp_path / "m.json").write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
-    with open(tmp_path / "m.csv", "w", newline="", encoding="utf-8") as f:
+    # As a spreadsheet saves UTF-8 CSV: with a byte-order mark.
+    with open(tmp_path / "m.csv", "w", newline="", encoding="utf-8-sig") as f:
         writer = csv.writer(f)
         writer.writerow(["image", "expression"])
         writer.writerows([[rel[0], TEXTS[0]], [rel[1], "the left one"], [rel[0], TEXTS[1]]])

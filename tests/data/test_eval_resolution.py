@@ -126,7 +126,7 @@ def test_rela_metrics_beside_ours_hand_computed():
     assert list(plain.evaluate()) == ["refer"]  # ReLA's metrics are for generalized data
 
 
-def test_rela_union_of_a_wrong_no_target_verdict_is_the_mask_as_predicted():
+def test_rela_union_of_a_wrong_no_target_verdict_is_the_mask_as_predicted(tmp_path):
     # ReLA never empties a mask for its no-target verdict: a target sample wrongly called
     # no-target adds I = 0 and the union of the mask as predicted (here 16 px, not the
     # target's 4) to cIoU, as the model's postprocess keeps it in ref_seg_before_veto.
@@ -135,10 +135,15 @@ def test_rela_union_of_a_wrong_no_target_verdict_is_the_mask_as_predicted():
         {"ref_seg": torch.zeros(4, 4), REF_SEG_BEFORE_VETO: torch.ones(4, 4), "no_target_score": torch.tensor(0.9)},
         {"ref_seg": box_mask(4, 4, (0, 2), (0, 2)), "no_target_score": torch.tensor(0.1)},
     ]
-    evaluator = ReferringEvaluator(GENERALIZED, distributed=False)
+    evaluator = ReferringEvaluator(GENERALIZED, distributed=False, output_dir=str(tmp_path))
     evaluator.process(inputs, outputs)
     results = evaluator.evaluate()
     assert results["rela"]["cIoU"] == pytest.approx(100.0 * 4 / (16 + 4))
+    # No no-target sample: our N-acc is NaN in the results, null in the (strict) JSON file.
+    assert math.isnan(results["refer"]["N-acc"])
+    with open(tmp_path / f"referring_results_{GENERALIZED}.json") as f:
+        payload = json.loads(f.read(), parse_constant=lambda token: pytest.fail(f"non-JSON {token}"))
+    assert payload["metrics"]["N-acc"] is None and payload["metrics"]["T-acc"] == 50.0
     assert results["refer"]["oIoU"] == pytest.approx(100.0 * 4 / (4 + 4))  # ours scores the emptied mask
 
 

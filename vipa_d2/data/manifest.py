@@ -112,7 +112,8 @@ def _read_json(path: str) -> List[ManifestEntry]:
 
 def _read_csv(path: str) -> List[ManifestEntry]:
     try:
-        with open(path, newline="", encoding="utf-8") as f:
+        # utf-8-sig: spreadsheet programs start their UTF-8 CSV files with a byte-order mark.
+        with open(path, newline="", encoding="utf-8-sig") as f:
             rows = list(csv.reader(f))
     except (UnicodeDecodeError, csv.Error) as e:
         raise data_error(path, None, None, f"not a readable UTF-8 CSV file ({e})") from e

@@ -203,16 +203,22 @@ class ReferringEvaluator(DatasetEvaluator):
             "dataset": self._dataset_name,
             "resolution": self._resolution,
             "mask_threshold": self._mask_threshold,
-            "metrics": metrics,
+            "metrics": _json_numbers(metrics),
             **sections,
             "samples": samples,
         }
         if rela is not None:
-            payload["rela_metrics"] = rela
+            payload["rela_metrics"] = _json_numbers(rela)
         # Atomic: a killed job never leaves a half-written results file behind.
         with atomic_open(path, "w") as f:
-            json.dump(payload, f)
+            json.dump(payload, f, allow_nan=False)
         logger.info(f"Per-sample referring results written to {path}")
+
+
+def _json_numbers(metrics):
+    """``metrics`` with NaN (a ratio over no sample) as None: JSON has no NaN, and strict
+    readers refuse Python's ``NaN`` token."""
+    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
 
 
 def _plain_id(value):
