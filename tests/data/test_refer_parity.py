@@ -58,6 +58,8 @@ def _annotations():
         17: (3, [[-10, -10, 30, -5, 40, 60, -5, 50]]),  # partly outside: clipped
         18: (3, [[5, 5, 10, 10, 15, 15]]),  # collinear: an empty mask
         19: (2, [[0, 0, 40, 0, 40, 29, 0, 29]]),  # integer coordinates
+        # A list of RLE parts (ReferIt's form), overlapping: REFER decodes and sums them.
+        20: (3, [_compressed_rle(_blob(h3, w3)), _compressed_rle(np.roll(_blob(h3, w3), 7, axis=1))]),
     }
     return [
         {"id": aid, "image_id": iid, "category_id": 1, "segmentation": seg, "iscrowd": 0}
@@ -82,6 +84,7 @@ def _refs():
         (17, "val", ["clipped"]),
         (18, "val", ["nothing drawn"]),
         (19, "train", []),  # no sentence: no record
+        (20, "val", ["two blobs"]),
     ]
     refs, sid = [], 0
     for ref_id, (aid, split, texts) in enumerate(spec):
@@ -167,6 +170,8 @@ def _official_mask(segm, h, w):
     if isinstance(segm, dict):
         rle = mask_util.frPyObjects(segm, h, w) if isinstance(segm["counts"], list) else segm
         return mask_util.decode(rle).astype(bool)
+    if isinstance(segm[0], dict):  # REFER: ann['segmentation'][0] is no list, so the list is RLE
+        return np.sum(mask_util.decode(segm), axis=2) > 0
     m = mask_util.decode(mask_util.frPyObjects(segm, h, w))
     return np.sum(m, axis=2) > 0
 
@@ -430,6 +435,11 @@ BAD_INPUTS = {
     "annotation_without_id": _Bad(
         _mutate_json(INST, lambda d: d["annotations"][0].pop("id")),
         (INST, "annotations[0]", "id", "got None"),
+    ),
+    "rle_part_size": _Bad(
+        _mutate_json(INST, lambda d: _ann(d, 20)["segmentation"][1].update(size=[2, 2])),
+        (INST, "ann_id=20", "segmentation[1].size", "does not match the image size"),
+        split="val",
     ),
     "rle_counts_sum": _Bad(
         _mutate_json(INST, lambda d: _ann(d, 16)["segmentation"]["counts"].__setitem__(-1, 999)),

@@ -95,12 +95,14 @@ def coco_rle(segm, height: int, width: int) -> Dict:
     """
     The mask of an annotation's ``segmentation`` exactly as the official REFER / G_REFER
     readers compute it: polygons through ``pycocotools.mask.frPyObjects`` on the list as
-    given, parts merged (union); RLE as is. Returns compressed RLE with ``str`` counts.
+    given, parts merged (union); RLE as is; a list of RLE parts merged. Returns compressed RLE with ``str`` counts.
     Only for input that :func:`vipa_d2.data.validation.segmentation_problem` accepts:
     pycocotools' C code checks nothing itself.
     """
     if isinstance(segm, dict):
         return normalize_rle(segm, height, width)
+    if validation.is_rle_list(segm):
+        return normalize_rle(mask_util.merge([normalize_rle(p, height, width) for p in segm]), height, width)
     polys = [[float(v) for v in poly] for poly in segm]
     rle = mask_util.merge(mask_util.frPyObjects(polys, height, width))
     return normalize_rle(rle, height, width)

@@ -29,6 +29,7 @@ from .safe_pickle import load_plain_pickle
 __all__ = [
     "ReferringDataError",
     "is_int",
+    "is_rle_list",
     "shortlist",
     "data_error",
     "IMAGE_READ_ERRORS",
@@ -216,13 +217,25 @@ def segmentation_problem(segm, height: int, width: int) -> Optional[Problem]:
     image sizes of the image, whose first polygon has more than 4 numbers (pycocotools
     reads a first entry of 4 numbers as a box and fails on it; fewer is unsupported). Later
     parts may have any length, as for pycocotools. RLE: ``{"size": [height, width],
-    "counts": str | bytes | list}`` whose counts add up to ``height * width``.
+    "counts": str | bytes | list}`` whose counts add up to ``height * width``, or a
+    non-empty list of them (parts merged).
     """
     if isinstance(segm, dict):
         return _rle_problem(segm, height, width)
+    if is_rle_list(segm):
+        for i, part in enumerate(segm):
+            problem = _rle_problem(part, height, width)
+            if problem is not None:
+                return f"segmentation[{i}]" + problem[0][len("segmentation") :], problem[1]
+        return None
     if isinstance(segm, (list, tuple)):
         return _polygons_problem(segm, height, width)
     return "segmentation", f"expected a list of polygons or an RLE dict, got {type(segm).__name__}"
+
+
+def is_rle_list(segm) -> bool:
+    """A list of RLE dicts: ReferIt's form, which REFER's getMask decodes and merges."""
+    return isinstance(segm, (list, tuple)) and len(segm) > 0 and all(isinstance(p, dict) for p in segm)
 
 
 def _polygons_problem(segm: Sequence, height: int, width: int) -> Optional[Problem]:
