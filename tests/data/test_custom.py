@@ -320,6 +320,10 @@ def test_validation_lists_every_problem_and_checks_images(tmp_path):
     ):
         validate_simple_json(_data(), "mine.json", image_root=str(tmp_path))
     validate_simple_json(copy.deepcopy(_generalized_data()), "mine.json", generalized=True)
+    twice = _data()
+    twice["images"].append(copy.deepcopy(twice["images"][0]))
+    with pytest.raises(ReferringFormatError, match=r"images\[2\]\.file_name: 'one\.jpg' is listed again \(first at \$\.images\[0\]\)"):
+        validate_simple_json(twice, "mine.json")
 
 
 def test_image_root_checks_each_image_size_as_the_trainer_will(tmp_path):

@@ -334,8 +334,16 @@ def validate_simple_json(
     else:
         if not data["images"]:
             problems.append("$.images: the list is empty")
+        first_listed: Dict[str, int] = {}
         for i, img in enumerate(data["images"]):
             _check_image(img, f"$.images[{i}]", problems, generalized, image_root)
+            name = img.get("file_name") if isinstance(img, dict) else None
+            if isinstance(name, str) and first_listed.setdefault(name, i) != i:
+                # Two entries would be two images, each blind to the other's objects.
+                problems.append(
+                    f"$.images[{i}].file_name: {name!r} is listed again (first at $.images[{first_listed[name]}]); "
+                    "list each image once, with all its objects and expressions"
+                )
     if problems:
         listed = problems[:_MAX_LISTED_PROBLEMS]
         more = len(problems) - len(listed)
