@@ -214,8 +214,9 @@ def test_build_evaluator_rejects_non_referring_dataset(tmp_path):
 
 
 @pytest.mark.parametrize("key,name,problem", [
+    ("DATASETS.TRAIN", "nodata_train", "is not registered"),
     ("DATASETS.TEST", "nodata_val", "is not registered"),
-    ("DATASETS.TRAIN", "coco_2017_val", "is not a referring dataset"),  # a Detectron2 built-in
+    ("DATASETS.TEST", "coco_2017_val", "is not a referring dataset"),  # a Detectron2 built-in
 ])
 def test_datasets_that_are_not_referring_are_refused_at_setup(tmp_path, key, name, problem):
     # At setup, before the model: a DATASETS.TEST typo used to surface after the training.

@@ -21,9 +21,9 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vipa_d2.config import ConfigError
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper, check_image_files
-from vipa_d2.data.validation import shortlist
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
+from vipa_d2.data.validation import shortlist
 from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.modeling import VIPA, runtime_options
 
@@ -65,17 +65,22 @@ MAX_DATASETS_LISTED = 12
 
 def check_referring_datasets(cfg) -> None:
     """
-    ConfigError naming a ``DATASETS.TRAIN`` / ``TEST`` entry that is not a registered
-    referring dataset, with the ones there are: before any model is built, where a TEST
+    ConfigError naming a ``DATASETS.TRAIN`` entry that is not registered, or a
+    ``DATASETS.TEST`` entry that is not a registered referring dataset (one with the
+    referring evaluator), with the ones there are: before any model is built, where a TEST
     typo would otherwise surface only after the whole training.
     """
     registered = DatasetCatalog.list()
     referring = sorted(
         n for n in registered if getattr(MetadataCatalog.get(n), "evaluator_type", None) == REFERRING_EVALUATOR_TYPE
     )
-    for key, names in (("DATASETS.TRAIN", cfg.DATASETS.TRAIN), ("DATASETS.TEST", cfg.DATASETS.TEST)):
+    # Training data needs no evaluator: a dataset registered with its own loader will do.
+    for key, names, allowed in (
+        ("DATASETS.TRAIN", cfg.DATASETS.TRAIN, registered),
+        ("DATASETS.TEST", cfg.DATASETS.TEST, referring),
+    ):
         for name in names:
-            if name not in referring:
+            if name not in allowed:
                 problem = "is not a referring dataset" if name in registered else "is not registered"
                 raise ConfigError(
                     f"{key}: {name!r} {problem}; the referring datasets are "
