@@ -50,7 +50,8 @@ def average_views(given: Dict, flipped: Dict, no_target_threshold: float) -> Dic
     for key, is_map in AVERAGED.items():
         other = torch.flip(flipped[key], dims=[-1]) if is_map else flipped[key]
         merged[key] = (given[key] + other) / 2
-    prob = (given.get(REF_SEG_BEFORE_VETO, given["ref_seg"]) + torch.flip(flipped.get(REF_SEG_BEFORE_VETO, flipped["ref_seg"]), dims=[-1])) / 2
+    as_given, mirrored = (view.get(REF_SEG_BEFORE_VETO, view["ref_seg"]) for view in (given, flipped))
+    prob = (as_given + torch.flip(mirrored, dims=[-1])) / 2
     merged["ref_seg"] = prob
     if merged["no_target_score"] > no_target_threshold:
         merged.update(ref_seg=torch.zeros_like(prob), **{REF_SEG_BEFORE_VETO: prob})
