@@ -139,6 +139,20 @@ def test_no_target_score_ignored_on_plain_data_but_empty_gt_reports_accuracies()
     assert metrics["T-acc"] == pytest.approx(100.0)
 
 
+def test_a_target_with_no_pixels_is_a_miss_not_a_no_target_sample():
+    # A real target too small to leave a pixel at the scored resolution (its record says
+    # it is a target): an empty prediction scores IoU 0, as LAVT counts it, and adds no
+    # N-acc / T-acc; without the record's flag an empty target is read as no-target.
+    collinear = {"segmentation": [[0.5, 0.5, 1.5, 1.5, 2.5, 2.5]], "bbox": [0, 0, 1, 1], "category_id": 1}
+    inputs = plain_samples()[:1] + [dict(sample(9, 4, 4, [collinear]), empty=False)]
+    outputs = [{"ref_seg": expected_gt(0)}, {"ref_seg": torch.zeros(4, 4)}]
+    metrics = run_evaluator(PLAIN, inputs, outputs)
+    assert metrics["mIoU"] == pytest.approx(50.0) and "N-acc" not in metrics
+    inputs[1].pop("empty")
+    metrics = run_evaluator(PLAIN, inputs, outputs)
+    assert metrics["mIoU"] == pytest.approx(100.0) and metrics["N-acc"] == pytest.approx(100.0)
+
+
 def test_shape_mismatch_raises_naming_sample_and_shapes():
     evaluator = ReferringEvaluator(PLAIN, distributed=False)
     evaluator.reset()

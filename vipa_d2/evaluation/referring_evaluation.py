@@ -40,11 +40,12 @@ class ReferringEvaluator(DatasetEvaluator):
     the cross-process gather is small. Metrics are in percent:
 
     * ``oIoU``: sum of intersections / sum of unions over all samples;
-    * ``mIoU``: mean per-sample IoU, an empty union (empty prediction and empty target)
-      counting as IoU 1;
+    * ``mIoU``: mean per-sample IoU; an empty union (empty prediction and empty target)
+      counts as IoU 1 for a no-target sample (its record's ``empty``; without the flag,
+      an empty target) and 0 for a target sample, as LAVT counts it;
     * ``Prec@X``: share of samples with IoU >= X;
-    * ``N-acc`` / ``T-acc`` (generalized data, or when any target is empty): share of
-      no-target samples predicted empty / of target samples predicted non-empty.
+    * ``N-acc`` / ``T-acc`` (generalized data, or when any sample is a no-target one):
+      share of no-target samples predicted empty / of target samples predicted non-empty.
 
     On generalized data ReLA's metrics (cIoU, gIoU, N-acc, T-acc, Pr@0.7/0.8/0.9, as ReLA
     defines them: :mod:`.rela_metrics`) are reported beside these, under ``"rela"``.
@@ -153,8 +154,9 @@ class ReferringEvaluator(DatasetEvaluator):
             return {}
 
         for s in samples:
-            # Empty union = both empty = a correct "nothing" answer.
-            s["iou"] = s["intersection"] / s["union"] if s["union"] > 0 else 1.0
+            # Empty union: a correct "nothing" answer for a no-target sample; for a target
+            # whose mask has no pixels at the scored resolution, a miss (as LAVT counts it).
+            s["iou"] = s["intersection"] / s["union"] if s["union"] > 0 else float(s["no_target"])
         metrics = self._compute_metrics(samples)
         results = OrderedDict(refer=metrics)
         if self._generalized:
@@ -188,9 +190,9 @@ class ReferringEvaluator(DatasetEvaluator):
         metrics["mIoU"] = 100.0 * math.fsum(ious) / n
         for thr in PRECISION_THRESHOLDS:
             metrics[f"Prec@{thr}"] = 100.0 * sum(iou >= thr for iou in ious) / n
-        no_target = [s for s in samples if s["gt_empty"]]
+        no_target = [s for s in samples if s["no_target"]]
         if self._generalized or no_target:
-            target = [s for s in samples if not s["gt_empty"]]
+            target = [s for s in samples if not s["no_target"]]
             metrics["N-acc"] = _share(no_target, lambda s: s["pred_empty"])
             metrics["T-acc"] = _share(target, lambda s: not s["pred_empty"])
         return metrics
