@@ -64,10 +64,12 @@ def _offline_env(tmp_path):
 
 
 def test_paper_checkpoint_loads_and_predicts_offline_with_an_empty_cache(tmp_path):
+    from vipa_d2 import VIPAPredictor
+
     cfg = _cfg(PAPER, *SMALL_INPUT, *SUBSTITUTES)
     torch.manual_seed(0)
-    model = build_model(cfg).eval()
-    AtomicDetectionCheckpointer(model, str(tmp_path)).save("model_final")
+    predictor = VIPAPredictor(cfg)  # random weights: the model saved and predicted with
+    AtomicDetectionCheckpointer(predictor.model, str(tmp_path)).save("model_final")
     weights = str(tmp_path / "model_final.pth")
     saved = torch.load(weights, map_location="cpu", weights_only=True, mmap=True)
     assert {"config.json", "tokenizer_config.json", "vocab.txt"} <= set(saved[CHECKPOINT_FILES_KEY])
@@ -82,10 +84,6 @@ def test_paper_checkpoint_loads_and_predicts_offline_with_an_empty_cache(tmp_pat
     assert not any(files for _, _, files in os.walk(tmp_path / "empty_hf_home"))
 
     # The same probabilities as the model that was saved (same weights, same tokenizer).
-    from vipa_d2 import VIPAPredictor
-
-    predictor = VIPAPredictor(cfg)
-    predictor.model.load_state_dict(model.state_dict())
     image = np.random.default_rng(0).integers(0, 256, (80, 112, 3), dtype=np.uint8)
     expected = predictor(image, TEXTS)
     with np.load(out) as got:
