@@ -29,15 +29,14 @@ import sys
 from typing import Dict, Iterator, Tuple
 
 import numpy as np
-from detectron2.data import DatasetCatalog, MetadataCatalog
+from detectron2.data import DatasetCatalog
 from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from vipa_d2 import get_vipa_cfg
-from vipa_d2.data import register_refer_splits
+from vipa_d2.data import referring_dataset_names, register_refer_splits
 from vipa_d2.data.dataset_mapper import read_record_image
 from vipa_d2.data.masks import annotations_to_mask
-from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.data.validation import ReferringDataError
 from vipa_d2.engine import ReferringTrainer
 from vipa_d2.utils.visualizer import draw_overlay, save_image, side_by_side
@@ -141,8 +140,7 @@ def main(argv=None) -> int:
         datasets = args.dataset or list(cfg.DATASETS.TRAIN)
         unknown = [name for name in datasets if name not in DatasetCatalog.list()]
         if unknown:
-            referring = sorted(n for n in DatasetCatalog.list() if MetadataCatalog.get(n).get("evaluator_type", None) == REFERRING_EVALUATOR_TYPE)
-            parser.error(f"dataset {unknown[0]!r} is not registered; referring datasets: {', '.join(referring)}")
+            parser.error(f"dataset {unknown[0]!r} is not registered; referring datasets: {', '.join(referring_dataset_names())}")
         pictures = annotation_pictures(datasets, args.num)
     else:
         pictures = dataloader_pictures(cfg, args.num)

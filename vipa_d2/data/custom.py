@@ -38,6 +38,7 @@ from .validation import IMAGE_READ_ERRORS, MAX_IMAGE_SIDE, ReferringDataError, i
 __all__ = [
     "ReferringFormatError",
     "register_referring_dataset",
+    "referring_dataset_names",
     "check_refer_splits",
     "register_refer_splits",
     "validate_simple_json",
@@ -105,6 +106,13 @@ def register_referring_dataset(
         split=split,
         image_root=image_root,
         **metadata,
+    )
+
+
+def referring_dataset_names() -> List[str]:
+    """The registered datasets whose metadata names the referring evaluator, sorted."""
+    return sorted(
+        n for n in DatasetCatalog.list() if MetadataCatalog.get(n).get("evaluator_type", None) == REFERRING_EVALUATOR_TYPE
     )
 
 

@@ -20,6 +20,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from vipa_d2.config import ConfigError
+from vipa_d2.data.custom import referring_dataset_names
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper, check_image_files
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
@@ -71,9 +72,7 @@ def check_referring_datasets(cfg) -> None:
     typo would otherwise surface only after the whole training.
     """
     registered = DatasetCatalog.list()
-    referring = sorted(
-        n for n in registered if getattr(MetadataCatalog.get(n), "evaluator_type", None) == REFERRING_EVALUATOR_TYPE
-    )
+    referring = referring_dataset_names()
     # Training data needs no evaluator: a dataset registered with its own loader will do.
     for key, names, allowed in (
         ("DATASETS.TRAIN", cfg.DATASETS.TRAIN, registered),
