@@ -5,7 +5,7 @@
 import logging
 import math
 import os
-from typing import Dict, List, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -128,7 +128,7 @@ class VIPAPredictor:
         raw, retrieved = self._predict(tensor, texts, (height, width))
         if self.test_time_flip:
             mirrored, _ = self._predict(
-                torch.flip(tensor, dims=[-1]), [swap_left_right(t) for t in texts], (height, width)
+                torch.flip(tensor, dims=[-1]), [swap_left_right(t) for t in texts], (height, width), retrieve=False
             )
             threshold = self.model.no_target_threshold
             raw = [average_views(given, flipped, threshold) for given, flipped in zip(raw, mirrored)]
@@ -149,9 +149,11 @@ class VIPAPredictor:
             )
         return results[0] if single else results
 
-    def _predict(self, tensor: torch.Tensor, texts: List[str], output_size) -> Tuple[List[Dict], List[List[Dict]]]:
-        """The model's postprocessed outputs and retrieved tokens for ``texts`` on one
-        resized CHW image, at ``output_size``."""
+    def _predict(
+        self, tensor: torch.Tensor, texts: List[str], output_size, retrieve: bool = True
+    ) -> Tuple[List[Dict], Optional[List[List[Dict]]]]:
+        """The model's postprocessed outputs and (``retrieve``) retrieved tokens for
+        ``texts`` on one resized CHW image, at ``output_size``."""
         tokens = tokenize(self.tokenizer, texts, self.max_text_len)
         input_ids = tokens["input_ids"].to(self.model.device)
         attention_mask = tokens["attention_mask"].to(self.model.device)
@@ -159,7 +161,7 @@ class VIPAPredictor:
         encoded = self.model.encode_image(images)  # once for every expression
         outputs = self.model.decode(encoded, input_ids, attention_mask)
         raw = self.model.postprocess(outputs, images, [output_size] * len(texts))
-        return raw, self._retrieved_tokens(outputs, images, tokens["input_ids"])
+        return raw, self._retrieved_tokens(outputs, images, tokens["input_ids"]) if retrieve else None
 
     def _retrieved_tokens(self, outputs: Dict, images, input_ids: torch.Tensor) -> List[List[Dict]]:
         """Per expression, per valid cue: which visual tokens of the image it retrieved."""

@@ -275,8 +275,8 @@ class ReferringTrainer(DefaultTrainer):
     def build_shuffled_test_loader(cls, cfg, dataset_name):
         """Test loader of ``dataset_name`` with its expressions shuffled across samples."""
         # Not run_seed(): every rank must shuffle identically without communicating.
+        # Its image files are the dataset's, checked by build_test_loader, which test() calls first.
         records = shuffle_expressions(DatasetCatalog.get(dataset_name), max(cfg.SEED, 0))
-        check_image_files(records, dataset_name)
         return build_detection_test_loader(
             records,
             mapper=build_test_mapper(cfg),

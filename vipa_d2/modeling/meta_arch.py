@@ -87,6 +87,7 @@ def require_inputs(batched_inputs: List[Dict], keys: List[str], needed_by: str) 
 # emptied.
 REF_SEG_BEFORE_VETO = "ref_seg_before_veto"
 
+
 @META_ARCH_REGISTRY.register()
 class VIPA(nn.Module):
     # State-dict layout version: 2 keeps VEG, language projection and both decoders under
