@@ -104,7 +104,7 @@ def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys)
         ((trained, str(tmp_path / "x.pth"), "MODEL.VIPA.DECODER.NUM_LAYERS", "2"),
          r"MODEL.WEIGHTS=.*model_final.pth.*unexpected keys"),
         ((trained, trained), "is the --input file"),
-        ((str(tmp_path / "gone.pth"), str(tmp_path / "y.pth")), r"--input .*gone.pth: no such checkpoint file"),
+        ((str(tmp_path / "gone.pth"), str(tmp_path / "y.pth")), r"--input=.*gone.pth: checkpoint file not found"),
         ((trained, str(tmp_path / "z.pth"), "MODEL.BOGUS", "1"), "invalid config override: Non-existent key: MODEL.BOGUS"),
     ]
     for args, message in refusals:

@@ -22,6 +22,7 @@ from detectron2.modeling import build_model
 
 from vipa_d2 import get_vipa_cfg
 from vipa_d2.engine.checkpoint import load_weights, model_checkpoint, save_checkpoint_file
+from vipa_d2.utils.checkpoint_file import local_weights_path
 
 MEGABYTE = 1024 * 1024
 
@@ -40,8 +41,7 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
     """Write ``source``'s model, checked against ``config_file``, to ``output``."""
     if os.path.abspath(source) == os.path.abspath(output):
         raise ValueError(f"--output {output} is the --input file; give another path")
-    if "://" not in source and not os.path.isfile(source):
-        raise FileNotFoundError(f"--input {source}: no such checkpoint file")
+    local_weights_path(source, key="--input")  # FileNotFoundError naming --input
     cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
     cfg.freeze()
     model = build_model(cfg)

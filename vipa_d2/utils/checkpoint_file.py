@@ -43,21 +43,22 @@ def read_error(e: BaseException) -> WeightsError:
     )
 
 
-def local_weights_path(weights: str) -> str:
+def local_weights_path(weights: str, key: str = "MODEL.WEIGHTS") -> str:
     """
-    The local file behind ``MODEL.WEIGHTS`` (a path, or a URL fetched by Detectron2's
-    PathManager); FileNotFoundError naming the value when there is none.
+    The local file behind ``weights`` (a path, or a URL fetched by Detectron2's
+    PathManager); FileNotFoundError naming ``key`` (where the value was given) and the
+    value when there is none.
     """
     if "://" not in weights:
         if not os.path.isfile(weights):
-            raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
+            raise FileNotFoundError(f"{key}={weights}: checkpoint file not found")
         return weights
     try:
         local = PathManager.get_local_path(weights)
     except Exception as e:  # any fetch failure (no network, bad URL) means "not there"
-        raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: cannot fetch the checkpoint: {e}") from e
+        raise FileNotFoundError(f"{key}={weights}: cannot fetch the checkpoint: {e}") from e
     if not os.path.isfile(local):
-        raise FileNotFoundError(f"MODEL.WEIGHTS={weights}: checkpoint file not found")
+        raise FileNotFoundError(f"{key}={weights}: checkpoint file not found")
     return local
 
 
