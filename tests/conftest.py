@@ -25,6 +25,9 @@ def pytest_configure(config):
     workers = getattr(config, "workerinput", {}).get("workercount")
     if workers:
         share_cpu_cores(workers)
+        # The processes a test starts (train_net.py, the demo, the study's runs) take the
+        # same share: on all cores, beside the other workers, their threads spin-wait.
+        os.environ["OMP_NUM_THREADS"] = str(torch.get_num_threads())
 
 
 @pytest.fixture(autouse=True)
