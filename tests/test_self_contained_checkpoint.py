@@ -118,6 +118,25 @@ def test_checkpoint_files_win_over_the_configured_name(tmp_path):
     assert build_tokenizer(cfg).tokenize("the café") == build_tokenizer(_cfg(TINY)).tokenize("the café")
 
 
+def test_checkpoint_files_are_read_once_per_file_version(tmp_path, monkeypatch):
+    # The model, the tokenizer and every loader's mapper ask for the files: the checkpoint
+    # is unpickled once, until the file at that path is replaced.
+    from vipa_d2.modeling import text_encoder
+
+    reads = []
+    load = text_encoder.torch_load_checkpoint
+    monkeypatch.setattr(text_encoder, "torch_load_checkpoint", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    path = tmp_path / "files.pth"
+    config = {"config.json": torch.tensor(list(b'{"v": 1}'), dtype=torch.uint8)}
+    torch.save({"model": {}, CHECKPOINT_FILES_KEY: config}, path)
+    cfg = _cfg(TINY, "MODEL.WEIGHTS", str(path))
+    first = text_encoder.text_encoder_files(cfg)
+    first["config.json"] = b"changed by a caller"  # a copy: the next caller gets the file's
+    assert text_encoder.text_encoder_files(cfg) == {"config.json": b'{"v": 1}'} and len(reads) == 1
+    torch.save({"model": {}, CHECKPOINT_FILES_KEY: {"config.json": torch.tensor(list(b'{"v": 22}'), dtype=torch.uint8)}}, path)
+    assert text_encoder.text_encoder_files(cfg) == {"config.json": b'{"v": 22}'} and len(reads) == 2
+
+
 @pytest.mark.parametrize(
     "entry, problem",
     [

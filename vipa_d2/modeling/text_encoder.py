@@ -7,6 +7,7 @@ A checkpoint is self-contained: next to the weights it holds the text encoder's
 whatever ``MODEL.TEXT_ENCODER.NAME`` names.
 """
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -125,6 +126,18 @@ def _entry_files(entry, source: str) -> Dict[str, bytes]:
 def _checkpoint_files(weights: str, trusted: bool) -> Optional[Dict[str, bytes]]:
     """The :data:`CHECKPOINT_FILES_KEY` entry of checkpoint ``weights``, or None."""
     path = local_weights_path(weights)
+    stat = os.stat(path)
+    identity = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    files = _read_checkpoint_files(weights, identity, trusted)
+    return None if files is None else dict(files)
+
+
+# One model build asks for the files several times (model, tokenizer, each test loader's
+# mapper, TTA), and each read unpickles the checkpoint's every tensor record (about 0.5 s
+# for the tiny model's). Keyed by the file's identity: a rewritten checkpoint is read anew.
+@functools.lru_cache(maxsize=4)
+def _read_checkpoint_files(weights: str, identity, trusted: bool):
+    path = identity[0]
     if not zipfile.is_zipfile(path):  # Detectron2 zoo / legacy formats never hold it
         return None
     # Memory-mapped: the weights are not read here, only the small files entry.
