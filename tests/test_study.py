@@ -5,7 +5,6 @@ import os
 import time
 
 import pytest
-from detectron2.modeling import build_model
 
 from vipa_d2.data.synthetic import SynthConfig, write_benchmark
 from vipa_d2 import get_vipa_cfg
@@ -53,12 +52,11 @@ study = _load_tool("study")
 
 
 @pytest.mark.parametrize("variant", sorted(LEAF_CHANGES))
-def test_ablation_leaf_holds_only_its_change_and_builds(variant):
+def test_ablation_leaf_holds_only_its_change(variant):
+    # Each leaf builds and predicts in tests/test_configs_zoo.py (every config under configs/).
     base = study.flat_config(get_vipa_cfg(BASE))
     leaf = get_vipa_cfg(os.path.join(ABLATIONS, f"{variant}.yaml"))
     assert {k: v for k, v in study.flat_config(leaf).items() if base[k] != v} == LEAF_CHANGES[variant]
-    leaf.merge_from_list(TINY)
-    assert build_model(leaf).training
 
 
 def test_every_leaf_is_listed():
