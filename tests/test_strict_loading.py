@@ -90,4 +90,5 @@ def test_training_refuses_weights_of_which_nothing_matches(mismatched, tmp_path)
     part = {k: v for k, v in good["model"].items() if k.startswith("backbone.")}
     torch.save({"model": part}, tmp_path / "backbone.pth")
     AtomicDetectionCheckpointer(model).resume_or_load(str(tmp_path / "backbone.pth"), resume=False)
-    assert all(torch.equal(model.state_dict()[k], v) for k, v in part.items())
+    loaded = model.state_dict()
+    assert all(torch.equal(loaded[k], v) for k, v in part.items())

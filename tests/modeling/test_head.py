@@ -70,8 +70,9 @@ def test_old_checkpoints_load_into_the_head(tmp_path, caplog):
     torch.manual_seed(2)
     model = build_model(small_cfg())
     model.load_state_dict(old)
+    loaded = model.state_dict()
     for key, value in state.items():
-        torch.testing.assert_close(model.state_dict()[key], value, rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(loaded[key], value, rtol=0, atol=0, msg=key)
     # Through the project's checkpointer, from a file as a version-1 run saved it.
     torch.save({"model": old}, tmp_path / "old.pth")
     torch.manual_seed(3)
