@@ -276,3 +276,51 @@ def test_report_pairs_a_variant_with_its_own_reference(tmp_path, capsys):
            "paired with it" in capsys.readouterr().err
     words = " ".join((out / "study.md").read_text().split())
     assert "| language_fusion_none | vip | - | - | - | - | undecided (0 seeds) |" in words
+
+
+def test_report_and_study_refuse_a_results_file_they_cannot_use(tmp_path, capsys):
+    """One line naming the file (and the run or option), status 2, nothing written."""
+    out, other = tmp_path / "docs", tmp_path / "runs"
+    done = _entry("vipa", 0, 80.0, 80.0, 80.0)
+    cases = {  # file content -> what the error names
+        "{bad": "not valid JSON",
+        "[1, 2]": "expected a JSON object at the top level, got list",
+        json.dumps({"runs": [done]}): "not a study's results: 'runs' holds list, expected an object of run entries",
+        json.dumps({"runs": {"vipa/seed0": 5}}): "run 'vipa/seed0' holds int, expected an object",
+        json.dumps({"runs": {"vipa/seed0": {k: v for k, v in done.items() if k != "ratio"}}}):
+            "finished run 'vipa/seed0' has no ratio",
+    }
+    for i, (content, problem) in enumerate(cases.items()):
+        path = tmp_path / f"results{i}.json"
+        path.write_text(content)
+        assert study_report.main([str(path), "--output", str(out)]) == 2, content
+        err = capsys.readouterr().err
+        assert err.startswith(f"study_report.py: error: {path}: {problem}"), err
+        if "finished run" not in problem:  # study.py reads the same file before any run
+            assert study.main(["--variants", "vipa", "--results", str(path), "--output", str(other)]) == 2
+            assert err.split(": ", 2)[2].rstrip() in capsys.readouterr().err
+    assert study_report.main([str(tmp_path / "none.json"), "--output", str(out)]) == 2
+    assert "none.json: cannot read it (No such file or directory)" in capsys.readouterr().err
+    good = tmp_path / "good.json"
+    good.write_text(json.dumps({"runs": {"vipa/seed0": done}}))
+    assert study_report.main([str(good), "--output", str(out), "--metric", "oIOU"]) == 2
+    assert "--metric oIOU: the runs hold ['oIoU']" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert study_report.main([str(good), "--output", str(tmp_path / "a_file")]) == 2
+    assert "--output " in capsys.readouterr().err
+    assert study.main(["--config-dir", str(tmp_path / "no_leaves"), "--output", str(other)]) == 2
+    assert "study.py: error: --config-dir" in capsys.readouterr().err
+    assert not out.exists() and not other.exists()
+
+
+def test_report_draws_a_variant_without_a_split(tmp_path):
+    # A variant evaluated on val only (no testA / testB scores) leaves its bars out.
+    runs = [_entry("vipa", s, v, v, v) for s, v in enumerate([80.0, 81.0])]
+    for s, v in enumerate([77.0, 78.0]):
+        entry = _entry("language", s, v, v, v)
+        entry["splits"] = {"val": entry["splits"]["val"]}
+        runs.append(entry)
+    results = tmp_path / "study.json"
+    results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
+    assert study_report.main([str(results), "--output", str(tmp_path / "docs")]) == 0
+    assert (tmp_path / "docs" / "variants.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

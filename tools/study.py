@@ -39,7 +39,7 @@ import time
 from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.utils.atomic_io import atomic_open
-from vipa_d2.utils.runs import iteration_seconds, run_train_net, split_scores
+from vipa_d2.utils.runs import iteration_seconds, read_study_results, run_train_net, split_scores
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "train_net.py")
@@ -78,6 +78,8 @@ def parse_args(argv=None):
 
 def variant_configs(config_dir: str, names):
     """{variant: its YAML leaf}; all leaves of ``config_dir`` when ``names`` is None."""
+    if not os.path.isdir(config_dir):
+        raise StudyError(f"--config-dir {config_dir}: no such folder (expected a folder of ablation YAML leaves)")
     found = sorted(f[: -len(".yaml")] for f in os.listdir(config_dir) if f.endswith(".yaml"))
     names = names or found
     unknown = [n for n in names if n not in found]
@@ -97,13 +99,11 @@ def schedule_opts(cfg, max_iter):
 
 
 def load_results(path: str):
-    data = {"runs": {}}
-    if os.path.isfile(path):
-        with open(path) as f:
-            data = json.load(f)
-    if not isinstance(data.get("runs"), dict):
-        raise StudyError(f"--results {path}: not a study results file (no 'runs' mapping)")
-    return data
+    """The study's results file ({"runs": {key: entry}}), empty when there is none yet."""
+    try:
+        return read_study_results(path) if os.path.isfile(path) else {"runs": {}}
+    except ValueError as e:
+        raise StudyError(f"--results {e}") from e
 
 
 def save_entry(path: str, key: str, entry) -> None:

@@ -14,7 +14,6 @@ and ``differences.png`` (the paired differences, the rule's question, on a scale
 show: linear near zero, logarithmic beyond DIFFERENCE_LINEAR_RANGE). No targets, no paper numbers.
 """
 import argparse
-import json
 import math
 import os
 import statistics
@@ -25,6 +24,9 @@ import matplotlib
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 from tabulate import tabulate  # noqa: E402
+
+from vipa_d2.utils.atomic_io import atomic_open  # noqa: E402
+from vipa_d2.utils.runs import read_study_results  # noqa: E402
 
 RULE = (
     "a claim reproduces when the paired mean difference (VIPA minus variant, same seeds) on val exceeds "
@@ -75,6 +77,26 @@ def references(runs, default, pairs):
         else:
             refs[variant] = ref
     return refs, remarks
+
+
+# What the report reads of a finished run's entry (tools/study.py writes them all).
+REQUIRED_KEYS = ("variant", "seed", "splits", "iterations", "ratio", "wall_s")
+
+
+def load_runs(path):
+    """The finished runs of a results file, by variant (:func:`by_variant`); ValueError
+    naming the file and the run where the file is not what tools/study.py writes."""
+    runs = read_study_results(path)["runs"]
+    for key, entry in runs.items():
+        missing = [k for k in REQUIRED_KEYS if k not in entry]
+        if entry.get("status") == "done" and missing:
+            raise ValueError(f"{path}: finished run {key!r} has no {', '.join(missing)}")
+    return by_variant(runs)
+
+
+def stored_metrics(runs):
+    """Every metric name the runs' split scores hold."""
+    return {m for seeds in runs.values() for e in seeds.values() for split in e["splits"].values() for m in split}
 
 
 def by_variant(runs):
@@ -208,7 +230,9 @@ def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
     for i, split in enumerate(RULE_SPLITS):
         xs = [x_of(n, i) for n in names]
         vals = [[v for e in runs[n].values() if (v := value(e, "splits", split, metric)) is not None] for n in names]
-        means, stds = [stats(v)[1] for v in vals], [stats(v)[2] or 0 for v in vals]
+        # NaN where a variant has no score for the split: matplotlib leaves that bar out.
+        means = [math.nan if (m := stats(v)[1]) is None else m for v in vals]
+        stds = [stats(v)[2] or 0 for v in vals]
         if xlabel:  # a curve over a numeric setting
             line = ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, label=split)[0]
         else:
@@ -239,11 +263,18 @@ def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    with open(args.results) as f:
-        runs = by_variant(json.load(f).get("runs", {}))
+    try:
+        runs = load_runs(args.results)
+    except ValueError as e:
+        print(f"study_report.py: error: {e}", file=sys.stderr)
+        return 2
     runs = {n: runs[n] for n in sorted(runs, key=lambda n: n != args.reference)}  # the reference first
     if not runs:
         print(f"study_report.py: error: {args.results} holds no finished run", file=sys.stderr)
+        return 2
+    if args.metric not in stored_metrics(runs):
+        print(f"study_report.py: error: --metric {args.metric}: the runs hold {sorted(stored_metrics(runs))}",
+              file=sys.stderr)
         return 2
     try:
         refs, remarks = references(runs, args.reference, args.pair)
@@ -252,7 +283,12 @@ def main(argv=None) -> int:
         return 2
     for remark in remarks:
         print(f"study_report.py: {args.results}: {remark}", file=sys.stderr)
-    os.makedirs(args.output, exist_ok=True)
+    try:
+        os.makedirs(args.output, exist_ok=True)
+    except OSError as e:
+        print(f"study_report.py: error: --output {args.output}: cannot make the folder ({e.strerror or e})",
+              file=sys.stderr)
+        return 2
     text = render(runs, refs, args.metric)
     names, pictures = list(runs), ["variants.png"]
     plot(runs, names, side_by_side(names), args.metric, os.path.join(args.output, pictures[0]))
@@ -271,7 +307,7 @@ def main(argv=None) -> int:
              ylabel=f"{args.reference if set(refs.values()) == {args.reference} else 'reference'} "
                     f"minus variant, {args.metric}")
     text += "\n" + "\n".join(f"![{p[:-4]}]({p})" for p in pictures) + "\n"
-    with open(os.path.join(args.output, "study.md"), "w") as f:
+    with atomic_open(os.path.join(args.output, "study.md"), "w") as f:
         f.write(text)
     print(text)
     return 0

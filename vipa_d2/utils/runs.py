@@ -17,7 +17,8 @@ from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
 __all__ = [
-    "run_train_net", "split_label", "read_results", "required_results", "split_scores", "iteration_seconds"
+    "run_train_net", "split_label", "read_json_object", "read_study_results", "read_results", "required_results",
+    "split_scores", "iteration_seconds",
 ]
 
 # Lines of Detectron2's console log worth echoing while a run goes.
@@ -61,6 +62,39 @@ def split_label(dataset_name: str) -> str:
     return label + SHUFFLED_SUFFIX if shuffled else label
 
 
+def read_json_object(path: str) -> Dict:
+    """
+    The JSON object in file ``path`` (results files the tools read back, a study's results);
+    ValueError naming the file when it cannot be read, is not JSON or is not an object.
+    """
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from e
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ValueError(f"{path}: not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
+def read_study_results(path: str) -> Dict:
+    """
+    A study's results file (``{"runs": {key: entry}}``, written by tools/study.py); ValueError
+    naming the file, and the run, where it holds something else.
+    """
+    data = read_json_object(path)
+    runs = data.get("runs")
+    if not isinstance(runs, dict):
+        raise ValueError(f"{path}: not a study's results: 'runs' holds {type(runs).__name__}, expected an object "
+                         "of run entries")
+    for key, entry in runs.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"{path}: run {key!r} holds {type(entry).__name__}, expected an object")
+    return data
+
+
 def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[str, Dict]":
     """
     {dataset name: the evaluator's ``referring_results_<name>.json``} for the datasets
@@ -71,8 +105,7 @@ def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[
         for suffix, folder in _RESULT_FOLDERS:
             path = os.path.join(output_dir, folder, f"referring_results_{name}.json")
             if os.path.isfile(path):
-                with open(path) as f:
-                    rows[name + suffix] = json.load(f)
+                rows[name + suffix] = read_json_object(path)
     return rows
 
 
