@@ -13,6 +13,7 @@ from collections import OrderedDict
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
 from vipa_d2.data.builtin import BUILTIN_REFERRING
+from vipa_d2.data.validation import read_json_file
 from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
@@ -68,12 +69,9 @@ def read_json_object(path: str) -> Dict:
     ValueError naming the file when it cannot be read, is not JSON or is not an object.
     """
     try:
-        with open(path, encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json_file(path)  # names the file and where the JSON breaks
     except OSError as e:
         raise ValueError(f"{path}: cannot read it ({e.strerror or e})") from e
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise ValueError(f"{path}: not valid JSON ({e})") from e
     if not isinstance(data, dict):
         raise ValueError(f"{path}: expected a JSON object at the top level, got {type(data).__name__}")
     return data
