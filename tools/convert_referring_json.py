@@ -45,6 +45,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not args.check_only and not (args.out_root and args.dataset):
         parser.error("--out-root and --dataset are required unless --check-only")
+    # Both become file and folder names: a path would write outside <out-root>/<dataset>/.
+    for option, name in (("--split-by", args.split_by), ("--dataset", args.dataset)):
+        if name is not None and (name in ("", ".", "..") or os.path.basename(name) != name or "\\" in name):
+            parser.error(f"{option} {name!r}: expected a plain name (no folders), e.g. unc")
     try:
         if args.check_only:
             data = load_simple_json(args.json_file)
@@ -58,7 +62,7 @@ def main(argv=None) -> int:
             generalized=args.generalized,
             image_root=args.image_root,
         )
-    except (ReferringFormatError, FileNotFoundError) as e:
+    except (ReferringFormatError, OSError) as e:  # OSError: FileNotFoundError, a folder that cannot be made
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {paths['instances']} and {paths['refs']}")

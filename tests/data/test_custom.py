@@ -389,3 +389,28 @@ def test_cli_tool(tmp_path, capsys):
     (tmp_path / "latin1.json").write_bytes('{"images": [{"file_name": "caf\u00e9.jpg"}]}'.encode("latin-1"))
     assert tool.main([str(tmp_path / "latin1.json"), "--check-only"]) == 1
     assert "latin1.json: not valid JSON (not UTF-8 text" in capsys.readouterr().err
+
+
+def test_cli_tool_refuses_names_with_folders_and_unwritable_roots(tmp_path, capsys):
+    tool = load_script("tools/convert_referring_json.py")
+    good = _write(tmp_path, _data(), "good.json")
+    root = tmp_path / "root"
+    for option, name in (("--split-by", "a/b"), ("--split-by", ".."), ("--dataset", "../up")):
+        argv = [good, "--out-root", str(root), "--dataset", "mine", option, name]
+        with pytest.raises(SystemExit) as e:
+            tool.main(argv)
+        assert e.value.code == 2 and f"{option} {name!r}: expected a plain name" in capsys.readouterr().err
+    (tmp_path / "a_file").write_text("")
+    assert tool.main([good, "--out-root", str(tmp_path / "a_file"), "--dataset", "mine"]) == 1
+    assert "a_file" in capsys.readouterr().err
+    assert not root.exists()  # nothing half written
+
+
+def test_a_failed_write_leaves_no_dataset_file(tmp_path):
+    # Each file is written whole or not at all: a refs object that cannot be serialised
+    # leaves the REFER folder as it was, no partial refs file beside instances.json.
+    from vipa_d2.data.refer import save_refer_dataset
+
+    with pytest.raises(TypeError):
+        save_refer_dataset(str(tmp_path / "d"), "unc", [{"ref_id": object()}], {"images": []}, generalized=True)
+    assert sorted(os.listdir(tmp_path / "d")) == ["instances.json"]

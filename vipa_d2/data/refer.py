@@ -24,6 +24,7 @@ import pycocotools.mask as mask_util
 from detectron2.structures import BoxMode
 
 from . import validation as check
+from ..utils.atomic_io import atomic_open
 from .landmark import find_phrase
 from .masks import coco_rle, record_segmentation
 from .validation import ReferringDataError, data_error, quote
@@ -512,22 +513,24 @@ def save_refer_dataset(
     """
     os.makedirs(out_dir, exist_ok=True)
     inst_path = os.path.join(out_dir, "instances.json")
+    # Each file appears whole or not at all: a converter stopped midway leaves no file that
+    # a later load would trust.
     if instances_file is not None:
         if os.path.abspath(instances_file) != os.path.abspath(inst_path):
-            with open(instances_file, "rb") as src, open(inst_path, "wb") as dst:
+            with open(instances_file, "rb") as src, atomic_open(inst_path, "wb") as dst:
                 dst.write(src.read())
     else:
-        with open(inst_path, "w") as f:
+        with atomic_open(inst_path, "w") as f:
             # dumps (C encoder) + write: json.dump encodes in pure Python, ~10x slower.
             f.write(json.dumps(instances, default=_json_default))
     refs_path = os.path.join(out_dir, refs_file_name(split_by, generalized))
     if generalized:
-        with open(refs_path, "w") as f:
+        with atomic_open(refs_path, "w") as f:
             f.write(json.dumps(list(refs), default=_json_default))
     else:
         # Readers admit plain data only (see safe_pickle): numpy values become Python ones.
         plain = json.loads(json.dumps(list(refs), default=_json_default))
-        with open(refs_path, "wb") as f:
+        with atomic_open(refs_path, "wb") as f:
             pickle.dump(plain, f, protocol=pickle.HIGHEST_PROTOCOL)
     return {"instances": inst_path, "refs": refs_path}
 
