@@ -32,9 +32,12 @@ from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
 from vipa_d2 import ConfigError, get_vipa_cfg
+from vipa_d2.data import referring_dataset_names
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, keep_freed_host_memory, load_weights
 from vipa_d2.modeling.text_encoder import BUNDLED_MINILM, resolve_text_encoder_path
+from vipa_d2.utils.atomic_io import atomic_open
+from vipa_d2.utils.checkpoint_file import local_weights_path
 from vipa_d2.utils.analysis import HEAD_MODULES, MODULES, count_flops, count_params, dummy_input, time_modules
 
 def parse_args(argv=None):
@@ -65,6 +68,23 @@ def parse_args(argv=None):
             get_vipa_cfg(args.config_file, args.opts + alt.split())
         except ConfigError as e:
             p.error(str(e))
+    # Everything else that would fail only after minutes of timing fails here too.
+    counts = {"--repeats": (args.repeats, 1), "--eval-samples": (args.eval_samples, 1), "--warmup": (args.warmup, 0),
+              "--time": (args.time, 0), "--train-batch": (args.train_batch, 0), "--profile": (args.profile, 0),
+              "--profile-top": (args.profile_top, 1), "--threads": (args.threads, 0), "--image-size": (args.image_size, 0),
+              **{"--batches": (b, 1) for b in args.batches}}
+    for option, (value, least) in counts.items():
+        if value < least:
+            p.error(f"{option} {value}: expected at least {least}")
+    if args.eval_weights:
+        try:
+            local_weights_path(args.eval_weights, key="--eval-weights")
+        except FileNotFoundError as e:
+            p.error(str(e))
+        if args.dataset not in referring_dataset_names():
+            p.error(f"--dataset {args.dataset}: not a registered referring dataset (have: {', '.join(referring_dataset_names())})")
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        p.error(f"--output {args.output}: its folder does not exist")
     return args
 
 
@@ -217,7 +237,7 @@ def main(argv=None):
                        [f"{label}: costliest ops ({args.profile} calls)", "self ms / call", "calls / call", "% of self"],
                        floatfmt=".1f"))
     if args.output:
-        with open(args.output, "w") as f:
+        with atomic_open(args.output, "w") as f:
             json.dump(result, f, indent=1)
         print("wrote", args.output)
 

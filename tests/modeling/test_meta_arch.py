@@ -666,6 +666,23 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
     assert sum(params.values()) == sum(p.numel() for p in model.parameters())
 
 
+def test_model_cost_refuses_what_would_fail_after_the_timing(tmp_path, capsys):
+    # One parser line each, before any model is built (these failed at the end, or deep inside).
+    tool = load_script("tools/model_cost.py")
+    cases = {
+        ("--repeats", "0"): "--repeats 0: expected at least 1",
+        ("--batches", "1", "0"): "--batches 0: expected at least 1",
+        ("--eval-weights", str(tmp_path / "none.pth")): "--eval-weights=" + str(tmp_path / "none.pth"),
+        ("--output", str(tmp_path / "no_folder" / "cost.json")): "its folder does not exist",
+    }
+    (tmp_path / "w.pth").write_bytes(b"")
+    cases[("--eval-weights", str(tmp_path / "w.pth"), "--dataset", "nope")] = "--dataset nope: not a registered referring"
+    for args, message in cases.items():
+        with pytest.raises(SystemExit) as e:
+            tool.parse_args(["--config-file", TINY_CONFIG, *args])
+        assert e.value.code == 2 and message in capsys.readouterr().err, args
+
+
 def test_model_cost_times_a_training_step_of_the_tiny_config():
     # tools/model_cost.py --train-batch: its made-up batch must carry every input the tiny
     # config's losses need (the object choice trains on object_in_group).
