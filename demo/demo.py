@@ -145,8 +145,21 @@ def _is_file_output(output: str) -> bool:
     return output.lower().endswith(IMAGE_EXTENSIONS) and not os.path.isdir(output)
 
 
+def _check_writable(output: str, folder: str) -> None:
+    """DemoError unless ``folder`` can be made and written to: found before the model is
+    built, and without making anything (a later refusal leaves no empty folder behind)."""
+    existing = os.path.abspath(folder)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise DemoError(f"--output {output}: cannot write under {existing}, which is a file, not a folder")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise DemoError(f"--output {output}: the folder {existing} is not writable")
+
+
 def plan_outputs(jobs: Jobs, output: str) -> Dict[Tuple[str, int], str]:
     """Overlay path for each (image, expression index)."""
+    _check_writable(output, os.path.dirname(os.path.abspath(output)) if _is_file_output(output) else output)
     if _is_file_output(output):
         if len(jobs) != 1 or len(jobs[0].expressions) != 1:
             raise DemoError(
@@ -261,22 +274,31 @@ def run(args) -> Tuple[str, str]:
         except (OSError, ReferringDataError) as e:
             raise DemoError(str(e)) from e
         results = predictor(image, texts)
-        for k, (text, result) in enumerate(zip(texts, results)):
-            out_path = plan[(path, k)]
-            if targets is None:
-                picture = draw_overlay(image, result, text, image_format=fmt)
-            else:  # evaluation pictures: prediction beside target
-                picture = draw_prediction_and_target(image, result, targets[k], text, image_format=fmt)
-            save_image(out_path, picture)
-            if args.show_relevance:
-                save_image(relevance_path(out_path), draw_relevance_figure(image, result, text, image_format=fmt))
-            if args.save_masks:
-                save_image(mask_path(out_path), result["mask"].astype(np.uint8) * MASK_PNG_VALUE)
-        if args.save_json:
-            record = image_record(path, image, texts, results)
-            with atomic_open(json_path(path, args.output), "w") as f:
-                json.dump(record, f, ensure_ascii=False, indent=1)
+        try:
+            _save_pictures(args, job, image, results, targets, plan, fmt)
+        except OSError as e:  # a full disk, a folder removed meanwhile
+            raise DemoError(f"cannot write the results of {path}: {e}") from e
     return summary(jobs), args.output
+
+
+def _save_pictures(args, job, image, results, targets, plan, fmt) -> None:
+    """Overlays (or prediction beside target), relevance pictures, masks and JSON of one image."""
+    path, texts = job.image, job.expressions
+    for k, (text, result) in enumerate(zip(texts, results)):
+        out_path = plan[(path, k)]
+        if targets is None:
+            picture = draw_overlay(image, result, text, image_format=fmt)
+        else:  # evaluation pictures: prediction beside target
+            picture = draw_prediction_and_target(image, result, targets[k], text, image_format=fmt)
+        save_image(out_path, picture)
+        if args.show_relevance:
+            save_image(relevance_path(out_path), draw_relevance_figure(image, result, text, image_format=fmt))
+        if args.save_masks:
+            save_image(mask_path(out_path), result["mask"].astype(np.uint8) * MASK_PNG_VALUE)
+    if args.save_json:
+        record = image_record(path, image, texts, results)
+        with atomic_open(json_path(path, args.output), "w") as f:
+            json.dump(record, f, ensure_ascii=False, indent=1)
 
 
 @contextlib.contextmanager

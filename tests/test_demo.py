@@ -141,6 +141,12 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
     assert "single image and a single --text" in msg
     msg = _refusal(base + ["--text", "cat", "--opts", "MODEL.WEIGHTS", str(tmp_path / "gone.pth")], capsys)
     assert "gone.pth" in msg and "not found" in msg
+    # An output under a file (as a file or as a folder): said before the model runs, and
+    # nothing made (it was a traceback after inference).
+    (tmp_path / "a_file").write_text("")
+    for output in (tmp_path / "a_file" / "o.png", tmp_path / "a_file" / "sub" / "folder"):
+        msg = _refusal(base[:4] + ["--output", str(output), "--text", "cat"], capsys)
+        assert msg.endswith(f"cannot write under {tmp_path / 'a_file'}, which is a file, not a folder")
 
 
 def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
