@@ -28,7 +28,7 @@ from tabulate import tabulate
 
 from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
-from vipa_d2.data.synthetic import write_benchmark
+from vipa_d2.data.synthetic import finished_benchmark, write_benchmark
 from vipa_d2.engine import ReferringTrainer
 from vipa_d2.modeling.text_encoder import build_tokenizer, tokenize
 
@@ -89,7 +89,7 @@ def paper_cfg(args):
 
 
 def train_tiny(args):
-    if not os.path.isdir(os.path.join(args.data_root, "refsynth")):
+    if finished_benchmark(args.data_root) is None:  # a generation stopped midway is made again
         write_benchmark(args.data_root, SYNTH_IMAGES, seed=0)
     os.environ[DATASETS_ENV] = args.data_root  # Detectron2's own dataset-root variable
     with tempfile.TemporaryDirectory() as tmp:

@@ -30,8 +30,7 @@ from vipa_d2 import get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
-from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SynthConfig, write_benchmark
-from vipa_d2.data.synthetic.writer import STATS_FILE  # written last: a finished benchmark has it
+from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SPLITS, SynthConfig, finished_benchmark, write_benchmark
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
 from vipa_d2.evaluation.breakdown import format_sections
 from vipa_d2.utils.runs import iteration_seconds, read_results, run_train_net
@@ -53,17 +52,21 @@ def parse_args(argv=None):
     parser.add_argument("--num-gpus", type=int, default=1, help="processes (gloo on CPU)")
     parser.add_argument("--vis-images", type=int, default=3, help="val images to visualise")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.num_images < len(SPLITS):
+        parser.error(f"--num-images {args.num_images}: need at least {len(SPLITS)} (one image per split)")
+    return args
 
 
 def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
     """Generate refsynth/grefsynth under ``root`` unless a finished copy exists; seconds spent."""
-    stats = [os.path.join(root, name, STATS_FILE) for name in (REFSYNTH, GREFSYNTH)]
-    if all(os.path.isfile(p) for p in stats):
-        with open(stats[0]) as f:
-            generator = json.load(f)["generator"]
-        print(f"[main_job] synthetic benchmark found in {root} ({generator['num_images']} images, "
-              f"seed {generator['seed']}); delete {root}/{REFSYNTH} and {root}/{GREFSYNTH} to regenerate")
+    try:
+        generator = finished_benchmark(root)
+    except ValueError as e:
+        sys.exit(f"[main_job] {e}")
+    if generator is not None:
+        print(f"[main_job] synthetic benchmark found in {root} ({generator.get('num_images')} images, "
+              f"seed {generator.get('seed')}); delete {root}/{REFSYNTH} and {root}/{GREFSYNTH} to regenerate")
         return 0.0
     print(f"[main_job] generating the synthetic benchmark: {num_images} images -> {root}")
     start = time.perf_counter()

@@ -18,6 +18,7 @@ from vipa_d2.data.synthetic import (
     SynthConfig,
     assign_splits,
     evaluate,
+    finished_benchmark,
     heldout_combos,
     regenerate_image,
     sample_scene,
@@ -311,5 +312,28 @@ def test_image_size_option_and_bad_inputs(tmp_path):
     assert (foreign / "mine.txt").read_text() == "keep me"
     with pytest.raises(ValueError, match="num_images=3"):
         assign_splits(3, 0, SynthConfig())
+    with pytest.raises(ValueError, match="num_images=3"):  # before any folder is made
+        write_benchmark(str(tmp_path / "too_few"), 3, seed=0, workers=1, progress=False)
+    assert not (tmp_path / "too_few").exists()
+
+
+def test_finished_benchmark_reads_the_stats_written_last(bench, tmp_path):
+    root, stats = bench
+    assert finished_benchmark(root) == json.loads(json.dumps(stats["generator"]))  # as stored
+    # A generation stopped midway (folders, no stats files) is not a finished benchmark.
+    (tmp_path / "refsynth" / "images").mkdir(parents=True)
+    (tmp_path / "grefsynth").mkdir()
+    assert finished_benchmark(str(tmp_path)) is None
+    for name in ("refsynth", "grefsynth"):
+        (tmp_path / name / "stats.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"refsynth/stats.json: expected the generator's statistics"):
+        finished_benchmark(str(tmp_path))
+    (tmp_path / "refsynth" / "stats.json").write_text("{cut")
+    with pytest.raises(ValueError, match=r"refsynth/stats.json: not valid JSON"):
+        finished_benchmark(str(tmp_path))
+    main_job = load_script("tools/main_job.py")
+    with pytest.raises(SystemExit) as e:
+        main_job.parse_args(["--num-images", "3"])
+    assert e.value.code == 2
     with pytest.raises(ValueError, match="image_size=32"):
         SynthConfig(image_size=32)

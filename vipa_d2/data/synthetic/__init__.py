@@ -15,6 +15,7 @@ from .writer import (
     format_stats,
     generate_image,
     regenerate_image,
+    finished_benchmark,
     write_benchmark,
 )
 
@@ -37,5 +38,6 @@ __all__ = [
     "format_stats",
     "generate_image",
     "regenerate_image",
+    "finished_benchmark",
     "write_benchmark",
 ]

@@ -28,7 +28,9 @@ from tqdm import tqdm
 
 from ..custom import simple_json_to_refer, validate_simple_json
 from ..masks import mask_to_rle
+from ...utils.atomic_io import atomic_open
 from ..refer import save_refer_dataset
+from ..validation import read_json_file
 from .config import SPLITS, SynthConfig
 from .grammar import (
     EXPRESSION_TYPES,
@@ -41,7 +43,7 @@ from .scene import Scene, heldout_combos, sample_scene
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["assign_splits", "generate_image", "regenerate_image", "write_benchmark", "format_stats"]
+__all__ = ["assign_splits", "finished_benchmark", "generate_image", "regenerate_image", "write_benchmark", "format_stats"]
 
 REFSYNTH, GREFSYNTH = "refsynth", "grefsynth"
 SPLIT_BY = "unc"
@@ -234,6 +236,23 @@ def format_stats(stats: Dict) -> str:
     return "\n".join(lines)
 
 
+def finished_benchmark(root: str) -> Optional[Dict]:
+    """
+    The generator's settings (``num_images``, ``seed``, ...) of the finished benchmark under
+    ``root``, or None when there is none: each variant's stats file is written last, so a
+    generation stopped midway has neither. ValueError naming the file when it is unreadable.
+    """
+    paths = [os.path.join(root, name, STATS_FILE) for name in (REFSYNTH, GREFSYNTH)]
+    if not all(os.path.isfile(p) for p in paths):
+        return None
+    generator = read_json_file(paths[0])
+    generator = generator.get("generator") if isinstance(generator, dict) else None
+    if not isinstance(generator, dict):
+        raise ValueError(f"{paths[0]}: expected the generator's statistics (an object with 'generator'); delete "
+                         f"{os.path.join(root, REFSYNTH)} and {os.path.join(root, GREFSYNTH)} to generate them again")
+    return generator
+
+
 def write_benchmark(
     root: str,
     num_images: int,
@@ -250,13 +269,14 @@ def write_benchmark(
     """
     cfg = cfg or SynthConfig()
     start = time.time()
+    splits = assign_splits(num_images, seed, cfg)  # refuses a bad num_images before any folder is made
     ref_dir, gref_dir = os.path.join(root, REFSYNTH), os.path.join(root, GREFSYNTH)
     _prepare_dir(gref_dir)
     _prepare_dir(ref_dir)
     image_dir = os.path.join(ref_dir, IMAGE_DIR)
     os.makedirs(image_dir)
     heldout = heldout_combos(seed)
-    jobs = list(enumerate(assign_splits(num_images, seed, cfg)))
+    jobs = list(enumerate(splits))
     task = functools.partial(_image_entry, cfg=cfg, seed=seed, heldout=heldout, image_dir=image_dir)
     bar = functools.partial(
         tqdm, total=num_images, desc="refsynth", unit="img", disable=not progress
@@ -281,8 +301,8 @@ def write_benchmark(
     )
 
     stats = _statistics(entries, cfg, seed, heldout, time.time() - start)
-    for d in (ref_dir, gref_dir):
-        with open(os.path.join(d, STATS_FILE), "w") as f:
+    for d in (ref_dir, gref_dir):  # the mark of a finished benchmark: whole or absent
+        with atomic_open(os.path.join(d, STATS_FILE), "w") as f:
             json.dump(stats, f, indent=1)
     logger.info(
         "Synthetic referring benchmark in %s (%.1f s):\n%s",
