@@ -106,6 +106,7 @@ def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys)
         ((trained, trained), "is the --input file"),
         ((str(tmp_path / "gone.pth"), str(tmp_path / "y.pth")), r"--input=.*gone.pth: checkpoint file not found"),
         ((trained, str(tmp_path / "z.pth"), "MODEL.BOGUS", "1"), "invalid config override: Non-existent key: MODEL.BOGUS"),
+        ((trained, str(tmp_path / "no_folder" / "w.pth")), r"--output .*no_folder/w.pth: its folder does not exist"),
     ]
     for args, message in refusals:
         with pytest.raises(SystemExit) as e:

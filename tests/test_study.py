@@ -324,3 +324,21 @@ def test_report_draws_a_variant_without_a_split(tmp_path):
     results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
     assert study_report.main([str(results), "--output", str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "variants.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_a_run_with_an_unreadable_results_file_is_marked_failed(tmp_path, monkeypatch, capsys):
+    # Stands in for a train_net.py run that left a cut evaluator results file: the study
+    # marks the run failed, naming the file, instead of stopping with it left "running".
+    def cut_results(train_net, argv, log_path, env, echo):
+        run_dir = argv[argv.index("OUTPUT_DIR") + 1]
+        os.makedirs(os.path.join(run_dir, "inference"), exist_ok=True)
+        for name in ("refsynth_unc_val", "refsynth_unc_testA", "refsynth_unc_testB"):
+            with open(os.path.join(run_dir, "inference", f"referring_results_{name}.json"), "w") as f:
+                f.write('{"metrics": {"oIoU": 5')
+        return 1.0
+
+    monkeypatch.setattr(study, "run_train_net", cut_results)
+    assert study.main(["--variants", "vipa", "--output", str(tmp_path / "runs"), *TINY]) == 1
+    entry = study.load_results(str(tmp_path / "runs" / "study.json"))["runs"]["vipa/seed0"]
+    assert entry["status"] == "failed" and "referring_results_refsynth_unc_val.json: not valid JSON" in entry["error"]
+    assert "1 run(s) failed, rerun to retry" in capsys.readouterr().out

@@ -221,7 +221,8 @@ def run_one(key, variant, seed, config_file, shared, args):
         entry.update(split_scores(run_dir, cfg.DATASETS.TEST), status="done", iterations=cfg.SOLVER.MAX_ITER,
                      ratio=cfg.MODEL.VIPA.VEG.RATIO, sec_per_iter=iteration_seconds(run_dir),
                      finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    except (subprocess.CalledProcessError, FileNotFoundError) as e:
+    # ValueError: an unreadable results or metrics file of the run (named in the error).
+    except (subprocess.CalledProcessError, FileNotFoundError, ValueError) as e:
         entry.update(status="failed", error=f"{e} {getattr(e, 'output', '')}"[-800:])
         print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
     finally:  # an interrupted run keeps the time it spent (its status stays "running"; killed: see HEARTBEAT_S)
