@@ -27,6 +27,12 @@ def test_refuses_clearly_without_cuda():
     assert done.stdout == ""
 
 
+def test_iterations_below_one_are_refused_before_anything_runs(capsys):
+    with pytest.raises(SystemExit) as e:
+        gpu_check["main"](["--iters", "0"])
+    assert e.value.code == 2 and "--iters must be >= 1, got 0" in capsys.readouterr().err
+
+
 def test_arguments_and_the_configs_it_would_run(tmp_path):
     args = gpu_check["get_parser"]().parse_args([])
     assert (args.iters, args.data_root, args.text_encoder) == (300, "datasets", "bert-base-uncased")

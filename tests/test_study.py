@@ -69,6 +69,10 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         study.main(["--seeds", "0", "-1", "--output", str(tmp_path)])
     assert "--seeds must be >= 0, got [0, -1]" in capsys.readouterr().err
+    for option, value in (("--max-iter", "0"), ("--num-gpus", "0")):
+        with pytest.raises(SystemExit):
+            study.main([option, value, "--output", str(tmp_path)])
+        assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
     # yacs refuses an int for a float key: said in one line, before any run starts.
     assert study.main(["--variants", "vipa", "--output", str(tmp_path), "MODEL.VIPA.LOSS.CONTRASTIVE_WEIGHT", "0"]) == 2
     err = capsys.readouterr().err

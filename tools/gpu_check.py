@@ -170,7 +170,10 @@ def time_paper(args, batch, amp):
 
 
 def main(argv=None) -> int:
-    args = get_parser().parse_args(argv)
+    parser = get_parser()
+    args = parser.parse_args(argv)
+    if args.iters < 1:
+        parser.error(f"--iters must be >= 1, got {args.iters}")
     if not torch.cuda.is_available():
         print(f"gpu_check.py: no CUDA device (torch {torch.__version__}, built for CUDA "
               f"{torch.version.cuda or 'none'}): nothing to check on this machine.", file=sys.stderr)

@@ -115,7 +115,9 @@ def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_im
     cmd = [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", cfg_file,
            "--manifest", manifest_path, "--output", out_dir, "--show-relevance",
            "--opts", "MODEL.WEIGHTS", weights] + list(opts)
-    subprocess.run(cmd, check=True, cwd=REPO, stdout=subprocess.DEVNULL)
+    done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
+    if done.returncode:  # demo.py's own error line is on stderr, just above
+        sys.exit(f"[main_job] demo.py failed (exit {done.returncode}): {' '.join(cmd)}")
 
 
 def main(argv=None):

@@ -72,6 +72,10 @@ def parse_args(argv=None):
         parser.error(f"config overrides must be KEY VALUE pairs, got {args.opts}")
     if min(args.seeds) < 0:  # SEED < 0 draws a random seed per run: no paired data order
         parser.error(f"--seeds must be >= 0, got {args.seeds}")
+    if args.max_iter is not None and args.max_iter < 1:
+        parser.error(f"--max-iter must be >= 1, got {args.max_iter}")
+    if args.num_gpus < 1:
+        parser.error(f"--num-gpus must be >= 1, got {args.num_gpus}")
     args.results = args.results or os.path.join(args.output, "study.json")
     return args
 
