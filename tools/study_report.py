@@ -272,9 +272,9 @@ def main(argv=None) -> int:
     if not runs:
         print(f"study_report.py: error: {args.results} holds no finished run", file=sys.stderr)
         return 2
-    if args.metric not in stored_metrics(runs):
-        print(f"study_report.py: error: --metric {args.metric}: the runs hold {sorted(stored_metrics(runs))}",
-              file=sys.stderr)
+    metrics = stored_metrics(runs)
+    if args.metric not in metrics:
+        print(f"study_report.py: error: --metric {args.metric}: the runs hold {sorted(metrics)}", file=sys.stderr)
         return 2
     try:
         refs, remarks = references(runs, args.reference, args.pair)
