@@ -33,6 +33,16 @@ def test_iterations_below_one_are_refused_before_anything_runs(capsys):
     assert e.value.code == 2 and "--iters must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_unreadable_benchmark_stats_are_one_line_before_anything_runs(tmp_path, capsys):
+    for variant in ("refsynth", "grefsynth"):
+        (tmp_path / variant).mkdir()
+        (tmp_path / variant / "stats.json").write_text("[]")
+    with pytest.raises(SystemExit) as e:
+        gpu_check["main"](["--data-root", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and str(tmp_path / "refsynth" / "stats.json") in err and "Traceback" not in err
+
+
 def test_arguments_and_the_configs_it_would_run(tmp_path):
     args = gpu_check["get_parser"]().parse_args([])
     assert (args.iters, args.data_root, args.text_encoder) == (300, "datasets", "bert-base-uncased")

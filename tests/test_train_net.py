@@ -18,6 +18,7 @@ from vipa_d2 import ConfigError
 from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
+from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.engine import (
     TTA_SUFFIX,
     AtomicDetectionCheckpointer,
@@ -390,6 +391,14 @@ def test_checkpoint_save_is_atomic(tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["last_checkpoint", "model_good.pth"]
     assert (tmp_path / "last_checkpoint").read_text() == "model_good.pth"
     assert (tmp_path / "model_good.pth").read_bytes() == before
+
+
+def test_atomic_open_names_the_target_when_its_folder_is_missing(tmp_path):
+    target = str(tmp_path / "missing" / "model.pth")
+    with pytest.raises(FileNotFoundError) as info:
+        with atomic_open(target, "wb"):
+            pass
+    assert info.value.filename == target and ".tmp." not in str(info.value)
 
 
 # --------------------------------------------------------------------- two processes

@@ -88,8 +88,8 @@ def paper_cfg(args):
     ])
 
 
-def train_tiny(args):
-    if finished_benchmark(args.data_root) is None:  # a generation stopped midway is made again
+def train_tiny(args, have_data: bool):
+    if not have_data:  # none yet, or a generation stopped midway: made again
         write_benchmark(args.data_root, SYNTH_IMAGES, seed=0)
     os.environ[DATASETS_ENV] = args.data_root  # Detectron2's own dataset-root variable
     with tempfile.TemporaryDirectory() as tmp:
@@ -174,11 +174,15 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error(f"--iters must be >= 1, got {args.iters}")
+    try:  # an unreadable stats file is the user's to delete: say so before any GPU work
+        have_data = finished_benchmark(args.data_root) is not None
+    except ValueError as e:
+        parser.error(str(e))
     if not torch.cuda.is_available():
         print(f"gpu_check.py: no CUDA device (torch {torch.__version__}, built for CUDA "
               f"{torch.version.cuda or 'none'}): nothing to check on this machine.", file=sys.stderr)
         return NO_CUDA_EXIT
-    seconds, step, oiou = train_tiny(args)
+    seconds, step, oiou = train_tiny(args, have_data)
     rows = [["tiny config, AMP train + eval", f"{args.iters} iterations",
              f"{seconds:.0f} s in all, {step:.3f} s/iter (median, last {STEADY_SHARE:.0%}), val oIoU {oiou:.2f}"]]
     for clip in (True, False):

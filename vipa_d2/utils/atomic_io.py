@@ -17,7 +17,12 @@ def atomic_open(path: str, mode: str = "w"):
     # The temp file lives in the same directory so the rename never crosses filesystems.
     tmp_path = f"{path}.tmp.{os.getpid()}"
     try:
-        with PathManager.open(tmp_path, mode) as f:
+        handle = PathManager.open(tmp_path, mode)
+    except OSError as e:
+        # Name the file the caller asked for: the temporary name means nothing to a user.
+        raise OSError(e.errno, e.strerror, path) from e
+    try:
+        with handle as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
