@@ -49,7 +49,7 @@ def test_optimizer_param_groups(tmp_path):
     args = train_net_args(tmp_path, opts=[
         "SOLVER.BASE_LR", "0.001", "SOLVER.WEIGHT_DECAY", "0.05",
         "MODEL.TIMM.LR_MULTIPLIER", "0.1", "MODEL.TEXT_ENCODER.LR_MULTIPLIER", "0.25",
-        "MODEL.TEXT_ENCODER.FREEZE", "False",
+        "MODEL.TEXT_ENCODER.FREEZE", "False", "SOLVER.BIAS_LR_FACTOR", "2.0",
     ])
     cfg = train_net.setup(args)
     model = train_net.Trainer.build_model(cfg)
@@ -74,7 +74,7 @@ def test_optimizer_param_groups(tmp_path):
             else:
                 expected_lr, key = 0.001, "other"
             seen[key] += 1
-            assert lr == pytest.approx(expected_lr), name
+            assert lr == pytest.approx(expected_lr * (2.0 if local == "bias" else 1.0)), name
             if isinstance(module, NORM_TYPES):
                 seen["norm"] += 1
                 assert wd == 0.0, name

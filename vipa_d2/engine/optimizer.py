@@ -16,12 +16,15 @@ TEXT_ENCODER_PREFIX = "text_encoder."
 
 
 def lr_multiplier(cfg, param_name: str) -> float:
-    """Learning-rate factor of a parameter, by the encoder its full name belongs to."""
+    """Learning-rate factor of a parameter: by the encoder its full name belongs to, times
+    SOLVER.BIAS_LR_FACTOR for a bias. (detectron2's own ``bias_lr_factor`` would set a
+    bias's lr to BASE_LR x factor, dropping the encoder's multiplier.)"""
+    factor = cfg.SOLVER.BIAS_LR_FACTOR if param_name.rsplit(".", 1)[-1] == "bias" else 1.0
     if param_name.startswith(BACKBONE_PREFIX):
-        return cfg.MODEL.TIMM.LR_MULTIPLIER
+        return cfg.MODEL.TIMM.LR_MULTIPLIER * factor
     if param_name.startswith(TEXT_ENCODER_PREFIX):
-        return cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER
-    return 1.0
+        return cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER * factor
+    return factor
 
 
 def embedding_parameters(model: torch.nn.Module) -> set:
@@ -40,7 +43,8 @@ def get_vipa_optimizer_params(cfg, model: torch.nn.Module):
     MODEL.TEXT_ENCODER.LR_MULTIPLIER for ``text_encoder.*``); weight decay SOLVER.WEIGHT_DECAY
     except SOLVER.WEIGHT_DECAY_NORM on normalization layers, SOLVER.WEIGHT_DECAY_BIAS on biases
     (None here means 0, unlike detectron2's "same as weights") and SOLVER.WEIGHT_DECAY_EMBED
-    on embeddings. Frozen parameters are left out.
+    on embeddings; a bias's lr is also scaled by SOLVER.BIAS_LR_FACTOR. Frozen parameters are
+    left out.
     """
     bias_decay = cfg.SOLVER.WEIGHT_DECAY_BIAS
     groups = get_default_optimizer_params(
