@@ -6,6 +6,9 @@ pixel decoder input, or of ``PIXEL_DECODER.MASK_REFINE_FEATURE`` when set): the 
 targets in [0, 1]) and batch-padding pixels are excluded via an area-downsampled validity
 map. The pixel contrastive loss supervises the VEG's cue-to-token relevance on the VEG
 grid, with the ground truth area-downsampled the same way.
+
+Means over a batch's items (pixels, objects, cells, cues, candidates) are over every rank's
+items (:func:`mean_over_ranks`), so training on N GPUs weighs them as one GPU does.
 """
 import functools
 from typing import Dict, List, Optional
@@ -15,6 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
+from detectron2.utils import comm
 
 from .sampler import differentiable_topk, num_retrieved
 from .veg import global_cue_mask, word_cue_mask
@@ -34,10 +38,27 @@ def token_validity(image_valid: torch.Tensor, grid) -> torch.Tensor:
     return area_downsample(image_valid, grid).flatten(1) >= 0.5
 
 
+def mean_over_ranks(total: torch.Tensor, count) -> torch.Tensor:
+    """
+    ``total``, this rank's loss summed over ``count`` items (int or tensor), as a mean that
+    weighs every item of every rank alike once DDP averages the ranks' gradients: divided by
+    max(1, the ranks' summed count) / world size. Each rank dividing by its own count would
+    weigh an item on a rank with few of them more than one on a busy rank, so N GPUs would
+    not train as one does. On one process: ``total / max(1, count)``. Every rank must call
+    it for every loss it computes (it is a collective), early returns included.
+    """
+    world = comm.get_world_size()
+    if world == 1:
+        return total / (count.clamp(min=1) if torch.is_tensor(count) else max(1, count))
+    count = torch.as_tensor(count, dtype=torch.float32, device=total.device).detach().clone()
+    torch.distributed.all_reduce(count)
+    return total / (count.clamp(min=1.0) / world)
+
+
 def sigmoid_bce_loss(logits: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Mean BCE over all (weighted) pixels of the batch."""
+    """Mean BCE over all (weighted) pixels of the batch (of every rank's)."""
     loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-    return (loss * weights).sum() / weights.sum().clamp(min=1.0)
+    return mean_over_ranks((loss * weights).sum(), weights.sum())
 
 
 # Spread of an object's centre on a grid, in cells: one cell keeps two objects a few cells
@@ -78,7 +99,7 @@ def centre_loss(logits: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> to
     """BCE of (B, h, w) centre logits against :func:`centre_heatmaps`, summed, per object."""
     target = centre_heatmaps(boxes, logits.shape[-2:], input_hw).to(logits.dtype)
     loss = F.binary_cross_entropy_with_logits(logits, target, reduction="sum")
-    return loss / max(1, sum(len(b) for b in boxes))
+    return mean_over_ranks(loss, sum(len(b) for b in boxes))
 
 
 def group_loss(
@@ -101,7 +122,7 @@ def group_loss(
         bce = F.binary_cross_entropy_with_logits(lg[None].expand_as(weights), target, reduction="none")
         total = total + (bce * weights).sum()
         count += len(b)
-    return total / max(1, count)
+    return mean_over_ranks(total, count)
 
 
 def offset_loss(offsets: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> torch.Tensor:
@@ -135,7 +156,7 @@ def offset_loss(offsets: torch.Tensor, boxes: List[torch.Tensor], input_hw) -> t
         target = torch.stack([centre[owner, 0] - xs[None, :], centre[owner, 1] - ys[:, None]], dim=-1)
         total = total + (off[held] - target[held].to(off.dtype)).abs().sum()
         cells += int(held.sum())
-    return total / max(1, cells)
+    return mean_over_ranks(total, cells)
 
 
 def choice_loss(log_prob: torch.Tensor, points: torch.Tensor, found: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -151,10 +172,11 @@ def choice_loss(log_prob: torch.Tensor, points: torch.Tensor, found: torch.Tenso
     rows = (points[..., 1] * h).long().clamp(0, h - 1)
     on = (gt[torch.arange(len(gt), device=gt.device)[:, None], rows, cols] > 0.5) & found
     has = on.any(dim=1)
-    if not has.any():
-        return log_prob.sum() * 0.0  # keeps the graph (DDP) while contributing nothing
+    if not has.any():  # zero that keeps the graph (DDP) while contributing nothing
+        return mean_over_ranks(log_prob.sum() * 0.0, 0)
     # Only images with a positive: a row of -inf alone would give NaN gradients.
-    return -torch.logsumexp(log_prob[has].masked_fill(~on[has], float("-inf")), dim=1).mean()
+    per_image = -torch.logsumexp(log_prob[has].masked_fill(~on[has], float("-inf")), dim=1)
+    return mean_over_ranks(per_image.sum(), has.sum())
 
 
 def _boxes_of_points(points: torch.Tensor, boxes: torch.Tensor):
@@ -188,7 +210,7 @@ def _per_candidate_box_loss(values, points, found, boxes, targets, input_hw, los
         if trained.any():
             total = total + loss_fn(v[trained], t.to(v.dtype)[box][trained])
             count += int(trained.sum())
-    return total / max(1, count)
+    return mean_over_ranks(total, count)
 
 
 def member_loss(logits, points, found, boxes: List[torch.Tensor], in_group: List[torch.Tensor], input_hw):
@@ -281,7 +303,7 @@ def pixel_contrastive_loss(
     negative = (frac == 0) & token_valid
     usable = positive.any(dim=1) & negative.any(dim=1)  # (B,)
     if not bool(usable.any()):
-        return relevance.sum() * 0.0
+        return mean_over_ranks(relevance.sum() * 0.0, 0)
 
     logits = relevance / temperature  # (B, T, N)
     neg_lse = logits.masked_fill(~negative[:, None, :], float("-inf")).logsumexp(dim=-1, keepdim=True)
@@ -289,7 +311,7 @@ def pixel_contrastive_loss(
     pos = positive[:, None, :].to(logits.dtype)
     per_cue = (per_token * pos).sum(-1) / pos.sum(-1).clamp(min=1.0)  # (B, T)
     cue_w = (cue_valid & usable[:, None]).to(logits.dtype)
-    return (per_cue * cue_w).sum() / cue_w.sum().clamp(min=1.0)
+    return mean_over_ranks((per_cue * cue_w).sum(), cue_w.sum())
 
 
 def cue_overlap_loss(
@@ -316,7 +338,7 @@ def cue_overlap_loss(
     num_pairs = pairs.sum(dim=(1, 2))
     per_sample = (jaccard * pairs).sum(dim=(1, 2)) / num_pairs.clamp(min=1.0)
     has_pairs = (num_pairs > 0).to(jaccard.dtype)
-    return (per_sample * has_pairs).sum() / has_pairs.sum().clamp(min=1.0)
+    return mean_over_ranks((per_sample * has_pairs).sum(), has_pairs.sum())
 
 
 def _regresses_areas(dec) -> bool:
