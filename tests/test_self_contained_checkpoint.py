@@ -25,6 +25,9 @@ SMALL_INPUT = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96"]
 # (BERT's uncased vocabulary) in bert-base's place. Loading uses the paper config unchanged.
 SUBSTITUTES = ["MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", "bundled-minilm"]
 TEXTS = ["the café table", "the left one"]
+# The weights of a hand-made checkpoint: one text-encoder name, so that the encoder is rebuilt
+# from the checkpoint's files (one without holds no text encoder: NAME's pretrained one loads).
+TEXT_ENCODER_WEIGHT = {"text_encoder.model.weight": torch.zeros(1)}
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -93,7 +96,7 @@ def test_paper_checkpoint_loads_and_predicts_offline_with_an_empty_cache(tmp_pat
 
 def test_checkpoint_without_text_encoder_files_and_no_local_name_is_refused_clearly(tmp_path):
     cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "")
-    torch.save({"model": {}}, tmp_path / "old.pth")
+    torch.save({"model": TEXT_ENCODER_WEIGHT}, tmp_path / "old.pth")
     name = "no-such-org/no-such-text-encoder"
     cfg.merge_from_list(["MODEL.WEIGHTS", str(tmp_path / "old.pth"), "MODEL.TEXT_ENCODER.NAME", name])
     with pytest.raises(FileNotFoundError) as e:
@@ -122,18 +125,19 @@ def test_checkpoint_files_are_read_once_per_file_version(tmp_path, monkeypatch):
     # The model, the tokenizer and every loader's mapper ask for the files: the checkpoint
     # is unpickled once, until the file at that path is replaced.
     from vipa_d2.modeling import text_encoder
+    from vipa_d2.utils import checkpoint_file
 
     reads = []
-    load = text_encoder.torch_load_checkpoint
-    monkeypatch.setattr(text_encoder, "torch_load_checkpoint", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
+    load = checkpoint_file.torch_load_checkpoint
+    monkeypatch.setattr(checkpoint_file, "torch_load_checkpoint", lambda *a, **k: reads.append(a[0]) or load(*a, **k))
     path = tmp_path / "files.pth"
     config = {"config.json": torch.tensor(list(b'{"v": 1}'), dtype=torch.uint8)}
-    torch.save({"model": {}, CHECKPOINT_FILES_KEY: config}, path)
+    torch.save({"model": TEXT_ENCODER_WEIGHT, CHECKPOINT_FILES_KEY: config}, path)
     cfg = _cfg(TINY, "MODEL.WEIGHTS", str(path))
     first = text_encoder.text_encoder_files(cfg)
     first["config.json"] = b"changed by a caller"  # a copy: the next caller gets the file's
     assert text_encoder.text_encoder_files(cfg) == {"config.json": b'{"v": 1}'} and len(reads) == 1
-    torch.save({"model": {}, CHECKPOINT_FILES_KEY: {"config.json": torch.tensor(list(b'{"v": 22}'), dtype=torch.uint8)}}, path)
+    torch.save({"model": TEXT_ENCODER_WEIGHT, CHECKPOINT_FILES_KEY: {"config.json": torch.tensor(list(b'{"v": 22}'), dtype=torch.uint8)}}, path)
     assert text_encoder.text_encoder_files(cfg) == {"config.json": b'{"v": 22}'} and len(reads) == 2
 
 
@@ -149,7 +153,7 @@ def test_checkpoint_files_are_read_once_per_file_version(tmp_path, monkeypatch):
     ],
 )
 def test_malformed_files_entry_is_refused(tmp_path, entry, problem):
-    torch.save({"model": {}, CHECKPOINT_FILES_KEY: entry}, tmp_path / "odd.pth")
+    torch.save({"model": TEXT_ENCODER_WEIGHT, CHECKPOINT_FILES_KEY: entry}, tmp_path / "odd.pth")
     cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.WEIGHTS", str(tmp_path / "odd.pth"))
     with pytest.raises(ValueError, match="odd.pth") as e:
         build_tokenizer(cfg)

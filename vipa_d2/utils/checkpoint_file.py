@@ -6,13 +6,30 @@ reads its config and tokenizer files from the checkpoint before the weights are 
 (the engine imports the data loaders, which import the text encoder: this module sits
 below both).
 """
+import functools
 import os
 import pickle
+import zipfile
+from typing import FrozenSet, NamedTuple, Optional
 
 import torch
 from detectron2.utils.file_io import PathManager
 
-__all__ = ["UntrustedCheckpointError", "WeightsError", "local_weights_path", "read_error", "torch_load_checkpoint"]
+__all__ = [
+    "CheckpointOutline",
+    "UntrustedCheckpointError",
+    "WeightsError",
+    "checkpoint_outline",
+    "local_weights_path",
+    "read_error",
+    "torch_load_checkpoint",
+]
+
+# Checkpoint entry with the text encoder's config.json and tokenizer files:
+# {file name: uint8 tensor of its bytes} (see vipa_d2.modeling.text_encoder.files_entry).
+CHECKPOINT_FILES_KEY = "text_encoder_files"
+# The prefix DistributedDataParallel adds to the weights' names (fvcore strips it on load).
+DDP_PREFIX = "module."
 
 # What the error for a refused checkpoint tells the user to do.
 TRUST_HINT = (
@@ -82,3 +99,60 @@ def torch_load_checkpoint(f, trusted: bool = False, mmap: bool = False):
         raise UntrustedCheckpointError(
             f"{f}: cannot be loaded as weights only ({reason}); {TRUST_HINT}"
         ) from None
+
+
+class CheckpointOutline(NamedTuple):
+    """What a checkpoint holds, short of its weights' values."""
+
+    # First parts of its weights' names ("backbone", "text_encoder", ...): the modules it has
+    # weights for.
+    modules: FrozenSet[str]
+    # Its CHECKPOINT_FILES_KEY entry with each 1-D uint8 tensor as bytes (None without one).
+    text_encoder_files: object
+
+
+def _as_bytes(entry):
+    """A {name: 1-D uint8 tensor} entry with each such tensor as bytes; anything else is
+    left for the reader's checks to name."""
+    if not isinstance(entry, dict):
+        return entry
+    is_bytes = lambda t: isinstance(t, torch.Tensor) and t.dtype == torch.uint8 and t.dim() == 1  # noqa: E731
+    return {name: t.numpy().tobytes() if is_bytes(t) else t for name, t in entry.items()}
+
+
+# One model build asks several times (the backbone, the text encoder, its tokenizer, each
+# test loader's mapper, TTA), and each read unpickles the checkpoint's every tensor record
+# (about 0.5 s for the tiny model's). Keyed by the file's identity: a rewritten checkpoint
+# is read anew.
+@functools.lru_cache(maxsize=4)
+def _read_outline(weights: str, identity, trusted: bool) -> Optional[CheckpointOutline]:
+    path = identity[0]
+    if not zipfile.is_zipfile(path):  # Detectron2 zoo / legacy formats: not looked into
+        return None
+    # Memory-mapped: the weights are not read here, only the records that name them.
+    try:
+        checkpoint = torch_load_checkpoint(path, trusted=trusted, mmap=True)
+    except UntrustedCheckpointError:
+        raise
+    except READ_ERRORS as e:  # a zip that torch.save did not write, say
+        raise WeightsError(f"MODEL.WEIGHTS={weights}: {read_error(e)}") from e
+    if not isinstance(checkpoint, dict):
+        return CheckpointOutline(frozenset(), None)
+    # Detectron2 reads a file without "model" (a bare state dict) as the weights.
+    state = checkpoint.get("model", checkpoint)
+    names = [k for k in state if isinstance(k, str)] if isinstance(state, dict) else []
+    names = [k[len(DDP_PREFIX):] if k.startswith(DDP_PREFIX) else k for k in names]
+    return CheckpointOutline(frozenset(k.split(".")[0] for k in names), _as_bytes(checkpoint.get(CHECKPOINT_FILES_KEY)))
+
+
+def checkpoint_outline(weights: str, trusted: bool = False) -> Optional[CheckpointOutline]:
+    """
+    The outline of checkpoint ``weights`` (``MODEL.WEIGHTS``; ``trusted``:
+    ``MODEL.WEIGHTS_TRUSTED``), or None for a file not in torch.save's zip format (a
+    Detectron2 model zoo ``.pkl``, say), which is not looked into. Read once per version
+    of the file; FileNotFoundError / WeightsError naming ``weights`` when it cannot be.
+    """
+    path = local_weights_path(weights)
+    stat = os.stat(path)
+    identity = (os.path.realpath(path), stat.st_ino, stat.st_size, stat.st_mtime_ns)
+    return _read_outline(weights, identity, trusted)

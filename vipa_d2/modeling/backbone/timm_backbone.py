@@ -14,11 +14,14 @@ from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from ...utils.checkpoint_file import checkpoint_outline
 from .conv_bn_fold import fold_conv_bn
 from .weights import load_backbone_weights
 
 logger = logging.getLogger(__name__)
 
+# The meta-architecture's attribute for its backbone (Detectron2's): its weights' first name part.
+BACKBONE_MODULE = "backbone"
 # A stage hook maps (output name, NCHW feature) -> NCHW feature of the same shape.
 StageHook = Callable[[str, torch.Tensor], torch.Tensor]
 
@@ -26,6 +29,16 @@ StageHook = Callable[[str, torch.Tensor], torch.Tensor]
 def _res_name(stride: int) -> str:
     # Detectron2 naming: res2 = stride 4, ..., res5 = stride 32.
     return f"res{int(stride).bit_length() - 1}"
+
+
+def _checkpoint_holds_backbone(cfg) -> bool:
+    """Whether MODEL.WEIGHTS is set and holds backbone weights. A file not in torch.save's
+    format is taken to hold them (it is not looked into); a part of a model without them (a
+    head, say) leaves the backbone to MODEL.TIMM.WEIGHTS."""
+    if not cfg.MODEL.WEIGHTS:
+        return False
+    outline = checkpoint_outline(cfg.MODEL.WEIGHTS, cfg.MODEL.WEIGHTS_TRUSTED)
+    return outline is None or BACKBONE_MODULE in outline.modules
 
 
 class _Stages:
@@ -78,9 +91,9 @@ class VIPATimmBackbone(Backbone):
             model = timm.create_model(arch, pretrained=False, in_chans=input_shape.channels, **kwargs)
         except RuntimeError as e:  # timm raises RuntimeError for unknown names
             raise ValueError(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
-        if cfg.MODEL.WEIGHTS:
-            # The checkpoint holds the backbone too: fetching pretrained weights only to
-            # overwrite them would need the network (MODEL.TIMM.WEIGHTS "timm") for nothing.
+        if _checkpoint_holds_backbone(cfg):
+            # Fetching pretrained weights only to overwrite them would need the network
+            # (MODEL.TIMM.WEIGHTS "timm") for nothing.
             logger.info("Backbone %s: built from its config, weights to come from MODEL.WEIGHTS", arch)
         else:
             load_backbone_weights(model, cfg.MODEL.TIMM.WEIGHTS, arch)
