@@ -1,6 +1,7 @@
 """DefaultTrainer for referring segmentation: VIPA data, evaluator, optimizer, exact resume."""
 import logging
 import os
+import re
 import weakref
 from collections import OrderedDict
 
@@ -16,6 +17,7 @@ from detectron2.data import (
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
 from detectron2.utils import comm
+from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
@@ -165,6 +167,21 @@ class ReferringTrainer(DefaultTrainer):
             self._trainer.reset_data_loader(
                 lambda: self.build_train_loader(self.cfg, self.start_iter, seed=self.seed)
             )
+            self._remember_earlier_checkpoints()
+
+    def _remember_earlier_checkpoints(self):
+        """
+        fvcore's PeriodicCheckpointer deletes only the files it wrote itself, so after a
+        resume SOLVER.CHECKPOINT_MAX_KEEP would never reach the run's earlier ones: hand it
+        the newest of those (as many as it keeps), as if the run had not stopped.
+        """
+        for h in self._hooks:
+            if isinstance(h, hooks.PeriodicCheckpointer) and h.max_to_keep:
+                save_dir = h.checkpointer.save_dir
+                pattern = re.compile(rf"{re.escape(h.file_prefix)}_(\d{{7}})\.pth")
+                found = [(int(m.group(1)), m.group(0)) for m in map(pattern.fullmatch, PathManager.ls(save_dir)) if m]
+                earlier = sorted(name for it, name in found if it < self.start_iter)  # fixed width: by iteration
+                h.recent_checkpoints = [os.path.join(save_dir, name) for name in earlier[-h.max_to_keep :]]
 
     def build_hooks(self):
         ret = super().build_hooks()
