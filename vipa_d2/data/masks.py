@@ -135,8 +135,8 @@ def segmentation_to_mask(segm: Segmentation, height: int, width: int) -> np.ndar
                 f"Binary mask of shape {segm.shape[:2]} does not match ({height}, {width})"
             )
         return (segm > 0).astype(np.uint8)
-    if isinstance(segm, dict):
-        rle = normalize_rle(segm, height, width)
+    if isinstance(segm, dict) or validation.is_rle_list(segm):  # a list: ReferIt's parts, their union
+        rle = coco_rle(segm, height, width)
         if list(rle["size"]) != [height, width]:
             raise ValueError(f"RLE size {rle['size']} does not match ({height}, {width})")
         return mask_util.decode(rle).astype(np.uint8)
