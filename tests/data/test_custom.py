@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from common import REPO_ROOT, load_script
+from vipa_d2.data.custom import check_refer_splits
 from vipa_d2.data import (
     ReferringFormatError,
     annotations_to_mask,
@@ -354,6 +355,35 @@ def test_register_rejects_bad_invalid_mode():
             "test_custom_bad_mode", "/x", "d", "unc", "train", "/img", invalid="drop"
         )
     assert "test_custom_bad_mode" not in DatasetCatalog.list()
+
+
+def test_a_refused_registration_leaves_the_name_free():
+    # Helper review (session 46): the dataset was registered before its metadata was set, so
+    # a clash there left the name taken, with stale or missing metadata, for good.
+    name = "test_custom_half_registered"
+    with pytest.raises(ValueError, match=r"metadata \['evaluator_type'\] are set from the arguments"):
+        register_referring_dataset(name, "/x", "d", "unc", "val", "/img", evaluator_type="coco")
+    assert name not in DatasetCatalog.list()
+    register_referring_dataset(name, "/x", "d", "unc", "val", "/img", generalized=True)
+    DatasetCatalog.remove(name)  # the metadata stays behind
+    with pytest.raises(ValueError, match=r"still holds another registration's generalized=True.*MetadataCatalog.remove"):
+        register_referring_dataset(name, "/x", "d", "unc", "train", "/img")
+    assert name not in DatasetCatalog.list()
+    MetadataCatalog.remove(name)
+    register_referring_dataset(name, "/x", "d", "unc", "train", "/img")
+    assert MetadataCatalog.get(name).split == "train" and not MetadataCatalog.get(name).generalized
+    DatasetCatalog.remove(name)
+    MetadataCatalog.remove(name)
+
+
+def test_one_name_for_two_config_splits_is_refused():
+    # Helper review (session 46): only the first was registered, so a copy-paste slip
+    # evaluated (and picked model_best on) the train split, silently.
+    entry = {"name": "test_custom_twice", "refer_root": "/x", "dataset": "d", "split_by": "unc",
+             "split": "train", "image_root": "/img"}
+    check_refer_splits([entry, dict(entry)])  # the same entry twice registers it once
+    with pytest.raises(ValueError, match=r"REFER_SPLITS\[1\].name: 'test_custom_twice' is also the name of DATASETS.REFER_SPLITS\[0\]"):
+        check_refer_splits([entry, {**entry, "split": "val"}])
 
 
 def test_cli_tool(tmp_path, capsys):

@@ -85,6 +85,26 @@ def register_referring_dataset(
         )
     if invalid not in INVALID_MODES:
         raise ValueError(f"invalid={invalid!r}: expected one of {INVALID_MODES}")
+    own = dict(
+        evaluator_type=REFERRING_EVALUATOR_TYPE,
+        generalized=generalized,
+        dataset_root=refer_root,
+        dataset=dataset,
+        split_by=split_by,
+        split=split,
+        image_root=image_root,
+    )
+    clash = sorted(set(metadata) & set(own))
+    if clash:
+        raise ValueError(f"Dataset {name!r}: metadata {clash} are set from the arguments; pass other keywords")
+    # Checked before anything is registered: a refusal halfway would leave the name taken.
+    left = MetadataCatalog.get(name).as_dict() if name in MetadataCatalog.list() else {}
+    differ = [f"{k}={left[k]!r}" for k, v in {**own, **metadata}.items() if k in left and left[k] != v]
+    if differ:
+        raise ValueError(
+            f"Dataset {name!r}: MetadataCatalog still holds another registration's {', '.join(differ)}; "
+            "call MetadataCatalog.remove(name) too"
+        )
     DatasetCatalog.register(
         name,
         lambda: load_refer_dicts(
@@ -97,16 +117,7 @@ def register_referring_dataset(
             invalid=invalid,
         ),
     )
-    MetadataCatalog.get(name).set(
-        evaluator_type=REFERRING_EVALUATOR_TYPE,
-        generalized=generalized,
-        dataset_root=refer_root,
-        dataset=dataset,
-        split_by=split_by,
-        split=split,
-        image_root=image_root,
-        **metadata,
-    )
+    MetadataCatalog.get(name).set(**own, **metadata)
 
 
 def referring_dataset_names() -> List[str]:
@@ -143,8 +154,12 @@ def check_refer_splits(entries) -> None:
                 raise ValueError(f"{where}.{k}: expected a {'non-empty string' if expected is str else 'bool'}, got {v!r}")
         if entry.get("invalid", "error") not in INVALID_MODES:
             raise ValueError(f"{where}.invalid: {entry['invalid']!r}, expected one of {INVALID_MODES}")
-        # The same entry registered before (another main in this process) is no clash.
         name = entry["name"]
+        first = next(j for j, other in enumerate(entries) if isinstance(other, dict) and other.get("name") == name)
+        if dict(entries[first]) != dict(entry):  # only the first would be registered
+            raise ValueError(f"{where}.name: {name!r} is also the name of DATASETS.REFER_SPLITS[{first}]; "
+                             "give each split its own name")
+        # The same entry registered before (another main in this process) is no clash.
         if name in DatasetCatalog.list() and MetadataCatalog.get(name).get(_SPLIT_METADATA_KEY, None) != dict(entry):
             raise ValueError(f"{where}.name: {name!r} is already registered as another dataset; pick another name")
 
