@@ -119,7 +119,7 @@ def write_image(path, mode="RGB", size=(IMAGE_H, IMAGE_W)):
     arr = rng.integers(0, 255, size=(h, w, 3), dtype=np.uint8)
     arr[:, : w // 2, 0] = 255  # left half strongly red: channel order is checkable
     arr[:, : w // 2, 1:] = 0
-    img = Image.fromarray(arr, "RGB")
+    img = Image.fromarray(arr)  # uint8 HxWx3: RGB
     if mode != "RGB":
         img = img.convert(mode)
     img.save(path)

@@ -194,6 +194,9 @@ def test_horizontal_flip_mirrors_mask_and_words(tmp_path):
 
 def test_swap_left_right_word_boundaries():
     assert swap_left_right("leftover right-hand Rightmost") == "leftover left-hand Leftmost"
+    # Compounds the tokenizer splits into a left / right piece (helper review, session 46).
+    assert swap_left_right("guy on leftside, righthand LEFTEST rightwards") == "guy on rightside, lefthand RIGHTEST leftwards"
+    assert swap_left_right("upright bright Lefty") == "upright bright Lefty"
 
 
 def test_bad_config_values(tmp_path):
@@ -284,6 +287,13 @@ def test_training_landmark_fields_follow_the_flip(tmp_path, tokenizer):
         assert torch.equal(out["landmark_tokens"], plain["landmark_tokens"])  # "right of the red box"
         seen.add(flipped)
     assert seen == {True, False}
+    # A phrase with a side in it is looked up as the flip mirrored it (it was lost before).
+    rec = _landmark_record(tmp_path / "a.png", "the box above the left red box")
+    rec["landmark"]["phrase"] = "left red box"
+    for _ in range(10):
+        out = mapper(rec)
+        words = tokenizer.convert_ids_to_tokens(out["input_ids"][out["landmark_tokens"]].tolist())
+        assert words == (["right", "red", "box"] if "right" in out["sentence"] else ["left", "red", "box"])
     # A record without a landmark gets empty fields, so a batch still stacks.
     none = ReferringDatasetMapper(make_cfg(*opts), is_train=True)(mapper_record(tmp_path / "a.png"))
     assert none["landmark_mask"].shape == none["gt_mask"].shape and not none["landmark_mask"].any()

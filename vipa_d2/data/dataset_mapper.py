@@ -3,7 +3,6 @@
 import copy
 import logging
 import os
-import re
 from typing import Dict, List, Tuple
 
 import numpy as np
@@ -20,6 +19,7 @@ from ..modeling.text_encoder import build_tokenizer
 from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
+from .mirror_words import is_flipped, swap_left_right
 from .validation import IMAGE_READ_ERRORS, ReferringDataError, shortlist
 
 logger = logging.getLogger(__name__)
@@ -38,15 +38,6 @@ RESIZE_MODES = ("square", "keep_ratio")
 # 16-bit PNG becomes nearly all white), so they are refused rather than read wrong.
 _WIDE_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 FLIP_MODES = ("none", "horizontal")
-
-# Words whose meaning a horizontal flip mirrors.
-_LEFT_RIGHT = {
-    "left": "right",
-    "right": "left",
-    "leftmost": "rightmost",
-    "rightmost": "leftmost",
-}
-_LEFT_RIGHT_RE = re.compile(r"\b(" + "|".join(_LEFT_RIGHT) + r")\b", re.IGNORECASE)
 
 # Record keys that training losses read: what each holds, and where it comes from.
 LOSS_RECORD_KEYS = {
@@ -113,17 +104,6 @@ def check_image_files(records: List[Dict], source: str) -> None:
             f"{source}: {len(missing)} of its {len(files)} image files do not exist: {shortlist(missing, MAX_FILES_LISTED)}",
             file=missing[0],
         )
-
-
-def swap_left_right(sentence: str) -> str:
-    """Mirror left/right words so an expression stays true for a horizontally flipped image."""
-
-    def repl(m):
-        word = m.group(0)
-        out = _LEFT_RIGHT[word.lower()]
-        return out.capitalize() if word[0].isupper() else out
-
-    return _LEFT_RIGHT_RE.sub(repl, sentence)
 
 
 def build_referring_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
@@ -301,7 +281,7 @@ class ReferringDatasetMapper:
         out_hw = image.shape[:2]
 
         sentence = record["sentence"]["raw"]
-        if any(isinstance(t, T.HFlipTransform) for t in transforms):
+        if is_flipped(transforms):
             sentence = swap_left_right(sentence)
         tokens = tokenize_expression(self.tokenizer, sentence, self.max_text_len)
 

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from .masks import annotations_to_mask, augmented_mask
+from .mirror_words import is_flipped, swap_left_right
 
 __all__ = ["find_phrase", "phrase_token_mask", "breakdown_inputs", "landmark_training_inputs"]
 
@@ -94,13 +95,13 @@ def landmark_training_inputs(record: Dict, transforms, out_hw, sentence: str, to
     The training mapper's landmark fields (``MODEL.VIPA.LOSS.LANDMARK_WEIGHT`` > 0), present
     on every record so batches stack: ``landmark_mask`` (uint8, ``out_hw``, the landmark
     after the image's augmentation; zeros without one) and ``landmark_tokens`` (bool,
-    max_len; none without one). ``sentence`` is the expression as augmented (a flip swaps
-    left/right words; a landmark phrase names an object by category and colour, so it is
-    still found).
+    max_len; none without one). ``sentence`` is the expression as augmented: a flip swapped
+    its left/right words, so the phrase is looked up with its own swapped too.
     """
     landmark = record.get("landmark")
     if landmark is None:
         return {"landmark_mask": torch.zeros(out_hw, dtype=torch.uint8),
                 "landmark_tokens": torch.zeros(max_len, dtype=torch.bool)}
+    phrase = swap_left_right(landmark["phrase"]) if is_flipped(transforms) else landmark["phrase"]
     return {"landmark_mask": torch.as_tensor(augmented_mask([landmark["annotation"]], transforms, out_hw)),
-            "landmark_tokens": _phrase_tokens(tokenizer, sentence, landmark["phrase"], max_len)}
+            "landmark_tokens": _phrase_tokens(tokenizer, sentence, phrase, max_len)}
