@@ -18,13 +18,12 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import cv2
 import gradio as gr
 import numpy as np
 
 from demo import DemoError, setup_cfg  # demo/demo.py: this script's folder is sys.path[0]
 from vipa_d2.predictor import VIPAPredictor, WeightsError
-from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure
+from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure, token_cells
 
 # Gradio's own default port; loopback only unless the user says otherwise.
 DEFAULT_HOST = "127.0.0.1"
@@ -42,10 +41,9 @@ def parse_expressions(text: str) -> List[str]:
     return expressions
 
 
-def share_on_mask(tokens: np.ndarray, mask: np.ndarray) -> float:
-    """Percent of the image area of the retrieved tokens that the predicted mask covers."""
-    height, width = mask.shape
-    cells = cv2.resize(tokens.astype(np.uint8), (width, height), interpolation=cv2.INTER_NEAREST).astype(bool)
+def share_on_mask(cue: Dict, mask: np.ndarray) -> float:
+    """Percent of the image area of a cue's retrieved tokens that the predicted mask covers."""
+    cells = token_cells(cue["tokens"], *mask.shape, cue.get("extent"))
     area = np.count_nonzero(cells)
     return 100.0 * np.count_nonzero(cells & mask) / area if area else 0.0
 
@@ -64,7 +62,7 @@ def describe(text: str, result: Dict) -> Dict:
             {
                 "word": cue["word"],
                 "tokens": int(np.count_nonzero(cue["tokens"])),
-                "on_mask_percent": round(share_on_mask(cue["tokens"], result["mask"]), 1),
+                "on_mask_percent": round(share_on_mask(cue, result["mask"]), 1),
             }
             for cue in result["retrieved"]
         ],

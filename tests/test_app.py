@@ -88,7 +88,7 @@ def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, clien
         assert all(c["tokens"] > 0 for c in info["retrieved"])
         for cue, got in zip(result["retrieved"], info["retrieved"]):
             assert got["on_mask_percent"] == pytest.approx(
-                app_module.share_on_mask(cue["tokens"], result["mask"]), abs=0.05
+                app_module.share_on_mask(cue, result["mask"]), abs=0.05
             )
     # The page's table: one row per (expression, word), the same numbers.
     rows = [[d["expression"], c["word"], c["tokens"], c["on_mask_percent"]] for d in details for c in d["retrieved"]]
@@ -108,8 +108,15 @@ def test_share_on_mask(app_module):
     tokens[0, 0] = tokens[1, 1] = True  # two retrieved tokens of a 2x2 grid on a 4x4 image
     mask = np.zeros((4, 4), bool)
     mask[:2, :2] = True  # covers the first token only
-    assert app_module.share_on_mask(tokens, mask) == pytest.approx(50.0)
-    assert app_module.share_on_mask(np.zeros((2, 2), bool), mask) == 0.0
+    assert app_module.share_on_mask({"tokens": tokens}, mask) == pytest.approx(50.0)
+    assert app_module.share_on_mask({"tokens": np.zeros((2, 2), bool)}, mask) == 0.0
+    # The image spans 1.5 x 2 tokens (the last row reaches past its edge): pixel rows 0-2 lie
+    # in the first token row, row 3 in the second. A mask on the first token's 6 pixels
+    # covers 6 of the 8 retrieved ones (stretching the grid would say 4 of 8).
+    upper = np.zeros((4, 4), bool)
+    upper[:3, :2] = True
+    assert app_module.share_on_mask({"tokens": tokens, "extent": (1.5, 2.0)}, upper) == pytest.approx(75.0)
+    assert app_module.share_on_mask({"tokens": tokens}, upper) == pytest.approx(50.0)
 
 
 def test_serves_on_loopback_by_default(app_module):

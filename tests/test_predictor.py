@@ -7,6 +7,7 @@ import pytest
 import torch
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import detection_utils as utils
+from detectron2.data import transforms as T
 
 from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
 from vipa_d2.data import ReferringDatasetMapper
@@ -18,6 +19,7 @@ from vipa_d2.utils.visualizer import (
     caption_layout,
     draw_overlay,
     draw_relevance_figure,
+    token_cells,
 )
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -56,6 +58,27 @@ def test_retrieved_tokens_per_cue(predictor, records):
         assert cue["tokens"].shape == (side, side) and cue["tokens"].dtype == bool
         assert cue["tokens"].sum() == k
 
+
+
+def test_retrieved_tokens_lie_where_the_model_retrieved_them_in_keep_ratio():
+    # Helper review (session 46): the cropped grid reaches past the image by part of a token
+    # (85 of 128 padded rows), and stretching it over the image moved the drawn cells by up
+    # to half a token (7-11 % of the pixels wrong); the extent places them.
+    cfg = make_cfg(*PREDICTOR_OPTS, "INPUT.RESIZE_MODE", "keep_ratio", "INPUT.IMAGE_SIZE", "128", config_file=TINY_CONFIG)
+    predictor = VIPAPredictor(cfg)
+    image = np.random.default_rng(0).integers(0, 255, (200, 300, 3), dtype=np.uint8)
+    text = "the red star on the left"
+    result = predictor(image, text)
+    resized = T.AugInput(image)
+    predictor.augmentations(resized)
+    tensor = torch.as_tensor(np.ascontiguousarray(resized.image.transpose(2, 0, 1)))
+    raw, _ = predictor._predict(tensor, [text], (200, 300), retrieve=False)
+    per_pixel = raw[0]["retrieved"].numpy()  # the model's own, at the image's size
+    for cue in result["retrieved"]:
+        # 200 x 300 resized to 85 x 128 and padded to 128 x 128: 85 / 16 rows of 8 x 8 tokens.
+        assert cue["tokens"].shape == (6, 8) and cue["extent"] == (85 / 16, 8.0)
+        drawn = token_cells(cue["tokens"], 200, 300, cue["extent"])
+        assert (drawn != per_pixel[cue["position"]]).mean() < 0.01, cue["word"]  # boundary pixels only
 
 
 @pytest.mark.parametrize("kv_opts,retrieves", [

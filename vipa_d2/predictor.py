@@ -61,9 +61,11 @@ class VIPAPredictor:
     - ``no_target_score``: float, probability that the expression refers to nothing;
     - ``retrieved``: list, one entry per linguistic cue (the [CLS] global cue, then the
       word pieces): ``{"word": str, "position": int (token index), "tokens": bool
-      (h, w) grid of the visual tokens the cue retrieved}``. The grid is the VEG token
-      grid cropped to the image (its last row/column may reach past the image edge by
-      part of a token); empty when nothing is retrieved (the language key/value
+      (h, w) grid of the visual tokens the cue retrieved, "extent": (rows, columns) of
+      tokens the image spans}``. The grid is the VEG token grid cropped to the image: its
+      last row/column may reach past the image edge by part of a token, so ``extent`` may
+      be fractional (``vipa_d2.utils.visualizer.token_cells`` maps it onto the image's
+      pixels); empty when nothing is retrieved (the language key/value
       baseline, ``VEG.STEP1 False``). The loss-matched control retrieves without decoding
       from it; its sets are shown.
 
@@ -174,7 +176,8 @@ class VIPAPredictor:
         ph, pw = images.tensor.shape[-2:]
         ih, iw = images.image_sizes[0]
         # Tokens covering the image (the rest lie on the batch padding).
-        vh, vw = math.ceil(ih * gh / ph), math.ceil(iw * gw / pw)
+        extent = (ih * gh / ph, iw * gw / pw)
+        vh, vw = math.ceil(extent[0]), math.ceil(extent[1])
         # The soft relaxation is > 0.5 exactly on the retrieved (top-k) tokens.
         grids = (veg["retrieval_mask"] > 0.5).view(n, -1, gh, gw)[:, :, :vh, :vw].cpu().numpy()
         cue_valid = outputs["cue_valid"].cpu()
@@ -183,6 +186,6 @@ class VIPAPredictor:
             positions = cue_valid[i].nonzero().flatten().tolist()
             words = self.tokenizer.convert_ids_to_tokens(input_ids[i, positions].tolist())
             out.append(
-                [{"word": w, "position": p, "tokens": grids[i, p]} for w, p in zip(words, positions)]
+                [{"word": w, "position": p, "tokens": grids[i, p], "extent": extent} for w, p in zip(words, positions)]
             )
         return out

@@ -265,20 +265,36 @@ def draw_relevance(
     return draw_caption(out.round().astype(np.uint8), text)
 
 
+def token_cells(tokens: np.ndarray, height: int, width: int, extent=None) -> np.ndarray:
+    """
+    (height, width) bool: the image pixels that the set cells of a bool token grid
+    (h_tokens, w_tokens) cover. ``extent`` (rows, columns) is how many token rows and
+    columns the image spans: the predictor's grid may reach past the image edge by part of
+    a token (``retrieved`` entries give it). Without it the grid is stretched over the image.
+    """
+    grid = np.asarray(tokens).astype(bool)
+    if grid.ndim != 2:
+        raise ValueError(f"Expected a 2-D token grid, got shape {grid.shape}")
+    extent = grid.shape if extent is None else extent
+    # Each pixel's cell as cv2's INTER_NEAREST picks it, floor(x * scale), over the extent.
+    rows, cols = (
+        np.minimum(np.floor(np.arange(n) * (1.0 / (n / float(e)))).astype(int), g - 1)
+        for n, e, g in zip((height, width), extent, grid.shape)
+    )
+    return grid[np.ix_(rows, cols)]
+
+
 def draw_retrieved_tokens(
-    image: np.ndarray, word: str, tokens: np.ndarray, image_format: str = "RGB"
+    image: np.ndarray, word: str, tokens: np.ndarray, image_format: str = "RGB", extent=None
 ) -> np.ndarray:
     """
     Which visual tokens one linguistic cue retrieved: ``tokens`` is a bool grid
-    (h_tokens, w_tokens) covering the image; retrieved cells keep their brightness and
-    are tinted, the others are dimmed. ``word`` is the caption.
+    (h_tokens, w_tokens) over the image (``extent``: see :func:`token_cells`); retrieved
+    cells keep their brightness and are tinted, the others are dimmed. ``word`` is the
+    caption.
     """
     rgb = _to_rgb(image, image_format)
-    h, w = rgb.shape[:2]
-    grid = np.asarray(tokens).astype(np.uint8)
-    if grid.ndim != 2:
-        raise ValueError(f"Expected a 2-D token grid, got shape {grid.shape}")
-    cells = cv2.resize(grid, (w, h), interpolation=cv2.INTER_NEAREST).astype(bool)
+    cells = token_cells(tokens, *rgb.shape[:2], extent)
     out = rgb.astype(np.float32)
     out[~cells] *= TOKEN_DIM
     col = np.asarray(MASK_COLOR, dtype=np.float32)
@@ -313,7 +329,7 @@ def draw_relevance_figure(
     )
     tiles = [draw_relevance(small, relevance, f"relevance: {text}")]
     for cue in result.get("retrieved") or []:
-        tiles.append(draw_retrieved_tokens(small, cue["word"], cue["tokens"]))
+        tiles.append(draw_retrieved_tokens(small, cue["word"], cue["tokens"], extent=cue.get("extent")))
     cols = int(math.ceil(math.sqrt(len(tiles))))
     rows = int(math.ceil(len(tiles) / cols))
     figure = np.zeros((rows * sh, cols * sw, 3), dtype=np.uint8)
