@@ -28,7 +28,8 @@ setup(
         "PyYAML",  # config files (fvcore reads them with it too)
         "pycocotools>=2.0.6",
         "opencv-python-headless",
-        "Pillow",
+        # Detectron2 0.7 passes Image.fromarray's mode argument, which Pillow 13 removes.
+        "Pillow<13",
         "tqdm",
     ],
     extras_require={

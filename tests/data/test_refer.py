@@ -247,6 +247,18 @@ def test_unknown_split_lists_available(refer_root):
         load_refer_dicts(refer_root, "toy", "unc", "testC", "/imgs")
 
 
+def test_test_letter_splits_warn_when_they_take_another_split(tmp_path, caplog):
+    # REFER.getRefIds takes every ref whose split holds the letter: kept for parity, but a
+    # user's "trainB" would be scored as testB (helper review, session 46).
+    refs = _refs()
+    refs[0]["split"] = "trainB"
+    save_refer_dataset(str(tmp_path / "toy"), "unc", refs, _instances())
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        records = load_refer_dicts(str(tmp_path), "toy", "unc", "testB", "/imgs")
+    assert {r["ref_id"] for r in records} == {refs[0]["ref_id"]}
+    assert "split 'testB' also takes the refs of splits ['trainB']" in caplog.text
+
+
 def _break(kind):
     inst, refs = _instances(), _refs()
     if kind == "unknown_ann_id":

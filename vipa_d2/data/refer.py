@@ -384,6 +384,13 @@ def load_refer_dicts(
         raise ValueError(
             f"{refs_path}: no ref has split {split!r}; available splits: {sorted(available)}"
         )
+    others = sorted({ref["split"] for _, ref in selected if not ref["split"].startswith("test")})
+    if others and not generalized:
+        # REFER.getRefIds selects testA/B/C by the letter alone; parity keeps that, but with a
+        # user's own split names it would score training refs as test ones.
+        logger.warning(f"{refs_path}: split {split!r} also takes the refs of splits {others} (REFER.getRefIds "
+                       f"selects {split} by the letter {split[-1]!r} anywhere in a ref's split); rename them if "
+                       "they are not test splits")
 
     # Everything the split's refs use is checked before anything is rasterised.
     targets = _TargetChecker(inst_path, images, anns)
