@@ -381,7 +381,8 @@ def simple_json_to_refer(data: Dict, generalized: bool = False) -> Tuple[Dict, L
     """
     Convert validated simple-format ``data`` to (COCO-style instances, REFER refs).
     Expressions with the same target set in one image become one ref with several
-    sentences. Ids are assigned in file order, starting at 1.
+    sentences. Ids are assigned in file order: image, annotation and category ids from 1
+    (COCO's convention), ref and sentence ids from 0 (REFER's).
     """
     names = sorted({o["category"] for img in data["images"] for o in img["objects"]})
     cat_ids = {n: i + 1 for i, n in enumerate(names)}
