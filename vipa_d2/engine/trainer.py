@@ -40,7 +40,7 @@ from .reproducibility import (
     ResumableTrainingSampler,
     StepSeedHook,
 )
-from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA
+from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA, check_flip
 
 logger = logging.getLogger(__name__)
 
@@ -68,10 +68,11 @@ MAX_DATASETS_LISTED = 12
 
 def check_referring_datasets(cfg) -> None:
     """
-    ConfigError naming a ``DATASETS.TRAIN`` entry that is not registered, or a
+    ConfigError naming a ``DATASETS.TRAIN`` entry that is not registered, a
     ``DATASETS.TEST`` entry that is not a registered referring dataset (one with the
-    referring evaluator), with the ones there are: before any model is built, where a TEST
-    typo would otherwise surface only after the whole training.
+    referring evaluator), with the ones there are, ``TEST.AUG`` without its flip, or a
+    ``TEST.EXPECTED_RESULTS`` task of a set the config does not evaluate: before any model
+    is built, where each would otherwise surface only after the whole training.
     """
     registered = DatasetCatalog.list()
     referring = referring_dataset_names()
@@ -88,6 +89,29 @@ def check_referring_datasets(cfg) -> None:
                     f"{shortlist(referring, MAX_DATASETS_LISTED)} (your own: DATASETS.REFER_SPLITS or "
                     "vipa_d2.data.register_referring_dataset)"
                 )
+    _check_evaluated_tasks(cfg)
+
+
+def _check_evaluated_tasks(cfg) -> None:
+    evaluated = list(cfg.DATASETS.TEST)
+    if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
+        evaluated += [name + SHUFFLED_SUFFIX for name in cfg.DATASETS.TEST]
+    if cfg.TEST.AUG.ENABLED:
+        try:
+            check_flip(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
+        evaluated += [name + TTA_SUFFIX for name in cfg.DATASETS.TEST]
+    for i, entry in enumerate(cfg.TEST.EXPECTED_RESULTS):
+        task = entry[0]
+        # The longest set the task starts with: "<set>/shuffled/refer" is not "<set>"'s.
+        owner = max((name for name in evaluated if task.startswith(name + "/")), key=len, default=None)
+        if owner is None or task[len(owner) :].startswith(SHUFFLED_SUFFIX + "/"):
+            raise ConfigError(
+                f"TEST.EXPECTED_RESULTS[{i}]: task {task!r} is not of a set this config evaluates "
+                f"({shortlist(evaluated, MAX_DATASETS_LISTED) or 'none'}); expected '<set>/<section>', e.g. "
+                f"'{cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else 'refcoco_unc_val'}/refer'"
+            )
 
 
 class ReferringTrainer(DefaultTrainer):
