@@ -187,24 +187,39 @@ def _check_expected_results_refusals(results):
         verify([[f"{VAL}/refer", "IoU", oiou, 0.5]])
 
 
-def test_shuffled_expressions_move_text_only():
-    records = DatasetCatalog.get(VAL)
+def test_shuffled_expressions_move_text_and_type_only_across_images(synthetic_benchmark):
+    root, _ = synthetic_benchmark(30, image_size=64)  # the suite's own val split has one image
+    register_refer_splits([{"name": "shuffle_val", "refer_root": root, "dataset": "refsynth", "split_by": "unc",
+                            "split": "val", "image_root": os.path.join(root, "refsynth", "images")}])
+    records = DatasetCatalog.get("shuffle_val")
+    assert len({r["image_id"] for r in records}) > 1
     shuffled = shuffle_expressions(records, seed=0)
     assert sorted(r["sentence"]["raw"] for r in shuffled) == sorted(
         r["sentence"]["raw"] for r in records
     )
+    text_of = {}  # text -> the (image, type) pairs it comes with
+    for r in records:
+        text_of.setdefault(r["sentence"]["raw"], set()).add((r["image_id"], r["type"]))
     for before, after in zip(records, shuffled):
         assert after["sentence"]["sent_id"] == before["sentence"]["sent_id"]
-        assert {k: v for k, v in after.items() if k != "sentence"} == {
-            k: v for k, v in before.items() if k != "sentence"
+        assert {k: v for k, v in after.items() if k not in ("sentence", "type")} == {
+            k: v for k, v in before.items() if k not in ("sentence", "type")
         }
+        # Its type travels with it (the per-type table groups by it), from another image
+        # (helper review, session 46: 8 of val's texts stayed on their image, and the
+        # shuffled per-type rows were grouped by the replaced text's type).
+        donors = text_of[after["sentence"]["raw"]]
+        assert any(image != before["image_id"] and kind == after["type"] for image, kind in donors)
     # Unique texts make the permutation visible: seeded, and no record keeps its own text.
-    fake = [{"sentence": {"raw": f"text {i}", "sent_id": i}, "ref_id": i} for i in range(20)]
+    fake = [{"sentence": {"raw": f"text {i}", "sent_id": i}, "image_id": i // 3} for i in range(20)]
     first = [r["sentence"]["raw"] for r in shuffle_expressions(fake, seed=3)]
     assert first == [r["sentence"]["raw"] for r in shuffle_expressions(fake, seed=3)]
     assert first != [r["sentence"]["raw"] for r in shuffle_expressions(fake, seed=4)]
-    assert all(text != f"text {i}" for i, text in enumerate(first))
+    assert all(int(text.split()[1]) // 3 != i // 3 for i, text in enumerate(first))
     assert sorted(first) == sorted(r["sentence"]["raw"] for r in fake)
+    # One image: texts swap within it (a derangement still), with a warning.
+    within = [r["sentence"]["raw"] for r in shuffle_expressions(fake[:3], seed=0)]
+    assert sorted(within) == ["text 0", "text 1", "text 2"] and all(t != f"text {i}" for i, t in enumerate(within))
 
 
 def test_build_evaluator_rejects_non_referring_dataset(tmp_path):
@@ -223,6 +238,23 @@ def test_datasets_that_are_not_referring_are_refused_at_setup(tmp_path, key, nam
     # At setup, before the model: a DATASETS.TEST typo used to surface after the training.
     with pytest.raises(ConfigError, match=rf"^{key}: '{name}' {problem}; the referring datasets are .*{VAL}"):
         train_net.setup(train_net_args(tmp_path, opts=[key, f"('{name}',)"]))
+
+
+@pytest.mark.parametrize("opts,problem", [
+    (["TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "False"], r"TEST.AUG.ENABLED: .*set TEST.AUG.FLIP True"),
+    (["TEST.EXPECTED_RESULTS", "[['refsynth_unc_testA/refer', 'oIoU', 1.0, 0.5]]"],
+     rf"TEST.EXPECTED_RESULTS\[0\]: task 'refsynth_unc_testA/refer' is not of a set this config evaluates \({VAL}\)"),
+    (["TEST.EXPECTED_RESULTS", f"[['{VAL}/shuffled/refer', 'oIoU', 1.0, 0.5]]"],  # the control is off
+     rf"task '{VAL}/shuffled/refer' is not of a set this config evaluates \({VAL}\)"),
+    (["TEST.SHUFFLED_EXPRESSION_CONTROL", "True", "TEST.AUG.ENABLED", "True",
+      "TEST.EXPECTED_RESULTS", f"[['{VAL}/refer', 'oIoU', 1.0, 0.5], ['{VAL}_TTA/refer', 'oIoU', 1.0, 0.5], "
+      f"['{VAL}/shuffled/refer', 'oIoU', 1.0, 0.5], ['{VAL}_TTA/shuffled/refer', 'oIoU', 1.0, 0.5]]"],
+     rf"TEST.EXPECTED_RESULTS\[3\]: .*\({VAL}, {VAL}/shuffled, {VAL}_TTA\)"),
+])
+def test_what_would_fail_after_the_training_is_refused_at_setup(tmp_path, opts, problem):
+    # Helper review (session 46): these were refused after the training, with a traceback.
+    with pytest.raises(ConfigError, match=problem):
+        train_net.setup(train_net_args(tmp_path, opts=opts))
 
 
 def test_amp_needs_the_model_on_cuda(tmp_path):
