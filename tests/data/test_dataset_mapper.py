@@ -248,6 +248,12 @@ def test_test_mode_carries_type_landmark_mask_and_tokens(tmp_path, tokenizer):
     named = out["target_tokens"]
     assert named.dtype == torch.bool and named.nonzero().flatten().tolist() == [2]
     assert tokenizer.convert_ids_to_tokens(out["input_ids"][named].tolist()) == ["box"]
+    # A target named only inside the landmark phrase has no name of its own (helper review,
+    # session 46: "red box" is the landmark; the target's name was read from it).
+    landmark_only = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS, "INPUT.MAX_TEXT_LEN", 12), is_train=False)(
+        {**_landmark_record(tmp_path / "a.png", "the object left of the red box"), "target_phrase": "box"}
+    )
+    assert landmark_only["landmark_tokens"].sum() == 2 and not landmark_only["target_tokens"].any()
     # Training never needs them.
     train = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)(rec)
     assert not {"type", "landmark_mask", "landmark_tokens", "target_tokens"} & set(train)

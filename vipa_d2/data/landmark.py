@@ -19,18 +19,22 @@ from .mirror_words import is_flipped, swap_left_right
 __all__ = ["find_phrase", "phrase_token_mask", "breakdown_inputs", "landmark_training_inputs"]
 
 
-def find_phrase(text: str, phrase: str, first: bool = False) -> Optional[Tuple[int, int]]:
+def find_phrase(
+    text: str, phrase: str, first: bool = False, outside: Optional[Tuple[int, int]] = None
+) -> Optional[Tuple[int, int]]:
     """
     Character span [start, end) of the LAST (``first``: the first) whole-word,
-    case-insensitive occurrence of ``phrase`` in ``text``, or None. A relation names its
-    target before its landmark ("the cup left of the cup"): the landmark phrase is the last
-    occurrence, the target's name the first.
+    case-insensitive occurrence of ``phrase`` in ``text`` that does not overlap the span
+    ``outside``, or None. A relation names its target before its landmark ("the cup left of
+    the cup"): the landmark phrase is the last occurrence, the target's name the first.
     """
     if not phrase.strip():
         return None
     pattern = r"(?<!\w)" + re.escape(phrase) + r"(?!\w)"
-    matches = list(re.finditer(pattern, text, flags=re.IGNORECASE))
-    return matches[0 if first else -1].span() if matches else None
+    spans = [m.span() for m in re.finditer(pattern, text, flags=re.IGNORECASE)]
+    if outside is not None:
+        spans = [(a, b) for a, b in spans if b <= outside[0] or a >= outside[1]]
+    return spans[0 if first else -1] if spans else None
 
 
 def phrase_token_mask(tokenizer, text: str, span: Tuple[int, int], max_len: int) -> torch.Tensor:
@@ -63,7 +67,8 @@ def breakdown_inputs(record: Dict, sentence: str, tokenizer, max_len: int) -> Di
     """
     The test mapper's extra fields for a record carrying them: ``type``; for a
     ``target_phrase`` (the words naming the target's category) ``target_tokens`` (bool,
-    max_len, their first occurrence); for a landmark ``landmark_mask`` (uint8, original
+    max_len, their first occurrence outside the landmark phrase: in "the object above the
+    blue triangle" the only "triangle" is the landmark's); for a landmark ``landmark_mask`` (uint8, original
     height x width, rasterized like the target) and ``landmark_tokens`` (bool, max_len).
     Phrases are looked up in ``sentence`` as the model reads it: a text from elsewhere (the
     shuffled-expression control) that does not contain one marks no token.
@@ -71,9 +76,12 @@ def breakdown_inputs(record: Dict, sentence: str, tokenizer, max_len: int) -> Di
     out = {}
     if "type" in record:
         out["type"] = record["type"]
-    if "target_phrase" in record:
-        out["target_tokens"] = _phrase_tokens(tokenizer, sentence, record["target_phrase"], max_len, first=True)
     landmark = record.get("landmark")
+    landmark_span = None if landmark is None else find_phrase(sentence, landmark["phrase"])
+    if "target_phrase" in record:
+        out["target_tokens"] = _phrase_tokens(
+            tokenizer, sentence, record["target_phrase"], max_len, first=True, outside=landmark_span
+        )
     if landmark is not None:
         h, w = record["height"], record["width"]
         out["landmark_mask"] = torch.as_tensor(annotations_to_mask([landmark["annotation"]], h, w))
@@ -81,10 +89,10 @@ def breakdown_inputs(record: Dict, sentence: str, tokenizer, max_len: int) -> Di
     return out
 
 
-def _phrase_tokens(tokenizer, sentence: str, phrase: str, max_len: int, first: bool = False) -> torch.Tensor:
+def _phrase_tokens(tokenizer, sentence: str, phrase: str, max_len: int, first: bool = False, outside=None) -> torch.Tensor:
     """bool (max_len,): the tokens of ``phrase`` in ``sentence`` (its last occurrence, or the
-    first with ``first``); none when it is not there."""
-    span = find_phrase(sentence, phrase, first=first)
+    first with ``first``, outside the span ``outside``); none when it is not there."""
+    span = find_phrase(sentence, phrase, first=first, outside=outside)
     if span is None:
         return torch.zeros(max_len, dtype=torch.bool)
     return phrase_token_mask(tokenizer, sentence, span, max_len)
