@@ -384,8 +384,9 @@ def load_refer_dicts(
         raise ValueError(
             f"{refs_path}: no ref has split {split!r}; available splits: {sorted(available)}"
         )
-    others = sorted({ref["split"] for _, ref in selected if not ref["split"].startswith("test")})
-    if others and not generalized:
+    letter_split = split in ("testA", "testB", "testC") and not generalized
+    others = sorted({ref["split"] for _, ref in selected if not ref["split"].startswith("test")}) if letter_split else []
+    if others:
         # REFER.getRefIds selects testA/B/C by the letter alone; parity keeps that, but with a
         # user's own split names it would score training refs as test ones.
         logger.warning(f"{refs_path}: split {split!r} also takes the refs of splits {others} (REFER.getRefIds "
