@@ -105,7 +105,7 @@ def check_invalid_refs_setting(value: str) -> None:
     if value != BUILTIN_INVALID_POLICY:
         raise ValueError(
             f"DATASETS.INVALID_REFS={value!r}: built-in datasets are always read with "
-            f"{BUILTIN_INVALID_POLICY!r} (datasets/README.md, 'Malformed refs'); to skip bad refs "
+            f"{BUILTIN_INVALID_POLICY!r} (datasets/README.md, 'Bad input'); to skip bad refs "
             "of a file, register it with register_referring_dataset(..., invalid='skip')"
         )
 
