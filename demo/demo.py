@@ -43,6 +43,7 @@ from vipa_d2.data.masks import mask_to_rle
 from vipa_d2.data.validation import ReferringDataError
 from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image, validate_expressions
 from vipa_d2.utils.atomic_io import atomic_open
+from vipa_d2.utils.checkpoint_file import UntrustedCheckpointError
 from vipa_d2.utils.visualizer import (
     draw_overlay,
     draw_prediction_and_target,
@@ -260,7 +261,7 @@ def run(args) -> Tuple[str, str]:
 
     try:
         predictor = VIPAPredictor(cfg)
-    except (FileNotFoundError, WeightsError) as e:
+    except (FileNotFoundError, WeightsError, UntrustedCheckpointError) as e:
         raise DemoError(str(e)) from e
     except ValueError as e:  # a config value the model rejects, e.g. an unknown mode name
         raise DemoError(f"invalid config: {e}") from e

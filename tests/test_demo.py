@@ -1,6 +1,7 @@
 """demo/demo.py end to end: overlays of the input's size, file naming, clear refusals; binary
 masks, a JSON per image, manifests giving each image its own expressions, Unicode captions,
 and prediction beside target."""
+import argparse
 import csv
 import json
 import os
@@ -168,6 +169,11 @@ def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
     )
     assert "mismatch.pth" in msg and dropped in msg and "head.veg.unused.weight" in msg
     assert "missing" in msg and "unexpected" in msg
+    # A checkpoint that needs full pickle is refused as such, not as an "invalid config"
+    # (new-user walkthrough, session 46).
+    torch.save({"model": state, "args": argparse.Namespace(lr=1)}, tmp_path / "untrusted.pth")
+    msg = _refusal(base + ["--input", files[0], "--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", str(tmp_path / "untrusted.pth")], capsys)
+    assert "untrusted.pth: cannot be loaded as weights only" in msg and "invalid config" not in msg
 
 
 def test_refusal_is_one_line_without_traceback(images, tmp_path, capsys):
