@@ -13,7 +13,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase, launch
 
 from common import INSTANT_TEST_VAL as VAL
-from common import REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, results_file, train_net_args
+from common import INSTANT_TEST_CONFIG, REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, results_file, train_net_args
 from vipa_d2 import ConfigError
 from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
@@ -363,6 +363,18 @@ def test_bad_input_after_setup_fails_in_one_line(tmp_path, monkeypatch):
     with pytest.raises(SystemExit) as exit_info:
         train_net.invoke_main()
     assert exit_info.value.code == f"train_net.py: error: MODEL.WEIGHTS={missing}: checkpoint file not found"
+
+
+def test_keys_the_model_refuses_together_fail_in_one_line(tmp_path, monkeypatch):
+    # New-user walkthrough (session 46): the object choice off without the keys that need it
+    # was a traceback from the decoder's from_config.
+    argv = ["train_net.py", "--config-file", INSTANT_TEST_CONFIG, "--eval-only", "OUTPUT_DIR", str(tmp_path / "out"),
+            "MODEL.VIPA.DECODER.OBJECT_CHOICE", "False"]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        train_net.invoke_main()
+    assert exit_info.value.code.startswith("train_net.py: error: the model cannot be built from this config: ")
+    assert "MODEL.VIPA.DECODER.CHOICE_FROM_WORDS" in exit_info.value.code and "\n" not in exit_info.value.code
 
 
 class _Killed(Exception):

@@ -39,6 +39,12 @@ RESIZE_MODES = ("square", "keep_ratio")
 _WIDE_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 FLIP_MODES = ("none", "horizontal")
 
+# Overrides that turn the object choice off, with the keys that need it (README's "Configs").
+OBJECT_CHOICE_OFF_OPTS = (
+    "MODEL.VIPA.DECODER.OBJECT_CHOICE False MODEL.VIPA.DECODER.CHOICE_FROM_WORDS False "
+    "MODEL.VIPA.DECODER.CHOICE_FACTORISED False MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES False "
+    "MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS False MODEL.VIPA.DECODER.CHOICE_AREAS group_gate"
+)
 # Record keys that training losses read: what each holds, and where it comes from.
 LOSS_RECORD_KEYS = {
     "object_boxes": (
@@ -49,8 +55,7 @@ LOSS_RECORD_KEYS = {
         "per object box, whether the expression's category / colour words name it",
         "vipa_d2's REFER loader writes it for sentences with 'group_ann_ids' (a synthetic benchmark "
         "generated before that field needs regenerating), a custom loader must too; on data without "
-        "it, turn the object choice off (MODEL.VIPA.DECODER.OBJECT_CHOICE False and the CHOICE_* keys "
-        "README.md's 'Configs' lists)",
+        f"it, turn the object choice off: {OBJECT_CHOICE_OFF_OPTS}",
     ),
     "object_areas": (
         "per object box, the area of its object in pixels",

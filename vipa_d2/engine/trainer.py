@@ -31,7 +31,7 @@ from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.modeling import VIPA, runtime_options
 
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
-from .checkpoint import AtomicDetectionCheckpointer
+from .checkpoint import AtomicDetectionCheckpointer, UntrustedCheckpointError, WeightsError
 from .expected_results import verify_referring_results
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .optimizer import build_vipa_optimizer
@@ -165,10 +165,16 @@ class ReferringTrainer(DefaultTrainer):
     @classmethod
     def build_model(cls, cfg):
         """DefaultTrainer's model, run as the config asks (layout, compilation: not part
-        of the architecture, see VIPA.set_runtime_options)."""
-        model = super().build_model(cfg)
-        if isinstance(model, VIPA):
-            model.set_runtime_options(**runtime_options(cfg))
+        of the architecture, see VIPA.set_runtime_options). A config value the modules
+        refuse is a ConfigError: train_net.py says it in one line."""
+        try:
+            model = super().build_model(cfg)
+            if isinstance(model, VIPA):
+                model.set_runtime_options(**runtime_options(cfg))
+        except (WeightsError, UntrustedCheckpointError):  # MODEL.WEIGHTS read for its encoders
+            raise
+        except ValueError as e:  # the modules' from_config checks: keys that do not fit together
+            raise ConfigError(f"the model cannot be built from this config: {e}") from e
         return model
 
     @staticmethod
