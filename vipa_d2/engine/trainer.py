@@ -266,13 +266,14 @@ class ReferringTrainer(DefaultTrainer):
         also flipped, left/right words swapped), as ``<dataset>_TTA``; per-sample results in
         ``OUTPUT_DIR/inference_TTA``. The shuffled-expression control is not repeated.
         """
-        plain = cfg.clone()
-        plain.defrost()
-        plain.TEST.SHUFFLED_EXPRESSION_CONTROL = False
         folder = os.path.join(cfg.OUTPUT_DIR, "inference" + TTA_SUFFIX)
-        evaluators = [cls.build_evaluator(cfg, name, output_folder=folder) for name in cfg.DATASETS.TEST]
-        results = cls.test(plain, VIPAWithTTA(cfg, model), evaluators)
-        return OrderedDict((name + TTA_SUFFIX, value) for name, value in results.items())
+        runs = [
+            (name + TTA_SUFFIX, cls.build_test_loader(cfg, name),
+             cls.build_evaluator(cfg, name, output_folder=folder, name=name + TTA_SUFFIX))
+            for name in cfg.DATASETS.TEST
+        ]
+        broadcast_buffers_from_main(model)
+        return cls._evaluate(VIPAWithTTA(cfg, model), runs)
 
     @classmethod
     def build_optimizer(cls, cfg, model):
@@ -332,7 +333,9 @@ class ReferringTrainer(DefaultTrainer):
         )
 
     @classmethod
-    def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+    def build_evaluator(cls, cfg, dataset_name, output_folder=None, name=None):
+        """The referring evaluator of ``dataset_name``; ``name``: what its log lines call the
+        results (see :class:`ReferringEvaluator`)."""
         evaluator_type = getattr(MetadataCatalog.get(dataset_name), "evaluator_type", None)
         if evaluator_type != REFERRING_EVALUATOR_TYPE:
             raise ValueError(
@@ -350,6 +353,7 @@ class ReferringTrainer(DefaultTrainer):
             no_target_threshold=cfg.MODEL.VIPA.NO_TARGET_THRESHOLD,
             resolution=cfg.TEST.EVAL_RESOLUTION,
             save_prediction_rle=cfg.TEST.SAVE_PREDICTION_RLE,
+            name=name,
         )
 
     @classmethod
@@ -377,9 +381,15 @@ class ReferringTrainer(DefaultTrainer):
                     (
                         name + SHUFFLED_SUFFIX,
                         cls.build_shuffled_test_loader(cfg, name),
-                        cls.build_evaluator(cfg, name, output_folder=folder),
+                        cls.build_evaluator(cfg, name, output_folder=folder, name=name + SHUFFLED_SUFFIX),
                     )
                 )
+        return cls._evaluate(model, runs)
+
+    @staticmethod
+    def _evaluate(model, runs) -> "OrderedDict":
+        """``inference_on_dataset`` of each (result name, loader, evaluator) run, logged in
+        csv format under its result name."""
         results = OrderedDict()
         for name, loader, evaluator in runs:
             results[name] = inference_on_dataset(model, loader, evaluator)

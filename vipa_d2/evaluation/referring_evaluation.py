@@ -63,6 +63,7 @@ class ReferringEvaluator(DatasetEvaluator):
         no_target_threshold: float = 0.5,
         resolution: str = "original",
         save_prediction_rle: bool = False,
+        name: Optional[str] = None,
     ):
         """
         Args:
@@ -78,8 +79,11 @@ class ReferringEvaluator(DatasetEvaluator):
             resolution: "original" or "input" (``cfg.TEST.EVAL_RESOLUTION``).
             save_prediction_rle: keep each scored prediction as COCO RLE in the per-sample
                 results (``cfg.TEST.SAVE_PREDICTION_RLE``).
+            name: what its log lines and errors call these results (default
+                ``dataset_name``; the trainer's are "<dataset>_TTA" and "<dataset>/shuffled").
         """
         self._dataset_name = dataset_name
+        self._name = name or dataset_name
         self._distributed = distributed
         self._output_dir = output_dir
         self._mask_threshold = float(mask_threshold)
@@ -100,7 +104,7 @@ class ReferringEvaluator(DatasetEvaluator):
 
     def _score_sample(self, inp, out) -> dict:
         sample_name = "{} (image_id={}, ref_id={}, sent_id={})".format(
-            self._dataset_name, inp.get("image_id"), inp.get("ref_id"), inp.get("sent_id")
+            self._name, inp.get("image_id"), inp.get("ref_id"), inp.get("sent_id")
         )
         height, width = int(inp["height"]), int(inp["width"])
         ref_seg = out["ref_seg"]
@@ -150,7 +154,7 @@ class ReferringEvaluator(DatasetEvaluator):
         else:
             samples = self._samples
         if not samples:
-            logger.warning(f"ReferringEvaluator on {self._dataset_name}: no samples processed.")
+            logger.warning(f"ReferringEvaluator on {self._name}: no samples processed.")
             return {}
 
         for s in samples:
@@ -164,7 +168,7 @@ class ReferringEvaluator(DatasetEvaluator):
         for task, values in results.items():
             logger.info(
                 "Referring segmentation on {} ({} samples, {} resolution), {} metrics:\n{}".format(
-                    self._dataset_name,
+                    self._name,
                     len(samples),
                     self._resolution,
                     task,
@@ -174,7 +178,7 @@ class ReferringEvaluator(DatasetEvaluator):
         # Per expression type / retrieval report, only when the data and model support them.
         sections = breakdown.summarize(samples, self._compute_metrics)
         results.update(breakdown.flatten_sections(sections))
-        breakdown.log_sections(self._dataset_name, sections)
+        breakdown.log_sections(self._name, sections)
         if self._output_dir:
             self._write_samples(samples, metrics, sections, results.get("rela"))
         return results
