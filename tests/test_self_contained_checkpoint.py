@@ -12,7 +12,7 @@ from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
 from vipa_d2 import add_vipa_config
-from vipa_d2.engine import AtomicDetectionCheckpointer
+from vipa_d2.engine import AtomicDetectionCheckpointer, WeightsError
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, build_tokenizer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -155,6 +155,22 @@ def test_checkpoint_files_are_read_once_per_file_version(tmp_path, monkeypatch):
 def test_malformed_files_entry_is_refused(tmp_path, entry, problem):
     torch.save({"model": TEXT_ENCODER_WEIGHT, CHECKPOINT_FILES_KEY: entry}, tmp_path / "odd.pth")
     cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.WEIGHTS", str(tmp_path / "odd.pth"))
-    with pytest.raises(ValueError, match="odd.pth") as e:
+    # A checkpoint's problem, not the config's: train_net.py's build_model passes it on as is.
+    with pytest.raises(WeightsError, match="odd.pth") as e:
         build_tokenizer(cfg)
     assert problem in str(e.value) and CHECKPOINT_FILES_KEY in str(e.value)
+
+
+def test_a_legacy_format_checkpoint_is_not_looked_into_and_says_so(tmp_path, caplog):
+    # Which modules it holds is not read (the encoders are built for it to fill), so a
+    # backbone-only file in this format would leave the text encoder random: the log says so.
+    from vipa_d2.utils.checkpoint_file import checkpoint_outline
+
+    path = str(tmp_path / "legacy.pth")
+    torch.save({"model": {"backbone.weight": torch.zeros(1)}}, path, _use_new_zipfile_serialization=False)
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        assert checkpoint_outline(path) is None
+    assert f"MODEL.WEIGHTS={path} is not in torch.save's zip format" in caplog.text
+    zipped = str(tmp_path / "zipped.pth")
+    torch.save({"model": {"backbone.weight": torch.zeros(1)}}, zipped)
+    assert checkpoint_outline(zipped).modules == {"backbone"}

@@ -196,7 +196,8 @@ def test_swap_left_right_word_boundaries():
     assert swap_left_right("leftover right-hand Rightmost") == "leftover left-hand Leftmost"
     # Compounds the tokenizer splits into a left / right piece (helper review, session 46).
     assert swap_left_right("guy on leftside, righthand LEFTEST rightwards") == "guy on rightside, lefthand RIGHTEST leftwards"
-    assert swap_left_right("upright bright Lefty") == "upright bright Lefty"
+    assert swap_left_right("lefthanded Lefty leftish") == "righthanded Righty rightish"
+    assert swap_left_right("upright bright leftover rights") == "upright bright leftover rights"
 
 
 def test_bad_config_values(tmp_path):

@@ -1,6 +1,8 @@
 """Losses on two ranks weigh every item (pixel, object, cell, candidate, cue) as one process
 does: DDP averages the ranks' gradients, so each rank must divide by the ranks' summed count
 (``mean_over_ranks``), not by its own."""
+import datetime
+
 import torch
 import torch.nn.functional as F
 
@@ -55,6 +57,11 @@ def loss_cases():
     valid = torch.ones(len(OBJECTS), GRID, GRID)
     valid[2:, :, GRID // 2 :] = 0
     token_target = F.adaptive_avg_pool2d(gt[:, None], GRID).flatten(1)
+    # No target on the first rank: its choice and contrastive losses take their early
+    # return, which must still join the collective (or the ranks would hang).
+    gt_late = gt.clone()
+    gt_late[:2] = 0
+    token_target_late = F.adaptive_avg_pool2d(gt_late[:, None], GRID).flatten(1)
     token_valid = torch.ones(len(OBJECTS), TOKENS, dtype=torch.bool)
     # Cues per image 1, 2, 6, 6: unequal counts of supervised cues and of cue pairs.
     cue_valid = torch.arange(CUES)[None] < torch.tensor([1, 2, CUES, CUES])[:, None]
@@ -70,6 +77,10 @@ def loss_cases():
             logits(4, CANDIDATES),
             lambda x, s: choice_loss(x[s].masked_fill(~found[s], -1e4).log_softmax(-1), points[s], found[s], gt[s]),
         ),
+        "choice, none on a rank": (
+            logits(4, CANDIDATES),
+            lambda x, s: choice_loss(x[s].masked_fill(~found[s], -1e4).log_softmax(-1), points[s], found[s], gt_late[s]),
+        ),
         "member": (
             logits(4, CANDIDATES),
             lambda x, s: member_loss(x[s], points[s], found[s], boxes[s], in_group[s], SIZE),
@@ -78,6 +89,10 @@ def loss_cases():
         "contrastive": (
             logits(4, CUES, TOKENS),
             lambda x, s: pixel_contrastive_loss(x[s], cue_valid[s], token_target[s], token_valid[s], 0.1),
+        ),
+        "contrastive, none on a rank": (
+            logits(4, CUES, TOKENS),
+            lambda x, s: pixel_contrastive_loss(x[s], cue_valid[s], token_target_late[s], token_valid[s], 0.1),
         ),
         "cue_overlap": (
             logits(4, CUES, TOKENS),
@@ -112,7 +127,8 @@ def averaged_on_ranks(path: str):
 
 def test_losses_on_two_ranks_weigh_every_item_as_one_process(tmp_path):
     path = str(tmp_path / "ranks.pth")
-    launch(averaged_on_ranks, RANKS, dist_url="auto", args=(path,))
+    # A rank that skipped the collective would leave the other waiting: fail, do not hang.
+    launch(averaged_on_ranks, RANKS, dist_url="auto", args=(path,), timeout=datetime.timedelta(seconds=60))
     on_ranks = torch.load(path, weights_only=True)
     one_process = losses_and_grads(slice(None))
     assert set(on_ranks) == set(one_process)

@@ -6,10 +6,11 @@ from detectron2.data import transforms as T
 __all__ = ["is_flipped", "swap_left_right"]
 
 _MIRRORED = {"left": "right", "right": "left"}
-# "left" / "right" alone or as the stem of one word: "leftmost", "righthand", "leftside",
-# "leftest", "rightward(s)". The tokenizer splits those into "left" / "right" pieces, so a
-# compound left as written would name the wrong side. "leftover", "upright" are not matched.
-_MIRRORED_RE = re.compile(r"\b(left|right)(most|side|hand|est|wards?)?\b", re.IGNORECASE)
+# "left" / "right" alone or as the stem of one word: "leftmost", "righthand(ed)", "leftside",
+# "leftest", "leftish", "lefty", "rightward(s)". The tokenizer splits those into "left" /
+# "right" pieces, so a compound left as written would name the wrong side. "leftover",
+# "upright", "rights" are not matched.
+_MIRRORED_RE = re.compile(r"\b(left|right)(most|side|hand|handed|est|ish|y|wards?)?\b", re.IGNORECASE)
 
 
 def swap_left_right(sentence: str) -> str:

@@ -18,7 +18,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
-from ..utils.checkpoint_file import CHECKPOINT_FILES_KEY, checkpoint_outline
+from ..utils.checkpoint_file import CHECKPOINT_FILES_KEY, WeightsError, checkpoint_outline
 
 logger = logging.getLogger(__name__)
 
@@ -96,20 +96,20 @@ def _entry_files(entry, source: str) -> Dict[str, bytes]:
     """The files of a checkpoint entry, checked to be plain names and bytes: they are data."""
     expected = f"a dict of file name -> uint8 tensor including {CONFIG_FILE!r}"
     if not isinstance(entry, dict) or CONFIG_FILE not in entry:
-        raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} is not {expected}")
+        raise WeightsError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} is not {expected}")
     files = {}
     for name, content in entry.items():
         plain = isinstance(name, str) and name not in ("", ".", "..") and os.path.basename(name) == name
         # The outline has each uint8 tensor as bytes (checkpoint_outline).
         if not plain or "\\" in name or not isinstance(content, bytes):
-            raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} has item {name!r}; expected {expected}")
+            raise WeightsError(f"{source}: entry {CHECKPOINT_FILES_KEY!r} has item {name!r}; expected {expected}")
         files[name] = content
     try:  # transformers would name only the temporary folder it is read from
         config = json.loads(files[CONFIG_FILE])
     except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError are ValueErrors
-        raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r}: {CONFIG_FILE} is not valid JSON ({e})") from e
+        raise WeightsError(f"{source}: entry {CHECKPOINT_FILES_KEY!r}: {CONFIG_FILE} is not valid JSON ({e})") from e
     if not isinstance(config, dict):
-        raise ValueError(f"{source}: entry {CHECKPOINT_FILES_KEY!r}: {CONFIG_FILE} holds {type(config).__name__}, expected an object")
+        raise WeightsError(f"{source}: entry {CHECKPOINT_FILES_KEY!r}: {CONFIG_FILE} holds {type(config).__name__}, expected an object")
     return files
 
 
@@ -153,7 +153,7 @@ def build_tokenizer(cfg):
         try:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError) as e:
-            raise ValueError(
+            raise WeightsError(
                 f"MODEL.WEIGHTS={cfg.MODEL.WEIGHTS}: its text-encoder files "
                 f"({sorted(files)}) hold no usable tokenizer: {e}"
             ) from e

@@ -7,6 +7,7 @@ reads its config and tokenizer files from the checkpoint before the weights are 
 below both).
 """
 import functools
+import logging
 import os
 import pickle
 import zipfile
@@ -24,6 +25,8 @@ __all__ = [
     "read_error",
     "torch_load_checkpoint",
 ]
+
+logger = logging.getLogger(__name__)
 
 # Checkpoint entry with the text encoder's config.json and tokenizer files:
 # {file name: uint8 tensor of its bytes} (see vipa_d2.modeling.text_encoder.files_entry).
@@ -128,6 +131,9 @@ def _as_bytes(entry):
 def _read_outline(weights: str, identity, trusted: bool) -> Optional[CheckpointOutline]:
     path = identity[0]
     if not zipfile.is_zipfile(path):  # Detectron2 zoo / legacy formats: not looked into
+        logger.warning(f"MODEL.WEIGHTS={weights} is not in torch.save's zip format, so which modules it holds "
+                       "is not read: the encoders are built for it to fill; a backbone-only file would leave "
+                       "the text encoder random (re-save it with torch.save to have that checked)")
         return None
     # Memory-mapped: the weights are not read here, only the records that name them.
     try:
