@@ -42,7 +42,7 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
     if os.path.abspath(source) == os.path.abspath(output):
         raise ValueError(f"--output {output} is the --input file; give another path")
     local_weights_path(source, key="--input")  # FileNotFoundError naming --input
-    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):  # else the error names the temporary file
+    if not os.path.isdir(os.path.dirname(os.path.abspath(output))):  # before the model is built and loaded
         raise FileNotFoundError(f"--output {output}: its folder does not exist")
     cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
     cfg.freeze()

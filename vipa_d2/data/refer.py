@@ -384,14 +384,14 @@ def load_refer_dicts(
         raise ValueError(
             f"{refs_path}: no ref has split {split!r}; available splits: {sorted(available)}"
         )
-    letter_split = split in ("testA", "testB", "testC") and not generalized
-    others = sorted({ref["split"] for _, ref in selected if not ref["split"].startswith("test")}) if letter_split else []
-    if others:
-        # REFER.getRefIds selects testA/B/C by the letter alone; parity keeps that, but with a
-        # user's own split names it would score training refs as test ones.
-        logger.warning(f"{refs_path}: split {split!r} also takes the refs of splits {others} (REFER.getRefIds "
-                       f"selects {split} by the letter {split[-1]!r} anywhere in a ref's split); rename them if "
-                       "they are not test splits")
+    # REFER.getRefIds selects testA/B/C by the letter alone; parity keeps that, but with a
+    # user's own split names it would score training refs as test ones.
+    if split in check.LETTER_TEST_SPLITS and not generalized:
+        others = sorted({ref["split"] for _, ref in selected if not ref["split"].startswith("test")})
+        if others:
+            logger.warning(f"{refs_path}: split {split!r} also takes the refs of splits {others} (REFER.getRefIds "
+                           f"selects {split} by the letter {split[-1]!r} anywhere in a ref's split); rename them "
+                           "if they are not test splits")
 
     # Everything the split's refs use is checked before anything is rasterised.
     targets = _TargetChecker(inst_path, images, anns)

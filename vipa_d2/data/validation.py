@@ -435,6 +435,10 @@ def sentence_text(sent) -> Tuple[Optional[str], Optional[Problem]]:
     return text, None
 
 
+# Classic REFER splits selected by their last letter anywhere in a ref's split (getRefIds).
+LETTER_TEST_SPLITS = ("testA", "testB", "testC")
+
+
 def split_matches(ref_split: str, split: str, generalized: bool) -> bool:
     """
     Whether a ref of ``ref_split`` belongs to the requested ``split``, as the official
@@ -444,7 +448,7 @@ def split_matches(ref_split: str, split: str, generalized: bool) -> bool:
     """
     if generalized:
         return ref_split == split
-    if split in ("testA", "testB", "testC"):
+    if split in LETTER_TEST_SPLITS:
         return split[-1] in ref_split
     if split == "test":
         return "test" in ref_split

@@ -33,20 +33,20 @@ def shuffle_expressions(records: List[Dict], seed: int) -> List[Dict]:
         raise ValueError(
             f"The shuffled-expression control needs at least 2 records, got {len(records)}"
         )
+    image_of = [record.get("image_id", record.get("file_name", i)) for i, record in enumerate(records)]
     images = collections.defaultdict(list)
-    for i, record in enumerate(records):
-        images[record.get("image_id", record.get("file_name", i))].append(i)
+    for i, image in enumerate(image_of):
+        images[image].append(i)
     rng = np.random.default_rng(seed)
     groups = list(images.values())
     order = np.concatenate([rng.permutation(groups[g]) for g in rng.permutation(len(groups))])
-    shift = min(max(len(g) for g in groups), len(records) - 1)
+    largest = max(len(g) for g in groups)
     donors = np.empty_like(order)
-    donors[order] = np.roll(order, -shift)
-    image_of = {i: key for key, members in images.items() for i in members}
-    same = sum(image_of[i] == image_of[int(d)] for i, d in enumerate(donors))
+    donors[order] = np.roll(order, -min(largest, len(records) - 1))
+    same = sum(image_of[i] == image_of[d] for i, d in enumerate(donors))
     if same:
         logger.warning(f"Shuffled-expression control: {same} of {len(records)} records got a text of their own "
-                       f"image (one image holds {max(len(g) for g in groups)}, more than half)")
+                       f"image (one image holds {largest}, more than half)")
     shuffled = []
     for record, donor in zip(records, donors):
         source = records[int(donor)]
