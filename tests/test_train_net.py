@@ -90,6 +90,13 @@ def test_optimizer_param_groups(tmp_path):
                 assert wd == 0.05, name
     assert all(count > 0 for count in seen.values()), seen
 
+    # None means what it means in detectron2: biases decay as weights.
+    cfg.defrost()
+    cfg.SOLVER.WEIGHT_DECAY_BIAS = None
+    decay = {p: g["weight_decay"] for g in get_vipa_optimizer_params(cfg, model) for p in g["params"]}
+    linear_biases = [m.bias for m in model.head.modules() if isinstance(m, torch.nn.Linear) and m.bias is not None]
+    assert linear_biases and all(decay[bias] == 0.05 for bias in linear_biases)
+
     optimizer = build_vipa_optimizer(cfg, model)
     assert isinstance(optimizer, torch.optim.AdamW)
     assert "GradientClip" in type(optimizer).__name__  # Base-VIPA enables CLIP_GRADIENTS

@@ -42,17 +42,16 @@ def get_vipa_optimizer_params(cfg, model: torch.nn.Module):
     Param groups: lr = SOLVER.BASE_LR x (MODEL.TIMM.LR_MULTIPLIER for ``backbone.*``,
     MODEL.TEXT_ENCODER.LR_MULTIPLIER for ``text_encoder.*``); weight decay SOLVER.WEIGHT_DECAY
     except SOLVER.WEIGHT_DECAY_NORM on normalization layers, SOLVER.WEIGHT_DECAY_BIAS on biases
-    (None here means 0, unlike detectron2's "same as weights") and SOLVER.WEIGHT_DECAY_EMBED
+    (None: as weights, as in detectron2; Base-VIPA sets 0) and SOLVER.WEIGHT_DECAY_EMBED
     on embeddings; a bias's lr is also scaled by SOLVER.BIAS_LR_FACTOR. Frozen parameters are
     left out.
     """
-    bias_decay = cfg.SOLVER.WEIGHT_DECAY_BIAS
     groups = get_default_optimizer_params(
         model,
         base_lr=cfg.SOLVER.BASE_LR,
         weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         weight_decay_norm=cfg.SOLVER.WEIGHT_DECAY_NORM,
-        weight_decay_bias=0.0 if bias_decay is None else bias_decay,
+        weight_decay_bias=cfg.SOLVER.WEIGHT_DECAY_BIAS,
         lr_factor_func=lambda name: lr_multiplier(cfg, name),
     )
     # detectron2 recognises norms by module type and biases by name but has no notion of
