@@ -309,6 +309,12 @@ def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_pa
     os.remove(gone)
     with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files do not exist: {gone}$"):
         train_net.Trainer.build_test_loader(cfg, VAL)
+    # ... and a test set's missing image stops the trainer before its first iteration, not
+    # test() after its last (real-data review, session 47).
+    restored = DatasetCatalog.get(train_set)[0]["file_name"]
+    shutil.copy(os.path.join(root, os.path.relpath(restored, broken)), restored)
+    with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files do not exist: {gone}$"):
+        train_net.Trainer(cfg)
 
 
 # A fresh interpreter (the setting is process-wide): how much of a live 64 MB tensor glibc

@@ -1,6 +1,7 @@
 """TEST.EVAL_RESOLUTION, ReLA's metrics and the per-sample results, on hand-computed cases."""
 
 import json
+import logging
 import math
 
 import numpy as np
@@ -27,6 +28,7 @@ from common import (
     write_image,
 )
 from vipa_d2.data import ReferringDatasetMapper
+from vipa_d2.evaluation import print_csv_format
 from vipa_d2.data.eval_resolution import InputResolutionMapper, build_test_mapper
 from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.evaluation.rela_metrics import rela_metrics
@@ -103,6 +105,22 @@ def test_input_resolution_mapper_gives_the_model_input_size(tmp_path):
         build_test_mapper(cfg)
 
 
+def csv_lines(results):
+    """What print_csv_format logs, without the "copypaste: " prefix."""
+    lines = []
+    handler = logging.Handler()
+    handler.emit = lambda record: lines.append(record.getMessage().removeprefix("copypaste: "))
+    logger = logging.getLogger("vipa_d2.evaluation.results_csv")
+    logger.addHandler(handler)
+    level, logger.level = logger.level, logging.INFO
+    try:
+        print_csv_format(results)
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+    return lines
+
+
 def test_rela_metrics_beside_ours_hand_computed():
     inputs, outputs = generalized_samples()
     evaluator = ReferringEvaluator(GENERALIZED, distributed=False)
@@ -121,6 +139,12 @@ def test_rela_metrics_beside_ours_hand_computed():
     # Ours on the same predictions: T-acc asks for a non-empty mask, so it differs.
     assert results["refer"]["T-acc"] == pytest.approx(100.0 / 3)
     assert results["refer"]["N-acc"] == pytest.approx(200.0 / 3)
+    # The csv lines that train_net logs keep N-acc and T-acc (detectron2's own print_csv_format
+    # drops names with "-").
+    lines = csv_lines(results)
+    assert lines[lines.index("Task: rela") + 1] == ",".join(RELA_KEYS)
+    assert lines[lines.index("Task: rela") + 2].split(",")[2] == f"{200.0 / 3:.4f}"
+    assert "N-acc" in lines[lines.index("Task: refer") + 1].split(",")
     plain = ReferringEvaluator(PLAIN, distributed=False)
     plain.process(inputs[2:4], outputs[2:4])
     assert list(plain.evaluate()) == ["refer"]  # ReLA's metrics are for generalized data

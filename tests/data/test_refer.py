@@ -243,7 +243,7 @@ def test_missing_files_name_path_and_layout(tmp_path):
 
 
 def test_unknown_split_lists_available(refer_root):
-    with pytest.raises(ValueError, match=r"testC.*\['train', 'val'\]"):
+    with pytest.raises(ReferringDataError, match=r"refs\(unc\)\.p: no ref has split 'testC'.*\['train', 'val'\]"):
         load_refer_dicts(refer_root, "toy", "unc", "testC", "/imgs")
 
 

@@ -381,9 +381,7 @@ def load_refer_dicts(
         if check.split_matches(ref["split"], split, generalized):
             selected.append((where, ref))
     if not selected and not policy.counts:
-        raise ValueError(
-            f"{refs_path}: no ref has split {split!r}; available splits: {sorted(available)}"
-        )
+        raise data_error(refs_path, None, None, f"no ref has split {split!r}; available splits: {sorted(available)}")
     # REFER.getRefIds selects testA/B/C by the letter alone; parity keeps that, but with a
     # user's own split names it would score training refs as test ones.
     if split in check.LETTER_TEST_SPLITS and not generalized:

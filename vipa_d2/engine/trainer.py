@@ -15,7 +15,7 @@ from detectron2.data import (
     get_detection_dataset_dicts,
 )
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
-from detectron2.evaluation import DatasetEvaluator, inference_on_dataset, print_csv_format
+from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
@@ -27,7 +27,7 @@ from vipa_d2.data.dataset_mapper import ReferringDatasetMapper, check_image_file
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.data.validation import shortlist
-from vipa_d2.evaluation import ReferringEvaluator
+from vipa_d2.evaluation import ReferringEvaluator, print_csv_format
 from vipa_d2.modeling import VIPA, runtime_options
 
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
@@ -149,6 +149,7 @@ class ReferringTrainer(DefaultTrainer):
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg, seed=self.seed)
+        self.check_test_sets(cfg)
         model = self.wrap_ddp(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer
@@ -307,6 +308,14 @@ class ReferringTrainer(DefaultTrainer):
             # must not draw from the global RNG, or a resumed run's RNG would drift.
             seed=seed,
         )
+
+    @classmethod
+    def check_test_sets(cls, cfg) -> None:
+        """Each ``DATASETS.TEST`` set loads and has all its image files. The trainer checks
+        this before the first iteration: test() would otherwise meet a split missing from
+        the refs file, or a missing image, only after the last one, and score no set."""
+        for name in cfg.DATASETS.TEST:
+            check_image_files(DatasetCatalog.get(name), name)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
