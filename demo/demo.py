@@ -206,6 +206,33 @@ def json_path(image_path: str, output: str) -> str:
     return os.path.join(output, f"{stem}.json")
 
 
+def check_outputs(jobs: Jobs, plan: Dict[Tuple[str, int], str], args) -> None:
+    """DemoError when a file the run would write is an input image, or is also written for
+    another image or expression: either would be lost without a word (an overlay named
+    ``a_mask.png`` is also input ``a.jpg``'s mask; ``--output`` the input folder overwrites
+    a PNG input with its overlay)."""
+    inputs = {os.path.realpath(job.image): job.image for job in jobs}
+    writers: Dict[str, str] = {}
+
+    def claim(path: str, what: str) -> None:
+        real = os.path.realpath(path)
+        if real in inputs:
+            raise DemoError(f"--output {args.output}: {path} ({what}) would overwrite the input image {inputs[real]}")
+        if real in writers:
+            raise DemoError(f"{path} would be written twice, as {writers[real]} and as {what}: rename an input")
+        writers[real] = what
+
+    for (image, k), overlay in plan.items():
+        claim(overlay, f"the overlay of {image}, expression {k}")
+        if args.show_relevance:
+            claim(relevance_path(overlay), f"the relevance picture of {image}, expression {k}")
+        if args.save_masks:
+            claim(mask_path(overlay), f"the mask of {image}, expression {k}")
+    if args.save_json:
+        for job in jobs:
+            claim(json_path(job.image, args.output), f"the JSON of {job.image}")
+
+
 def image_record(path: str, image: np.ndarray, texts: Sequence[str], results: Sequence[Dict]) -> Dict:
     """What ``--save-json`` writes for one image (masks as compressed COCO RLE)."""
     return {
@@ -258,6 +285,7 @@ def run(args) -> Tuple[str, str]:
     jobs = collect_jobs(args)
     cfg = setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts))
     plan = plan_outputs(jobs, args.output)
+    check_outputs(jobs, plan, args)
 
     try:
         predictor = VIPAPredictor(cfg)

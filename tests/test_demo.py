@@ -150,6 +150,29 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
         assert msg.endswith(f"cannot write under {tmp_path / 'a_file'}, which is a file, not a folder")
 
 
+def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(images, tmp_path, capsys):
+    _, files = images
+    folder = tmp_path / "in"
+    folder.mkdir()
+    png = folder / "photo.png"
+    Image.open(files[0]).save(png)
+    before = png.read_bytes()
+    base = ["--config-file", TINY_CONFIG, "--text", "cat"]
+    # The input folder as --output: the overlay of photo.png is photo.png.
+    for output in (folder, png):
+        msg = _refusal(base + ["--input", str(png), "--output", str(output)], capsys)
+        assert msg.endswith(f"would overwrite the input image {png}"), msg
+    assert png.read_bytes() == before
+    # a.jpg's mask and a_mask.jpg's overlay are both a_mask.png.
+    shutil.copy(files[0], tmp_path / "a.jpg")
+    shutil.copy(files[1], tmp_path / "a_mask.jpg")
+    out = tmp_path / "out"
+    msg = _refusal(base + ["--input", str(tmp_path / "a.jpg"), str(tmp_path / "a_mask.jpg"), "--output", str(out),
+                           "--save-masks"], capsys)
+    assert f"{out / 'a_mask.png'} would be written twice" in msg and "the mask of" in msg and "the overlay of" in msg
+    assert not out.exists()
+
+
 def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
     _, files = images
     ckpt, predictor = weights
