@@ -165,7 +165,7 @@ def test_config_digest_sees_defaults():
     assert study.config_digest(cfg) != study.config_digest(other)
 
 
-def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study):
+def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study, capsys):
     tmp, argv, data = quick_study
     run_dir = tmp / "runs" / "language" / "seed0"
     # As if killed after iteration 2: the periodic checkpoint is the last, the entry unfinished.
@@ -174,6 +174,14 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study):
     interrupted = {k: v for k, v in data["runs"]["language/seed0"].items() if k not in ("splits", "status")}
     with open(tmp / "runs" / "study.json", "w") as f:
         json.dump({"runs": {**data["runs"], "language/seed0": {**interrupted, "status": "running"}}}, f)
+    # A killed run's cut-off last line of metrics.json, which the resumed run appends after.
+    with open(run_dir / "metrics.json", "a") as f:
+        f.write('{"iteration": 2, "ti')
+    # While another process holds the run folder (a second study, or the train_net.py of a
+    # study killed outright, which inherits the lock), the run is refused, not trained twice.
+    with study.holding_run_folder("language/seed0", str(run_dir)):
+        assert study.main(argv) == 2
+    assert f"another process runs in {run_dir}" in capsys.readouterr().err
 
     assert study.main(argv) == 0
     with open(tmp / "runs" / "study.json") as f:
@@ -182,6 +190,20 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study):
     assert "model_0000001.pth" in console and "Starting training from iteration 2" in console
     assert resumed["status"] == "done" and resumed["splits"] == data["runs"]["language/seed0"]["splits"]
     assert resumed["wall_s"] > data["runs"]["language/seed0"]["wall_s"]  # both sittings counted
+    assert resumed["sec_per_iter"] > 0
+
+    # Without the entries (dropped, or another --results), a run folder holding the
+    # checkpoints of another recipe is refused: --resume would go on from its weights.
+    with open(tmp / "runs" / "study.json", "w") as f:
+        json.dump({"runs": {}}, f)
+    assert study.main(argv + ["SOLVER.BASE_LR", "0.001"]) == 2
+    err = capsys.readouterr().err
+    assert "holds the checkpoints of a run with another recipe, 1 key(s) differ (SOLVER.BASE_LR: 0.0003 there, 0.001 now)" in err
+
+
+def test_cleanup_removes_periodic_checkpoints_only():
+    assert study.PERIODIC_CHECKPOINT.fullmatch("model_0000499.pth")
+    assert not any(study.PERIODIC_CHECKPOINT.fullmatch(name) for name in ("model_final.pth", "model_best.pth"))
 
 
 study_report = _load_tool("study_report")
@@ -333,7 +355,7 @@ def test_report_draws_a_variant_without_a_split(tmp_path):
 def test_a_run_with_an_unreadable_results_file_is_marked_failed(tmp_path, monkeypatch, capsys):
     # Stands in for a train_net.py run that left a cut evaluator results file: the study
     # marks the run failed, naming the file, instead of stopping with it left "running".
-    def cut_results(train_net, argv, log_path, env, echo):
+    def cut_results(train_net, argv, log_path, env, echo, pass_fds=()):
         run_dir = argv[argv.index("OUTPUT_DIR") + 1]
         os.makedirs(os.path.join(run_dir, "inference"), exist_ok=True)
         for name in ("refsynth_unc_val", "refsynth_unc_testA", "refsynth_unc_testB"):

@@ -31,6 +31,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import threading
@@ -47,6 +48,9 @@ ABLATIONS = os.path.join(REPO, "configs", "synthetic", "ablations")
 # Seconds between writes of a training run's wall time into its entry: a study killed
 # outright (SIGKILL, e.g. when a sitting ends) runs no ``finally``, and would lose the time.
 HEARTBEAT_S = 60.0
+# Checkpoints only a resume needs, removed once a run is done (~0.3 GB each); model_final
+# and model_best (TEST.EVAL_PERIOD) stay.
+PERIODIC_CHECKPOINT = re.compile(r"model_\d{7}\.pth")
 
 
 class StudyError(ValueError):
@@ -189,6 +193,47 @@ def check_same_recipe(key, entry, signature, config, results_path):
                          f"{len(changes)} key(s) differ: {listed}. Use other --results/--output or drop that entry")
 
 
+def check_run_folder(key, run_dir, config):
+    """
+    Raise StudyError when ``run_dir`` holds the checkpoints of a run with another recipe (the
+    config.yaml train_net.py saved there, compared key by key but for OUTPUT_DIR): --resume
+    would go on from that run's weights, or re-evaluate them if it had finished, under this
+    recipe's name.
+    """
+    saved = os.path.join(run_dir, "config.yaml")
+    if not (os.path.isfile(os.path.join(run_dir, "last_checkpoint")) and os.path.isfile(saved)):
+        return
+    stored = flat_config(get_vipa_cfg(saved))
+    changes = sorted(k for k, v in stored.items() if k != "OUTPUT_DIR" and config.get(k) != v)
+    if changes:
+        listed = "; ".join(f"{k}: {stored[k]!r} there, {config.get(k)!r} now" for k in changes[:10])
+        raise StudyError(f"run {key}: {run_dir} holds the checkpoints of a run with another recipe, {len(changes)} "
+                         f"key(s) differ ({listed}); --resume would continue from them. Use another --output "
+                         "or delete that folder")
+
+
+@contextlib.contextmanager
+def holding_run_folder(key, run_dir):
+    """
+    A lock on the folder ``run_dir`` (made if need be) for the block, which gets its file
+    descriptor to hand to the train_net.py it starts: that process holds the lock until it
+    ends, even when the study is killed outright. A second study reaching the run, or a
+    rerun while such a train_net.py still trains there, is refused rather than writing the
+    same checkpoints.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    lock = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise StudyError(f"run {key}: another process runs in {run_dir} (a study, or the train_net.py of a study "
+                             "that was killed, which goes on until it ends): wait for it or stop it") from e
+        yield lock
+    finally:
+        os.close(lock)  # the lock stays with a train_net.py still holding it
+
+
 def git_commit():
     """HEAD of the repository, '-dirty' with uncommitted changes to tracked files (None outside git)."""
     try:  # --exclude: the commit, never a tag's name
@@ -211,31 +256,33 @@ def run_one(key, variant, seed, config_file, shared, args):
         print(f"[study] {key}: done before, skipped")
         return True
     run_dir = os.path.join(os.path.abspath(args.output), variant, f"seed{seed}")
-    entry = {**signature, "config": config, "variant": variant, "seed": seed, "output_dir": run_dir, "status": "running",
-             "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE, "commit": git_commit()}
-    save_entry(args.results, key, entry)
-    print(f"[study] {key}: training {cfg.SOLVER.MAX_ITER} iterations in {run_dir}", flush=True)
-    start = time.perf_counter()
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        with keeping_time(args.results, key, entry):
-            run_train_net(TRAIN_NET, ["--config-file", config_file, "--resume", "--num-gpus", str(args.num_gpus),
-                                      *opts, "OUTPUT_DIR", run_dir], os.path.join(run_dir, "train_console.log"),
-                          {**os.environ, DATASETS_ENV: os.path.abspath(args.data_root)}, print)
-        entry.update(split_scores(run_dir, cfg.DATASETS.TEST), status="done", iterations=cfg.SOLVER.MAX_ITER,
-                     ratio=cfg.MODEL.VIPA.VEG.RATIO, sec_per_iter=iteration_seconds(run_dir),
-                     finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
-    # ValueError: an unreadable results or metrics file of the run (named in the error).
-    except (subprocess.CalledProcessError, FileNotFoundError, ValueError) as e:
-        entry.update(status="failed", error=f"{e} {getattr(e, 'output', '')}"[-800:])
-        print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
-    finally:  # an interrupted run keeps the time it spent (its status stays "running"; killed: see HEARTBEAT_S)
-        entry["wall_s"] += time.perf_counter() - start
+    check_run_folder(key, run_dir, config)
+    with holding_run_folder(key, run_dir) as lock:
+        entry = {**signature, "config": config, "variant": variant, "seed": seed, "output_dir": run_dir,
+                 "status": "running", "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE,
+                 "commit": git_commit()}
         save_entry(args.results, key, entry)
+        print(f"[study] {key}: training {cfg.SOLVER.MAX_ITER} iterations in {run_dir}", flush=True)
+        start = time.perf_counter()
+        try:
+            with keeping_time(args.results, key, entry):
+                run_train_net(TRAIN_NET, ["--config-file", config_file, "--resume", "--num-gpus", str(args.num_gpus),
+                                          *opts, "OUTPUT_DIR", run_dir], os.path.join(run_dir, "train_console.log"),
+                              {**os.environ, DATASETS_ENV: os.path.abspath(args.data_root)}, print, pass_fds=(lock,))
+            entry.update(split_scores(run_dir, cfg.DATASETS.TEST), status="done", iterations=cfg.SOLVER.MAX_ITER,
+                         ratio=cfg.MODEL.VIPA.VEG.RATIO, sec_per_iter=iteration_seconds(run_dir),
+                         finished=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()))
+        # ValueError: an unreadable results or metrics file of the run (named in the error).
+        except (subprocess.CalledProcessError, FileNotFoundError, ValueError) as e:
+            entry.update(status="failed", error=f"{e} {getattr(e, 'output', '')}"[-800:])
+            print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
+        finally:  # an interrupted run keeps the time it spent (its status stays "running"; killed: see HEARTBEAT_S)
+            entry["wall_s"] += time.perf_counter() - start
+            save_entry(args.results, key, entry)
     if entry["status"] == "done":
         print(f"[study] {key}: val oIoU {entry['splits'].get('val', {}).get('oIoU')}, {entry['wall_s']:.0f} s")
-        for name in [] if args.keep_checkpoints else os.listdir(run_dir):  # ~0.3 GB each, only to resume
-            if name.startswith("model_") and name.endswith(".pth") and name != "model_final.pth":
+        for name in [] if args.keep_checkpoints else os.listdir(run_dir):
+            if PERIODIC_CHECKPOINT.fullmatch(name):
                 os.remove(os.path.join(run_dir, name))
     return entry["status"] == "done"
 

@@ -30,12 +30,18 @@ _RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference"
 
 
 def run_train_net(
-    train_net: str, args: Sequence[str], log_path: str, env: Mapping[str, str], echo: Callable[[str], None]
+    train_net: str,
+    args: Sequence[str],
+    log_path: str,
+    env: Mapping[str, str],
+    echo: Callable[[str], None],
+    pass_fds: Sequence[int] = (),
 ) -> float:
     """
-    Run the script ``train_net`` with ``args`` in a fresh process under ``env``: its console
-    output is appended to ``log_path``; the command and the progress lines go to ``echo``.
-    Returns the seconds taken; CalledProcessError (the end of the log as its output) on failure.
+    Run the script ``train_net`` with ``args`` in a fresh process under ``env`` (inheriting
+    the file descriptors ``pass_fds``): its console output is appended to ``log_path``; the
+    command and the progress lines go to ``echo``. Returns the seconds taken;
+    CalledProcessError (the end of the log as its output) on failure.
     """
     cmd = [sys.executable, "-u", train_net, *args]  # unbuffered: the log and the echo keep up
     echo(f"$ {' '.join(cmd)}\n  (console output: {log_path})")
@@ -43,7 +49,8 @@ def run_train_net(
     with open(log_path, "a", buffering=1) as log:
         log.write(f"$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                cwd=os.path.dirname(os.path.abspath(train_net)), env=dict(env))
+                                cwd=os.path.dirname(os.path.abspath(train_net)), env=dict(env),
+                                pass_fds=tuple(pass_fds))
         for line in proc.stdout:
             log.write(line)
             if any(marker in line for marker in PROGRESS_MARKERS):
@@ -130,10 +137,19 @@ def split_scores(output_dir: str, dataset_names: Sequence[str]) -> Dict[str, Dic
 
 
 def iteration_seconds(output_dir: str) -> Optional[float]:
-    """Median seconds per training iteration in Detectron2's ``metrics.json`` (None if none)."""
+    """Median seconds per training iteration in Detectron2's ``metrics.json`` (None if none).
+    A line that is not a JSON object is passed over: a run killed while writing one leaves
+    it cut off, and its resumed run appends after it."""
     path = os.path.join(output_dir, "metrics.json")
     if not os.path.isfile(path):
         return None
+    times = []
     with open(path) as f:
-        times = [row["time"] for row in map(json.loads, f) if "time" in row]
+        for line in f:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(row, dict) and "time" in row:
+                times.append(row["time"])
     return statistics.median(times) if times else None
