@@ -92,6 +92,17 @@ def test_checkpoint_that_runs_code_is_refused_and_nothing_runs(tmp_path):
     assert os.path.isdir(marker)
 
 
+def test_a_file_that_is_no_checkpoint_is_not_sent_to_full_pickle(tmp_path):
+    # A failed download's HTML page: unreadable as weights only and as full pickle alike, so
+    # the error says what it is rather than suggesting MODEL.WEIGHTS_TRUSTED (tools review).
+    path = tmp_path / "model_final.pth"
+    path.write_bytes(b"<!DOCTYPE html><html><body>403 Forbidden</body></html>\n")
+    with pytest.raises(WeightsError, match=r"cannot read the checkpoint \(UnpicklingError: neither a zip archive nor a "
+                                           r"pickle \(Unsupported operand 60\)\); expected a file written by torch.save") as e:
+        load_weights(torch.nn.Linear(2, 2), str(path))
+    assert "WEIGHTS_TRUSTED" not in str(e.value)
+
+
 def test_full_pickle_formats_need_the_opt_in(tmp_path):
     model = torch.nn.Linear(2, 2)
     for name in ("zoo.pkl", "pycls.pyth"):

@@ -82,6 +82,18 @@ def local_weights_path(weights: str, key: str = "MODEL.WEIGHTS") -> str:
     return local
 
 
+def _starts_as_checkpoint(f) -> bool:
+    """Whether ``f`` (a path or a seekable file) begins as torch.save's zip archive or as a
+    pickle (protocol 2 and up, as torch.save's legacy format and Detectron2's .pkl are)."""
+    if isinstance(f, (str, os.PathLike)):
+        with open(f, "rb") as opened:
+            head = opened.read(2)
+    else:
+        f.seek(0)
+        head = f.read(2)
+    return head == b"PK" or head[:1] == pickle.PROTO
+
+
 def torch_load_checkpoint(f, trusted: bool = False, mmap: bool = False):
     """
     ``torch.load`` of a checkpoint on the CPU, with ``weights_only=True`` unless
@@ -99,6 +111,8 @@ def torch_load_checkpoint(f, trusted: bool = False, mmap: bool = False):
         # torch prefixes the unpickler's reason with advice to drop weights_only.
         reason = str(e).split("WeightsUnpickler error:")[-1]
         reason = " ".join(reason.split())
+        if not _starts_as_checkpoint(f):  # an HTML error page, a JSON file: trust would not help
+            raise pickle.UnpicklingError(f"neither a zip archive nor a pickle ({reason})") from None
         raise UntrustedCheckpointError(
             f"{f}: cannot be loaded as weights only ({reason}); {TRUST_HINT}"
         ) from None
