@@ -43,6 +43,18 @@ def test_unreadable_benchmark_stats_are_one_line_before_anything_runs(tmp_path, 
     assert e.value.code == 2 and str(tmp_path / "refsynth" / "stats.json") in err and "Traceback" not in err
 
 
+def test_a_text_encoder_it_cannot_load_is_refused_before_the_gpu_work(tmp_path, capsys, monkeypatch):
+    # Offline, the default bert-base-uncased failed after the training and the profiles.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setitem(gpu_check["main"].__globals__, "train_tiny", pytest.fail)
+    with pytest.raises(SystemExit) as e:
+        gpu_check["main"](["--data-root", str(tmp_path), "--text-encoder", str(tmp_path / "no_such_encoder")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "Traceback" not in err
+    assert f"--text-encoder {tmp_path / 'no_such_encoder'}: cannot load its tokenizer" in err
+    assert "use --text-encoder bundled-minilm" in err
+
+
 def test_arguments_and_the_configs_it_would_run(tmp_path):
     args = gpu_check["get_parser"]().parse_args([])
     assert (args.iters, args.data_root, args.text_encoder) == (300, "datasets", "bert-base-uncased")

@@ -107,6 +107,7 @@ def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys)
         ((str(tmp_path / "gone.pth"), str(tmp_path / "y.pth")), r"--input=.*gone.pth: checkpoint file not found"),
         ((trained, str(tmp_path / "z.pth"), "MODEL.BOGUS", "1"), "invalid config override: Non-existent key: MODEL.BOGUS"),
         ((trained, str(tmp_path / "no_folder" / "w.pth")), r"--output .*no_folder/w.pth: its folder does not exist"),
+        ((trained, str(tmp_path)), r"--output .* is a folder; give the checkpoint file to write"),
     ]
     for args, message in refusals:
         with pytest.raises(SystemExit) as e:

@@ -182,6 +182,11 @@ def main(argv=None) -> int:
         print(f"gpu_check.py: no CUDA device (torch {torch.__version__}, built for CUDA "
               f"{torch.version.cuda or 'none'}): nothing to check on this machine.", file=sys.stderr)
         return NO_CUDA_EXIT
+    try:  # the hub's BERT-base needs network or a local copy: said now, not after the GPU work
+        build_tokenizer(paper_cfg(args))
+    except (OSError, ValueError) as e:
+        parser.error(f"--text-encoder {args.text_encoder}: cannot load its tokenizer ({' '.join(str(e).split())[:300]}); "
+                     "without the hub or a local copy, use --text-encoder bundled-minilm")
     seconds, step, oiou = train_tiny(args, have_data)
     rows = [["tiny config, AMP train + eval", f"{args.iters} iterations",
              f"{seconds:.0f} s in all, {step:.3f} s/iter (median, last {STEADY_SHARE:.0%}), val oIoU {oiou:.2f}"]]

@@ -44,6 +44,8 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
     local_weights_path(source, key="--input")  # FileNotFoundError naming --input
     if not os.path.isdir(os.path.dirname(os.path.abspath(output))):  # before the model is built and loaded
         raise FileNotFoundError(f"--output {output}: its folder does not exist")
+    if os.path.isdir(output):
+        raise ValueError(f"--output {output} is a folder; give the checkpoint file to write, e.g. {output}/model_slim.pth")
     cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
     cfg.freeze()
     model = build_model(cfg)
@@ -56,8 +58,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parser.parse_args(argv)
     try:
         export(args.config_file, args.input, args.output, args.fp16, args.opts)
-    # ConfigError and WeightsError are ValueErrors; each of these names the file or key.
-    except (ValueError, FileNotFoundError) as e:
+    # ConfigError and WeightsError are ValueErrors; each of these names the file or key (an
+    # OSError of the write names the file too: a full disk, a folder removed meanwhile).
+    except (ValueError, OSError) as e:
         parser.error(str(e))
     before, after = os.path.getsize(args.input), os.path.getsize(args.output)
     precision = "fp16" if args.fp16 else "fp32"
