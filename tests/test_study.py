@@ -315,6 +315,13 @@ def test_report_and_study_refuse_a_results_file_they_cannot_use(tmp_path, capsys
         json.dumps({"runs": {"vipa/seed0": 5}}): "run 'vipa/seed0' holds int, expected an object",
         json.dumps({"runs": {"vipa/seed0": {k: v for k, v in done.items() if k != "ratio"}}}):
             "finished run 'vipa/seed0' has no ratio",
+        json.dumps({"runs": {"vipa/seed0": {**done, "splits": {"val": None}}}}):
+            "finished run 'vipa/seed0': 'splits' holds {\"val\": null}, expected an object",
+        # A shortened smoke-test seed beside full runs would be averaged and paired with them.
+        json.dumps({"runs": {"vipa/seed0": {**done, "opts": ["SEED", "0"]},
+                             "vipa/seed1": {**done, "seed": 1, "opts": ["SOLVER.MAX_ITER", "100", "SEED", "1"]}}}):
+            "finished runs 'vipa/seed0' and 'vipa/seed1' were made with other settings (4 iterations, overrides []; "
+            "4 iterations, overrides ['SOLVER.MAX_ITER', '100'])",
     }
     for i, (content, problem) in enumerate(cases.items()):
         path = tmp_path / f"results{i}.json"

@@ -186,16 +186,32 @@ def eval_case(label, cfg, model, dataset, samples, results):
     return {f"{label} | evaluation": run}
 
 
+def refuse(message: str) -> int:
+    print(f"model_cost.py: error: {message}", file=sys.stderr)
+    return 2
+
+
 def main(argv=None):
     args = parse_args(argv)
     torch.set_num_threads(args.threads or torch.get_num_threads())
     os.environ[DATASETS_ENV] = os.path.abspath(args.data_root)
     result = {"config_file": args.config_file, "opts": args.opts, "threads": torch.get_num_threads()}
     cases, metrics = {}, {}
+    if args.eval_weights:  # said now in one line, not as a traceback after the cost work
+        try:
+            DatasetCatalog.get(args.dataset)
+        except (OSError, ValueError) as e:
+            return refuse(f"--dataset {args.dataset} (--data-root {args.data_root}): {e}")
     with tempfile.TemporaryDirectory() as tmpdir:
         for alt in [""] + args.alt:
             cfg = setup_cfg(args, alt.split(), tmpdir)
             model = build_as_trained(cfg).eval()
+            if args.eval_weights:
+                try:
+                    load_weights(model, args.eval_weights)  # weights-only and strict
+                except ValueError as e:  # WeightsError, UntrustedCheckpointError
+                    return refuse(f"--eval-weights {args.eval_weights} does not load into --config-file "
+                                  f"{args.config_file}{' with ' + alt if alt else ''}: {e}")
             label = alt or "config"
             if not alt:  # the cost table and the process settings are the config's own
                 result["keep_freed_host_memory"] = cfg.MODEL.KEEP_FREED_HOST_MEMORY and keep_freed_host_memory()
@@ -208,7 +224,6 @@ def main(argv=None):
                     result["time_ms"] = {k: v * 1e3 for k, v in time_modules(model, one, args.time).items()}
             cases.update(speed_cases(label, cfg, model, args.batches, args.train_batch))
             if args.eval_weights:
-                load_weights(model, args.eval_weights)  # weights-only and strict
                 cases.update(eval_case(label, cfg, model, args.dataset, args.eval_samples, metrics))
         result["timings"] = interleaved(cases, args.repeats, args.warmup) if cases else {}
         if args.profile:

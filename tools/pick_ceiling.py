@@ -56,6 +56,18 @@ def run_datasets(run: str, datasets):
     return list(get_vipa_cfg(config, []).DATASETS.TEST)
 
 
+def sample_problem(sample):
+    """What is wrong with one per-sample entry for this tool (None when it can be read)."""
+    if not isinstance(sample, dict):
+        return f"is {type(sample).__name__}, expected an object with {list(SAMPLE_KEYS)}"
+    lacking = [k for k in SAMPLE_KEYS if k not in sample]
+    if lacking:
+        return f"lacks {lacking} (expected {list(SAMPLE_KEYS)})"
+    numbers = {k: sample[k] for k in SAMPLE_KEYS if k != "gt_empty"}
+    wrong = {k: v for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
+    return f"holds {wrong}, expected numbers" if wrong else None
+
+
 def run_rows(run: str, datasets):
     """One table row per evaluated dataset of ``run`` (its shuffled control left out)."""
     names = run_datasets(run, datasets)
@@ -64,9 +76,10 @@ def run_rows(run: str, datasets):
         samples = results[name].get("samples")
         if not samples:
             raise ValueError(f"{run}: the results of {name} hold no per-sample entries")
-        lacking = sorted({k for s in samples for k in SAMPLE_KEYS if k not in s})
-        if lacking:
-            raise ValueError(f"{run}: per-sample results of {name} lack {lacking} (expected {list(SAMPLE_KEYS)})")
+        for i, sample in enumerate(samples):
+            problem = sample_problem(sample)
+            if problem:
+                raise ValueError(f"{run}: per-sample results of {name}: samples[{i}] {problem}")
         h = split_hits(samples)
         yield [run, split_label(name), h["oIoU"], h["hit_oIoU"], h["misses"], h["hits"] + h["misses"], h["no_target"]]
 

@@ -14,6 +14,7 @@ and ``differences.png`` (the paired differences, the rule's question, on a scale
 show: linear near zero, logarithmic beyond DIFFERENCE_LINEAR_RANGE). No targets, no paper numbers.
 """
 import argparse
+import json
 import math
 import os
 import statistics
@@ -87,11 +88,32 @@ def load_runs(path):
     """The finished runs of a results file, by variant (:func:`by_variant`); ValueError
     naming the file and the run where the file is not what tools/study.py writes."""
     runs = read_study_results(path)["runs"]
+    settings = {}  # setting -> the first finished run made with it
     for key, entry in runs.items():
+        if entry.get("status") != "done":
+            continue
         missing = [k for k in REQUIRED_KEYS if k not in entry]
-        if entry.get("status") == "done" and missing:
+        if missing:
             raise ValueError(f"{path}: finished run {key!r} has no {', '.join(missing)}")
+        splits = entry["splits"]
+        if not isinstance(splits, dict) or not all(isinstance(scores, dict) for scores in splits.values()):
+            raise ValueError(f"{path}: finished run {key!r}: 'splits' holds {json.dumps(splits)[:200]}, "
+                             "expected an object of {split: {metric: value}}")
+        settings.setdefault(run_setting(entry), key)
+    if len(settings) > 1:  # means over seeds and paired differences compare like with like only
+        (first, first_key), (other, other_key) = list(settings.items())[:2]
+        raise ValueError(f"{path}: finished runs {first_key!r} and {other_key!r} were made with other settings "
+                         f"({first[0]} iterations, overrides {list(first[1])}; {other[0]} iterations, overrides "
+                         f"{list(other[1])}): keep each setting in its own results file")
     return by_variant(runs)
+
+
+def run_setting(entry):
+    """(iterations, the overrides but SEED) of a finished run: what its seeds and the
+    variants it is paired with must share."""
+    opts = entry.get("opts") or []
+    pairs = zip(opts[::2], opts[1::2])
+    return entry["iterations"], tuple(item for key, value in pairs if key != "SEED" for item in (key, value))
 
 
 def stored_metrics(runs):

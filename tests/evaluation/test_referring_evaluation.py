@@ -466,3 +466,11 @@ def test_pick_ceiling_names_missing_results(tmp_path, capsys):
     assert f"{tmp_path / 'run'}: no evaluation results for ['not_evaluated']" in err
     assert tool.main([str(tmp_path / "empty")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
+    # A per-sample entry that is not an object of numbers: one line naming it, no traceback.
+    results = tmp_path / "run" / "inference" / f"referring_results_{PLAIN}.json"
+    good = json.loads(results.read_text())
+    for bad, problem in ((None, "is NoneType, expected an object"), ({**good["samples"][1], "union": "4"},
+                                                                      "holds {'union': '4'}, expected numbers")):
+        results.write_text(json.dumps({**good, "samples": [good["samples"][0], bad]}))
+        assert tool.main([str(tmp_path / "run"), "--datasets", PLAIN]) == 2
+        assert f"per-sample results of {PLAIN}: samples[1] {problem}" in capsys.readouterr().err

@@ -685,6 +685,23 @@ def test_model_cost_refuses_what_would_fail_after_the_timing(tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err, args
 
 
+def test_model_cost_refuses_data_and_weights_it_cannot_use_before_the_cost_work(synthetic_benchmark, tmp_path, capsys):
+    # Each was a traceback after the cost table and the timings (tools review, session 47).
+    tool = load_script("tools/model_cost.py")
+    weights = tmp_path / "linear.pth"
+    torch.save({"model": torch.nn.Linear(2, 2).state_dict()}, weights)
+    base = ["--config-file", TINY_CONFIG, "--eval-weights", str(weights), "--repeats", "1"]
+    assert tool.main([*base, "--data-root", str(tmp_path / "empty")]) == 2
+    err = capsys.readouterr().err
+    assert f"model_cost.py: error: --dataset refsynth_unc_val (--data-root {tmp_path / 'empty'}): " in err
+    assert "Traceback" not in err
+    root, _ = synthetic_benchmark(6, image_size=64)
+    assert tool.main([*base, "--data-root", root, "MODEL.TEXT_ENCODER.FREEZE", "True"]) == 2
+    captured = capsys.readouterr()
+    assert f"--eval-weights {weights} does not load into --config-file {TINY_CONFIG}: " in captured.err
+    assert "unexpected" in captured.err and "GMACs" not in captured.out  # before the cost table
+
+
 def test_model_cost_times_a_training_step_of_the_tiny_config():
     # tools/model_cost.py --train-batch: its made-up batch must carry every input the tiny
     # config's losses need (the object choice trains on object_in_group).
