@@ -11,8 +11,10 @@ It serves on http://127.0.0.1:7860 (``--host`` / ``--port`` to change; binding a
 address than loopback exposes the model to your network). The same function is an HTTP
 API, ``/segment`` (see the page's "Use via API" link, or ``gradio_client``):
 ``(image, expressions) -> (overlays, relevance figures, word table, details)``; details is
-a list, per expression, of its text, confidence, no-target score, mask area and, per word,
-the visual tokens it retrieved and the share of their area on the mask.
+a list, per expression, of its text, whether it was longer than ``INPUT.MAX_TEXT_LEN``
+tokens (``truncated``: the model read only its beginning; the page warns too), confidence,
+no-target score, mask area and, per word, the visual tokens it retrieved and the share of
+their area on the mask. Uploads are read as ``VIPAPredictor`` reads files.
 """
 import argparse
 import sys
@@ -21,8 +23,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import gradio as gr
 import numpy as np
 
-from demo import DemoError, setup_cfg  # demo/demo.py: this script's folder is sys.path[0]
-from vipa_d2.predictor import VIPAPredictor, WeightsError
+from demo import DemoError, add_override_arguments, setup_cfg  # demo/demo.py: this script's folder is sys.path[0]
+from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image
 from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure, token_cells
 
 # Gradio's own default port; loopback only unless the user says otherwise.
@@ -48,10 +50,12 @@ def share_on_mask(cue: Dict, mask: np.ndarray) -> float:
     return 100.0 * np.count_nonzero(cells & mask) / area if area else 0.0
 
 
-def describe(text: str, result: Dict) -> Dict:
+def describe(text: str, result: Dict, truncated: bool = False) -> Dict:
     """The JSON-able facts of one prediction: what the page's tables and the API return."""
     return {
         "expression": text,
+        # Longer than INPUT.MAX_TEXT_LEN tokens: the model read only its beginning.
+        "truncated": truncated,
         "confidence": round(float(result["confidence"]), 4),
         "no_target_score": round(float(result["no_target_score"]), 4),
         "mask_pixels": int(np.count_nonzero(result["mask"])),
@@ -79,22 +83,31 @@ def word_table(details: List[Dict]) -> List[List]:
 
 
 def make_segment(predictor: VIPAPredictor):
-    """The page's callback: RGB image + expressions -> overlays, relevance figures, details."""
+    """The page's callback: image file + expressions -> overlays, relevance figures, details."""
     image_format = predictor.input_format
 
-    def segment(image: Optional[np.ndarray], expressions: str) -> Tuple[List, List, List[List], List[Dict]]:
-        if image is None:
+    def segment(image_path: Optional[str], expressions: str) -> Tuple[List, List, List[List], List[Dict]]:
+        if image_path is None:
             raise gr.Error("Upload an image first.")
         texts = parse_expressions(expressions)
-        # Gradio hands over RGB; the predictor and the drawing take cfg.INPUT.FORMAT.
-        image = np.ascontiguousarray(image if image_format == "RGB" else image[:, :, ::-1])
+        # Read as the predictor reads files (EXIF, palettes, refusing 16-bit), in the
+        # config's INPUT.FORMAT: Gradio's own conversion made a 16-bit image all white and
+        # handed a GIF over as a 2-D array of palette indices.
+        try:
+            image = read_image(image_path, image_format)
+        except (OSError, ValueError) as e:
+            raise gr.Error(f"Cannot use this image: {e}") from e
+        cut = predictor.cut_expressions(texts)
+        if cut:
+            gr.Warning(f"Longer than {predictor.max_text_len} tokens, so read only in part: "
+                       + "; ".join(repr(texts[i]) for i in cut))
         results = predictor(image, texts)
         overlays = [(draw_overlay(image, r, t, image_format=image_format), t) for t, r in zip(texts, results)]
         figures = [
             (draw_relevance_figure(image, r, t, image_format=image_format), t)
             for t, r in zip(texts, results)
         ]
-        details = [describe(t, r) for t, r in zip(texts, results)]
+        details = [describe(t, r, i in cut) for i, (t, r) in enumerate(zip(texts, results))]
         return overlays, figures, word_table(details), details
 
     return segment
@@ -107,7 +120,7 @@ def build_app(predictor: VIPAPredictor) -> gr.Blocks:
         gr.Markdown(f"# {TITLE}\nUpload an image and type one referring expression per line.")
         with gr.Row():
             with gr.Column():
-                image = gr.Image(type="numpy", image_mode="RGB", label="Image")
+                image = gr.Image(type="filepath", image_mode=None, label="Image")
                 expressions = gr.Textbox(
                     lines=3, label="Referring expressions (one per line)",
                     placeholder="the red circle\nthe second square from the left",
@@ -139,14 +152,14 @@ def get_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config file")
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to serve on (default: loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on")
-    parser.add_argument("opts", nargs=argparse.REMAINDER, metavar="KEY VALUE", help="config overrides")
+    add_override_arguments(parser)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     try:
-        predictor = VIPAPredictor(setup_cfg(args.config_file, args.opts))
+        predictor = VIPAPredictor(setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts)))
     except (DemoError, FileNotFoundError, WeightsError, ValueError) as e:
         print(f"app.py: error: {e}", file=sys.stderr)
         return 1

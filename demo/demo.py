@@ -96,6 +96,13 @@ def get_parser() -> argparse.ArgumentParser:
         "--save-json", action="store_true",
         help="also write a JSON per image: text, COCO RLE mask, confidence, no-target score, retrieved words",
     )
+    add_override_arguments(parser)
+    return parser
+
+
+def add_override_arguments(parser: argparse.ArgumentParser) -> None:
+    """Config overrides after ``--opts`` (``args.opts``) or, Detectron2 style, at the end of
+    the command line (``args.trailing_opts``); the two lists add up, in that order."""
     parser.add_argument(
         "--opts", nargs="*", default=[], metavar="KEY VALUE",
         help="config overrides as KEY VALUE pairs, e.g. --opts MODEL.DEVICE cpu",
@@ -104,7 +111,6 @@ def get_parser() -> argparse.ArgumentParser:
         "trailing_opts", nargs=argparse.REMAINDER, metavar="KEY VALUE",
         help="config overrides, Detectron2 style, at the end of the command line",
     )
-    return parser
 
 
 def setup_cfg(config_file: str, opts: Sequence[str]):

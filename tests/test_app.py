@@ -103,6 +103,31 @@ def test_api_refuses_blank_expressions_with_a_message(app_module, client, sample
         client.predict(gradio_client.handle_file(sample[0]), " \n ", api_name="/" + app_module.API_NAME)
 
 
+def test_uploads_are_read_as_the_predictor_reads_files(app_module, client, predictor, sample, tmp_path):
+    # Gradio's own RGB conversion made a 16-bit image all white (segmented without a word)
+    # and handed a GIF over as palette indices (a bare "Error"); web demo review, session 47.
+    path, texts = sample
+    gray16 = tmp_path / "gray16.png"
+    Image.fromarray((np.asarray(Image.open(path).convert("L")).astype(np.uint16) * 257)).save(gray16)
+    with pytest.raises(gradio_client.exceptions.AppError, match="Cannot use this image: .*16-bit"):
+        client.predict(gradio_client.handle_file(str(gray16)), texts[0], api_name="/" + app_module.API_NAME)
+    gif = tmp_path / "upload.gif"
+    Image.open(path).convert("P").save(gif)
+    _, _, _, details = client.predict(gradio_client.handle_file(str(gif)), texts[0], api_name="/" + app_module.API_NAME)
+    expected = predictor(str(gif), texts[0])
+    assert details[0]["mask_pixels"] == int(expected["mask"].sum()) > 0 and details[0]["truncated"] is False
+
+
+def test_details_say_which_expressions_the_model_read_in_part(app_module, client, predictor, sample):
+    path, texts = sample
+    long = " ".join(["the shape"] * predictor.max_text_len)
+    _, _, _, details = client.predict(
+        gradio_client.handle_file(path), f"{texts[0]}\n{long}", api_name="/" + app_module.API_NAME
+    )
+    assert [d["truncated"] for d in details] == [False, True]
+    assert predictor.cut_expressions([texts[0], long]) == {1: len(predictor.tokenizer(long)["input_ids"])}
+
+
 def test_share_on_mask(app_module):
     tokens = np.zeros((2, 2), bool)
     tokens[0, 0] = tokens[1, 1] = True  # two retrieved tokens of a 2x2 grid on a 4x4 image
@@ -121,4 +146,7 @@ def test_share_on_mask(app_module):
 
 def test_serves_on_loopback_by_default(app_module):
     args = app_module.get_parser().parse_args(["--config-file", TINY_CONFIG, "MODEL.DEVICE", "cpu"])
-    assert args.host == LOOPBACK and args.opts == ["MODEL.DEVICE", "cpu"]
+    assert args.host == LOOPBACK and args.trailing_opts == ["MODEL.DEVICE", "cpu"]
+    # ... and --opts, as README and demo.py have it.
+    args = app_module.get_parser().parse_args(["--config-file", TINY_CONFIG, "--opts", "TEST.AUG.ENABLED", "True"])
+    assert args.opts == ["TEST.AUG.ENABLED", "True"] and args.trailing_opts == []

@@ -327,6 +327,21 @@ def test_unicode_caption_is_drawn_not_replaced():
     np.testing.assert_array_equal(drawn["the café table"][band:], image[band:])
 
 
+def test_dollar_signs_are_drawn_as_text_not_math():
+    # matplotlib reads text between two "$" as a formula: "$5 or $" lost its signs and spaces,
+    # and "$^$" raised a parse error (web demo review, session 47).
+    image = np.full((96, 320, 3), 120, np.uint8)
+    _, band = caption_layout("the $5 or the $6 bill", *image.shape[:2])
+
+    def right_ink(text):  # the rightmost column of the band not at its (dimmed) background
+        drawn = draw_caption(image, text)[:band, :, 0]
+        background = np.bincount(drawn.ravel()).argmax()
+        return np.nonzero((drawn != background).any(axis=0))[0].max()
+
+    assert right_ink("the $5 or the $6 bill") > right_ink("the 5 or the 6 bill")
+    assert draw_caption(image, "the tag reading $^$").shape == image.shape
+
+
 def test_prediction_beside_target():
     image = np.random.default_rng(0).integers(0, 256, (64, 80, 3), dtype=np.uint8)
     prediction, target = np.zeros((64, 80), bool), np.zeros((64, 80), bool)

@@ -106,14 +106,19 @@ class VIPAPredictor:
             )
         return image
 
-    def _warn_cut(self, texts: List[str]) -> None:
-        """Say which expressions INPUT.MAX_TEXT_LEN cuts (the model reads their first words only)."""
+    def cut_expressions(self, texts: List[str]) -> Dict[int, int]:
+        """{index: token count} of the expressions longer than INPUT.MAX_TEXT_LEN tokens
+        ([CLS] and [SEP] included): the model reads only their beginning."""
         lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
-        cut = [f"#{i} ({n} tokens)" for i, n in enumerate(lengths) if n > self.max_text_len]
+        return {i: n for i, n in enumerate(lengths) if n > self.max_text_len}
+
+    def _warn_cut(self, texts: List[str]) -> None:
+        cut = self.cut_expressions(texts)
         if cut:
             logger.warning(
-                f"Expressions {', '.join(cut)} are longer than INPUT.MAX_TEXT_LEN={self.max_text_len} tokens "
-                "([CLS] and [SEP] included): the model reads only their beginning"
+                f"Expressions {', '.join(f'#{i} ({n} tokens)' for i, n in cut.items())} are longer than "
+                f"INPUT.MAX_TEXT_LEN={self.max_text_len} tokens ([CLS] and [SEP] included): the model reads "
+                "only their beginning"
             )
 
     @torch.no_grad()

@@ -154,8 +154,11 @@ def draw_caption(image: np.ndarray, text: str, image_format: str = "RGB") -> np.
     points = size * POINTS_PER_INCH / visualizer.output.dpi
     y = pad
     for line in lines:
+        # Escaped dollar signs: matplotlib would read text between two of them as a
+        # formula ("the $5 bill left of the $10 bill" lost its signs and spaces).
         visualizer.draw_text(
-            line, (pad, y), font_size=points, color=CAPTION_TEXT_COLOR, horizontal_alignment="left"
+            line.replace("$", r"\$"), (pad, y), font_size=points, color=CAPTION_TEXT_COLOR,
+            horizontal_alignment="left",
         )
         y += _line_height(size) + pad
     out[:band] = visualizer.output.get_image()
