@@ -199,6 +199,12 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study, capsys):
     assert study.main(argv + ["SOLVER.BASE_LR", "0.001"]) == 2
     err = capsys.readouterr().err
     assert "holds the checkpoints of a run with another recipe, 1 key(s) differ (SOLVER.BASE_LR: 0.0003 there, 0.001 now)" in err
+    # ... and so is one whose config.yaml holds a key this version does not have.
+    saved = run_dir / "config.yaml"
+    saved.write_text(saved.read_text() + "REMOVED_KEY: 1\n")
+    assert study.main(argv) == 2
+    err = capsys.readouterr().err
+    assert "holds the checkpoints of a run whose config.yaml this version cannot read" in err and "REMOVED_KEY" in err
 
 
 def test_cleanup_removes_periodic_checkpoints_only():
@@ -318,10 +324,14 @@ def test_report_and_study_refuse_a_results_file_they_cannot_use(tmp_path, capsys
         json.dumps({"runs": {"vipa/seed0": {**done, "splits": {"val": None}}}}):
             "finished run 'vipa/seed0': 'splits' holds {\"val\": null}, expected an object",
         # A shortened smoke-test seed beside full runs would be averaged and paired with them.
+        json.dumps({"runs": {"vipa/seed0": {**done, "opts": ["A", "1", "SEED", "0"]},
+                             "vipa/seed1": {**done, "seed": 1, "opts": ["A", "1", "SEED", "1"], "iterations": 100}}}):
+            "finished runs 'vipa/seed0' and 'vipa/seed1' were made with other settings (4 iterations, overrides "
+            "['A', '1']; 100 iterations, overrides ['A', '1'])",
         json.dumps({"runs": {"vipa/seed0": {**done, "opts": ["SEED", "0"]},
-                             "vipa/seed1": {**done, "seed": 1, "opts": ["SOLVER.MAX_ITER", "100", "SEED", "1"]}}}):
+                             "vipa/seed1": {**done, "seed": 1, "opts": ["MODEL.X", "2", "SEED", "1"]}}}):
             "finished runs 'vipa/seed0' and 'vipa/seed1' were made with other settings (4 iterations, overrides []; "
-            "4 iterations, overrides ['SOLVER.MAX_ITER', '100'])",
+            "4 iterations, overrides ['MODEL.X', '2'])",
     }
     for i, (content, problem) in enumerate(cases.items()):
         path = tmp_path / f"results{i}.json"
@@ -334,6 +344,15 @@ def test_report_and_study_refuse_a_results_file_they_cannot_use(tmp_path, capsys
             assert err.split(": ", 2)[2].rstrip() in capsys.readouterr().err
     assert study_report.main([str(tmp_path / "none.json"), "--output", str(out)]) == 2
     assert "none.json: cannot read it (No such file or directory)" in capsys.readouterr().err
+    # The same overrides in another order, and each leaf's own warm-up under --max-iter,
+    # are one setting.
+    same = tmp_path / "same.json"
+    same.write_text(json.dumps({"runs": {
+        "vipa/seed0": {**done, "opts": ["A", "1", "B", "2", "SOLVER.WARMUP_ITERS", "1", "SEED", "0"]},
+        "language/seed0": {**_entry("language", 0, 79.0, 79.0, 79.0),
+                           "opts": ["B", "2", "A", "1", "SOLVER.WARMUP_ITERS", "3", "SEED", "0"]},
+    }}))
+    assert study_report.main([str(same), "--output", str(tmp_path / "same_docs")]) == 0
     good = tmp_path / "good.json"
     good.write_text(json.dumps({"runs": {"vipa/seed0": done}}))
     assert study_report.main([str(good), "--output", str(out), "--metric", "oIOU"]) == 2

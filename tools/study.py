@@ -206,7 +206,12 @@ def check_run_folder(key, run_dir, config):
     saved = os.path.join(run_dir, "config.yaml")
     if not (os.path.isfile(os.path.join(run_dir, "last_checkpoint")) and os.path.isfile(saved)):
         return
-    stored = flat_config(get_vipa_cfg(saved))
+    try:
+        stored = flat_config(get_vipa_cfg(saved))
+    except ConfigError as e:  # a key removed since, say: another recipe too
+        raise StudyError(f"run {key}: {run_dir} holds the checkpoints of a run whose config.yaml this version "
+                         f"cannot read ({e}); --resume would continue from them. Use another --output or delete "
+                         "that folder") from e
     changes = sorted(k for k, v in stored.items() if k != "OUTPUT_DIR" and config.get(k) != v)
     if changes:
         listed = "; ".join(f"{k}: {stored[k]!r} there, {config.get(k)!r} now" for k in changes[:10])

@@ -108,12 +108,17 @@ def load_runs(path):
     return by_variant(runs)
 
 
+# Overrides a run's setting leaves out: the seed, and the schedule study.py's --max-iter
+# derives from each leaf's own (its length is the "iterations" compared).
+PER_RUN_KEYS = ("SEED", "SOLVER.MAX_ITER", "SOLVER.WARMUP_ITERS", "SOLVER.CHECKPOINT_PERIOD")
+
+
 def run_setting(entry):
-    """(iterations, the overrides but SEED) of a finished run: what its seeds and the
-    variants it is paired with must share."""
+    """(iterations, the other overrides in key order) of a finished run: what its seeds and
+    the variants it is paired with must share."""
     opts = entry.get("opts") or []
-    pairs = zip(opts[::2], opts[1::2])
-    return entry["iterations"], tuple(item for key, value in pairs if key != "SEED" for item in (key, value))
+    pairs = sorted((key, value) for key, value in zip(opts[::2], opts[1::2]) if key not in PER_RUN_KEYS)
+    return entry["iterations"], tuple(item for pair in pairs for item in pair)
 
 
 def stored_metrics(runs):
