@@ -79,7 +79,32 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         ((TINY_CONFIG, ("INPUT.CROP.ENABLED", "True")), "INPUT.CROP.ENABLED=True: the referring pipeline does not read it"),
         ((str(loop), ()), f"invalid config file {loop}: its _BASE_ chain comes back to a file it has read"),
         ((str(listed), ()), f"invalid config file {listed}: expected a mapping of config keys at the top level"),
+        # A YAML blank or a None override (yacs lets None replace any value), and names read
+        # only by a loader, the evaluator or the optimizer: one line here, not a traceback
+        # after the model or the training (config review, session 47).
+        ((TINY_CONFIG, ("INPUT.IMAGE_SIZE", "None")), "INPUT.IMAGE_SIZE=None: expected an integer >= 1"),
+        ((TINY_CONFIG, ("MODEL.PIXEL_STD", "None")), "MODEL.PIXEL_STD=None: expected 3 values"),
+        ((TINY_CONFIG, ("TEST.EXPECTED_RESULTS", "None")), "TEST.EXPECTED_RESULTS=None: expected a list of"),
+        ((TINY_CONFIG, ("TEST.EVAL_RESOLUTION", "Original")),
+         "TEST.EVAL_RESOLUTION='Original': expected one of ('original', 'input')"),
+        ((TINY_CONFIG, ("INPUT.RESIZE_MODE", "keep-ratio")), "INPUT.RESIZE_MODE='keep-ratio': expected one of"),
+        ((TINY_CONFIG, ("INPUT.RANDOM_FLIP", "vertical")), "INPUT.RANDOM_FLIP='vertical': expected one of"),
+        ((TINY_CONFIG, ("SOLVER.OPTIMIZER", "LION")), "SOLVER.OPTIMIZER='LION': expected one of ('ADAMW', 'SGD')"),
     ]
+    # Files a merge would read wrong or answer with a Python error, named with the file.
+    files = {
+        "twice.yaml": ("MODEL:\n  VIPA:\n    HIDDEN_DIM: 64\nSEED: 1\nMODEL:\n  WEIGHTS: ''\n",
+                       "line 5: MODEL is given a second time (first at line 1); the second would replace the first"),
+        "empty.yaml": ("# nothing yet\n", "it is empty; expected a mapping of config keys"),
+        "blank_section.yaml": ("MODEL:\n  # VIPA:\n  #   HIDDEN_DIM: 64\n", "MODEL: expected a section of keys, got None"),
+        "base_number.yaml": ("_BASE_: 3\n", "_BASE_: expected a config file name or a list of them, got 3"),
+    }
+    for name, (text, message) in files.items():
+        (tmp_path / name).write_text(text)
+        cases.append(((str(tmp_path / name), ()), f"invalid config file {tmp_path / name}: {message}"))
+    # ... in any file of the _BASE_ chain, named by that file.
+    (tmp_path / "leaf.yaml").write_text('_BASE_: "twice.yaml"\n')
+    cases.append(((str(tmp_path / "leaf.yaml"), ()), f"invalid config file {tmp_path / 'twice.yaml'}: line 5"))
     for args, message in cases:
         with pytest.raises(ConfigError) as e:
             get_vipa_cfg(*args)

@@ -9,6 +9,7 @@ import sys
 
 import pytest
 import torch
+from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import HookBase, launch
 
@@ -315,6 +316,12 @@ def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_pa
     shutil.copy(os.path.join(root, os.path.relpath(restored, broken)), restored)
     with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files do not exist: {gone}$"):
         train_net.Trainer(cfg)
+    # An image whose size is not its records' (Detectron2's SizeMismatchError in a worker,
+    # or after the training): refused before the first batch too (config review, session 47).
+    Image.open(os.path.join(root, os.path.relpath(gone, broken))).resize((20, 30)).save(gone)
+    with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files are not the height x width of "
+                                                 rf"their records \(after EXIF rotation\): {gone} is 30 x 20, its records say"):
+        train_net.Trainer.build_test_loader(cfg, VAL)
 
 
 # A fresh interpreter (the setting is process-wide): how much of a live 64 MB tensor glibc

@@ -1,4 +1,5 @@
 """Config keys added by vipa_d2 on top of Detectron2's defaults."""
+import os
 from typing import Sequence
 
 import yaml
@@ -485,17 +486,45 @@ def check_sizes(cfg) -> None:
     """ValueError naming the first size key of _SIZE_KEYS below its smallest value, or a
     pixel mean / std that is not one value per input channel."""
     for key, smallest in _SIZE_KEYS.items():
-        value = _value(cfg, key)
-        if value < smallest:
+        value = _value(cfg, key)  # yacs lets a YAML blank or a None override replace any value
+        if not isinstance(value, int) or isinstance(value, bool) or value < smallest:
             raise ValueError(f"{key}={value!r}: expected an integer >= {smallest}")
     for key in ("PIXEL_MEAN", "PIXEL_STD"):
-        if len(cfg.MODEL[key]) != 3:
-            raise ValueError(f"MODEL.{key}={list(cfg.MODEL[key])}: expected 3 values, one per input channel")
+        value = cfg.MODEL[key]
+        if not isinstance(value, (list, tuple)) or len(value) != 3:
+            raise ValueError(f"MODEL.{key}={quote(value)}: expected 3 values, one per input channel")
+
+
+def _choice_keys():
+    """{key: the names it takes} of the keys read only when a loader, the evaluator or the
+    optimizer is built: after the model, or (the evaluator) after the whole training."""
+    from .data.dataset_mapper import FLIP_MODES, RESIZE_MODES
+    from .data.eval_resolution import EVAL_RESOLUTIONS
+    from .engine.optimizer import OPTIMIZERS
+
+    return {
+        "INPUT.RESIZE_MODE": RESIZE_MODES,
+        "INPUT.RANDOM_FLIP": FLIP_MODES,
+        "TEST.EVAL_RESOLUTION": EVAL_RESOLUTIONS,
+        "SOLVER.OPTIMIZER": OPTIMIZERS,
+    }
+
+
+def check_choices(cfg) -> None:
+    """ValueError naming the first key of :func:`_choice_keys` set to a name it does not take."""
+    for key, names in _choice_keys().items():
+        value = _value(cfg, key)
+        # SOLVER.OPTIMIZER is read case-blind, as detectron2 users write it either way.
+        given = value.upper() if key == "SOLVER.OPTIMIZER" and isinstance(value, str) else value
+        if given not in names:
+            raise ValueError(f"{key}={value!r}: expected one of {names}")
 
 
 def check_expected_results(entries) -> None:
     """ValueError naming the first ``TEST.EXPECTED_RESULTS`` entry that is not
     ``[task, metric, value, tolerance]`` (vipa_d2/engine/expected_results.py reads them)."""
+    if not isinstance(entries, (list, tuple)):
+        raise ValueError(f"TEST.EXPECTED_RESULTS={quote(entries)}: expected a list of [task, metric, value, tolerance]")
     for i, entry in enumerate(entries):
         numbers = isinstance(entry, (list, tuple)) and len(entry) == 4 and all(
             isinstance(v, (int, float)) and not isinstance(v, bool) for v in entry[2:]
@@ -532,6 +561,69 @@ def check_unread_keys(cfg) -> None:
             raise ValueError(f"{key}={value!r}: the referring pipeline does not read it; it uses {instead}")
 
 
+def _duplicate_key(node, path: str) -> None:
+    """ConfigError naming the first key given twice in one mapping of the YAML ``node``
+    tree: PyYAML keeps the last, so a second ``MODEL:`` block would drop the first."""
+    if isinstance(node, yaml.MappingNode):
+        lines = {}
+        for key, value in node.value:
+            name = key.value if isinstance(key, yaml.ScalarNode) else None
+            if name is not None and name in lines:
+                raise ConfigError(f"invalid config file {path}: line {key.start_mark.line + 1}: {name} is given a "
+                                  f"second time (first at line {lines[name] + 1}); the second would replace the first")
+            lines[name] = key.start_mark.line
+            _duplicate_key(value, path)
+    elif isinstance(node, yaml.SequenceNode):
+        for item in node.value:
+            _duplicate_key(item, path)
+
+
+def _check_sections(data: dict, defaults: CN, path: str, prefix: str = "") -> None:
+    """ConfigError naming a key of ``data`` that is a section of ``defaults`` but is given
+    no mapping (a ``MODEL:`` whose lines are all commented out is None)."""
+    for key, value in data.items():
+        default = defaults.get(key) if isinstance(defaults, CN) else None
+        if isinstance(default, CN):
+            if not isinstance(value, dict):
+                raise ConfigError(f"invalid config file {path}: {prefix}{key}: expected a section of keys, got {quote(value)}")
+            _check_sections(value, default, path, f"{prefix}{key}.")
+
+
+def check_config_chain(path: str, defaults: CN, seen: frozenset = frozenset()) -> None:
+    """
+    ConfigError naming the file of ``path``'s ``_BASE_`` chain that is empty, gives a key
+    twice in one mapping, has a ``_BASE_`` that is not a file name or a list of them, or
+    gives a section no mapping: merged as they are, these are dropped without a word or
+    said as a Python error. What else does not merge is left to the merge to name.
+    """
+    if path in seen or not os.path.isfile(path):
+        return  # the merge names a loop or a missing file
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    try:
+        node = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return  # the merge says where it breaks, or that a tag needs unsafe loading
+    if node is None:
+        raise ConfigError(f"invalid config file {path}: it is empty; expected a mapping of config keys")
+    _duplicate_key(node, path)
+    if not isinstance(data, dict):
+        return
+    if "_BASE_" in data:
+        base = data["_BASE_"]
+        bases = base if isinstance(base, list) else [base]
+        if not bases or not all(isinstance(b, str) and b for b in bases):
+            raise ConfigError(f"invalid config file {path}: _BASE_: expected a config file name or a list of them, "
+                              f"got {quote(base)}")
+        for name in bases:  # resolved as fvcore resolves them
+            name = os.path.expanduser(name)
+            if not name.startswith(("/", "https://", "http://")):
+                name = os.path.join(os.path.dirname(path), name)
+            check_config_chain(name, defaults, seen | {path})
+    _check_sections(data, defaults, path)
+
+
 def _merge_message(e: BaseException) -> str:
     # KeyError's str() adds quotes around its message.
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
@@ -545,13 +637,14 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
     the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
     smallest value, a ``TEST.EXPECTED_RESULTS`` entry that is not [task, metric, value,
-    tolerance], a Detectron2 key that vipa_d2 does not read (``UNREAD_DETECTRON2_KEYS``)
+    tolerance], a name that a choice key (:func:`_choice_keys`) does not take, a Detectron2 key that vipa_d2 does not read (``UNREAD_DETECTRON2_KEYS``)
     set away from its default. Anything that does not merge or is refused raises :class:`ConfigError`
     naming the file, the key or the override.
     """
     cfg = get_cfg()
     add_vipa_config(cfg)
     if config_file:
+        check_config_chain(config_file, cfg)
         try:
             # A config is data: Detectron2 would fall back to yaml.unsafe_load, which runs
             # the constructors a !!python tag names, for a file safe_load refuses.
@@ -573,6 +666,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
         check_refer_splits(cfg.DATASETS.REFER_SPLITS)
         check_sizes(cfg)
         check_expected_results(cfg.TEST.EXPECTED_RESULTS)
+        check_choices(cfg)
         check_unread_keys(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e

@@ -220,6 +220,11 @@ def _mutations():
             m(lambda d: img0(d)["objects"][0].update(segmentation=[[1, 1, 2, 2, 3, 3]])),
             r"\$\.images\[0\]\.objects\[0\]\.segmentation: polygon 0 is degenerate: zero area",
         ),
+        (  # one polygon without its enclosing list: it said "must be a flat list of numbers"
+            m(lambda d: img0(d)["objects"][0].update(segmentation=[20, 5, 40, 5, 40, 15, 20, 15])),
+            r"\$\.images\[0\]\.objects\[0\]\.segmentation: expected a list of polygons \[\[x0, y0, x1, y1, \.\.\.\], "
+            r"\.\.\.\], got one flat list of numbers",
+        ),
         (
             m(lambda d: img0(d)["objects"][1]["segmentation"].update(size=[W, H])),
             r"\$\.images\[0\]\.objects\[1\]\.segmentation: RLE size \[80, 50\] does not match the image size \[50, 80\]",

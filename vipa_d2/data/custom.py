@@ -33,7 +33,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 from .refer import INVALID_MODES, REFERRING_EVALUATOR_TYPE, load_refer_dicts, make_sentence, save_refer_dataset
-from .validation import IMAGE_READ_ERRORS, MAX_IMAGE_SIDE, ReferringDataError, is_int, quote, read_json_file, valid_id
+from .validation import MAX_IMAGE_SIDE, ReferringDataError, is_int, quote, read_json_file, stored_image_size, valid_id
 
 __all__ = [
     "ReferringFormatError",
@@ -52,10 +52,6 @@ __all__ = [
 _BORDER_TOLERANCE_PX = 1.0
 # How many problems one validation error message lists.
 _MAX_LISTED_PROBLEMS = 25
-# The EXIF orientation tag, and its values that turn the image by 90 degrees (height and
-# width swap when Detectron2 applies them).
-_EXIF_ORIENTATION = 0x0112
-_EXIF_TRANSPOSED = (5, 6, 7, 8)
 
 
 class ReferringFormatError(ReferringDataError):
@@ -177,19 +173,6 @@ def register_refer_splits(entries) -> None:
             register_referring_dataset(**entry, **{_SPLIT_METADATA_KEY: entry})
 
 
-def _stored_image_size(path: str) -> Optional[Tuple[int, int]]:
-    """(height, width) of the image file as Detectron2's reader sees it (EXIF rotation
-    applied), from its header; None if it is no image PIL can open."""
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-            if im.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
-                h, w = w, h
-    except IMAGE_READ_ERRORS:
-        return None
-    return h, w
-
-
 def _check_image(img, p: str, problems: List[str], generalized: bool, image_root: Optional[str]):
     if not isinstance(img, dict):
         problems.append(
@@ -217,7 +200,7 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
     if size_ok and image_path is not None:
         # Detectron2's mapper checks the two at training time (SizeMismatchError); here the
         # file is named before anything is written.
-        stored = _stored_image_size(image_path)
+        stored = stored_image_size(image_path)
         if stored is None:
             problems.append(f"{p}.file_name: {image_path} is not a readable image")
         elif stored != (h, w):

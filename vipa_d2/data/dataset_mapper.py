@@ -20,7 +20,7 @@ from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
 from .mirror_words import is_flipped, swap_left_right
-from .validation import IMAGE_READ_ERRORS, ReferringDataError, shortlist
+from .validation import IMAGE_READ_ERRORS, ReferringDataError, shortlist, stored_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -101,13 +101,26 @@ def read_record_image(record: Dict, image_format: str) -> np.ndarray:
 
 def check_image_files(records: List[Dict], source: str) -> None:
     """Refuse ``records`` (of the datasets ``source`` names) whose image files do not exist,
-    before a loader reads any: a worker would fail on the first one midway."""
-    files = {r["file_name"] for r in records}
+    or whose files (read from their headers) are not the records' height x width, before a
+    loader reads any: a worker would fail on the first one midway (Detectron2's
+    SizeMismatchError), or the evaluation after the whole training."""
+    files = {r["file_name"]: r for r in records}
     missing = sorted(f for f in files if not PathManager.isfile(f))
     if missing:
         raise ReferringDataError(
             f"{source}: {len(missing)} of its {len(files)} image files do not exist: {shortlist(missing, MAX_FILES_LISTED)}",
             file=missing[0],
+        )
+    wrong = {}  # file -> what is wrong
+    for name, record in files.items():
+        stored = stored_image_size(name) if "height" in record and "width" in record else None
+        if stored is not None and stored != (record["height"], record["width"]):
+            wrong[name] = f"{name} is {stored[0]} x {stored[1]}, its records say {record['height']} x {record['width']}"
+    if wrong:
+        raise ReferringDataError(
+            f"{source}: {len(wrong)} of its {len(files)} image files are not the height x width of their records "
+            f"(after EXIF rotation): {shortlist(list(wrong.values()), MAX_FILES_LISTED)}",
+            file=next(iter(wrong)),
         )
 
 

@@ -60,6 +60,8 @@ def segmentation_problem(segm, height: int, width: int) -> Optional[str]:
     if isinstance(segm, (list, tuple)):
         if len(segm) == 0:
             return "polygon list is empty"
+        if all(isinstance(v, (int, float, np.number)) for v in segm):
+            return "expected a list of polygons [[x0, y0, x1, y1, ...], ...], got one flat list of numbers"
         for i, poly in enumerate(segm):
             if not isinstance(poly, (list, tuple, np.ndarray)) or not all(
                 isinstance(v, (int, float, np.number)) for v in poly

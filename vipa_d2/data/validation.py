@@ -37,6 +37,7 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "COORDINATE_MARGIN",
     "image_problem",
+    "stored_image_size",
     "segmentation_problem",
     "polygon_coordinates_problem",
     "polygon_values_problem",
@@ -68,8 +69,25 @@ _RLE_MAX_CHARS_PER_COUNT = 7
 # What PIL raises for a file that is no readable image (bad or truncated data), and for
 # more pixels than Image.MAX_IMAGE_PIXELS allows (a decompression bomb).
 IMAGE_READ_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# The EXIF orientation tag, and its values that turn the image by 90 degrees (height and
+# width swap when Detectron2 applies them).
+_EXIF_ORIENTATION = 0x0112
+_EXIF_TRANSPOSED = (5, 6, 7, 8)
 
 Problem = Tuple[str, str]  # (field, what is wrong)
+
+
+def stored_image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(height, width) of the image file as Detectron2's reader sees it (EXIF rotation
+    applied), from its header; None if it is no image PIL can open."""
+    try:
+        with Image.open(path) as im:
+            w, h = im.size
+            if im.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
+                h, w = w, h
+    except IMAGE_READ_ERRORS:
+        return None
+    return h, w
 
 
 class ReferringDataError(ValueError):

@@ -10,6 +10,8 @@ from .gradient_clipping import with_gradient_clipping
 
 logger = logging.getLogger(__name__)
 
+# SOLVER.OPTIMIZER's names (read case-blind).
+OPTIMIZERS = ("ADAMW", "SGD")
 # Parameter-name prefixes of the two pretrained encoders inside the VIPA meta-architecture.
 BACKBONE_PREFIX = "backbone."
 TEXT_ENCODER_PREFIX = "text_encoder."
@@ -89,9 +91,7 @@ def build_vipa_optimizer(cfg, model: torch.nn.Module) -> torch.optim.Optimizer:
             weight_decay=cfg.SOLVER.WEIGHT_DECAY,
         )
     else:
-        raise ValueError(
-            f"SOLVER.OPTIMIZER must be 'ADAMW' or 'SGD', got {cfg.SOLVER.OPTIMIZER!r}"
-        )
+        raise ValueError(f"SOLVER.OPTIMIZER must be one of {OPTIMIZERS}, got {cfg.SOLVER.OPTIMIZER!r}")
     n_params = sum(p.numel() for g in params for p in g["params"])
     logger.info(f"{name} over {len(params)} param groups, {n_params} trainable parameters")
     return optimizer
