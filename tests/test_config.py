@@ -83,6 +83,7 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         # only by a loader, the evaluator or the optimizer: one line here, not a traceback
         # after the model or the training (config review, session 47).
         ((TINY_CONFIG, ("INPUT.IMAGE_SIZE", "None")), "INPUT.IMAGE_SIZE=None: expected an integer >= 1"),
+        ((TINY_CONFIG, ("MODEL.VIPA.VEG.RATIO", "None")), "MODEL.VIPA.VEG.RATIO=None: expected a value like its default, 0.3"),
         ((TINY_CONFIG, ("MODEL.PIXEL_STD", "None")), "MODEL.PIXEL_STD=None: expected 3 values"),
         ((TINY_CONFIG, ("TEST.EXPECTED_RESULTS", "None")), "TEST.EXPECTED_RESULTS=None: expected a list of"),
         ((TINY_CONFIG, ("TEST.EVAL_RESOLUTION", "Original")),

@@ -495,6 +495,26 @@ def check_sizes(cfg) -> None:
             raise ValueError(f"MODEL.{key}={quote(value)}: expected 3 values, one per input channel")
 
 
+def _flat(node: CN, prefix: str = "") -> dict:
+    """{"FULL.KEY": value} of a config's leaves."""
+    out = {}
+    for key, value in node.items():
+        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, CN) else {prefix + key: value})
+    return out
+
+
+def check_no_none(cfg) -> None:
+    """ValueError naming the first key vipa_d2 adds that holds None although its default is
+    no None: yacs lets a YAML blank or a ``KEY None`` override replace any value, which a
+    module would then meet as a Python error."""
+    detectron2_keys = _flat(get_cfg()).keys()
+    defaults = get_cfg()
+    add_vipa_config(defaults)
+    for key, default in _flat(defaults).items():
+        if key not in detectron2_keys and default is not None and _value(cfg, key) is None:
+            raise ValueError(f"{key}=None: expected a value like its default, {default!r}")
+
+
 def _choice_keys():
     """{key: the names it takes} of the keys read only when a loader, the evaluator or the
     optimizer is built: after the model, or (the evaluator) after the whole training."""
@@ -667,6 +687,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
         check_sizes(cfg)
         check_expected_results(cfg.TEST.EXPECTED_RESULTS)
         check_choices(cfg)
+        check_no_none(cfg)
         check_unread_keys(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from e
