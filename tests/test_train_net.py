@@ -324,6 +324,21 @@ def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_pa
         train_net.Trainer.build_test_loader(cfg, VAL)
 
 
+def test_a_test_set_too_small_to_shuffle_is_refused_before_training(synthetic_benchmark, tmp_path, monkeypatch):
+    # The shuffled control needs two records: said before the first iteration, not by test().
+    root, _ = synthetic_benchmark(6, image_size=64)
+    monkeypatch.setenv(DATASETS_ENV, root)
+    one = "one_record_val"
+    if one not in DatasetCatalog.list():
+        DatasetCatalog.register(one, lambda: DatasetCatalog.get(VAL)[:1])
+        MetadataCatalog.get(one).set(evaluator_type="referring", generalized=False)
+    cfg = train_net.setup(train_net_args(tmp_path, opts=["DATASETS.TEST", f"('{one}',)",
+                                                         "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]))
+    with pytest.raises(ConfigError, match=rf"TEST.SHUFFLED_EXPRESSION_CONTROL: The shuffled-expression control of "
+                                          rf"{one} needs at least 2 records, got 1"):
+        train_net.Trainer(cfg)
+
+
 # A fresh interpreter (the setting is process-wide): how much of a live 64 MB tensor glibc
 # serves by its own mmap (unmapped again on free), before and after train_net's setup.
 _MMAPPED_AROUND_SETUP = """

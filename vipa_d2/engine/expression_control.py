@@ -15,6 +15,13 @@ SHUFFLED_SUFFIX = "/shuffled"
 TEXT_FIELDS = ("type",)
 
 
+def check_shufflable(records: List[Dict], name: str = "") -> None:
+    """ValueError unless ``records`` (of the dataset ``name``) are enough to shuffle: two."""
+    if len(records) < 2:
+        of = f" of {name}" if name else ""
+        raise ValueError(f"The shuffled-expression control{of} needs at least 2 records, got {len(records)}")
+
+
 def shuffle_expressions(records: List[Dict], seed: int) -> List[Dict]:
     """
     Copies of ``records`` in which every record's ``sentence["raw"]`` (with its expression
@@ -29,10 +36,7 @@ def shuffle_expressions(records: List[Dict], seed: int) -> List[Dict]:
     object that this image happens to have too (another "blue circle") is the control's
     chance level.
     """
-    if len(records) < 2:
-        raise ValueError(
-            f"The shuffled-expression control needs at least 2 records, got {len(records)}"
-        )
+    check_shufflable(records)
     image_of = [record.get("image_id", record.get("file_name", i)) for i, record in enumerate(records)]
     images = collections.defaultdict(list)
     for i, image in enumerate(image_of):

@@ -33,7 +33,7 @@ from vipa_d2.modeling import VIPA, runtime_options
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
 from .checkpoint import AtomicDetectionCheckpointer, UntrustedCheckpointError, WeightsError
 from .expected_results import verify_referring_results
-from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
+from .expression_control import SHUFFLED_SUFFIX, check_shufflable, shuffle_expressions
 from .optimizer import build_vipa_optimizer
 from .reproducibility import (
     PositionSeededDataset,
@@ -311,11 +311,19 @@ class ReferringTrainer(DefaultTrainer):
 
     @classmethod
     def check_test_sets(cls, cfg) -> None:
-        """Each ``DATASETS.TEST`` set loads and has all its image files. The trainer checks
-        this before the first iteration: test() would otherwise meet a split missing from
-        the refs file, or a missing image, only after the last one, and score no set."""
+        """Each ``DATASETS.TEST`` set loads, has all its image files at their records' sizes
+        and, with ``TEST.SHUFFLED_EXPRESSION_CONTROL``, records enough to shuffle. The
+        trainer checks this before the first iteration: test() would otherwise meet a split
+        missing from the refs file, or a missing image, only after the last one, and score
+        no set."""
         for name in cfg.DATASETS.TEST:
-            check_image_files(DatasetCatalog.get(name), name)
+            records = DatasetCatalog.get(name)
+            check_image_files(records, name)
+            if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
+                try:
+                    check_shufflable(records, name)
+                except ValueError as e:
+                    raise ConfigError(f"TEST.SHUFFLED_EXPRESSION_CONTROL: {e}") from e
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
