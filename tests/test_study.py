@@ -179,7 +179,7 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study, capsys):
         f.write('{"iteration": 2, "ti')
     # While another process holds the run folder (a second study, or the train_net.py of a
     # study killed outright, which inherits the lock), the run is refused, not trained twice.
-    with study.holding_run_folder("language/seed0", str(run_dir)):
+    with study.holding_run_folder(str(run_dir)):
         assert study.main(argv) == 2
     assert f"another process runs in {run_dir}" in capsys.readouterr().err
 

@@ -19,6 +19,7 @@ Extra ``KEY VALUE`` pairs at the end override the config (as for train_net.py).
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -26,14 +27,22 @@ from collections import OrderedDict
 
 from tabulate import tabulate
 
-from vipa_d2 import get_vipa_cfg
+from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SPLITS, SynthConfig, finished_benchmark, write_benchmark
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
 from vipa_d2.evaluation.breakdown import format_sections
-from vipa_d2.utils.runs import iteration_seconds, read_results, run_train_net
+from vipa_d2.utils.runs import (
+    RunFolderError,
+    check_run_folder,
+    flat_config,
+    holding_run_folder,
+    iteration_seconds,
+    read_results,
+    run_train_net,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 DEFAULT_CONFIG = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
@@ -74,13 +83,30 @@ def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
     return time.perf_counter() - start
 
 
-def train_net_step(args_list, log_name: str, output: str) -> float:
-    """train_net.py with ``args_list``, console output in ``output/log_name``; seconds taken."""
+# Keys main_job sets per step: a run folder's config.yaml differs from the config in them only.
+STEP_KEYS = ("OUTPUT_DIR", "DATASETS.TEST", "MODEL.WEIGHTS", "TEST.SHUFFLED_EXPRESSION_CONTROL")
+
+
+def train_net_step(args_list, log_name: str, output: str, lock: int) -> float:
+    """train_net.py with ``args_list``, console output in ``output/log_name``, holding the
+    run folder's ``lock``; seconds taken."""
     try:
         return run_train_net(TRAIN_NET, args_list, os.path.join(output, log_name), os.environ,
-                             lambda line: print("[main_job]", line, flush=True))
+                             lambda line: print("[main_job]", line, flush=True), pass_fds=(lock,))
     except subprocess.CalledProcessError as e:
         sys.exit(f"[main_job] train_net.py failed (exit {e.returncode}); {e.output}")
+
+
+def start_iteration(output: str) -> int:
+    """The iteration a --resume of ``output`` starts from: the one after its last checkpoint's
+    (Detectron2 names periodic checkpoints by their last iteration; model_final is MAX_ITER)."""
+    try:
+        with open(os.path.join(output, "last_checkpoint")) as f:
+            name = f.read().strip()
+    except OSError:
+        return 0
+    stem = os.path.splitext(name)[0].rsplit("_", 1)[-1]
+    return int(stem) + 1 if stem.isdigit() else -1  # -1: model_final, a finished run
 
 
 def format_table(results) -> str:
@@ -123,7 +149,20 @@ def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_im
 def main(argv=None):
     args = parse_args(argv)
     root, output = os.path.abspath(args.data_root), os.path.abspath(args.output)
-    os.makedirs(output, exist_ok=True)
+    try:
+        cfg = get_vipa_cfg(args.config_file, args.opts)
+        # A folder holding another config's run: --resume would go on from (or only
+        # re-evaluate) its weights and report them under this config.
+        check_run_folder(output, flat_config(cfg), ignored=STEP_KEYS)
+        with holding_run_folder(output) as lock:
+            run(args, cfg, root, output, lock)
+    except (ConfigError, RunFolderError) as e:
+        sys.exit(f"[main_job] {e}")
+    except OSError as e:  # a full or read-only disk: the file and the reason, in one line
+        sys.exit(f"[main_job] {e.filename}: {e.strerror}" if e.filename else f"[main_job] {e}")
+
+
+def run(args, cfg, root: str, output: str, lock: int) -> None:
     # train_net.py, its ranks and data-loader workers find the built-in datasets here.
     os.environ[DATASETS_ENV] = root
     total_start = time.perf_counter()
@@ -131,14 +170,17 @@ def main(argv=None):
     data_s = ensure_synthetic_data(root, args.num_images, args.seed)
 
     common = ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
+    first = start_iteration(output)
     # Evaluation is a separate step below (timed on its own), so training evaluates nothing.
     train_s = train_net_step(common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts,
-                             "train_console.log", output)
-    cfg = get_vipa_cfg(args.config_file, args.opts)
+                             "train_console.log", output, lock)
+    trained = 0 if first < 0 else max(0, cfg.SOLVER.MAX_ITER - first)
     weights = os.path.join(output, "model_final.pth")
     eval_opts = ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,
                  "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]
-    eval_s = train_net_step(common + eval_opts + args.opts, "eval_console.log", output)
+    # Only this evaluation's files are read back below (a control left by an earlier run is not).
+    shutil.rmtree(os.path.join(output, "inference"), ignore_errors=True)
+    eval_s = train_net_step(common + eval_opts + args.opts, "eval_console.log", output, lock)
 
     vis_dir, vis_start = os.path.join(output, "visualizations"), time.perf_counter()
     visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
@@ -150,8 +192,9 @@ def main(argv=None):
     breakdowns = format_sections(results)
     if breakdowns:
         print("\n" + breakdowns)
+    resumed = "" if trained == cfg.SOLVER.MAX_ITER else f" of the model's {cfg.SOLVER.MAX_ITER}"
     print(f"\nTimings: data {data_s:.0f} s, training {train_s:.0f} s "
-          f"({cfg.SOLVER.MAX_ITER} iterations, {it_s if it_s is None else round(it_s, 3)} s/iter median), "
+          f"({trained} iterations{resumed} in this run, {it_s if it_s is None else round(it_s, 3)} s/iter median), "
           f"evaluation {eval_s:.0f} s, visualisation {vis_s:.0f} s, total {time.perf_counter() - total_start:.0f} s")
     print(f"Checkpoint:      {weights}")
     print(f"Metrics:         {os.path.join(output, 'inference')} (per-sample results, "

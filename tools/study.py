@@ -43,7 +43,16 @@ import time
 from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.utils.atomic_io import atomic_open
-from vipa_d2.utils.runs import iteration_seconds, read_study_results, run_train_net, split_scores
+from vipa_d2.utils.runs import (
+    RunFolderError,
+    check_run_folder,
+    flat_config,
+    holding_run_folder,
+    iteration_seconds,
+    read_study_results,
+    run_train_net,
+    split_scores,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TRAIN_NET = os.path.join(REPO, "train_net.py")
@@ -157,14 +166,6 @@ def config_digest(cfg) -> str:
     return hashlib.sha256(cfg.dump().encode()).hexdigest()[:16]
 
 
-def flat_config(cfg, prefix: str = ""):
-    """{"FULL.KEY": value} of a config, as JSON stores it (tuples become lists)."""
-    out = {}
-    for key, value in cfg.items():
-        out.update(flat_config(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return json.loads(json.dumps(out))
-
-
 def recipe_changes(stored, current, defaults):
     """
     {key: (stored value, current value)} where a run's stored flat config and the current
@@ -196,52 +197,6 @@ def check_same_recipe(key, entry, signature, config, results_path):
                          f"{len(changes)} key(s) differ: {listed}. Use other --results/--output or drop that entry")
 
 
-def check_run_folder(key, run_dir, config):
-    """
-    Raise StudyError when ``run_dir`` holds the checkpoints of a run with another recipe (the
-    config.yaml train_net.py saved there, compared key by key but for OUTPUT_DIR): --resume
-    would go on from that run's weights, or re-evaluate them if it had finished, under this
-    recipe's name.
-    """
-    saved = os.path.join(run_dir, "config.yaml")
-    if not (os.path.isfile(os.path.join(run_dir, "last_checkpoint")) and os.path.isfile(saved)):
-        return
-    try:
-        stored = flat_config(get_vipa_cfg(saved))
-    except ConfigError as e:  # a key removed since, say: another recipe too
-        raise StudyError(f"run {key}: {run_dir} holds the checkpoints of a run whose config.yaml this version "
-                         f"cannot read ({e}); --resume would continue from them. Use another --output or delete "
-                         "that folder") from e
-    changes = sorted(k for k, v in stored.items() if k != "OUTPUT_DIR" and config.get(k) != v)
-    if changes:
-        listed = "; ".join(f"{k}: {stored[k]!r} there, {config.get(k)!r} now" for k in changes[:10])
-        raise StudyError(f"run {key}: {run_dir} holds the checkpoints of a run with another recipe, {len(changes)} "
-                         f"key(s) differ ({listed}); --resume would continue from them. Use another --output "
-                         "or delete that folder")
-
-
-@contextlib.contextmanager
-def holding_run_folder(key, run_dir):
-    """
-    A lock on the folder ``run_dir`` (made if need be) for the block, which gets its file
-    descriptor to hand to the train_net.py it starts: that process holds the lock until it
-    ends, even when the study is killed outright. A second study reaching the run, or a
-    rerun while such a train_net.py still trains there, is refused rather than writing the
-    same checkpoints.
-    """
-    os.makedirs(run_dir, exist_ok=True)
-    lock = os.open(run_dir, os.O_RDONLY)
-    try:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as e:
-            raise StudyError(f"run {key}: another process runs in {run_dir} (a study, or the train_net.py of a study "
-                             "that was killed, which goes on until it ends): wait for it or stop it") from e
-        yield lock
-    finally:
-        os.close(lock)  # the lock stays with a train_net.py still holding it
-
-
 def git_commit():
     """HEAD of the repository, '-dirty' with uncommitted changes to tracked files (None outside git)."""
     try:  # --exclude: the commit, never a tag's name
@@ -264,8 +219,8 @@ def run_one(key, variant, seed, config_file, shared, args):
         print(f"[study] {key}: done before, skipped")
         return True
     run_dir = os.path.join(os.path.abspath(args.output), variant, f"seed{seed}")
-    check_run_folder(key, run_dir, config)
-    with holding_run_folder(key, run_dir) as lock:
+    check_run_folder(run_dir, config)
+    with holding_run_folder(run_dir) as lock:
         entry = {**signature, "config": config, "variant": variant, "seed": seed, "output_dir": run_dir,
                  "status": "running", "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE,
                  "commit": git_commit()}
@@ -304,7 +259,7 @@ def main(argv=None) -> int:
         for seed in args.seeds:
             for variant, config_file in configs.items():
                 failed += not run_one(f"{variant}/seed{seed}", variant, seed, config_file, shared[variant], args)
-    except (StudyError, ConfigError) as e:
+    except (StudyError, ConfigError, RunFolderError) as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
     print(f"[study] results in {args.results}" + (f"; {failed} run(s) failed, rerun to retry" if failed else ""))

@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 import vipa_d2  # noqa: F401  registers the built-ins
 from common import load_script
 from vipa_d2.data import annotations_to_mask, register_referring_dataset
+from vipa_d2.data.synthetic import writer
 from vipa_d2.data.synthetic import (
     CATEGORIES,
     SPLITS,
@@ -292,7 +293,7 @@ def test_cli_is_deterministic_and_worker_independent(bench, tmp_path, capsys):
         assert a.read() != b.read()
 
 
-def test_image_size_option_and_bad_inputs(tmp_path):
+def test_image_size_option_and_bad_inputs(tmp_path, monkeypatch):
     stats = write_benchmark(
         str(tmp_path / "small"),
         4,
@@ -310,6 +311,24 @@ def test_image_size_option_and_bad_inputs(tmp_path):
     with pytest.raises(FileExistsError, match="refusing to overwrite"):
         write_benchmark(str(tmp_path / "foreign"), 4, seed=0, workers=1, progress=False)
     assert (foreign / "mine.txt").read_text() == "keep me"
+    # A generation stopped midway (Ctrl-C, a full disk) is cleared by the next one; it
+    # refused the folder as not the generator's, on every rerun (main-job review, session 47).
+    real_entry, calls = writer._image_entry, []
+
+    def stops_after_two(*args, **kwargs):
+        calls.append(1)
+        if len(calls) > 2:
+            raise KeyboardInterrupt
+        return real_entry(*args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(writer, "_image_entry", stops_after_two)
+        with pytest.raises(KeyboardInterrupt):
+            write_benchmark(str(tmp_path / "stopped"), 4, seed=0, workers=1, progress=False)
+    assert finished_benchmark(str(tmp_path / "stopped")) is None
+    write_benchmark(str(tmp_path / "stopped"), 4, seed=0, workers=1, progress=False)
+    assert finished_benchmark(str(tmp_path / "stopped"))["num_images"] == 4
+    assert not list(tmp_path.glob(f"stopped/*/{writer.UNFINISHED_MARK}"))
     with pytest.raises(ValueError, match="num_images=3"):
         assign_splits(3, 0, SynthConfig())
     with pytest.raises(ValueError, match="num_images=3"):  # before any folder is made

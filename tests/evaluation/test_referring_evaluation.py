@@ -391,6 +391,24 @@ def test_retrieval_shape_mismatch_names_the_sample():
         evaluator.process(inputs[:1], outputs[:1])
 
 
+def test_main_job_refuses_an_output_folder_holding_another_configs_run(tmp_path):
+    # --resume went on from (or only re-evaluated) the other run's weights, reported under
+    # this config, and train_net.py wrote this config over the folder's (main-job review).
+    from vipa_d2 import get_vipa_cfg
+
+    main_job = load_script("tools/main_job.py")
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "last_checkpoint").write_text("model_final.pth")
+    saved = get_vipa_cfg(main_job.DEFAULT_CONFIG, ["OUTPUT_DIR", str(out), "DATASETS.TEST", "()"])
+    (out / "config.yaml").write_text(saved.dump())
+    with pytest.raises(SystemExit) as e:
+        main_job.main(["--output", str(out), "--data-root", str(tmp_path / "data"), "SOLVER.BASE_LR", "0.01"])
+    assert str(e.value).startswith(f"[main_job] {out} holds the checkpoints of a run with another recipe, 1 key(s) "
+                                   "differ (SOLVER.BASE_LR: 0.0003 there, 0.01 now)")
+    assert not (tmp_path / "data").exists()  # said before anything is generated or trained
+
+
 def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
     main_job = load_script("tools/main_job.py")
     inputs, outputs = retrieval_samples()

@@ -3,6 +3,8 @@
 one as a process, and reading back what it leaves in its OUTPUT_DIR (the evaluator's
 per-split results files, the training iteration times) and the config it ran.
 """
+import contextlib
+import fcntl
 import json
 import os
 import statistics
@@ -18,6 +20,7 @@ from vipa_d2.engine import SHUFFLED_SUFFIX
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
 __all__ = [
+    "RunFolderError", "check_run_folder", "flat_config", "holding_run_folder",
     "run_train_net", "split_label", "read_json_object", "read_study_results", "read_results", "required_results",
     "split_scores", "iteration_seconds",
 ]
@@ -59,6 +62,66 @@ def run_train_net(
         with open(log_path) as f:
             raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"end of {log_path}:\n{f.read()[-3000:]}")
     return time.perf_counter() - start
+
+
+class RunFolderError(ValueError):
+    """A run folder that another recipe's checkpoints, or another process, hold."""
+
+
+def flat_config(cfg, prefix: str = "") -> Dict:
+    """{"FULL.KEY": value} of a config, as JSON stores it (tuples become lists)."""
+    out = {}
+    for key, value in cfg.items():
+        out.update(flat_config(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
+    return json.loads(json.dumps(out))
+
+
+def check_run_folder(run_dir: str, config: Dict, ignored: Sequence[str] = ("OUTPUT_DIR",)) -> None:
+    """
+    RunFolderError when ``run_dir`` holds the checkpoints of a run with another recipe than
+    ``config`` (a :func:`flat_config`): the config.yaml train_net.py saved there, compared
+    key by key but for the ``ignored`` keys (those the caller sets per step). ``--resume``
+    would go on from that run's weights, or re-evaluate them if it had finished, under this
+    recipe's name.
+    """
+    from vipa_d2 import ConfigError, get_vipa_cfg  # the package imports this module
+
+    saved = os.path.join(run_dir, "config.yaml")
+    if not (os.path.isfile(os.path.join(run_dir, "last_checkpoint")) and os.path.isfile(saved)):
+        return
+    try:
+        stored = flat_config(get_vipa_cfg(saved))
+    except ConfigError as e:  # a key removed since, say: another recipe too
+        raise RunFolderError(f"{run_dir} holds the checkpoints of a run whose config.yaml this version cannot read "
+                             f"({e}); --resume would continue from them. Use another --output or delete that folder") from e
+    changes = sorted(k for k, v in stored.items() if k not in ignored and config.get(k) != v)
+    if changes:
+        listed = "; ".join(f"{k}: {stored[k]!r} there, {config.get(k)!r} now" for k in changes[:10])
+        raise RunFolderError(f"{run_dir} holds the checkpoints of a run with another recipe, {len(changes)} key(s) "
+                             f"differ ({listed}); --resume would continue from them. Use another --output or delete "
+                             "that folder")
+
+
+@contextlib.contextmanager
+def holding_run_folder(run_dir: str):
+    """
+    A lock on the folder ``run_dir`` (made if need be) for the block, which gets its file
+    descriptor to hand to the train_net.py processes it starts (``run_train_net``'s
+    ``pass_fds``): such a process holds the lock until it ends, even when the tool that
+    started it is killed outright. A second run reaching the folder meanwhile is refused
+    (RunFolderError) rather than writing the same checkpoints.
+    """
+    os.makedirs(run_dir, exist_ok=True)
+    lock = os.open(run_dir, os.O_RDONLY)
+    try:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError as e:
+            raise RunFolderError(f"another process runs in {run_dir} (another run, or the train_net.py of one that "
+                                 "was killed, which goes on until it ends): wait for it or stop it") from e
+        yield lock
+    finally:
+        os.close(lock)  # the lock stays with a train_net.py still holding it
 
 
 def split_label(dataset_name: str) -> str:

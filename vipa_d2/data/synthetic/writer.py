@@ -49,6 +49,9 @@ REFSYNTH, GREFSYNTH = "refsynth", "grefsynth"
 SPLIT_BY = "unc"
 IMAGE_DIR = "images"
 STATS_FILE = "stats.json"
+# Written first into each variant's folder and removed when its stats file is written: a
+# folder that holds it is the generator's own unfinished output, which a rerun may clear.
+UNFINISHED_MARK = "generating"
 _IMAGE_NAME = "{:06d}.jpg"
 # Images handed to a worker at a time.
 _CHUNK = 32
@@ -145,13 +148,16 @@ def _worker_init():
 
 def _prepare_dir(path: str) -> None:
     if os.path.isdir(path) and os.listdir(path):
-        if not os.path.isfile(os.path.join(path, STATS_FILE)):
+        ours = (os.path.join(path, STATS_FILE), os.path.join(path, UNFINISHED_MARK))
+        if not any(os.path.isfile(p) for p in ours):
             raise FileExistsError(
                 f"{path} exists, is not empty and was not written by the synthetic generator "
-                f"(no {STATS_FILE}); refusing to overwrite it"
+                f"(no {STATS_FILE} or {UNFINISHED_MARK}); refusing to overwrite it"
             )
         shutil.rmtree(path)
     os.makedirs(path, exist_ok=True)
+    with open(os.path.join(path, UNFINISHED_MARK), "w") as f:
+        f.write("a synthetic benchmark generation started here and has not finished\n")
 
 
 def _variant(entries: List[Dict], keep) -> Dict:
@@ -304,6 +310,7 @@ def write_benchmark(
     for d in (ref_dir, gref_dir):  # the mark of a finished benchmark: whole or absent
         with atomic_open(os.path.join(d, STATS_FILE), "w") as f:
             json.dump(stats, f, indent=1)
+        os.remove(os.path.join(d, UNFINISHED_MARK))
     logger.info(
         "Synthetic referring benchmark in %s (%.1f s):\n%s",
         root,
