@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from detectron2.engine import launch
 from detectron2.utils import comm
 
+from vipa_d2.engine import leave_process_group
 from vipa_d2.modeling.losses import (
     area_loss,
     centre_loss,
@@ -123,6 +124,9 @@ def averaged_on_ranks(path: str):
             t /= RANKS
     if rank == 0:
         torch.save(results, path)
+    # Without it a rank can abort at exit while gloo's threads still run (SIGABRT, seen in
+    # CI at 6cb88ea; see leave_process_group).
+    leave_process_group()
 
 
 def test_losses_on_two_ranks_weigh_every_item_as_one_process(tmp_path):
