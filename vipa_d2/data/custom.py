@@ -21,13 +21,11 @@ name (the candidates of "the second cup from the left": every cup), which become
 REFER sentence field ``group_ann_ids``.
 """
 
-import json
 import os
 from typing import Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import pycocotools.mask as mask_util
-from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .landmark import find_phrase
