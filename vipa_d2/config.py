@@ -657,7 +657,11 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
     the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
     smallest value, a ``TEST.EXPECTED_RESULTS`` entry that is not [task, metric, value,
-    tolerance], a name that a choice key (:func:`_choice_keys`) does not take, a Detectron2 key that vipa_d2 does not read (``UNREAD_DETECTRON2_KEYS``)
+    tolerance], a name that a choice key (:func:`_choice_keys`) does not take, None in a key
+    vipa_d2 adds whose default is no None (:func:`check_no_none`; ``MODEL.TIMM.WEIGHTS
+    None`` once meant "" and is now refused), a file of the ``_BASE_`` chain that is empty,
+    gives a key twice in one mapping, has a ``_BASE_`` that is no file name or gives a
+    section no mapping (:func:`check_config_chain`), a Detectron2 key that vipa_d2 does not read (``UNREAD_DETECTRON2_KEYS``)
     set away from its default. Anything that does not merge or is refused raises :class:`ConfigError`
     naming the file, the key or the override.
     """
