@@ -1,4 +1,5 @@
 """Config keys added by vipa_d2 on top of Detectron2's defaults."""
+import functools
 import os
 from typing import Sequence
 
@@ -495,23 +496,34 @@ def check_sizes(cfg) -> None:
             raise ValueError(f"MODEL.{key}={quote(value)}: expected 3 values, one per input channel")
 
 
-def _flat(node: CN, prefix: str = "") -> dict:
+def flatten_config(node: CN, prefix: str = "") -> dict:
     """{"FULL.KEY": value} of a config's leaves."""
     out = {}
     for key, value in node.items():
-        out.update(_flat(value, f"{prefix}{key}.") if isinstance(value, CN) else {prefix + key: value})
+        out.update(flatten_config(value, f"{prefix}{key}.") if isinstance(value, CN) else {prefix + key: value})
     return out
+
+
+@functools.lru_cache(maxsize=1)
+def _vipa_defaults() -> tuple:
+    """((key, default), ...) of the keys vipa_d2 adds whose default is no None (the same for
+    every call: built once, not on every config load)."""
+    detectron2_keys = flatten_config(get_cfg()).keys()
+    defaults = get_cfg()
+    add_vipa_config(defaults)
+    return tuple(
+        (key, default)
+        for key, default in flatten_config(defaults).items()
+        if key not in detectron2_keys and default is not None
+    )
 
 
 def check_no_none(cfg) -> None:
     """ValueError naming the first key vipa_d2 adds that holds None although its default is
     no None: yacs lets a YAML blank or a ``KEY None`` override replace any value, which a
     module would then meet as a Python error."""
-    detectron2_keys = _flat(get_cfg()).keys()
-    defaults = get_cfg()
-    add_vipa_config(defaults)
-    for key, default in _flat(defaults).items():
-        if key not in detectron2_keys and default is not None and _value(cfg, key) is None:
+    for key, default in _vipa_defaults():
+        if _value(cfg, key) is None:
             raise ValueError(f"{key}=None: expected a value like its default, {default!r}")
 
 

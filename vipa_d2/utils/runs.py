@@ -14,6 +14,7 @@ import time
 from collections import OrderedDict
 from typing import Callable, Dict, Mapping, Optional, Sequence
 
+from vipa_d2.config import ConfigError, flatten_config, get_vipa_cfg
 from vipa_d2.data.builtin import BUILTIN_REFERRING
 from vipa_d2.data.validation import read_json_file
 from vipa_d2.engine import SHUFFLED_SUFFIX
@@ -68,12 +69,10 @@ class RunFolderError(ValueError):
     """A run folder that another recipe's checkpoints, or another process, hold."""
 
 
-def flat_config(cfg, prefix: str = "") -> Dict:
-    """{"FULL.KEY": value} of a config, as JSON stores it (tuples become lists)."""
-    out = {}
-    for key, value in cfg.items():
-        out.update(flat_config(value, f"{prefix}{key}.") if isinstance(value, dict) else {prefix + key: value})
-    return json.loads(json.dumps(out))
+def flat_config(cfg) -> Dict:
+    """{"FULL.KEY": value} of a config (:func:`vipa_d2.config.flatten_config`), as JSON
+    stores it (tuples become lists)."""
+    return json.loads(json.dumps(flatten_config(cfg)))
 
 
 def check_run_folder(run_dir: str, config: Dict, ignored: Sequence[str] = ("OUTPUT_DIR",)) -> None:
@@ -84,8 +83,6 @@ def check_run_folder(run_dir: str, config: Dict, ignored: Sequence[str] = ("OUTP
     would go on from that run's weights, or re-evaluate them if it had finished, under this
     recipe's name.
     """
-    from vipa_d2 import ConfigError, get_vipa_cfg  # the package imports this module
-
     saved = os.path.join(run_dir, "config.yaml")
     if not (os.path.isfile(os.path.join(run_dir, "last_checkpoint")) and os.path.isfile(saved)):
         return
