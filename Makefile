@@ -9,6 +9,9 @@ STAMP := $(VENV)/.vipa_setup_stamp
 # Where the synthetic benchmark and the main job's outputs go.
 DATA_ROOT ?= datasets
 TRAIN_OUT ?= output/vipa_tiny_cpu
+# What pytest collects (e.g. TESTS=tests/data/test_refer.py) and extra pytest options
+# (e.g. PYTEST_ARGS="-k shuffled").
+TESTS ?= tests
 PYTEST_ARGS ?=
 # The suite has a 5-minute budget: every run lists its slowest tests.
 PYTEST_DURATIONS ?= 15
@@ -46,7 +49,7 @@ check-venv: setup
 	@test -x "$(PY)" || { echo "$(PY) is missing or broken: run make clean-venv setup" >&2; exit 1; }
 
 test: check-venv
-	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=$(PYTEST_DURATIONS) tests $(PYTEST_ARGS)
+	$(PY) -m pytest -q -n $(PYTEST_WORKERS) --dist loadfile --durations=$(PYTEST_DURATIONS) $(TESTS) $(PYTEST_ARGS)
 
 train: check-venv
 	$(PY) tools/main_job.py --data-root $(DATA_ROOT) --output $(TRAIN_OUT)

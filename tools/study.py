@@ -21,8 +21,9 @@ are added off, leaving the default path as it was); the others restart with
 entry keeps the time already spent (written every minute, so even a killed study keeps it).
 A run folder holding another recipe's checkpoints is refused too (its config.yaml compared
 the same way), and so is a run whose folder another process holds: each run's
-train_net.py inherits the folder's lock, so a study killed outright leaves its run locked
-until that train_net.py ends (stop it, or wait). ``tools/study_report.py`` renders the JSON.
+train_net.py inherits the folder's lock. A study stopped by Ctrl-C or SIGTERM stops its
+train_net.py first; one killed outright (SIGKILL) leaves it training, and the run locked
+until it ends (stop it, or wait). ``tools/study_report.py`` renders the JSON.
 
 Each run is its own train_net.py process, not a call into it: a fresh process starts from
 clean RNG, memory and device state, a crash loses one run at most, and ``--num-gpus`` /

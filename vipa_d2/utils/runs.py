@@ -7,9 +7,11 @@ import contextlib
 import fcntl
 import json
 import os
+import signal
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from typing import Callable, Dict, Mapping, Optional, Sequence
@@ -28,9 +30,40 @@ __all__ = [
 
 # Lines of Detectron2's console log worth echoing while a run goes.
 PROGRESS_MARKERS = (" iter: ", "Start inference on", "Total inference time", "Saving checkpoint")
+# How long a train_net.py child gets to end on SIGTERM before it is killed.
+CHILD_STOP_SECONDS = 30
 # Where ReferringTrainer.test writes the evaluator's files: the plain run, and the
 # shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
 _RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled")))
+
+
+@contextlib.contextmanager
+def _sigterm_as_exit():
+    """SIGTERM raises SystemExit in the main thread for the block (the handler before it is
+    restored after), so that ``kill <tool>`` reaches the block's cleanup. Signal handlers
+    can be set from the main thread only: elsewhere the block runs as it is."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def leave(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, leave)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    """End ``proc``: SIGTERM, then SIGKILL if it is still there after CHILD_STOP_SECONDS."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=CHILD_STOP_SECONDS)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def run_train_net(
@@ -46,22 +79,32 @@ def run_train_net(
     the file descriptors ``pass_fds``): its console output is appended to ``log_path``; the
     command and the progress lines go to ``echo``. Returns the seconds taken;
     CalledProcessError (the end of the log as its output) on failure.
+
+    The process ends with the caller: on an exception (Ctrl-C) or a SIGTERM sent to the
+    caller alone, it is stopped before the exception goes on. Without this it trained on,
+    unseen, its console output going nowhere. (SIGKILL cannot be caught: such a process
+    keeps the run folder's lock until it ends, see :func:`holding_run_folder`.)
     """
     cmd = [sys.executable, "-u", train_net, *args]  # unbuffered: the log and the echo keep up
     echo(f"$ {' '.join(cmd)}\n  (console output: {log_path})")
     start = time.perf_counter()
-    with open(log_path, "a", buffering=1) as log:
+    with open(log_path, "a", buffering=1) as log, _sigterm_as_exit():
         log.write(f"$ {' '.join(cmd)}\n")
         proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=os.path.dirname(os.path.abspath(train_net)), env=dict(env),
                                 pass_fds=tuple(pass_fds))
-        for line in proc.stdout:
-            log.write(line)
-            if any(marker in line for marker in PROGRESS_MARKERS):
-                echo("    " + line.rstrip()[:200])
-    if proc.wait() != 0:
+        try:
+            for line in proc.stdout:
+                log.write(line)
+                if any(marker in line for marker in PROGRESS_MARKERS):
+                    echo("    " + line.rstrip()[:200])
+            returncode = proc.wait()
+        except BaseException:
+            _stop(proc)
+            raise
+    if returncode != 0:
         with open(log_path) as f:
-            raise subprocess.CalledProcessError(proc.returncode, cmd, output=f"end of {log_path}:\n{f.read()[-3000:]}")
+            raise subprocess.CalledProcessError(returncode, cmd, output=f"end of {log_path}:\n{f.read()[-3000:]}")
     return time.perf_counter() - start
 
 

@@ -1,0 +1,80 @@
+"""
+run_train_net (vipa_d2/utils/runs.py), which tools/main_job.py and tools/study.py start
+train_net.py with: the process it starts ends with the tool, when the tool alone gets a
+SIGTERM (``kill <pid>``) or a SIGINT. A stand-in script takes train_net.py's place: what is
+tested is the process handling, not the training.
+"""
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+from common import REPO_ROOT
+
+# The stand-in says its pid, then outlives any test: only being stopped ends it early.
+CHILD = textwrap.dedent("""
+    import os, sys, time
+    with open(sys.argv[1] + ".tmp", "w") as f:
+        f.write(str(os.getpid()))
+    os.replace(sys.argv[1] + ".tmp", sys.argv[1])
+    print("started", flush=True)
+    time.sleep(600)
+""")
+# The tool: run_train_net on the stand-in, its progress lines to stdout.
+TOOL = textwrap.dedent("""
+    import os, sys
+    from vipa_d2.utils.runs import run_train_net
+    run_train_net(sys.argv[1], [sys.argv[2]], sys.argv[3], os.environ, print)
+""")
+# Generous: the tool imports torch and detectron2 beside other test workers.
+START_SECONDS = 120
+STOP_SECONDS = 60
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _wait_for_file(path: str, tool: subprocess.Popen) -> None:
+    deadline = time.monotonic() + START_SECONDS
+    while not os.path.exists(path):
+        assert tool.poll() is None, f"the tool ended before its child started: {tool.communicate()}"
+        assert time.monotonic() < deadline, f"no child pid in {START_SECONDS} s"
+        time.sleep(0.1)
+
+
+@pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, None)])
+def test_child_ends_with_the_tool(tmp_path, signum, returncode):
+    child_script = tmp_path / "train_net_stand_in.py"
+    child_script.write_text(CHILD)
+    pid_file = str(tmp_path / "child.pid")
+    tool = subprocess.Popen(
+        [sys.executable, "-c", TOOL, str(child_script), pid_file, str(tmp_path / "log.txt")],
+        cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    child_pid = None
+    try:
+        _wait_for_file(pid_file, tool)
+        with open(pid_file) as f:
+            child_pid = int(f.read())
+        assert _alive(child_pid)
+        tool.send_signal(signum)  # the tool alone, as `kill <pid>` does
+        output, _ = tool.communicate(timeout=STOP_SECONDS)
+        if returncode is not None:
+            assert tool.returncode == returncode, output
+        else:  # KeyboardInterrupt: a traceback and a non-zero status
+            assert tool.returncode != 0 and "KeyboardInterrupt" in output, output
+        assert not _alive(child_pid), "train_net.py's stand-in still runs after its tool ended"
+    finally:
+        if tool.poll() is None:
+            tool.kill()
+        if child_pid is not None and _alive(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
