@@ -23,7 +23,7 @@ from vipa_d2.evaluation.referring_evaluation import PRECISION_THRESHOLDS
 from vipa_d2.utils.runs import required_results, split_label
 
 HIT_IOU = PRECISION_THRESHOLDS[0]  # a hit is what Prec@0.5 counts
-SAMPLE_KEYS = ("intersection", "union", "iou", "gt_empty")  # what each per-sample entry needs here
+SAMPLE_KEYS = ("intersection", "union", "iou", "no_target")  # what each per-sample entry needs here
 
 
 def parse_args(argv=None):
@@ -41,7 +41,8 @@ def oiou(samples) -> float:
 
 def split_hits(samples) -> dict:
     """{"oIoU", "hit_oIoU", "hits", "misses", "no_target"} of one dataset's per-sample results."""
-    found = [s for s in samples if not s["gt_empty"]]
+    # A no-target expression is the record's (gRefCOCO), not an empty mask at the scored resolution.
+    found = [s for s in samples if not s["no_target"]]
     hits = [s for s in found if s["iou"] >= HIT_IOU]
     return {"oIoU": oiou(found), "hit_oIoU": oiou(hits), "hits": len(hits), "misses": len(found) - len(hits),
             "no_target": len(samples) - len(found)}
@@ -63,7 +64,7 @@ def sample_problem(sample):
     lacking = [k for k in SAMPLE_KEYS if k not in sample]
     if lacking:
         return f"lacks {lacking} (expected {list(SAMPLE_KEYS)})"
-    numbers = {k: sample[k] for k in SAMPLE_KEYS if k != "gt_empty"}
+    numbers = {k: sample[k] for k in SAMPLE_KEYS if k != "no_target"}
     wrong = {k: v for k, v in numbers.items() if isinstance(v, bool) or not isinstance(v, (int, float))}
     return f"holds {wrong}, expected numbers" if wrong else None
 

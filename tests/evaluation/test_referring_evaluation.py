@@ -126,6 +126,23 @@ def test_empty_targets_and_no_target_accuracy():
     assert metrics["T-acc"] == pytest.approx(100.0 / 3)
 
 
+def test_no_union_at_all_has_no_overall_iou():
+    # Every sample no-target and predicted empty: each scores IoU 1, but there is no pixel to
+    # take an overall IoU over (it was reported as 100, beside ReLA's cIoU of nan).
+    inputs, outputs = generalized_samples()
+    metrics = run_evaluator(GENERALIZED, [inputs[0], inputs[5]], [outputs[0], outputs[5]])
+    assert math.isnan(metrics["oIoU"])
+    assert metrics["mIoU"] == pytest.approx(100.0)
+
+
+def test_outputs_and_inputs_must_pair_up():
+    evaluator = ReferringEvaluator(PLAIN, distributed=False)
+    evaluator.reset()
+    inputs = plain_samples()[:2]
+    with pytest.raises(ValueError, match=f"ReferringEvaluator on {PLAIN}: 2 inputs but 1 outputs"):
+        evaluator.process(inputs, [{"ref_seg": torch.zeros(4, 4)}])
+
+
 def test_no_target_score_ignored_on_plain_data_but_empty_gt_reports_accuracies():
     inputs = plain_samples()[:1] + [sample(9, 4, 4, [])]
     outputs = [
@@ -474,6 +491,23 @@ def test_pick_ceiling_leaves_no_target_expressions_out(tmp_path, capsys):
     # Target expressions: exact (4/4), missed (0/4), vetoed (0/16): oIoU 4/24, one hit at 100.
     assert [c.strip() for c in row.strip("|").split("|")][2:] == ["16.67", "100.00", "2", "3"]
     assert "3 no-target expressions left out" in out
+
+
+def test_pick_ceiling_counts_targets_by_the_record_not_the_scored_mask(tmp_path, capsys):
+    # A target whose mask is empty at the scored resolution (a small object at
+    # TEST.EVAL_RESOLUTION input) is still a target expression: a miss, not a no-target one.
+    tool = load_script("tools/pick_ceiling.py")
+    evaluate_into(tmp_path / "run", PLAIN, pick_ceiling_samples())
+    results = tmp_path / "run" / "inference" / f"referring_results_{PLAIN}.json"
+    stored = json.loads(results.read_text())
+    stored["samples"][1].update(gt_empty=True, intersection=0, union=1, iou=0.0)
+    results.write_text(json.dumps(stored))
+    assert tool.main([str(tmp_path / "run"), "--datasets", PLAIN]) == 0
+    out = capsys.readouterr().out
+    row = next(line for line in out.splitlines() if PLAIN in line)
+    # oIoU 6/21; the one hit 2/4; 2 misses of 3 target expressions, none left out.
+    assert [c.strip() for c in row.strip("|").split("|")][1:] == [PLAIN, "28.57", "50.00", "2", "3"]
+    assert "no-target expressions left out" not in out
 
 
 def test_pick_ceiling_names_missing_results(tmp_path, capsys):

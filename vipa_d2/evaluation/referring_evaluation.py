@@ -99,6 +99,11 @@ class ReferringEvaluator(DatasetEvaluator):
         self._samples = []
 
     def process(self, inputs, outputs):
+        if len(inputs) != len(outputs):  # zip would score the first ones and drop the rest
+            raise ValueError(
+                f"ReferringEvaluator on {self._name}: {len(inputs)} inputs but {len(outputs)} outputs; "
+                "the model must return one output per expression"
+            )
         for inp, out in zip(inputs, outputs):
             self._samples.append(self._score_sample(inp, out))
 
@@ -189,7 +194,8 @@ class ReferringEvaluator(DatasetEvaluator):
         total_i = sum(s["intersection"] for s in samples)
         total_u = sum(s["union"] for s in samples)
         metrics = OrderedDict()
-        metrics["oIoU"] = 100.0 * total_i / total_u if total_u > 0 else 100.0
+        # No union at all (every mask empty): no overall IoU, as ReLA's cIoU, not a perfect one.
+        metrics["oIoU"] = 100.0 * total_i / total_u if total_u > 0 else float("nan")
         # fsum is exactly rounded, so the result does not depend on the gather order.
         metrics["mIoU"] = 100.0 * math.fsum(ious) / n
         for thr in PRECISION_THRESHOLDS:
