@@ -339,6 +339,58 @@ def test_a_test_set_too_small_to_shuffle_is_refused_before_training(synthetic_be
         train_net.Trainer(cfg)
 
 
+def _register_own(name, records, referring):
+    """``name`` registered with DatasetCatalog as a loader of one's own would, returning
+    ``records``; with ``referring``, also its evaluator metadata. Idempotent across tests."""
+    if name not in DatasetCatalog.list():
+        DatasetCatalog.register(name, records)
+        if referring:
+            MetadataCatalog.get(name).set(evaluator_type="referring", generalized=False)
+
+
+def _sentences_as_strings(name):
+    def records():
+        recs = [dict(r) for r in DatasetCatalog.get(name)[:2]]
+        recs[1]["sentence"] = recs[1]["sentence"]["raw"]
+        return recs
+    return records
+
+
+def test_own_records_without_the_fields_the_mapper_reads_are_refused_before_training(
+    synthetic_benchmark, tmp_path, monkeypatch
+):
+    # A misshaped field failed at the first step (training set) or at the final evaluation,
+    # after the whole training, scoring no set (test set); extension review, session 48.
+    root, _ = synthetic_benchmark(6, image_size=64)
+    monkeypatch.setenv(DATASETS_ENV, root)
+    own_train, own_val = "own_strings_train", "own_strings_val"
+    cfg = train_net.setup(train_net_args(tmp_path))
+    (train_set,) = cfg.DATASETS.TRAIN
+    _register_own(own_train, _sentences_as_strings(train_set), referring=False)
+    _register_own(own_val, _sentences_as_strings(VAL), referring=True)
+    cfg.defrost()  # one setup (the slow part) for both sets
+    cfg.DATASETS.TRAIN, cfg.DATASETS.TEST = (own_train,), (own_val,)
+    expected = r"record #1 \(image_id=\d+, ref_id=\d+\): sentence: expected a dict \{'raw': text, 'sent_id': id\}, got '"
+    with pytest.raises(ReferringDataError, match=rf"^DATASETS.TRAIN \('{own_train}',\): {expected}"):
+        train_net.Trainer.build_train_loader(cfg)
+    # What the trainer runs before its first iteration (the missing-images test runs it there).
+    with pytest.raises(ReferringDataError, match=rf"^{own_val}: {expected}"):
+        train_net.Trainer.check_test_sets(cfg)
+
+
+def test_a_test_set_without_referring_metadata_is_told_so(tmp_path):
+    # Registered with DatasetCatalog alone, it was "not a referring dataset" with no word on
+    # the metadata that makes one (extension review, session 48).
+    name = "own_without_metadata_val"
+    _register_own(name, lambda: [], referring=False)
+    with pytest.raises(ConfigError, match=rf"^DATASETS.TEST: '{name}' is not a referring dataset; the referring datasets "
+                                          rf"are those whose MetadataCatalog entry has evaluator_type='referring', and "
+                                          rf"'{name}' is registered in DatasetCatalog but its entry has "
+                                          rf"evaluator_type=None \(your own loader: MetadataCatalog.get\('{name}'\)"
+                                          rf"\.set\(evaluator_type='referring'\), or .*\); they are .*{VAL}"):
+        train_net.setup(train_net_args(tmp_path, opts=["DATASETS.TEST", f"('{name}',)"]))
+
+
 # A fresh interpreter (the setting is process-wide): how much of a live 64 MB tensor glibc
 # serves by its own mmap (unmapped again on free), before and after train_net's setup.
 _MMAPPED_AROUND_SETUP = """

@@ -1,6 +1,7 @@
 """ReferringDatasetMapper: image reading, resizing, target masks and tokenization."""
 
 import copy
+import re
 
 import cv2
 import numpy as np
@@ -427,3 +428,75 @@ def test_check_records_refuses_before_any_batch(tmp_path):
         mapper.check_records([rec, unboxed], "mine")
     # Test mode reads no boxes.
     ReferringDatasetMapper(make_cfg(*opts), is_train=False).check_records([unboxed], "mine")
+
+
+@pytest.fixture(scope="module")
+def record_checkers():
+    """A training and a test mapper, for check_records only."""
+    cfg = make_cfg(*MAPPER_OPTS)
+    return ReferringDatasetMapper(cfg, is_train=True), ReferringDatasetMapper(cfg, is_train=False)
+
+
+def _without(key):
+    return lambda rec: rec.pop(key)
+
+
+def _annotation(**changes):
+    """The record's target annotation with ``changes`` (None: key removed)."""
+    def change(rec):
+        ann = dict(rec["annotations"][0], **changes)
+        rec["annotations"] = [{k: v for k, v in ann.items() if v is not None}]
+    return change
+
+
+@pytest.mark.parametrize("change,field,problem", [
+    (lambda rec: rec.update(sentence="the box"), "sentence",
+     r"expected a dict \{'raw': text, 'sent_id': id\}, got 'the box'"),
+    (lambda rec: rec.update(sentence={"sent": "the box", "sent_id": 5}), "sentence.raw",
+     "expected the expression as a string, got None"),
+    (_without("annotations"), "annotations", r"expected a list of target annotations \(\[\] for no target\), got None"),
+    (_annotation(segmentation=None), "annotations[0].segmentation", "missing: expected COCO polygons"),
+    (_annotation(bbox=None), "annotations[0].bbox", "missing: expected its box, 4 numbers"),
+    (_annotation(segmentation=[POLY[:4]]), "annotations[0].segmentation[0]",
+     r"expected a polygon .* of 3 or more points, got \[10.0, 5.0, 50.0, 5.0\]"),
+    (_annotation(segmentation=[{"size": [H, W], "counts": "PPYo1"}]), "annotations[0].segmentation",
+     "a list of RLE parts: expected one RLE dict"),
+    (_annotation(segmentation={"size": [H, W], "counts": [0, H * W]}), "annotations[0].segmentation.counts",
+     "expected compressed counts .*, got list"),
+    (_annotation(segmentation={"size": [H // 2, W], "counts": "PPYo1"}), "annotations[0].segmentation.size",
+     rf"RLE size \[{H // 2}, {W}\] does not match the image size \[{H}, {W}\]"),
+    (lambda rec: rec.update(height=str(H)), "height", f"expected a positive integer, got '{H}'"),
+    (_without("image_id"), "image_id", "missing"),
+], ids=["sentence-string", "no-raw", "no-annotations", "bbox-only", "no-bbox", "4-number-polygon", "rle-parts",
+        "uncompressed-rle", "rle-size", "height-string", "no-image-id"])
+def test_check_records_refuses_misshaped_fields_by_name(tmp_path, record_checkers, change, field, problem):
+    """Records of a loader of one's own that __call__ cannot read (it failed on them in a
+    worker at the first step, or in the evaluation after the training, with a bare KeyError or
+    TypeError) are refused up front, naming the source, the record, the field and what was
+    expected (extension review, session 48)."""
+    write_image(tmp_path / "a.png")
+    good = mapper_record(tmp_path / "a.png")
+    bad = copy.deepcopy(good)
+    change(bad)
+    for mapper in record_checkers:
+        with pytest.raises(ReferringDataError, match=rf"^mine: record #1 \(image_id=.*\): {re.escape(field)}: {problem}") as e:
+            mapper.check_records([good, bad], "mine")
+        assert e.value.field == field
+
+
+def test_check_records_accepts_what_records_may_carry(tmp_path, record_checkers):
+    """No-target records (any dataset: the mapper reads [] as an empty mask), RLE targets, and a
+    landmark only where the mapper reads it (test mode; training with landmark supervision)."""
+    write_image(tmp_path / "a.png")
+    target = mapper_record(tmp_path / "a.png")
+    rle = copy.deepcopy(target)
+    rle["annotations"][0]["segmentation"] = mask_to_rle(_rle_mask())
+    no_target = mapper_record(tmp_path / "a.png", "the purple cow", [])
+    landmark = dict(target, landmark={"phrase": "box"})  # no annotation
+    train, test = record_checkers
+    train.check_records([target, rle, no_target, landmark], "mine")
+    test.check_records([target, rle, no_target], "mine")
+    for record in [target, rle, no_target]:
+        test(record)  # what the checks pass, the mapper reads
+    with pytest.raises(ReferringDataError, match=r"^mine: record #0 .*: landmark.annotation: expected an annotation dict, got None$"):
+        test.check_records([landmark], "mine")

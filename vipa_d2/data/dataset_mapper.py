@@ -20,7 +20,7 @@ from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
 from .mirror_words import is_flipped, swap_left_right
-from .validation import IMAGE_READ_ERRORS, ReferringDataError, shortlist, stored_image_size
+from .validation import IMAGE_READ_ERRORS, ReferringDataError, record_problem, shortlist, stored_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -226,9 +226,21 @@ class ReferringDatasetMapper:
     def check_records(self, records: List[Dict], source: str) -> None:
         """
         Refuse, before any batch is read, what :meth:`__call__` would fail on midway (in a
-        data-loader worker, maybe hours in): image files that do not exist, and records
-        without a key that a training loss reads. ``source`` (the datasets) heads the message.
+        data-loader worker, maybe hours in, or in the evaluation after the training):
+        records that lack or misshape a field it reads (a loader of your own,
+        :func:`vipa_d2.data.validation.record_problem`), image files that do not exist, and
+        records without a key that a training loss reads. ``source`` (the datasets) heads
+        the message.
         """
+        reads_landmark = not self.is_train or self.landmark_supervision
+        for i, record in enumerate(records):
+            problem = record_problem(record, landmark=reads_landmark)
+            if problem is not None:
+                field, what = problem
+                item = f"record #{i}" + (f" ({_record_name(record)})" if isinstance(record, dict) else "")
+                raise ReferringDataError(
+                    f"{source}: {item}: {field + ': ' if field else ''}{what}", item=item, field=field or None
+                )
         check_image_files(records, source)
         for key, losses in self._loss_keys().items():
             lacking = [r for r in records if key not in r]

@@ -23,7 +23,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from vipa_d2.config import ConfigError
 from vipa_d2.data.custom import referring_dataset_names
-from vipa_d2.data.dataset_mapper import ReferringDatasetMapper, check_image_files
+from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.data.validation import shortlist
@@ -64,6 +64,8 @@ def broadcast_buffers_from_main(model) -> None:
 
 # Registered referring datasets a refusal lists before "... (+N more)".
 MAX_DATASETS_LISTED = 12
+# How a refusal says to register a referring dataset of your own.
+_OWN_DATASET_REGISTRATION = "DATASETS.REFER_SPLITS or vipa_d2.data.register_referring_dataset"
 
 
 def check_referring_datasets(cfg) -> None:
@@ -82,13 +84,24 @@ def check_referring_datasets(cfg) -> None:
         ("DATASETS.TEST", cfg.DATASETS.TEST, referring),
     ):
         for name in names:
-            if name not in allowed:
-                problem = "is not a referring dataset" if name in registered else "is not registered"
+            if name in allowed:
+                continue
+            listed = shortlist(referring, MAX_DATASETS_LISTED)
+            if name not in registered:
                 raise ConfigError(
-                    f"{key}: {name!r} {problem}; the referring datasets are "
-                    f"{shortlist(referring, MAX_DATASETS_LISTED)} (your own: DATASETS.REFER_SPLITS or "
-                    "vipa_d2.data.register_referring_dataset)"
+                    f"{key}: {name!r} is not registered; the referring datasets are {listed} (your own: "
+                    f"{_OWN_DATASET_REGISTRATION})"
                 )
+            # Registered with DatasetCatalog alone (a loader of your own): what it lacks is the
+            # metadata that names the evaluator, said before the list that does not show it.
+            evaluator_type = MetadataCatalog.get(name).get("evaluator_type", None)
+            raise ConfigError(
+                f"{key}: {name!r} is not a referring dataset; the referring datasets are those whose MetadataCatalog "
+                f"entry has evaluator_type={REFERRING_EVALUATOR_TYPE!r}, and {name!r} is registered in DatasetCatalog "
+                f"but its entry has evaluator_type={evaluator_type!r} (your own loader: "
+                f"MetadataCatalog.get({name!r}).set(evaluator_type={REFERRING_EVALUATOR_TYPE!r}), or "
+                f"{_OWN_DATASET_REGISTRATION}); they are {listed}"
+            )
     _check_evaluated_tasks(cfg)
 
 
@@ -311,14 +324,16 @@ class ReferringTrainer(DefaultTrainer):
 
     @classmethod
     def check_test_sets(cls, cfg) -> None:
-        """Each ``DATASETS.TEST`` set loads, has all its image files at their records' sizes
-        and, with ``TEST.SHUFFLED_EXPRESSION_CONTROL``, records enough to shuffle. The
-        trainer checks this before the first iteration: test() would otherwise meet a split
-        missing from the refs file, or a missing image, only after the last one, and score
-        no set."""
+        """Each ``DATASETS.TEST`` set loads, passes the test mapper's record checks (the
+        fields it reads, all image files at their records' sizes) and, with
+        ``TEST.SHUFFLED_EXPRESSION_CONTROL``, has records enough to shuffle. The trainer
+        checks this before the first iteration: test() would otherwise meet a split missing
+        from the refs file, a missing image or a misshaped record only after the last one,
+        and score no set."""
+        mapper = ReferringDatasetMapper(cfg, False)
         for name in cfg.DATASETS.TEST:
             records = DatasetCatalog.get(name)
-            check_image_files(records, name)
+            mapper.check_records(records, name)
             if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
                 try:
                     check_shufflable(records, name)
@@ -328,7 +343,8 @@ class ReferringTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
-        check_image_files(records, dataset_name)
+        # As check_test_sets does before training; --eval-only comes here directly.
+        ReferringDatasetMapper(cfg, False).check_records(records, dataset_name)
         return build_detection_test_loader(
             records,
             mapper=build_test_mapper(cfg),
