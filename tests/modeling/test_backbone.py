@@ -10,6 +10,7 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
 from common import make_cfg
+from vipa_d2 import ConfigError
 from vipa_d2.modeling.backbone import load_backbone_weights
 from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d, set_conv_bn_folding
 
@@ -63,6 +64,40 @@ def test_swin_any_aspect():
         out = backbone(torch.randn(1, 3, 96, 160))
     assert list(out) == ["res3", "res4", "res5"]
     assert out["res5"].shape == (1, backbone.output_shape()["res5"].channels, 3, 5)
+
+
+def test_ghostnet_without_stochastic_depth():
+    # GhostNet's timm class takes no drop_path_rate: built without it at the default rate 0,
+    # its stages (and the stem's separate activation) give timm's own features. The same
+    # seed draws the same random weights in both.
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "ghostnet_100")
+    ours = set_conv_bn_folding(build_backbone(cfg, ShapeSpec(channels=3)), False).eval()
+    torch.manual_seed(0)  # the fixture's seed, which build_backbone drew from
+    ref = timm.create_model("ghostnet_100", features_only=True, out_indices=(1, 2, 3, 4)).eval()
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        out = ours(x)
+        for name, feat in zip(["res2", "res3", "res4", "res5"], ref(x)):
+            torch.testing.assert_close(out[name], feat, rtol=0, atol=0)
+            assert ours.output_shape()[name].channels == feat.shape[1]
+    # A rate the model cannot apply is a config error naming both keys.
+    cfg.MODEL.TIMM.DROP_PATH_RATE = 0.1
+    with pytest.raises(ConfigError, match=r"MODEL\.TIMM\.DROP_PATH_RATE=0\.1 .*MODEL\.TIMM\.ARCH='ghostnet_100'"):
+        build_backbone(cfg, ShapeSpec(channels=3))
+
+
+def test_drop_path_rate_zero_reaches_swin():
+    # timm's Swin defaults to a drop-path rate of 0.1: a configured 0 must be passed, not left out.
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "swin_tiny_patch4_window7_224", "MODEL.TIMM.DROP_PATH_RATE", 0.0)
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    rates = [m.drop_prob for m in backbone.modules() if hasattr(m, "drop_prob")]
+    assert not any(rates)
+
+
+def test_unsupported_family_is_a_config_error():
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "resnet18")
+    with pytest.raises(ConfigError, match=r"MODEL\.TIMM\.ARCH='resnet18' builds a timm ResNet"):
+        build_backbone(cfg, ShapeSpec(channels=3))
 
 
 def test_stage_hook_feeds_next_stage():

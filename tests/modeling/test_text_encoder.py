@@ -1,9 +1,27 @@
 """Text encoder and tokenizer, with the bundled MiniLM weights."""
 import pytest
 import torch
+from transformers import BertConfig, BertModel, DistilBertConfig, DistilBertModel, RobertaConfig, RobertaModel
 
 from common import make_cfg
+from vipa_d2 import ConfigError
 from vipa_d2.modeling.text_encoder import TextEncoder, build_tokenizer, resolve_text_encoder_path, tokenize
+
+# Tiny random encoders of the families MODEL.TEXT_ENCODER.NAME may name, over the bundled
+# MiniLM vocabulary (its tokenizer is saved next to them). Only BERT and RoBERTa have a pooler.
+TINY_ENCODERS = {
+    "bert": lambda vocab: BertModel(BertConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64
+    )),
+    "distilbert": lambda vocab: DistilBertModel(DistilBertConfig(
+        vocab_size=vocab, dim=32, n_layers=1, n_heads=2, hidden_dim=64
+    )),
+    # pad_token_id: RoBERTa numbers positions after the padding id, here MiniLM's 0.
+    "roberta": lambda vocab: RobertaModel(RobertaConfig(
+        vocab_size=vocab, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64,
+        pad_token_id=0,
+    )),
+}
 
 
 @pytest.fixture(scope="module")
@@ -76,3 +94,32 @@ def test_frozen_encoder_has_no_dropout_in_training(cfg, tokenizer, freeze):
     with torch.no_grad():
         first, second = (enc(tokens["input_ids"], tokens["attention_mask"]) for _ in range(2))
     assert enc.training and torch.equal(first, second) == freeze
+
+
+@pytest.mark.parametrize("family", sorted(TINY_ENCODERS))
+def test_other_encoder_families(cfg, tokenizer, tmp_path, family):
+    TINY_ENCODERS[family](tokenizer.vocab_size).save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    c = cfg.clone()
+    c.MODEL.TEXT_ENCODER.NAME = str(tmp_path)
+    c.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS = True
+    enc = TextEncoder(c).eval()
+    names = [n for n, _ in enc.named_parameters()]
+    assert not any("pooler" in n for n in names)  # only the token features are used
+    embeddings = [p for n, p in enc.named_parameters() if ".embeddings." in n]
+    assert embeddings and not any(p.requires_grad for p in embeddings)
+    tokens = tokenize(tokenizer, ["the red star"], max_len=6)
+    with torch.no_grad():
+        assert enc(**tokens).shape == (1, 6, 32)
+    # Rebuilt from its own files, as from a checkpoint: the same parameters.
+    rebuilt = TextEncoder(name=c.MODEL.TEXT_ENCODER.NAME, files=enc.files)
+    assert [n for n, _ in rebuilt.named_parameters()] == names
+
+
+def test_name_without_weights_is_a_config_error(cfg, tokenizer, tmp_path):
+    TINY_ENCODERS["bert"](tokenizer.vocab_size).config.save_pretrained(tmp_path)
+    tokenizer.save_pretrained(tmp_path)
+    c = cfg.clone()
+    c.MODEL.TEXT_ENCODER.NAME = str(tmp_path)
+    with pytest.raises(ConfigError, match=rf"MODEL\.TEXT_ENCODER\.NAME='{tmp_path}'.*model\.safetensors"):
+        TextEncoder(c)

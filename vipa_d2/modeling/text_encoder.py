@@ -1,5 +1,6 @@
 """
-Language encoder (BERT-family via transformers' Auto classes) and tokenization.
+Language encoder (encoder-only transformers models: BERT, DistilBERT, RoBERTa, ..., via
+transformers' Auto classes) and tokenization.
 
 A checkpoint is self-contained: next to the weights it holds the text encoder's
 ``config.json`` and tokenizer files (entry :data:`CHECKPOINT_FILES_KEY`), so that with
@@ -7,6 +8,7 @@ A checkpoint is self-contained: next to the weights it holds the text encoder's
 whatever ``MODEL.TEXT_ENCODER.NAME`` names.
 """
 import contextlib
+import inspect
 import json
 import logging
 import os
@@ -28,6 +30,12 @@ BUNDLED_MINILM = "bundled-minilm"
 TEXT_ENCODER_MODULE = "text_encoder"
 # The transformers config among those files (what the architecture is built from).
 CONFIG_FILE = "config.json"
+# What MODEL.TEXT_ENCODER.NAME must name (said when loading it fails).
+EXPECTED_MODEL = (
+    "an encoder-only transformers model (BERT, DistilBERT, RoBERTa, ...): a hub name available "
+    "offline or a local directory with config.json, the weights (model.safetensors or "
+    "pytorch_model.bin) and the tokenizer files"
+)
 
 
 def resolve_text_encoder_path(name: str) -> str:
@@ -142,13 +150,51 @@ def text_encoder_files(cfg) -> Optional[Dict[str, bytes]]:
         ) from e
 
 
+@contextlib.contextmanager
+def _name_loading(name: str, path: str) -> Iterator[None]:
+    """
+    transformers' errors loading ``MODEL.TEXT_ENCODER.NAME`` (a missing file, an unknown
+    model type, a class that cannot be built) as one ConfigError naming the key and what it
+    must name: the entry points print it in one line, not as a traceback.
+    """
+    from ..config import ConfigError  # not at the top: vipa_d2.config imports this package
+
+    try:
+        yield
+    except (OSError, ValueError, TypeError) as e:
+        where = repr(name) if path == name else f"{name!r} ({path})"
+        raise ConfigError(
+            f"MODEL.TEXT_ENCODER.NAME={where} cannot be loaded: {type(e).__name__}: {e} Expected {EXPECTED_MODEL}."
+        ) from e
+
+
+def _model_kwargs(config) -> Dict[str, bool]:
+    """
+    The arguments AutoModel builds ``config``'s encoder with. Only the token features are
+    used (:meth:`TextEncoder.forward`; position 0 is the global cue), so a pooler, where the
+    class has one (BERT, RoBERTa), is left out: unused weights in every checkpoint and
+    optimizer. Classes without one (DistilBERT) refuse the argument.
+    """
+    from transformers import MODEL_MAPPING
+
+    if config.is_encoder_decoder:
+        raise ValueError(f"model type {config.model_type!r} is an encoder-decoder (it needs decoder inputs).")
+    if type(config) not in MODEL_MAPPING:
+        raise ValueError(f"transformers' AutoModel builds no model of type {config.model_type!r}.")
+    takes = inspect.signature(MODEL_MAPPING[type(config)].__init__).parameters
+    return {"add_pooling_layer": False} if "add_pooling_layer" in takes else {}
+
+
 def build_tokenizer(cfg):
     """The tokenizer of the text encoder (see :func:`text_encoder_files`)."""
     from transformers import AutoTokenizer
 
     files = text_encoder_files(cfg)
     if files is None:
-        return AutoTokenizer.from_pretrained(resolve_text_encoder_path(cfg.MODEL.TEXT_ENCODER.NAME))
+        name = cfg.MODEL.TEXT_ENCODER.NAME
+        path = resolve_text_encoder_path(name)
+        with _name_loading(name, path):
+            return AutoTokenizer.from_pretrained(path)
     with _files_directory(files) as folder:
         try:
             return AutoTokenizer.from_pretrained(folder, local_files_only=True)
@@ -207,21 +253,23 @@ class TextEncoder(nn.Module):
 
         if files is None:
             path = resolve_text_encoder_path(name)
-            self.model = AutoModel.from_pretrained(path, add_pooling_layer=False)
-            self.files = _directory_files(path, local_only=False)
+            with _name_loading(name, path):
+                config = AutoConfig.from_pretrained(path)
+                self.model = AutoModel.from_pretrained(path, config=config, **_model_kwargs(config))
+                self.files = _directory_files(path, local_only=False)
         else:
             path = "its files (weights to come from a checkpoint)"
             with _files_directory(files) as folder:
                 config = AutoConfig.from_pretrained(folder, local_files_only=True)
-            self.model = AutoModel.from_config(config, add_pooling_layer=False)
+            self.model = AutoModel.from_config(config, **_model_kwargs(config))
             self.files = dict(files)
         self.hidden_size = self.model.config.hidden_size
         self.frozen = freeze
         if freeze:
             self.model.requires_grad_(False)
         elif freeze_embeddings:
-            # BERT-family models keep word, position and type embeddings (and their
-            # LayerNorm) in one ``embeddings`` block; other models at least expose the words.
+            # BERT, DistilBERT and RoBERTa keep word, position (and type) embeddings and
+            # their LayerNorm in one ``embeddings`` block; other models at least expose the words.
             embeddings = getattr(self.model, "embeddings", None) or self.model.get_input_embeddings()
             embeddings.requires_grad_(False)
         logger.info("Text encoder %s (hidden size %d) from %s", name, self.hidden_size, path)

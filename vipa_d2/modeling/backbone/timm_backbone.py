@@ -1,4 +1,4 @@
-"""Detectron2 ``Backbone`` over timm models (EfficientNet, Swin), run stage by stage.
+"""Detectron2 ``Backbone`` over timm models (EfficientNet, MobileNet, GhostNet, Swin), run stage by stage.
 
 Running the stages ourselves (instead of timm's ``features_only`` wrapper) lets a caller
 pass a per-stage hook whose output is fed to the next stage: the optional ``stage_hook``
@@ -31,6 +31,13 @@ def _res_name(stride: int) -> str:
     return f"res{int(stride).bit_length() - 1}"
 
 
+def _config_error(message: str) -> ValueError:
+    """A ConfigError: entry points print it in one line, for a MODEL.TIMM key the model cannot follow."""
+    from ...config import ConfigError  # not at the top: vipa_d2.config imports this package
+
+    return ConfigError(message)
+
+
 def _checkpoint_holds_backbone(cfg) -> bool:
     """Whether MODEL.WEIGHTS is set and holds backbone weights. A file not in torch.save's
     format is taken to hold them (it is not looked into); a part of a model without them (a
@@ -41,34 +48,74 @@ def _checkpoint_holds_backbone(cfg) -> bool:
     return outline is None or BACKBONE_MODULE in outline.modules
 
 
+def _stage_features(model: nn.Module, stages: str) -> Dict[int, dict]:
+    """
+    timm's feature_info of the stages in ``model.<stages>``, by stage index. Features of
+    other modules are left out: GhostNet lists its stem (stride 2, below res2).
+    """
+    prefix = stages + "."
+    return {
+        int(info["module"][len(prefix):].split(".")[0]): info
+        for info in model.feature_info
+        if info["module"].startswith(prefix)
+    }
+
+
 class _Stages:
     """Split of a timm model into a stem and sequential stages, per architecture family."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, arch: str):
         self.channels_last_out = False
         # Whether a Conv2d registered right before a BatchNorm feeds it (see fold_conv_bn).
         self.conv_bn_in_order = False
         if hasattr(model, "conv_stem") and hasattr(model, "blocks"):  # EfficientNet family
             self.conv_bn_in_order = True
-            self.stem = nn.Sequential(model.conv_stem, model.bn1)
+            # GhostNet's stem activation is a module of its own (act1); EfficientNet's and
+            # MobileNet's bn1 applies it.
+            act = [model.act1] if hasattr(model, "act1") else []
+            self.stem = nn.Sequential(model.conv_stem, model.bn1, *act)
             self.stages = list(model.blocks)
-            # timm's feature_info names the blocks whose outputs are features.
-            self.feature_info = {
-                int(info["module"].split(".")[1]): info for info in model.feature_info
-            }
+            self.feature_info = _stage_features(model, "blocks")
         elif hasattr(model, "patch_embed") and hasattr(model, "layers"):  # Swin family
             self.stem = model.patch_embed
             self.stages = list(model.layers)
-            self.feature_info = {
-                int(info["module"].split(".")[1]): info for info in model.feature_info
-            }
+            self.feature_info = _stage_features(model, "layers")
             self.channels_last_out = True  # timm Swin stages work in NHWC
         else:
-            raise ValueError(
-                f"Unsupported timm architecture {type(model).__name__}: VIPATimmBackbone "
-                "supports EfficientNet-style (conv_stem/blocks) and Swin-style "
-                "(patch_embed/layers) models."
+            raise _config_error(
+                f"MODEL.TIMM.ARCH={arch!r} builds a timm {type(model).__name__}, unsupported: VIPATimmBackbone "
+                "supports EfficientNet-style (conv_stem/blocks: EfficientNet, MobileNet, GhostNet) and "
+                "Swin-style (patch_embed/layers: Swin, SwinV2) models."
             )
+
+
+def _create_model(arch: str, in_chans: int, drop_path_rate: float) -> nn.Module:
+    """
+    timm model ``arch`` with random weights. The drop-path rate is always passed where the
+    model takes one: timm's Swin would otherwise use its own default (0.1) for a rate of 0.
+    Models without stochastic depth (GhostNet) refuse the argument; at 0 they are built
+    without it, above 0 the config asks for what they cannot do.
+    """
+    import timm
+
+    kwargs = {}
+    if arch.startswith("swin"):
+        # Any input size: timm pads windows internally when the size is dynamic.
+        kwargs.update(dynamic_img_size=True, strict_img_size=False)
+    try:
+        try:
+            return timm.create_model(arch, pretrained=False, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs)
+        except TypeError as e:  # raised binding the arguments, before any weight is drawn
+            if "drop_path_rate" not in str(e):
+                raise
+            if drop_path_rate > 0:
+                raise _config_error(
+                    f"MODEL.TIMM.DROP_PATH_RATE={drop_path_rate} but MODEL.TIMM.ARCH={arch!r} has no "
+                    "stochastic depth (its timm class takes no drop_path_rate): set it to 0."
+                ) from e
+            return timm.create_model(arch, pretrained=False, in_chans=in_chans, **kwargs)
+    except RuntimeError as e:  # timm raises RuntimeError for unknown names
+        raise _config_error(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
 
 
 @BACKBONE_REGISTRY.register()
@@ -80,17 +127,8 @@ class VIPATimmBackbone(Backbone):
 
     def __init__(self, cfg, input_shape: ShapeSpec):
         super().__init__()
-        import timm
-
         arch = cfg.MODEL.TIMM.ARCH
-        kwargs = {"drop_path_rate": cfg.MODEL.TIMM.DROP_PATH_RATE}
-        if arch.startswith("swin"):
-            # Any input size: timm pads windows internally when the size is dynamic.
-            kwargs.update(dynamic_img_size=True, strict_img_size=False)
-        try:
-            model = timm.create_model(arch, pretrained=False, in_chans=input_shape.channels, **kwargs)
-        except RuntimeError as e:  # timm raises RuntimeError for unknown names
-            raise ValueError(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
+        model = _create_model(arch, input_shape.channels, cfg.MODEL.TIMM.DROP_PATH_RATE)
         if _checkpoint_holds_backbone(cfg):
             # Fetching pretrained weights only to overwrite them would need the network
             # (MODEL.TIMM.WEIGHTS "timm") for nothing.
@@ -98,7 +136,7 @@ class VIPATimmBackbone(Backbone):
         else:
             load_backbone_weights(model, cfg.MODEL.TIMM.WEIGHTS, arch)
 
-        split = _Stages(model)
+        split = _Stages(model, arch)
         self.stem = split.stem
         self.stages = nn.ModuleList(split.stages)
         self._nhwc = split.channels_last_out
@@ -114,7 +152,7 @@ class VIPATimmBackbone(Backbone):
                 self._out_feature_channels[name] = info["num_chs"]
         missing = set(cfg.MODEL.TIMM.OUT_FEATURES) - set(self._stage_names.values())
         if missing:
-            raise ValueError(
+            raise _config_error(
                 f"MODEL.TIMM.OUT_FEATURES asks for {sorted(missing)}, but {arch} provides "
                 f"{sorted(_res_name(i['reduction']) for i in split.feature_info.values())}"
             )
