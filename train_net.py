@@ -36,9 +36,18 @@ INPUT_ERRORS = (ConfigError, ReferringDataError, WeightsError, UntrustedCheckpoi
 class Trainer(ReferringTrainer):
     """Project hooks go here; all referring-specific logic lives in ReferringTrainer."""
 
+    # Your project's add_*_config functions (Detectron2's idiom), for the keys its modules
+    # read: they run before the config file is merged, in every process.
+    config_functions = ()
+
+
+def load_config(args):
+    """The config of ``args`` (its file and overrides) with the project's keys."""
+    return get_vipa_cfg(args.config_file, args.opts, Trainer.config_functions)
+
 
 def setup(args):
-    cfg = get_vipa_cfg(args.config_file, args.opts)
+    cfg = load_config(args)
     cfg.freeze()
     default_setup(cfg, args)
     # default_setup sets up Detectron2's and fvcore's loggers only: without this, vipa_d2's
@@ -82,7 +91,7 @@ def invoke_main() -> None:
     parser = default_argument_parser()
     args = parser.parse_args()
     try:  # a config that does not merge fails here, in one line, before any process starts
-        get_vipa_cfg(args.config_file, args.opts)
+        load_config(args)
     except ConfigError as e:
         parser.error(str(e))
     try:

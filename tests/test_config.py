@@ -5,7 +5,8 @@ import subprocess
 import sys
 
 import pytest
-from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG, make_cfg
+from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, train_net_args
+from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from vipa_d2 import ConfigError, add_vipa_config, get_vipa_cfg
@@ -173,6 +174,33 @@ def test_add_vipa_config_only_adds_keys():
     add_vipa_config(cfg)
     changed = [k for k, v in _leaves(cfg) if k in core and v != ("marker", k)]
     assert not changed
+
+
+def add_project_config(cfg):
+    """A project's own keys, as Detectron2 projects add them."""
+    cfg.MODEL.PROJECT_LOSS = CN()
+    cfg.MODEL.PROJECT_LOSS.WEIGHT = 1.0
+
+
+def test_project_config_functions_add_keys_its_files_set(tmp_path):
+    leaf = tmp_path / "project_leaf.yaml"
+    leaf.write_text(f"_BASE_: {TINY_CONFIG}\nMODEL:\n  PROJECT_LOSS:\n    WEIGHT: 0.5\n")
+    with pytest.raises(ConfigError, match="PROJECT_LOSS"):
+        get_vipa_cfg(str(leaf))
+    assert get_vipa_cfg(str(leaf), add_configs=[add_project_config]).MODEL.PROJECT_LOSS.WEIGHT == 0.5
+    overridden = get_vipa_cfg(str(leaf), ["MODEL.PROJECT_LOSS.WEIGHT", "0.25"], [add_project_config])
+    assert overridden.MODEL.PROJECT_LOSS.WEIGHT == 0.25
+
+
+def test_train_net_reads_the_trainers_config_functions(tmp_path, monkeypatch):
+    # train_net.py's one place for them, used in every process it starts (setup) and before
+    # (the one-line refusal of a config that does not merge).
+    train_net = import_train_net()
+    args = train_net_args(tmp_path, opts=["MODEL.PROJECT_LOSS.WEIGHT", "0.5"])
+    with pytest.raises(ConfigError, match="PROJECT_LOSS"):
+        train_net.load_config(args)
+    monkeypatch.setattr(train_net.Trainer, "config_functions", (add_project_config,))
+    assert train_net.load_config(args).MODEL.PROJECT_LOSS.WEIGHT == 0.5
 
 
 def test_retired_speed_switches_merge_with_a_warning(tmp_path, caplog):

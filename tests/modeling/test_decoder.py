@@ -70,7 +70,7 @@ def test_pixel_decoder_scales_and_mask_features():
 def test_pixel_decoder_config_errors():
     with pytest.raises(ValueError, match="PIXEL_DECODER.IN_FEATURES"):
         build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res1", "res3"]}), SHAPES)
-    with pytest.raises(KeyError):
+    with pytest.raises(ValueError, match="MODEL.VIPA.PIXEL_DECODER.NAME 'NoSuchDecoder' is not in the"):
         build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.NAME": "NoSuchDecoder"}), SHAPES)
     with pytest.raises(ValueError, match="DECODER.IN_FEATURES"):
         VIPATransformerDecoder(make_cfg(*SMALL, **{"MODEL.VIPA.DECODER.IN_FEATURES": ["res5", "res1"]}), SHAPES)

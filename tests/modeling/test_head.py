@@ -43,8 +43,9 @@ def test_head_holds_the_decoders_built_by_registered_name():
     assert type(model.head) is VIPAHead and type(model.head.transformer_decoder) is VIPATransformerDecoder
     assert {n for n, _ in model.named_children()} == {"backbone", "text_encoder", "fusion", "head", "criterion"}
     assert all(getattr(model.head, part) is not None for part in HEAD_PARTS)
-    for key in ("MODEL.VIPA.HEAD_NAME", "MODEL.VIPA.DECODER.NAME", "MODEL.VIPA.PIXEL_DECODER.NAME"):
-        with pytest.raises(KeyError, match="NoSuchPart"):
+    # A name no registry holds: the key, the registry's entries and how to register, in one line.
+    for key in ("MODEL.BACKBONE.NAME", "MODEL.VIPA.HEAD_NAME", "MODEL.VIPA.DECODER.NAME", "MODEL.VIPA.PIXEL_DECODER.NAME"):
+        with pytest.raises(ValueError, match=f"{key} 'NoSuchPart' is not in the .* registry .* holds .*register"):
             build_model(small_cfg(key, "NoSuchPart"))
 
 

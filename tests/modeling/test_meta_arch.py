@@ -7,13 +7,15 @@ import numpy as np
 import pytest
 import torch
 
-from detectron2.modeling import build_model
+from detectron2.layers import ShapeSpec
+from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
 from detectron2.structures import BoxMode
 
 from common import TINY_CONFIG, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.directional_counts import GROUP_MAP
+from vipa_d2.modeling.losses import CHOICE_OUTPUTS
 from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO, runtime_options, trim_text_padding
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, files_entry
 from vipa_d2.modeling.veg import linguistic_cue_mask
@@ -128,6 +130,52 @@ def test_train_step_reaches_veg_and_decoders_and_inference_contract(tokenizer, d
         assert out["no_target_score"].dim() == 0 and 0 <= float(out["no_target_score"]) <= 1
         assert torch.isfinite(out["relevance"]).all() and out["relevance"].abs().max() <= 1 + 1e-5
     model.zero_grad(set_to_none=True)
+
+
+@BACKBONE_REGISTRY.register()
+class PlainForwardBackbone(Backbone):
+    """A backbone as Detectron2 writes them, ``forward(x)`` only: two stride-2 stages."""
+
+    def __init__(self, cfg, input_shape):
+        super().__init__()
+        self.stages = torch.nn.ModuleList([torch.nn.Conv2d(input_shape.channels, 8, 3, 2, 1), torch.nn.Conv2d(8, 8, 3, 2, 1)])
+
+    def forward(self, x):
+        return {"res2": self.stages[1](self.stages[0](x))}
+
+    def output_shape(self):
+        return {"res2": ShapeSpec(channels=8, stride=4)}
+
+
+def test_early_fusion_needs_a_backbone_that_takes_the_stage_hook():
+    # Refused when the model is built, not at the first step's call with stage_hook=.
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME 'PlainForwardBackbone'.*takes no stage_hook"):
+        build("MODEL.BACKBONE.NAME", "PlainForwardBackbone")
+
+
+def test_losses_name_the_head_outputs_they_lack(tokenizer, default_model):
+    # The tiny config trains centre maps, offsets and the object choice: a head of one's own
+    # that returns only masks and the no-target logit is told which keys ask for more.
+    outputs = {"pred_masks": [], "no_target_logit": torch.zeros(2)}
+    with pytest.raises(ValueError, match=r"The outputs of MyHead lack what the losses read: "
+                                         r"MODEL.VIPA.LOSS.CENTRE_WEIGHT > 0 reads \['centre_logits'\]; "
+                                         r"MODEL.VIPA.LOSS.OFFSET_WEIGHT > 0 reads \['centre_offsets'\]"):
+        default_model.criterion.check_outputs(outputs, "MyHead")
+    everything = ("centre_logits", "centre_offsets", *CHOICE_OUTPUTS, "choice_log_areas")
+    default_model.criterion.check_outputs({**outputs, **{key: [] for key in everything}}, "MyHead")
+
+
+def test_pixel_decoder_outputs_must_fit_the_transformer_decoder(default_model):
+    decoder = default_model.head.transformer_decoder
+    levels = {name: torch.zeros(1, 32, 4, 4) for name in decoder.in_features}
+    decoder.check_pixel_decoder_outputs(levels, torch.zeros(1, decoder.mask_dim, 8, 8))
+    wrong = [
+        (levels, torch.zeros(1, decoder.mask_dim + 1, 8, 8)),  # another MASK_DIM
+        ({k: v for k, v in levels.items() if k != decoder.in_features[0]}, torch.zeros(1, decoder.mask_dim, 8, 8)),
+    ]
+    for features, mask_features in wrong:
+        with pytest.raises(ValueError, match=r"The pixel decoder \(MODEL.VIPA.PIXEL_DECODER.NAME\) returned"):
+            decoder.check_pixel_decoder_outputs(features, mask_features)
 
 
 def test_landmark_loss_trains_through_the_model(tokenizer):

@@ -10,6 +10,7 @@ feature equals the (possibly pretrained) visual feature and fusion is learned ge
 ``stage_hook`` argument: the fused stage output feeds the next stage); "late" fusion
 applies them to the backbone outputs only.
 """
+import inspect
 import math
 from typing import Dict
 
@@ -23,6 +24,24 @@ from detectron2.layers import ShapeSpec
 from .attention import MultiHeadAttention
 
 FUSION_MODES = ("none", "late", "early")
+
+
+def check_early_fusion_backbone(backbone: nn.Module, name: str) -> None:
+    """
+    ValueError unless ``backbone.forward`` takes ``stage_hook``, which early fusion needs
+    (:class:`VIPATimmBackbone` does; Detectron2's own backbones and a plain
+    ``forward(x)`` do not). Checked when the model is built: the call would otherwise fail
+    at the first step. ``name``: the config's MODEL.BACKBONE.NAME, for the message.
+    """
+    parameters = inspect.signature(backbone.forward).parameters.values()
+    if any(p.name == "stage_hook" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+        return
+    raise ValueError(
+        f"MODEL.VIPA.FUSION 'early' fuses the words into the backbone after every output stage, so the backbone "
+        f"(MODEL.BACKBONE.NAME {name!r}) needs forward(x, stage_hook=None) that replaces each output stage's "
+        f"feature f by stage_hook(name, f) before the next stage reads it (as VIPATimmBackbone.forward does); "
+        f"{type(backbone).__name__}.forward takes no stage_hook. Add it, or set MODEL.VIPA.FUSION 'late' or 'none'"
+    )
 
 
 class PixelWordAttention(nn.Module):

@@ -17,6 +17,7 @@ from detectron2.utils.registry import Registry
 
 from .losses import token_validity
 from .pixel_decoder import build_pixel_decoder
+from .registry import get_registered
 from .transformer_decoder import build_transformer_decoder
 from .veg import VisualExpressionGenerator, linguistic_cue_mask
 
@@ -50,7 +51,7 @@ def decoder_reads_words(transformer_decoder: nn.Module) -> bool:
 
 def build_vipa_head(cfg, input_shape: Dict[str, ShapeSpec], text_dim: int) -> nn.Module:
     """Build ``MODEL.VIPA.HEAD_NAME`` on the backbone's ``output_shape()`` and the text width."""
-    return VIPA_HEAD_REGISTRY.get(cfg.MODEL.VIPA.HEAD_NAME)(cfg, input_shape, text_dim)
+    return get_registered(VIPA_HEAD_REGISTRY, cfg.MODEL.VIPA.HEAD_NAME, "MODEL.VIPA.HEAD_NAME")(cfg, input_shape, text_dim)
 
 
 @VIPA_HEAD_REGISTRY.register()

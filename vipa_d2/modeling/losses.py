@@ -249,6 +249,17 @@ GROUP_LOSS_KEYS = {name: BOX_LOSS_KEYS[name] for name in ("group_weight", "choic
 # Those that also train on the objects' areas (training inputs' ``object_areas``).
 AREA_LOSS_KEYS = {name: BOX_LOSS_KEYS[name] for name in ("area_weight",)}
 
+# What each of those losses reads from the head's outputs (beyond the masks and the
+# no-target logit every head returns).
+CHOICE_OUTPUTS = ("choice_logits", "member_logits", "choice_points", "choice_found")
+LOSS_OUTPUTS = {
+    "centre_weight": ("centre_logits",),
+    "group_weight": ("group_logits",),
+    "offset_weight": ("centre_offsets",),
+    "choice_weight": CHOICE_OUTPUTS,
+    "area_weight": CHOICE_OUTPUTS + ("choice_log_areas",),
+}
+
 
 def box_losses(weights: Dict, keys: Dict = BOX_LOSS_KEYS) -> List[str]:
     """"KEY > 0" for each loss of ``keys`` that ``weights`` (the criterion's arguments)
@@ -407,6 +418,23 @@ class VIPACriterion(nn.Module):
         self.box_losses = box_losses(weights)
         self.group_losses = box_losses(weights, GROUP_LOSS_KEYS)
         self.area_losses = box_losses(weights, AREA_LOSS_KEYS)
+
+    def check_outputs(self, outputs: Dict, head: str) -> None:
+        """ValueError naming what the losses turned on need and ``head``'s ``outputs`` lack:
+        a registered head or decoder returns only what its config asks of it, and the
+        losses would otherwise fail on a bare KeyError at the first step."""
+        lacking = {
+            BOX_LOSS_KEYS[weight]: [k for k in keys if k not in outputs]
+            for weight, keys in LOSS_OUTPUTS.items()
+            if getattr(self, weight) > 0
+        }
+        lacking = {key: missing for key, missing in lacking.items() if missing}
+        if lacking:
+            listed = "; ".join(f"{key} > 0 reads {missing}" for key, missing in lacking.items())
+            raise ValueError(
+                f"The outputs of {head} lack what the losses read: {listed}. Return them from the head "
+                "(or its transformer decoder: MODEL.VIPA.HEAD_NAME, MODEL.VIPA.DECODER.NAME), or set those weights to 0"
+            )
 
     @classmethod
     def from_config(cls, cfg):

@@ -18,15 +18,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
-from detectron2.modeling import META_ARCH_REGISTRY, build_backbone
+from detectron2.modeling import BACKBONE_REGISTRY, META_ARCH_REGISTRY, build_backbone
 from detectron2.modeling.postprocessing import sem_seg_postprocess
 from detectron2.structures import ImageList
 
 from .attention import set_fused_attention
 from .backbone.conv_bn_fold import set_conv_bn_folding
-from .fusion import FUSION_MODES, VisionLanguageFusion
+from .fusion import FUSION_MODES, VisionLanguageFusion, check_early_fusion_backbone
 from .head import build_vipa_head
-from .losses import VIPACriterion
+from .losses import CHOICE_OUTPUTS, VIPACriterion
+from .registry import get_registered
 from .text_encoder import TextEncoder
 
 logger = logging.getLogger(__name__)
@@ -143,7 +144,10 @@ class VIPA(nn.Module):
         vipa = cfg.MODEL.VIPA
         if vipa.FUSION not in FUSION_MODES:
             raise ValueError(f"MODEL.VIPA.FUSION must be one of {FUSION_MODES}, got {vipa.FUSION!r}")
+        get_registered(BACKBONE_REGISTRY, cfg.MODEL.BACKBONE.NAME, "MODEL.BACKBONE.NAME")
         backbone = build_backbone(cfg)
+        if vipa.FUSION == "early":
+            check_early_fusion_backbone(backbone, cfg.MODEL.BACKBONE.NAME)
         shapes = backbone.output_shape()
         text_encoder = TextEncoder(cfg)
         text_dim = text_encoder.hidden_size
@@ -361,6 +365,7 @@ class VIPA(nn.Module):
 
     def losses(self, outputs: Dict, batched_inputs: List[Dict]) -> Dict[str, torch.Tensor]:
         require_inputs(batched_inputs, ["gt_mask"], "Training")
+        self.criterion.check_outputs(outputs, type(self.head).__name__)
         gt = self.batch_masks(batched_inputs, "gt_mask")
         empty = torch.tensor([bool(x.get("empty", False)) for x in batched_inputs], device=self.device)
         veg = outputs["veg"]
@@ -390,7 +395,7 @@ class VIPA(nn.Module):
         if c.offset_weight > 0:
             centres["centre_offsets"] = outputs["centre_offsets"]
         if c.choice_weight > 0 or c.area_weight > 0:
-            for key in ("choice_logits", "member_logits", "choice_points", "choice_found"):
+            for key in CHOICE_OUTPUTS:
                 centres[key] = outputs[key]
         if c.area_losses:
             require_inputs(batched_inputs, ["object_areas"], " and ".join(c.area_losses))

@@ -17,6 +17,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, sine_position_encoding
+from .registry import get_registered
 
 VIPA_PIXEL_DECODER_REGISTRY = Registry("VIPA_PIXEL_DECODER")
 VIPA_PIXEL_DECODER_REGISTRY.__doc__ = """
@@ -35,7 +36,7 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
             f"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES / MASK_REFINE_FEATURE name {missing}, which the backbone does not "
             f"output (it outputs {sorted(input_shape)}; see MODEL.TIMM.OUT_FEATURES)"
         )
-    return VIPA_PIXEL_DECODER_REGISTRY.get(name)(cfg, input_shape)
+    return get_registered(VIPA_PIXEL_DECODER_REGISTRY, name, "MODEL.VIPA.PIXEL_DECODER.NAME")(cfg, input_shape)
 
 
 @VIPA_PIXEL_DECODER_REGISTRY.register()

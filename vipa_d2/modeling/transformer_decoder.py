@@ -24,6 +24,7 @@ from detectron2.utils.registry import Registry
 from .attention import AttentionBlock, FeedForward, mlp, sine_position_encoding
 from .directional_counts import DirectionalCounts
 from .object_ranks import CHOICE_AREAS, ObjectChoice, ObjectRanks
+from .registry import get_registered
 
 # Initial no-target probability of the no-target head.
 NO_TARGET_PRIOR = 0.01
@@ -35,15 +36,19 @@ VIPA_TRANSFORMER_DECODER_REGISTRY = Registry("VIPA_TRANSFORMER_DECODER")
 VIPA_TRANSFORMER_DECODER_REGISTRY.__doc__ = """
 Registry for VIPA transformer decoders, built from ``MODEL.VIPA.DECODER.NAME`` with
 ``(cfg, input_shape)``; ``forward(features, mask_features, kv, kv_valid)`` returns
-``{"pred_masks": [...], "no_target_logit": (B,)}`` (see VIPATransformerDecoder). A decoder
-with a true ``reads_words`` attribute is also passed ``words=`` (B, T, C) projected word
-features and ``words_valid=`` (B, T) bool by the head.
+``{"pred_masks": [...], "no_target_logit": (B,)}`` (see VIPATransformerDecoder), and in
+training what the losses the config turns on read (``vipa_d2.modeling.losses.LOSS_OUTPUTS``:
+e.g. "centre_logits" for ``MODEL.VIPA.LOSS.CENTRE_WEIGHT > 0``; a lacking one is named when
+the losses run). A decoder with a true ``reads_words`` attribute is also passed ``words=``
+(B, T, C) projected word features and ``words_valid=`` (B, T) bool by the head.
 """
 
 
 def build_transformer_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
     """Build ``MODEL.VIPA.DECODER.NAME`` on the backbone's ``output_shape()``."""
-    return VIPA_TRANSFORMER_DECODER_REGISTRY.get(cfg.MODEL.VIPA.DECODER.NAME)(cfg, input_shape)
+    return get_registered(VIPA_TRANSFORMER_DECODER_REGISTRY, cfg.MODEL.VIPA.DECODER.NAME, "MODEL.VIPA.DECODER.NAME")(
+        cfg, input_shape
+    )
 
 
 class PixelQueryLayer(nn.Module):
@@ -211,6 +216,7 @@ class VIPATransformerDecoder(nn.Module):
             )
         self.level_embed = nn.Embedding(len(self.in_features), hidden_dim)
         self.decoder_norm = nn.LayerNorm(hidden_dim)
+        self.mask_dim = mask_dim
         self.mask_embed = mlp(hidden_dim, hidden_dim, mask_dim)
         # Pooled refined pixels + pooled K/V tokens -> "the expression refers to nothing".
         self.no_target_head = mlp(2 * hidden_dim, hidden_dim, 1)
@@ -263,6 +269,20 @@ class VIPATransformerDecoder(nn.Module):
             "choice_factor_pools": dec.CHOICE_FACTOR_POOLS,
         }
 
+    def check_pixel_decoder_outputs(self, features: Dict[str, torch.Tensor], mask_features: torch.Tensor) -> None:
+        """ValueError when the pixel decoder's outputs do not fit this decoder: a registered
+        pixel decoder would otherwise meet a bare KeyError or an einsum size error here."""
+        missing = [n for n in self.in_features if n not in features]
+        channels = mask_features.shape[1] if mask_features.dim() == 4 else None
+        if missing or channels != self.mask_dim:
+            raise ValueError(
+                f"The pixel decoder (MODEL.VIPA.PIXEL_DECODER.NAME) returned mask features of shape "
+                f"{tuple(mask_features.shape)} and levels {sorted(features)}; the transformer decoder reads "
+                f"(B, {self.mask_dim}, H, W) mask features (MODEL.VIPA.PIXEL_DECODER.MASK_DIM) and the levels "
+                f"{self.in_features} (MODEL.VIPA.DECODER.IN_FEATURES)"
+                + (f", of which {missing} are missing" if missing else "")
+            )
+
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
         """
         (B, h*w, C) refined tokens -> (B, Hm, Wm) logits: per pixel, the dot product of the
@@ -299,6 +319,7 @@ class VIPATransformerDecoder(nn.Module):
             "choice_points" and "choice_found" (and "choice_log_areas" with regressed
             areas; :meth:`ObjectChoice.forward`).
         """
+        self.check_pixel_decoder_outputs(features, mask_features)
         # Work on (B, HW, C) tokens throughout: one layout change per scale, not per layer.
         sizes = {n: tuple(features[n].shape[-2:]) for n in self.in_features}
         tokens = {n: features[n].flatten(2).transpose(1, 2).contiguous() for n in self.in_features}
