@@ -24,10 +24,16 @@ CHILD = textwrap.dedent("""
     print("started", flush=True)
     time.sleep(600)
 """)
-# The tool: run_train_net on the stand-in, its progress lines to stdout.
-TOOL = textwrap.dedent("""
-    import os, sys
+# The tool: run_train_net on the stand-in, its progress lines to stdout; with "own-handler",
+# a SIGTERM handler of its own first, which run_train_net must leave in place.
+OWN_HANDLER_STATUS = 99
+TOOL = textwrap.dedent(f"""
+    import os, signal, sys
     from vipa_d2.utils.runs import run_train_net
+    if sys.argv[4:] == ["own-handler"]:
+        def finish(signum, frame):
+            raise SystemExit({OWN_HANDLER_STATUS})
+        signal.signal(signal.SIGTERM, finish)
     run_train_net(sys.argv[1], [sys.argv[2]], sys.argv[3], os.environ, print)
 """)
 # Generous: the tool imports torch and detectron2 beside other test workers.
@@ -51,13 +57,18 @@ def _wait_for_file(path: str, tool: subprocess.Popen) -> None:
         time.sleep(0.1)
 
 
-@pytest.mark.parametrize("signum, returncode", [(signal.SIGTERM, 128 + signal.SIGTERM), (signal.SIGINT, None)])
-def test_child_ends_with_the_tool(tmp_path, signum, returncode):
+@pytest.mark.parametrize("signum, returncode, own_handler", [
+    (signal.SIGTERM, 128 + signal.SIGTERM, False),
+    (signal.SIGINT, None, False),
+    (signal.SIGTERM, OWN_HANDLER_STATUS, True),  # the tool's handler runs, and the child still ends
+])
+def test_child_ends_with_the_tool(tmp_path, signum, returncode, own_handler):
     child_script = tmp_path / "train_net_stand_in.py"
     child_script.write_text(CHILD)
     pid_file = str(tmp_path / "child.pid")
     tool = subprocess.Popen(
-        [sys.executable, "-c", TOOL, str(child_script), pid_file, str(tmp_path / "log.txt")],
+        [sys.executable, "-c", TOOL, str(child_script), pid_file, str(tmp_path / "log.txt")]
+        + (["own-handler"] if own_handler else []),
         cwd=REPO_ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
     )
     child_pid = None

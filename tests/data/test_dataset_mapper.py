@@ -493,10 +493,11 @@ def test_check_records_accepts_what_records_may_carry(tmp_path, record_checkers)
     rle["annotations"][0]["segmentation"] = mask_to_rle(_rle_mask())
     no_target = mapper_record(tmp_path / "a.png", "the purple cow", [])
     landmark = dict(target, landmark={"phrase": "box"})  # no annotation
+    as_path = dict(target, file_name=tmp_path / "a.png")  # a loader's pathlib.Path
     train, test = record_checkers
-    train.check_records([target, rle, no_target, landmark], "mine")
-    test.check_records([target, rle, no_target], "mine")
-    for record in [target, rle, no_target]:
+    train.check_records([target, rle, no_target, landmark, as_path], "mine")
+    test.check_records([target, rle, no_target, as_path], "mine")
+    for record in [target, rle, no_target, as_path]:
         test(record)  # what the checks pass, the mapper reads
     with pytest.raises(ReferringDataError, match=r"^mine: record #0 .*: landmark.annotation: expected an annotation dict, got None$"):
         test.check_records([landmark], "mine")

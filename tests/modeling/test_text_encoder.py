@@ -121,5 +121,11 @@ def test_name_without_weights_is_a_config_error(cfg, tokenizer, tmp_path):
     tokenizer.save_pretrained(tmp_path)
     c = cfg.clone()
     c.MODEL.TEXT_ENCODER.NAME = str(tmp_path)
-    with pytest.raises(ConfigError, match=rf"MODEL\.TEXT_ENCODER\.NAME='{tmp_path}'.*model\.safetensors"):
+    with pytest.raises(ConfigError, match=rf"MODEL\.TEXT_ENCODER\.NAME='{tmp_path}'.*model\.safetensors") as e:
         TextEncoder(c)
+    # A hub name not in the cache (the suite is offline): transformers says it on two lines,
+    # train_net.py prints the ConfigError's on one.
+    c.MODEL.TEXT_ENCODER.NAME = "no-such-encoder-of-the-hub"
+    with pytest.raises(ConfigError, match=r"MODEL\.TEXT_ENCODER\.NAME='no-such-encoder-of-the-hub'") as e:
+        TextEncoder(c)
+    assert "\n" not in str(e.value)

@@ -22,6 +22,7 @@ the first training iteration, for every training and test set.
 import json
 import math
 import numbers
+import os
 import reprlib
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -510,6 +511,8 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
     """
     if not isinstance(record, dict):
         return "", f"expected a dict, got {type(record).__name__}"
+    if isinstance(record.get("file_name"), os.PathLike):  # a loader's pathlib.Path: the mapper reads it
+        record = {**record, "file_name": os.fspath(record["file_name"])}
     problem = image_problem(record)
     if problem is not None:
         return problem

@@ -161,10 +161,12 @@ def _name_loading(name: str, path: str) -> Iterator[None]:
 
     try:
         yield
-    except (OSError, ValueError, TypeError) as e:
+    # AttributeError: transformers' tokenizer classes on a folder without tokenizer files.
+    except (OSError, ValueError, TypeError, AttributeError) as e:
         where = repr(name) if path == name else f"{name!r} ({path})"
+        said = " ".join(str(e).split())  # transformers' messages span lines; this one is one line
         raise ConfigError(
-            f"MODEL.TEXT_ENCODER.NAME={where} cannot be loaded: {type(e).__name__}: {e} Expected {EXPECTED_MODEL}."
+            f"MODEL.TEXT_ENCODER.NAME={where} cannot be loaded: {type(e).__name__}: {said} Expected {EXPECTED_MODEL}."
         ) from e
 
 

@@ -39,10 +39,12 @@ _RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference"
 
 @contextlib.contextmanager
 def _sigterm_as_exit():
-    """SIGTERM raises SystemExit in the main thread for the block (the handler before it is
-    restored after), so that ``kill <tool>`` reaches the block's cleanup. Signal handlers
-    can be set from the main thread only: elsewhere the block runs as it is."""
-    if threading.current_thread() is not threading.main_thread():
+    """SIGTERM raises SystemExit in the main thread for the block (the default action
+    restored after), so that ``kill <tool>`` reaches the block's cleanup. A handler the
+    caller set (or SIG_IGN) is left as it is, and so is the block outside the main thread,
+    where no handler can be set."""
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL):
         yield
         return
 
@@ -81,7 +83,8 @@ def run_train_net(
     CalledProcessError (the end of the log as its output) on failure.
 
     The process ends with the caller: on an exception (Ctrl-C) or a SIGTERM sent to the
-    caller alone, it is stopped before the exception goes on. Without this it trained on,
+    caller alone, it is stopped before the exception goes on (a SIGTERM handler the caller
+    set runs instead; an exception it raises stops the process too). Without this it trained on,
     unseen, its console output going nowhere. (SIGKILL cannot be caught: such a process
     keeps the run folder's lock until it ends, see :func:`holding_run_folder`.)
     """
