@@ -356,6 +356,14 @@ def _sentences_as_strings(name):
     return records
 
 
+def _without_annotations(name):
+    def records():
+        recs = [dict(r) for r in DatasetCatalog.get(name)[:2]]
+        del recs[1]["annotations"]
+        return recs
+    return records
+
+
 def test_own_records_without_the_fields_the_mapper_reads_are_refused_before_training(
     synthetic_benchmark, tmp_path, monkeypatch
 ):
@@ -376,6 +384,12 @@ def test_own_records_without_the_fields_the_mapper_reads_are_refused_before_trai
     # What the trainer runs before its first iteration (the missing-images test runs it there).
     with pytest.raises(ReferringDataError, match=rf"^{own_val}: {expected}"):
         train_net.Trainer.check_test_sets(cfg)
+    # Detectron2's empty-annotation filter reads every record's annotations: checked first.
+    own_unannotated = "own_unannotated_train"
+    _register_own(own_unannotated, _without_annotations(train_set), referring=False)
+    cfg.DATASETS.TRAIN, cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS = (own_unannotated,), True
+    with pytest.raises(ReferringDataError, match=r"record #1 .*: annotations: expected a list of target annotations"):
+        train_net.Trainer.build_train_loader(cfg)
 
 
 def test_a_test_set_without_referring_metadata_is_told_so(tmp_path):

@@ -14,6 +14,7 @@ from detectron2.data import (
     build_detection_train_loader,
     get_detection_dataset_dicts,
 )
+from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
@@ -301,14 +302,14 @@ class ReferringTrainer(DefaultTrainer):
         at the position of iteration ``start_iter``.
         """
         seed = run_seed(cfg) if seed is None else seed
-        records = get_detection_dataset_dicts(
-            cfg.DATASETS.TRAIN, filter_empty=cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS
-        )
+        records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
+        mapper = ReferringDatasetMapper(cfg, True)
+        mapper.check_records(records, f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
+        if cfg.DATALOADER.FILTER_EMPTY_ANNOTATIONS:  # after the check: it reads every record's annotations
+            records = filter_images_with_only_crowd_annotations(records, cfg.DATASETS.TRAIN)
         sampler = ResumableTrainingSampler(
             len(records), seed=seed, start_position=start_iter * cfg.SOLVER.IMS_PER_BATCH
         )
-        mapper = ReferringDatasetMapper(cfg, True)
-        mapper.check_records(records, f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
         dataset = PositionSeededDataset(DatasetFromList(records, copy=True), mapper, seed)
         return build_detection_train_loader(
             dataset,
