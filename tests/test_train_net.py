@@ -6,6 +6,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import weakref
 
 import pytest
 import torch
@@ -23,6 +24,7 @@ from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.engine import (
     TTA_SUFFIX,
     AtomicDetectionCheckpointer,
+    WeightsError,
     build_vipa_optimizer,
     get_vipa_optimizer_params,
     shuffle_expressions,
@@ -322,6 +324,41 @@ def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_pa
     with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files are not the height x width of "
                                                  rf"their records \(after EXIF rotation\): {gone} is 30 x 20, its records say"):
         train_net.Trainer.build_test_loader(cfg, VAL)
+
+
+def test_resume_and_weights_problems_are_one_line_errors_naming_the_files(tmp_path):
+    # Checkpoints review, session 48: each was a traceback, or worse, silent.
+    trainer = train_net.Trainer(train_net.setup(train_net_args(tmp_path)))
+    out = trainer.cfg.OUTPUT_DIR
+    # A folder holding a model but no last_checkpoint: --resume started from scratch and wrote over it.
+    with open(os.path.join(out, "model_final.pth"), "wb") as f:
+        f.write(b"a trained model")
+    with pytest.raises(ConfigError, match=rf"--resume: OUTPUT_DIR {out} holds \['model_final.pth'\] but no "
+                                          r"last_checkpoint, so training would start from scratch"):
+        trainer.resume_or_load(resume=True)
+    # A last_checkpoint naming a file that is gone: an AssertionError from fvcore.
+    with open(os.path.join(out, "last_checkpoint"), "w") as f:
+        f.write("model_0000999.pth")
+    with pytest.raises(WeightsError, match=rf"^{out}/last_checkpoint names {out}/model_0000999.pth, which does not exist"):
+        trainer.resume_or_load(resume=True)
+    # The trainer's checkpointer, as the trainer builds it (Detectron2's cannot load again
+    # after a failed load: one each).
+    def checkpointer():
+        return AtomicDetectionCheckpointer(trainer.model, out, trainer=weakref.proxy(trainer))
+
+    # MODEL.WEIGHTS that is no checkpoint, for training: EOFError with no text.
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with pytest.raises(WeightsError, match=rf"^{empty}: cannot read the checkpoint \(EOFError\)"):
+        checkpointer().load(str(empty))
+    # A run whose optimizer had other parameters (another config): torch's ValueError.
+    other = tmp_path / "other_run.pth"
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))])
+    state = trainer.state_dict()
+    state["_trainer"]["optimizer"] = optimizer.state_dict()
+    torch.save({"model": trainer.model.state_dict(), "trainer": state}, other)
+    with pytest.raises(WeightsError, match=rf"^{other}: cannot be loaded into this model and its optimizer .*another config"):
+        checkpointer().load(str(other))
 
 
 def test_a_test_set_too_small_to_shuffle_is_refused_before_training(synthetic_benchmark, tmp_path, monkeypatch):

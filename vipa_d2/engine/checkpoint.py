@@ -37,6 +37,8 @@ __all__ = [
     "model_checkpoint",
 ]
 
+# Where --resume reads the checkpoint to load, as messages name it (format: OUTPUT_DIR).
+LAST_CHECKPOINT_KEY = "{}/last_checkpoint"
 # Keys listed per kind in a weights-mismatch message before "... (+N more)".
 MAX_KEYS_REPORTED = 8
 
@@ -64,7 +66,12 @@ class WeightsOnlyCheckpointer(DetectionCheckpointer):
                 f"{filename}: .pkl / .pyth checkpoints can only be read with full pickle; "
                 + TRUST_HINT
             )
-        return super()._load_file(filename)
+        try:
+            return super()._load_file(filename)
+        except UntrustedCheckpointError:
+            raise
+        except READ_ERRORS as e:  # not a checkpoint (empty, cut short, another format)
+            raise read_error(e) from e
 
     def _torch_load(self, f):
         # The hook DetectionCheckpointer._load_file reads .pth files (and the rest) through.
@@ -102,10 +109,8 @@ class StrictCheckpointer(WeightsOnlyCheckpointer):
     def _load_file(self, filename):
         try:
             loaded = super()._load_file(filename)
-        except READ_ERRORS as e:
-            if isinstance(e, UntrustedCheckpointError):
-                raise WeightsError(str(e)) from e
-            raise read_error(e) from e
+        except UntrustedCheckpointError as e:  # load_weights names the file
+            raise WeightsError(str(e).removeprefix(f"{filename}: ")) from e
         state = loaded.get("model")  # Detectron2 puts whatever a file holds without "model" there
         if not isinstance(state, dict) or not all(isinstance(k, str) for k in state):
             raise WeightsError(
@@ -160,19 +165,20 @@ def load_weights(model: torch.nn.Module, weights: str, trusted: bool = False, re
     initialisation and logs a warning saying so.
     """
     checkpointer = StrictCheckpointer(model, save_dir=resume_dir, trusted=trusted)
+    key = "MODEL.WEIGHTS"
     if resume_dir and checkpointer.has_checkpoint():
-        weights = checkpointer.get_checkpoint_file()
+        weights, key = checkpointer.get_checkpoint_file(), LAST_CHECKPOINT_KEY.format(resume_dir)
     if not weights:
         logger.warning(
             "MODEL.WEIGHTS is empty: the model keeps its RANDOM initialisation, "
             "so its predictions are meaningless (give MODEL.WEIGHTS path/to/model_final.pth)."
         )
         return
-    local_weights_path(weights)  # FileNotFoundError naming MODEL.WEIGHTS
+    local_weights_path(weights, key)  # FileNotFoundError naming where the file name came from
     try:
         checkpointer.load(weights, checkpointables=[])
     except WeightsError as e:
-        raise WeightsError(f"MODEL.WEIGHTS={weights}: {e}") from e
+        raise WeightsError(f"{key}={weights}: {e}") from e
 
 
 def model_checkpoint(model: torch.nn.Module, dtype: Optional[torch.dtype] = None) -> Dict:
@@ -212,6 +218,14 @@ class AtomicDetectionCheckpointer(WeightsOnlyCheckpointer):
             return super().load(path, *args, **kwargs)
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from e
+        except UntrustedCheckpointError:  # names the file already
+            raise
+        except ValueError as e:  # e.g. the optimizer's state (--resume) has other parameter groups
+            raise WeightsError(
+                f"{path}: cannot be loaded into this model and its optimizer ({e}); was it written by a run "
+                f"with another config? Resume it with that config, or start anew: another OUTPUT_DIR, or "
+                f"MODEL.WEIGHTS {path} without --resume"
+            ) from e
 
     def _load_model(self, checkpoint):
         # Detectron2 loads what matches and logs the rest, which suits fine-tuning from a

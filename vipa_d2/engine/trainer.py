@@ -32,7 +32,7 @@ from vipa_d2.evaluation import ReferringEvaluator, print_csv_format
 from vipa_d2.modeling import VIPA, runtime_options
 
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
-from .checkpoint import AtomicDetectionCheckpointer, UntrustedCheckpointError, WeightsError
+from .checkpoint import LAST_CHECKPOINT_KEY, AtomicDetectionCheckpointer, UntrustedCheckpointError, WeightsError
 from .expected_results import verify_referring_results
 from .expression_control import SHUFFLED_SUFFIX, check_shufflable, shuffle_expressions
 from .optimizer import build_vipa_optimizer
@@ -206,6 +206,8 @@ class ReferringTrainer(DefaultTrainer):
         )
 
     def resume_or_load(self, resume=True):
+        if resume:
+            self.check_resume_folder()
         super().resume_or_load(resume=resume)
         if self.start_iter > 0:
             # Continue the sample stream where the checkpointed run stopped.
@@ -213,6 +215,28 @@ class ReferringTrainer(DefaultTrainer):
                 lambda: self.build_train_loader(self.cfg, self.start_iter, seed=self.seed)
             )
             self._remember_earlier_checkpoints()
+
+    def check_resume_folder(self) -> None:
+        """
+        What --resume would do wrong without a word: Detectron2 starts from scratch when
+        OUTPUT_DIR has no ``last_checkpoint``, and then overwrites the checkpoints a folder
+        holds (say, a model_final.pth copied there); and a ``last_checkpoint`` naming a file
+        that is gone fails in an assertion. Both are refused, naming the files.
+        """
+        out = self.cfg.OUTPUT_DIR
+        if self.checkpointer.has_checkpoint():
+            named = self.checkpointer.get_checkpoint_file()
+            if not os.path.isfile(named):
+                raise WeightsError(f"{LAST_CHECKPOINT_KEY.format(out)} names {named}, which does not exist: restore "
+                                   "it, or write the name of a checkpoint that is there into that file")
+            return
+        held = sorted(n for n in os.listdir(out) if n.startswith("model_") and n.endswith(".pth")) if os.path.isdir(out) else []
+        if held:
+            raise ConfigError(
+                f"--resume: OUTPUT_DIR {out} holds {held} but no last_checkpoint, so training would start from "
+                "scratch and write over them. To continue from one, write its name into "
+                f"{LAST_CHECKPOINT_KEY.format(out)}; to start anew, use another OUTPUT_DIR"
+            )
 
     def _remember_earlier_checkpoints(self):
         """
