@@ -174,3 +174,11 @@ def test_a_legacy_format_checkpoint_is_not_looked_into_and_says_so(tmp_path, cap
     zipped = str(tmp_path / "zipped.pth")
     torch.save({"model": {"backbone.weight": torch.zeros(1)}}, zipped)
     assert checkpoint_outline(zipped).modules == {"backbone"}
+    # A file that is no checkpoint at all gets its read error when loaded, not this warning
+    # first (checkpoints review, session 48).
+    caplog.clear()
+    empty = tmp_path / "empty.pth"
+    empty.write_bytes(b"")
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        assert checkpoint_outline(str(empty)) is None
+    assert "zip format" not in caplog.text

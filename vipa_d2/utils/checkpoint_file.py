@@ -145,9 +145,12 @@ def _as_bytes(entry):
 def _read_outline(weights: str, identity, trusted: bool) -> Optional[CheckpointOutline]:
     path = identity[0]
     if not zipfile.is_zipfile(path):  # Detectron2 zoo / legacy formats: not looked into
-        logger.warning(f"MODEL.WEIGHTS={weights} is not in torch.save's zip format, so which modules it holds "
-                       "is not read: the encoders are built for it to fill; a backbone-only file would leave "
-                       "the text encoder random (re-save it with torch.save to have that checked)")
+        # A file that is no pickle either (empty, cut short, text) fails to load with its own
+        # message: this warning would only come first and mislead.
+        if _starts_as_checkpoint(path):
+            logger.warning(f"MODEL.WEIGHTS={weights} is not in torch.save's zip format, so which modules it holds "
+                           "is not read: the encoders are built for it to fill; a backbone-only file would leave "
+                           "the text encoder random (re-save it with torch.save to have that checked)")
         return None
     # Memory-mapped: the weights are not read here, only the records that name them.
     try:
