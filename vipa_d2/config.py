@@ -10,6 +10,7 @@ from detectron2.config import get_cfg
 from .data.builtin import check_invalid_refs_setting
 from .data.custom import check_refer_splits
 from .data.validation import quote
+from .errors import ConfigError
 
 # Keys of earlier versions that switched value-preserving speed-ups, which are now always on
 # (vipa_d2.modeling.VIPA.set_speedups turns them off for debugging). A config that sets
@@ -457,11 +458,6 @@ def add_vipa_config(cfg):
     # Also write each prediction (the scored binary mask, at TEST.EVAL_RESOLUTION) as COCO
     # RLE into the per-sample results file, for error analysis.
     cfg.TEST.SAVE_PREDICTION_RLE = False
-
-
-class ConfigError(ValueError):
-    """A config file or override that does not merge, said in one line naming the file or
-    the key (the entry points print it without a traceback)."""
 
 
 # yacs reports an unknown key as KeyError (file) or AssertionError (list), a value of the

@@ -9,7 +9,7 @@ and the evaluator scores against the mapper's ``gt_mask``: the target polygons m
 the same resize and rasterised at that size (RLE targets resized nearest-neighbour).
 """
 
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +37,10 @@ class InputResolutionMapper:
 
     def __init__(self, mapper):
         self.mapper = mapper
+
+    def check_records(self, records: List[Dict], source: str) -> None:
+        """The wrapped mapper's record checks: it reads the records."""
+        self.mapper.check_records(records, source)
 
     def __call__(self, record: Dict) -> Dict:
         out = self.mapper(record)

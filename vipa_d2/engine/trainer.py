@@ -355,7 +355,7 @@ class ReferringTrainer(DefaultTrainer):
         checks this before the first iteration: test() would otherwise meet a split missing
         from the refs file, a missing image or a misshaped record only after the last one,
         and score no set."""
-        mapper = ReferringDatasetMapper(cfg, False)
+        mapper = build_test_mapper(cfg)
         for name in cfg.DATASETS.TEST:
             records = DatasetCatalog.get(name)
             mapper.check_records(records, name)
@@ -368,11 +368,12 @@ class ReferringTrainer(DefaultTrainer):
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
         records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        mapper = build_test_mapper(cfg)
         # As check_test_sets does before training; --eval-only comes here directly.
-        ReferringDatasetMapper(cfg, False).check_records(records, dataset_name)
+        mapper.check_records(records, dataset_name)
         return build_detection_test_loader(
             records,
-            mapper=build_test_mapper(cfg),
+            mapper=mapper,
             batch_size=cfg.TEST.IMS_PER_BATCH,
             num_workers=cfg.DATALOADER.NUM_WORKERS,
         )

@@ -419,15 +419,15 @@ class VIPACriterion(nn.Module):
         self.group_losses = box_losses(weights, GROUP_LOSS_KEYS)
         self.area_losses = box_losses(weights, AREA_LOSS_KEYS)
 
+    def read_outputs(self) -> Dict[str, tuple]:
+        """{config key of a weight turned on: the head outputs its loss reads} (LOSS_OUTPUTS)."""
+        return {BOX_LOSS_KEYS[weight]: keys for weight, keys in LOSS_OUTPUTS.items() if getattr(self, weight) > 0}
+
     def check_outputs(self, outputs: Dict, head: str) -> None:
         """ValueError naming what the losses turned on need and ``head``'s ``outputs`` lack:
         a registered head or decoder returns only what its config asks of it, and the
         losses would otherwise fail on a bare KeyError at the first step."""
-        lacking = {
-            BOX_LOSS_KEYS[weight]: [k for k in keys if k not in outputs]
-            for weight, keys in LOSS_OUTPUTS.items()
-            if getattr(self, weight) > 0
-        }
+        lacking = {key: [k for k in keys if k not in outputs] for key, keys in self.read_outputs().items()}
         lacking = {key: missing for key, missing in lacking.items() if missing}
         if lacking:
             listed = "; ".join(f"{key} > 0 reads {missing}" for key, missing in lacking.items())

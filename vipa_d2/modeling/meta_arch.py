@@ -26,7 +26,7 @@ from .attention import set_fused_attention
 from .backbone.conv_bn_fold import set_conv_bn_folding
 from .fusion import FUSION_MODES, VisionLanguageFusion, check_early_fusion_backbone
 from .head import build_vipa_head
-from .losses import CHOICE_OUTPUTS, VIPACriterion
+from .losses import VIPACriterion
 from .registry import get_registered
 from .text_encoder import TextEncoder
 
@@ -385,22 +385,14 @@ class VIPA(nn.Module):
         if c.box_losses:
             require_inputs(batched_inputs, ["object_boxes"], " and ".join(c.box_losses))
             centres["object_boxes"] = [x["object_boxes"].to(self.device) for x in batched_inputs]
-        if c.centre_weight > 0:
-            centres["centre_logits"] = outputs["centre_logits"]
         if c.group_losses:
             require_inputs(batched_inputs, ["object_in_group"], " and ".join(c.group_losses))
             centres["object_in_group"] = [x["object_in_group"].to(self.device) for x in batched_inputs]
-        if c.group_weight > 0:
-            centres["group_logits"] = outputs["group_logits"]
-        if c.offset_weight > 0:
-            centres["centre_offsets"] = outputs["centre_offsets"]
-        if c.choice_weight > 0 or c.area_weight > 0:
-            for key in CHOICE_OUTPUTS:
-                centres[key] = outputs[key]
         if c.area_losses:
             require_inputs(batched_inputs, ["object_areas"], " and ".join(c.area_losses))
             centres["object_areas"] = [x["object_areas"].to(self.device) for x in batched_inputs]
-            centres["choice_log_areas"] = outputs["choice_log_areas"]
+        # The head outputs those losses read (check_outputs has found them all there).
+        centres.update((key, outputs[key]) for keys in c.read_outputs().values() for key in keys)
         return self.criterion(
             outputs["pred_masks"],
             outputs["no_target_logit"],

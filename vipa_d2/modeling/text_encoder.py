@@ -20,6 +20,7 @@ from torch import nn
 
 from detectron2.config import configurable
 
+from ..errors import ConfigError
 from ..utils.checkpoint_file import CHECKPOINT_FILES_KEY, WeightsError, checkpoint_outline
 
 logger = logging.getLogger(__name__)
@@ -157,8 +158,6 @@ def _name_loading(name: str, path: str) -> Iterator[None]:
     model type, a class that cannot be built) as one ConfigError naming the key and what it
     must name: the entry points print it in one line, not as a traceback.
     """
-    from ..config import ConfigError  # not at the top: vipa_d2.config imports this package
-
     try:
         yield
     # AttributeError: transformers' tokenizer classes on a folder without tokenizer files.

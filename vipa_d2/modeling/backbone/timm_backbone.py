@@ -14,6 +14,7 @@ from torch import nn
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone
 
+from ...errors import ConfigError
 from ...utils.checkpoint_file import checkpoint_outline
 from .conv_bn_fold import fold_conv_bn
 from .weights import load_backbone_weights
@@ -29,13 +30,6 @@ StageHook = Callable[[str, torch.Tensor], torch.Tensor]
 def _res_name(stride: int) -> str:
     # Detectron2 naming: res2 = stride 4, ..., res5 = stride 32.
     return f"res{int(stride).bit_length() - 1}"
-
-
-def _config_error(message: str) -> ValueError:
-    """A ConfigError: entry points print it in one line, for a MODEL.TIMM key the model cannot follow."""
-    from ...config import ConfigError  # not at the top: vipa_d2.config imports this package
-
-    return ConfigError(message)
 
 
 def _checkpoint_holds_backbone(cfg) -> bool:
@@ -82,7 +76,7 @@ class _Stages:
             self.feature_info = _stage_features(model, "layers")
             self.channels_last_out = True  # timm Swin stages work in NHWC
         else:
-            raise _config_error(
+            raise ConfigError(
                 f"MODEL.TIMM.ARCH={arch!r} builds a timm {type(model).__name__}, unsupported: VIPATimmBackbone "
                 "supports EfficientNet-style (conv_stem/blocks: EfficientNet, MobileNet, GhostNet) and "
                 "Swin-style (patch_embed/layers: Swin, SwinV2) models."
@@ -109,13 +103,13 @@ def _create_model(arch: str, in_chans: int, drop_path_rate: float) -> nn.Module:
             if "drop_path_rate" not in str(e):
                 raise
             if drop_path_rate > 0:
-                raise _config_error(
+                raise ConfigError(
                     f"MODEL.TIMM.DROP_PATH_RATE={drop_path_rate} but MODEL.TIMM.ARCH={arch!r} has no "
                     "stochastic depth (its timm class takes no drop_path_rate): set it to 0."
                 ) from e
             return timm.create_model(arch, pretrained=False, in_chans=in_chans, **kwargs)
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
-        raise _config_error(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
+        raise ConfigError(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
 
 
 @BACKBONE_REGISTRY.register()
@@ -152,7 +146,7 @@ class VIPATimmBackbone(Backbone):
                 self._out_feature_channels[name] = info["num_chs"]
         missing = set(cfg.MODEL.TIMM.OUT_FEATURES) - set(self._stage_names.values())
         if missing:
-            raise _config_error(
+            raise ConfigError(
                 f"MODEL.TIMM.OUT_FEATURES asks for {sorted(missing)}, but {arch} provides "
                 f"{sorted(_res_name(i['reduction']) for i in split.feature_info.values())}"
             )
