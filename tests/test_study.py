@@ -16,7 +16,9 @@ BASE = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
 LEAF_CHANGES = {
     "vipa": {},
     "language": {"MODEL.VIPA.KV_SOURCE": "language"},
-    "language_relevance": {"MODEL.VIPA.KV_SOURCE": "language_relevance"},
+    "language_relevance": {
+        "MODEL.VIPA.KV_SOURCE": "language_relevance", "MODEL.VIPA.LOSS.RELEVANCE_TEXT_GRADIENT": True,
+    },
     "step1_only": {"MODEL.VIPA.VEG.STEP2": False},
     "step2_only": {"MODEL.VIPA.VEG.STEP1": False},
     "global_cue_only": {"MODEL.VIPA.VEG.LOCAL_CUES": False},
