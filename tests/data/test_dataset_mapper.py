@@ -407,6 +407,10 @@ def test_object_areas_scale_with_their_boxes(tmp_path):
         mapper(dict(rec, object_areas=[1.0, 2.0]))
     with pytest.raises(ValueError, match=r"ref_id=11: 'object_areas' \[1200.0, -1.0, 500.0\] must be finite and >= 0"):
         mapper(dict(rec, object_areas=[1200.0, -1.0, 500.0]))
+    # A NaN box used to fall out of the kept ones, its object with it, unsaid.
+    nan_box = [[10.0, 5.0, 40.0, float("nan")], *rec["object_boxes"][1:]]
+    with pytest.raises(ValueError, match=r"ref_id=11: 'object_boxes' \[\[10.0, 5.0, 40.0, nan\], .* must be finite"):
+        mapper(dict(rec, object_boxes=nan_box))
     del rec["object_areas"]
     with pytest.raises(KeyError, match=r"ref_id=11 has no 'object_areas'.*which MODEL.VIPA.LOSS.AREA_WEIGHT > 0"):
         mapper(rec)
@@ -467,8 +471,17 @@ def _annotation(**changes):
      rf"RLE size \[{H // 2}, {W}\] does not match the image size \[{H}, {W}\]"),
     (lambda rec: rec.update(height=str(H)), "height", f"expected a positive integer, got '{H}'"),
     (_without("image_id"), "image_id", "missing"),
+    # Values that reach pycocotools, which checks nothing: a NaN or huge coordinate had the
+    # process killed for its memory, counts short of the image gave a mask of stale memory.
+    (_annotation(segmentation=[[*POLY[:3], float("nan"), *POLY[4:]]]), "annotations[0].segmentation[0][3]",
+     "nan is not a finite number"),
+    (_annotation(segmentation=[POLY, [*POLY[:4], 1e8, *POLY[5:]]]), "annotations[0].segmentation[1][4]",
+     rf"x = 100000000.0 is far outside the {W}x{H} image"),
+    (_annotation(segmentation={"size": [H, W], "counts": "0"}), "annotations[0].segmentation.counts",
+     rf"run lengths add up to 0, expected height \* width = {H * W}"),
 ], ids=["sentence-string", "no-raw", "no-annotations", "bbox-only", "no-bbox", "4-number-polygon", "rle-parts",
-        "uncompressed-rle", "rle-size", "height-string", "no-image-id"])
+        "uncompressed-rle", "rle-size", "height-string", "no-image-id", "nan-coordinate", "huge-coordinate",
+        "short-rle-counts"])
 def test_check_records_refuses_misshaped_fields_by_name(tmp_path, record_checkers, change, field, problem):
     """Records of a loader of one's own that __call__ cannot read (it failed on them in a
     worker at the first step, or in the evaluation after the training, with a bare KeyError or

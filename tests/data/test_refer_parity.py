@@ -21,7 +21,7 @@ import pytest
 from PIL import Image
 
 from common import MAPPER_OPTS, REPO_ROOT, RunsCode, make_cfg, uncompressed_rle, write_image
-from vipa_d2.data import ReferringDatasetMapper, annotations_to_mask, load_refer_dicts
+from vipa_d2.data import ReferringDataError, ReferringDatasetMapper, annotations_to_mask, load_refer_dicts
 from vipa_d2.data.masks import segmentation_to_mask
 from vipa_d2.data.refer import make_sentence, save_refer_dataset
 
@@ -270,6 +270,18 @@ def test_segmentation_to_mask_reads_every_form_as_the_official_readers():
         h, w = hw[ann["image_id"]]
         got = segmentation_to_mask(ann["segmentation"], h, w).astype(bool)
         np.testing.assert_array_equal(got, _official_mask(ann["segmentation"], h, w), err_msg=f"annotation {ann['id']}")
+
+
+def test_segmentation_to_mask_refuses_what_pycocotools_misreads():
+    """pycocotools checks nothing: counts short of the image decoded to memory it never
+    wrote, and a first polygon of 4 numbers was read as a box. Only cases that fail without
+    a crash are run here (a NaN coordinate takes the process down: RunsCode cases above)."""
+    with pytest.raises(ReferringDataError, match=r"^segmentation.counts: run lengths add up to 0, expected height \* width = 2500$"):
+        segmentation_to_mask({"size": [50, 50], "counts": "0"}, 50, 50)
+    with pytest.raises(ReferringDataError, match=r"^segmentation.size: RLE size \[40, 50\] does not match"):
+        segmentation_to_mask(mask_util.encode(np.asfortranarray(np.ones((40, 50), np.uint8))), 50, 50)
+    with pytest.raises(ReferringDataError, match=r"^segmentation\[0\]: 4 numbers: the first polygon needs at least 5"):
+        segmentation_to_mask([[2, 2, 30, 20]], 50, 50)
 
 
 def _input_resolution_target(rec, h, w):
@@ -621,3 +633,32 @@ def test_validation_accepts_what_pycocotools_reads_safely():
         assert compressed_counts_problem(counts, 48 * 64) is None
         assert compressed_counts_problem(counts, 48 * 64 - 1) is not None
     assert segmentation_problem([[0, 0, 5, math.nan, 5, 5]], 10, 10)[0] == "segmentation[0][3]"
+
+
+def test_counts_decoded_with_numpy_agree_with_the_loop(monkeypatch):
+    """compressed_counts_problem passes a string by a numpy decoding first (the records of a
+    loader of one's own are all checked before training); on anything it passes, the
+    per-character loop, run alone, must find nothing either, and the other way round."""
+    from vipa_d2.data import validation
+
+    rng = np.random.default_rng(0)
+    cases = []
+    for i in range(1500):
+        h, w = (int(v) for v in rng.integers(1, 30, 2))
+        if i % 2:
+            counts = mask_util.encode(np.asfortranarray((rng.random((h, w)) < rng.random()).astype(np.uint8)))["counts"]
+            if i % 4 == 1 and counts:  # one character changed
+                counts = bytearray(counts)
+                counts[rng.integers(len(counts))] = rng.integers(40, 120)
+                counts = bytes(counts)
+        else:  # random characters, mostly outside '0'..'o' or not adding up
+            counts = bytes(rng.integers(40, 120, rng.integers(0, 12)).astype(np.uint8))
+        cases += [(counts, h * w + d) for d in (-1, 0, 1)]
+    # A run length of zeros padded with continuation characters ('P'): 7 characters are
+    # read, 8 refused (validation._RLE_MAX_CHARS_PER_COUNT); random strings hardly hit it.
+    cases += [(b"PPPPPP01", 1), (b"PPPPPPP01", 1)]
+    fast = [validation._compressed_counts_add_up(c, t) for c, t in cases]
+    monkeypatch.setattr(validation, "_compressed_counts_add_up", lambda counts, total: False)
+    loop = [validation.compressed_counts_problem(c, t) is None for c, t in cases]
+    assert fast == loop
+    assert 200 < sum(loop) < len(loop) - 200  # both verdicts are well represented

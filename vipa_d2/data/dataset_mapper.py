@@ -263,6 +263,11 @@ class ReferringDatasetMapper:
     def _object_boxes(self, record: Dict, transforms, out_hw) -> Dict[str, torch.Tensor]:
         boxes = self._require(record, "object_boxes", " and ".join(self.box_losses))
         xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+        if not np.isfinite(xywh).all():  # a NaN box would fall out of `inside` unsaid
+            raise ValueError(
+                f"Record {_record_name(record)}: 'object_boxes' "
+                f"{xywh.tolist()} must be finite [x, y, w, h] (pixels)"
+            )
         xyxy = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(max=out_hw[1])

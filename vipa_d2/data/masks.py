@@ -138,20 +138,29 @@ def segmentation_to_mask(segm: Segmentation, height: int, width: int) -> np.ndar
             )
         return (segm > 0).astype(np.uint8)
     if isinstance(segm, dict) or validation.is_rle_list(segm):  # a list: ReferIt's parts, their union
-        rle = coco_rle(segm, height, width)
-        if list(rle["size"]) != [height, width]:
-            raise ValueError(f"RLE size {rle['size']} does not match ({height}, {width})")
-        return mask_util.decode(rle).astype(np.uint8)
+        _check_segmentation(segm, height, width)
+        return mask_util.decode(coco_rle(segm, height, width)).astype(np.uint8)
     if isinstance(segm, (list, tuple)):
         polys = [np.asarray(p, dtype=np.float64).reshape(-1).tolist() for p in segm]
         if not polys:
             return np.zeros((height, width), dtype=np.uint8)
+        _check_segmentation(polys, height, width)
         rles = mask_util.frPyObjects(polys, height, width)
         return mask_util.decode(mask_util.merge(rles)).astype(np.uint8)
     raise TypeError(
         f"Unsupported segmentation type {type(segm).__name__}: expected COCO polygons "
         "(list of flat coordinate lists), an RLE dict or a binary ndarray"
     )
+
+
+def _check_segmentation(segm, height: int, width: int) -> None:
+    """Refuse what pycocotools cannot rasterise safely (it checks nothing: a NaN coordinate
+    takes the process down, counts that do not add up give memory it never wrote), for
+    callers whose input no loader or record check has seen."""
+    problem = validation.segmentation_problem(segm, height, width)
+    if problem is not None:
+        field, what = problem
+        raise validation.ReferringDataError(f"{field}: {what}", field=field)
 
 
 def annotations_to_mask(annotations: Sequence[Dict], height: int, width: int) -> np.ndarray:
