@@ -514,3 +514,18 @@ def test_check_records_accepts_what_records_may_carry(tmp_path, record_checkers)
         test(record)  # what the checks pass, the mapper reads
     with pytest.raises(ReferringDataError, match=r"^mine: record #0 .*: landmark.annotation: expected an annotation dict, got None$"):
         test.check_records([landmark], "mine")
+
+
+def test_augmented_mask_takes_a_checked_polygon_moved_past_the_margin():
+    """A point at the records' margin (x = 2 w, accepted) lands a rounding step past it once
+    resized (226 * 480 / 113 = 960.0000000000001): the rasteriser's guard must not refuse it
+    in a worker, midway through training (helper review, session 50)."""
+    from vipa_d2.data.masks import augmented_mask
+    from vipa_d2.data.validation import record_annotation_problem
+
+    ann = {"segmentation": [[0.0, 0.0, 226.0, 0.0, 226.0, 40.0, 0.0, 40.0]], "bbox": [0, 0, 226, 40],
+           "bbox_mode": BoxMode.XYWH_ABS}
+    assert record_annotation_problem(ann, 50, 113) is None
+    resize = T.TransformList([T.ResizeTransform(50, 113, 50, 480)])
+    assert resize.apply_coords(np.array([[226.0, 0.0]]))[0, 0] > 960  # past 2 x 480
+    assert augmented_mask([ann], resize, (50, 480))[5:35].all()  # the whole width, as resized

@@ -20,7 +20,7 @@ from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
 from .mirror_words import is_flipped, swap_left_right
-from .validation import IMAGE_READ_ERRORS, ReferringDataError, record_problem, shortlist, stored_image_size
+from .validation import IMAGE_READ_ERRORS, ReferringDataError, quote, record_problem, shortlist, stored_image_size
 
 logger = logging.getLogger(__name__)
 
@@ -265,8 +265,8 @@ class ReferringDatasetMapper:
         xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         if not np.isfinite(xywh).all():  # a NaN box would fall out of `inside` unsaid
             raise ValueError(
-                f"Record {_record_name(record)}: 'object_boxes' "
-                f"{xywh.tolist()} must be finite [x, y, w, h] (pixels)"
+                f"Record {_record_name(record)}: 'object_boxes' {quote(boxes)} must be "
+                "finite [x, y, w, h] (pixels)"
             )
         xyxy = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)

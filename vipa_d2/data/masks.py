@@ -22,6 +22,11 @@ __all__ = [
 ]
 
 Segmentation = Union[List[List[float]], Dict, np.ndarray]
+# Image sizes beyond the image that a polygon may reach when rasterised. Wider than the
+# loaders' validation.COORDINATE_MARGIN: transforms of a checked record move points beyond
+# it (a resize's rounding at its edge, a rotation of an elongated image), and only far
+# larger values (~1e7 pixels) make pycocotools' allocation run away.
+RASTER_MARGIN = 10.0
 
 
 def polygon_area(flat_xy: Sequence[float]) -> float:
@@ -138,13 +143,13 @@ def segmentation_to_mask(segm: Segmentation, height: int, width: int) -> np.ndar
             )
         return (segm > 0).astype(np.uint8)
     if isinstance(segm, dict) or validation.is_rle_list(segm):  # a list: ReferIt's parts, their union
-        _check_segmentation(segm, height, width)
+        _refuse_unsafe_segmentation(segm, height, width)
         return mask_util.decode(coco_rle(segm, height, width)).astype(np.uint8)
     if isinstance(segm, (list, tuple)):
         polys = [np.asarray(p, dtype=np.float64).reshape(-1).tolist() for p in segm]
         if not polys:
             return np.zeros((height, width), dtype=np.uint8)
-        _check_segmentation(polys, height, width)
+        _refuse_unsafe_segmentation(polys, height, width)
         rles = mask_util.frPyObjects(polys, height, width)
         return mask_util.decode(mask_util.merge(rles)).astype(np.uint8)
     raise TypeError(
@@ -153,11 +158,12 @@ def segmentation_to_mask(segm: Segmentation, height: int, width: int) -> np.ndar
     )
 
 
-def _check_segmentation(segm, height: int, width: int) -> None:
-    """Refuse what pycocotools cannot rasterise safely (it checks nothing: a NaN coordinate
-    takes the process down, counts that do not add up give memory it never wrote), for
-    callers whose input no loader or record check has seen."""
-    problem = validation.segmentation_problem(segm, height, width)
+def _refuse_unsafe_segmentation(segm, height: int, width: int) -> None:
+    """Refuse what pycocotools cannot rasterise safely (it checks nothing: a NaN or huge
+    coordinate takes the process down, counts that do not add up give memory it never
+    wrote), for callers whose input no loader or record check has seen. Polygons may reach
+    :data:`RASTER_MARGIN` image sizes beyond the image, not only the loaders' margin."""
+    problem = validation.segmentation_problem(segm, height, width, margin=RASTER_MARGIN)
     if problem is not None:
         field, what = problem
         raise validation.ReferringDataError(f"{field}: {what}", field=field)
@@ -176,7 +182,9 @@ def annotations_to_mask(annotations: Sequence[Dict], height: int, width: int) ->
 
 def augmented_mask(annotations: Sequence[Dict], transforms, out_hw) -> np.ndarray:
     """Union mask (uint8, ``out_hw``) of ``annotations`` after the image's ``transforms``
-    (the annotations are copied, never modified)."""
+    (the annotations are copied, never modified). For checked records
+    (:func:`vipa_d2.data.validation.record_problem`): detectron2's transform decodes an RLE
+    before :func:`segmentation_to_mask` could refuse it."""
     annos = [transform_instance_annotations(copy.deepcopy(a), transforms, out_hw) for a in annotations]
     return annotations_to_mask(annos, *out_hw)
 
