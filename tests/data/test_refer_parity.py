@@ -275,7 +275,10 @@ def test_segmentation_to_mask_reads_every_form_as_the_official_readers():
 def test_segmentation_to_mask_refuses_what_pycocotools_misreads():
     """pycocotools checks nothing: counts short of the image decoded to memory it never
     wrote, and a first polygon of 4 numbers was read as a box. Only cases that fail without
-    a crash are run here (a NaN coordinate takes the process down: RunsCode cases above)."""
+    a crash are run in this process: a NaN or huge coordinate would take it down without the
+    guard (the same validation.segmentation_problem refuses them in
+    test_validation_accepts_what_pycocotools_reads_safely and, in a memory-capped
+    subprocess, in the loaders' bad_results cases)."""
     with pytest.raises(ReferringDataError, match=r"^segmentation.counts: run lengths add up to 0, expected height \* width = 2500$"):
         segmentation_to_mask({"size": [50, 50], "counts": "0"}, 50, 50)
     with pytest.raises(ReferringDataError, match=r"^segmentation.size: RLE size \[40, 50\] does not match"):
