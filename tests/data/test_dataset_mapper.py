@@ -432,6 +432,27 @@ def test_check_records_refuses_before_any_batch(tmp_path):
         mapper.check_records([rec, unboxed], "mine")
     # Test mode reads no boxes.
     ReferringDatasetMapper(make_cfg(*opts), is_train=False).check_records([unboxed], "mine")
+    # Values the losses read per box, refused before the first batch (a NaN box used to
+    # surface only when a worker read its sample).
+    opts += ["MODEL.VIPA.DECODER.OBJECT_CHOICE", True, "MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS", True,
+             "MODEL.VIPA.DECODER.CHOICE_AREAS", "regressed"]
+    mapper = ReferringDatasetMapper(make_cfg(*opts), is_train=True)
+    good = dict(rec, object_in_group=[True], object_areas=[1600.0])
+    mapper.check_records([good], "mine")
+    for change, field, problem in [
+        ({"object_boxes": [[10.0, 5.0, float("nan"), 40.0]]}, "object_boxes", r"'object_boxes' \[\[10.0, 5.0, nan, 40.0\]\] must be finite"),
+        ({"object_boxes": [[10.0, 5.0, 40.0]]}, "object_boxes", r"'object_boxes' \[\[10.0, 5.0, 40.0\]\]: expected a list of \[x, y, w, h\] boxes"),
+        ({"object_boxes": [[1, 2, 3, 4], [1, 2]]}, "object_boxes", r"'object_boxes' .*: expected a list of \[x, y, w, h\] boxes"),
+        ({"object_in_group": [True, False]}, "object_in_group", r"'object_in_group' has 2 entries for 1 'object_boxes'"),
+        ({"object_areas": 5.0}, "object_areas", r"'object_areas' has 5.0 for 1 'object_boxes'"),
+        ({"object_areas": [-1.0]}, "object_areas", r"'object_areas' \[-1.0\] must be finite and >= 0"),
+        ({"object_areas": ["big"]}, "object_areas", r"'object_areas' \['big'\] must be finite and >= 0"),
+    ]:
+        with pytest.raises(ReferringDataError, match=r"^mine: record #1 \(image_id=3, ref_id=11\): " + problem) as info:
+            mapper.check_records([good, dict(good, **change)], "mine")
+        assert info.value.field == field
+        with pytest.raises(ValueError, match=r"^Record image_id=3, ref_id=11: " + problem):
+            mapper(dict(good, **change))  # a direct call says the same
 
 
 @pytest.fixture(scope="module")

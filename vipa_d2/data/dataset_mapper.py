@@ -229,8 +229,8 @@ class ReferringDatasetMapper:
         data-loader worker, maybe hours in, or in the evaluation after the training):
         records that lack or misshape a field it reads (a loader of your own,
         :func:`vipa_d2.data.validation.record_problem`), image files that do not exist, and
-        records without a key that a training loss reads. ``source`` (the datasets) heads
-        the message.
+        records without a key that a training loss reads or with its values misshapen
+        (:meth:`_object_values_problem`). ``source`` (the datasets) heads the message.
         """
         reads_landmark = not self.is_train or self.landmark_supervision
         for i, record in enumerate(records):
@@ -252,6 +252,46 @@ class ReferringDatasetMapper:
                     item=_record_name(lacking[0]),
                     field=key,
                 )
+        for i, record in enumerate(records):
+            problem = self._object_values_problem(record)
+            if problem is not None:
+                item = f"record #{i} ({_record_name(record)})"
+                raise ReferringDataError(f"{source}: {item}: {problem[1]}", item=item, field=problem[0])
+
+    def _object_values_problem(self, record: Dict):
+        """
+        (key, problem) when a value that the training losses read per object box is
+        misshapen, else None: ``object_boxes`` [x, y, w, h] boxes of finite numbers (a NaN box
+        would fall out of the boxes kept, its object with it, unsaid), and one
+        ``object_in_group`` flag and one finite ``object_areas`` area >= 0 per box. Missing
+        keys are :meth:`_require`'s (and :meth:`check_records`') to name.
+        """
+        if not self.box_losses or "object_boxes" not in record:
+            return None
+        boxes = record["object_boxes"]
+        try:
+            xywh = np.asarray(boxes, dtype=np.float64)
+        except (TypeError, ValueError):  # ragged, or not numbers
+            xywh = None
+        if xywh is None or (xywh.size and (xywh.ndim != 2 or xywh.shape[1] != 4)):
+            return "object_boxes", f"'object_boxes' {quote(boxes)}: expected a list of [x, y, w, h] boxes (pixels)"
+        if not np.isfinite(xywh).all():
+            return "object_boxes", f"'object_boxes' {quote(boxes)} must be finite [x, y, w, h] (pixels)"
+        count = len(xywh)
+        per_box = {key: record[key] for key in self._loss_keys() if key != "object_boxes" and key in record}
+        for key, values in per_box.items():
+            if not hasattr(values, "__len__") or len(values) != count:
+                got = f"{len(values)} entries" if hasattr(values, "__len__") else quote(values)
+                return key, f"{key!r} has {got} for {count} 'object_boxes'; expected one per box"
+        if "object_areas" in per_box:
+            try:
+                areas = np.asarray(per_box["object_areas"], dtype=np.float64)
+                usable = bool(np.isfinite(areas).all() and (areas >= 0).all())
+            except (TypeError, ValueError):  # not numbers
+                usable = False
+            if not usable:
+                return "object_areas", f"'object_areas' {quote(per_box['object_areas'])} must be finite and >= 0 (pixels)"
+        return None
 
     @staticmethod
     def _require(record: Dict, key: str, needed_by: str):
@@ -261,13 +301,13 @@ class ReferringDatasetMapper:
         return record[key]
 
     def _object_boxes(self, record: Dict, transforms, out_hw) -> Dict[str, torch.Tensor]:
-        boxes = self._require(record, "object_boxes", " and ".join(self.box_losses))
+        for key, losses in self._loss_keys().items():  # object_boxes first
+            self._require(record, key, " and ".join(losses))
+        boxes = record["object_boxes"]
+        problem = self._object_values_problem(record)
+        if problem is not None:
+            raise ValueError(f"Record {_record_name(record)}: {problem[1]}")
         xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
-        if not np.isfinite(xywh).all():  # a NaN box would fall out of `inside` unsaid
-            raise ValueError(
-                f"Record {_record_name(record)}: 'object_boxes' {quote(boxes)} must be "
-                "finite [x, y, w, h] (pixels)"
-            )
         xyxy = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)
         xyxy[:, 0::2] = xyxy[:, 0::2].clip(max=out_hw[1])
@@ -276,36 +316,19 @@ class ReferringDatasetMapper:
         inside = (xyxy[:, 2] > xyxy[:, 0]) & (xyxy[:, 3] > xyxy[:, 1])
         out = {"object_boxes": torch.as_tensor(xyxy[inside], dtype=torch.float32)}
         if self.group_losses:
-            in_group = self._per_box(record, "object_in_group", len(boxes), self.group_losses)
-            out["object_in_group"] = torch.as_tensor(np.asarray(in_group, dtype=bool)[inside])
+            out["object_in_group"] = torch.as_tensor(np.asarray(record["object_in_group"], dtype=bool)[inside])
         if self.area_losses:
-            out["object_areas"] = self._object_areas(record, len(boxes), xywh, xyxy)[inside]
+            out["object_areas"] = self._object_areas(record["object_areas"], xywh, xyxy)[inside]
         return out
 
-    def _per_box(self, record: Dict, key: str, count: int, needed_by: Tuple[str, ...]):
-        """The record's ``key`` (:meth:`_require`), checked to hold one entry per object box."""
-        values = self._require(record, key, " and ".join(needed_by))
-        if len(values) != count:
-            raise ValueError(
-                f"Record {_record_name(record)}: {key!r} has "
-                f"{len(values)} entries for {count} 'object_boxes'; expected one per box"
-            )
-        return values
-
-    def _object_areas(self, record: Dict, count: int, xywh: np.ndarray, xyxy: np.ndarray) -> torch.Tensor:
-        """The record's ``object_areas`` in augmented pixels: each scaled as its box was
+    @staticmethod
+    def _object_areas(areas, xywh: np.ndarray, xyxy: np.ndarray) -> torch.Tensor:
+        """A record's checked ``object_areas`` in augmented pixels: each scaled as its box was
         (resizing scales both alike, a crop keeps the share of the box left)."""
-        areas = self._per_box(record, "object_areas", count, self.area_losses)
-        areas = np.asarray(areas, dtype=np.float64)
-        if not np.isfinite(areas).all() or (areas < 0).any():
-            raise ValueError(
-                f"Record {_record_name(record)}: 'object_areas' "
-                f"{areas.tolist()} must be finite and >= 0 (pixels)"
-            )
         before = xywh[:, 2] * xywh[:, 3]
         after = (xyxy[:, 2] - xyxy[:, 0]).clip(min=0) * (xyxy[:, 3] - xyxy[:, 1]).clip(min=0)
         scale = np.divide(after, before, out=np.zeros_like(after), where=before > 0)
-        return torch.as_tensor(areas * scale, dtype=torch.float32)
+        return torch.as_tensor(np.asarray(areas, dtype=np.float64) * scale, dtype=torch.float32)
 
     def __call__(self, dataset_dict: Dict) -> Dict:
         record = dataset_dict  # never modified: annotations are deep-copied below
