@@ -16,7 +16,7 @@ expression, for the evaluator's per-type and landmark breakdowns: ``type`` (a na
 as "relation") and, together, ``landmark`` (an object id of the image) and
 ``landmark_phrase`` (the words of ``text`` naming that object); they become the REFER
 sentence fields ``type``, ``landmark_ann_id`` and ``landmark_phrase``. Optional too, for
-``MODEL.VIPA.LOSS.GROUP_WEIGHT``: ``group``, the object ids its category / colour words
+the object choice's ``MODEL.VIPA.LOSS.CHOICE_WEIGHT`` and ``MODEL.VIPA.LOSS.GROUP_WEIGHT``: ``group``, the object ids its category / colour words
 name (the candidates of "the second cup from the left": every cup), which becomes the
 REFER sentence field ``group_ann_ids``.
 """
