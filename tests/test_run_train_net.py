@@ -14,6 +14,8 @@ import time
 import pytest
 
 from common import REPO_ROOT
+from vipa_d2.utils.end_with_parent import PARENT_GONE_STATUS
+from vipa_d2.utils.runs import END_WITH_PARENT
 
 # The stand-in says its pid, then outlives any test: only being stopped ends it early.
 CHILD = textwrap.dedent("""
@@ -42,10 +44,21 @@ STOP_SECONDS = 60
 
 
 def _alive(pid: int) -> bool:
+    """Whether ``pid`` runs: a zombie (ended, not yet reaped by whoever adopted it) does not."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (ProcessLookupError, FileNotFoundError):
         return False
+
+
+def _ends_within(pid: int, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while _alive(pid):
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
     return True
 
 
@@ -61,6 +74,9 @@ def _wait_for_file(path: str, tool: subprocess.Popen) -> None:
     (signal.SIGTERM, 128 + signal.SIGTERM, False),
     (signal.SIGINT, None, False),
     (signal.SIGTERM, OWN_HANDLER_STATUS, True),  # the tool's handler runs, and the child still ends
+    # Nothing of the tool runs: the kernel ends the child (end_with_parent.py, Linux).
+    pytest.param(signal.SIGKILL, -signal.SIGKILL, False,
+                 marks=pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")),
 ])
 def test_child_ends_with_the_tool(tmp_path, signum, returncode, own_handler):
     child_script = tmp_path / "train_net_stand_in.py"
@@ -83,9 +99,25 @@ def test_child_ends_with_the_tool(tmp_path, signum, returncode, own_handler):
             assert tool.returncode == returncode, output
         else:  # KeyboardInterrupt: a traceback and a non-zero status
             assert tool.returncode != 0 and "KeyboardInterrupt" in output, output
-        assert not _alive(child_pid), "train_net.py's stand-in still runs after its tool ended"
+        # SIGKILL: the kernel signals the child as the tool dies, not before communicate() returns.
+        assert _ends_within(child_pid, STOP_SECONDS), "train_net.py's stand-in still runs after its tool ended"
     finally:
         if tool.poll() is None:
             tool.kill()
         if child_pid is not None and _alive(child_pid):
             os.kill(child_pid, signal.SIGKILL)
+
+
+def test_end_with_parent_runs_the_command_for_its_parent_only(tmp_path):
+    """The command runs when the pid named is the launcher's parent; when it is not (the
+    tool died before the launcher arranged the signal) the command never starts."""
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w').close()"]
+    done = subprocess.run([sys.executable, END_WITH_PARENT, str(os.getpid()), *command])
+    assert done.returncode == 0 and marker.exists()
+    marker.unlink()
+    if sys.platform.startswith("linux"):
+        gone = subprocess.run([sys.executable, END_WITH_PARENT, str(os.getppid()), *command])
+        assert gone.returncode == PARENT_GONE_STATUS and not marker.exists()
+    usage = subprocess.run([sys.executable, END_WITH_PARENT, "not-a-pid"], capture_output=True, text=True)
+    assert usage.returncode == 2 and "usage: end_with_parent.py PARENT_PID COMMAND" in usage.stderr

@@ -22,7 +22,8 @@ entry keeps the time already spent (written every minute, so even a killed study
 A run folder holding another recipe's checkpoints is refused too (its config.yaml compared
 the same way), and so is a run whose folder another process holds: each run's
 train_net.py inherits the folder's lock. A study stopped by Ctrl-C or SIGTERM stops its
-train_net.py first; one killed outright (SIGKILL) leaves it training, and the run locked
+train_net.py first; one killed outright (SIGKILL) has it stopped by the kernel on Linux
+(``vipa_d2/utils/end_with_parent.py``), and elsewhere leaves it training, the run locked
 until it ends (stop it, or wait). ``tools/study_report.py`` renders the JSON.
 
 Each run is its own train_net.py process, not a call into it: a fresh process starts from

@@ -32,6 +32,8 @@ __all__ = [
 PROGRESS_MARKERS = (" iter: ", "Start inference on", "Total inference time", "Saving checkpoint")
 # How long a train_net.py child gets to end on SIGTERM before it is killed.
 CHILD_STOP_SECONDS = 30
+# What starts the child so that it ends with its tool even when the tool is SIGKILLed.
+END_WITH_PARENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "end_with_parent.py")
 # Where ReferringTrainer.test writes the evaluator's files: the plain run, and the
 # shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
 _RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled")))
@@ -85,15 +87,17 @@ def run_train_net(
     The process ends with the caller: on an exception (Ctrl-C) or a SIGTERM sent to the
     caller alone, it is stopped before the exception goes on (a SIGTERM handler the caller
     set runs instead; an exception it raises stops the process too). Without this it trained on,
-    unseen, its console output going nowhere. (SIGKILL cannot be caught: such a process
-    keeps the run folder's lock until it ends, see :func:`holding_run_folder`.)
+    unseen, its console output going nowhere. A caller killed outright (SIGKILL) runs none of
+    that: on Linux the kernel then sends the process SIGTERM (``end_with_parent.py`` starts
+    it); elsewhere it keeps the run folder's lock until it ends, see :func:`holding_run_folder`.
     """
     cmd = [sys.executable, "-u", train_net, *args]  # unbuffered: the log and the echo keep up
     echo(f"$ {' '.join(cmd)}\n  (console output: {log_path})")
     start = time.perf_counter()
     with open(log_path, "a", buffering=1) as log, _sigterm_as_exit():
         log.write(f"$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        proc = subprocess.Popen([sys.executable, END_WITH_PARENT, str(os.getpid()), *cmd],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                 cwd=os.path.dirname(os.path.abspath(train_net)), env=dict(env),
                                 pass_fds=tuple(pass_fds))
         try:
@@ -151,7 +155,8 @@ def holding_run_folder(run_dir: str):
     A lock on the folder ``run_dir`` (made if need be) for the block, which gets its file
     descriptor to hand to the train_net.py processes it starts (``run_train_net``'s
     ``pass_fds``): such a process holds the lock until it ends, even when the tool that
-    started it is killed outright. A second run reaching the folder meanwhile is refused
+    started it is killed outright (where :func:`run_train_net` cannot end it with its tool).
+    A second run reaching the folder meanwhile is refused
     (RunFolderError) rather than writing the same checkpoints.
     """
     os.makedirs(run_dir, exist_ok=True)
