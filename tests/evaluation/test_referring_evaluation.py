@@ -135,6 +135,23 @@ def test_no_union_at_all_has_no_overall_iou():
     assert metrics["mIoU"] == pytest.approx(100.0)
 
 
+def test_a_type_with_no_union_is_written_as_null(tmp_path):
+    # A type whose samples are all no-target ones, predicted empty: its oIoU has no pixel
+    # (NaN). The results file has null there; writing it stopped the evaluation before.
+    inputs, outputs = generalized_samples()
+    inputs = [dict(inputs[0], type="no_target"), dict(inputs[5], type="no_target"), dict(inputs[1], type="colour")]
+    outputs = [outputs[0], outputs[5], outputs[1]]
+    evaluator = ReferringEvaluator(GENERALIZED, distributed=False, output_dir=str(tmp_path))
+    evaluator.process(inputs, outputs)
+    results = evaluator.evaluate()
+    assert math.isnan(results["refer_by_type"]["no_target/oIoU"])
+    assert results["refer_by_type"]["no_target/mIoU"] == pytest.approx(100.0)
+    payload = json.loads((tmp_path / f"referring_results_{GENERALIZED}.json").read_text())
+    assert payload["refer_by_type"]["no_target"]["oIoU"] is None
+    assert payload["refer_by_type"]["no_target"]["samples"] == 2
+    assert payload["refer_by_type"]["colour"]["oIoU"] == pytest.approx(results["refer_by_type"]["colour/oIoU"])
+
+
 def test_outputs_and_inputs_must_pair_up():
     evaluator = ReferringEvaluator(PLAIN, distributed=False)
     evaluator.reset()

@@ -216,7 +216,7 @@ class ReferringEvaluator(DatasetEvaluator):
             "resolution": self._resolution,
             "mask_threshold": self._mask_threshold,
             "metrics": _json_numbers(metrics),
-            **sections,
+            **_json_numbers(sections),  # a type can have no union too (no-target expressions)
             "samples": samples,
         }
         if rela is not None:
@@ -227,10 +227,12 @@ class ReferringEvaluator(DatasetEvaluator):
         logger.info(f"Per-sample referring results written to {path}")
 
 
-def _json_numbers(metrics):
-    """``metrics`` with NaN (a ratio over no sample) as None: JSON has no NaN, and strict
-    readers refuse Python's ``NaN`` token."""
-    return {k: None if isinstance(v, float) and math.isnan(v) else v for k, v in metrics.items()}
+def _json_numbers(value):
+    """``value`` with NaN (a ratio over no sample) as None, in nested dicts too: JSON has no
+    NaN, and strict readers refuse Python's ``NaN`` token."""
+    if isinstance(value, dict):
+        return {k: _json_numbers(v) for k, v in value.items()}
+    return None if isinstance(value, float) and math.isnan(value) else value
 
 
 def _plain_id(value):
