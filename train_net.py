@@ -3,13 +3,13 @@
 Train / evaluate VIPA with Detectron2.
 
     python train_net.py --config-file configs/synthetic/vipa_tiny_cpu.yaml
-    python train_net.py --config-file ... --num-gpus 2            # 2 processes (gloo on CPU)
+    python train_net.py --config-file ... --num-gpus 2            # 2 processes (gloo for a CPU model)
     python train_net.py --config-file ... --resume                # continue the last checkpoint
     python train_net.py --config-file ... --eval-only MODEL.WEIGHTS out/model_final.pth
 """
 import sys
 
-from detectron2.engine import default_argument_parser, default_setup, launch
+from detectron2.engine import default_argument_parser, default_setup
 from detectron2.utils import comm
 from detectron2.utils.logger import setup_logger
 
@@ -21,6 +21,7 @@ from vipa_d2.engine import (
     WeightsError,
     check_referring_datasets,
     keep_freed_host_memory,
+    launch_ranks,
     leave_process_group,
     load_weights,
     share_cpu_cores,
@@ -91,17 +92,18 @@ def invoke_main() -> None:
     parser = default_argument_parser()
     args = parser.parse_args()
     try:  # a config that does not merge fails here, in one line, before any process starts
-        load_config(args)
+        cfg = load_config(args)
     except ConfigError as e:
         parser.error(str(e))
     try:
-        launch(
+        launch_ranks(
             main,
             args.num_gpus,
             num_machines=args.num_machines,
             machine_rank=args.machine_rank,
             dist_url=args.dist_url,
             args=(args,),
+            device=cfg.MODEL.DEVICE,
         )
     except INPUT_ERRORS as e:  # their messages name the file, record, key or value
         sys.exit(f"{parser.prog}: error: {e}")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import HookBase, launch
+from detectron2.engine import HookBase
 
 from common import INSTANT_TEST_VAL as VAL
 from common import INSTANT_TEST_CONFIG, REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, results_file, train_net_args
@@ -21,12 +21,15 @@ from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.utils.atomic_io import atomic_open
+from vipa_d2.engine.process_group import CUDA_DEVICES_ENV
+from vipa_d2.engine.trainer import check_ranks_start_alike
 from vipa_d2.engine import (
     TTA_SUFFIX,
     AtomicDetectionCheckpointer,
     WeightsError,
     build_vipa_optimizer,
     get_vipa_optimizer_params,
+    launch_ranks,
     shuffle_expressions,
     verify_referring_results,
 )
@@ -326,6 +329,14 @@ def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_pa
         train_net.Trainer.build_test_loader(cfg, VAL)
 
 
+def test_ranks_that_resume_at_different_iterations_are_refused():
+    # Machines without a shared OUTPUT_DIR: rank 0 finds its checkpoint, the others none.
+    check_ranks_start_alike([400, 400, 400], "out")
+    with pytest.raises(ConfigError, match=r"^--resume: the ranks found different checkpoints in OUTPUT_DIR out "
+                                          r"\(iteration to start at, rank 0: 400, rank 1: 0\)\. Only rank 0 writes"):
+        check_ranks_start_alike([400, 0], "out")
+
+
 def test_resume_and_weights_problems_are_one_line_errors_naming_the_files(tmp_path):
     # Checkpoints review, session 48: each was a traceback, or worse, silent.
     trainer = train_net.Trainer(train_net.setup(train_net_args(tmp_path)))
@@ -590,8 +601,10 @@ def test_atomic_open_names_the_target_when_its_folder_is_missing(tmp_path):
 
 # --------------------------------------------------------------------- two processes
 def main_leaving_no_group(args):
-    """train_net.main in a launched rank; it must take its process group down (gloo can
-    abort a rank at exit otherwise)."""
+    """train_net.main in a launched rank of the CPU model: the GPUs hidden, so gloo on a
+    machine that has them too; it must take its process group down (gloo can abort a rank at
+    exit otherwise)."""
+    assert os.environ[CUDA_DEVICES_ENV] == "" and torch.distributed.get_backend() == "gloo"
     train_net.main(args)
     assert not torch.distributed.is_initialized(), "train_net.main left its process group up"
 
@@ -608,11 +621,13 @@ def own_splits(root):
 
 def test_two_process_training_and_evaluation(tmp_path, synthetic_datasets_root):
     two_dir, one_dir = tmp_path / "two", tmp_path / "one"
-    # --num-gpus 2 on a CPU machine: detectron2's launch spawns 2 ranks over gloo. They
+    # --num-gpus 2 of the CPU model: 2 ranks over gloo, on any machine. They
     # train on splits the config registers (DATASETS.REFER_SPLITS): each rank does it.
     entries, mine = own_splits(synthetic_datasets_root)
     args = train_net_args(two_dir, "--num-gpus", "2", opts=["SOLVER.MAX_ITER", "2"] + mine)
-    launch(main_leaving_no_group, args.num_gpus, dist_url=args.dist_url, args=(args,))
+    before = os.environ.get(CUDA_DEVICES_ENV)
+    launch_ranks(main_leaving_no_group, args.num_gpus, dist_url=args.dist_url, args=(args,), device="cpu")
+    assert os.environ.get(CUDA_DEVICES_ENV) == before  # this process's own, back
     assert (two_dir / "last_checkpoint").read_text() == "model_final.pth"
     two_process = results_file(two_dir, name="mine_val")  # written by rank 0 after gathering both ranks
 

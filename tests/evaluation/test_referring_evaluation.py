@@ -7,7 +7,6 @@ import numpy as np
 import pycocotools.mask as mask_util
 import pytest
 import torch
-from detectron2.engine import launch
 from detectron2.structures import BoxMode
 from detectron2.utils import comm
 
@@ -23,7 +22,7 @@ from common import (
     sample,
 )
 from vipa_d2.data.masks import annotations_to_mask
-from vipa_d2.engine import leave_process_group
+from vipa_d2.engine import launch_ranks, leave_process_group
 from vipa_d2.evaluation import ReferringEvaluator
 
 PREC_KEYS = ["Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
@@ -253,13 +252,8 @@ def test_two_process_evaluation_equals_single_process(tmp_path):
         {"ref_seg": box_mask(6, 8, (1, 5), (3, 7))},
     ]
     single = run_evaluator(GENERALIZED, inputs, outputs)
-    # On a CPU-only machine detectron2's launch initialises the gloo backend.
-    launch(
-        _two_process_worker,
-        num_gpus_per_machine=2,
-        dist_url="auto",
-        args=(inputs, outputs, str(tmp_path)),
-    )
+    # CPU ranks: gloo, on a machine with GPUs too.
+    launch_ranks(_two_process_worker, 2, dist_url="auto", args=(inputs, outputs, str(tmp_path)), device="cpu")
     main = json.loads((tmp_path / "rank0.json").read_text())
     other = json.loads((tmp_path / "rank1.json").read_text())
     assert other == {}

@@ -6,10 +6,9 @@ import datetime
 import torch
 import torch.nn.functional as F
 
-from detectron2.engine import launch
 from detectron2.utils import comm
 
-from vipa_d2.engine import leave_process_group
+from vipa_d2.engine import launch_ranks, leave_process_group
 from vipa_d2.modeling.losses import (
     area_loss,
     centre_loss,
@@ -132,7 +131,8 @@ def averaged_on_ranks(path: str):
 def test_losses_on_two_ranks_weigh_every_item_as_one_process(tmp_path):
     path = str(tmp_path / "ranks.pth")
     # A rank that skipped the collective would leave the other waiting: fail, do not hang.
-    launch(averaged_on_ranks, RANKS, dist_url="auto", args=(path,), timeout=datetime.timedelta(seconds=60))
+    launch_ranks(averaged_on_ranks, RANKS, dist_url="auto", args=(path,), device="cpu",
+                 timeout=datetime.timedelta(seconds=60))
     on_ranks = torch.load(path, weights_only=True)
     one_process = losses_and_grads(slice(None))
     assert set(on_ranks) == set(one_process)

@@ -14,7 +14,7 @@ from .expected_results import referring_tasks, verify_referring_results
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .host_memory import keep_freed_host_memory
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
-from .process_group import leave_process_group
+from .process_group import launch_ranks, leave_process_group
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
 from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA
 from .trainer import ReferringTrainer, check_referring_datasets
@@ -32,6 +32,7 @@ __all__ = [
     "check_referring_datasets",
     "get_vipa_optimizer_params",
     "keep_freed_host_memory",
+    "launch_ranks",
     "leave_process_group",
     "share_cpu_cores",
     "shuffle_expressions",

@@ -128,13 +128,30 @@ def _check_evaluated_tasks(cfg) -> None:
             )
 
 
+def check_ranks_start_alike(start_iters, output_dir: str) -> None:
+    """
+    ConfigError when the ranks' ``start_iters`` (by rank) differ. Only rank 0 writes
+    checkpoints, so on machines that do not share OUTPUT_DIR --resume finds them on rank 0's
+    machine alone: the other ranks would start anew beside it, averaging gradients of other
+    weights, until they hung waiting for rank 0 at the end.
+    """
+    if len(set(start_iters)) > 1:
+        found = ", ".join(f"rank {rank}: {it}" for rank, it in enumerate(start_iters))
+        raise ConfigError(
+            f"--resume: the ranks found different checkpoints in OUTPUT_DIR {output_dir} (iteration to start at, "
+            f"{found}). Only rank 0 writes checkpoints: give every machine the same OUTPUT_DIR (a shared file "
+            "system), or copy rank 0's last_checkpoint and the file it names to the others"
+        )
+
+
 class ReferringTrainer(DefaultTrainer):
     """
     ``DefaultTrainer`` with:
 
-    * ``ReferringDatasetMapper`` loaders; the train loader is resumable bit-exactly (see
-      :mod:`vipa_d2.engine.reproducibility`) and every iteration's RNG is seeded from
-      (SEED, rank, iteration) when ``SEED >= 0``;
+    * ``ReferringDatasetMapper`` loaders; the train loader is resumable bit-exactly on CPU
+      (see :mod:`vipa_d2.engine.reproducibility`; on GPU some kernels are not
+      deterministic) and every iteration's RNG is seeded from (SEED, rank, iteration) when
+      ``SEED >= 0``; ranks that would resume at different iterations are refused;
     * ``ReferringEvaluator`` for datasets whose metadata says ``evaluator_type="referring"``;
     * AdamW/SGD with encoder lr multipliers (:mod:`vipa_d2.engine.optimizer`);
     * atomic checkpoints, loaded weights-only unless ``MODEL.WEIGHTS_TRUSTED``;
@@ -209,6 +226,8 @@ class ReferringTrainer(DefaultTrainer):
         if resume:
             self.check_resume_folder()
         super().resume_or_load(resume=resume)
+        if comm.get_world_size() > 1:
+            check_ranks_start_alike(comm.all_gather(self.start_iter), self.cfg.OUTPUT_DIR)
         if self.start_iter > 0:
             # Continue the sample stream where the checkpointed run stopped.
             self._trainer.reset_data_loader(
