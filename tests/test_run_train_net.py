@@ -44,13 +44,17 @@ STOP_SECONDS = 60
 
 
 def _alive(pid: int) -> bool:
-    """Whether ``pid`` runs: a zombie (ended, not yet reaped by whoever adopted it) does not."""
+    """Whether ``pid`` runs: a zombie (ended, not yet reaped by whoever adopted it) does not.
+    Without /proc (not Linux) a zombie cannot be told apart, and counts as running."""
     try:
         os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
         with open(f"/proc/{pid}/stat") as f:
             return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (ProcessLookupError, FileNotFoundError):
-        return False
+    except FileNotFoundError:  # its /proc entry went with it, or there is no /proc
+        return not os.path.isdir("/proc")
 
 
 def _ends_within(pid: int, seconds: float) -> bool:
