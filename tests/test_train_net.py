@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 from detectron2.data import DatasetCatalog, MetadataCatalog
-from detectron2.engine import HookBase
+from detectron2.engine import AMPTrainer, HookBase
 
 from common import INSTANT_TEST_VAL as VAL
 from common import INSTANT_TEST_CONFIG, REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, results_file, train_net_args
@@ -325,7 +325,7 @@ def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_pa
     # or after the training): refused before the first batch too (config review, session 47).
     Image.open(os.path.join(root, os.path.relpath(gone, broken))).resize((20, 30)).save(gone)
     with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files are not the height x width of "
-                                                 rf"their records \(after EXIF rotation\): {gone} is 30 x 20, its records say"):
+                                                 rf"their records \(after EXIF rotation\): {gone} is 30 x 20, records of it say"):
         train_net.Trainer.build_test_loader(cfg, VAL)
 
 
@@ -370,6 +370,14 @@ def test_resume_and_weights_problems_are_one_line_errors_naming_the_files(tmp_pa
     torch.save({"model": trainer.model.state_dict(), "trainer": state}, other)
     with pytest.raises(WeightsError, match=rf"^{other}: cannot be loaded into this model and its optimizer .*another config"):
         checkpointer().load(str(other))
+    # A run without AMP resumed with SOLVER.AMP.ENABLED (a GPU setting; its trainer stands
+    # in here): AMPTrainer's KeyError 'grad_scaler'.
+    plain = tmp_path / "without_amp.pth"
+    torch.save({"model": trainer.model.state_dict(), "trainer": trainer.state_dict()}, plain)
+    trainer._trainer = AMPTrainer(trainer.model, trainer.data_loader, trainer.optimizer)
+    with pytest.raises(WeightsError, match=rf"^{plain}: it holds no GradScaler state, so it was written by a run "
+                                           r"without SOLVER.AMP.ENABLED: resume it with SOLVER.AMP.ENABLED False"):
+        checkpointer().load(str(plain))
 
 
 def test_a_test_set_too_small_to_shuffle_is_refused_before_training(synthetic_benchmark, tmp_path, monkeypatch):
@@ -544,11 +552,18 @@ class _KillAfter(HookBase):
             raise _Killed
 
 
-def test_resume_reproduces_uninterrupted_run(tmp_path):
+# Precise BatchNorm statistics after iterations 2 and 4 (the backbone's BatchNorms train):
+# the resumed run's second pass must read the batches the straight run's did, not its first.
+PRECISE_BN = ["MODEL.TIMM.FREEZE_BN", "False", "TEST.PRECISE_BN.ENABLED", "True", "TEST.PRECISE_BN.NUM_ITER", "2",
+              "TEST.EVAL_PERIOD", "2"]
+
+
+@pytest.mark.parametrize("extra", [[], PRECISE_BN], ids=["plain", "precise_bn"])
+def test_resume_reproduces_uninterrupted_run(tmp_path, extra):
     # The straight run maps samples in a loader worker, the resumed one in the training
     # process: the model-side RNG must come from the per-iteration seeding either way, and
     # in-process mapping must not move it (same weights for any DATALOADER.NUM_WORKERS).
-    opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0"]
+    opts = ["SOLVER.CHECKPOINT_PERIOD", "2", "DATASETS.TEST", "()", "DATALOADER.NUM_WORKERS", "0", *extra]
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     keep_one = ["SOLVER.CHECKPOINT_MAX_KEEP", "1"]
     train_net.main(train_net_args(straight_dir, opts=opts + keep_one + ["DATALOADER.NUM_WORKERS", "1"]))

@@ -12,11 +12,11 @@ import contextlib
 import itertools
 import logging
 import random
-from typing import Iterator, Tuple
+from typing import Callable, Iterable, Iterator, Tuple
 
 import numpy as np
 import torch
-from detectron2.engine import HookBase
+from detectron2.engine import HookBase, hooks
 from detectron2.utils import comm
 from detectron2.utils.env import seed_all_rng
 from torch.utils.data import Dataset, Sampler, get_worker_info
@@ -112,3 +112,26 @@ class StepSeedHook(HookBase):
 
     def before_step(self):
         seed_all_rng(derive_seed(self._seed, comm.get_rank(), self.trainer.iter))
+
+
+class ResumablePreciseBN(hooks.PreciseBN):
+    """
+    Detectron2's PreciseBN hook whose batches a resumed run takes where the interrupted
+    run's stopped. The stock hook reads one train loader from its start through the whole
+    run, so after a resume at iteration k its next pass would read the batches of its first
+    pass again, and the BatchNorm statistics it checkpoints would differ from those of an
+    uninterrupted run. ``build_loader(start_iter)``: the train loader starting at iteration
+    ``start_iter`` of its stream.
+    """
+
+    def __init__(self, period: int, model, build_loader: Callable[[int], Iterable], num_iter: int):
+        super().__init__(period, model, None, num_iter)
+        self._build_loader = build_loader
+
+    def before_train(self):
+        if self._disabled:
+            return
+        # Passes run after each iteration i with (i + 1) % period == 0, each reading num_iter batches.
+        passes_done = self.trainer.start_iter // self._period if self._period > 0 else 0
+        self._data_loader = self._build_loader(passes_done * self._num_iter)
+        self._data_iter = None

@@ -38,6 +38,7 @@ from .expression_control import SHUFFLED_SUFFIX, check_shufflable, shuffle_expre
 from .optimizer import build_vipa_optimizer
 from .reproducibility import (
     PositionSeededDataset,
+    ResumablePreciseBN,
     ResumableTrainingSampler,
     StepSeedHook,
 )
@@ -235,6 +236,18 @@ class ReferringTrainer(DefaultTrainer):
             )
             self._remember_earlier_checkpoints()
 
+    def load_state_dict(self, state_dict):
+        # AMPTrainer reads its GradScaler's state without asking whether it is there: a
+        # checkpoint of a run without AMP was a bare KeyError 'grad_scaler'. (The checkpointer
+        # names the file.)
+        if isinstance(self._trainer, AMPTrainer) and "grad_scaler" not in state_dict.get("_trainer", {}):
+            raise WeightsError(
+                "it holds no GradScaler state, so it was written by a run without SOLVER.AMP.ENABLED: resume it "
+                "with SOLVER.AMP.ENABLED False, or start anew from its weights in AMP (another OUTPUT_DIR, "
+                "MODEL.WEIGHTS set to this file, without --resume)"
+            )
+        super().load_state_dict(state_dict)
+
     def check_resume_folder(self) -> None:
         """
         What --resume would do wrong without a word: Detectron2 starts from scratch when
@@ -272,15 +285,7 @@ class ReferringTrainer(DefaultTrainer):
                 h.recent_checkpoints = [os.path.join(save_dir, name) for name in earlier[-h.max_to_keep :]]
 
     def build_hooks(self):
-        ret = super().build_hooks()
-        keep = self.cfg.SOLVER.CHECKPOINT_MAX_KEEP
-        if keep > 0:
-            ret = [
-                hooks.PeriodicCheckpointer(h.checkpointer, h.period, max_to_keep=keep)
-                if isinstance(h, hooks.PeriodicCheckpointer)
-                else h
-                for h in ret
-            ]
+        ret = [self._resumable(h) for h in super().build_hooks()]
         evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
         if self.cfg.TEST.EVAL_PERIOD > 0 and self.cfg.DATASETS.TEST:
             # After EvalHook, whose results it reads; the first test set is the validation set.
@@ -304,6 +309,25 @@ class ReferringTrainer(DefaultTrainer):
         else:
             logger.warning("SEED < 0: a resumed run will not reproduce an uninterrupted one.")
         return ret
+
+    def _resumable(self, hook):
+        """``hook`` made to continue a resumed run as the uninterrupted one would: the
+        periodic checkpointer keeps SOLVER.CHECKPOINT_MAX_KEEP files, precise BN reads the
+        batches after those its earlier passes read."""
+        keep = self.cfg.SOLVER.CHECKPOINT_MAX_KEEP
+        if isinstance(hook, hooks.PeriodicCheckpointer) and keep > 0:
+            return hooks.PeriodicCheckpointer(hook.checkpointer, hook.period, max_to_keep=keep)
+        if isinstance(hook, hooks.PreciseBN):
+            cfg = self.cfg.clone()
+            cfg.defrost()
+            cfg.DATALOADER.NUM_WORKERS = 0  # as DefaultTrainer builds its loader
+            return ResumablePreciseBN(
+                cfg.TEST.EVAL_PERIOD,
+                self.model,
+                lambda start_iter: self.build_train_loader(cfg, start_iter, seed=self.seed),
+                cfg.TEST.PRECISE_BN.NUM_ITER,
+            )
+        return hook
 
     def train(self):
         """
