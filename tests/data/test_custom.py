@@ -207,6 +207,10 @@ def _mutations():
             m(lambda d: img0(d).update(width=40000)),
             r"\$\.images\[0\]\.width: expected an integer in 1\.\.32768, got 40000",
         ),
+        (  # the loader's pixel bound: written anyway, and merging its masks could kill the process
+            m(lambda d: img0(d).update(height=10000, width=10000)),
+            r"\$\.images\[0\]: height x width 10000 x 10000 is more than 67108864 pixels$",
+        ),
         (  # not an id at all (a list is not hashable: this was a TypeError from inside)
             m(lambda d: img0(d)["expressions"][0].update(targets=[[1]])),
             r"\$\.images\[0\]\.expressions\[0\]\.targets: expected object ids \(integers or strings\), got \[1\]",

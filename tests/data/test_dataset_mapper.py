@@ -455,6 +455,17 @@ def test_check_records_refuses_before_any_batch(tmp_path):
             mapper(dict(good, **change))  # a direct call says the same
 
 
+def test_check_records_compares_every_size_records_give_a_file(tmp_path):
+    # Two images entries naming one file: the check kept one record per file, so a wrong
+    # size on another failed in a worker midway (SizeMismatchError).
+    write_image(tmp_path / "a.png")
+    rec = mapper_record(tmp_path / "a.png")
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)
+    with pytest.raises(ReferringDataError, match=rf"^mine: 1 of its 1 image files are not the height x width of their "
+                                                 rf"records .*a\.png is {H} x {W}, records of it say {H - 1} x {W}$"):
+        mapper.check_records([dict(rec, height=H - 1), rec], "mine")
+
+
 @pytest.fixture(scope="module")
 def record_checkers():
     """A training and a test mapper, for check_records only."""
@@ -500,9 +511,21 @@ def _annotation(**changes):
      rf"x = 100000000.0 is far outside the {W}x{H} image"),
     (_annotation(segmentation={"size": [H, W], "counts": "0"}), "annotations[0].segmentation.counts",
      rf"run lengths add up to 0, expected height \* width = {H * W}"),
+    # What Detectron2's transform_instance_annotations fails on in a worker (extension
+    # review, session 52): ValueError, NotImplementedError, AssertionError.
+    (_annotation(bbox=["a", "b", "c", "d"]), "annotations[0].bbox[0]", "expected a number, got 'a'"),
+    (_annotation(bbox=[1.0, 2.0, float("inf"), 4.0]), "annotations[0].bbox[2]", "inf is not a finite number"),
+    (_annotation(bbox_mode="XYWH_ABS"), "annotations[0].bbox_mode",
+     "expected BoxMode.XYXY_ABS or BoxMode.XYWH_ABS, got 'XYWH_ABS'"),
+    (_annotation(bbox_mode=BoxMode.XYWH_REL), "annotations[0].bbox_mode",
+     "expected BoxMode.XYXY_ABS or BoxMode.XYWH_ABS, got <BoxMode.XYWH_REL: 3>"),
+    # Read by the test mapper (the retrieval report) and the evaluator (per-type tables).
+    (lambda rec: rec.update(target_phrase=5), "target_phrase", "expected a non-empty string .*, got 5"),
+    (lambda rec: rec.update(type=["relation"]), "type", r"expected a non-empty string .*, got \['relation'\]"),
 ], ids=["sentence-string", "no-raw", "no-annotations", "bbox-only", "no-bbox", "4-number-polygon", "rle-parts",
         "uncompressed-rle", "rle-size", "height-string", "no-image-id", "nan-coordinate", "huge-coordinate",
-        "short-rle-counts"])
+        "short-rle-counts", "bbox-strings", "bbox-inf", "bbox-mode-string", "bbox-mode-relative",
+        "target-phrase-number", "type-list"])
 def test_check_records_refuses_misshaped_fields_by_name(tmp_path, record_checkers, change, field, problem):
     """Records of a loader of one's own that __call__ cannot read (it failed on them in a
     worker at the first step, or in the evaluation after the training, with a bare KeyError or

@@ -333,6 +333,42 @@ def test_a_duplicate_id_in_instances_is_refused(tmp_path, key):
         load_refer_dicts(str(tmp_path), "dup", "unc", "train", "/imgs")
 
 
+@pytest.mark.parametrize("image_id", ["missing", [7]], ids=["missing", "a_list"])
+def test_an_annotation_without_an_image_id_is_refused(tmp_path, image_id):
+    # Any annotation, target or not (all of them give object_boxes): a list was a bare
+    # TypeError (unhashable) from deep inside, a missing one left the object out unseen.
+    inst = _instances()
+    if image_id == "missing":
+        del inst["annotations"][1]["image_id"]
+    else:
+        inst["annotations"][1]["image_id"] = image_id
+    save_refer_dataset(str(tmp_path / "bad"), "unc", _refs()[2:], inst)
+    shown = "None" if image_id == "missing" else r"\[7\]"
+    with pytest.raises(ReferringDataError, match=rf"instances\.json: annotations\[1\]: image_id: expected the id of its "
+                                                 rf"image, got {shown}$"):
+        load_refer_dicts(str(tmp_path), "bad", "unc", "val", "/imgs")
+
+
+def test_annotations_of_no_image_are_counted_not_dropped_unseen(tmp_path, caplog):
+    inst = _instances()
+    inst["annotations"][1]["image_id"] = "7"  # a string id: no image has it
+    save_refer_dataset(str(tmp_path / "odd"), "unc", _refs()[:1], inst)
+    with caplog.at_level(logging.WARNING, logger="vipa_d2.data.refer"):
+        recs = load_refer_dicts(str(tmp_path), "odd", "unc", "train", "/imgs")
+    assert recs[0]["object_boxes"] == [[10.0, 10.0, 20.0, 20.0]]
+    assert "1 annotations whose image_id is no image of instances.json (left out of object_boxes)" in caplog.text
+
+
+def test_a_duplicate_ref_id_is_refused(tmp_path):
+    # The official reader keeps the last ref of an id and reads it for both entries.
+    refs = _refs()
+    refs[1]["ref_id"] = 0
+    save_refer_dataset(str(tmp_path / "dup"), "unc", refs, _instances())
+    with pytest.raises(ReferringDataError, match=r"refs\(unc\)\.p: ref #1 \(ref_id=0\): ref_id: also the ref_id of ref #0; "
+                                                 r"expected unique ids$"):
+        load_refer_dicts(str(tmp_path), "dup", "unc", "val", "/imgs")
+
+
 def test_error_quotes_read_a_bounded_part_of_a_huge_value():
     # A pickle of lists that share themselves is 14 KB on disk and 2^40 elements deep in
     # memory: quoting it in an error must not walk it (session 42: the loader hung on one).
@@ -454,6 +490,11 @@ def test_grefs_file_is_json_list(refer_root):
         ),
         ({"landmark_ann_id": 101}, r"sentences\[1\]\.landmark_phrase: None is not a phrase", "bad_landmark"),
         (
+            {"landmark_phrase": "triangle"},
+            r"ref #0 \(ref_id=0\): sentences\[1\]\.landmark_ann_id: missing \('landmark_ann_id' and 'landmark_phrase'",
+            "bad_landmark",
+        ),
+        (
             {"landmark_ann_id": 102, "landmark_phrase": "triangle"},
             r"instances\.json: ann_id=102 \(landmark of ref_id=0\): image_id: 8, but the ref is about image 7",
             "landmark_ann_image_mismatch",
@@ -465,17 +506,20 @@ def test_grefs_file_is_json_list(refer_root):
         ),
         (
             {"group_ann_ids": [100, 999]},
-            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): ann_id: 999 is not an annotation id of .*instances\.json",
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): sentences\[1\]\.group_ann_ids\[1\]: 999 is not an annotation id of "
+            r".*instances\.json",
             "group_unknown_ann_id",
         ),
         (
             {"group_ann_ids": [[100]]},
-            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): ann_id: expected an annotation id \(an integer or a string\), got \[100\]",
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): sentences\[1\]\.group_ann_ids\[0\]: expected an annotation id \(an "
+            r"integer or a string\), got \[100\]",
             "group_bad_ann_id",
         ),
         (
             {"landmark_ann_id": {"id": 101}, "landmark_phrase": "triangle"},
-            r"ann_id: expected an annotation id \(an integer or a string\), got \{'id': 101\}",
+            r"ref #0 \(ref_id=0\): sentences\[1\]\.landmark_ann_id: expected an annotation id \(an integer or a string\), "
+            r"got \{'id': 101\}",
             "landmark_bad_ann_id",
         ),
         (

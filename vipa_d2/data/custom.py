@@ -31,7 +31,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
 from .refer import INVALID_MODES, REFERRING_EVALUATOR_TYPE, load_refer_dicts, make_sentence, save_refer_dataset
-from .validation import MAX_IMAGE_SIDE, ReferringDataError, is_int, quote, read_json_file, stored_image_size, valid_id
+from .validation import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, ReferringDataError, is_int, quote, read_json_file, stored_image_size, valid_id
 
 __all__ = [
     "ReferringFormatError",
@@ -191,10 +191,14 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
     h, w = img.get("height"), img.get("width")
     size_ok = True
     for key, v in (("height", h), ("width", w)):
-        # The loader's bound too (validation.MAX_IMAGE_SIDE): a file it would refuse is not written.
+        # The loader's bounds too (validation.MAX_IMAGE_SIDE, MAX_IMAGE_PIXELS): a file it
+        # would refuse is not written, and no mask is merged in a buffer beyond them.
         if not is_int(v) or not 0 < v <= MAX_IMAGE_SIDE:
             problems.append(f"{p}.{key}: expected an integer in 1..{MAX_IMAGE_SIDE}, got {quote(v)}")
             size_ok = False
+    if size_ok and h * w > MAX_IMAGE_PIXELS:
+        problems.append(f"{p}: height x width {h} x {w} is more than {MAX_IMAGE_PIXELS} pixels")
+        size_ok = False
     if size_ok and image_path is not None:
         # Detectron2's mapper checks the two at training time (SizeMismatchError); here the
         # file is named before anything is written.

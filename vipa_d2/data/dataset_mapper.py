@@ -104,21 +104,28 @@ def check_image_files(records: List[Dict], source: str) -> None:
     or whose files (read from their headers) are not the records' height x width, before a
     loader reads any: a worker would fail on the first one midway (Detectron2's
     SizeMismatchError), or the evaluation after the whole training."""
-    files = {r["file_name"]: r for r in records}
-    missing = sorted(f for f in files if not PathManager.isfile(f))
+    # Every size the records give a file: two images entries may name one file.
+    sizes: Dict[str, set] = {}
+    for r in records:
+        said = sizes.setdefault(r["file_name"], set())
+        if "height" in r and "width" in r:
+            said.add((r["height"], r["width"]))
+    missing = sorted(f for f in sizes if not PathManager.isfile(f))
     if missing:
         raise ReferringDataError(
-            f"{source}: {len(missing)} of its {len(files)} image files do not exist: {shortlist(missing, MAX_FILES_LISTED)}",
+            f"{source}: {len(missing)} of its {len(sizes)} image files do not exist: {shortlist(missing, MAX_FILES_LISTED)}",
             file=missing[0],
         )
     wrong = {}  # file -> what is wrong
-    for name, record in files.items():
-        stored = stored_image_size(name) if "height" in record and "width" in record else None
-        if stored is not None and stored != (record["height"], record["width"]):
-            wrong[name] = f"{name} is {stored[0]} x {stored[1]}, its records say {record['height']} x {record['width']}"
+    for name, said in sizes.items():
+        stored = stored_image_size(name) if said else None
+        other = sorted(size for size in said if size != stored)
+        if stored is not None and other:
+            listed = " and ".join(f"{h} x {w}" for h, w in other)
+            wrong[name] = f"{name} is {stored[0]} x {stored[1]}, records of it say {listed}"
     if wrong:
         raise ReferringDataError(
-            f"{source}: {len(wrong)} of its {len(files)} image files are not the height x width of their records "
+            f"{source}: {len(wrong)} of its {len(sizes)} image files are not the height x width of their records "
             f"(after EXIF rotation): {shortlist(list(wrong.values()), MAX_FILES_LISTED)}",
             file=next(iter(wrong)),
         )

@@ -105,6 +105,10 @@ def _load_instances(path: str):
                     "id",
                     f"expected an integer or string id, got {quote(entry.get('id'))}",
                 )
+            if key == "annotations" and not check.valid_id(entry.get("image_id")):
+                raise data_error(
+                    path, f"{key}[{i}]", "image_id", f"expected the id of its image, got {quote(entry.get('image_id'))}"
+                )
             if entry["id"] in table:  # the official reader keeps the last: one entry would vanish unseen
                 first = next(j for j, e in enumerate(entries) if isinstance(e, dict) and e.get("id") == entry["id"])
                 raise data_error(
@@ -187,15 +191,17 @@ def _usable_area(ann: Dict) -> Optional[float]:
     return area if math.isfinite(area) and area >= 0 else None
 
 
-def _object_boxes_by_image(anns: Dict, notes) -> Dict:
+def _object_boxes_by_image(anns: Dict, images: Dict, notes) -> Dict:
     """{image id: [(ann id, [x, y, w, h], area or None) of every annotation of the image
     with a usable bbox]}: the objects an image holds, targets or not (centre maps learn
     where objects are, see MODEL.VIPA.DECODER.COUNT_CENTRES); annotations without a usable
-    box are counted in ``notes``."""
+    box or of no image in ``images`` are counted in ``notes``."""
     boxes: Dict = collections.defaultdict(list)
     for aid, ann in anns.items():
         bbox = ann.get("bbox")
-        if _is_box(bbox):
+        if ann["image_id"] not in images:
+            notes["annotations whose image_id is no image of instances.json (left out of object_boxes)"] += 1
+        elif _is_box(bbox):
             boxes[ann.get("image_id")].append((aid, [float(v) for v in bbox], _usable_area(ann)))
         else:
             notes["annotations without a usable bbox (left out of object_boxes)"] += 1
@@ -230,17 +236,18 @@ class _TargetChecker:
             return "bad_image", data_error(self.inst_path, item, *problem)
         return None
 
-    def annotation(self, aid, ref: Dict, where: str, refs_path: str, role: str = "target"):
+    def annotation(self, aid, ref: Dict, where: str, refs_path: str, role: str = "target", field: str = "ann_id"):
+        """``field``: where the ref holds ``aid`` (a sentence's group member or landmark)."""
         if not check.valid_id(aid):  # a group member or landmark: the ref's own ids are checked before
             return "bad_ann_id", data_error(
-                refs_path, where, "ann_id", f"expected an annotation id (an integer or a string), got {quote(aid)}"
+                refs_path, where, field, f"expected an annotation id (an integer or a string), got {quote(aid)}"
             )
         ann = self.anns.get(aid)
         if ann is None:
             return "unknown_ann_id", data_error(
                 refs_path,
                 where,
-                "ann_id",
+                field,
                 f"{quote(aid)} is not an annotation id of {self.inst_path}",
             )
         item = f"ann_id={quote(aid)} ({role} of ref_id={quote(ref['ref_id'])})"
@@ -280,8 +287,8 @@ def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str,
         if not isinstance(group, list):
             error = data_error(refs_path, where, f"{field}.group_ann_ids", f"expected a list of annotation ids, got {quote(group)}")
             return {}, ("bad_group", error)
-        for aid in group:
-            failure = targets.annotation(aid, ref, where, refs_path, role="group member")
+        for k, aid in enumerate(group):
+            failure = targets.annotation(aid, ref, where, refs_path, role="group member", field=f"{field}.group_ann_ids[{k}]")
             if failure is not None:
                 return {}, ("group_" + failure[0], failure[1])
         out["group_ann_ids"] = group
@@ -299,7 +306,10 @@ def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str,
             "('landmark_ann_id' and 'landmark_phrase' come together)"
         )
         return {}, ("bad_landmark", data_error(refs_path, where, f"{field}.landmark_phrase", why))
-    failure = targets.annotation(aid, ref, where, refs_path, role="landmark")
+    if "landmark_ann_id" not in sent:
+        why = "missing ('landmark_ann_id' and 'landmark_phrase' come together)"
+        return {}, ("bad_landmark", data_error(refs_path, where, f"{field}.landmark_ann_id", why))
+    failure = targets.annotation(aid, ref, where, refs_path, role="landmark", field=f"{field}.landmark_ann_id")
     if failure is not None:
         return {}, ("landmark_" + failure[0], failure[1])
     out["landmark"] = {"ann_id": aid, "phrase": phrase}
@@ -366,6 +376,7 @@ def load_refer_dicts(
     # Refs of the split, every ref's structure checked first (its split must be readable
     # to know whether it is in the split).
     selected, available = [], set()
+    first_of_id: Dict = {}  # ref_id -> index of the ref that has it
     for idx, ref in enumerate(refs):
         where = f"ref #{idx}" + (
             f" (ref_id={quote(ref.get('ref_id'))})" if isinstance(ref, dict) else ""
@@ -377,6 +388,9 @@ def load_refer_dicts(
                     continue  # another split's problem
             policy("malformed_ref", data_error(refs_path, where, *problem))
             continue
+        first = first_of_id.setdefault(ref["ref_id"], idx)
+        if first != idx:  # the official reader keeps the last under that id: one ref would be read twice
+            raise data_error(refs_path, where, "ref_id", f"also the ref_id of ref #{first}; expected unique ids")
         available.add(ref["split"])
         if check.split_matches(ref["split"], split, generalized):
             selected.append((where, ref))
@@ -428,7 +442,7 @@ def load_refer_dicts(
         usable.append((ref, ann_ids, sentences))
 
     record_anns: Dict = {}  # ann_id -> record annotation (shared between expressions)
-    object_boxes = _object_boxes_by_image(anns, notes)
+    object_boxes = _object_boxes_by_image(anns, images, notes)
     records: List[Dict] = []
     for ref, ann_ids, sentences in usable:
         img = images[ref["image_id"]]

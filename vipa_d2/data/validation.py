@@ -29,6 +29,7 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from PIL import Image
+from detectron2.structures import BoxMode
 
 from .safe_pickle import load_plain_pickle
 
@@ -528,6 +529,11 @@ def split_matches(ref_split: str, split: str, generalized: bool) -> bool:
 # What a record annotation needs besides its mask: Detectron2's transform_instance_annotations
 # moves the box with the image.
 _RECORD_BOX_KEYS = {"bbox": "its box, 4 numbers", "bbox_mode": "the box's detectron2 BoxMode"}
+# The box modes transform_instance_annotations converts (relative and rotated ones it refuses).
+RECORD_BOX_MODES = (BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
+# Optional text fields a record may carry (datasets/README.md): the expression's type (the
+# evaluator's per-type tables) and the words naming the target (the retrieval report).
+_RECORD_TEXT_KEYS = ("type", "target_phrase")
 
 
 def record_problem(record, landmark: bool = False) -> Optional[Problem]:
@@ -536,7 +542,8 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
     lacks or misshapes a field that ``ReferringDatasetMapper`` reads, else None:
     ``file_name``, ``height`` and ``width`` as :func:`image_problem` wants them, ``image_id``,
     ``ref_id``, ``sentence`` a dict whose ``raw`` is the text, ``annotations`` a list
-    (empty: no target) of :func:`record_annotation_problem` annotations and, with
+    (empty: no target) of :func:`record_annotation_problem` annotations, ``type`` and
+    ``target_phrase`` non-empty strings where present and, with
     ``landmark`` (a mapper that reads it), a ``landmark`` ``{phrase, annotation}`` if any.
 
     It runs on every record of every set before the first iteration (RefCOCO's train split
@@ -568,6 +575,9 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
         problem = record_annotation_problem(ann, height, width)
         if problem is not None:
             return f"annotations[{i}]{problem[0]}", problem[1]
+    for key in _RECORD_TEXT_KEYS:
+        if key in record and (not isinstance(record[key], str) or not record[key].strip()):
+            return key, f"expected a non-empty string (or no {key!r} key), got {quote(record[key])}"
     if landmark and record.get("landmark") is not None:
         mark = record["landmark"]
         if not isinstance(mark, dict) or not isinstance(mark.get("phrase"), str):
@@ -581,7 +591,8 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
 def record_annotation_problem(ann, height: int, width: int) -> Optional[Problem]:
     """
     (".field", problem) when ``ann`` is no record annotation of a ``height`` x ``width``
-    image, else None: a dict with ``bbox`` and ``bbox_mode``, and a ``segmentation`` as
+    image, else None: a dict with ``bbox`` (4 finite numbers) and ``bbox_mode`` (one of
+    :data:`RECORD_BOX_MODES`), and a ``segmentation`` as
     records carry it (:func:`vipa_d2.data.masks.record_segmentation`): polygons of an even
     number >= 6 of values each (Detectron2's transforms move them as points; pycocotools
     reads a first one of 4 as a box) of finite coordinates within :data:`COORDINATE_MARGIN`
@@ -596,6 +607,12 @@ def record_annotation_problem(ann, height: int, width: int) -> Optional[Problem]
     bbox = ann["bbox"]
     if not isinstance(bbox, (list, tuple, np.ndarray)) or len(bbox) != 4:
         return ".bbox", f"expected 4 numbers, got {quote(bbox)}"
+    problem = polygon_values_problem(bbox)  # the same test: finite numbers
+    if problem is not None:
+        return ".bbox" + problem[0], problem[1]
+    if not is_int(ann["bbox_mode"]) or ann["bbox_mode"] not in RECORD_BOX_MODES:
+        modes = " or ".join(f"BoxMode.{m.name}" for m in RECORD_BOX_MODES)
+        return ".bbox_mode", f"expected {modes}, got {quote(ann['bbox_mode'])}"
     if "segmentation" not in ann:
         return ".segmentation", "missing: expected COCO polygons [[x0, y0, x1, y1, ...], ...] or an RLE dict"
     segm = ann["segmentation"]
