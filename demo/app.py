@@ -24,7 +24,7 @@ import gradio as gr
 import numpy as np
 
 from demo import DemoError, add_override_arguments, setup_cfg  # demo/demo.py: this script's folder is sys.path[0]
-from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image
+from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image, validate_expressions
 from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure, token_cells
 
 # Gradio's own default port; loopback only unless the user says otherwise.
@@ -40,7 +40,10 @@ def parse_expressions(text: str) -> List[str]:
     expressions = [line.strip() for line in (text or "").splitlines() if line.strip()]
     if not expressions:
         raise gr.Error("Type at least one referring expression (one per line).")
-    return expressions
+    try:
+        return validate_expressions(expressions)
+    except ValueError as e:  # a line of no words: the predictor's refusal, in the page
+        raise gr.Error(str(e)) from e
 
 
 def share_on_mask(cue: Dict, mask: np.ndarray) -> float:

@@ -40,7 +40,7 @@ from transformers.utils import logging as hf_logging
 from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.manifest import ManifestEntry, read_manifest
 from vipa_d2.data.masks import mask_to_rle
-from vipa_d2.data.validation import ReferringDataError
+from vipa_d2.data.validation import ReferringDataError, shortlist, stored_image_size
 from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image, validate_expressions
 from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.utils.checkpoint_file import UntrustedCheckpointError
@@ -51,8 +51,14 @@ from vipa_d2.utils.visualizer import (
     save_image,
 )
 
+# An --output ending in one of these is one picture file (formats save_image writes).
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# What a folder given as --input contributes: the images read_image reads (GIFs too, which
+# are not written).
+INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".gif",)
 GLOB_CHARS = "*?["
+# Inputs a refusal lists before "... (+N more)".
+MAX_INPUTS_LISTED = 8
 REFUSAL_EXIT_CODE = 1
 # A binary mask PNG: 0 outside, this inside.
 MASK_PNG_VALUE = 255
@@ -132,10 +138,10 @@ def collect_inputs(patterns: Sequence[str]) -> List[str]:
         if os.path.isdir(pattern):
             found = sorted(
                 os.path.join(pattern, f) for f in os.listdir(pattern)
-                if f.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(pattern, f))
+                if f.lower().endswith(INPUT_EXTENSIONS) and os.path.isfile(os.path.join(pattern, f))
             )
             if not found:
-                raise DemoError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {pattern}")
+                raise DemoError(f"no images ({', '.join(INPUT_EXTENSIONS)}) in folder {pattern}")
         elif os.path.exists(pattern):
             found = [pattern]
         elif any(c in pattern for c in GLOB_CHARS):
@@ -242,7 +248,9 @@ def check_outputs(jobs: Jobs, plan: Dict[Tuple[str, int], str], args) -> None:
 def image_record(path: str, image: np.ndarray, texts: Sequence[str], results: Sequence[Dict]) -> Dict:
     """What ``--save-json`` writes for one image (masks as compressed COCO RLE)."""
     return {
-        "image": path,
+        # A file name that is not UTF-8 (Python keeps its bytes as lone surrogates) as
+        # backslash escapes: JSON has no way to write those bytes.
+        "image": os.fsencode(path).decode("utf-8", "backslashreplace"),
         "height": int(image.shape[0]),
         "width": int(image.shape[1]),
         "expressions": [
@@ -292,6 +300,12 @@ def run(args) -> Tuple[str, str]:
     cfg = setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts))
     plan = plan_outputs(jobs, args.output)
     check_outputs(jobs, plan, args)
+    # Every input's header before the model: a bad file (a glob's notes.txt, a broken
+    # download) would otherwise stop the run after the images before it.
+    unreadable = [job.image for job in jobs if stored_image_size(job.image) is None]
+    if unreadable:
+        raise DemoError(f"{len(unreadable)} of the {len(jobs)} inputs are no image files PIL can read: "
+                        f"{shortlist(unreadable, MAX_INPUTS_LISTED)}")
 
     try:
         predictor = VIPAPredictor(cfg)
@@ -308,7 +322,10 @@ def run(args) -> Tuple[str, str]:
             targets = job.target_masks(*image.shape[:2])
         except (OSError, ReferringDataError) as e:
             raise DemoError(str(e)) from e
-        results = predictor(image, texts)
+        try:
+            results = predictor(image, texts)
+        except ValueError as e:  # an image the model cannot take (e.g. too elongated to resize)
+            raise DemoError(f"cannot segment {path}: {e}") from e
         try:
             _save_pictures(args, job, image, results, targets, plan, fmt)
         except OSError as e:  # a full disk, a folder removed meanwhile

@@ -101,6 +101,9 @@ def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, clien
 def test_api_refuses_blank_expressions_with_a_message(app_module, client, sample):
     with pytest.raises(gradio_client.exceptions.AppError, match="at least one referring expression"):
         client.predict(gradio_client.handle_file(sample[0]), " \n ", api_name="/" + app_module.API_NAME)
+    # A line of no words (invisible characters): the predictor's refusal, as a message.
+    with pytest.raises(gradio_client.exceptions.AppError, match=r"Referring expression #1: .* has no letter or digit"):
+        client.predict(gradio_client.handle_file(sample[0]), "the cup\n\u200b", api_name="/" + app_module.API_NAME)
 
 
 def test_uploads_are_read_as_the_predictor_reads_files(app_module, client, predictor, sample, tmp_path):

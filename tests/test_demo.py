@@ -127,7 +127,7 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
     msg = _refusal(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "*.jpg"), "--text", "a", "--output", str(tmp_path)], capsys)
     assert "no files match" in msg
     for blank in ["", "   \t"]:
-        assert "empty or blank" in _refusal(base + ["--text", "cat", "--text", blank], capsys)
+        assert "has no letter or digit; expected some words" in _refusal(base + ["--text", "cat", "--text", blank], capsys)
     msg = _refusal(base + ["--text", "cat", "--opts", "MODEL.VIPA.NO_SUCH_KEY", "1"], capsys)
     assert "MODEL.VIPA.NO_SUCH_KEY" in msg
     msg = _refusal(base + ["--text", "cat", "MODEL.NO_SUCH", "1"], capsys)  # trailing style
@@ -148,6 +148,19 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
     for output in (tmp_path / "a_file" / "o.png", tmp_path / "a_file" / "sub" / "folder"):
         msg = _refusal(base[:4] + ["--output", str(output), "--text", "cat"], capsys)
         assert msg.endswith(f"cannot write under {tmp_path / 'a_file'}, which is a file, not a folder")
+
+
+def test_inputs_that_are_no_images_are_refused_before_the_model(images, tmp_path, capsys):
+    # A glob keeps any file: its notes.txt stopped the run after the images before it,
+    # with their pictures written (predictor review, session 52).
+    _, files = images
+    shutil.copy(files[0], tmp_path / "a.jpg")
+    (tmp_path / "b_notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    msg = _refusal(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "*"), "--text", "cat", "--output", str(out)],
+                   capsys)
+    assert msg.endswith(f"1 of the 2 inputs are no image files PIL can read: {tmp_path / 'b_notes.txt'}"), msg
+    assert not out.exists()
 
 
 def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(images, tmp_path, capsys):
@@ -180,7 +193,13 @@ def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
     unreadable.write_bytes(b"\x89PNG not really")
     base = ["--config-file", TINY_CONFIG, "--text", "cat", "--output", str(tmp_path / "o.png")]
     msg = _refusal(base + ["--input", str(unreadable), "--opts", *PREDICTOR_OPTS], capsys)
-    assert str(unreadable) in msg and "Cannot read image" in msg
+    assert str(unreadable) in msg and "no image files PIL can read" in msg  # (from its header, before the model now)
+    # A header PIL reads over data it cannot decode: refused when the image is read.
+    truncated = tmp_path / "truncated.jpg"
+    data = open(files[0], "rb").read()
+    truncated.write_bytes(data[: len(data) // 2])
+    msg = _refusal(base + ["--input", str(truncated), "--opts", *PREDICTOR_OPTS], capsys)
+    assert str(truncated) in msg and "Cannot read image" in msg
 
     state = torch.load(ckpt, map_location="cpu")["model"]
     dropped = next(k for k in state if k.startswith("head.transformer_decoder."))
@@ -252,6 +271,21 @@ def test_save_masks_and_json_hold_the_predictions(images, weights, tmp_path, cap
     assert any(0 < e["area"] < record["height"] * record["width"] for e in record["expressions"])
 
 
+def test_json_of_an_image_whose_name_is_not_utf8(images, weights, tmp_path, capsys):
+    # os.listdir gives such a name as lone surrogates, which json.dump could not write: a
+    # bare UnicodeEncodeError after the overlay was saved (predictor review, session 52).
+    _, files = images
+    ckpt, _ = weights
+    folder = tmp_path / "in"
+    folder.mkdir()
+    shutil.copy(files[0], os.path.join(os.fsencode(folder), b"caf\xe9.jpg"))
+    out = tmp_path / "out"
+    argv = ["--config-file", TINY_CONFIG, "--input", str(folder), "--output", str(out), "--save-json", "--text", "cat"]
+    assert demo.main(argv + ["--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt]) == 0, capsys.readouterr().err
+    with open(os.path.join(os.fsencode(out), b"caf\xe9.json"), encoding="utf-8") as f:
+        assert json.load(f)["image"] == f"{folder}/caf\\xe9.jpg"
+
+
 def _write_manifests(tmp_path, files):
     """The same manifest as JSON and CSV: image 0 with two expressions, image 1 with one."""
     rel = [os.path.relpath(f, tmp_path) for f in files]
@@ -300,7 +334,7 @@ def test_bad_manifests_are_refused_naming_file_entry_and_key(images, tmp_path, c
     msg = refusal("gone.json", json.dumps([{"image": "nothere.jpg", "expressions": ["x"]}]))
     assert "gone.json: entry 0: image: image 'nothere.jpg' not found" in msg
     msg = refusal("blank.json", json.dumps([{"image": entries[0]["image"], "expressions": ["ok", "  "]}]))
-    assert "blank.json: entry 0: expressions[1]:" in msg and "non-empty referring expression" in msg
+    assert "blank.json: entry 0: expressions[1]: not a referring expression: " in msg and "has no letter or digit" in msg
     msg = refusal("twice.json", json.dumps([entries[0], entries[0]]))
     assert "twice.json: entry 1: image:" in msg and "already listed in entry 0" in msg
     msg = refusal("broken.json", '[{"image": ')
@@ -325,6 +359,18 @@ def test_unicode_caption_is_drawn_not_replaced():
     assert (accented != drawn["the caf? table"][:band]).any()
     assert (accented != drawn["the cafe table"][:band]).any()
     np.testing.assert_array_equal(drawn["the café table"][band:], image[band:])
+
+
+def test_a_cut_caption_keeps_its_score():
+    # The score followed the text into the '...' cut, so long expressions showed none
+    # (predictor review, session 52).
+    long_text = "the small blue object in the top left corner of the picture beside the red one " * 20
+    lines, _ = caption_layout(long_text, 256, 248, suffix=" (0.95)")
+    assert len(lines) == 2 and lines[-1].endswith("... (0.95)")
+    shown = " ".join(lines)[: -len("... (0.95)")]
+    assert " ".join(long_text.split()).startswith(shown)
+    # A caption that fits is laid out as the text with its score.
+    assert caption_layout("the cup", 256, 248, suffix=" (0.95)") == caption_layout("the cup (0.95)", 256, 248)
 
 
 def test_dollar_signs_are_drawn_as_text_not_math():

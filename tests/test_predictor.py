@@ -204,7 +204,11 @@ def test_bad_inputs(predictor, records, tmp_path):
         (None, r"Expected a referring expression \(str\) or a list of them, got None"),
         (5, r"got 5$"),
         (b"the cat", r"got b'the cat'"),
-        (["the cat", 7], r"Referring expression #1 is 7, a int; expected a str"),
+        (["the cat", 7], r"Referring expression #1: 7, a int; expected a str"),
+        # Undecodable bytes (a terminal's, a JSON manifest's \udcxx escape): the tokenizer's
+        # TypeError from inside; invisible characters only: a confident mask for no words.
+        (["the caf\udce9 sign"], r"Referring expression #0: 'the caf\\udce9 sign' is not valid text \(undecodable bytes\?\)"),
+        (["the cat", "\u200b\ufeff"], r"Referring expression #1: '\\u200b\\ufeff' has no letter or digit; expected some words"),
     ]:
         with pytest.raises(ValueError, match=message):
             predictor(records[0]["file_name"], bad)
@@ -250,3 +254,11 @@ def test_relevance_figure_has_a_tile_per_cue(predictor, records):
     assert fig.shape[1] == cols * round(rec["width"] * tile / max(rec["height"], rec["width"]))
     # The last tile in use is drawn, any tile beyond it is blank.
     assert fig.reshape(-1, 3).any(axis=1).mean() > (tiles - 1) / (rows * cols)
+
+
+def test_a_cuda_device_without_a_gpu_is_one_line_naming_the_key(monkeypatch):
+    # The paper configs keep Detectron2's default MODEL.DEVICE "cuda": on a machine without
+    # a GPU that was torch's "Found no NVIDIA driver" from inside (predictor review, session 52).
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"^MODEL.DEVICE='cuda', but torch finds no CUDA GPU here; set MODEL.DEVICE cpu$"):
+        VIPAPredictor(make_cfg(*PREDICTOR_OPTS, "MODEL.DEVICE", "cuda", config_file=TINY_CONFIG))

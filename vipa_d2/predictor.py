@@ -14,7 +14,7 @@ from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
 from .data.dataset_mapper import build_referring_augmentations, read_image, swap_left_right
-from .data.validation import quote
+from .data.validation import expression_problem, quote
 from .engine.checkpoint import WeightsError, load_weights
 from .engine.test_time_augmentation import average_views, check_flip
 from .modeling.meta_arch import runtime_options
@@ -29,17 +29,17 @@ SUPPORTED_FORMATS = ("RGB", "BGR")
 
 
 def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
-    """The expressions as a list; raises ValueError on a missing, empty or blank one."""
+    """The expressions as a list; raises ValueError on a missing one or one
+    :func:`vipa_d2.data.validation.expression_problem` refuses (blank, no words, not text)."""
     if isinstance(expressions, (bytes, bytearray)) or not hasattr(expressions, "__iter__"):
         raise ValueError(f"Expected a referring expression (str) or a list of them, got {quote(expressions)}")
     texts = [expressions] if isinstance(expressions, str) else list(expressions)
     if not texts:
         raise ValueError("Expected at least one referring expression, got none")
     for i, t in enumerate(texts):
-        if not isinstance(t, str):
-            raise ValueError(f"Referring expression #{i} is {quote(t)}, a {type(t).__name__}; expected a str")
-        if not t.strip():
-            raise ValueError(f"Referring expression #{i} is empty or blank ({t!r}); expected some words")
+        problem = expression_problem(t)
+        if problem is not None:
+            raise ValueError(f"Referring expression #{i}: {problem}")
     return texts
 
 
@@ -87,6 +87,9 @@ class VIPAPredictor:
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in SUPPORTED_FORMATS:
             raise ValueError(f"INPUT.FORMAT={self.input_format!r}: VIPAPredictor supports {SUPPORTED_FORMATS}")
+        if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
+            # The paper configs keep Detectron2's default device: torch's own error names no key.
+            raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r}, but torch finds no CUDA GPU here; set MODEL.DEVICE cpu")
         self.model = build_model(self.cfg).set_runtime_options(**runtime_options(self.cfg))
         self.model.eval()
         load_weights(self.model, cfg.MODEL.WEIGHTS, trusted=cfg.MODEL.WEIGHTS_TRUSTED)

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .masks import segmentation_to_mask
-from .validation import data_error, quote, read_json_file, segmentation_problem
+from .validation import data_error, expression_problem, quote, read_json_file, segmentation_problem
 
 __all__ = ["ManifestEntry", "read_manifest"]
 
@@ -71,8 +71,9 @@ def _image_path(path: str, item: str, value) -> str:
 
 
 def _expression(path: str, item: str, field: str, value) -> str:
-    if not isinstance(value, str) or not value.strip():
-        raise data_error(path, item, field, f"expected a non-empty referring expression, got {quote(value)}")
+    problem = expression_problem(value)
+    if problem is not None:
+        raise data_error(path, item, field, f"not a referring expression: {problem}")
     return value
 
 

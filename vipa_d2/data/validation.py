@@ -58,6 +58,7 @@ __all__ = [
     "split_matches",
     "record_problem",
     "record_annotation_problem",
+    "expression_problem",
 ]
 
 # Largest image side and pixel count accepted. pycocotools merges the parts of a mask in a
@@ -640,4 +641,25 @@ def record_annotation_problem(ann, height: int, width: int) -> Optional[Problem]
         problem = polygon_coordinates_problem(poly, height, width)
         if problem is not None:
             return f".segmentation[{i}]{problem[0]}", problem[1]
+    return None
+
+
+# ------------------------------------------------------------------------- user input
+def expression_problem(text) -> Optional[str]:
+    """
+    Why ``text``, typed or listed by a user (predictor, demo, manifest), is no referring
+    expression, or None: not a str; not Unicode (undecodable bytes of a terminal or a
+    file, which Python keeps as lone surrogates and the tokenizer refuses from deep
+    inside); or no letter or digit at all (blank, or marks and invisible characters only,
+    which tokenize to [CLS] [SEP] and still got a confident mask). Dataset sentences are
+    not checked with it: the official readers keep blank ones.
+    """
+    if not isinstance(text, str):
+        return f"{quote(text)}, a {type(text).__name__}; expected a str"
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{text!r} is not valid text (undecodable bytes?); expected some words"
+    if not any(ch.isalnum() for ch in text):
+        return f"{text!r} has no letter or digit; expected some words"
     return None

@@ -93,27 +93,46 @@ def _text_width(text: str, size_px: float) -> float:
     return _text_extent(text, size_px)[0]
 
 
-def _shorten(text: str, max_width: int, size_px: float) -> str:
-    """``text`` cut to fit ``max_width`` with a trailing '...'."""
-    while text and _text_width(text + "...", size_px) > max_width:
-        text = text[:-1]
-    return text + "..."
+def _shorten(text: str, max_width: int, size_px: float, keep: str = "") -> str:
+    """The longest start of ``text`` that fits ``max_width`` followed by '...' and ``keep``."""
+    # Bisection over the cut: one measurement per character made captions of a long
+    # expression take seconds to minutes (the web demo takes any text).
+    fits, cut = 0, len(text)
+    if _text_width(text[:cut] + "..." + keep, size_px) <= max_width:
+        fits = cut
+    while cut - fits > 1:
+        middle = (fits + cut) // 2
+        if _text_width(text[:middle] + "..." + keep, size_px) <= max_width:
+            fits = middle
+        else:
+            cut = middle
+    return text[:fits] + "..." + keep
 
 
-def _wrap(text: str, max_width: int, size_px: float) -> List[str]:
+def _fitted(text: str, max_width: int, size_px: float, keep: str = "") -> str:
+    """``text`` and ``keep`` when they fit ``max_width``, else :func:`_shorten`'s cut."""
+    if _text_width(text + keep, size_px) <= max_width:
+        return text + keep
+    return _shorten(text, max_width, size_px, keep)
+
+
+def _wrap(text: str, max_width: int, size_px: float, suffix: str = "") -> List[str]:
     """Greedy word wrap into at most CAPTION_MAX_LINES lines; a line that does not fit,
-    or the last line when words are left over, ends in '...'."""
+    or the last line when words are left over, ends in '...'. ``suffix`` (a score) ends
+    the last line, after the '...' when the text is cut."""
     lines: List[str] = []
     words = text.split(" ")
-    while words and len(lines) < CAPTION_MAX_LINES:
+    while words and len(lines) < CAPTION_MAX_LINES - 1:
         line = words.pop(0)
         while words and _text_width(line + " " + words[0], size_px) <= max_width:
             line += " " + words.pop(0)
-        if _text_width(line, size_px) > max_width:
-            line = _shorten(line, max_width, size_px)
-        lines.append(line)
-    if words:
-        lines[-1] = _shorten(lines[-1] + " " + " ".join(words), max_width, size_px)
+        lines.append(_fitted(line, max_width, size_px))
+    if words:  # the last line: all that is left
+        lines.append(_fitted(" ".join(words), max_width, size_px, keep=suffix))
+    elif suffix and _text_width(lines[-1] + suffix, size_px) <= max_width:
+        lines[-1] += suffix
+    elif suffix:
+        lines.append(_fitted(suffix.strip(), max_width, size_px))
     return lines
 
 
@@ -122,29 +141,30 @@ def _line_height(size_px: float) -> int:
     return int(math.ceil(_text_extent("Ág", size_px)[1]))
 
 
-def caption_layout(text: str, height: int, width: int) -> Tuple[List[str], int]:
+def caption_layout(text: str, height: int, width: int, suffix: str = "") -> Tuple[List[str], int]:
     """
-    How :func:`draw_caption` lays ``text`` out on an image of ``height`` x ``width``:
-    the wrapped lines and the height in pixels of the band (at the top of the image)
-    that the caption occupies. Returns ``([], 0)`` for an empty caption.
+    How :func:`draw_caption` lays ``text`` (then ``suffix``, kept when the text is cut) out
+    on an image of ``height`` x ``width``: the wrapped lines and the height in pixels of the
+    band (at the top of the image) that the caption occupies. Returns ``([], 0)`` for an
+    empty caption.
     """
     text = " ".join(text.split())
     if not text:
         return [], 0
     size, pad = _font_px(height, width)
-    lines = _wrap(text, max(1, width - 2 * pad), size)
+    lines = _wrap(text, max(1, width - 2 * pad), size, suffix)
     band = len(lines) * (_line_height(size) + pad) + pad
     return lines, min(band, height)
 
 
-def draw_caption(image: np.ndarray, text: str, image_format: str = "RGB") -> np.ndarray:
+def draw_caption(image: np.ndarray, text: str, image_format: str = "RGB", suffix: str = "") -> np.ndarray:
     """
-    ``image`` with ``text`` written in a darkened band across its top (RGB out), by
-    Detectron2's ``Visualizer.draw_text``: Unicode text is drawn as such.
+    ``image`` with ``text`` and ``suffix`` written in a darkened band across its top (RGB
+    out), by Detectron2's ``Visualizer.draw_text``: Unicode text is drawn as such.
     """
     out = _to_rgb(image, image_format).copy()
     h, w = out.shape[:2]
-    lines, band = caption_layout(text, h, w)
+    lines, band = caption_layout(text, h, w, suffix)
     if not lines:
         return out
     size, pad = _font_px(h, w)
@@ -209,10 +229,9 @@ def draw_overlay(
     out[~mask] = (rgb[~mask].astype(np.float32) * dim).round().astype(np.uint8)
     for ring, color in zip(_contour_rings(mask), CONTOUR_COLORS):
         out[ring] = color
-    caption = text
-    if "confidence" in result:
-        caption = f"{text} ({float(result['confidence']):.2f})"
-    return draw_caption(out, caption)
+    # The score after the text, which a long expression's '...' must not cut off.
+    score = f" ({float(result['confidence']):.2f})" if "confidence" in result else ""
+    return draw_caption(out, text, suffix=score)
 
 
 def draw_prediction_and_target(
