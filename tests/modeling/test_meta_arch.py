@@ -384,6 +384,23 @@ def test_no_target_verdict_empties_the_mask_and_keeps_it_aside(tokenizer, defaul
     torch.testing.assert_close(emptied[REF_SEG_BEFORE_VETO], kept["ref_seg"], rtol=0, atol=0)
 
 
+def test_a_strip_thinner_than_half_a_token_trains_and_predicts_finite(tokenizer):
+    # keep_ratio makes a panorama a strip: 6 of 64 rows cover under half of every VEG token
+    # (stride 16), and a step of such a batch was NaN in every loss (modeling review, session 52).
+    model = build("INPUT.RESIZE_MODE", "keep_ratio", "INPUT.IMAGE_SIZE", "64")
+    inputs = make_inputs(tokenizer, TEXTS[:2], sizes=[(64, 64), (30, 320)])
+    inputs[1]["image"] = inputs[1]["image"][:, :6, :]
+    inputs[1]["gt_mask"] = inputs[1]["gt_mask"][:6]
+    inputs[1]["gt_mask"][:, 10:20] = 1
+    inputs[1]["object_boxes"] = torch.tensor([[10.0, 0.0, 20.0, 6.0]])
+    inputs[1]["object_in_group"], inputs[1]["object_areas"] = torch.tensor([True]), torch.tensor([60.0])
+    losses = model.train()(inputs)
+    assert all(torch.isfinite(v) for v in losses.values()), {k: v for k, v in losses.items() if not torch.isfinite(v)}
+    with torch.no_grad():
+        outs = model.eval()(inputs)
+    assert all(torch.isfinite(o["ref_seg"]).all() and torch.isfinite(o["no_target_score"]) for o in outs)
+
+
 def test_keep_ratio_results_do_not_depend_on_the_batch(tokenizer):
     # Every keep_ratio batch is padded to the square: a sample scores the same alone, beside
     # an image of another shape, or at any TEST.IMS_PER_BATCH / GPU count.

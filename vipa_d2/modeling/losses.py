@@ -34,8 +34,14 @@ def area_downsample(masks: torch.Tensor, size) -> torch.Tensor:
 
 def token_validity(image_valid: torch.Tensor, grid) -> torch.Tensor:
     """(B, H, W) image validity -> (B, h*w) bool: the tokens of a ``grid`` = (h, w) map
-    that lie mostly inside the image (the others cover batch padding)."""
-    return area_downsample(image_valid, grid).flatten(1) >= 0.5
+    that lie mostly inside the image (the others cover batch padding), and at least the
+    one an image covers most."""
+    cover = area_downsample(image_valid, grid).flatten(1)
+    # A strip thinner than half a token (a panorama after keep_ratio resizing) covers no
+    # token mostly: with no candidate, retrieval's threshold was -inf - -inf, and NaN went
+    # through E_V into every loss. Where a token is valid, the most covered one already is.
+    most = cover.argmax(dim=1, keepdim=True)
+    return (cover >= 0.5).scatter(1, most, True)
 
 
 def mean_over_ranks(total: torch.Tensor, count) -> torch.Tensor:
