@@ -427,6 +427,15 @@ def test_manifest_targets_draw_prediction_beside_target(images, weights, tmp_pat
     argv = ["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "bad.json"), "--output", str(out)]
     msg = _refusal(argv + ["--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt], capsys)
     assert "bad.json: entry 0: targets[0].segmentation.size:" in msg and "does not match the image size" in msg
+    # ... by the manifest's reading, before any image is segmented (it came with its image,
+    # after the entries before it had been written).
+    first = {"image": files[1], "expressions": ["the cup"]}
+    (tmp_path / "late.json").write_text(json.dumps([first, dict(entry, targets=["not a mask", None])]), encoding="utf-8")
+    late_out = tmp_path / "late_out"
+    msg = _refusal(["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "late.json"), "--output", str(late_out)],
+                   capsys)
+    assert "late.json: entry 1: targets[0].segmentation: expected a list of polygons or an RLE dict" in msg
+    assert not late_out.exists()
     entry["targets"] = [None]
     (tmp_path / "short.json").write_text(json.dumps([entry]), encoding="utf-8")
     msg = _refusal(["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "short.json"), "--output", str(out)], capsys)

@@ -20,7 +20,7 @@ from typing import Dict, List, Optional
 import numpy as np
 
 from .masks import segmentation_to_mask
-from .validation import data_error, expression_problem, quote, read_json_file, segmentation_problem
+from .validation import data_error, expression_problem, quote, read_json_file, segmentation_problem, stored_image_size
 
 __all__ = ["ManifestEntry", "read_manifest"]
 
@@ -48,17 +48,20 @@ class ManifestEntry:
         a ReferringDataError naming the manifest, entry and target when one does not fit."""
         if self.targets is None:
             return None
-        masks = []
-        for k, segm in enumerate(self.targets):
-            if segm is None:
-                masks.append(np.zeros((height, width), dtype=bool))
-                continue
-            problem = segmentation_problem(segm, height, width)
+        self.check_targets(height, width)
+        return [
+            np.zeros((height, width), dtype=bool) if segm is None else segmentation_to_mask(segm, height, width).astype(bool)
+            for segm in self.targets
+        ]
+
+    def check_targets(self, height: int, width: int) -> None:
+        """A ReferringDataError naming the manifest, entry and target of the first target that
+        is no segmentation of a ``height`` x ``width`` image."""
+        for k, segm in enumerate(self.targets or []):
+            problem = None if segm is None else segmentation_problem(segm, height, width)
             if problem is not None:
                 field, what = problem
                 raise data_error(self.source, self.item, f"{TARGETS_KEY}[{k}].{field}", what)
-            masks.append(segmentation_to_mask(segm, height, width).astype(bool))
-        return masks
 
 
 def _image_path(path: str, item: str, value) -> str:
@@ -108,6 +111,10 @@ def _read_json(path: str) -> List[ManifestEntry]:
                 f"expected a list of {len(texts)} segmentations (one per expression, null for none), got {quote(targets)}",
             )
         manifest.append(ManifestEntry(image, texts, targets, source=path, item=item))
+        size = stored_image_size(image) if targets is not None else None
+        if size is not None:  # (an image that is none is the demo's to refuse, by name)
+            # Every entry's targets before the first image is segmented, not when it comes.
+            manifest[-1].check_targets(*size)
     return manifest
 
 
