@@ -140,7 +140,7 @@ def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_im
         json.dump(manifest, f)
     cmd = [sys.executable, os.path.join(REPO, "demo", "demo.py"), "--config-file", cfg_file,
            "--manifest", manifest_path, "--output", out_dir, "--show-relevance",
-           "--opts", "MODEL.WEIGHTS", weights] + list(opts)
+           "--opts", *opts, "MODEL.WEIGHTS", weights]
     done = subprocess.run(cmd, cwd=REPO, stdout=subprocess.DEVNULL)
     if done.returncode:  # demo.py's own error line is on stderr, just above
         sys.exit(f"[main_job] demo.py failed (exit {done.returncode}): {' '.join(cmd)}")
@@ -172,15 +172,16 @@ def run(args, cfg, root: str, output: str, lock: int) -> None:
     common = ["--config-file", args.config_file, "--num-gpus", str(args.num_gpus), "--dist-url", "auto"]
     first = start_iteration(output)
     # Evaluation is a separate step below (timed on its own), so training evaluates nothing.
-    train_s = train_net_step(common + ["--resume", "OUTPUT_DIR", output, "DATASETS.TEST", "()"] + args.opts,
+    # Each step's own keys after the overrides: an override (e.g. MODEL.WEIGHTS, to start from
+    # a checkpoint) must not replace what the step is about (the weights it evaluates).
+    train_s = train_net_step(common + ["--resume"] + args.opts + ["OUTPUT_DIR", output, "DATASETS.TEST", "()"],
                              "train_console.log", output, lock)
     trained = 0 if first < 0 else max(0, cfg.SOLVER.MAX_ITER - first)
     weights = os.path.join(output, "model_final.pth")
-    eval_opts = ["--eval-only", "OUTPUT_DIR", output, "MODEL.WEIGHTS", weights,
-                 "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]
+    eval_opts = ["OUTPUT_DIR", output, "MODEL.WEIGHTS", weights, "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]
     # Only this evaluation's files are read back below (a control left by an earlier run is not).
     shutil.rmtree(os.path.join(output, "inference"), ignore_errors=True)
-    eval_s = train_net_step(common + eval_opts + args.opts, "eval_console.log", output, lock)
+    eval_s = train_net_step(common + ["--eval-only"] + args.opts + eval_opts, "eval_console.log", output, lock)
 
     vis_dir, vis_start = os.path.join(output, "visualizations"), time.perf_counter()
     visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)

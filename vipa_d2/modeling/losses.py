@@ -41,7 +41,8 @@ def token_validity(image_valid: torch.Tensor, grid) -> torch.Tensor:
     # token mostly: with no candidate, retrieval's threshold was -inf - -inf, and NaN went
     # through E_V into every loss. Where a token is valid, the most covered one already is.
     most = cover.argmax(dim=1, keepdim=True)
-    return (cover >= 0.5).scatter(1, most, True)
+    # A tensor source, not the scalar True: jit tracing (tools/model_cost.py) has no scalar form.
+    return (cover >= 0.5).scatter(1, most, torch.ones_like(most, dtype=torch.bool))
 
 
 def mean_over_ranks(total: torch.Tensor, count) -> torch.Tensor:
