@@ -123,6 +123,9 @@ def setup_cfg(config_file: str, opts: Sequence[str]):
     """The frozen config: defaults + vipa keys + ``config_file`` + ``opts``."""
     if not os.path.isfile(config_file):
         raise DemoError(f"config file not found: {config_file}")
+    options = [key for key in list(opts)[::2] if key.startswith("--")]
+    if options:  # argparse hands every word after the first override to the overrides
+        raise DemoError(f"{options[0]}: options go before the KEY VALUE config overrides (here it was read as a key)")
     try:
         cfg = get_vipa_cfg(config_file, opts)
     except ConfigError as e:

@@ -132,6 +132,10 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
     assert "MODEL.VIPA.NO_SUCH_KEY" in msg
     msg = _refusal(base + ["--text", "cat", "MODEL.NO_SUCH", "1"], capsys)  # trailing style
     assert "MODEL.NO_SUCH" in msg
+    # An option after the trailing overrides is one of them to argparse (new-user walkthrough,
+    # session 52: the web demo's --port): named as misplaced, not as an unknown key.
+    msg = _refusal(base + ["--text", "cat", "MODEL.DEVICE", "cpu", "--show-relevance", "x"], capsys)
+    assert msg.endswith("--show-relevance: options go before the KEY VALUE config overrides (here it was read as a key)")
     bad_cfg = tmp_path / "bad.yaml"
     bad_cfg.write_text(f'_BASE_: "{TINY_CONFIG}"\nMODEL:\n  VIPA:\n    NOT_A_KEY: 3\n')
     msg = _refusal(["--config-file", str(bad_cfg)] + base[2:] + ["--text", "cat"], capsys)

@@ -33,6 +33,17 @@ def test_iterations_below_one_are_refused_before_anything_runs(capsys):
     assert e.value.code == 2 and "--iters must be >= 1, got 0" in capsys.readouterr().err
 
 
+def test_an_output_folder_holding_checkpoints_is_refused_before_anything_runs(tmp_path, capsys):
+    # It trained into the folder from scratch: --output output/vipa_tiny_cpu replaced the
+    # make-train model (tools review, session 52).
+    (tmp_path / "last_checkpoint").write_text("model_final.pth")
+    (tmp_path / "model_final.pth").write_bytes(b"")
+    with pytest.raises(SystemExit) as e:
+        gpu_check["main"](["--output", str(tmp_path)])
+    assert e.value.code == 2
+    assert f"--output {tmp_path} holds a run's checkpoints (last_checkpoint, model_final.pth)" in capsys.readouterr().err
+
+
 def test_unreadable_benchmark_stats_are_one_line_before_anything_runs(tmp_path, capsys):
     for variant in ("refsynth", "grefsynth"):
         (tmp_path / variant).mkdir()

@@ -1,4 +1,5 @@
 """tools/study.py on a 2-run quick list: results JSON, skip on rerun, resume; the ablation leaves."""
+import contextlib
 import importlib.util
 import json
 import os
@@ -75,6 +76,9 @@ def test_bad_arguments_are_named(tmp_path, capsys):
         with pytest.raises(SystemExit):
             study.main([option, value, "--output", str(tmp_path)])
         assert f"{option} must be >= 1, got 0" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        study.main(["--results", str(tmp_path), "--output", str(tmp_path)])
+    assert f"--results {tmp_path}: a folder; expected the name of the study's JSON file" in capsys.readouterr().err
     # yacs refuses an int for a float key: said in one line, before any run starts.
     assert study.main(["--variants", "vipa", "--output", str(tmp_path), "MODEL.VIPA.LOSS.CONTRASTIVE_WEIGHT", "0"]) == 2
     err = capsys.readouterr().err
@@ -396,3 +400,33 @@ def test_a_run_with_an_unreadable_results_file_is_marked_failed(tmp_path, monkey
     entry = study.load_results(str(tmp_path / "runs" / "study.json"))["runs"]["vipa/seed0"]
     assert entry["status"] == "failed" and "referring_results_refsynth_unc_val.json: not valid JSON" in entry["error"]
     assert "1 run(s) failed, rerun to retry" in capsys.readouterr().out
+
+
+def test_a_run_finished_by_another_study_meanwhile_is_not_run_again(tmp_path, monkeypatch, capsys):
+    # The entry said "not done" when read, the other study finished the run before this one
+    # took the folder's lock: it resumed from model_final (evaluation only) and wrote over
+    # the finished entry (tools review, session 52).
+    def fails(*args, **kwargs):
+        raise FileNotFoundError("no run")
+
+    monkeypatch.setattr(study, "run_train_net", fails)
+    argv = ["--variants", "vipa", "--output", str(tmp_path / "runs"), *TINY]
+    assert study.main(argv) == 1  # a "failed" entry with this recipe: to be run again
+    results = str(tmp_path / "runs" / "study.json")
+    finished = {**study.load_results(results)["runs"]["vipa/seed0"], "status": "done", "by": "the other study"}
+    real_lock = study.holding_run_folder
+
+    @contextlib.contextmanager
+    def finished_while_waiting(run_dir):
+        study.save_entry(results, "vipa/seed0", finished)
+        with real_lock(run_dir) as lock:
+            yield lock
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("ran a finished run again")
+
+    monkeypatch.setattr(study, "holding_run_folder", finished_while_waiting)
+    monkeypatch.setattr(study, "run_train_net", must_not_run)
+    assert study.main(argv) == 0
+    assert "vipa/seed0: done meanwhile by another study, skipped" in capsys.readouterr().out
+    assert study.load_results(results)["runs"]["vipa/seed0"] == finished

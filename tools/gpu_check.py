@@ -174,6 +174,11 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     if args.iters < 1:
         parser.error(f"--iters must be >= 1, got {args.iters}")
+    held = sorted(n for n in os.listdir(args.output) if n == "last_checkpoint" or n.endswith(".pth")) \
+        if args.output and os.path.isdir(args.output) else []
+    if held:  # e.g. make train's folder: its 30-minute model would become a 300-iteration AMP one
+        parser.error(f"--output {args.output} holds a run's checkpoints ({', '.join(held)}), which the AMP training "
+                     "would write over; give a new folder")
     try:  # an unreadable stats file is the user's to delete: say so before any GPU work
         have_data = finished_benchmark(args.data_root) is not None
     except ValueError as e:

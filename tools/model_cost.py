@@ -1,12 +1,13 @@
 #!/usr/bin/env python
 """
 Cost and speed of a VIPA config on this CPU: parameters and fvcore multiply-adds per
-module (random weights); optionally CPU time per module (--time), inference latency per
-batch (--batches), a training step (--train-batch) and the real evaluation path of a
-checkpoint (--eval-weights: test loader, mapper, model, evaluator), and where each case's
-time goes (--profile: torch.profiler's costliest ops). Every model is built as
-the trainer builds it, with the config's runtime options (layout, compilation). Timings are medians of
---repeats calls, wall and CPU time; every case (also under each ``--alt "KEY VALUE ..."``)
+module (random weights); optionally the mean wall time per module over --time back-to-back
+forwards, inference latency per batch (--batches), a training step (--train-batch) and the
+real evaluation path of a checkpoint (--eval-weights: test loader, mapper, model, evaluator),
+and where each case's time goes (--profile: torch.profiler's costliest ops). Every model is
+built as the trainer builds it, with the config's runtime options (layout, compilation).
+Those case timings are medians of --repeats calls, wall and this process's CPU time (a
+data-loader worker's is not in it); every case (also under each ``--alt "KEY VALUE ..."``)
 runs round-robin, one call at a time, so machine noise hits them alike.
 MODEL.KEEP_FREED_HOST_MEMORY is process-wide: it is taken from the config and opts, not
 from --alt (compare it across two runs).
@@ -85,6 +86,8 @@ def parse_args(argv=None):
             p.error(f"--dataset {args.dataset}: not a registered referring dataset (have: {', '.join(referring_dataset_names())})")
     if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
         p.error(f"--output {args.output}: its folder does not exist")
+    if args.output and os.path.isdir(args.output):  # written at the very end: said now
+        p.error(f"--output {args.output}: a folder; expected the name of the JSON file to write")
     return args
 
 

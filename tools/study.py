@@ -95,6 +95,8 @@ def parse_args(argv=None):
     if args.num_gpus < 1:
         parser.error(f"--num-gpus must be >= 1, got {args.num_gpus}")
     args.results = args.results or os.path.join(args.output, "study.json")
+    if os.path.isdir(args.results):  # read and written after each run: said before the first
+        parser.error(f"--results {args.results}: a folder; expected the name of the study's JSON file")
     return args
 
 
@@ -223,6 +225,11 @@ def run_one(key, variant, seed, config_file, shared, args):
     run_dir = os.path.join(os.path.abspath(args.output), variant, f"seed{seed}")
     check_run_folder(run_dir, config)
     with holding_run_folder(run_dir) as lock:
+        # Read again under the lock: another study may have finished the run meanwhile, and
+        # resuming it would only evaluate it again and write over its entry.
+        if load_results(args.results)["runs"].get(key, {}).get("status") == "done":
+            print(f"[study] {key}: done meanwhile by another study, skipped")
+            return True
         entry = {**signature, "config": config, "variant": variant, "seed": seed, "output_dir": run_dir,
                  "status": "running", "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE,
                  "commit": git_commit()}

@@ -235,7 +235,11 @@ def test_missing_files_name_path_and_layout(tmp_path):
         load_refer_dicts(str(tmp_path), "refcoco", "unc", "train", "/imgs")
     msg = str(e.value)
     assert os.path.join(str(tmp_path), "refcoco", "refs(unc).p") in msg
-    assert "instances.json" in msg and "expected layout" in msg
+    assert f"{tmp_path}/refcoco/instances.json" in msg and "expected layout" in msg  # the layout under this root
+    # A relative root is read from the working directory, not from a config's folder: named.
+    with pytest.raises(FileNotFoundError, match=rf"not found: refer/refcoco/refs\(unc\)\.p \(a relative path, read from "
+                                                rf"the working directory {os.getcwd()}\)"):
+        load_refer_dicts("refer", "refcoco", "unc", "train", "/imgs")
     save_refer_dataset(str(tmp_path / "g"), "unc", _grefs(), _instances(), generalized=True)
     os.remove(tmp_path / "g" / "instances.json")
     with pytest.raises(FileNotFoundError, match=r"g/instances\.json"):

@@ -745,6 +745,7 @@ def test_model_cost_refuses_what_would_fail_after_the_timing(tmp_path, capsys):
         ("--batches", "1", "0"): "--batches 0: expected at least 1",
         ("--eval-weights", str(tmp_path / "none.pth")): "--eval-weights=" + str(tmp_path / "none.pth"),
         ("--output", str(tmp_path / "no_folder" / "cost.json")): "its folder does not exist",
+        ("--output", str(tmp_path)): f"--output {tmp_path}: a folder; expected the name of the JSON file to write",
     }
     (tmp_path / "w.pth").write_bytes(b"")
     cases[("--eval-weights", str(tmp_path / "w.pth"), "--dataset", "nope")] = "--dataset nope: not a registered referring"

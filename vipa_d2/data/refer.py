@@ -54,11 +54,13 @@ def refs_file_name(split_by: str, generalized: bool) -> str:
     return f"grefs({split_by}).json" if generalized else f"refs({split_by}).p"
 
 
-def expected_layout(dataset: str, split_by: str, generalized: bool, image_root: str = "") -> str:
+def expected_layout(
+    dataset: str, split_by: str, generalized: bool, image_root: str = "", refer_root: str = "<refer_root>"
+) -> str:
     """Human-readable folder tree shown when a file is missing."""
     lines = [
-        f"<refer_root>/{dataset}/instances.json",
-        f"<refer_root>/{dataset}/{refs_file_name(split_by, generalized)}",
+        f"{refer_root}/{dataset}/instances.json",
+        f"{refer_root}/{dataset}/{refs_file_name(split_by, generalized)}",
     ]
     if image_root:
         lines.append(f"{image_root}/<file_name of each image in instances.json>")
@@ -67,7 +69,10 @@ def expected_layout(dataset: str, split_by: str, generalized: bool, image_root: 
 
 def _require_file(path: str, layout: str) -> None:
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"Referring dataset file not found: {path}\n  {layout}")
+        # A relative refer_root (e.g. in DATASETS.REFER_SPLITS) is read from the working
+        # directory, not from the config file's folder: say which folder that was.
+        where = "" if os.path.isabs(path) else f" (a relative path, read from the working directory {os.getcwd()})"
+        raise FileNotFoundError(f"Referring dataset file not found: {path}{where}\n  {layout}")
 
 
 def _load_refs(path: str, generalized: bool) -> List:
@@ -366,7 +371,7 @@ def load_refer_dicts(
     data_dir = os.path.join(refer_root, dataset)
     refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
     inst_path = os.path.join(data_dir, "instances.json")
-    layout = expected_layout(dataset, split_by, generalized, image_root)
+    layout = expected_layout(dataset, split_by, generalized, image_root, refer_root)
     _require_file(refs_path, layout)
     _require_file(inst_path, layout)
     policy = _InvalidRefPolicy(invalid, refs_path)
