@@ -94,12 +94,11 @@ def _text_width(text: str, size_px: float) -> float:
 
 
 def _shorten(text: str, max_width: int, size_px: float, keep: str = "") -> str:
-    """The longest start of ``text`` that fits ``max_width`` followed by '...' and ``keep``."""
+    """The longest start of ``text`` that fits ``max_width`` followed by '...' and ``keep``,
+    for a ``text`` + ``keep`` that does not fit (:func:`_fitted`): nor does all of it cut."""
     # Bisection over the cut: one measurement per character made captions of a long
     # expression take seconds to minutes (the web demo takes any text).
     fits, cut = 0, len(text)
-    if _text_width(text[:cut] + "..." + keep, size_px) <= max_width:
-        fits = cut
     while cut - fits > 1:
         middle = (fits + cut) // 2
         if _text_width(text[:middle] + "..." + keep, size_px) <= max_width:
