@@ -327,7 +327,7 @@ def run(args) -> Tuple[str, str]:
             raise DemoError(str(e)) from e
         try:
             results = predictor(image, texts)
-        except ValueError as e:  # an image the model cannot take (e.g. too elongated to resize)
+        except ValueError as e:  # the predictor refuses an image or expression it cannot take
             raise DemoError(f"cannot segment {path}: {e}") from e
         try:
             _save_pictures(args, job, image, results, targets, plan, fmt)

@@ -152,6 +152,22 @@ def test_exif_orientation_is_applied(tmp_path):
     assert tuple(out["image"].shape) == (3, SIZE, 21)
 
 
+def test_keep_ratio_keeps_a_strip_one_pixel_thick(tmp_path):
+    # 2 x 200 pixels: the long side to SIZE=32 rounds the short one to 0.32 -> 0 pixels.
+    strip = np.zeros((2, 200), np.uint8)
+    strip[:, :100] = 1
+    write_image(tmp_path / "strip.png", size=strip.shape)
+    ann = {"segmentation": mask_to_rle(strip), "bbox": [0.0, 0.0, 100.0, 2.0], "bbox_mode": BoxMode.XYWH_ABS,
+           "category_id": 1, "iscrowd": 0}
+    rec = mapper_record(tmp_path / "strip.png", annotations=[ann])
+    rec["height"], rec["width"] = strip.shape
+    cfg = make_cfg(*MAPPER_OPTS, "INPUT.RESIZE_MODE", "keep_ratio", "INPUT.RANDOM_FLIP", "horizontal")
+    for is_train in (True, False):
+        out = ReferringDatasetMapper(cfg, is_train=is_train)(copy.deepcopy(rec))
+        assert tuple(out["image"].shape) == (3, 1, SIZE) and tuple(out["gt_mask"].shape) == (1, SIZE)
+        assert out["gt_mask"].sum() == SIZE // 2
+
+
 def test_unreadable_image_names_the_file(tmp_path, monkeypatch):
     mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=True)
     with pytest.raises(

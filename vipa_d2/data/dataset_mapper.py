@@ -131,6 +131,24 @@ def check_image_files(records: List[Dict], source: str) -> None:
         )
 
 
+class LongSideResize(T.ResizeShortestEdge):
+    """Resize so that the long side is ``size`` and the aspect is kept, at least 1 pixel
+    on each side: an image more elongated than 2 x ``size``:1 (a panorama strip) rounds
+    its short side to 0, and a 0-pixel resize stops the data-loading worker."""
+
+    def __init__(self, size: int):
+        # Short side to `size` capped by max_size=`size`: the long side always lands on `size`.
+        super().__init__(size, max_size=size, sample_style="choice")
+
+    def get_transform(self, image):
+        # The parent's draw is kept (it takes a number from numpy's generator), so the
+        # augmentations after it draw what they drew before.
+        resize = super().get_transform(image)
+        if min(resize.new_h, resize.new_w) >= 1:
+            return resize
+        return T.ResizeTransform(resize.h, resize.w, max(resize.new_h, 1), max(resize.new_w, 1), self.interp)
+
+
 def build_referring_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     """
     Resize per ``INPUT.RESIZE_MODE`` ("square": IMAGE_SIZE x IMAGE_SIZE; "keep_ratio":
@@ -141,8 +159,7 @@ def build_referring_augmentations(cfg, is_train: bool) -> List[T.Augmentation]:
     if mode == "square":
         augs = [T.Resize((size, size))]
     elif mode == "keep_ratio":
-        # Short side to `size` capped by max_size=`size`: the long side always lands on `size`.
-        augs = [T.ResizeShortestEdge(size, max_size=size, sample_style="choice")]
+        augs = [LongSideResize(size)]
     else:
         raise ValueError(f"INPUT.RESIZE_MODE={mode!r}: expected one of {RESIZE_MODES}")
     flip = cfg.INPUT.RANDOM_FLIP
