@@ -325,6 +325,12 @@ def test_report_and_study_refuse_a_results_file_they_cannot_use(tmp_path, capsys
         "[1, 2]": "expected a JSON object at the top level, got list",
         json.dumps({"runs": [done]}): "not a study's results: 'runs' holds list, expected an object of run entries",
         json.dumps({"runs": {"vipa/seed0": 5}}): "run 'vipa/seed0' holds int, expected an object",
+        # A hand-edited field: the heartbeat's time, or the report's means, would fail midway.
+        json.dumps({"runs": {"vipa/seed0": {**done, "status": "running", "wall_s": "60"}}}):
+            "run 'vipa/seed0': 'wall_s' holds \"60\", expected a number of seconds",
+        json.dumps({"runs": {"vipa/seed0": {**done, "seed": True}}}): "run 'vipa/seed0': 'seed' holds true, expected an integer",
+        json.dumps({"runs": {"vipa/seed0": {**done, "opts": "SEED 0"}}}):
+            "run 'vipa/seed0': 'opts' holds \"SEED 0\", expected a list of KEY VALUE overrides",
         json.dumps({"runs": {"vipa/seed0": {k: v for k, v in done.items() if k != "ratio"}}}):
             "finished run 'vipa/seed0' has no ratio",
         json.dumps({"runs": {"vipa/seed0": {**done, "splits": {"val": None}}}}):

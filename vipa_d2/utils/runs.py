@@ -195,6 +195,20 @@ def read_json_object(path: str) -> Dict:
     return data
 
 
+# Fields of a study's run entry that tools/study.py and study_report.py compute with: the
+# types they must hold (a hand-edited entry is read before any run, not midway through one).
+STUDY_ENTRY_FIELDS = {
+    "status": (str, "a string"),
+    "variant": (str, "a string"),
+    "seed": (int, "an integer"),
+    "wall_s": ((int, float), "a number of seconds"),
+    "iterations": (int, "an integer"),
+    "opts": (list, "a list of KEY VALUE overrides"),
+    "config": (dict, "an object of config keys"),
+    "splits": (dict, "an object of {split: {metric: value}}"),
+}
+
+
 def read_study_results(path: str) -> Dict:
     """
     A study's results file (``{"runs": {key: entry}}``, written by tools/study.py); ValueError
@@ -208,6 +222,11 @@ def read_study_results(path: str) -> Dict:
     for key, entry in runs.items():
         if not isinstance(entry, dict):
             raise ValueError(f"{path}: run {key!r} holds {type(entry).__name__}, expected an object")
+        for field, (types, expected) in STUDY_ENTRY_FIELDS.items():
+            value = entry.get(field)
+            # bool is an int to isinstance, and never what these fields hold.
+            if field in entry and (isinstance(value, bool) or not isinstance(value, types)):
+                raise ValueError(f"{path}: run {key!r}: {field!r} holds {json.dumps(value)[:80]}, expected {expected}")
     return data
 
 
