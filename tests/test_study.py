@@ -155,6 +155,18 @@ def test_rerun_skips_finished_runs(quick_study, capsys):
             json.dump({"runs": {**data["runs"], "vipa/seed0": {**vipa, "config": config}}}, f)
         assert study.main(argv) == (2 if error else 0), case
         assert (error or "done before, skipped") in capsys.readouterr()[1 if error else 0], case
+    # ... and so is one trained on another synthetic benchmark (another --data-root, seed or
+    # size), which it would be paired with as if on the same data.
+    assert vipa["data"]["num_images"] > 0
+    for case, (entry, error) in {
+        "other data": ({**vipa, "data": {**vipa["data"], "seed": 7}}, f"was trained on another synthetic benchmark "
+                       f"than the one under --data-root (seed 7 then, {vipa['data']['seed']} now)"),
+        "older study.py": ({k: v for k, v in vipa.items() if k != "data"}, None),
+    }.items():
+        with open(tmp / "runs" / "study.json", "w") as f:
+            json.dump({"runs": {**data["runs"], "vipa/seed0": entry}}, f)
+        assert study.main(argv) == (2 if error else 0), case
+        assert (error or "done before, skipped") in capsys.readouterr()[1 if error else 0], case
     # An entry of an older study.py has only the digest, which must match.
     old = {k: v for k, v in vipa.items() if k != "config"}
     with open(tmp / "runs" / "study.json", "w") as f:

@@ -31,7 +31,17 @@ from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
-from vipa_d2.data.synthetic import GREFSYNTH, REFSYNTH, SPLITS, SynthConfig, finished_benchmark, write_benchmark
+from vipa_d2.data.synthetic import (
+    GREFSYNTH,
+    REFSYNTH,
+    SPLITS,
+    SynthConfig,
+    benchmark_settings,
+    finished_benchmark,
+    requested_settings,
+    settings_differences,
+    write_benchmark,
+)
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
 from vipa_d2.evaluation.breakdown import format_sections
 from vipa_d2.utils.runs import (
@@ -73,9 +83,16 @@ def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
         generator = finished_benchmark(root)
     except ValueError as e:
         sys.exit(f"[main_job] {e}")
+    regenerate = f"delete {root}/{REFSYNTH} and {root}/{GREFSYNTH} to regenerate"
     if generator is not None:
-        print(f"[main_job] synthetic benchmark found in {root} ({generator.get('num_images')} images, "
-              f"seed {generator.get('seed')}); delete {root}/{REFSYNTH} and {root}/{GREFSYNTH} to regenerate")
+        # Data of another seed, size or generator would be trained on and reported silently
+        # under the asked-for settings.
+        differ = settings_differences(benchmark_settings(generator), requested_settings(num_images, seed),
+                                      ("there", "asked"))
+        if differ:
+            sys.exit(f"[main_job] {root} holds a synthetic benchmark made with other settings ({'; '.join(differ)}): "
+                     f"give --num-images / --seed of that benchmark, another --data-root, or {regenerate}")
+        print(f"[main_job] synthetic benchmark found in {root} ({num_images} images, seed {seed}); {regenerate}")
         return 0.0
     print(f"[main_job] generating the synthetic benchmark: {num_images} images -> {root}")
     start = time.perf_counter()

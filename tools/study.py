@@ -44,6 +44,7 @@ import time
 
 from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.data.synthetic import benchmark_settings, finished_benchmark, settings_differences
 from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.utils.runs import (
     RunFolderError,
@@ -182,8 +183,25 @@ def recipe_changes(stored, current, defaults):
     return changes
 
 
+def data_settings(data_root):
+    """The synthetic benchmark's settings under ``data_root`` (benchmark_settings), None
+    where there is none: two runs are paired only when trained on the same data."""
+    try:
+        generator = finished_benchmark(data_root)
+    except ValueError as e:
+        raise StudyError(f"--data-root {e}") from e
+    return None if generator is None else benchmark_settings(generator)
+
+
 def check_same_recipe(key, entry, signature, config, results_path):
     """Raise StudyError when a results entry was made with other settings than this run's."""
+    # An entry of an older study.py has no "data": its config is all there is to compare.
+    if "data" in entry and entry["data"] != signature["data"]:
+        stored, current = (d if isinstance(d, dict) else {} for d in (entry["data"], signature["data"]))
+        listed = "; ".join(settings_differences(stored, current, ("then", "now"))[:10])
+        raise StudyError(f"{results_path}: run {key} (commit {entry.get('commit')}) was trained on another synthetic "
+                         f"benchmark than the one under --data-root ({listed or 'none there now'}). Use other "
+                         "--results/--output, the --data-root of that run, or drop that entry")
     if entry.get("config_file") != signature["config_file"] or entry.get("opts") != signature["opts"]:
         raise StudyError(f"{results_path}: run {key} was made with {entry.get('config_file')} {entry.get('opts')} "
                          f"(commit {entry.get('commit')}), not {signature['config_file']} {signature['opts']}. "
@@ -214,7 +232,8 @@ def run_one(key, variant, seed, config_file, shared, args):
     """Train + score one run unless the results hold it as done; True when it is done."""
     opts = shared + ["SEED", str(seed)]
     cfg = get_vipa_cfg(config_file, opts)
-    signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts, "config_digest": config_digest(cfg)}
+    signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts, "config_digest": config_digest(cfg),
+                 "data": data_settings(args.data_root)}
     config = flat_config(cfg)
     entry = load_results(args.results)["runs"].get(key, {})
     if entry:  # made before: only with the same settings is it this run

@@ -351,6 +351,12 @@ def test_finished_benchmark_reads_the_stats_written_last(bench, tmp_path):
     with pytest.raises(ValueError, match=r"refsynth/stats.json: not valid JSON"):
         finished_benchmark(str(tmp_path))
     main_job = load_script("tools/main_job.py")
+    # The main job uses a benchmark it finds only when it is the one asked for: another seed's
+    # data was trained on and reported as the asked-for seed's.
+    assert main_job.ensure_synthetic_data(root, NUM, SEED) == 0.0
+    with pytest.raises(SystemExit, match=rf"{root} holds a synthetic benchmark made with other settings \(num_images "
+                       rf"{NUM} there, {NUM + 1} asked; seed {SEED} there, 0 asked\): give --num-images / --seed"):
+        main_job.ensure_synthetic_data(root, NUM + 1, 0)
     with pytest.raises(SystemExit) as e:
         main_job.parse_args(["--num-images", "3"])
     assert e.value.code == 2

@@ -12,10 +12,13 @@ from .writer import (
     GREFSYNTH,
     REFSYNTH,
     assign_splits,
+    benchmark_settings,
     format_stats,
     generate_image,
     regenerate_image,
     finished_benchmark,
+    requested_settings,
+    settings_differences,
     write_benchmark,
 )
 
@@ -35,9 +38,12 @@ __all__ = [
     "REFSYNTH",
     "GREFSYNTH",
     "assign_splits",
+    "benchmark_settings",
     "format_stats",
     "generate_image",
     "regenerate_image",
     "finished_benchmark",
+    "requested_settings",
+    "settings_differences",
     "write_benchmark",
 ]

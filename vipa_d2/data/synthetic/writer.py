@@ -259,6 +259,31 @@ def finished_benchmark(root: str) -> Optional[Dict]:
     return generator
 
 
+def benchmark_settings(generator: Dict) -> Dict:
+    """
+    The settings of a benchmark flat, as a finished benchmark's ``generator`` statistics hold
+    them (:func:`finished_benchmark`; JSON, tuples as lists): ``num_images``, ``seed`` and
+    every :class:`SynthConfig` field. Its generation time is left out: it differs between
+    two generations of the same data.
+    """
+    config = generator.get("config")
+    return {"num_images": generator.get("num_images"), "seed": generator.get("seed"),
+            **(config if isinstance(config, dict) else {})}
+
+
+def requested_settings(num_images: int, seed: int, cfg: Optional[SynthConfig] = None) -> Dict:
+    """:func:`benchmark_settings` of the benchmark ``write_benchmark`` writes with these arguments."""
+    generator = {"num_images": num_images, "seed": seed, "config": asdict(cfg or SynthConfig())}
+    return benchmark_settings(json.loads(json.dumps(generator)))
+
+
+def settings_differences(stored: Dict, current: Dict, labels: Tuple[str, str]) -> List[str]:
+    """'KEY STORED LABEL0, CURRENT LABEL1' for each setting the two :func:`benchmark_settings` differ in."""
+    keys = list(stored) + [k for k in current if k not in stored]
+    return [f"{k} {stored.get(k)!r} {labels[0]}, {current.get(k)!r} {labels[1]}"
+            for k in keys if stored.get(k) != current.get(k)]
+
+
 def write_benchmark(
     root: str,
     num_images: int,
