@@ -16,7 +16,8 @@ study stopped early holds comparable pairs. Trailing ``KEY VALUE`` pairs go to e
 Rerunning skips the runs the results file holds as done (and refuses one made with other
 settings, the whole merged config compared, key by key: a changed default is a new recipe,
 while a key added since the run, at its ``add_vipa_config`` default, is not, because keys
-are added off, leaving the default path as it was); the others restart with
+are added off, leaving the default path as it was; and one trained on a synthetic
+benchmark of other settings than --data-root's); the others restart with
 ``train_net.py --resume``: an interrupted run continues from its last checkpoint, and its
 entry keeps the time already spent (written every minute, so even a killed study keeps it).
 A run folder holding another recipe's checkpoints is refused too (its config.yaml compared

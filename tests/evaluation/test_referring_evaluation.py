@@ -24,6 +24,7 @@ from common import (
 from vipa_d2.data.masks import annotations_to_mask
 from vipa_d2.engine import launch_ranks, leave_process_group
 from vipa_d2.evaluation import ReferringEvaluator
+from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO
 
 PREC_KEYS = ["Prec@0.5", "Prec@0.6", "Prec@0.7", "Prec@0.8", "Prec@0.9"]
 
@@ -159,17 +160,20 @@ def test_outputs_and_inputs_must_pair_up():
         evaluator.process(inputs, [{"ref_seg": torch.zeros(4, 4)}])
 
 
-def test_no_target_score_ignored_on_plain_data_but_empty_gt_reports_accuracies():
+def test_no_target_score_ignored_on_plain_data_but_empty_gt_reports_accuracies(tmp_path):
     inputs = plain_samples()[:1] + [sample(9, 4, 4, [])]
-    outputs = [
-        # A high no_target_score must not erase the mask on non-generalized data.
-        {"ref_seg": expected_gt(0), "no_target_score": torch.tensor(0.99)},
-        {"ref_seg": torch.zeros(4, 4)},
-    ]
-    metrics = run_evaluator(PLAIN, inputs, outputs)
-    assert metrics["mIoU"] == pytest.approx(100.0)
-    assert metrics["N-acc"] == pytest.approx(100.0)
-    assert metrics["T-acc"] == pytest.approx(100.0)
+    verdict = {"no_target_score": torch.tensor(0.99)}
+    # A high no_target_score must not erase the mask on non-generalized data: neither a mask
+    # given with it, nor the one the model empties on its verdict and keeps aside
+    # (test_no_target_verdict_empties_the_mask_and_keeps_it_aside); the verdict is recorded.
+    for given in ({"ref_seg": expected_gt(0)}, {"ref_seg": torch.zeros(4, 4), REF_SEG_BEFORE_VETO: expected_gt(0)}):
+        outputs = [{**given, **verdict}, {"ref_seg": torch.zeros(4, 4)}]
+        metrics = run_evaluator(PLAIN, inputs, outputs, output_dir=str(tmp_path))
+        assert metrics["mIoU"] == pytest.approx(100.0)
+        assert metrics["N-acc"] == pytest.approx(100.0)
+        assert metrics["T-acc"] == pytest.approx(100.0)
+        samples = json.loads((tmp_path / f"referring_results_{PLAIN}.json").read_text())["samples"]
+        assert [(s["pred_empty"], s["pred_no_target"]) for s in samples] == [(False, True), (True, True)]
 
 
 def test_a_target_with_no_pixels_is_a_miss_not_a_no_target_sample():

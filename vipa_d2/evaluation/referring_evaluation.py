@@ -68,7 +68,9 @@ class ReferringEvaluator(DatasetEvaluator):
         """
         Args:
             dataset_name: a registered dataset; its metadata's ``generalized`` flag turns on
-                N-acc/T-acc and the use of ``no_target_score``.
+                N-acc/T-acc, ReLA's metrics and the no-target verdict (``no_target_score``).
+                On other datasets the verdict is recorded, not scored: each mask is scored as
+                predicted before the verdict emptied it.
             distributed: gather the per-sample counts of all ranks on the main process.
             output_dir: where ``referring_results_<dataset>.json`` (per-sample results)
                 is written; None writes nothing.
@@ -119,12 +121,13 @@ class ReferringEvaluator(DatasetEvaluator):
                 f"{tuple(ref_seg.shape)}, expected the {self._resolution} (height, width) = "
                 f"{(height, width)}."
             )
-        pred = ref_seg > self._mask_threshold
-        vetoed = (
-            self._generalized
-            and "no_target_score" in out
-            and float(out["no_target_score"]) > self._no_target_threshold
-        )
+        said_no_target = "no_target_score" in out and float(out["no_target_score"]) > self._no_target_threshold
+        # The model empties "ref_seg" on its own no-target verdict and keeps the mask under
+        # REF_SEG_BEFORE_VETO. Every expression of a plain dataset has a target: its mask is
+        # scored, as for models without a no-target head, and the verdict only recorded.
+        scored = ref_seg if self._generalized else out.get(REF_SEG_BEFORE_VETO, ref_seg)
+        pred = scored > self._mask_threshold
+        vetoed = self._generalized and said_no_target
         if vetoed:
             pred = torch.zeros_like(pred)
         gt = target_mask(inp, self._resolution, sample_name).to(device=pred.device)
@@ -138,7 +141,7 @@ class ReferringEvaluator(DatasetEvaluator):
             "union": int((pred | gt).sum()),
             **breakdown.sample_fields(inp, out, gt, sample_name),
         }
-        pred_no_target = vetoed if "no_target_score" in out else row["pred_empty"]
+        pred_no_target = said_no_target if "no_target_score" in out else row["pred_empty"]
         if self._generalized and pred_no_target:
             # ReLA never empties the mask of a no-target verdict: a wrong one (a target
             # sample) adds the union of the mask as predicted to cIoU's sum.
