@@ -440,6 +440,12 @@ def test_own_records_without_the_fields_the_mapper_reads_are_refused_before_trai
     # What the trainer runs before its first iteration (the missing-images test runs it there).
     with pytest.raises(ReferringDataError, match=rf"^{own_val}: {expected}"):
         train_net.Trainer.check_test_sets(cfg)
+    # A test set without records: Detectron2's test loader asserted on it after the training
+    # (evaluation review, session 53).
+    _register_own("own_empty_val", list, referring=True)
+    cfg.DATASETS.TEST = ("own_empty_val",)
+    with pytest.raises(ConfigError, match=r"^DATASETS.TEST: 'own_empty_val' has no records \(its loader returned none\)"):
+        train_net.Trainer.check_test_sets(cfg)
     # Detectron2's empty-annotation filter reads every record's annotations: checked first.
     own_unannotated = "own_unannotated_train"
     _register_own(own_unannotated, _without_annotations(train_set), referring=False)

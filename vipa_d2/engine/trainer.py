@@ -397,10 +397,13 @@ class ReferringTrainer(DefaultTrainer):
         ``TEST.SHUFFLED_EXPRESSION_CONTROL``, has records enough to shuffle. The trainer
         checks this before the first iteration: test() would otherwise meet a split missing
         from the refs file, a missing image or a misshaped record only after the last one,
-        and score no set."""
+        and score no set. An empty set is refused too."""
         mapper = build_test_mapper(cfg)
         for name in cfg.DATASETS.TEST:
             records = DatasetCatalog.get(name)
+            if not records:  # Detectron2's test loader asserts on it, after the training
+                raise ConfigError(f"DATASETS.TEST: {name!r} has no records (its loader returned none): nothing "
+                                  "to score; register it with its samples or leave it out of DATASETS.TEST")
             mapper.check_records(records, name)
             if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
                 try:
