@@ -538,10 +538,14 @@ def _annotation(**changes):
     # Read by the test mapper (the retrieval report) and the evaluator (per-type tables).
     (lambda rec: rec.update(target_phrase=5), "target_phrase", "expected a non-empty string .*, got 5"),
     (lambda rec: rec.update(type=["relation"]), "type", r"expected a non-empty string .*, got \['relation'\]"),
+    # A no-target flag on a record with a target: scored a hit on a no-target sample (mIoU
+    # 100, N-acc 0; evaluation review, session 53).
+    (lambda rec: rec.update(empty=True), "empty", r"expected False \(the record has 1 target annotation\(s\)\), got True"),
+    (lambda rec: rec.update(empty="no"), "empty", "expected False .*, got 'no'"),
 ], ids=["sentence-string", "no-raw", "no-annotations", "bbox-only", "no-bbox", "4-number-polygon", "rle-parts",
         "uncompressed-rle", "rle-size", "height-string", "no-image-id", "nan-coordinate", "huge-coordinate",
         "short-rle-counts", "bbox-strings", "bbox-inf", "bbox-mode-string", "bbox-mode-relative",
-        "target-phrase-number", "type-list"])
+        "target-phrase-number", "type-list", "empty-with-target", "empty-string"])
 def test_check_records_refuses_misshaped_fields_by_name(tmp_path, record_checkers, change, field, problem):
     """Records of a loader of one's own that __call__ cannot read (it failed on them in a
     worker at the first step, or in the evaluation after the training, with a bare KeyError or
@@ -566,7 +570,7 @@ def test_check_records_accepts_what_records_may_carry(tmp_path, record_checkers)
     rle["annotations"][0]["segmentation"] = mask_to_rle(_rle_mask())
     no_target = mapper_record(tmp_path / "a.png", "the purple cow", [])
     landmark = dict(target, landmark={"phrase": "box"})  # no annotation
-    as_path = dict(target, file_name=tmp_path / "a.png")  # a loader's pathlib.Path
+    as_path = dict(target, file_name=tmp_path / "a.png", empty=np.False_)  # a loader's pathlib.Path, numpy bool
     train, test = record_checkers
     train.check_records([target, rle, no_target, landmark, as_path], "mine")
     test.check_records([target, rle, no_target, as_path], "mine")

@@ -543,7 +543,8 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
     lacks or misshapes a field that ``ReferringDatasetMapper`` reads, else None:
     ``file_name``, ``height`` and ``width`` as :func:`image_problem` wants them, ``image_id``,
     ``ref_id``, ``sentence`` a dict whose ``raw`` is the text, ``annotations`` a list
-    (empty: no target) of :func:`record_annotation_problem` annotations, ``type`` and
+    (empty: no target) of :func:`record_annotation_problem` annotations, ``empty`` (if
+    present) the bool saying whether that list is empty, ``type`` and
     ``target_phrase`` non-empty strings where present and, with
     ``landmark`` (a mapper that reads it), a ``landmark`` ``{phrase, annotation}`` if any.
 
@@ -576,6 +577,12 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
         problem = record_annotation_problem(ann, height, width)
         if problem is not None:
             return f"annotations[{i}]{problem[0]}", problem[1]
+    # "empty" (optional) says whether the expression has no target; the mapper and the
+    # evaluator read it beside the annotations, so the two must agree.
+    empty = record.get("empty", len(annotations) == 0)
+    if not isinstance(empty, (bool, np.bool_)) or bool(empty) != (len(annotations) == 0):
+        return "empty", (f"expected {len(annotations) == 0} (the record has {len(annotations)} target "
+                         f"annotation(s)), got {quote(record['empty'])}")
     for key in _RECORD_TEXT_KEYS:
         if key in record and (not isinstance(record[key], str) or not record[key].strip()):
             return key, f"expected a non-empty string (or no {key!r} key), got {quote(record[key])}"
