@@ -11,6 +11,7 @@ from detectron2.modeling import build_backbone
 
 from common import make_cfg
 from vipa_d2 import ConfigError
+from vipa_d2.engine.optimizer import get_vipa_optimizer_params
 from vipa_d2.modeling.backbone import load_backbone_weights
 from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d, set_conv_bn_folding
 
@@ -64,6 +65,26 @@ def test_swin_any_aspect():
         out = backbone(torch.randn(1, 3, 96, 160))
     assert list(out) == ["res3", "res4", "res5"]
     assert out["res5"].shape == (1, backbone.output_shape()["res5"].channels, 3, 5)
+
+
+@pytest.mark.parametrize("arch,kept_out", [
+    ("swin_tiny_patch4_window7_224", ("relative_position_bias_table",)),
+    ("swinv2_tiny_window8_256", ("logit_scale", "cpb_mlp")),
+])
+def test_what_timm_keeps_out_of_weight_decay_gets_the_embeddings_decay(arch, kept_out):
+    # Swin's relative position bias tables (SwinV2's logit scales and bias MLPs) were decayed
+    # like weights: their local names are no "*embed*" (engine review, session 53).
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", arch, "MODEL.BACKBONE.FREEZE_AT", "0", "SOLVER.WEIGHT_DECAY", "0.05",
+                   "SOLVER.WEIGHT_DECAY_EMBED", "0.0")
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    params = dict(backbone.named_parameters())
+    listed = {n for n in params if any(k in n for k in kept_out)}
+    assert listed and backbone.no_weight_decay() == listed
+    decay = {p: g["weight_decay"] for g in get_vipa_optimizer_params(cfg, backbone) for p in g["params"]}
+    assert all(decay[params[n]] == 0.0 for n in listed)
+    assert decay[params["stages.0.blocks.0.attn.qkv.weight"]] == 0.05
+    effnet = build_backbone(make_cfg(*BACKBONE), ShapeSpec(channels=3))
+    assert effnet.no_weight_decay() == set()  # timm's EfficientNet lists nothing
 
 
 def test_ghostnet_without_stochastic_depth():

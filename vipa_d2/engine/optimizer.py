@@ -30,12 +30,16 @@ def lr_multiplier(cfg, param_name: str) -> float:
 
 
 def embedding_parameters(model: torch.nn.Module) -> set:
-    """Token/position embeddings: ``nn.Embedding`` weights and bare parameters named ``*embed*``."""
+    """Token/position embeddings: ``nn.Embedding`` weights, bare parameters named ``*embed*``,
+    and the parameters a submodule lists in its ``no_weight_decay()`` (timm's convention,
+    names relative to it: the backbone's Swin relative position bias tables)."""
     found = set()
     for module in model.modules():
         for name, param in module.named_parameters(recurse=False):
             if isinstance(module, torch.nn.Embedding) or "embed" in name:
                 found.add(param)
+        listed = module.no_weight_decay() if callable(getattr(module, "no_weight_decay", None)) else ()
+        found.update(param for name, param in module.named_parameters() if name in listed)
     return found
 
 
@@ -45,7 +49,7 @@ def get_vipa_optimizer_params(cfg, model: torch.nn.Module):
     MODEL.TEXT_ENCODER.LR_MULTIPLIER for ``text_encoder.*``); weight decay SOLVER.WEIGHT_DECAY
     except SOLVER.WEIGHT_DECAY_NORM on normalization layers, SOLVER.WEIGHT_DECAY_BIAS on biases
     (None: as weights, as in detectron2; Base-VIPA sets 0) and SOLVER.WEIGHT_DECAY_EMBED
-    on embeddings; a bias's lr is also scaled by SOLVER.BIAS_LR_FACTOR. Frozen parameters are
+    on embeddings (:func:`embedding_parameters`); a bias's lr is also scaled by SOLVER.BIAS_LR_FACTOR. Frozen parameters are
     left out.
     """
     groups = get_default_optimizer_params(

@@ -6,7 +6,7 @@ argument of ``forward``, through which early vision-language fusion enters the b
 Without it, ``forward(images)`` is Detectron2's usual backbone contract.
 """
 import logging
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Optional, Set
 
 import torch
 from torch import nn
@@ -154,6 +154,11 @@ class VIPATimmBackbone(Backbone):
         # Stages after the last requested output are not run (and hold no parameters).
         last = max(self._stage_names)
         del self.stages[last + 1 :]
+        # What timm keeps out of weight decay (Swin's relative position bias tables, SwinV2's
+        # logit scales and bias MLPs), under their names here (stages.* for timm's layers.*).
+        timm_names = model.no_weight_decay() if hasattr(model, "no_weight_decay") else set()
+        kept_out = {id(p) for n, p in model.named_parameters() if n in timm_names}
+        self._no_weight_decay = {n for n, p in self.named_parameters() if id(p) in kept_out}
         # Always: same values up to float rounding, one pass over the activation less while
         # BatchNorm uses running statistics; set_conv_bn_folding turns it off for debugging.
         if split.conv_bn_in_order:
@@ -190,6 +195,11 @@ class VIPATimmBackbone(Backbone):
         for m in self._frozen_bn:  # frozen BatchNorms always use their running statistics
             m.train(False)
         return self
+
+    def no_weight_decay(self) -> Set[str]:
+        """Names of the parameters timm's model keeps out of weight decay (timm's convention;
+        vipa_d2's optimizer gives them SOLVER.WEIGHT_DECAY_EMBED)."""
+        return set(self._no_weight_decay)
 
     @property
     def size_divisibility(self) -> int:
