@@ -92,6 +92,24 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         ((TINY_CONFIG, ("INPUT.RESIZE_MODE", "keep-ratio")), "INPUT.RESIZE_MODE='keep-ratio': expected one of"),
         ((TINY_CONFIG, ("INPUT.RANDOM_FLIP", "vertical")), "INPUT.RANDOM_FLIP='vertical': expected one of"),
         ((TINY_CONFIG, ("SOLVER.OPTIMIZER", "LION")), "SOLVER.OPTIMIZER='LION': expected one of ('ADAMW', 'SGD')"),
+        # Solver values found only once the model was built, or after the training, or taken
+        # (a negative clip value is gradient ascent); engine review, session 53.
+        ((TINY_CONFIG, ("TEST.IMS_PER_BATCH", "0")), "TEST.IMS_PER_BATCH=0: expected an integer >= 1"),
+        ((TINY_CONFIG, ("SOLVER.CHECKPOINT_PERIOD", "0")), "SOLVER.CHECKPOINT_PERIOD=0: expected an integer >= 1"),
+        ((TINY_CONFIG, ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "-1.0")),
+         "SOLVER.CLIP_GRADIENTS.CLIP_VALUE=-1.0: expected a number > 0"),
+        ((TINY_CONFIG, ("SOLVER.BASE_LR", "0.0")), "SOLVER.BASE_LR=0.0: expected a number > 0"),
+        ((TINY_CONFIG, ("SOLVER.WEIGHT_DECAY_NORM", "-0.5")), "SOLVER.WEIGHT_DECAY_NORM=-0.5: expected a number >= 0"),
+        ((TINY_CONFIG, ("SOLVER.WEIGHT_DECAY_BIAS", "-0.5")),
+         "SOLVER.WEIGHT_DECAY_BIAS=-0.5: expected a number >= 0 (or None)"),
+        ((TINY_CONFIG, ("SOLVER.CHECKPOINT_MAX_KEEP", "-3")), "SOLVER.CHECKPOINT_MAX_KEEP=-3: expected a number >= 0"),
+        ((TINY_CONFIG, ("TEST.EVAL_PERIOD", "-100")), "TEST.EVAL_PERIOD=-100: expected a number >= 0"),
+        ((TINY_CONFIG, ("SOLVER.BETAS", "(0.9,)")), "SOLVER.BETAS=(0.9,): expected 2 numbers in [0, 1)"),
+        ((TINY_CONFIG, ("SOLVER.CLIP_GRADIENTS.CLIP_TYPE", "full_model")),
+         "SOLVER.CLIP_GRADIENTS.CLIP_TYPE='full_model': expected one of ('value', 'norm')"),
+        ((TINY_CONFIG, ("SOLVER.LR_SCHEDULER_NAME", "WarmupCosine")), "SOLVER.LR_SCHEDULER_NAME='WarmupCosine': expected "
+         "one of ('WarmupMultiStepLR', 'WarmupCosineLR', 'WarmupStepWithFixedGammaLR')"),
+        ((TINY_CONFIG, ("SOLVER.WARMUP_METHOD", "cosine")), "SOLVER.WARMUP_METHOD='cosine': expected one of"),
     ]
     # Files a merge would read wrong or answer with a Python error, named with the file.
     files = {

@@ -1,5 +1,6 @@
 """Config keys added by vipa_d2 on top of Detectron2's defaults."""
 import functools
+import math
 import os
 from typing import Callable, Sequence
 
@@ -430,7 +431,8 @@ def add_vipa_config(cfg):
     cfg.SOLVER.OPTIMIZER = "ADAMW"
     # AdamW betas.
     cfg.SOLVER.BETAS = (0.9, 0.999)
-    # Weight decay of embedding parameters (position/token embeddings).
+    # Weight decay of embedding parameters (position/token embeddings, and what the backbone
+    # keeps out of decay: Swin's relative position bias tables).
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Periodic checkpoints kept on disk (older ones of the run are deleted; 0 keeps all).
     cfg.SOLVER.CHECKPOINT_MAX_KEEP = 0
@@ -479,7 +481,29 @@ _SIZE_KEYS = {
     "MODEL.VIPA.DECODER.NUM_LAYERS": 1,
     "MODEL.VIPA.DECODER.DIM_FEEDFORWARD": 1,
     "SOLVER.IMS_PER_BATCH": 1,
+    # Read only when the first evaluation builds its loader: after the training.
+    "TEST.IMS_PER_BATCH": 1,
+    # Detectron2's periodic checkpointer divides the iteration by it.
+    "SOLVER.CHECKPOINT_PERIOD": 1,
 }
+
+# Numbers that must not be negative (None: the key may hold None, Detectron2's "as
+# WEIGHT_DECAY"), and those that must be positive: below, torch refuses them only once the
+# model is built, or takes them (a negative decay or clip value turns the step around; a
+# negative count or period quietly means "all" or "never").
+_NON_NEGATIVE_KEYS = {
+    "SOLVER.WEIGHT_DECAY": False,
+    "SOLVER.WEIGHT_DECAY_NORM": False,
+    "SOLVER.WEIGHT_DECAY_BIAS": True,
+    "SOLVER.WEIGHT_DECAY_EMBED": False,
+    "SOLVER.BASE_LR_END": False,
+    "SOLVER.CHECKPOINT_MAX_KEEP": False,
+    "TEST.EVAL_PERIOD": False,
+    "MODEL.TEXT_ENCODER.LR_MULTIPLIER": False,
+    "MODEL.TIMM.LR_MULTIPLIER": False,
+}
+# (WarmupCosineLR divides BASE_LR_END by BASE_LR.)
+_POSITIVE_KEYS = ("SOLVER.BASE_LR", "SOLVER.CLIP_GRADIENTS.CLIP_VALUE")
 
 
 def _value(cfg, key: str):
@@ -500,6 +524,36 @@ def check_sizes(cfg) -> None:
         value = cfg.MODEL[key]
         if not isinstance(value, (list, tuple)) or len(value) != 3:
             raise ValueError(f"MODEL.{key}={quote(value)}: expected 3 values, one per input channel")
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def check_solver_numbers(cfg) -> None:
+    """ValueError naming the first of the solver's numbers (:data:`_NON_NEGATIVE_KEYS`,
+    :data:`_POSITIVE_KEYS`, ``SOLVER.BETAS``) out of its range."""
+    for key, none_allowed in _NON_NEGATIVE_KEYS.items():
+        value = _value(cfg, key)
+        if not (value is None and none_allowed) and not (_is_number(value) and value >= 0):
+            raise ValueError(f"{key}={value!r}: expected a number >= 0" + (" (or None)" if none_allowed else ""))
+    for key in _POSITIVE_KEYS:
+        value = _value(cfg, key)
+        if not (_is_number(value) and value > 0):
+            raise ValueError(f"{key}={value!r}: expected a number > 0")
+    betas = cfg.SOLVER.BETAS
+    if not (isinstance(betas, (list, tuple)) and len(betas) == 2 and all(_is_number(b) and 0 <= b < 1 for b in betas)):
+        raise ValueError(f"SOLVER.BETAS={quote(betas)}: expected 2 numbers in [0, 1), AdamW's (beta1, beta2)")
+
+
+def check_amp_device(cfg) -> None:
+    """ValueError when ``SOLVER.AMP.ENABLED`` asks for mixed precision of a model not on CUDA.
+    Checked by the trainer only: inference on the CPU reads a GPU training config as it is."""
+    if cfg.SOLVER.AMP.ENABLED and str(cfg.MODEL.DEVICE).split(":")[0] != "cuda":
+        raise ValueError(
+            f"SOLVER.AMP.ENABLED=True needs the model on CUDA (detectron2's AMPTrainer uses torch.cuda.amp), but "
+            f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}; set SOLVER.AMP.ENABLED False to train there."
+        )
 
 
 def flatten_config(node: CN, prefix: str = "") -> dict:
@@ -538,6 +592,7 @@ def _choice_keys():
     optimizer is built: after the model, or (the evaluator) after the whole training."""
     from .data.dataset_mapper import FLIP_MODES, RESIZE_MODES
     from .data.eval_resolution import EVAL_RESOLUTIONS
+    from .engine.gradient_clipping import CLIP_TYPES
     from .engine.optimizer import OPTIMIZERS
 
     return {
@@ -545,6 +600,10 @@ def _choice_keys():
         "INPUT.RANDOM_FLIP": FLIP_MODES,
         "TEST.EVAL_RESOLUTION": EVAL_RESOLUTIONS,
         "SOLVER.OPTIMIZER": OPTIMIZERS,
+        "SOLVER.CLIP_GRADIENTS.CLIP_TYPE": CLIP_TYPES,
+        # The names detectron2.solver.build_lr_scheduler and WarmupParamScheduler take.
+        "SOLVER.LR_SCHEDULER_NAME": ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR"),
+        "SOLVER.WARMUP_METHOD": ("linear", "constant"),
     }
 
 
@@ -677,7 +736,8 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequen
     alike: a file that needs ``yaml.unsafe_load``, a ``DATASETS.INVALID_REFS`` other than
     the built-in policy, a malformed ``DATASETS.REFER_SPLITS`` entry, a size below its
     smallest value, a ``TEST.EXPECTED_RESULTS`` entry that is not [task, metric, value,
-    tolerance], a name that a choice key (:func:`_choice_keys`) does not take, None in a key
+    tolerance], a solver number out of its range (:func:`check_solver_numbers`), a name that a
+    choice key (:func:`_choice_keys`) does not take, None in a key
     vipa_d2 adds whose default is no None (:func:`check_no_none`; ``MODEL.TIMM.WEIGHTS
     None`` once meant "" and is now refused), a file of the ``_BASE_`` chain that is empty,
     gives a key twice in one mapping, has a ``_BASE_`` that is no file name or gives a
@@ -711,6 +771,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequen
         check_invalid_refs_setting(cfg.DATASETS.INVALID_REFS)
         check_refer_splits(cfg.DATASETS.REFER_SPLITS)
         check_sizes(cfg)
+        check_solver_numbers(cfg)
         check_expected_results(cfg.TEST.EXPECTED_RESULTS)
         check_choices(cfg)
         check_no_none(cfg)

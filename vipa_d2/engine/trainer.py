@@ -22,7 +22,7 @@ from detectron2.utils.file_io import PathManager
 from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
-from vipa_d2.config import ConfigError
+from vipa_d2.config import ConfigError, check_amp_device
 from vipa_d2.data.custom import referring_dataset_names
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import build_test_mapper
@@ -171,12 +171,10 @@ class ReferringTrainer(DefaultTrainer):
             if not logging.getLogger(name).isEnabledFor(logging.INFO):
                 setup_logger(name=name)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-        if cfg.SOLVER.AMP.ENABLED and torch.device(cfg.MODEL.DEVICE).type != "cuda":
-            raise ValueError(
-                f"SOLVER.AMP.ENABLED=True needs the model on CUDA (detectron2's AMPTrainer uses "
-                f"torch.cuda.amp), but MODEL.DEVICE is {cfg.MODEL.DEVICE!r}; set SOLVER.AMP.ENABLED False "
-                "to train there."
-            )
+        try:  # get_vipa_cfg checks it too; a config built otherwise meets it here
+            check_amp_device(cfg)
+        except ValueError as e:
+            raise ConfigError(str(e)) from e
         self.seed = run_seed(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
