@@ -42,6 +42,21 @@ def test_plain_pickle_round_trip_and_refusal(tmp_path):
     # Any class is refused, harmless or not.
     with pytest.raises(ForbiddenPickleError, match=r"collections\.OrderedDict"):
         loads_plain_pickle(pickle.dumps(collections.OrderedDict(a=1)))
+    # ... and so is every builtin: a reader that let "builtins" through would run eval's code.
+    for builtin, args in ((eval, (f"__import__('os').makedirs({marker!r})",)), (getattr, ("", "join"))):
+        with pytest.raises(ForbiddenPickleError, match=rf"refers to the global builtins\.{builtin.__name__}"):
+            loads_plain_pickle(pickle.dumps([_Calls(builtin, args)]))
+    assert not os.path.exists(marker)
+
+
+class _Calls:
+    """Pickles as a call of ``function(*args)``."""
+
+    def __init__(self, function, args):
+        self.function, self.args = function, args
+
+    def __reduce__(self):
+        return self.function, self.args
 
 
 _FORGED_MEMO = r"""

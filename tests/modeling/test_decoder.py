@@ -138,6 +138,48 @@ def test_mask_losses():
     assert torch.allclose(dice_loss(bad_in_pad, gt, w_pad), dice_loss(good, gt, w_pad))
 
 
+def _softplus(x):
+    return math.log1p(math.exp(x))
+
+
+def test_mask_losses_equal_their_hand_computed_values():
+    # Two samples that differ, padding where the target and the logits are not 0: the BCE's
+    # denominator is the valid pixels, Dice is a batch mean of per-sample values over the
+    # valid pixels of prediction and target alike (test review, session 53).
+    logits = torch.tensor([[[2.0, -1.0, 3.0]], [[0.5, 1.5, -2.0]]])
+    gt = torch.tensor([[[1.0, 0.0, 1.0]], [[0.0, 1.0, 1.0]]])
+    w = torch.tensor([[[1.0, 1.0, 0.0]], [[1.0, 1.0, 1.0]]])
+    valid = [(b, j) for b in range(2) for j in range(3) if w[b, 0, j]]
+    bce = sum(_softplus(-logits[b, 0, j].item()) if gt[b, 0, j] else _softplus(logits[b, 0, j].item())
+              for b, j in valid) / len(valid)
+    assert sigmoid_bce_loss(logits, gt, w).item() == pytest.approx(bce, rel=1e-6)
+    dice = []
+    for b in range(2):
+        p = [torch.sigmoid(logits[b, 0, j]).item() for j in range(3) if w[b, 0, j]]
+        t = [gt[b, 0, j].item() for j in range(3) if w[b, 0, j]]
+        dice.append(1 - (2 * sum(x * y for x, y in zip(p, t)) + 1) / (sum(p) + sum(t) + 1))
+    assert dice_loss(logits, gt, w).item() == pytest.approx(sum(dice) / 2, rel=1e-6)
+
+
+def test_pixel_contrastive_loss_equals_its_hand_computed_value():
+    # Sample 0: cells covered 1.0 / 0.6 (positives), 0.3 (a border cell: ignored), 0 (two
+    # negatives). Sample 1: a tiny target, 0.4 at most: that cell is the positive. Each
+    # positive against all negatives, averaged over positives, then over cues.
+    t = 0.5
+    target = torch.tensor([[1.0, 0.6, 0.3, 0.0, 0.0], [0.4, 0.1, 0.0, 0.0, 0.0]])
+    rel = torch.tensor([[[2.0, 0.5, 9.0, 1.0, -1.0]], [[0.2, 9.0, 0.7, -0.3, 0.1]]])
+    token_valid = torch.ones(2, 5, dtype=torch.bool)
+    token_valid[1, 4] = False  # not a negative either
+
+    def term(r, p, negatives):
+        return -math.log(math.exp(r[p] / t) / (math.exp(r[p] / t) + sum(math.exp(r[n] / t) for n in negatives)))
+
+    r0, r1 = rel[0, 0].tolist(), rel[1, 0].tolist()
+    expected = ((term(r0, 0, [3, 4]) + term(r0, 1, [3, 4])) / 2 + term(r1, 0, [2, 3])) / 2
+    loss = pixel_contrastive_loss(rel, torch.ones(2, 1, dtype=torch.bool), target, token_valid, t)
+    assert loss.item() == pytest.approx(expected, rel=1e-6)
+
+
 def test_pixel_contrastive_loss():
     target = torch.zeros(2, 10)
     target[:, :3] = 1.0
@@ -186,6 +228,10 @@ def test_criterion_names_and_weights():
     crit = VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.DEEP_SUPERVISION": False}))
     losses = crit(preds, torch.zeros(2), gt, valid, empty)  # no relevance: no contrastive loss
     assert set(losses) == {"loss_bce", "loss_dice", "loss_no_target"}
+    # The no-target head learns to say "empty" for the empty sample (1) and not for the other.
+    logit = torch.tensor([2.0, -1.0])
+    expected = (_softplus(2.0) + _softplus(1.0)) / 2  # -log(1 - sigmoid(2)), -log(sigmoid(-1))
+    assert crit(preds, logit, gt, valid, empty)["loss_no_target"].item() == pytest.approx(expected, rel=1e-6)
 
 
 def test_pixel_decoder_coordinates_and_self_attention_see_the_whole_image():
