@@ -57,6 +57,28 @@ def test_eval_only_resume_loads_the_recorded_checkpoint_strictly(mismatched, tmp
         _eval_only(out, "--resume")
 
 
+def _shifted(state):
+    """``state`` with every float tensor moved by 1: a load, even half of one, shows."""
+    return {k: v + 1 if v.is_floating_point() else v for k, v in state.items()}
+
+
+def test_a_refused_file_leaves_the_model_as_it_was_and_ddp_names_load(mismatched, tmp_path):
+    # The docstring's promise (checked before any weight is copied) and the "module." prefix
+    # of files saved from DDP: neither was tested (test review, session 53).
+    bad, _, cfg = mismatched
+    model = build_model(cfg)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    checkpoint = torch.load(bad, map_location="cpu", weights_only=True)
+    torch.save({**checkpoint, "model": _shifted(checkpoint["model"])}, tmp_path / "bad_shifted.pth")
+    with pytest.raises(WeightsError, match="does not match the model"):
+        load_weights(model, str(tmp_path / "bad_shifted.pth"))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    good = _shifted(model.state_dict())
+    torch.save({"model": {"module." + k: v for k, v in good.items()}}, tmp_path / "from_ddp.pth")
+    load_weights(model, str(tmp_path / "from_ddp.pth"))
+    assert all(torch.equal(good[k], v) for k, v in model.state_dict().items())
+
+
 def test_a_file_that_holds_no_weights_is_refused_naming_it(mismatched, tmp_path):
     # Session 42's bad-input review: these gave AttributeError from deep in the loader, or
     # "cannot read the checkpoint: " with nothing after it.
