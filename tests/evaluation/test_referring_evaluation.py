@@ -126,6 +126,22 @@ def test_empty_targets_and_no_target_accuracy():
     assert metrics["T-acc"] == pytest.approx(100.0 / 3)
 
 
+def test_t_acc_counts_a_non_empty_miss_and_a_score_at_the_threshold_is_no_veto():
+    # T-acc asks whether a target sample got a mask, not whether it hit; the verdict needs a
+    # score above NO_TARGET_THRESHOLD (test review, session 53: neither was pinned).
+    target = [rect_polygon(0, 0, 2, 2)]
+    inputs = [sample(0, 4, 4, target), sample(1, 4, 4, target), sample(2, 4, 4, [])]
+    outputs = [
+        {"ref_seg": box_mask(4, 4, (2, 4), (2, 4)), "no_target_score": torch.tensor(0.1)},  # I=0, U=8
+        {"ref_seg": box_mask(4, 4, (0, 2), (0, 2)), "no_target_score": torch.tensor(0.5)},  # I=U=4, kept
+        {"ref_seg": torch.zeros(4, 4), "no_target_score": torch.tensor(0.9)},  # U=0, IoU 1
+    ]
+    metrics = run_evaluator(GENERALIZED, inputs, outputs, no_target_threshold=0.5)
+    assert metrics["T-acc"] == pytest.approx(100.0) and metrics["N-acc"] == pytest.approx(100.0)
+    assert metrics["oIoU"] == pytest.approx(100.0 * 4 / 12)
+    assert metrics["mIoU"] == pytest.approx(200.0 / 3)
+
+
 def test_no_union_at_all_has_no_overall_iou():
     # Every sample no-target and predicted empty: each scores IoU 1, but there is no pixel to
     # take an overall IoU over (it was reported as 100, beside ReLA's cIoU of nan).
