@@ -84,6 +84,7 @@ def test_gumbel_noise_is_finite_in_half_precision(dtype):
 def test_num_retrieved_and_bad_values():
     assert num_retrieved(torch.tensor([100, 2, 30]), 0.3).tolist() == [30, 1, 9]
     assert num_retrieved(torch.tensor([7]), 1.0).tolist() == [7]
+    assert num_retrieved(torch.tensor([13]), 0.3).tolist() == [4]  # 3.9 rounds, not floors
     with pytest.raises(ValueError, match="RATIO"):
         num_retrieved(torch.tensor([10]), 0.0)
     with pytest.raises(ValueError, match="SAMPLER"):
@@ -238,6 +239,14 @@ def test_veg_gradient_reaches_relevance_through_the_mask():
     out["visual_expression"].pow(2).sum().backward()
     assert out["retrieval_mask"].grad.abs().sum() > 0
     assert veg.cue_proj.weight.grad.abs().sum() > 0 and veg.visual_proj.weight.grad.abs().sum() > 0
+    # ... within the aggregation itself (F_a), not only through the refinement after it: a
+    # mask-free F_a passed the check above (test review, session 53).
+    relevance, fv = torch.randn(2, 3, 6), torch.randn(2, 6, veg.aggregate_norm.normalized_shape[0])
+    support = torch.rand(2, 3, 6) > 0.4
+    support[..., 0] = True
+    mask = support.float().requires_grad_()
+    veg.aggregate(relevance, mask, support, fv).pow(2).sum().backward()
+    assert mask.grad.abs().sum() > 0
 
 
 def test_veg_ignores_padding_and_sep_features():
