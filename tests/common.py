@@ -23,6 +23,7 @@ import os
 import sys
 
 import numpy as np
+import pycocotools.mask as mask_util
 import torch
 from detectron2.data import MetadataCatalog
 from detectron2.engine import default_argument_parser
@@ -147,6 +148,17 @@ def mapper_record(file_name, sentence="the box on the left", annotations=None):
         "sentence": {"raw": sentence, "sent_id": 5},
         "empty": not annotations,
     }
+
+
+def compressed_rle(mask):
+    """COCO's compressed RLE of a 0/1 mask, counts as text (as JSON files hold them)."""
+    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
+    return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
+
+
+def read_rgb(path) -> np.ndarray:
+    """The picture at ``path`` as an HxWx3 uint8 RGB array."""
+    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def uncompressed_rle(mask):

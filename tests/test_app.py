@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import REPO_ROOT, TINY_CONFIG
+from common import REPO_ROOT, TINY_CONFIG, read_rgb
 from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure
 
 
@@ -61,23 +61,19 @@ def client(app_module, predictor):
         app.close()
 
 
-def _read(path) -> np.ndarray:
-    return np.asarray(Image.open(path).convert("RGB"))
-
-
 def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, client, predictor, sample):
     path, texts = sample
     overlays, figures, table, details = client.predict(
         gradio_client.handle_file(path), "\n".join(texts) + "\n\n", api_name="/" + app_module.API_NAME
     )
-    image = _read(path)
+    image = read_rgb(path)
     expected = predictor(image, texts)
     assert [d["expression"] for d in details] == texts  # blank lines are no expressions
     assert len(overlays) == len(figures) == len(texts)
     for text, result, overlay, figure, info in zip(texts, expected, overlays, figures, details):
         # The served pictures are exactly the ones drawn from the predictor's own result.
-        np.testing.assert_array_equal(_read(overlay["image"]), draw_overlay(image, result, text))
-        np.testing.assert_array_equal(_read(figure["image"]), draw_relevance_figure(image, result, text))
+        np.testing.assert_array_equal(read_rgb(overlay["image"]), draw_overlay(image, result, text))
+        np.testing.assert_array_equal(read_rgb(figure["image"]), draw_relevance_figure(image, result, text))
         assert overlay["caption"] == text
         assert info["mask_pixels"] == int(result["mask"].sum())
         assert info["confidence"] == pytest.approx(result["confidence"], abs=1e-4)
@@ -95,7 +91,7 @@ def test_api_returns_the_predictors_masks_relevance_and_tokens(app_module, clien
     assert table["headers"] == app_module.WORD_TABLE_HEADERS
     assert [[r[0], r[1], int(r[2]), float(r[3])] for r in table["data"]] == rows
     # The two expressions get different answers: the text reaches the model.
-    assert not np.array_equal(_read(overlays[0]["image"]), _read(overlays[1]["image"]))
+    assert not np.array_equal(read_rgb(overlays[0]["image"]), read_rgb(overlays[1]["image"]))
 
 
 def test_api_refuses_blank_expressions_with_a_message(app_module, client, sample):

@@ -13,15 +13,16 @@ import torch
 from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import EventStorage
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TOOL = os.path.join(REPO, "tools", "gpu_check.py")
+from common import REPO_ROOT
+
+TOOL = os.path.join(REPO_ROOT, "tools", "gpu_check.py")
 # The script's globals (not run as __main__).
 gpu_check = runpy.run_path(TOOL, run_name="gpu_check")
 
 
 def test_refuses_clearly_without_cuda():
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="")  # no GPU, even on a machine that has one
-    done = subprocess.run([sys.executable, TOOL, "--iters", "5"], capture_output=True, text=True, env=env, cwd=REPO)
+    done = subprocess.run([sys.executable, TOOL, "--iters", "5"], capture_output=True, text=True, env=env, cwd=REPO_ROOT)
     assert done.returncode == gpu_check["NO_CUDA_EXIT"]
     assert "no CUDA device" in done.stderr and "nothing to check" in done.stderr
     assert done.stdout == ""

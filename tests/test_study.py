@@ -1,18 +1,16 @@
 """tools/study.py on a 2-run quick list: results JSON, skip on rerun, resume; the ablation leaves."""
 import contextlib
-import importlib.util
 import json
 import os
 import time
 
 import pytest
 
+from common import CONFIGS_DIR, TINY_CONFIG, load_script
 from vipa_d2.data.synthetic import SynthConfig, write_benchmark
 from vipa_d2 import get_vipa_cfg
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-ABLATIONS = os.path.join(REPO, "configs", "synthetic", "ablations")
-BASE = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
+ABLATIONS = os.path.join(CONFIGS_DIR, "synthetic", "ablations")
 # Each leaf's whole difference from the tiny config it is based on.
 LEAF_CHANGES = {
     "vipa": {},
@@ -43,21 +41,13 @@ TINY = [
 SPLITS = ("val", "testA", "testB")
 
 
-def _load_tool(name):
-    """A script of tools/ as a module, by its file path (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", os.path.join(REPO, "tools", f"{name}.py"))
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-study = _load_tool("study")
+study = load_script("tools/study.py")
 
 
 @pytest.mark.parametrize("variant", sorted(LEAF_CHANGES))
 def test_ablation_leaf_holds_only_its_change(variant):
     # Each leaf builds and predicts in tests/test_configs_zoo.py (every config under configs/).
-    base = study.flat_config(get_vipa_cfg(BASE))
+    base = study.flat_config(get_vipa_cfg(TINY_CONFIG))
     leaf = get_vipa_cfg(os.path.join(ABLATIONS, f"{variant}.yaml"))
     assert {k: v for k, v in study.flat_config(leaf).items() if base[k] != v} == LEAF_CHANGES[variant]
 
@@ -176,7 +166,7 @@ def test_rerun_skips_finished_runs(quick_study, capsys):
 
 
 def test_config_digest_sees_defaults():
-    cfg = get_vipa_cfg(BASE)
+    cfg = get_vipa_cfg(TINY_CONFIG)
     other = cfg.clone()
     other.MODEL.VIPA.DECODER.COUNT_MAPS = 0
     assert study.config_digest(cfg) == study.config_digest(cfg.clone())
@@ -230,7 +220,7 @@ def test_cleanup_removes_periodic_checkpoints_only():
     assert not any(study.PERIODIC_CHECKPOINT.fullmatch(name) for name in ("model_final.pth", "model_best.pth"))
 
 
-study_report = _load_tool("study_report")
+study_report = load_script("tools/study_report.py")
 
 
 def _entry(variant, seed, val, test_a, test_b, ratio=0.3):

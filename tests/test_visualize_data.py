@@ -8,7 +8,7 @@ import pytest
 from detectron2.data import DatasetCatalog
 from PIL import Image
 
-from common import INSTANT_TEST_CONFIG, INSTANT_TEST_VAL, load_script, make_cfg
+from common import INSTANT_TEST_CONFIG, INSTANT_TEST_VAL, load_script, make_cfg, read_rgb
 from detectron2.data.detection_utils import convert_image_to_rgb
 from vipa_d2.engine import ReferringTrainer
 from vipa_d2.data.masks import annotations_to_mask
@@ -23,10 +23,6 @@ INTERIOR_MARGIN = len(CONTOUR_COLORS) + 1
 
 def _run(tmp_path, *args):
     return visualize_data.main(["--config-file", INSTANT_TEST_CONFIG, "--output-dir", str(tmp_path), *args])
-
-
-def _read(path):
-    return np.asarray(Image.open(path).convert("RGB"))
 
 
 def _check_overlay(picture, image, target, caption):
@@ -52,8 +48,8 @@ def test_annotation_pictures_show_each_records_target_and_landmark(tmp_path):
     assert len(os.listdir(folder)) == num
     kinds = set()
     for k, record in enumerate(records[:num]):
-        picture = _read(folder / f"{k:04d}_{record['image_id']}_{record['sentence']['sent_id']}.png")
-        image = _read(record["file_name"])
+        picture = read_rgb(folder / f"{k:04d}_{record['image_id']}_{record['sentence']['sent_id']}.png")
+        image = read_rgb(record["file_name"])
         h, w = image.shape[:2]
         target = annotations_to_mask(record["annotations"], h, w).astype(bool)
         landmark = record.get("landmark")
@@ -81,7 +77,7 @@ def test_dataloader_pictures_are_the_train_loaders_samples(tmp_path):
     samples = [sample for _ in range(2) for sample in next(loader)][:num]
     checked = []
     for k, sample in enumerate(samples):
-        picture = _read(tmp_path / "dataloader" / f"{k:04d}_{sample['image_id']}_{sample['sent_id']}.png")
+        picture = read_rgb(tmp_path / "dataloader" / f"{k:04d}_{sample['image_id']}_{sample['sent_id']}.png")
         image = convert_image_to_rgb(sample["image"].permute(1, 2, 0).numpy(), cfg.INPUT.FORMAT)
         assert picture.shape == image.shape == (cfg.INPUT.IMAGE_SIZE, cfg.INPUT.IMAGE_SIZE, 3)
         checked.append(_check_overlay(picture, image, sample["gt_mask"].numpy().astype(bool), sample["sentence"]))

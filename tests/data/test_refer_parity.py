@@ -20,7 +20,7 @@ import pycocotools.mask as mask_util
 import pytest
 from PIL import Image
 
-from common import MAPPER_OPTS, REPO_ROOT, RunsCode, make_cfg, uncompressed_rle, write_image
+from common import MAPPER_OPTS, REPO_ROOT, RunsCode, compressed_rle, make_cfg, uncompressed_rle, write_image
 from vipa_d2.data import ReferringDataError, ReferringDatasetMapper, annotations_to_mask, load_refer_dicts
 from vipa_d2.data.masks import segmentation_to_mask
 from vipa_d2.data.refer import make_sentence, save_refer_dataset
@@ -42,11 +42,6 @@ def _blob(h, w):
     return m
 
 
-def _compressed_rle(mask):
-    rle = mask_util.encode(np.asfortranarray(mask))
-    return {"size": list(rle["size"]), "counts": rle["counts"].decode("ascii")}
-
-
 def _annotations():
     h3, w3 = 48, 64
     segs = {
@@ -54,13 +49,13 @@ def _annotations():
         12: (1, [[3, 3, 12, 3, 12, 12, 3, 12], [20, 5, 25, 10, 30, 15]]),  # + collinear part
         13: (2, [[5, 5, 20, 5, 20, 15], [25, 2, 35, 20]]),  # + a 2-point part
         14: (2, [[2.5, 25, 15, 25.5, 15, 29, 2]]),  # odd count: pycocotools reads 3 points
-        15: (3, _compressed_rle(_blob(h3, w3))),
+        15: (3, compressed_rle(_blob(h3, w3))),
         16: (3, uncompressed_rle(1 - _blob(h3, w3))),
         17: (3, [[-10, -10, 30, -5, 40, 60, -5, 50]]),  # partly outside: clipped
         18: (3, [[5, 5, 10, 10, 15, 15]]),  # collinear: an empty mask
         19: (2, [[0, 0, 40, 0, 40, 29, 0, 29]]),  # integer coordinates
         # A list of RLE parts (ReferIt's form), overlapping: REFER decodes and sums them.
-        20: (3, [_compressed_rle(_blob(h3, w3)), _compressed_rle(np.roll(_blob(h3, w3), 7, axis=1))]),
+        20: (3, [compressed_rle(_blob(h3, w3)), compressed_rle(np.roll(_blob(h3, w3), 7, axis=1))]),
     }
     return [
         {"id": aid, "image_id": iid, "category_id": 1, "segmentation": seg, "iscrowd": 0}
@@ -623,7 +618,7 @@ def test_validation_accepts_what_pycocotools_reads_safely():
     from vipa_d2.data.validation import compressed_counts_problem, segmentation_problem
 
     blob = _blob(48, 64)
-    assert segmentation_problem(_compressed_rle(blob), 48, 64) is None
+    assert segmentation_problem(compressed_rle(blob), 48, 64) is None
     assert segmentation_problem(uncompressed_rle(blob), 48, 64) is None
     for aid, seg in (
         (11, [[2, 2, 30, 20, 30, 2, 2, 20]]),

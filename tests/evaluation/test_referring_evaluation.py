@@ -14,6 +14,7 @@ from common import (
     GENERALIZED,
     PLAIN,
     box_mask,
+    compressed_rle,
     generalized_samples,
     load_script,
     rect_polygon,
@@ -32,8 +33,7 @@ register_evaluator_metadata()
 
 
 def rle_annotation(mask):
-    rle = mask_util.encode(np.asfortranarray(mask.astype(np.uint8)))
-    rle["counts"] = rle["counts"].decode("ascii")
+    rle = compressed_rle(mask)
     return {
         "segmentation": rle,
         "bbox": mask_util.toBbox(rle).tolist(),
