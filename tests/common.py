@@ -16,9 +16,11 @@ basename, so basenames are unique across ``tests/``, and this module is imported
 Fixtures (seeding, one thread, the synthetic benchmark) are in ``tests/conftest.py``.
 Paths are built from this file's location, never from the working directory.
 """
+import contextlib
 import importlib
 import importlib.util
 import json
+import logging
 import os
 import sys
 
@@ -148,6 +150,25 @@ def mapper_record(file_name, sentence="the box on the left", annotations=None):
         "sentence": {"raw": sentence, "sent_id": 5},
         "empty": not annotations,
     }
+
+
+@contextlib.contextmanager
+def captured_log(name: str, level: int = logging.INFO):
+    """``[(levelno, message), ...]`` that logger ``name`` handles in the block, at ``level``
+    or above. Its own handler: Detectron2's setup_logger stops vipa_d2's records from
+    reaching the root logger, and with it pytest's caplog."""
+    seen = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append((record.levelno, record.getMessage()))
+    logger = logging.getLogger(name)
+    logger.addHandler(handler)
+    old_level = logger.level
+    logger.setLevel(min(level, logger.getEffectiveLevel()))
+    try:
+        yield seen
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(old_level)
 
 
 def compressed_rle(mask):

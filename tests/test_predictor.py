@@ -9,7 +9,7 @@ from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 
-from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
+from common import PREDICTOR_OPTS, TINY_CONFIG, captured_log, make_cfg
 from vipa_d2.data import ReferringDatasetMapper
 from vipa_d2.modeling.sampler import num_retrieved
 from vipa_d2.predictor import VIPAPredictor, WeightsError
@@ -154,29 +154,15 @@ def test_weights_roundtrip_and_mismatch(predictor, records, tmp_path, caplog):
 
 
 def test_random_weights_warn(records):
-    seen = []
-    handler = logging.Handler()
-    handler.emit = lambda r: seen.append((r.levelno, r.getMessage()))
-    log = logging.getLogger("vipa_d2")  # the strict loader (vipa_d2.engine.checkpoint) warns
-    log.addHandler(handler)
-    try:
+    with captured_log("vipa_d2") as seen:  # the strict loader (vipa_d2.engine.checkpoint) warns
         VIPAPredictor(make_cfg(*PREDICTOR_OPTS, config_file=TINY_CONFIG))
-    finally:
-        log.removeHandler(handler)
     assert any(level == logging.WARNING and "RANDOM" in msg for level, msg in seen)
 
 
 def test_expressions_cut_by_max_text_len_are_named(predictor, records):
-    seen = []
-    handler = logging.Handler()
-    handler.emit = lambda r: seen.append(r.getMessage())
-    log = logging.getLogger("vipa_d2.predictor")
-    log.addHandler(handler)
-    try:
+    with captured_log("vipa_d2.predictor") as seen:
         predictor(records[0]["file_name"], ["the cat", " ".join(["the big red cat"] * 10)])
-    finally:
-        log.removeHandler(handler)
-    cut = [m for m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
+    cut = [m for _, m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
     assert len(cut) == 1 and "#1 (42 tokens)" in cut[0] and "#0" not in cut[0]
 
 

@@ -1,7 +1,6 @@
 """TEST.EVAL_RESOLUTION, ReLA's metrics and the per-sample results, on hand-computed cases."""
 
 import json
-import logging
 import math
 
 import numpy as np
@@ -15,6 +14,7 @@ from common import (
     MAPPER_OPTS,
     PLAIN,
     box_mask,
+    captured_log,
     generalized_samples,
     import_train_net,
     make_cfg,
@@ -107,18 +107,9 @@ def test_input_resolution_mapper_gives_the_model_input_size(tmp_path):
 
 def csv_lines(results):
     """What print_csv_format logs, without the "copypaste: " prefix."""
-    lines = []
-    handler = logging.Handler()
-    handler.emit = lambda record: lines.append(record.getMessage().removeprefix("copypaste: "))
-    logger = logging.getLogger("vipa_d2.evaluation.results_csv")
-    logger.addHandler(handler)
-    level, logger.level = logger.level, logging.INFO
-    try:
+    with captured_log("vipa_d2.evaluation.results_csv") as seen:
         print_csv_format(results)
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-    return lines
+    return [message.removeprefix("copypaste: ") for _, message in seen]
 
 
 def test_rela_metrics_beside_ours_hand_computed():

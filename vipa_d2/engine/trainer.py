@@ -367,6 +367,9 @@ class ReferringTrainer(DefaultTrainer):
         at the position of iteration ``start_iter``.
         """
         seed = run_seed(cfg) if seed is None else seed
+        if cfg.DATALOADER.ASPECT_RATIO_GROUPING:  # Detectron2's default; Base-VIPA.yaml sets False
+            logger.warning("DATALOADER.ASPECT_RATIO_GROUPING is not read: batches take consecutive sampler "
+                           "positions (a resumed run's data order depends on it); set it False to silence this")
         records = get_detection_dataset_dicts(cfg.DATASETS.TRAIN, filter_empty=False)
         mapper = ReferringDatasetMapper(cfg, True)
         mapper.check_records(records, f"DATASETS.TRAIN {tuple(cfg.DATASETS.TRAIN)}")
