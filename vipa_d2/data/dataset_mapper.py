@@ -139,6 +139,7 @@ class LongSideResize(T.ResizeShortestEdge):
     def __init__(self, size: int):
         # Short side to `size` capped by max_size=`size`: the long side always lands on `size`.
         super().__init__(size, max_size=size, sample_style="choice")
+        self.size = size  # Augmentation's __repr__ reads the constructor's arguments back
 
     def get_transform(self, image):
         # The parent's draw is kept (it takes a number from numpy's generator), so the

@@ -49,8 +49,8 @@ def get_vipa_optimizer_params(cfg, model: torch.nn.Module):
     MODEL.TEXT_ENCODER.LR_MULTIPLIER for ``text_encoder.*``); weight decay SOLVER.WEIGHT_DECAY
     except SOLVER.WEIGHT_DECAY_NORM on normalization layers, SOLVER.WEIGHT_DECAY_BIAS on biases
     (None: as weights, as in detectron2; Base-VIPA sets 0) and SOLVER.WEIGHT_DECAY_EMBED
-    on embeddings (:func:`embedding_parameters`); a bias's lr is also scaled by SOLVER.BIAS_LR_FACTOR. Frozen parameters are
-    left out.
+    on embeddings (:func:`embedding_parameters`); a bias's lr is also scaled by
+    SOLVER.BIAS_LR_FACTOR. Frozen parameters are left out.
     """
     groups = get_default_optimizer_params(
         model,

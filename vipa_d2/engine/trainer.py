@@ -171,7 +171,7 @@ class ReferringTrainer(DefaultTrainer):
             if not logging.getLogger(name).isEnabledFor(logging.INFO):
                 setup_logger(name=name)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-        try:  # get_vipa_cfg checks it too; a config built otherwise meets it here
+        try:  # here, not in get_vipa_cfg: inference on the CPU reads GPU training configs as they are
             check_amp_device(cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from e
