@@ -371,6 +371,32 @@ def test_keep_ratio_batches_non_square_images(tokenizer, default_model):
 
 
 
+class _OwnHead(torch.nn.Module):
+    """A head of one's own around VIPAHead: no ``kv_source``, and outputs left out (``drop``)."""
+
+    def __init__(self, inner, drop=()):
+        super().__init__()
+        self.inner, self.drop = inner, drop
+
+    def forward(self, *args):
+        return {k: v for k, v in self.inner(*args).items() if k not in self.drop}
+
+
+def test_a_head_of_ones_own_may_lack_kv_source_but_not_an_output(tokenizer, default_model):
+    # Extension review (session 53): without kv_source inference failed after the training,
+    # and a missing output was a bare KeyError.
+    model = copy.deepcopy(default_model).eval()
+    inputs = make_inputs(tokenizer, TEXTS[:1])
+    with torch.no_grad():
+        expected = model(inputs)[0]
+        model.head = _OwnHead(model.head)
+        got = model(inputs)[0]
+        assert torch.equal(got["ref_seg"], expected["ref_seg"]) and torch.equal(got["retrieved"], expected["retrieved"])
+        model.head = _OwnHead(model.head.inner, drop=("no_target_logit",))
+        with pytest.raises(ValueError, match=r"The outputs of _OwnHead lack \['no_target_logit'\]: a VIPA head returns"):
+            model(inputs)
+
+
 def test_no_target_verdict_empties_the_mask_and_keeps_it_aside(tokenizer, default_model):
     model = copy.deepcopy(default_model).eval()
     inputs = make_inputs(tokenizer, TEXTS[:1])

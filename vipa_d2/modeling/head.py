@@ -27,7 +27,9 @@ VIPA_HEAD_REGISTRY = Registry("VIPA_HEAD")
 VIPA_HEAD_REGISTRY.__doc__ = """
 Registry for VIPA heads, built from ``MODEL.VIPA.HEAD_NAME`` with
 ``(cfg, input_shape, text_dim)``; ``forward(features, text, attention_mask, image_valid)``
-returns the outputs :class:`vipa_d2.modeling.VIPA` and its criterion read (see VIPAHead).
+returns the outputs :class:`vipa_d2.modeling.VIPA` and its criterion read (see VIPAHead;
+``meta_arch.HEAD_OUTPUTS`` at least). An attribute ``kv_source`` (one of KV_SOURCES) says
+what the decoder reads; without it the VEG's retrieved tokens are reported as read.
 """
 
 # "language_relevance" is the loss-matched control: language K/V, while a VEG (step 1

@@ -87,6 +87,9 @@ def require_inputs(batched_inputs: List[Dict], keys: List[str], needed_by: str) 
 # The key under which postprocess keeps the probability of a mask its no-target verdict
 # emptied.
 REF_SEG_BEFORE_VETO = "ref_seg_before_veto"
+# What every head returns (VIPAHead.forward), read by the losses and by postprocess whatever
+# the config; a head may add more (the optional losses' outputs, named by the criterion).
+HEAD_OUTPUTS = ("pred_masks", "no_target_logit", "veg", "cue_valid")
 
 
 @META_ARCH_REGISTRY.register()
@@ -342,6 +345,12 @@ class VIPA(nn.Module):
         if n_img != n_txt:
             image_valid = image_valid.expand(n_txt, *image_valid.shape[1:])
         out = self.head(features, text, attention_mask, image_valid)
+        missing = [key for key in HEAD_OUTPUTS if key not in out]
+        if missing:  # a registered head (or its decoder) of one's own: said before a bare KeyError
+            raise ValueError(
+                f"The outputs of {type(self.head).__name__} lack {missing}: a VIPA head returns {list(HEAD_OUTPUTS)} "
+                "(see VIPAHead.forward; MODEL.VIPA.HEAD_NAME, MODEL.VIPA.DECODER.NAME)"
+            )
         out["image_valid"] = image_valid
         return out
 
@@ -433,7 +442,9 @@ class VIPA(nn.Module):
         retrieved = None
         # Only when step 1 ran and its visual expression is the decoder's K/V: with language
         # K/V nothing the decoder reads was retrieved.
-        if veg is not None and veg["relevance"] is not None and self.head.kv_source == "visual_expression":
+        # A head of one's own without "kv_source" is taken to feed the decoder its VEG's output.
+        reads_veg = getattr(self.head, "kv_source", "visual_expression") == "visual_expression"
+        if veg is not None and veg["relevance"] is not None and reads_veg:
             # The support of M on the token grid, each token a block of the padded image.
             support = (veg["retrieval_mask"] > 0.5).to(logits.dtype)
             support = support.view(*support.shape[:2], *veg["grid"])
