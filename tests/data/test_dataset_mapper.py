@@ -2,6 +2,7 @@
 
 import copy
 import re
+import uuid
 
 import cv2
 import numpy as np
@@ -519,6 +520,9 @@ def _annotation(**changes):
      rf"RLE size \[{H // 2}, {W}\] does not match the image size \[{H}, {W}\]"),
     (lambda rec: rec.update(height=str(H)), "height", f"expected a positive integer, got '{H}'"),
     (_without("image_id"), "image_id", "missing"),
+    # Written into the evaluator's per-sample JSON, which failed on it after the training.
+    (lambda rec: rec.update(ref_id=uuid.UUID(int=5)), "ref_id",
+     r"expected an integer or string id, got UUID\('00000000-0000-0000-0000-000000000005'\)"),
     # Values that reach pycocotools, which checks nothing: a NaN or huge coordinate had the
     # process killed for its memory, counts short of the image gave a mask of stale memory.
     (_annotation(segmentation=[[*POLY[:3], float("nan"), *POLY[4:]]]), "annotations[0].segmentation[0][3]",
@@ -543,7 +547,7 @@ def _annotation(**changes):
     (lambda rec: rec.update(empty=True), "empty", r"expected False \(the record has 1 target annotation\(s\)\), got True"),
     (lambda rec: rec.update(empty="no"), "empty", "expected False .*, got 'no'"),
 ], ids=["sentence-string", "no-raw", "no-annotations", "bbox-only", "no-bbox", "4-number-polygon", "rle-parts",
-        "uncompressed-rle", "rle-size", "height-string", "no-image-id", "nan-coordinate", "huge-coordinate",
+        "uncompressed-rle", "rle-size", "height-string", "no-image-id", "uuid-ref-id", "nan-coordinate", "huge-coordinate",
         "short-rle-counts", "bbox-strings", "bbox-inf", "bbox-mode-string", "bbox-mode-relative",
         "target-phrase-number", "type-list", "empty-with-target", "empty-string"])
 def test_check_records_refuses_misshaped_fields_by_name(tmp_path, record_checkers, change, field, problem):

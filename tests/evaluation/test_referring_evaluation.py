@@ -232,6 +232,9 @@ def test_reset_forgets_previous_samples():
 
 def test_per_sample_results_file(tmp_path):
     inputs, outputs = generalized_samples()
+    # A loader's pathlib.Path (the record checks accept it) is written as its text; it made
+    # json.dump fail after the whole training (extension review, session 53).
+    inputs[0]["file_name"] = tmp_path / "images" / "a.jpg"
     metrics = run_evaluator(GENERALIZED, inputs, outputs, output_dir=str(tmp_path))
     files = sorted(p.name for p in tmp_path.iterdir())
     assert files == [f"referring_results_{GENERALIZED}.json"]  # no temp file left behind
@@ -247,6 +250,7 @@ def test_per_sample_results_file(tmp_path):
     assert [r["gt_empty"] for r in rows] == [True, True, False, False, False, True]
     assert [r["pred_empty"] for r in rows] == [True, False, False, True, True, True]
     assert {"image_id", "sent_id"} <= set(rows[0])
+    assert rows[0]["file_name"] == str(tmp_path / "images" / "a.jpg")
 
 
 def _two_process_worker(inputs, outputs, result_dir):

@@ -564,6 +564,9 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
     for key in ("image_id", "ref_id"):
         if key not in record:
             return key, "missing: expected the record's id"
+        # The evaluator writes ids into its per-sample JSON (a UUID failed there, after training).
+        if not valid_id(record[key]):
+            return key, f"expected an integer or string id, got {quote(record[key])}"
     sentence = record.get("sentence")
     if not isinstance(sentence, dict):
         return "sentence", f"expected a dict {{'raw': text, 'sent_id': id}}, got {quote(sentence)}"

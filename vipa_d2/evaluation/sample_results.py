@@ -1,5 +1,6 @@
 """What :class:`ReferringEvaluator` scores against, and what it keeps of each sample."""
 
+import os
 from typing import Dict
 
 import torch
@@ -49,8 +50,10 @@ def sample_details(
     sentence = inp.get("sentence")
     if isinstance(sentence, dict):  # a dataset record rather than a mapped input
         sentence = sentence.get("raw")
+    file_name = inp.get("file_name")
     details = {
-        "file_name": inp.get("file_name"),
+        # A loader's pathlib.Path (the record checks accept it) as JSON can hold it.
+        "file_name": os.fspath(file_name) if isinstance(file_name, os.PathLike) else file_name,
         "sentence": sentence,
         # The record's flag where there is one: a target whose mask happens to be empty
         # is still a target sample for ReLA's metrics.
