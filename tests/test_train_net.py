@@ -30,6 +30,7 @@ from vipa_d2 import ConfigError
 from vipa_d2.data import ReferringDataError, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
+from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.engine.process_group import CUDA_DEVICES_ENV
 from vipa_d2.engine.trainer import check_ranks_start_alike
@@ -337,6 +338,22 @@ def test_missing_images_are_refused_before_any_batch(synthetic_benchmark, tmp_pa
     with pytest.raises(ReferringDataError, match=rf"^{VAL}: 1 of its \d+ image files are not the height x width of "
                                                  rf"their records \(after EXIF rotation\): {gone} is 30 x 20, records of it say"):
         train_net.Trainer.build_test_loader(cfg, VAL)
+
+
+def test_an_evaluator_override_with_detectron2s_signature_serves_the_flip_and_the_control(tmp_path):
+    # build_evaluator(cls, cfg, dataset_name, output_folder=None), as Detectron2 projects write
+    # it, got name= for TEST.AUG and the shuffled control: a TypeError after the whole
+    # training (extension review, session 53).
+    class Mine(train_net.Trainer):
+        @classmethod
+        def build_evaluator(cls, cfg, dataset_name, output_folder=None):
+            return ReferringEvaluator(dataset_name, distributed=False, output_dir=output_folder)
+
+    cfg = make_cfg(config_file=INSTANT_TEST_CONFIG)
+    evaluator = Mine.named_evaluator(cfg, VAL, str(tmp_path), VAL + "/shuffled")
+    assert isinstance(evaluator, ReferringEvaluator) and evaluator._output_dir == str(tmp_path)
+    named = train_net.Trainer.named_evaluator(cfg, VAL, str(tmp_path), VAL + "/shuffled")
+    assert named._name == VAL + "/shuffled"  # the default one still names its results
 
 
 def test_aspect_ratio_grouping_is_said_to_be_unread(tmp_path):

@@ -1,4 +1,5 @@
 """DefaultTrainer for referring segmentation: VIPA data, evaluator, optimizer, exact resume."""
+import inspect
 import logging
 import os
 import re
@@ -349,7 +350,7 @@ class ReferringTrainer(DefaultTrainer):
         folder = os.path.join(cfg.OUTPUT_DIR, "inference" + TTA_SUFFIX)
         runs = [
             (name + TTA_SUFFIX, cls.build_test_loader(cfg, name),
-             cls.build_evaluator(cfg, name, output_folder=folder, name=name + TTA_SUFFIX))
+             cls.named_evaluator(cfg, name, folder, name + TTA_SUFFIX))
             for name in cfg.DATASETS.TEST
         ]
         broadcast_buffers_from_main(model)
@@ -463,6 +464,16 @@ class ReferringTrainer(DefaultTrainer):
         )
 
     @classmethod
+    def named_evaluator(cls, cfg, dataset_name, output_folder, name):
+        """:meth:`build_evaluator` for a run whose results are reported as ``name`` (the
+        flipped or shuffled-expression pass). An override with Detectron2's signature,
+        ``(cfg, dataset_name, output_folder=None)``, is called without the name."""
+        params = inspect.signature(cls.build_evaluator).parameters
+        if "name" in params or any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+            return cls.build_evaluator(cfg, dataset_name, output_folder=output_folder, name=name)
+        return cls.build_evaluator(cfg, dataset_name, output_folder=output_folder)
+
+    @classmethod
     def test(cls, cfg, model, evaluators=None):
         """
         Score every ``DATASETS.TEST`` set; with ``TEST.SHUFFLED_EXPRESSION_CONTROL`` also each
@@ -487,7 +498,7 @@ class ReferringTrainer(DefaultTrainer):
                     (
                         name + SHUFFLED_SUFFIX,
                         cls.build_shuffled_test_loader(cfg, name),
-                        cls.build_evaluator(cfg, name, output_folder=folder, name=name + SHUFFLED_SUFFIX),
+                        cls.named_evaluator(cfg, name, folder, name + SHUFFLED_SUFFIX),
                     )
                 )
         return cls._evaluate(model, runs)
