@@ -8,6 +8,7 @@ import torch
 from detectron2.modeling import build_model
 
 from common import TINY_CONFIG, make_cfg
+from vipa_d2 import ConfigError
 from vipa_d2.engine import ReferringTrainer
 from vipa_d2.engine.checkpoint import WeightsOnlyCheckpointer, load_weights
 from vipa_d2.modeling import VIPAHead
@@ -47,6 +48,10 @@ def test_head_holds_the_decoders_built_by_registered_name():
     for key in ("MODEL.BACKBONE.NAME", "MODEL.VIPA.HEAD_NAME", "MODEL.VIPA.DECODER.NAME", "MODEL.VIPA.PIXEL_DECODER.NAME"):
         with pytest.raises(ValueError, match=f"{key} 'NoSuchPart' is not in the .* registry .* holds .*register"):
             build_model(small_cfg(key, "NoSuchPart"))
+    # ... and the meta-architecture, where the trainer builds it (Detectron2's bare KeyError;
+    # extension review, session 53).
+    with pytest.raises(ConfigError, match="MODEL.META_ARCHITECTURE 'NoSuchPart' is not in the META_ARCH registry .*VIPA"):
+        ReferringTrainer.build_model(small_cfg("MODEL.META_ARCHITECTURE", "NoSuchPart"))
 
 
 def test_each_dropout_key_acts_in_its_own_place():

@@ -17,6 +17,7 @@ from detectron2.data import (
 )
 from detectron2.data.build import filter_images_with_only_crowd_annotations
 from detectron2.engine import AMPTrainer, DefaultTrainer, SimpleTrainer, TrainerBase, hooks
+from detectron2.modeling import META_ARCH_REGISTRY
 from detectron2.evaluation import DatasetEvaluator, inference_on_dataset
 from detectron2.utils import comm
 from detectron2.utils.file_io import PathManager
@@ -31,6 +32,7 @@ from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.data.validation import shortlist
 from vipa_d2.evaluation import ReferringEvaluator, print_csv_format
 from vipa_d2.modeling import VIPA, runtime_options
+from vipa_d2.modeling.registry import get_registered
 
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
 from .checkpoint import LAST_CHECKPOINT_KEY, AtomicDetectionCheckpointer, UntrustedCheckpointError, WeightsError
@@ -200,6 +202,8 @@ class ReferringTrainer(DefaultTrainer):
         of the architecture, see VIPA.set_runtime_options). A config value the modules
         refuse is a ConfigError: train_net.py says it in one line."""
         try:
+            # Detectron2's build_model would say a bare KeyError: the key and the entries here.
+            get_registered(META_ARCH_REGISTRY, cfg.MODEL.META_ARCHITECTURE, "MODEL.META_ARCHITECTURE")
             model = super().build_model(cfg)
             if isinstance(model, VIPA):
                 model.set_runtime_options(**runtime_options(cfg))
