@@ -25,7 +25,7 @@ from detectron2.utils.logger import setup_logger
 from torch.nn.parallel import DistributedDataParallel
 
 from vipa_d2.config import ConfigError, check_amp_device
-from vipa_d2.data.custom import referring_dataset_names
+from vipa_d2.data.custom import referring_dataset_names, register_refer_splits
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
@@ -170,6 +170,9 @@ class ReferringTrainer(DefaultTrainer):
     def __init__(self, cfg):
         # Same steps as DefaultTrainer.__init__, except the DDP wrapper and the checkpointer.
         TrainerBase.__init__(self)
+        # train_net.py registers them in setup(); a trainer built from Python must too (a
+        # registered entry is skipped).
+        register_refer_splits(cfg.DATASETS.REFER_SPLITS)
         for name in ("detectron2", "vipa_d2"):  # when not set up by train_net.py's default_setup
             if not logging.getLogger(name).isEnabledFor(logging.INFO):
                 setup_logger(name=name)
