@@ -303,6 +303,10 @@ def _mutations():
             m(lambda d: img0(d)["expressions"][0].update(group=[1, 7])),
             r"expressions\[0\]\.group: \[7\] are not ids of objects of this image",
         ),
+        (  # the group holds the targets too (extension review, session 53)
+            m(lambda d: img0(d)["expressions"][0].update(group=["b"])),
+            r"expressions\[0\]\.group: leaves out the target\(s\) \[1\]",
+        ),
     ]
 
 

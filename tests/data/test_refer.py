@@ -526,6 +526,11 @@ def test_grefs_file_is_json_list(refer_root):
             r"got \{'id': 101\}",
             "landmark_bad_ann_id",
         ),
+        (  # the category / colour words name the target too (extension review, session 53)
+            {"group_ann_ids": [101]},
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): sentences\[1\]\.group_ann_ids: leaves out the target\(s\) \[100\]",
+            "group_without_target",
+        ),
         (
             {"group_ann_ids": [100, 102]},
             r"instances\.json: ann_id=102 \(group member of ref_id=0\): image_id: 8, but the ref is about image 7",

@@ -276,6 +276,11 @@ def _check_breakdown_fields(ex: Dict, q: str, ids, problems: List[str]):
             unknown = [g for g in group if g not in ids]
             if unknown:
                 problems.append(f"{q}.group: {unknown!r} are not ids of objects of this image")
+            targets = ex.get("targets") if isinstance(ex.get("targets"), list) else []
+            left_out = [t for t in targets if valid_id(t) and t not in group]
+            if left_out:
+                problems.append(f"{q}.group: leaves out the target(s) {left_out!r}; the group is every object "
+                                "the expression's category / colour words name, its targets too")
     if "type" in ex and (not isinstance(ex["type"], str) or not ex["type"].strip()):
         problems.append(
             f"{q}.type: expected a non-empty expression type such as 'relation', "

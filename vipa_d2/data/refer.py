@@ -279,7 +279,7 @@ class _TargetChecker:
         return None
 
 
-def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str, targets, refs_path: str):
+def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str, targets, refs_path: str, ann_ids):
     """
     The record fields of a sentence's optional ``type`` / ``group_ann_ids`` /
     ``landmark_ann_id`` + ``landmark_phrase`` (see :mod:`vipa_d2.data.custom`): ({"type":
@@ -296,6 +296,13 @@ def _sentence_breakdown(sent: Dict, raw: str, ref: Dict, where: str, field: str,
             failure = targets.annotation(aid, ref, where, refs_path, role="group member", field=f"{field}.group_ann_ids[{k}]")
             if failure is not None:
                 return {}, ("group_" + failure[0], failure[1])
+        # The objects the category / colour words name include the targets (``ann_ids``):
+        # the object choice's loss would otherwise learn that a target is outside its group.
+        left_out = [aid for aid in ann_ids if aid not in group]
+        if left_out:
+            error = data_error(refs_path, where, f"{field}.group_ann_ids", f"leaves out the target(s) {quote(left_out)}: "
+                               "the group is every object the expression's category / colour words name, its targets too")
+            return {}, ("group_without_target", error)
         out["group_ann_ids"] = group
     if "type" in sent:
         if not isinstance(sent["type"], str) or not sent["type"].strip():
@@ -437,7 +444,7 @@ def load_refer_dicts(
                 continue
             if not text.strip():
                 notes["blank sentences (kept)"] += 1
-            extra, failure = _sentence_breakdown(sent, text, ref, where, f"sentences[{j}]", targets, refs_path)
+            extra, failure = _sentence_breakdown(sent, text, ref, where, f"sentences[{j}]", targets, refs_path, ann_ids)
             if failure is not None:
                 policy(*failure)
                 continue
