@@ -33,7 +33,7 @@ from detectron2.structures import BoxMode
 from PIL import Image
 
 from vipa_d2 import get_vipa_cfg
-from vipa_d2.evaluation import ReferringEvaluator
+from vipa_d2.evaluation import ReferringEvaluator, results_file_name
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS_DIR = os.path.join(REPO_ROOT, "configs")
@@ -101,7 +101,7 @@ def train_net_args(output_dir, *flags, opts=()):
 
 def results_file(output_dir, name=INSTANT_TEST_VAL, sub="inference"):
     """The per-sample results file the evaluator wrote for dataset ``name``."""
-    with open(os.path.join(output_dir, sub, f"referring_results_{name}.json")) as f:
+    with open(os.path.join(output_dir, sub, results_file_name(name))) as f:
         return json.load(f)
 
 

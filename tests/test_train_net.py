@@ -269,6 +269,9 @@ def test_datasets_that_are_not_referring_are_refused_at_setup(tmp_path, key, nam
 
 @pytest.mark.parametrize("opts,problem", [
     (["TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "False"], r"TEST.AUG.ENABLED: .*set TEST.AUG.FLIP True"),
+    # One results file for both: the second replaced the first without a word ('a/val' and
+    # 'a_val' too; extension review, session 53).
+    (["DATASETS.TEST", f"('{VAL}', '{VAL}')"], rf"DATASETS.TEST: '{VAL}' and '{VAL}' would write one results file"),
     (["TEST.EXPECTED_RESULTS", "[['refsynth_unc_testA/refer', 'oIoU', 1.0, 0.5]]"],
      rf"TEST.EXPECTED_RESULTS\[0\]: task 'refsynth_unc_testA/refer' is not of a set this config evaluates \({VAL}\)"),
     (["TEST.EXPECTED_RESULTS", f"[['{VAL}/shuffled/refer', 'oIoU', 1.0, 0.5]]"],  # the control is off

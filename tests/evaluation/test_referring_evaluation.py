@@ -514,6 +514,17 @@ def test_main_job_prints_the_breakdowns_from_the_results_file(tmp_path):
     assert main_job.format_sections(main_job.read_results(str(tmp_path / "none"), [PLAIN])) == ""
 
 
+def test_tools_read_the_results_of_a_set_named_with_a_slash(tmp_path):
+    # The evaluator writes "a/b" as referring_results_a_b.json; the tools looked for
+    # "referring_results_a/b.json" (extension review, session 53).
+    from vipa_d2.utils.runs import read_results
+
+    evaluator = ReferringEvaluator("mine/val", distributed=False, output_dir=str(tmp_path / "inference"))
+    evaluator.process(plain_samples()[:1], [{"ref_seg": expected_gt(0)}])
+    evaluator.evaluate()
+    assert list(read_results(str(tmp_path), ["mine/val"])) == ["mine/val"]
+
+
 def test_retrieval_means_over_no_sample_are_left_out():
     inputs, outputs = retrieval_samples()
     # Only the one-cue sample, and a landmark sample without landmark cues.

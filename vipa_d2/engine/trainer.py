@@ -30,7 +30,7 @@ from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.data.validation import shortlist
-from vipa_d2.evaluation import ReferringEvaluator, print_csv_format
+from vipa_d2.evaluation import ReferringEvaluator, print_csv_format, results_file_name
 from vipa_d2.modeling import VIPA, runtime_options
 from vipa_d2.modeling.registry import get_registered
 
@@ -77,9 +77,10 @@ def check_referring_datasets(cfg) -> None:
     """
     ConfigError naming a ``DATASETS.TRAIN`` entry that is not registered, a
     ``DATASETS.TEST`` entry that is not a registered referring dataset (one with the
-    referring evaluator), with the ones there are, ``TEST.AUG`` without its flip, or a
-    ``TEST.EXPECTED_RESULTS`` task of a set the config does not evaluate: before any model
-    is built, where each would otherwise surface only after the whole training.
+    referring evaluator), with the ones there are, two test sets that would write one
+    results file, ``TEST.AUG`` without its flip, or a ``TEST.EXPECTED_RESULTS`` task of a
+    set the config does not evaluate: before any model is built, where each would otherwise
+    surface only after the whole training (or, two sets in one file, never).
     """
     registered = DatasetCatalog.list()
     referring = referring_dataset_names()
@@ -106,6 +107,15 @@ def check_referring_datasets(cfg) -> None:
                 f"but its entry has evaluator_type={evaluator_type!r} (your own loader: "
                 f"MetadataCatalog.get({name!r}).set(evaluator_type={REFERRING_EVALUATOR_TYPE!r}), or "
                 f"{_OWN_DATASET_REGISTRATION}); they are {listed}"
+            )
+    written = {}  # results file -> the first set writing it
+    for name in cfg.DATASETS.TEST:
+        first = written.setdefault(results_file_name(name), name)
+        if first != name or list(cfg.DATASETS.TEST).count(name) > 1:
+            raise ConfigError(
+                f"DATASETS.TEST: {first!r} and {name!r} would write one results file, {results_file_name(name)}: "
+                "the second would replace the first; evaluate each set once, under names that differ beyond '/' "
+                "and '_'"
             )
     _check_evaluated_tasks(cfg)
 

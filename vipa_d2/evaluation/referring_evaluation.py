@@ -212,8 +212,7 @@ class ReferringEvaluator(DatasetEvaluator):
 
     def _write_samples(self, samples, metrics, sections, rela=None):
         PathManager.mkdirs(self._output_dir)
-        file_name = "referring_results_{}.json".format(self._dataset_name.replace("/", "_"))
-        path = os.path.join(self._output_dir, file_name)
+        path = os.path.join(self._output_dir, results_file_name(self._dataset_name))
         payload = {
             "dataset": self._dataset_name,
             "resolution": self._resolution,
@@ -236,6 +235,11 @@ def _json_numbers(value):
     if isinstance(value, dict):
         return {k: _json_numbers(v) for k, v in value.items()}
     return None if isinstance(value, float) and math.isnan(value) else value
+
+
+def results_file_name(dataset_name: str) -> str:
+    """The per-sample results file of ``dataset_name`` (a "/" in the name becomes "_")."""
+    return "referring_results_{}.json".format(dataset_name.replace("/", "_"))
 
 
 def _plain_id(value):

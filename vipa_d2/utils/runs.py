@@ -20,6 +20,7 @@ from vipa_d2.config import ConfigError, flatten_config, get_vipa_cfg
 from vipa_d2.data.builtin import BUILTIN_REFERRING
 from vipa_d2.data.validation import read_json_file
 from vipa_d2.engine import SHUFFLED_SUFFIX
+from vipa_d2.evaluation import results_file_name
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
 __all__ = [
@@ -238,7 +239,7 @@ def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[
     rows = OrderedDict()
     for name in dataset_names:
         for suffix, folder in _RESULT_FOLDERS:
-            path = os.path.join(output_dir, folder, f"referring_results_{name}.json")
+            path = os.path.join(output_dir, folder, results_file_name(name))
             if os.path.isfile(path):
                 rows[name + suffix] = read_json_object(path)
     return rows
