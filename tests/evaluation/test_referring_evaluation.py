@@ -336,6 +336,14 @@ def test_per_type_metrics_hand_computed(tmp_path):
     )
     assert [row["type"] for row in payload["samples"]] == ["colour", "relation", "relation"]
     assert "retrieval" not in payload  # the model output no retrieval
+    # Expressions without a type, beside typed ones, get a row of their own, last; they
+    # were left out of the table without a word (extension review, session 53).
+    del inputs[1]["type"]
+    evaluator.reset()
+    evaluator.process(inputs, outputs)
+    by_type = evaluator.evaluate()["refer_by_type"]
+    assert [k for k in by_type if k.endswith("/samples")] == ["colour/samples", "relation/samples", "(no type)/samples"]
+    assert by_type["(no type)/oIoU"] == pytest.approx(100.0 * 10 / 12) and by_type["relation/samples"] == 1
 
 
 def _retrieved(*boxes, size=4):

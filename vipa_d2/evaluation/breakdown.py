@@ -3,7 +3,8 @@ Breakdowns of referring results, computed by :class:`ReferringEvaluator` when th
 the model provide what they need (otherwise nothing changes):
 
 * **per expression type** (records with a ``type``, e.g. the synthetic benchmark):
-  oIoU / mIoU / Prec@0.5 of each type, under the ``refer_by_type`` results key;
+  oIoU / mIoU / Prec@0.5 of each type, under the ``refer_by_type`` results key (the
+  expressions without one, where others have one, as ``UNTYPED``);
 * **retrieval report** (model outputs with ``retrieved`` / ``cue_valid``, i.e. a VEG with
   step 1): how much the cues' retrieved visual tokens overlap (mean pairwise Jaccard); for
   expressions naming their target's category (``target_tokens``), the share of the
@@ -46,6 +47,9 @@ __all__ = [
 ]
 
 BY_TYPE_KEY = "refer_by_type"
+# The per-type row of the expressions without a type, where others have one (a record's
+# type is a non-empty string, so this one is no type's name).
+UNTYPED = "(no type)"
 RETRIEVAL_KEY = "retrieval"
 # Per-type columns: the headline metrics; a type holds too few samples for finer Prec@X.
 TYPE_METRICS = ("oIoU", "mIoU", "Prec@0.5")
@@ -181,8 +185,13 @@ def _by_type(samples: List[Dict], compute_metrics: Callable) -> "OrderedDict":
     for s in samples:
         if "type" in s:
             groups.setdefault(s["type"], []).append(s)
+    names = sorted(groups)
+    untyped = [s for s in samples if "type" not in s]
+    if untyped:  # a dataset typing some expressions only: the rest get a row of their own
+        groups[UNTYPED] = untyped
+        names.append(UNTYPED)
     out = OrderedDict()
-    for name in sorted(groups):
+    for name in names:
         metrics = compute_metrics(groups[name])
         out[name] = OrderedDict(samples=len(groups[name]))
         out[name].update((k, metrics[k]) for k in TYPE_METRICS)
