@@ -147,10 +147,22 @@ class PlainForwardBackbone(Backbone):
         return {"res2": ShapeSpec(channels=8, stride=4)}
 
 
+@BACKBONE_REGISTRY.register()
+class KwargsForwardBackbone(PlainForwardBackbone):
+    """``forward(x, **kwargs)``, ignoring what it does not know (a common wrapper style)."""
+
+    def forward(self, x, **kwargs):
+        return super().forward(x)
+
+
 def test_early_fusion_needs_a_backbone_that_takes_the_stage_hook():
     # Refused when the model is built, not at the first step's call with stage_hook=.
-    with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME 'PlainForwardBackbone'.*takes no stage_hook"):
+    with pytest.raises(ValueError, match="MODEL.BACKBONE.NAME 'PlainForwardBackbone'.*takes no stage_hook. Add it"):
         build("MODEL.BACKBONE.NAME", "PlainForwardBackbone")
+    # **kwargs is no promise to call it: such a backbone trained without fusion, unsaid
+    # (extension review, session 53).
+    with pytest.raises(ValueError, match=r"'KwargsForwardBackbone'.*takes no stage_hook by name \(\*\*kwargs may drop it"):
+        build("MODEL.BACKBONE.NAME", "KwargsForwardBackbone")
 
 
 def test_losses_name_the_head_outputs_they_lack(tokenizer, default_model):

@@ -28,19 +28,24 @@ FUSION_MODES = ("none", "late", "early")
 
 def check_early_fusion_backbone(backbone: nn.Module, name: str) -> None:
     """
-    ValueError unless ``backbone.forward`` takes ``stage_hook``, which early fusion needs
+    ValueError unless ``backbone.forward`` takes ``stage_hook`` by name, which early fusion needs
     (:class:`VIPATimmBackbone` does; Detectron2's own backbones and a plain
     ``forward(x)`` do not). Checked when the model is built: the call would otherwise fail
     at the first step. ``name``: the config's MODEL.BACKBONE.NAME, for the message.
     """
-    parameters = inspect.signature(backbone.forward).parameters.values()
-    if any(p.name == "stage_hook" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
+    parameters = inspect.signature(backbone.forward).parameters
+    if "stage_hook" in parameters:
         return
+    # A forward(x, **kwargs) is refused too: one that ignores the hook trained without fusion
+    # and without a word (extension review, session 53); naming it says it is called.
+    takes_kwargs = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values())
     raise ValueError(
         f"MODEL.VIPA.FUSION 'early' fuses the words into the backbone after every output stage, so the backbone "
         f"(MODEL.BACKBONE.NAME {name!r}) needs forward(x, stage_hook=None) that replaces each output stage's "
         f"feature f by stage_hook(name, f) before the next stage reads it (as VIPATimmBackbone.forward does); "
-        f"{type(backbone).__name__}.forward takes no stage_hook. Add it, or set MODEL.VIPA.FUSION 'late' or 'none'"
+        f"{type(backbone).__name__}.forward takes no stage_hook"
+        + (" by name (**kwargs may drop it; name it, and pass it on if another backbone calls it)" if takes_kwargs else "")
+        + ". Add it, or set MODEL.VIPA.FUSION 'late' or 'none'"
     )
 
 
