@@ -208,9 +208,9 @@ def _check_expected_results_refusals(results):
     with pytest.raises(SystemExit) as exit_info:
         verify([[f"{VAL}/refer", "oIoU", oiou + 0.6, 0.5]])
     assert exit_info.value.code == 1
-    with pytest.raises(ValueError, match=f"task '{VAL}' is not among the results; .* one of: {VAL}/refer, {VAL}/refer_by_type"):
+    with pytest.raises(ConfigError, match=f"task '{VAL}' is not among the results; .* one of: {VAL}/refer, {VAL}/refer_by_type"):
         verify([[VAL, "oIoU", oiou, 0.5]])
-    with pytest.raises(ValueError, match=f"'{VAL}/refer' has no metric 'IoU'; it has Prec@0.5, .*oIoU"):
+    with pytest.raises(ConfigError, match=f"'{VAL}/refer' has no metric 'IoU'; it has Prec@0.5, .*oIoU"):
         verify([[f"{VAL}/refer", "IoU", oiou, 0.5]])
 
 

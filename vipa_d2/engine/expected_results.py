@@ -14,6 +14,7 @@ from detectron2.evaluation import verify_results
 from detectron2.evaluation.testing import flatten_results_dict
 
 from ..data.validation import shortlist
+from ..errors import ConfigError
 
 __all__ = ["referring_tasks", "verify_referring_results"]
 
@@ -39,7 +40,7 @@ def verify_referring_results(cfg, results) -> bool:
     """
     Check ``results`` (``ReferringTrainer.test``'s) against ``cfg.TEST.EXPECTED_RESULTS``;
     True when there is nothing to check. A task or metric that ``results`` lacks is a
-    ValueError naming it and what there is; a value off by more than its tolerance ends
+    ConfigError naming it and what there is (train_net.py says it in one line); a value off by more than its tolerance ends
     the process with status 1 after logging both, as Detectron2's ``verify_results`` does.
     """
     if not len(cfg.TEST.EXPECTED_RESULTS):
@@ -47,10 +48,10 @@ def verify_referring_results(cfg, results) -> bool:
     tasks = referring_tasks(results)
     for task, metric, _, _ in cfg.TEST.EXPECTED_RESULTS:
         if task not in tasks:
-            raise ValueError(
+            raise ConfigError(
                 f"TEST.EXPECTED_RESULTS: task {task!r} is not among the results; expected "
                 f"'<dataset>/<section>', one of: {_listing(tasks) or 'none (nothing was evaluated)'}"
             )
         if metric not in tasks[task]:
-            raise ValueError(f"TEST.EXPECTED_RESULTS: {task!r} has no metric {metric!r}; it has {_listing(tasks[task])}")
+            raise ConfigError(f"TEST.EXPECTED_RESULTS: {task!r} has no metric {metric!r}; it has {_listing(tasks[task])}")
     return verify_results(cfg, tasks)
