@@ -24,6 +24,7 @@ import gradio as gr
 import numpy as np
 
 from demo import DemoError, add_override_arguments, setup_cfg  # demo/demo.py: this script's folder is sys.path[0]
+from vipa_d2.config import add_config_function_option
 from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image, validate_expressions
 from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure, token_cells
 
@@ -153,6 +154,7 @@ def build_app(predictor: VIPAPredictor) -> gr.Blocks:
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config file")
+    add_config_function_option(parser)
     parser.add_argument("--host", default=DEFAULT_HOST, help="address to serve on (default: loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="port to serve on")
     add_override_arguments(parser)
@@ -162,7 +164,8 @@ def get_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = get_parser().parse_args(argv)
     try:
-        predictor = VIPAPredictor(setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts)))
+        predictor = VIPAPredictor(setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts),
+                                            args.config_function))
     except (DemoError, FileNotFoundError, WeightsError, ValueError) as e:
         print(f"app.py: error: {e}", file=sys.stderr)
         return 1

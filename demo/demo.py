@@ -38,6 +38,7 @@ from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from vipa_d2 import ConfigError, get_vipa_cfg
+from vipa_d2.config import add_config_function_option, import_config_functions
 from vipa_d2.data.manifest import ManifestEntry, read_manifest
 from vipa_d2.data.masks import mask_to_rle
 from vipa_d2.data.validation import ReferringDataError, shortlist, stored_image_size
@@ -77,6 +78,7 @@ def get_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--config-file", required=True, metavar="FILE", help="path to a config file")
+    add_config_function_option(parser)
     parser.add_argument(
         "--input", nargs="+", metavar="IMG|DIR|GLOB",
         help="image files, folders of images or quoted glob patterns (with --text)",
@@ -119,15 +121,16 @@ def add_override_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def setup_cfg(config_file: str, opts: Sequence[str]):
-    """The frozen config: defaults + vipa keys + ``config_file`` + ``opts``."""
+def setup_cfg(config_file: str, opts: Sequence[str], config_function_specs: Sequence[str] = ()):
+    """The frozen config: defaults + vipa keys + the keys of ``config_function_specs``
+    (``--config-function``) + ``config_file`` + ``opts``."""
     if not os.path.isfile(config_file):
         raise DemoError(f"config file not found: {config_file}")
     options = [key for key in list(opts)[::2] if key.startswith("--")]
     if options:  # argparse hands every word after the first override to the overrides
         raise DemoError(f"{options[0]}: options go before the KEY VALUE config overrides (here it was read as a key)")
     try:
-        cfg = get_vipa_cfg(config_file, opts)
+        cfg = get_vipa_cfg(config_file, opts, import_config_functions(config_function_specs))
     except ConfigError as e:
         raise DemoError(str(e)) from e
     cfg.freeze()
@@ -300,7 +303,7 @@ def summary(jobs: Jobs) -> str:
 def run(args) -> Tuple[str, str]:
     """Run the demo for parsed ``args``; returns (what was segmented, output)."""
     jobs = collect_jobs(args)
-    cfg = setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts))
+    cfg = setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts), args.config_function)
     plan = plan_outputs(jobs, args.output)
     check_outputs(jobs, plan, args)
     # Every input's header before the model: a bad file (a glob's notes.txt, a broken

@@ -5,11 +5,12 @@ import subprocess
 import sys
 
 import pytest
-from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG, import_train_net, make_cfg, train_net_args
+from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG, import_train_net, load_script, make_cfg, train_net_args
 from detectron2.config import CfgNode as CN
 from detectron2.config import get_cfg
 
 from vipa_d2 import ConfigError, add_vipa_config, get_vipa_cfg
+from vipa_d2.config import import_config_functions
 from vipa_d2.modeling.head import KV_SOURCES
 
 CONFIGS = sorted(glob.glob(os.path.join(CONFIGS_DIR, "**", "*.yaml"), recursive=True))
@@ -208,6 +209,31 @@ def test_project_config_functions_add_keys_its_files_set(tmp_path):
     assert get_vipa_cfg(str(leaf), add_configs=[add_project_config]).MODEL.PROJECT_LOSS.WEIGHT == 0.5
     overridden = get_vipa_cfg(str(leaf), ["MODEL.PROJECT_LOSS.WEIGHT", "0.25"], [add_project_config])
     assert overridden.MODEL.PROJECT_LOSS.WEIGHT == 0.25
+
+
+def test_the_tools_read_a_projects_keys_through_config_function(tmp_path, monkeypatch):
+    # demo.py, app.py, visualize_data.py, model_cost.py and slim_checkpoint.py could not read
+    # a config with keys of one's own (extension review, session 53): --config-function.
+    (tmp_path / "myproj_config.py").write_text(
+        "from detectron2.config import CfgNode\n\n\n"
+        "def add_myproj_config(cfg):\n    cfg.MODEL.MYPROJ = CfgNode()\n    cfg.MODEL.MYPROJ.WEIGHT = 1.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    leaf = tmp_path / "mine.yaml"
+    leaf.write_text(f"_BASE_: {TINY_CONFIG}\nMODEL:\n  MYPROJ:\n    WEIGHT: 0.25\n")
+    demo = load_script("demo/demo.py")
+    with pytest.raises(demo.DemoError, match="Non-existent config key: MODEL.MYPROJ"):
+        demo.setup_cfg(str(leaf), [])
+    spec = "myproj_config:add_myproj_config"
+    args = demo.get_parser().parse_args(["--config-file", str(leaf), "--config-function", spec, "--input", "x.jpg",
+                                         "--output", "o", "--text", "the cup"])
+    assert demo.setup_cfg(args.config_file, [], args.config_function).MODEL.MYPROJ.WEIGHT == 0.25
+    model_cost = load_script("tools/model_cost.py")  # its arguments load the config when parsed
+    assert model_cost.parse_args(["--config-file", str(leaf), "--config-function", spec]).config_function == [spec]
+    for bad, problem in {"myproj_config": "expected MODULE:FUNCTION", "no_such_module:f": "cannot import 'no_such_module'",
+                         "myproj_config:nothing": "myproj_config has no function 'nothing'"}.items():
+        with pytest.raises(ConfigError, match=f"--config-function '{bad}': {problem}"):
+            import_config_functions([bad])
 
 
 def test_train_net_reads_the_trainers_config_functions(tmp_path, monkeypatch):

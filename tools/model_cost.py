@@ -33,6 +33,7 @@ from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
 
 from vipa_d2 import ConfigError, get_vipa_cfg
+from vipa_d2.config import add_config_function_option, import_config_functions
 from vipa_d2.data import referring_dataset_names
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, keep_freed_host_memory, load_weights
@@ -44,6 +45,7 @@ from vipa_d2.utils.analysis import HEAD_MODULES, MODULES, count_flops, count_par
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config-file", required=True)
+    add_config_function_option(p)
     p.add_argument("--image-size", type=int, default=0, help="square input side (default: INPUT.IMAGE_SIZE)")
     p.add_argument("--random-text-encoder", choices=["bert-base"], default=None,
                    help="a text encoder of this shape with random weights (no download)")
@@ -66,7 +68,7 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for alt in [""] + args.alt:  # a config that does not load fails here, in one line
         try:
-            get_vipa_cfg(args.config_file, args.opts + alt.split())
+            get_vipa_cfg(args.config_file, args.opts + alt.split(), import_config_functions(args.config_function))
         except ConfigError as e:
             p.error(str(e))
     # Everything else that would fail only after minutes of timing fails here too.
@@ -92,7 +94,7 @@ def parse_args(argv=None):
 
 
 def setup_cfg(args, opts, tmpdir):
-    cfg = get_vipa_cfg(args.config_file, args.opts + opts)
+    cfg = get_vipa_cfg(args.config_file, args.opts + opts, import_config_functions(args.config_function))
     cfg.MODEL.DEVICE = "cpu"  # a CPU cost tool: the timers do not synchronise with a GPU
     cfg.MODEL.TIMM.WEIGHTS = ""  # random backbone; --eval-weights loads the trained one
     if args.random_text_encoder:

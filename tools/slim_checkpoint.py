@@ -21,6 +21,7 @@ import torch
 from detectron2.modeling import build_model
 
 from vipa_d2 import get_vipa_cfg
+from vipa_d2.config import add_config_function_option, import_config_functions
 from vipa_d2.engine.checkpoint import load_weights, model_checkpoint, save_checkpoint_file
 from vipa_d2.utils.checkpoint_file import local_weights_path
 
@@ -30,6 +31,7 @@ MEGABYTE = 1024 * 1024
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, metavar="FILE", help="config the checkpoint was trained with")
+    add_config_function_option(parser)
     parser.add_argument("--input", required=True, metavar="FILE", help="checkpoint to export (e.g. model_final.pth)")
     parser.add_argument("--output", required=True, metavar="FILE", help="model-only checkpoint to write")
     parser.add_argument("--fp16", action="store_true", help="store floating-point weights in half precision")
@@ -37,8 +39,10 @@ def get_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def export(config_file: str, source: str, output: str, fp16: bool = False, opts: Sequence[str] = ()) -> None:
-    """Write ``source``'s model, checked against ``config_file``, to ``output``."""
+def export(config_file: str, source: str, output: str, fp16: bool = False, opts: Sequence[str] = (),
+           config_functions: Sequence = ()) -> None:
+    """Write ``source``'s model, checked against ``config_file`` (with the keys of
+    ``config_functions``), to ``output``."""
     if os.path.abspath(source) == os.path.abspath(output):
         raise ValueError(f"--output {output} is the --input file; give another path")
     local_weights_path(source, key="--input")  # FileNotFoundError naming --input
@@ -46,7 +50,7 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
         raise FileNotFoundError(f"--output {output}: its folder does not exist")
     if os.path.isdir(output):
         raise ValueError(f"--output {output} is a folder; give the checkpoint file to write, e.g. {output}/model_slim.pth")
-    cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"])
+    cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"], config_functions)
     cfg.freeze()
     model = build_model(cfg)
     load_weights(model, source, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
@@ -57,7 +61,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = get_parser()
     args = parser.parse_args(argv)
     try:
-        export(args.config_file, args.input, args.output, args.fp16, args.opts)
+        export(args.config_file, args.input, args.output, args.fp16, args.opts,
+               import_config_functions(args.config_function))
     # ConfigError and WeightsError are ValueErrors; each of these names the file or key (an
     # OSError of the write names the file too: a full disk, a folder removed meanwhile).
     except (ValueError, OSError) as e:

@@ -34,6 +34,7 @@ from detectron2.utils.logger import setup_logger
 from tqdm import tqdm
 
 from vipa_d2 import get_vipa_cfg
+from vipa_d2.config import add_config_function_option, import_config_functions
 from vipa_d2.data import referring_dataset_names, register_refer_splits
 from vipa_d2.data.dataset_mapper import read_record_image
 from vipa_d2.data.masks import annotations_to_mask
@@ -52,6 +53,7 @@ DRAW_ERRORS = (OSError, ValueError, KeyError)
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config-file", required=True, help="the training config")
+    add_config_function_option(parser)
     parser.add_argument("--source", choices=SOURCES, required=True, help="registered records, or the train loader's samples")
     parser.add_argument("--output-dir", required=True, help="folder of the PNGs")
     parser.add_argument("--dataset", nargs="+", default=None,
@@ -132,7 +134,7 @@ def main(argv=None) -> int:
     parser, args = parse_args(argv)
     setup_logger(name="detectron2")
     try:
-        cfg = get_vipa_cfg(args.config_file, args.opts)
+        cfg = get_vipa_cfg(args.config_file, args.opts, import_config_functions(args.config_function))
         register_refer_splits(cfg.DATASETS.REFER_SPLITS)
     except ValueError as e:  # ConfigError, or a REFER_SPLITS entry that clashes
         parser.error(str(e))

@@ -1,5 +1,6 @@
 """Config keys added by vipa_d2 on top of Detectron2's defaults."""
 import functools
+import importlib
 import math
 import os
 from typing import Callable, Sequence
@@ -724,6 +725,36 @@ def check_config_chain(path: str, defaults: CN, seen: frozenset = frozenset()) -
 def _merge_message(e: BaseException) -> str:
     # KeyError's str() adds quotes around its message.
     return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+def add_config_function_option(parser) -> None:
+    """The tools' ``--config-function MODULE:FUNCTION`` (repeatable): the add_*_config
+    functions of a project of one's own, as ``Trainer.config_functions`` gives them to
+    train_net.py (:func:`import_config_functions` reads them)."""
+    parser.add_argument(
+        "--config-function", action="append", default=[], metavar="MODULE:FUNCTION",
+        help="an add_*_config function of your project (its module importable, e.g. installed): imported, with "
+             "the modules it registers, before the config is read; repeatable",
+    )
+
+
+def import_config_functions(specs: Sequence[str]) -> list:
+    """The functions ``specs`` ("MODULE:FUNCTION", a tool's ``--config-function``) name,
+    their modules imported; ConfigError naming a spec that does not resolve."""
+    functions = []
+    for spec in specs:
+        module_name, _, name = spec.partition(":")
+        if not module_name or not name:
+            raise ConfigError(f"--config-function {spec!r}: expected MODULE:FUNCTION, e.g. myproject.config:add_config")
+        try:
+            module = importlib.import_module(module_name)
+        except ImportError as e:
+            raise ConfigError(f"--config-function {spec!r}: cannot import {module_name!r} ({e})") from e
+        function = getattr(module, name, None)
+        if not callable(function):
+            raise ConfigError(f"--config-function {spec!r}: {module_name} has no function {name!r}")
+        functions.append(function)
+    return functions
 
 
 def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequence[Callable[[CN], None]] = ()) -> CN:
