@@ -40,9 +40,11 @@ def verify_referring_results(cfg, results) -> bool:
     """
     Check ``results`` (``ReferringTrainer.test``'s) against ``cfg.TEST.EXPECTED_RESULTS``;
     True when there is nothing to check. A task or metric that ``results`` lacks is a
-    ConfigError naming it and what there is (train_net.py says it in one line); a value off by more than its tolerance ends
-    the process with status 1 after logging both, as Detectron2's ``verify_results`` does.
+    ConfigError naming it and what there is (train_net.py says it in one line); a value
+    off by more than its tolerance ends the process with status 1 after logging both, as
+    Detectron2's ``verify_results`` does.
     """
+
     if not len(cfg.TEST.EXPECTED_RESULTS):
         return True
     tasks = referring_tasks(results)
