@@ -44,7 +44,6 @@ def verify_referring_results(cfg, results) -> bool:
     off by more than its tolerance ends the process with status 1 after logging both, as
     Detectron2's ``verify_results`` does.
     """
-
     if not len(cfg.TEST.EXPECTED_RESULTS):
         return True
     tasks = referring_tasks(results)
