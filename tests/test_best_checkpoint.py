@@ -69,3 +69,11 @@ def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
 def test_no_best_checkpointer_without_periodic_evaluation(tmp_path):
     trainer = train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=["TEST.EVAL_PERIOD", "0"])))
     assert not any(isinstance(h, BestMetricCheckpointer) for h in trainer._hooks)
+
+
+def test_the_best_checkpoint_follows_the_metric_a_config_names(tmp_path):
+    # model_best followed the first test set's refer/oIoU only, whatever an evaluator of
+    # one's own computes (extension review, session 53).
+    opts = EVAL_EVERY + ["TEST.BEST_METRIC", f"{VAL}/refer/mIoU", "TEST.BEST_METRIC_MODE", "min"]
+    hook = _best_hook(train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=opts))))
+    assert hook._val_metric == f"{VAL}/refer/mIoU" and hook._compare(1.0, 2.0) and not hook._compare(2.0, 1.0)

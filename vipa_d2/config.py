@@ -440,6 +440,13 @@ def add_vipa_config(cfg):
     # Run a final evaluation with the expressions shuffled across samples (a control
     # that shows whether the model uses the language at all).
     cfg.TEST.SHUFFLED_EXPRESSION_CONTROL = False
+    # The metric model_best.pth keeps the best of (TEST.EVAL_PERIOD > 0): a key of the
+    # evaluation results as EvalHook logs them, "<dataset>/<section>/<metric>" (e.g. an
+    # evaluator of one's own: "mydata_val/my_area/score"); empty: the first DATASETS.TEST
+    # set's "refer/oIoU".
+    cfg.TEST.BEST_METRIC = ""
+    # Whether a higher ("max") or a lower ("min") TEST.BEST_METRIC is better.
+    cfg.TEST.BEST_METRIC_MODE = "max"
     # Samples per inference batch in each evaluation process (detectron2's test loader
     # uses 1). Batches amortize per-call overhead; results do not depend on it (up to float
     # rounding).
@@ -605,6 +612,7 @@ def _choice_keys():
         # The names detectron2.solver.build_lr_scheduler and WarmupParamScheduler take.
         "SOLVER.LR_SCHEDULER_NAME": ("WarmupMultiStepLR", "WarmupCosineLR", "WarmupStepWithFixedGammaLR"),
         "SOLVER.WARMUP_METHOD": ("linear", "constant"),
+        "TEST.BEST_METRIC_MODE": ("max", "min"),
     }
 
 

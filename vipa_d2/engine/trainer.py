@@ -172,7 +172,8 @@ class ReferringTrainer(DefaultTrainer):
     * DDP over gloo on CPU-only machines (detectron2 passes ``device_ids=[local_rank]``,
       which DDP rejects for CPU modules);
     * ``TEST.EVAL_PERIOD > 0``: ``model_best.pth`` keeps the weights of the best oIoU on the
-      first ``DATASETS.TEST`` set (:class:`vipa_d2.engine.best_checkpoint.BestMetricCheckpointer`);
+      first ``DATASETS.TEST`` set, or of ``TEST.BEST_METRIC``
+      (:class:`vipa_d2.engine.best_checkpoint.BestMetricCheckpointer`);
     * ``TEST.SHUFFLED_EXPRESSION_CONTROL``: each test set also scored with shuffled
       expressions, reported as ``<dataset>/shuffled``.
     """
@@ -308,7 +309,10 @@ class ReferringTrainer(DefaultTrainer):
             ret.insert(
                 evaluation + 1,
                 BestMetricCheckpointer(
-                    self.cfg.TEST.EVAL_PERIOD, self.checkpointer, best_metric_name(self.cfg.DATASETS.TEST[0])
+                    self.cfg.TEST.EVAL_PERIOD,
+                    self.checkpointer,
+                    self.cfg.TEST.BEST_METRIC or best_metric_name(self.cfg.DATASETS.TEST[0]),
+                    mode=self.cfg.TEST.BEST_METRIC_MODE,
                 ),
             )
         if self.cfg.TEST.AUG.ENABLED:
