@@ -19,7 +19,6 @@ from vipa_d2.engine import (
     ReferringTrainer,
     UntrustedCheckpointError,
     WeightsError,
-    check_referring_datasets,
     keep_freed_host_memory,
     launch_ranks,
     leave_process_group,
@@ -55,7 +54,7 @@ def setup(args):
     # (the evaluator's tables, the retrieval report) reach neither the console nor log.txt.
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vipa_d2")
     register_refer_splits(cfg.DATASETS.REFER_SPLITS)  # in every process launch starts
-    check_referring_datasets(cfg)
+    Trainer.check_datasets(cfg)
     if cfg.MODEL.KEEP_FREED_HOST_MEMORY:
         keep_freed_host_memory()
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:

@@ -353,6 +353,11 @@ def test_an_evaluator_override_with_detectron2s_signature_serves_the_flip_and_th
             return ReferringEvaluator(dataset_name, distributed=False, output_dir=output_folder)
 
     cfg = make_cfg(config_file=INSTANT_TEST_CONFIG)
+    # ... and may evaluate a set of another evaluator_type (refused at setup before).
+    cfg.DATASETS.TEST = ("coco_2017_val",)
+    Mine.check_datasets(cfg)
+    with pytest.raises(ConfigError, match="'coco_2017_val' is not a referring dataset"):
+        train_net.Trainer.check_datasets(cfg)
     evaluator = Mine.named_evaluator(cfg, VAL, str(tmp_path), VAL + "/shuffled")
     assert isinstance(evaluator, ReferringEvaluator) and evaluator._output_dir == str(tmp_path)
     named = train_net.Trainer.named_evaluator(cfg, VAL, str(tmp_path), VAL + "/shuffled")

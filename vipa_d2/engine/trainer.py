@@ -73,11 +73,12 @@ MAX_DATASETS_LISTED = 12
 _OWN_DATASET_REGISTRATION = "DATASETS.REFER_SPLITS or vipa_d2.data.register_referring_dataset"
 
 
-def check_referring_datasets(cfg) -> None:
+def check_referring_datasets(cfg, own_evaluator: bool = False) -> None:
     """
     ConfigError naming a ``DATASETS.TRAIN`` entry that is not registered, a
     ``DATASETS.TEST`` entry that is not a registered referring dataset (one with the
-    referring evaluator), with the ones there are, two test sets that would write one
+    referring evaluator; with ``own_evaluator``, a trainer whose ``build_evaluator`` is
+    one's own, any registered one), with the ones there are, two test sets that would write one
     results file, ``TEST.AUG`` without its flip, or a ``TEST.EXPECTED_RESULTS`` task of a
     set the config does not evaluate: before any model is built, where each would otherwise
     surface only after the whole training (or, two sets in one file, never).
@@ -87,7 +88,7 @@ def check_referring_datasets(cfg) -> None:
     # Training data needs no evaluator: a dataset registered with its own loader will do.
     for key, names, allowed in (
         ("DATASETS.TRAIN", cfg.DATASETS.TRAIN, registered),
-        ("DATASETS.TEST", cfg.DATASETS.TEST, referring),
+        ("DATASETS.TEST", cfg.DATASETS.TEST, registered if own_evaluator else referring),
     ):
         for name in names:
             if name in allowed:
@@ -483,6 +484,13 @@ class ReferringTrainer(DefaultTrainer):
             save_prediction_rle=cfg.TEST.SAVE_PREDICTION_RLE,
             name=name,
         )
+
+    @classmethod
+    def check_datasets(cls, cfg) -> None:
+        """:func:`check_referring_datasets` for this trainer: a ``build_evaluator`` of one's
+        own may evaluate test sets of another ``evaluator_type``."""
+        own = cls.build_evaluator.__func__ is not ReferringTrainer.build_evaluator.__func__
+        check_referring_datasets(cfg, own_evaluator=own)
 
     @classmethod
     def named_evaluator(cls, cfg, dataset_name, output_folder, name):
