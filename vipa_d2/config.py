@@ -555,10 +555,10 @@ def check_solver_numbers(cfg) -> None:
 
 
 def check_amp_device(cfg) -> None:
-    """ValueError when ``SOLVER.AMP.ENABLED`` asks for mixed precision of a model not on CUDA.
+    """ConfigError when ``SOLVER.AMP.ENABLED`` asks for mixed precision of a model not on CUDA.
     Checked by the trainer only: inference on the CPU reads a GPU training config as it is."""
     if cfg.SOLVER.AMP.ENABLED and str(cfg.MODEL.DEVICE).split(":")[0] != "cuda":
-        raise ValueError(
+        raise ConfigError(
             f"SOLVER.AMP.ENABLED=True needs the model on CUDA (detectron2's AMPTrainer uses torch.cuda.amp), but "
             f"MODEL.DEVICE is {cfg.MODEL.DEVICE!r}; set SOLVER.AMP.ENABLED False to train there."
         )

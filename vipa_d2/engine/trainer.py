@@ -109,15 +109,16 @@ def check_referring_datasets(cfg, own_evaluator: bool = False) -> None:
                 f"MetadataCatalog.get({name!r}).set(evaluator_type={REFERRING_EVALUATOR_TYPE!r}), or "
                 f"{_OWN_DATASET_REGISTRATION}); they are {listed}"
             )
-    written = {}  # results file -> the first set writing it
+    written = {}  # results file -> the set writing it
     for name in cfg.DATASETS.TEST:
-        first = written.setdefault(results_file_name(name), name)
-        if first != name or list(cfg.DATASETS.TEST).count(name) > 1:
+        file_name = results_file_name(name)
+        if file_name in written:
             raise ConfigError(
-                f"DATASETS.TEST: {first!r} and {name!r} would write one results file, {results_file_name(name)}: "
+                f"DATASETS.TEST: {written[file_name]!r} and {name!r} would write one results file, {file_name}: "
                 "the second would replace the first; evaluate each set once, under names that differ beyond '/' "
                 "and '_'"
             )
+        written[file_name] = name
     _check_evaluated_tasks(cfg)
 
 
@@ -189,10 +190,7 @@ class ReferringTrainer(DefaultTrainer):
             if not logging.getLogger(name).isEnabledFor(logging.INFO):
                 setup_logger(name=name)
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
-        try:  # here, not in get_vipa_cfg: inference on the CPU reads GPU training configs as they are
-            check_amp_device(cfg)
-        except ValueError as e:
-            raise ConfigError(str(e)) from e
+        check_amp_device(cfg)  # here, not in get_vipa_cfg: inference on the CPU reads GPU training configs
         self.seed = run_seed(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
