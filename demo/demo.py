@@ -64,6 +64,9 @@ REFUSAL_EXIT_CODE = 1
 # A binary mask PNG: 0 outside, this inside.
 MASK_PNG_VALUE = 255
 
+# Under vipa_d2's logger, so that _console_logging shows it with the predictor's messages.
+logger = logging.getLogger("vipa_d2.demo")
+
 # Every image to segment, with its expressions (and targets, from a manifest).
 Jobs = List[ManifestEntry]
 
@@ -224,13 +227,14 @@ def json_path(image_path: str, output: str) -> str:
     return os.path.join(output, f"{stem}.json")
 
 
-def check_outputs(jobs: Jobs, plan: Dict[Tuple[str, int], str], args) -> None:
-    """DemoError when a file the run would write is an input image, or is also written for
-    another image or expression: either would be lost without a word (an overlay named
+def check_outputs(jobs: Jobs, plan: Dict[Tuple[str, int], str], args) -> List[str]:
+    """Every file the run writes; DemoError when one is an input image, or is also written
+    for another image or expression: either would be lost without a word (an overlay named
     ``a_mask.png`` is also input ``a.jpg``'s mask; ``--output`` the input folder overwrites
     a PNG input with its overlay)."""
     inputs = {os.path.realpath(job.image): job.image for job in jobs}
     writers: Dict[str, str] = {}
+    written: List[str] = []
 
     def claim(path: str, what: str) -> None:
         real = os.path.realpath(path)
@@ -239,6 +243,7 @@ def check_outputs(jobs: Jobs, plan: Dict[Tuple[str, int], str], args) -> None:
         if real in writers:
             raise DemoError(f"{path} would be written twice, as {writers[real]} and as {what}: rename an input")
         writers[real] = what
+        written.append(path)
 
     for (image, k), overlay in plan.items():
         claim(overlay, f"the overlay of {image}, expression {k}")
@@ -249,6 +254,7 @@ def check_outputs(jobs: Jobs, plan: Dict[Tuple[str, int], str], args) -> None:
     if args.save_json:
         for job in jobs:
             claim(json_path(job.image, args.output), f"the JSON of {job.image}")
+    return written
 
 
 def image_record(path: str, image: np.ndarray, texts: Sequence[str], results: Sequence[Dict]) -> Dict:
@@ -305,7 +311,10 @@ def run(args) -> Tuple[str, str]:
     jobs = collect_jobs(args)
     cfg = setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts), args.config_function)
     plan = plan_outputs(jobs, args.output)
-    check_outputs(jobs, plan, args)
+    replaced = [path for path in check_outputs(jobs, plan, args) if os.path.exists(path)]
+    if replaced:  # a rerun's own files, usually: said, since anything else there is lost
+        logger.warning("%d file(s) under --output %s exist and will be replaced: %s",
+                       len(replaced), args.output, shortlist(replaced, MAX_INPUTS_LISTED))
     # Every input's header before the model: a bad file (a glob's notes.txt, a broken
     # download) would otherwise stop the run after the images before it.
     unreadable = [job.image for job in jobs if stored_image_size(job.image) is None]

@@ -84,6 +84,10 @@ def test_folder_several_expressions_relevance_and_trailing_opts(images, weights,
     ckpt, predictor = weights
     texts = ["the object on the left", "the biggest shape"]
     out = tmp_path / "out"
+    # A file from an earlier run, which this one replaces: said, not done silently.
+    out.mkdir()
+    earlier = out / f"{_stem(files[0])}_1_relevance.png"
+    earlier.write_bytes(b"an earlier run's picture")
     argv = ["--config-file", TINY_CONFIG, "--input", folder, "--output", str(out), "--show-relevance"]
     for t in texts:
         argv += ["--text", t]
@@ -92,6 +96,7 @@ def test_folder_several_expressions_relevance_and_trailing_opts(images, weights,
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "RANDOM" not in captured.out
+    assert f"1 file(s) under --output {out} exist and will be replaced: {earlier}" in captured.out
     assert f"Done: 2 image(s) x 2 expression(s) -> {out}" in captured.out
     expected = set()
     for f in files:
