@@ -149,7 +149,8 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.HIDDEN_DIM = 256
     # Attention heads in fusion, VEG and transformer decoder.
     cfg.MODEL.VIPA.NHEADS = 8
-    # Score threshold on the no-target logit for generalized (gRefCOCO-style) data.
+    # Score threshold on the no-target logit for generalized (gRefCOCO-style) data: above it
+    # the mask is emptied. Not applied with LOSS.NO_TARGET_WEIGHT 0, which leaves the head untrained.
     cfg.MODEL.VIPA.NO_TARGET_THRESHOLD = 0.5
     # Foreground probability above which a pixel belongs to the mask.
     cfg.MODEL.VIPA.MASK_THRESHOLD = 0.5
@@ -170,9 +171,11 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.VEG.RATIO = 0.3
     # Differentiable top-k: "straight_through" (hard forward, soft backward) or "soft".
     cfg.MODEL.VIPA.VEG.SAMPLER = "straight_through"
-    # Temperature of the soft top-k relaxation.
+    # Temperature T of the retrieval logits, relevance / T: the soft top-k relaxation's, and
+    # the softmax weights that aggregate a cue's retrieved tokens into F_a (also at inference).
     cfg.MODEL.VIPA.VEG.TEMPERATURE = 0.1
-    # Scale of the Gumbel noise added to the relevance scores while training (0 = none).
+    # Scale of the Gumbel noise added to the retrieval logits (relevance / TEMPERATURE) while
+    # training, so on the cosine scale it is GUMBEL_NOISE x TEMPERATURE (0 = none).
     cfg.MODEL.VIPA.VEG.GUMBEL_NOISE = 1.0
     # Self-attention layers among the cues ("sharing visual contexts").
     cfg.MODEL.VIPA.VEG.SHARE_LAYERS = 1

@@ -31,7 +31,7 @@ from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
 from vipa_d2.data.validation import shortlist
 from vipa_d2.evaluation import ReferringEvaluator, print_csv_format, results_file_name
-from vipa_d2.modeling import VIPA, runtime_options
+from vipa_d2.modeling import VIPA, no_target_threshold, runtime_options
 from vipa_d2.modeling.registry import get_registered
 
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
@@ -477,7 +477,7 @@ class ReferringTrainer(DefaultTrainer):
             distributed=True,
             output_dir=output_folder,
             mask_threshold=cfg.MODEL.VIPA.MASK_THRESHOLD,
-            no_target_threshold=cfg.MODEL.VIPA.NO_TARGET_THRESHOLD,
+            no_target_threshold=no_target_threshold(cfg),
             resolution=cfg.TEST.EVAL_RESOLUTION,
             save_prediction_rle=cfg.TEST.SAVE_PREDICTION_RLE,
             name=name,

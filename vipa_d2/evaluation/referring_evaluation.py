@@ -77,7 +77,7 @@ class ReferringEvaluator(DatasetEvaluator):
             mask_threshold: foreground probability above which a pixel of ``ref_seg`` is
                 predicted (pass ``cfg.MODEL.VIPA.MASK_THRESHOLD``).
             no_target_threshold: on generalized datasets, a ``no_target_score`` above this
-                predicts an empty mask (pass ``cfg.MODEL.VIPA.NO_TARGET_THRESHOLD``).
+                predicts an empty mask (pass ``vipa_d2.modeling.no_target_threshold(cfg)``).
             resolution: "original" or "input" (``cfg.TEST.EVAL_RESOLUTION``).
             save_prediction_rle: keep each scored prediction as COCO RLE in the per-sample
                 results (``cfg.TEST.SAVE_PREDICTION_RLE``).

@@ -11,6 +11,7 @@ the padded image and ``decode`` re-runs the backbone for every expression: the A
 correct, just without the saving.
 """
 import logging
+import math
 from typing import Dict, List, Optional
 
 import torch
@@ -35,6 +36,14 @@ logger = logging.getLogger(__name__)
 # Top-level modules that version 1 state dicts (before the head existed) held; they now
 # live under ``head.`` (see VIPA._load_from_state_dict).
 _MOVED_TO_HEAD = ("veg", "language_proj", "pixel_decoder", "transformer_decoder")
+
+
+def no_target_threshold(cfg) -> float:
+    """The no-target score above which a mask is emptied: MODEL.VIPA.NO_TARGET_THRESHOLD, or
+    never (inf) when LOSS.NO_TARGET_WEIGHT is 0, whose head is left untrained (the paper's
+    RefCOCO setting) and would veto masks at random."""
+    vipa = cfg.MODEL.VIPA
+    return vipa.NO_TARGET_THRESHOLD if vipa.LOSS.NO_TARGET_WEIGHT > 0 else math.inf
 
 
 def trim_text_padding(input_ids: torch.Tensor, attention_mask: torch.Tensor):
@@ -164,7 +173,7 @@ class VIPA(nn.Module):
             "criterion": VIPACriterion(cfg),
             "pixel_mean": cfg.MODEL.PIXEL_MEAN,
             "pixel_std": cfg.MODEL.PIXEL_STD,
-            "no_target_threshold": vipa.NO_TARGET_THRESHOLD,
+            "no_target_threshold": no_target_threshold(cfg),
             # keep_ratio images differ in shape (their long side is IMAGE_SIZE): padding each
             # to the square keeps test batches, the predictor and any GPU count alike.
             "pad_size": cfg.INPUT.IMAGE_SIZE if cfg.INPUT.RESIZE_MODE == "keep_ratio" else 0,
