@@ -29,6 +29,7 @@ import glob
 import json
 import logging
 import os
+import re
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -58,6 +59,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # are not written).
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".gif",)
 GLOB_CHARS = "*?["
+# What a config override's key looks like (MODEL.WEIGHTS), to tell one --input swallowed.
+CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+")
 # Inputs a refusal lists before "... (+N more)".
 MAX_INPUTS_LISTED = 8
 REFUSAL_EXIT_CODE = 1
@@ -157,6 +160,9 @@ def collect_inputs(patterns: Sequence[str]) -> List[str]:
             found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
             if not found:
                 raise DemoError(f"no files match {pattern}")
+        elif CONFIG_KEY.fullmatch(pattern):
+            raise DemoError(f"input image not found: {pattern}, a config key: --input's list took the overrides "
+                            "after it; put them after --opts, or after another option")
         else:
             raise DemoError(f"input image not found: {pattern}")
         paths.extend(p for p in found if p not in paths)

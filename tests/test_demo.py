@@ -129,6 +129,12 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
     missing = str(tmp_path / "nope.png")
     msg = _refusal(["--config-file", TINY_CONFIG, "--input", missing, "--text", "a", "--output", str(tmp_path)], capsys)
     assert missing in msg and "not found" in msg
+    # Overrides after --input: its list takes them (README sweep, session 54: "not found:
+    # MODEL.WEIGHTS" named the symptom only).
+    msg = _refusal(["--config-file", TINY_CONFIG, "--text", "a", "--output", str(tmp_path), "--input", files[0],
+                    "MODEL.WEIGHTS", "w.pth"], capsys)
+    assert msg.endswith("input image not found: MODEL.WEIGHTS, a config key: --input's list took the overrides after "
+                        "it; put them after --opts, or after another option")
     msg = _refusal(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "*.jpg"), "--text", "a", "--output", str(tmp_path)], capsys)
     assert "no files match" in msg
     for blank in ["", "   \t"]:

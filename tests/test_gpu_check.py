@@ -14,6 +14,7 @@ from detectron2.engine import SimpleTrainer
 from detectron2.utils.events import EventStorage
 
 from common import REPO_ROOT
+from vipa_d2.data.builtin import DATASETS_ENV
 
 TOOL = os.path.join(REPO_ROOT, "tools", "gpu_check.py")
 # The script's globals (not run as __main__).
@@ -67,9 +68,12 @@ def test_a_text_encoder_it_cannot_load_is_refused_before_the_gpu_work(tmp_path, 
     assert "use --text-encoder bundled-minilm" in err
 
 
-def test_arguments_and_the_configs_it_would_run(tmp_path):
+def test_arguments_and_the_configs_it_would_run(tmp_path, monkeypatch):
+    monkeypatch.delenv(DATASETS_ENV, raising=False)
     args = gpu_check["get_parser"]().parse_args([])
     assert (args.iters, args.data_root, args.text_encoder) == (300, "datasets", "bert-base-uncased")
+    monkeypatch.setenv(DATASETS_ENV, str(tmp_path))  # Detectron2's variable, as the loaders read it
+    assert gpu_check["get_parser"]().parse_args([]).data_root == str(tmp_path)
     args = gpu_check["get_parser"]().parse_args(["--iters", "200", "--text-encoder", "bundled-minilm"])
 
     tiny = gpu_check["tiny_train_cfg"](args, str(tmp_path))

@@ -102,7 +102,7 @@ def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys)
     # Each refusal is one line on stderr and exit status 2 (argparse's), not a traceback.
     refusals = [
         ((trained, str(tmp_path / "x.pth"), "MODEL.VIPA.DECODER.NUM_LAYERS", "2"),
-         r"MODEL.WEIGHTS=.*model_final.pth.*unexpected keys"),
+         r"--input=.*model_final.pth: does not match the model: .*unexpected keys"),
         ((trained, trained), "is the --input file"),
         ((str(tmp_path / "gone.pth"), str(tmp_path / "y.pth")), r"--input=.*gone.pth: checkpoint file not found"),
         ((trained, str(tmp_path / "z.pth"), "MODEL.BOGUS", "1"), "invalid config override: Non-existent key: MODEL.BOGUS"),

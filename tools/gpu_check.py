@@ -27,7 +27,7 @@ from torch.profiler import ProfilerActivity, profile
 from tabulate import tabulate
 
 from vipa_d2 import get_vipa_cfg
-from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.data.builtin import DATASETS_ENV, builtin_root
 from vipa_d2.data.synthetic import finished_benchmark, write_benchmark
 from vipa_d2.engine import ReferringTrainer
 from vipa_d2.modeling.text_encoder import build_tokenizer, tokenize
@@ -57,7 +57,8 @@ LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC")
 def get_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--iters", type=int, default=300, help="training iterations of the tiny config")
-    parser.add_argument("--data-root", default="datasets", help="where refsynth is (written if missing)")
+    parser.add_argument("--data-root", default=builtin_root(),
+                        help="where refsynth is, written if missing (default: $DETECTRON2_DATASETS, else datasets)")
     parser.add_argument("--text-encoder", default="bert-base-uncased", help="paper config's MODEL.TEXT_ENCODER.NAME")
     parser.add_argument("--output", default=None, help="training output folder (default: a temporary one)")
     return parser

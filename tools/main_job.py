@@ -28,7 +28,7 @@ from collections import OrderedDict
 from tabulate import tabulate
 
 from vipa_d2 import ConfigError, get_vipa_cfg
-from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.data.builtin import DATASETS_ENV, builtin_root
 from vipa_d2.data.refer import refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.data.synthetic import (
@@ -63,7 +63,7 @@ VIS_SPLIT = "val"
 
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data-root", default="datasets", help="dataset root ($DETECTRON2_DATASETS)")
+    parser.add_argument("--data-root", default=builtin_root(), help="dataset root (default: $DETECTRON2_DATASETS, else datasets)")
     parser.add_argument("--output", default="output/vipa_tiny_cpu", help="OUTPUT_DIR of the run")
     parser.add_argument("--config-file", default=DEFAULT_CONFIG, help="training config")
     parser.add_argument("--num-images", type=int, default=1000, help="synthetic images over all splits")

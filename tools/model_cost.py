@@ -35,7 +35,7 @@ from torch.profiler import ProfilerActivity, profile
 from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.config import add_config_function_option, import_config_functions
 from vipa_d2.data import referring_dataset_names
-from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.data.builtin import DATASETS_ENV, builtin_root
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, keep_freed_host_memory, load_weights
 from vipa_d2.modeling.text_encoder import BUNDLED_MINILM, resolve_text_encoder_path
 from vipa_d2.utils.atomic_io import atomic_open
@@ -54,7 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--train-batch", type=int, default=0, help="also time a training step of this batch")
     p.add_argument("--eval-weights", default="", help="time the evaluation path of this checkpoint")
     p.add_argument("--dataset", default="refsynth_unc_val", help="split the evaluation timing reads")
-    p.add_argument("--data-root", default="datasets", help="$DETECTRON2_DATASETS of --dataset")
+    p.add_argument("--data-root", default=builtin_root(), help="dataset root of --dataset (default: $DETECTRON2_DATASETS, else datasets)")
     p.add_argument("--eval-samples", type=int, default=400, help="first N samples of --dataset")
     p.add_argument("--repeats", type=int, default=5, help="timed calls per case (median reported)")
     p.add_argument("--warmup", type=int, default=1, help="untimed calls per case first")

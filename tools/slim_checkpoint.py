@@ -53,7 +53,7 @@ def export(config_file: str, source: str, output: str, fp16: bool = False, opts:
     cfg = get_vipa_cfg(config_file, list(opts) + ["MODEL.WEIGHTS", source, "MODEL.DEVICE", "cpu"], config_functions)
     cfg.freeze()
     model = build_model(cfg)
-    load_weights(model, source, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
+    load_weights(model, source, trusted=cfg.MODEL.WEIGHTS_TRUSTED, key="--input")
     save_checkpoint_file(model_checkpoint(model, torch.float16 if fp16 else None), output)
 
 

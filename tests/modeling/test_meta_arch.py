@@ -14,6 +14,7 @@ from detectron2.structures import BoxMode
 
 from common import TINY_CONFIG, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
+from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.directional_counts import GROUP_MAP
 from vipa_d2.modeling.losses import CHOICE_OUTPUTS
@@ -812,7 +813,8 @@ def test_model_cost_refuses_what_would_fail_after_the_timing(tmp_path, capsys):
         assert e.value.code == 2 and message in capsys.readouterr().err, args
 
 
-def test_model_cost_refuses_data_and_weights_it_cannot_use_before_the_cost_work(synthetic_benchmark, tmp_path, capsys):
+def test_model_cost_refuses_data_and_weights_it_cannot_use_before_the_cost_work(synthetic_benchmark, tmp_path, capsys,
+                                                                                 monkeypatch):
     # Each was a traceback after the cost table and the timings (tools review, session 47).
     tool = load_script("tools/model_cost.py")
     weights = tmp_path / "linear.pth"
@@ -822,6 +824,10 @@ def test_model_cost_refuses_data_and_weights_it_cannot_use_before_the_cost_work(
     err = capsys.readouterr().err
     assert f"model_cost.py: error: --dataset refsynth_unc_val (--data-root {tmp_path / 'empty'}): " in err
     assert "Traceback" not in err
+    # Without --data-root, $DETECTRON2_DATASETS (the tool set it to "datasets" over the user's).
+    monkeypatch.setenv(DATASETS_ENV, str(tmp_path / "from_env"))
+    assert tool.main(base) == 2
+    assert f"(--data-root {tmp_path / 'from_env'}): " in capsys.readouterr().err
     root, _ = synthetic_benchmark(6, image_size=64)
     assert tool.main([*base, "--data-root", root, "MODEL.TEXT_ENCODER.FREEZE", "True"]) == 2
     captured = capsys.readouterr()

@@ -155,9 +155,11 @@ class StrictCheckpointer(WeightsOnlyCheckpointer):
         return incompatible
 
 
-def load_weights(model: torch.nn.Module, weights: str, trusted: bool = False, resume_dir: str = "") -> None:
+def load_weights(
+    model: torch.nn.Module, weights: str, trusted: bool = False, resume_dir: str = "", key: str = "MODEL.WEIGHTS"
+) -> None:
     """
-    Load ``weights`` (``MODEL.WEIGHTS``) into ``model`` with a :class:`StrictCheckpointer`,
+    Load ``weights`` (the option ``key``, ``MODEL.WEIGHTS`` by default) into ``model`` with a :class:`StrictCheckpointer`,
     refusing missing files and any key/shape mismatch (WeightsError / FileNotFoundError
     naming the file). The file is read weights-only unless ``trusted``
     (``MODEL.WEIGHTS_TRUSTED``). With ``resume_dir`` (``--resume``), the last checkpoint
@@ -165,13 +167,12 @@ def load_weights(model: torch.nn.Module, weights: str, trusted: bool = False, re
     initialisation and logs a warning saying so.
     """
     checkpointer = StrictCheckpointer(model, save_dir=resume_dir, trusted=trusted)
-    key = "MODEL.WEIGHTS"
     if resume_dir and checkpointer.has_checkpoint():
         weights, key = checkpointer.get_checkpoint_file(), LAST_CHECKPOINT_KEY.format(resume_dir)
     if not weights:
         logger.warning(
-            "MODEL.WEIGHTS is empty: the model keeps its RANDOM initialisation, "
-            "so its predictions are meaningless (give MODEL.WEIGHTS path/to/model_final.pth)."
+            "%s is empty: the model keeps its RANDOM initialisation, "
+            "so its predictions are meaningless (give %s path/to/model_final.pth).", key, key
         )
         return
     local_weights_path(weights, key)  # FileNotFoundError naming where the file name came from
