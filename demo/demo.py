@@ -29,12 +29,12 @@ import glob
 import json
 import logging
 import os
-import re
 import sys
 import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
+from detectron2.config import CfgNode
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
@@ -59,10 +59,8 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 # are not written).
 INPUT_EXTENSIONS = IMAGE_EXTENSIONS + (".gif",)
 GLOB_CHARS = "*?["
-# What a config override's key looks like (MODEL.WEIGHTS), to tell one --input swallowed.
-CONFIG_KEY = re.compile(r"[A-Z][A-Z0-9_]*(\.[A-Z][A-Z0-9_]*)+")
-# Inputs a refusal lists before "... (+N more)".
-MAX_INPUTS_LISTED = 8
+# Files a message lists before "... (+N more)".
+MAX_LISTED = 8
 REFUSAL_EXIT_CODE = 1
 # A binary mask PNG: 0 outside, this inside.
 MASK_PNG_VALUE = 255
@@ -160,13 +158,24 @@ def collect_inputs(patterns: Sequence[str]) -> List[str]:
             found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
             if not found:
                 raise DemoError(f"no files match {pattern}")
-        elif CONFIG_KEY.fullmatch(pattern):
+        elif is_config_key(pattern):
             raise DemoError(f"input image not found: {pattern}, a config key: --input's list took the overrides "
                             "after it; put them after --opts, or after another option")
         else:
             raise DemoError(f"input image not found: {pattern}")
         paths.extend(p for p in found if p not in paths)
     return paths
+
+
+def is_config_key(text: str) -> bool:
+    """Whether ``text`` is a key of vipa_d2's config (MODEL.WEIGHTS, SEED): an override that
+    --input's list took."""
+    node = get_vipa_cfg()
+    for part in text.split("."):
+        if not isinstance(node, CfgNode) or part not in node:
+            return False
+        node = node[part]
+    return True
 
 
 def _is_file_output(output: str) -> bool:
@@ -248,6 +257,8 @@ def check_outputs(jobs: Jobs, plan: Dict[Tuple[str, int], str], args) -> List[st
             raise DemoError(f"--output {args.output}: {path} ({what}) would overwrite the input image {inputs[real]}")
         if real in writers:
             raise DemoError(f"{path} would be written twice, as {writers[real]} and as {what}: rename an input")
+        if os.path.isdir(path):
+            raise DemoError(f"--output {args.output}: {path} ({what}) is a folder; move it or give another --output")
         writers[real] = what
         written.append(path)
 
@@ -317,16 +328,16 @@ def run(args) -> Tuple[str, str]:
     jobs = collect_jobs(args)
     cfg = setup_cfg(args.config_file, list(args.opts) + list(args.trailing_opts), args.config_function)
     plan = plan_outputs(jobs, args.output)
-    replaced = [path for path in check_outputs(jobs, plan, args) if os.path.exists(path)]
-    if replaced:  # a rerun's own files, usually: said, since anything else there is lost
-        logger.warning("%d file(s) under --output %s exist and will be replaced: %s",
-                       len(replaced), args.output, shortlist(replaced, MAX_INPUTS_LISTED))
+    written = check_outputs(jobs, plan, args)
     # Every input's header before the model: a bad file (a glob's notes.txt, a broken
     # download) would otherwise stop the run after the images before it.
     unreadable = [job.image for job in jobs if stored_image_size(job.image) is None]
     if unreadable:
         raise DemoError(f"{len(unreadable)} of the {len(jobs)} inputs are no image files PIL can read: "
-                        f"{shortlist(unreadable, MAX_INPUTS_LISTED)}")
+                        f"{shortlist(unreadable, MAX_LISTED)}")
+    replaced = [path for path in written if os.path.isfile(path)]
+    if replaced:  # a rerun's own files, usually: said, since anything else there is lost
+        logger.warning("%d existing file(s) will be replaced: %s", len(replaced), shortlist(replaced, MAX_LISTED))
 
     try:
         predictor = VIPAPredictor(cfg)

@@ -96,7 +96,7 @@ def test_folder_several_expressions_relevance_and_trailing_opts(images, weights,
     captured = capsys.readouterr()
     assert rc == 0, captured.err
     assert "RANDOM" not in captured.out
-    assert f"1 file(s) under --output {out} exist and will be replaced: {earlier}" in captured.out
+    assert f"1 existing file(s) will be replaced: {earlier}" in captured.out
     assert f"Done: 2 image(s) x 2 expression(s) -> {out}" in captured.out
     expected = set()
     for f in files:
@@ -135,6 +135,9 @@ def test_refusals_before_the_model(images, tmp_path, capsys):
                     "MODEL.WEIGHTS", "w.pth"], capsys)
     assert msg.endswith("input image not found: MODEL.WEIGHTS, a config key: --input's list took the overrides after "
                         "it; put them after --opts, or after another option")
+    for name in ("IMG_0001.JPG", "MODEL.NO_SUCH_KEY"):  # shaped like keys, but none
+        assert _refusal(["--config-file", TINY_CONFIG, "--text", "a", "--output", str(tmp_path), "--input", name],
+                        capsys).endswith(f"input image not found: {name}")
     msg = _refusal(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "*.jpg"), "--text", "a", "--output", str(tmp_path)], capsys)
     assert "no files match" in msg
     for blank in ["", "   \t"]:
@@ -199,6 +202,12 @@ def test_outputs_that_would_overwrite_an_input_or_each_other_are_refused(images,
                            "--save-masks"], capsys)
     assert f"{out / 'a_mask.png'} would be written twice" in msg and "the mask of" in msg and "the overlay of" in msg
     assert not out.exists()
+    # A folder where an overlay goes: refused before the model (a traceback after it, and
+    # listed as a file to replace; diff review, session 54).
+    (out / "a.png").mkdir(parents=True)
+    msg = _refusal(base + ["--input", str(tmp_path / "a.jpg"), "--output", str(out)], capsys)
+    assert msg.endswith(f"{out / 'a.png'} (the overlay of {tmp_path / 'a.jpg'}, expression 0) is a folder; "
+                        "move it or give another --output")
 
 
 def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):

@@ -213,9 +213,9 @@ def main(argv=None):
             model = build_as_trained(cfg).eval()
             if args.eval_weights:
                 try:
-                    load_weights(model, args.eval_weights)  # weights-only and strict
+                    load_weights(model, args.eval_weights, key="--eval-weights")  # weights-only and strict
                 except ValueError as e:  # WeightsError, UntrustedCheckpointError
-                    return refuse(f"--eval-weights {args.eval_weights} does not load into --config-file "
+                    return refuse(f"--eval-weights does not load into --config-file "
                                   f"{args.config_file}{' with ' + alt if alt else ''}: {e}")
             label = alt or "config"
             if not alt:  # the cost table and the process settings are the config's own

@@ -142,6 +142,19 @@ def test_t_acc_counts_a_non_empty_miss_and_a_score_at_the_threshold_is_no_veto()
     assert metrics["mIoU"] == pytest.approx(200.0 / 3)
 
 
+def test_an_infinite_threshold_is_no_verdict_and_an_empty_mask_answers_no_target():
+    # LOSS.NO_TARGET_WEIGHT 0 leaves the head untrained and its threshold inf: its scores
+    # said "target" everywhere, so no no-target sample could count (diff review, session 54).
+    inputs, outputs = generalized_samples()
+    evaluator = ReferringEvaluator(GENERALIZED, distributed=False, no_target_threshold=math.inf)
+    evaluator.process(inputs, outputs)
+    results = evaluator.evaluate()
+    # Nothing vetoed: no-target 0 answered by its empty mask, 1 and 5 wrong; target 3 is empty.
+    for metrics in (results["refer"], results["rela"]):  # ReLA's classifier too, not the scores
+        assert metrics["N-acc"] == pytest.approx(100.0 / 3) and metrics["T-acc"] == pytest.approx(200.0 / 3)
+    assert results["refer"]["oIoU"] == pytest.approx(100.0 * (4 + 16) / (1 + 4 + 4 + 16 + 16))
+
+
 def test_no_union_at_all_has_no_overall_iou():
     # Every sample no-target and predicted empty: each scores IoU 1, but there is no pixel to
     # take an overall IoU over (it was reported as 100, beside ReLA's cIoU of nan).

@@ -831,7 +831,7 @@ def test_model_cost_refuses_data_and_weights_it_cannot_use_before_the_cost_work(
     root, _ = synthetic_benchmark(6, image_size=64)
     assert tool.main([*base, "--data-root", root, "MODEL.TEXT_ENCODER.FREEZE", "True"]) == 2
     captured = capsys.readouterr()
-    assert f"--eval-weights {weights} does not load into --config-file {TINY_CONFIG}: " in captured.err
+    assert f"--eval-weights does not load into --config-file {TINY_CONFIG}: --eval-weights={weights}: " in captured.err
     assert "unexpected" in captured.err and "GMACs" not in captured.out  # before the cost table
 
 

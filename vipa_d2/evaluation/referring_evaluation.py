@@ -77,7 +77,8 @@ class ReferringEvaluator(DatasetEvaluator):
             mask_threshold: foreground probability above which a pixel of ``ref_seg`` is
                 predicted (pass ``cfg.MODEL.VIPA.MASK_THRESHOLD``).
             no_target_threshold: on generalized datasets, a ``no_target_score`` above this
-                predicts an empty mask (pass ``vipa_d2.modeling.no_target_threshold(cfg)``).
+                predicts an empty mask (pass ``vipa_d2.modeling.no_target_threshold(cfg)``);
+                inf: no verdict, an empty mask is the no-target answer.
             resolution: "original" or "input" (``cfg.TEST.EVAL_RESOLUTION``).
             save_prediction_rle: keep each scored prediction as COCO RLE in the per-sample
                 results (``cfg.TEST.SAVE_PREDICTION_RLE``).
@@ -121,7 +122,10 @@ class ReferringEvaluator(DatasetEvaluator):
                 f"{tuple(ref_seg.shape)}, expected the {self._resolution} (height, width) = "
                 f"{(height, width)}."
             )
-        said_no_target = "no_target_score" in out and float(out["no_target_score"]) > self._no_target_threshold
+        # An infinite threshold is no verdict (an untrained head: LOSS.NO_TARGET_WEIGHT 0):
+        # an empty mask answers "no target", as for a model without a no-target head.
+        has_verdict = "no_target_score" in out and self._no_target_threshold != math.inf
+        said_no_target = has_verdict and float(out["no_target_score"]) > self._no_target_threshold
         # The model empties "ref_seg" on its own no-target verdict and keeps the mask under
         # REF_SEG_BEFORE_VETO. Every expression of a plain dataset has a target: its mask is
         # scored, as for models without a no-target head, and the verdict only recorded.
@@ -141,7 +145,7 @@ class ReferringEvaluator(DatasetEvaluator):
             "union": int((pred | gt).sum()),
             **breakdown.sample_fields(inp, out, gt, sample_name),
         }
-        pred_no_target = said_no_target if "no_target_score" in out else row["pred_empty"]
+        pred_no_target = said_no_target if has_verdict else row["pred_empty"]
         if self._generalized and pred_no_target:
             # ReLA never empties the mask of a no-target verdict: a wrong one (a target
             # sample) adds the union of the mask as predicted to cIoU's sum.

@@ -434,9 +434,10 @@ class VIPA(nn.Module):
         visual tokens each text position retrieved, and "cue_valid", bool (T,): which
         positions are cues (T: the possibly trimmed text length).
         ``output_sizes``: (height, width) per expression. Masks of expressions judged
-        no-target (score > NO_TARGET_THRESHOLD) are emptied; their probability before that
-        is kept as "ref_seg_before_veto" (ReLA scores a wrong no-target verdict's union with
-        it, and test-time augmentation averages it before deciding again).
+        no-target (score > :func:`no_target_threshold`; never with LOSS.NO_TARGET_WEIGHT 0)
+        are emptied; their probability before that is kept as "ref_seg_before_veto" (ReLA
+        scores a wrong no-target verdict's union with it, and test-time augmentation
+        averages it before deciding again).
         """
         padded = images.tensor.shape[-2:]
         logits = F.interpolate(outputs["pred_masks"][-1][:, None], size=padded, mode="bilinear", align_corners=False)
