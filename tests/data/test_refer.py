@@ -182,17 +182,19 @@ def test_loader_round_trip(refer_root):
 
 
 def test_python2_pickle_is_read(tmp_path):
-    # The original REFER pickles hold Python 2 byte strings; non-ASCII ones need latin1.
+    # The original REFER pickles hold Python 2 byte strings; non-ASCII ones are UTF-8 bytes
+    # (read as latin1 they were mojibake) or, failing that, latin1.
     root = tmp_path / "toy"
     save_refer_dataset(str(root), "unc", _refs(), _instances())
     py3 = pickle.dumps(_refs(), protocol=2)
-    py2 = py3.replace(b"X\x07\x00\x00\x00the box", b"U\x07caf\xe9box")
-    assert py2 != py3
-    with pytest.raises(UnicodeDecodeError):
-        pickle.loads(py2)
-    (root / "refs(unc).p").write_bytes(py2)
-    recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
-    assert recs[0]["sentence"]["raw"] == "caf\xe9box"
+    for raw, text in ((b"U\x07caf\xc3\xa9bo", "caf\xe9bo"), (b"U\x07caf\xe9box", "caf\xe9box")):
+        py2 = py3.replace(b"X\x07\x00\x00\x00the box", raw)
+        assert py2 != py3
+        with pytest.raises(UnicodeDecodeError):
+            pickle.loads(py2)
+        (root / "refs(unc).p").write_bytes(py2)
+        recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
+        assert recs[0]["sentence"]["raw"] == text
 
 
 def test_grefcoco_multi_and_no_target(refer_root):

@@ -15,6 +15,10 @@ from typing import Any
 __all__ = ["ForbiddenPickleError", "load_plain_pickle", "loads_plain_pickle"]
 
 
+# How Python 2 byte strings are decoded, in turn until one succeeds (latin1 always does).
+_PYTHON2_STRING_ENCODINGS = ("ascii", "utf-8", "latin1")
+
+
 class ForbiddenPickleError(pickle.UnpicklingError):
     """The pickle names a global (a class or function), which plain data never needs."""
 
@@ -40,18 +44,21 @@ class _PlainUnpickler(pickle._Unpickler):
 def loads_plain_pickle(data: bytes) -> Any:
     """
     Unpickle ``data`` admitting plain data only. Python 2 pickles (the original REFER
-    files) are read too: their byte strings are decoded as ASCII, or latin1 when that
-    fails, as the REFER readers do.
+    files) are read too: their byte strings are decoded as ASCII, else as UTF-8 (Python 2
+    code wrote its text as UTF-8 bytes, which latin1 would turn into mojibake: "café" as
+    "cafÃ©"), else as latin1, which decodes any bytes.
 
     Raises:
         ForbiddenPickleError: the data names a global or a persistent id.
         pickle.UnpicklingError, EOFError, ValueError, ...: malformed or truncated data
             (whatever the unpickler raises; callers name the file).
     """
-    try:
-        return _PlainUnpickler(io.BytesIO(data)).load()
-    except UnicodeDecodeError:
-        return _PlainUnpickler(io.BytesIO(data), encoding="latin1").load()
+    for encoding in _PYTHON2_STRING_ENCODINGS[:-1]:
+        try:
+            return _PlainUnpickler(io.BytesIO(data), encoding=encoding).load()
+        except UnicodeDecodeError:
+            pass
+    return _PlainUnpickler(io.BytesIO(data), encoding=_PYTHON2_STRING_ENCODINGS[-1]).load()
 
 
 def load_plain_pickle(path: str) -> Any:
