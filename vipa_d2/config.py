@@ -150,7 +150,7 @@ def add_vipa_config(cfg):
     # Attention heads in fusion, VEG and transformer decoder.
     cfg.MODEL.VIPA.NHEADS = 8
     # Score threshold on the no-target logit for generalized (gRefCOCO-style) data: above it
-    # the mask is emptied. Not applied with LOSS.NO_TARGET_WEIGHT 0, which leaves the head untrained.
+    # the mask is emptied. Not applied with LOSS.NO_TARGET_WEIGHT 0 (the head is untrained).
     cfg.MODEL.VIPA.NO_TARGET_THRESHOLD = 0.5
     # Foreground probability above which a pixel belongs to the mask.
     cfg.MODEL.VIPA.MASK_THRESHOLD = 0.5

@@ -159,8 +159,8 @@ def load_weights(
     model: torch.nn.Module, weights: str, trusted: bool = False, resume_dir: str = "", key: str = "MODEL.WEIGHTS"
 ) -> None:
     """
-    Load ``weights`` (the option ``key``, ``MODEL.WEIGHTS`` by default) into ``model`` with a :class:`StrictCheckpointer`,
-    refusing missing files and any key/shape mismatch (WeightsError / FileNotFoundError
+    Load ``weights`` (the option ``key`` of messages, ``MODEL.WEIGHTS`` by default) into
+    ``model`` with a :class:`StrictCheckpointer`, refusing missing files and any key/shape mismatch (WeightsError / FileNotFoundError
     naming the file). The file is read weights-only unless ``trusted``
     (``MODEL.WEIGHTS_TRUSTED``). With ``resume_dir`` (``--resume``), the last checkpoint
     recorded there, if any, is loaded instead. An empty string keeps the random
