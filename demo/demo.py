@@ -34,12 +34,11 @@ import time
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
-from detectron2.config import CfgNode
 from tqdm import tqdm
 from transformers.utils import logging as hf_logging
 
 from vipa_d2 import ConfigError, get_vipa_cfg
-from vipa_d2.config import add_config_function_option, import_config_functions
+from vipa_d2.config import add_config_function_option, flatten_config, import_config_functions
 from vipa_d2.data.manifest import ManifestEntry, read_manifest
 from vipa_d2.data.masks import mask_to_rle
 from vipa_d2.data.validation import ReferringDataError, shortlist, stored_image_size
@@ -158,24 +157,13 @@ def collect_inputs(patterns: Sequence[str]) -> List[str]:
             found = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
             if not found:
                 raise DemoError(f"no files match {pattern}")
-        elif is_config_key(pattern):
+        elif pattern in flatten_config(get_vipa_cfg()):  # e.g. MODEL.WEIGHTS
             raise DemoError(f"input image not found: {pattern}, a config key: --input's list took the overrides "
                             "after it; put them after --opts, or after another option")
         else:
             raise DemoError(f"input image not found: {pattern}")
         paths.extend(p for p in found if p not in paths)
     return paths
-
-
-def is_config_key(text: str) -> bool:
-    """Whether ``text`` is a key of vipa_d2's config (MODEL.WEIGHTS, SEED): an override that
-    --input's list took."""
-    node = get_vipa_cfg()
-    for part in text.split("."):
-        if not isinstance(node, CfgNode) or part not in node:
-            return False
-        node = node[part]
-    return True
 
 
 def _is_file_output(output: str) -> bool:

@@ -28,8 +28,6 @@ def test_main_job_refuses_an_output_folder_holding_another_configs_run(tmp_path)
 def test_main_job_steps_set_their_own_keys_after_the_overrides(tmp_path, monkeypatch):
     # With MODEL.WEIGHTS among the overrides (fine-tuning from a checkpoint), the evaluation
     # scored that checkpoint instead of the trained model_final.pth (tools review, session 52).
-    from detectron2.engine import default_argument_parser
-
     steps = {}
 
     class Evaluated(Exception):

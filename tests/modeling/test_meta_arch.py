@@ -49,7 +49,7 @@ def build(*opts, seed=0):
 
 @pytest.fixture(scope="module")
 def tokenizer():
-    return build_tokenizer(make_cfg(*SMALL, config_file=TINY_CONFIG))
+    return build_tokenizer(model_cfg())
 
 
 @pytest.fixture(scope="module")
@@ -783,7 +783,7 @@ def test_model_cost_counts_every_module_with_a_config_only_text_encoder(tmp_path
     torch.save({"model": holds, CHECKPOINT_FILES_KEY: files}, tmp_path / "arch.pth")
     model = build("MODEL.WEIGHTS", str(tmp_path / "arch.pth")).eval()
     assert model.text_encoder.hidden_size == 32
-    cfg = make_cfg(*SMALL, config_file=TINY_CONFIG)
+    cfg = model_cfg()
     inputs = analysis.dummy_input(cfg, model.text_encoder.model.config.vocab_size)
     assert inputs["image"].shape == (3, 64, 64)
     flops, unsupported = analysis.count_flops(model, [inputs])
@@ -839,7 +839,7 @@ def test_model_cost_times_a_training_step_of_the_tiny_config():
     # tools/model_cost.py --train-batch: its made-up batch must carry every input the tiny
     # config's losses need (the object choice trains on object_in_group).
     tool = load_script("tools/model_cost.py")
-    cfg = make_cfg(*SMALL, config_file=TINY_CONFIG)
+    cfg = model_cfg()
     # It times the model in the layout the trainer runs (NHWC here): built by build_model
     # alone, NCHW, a step's depthwise backward costs 2-4 times more (session 35).
     model = tool.build_as_trained(cfg)

@@ -78,8 +78,8 @@ def check_referring_datasets(cfg, own_evaluator: bool = False) -> None:
     ConfigError naming a ``DATASETS.TRAIN`` entry that is not registered, a
     ``DATASETS.TEST`` entry that is not a registered referring dataset (one with the
     referring evaluator; with ``own_evaluator``, a trainer whose ``build_evaluator`` is
-    one's own, any registered one), with the ones there are, two test sets that would write one
-    results file, ``TEST.AUG`` without its flip, or a ``TEST.EXPECTED_RESULTS`` task of a
+    one's own, any registered one), with the ones there are, two test sets that would write
+    one results file, ``TEST.AUG`` without its flip, or a ``TEST.EXPECTED_RESULTS`` task of a
     set the config does not evaluate: before any model is built, where each would otherwise
     surface only after the whole training (or, two sets in one file, never).
     """
