@@ -22,6 +22,7 @@ from common import (
     TINY_CONFIG,
     captured_log,
     import_train_net,
+    load_script,
     make_cfg,
     results_file,
     train_net_args,
@@ -132,7 +133,7 @@ def test_optimizer_skips_frozen_text_encoder_and_rejects_unknown_name(tmp_path):
 
 
 # ------------------------------------------------------------- train / eval round trip
-def test_train_checkpoint_eval_only_round_trip(tmp_path):
+def test_train_checkpoint_eval_only_round_trip(tmp_path, capsys):
     train_dir, eval_dir = tmp_path / "train", tmp_path / "eval"
     # Any oIoU passes these: checked by task "<dataset>/<section>" (Detectron2's own check
     # read the trainer's dataset-keyed results as task-keyed and exited with status 1).
@@ -169,6 +170,11 @@ def test_train_checkpoint_eval_only_round_trip(tmp_path):
     tta_samples = results_file(eval_dir, sub="inference" + TTA_SUFFIX)
     assert len(tta_samples["samples"]) == len(DatasetCatalog.get(VAL))
     assert tta_samples["metrics"] == pytest.approx(evaluated[VAL + TTA_SUFFIX]["refer"])
+    # tools/pick_ceiling.py --tta splits that pass (it could read the plain pass's folder only).
+    capsys.readouterr()
+    assert load_script("tools/pick_ceiling.py").main([str(eval_dir), "--tta"]) == 0
+    row = next(line for line in capsys.readouterr().out.splitlines() if f" val{TTA_SUFFIX} " in line)
+    assert row.split("|")[3].strip() == f"{evaluated[VAL + TTA_SUFFIX]['refer']['oIoU']:.2f}"
     _check_expected_results_refusals(evaluated)
     # vipa_d2's own log lines reach log.txt (and the console) beside Detectron2's: the
     # evaluator's table and each dataset's name above its copypaste lines.

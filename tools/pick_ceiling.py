@@ -1,9 +1,10 @@
 #!/usr/bin/env python
 """
 Split runs' oIoU into finding the object and segmenting it, from the per-sample results
-that ``ReferringEvaluator`` writes (``<run>/inference/referring_results_<dataset>.json``).
+that ``ReferringEvaluator`` writes (``<run>/inference/referring_results_<dataset>.json``;
+with ``--tta``, the test-time-augmented pass's under ``<run>/inference_TTA/``).
 
-    python tools/pick_ceiling.py output/study/vipa/seed0 output/study/language/seed0 [--datasets ...]
+    python tools/pick_ceiling.py output/study/vipa/seed0 output/study/language/seed0 [--datasets ...] [--tta]
 
 Per run and split: the oIoU; the oIoU over the *hits*, the expressions whose mask meets
 the target at IoU >= 0.5 (Prec@0.5's criterion), i.e. what the run would score if it never
@@ -19,6 +20,7 @@ import sys
 from tabulate import tabulate
 
 from vipa_d2 import get_vipa_cfg
+from vipa_d2.engine import TTA_SUFFIX
 from vipa_d2.evaluation.referring_evaluation import PRECISION_THRESHOLDS
 from vipa_d2.utils.runs import required_results, split_label
 
@@ -31,6 +33,8 @@ def parse_args(argv=None):
     parser.add_argument("runs", nargs="+", help="output folders of train_net.py runs (their inference/ results)")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="evaluated datasets to read (default: DATASETS.TEST of each run's config.yaml)")
+    parser.add_argument("--tta", action="store_true",
+                        help=f"read the TEST.AUG pass's results (inference{TTA_SUFFIX}/) instead of the plain pass's")
     return parser.parse_args(argv)
 
 
@@ -69,26 +73,29 @@ def sample_problem(sample):
     return f"holds {wrong}, expected numbers" if wrong else None
 
 
-def run_rows(run: str, datasets):
-    """One table row per evaluated dataset of ``run`` (its shuffled control left out)."""
+def run_rows(run: str, datasets, tta: bool = False):
+    """One table row per evaluated dataset of ``run`` (its shuffled control left out; with
+    ``tta``, its test-time-augmented pass)."""
     names = run_datasets(run, datasets)
-    results = required_results(run, names)
+    results = required_results(run, names, tta)
+    suffix = TTA_SUFFIX if tta else ""
     for name in names:
-        samples = results[name].get("samples")
+        samples = results[name + suffix].get("samples")
         if not samples:
-            raise ValueError(f"{run}: the results of {name} hold no per-sample entries")
+            raise ValueError(f"{run}: the results of {name + suffix} hold no per-sample entries")
         for i, sample in enumerate(samples):
             problem = sample_problem(sample)
             if problem:
-                raise ValueError(f"{run}: per-sample results of {name}: samples[{i}] {problem}")
+                raise ValueError(f"{run}: per-sample results of {name + suffix}: samples[{i}] {problem}")
         h = split_hits(samples)
-        yield [run, split_label(name), h["oIoU"], h["hit_oIoU"], h["misses"], h["hits"] + h["misses"], h["no_target"]]
+        yield [run, split_label(name) + suffix, h["oIoU"], h["hit_oIoU"], h["misses"], h["hits"] + h["misses"],
+               h["no_target"]]
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        rows = [row for run in args.runs for row in run_rows(run, args.datasets)]
+        rows = [row for run in args.runs for row in run_rows(run, args.datasets, args.tta)]
     except (ValueError, FileNotFoundError) as e:
         print(f"pick_ceiling.py: error: {e}", file=sys.stderr)
         return 2

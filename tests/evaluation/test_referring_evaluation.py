@@ -565,6 +565,9 @@ def test_pick_ceiling_names_missing_results(tmp_path, capsys):
     assert tool.main([str(tmp_path / "run"), "--datasets", PLAIN, "not_evaluated"]) == 2
     err = capsys.readouterr().err
     assert f"{tmp_path / 'run'}: no evaluation results for ['not_evaluated']" in err
+    # --tta reads the TEST.AUG pass, which this run did not have.
+    assert tool.main([str(tmp_path / "run"), "--datasets", PLAIN, "--tta"]) == 2
+    assert f"no evaluation results with test-time augmentation (inference_TTA/) for ['{PLAIN}']" in capsys.readouterr().err
     assert tool.main([str(tmp_path / "empty")]) == 2
     assert "no config.yaml" in capsys.readouterr().err
     # A per-sample entry that is not an object of numbers: one line naming it, no traceback.

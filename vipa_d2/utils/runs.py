@@ -19,7 +19,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 from vipa_d2.config import ConfigError, flatten_config, get_vipa_cfg
 from vipa_d2.data.builtin import BUILTIN_REFERRING
 from vipa_d2.data.validation import read_json_file
-from vipa_d2.engine import SHUFFLED_SUFFIX
+from vipa_d2.engine import SHUFFLED_SUFFIX, TTA_SUFFIX
 from vipa_d2.evaluation import results_file_name
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
@@ -38,6 +38,8 @@ END_WITH_PARENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "end_
 # Where ReferringTrainer.test writes the evaluator's files: the plain run, and the
 # shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
 _RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled")))
+# Where ReferringTrainer.test_with_TTA writes them (TEST.AUG.ENABLED): the same file names.
+_TTA_RESULT_FOLDERS = ((TTA_SUFFIX, "inference" + TTA_SUFFIX),)
 
 
 @contextlib.contextmanager
@@ -231,26 +233,29 @@ def read_study_results(path: str) -> Dict:
     return data
 
 
-def read_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[str, Dict]":
+def read_results(output_dir: str, dataset_names: Sequence[str], tta: bool = False) -> "OrderedDict[str, Dict]":
     """
     {dataset name: the evaluator's ``referring_results_<name>.json``} for the datasets
-    evaluated in ``output_dir``; the shuffled control's under ``<name>/shuffled``.
+    evaluated in ``output_dir``; the shuffled control's under ``<name>/shuffled``. With
+    ``tta``, the test-time-augmented pass's instead, under ``<name>_TTA``.
     """
     rows = OrderedDict()
     for name in dataset_names:
-        for suffix, folder in _RESULT_FOLDERS:
+        for suffix, folder in _TTA_RESULT_FOLDERS if tta else _RESULT_FOLDERS:
             path = os.path.join(output_dir, folder, results_file_name(name))
             if os.path.isfile(path):
                 rows[name + suffix] = read_json_object(path)
     return rows
 
 
-def required_results(output_dir: str, dataset_names: Sequence[str]) -> "OrderedDict[str, Dict]":
+def required_results(output_dir: str, dataset_names: Sequence[str], tta: bool = False) -> "OrderedDict[str, Dict]":
     """:func:`read_results`, or FileNotFoundError naming the datasets without a results file."""
-    results = read_results(output_dir, dataset_names)
-    missing = [n for n in dataset_names if n not in results]
+    results = read_results(output_dir, dataset_names, tta)
+    suffix = TTA_SUFFIX if tta else ""
+    missing = [n for n in dataset_names if n + suffix not in results]
     if missing or not results:
-        raise FileNotFoundError(f"{output_dir}: no evaluation results for {missing or 'any dataset'}")
+        where = f" with test-time augmentation (inference{TTA_SUFFIX}/)" if tta else ""
+        raise FileNotFoundError(f"{output_dir}: no evaluation results{where} for {missing or 'any dataset'}")
     return results
 
 
