@@ -1,11 +1,13 @@
 """TEST.EVAL_PERIOD with the real trainer: model_best.pth holds the best val oIoU, across --resume."""
+import logging
 import os
 
 import pytest
 import torch
 
 from common import INSTANT_TEST_VAL as VAL
-from common import import_train_net, train_net_args
+from common import captured_log, import_train_net, train_net_args
+from vipa_d2 import ConfigError
 from vipa_d2.engine import BestMetricCheckpointer, best_metric_name
 
 train_net = import_train_net()
@@ -67,8 +69,12 @@ def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
 
 
 def test_no_best_checkpointer_without_periodic_evaluation(tmp_path):
-    trainer = train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=["TEST.EVAL_PERIOD", "0"])))
+    opts = ["TEST.EVAL_PERIOD", "0", "TEST.BEST_METRIC", f"{VAL}/refer/mIoU"]
+    with captured_log("vipa_d2.engine.trainer", logging.WARNING) as seen:
+        trainer = train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=opts)))
     assert not any(isinstance(h, BestMetricCheckpointer) for h in trainer._hooks)
+    # A metric named for nothing is said to be unread (it was silently).
+    assert any(f"TEST.BEST_METRIC '{VAL}/refer/mIoU' is not read" in message for _, message in seen), seen
 
 
 def test_the_best_checkpoint_follows_the_metric_a_config_names(tmp_path):
@@ -77,3 +83,31 @@ def test_the_best_checkpoint_follows_the_metric_a_config_names(tmp_path):
     opts = EVAL_EVERY + ["TEST.BEST_METRIC", f"{VAL}/refer/mIoU", "TEST.BEST_METRIC_MODE", "min"]
     hook = _best_hook(train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=opts))))
     assert hook._val_metric == f"{VAL}/refer/mIoU" and hook._compare(1.0, 2.0) and not hook._compare(2.0, 1.0)
+
+
+@pytest.mark.parametrize("metric, problem", [
+    ("refsynth_unc_vall/refer/oIoU", "is not a metric of a set this config evaluates (refsynth_unc_val)"),
+    (f"{VAL}/refer", "expected '<set>/<section>/<metric>'"),
+    (f"{VAL}/shuffled/refer/oIoU", "is not a metric of a set"),  # the control does not run
+])
+def test_a_best_metric_of_no_evaluated_set_is_refused_at_setup(tmp_path, metric, problem):
+    with pytest.raises(ConfigError, match=f"TEST.BEST_METRIC: '{metric}' .*" + problem.replace("(", r"\(").replace(")", r"\)")):
+        train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY + ["TEST.BEST_METRIC", metric]))
+
+
+def test_a_best_metric_the_evaluation_does_not_compute_stops_at_the_first(tmp_path):
+    # A typo in the metric or the section: Detectron2's hook warned at each evaluation,
+    # saved no model_best.pth, and the run ended with status 0 (extension review, session 55).
+    opts = EVAL_EVERY + ["TEST.BEST_METRIC", f"{VAL}/refer/oIoUU"]
+    trainer = train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=opts)))
+    trainer.resume_or_load(resume=False)
+    with pytest.raises(ConfigError, match=rf"TEST.BEST_METRIC: '{VAL}/refer' has no metric 'oIoUU'; it has "
+                                          r"Prec@0.5, .*, mIoU, oIoU$"):
+        trainer.train()
+    assert trainer.storage.iter == 1  # the first evaluation, after the second iteration
+    assert not os.path.exists(os.path.join(tmp_path, "model_best.pth"))
+    hook = _best_hook(trainer)
+    hook._val_metric = f"{VAL}/refr/oIoU"
+    with pytest.raises(ConfigError, match=f"TEST.BEST_METRIC: '{VAL}' has no section 'refr'; it has refer, "
+                                          "refer_by_type, retrieval$"):
+        hook._best_checking()

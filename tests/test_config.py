@@ -222,7 +222,8 @@ def test_the_tools_read_a_projects_keys_through_config_function(tmp_path, monkey
     leaf = tmp_path / "mine.yaml"
     leaf.write_text(f"_BASE_: {TINY_CONFIG}\nMODEL:\n  MYPROJ:\n    WEIGHT: 0.25\n")
     demo = load_script("demo/demo.py")
-    with pytest.raises(demo.DemoError, match="Non-existent config key: MODEL.MYPROJ"):
+    with pytest.raises(demo.DemoError, match=r"Non-existent config key: MODEL.MYPROJ \(a key of your own project\? .*"
+                                             "--config-function MODULE:FUNCTION"):
         demo.setup_cfg(str(leaf), [])
     spec = "myproj_config:add_myproj_config"
     args = demo.get_parser().parse_args(["--config-file", str(leaf), "--config-function", spec, "--input", "x.jpg",

@@ -122,7 +122,8 @@ def add_vipa_config(cfg):
     # (timm's Swin would otherwise default to 0.1); a model without stochastic depth
     # (GhostNet) is refused above 0.
     cfg.MODEL.TIMM.DROP_PATH_RATE = 0.0
-    # Learning-rate multiplier of the vision backbone relative to SOLVER.BASE_LR.
+    # Learning-rate multiplier of the vision backbone relative to SOLVER.BASE_LR: of every
+    # parameter of the meta-architecture's backbone, whatever MODEL.BACKBONE.NAME builds it.
     cfg.MODEL.TIMM.LR_MULTIPLIER = 1.0
     # Keep the backbone's BatchNorm layers in inference mode with fixed affine parameters:
     # batch statistics of the small per-device batches used in RIS are too noisy. Those of
@@ -446,7 +447,8 @@ def add_vipa_config(cfg):
     # The metric model_best.pth keeps the best of (TEST.EVAL_PERIOD > 0): a key of the
     # evaluation results as EvalHook logs them, "<dataset>/<section>/<metric>" (e.g. an
     # evaluator of one's own: "mydata_val/my_area/score"); empty: the first DATASETS.TEST
-    # set's "refer/oIoU".
+    # set's "refer/oIoU". A set the config does not evaluate is refused at setup, a section
+    # or metric its evaluation does not compute at the first evaluation.
     cfg.TEST.BEST_METRIC = ""
     # Whether a higher ("max") or a lower ("min") TEST.BEST_METRIC is better.
     cfg.TEST.BEST_METRIC_MODE = "max"
@@ -477,6 +479,10 @@ def add_vipa_config(cfg):
 # wrong type as ValueError / TypeError; each names the key. OSError: a missing file or
 # _BASE_; YAMLError: a file that is not YAML (its message gives the line).
 _MERGE_ERRORS = (KeyError, AssertionError, ValueError, TypeError, OSError, yaml.YAMLError)
+# What an unknown key in a config file adds: a run folder's config.yaml holds the keys of
+# the project that trained it, which the reader must add as that project's train_net.py did.
+OWN_KEYS_HINT = (" (a key of your own project? Its add_*_config functions go in Trainer.config_functions of your "
+                 "train_net.py, and to the demo and tools as --config-function MODULE:FUNCTION)")
 
 
 # Sizes that must be positive integers (the smallest value each can take): a zero or
@@ -798,7 +804,8 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequen
             # the constructors a !!python tag names, for a file safe_load refuses.
             cfg.merge_from_file(config_file, allow_unsafe=False)
         except _MERGE_ERRORS as e:
-            raise ConfigError(f"invalid config file {config_file}: {_merge_message(e)}") from e
+            hint = OWN_KEYS_HINT if "Non-existent config key" in _merge_message(e) else ""
+            raise ConfigError(f"invalid config file {config_file}: {_merge_message(e)}{hint}") from e
         except RecursionError as e:
             raise ConfigError(f"invalid config file {config_file}: its _BASE_ chain comes back to a file it has read") from e
         except AttributeError as e:  # Detectron2 reads the top level with .items()

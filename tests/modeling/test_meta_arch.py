@@ -183,16 +183,29 @@ def test_losses_name_the_head_outputs_they_lack(tokenizer, default_model):
     default_model.criterion.check_outputs({**outputs, **{key: [] for key in everything}}, "MyHead")
 
 
+def test_a_veg_feature_the_backbone_lacks_names_the_backbone():
+    with pytest.raises(ValueError, match=r"MODEL.VIPA.VEG.IN_FEATURE='res9' is not a backbone output \(MODEL.BACKBONE.NAME="
+                                         r"'VIPATimmBackbone' outputs \[.*'res5'\]; the timm backbone's are MODEL.TIMM.OUT_FEATURES\)"):
+        build("MODEL.VIPA.VEG.IN_FEATURE", "res9")
+
+
 def test_pixel_decoder_outputs_must_fit_the_transformer_decoder(default_model):
     decoder = default_model.head.transformer_decoder
-    levels = {name: torch.zeros(1, 32, 4, 4) for name in decoder.in_features}
+    width = decoder.level_embed.embedding_dim
+    levels = {name: torch.zeros(1, width, 4, 4) for name in decoder.in_features}
     decoder.check_pixel_decoder_outputs(levels, torch.zeros(1, decoder.mask_dim, 8, 8))
+    first = decoder.in_features[0]
     wrong = [
-        (levels, torch.zeros(1, decoder.mask_dim + 1, 8, 8)),  # another MASK_DIM
-        ({k: v for k, v in levels.items() if k != decoder.in_features[0]}, torch.zeros(1, decoder.mask_dim, 8, 8)),
+        (levels, torch.zeros(1, decoder.mask_dim + 1, 8, 8), ""),  # another MASK_DIM
+        ({k: v for k, v in levels.items() if k != first}, torch.zeros(1, decoder.mask_dim, 8, 8),
+         rf", of which \['{first}'\] are missing"),
+        # A level narrower than HIDDEN_DIM met a bare size error inside the first layer
+        # (extension review, session 55).
+        ({**levels, first: torch.zeros(1, width - 4, 4, 4)}, torch.zeros(1, decoder.mask_dim, 8, 8),
+         rf"\(MODEL.VIPA.HIDDEN_DIM\), of which \{{'{first}': \(1, {width - 4}, 4, 4\)\}} are not \(B, {width}, H, W\)"),
     ]
-    for features, mask_features in wrong:
-        with pytest.raises(ValueError, match=r"The pixel decoder \(MODEL.VIPA.PIXEL_DECODER.NAME\) returned"):
+    for features, mask_features, problem in wrong:
+        with pytest.raises(ValueError, match=r"The pixel decoder \(MODEL.VIPA.PIXEL_DECODER.NAME\) returned.*" + problem):
             decoder.check_pixel_decoder_outputs(features, mask_features)
 
 

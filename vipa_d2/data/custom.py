@@ -70,13 +70,9 @@ def register_referring_dataset(
     """
     Register one split of a REFER-format folder ``<refer_root>/<dataset>/`` as ``name``.
     Nothing is read until ``DatasetCatalog.get(name)``. Extra keyword arguments are
-    stored in the metadata next to ``evaluator_type="referring"``.
+    stored in the metadata next to ``evaluator_type="referring"``. The same call again (a
+    rerun notebook cell) is a no-op; another registration under ``name`` is refused.
     """
-    if name in DatasetCatalog.list():
-        raise ValueError(
-            f"Dataset {name!r} is already registered; pick another name or call "
-            "DatasetCatalog.remove(name) and MetadataCatalog.remove(name) first"
-        )
     if invalid not in INVALID_MODES:
         raise ValueError(f"invalid={invalid!r}: expected one of {INVALID_MODES}")
     own = dict(
@@ -87,10 +83,19 @@ def register_referring_dataset(
         split_by=split_by,
         split=split,
         image_root=image_root,
+        invalid=invalid,
     )
     clash = sorted(set(metadata) & set(own))
     if clash:
         raise ValueError(f"Dataset {name!r}: metadata {clash} are set from the arguments; pass other keywords")
+    if name in DatasetCatalog.list():
+        held = MetadataCatalog.get(name).as_dict() if name in MetadataCatalog.list() else {}
+        if held == {"name": name, **own, **metadata}:
+            return
+        raise ValueError(
+            f"Dataset {name!r} is already registered, with other arguments; pick another name or call "
+            "DatasetCatalog.remove(name) and MetadataCatalog.remove(name) first"
+        )
     # Checked before anything is registered: a refusal halfway would leave the name taken.
     left = MetadataCatalog.get(name).as_dict() if name in MetadataCatalog.list() else {}
     differ = [f"{k}={left[k]!r}" for k, v in {**own, **metadata}.items() if k in left and left[k] != v]

@@ -45,11 +45,17 @@ OBJECT_CHOICE_OFF_OPTS = (
     "MODEL.VIPA.DECODER.CHOICE_FACTORISED False MODEL.VIPA.DECODER.CHOICE_FACTOR_QUERIES False "
     "MODEL.VIPA.DECODER.CHOICE_SIZE_RANKS False MODEL.VIPA.DECODER.CHOICE_AREAS group_gate"
 )
+# ... and those that turn off every loss that trains on object boxes (the counts the
+# object choice needs, then the choice).
+OBJECT_BOX_LOSSES_OFF_OPTS = (
+    f"{OBJECT_CHOICE_OFF_OPTS} MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES False MODEL.VIPA.DECODER.COUNT_CENTRES False"
+)
 # Record keys that training losses read: what each holds, and where it comes from.
 LOSS_RECORD_KEYS = {
     "object_boxes": (
         "XYWH_ABS boxes of every object of its image",
-        "vipa_d2's REFER loader writes them, a custom loader must too",
+        "vipa_d2's REFER loader writes them, a custom loader must too; on data without them, turn the "
+        f"object counts and the object choice off: {OBJECT_BOX_LOSSES_OFF_OPTS}",
     ),
     "object_in_group": (
         "per object box, whether the expression's category / colour words name it",
@@ -59,7 +65,8 @@ LOSS_RECORD_KEYS = {
     ),
     "object_areas": (
         "per object box, the area of its object in pixels",
-        "vipa_d2's REFER loader writes them from the annotations' 'area', a custom loader must too",
+        "vipa_d2's REFER loader writes them from the annotations' 'area', a custom loader must too; on data "
+        "without them, pick by the group gate's areas: MODEL.VIPA.DECODER.CHOICE_AREAS group_gate",
     ),
 }
 # Missing image files a refusal lists before "... (+N more)".

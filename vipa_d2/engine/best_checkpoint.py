@@ -2,10 +2,13 @@
 import logging
 import math
 import os
+from typing import Optional
 
 from detectron2.engine import hooks
 from detectron2.utils import comm
 
+from ..config import ConfigError
+from ..data.validation import shortlist
 from ..utils.checkpoint_file import torch_load_checkpoint
 
 logger = logging.getLogger(__name__)
@@ -13,6 +16,8 @@ logger = logging.getLogger(__name__)
 # The metric ReferringEvaluator reports (under its "refer" section) that picks the best model.
 BEST_METRIC = "oIoU"
 BEST_METRIC_SECTION = "refer"
+# Computed metrics a refusal of TEST.BEST_METRIC lists before "... (+N more)".
+MAX_METRICS_LISTED = 20
 
 
 def best_metric_name(dataset_name: str) -> str:
@@ -31,13 +36,40 @@ class BestMetricCheckpointer(hooks.BestCheckpointer):
     * saving it leaves ``last_checkpoint`` where it was (``--resume`` continues training),
       and a resumed run takes the best from ``model_best.pth`` when that is better than
       the state it resumed (the evaluation after training comes after model_final.pth).
+    * a metric that an evaluation of its set did not compute (a typo in
+      ``TEST.BEST_METRIC``'s section or metric) is a ConfigError listing the ones it did, at
+      that first evaluation: the stock hook warns at each one and never saves.
     """
+
+    def __init__(self, *args, evaluated_set: Optional[str] = None, **kwargs):
+        """``evaluated_set``: the evaluated set the metric belongs to ("<set>" of
+        "<set>/<section>/<metric>"), whose results say whether the metric is missing."""
+        super().__init__(*args, **kwargs)
+        self._evaluated_set = evaluated_set
+
+    def _check_computed(self, stored) -> None:
+        if self._evaluated_set is None or self._val_metric in stored:
+            return
+        prefix = self._evaluated_set + "/"
+        computed = [k[len(prefix) :] for k in stored if k.startswith(prefix)]
+        if not computed:  # that set was not evaluated this time (the flipped pass: after training only)
+            return
+        section, metric = self._val_metric[len(prefix) :].split("/", 1)
+        metrics = sorted(k[len(section) + 1 :] for k in computed if k.startswith(section + "/"))
+        if metrics:
+            problem = f"{prefix + section!r} has no metric {metric!r}; it has {shortlist(metrics, MAX_METRICS_LISTED)}"
+        else:
+            sections = sorted({k.split("/", 1)[0] for k in computed})
+            problem = (f"{self._evaluated_set!r} has no section {section!r}; it has "
+                       f"{shortlist(sections, MAX_METRICS_LISTED)}")
+        raise ConfigError(f"TEST.BEST_METRIC: {problem}")
 
     def _best_checking(self):
         if not comm.is_main_process():
             # Evaluation results reach the main process's storage only; the others would
             # warn at every evaluation that the metric is missing (and never save anyway).
             return
+        self._check_computed(self.trainer.storage.latest())
         latest = self.trainer.storage.latest().get(self._val_metric)
         if latest is not None:
             value, iteration = latest

@@ -122,26 +122,48 @@ def check_referring_datasets(cfg, own_evaluator: bool = False) -> None:
     _check_evaluated_tasks(cfg)
 
 
-def _check_evaluated_tasks(cfg) -> None:
+def evaluated_sets(cfg) -> list:
+    """The names the trainer reports results under: each ``DATASETS.TEST`` set, and its
+    shuffled-expression control and test-time-augmented pass when the config runs them."""
     evaluated = list(cfg.DATASETS.TEST)
     if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
         evaluated += [name + SHUFFLED_SUFFIX for name in cfg.DATASETS.TEST]
+    if cfg.TEST.AUG.ENABLED:
+        evaluated += [name + TTA_SUFFIX for name in cfg.DATASETS.TEST]
+    return evaluated
+
+
+def result_owner(key: str, evaluated) -> str:
+    """The set of ``evaluated`` that the results key ``key`` ("<set>/<section>[/<metric>]")
+    belongs to, or None. The longest set the key starts with: "<set>/shuffled/refer" is not
+    "<set>"'s, even when the control does not run."""
+    owner = max((name for name in evaluated if key.startswith(name + "/")), key=len, default=None)
+    return None if owner is None or key[len(owner) :].startswith(SHUFFLED_SUFFIX + "/") else owner
+
+
+def _check_evaluated_tasks(cfg) -> None:
     if cfg.TEST.AUG.ENABLED:
         try:
             check_flip(cfg)
         except ValueError as e:
             raise ConfigError(str(e)) from e
-        evaluated += [name + TTA_SUFFIX for name in cfg.DATASETS.TEST]
+    evaluated = evaluated_sets(cfg)
+    listed = shortlist(evaluated, MAX_DATASETS_LISTED) or "none"
+    example = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "refcoco_unc_val"
     for i, entry in enumerate(cfg.TEST.EXPECTED_RESULTS):
-        task = entry[0]
-        # The longest set the task starts with: "<set>/shuffled/refer" is not "<set>"'s.
-        owner = max((name for name in evaluated if task.startswith(name + "/")), key=len, default=None)
-        if owner is None or task[len(owner) :].startswith(SHUFFLED_SUFFIX + "/"):
+        if result_owner(entry[0], evaluated) is None:
             raise ConfigError(
-                f"TEST.EXPECTED_RESULTS[{i}]: task {task!r} is not of a set this config evaluates "
-                f"({shortlist(evaluated, MAX_DATASETS_LISTED) or 'none'}); expected '<set>/<section>', e.g. "
-                f"'{cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else 'refcoco_unc_val'}/refer'"
+                f"TEST.EXPECTED_RESULTS[{i}]: task {entry[0]!r} is not of a set this config evaluates ({listed}); "
+                f"expected '<set>/<section>', e.g. '{example}/refer'"
             )
+    best = cfg.TEST.BEST_METRIC
+    owner = result_owner(best, evaluated) if best else None
+    # "<set>/" then at least a section and a metric.
+    if best and (owner is None or len(best[len(owner) + 1 :].split("/")) < 2):
+        raise ConfigError(
+            f"TEST.BEST_METRIC: {best!r} is not a metric of a set this config evaluates ({listed}); expected "
+            f"'<set>/<section>/<metric>', e.g. {best_metric_name(example)!r}"
+        )
 
 
 def check_ranks_start_alike(start_iters, output_dir: str) -> None:
@@ -186,6 +208,7 @@ class ReferringTrainer(DefaultTrainer):
         # train_net.py registers them in setup(); a trainer built from Python must too (a
         # registered entry is skipped).
         register_refer_splits(cfg.DATASETS.REFER_SPLITS)
+        self.check_datasets(cfg)  # as train_net.py's setup() does, before any model is built
         for name in ("detectron2", "vipa_d2"):  # when not set up by train_net.py's default_setup
             if not logging.getLogger(name).isEnabledFor(logging.INFO):
                 setup_logger(name=name)
@@ -305,15 +328,20 @@ class ReferringTrainer(DefaultTrainer):
         evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
         if self.cfg.TEST.EVAL_PERIOD > 0 and self.cfg.DATASETS.TEST:
             # After EvalHook, whose results it reads; the first test set is the validation set.
+            metric = self.cfg.TEST.BEST_METRIC or best_metric_name(self.cfg.DATASETS.TEST[0])
             ret.insert(
                 evaluation + 1,
                 BestMetricCheckpointer(
                     self.cfg.TEST.EVAL_PERIOD,
                     self.checkpointer,
-                    self.cfg.TEST.BEST_METRIC or best_metric_name(self.cfg.DATASETS.TEST[0]),
+                    metric,
                     mode=self.cfg.TEST.BEST_METRIC_MODE,
+                    evaluated_set=result_owner(metric, evaluated_sets(self.cfg)),
                 ),
             )
+        elif self.cfg.TEST.BEST_METRIC:
+            logger.warning(f"TEST.BEST_METRIC {self.cfg.TEST.BEST_METRIC!r} is not read: model_best.pth is kept only "
+                           "with periodic evaluation (TEST.EVAL_PERIOD > 0 and DATASETS.TEST)")
         if self.cfg.TEST.AUG.ENABLED:
             # After the plain evaluation (Detectron2's train_net.py registers it last): its
             # results join the ones train() returns and TEST.EXPECTED_RESULTS checks.

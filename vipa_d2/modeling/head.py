@@ -111,7 +111,8 @@ class VIPAHead(nn.Module):
             if vipa.VEG.IN_FEATURE not in input_shape:
                 raise ValueError(
                     f"MODEL.VIPA.VEG.IN_FEATURE={vipa.VEG.IN_FEATURE!r} is not a backbone output "
-                    f"(available: {sorted(input_shape)}; see MODEL.TIMM.OUT_FEATURES)"
+                    f"(MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r} outputs {sorted(input_shape)}; "
+                    "the timm backbone's are MODEL.TIMM.OUT_FEATURES)"
                 )
             # The control needs only step 1's relevance; step 2 would be unused parameters.
             control = {"step1": True, "step2": False} if needs_language else {}

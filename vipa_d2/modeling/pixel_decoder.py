@@ -34,7 +34,8 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
     if missing:
         raise ValueError(
             f"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES / MASK_REFINE_FEATURE name {missing}, which the backbone does not "
-            f"output (it outputs {sorted(input_shape)}; see MODEL.TIMM.OUT_FEATURES)"
+            f"output (MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r} outputs {sorted(input_shape)}; the timm "
+            "backbone's are MODEL.TIMM.OUT_FEATURES)"
         )
     return get_registered(VIPA_PIXEL_DECODER_REGISTRY, name, "MODEL.VIPA.PIXEL_DECODER.NAME")(cfg, input_shape)
 

@@ -272,15 +272,20 @@ class VIPATransformerDecoder(nn.Module):
     def check_pixel_decoder_outputs(self, features: Dict[str, torch.Tensor], mask_features: torch.Tensor) -> None:
         """ValueError when the pixel decoder's outputs do not fit this decoder: a registered
         pixel decoder would otherwise meet a bare KeyError or an einsum size error here."""
+        width = self.level_embed.embedding_dim  # the levels are tokens of the decoder's width
         missing = [n for n in self.in_features if n not in features]
+        misshaped = {n: tuple(features[n].shape) for n in self.in_features
+                     if n in features and (features[n].dim() != 4 or features[n].shape[1] != width)}
         channels = mask_features.shape[1] if mask_features.dim() == 4 else None
-        if missing or channels != self.mask_dim:
+        if missing or misshaped or channels != self.mask_dim:
+            problems = [f"of which {missing} are missing" if missing else "",
+                        f"of which {misshaped} are not (B, {width}, H, W)" if misshaped else ""]
             raise ValueError(
                 f"The pixel decoder (MODEL.VIPA.PIXEL_DECODER.NAME) returned mask features of shape "
                 f"{tuple(mask_features.shape)} and levels {sorted(features)}; the transformer decoder reads "
                 f"(B, {self.mask_dim}, H, W) mask features (MODEL.VIPA.PIXEL_DECODER.MASK_DIM) and the levels "
-                f"{self.in_features} (MODEL.VIPA.DECODER.IN_FEATURES)"
-                + (f", of which {missing} are missing" if missing else "")
+                f"{self.in_features} (MODEL.VIPA.DECODER.IN_FEATURES) as (B, {width}, H, W) "
+                f"(MODEL.VIPA.HIDDEN_DIM)" + "".join(", " + p for p in problems if p)
             )
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
