@@ -1,14 +1,17 @@
 """TEST.EVAL_PERIOD with the real trainer: model_best.pth holds the best val oIoU, across --resume."""
 import logging
 import os
+from datetime import timedelta
 
 import pytest
 import torch
 
 from common import INSTANT_TEST_VAL as VAL
 from common import captured_log, import_train_net, train_net_args
+from detectron2.utils import comm
 from vipa_d2 import ConfigError
 from vipa_d2.engine import BestMetricCheckpointer, best_metric_name
+from vipa_d2.engine.process_group import launch_ranks
 
 train_net = import_train_net()
 pytestmark = pytest.mark.usefixtures("synthetic_datasets_root")
@@ -85,14 +88,30 @@ def test_the_best_checkpoint_follows_the_metric_a_config_names(tmp_path):
     assert hook._val_metric == f"{VAL}/refer/mIoU" and hook._compare(1.0, 2.0) and not hook._compare(2.0, 1.0)
 
 
-@pytest.mark.parametrize("metric, problem", [
-    ("refsynth_unc_vall/refer/oIoU", "is not a metric of a set this config evaluates (refsynth_unc_val)"),
-    (f"{VAL}/refer", "expected '<set>/<section>/<metric>'"),
-    (f"{VAL}/shuffled/refer/oIoU", "is not a metric of a set"),  # the control does not run
+@pytest.mark.parametrize("metric, opts, problem", [
+    ("refsynth_unc_vall/refer/oIoU", [], f"is not a metric of a set evaluated every TEST.EVAL_PERIOD \\({VAL}\\)"),
+    (f"{VAL}/refer", [], "expected '<set>/<section>/<metric>'"),
+    (f"{VAL}/refer/", [], "expected '<set>/<section>/<metric>'"),
+    (f"{VAL}/shuffled/refer/oIoU", [], "is not a metric of a set"),  # the control does not run
+    # The flipped pass runs after the training only: no best to keep.
+    (f"{VAL}_TTA/refer/oIoU", ["TEST.AUG.ENABLED", "True"], "the flipped pass, '<set>_TTA', runs after the training only"),
 ])
-def test_a_best_metric_of_no_evaluated_set_is_refused_at_setup(tmp_path, metric, problem):
-    with pytest.raises(ConfigError, match=f"TEST.BEST_METRIC: '{metric}' .*" + problem.replace("(", r"\(").replace(")", r"\)")):
-        train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY + ["TEST.BEST_METRIC", metric]))
+def test_a_best_metric_of_no_periodically_evaluated_set_is_refused_before_training(tmp_path, metric, opts, problem):
+    cfg = train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY + opts + ["TEST.BEST_METRIC", metric]))
+    with pytest.raises(ConfigError, match=f"^TEST.BEST_METRIC: '{metric}' .*{problem}"):
+        train_net.Trainer(cfg)
+
+
+def test_a_best_metric_is_not_read_where_nothing_keeps_the_best(tmp_path):
+    # --eval-only of a run's config on another set: setup() refused the key it does not read
+    # (diff review, session 55). The control's set is evaluated periodically and allowed.
+    opts = ["DATASETS.TEST", "('refsynth_unc_testA',)", "TEST.BEST_METRIC", f"{VAL}/refer/oIoU"]
+    train_net.setup(train_net_args(tmp_path, "--eval-only", opts=EVAL_EVERY + opts))
+    opts = ["TEST.SHUFFLED_EXPRESSION_CONTROL", "True", "TEST.BEST_METRIC", f"{VAL}/shuffled/refer/mIoU"]
+    hook = _best_hook(train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY + opts))))
+    assert hook._evaluated_set == f"{VAL}/shuffled"
+    # The default key is not checked: an evaluator of one's own may report no refer/oIoU.
+    assert _best_hook(train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY))))._evaluated_set is None
 
 
 def test_a_best_metric_the_evaluation_does_not_compute_stops_at_the_first(tmp_path):
@@ -111,3 +130,27 @@ def test_a_best_metric_the_evaluation_does_not_compute_stops_at_the_first(tmp_pa
     with pytest.raises(ConfigError, match=f"TEST.BEST_METRIC: '{VAL}' has no section 'refr'; it has refer, "
                                           "refer_by_type, retrieval$"):
         hook._best_checking()
+
+
+def _main_recording_config_errors(args, record_dir):
+    """train_net.main in a launched rank, its ConfigError written to rank<k>.txt rather than
+    raised (a rank that raised would end the other before it could write)."""
+    try:
+        train_net.main(args)
+    except ConfigError as e:
+        with open(os.path.join(record_dir, f"rank{comm.get_rank()}.txt"), "w") as f:
+            f.write(str(e))
+    finally:
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def test_a_best_metric_the_evaluation_does_not_compute_stops_every_rank(tmp_path):
+    # Raised on rank 0 alone, it left rank 1 in the next iteration's all-reduce: on other
+    # machines, until the process group's timeout (diff review, session 55).
+    opts = ["TEST.EVAL_PERIOD", "1", "SOLVER.MAX_ITER", "2", "TEST.BEST_METRIC", f"{VAL}/refer/oIoUU"]
+    args = train_net_args(tmp_path / "run", "--num-gpus", "2", opts=opts)
+    launch_ranks(_main_recording_config_errors, 2, dist_url=args.dist_url, args=(args, str(tmp_path)), device="cpu",
+                 timeout=timedelta(seconds=60))
+    for rank in (0, 1):
+        assert (tmp_path / f"rank{rank}.txt").read_text().startswith(f"TEST.BEST_METRIC: '{VAL}/refer' has no metric 'oIoUU'")

@@ -281,6 +281,20 @@ def test_a_trainer_built_from_python_checks_its_datasets(tmp_path):
         train_net.Trainer(cfg)
 
 
+def test_a_trainer_with_its_own_test_may_score_other_datasets(tmp_path):
+    # As one with its own build_evaluator may: now that the trainer checks its datasets when
+    # built, such a subclass was refused (diff review, session 55).
+    class OwnTest(train_net.Trainer):
+        @classmethod
+        def test(cls, cfg, model, evaluators=None):
+            return {}
+
+    cfg = train_net.load_config(train_net_args(tmp_path, opts=["DATASETS.TEST", "('coco_2017_val',)"]))
+    OwnTest.check_datasets(cfg)
+    with pytest.raises(ConfigError, match="'coco_2017_val' is not a referring dataset"):
+        train_net.Trainer.check_datasets(cfg)
+
+
 @pytest.mark.parametrize("opts,problem", [
     (["TEST.AUG.ENABLED", "True", "TEST.AUG.FLIP", "False"], r"TEST.AUG.ENABLED: .*set TEST.AUG.FLIP True"),
     # One results file for both: the second replaced the first without a word ('a/val' and

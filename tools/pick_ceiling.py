@@ -20,7 +20,8 @@ import sys
 from tabulate import tabulate
 
 from vipa_d2 import get_vipa_cfg
-from vipa_d2.engine import TTA_SUFFIX
+from vipa_d2.config import add_config_function_option, import_config_functions
+from vipa_d2.engine import TTA_RESULTS_FOLDER, TTA_SUFFIX
 from vipa_d2.evaluation.referring_evaluation import PRECISION_THRESHOLDS
 from vipa_d2.utils.runs import required_results, split_label
 
@@ -33,8 +34,9 @@ def parse_args(argv=None):
     parser.add_argument("runs", nargs="+", help="output folders of train_net.py runs (their inference/ results)")
     parser.add_argument("--datasets", nargs="+", default=None,
                         help="evaluated datasets to read (default: DATASETS.TEST of each run's config.yaml)")
+    add_config_function_option(parser)
     parser.add_argument("--tta", action="store_true",
-                        help=f"read the TEST.AUG pass's results (inference{TTA_SUFFIX}/) instead of the plain pass's")
+                        help=f"read the TEST.AUG pass's results ({TTA_RESULTS_FOLDER}/) instead of the plain pass's")
     return parser.parse_args(argv)
 
 
@@ -52,13 +54,13 @@ def split_hits(samples) -> dict:
             "no_target": len(samples) - len(found)}
 
 
-def run_datasets(run: str, datasets):
+def run_datasets(run: str, datasets, config_functions=()):
     if datasets:
         return list(datasets)
     config = os.path.join(run, "config.yaml")
     if not os.path.isfile(config):
         raise ValueError(f"{run}: no config.yaml to read DATASETS.TEST from; name them with --datasets")
-    return list(get_vipa_cfg(config, []).DATASETS.TEST)
+    return list(get_vipa_cfg(config, [], config_functions).DATASETS.TEST)
 
 
 def sample_problem(sample):
@@ -73,10 +75,11 @@ def sample_problem(sample):
     return f"holds {wrong}, expected numbers" if wrong else None
 
 
-def run_rows(run: str, datasets, tta: bool = False):
+def run_rows(run: str, datasets, tta: bool = False, config_functions=()):
     """One table row per evaluated dataset of ``run`` (its shuffled control left out; with
-    ``tta``, its test-time-augmented pass)."""
-    names = run_datasets(run, datasets)
+    ``tta``, its test-time-augmented pass); ``config_functions`` add the keys of the
+    project that trained it."""
+    names = run_datasets(run, datasets, config_functions)
     results = required_results(run, names, tta)
     suffix = TTA_SUFFIX if tta else ""
     for name in names:
@@ -95,8 +98,9 @@ def run_rows(run: str, datasets, tta: bool = False):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        rows = [row for run in args.runs for row in run_rows(run, args.datasets, args.tta)]
-    except (ValueError, FileNotFoundError) as e:
+        functions = import_config_functions(args.config_function)
+        rows = [row for run in args.runs for row in run_rows(run, args.datasets, args.tta, functions)]
+    except (ValueError, FileNotFoundError) as e:  # ConfigError is a ValueError
         print(f"pick_ceiling.py: error: {e}", file=sys.stderr)
         return 2
     headers = ["run", "split", "oIoU", f"oIoU over hits (IoU >= {HIT_IOU})", "misses", "expressions"]

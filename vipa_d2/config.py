@@ -158,6 +158,8 @@ def add_vipa_config(cfg):
 
     # Visual Expression Generator.
     cfg.MODEL.VIPA.VEG = CN()
+    # The generator, by its name in VIPA_VEG_REGISTRY (a variant of one's own registers there).
+    cfg.MODEL.VIPA.VEG.NAME = "VisualExpressionGenerator"
     # Backbone feature the VEG retrieves tokens from (stride 16 or 32).
     cfg.MODEL.VIPA.VEG.IN_FEATURE = "res4"
     # Step 1, visual informative token retrieval (off: cues attend to all tokens).
@@ -479,10 +481,13 @@ def add_vipa_config(cfg):
 # wrong type as ValueError / TypeError; each names the key. OSError: a missing file or
 # _BASE_; YAMLError: a file that is not YAML (its message gives the line).
 _MERGE_ERRORS = (KeyError, AssertionError, ValueError, TypeError, OSError, yaml.YAMLError)
-# What an unknown key in a config file adds: a run folder's config.yaml holds the keys of
-# the project that trained it, which the reader must add as that project's train_net.py did.
+# How yacs says that a config file gives a key the defaults lack.
+UNKNOWN_FILE_KEY = "Non-existent config key"
+# What such a refusal adds: a run folder's config.yaml holds the keys of the project that
+# trained it, which the reader must add as that project's train_net.py did.
 OWN_KEYS_HINT = (" (a key of your own project? Its add_*_config functions go in Trainer.config_functions of your "
-                 "train_net.py, and to the demo and tools as --config-function MODULE:FUNCTION)")
+                 "train_net.py; the demos and the tools that read configs take them as --config-function "
+                 "MODULE:FUNCTION)")
 
 
 # Sizes that must be positive integers (the smallest value each can take): a zero or
@@ -804,7 +809,7 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequen
             # the constructors a !!python tag names, for a file safe_load refuses.
             cfg.merge_from_file(config_file, allow_unsafe=False)
         except _MERGE_ERRORS as e:
-            hint = OWN_KEYS_HINT if "Non-existent config key" in _merge_message(e) else ""
+            hint = OWN_KEYS_HINT if UNKNOWN_FILE_KEY in _merge_message(e) else ""
             raise ConfigError(f"invalid config file {config_file}: {_merge_message(e)}{hint}") from e
         except RecursionError as e:
             raise ConfigError(f"invalid config file {config_file}: its _BASE_ chain comes back to a file it has read") from e

@@ -112,9 +112,9 @@ def test_convert_and_register_round_trip(tmp_path):
         left = annotations_to_mask(by_text["the cup on the left"]["annotations"], H, W)
         assert left[10, 10] == 1 and left.sum() == 25 * 25
         assert by_text["the apple"]["annotations"][0]["category_id"] == 1
-        with pytest.raises(ValueError, match="already registered, with other arguments"):
+        with pytest.raises(ValueError, match="already registered \\(a built-in, or a registration with other arguments\\)"):
             register_referring_dataset(name, str(tmp_path / "root"), "mine", "unc", "train", "/img")
-        with pytest.raises(ValueError, match="already registered, with other arguments"):
+        with pytest.raises(ValueError, match="already registered \\(a built-in, or a registration with other arguments\\)"):
             register_referring_dataset(name, str(tmp_path / "root"), "mine", "unc", "train", "/img", extra_key=7,
                                        invalid="skip")
         # The same call again (a rerun notebook cell) was refused too (extension review, session 55).

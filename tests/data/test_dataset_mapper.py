@@ -459,6 +459,11 @@ def test_check_records_refuses_before_any_batch(tmp_path):
     mapper = ReferringDatasetMapper(make_cfg(*opts), is_train=True)
     good = dict(rec, object_in_group=[True], object_areas=[1600.0])
     mapper.check_records([good], "mine")
+    unsized = {k: v for k, v in good.items() if k != "object_areas"}
+    with pytest.raises(ReferringDataError, match=r"^mine: 1 of 1 records have no 'object_areas' ") as info:
+        mapper.check_records([unsized], "mine")
+    off = str(info.value).split("pick by the group gate's areas: ")[1].split()
+    ReferringDatasetMapper(make_cfg(*opts, *off), is_train=True).check_records([unsized], "mine")
     for change, field, problem in [
         ({"object_boxes": [[10.0, 5.0, float("nan"), 40.0]]}, "object_boxes", r"'object_boxes' \[\[10.0, 5.0, nan, 40.0\]\] must be finite"),
         ({"object_boxes": [[10.0, 5.0, 40.0]]}, "object_boxes", r"'object_boxes' \[\[10.0, 5.0, 40.0\]\]: expected a list of \[x, y, w, h\] boxes"),

@@ -559,6 +559,22 @@ def test_pick_ceiling_counts_targets_by_the_record_not_the_scored_mask(tmp_path,
     assert "no-target expressions left out" not in out
 
 
+def test_pick_ceiling_reads_the_config_of_a_run_of_ones_own_project(tmp_path, capsys, monkeypatch):
+    tool = load_script("tools/pick_ceiling.py")
+    evaluate_into(tmp_path / "run", PLAIN, pick_ceiling_samples())
+    (tmp_path / "myproj_ceiling.py").write_text(
+        "from detectron2.config import CfgNode\n\n\ndef add(cfg):\n    cfg.MODEL.MYPROJ = CfgNode()\n"
+        "    cfg.MODEL.MYPROJ.WEIGHT = 1.0\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    (tmp_path / "run" / "config.yaml").write_text(f"MODEL:\n  MYPROJ:\n    WEIGHT: 0.5\nDATASETS:\n  TEST: ['{PLAIN}']\n")
+    assert tool.main([str(tmp_path / "run")]) == 2
+    assert "Non-existent config key: MODEL.MYPROJ (a key of your own project?" in capsys.readouterr().err
+    # It took no --config-function, which the hint names (diff review, session 55).
+    assert tool.main([str(tmp_path / "run"), "--config-function", "myproj_ceiling:add"]) == 0
+    assert f"| {PLAIN} " in capsys.readouterr().out
+
+
 def test_pick_ceiling_names_missing_results(tmp_path, capsys):
     tool = load_script("tools/pick_ceiling.py")
     evaluate_into(tmp_path / "run", PLAIN, pick_ceiling_samples())

@@ -20,7 +20,7 @@ from vipa_d2.modeling.directional_counts import GROUP_MAP
 from vipa_d2.modeling.losses import CHOICE_OUTPUTS
 from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO, no_target_threshold, runtime_options, trim_text_padding
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, files_entry
-from vipa_d2.modeling.veg import linguistic_cue_mask
+from vipa_d2.modeling.veg import VIPA_VEG_REGISTRY, VisualExpressionGenerator, linguistic_cue_mask
 from vipa_d2.utils import analysis
 
 # TINY_CONFIG small and fast: 64 px, narrow heads, random backbone (the overfit test loads the bundled weights).
@@ -159,6 +159,35 @@ class KwargsForwardBackbone(PlainForwardBackbone):
 
     def forward(self, x, **kwargs):
         return super().forward(x)
+
+
+@VIPA_VEG_REGISTRY.register()
+class HalvedExpressionGenerator(VisualExpressionGenerator):
+    """A VEG variant as a user writes one: the stock one's visual expression, halved."""
+
+    def forward(self, *args, **kwargs):
+        out = super().forward(*args, **kwargs)
+        if out.get("visual_expression") is not None:
+            out["visual_expression"] = out["visual_expression"] / 2
+        return out
+
+
+def test_a_veg_of_ones_own_is_built_by_its_registry_name(tokenizer):
+    # A variant needed a head subclass that rebuilt from_config, the control's step
+    # arguments included (extension review, session 55).
+    stock, halved = build(), build("MODEL.VIPA.VEG.NAME", "HalvedExpressionGenerator")
+    assert type(halved.head.veg) is HalvedExpressionGenerator
+    assert halved.state_dict().keys() == stock.state_dict().keys()
+    halved.load_state_dict(stock.state_dict())
+    stock.eval(), halved.eval()
+    with torch.no_grad():
+        given = stock(make_inputs(tokenizer, TEXTS))[0]["ref_seg"]
+        assert not torch.equal(halved(make_inputs(tokenizer, TEXTS))[0]["ref_seg"], given)
+    control = build("MODEL.VIPA.VEG.NAME", "HalvedExpressionGenerator", "MODEL.VIPA.KV_SOURCE", "language_relevance")
+    assert (control.head.veg.step1, control.head.veg.step2) == (True, False)
+    with pytest.raises(ValueError, match=r"MODEL.VIPA.VEG.NAME 'NoSuchVEG' is not in the VIPA_VEG registry \(it holds "
+                                         r"\[.*'VisualExpressionGenerator'\]\)"):
+        build("MODEL.VIPA.VEG.NAME", "NoSuchVEG")
 
 
 def test_early_fusion_needs_a_backbone_that_takes_the_stage_hook():

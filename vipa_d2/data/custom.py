@@ -90,11 +90,15 @@ def register_referring_dataset(
         raise ValueError(f"Dataset {name!r}: metadata {clash} are set from the arguments; pass other keywords")
     if name in DatasetCatalog.list():
         held = MetadataCatalog.get(name).as_dict() if name in MetadataCatalog.list() else {}
-        if held == {"name": name, **own, **metadata}:
+        try:
+            same = bool(held == {"name": name, **own, **metadata})
+        except ValueError:  # array values (numpy) have no single truth value: not known to be the same
+            same = False
+        if same:
             return
         raise ValueError(
-            f"Dataset {name!r} is already registered, with other arguments; pick another name or call "
-            "DatasetCatalog.remove(name) and MetadataCatalog.remove(name) first"
+            f"Dataset {name!r} is already registered (a built-in, or a registration with other arguments); pick "
+            "another name or call DatasetCatalog.remove(name) and MetadataCatalog.remove(name) first"
         )
     # Checked before anything is registered: a refusal halfway would leave the name taken.
     left = MetadataCatalog.get(name).as_dict() if name in MetadataCatalog.list() else {}

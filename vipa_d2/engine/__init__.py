@@ -16,7 +16,7 @@ from .host_memory import keep_freed_host_memory
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
 from .process_group import launch_ranks, leave_process_group
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
-from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA
+from .test_time_augmentation import TTA_RESULTS_FOLDER, TTA_SUFFIX, VIPAWithTTA
 from .trainer import ReferringTrainer, check_referring_datasets
 
 __all__ = [
@@ -42,6 +42,7 @@ __all__ = [
     "WeightsOnlyCheckpointer",
     "load_weights",
     "model_checkpoint",
+    "TTA_RESULTS_FOLDER",
     "TTA_SUFFIX",
     "VIPAWithTTA",
     "referring_tasks",

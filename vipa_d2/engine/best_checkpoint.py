@@ -36,40 +36,53 @@ class BestMetricCheckpointer(hooks.BestCheckpointer):
     * saving it leaves ``last_checkpoint`` where it was (``--resume`` continues training),
       and a resumed run takes the best from ``model_best.pth`` when that is better than
       the state it resumed (the evaluation after training comes after model_final.pth).
-    * a metric that an evaluation of its set did not compute (a typo in
-      ``TEST.BEST_METRIC``'s section or metric) is a ConfigError listing the ones it did, at
-      that first evaluation: the stock hook warns at each one and never saves.
+    * a ``TEST.BEST_METRIC`` that an evaluation of its set did not compute (a typo in its
+      section or metric) is a ConfigError listing what it did, on every rank, at that first
+      evaluation: the stock hook warns at each one and never saves.
     """
 
     def __init__(self, *args, evaluated_set: Optional[str] = None, **kwargs):
         """``evaluated_set``: the evaluated set the metric belongs to ("<set>" of
-        "<set>/<section>/<metric>"), whose results say whether the metric is missing."""
+        "<set>/<section>/<metric>"), whose results say whether the metric is missing; None:
+        not checked (Detectron2's warning)."""
         super().__init__(*args, **kwargs)
         self._evaluated_set = evaluated_set
 
-    def _check_computed(self, stored) -> None:
-        if self._evaluated_set is None or self._val_metric in stored:
-            return
+    def _missing_metric(self, stored) -> Optional[str]:
+        """Why the metric is not among the results ``stored`` of its set, or None (it is, or
+        that set was not evaluated)."""
+        if self._val_metric in stored:
+            return None
         prefix = self._evaluated_set + "/"
         computed = [k[len(prefix) :] for k in stored if k.startswith(prefix)]
-        if not computed:  # that set was not evaluated this time (the flipped pass: after training only)
-            return
+        if not computed:
+            return None
         section, metric = self._val_metric[len(prefix) :].split("/", 1)
         metrics = sorted(k[len(section) + 1 :] for k in computed if k.startswith(section + "/"))
         if metrics:
-            problem = f"{prefix + section!r} has no metric {metric!r}; it has {shortlist(metrics, MAX_METRICS_LISTED)}"
-        else:
-            sections = sorted({k.split("/", 1)[0] for k in computed})
-            problem = (f"{self._evaluated_set!r} has no section {section!r}; it has "
-                       f"{shortlist(sections, MAX_METRICS_LISTED)}")
-        raise ConfigError(f"TEST.BEST_METRIC: {problem}")
+            return (f"TEST.BEST_METRIC: {prefix + section!r} has no metric {metric!r}; it has "
+                    f"{shortlist(metrics, MAX_METRICS_LISTED)}")
+        sections = sorted({k.split("/", 1)[0] for k in computed})
+        return (f"TEST.BEST_METRIC: {self._evaluated_set!r} has no section {section!r}; it has "
+                f"{shortlist(sections, MAX_METRICS_LISTED)}")
+
+    def _check_computed(self) -> None:
+        # Found on the main process, whose storage alone holds the results, and raised on
+        # every rank: a rank that stopped alone would leave the others waiting in the next
+        # collective until its timeout.
+        problem = self._missing_metric(self.trainer.storage.latest()) if comm.is_main_process() else None
+        if comm.get_world_size() > 1:
+            problem = comm.all_gather(problem)[0]
+        if problem:
+            raise ConfigError(problem)
 
     def _best_checking(self):
+        if self._evaluated_set is not None:
+            self._check_computed()
         if not comm.is_main_process():
             # Evaluation results reach the main process's storage only; the others would
             # warn at every evaluation that the metric is missing (and never save anyway).
             return
-        self._check_computed(self.trainer.storage.latest())
         latest = self.trainer.storage.latest().get(self._val_metric)
         if latest is not None:
             value, iteration = latest

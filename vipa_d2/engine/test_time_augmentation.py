@@ -20,10 +20,12 @@ from ..data.expressions import tokenize_expression
 from ..modeling.meta_arch import REF_SEG_BEFORE_VETO
 from ..modeling.text_encoder import build_tokenizer
 
-__all__ = ["TTA_SUFFIX", "VIPAWithTTA", "average_views", "check_flip"]
+__all__ = ["TTA_RESULTS_FOLDER", "TTA_SUFFIX", "VIPAWithTTA", "average_views", "check_flip"]
 
 # What test_with_TTA appends to dataset names and the per-sample results folder (Detectron2's).
 TTA_SUFFIX = "_TTA"
+# The folder under OUTPUT_DIR of the test-time-augmented pass's per-sample results.
+TTA_RESULTS_FOLDER = "inference" + TTA_SUFFIX
 
 logger = logging.getLogger(__name__)
 

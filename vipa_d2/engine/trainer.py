@@ -5,6 +5,7 @@ import os
 import re
 import weakref
 from collections import OrderedDict
+from typing import Optional
 
 import torch
 from detectron2.data import (
@@ -45,7 +46,7 @@ from .reproducibility import (
     ResumableTrainingSampler,
     StepSeedHook,
 )
-from .test_time_augmentation import TTA_SUFFIX, VIPAWithTTA, check_flip
+from .test_time_augmentation import TTA_RESULTS_FOLDER, TTA_SUFFIX, VIPAWithTTA, check_flip
 
 logger = logging.getLogger(__name__)
 
@@ -122,18 +123,19 @@ def check_referring_datasets(cfg, own_evaluator: bool = False) -> None:
     _check_evaluated_tasks(cfg)
 
 
-def evaluated_sets(cfg) -> list:
+def evaluated_sets(cfg, tta: bool = True) -> list:
     """The names the trainer reports results under: each ``DATASETS.TEST`` set, and its
-    shuffled-expression control and test-time-augmented pass when the config runs them."""
+    shuffled-expression control and (with ``tta``) test-time-augmented pass when the config
+    runs them."""
     evaluated = list(cfg.DATASETS.TEST)
     if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
         evaluated += [name + SHUFFLED_SUFFIX for name in cfg.DATASETS.TEST]
-    if cfg.TEST.AUG.ENABLED:
+    if tta and cfg.TEST.AUG.ENABLED:
         evaluated += [name + TTA_SUFFIX for name in cfg.DATASETS.TEST]
     return evaluated
 
 
-def result_owner(key: str, evaluated) -> str:
+def result_owner(key: str, evaluated) -> Optional[str]:
     """The set of ``evaluated`` that the results key ``key`` ("<set>/<section>[/<metric>]")
     belongs to, or None. The longest set the key starts with: "<set>/shuffled/refer" is not
     "<set>"'s, even when the control does not run."""
@@ -148,22 +150,34 @@ def _check_evaluated_tasks(cfg) -> None:
         except ValueError as e:
             raise ConfigError(str(e)) from e
     evaluated = evaluated_sets(cfg)
-    listed = shortlist(evaluated, MAX_DATASETS_LISTED) or "none"
-    example = cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else "refcoco_unc_val"
     for i, entry in enumerate(cfg.TEST.EXPECTED_RESULTS):
         if result_owner(entry[0], evaluated) is None:
             raise ConfigError(
-                f"TEST.EXPECTED_RESULTS[{i}]: task {entry[0]!r} is not of a set this config evaluates ({listed}); "
-                f"expected '<set>/<section>', e.g. '{example}/refer'"
+                f"TEST.EXPECTED_RESULTS[{i}]: task {entry[0]!r} is not of a set this config evaluates "
+                f"({shortlist(evaluated, MAX_DATASETS_LISTED) or 'none'}); expected '<set>/<section>', e.g. "
+                f"'{cfg.DATASETS.TEST[0] if cfg.DATASETS.TEST else 'refcoco_unc_val'}/refer'"
             )
-    best = cfg.TEST.BEST_METRIC
-    owner = result_owner(best, evaluated) if best else None
-    # "<set>/" then at least a section and a metric.
-    if best and (owner is None or len(best[len(owner) + 1 :].split("/")) < 2):
+
+
+def check_best_metric(cfg) -> str:
+    """
+    The set of ``TEST.BEST_METRIC`` (set, with periodic evaluation): ConfigError when the
+    key is of no set evaluated every ``TEST.EVAL_PERIOD`` or lacks a section or a metric.
+    Checked when the trainer is built, not at setup: ``--eval-only`` on other sets does not
+    read it.
+    """
+    metric = cfg.TEST.BEST_METRIC
+    periodic = evaluated_sets(cfg, tta=False)
+    owner = result_owner(metric, periodic)
+    parts = metric[len(owner) + 1 :].split("/") if owner else []
+    if len(parts) < 2 or not all(parts):  # a section and a metric, each named
         raise ConfigError(
-            f"TEST.BEST_METRIC: {best!r} is not a metric of a set this config evaluates ({listed}); expected "
-            f"'<set>/<section>/<metric>', e.g. {best_metric_name(example)!r}"
+            f"TEST.BEST_METRIC: {metric!r} is not a metric of a set evaluated every TEST.EVAL_PERIOD "
+            f"({shortlist(periodic, MAX_DATASETS_LISTED)}); expected '<set>/<section>/<metric>', e.g. "
+            f"{best_metric_name(cfg.DATASETS.TEST[0])!r} (the flipped pass, '<set>{TTA_SUFFIX}', runs after the "
+            "training only)"
         )
+    return owner
 
 
 def check_ranks_start_alike(start_iters, output_dir: str) -> None:
@@ -328,15 +342,17 @@ class ReferringTrainer(DefaultTrainer):
         evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
         if self.cfg.TEST.EVAL_PERIOD > 0 and self.cfg.DATASETS.TEST:
             # After EvalHook, whose results it reads; the first test set is the validation set.
-            metric = self.cfg.TEST.BEST_METRIC or best_metric_name(self.cfg.DATASETS.TEST[0])
+            named = self.cfg.TEST.BEST_METRIC
             ret.insert(
                 evaluation + 1,
                 BestMetricCheckpointer(
                     self.cfg.TEST.EVAL_PERIOD,
                     self.checkpointer,
-                    metric,
+                    named or best_metric_name(self.cfg.DATASETS.TEST[0]),
                     mode=self.cfg.TEST.BEST_METRIC_MODE,
-                    evaluated_set=result_owner(metric, evaluated_sets(self.cfg)),
+                    # The default is left to Detectron2's warning: an evaluator of one's own
+                    # may report no "refer/oIoU", and no key of the config says otherwise.
+                    evaluated_set=check_best_metric(self.cfg) if named else None,
                 ),
             )
         elif self.cfg.TEST.BEST_METRIC:
@@ -395,7 +411,7 @@ class ReferringTrainer(DefaultTrainer):
         also flipped, left/right words swapped), as ``<dataset>_TTA``; per-sample results in
         ``OUTPUT_DIR/inference_TTA``. The shuffled-expression control is not repeated.
         """
-        folder = os.path.join(cfg.OUTPUT_DIR, "inference" + TTA_SUFFIX)
+        folder = os.path.join(cfg.OUTPUT_DIR, TTA_RESULTS_FOLDER)
         runs = [
             (name + TTA_SUFFIX, cls.build_test_loader(cfg, name),
              cls.named_evaluator(cfg, name, folder, name + TTA_SUFFIX))
@@ -513,9 +529,10 @@ class ReferringTrainer(DefaultTrainer):
 
     @classmethod
     def check_datasets(cls, cfg) -> None:
-        """:func:`check_referring_datasets` for this trainer: a ``build_evaluator`` of one's
-        own may evaluate test sets of another ``evaluator_type``."""
-        own = cls.build_evaluator.__func__ is not ReferringTrainer.build_evaluator.__func__
+        """:func:`check_referring_datasets` for this trainer: a ``build_evaluator`` or a
+        ``test`` of one's own may evaluate test sets of another ``evaluator_type``."""
+        own = any(getattr(cls, method).__func__ is not getattr(ReferringTrainer, method).__func__
+                  for method in ("build_evaluator", "test"))
         check_referring_datasets(cfg, own_evaluator=own)
 
     @classmethod

@@ -19,7 +19,7 @@ from .losses import token_validity
 from .pixel_decoder import build_pixel_decoder
 from .registry import get_registered
 from .transformer_decoder import build_transformer_decoder
-from .veg import VisualExpressionGenerator, linguistic_cue_mask
+from .veg import VIPA_VEG_REGISTRY, linguistic_cue_mask
 
 logger = logging.getLogger(__name__)
 
@@ -63,7 +63,7 @@ class VIPAHead(nn.Module):
         self,
         *,
         kv_source: str,
-        veg: Optional[VisualExpressionGenerator],
+        veg: Optional[nn.Module],
         veg_in_feature: str,
         language_proj: Optional[nn.Module],
         pixel_decoder: nn.Module,
@@ -116,7 +116,8 @@ class VIPAHead(nn.Module):
                 )
             # The control needs only step 1's relevance; step 2 would be unused parameters.
             control = {"step1": True, "step2": False} if needs_language else {}
-            veg = VisualExpressionGenerator(cfg, input_shape[vipa.VEG.IN_FEATURE].channels, text_dim, **control)
+            veg_class = get_registered(VIPA_VEG_REGISTRY, vipa.VEG.NAME, "MODEL.VIPA.VEG.NAME")
+            veg = veg_class(cfg, input_shape[vipa.VEG.IN_FEATURE].channels, text_dim, **control)
         if needs_language:
             # The "vanilla language expression" baseline: projected word features as K/V.
             language_proj = word_projection(text_dim, vipa.HIDDEN_DIM)

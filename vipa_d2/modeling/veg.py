@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from detectron2.config import configurable
+from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, sine_position_encoding
 from .sampler import differentiable_topk, num_retrieved
@@ -86,6 +87,17 @@ class CueSharingLayer(nn.Module):
         return self.ffn(x)
 
 
+VIPA_VEG_REGISTRY = Registry("VIPA_VEG")
+VIPA_VEG_REGISTRY.__doc__ = """
+Registry for visual expression generators, built from ``MODEL.VIPA.VEG.NAME`` with
+``(cfg, visual_channels, text_dim)`` (via ``from_config``); for the loss-matched control
+(``KV_SOURCE "language_relevance"``, step 1's relevance only) also with ``step1=True,
+step2=False``, which a module of one's own must take. ``forward(visual, text, cue_valid,
+token_valid)`` returns the dict :class:`VisualExpressionGenerator` documents.
+"""
+
+
+@VIPA_VEG_REGISTRY.register()
 class VisualExpressionGenerator(nn.Module):
     """
     Inputs: a visual feature map (B, Cv, H, W), text features (B, T, Ct) and the cue mask

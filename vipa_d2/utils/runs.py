@@ -19,7 +19,7 @@ from typing import Callable, Dict, Mapping, Optional, Sequence
 from vipa_d2.config import ConfigError, flatten_config, get_vipa_cfg
 from vipa_d2.data.builtin import BUILTIN_REFERRING
 from vipa_d2.data.validation import read_json_file
-from vipa_d2.engine import SHUFFLED_SUFFIX, TTA_SUFFIX
+from vipa_d2.engine import SHUFFLED_SUFFIX, TTA_RESULTS_FOLDER, TTA_SUFFIX
 from vipa_d2.evaluation import results_file_name
 from vipa_d2.evaluation.breakdown import BY_TYPE_KEY, RETRIEVAL_KEY
 
@@ -39,7 +39,7 @@ END_WITH_PARENT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "end_
 # shuffled-expression control (TEST.SHUFFLED_EXPRESSION_CONTROL).
 _RESULT_FOLDERS = (("", "inference"), (SHUFFLED_SUFFIX, os.path.join("inference", "shuffled")))
 # Where ReferringTrainer.test_with_TTA writes them (TEST.AUG.ENABLED): the same file names.
-_TTA_RESULT_FOLDERS = ((TTA_SUFFIX, "inference" + TTA_SUFFIX),)
+_TTA_RESULT_FOLDERS = ((TTA_SUFFIX, TTA_RESULTS_FOLDER),)
 
 
 @contextlib.contextmanager
@@ -254,7 +254,7 @@ def required_results(output_dir: str, dataset_names: Sequence[str], tta: bool = 
     suffix = TTA_SUFFIX if tta else ""
     missing = [n for n in dataset_names if n + suffix not in results]
     if missing or not results:
-        where = f" with test-time augmentation (inference{TTA_SUFFIX}/)" if tta else ""
+        where = f" with test-time augmentation ({TTA_RESULTS_FOLDER}/)" if tta else ""
         raise FileNotFoundError(f"{output_dir}: no evaluation results{where} for {missing or 'any dataset'}")
     return results
 
