@@ -449,8 +449,9 @@ def add_vipa_config(cfg):
     # The metric model_best.pth keeps the best of (TEST.EVAL_PERIOD > 0): a key of the
     # evaluation results as EvalHook logs them, "<dataset>/<section>/<metric>" (e.g. an
     # evaluator of one's own: "mydata_val/my_area/score"); empty: the first DATASETS.TEST
-    # set's "refer/oIoU". A set the config does not evaluate is refused at setup, a section
-    # or metric its evaluation does not compute at the first evaluation.
+    # set's "refer/oIoU". A key of no set evaluated every TEST.EVAL_PERIOD is refused when
+    # the trainer is built, a section or metric its evaluation does not compute at the first
+    # evaluation.
     cfg.TEST.BEST_METRIC = ""
     # Whether a higher ("max") or a lower ("min") TEST.BEST_METRIC is better.
     cfg.TEST.BEST_METRIC_MODE = "max"
