@@ -49,7 +49,14 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         ((TINY_CONFIG, ("MODEL.BOGUS", "1")), "invalid config override: Non-existent key: MODEL.BOGUS"),
         ((TINY_CONFIG, ("SOLVER.BASE_LR", "1")), "invalid config override: Type mismatch"),
         ((TINY_CONFIG, ("SEED",)), "config overrides must be KEY VALUE pairs, got an odd number: ['SEED']"),
+        # A string was taken letter by letter (Python-API review, session 55).
+        ((TINY_CONFIG, "SEED 3"), "config overrides must be a list of KEY VALUE items, got the string 'SEED 3'"),
     ]
+    # A checkpoint given as the config file: a UnicodeDecodeError from inside before.
+    checkpoint = tmp_path / "model_final.pth"
+    checkpoint.write_bytes(b"\x80\x02PK\x03\x04 not text")
+    cases += [((str(checkpoint), ()), f"invalid config file {checkpoint}: not UTF-8 text (invalid start byte at byte 0); "
+                                      "expected a YAML config (a checkpoint goes to MODEL.WEIGHTS)")]
     loop, listed = tmp_path / "loop.yaml", tmp_path / "listed.yaml"
     loop.write_text(f'_BASE_: "{loop}"\n')
     listed.write_text("- MODEL\n")

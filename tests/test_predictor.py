@@ -5,6 +5,7 @@ import cv2
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from detectron2.checkpoint import DetectionCheckpointer
 from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
@@ -40,9 +41,16 @@ def test_masks_equal_model_on_mapper_output(predictor, records):
         np.testing.assert_allclose(got["relevance"], expected["relevance"].numpy(), atol=1e-6)
         assert got["no_target_score"] == pytest.approx(float(expected["no_target_score"]), abs=1e-6)
         assert got["confidence"] == pytest.approx(float(got["prob"][got["mask"]].mean()))
-        # An array in cfg.INPUT.FORMAT gives the same result as the path.
+        # An array in cfg.INPUT.FORMAT gives the same result as the path; so do OpenCV's BGR
+        # array named as such, and PIL images of other modes (extension review, session 55:
+        # a BGR array was read as RGB unsaid, a grey PIL image refused).
         image = utils.read_image(rec["file_name"], format=cfg.INPUT.FORMAT)
         np.testing.assert_array_equal(predictor(image, rec["sentence"]["raw"])["mask"], got["mask"])
+        bgr = cv2.imread(rec["file_name"])
+        np.testing.assert_array_equal(predictor(bgr, rec["sentence"]["raw"], image_format="BGR")["mask"], got["mask"])
+        assert not np.array_equal(predictor(bgr, rec["sentence"]["raw"])["prob"], got["prob"])  # read as RGB
+        pil = Image.open(rec["file_name"]).convert("RGBA")
+        np.testing.assert_array_equal(predictor(pil, rec["sentence"]["raw"])["mask"], got["mask"])
 
 
 def test_retrieved_tokens_per_cue(predictor, records):
@@ -164,6 +172,11 @@ def test_expressions_cut_by_max_text_len_are_named(predictor, records):
         predictor(records[0]["file_name"], ["the cat", " ".join(["the big red cat"] * 10)])
     cut = [m for _, m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
     assert len(cut) == 1 and "#1 (42 tokens)" in cut[0] and "#0" not in cut[0]
+    # Counting the tokens warned, from transformers, that the model would index past its
+    # positions: it reads the cut expression (diff review, session 55).
+    with captured_log("transformers", logging.WARNING) as seen:
+        predictor.cut_expressions([" ".join(["the big red cat"] * 200)])
+    assert not seen, seen
 
 
 def test_confidence_zero_for_empty_mask(records):
@@ -180,6 +193,13 @@ def test_bad_inputs(predictor, records, tmp_path):
         predictor(str(tmp_path / "text.png"), "the cat")
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         predictor(np.zeros((8, 8), np.uint8), "the cat")
+    with pytest.raises(ValueError, match=r"image_format='YUV': expected one of \('RGB', 'BGR'\)"):
+        predictor(np.zeros((8, 8, 3), np.uint8), "the cat", image_format="YUV")
+    with pytest.raises(TypeError, match=r"VIPAPredictor takes a config \(vipa_d2.get_vipa_cfg\(config_file, opts\)\), got "
+                                        r"'config.yaml'"):
+        VIPAPredictor("config.yaml")
+    with pytest.raises(ValueError, match=r"MODEL.DEVICE='gpu' is not a device: expected e.g. 'cpu' or 'cuda'"):
+        VIPAPredictor(make_cfg(*PREDICTOR_OPTS, "MODEL.DEVICE", "gpu", config_file=TINY_CONFIG))
     with pytest.raises(ValueError, match=r"HxWx3 uint8 array in .* \(H, W > 0\), got shape \(0, 0, 3\)"):
         predictor(np.zeros((0, 0, 3), np.uint8), "the cat")
     for bad in ["", "   ", ["ok", " \t"], []]:
@@ -190,6 +210,7 @@ def test_bad_inputs(predictor, records, tmp_path):
         (None, r"Expected a referring expression \(str\) or a list of them, got None"),
         (5, r"got 5$"),
         (b"the cat", r"got b'the cat'"),
+        ({"the cat": 1}, r"got \{'the cat': 1\}"),  # taken as its keys before
         (["the cat", 7], r"Referring expression #1: 7, a int; expected a str"),
         # Undecodable bytes (a terminal's, a JSON manifest's \udcxx escape): the tokenizer's
         # TypeError from inside; invisible characters only: a confident mask for no words.

@@ -719,8 +719,12 @@ def check_config_chain(path: str, defaults: CN, seen: frozenset = frozenset()) -
     """
     if path in seen or not os.path.isfile(path):
         return  # the merge names a loop or a missing file
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except UnicodeDecodeError as e:  # a checkpoint given as --config-file, say
+        raise ConfigError(f"invalid config file {path}: not UTF-8 text ({e.reason} at byte {e.start}); expected a "
+                          "YAML config (a checkpoint goes to MODEL.WEIGHTS)") from e
     try:
         node = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
@@ -816,6 +820,8 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequen
             raise ConfigError(f"invalid config file {config_file}: its _BASE_ chain comes back to a file it has read") from e
         except AttributeError as e:  # Detectron2 reads the top level with .items()
             raise ConfigError(f"invalid config file {config_file}: expected a mapping of config keys at the top level ({e})") from e
+    if isinstance(opts, str):  # taken letter by letter otherwise
+        raise ConfigError(f"config overrides must be a list of KEY VALUE items, got the string {opts!r}")
     if len(opts) % 2:
         raise ConfigError(f"config overrides must be KEY VALUE pairs, got an odd number: {list(opts)}")
     try:

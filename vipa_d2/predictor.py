@@ -5,11 +5,13 @@
 import logging
 import math
 import os
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
+from PIL import Image
 
+from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
@@ -31,7 +33,7 @@ SUPPORTED_FORMATS = ("RGB", "BGR")
 def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
     """The expressions as a list; raises ValueError on a missing one or one
     :func:`vipa_d2.data.validation.expression_problem` refuses (blank, no words, not text)."""
-    if isinstance(expressions, (bytes, bytearray)) or not hasattr(expressions, "__iter__"):
+    if isinstance(expressions, (bytes, bytearray, Mapping)) or not hasattr(expressions, "__iter__"):
         raise ValueError(f"Expected a referring expression (str) or a list of them, got {quote(expressions)}")
     texts = [expressions] if isinstance(expressions, str) else list(expressions)
     if not texts:
@@ -49,15 +51,19 @@ class VIPAPredictor:
     a warning), switch to eval mode, and predict with the test-mode resize of
     :class:`vipa_d2.data.ReferringDatasetMapper`.
 
-    ``predictor(image, expressions)``: ``image`` is a path or an HxWx3 uint8 array in
-    ``cfg.INPUT.FORMAT``; ``expressions`` a str (returns one dict) or a list of str
-    (returns a list of dicts, in order). Each dict holds, at the image's original size:
+    ``predictor(image, expressions, image_format=None)``: ``image`` is a path, a PIL image
+    (any mode), or an HxWx3 uint8 array in ``image_format``: "RGB" or "BGR" (what
+    ``cv2.imread`` gives, and Detectron2's ``DefaultPredictor`` takes); None means
+    ``cfg.INPUT.FORMAT``, "RGB" in every vipa_d2 config. ``expressions`` a str (returns one
+    dict) or a list of str (returns a list of dicts, in order). Each dict holds, at the
+    image's original size (a file's after its EXIF rotation):
 
     - ``mask``: bool HxW, ``prob > MODEL.VIPA.MASK_THRESHOLD``;
     - ``prob``: float32 HxW foreground probability (zeros when the model judged the
       expression no-target);
     - ``confidence``: float, the mean probability inside the mask; 0.0 for an empty mask;
-    - ``relevance``: float32 HxW relevance map of the retrieved visual tokens;
+    - ``relevance``: float32 HxW relevance map of the retrieved visual tokens (cosine
+      relevance, in [-1, 1]: it may be negative);
     - ``no_target_score``: float, probability that the expression refers to nothing;
     - ``retrieved``: list, one entry per linguistic cue (the [CLS] global cue, then the
       word pieces): ``{"word": str, "position": int (token index), "tokens": bool
@@ -80,6 +86,9 @@ class VIPAPredictor:
     """
 
     def __init__(self, cfg):
+        if not isinstance(cfg, CfgNode):
+            raise TypeError(f"VIPAPredictor takes a config (vipa_d2.get_vipa_cfg(config_file, opts)), got "
+                            f"{quote(cfg)}")
         self.cfg = cfg.clone()
         self.test_time_flip = cfg.TEST.AUG.ENABLED
         if self.test_time_flip:
@@ -87,7 +96,11 @@ class VIPAPredictor:
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in SUPPORTED_FORMATS:
             raise ValueError(f"INPUT.FORMAT={self.input_format!r}: VIPAPredictor supports {SUPPORTED_FORMATS}")
-        if torch.device(cfg.MODEL.DEVICE).type == "cuda" and not torch.cuda.is_available():
+        try:
+            device = torch.device(cfg.MODEL.DEVICE)
+        except RuntimeError as e:  # torch's message names no key
+            raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} is not a device: expected e.g. 'cpu' or 'cuda'") from e
+        if device.type == "cuda" and not torch.cuda.is_available():
             # The paper configs keep Detectron2's default device: torch's own error names no key.
             raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r}, but torch finds no CUDA GPU here; set MODEL.DEVICE cpu")
         self.model = build_model(self.cfg).set_runtime_options(**runtime_options(self.cfg))
@@ -98,21 +111,29 @@ class VIPAPredictor:
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
         self.mask_threshold = cfg.MODEL.VIPA.MASK_THRESHOLD
 
-    def _check_image(self, image) -> np.ndarray:
+    def _check_image(self, image, image_format: Optional[str]) -> np.ndarray:
+        """``image`` as an HxWx3 uint8 array in the model's INPUT.FORMAT."""
         if isinstance(image, (str, os.PathLike)):
             return read_image(os.fspath(image), self.input_format)
+        if isinstance(image, Image.Image):  # grey, RGBA, palette: what its mode says, as for files
+            image, image_format = np.asarray(image.convert("RGB")), "RGB"
+        given = image_format or self.input_format
+        if given not in SUPPORTED_FORMATS:
+            raise ValueError(f"image_format={image_format!r}: expected one of {SUPPORTED_FORMATS}")
         image = np.asarray(image)
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
             raise ValueError(
-                f"Expected an image path or an HxWx3 uint8 array in {self.input_format} (H, W > 0), "
+                f"Expected an image path, a PIL image or an HxWx3 uint8 array in {given} (H, W > 0), "
                 f"got shape {image.shape} dtype {image.dtype}"
             )
-        return image
+        return image if given == self.input_format else np.ascontiguousarray(image[:, :, ::-1])
 
     def cut_expressions(self, texts: List[str]) -> Dict[int, int]:
         """{index: token count} of the expressions longer than INPUT.MAX_TEXT_LEN tokens
         ([CLS] and [SEP] included): the model reads only their beginning."""
-        lengths = [len(ids) for ids in self.tokenizer(texts)["input_ids"]]
+        # Not truncated, to count: verbose=False keeps the tokenizer from warning that the
+        # model would index past its positions (tokenize() cuts before the model reads).
+        lengths = [len(ids) for ids in self.tokenizer(texts, verbose=False)["input_ids"]]
         return {i: n for i, n in enumerate(lengths) if n > self.max_text_len}
 
     def _warn_cut(self, texts: List[str]) -> None:
@@ -125,10 +146,10 @@ class VIPAPredictor:
             )
 
     @torch.no_grad()
-    def __call__(self, image, expressions):
+    def __call__(self, image, expressions, image_format: Optional[str] = None):
         single = isinstance(expressions, str)
         texts = validate_expressions(expressions)
-        original = self._check_image(image)
+        original = self._check_image(image, image_format)
         height, width = original.shape[:2]
 
         aug_input = T.AugInput(original)
