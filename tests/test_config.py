@@ -56,7 +56,10 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
     checkpoint = tmp_path / "model_final.pth"
     checkpoint.write_bytes(b"\x80\x02PK\x03\x04 not text")
     cases += [((str(checkpoint), ()), f"invalid config file {checkpoint}: not UTF-8 text (invalid start byte at byte 0); "
-                                      "expected a YAML config (a checkpoint goes to MODEL.WEIGHTS)")]
+                                      "expected a YAML config (a checkpoint goes to MODEL.WEIGHTS)"),
+              # A run folder given for its config: said not to exist before.
+              ((str(tmp_path), ()), f"invalid config file {tmp_path}: a folder, not a YAML file (a run's is "
+                                    f"{tmp_path / 'config.yaml'})")]
     loop, listed = tmp_path / "loop.yaml", tmp_path / "listed.yaml"
     loop.write_text(f'_BASE_: "{loop}"\n')
     listed.write_text("- MODEL\n")

@@ -186,8 +186,10 @@ def test_confidence_zero_for_empty_mask(records):
 
 
 def test_bad_inputs(predictor, records, tmp_path):
-    with pytest.raises(FileNotFoundError, match="missing.png"):
+    with pytest.raises(FileNotFoundError, match="missing.png: no such file"):
         predictor(str(tmp_path / "missing.png"), "the cat")
+    with pytest.raises(FileNotFoundError, match=f"{tmp_path}: a folder, not an image file"):
+        predictor(tmp_path, "the cat")  # said to be missing before (Python-API review, session 55)
     (tmp_path / "text.png").write_text("not an image")
     with pytest.raises(OSError, match="text.png"):
         predictor(str(tmp_path / "text.png"), "the cat")

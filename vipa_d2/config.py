@@ -808,6 +808,9 @@ def get_vipa_cfg(config_file: str = "", opts: Sequence = (), add_configs: Sequen
     for add_config in add_configs:
         add_config(cfg)
     if config_file:
+        if os.path.isdir(config_file):  # fvcore says it "does not exist"
+            raise ConfigError(f"invalid config file {config_file}: a folder, not a YAML file (a run's is "
+                              f"{os.path.join(config_file, 'config.yaml')})")
         check_config_chain(config_file, cfg)
         try:
             # A config is data: Detectron2 would fall back to yaml.unsafe_load, which runs

@@ -81,7 +81,8 @@ def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarra
     """
     where = f" ({source})" if source else ""
     if not os.path.isfile(file_name):
-        raise FileNotFoundError(f"Cannot read image {file_name}{where}: no such file")
+        what = "a folder, not an image file" if os.path.isdir(file_name) else "no such file"
+        raise FileNotFoundError(f"Cannot read image {file_name}{where}: {what}")
     try:
         with Image.open(file_name) as header:  # reads the header only
             mode = header.mode
