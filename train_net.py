@@ -55,7 +55,7 @@ def setup(args):
     setup_logger(output=cfg.OUTPUT_DIR, distributed_rank=comm.get_rank(), name="vipa_d2")
     register_refer_splits(cfg.DATASETS.REFER_SPLITS)  # in every process launch starts
     Trainer.check_datasets(cfg)
-    if cfg.MODEL.KEEP_FREED_HOST_MEMORY:
+    if cfg.MODEL.KEEP_FREED_HOST_MEMORY and cfg.MODEL.DEVICE == "cpu":
         keep_freed_host_memory()
     if cfg.MODEL.DEVICE == "cpu" and comm.get_local_size() > 1:
         share_cpu_cores(comm.get_local_size())  # ranks on one CPU split its cores

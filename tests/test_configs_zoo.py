@@ -75,6 +75,13 @@ def test_config_names_registered_datasets(path):
         assert name in registered, f"{rel(path)}: dataset {name!r} is not registered"
 
 
+@pytest.mark.parametrize("path", CONFIGS, ids=rel)
+def test_config_resumes_with_the_same_draws(path):
+    # README promises a resumed GPU run the same batches and draws: with Detectron2's SEED -1
+    # each launch drew a new seed (GPU review, session 55: the paper configs had it).
+    assert load(path).SEED >= 0, rel(path)
+
+
 @pytest.mark.parametrize("path", [p for p in CONFIGS if "_BASE_" in open(p).read()], ids=rel)
 def test_config_holds_only_its_changes(path):
     """No key of a YAML with a _BASE_ repeats the value its chain already gives, whether a

@@ -78,7 +78,8 @@ def add_vipa_config(cfg):
     # (one process-wide mallopt, applied by train_net.py's setup; ignored off glibc). Same
     # values; without it every CPU step page-faults its largest activations back in: the
     # tiny model's training step takes 0.596 s instead of 0.530 on our 2-core VM
-    # (BENCHMARKS.md). The process then keeps its peak memory instead of returning it.
+    # (BENCHMARKS.md). The process then keeps its peak memory instead of returning it. CPU
+    # models only (MODEL.DEVICE cpu): a GPU rank's activations are not on the host.
     cfg.MODEL.KEEP_FREED_HOST_MEMORY = True
 
     # --------------------------------------------------------- text encoder
