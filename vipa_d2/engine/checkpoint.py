@@ -162,9 +162,9 @@ def load_weights(
     Load ``weights`` (the option ``key`` of messages, ``MODEL.WEIGHTS`` by default) into
     ``model`` with a :class:`StrictCheckpointer`, refusing missing files and any key/shape
     mismatch (WeightsError / FileNotFoundError naming the file). The file is read
-    weights-only unless ``trusted`` (``MODEL.WEIGHTS_TRUSTED``). With ``resume_dir`` (``--resume``), the last checkpoint
-    recorded there, if any, is loaded instead. An empty string keeps the random
-    initialisation and logs a warning saying so.
+    weights-only unless ``trusted`` (``MODEL.WEIGHTS_TRUSTED``). With ``resume_dir``
+    (``--resume``), the last checkpoint recorded there, if any, is loaded instead. An empty
+    string keeps the random initialisation and logs a warning saying so.
     """
     checkpointer = StrictCheckpointer(model, save_dir=resume_dir, trusted=trusted)
     if resume_dir and checkpointer.has_checkpoint():

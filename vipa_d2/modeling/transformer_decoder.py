@@ -278,14 +278,14 @@ class VIPATransformerDecoder(nn.Module):
                      if n in features and (features[n].dim() != 4 or features[n].shape[1] != width)}
         channels = mask_features.shape[1] if mask_features.dim() == 4 else None
         if missing or misshaped or channels != self.mask_dim:
-            problems = [f"of which {missing} are missing" if missing else "",
-                        f"of which {misshaped} are not (B, {width}, H, W)" if misshaped else ""]
+            problems = ([f"of which {missing} are missing"] if missing else []) + (
+                [f"of which {misshaped} are not (B, {width}, H, W)"] if misshaped else [])
             raise ValueError(
                 f"The pixel decoder (MODEL.VIPA.PIXEL_DECODER.NAME) returned mask features of shape "
                 f"{tuple(mask_features.shape)} and levels {sorted(features)}; the transformer decoder reads "
                 f"(B, {self.mask_dim}, H, W) mask features (MODEL.VIPA.PIXEL_DECODER.MASK_DIM) and the levels "
                 f"{self.in_features} (MODEL.VIPA.DECODER.IN_FEATURES) as (B, {width}, H, W) "
-                f"(MODEL.VIPA.HIDDEN_DIM)" + "".join(", " + p for p in problems if p)
+                f"(MODEL.VIPA.HIDDEN_DIM)" + "".join(", " + p for p in problems)
             )
 
     def predict_mask(self, x: torch.Tensor, size, mask_features: torch.Tensor) -> torch.Tensor:
