@@ -3,7 +3,7 @@ r"""
 Web demo: upload an image, type referring expressions (one per line), see the masks, the
 relevance maps and the visual tokens each word retrieved.
 
-    pip install 'vipa_d2[demo]'          # Gradio
+    pip install -e '.[demo]'             # Gradio, from the repository root
     python demo/app.py --config-file configs/synthetic/vipa_tiny_cpu.yaml \
         MODEL.WEIGHTS output/vipa_tiny_cpu/model_final.pth
 

@@ -21,7 +21,10 @@ go after ``--opts`` or, Detectron2 style, at the end of the command line (after 
 other than ``--input``, whose list would swallow them).
 
 Bad input (missing config or image, unknown config key, empty expression, missing or
-mismatched weights) ends the run with one message on stderr and exit status 1.
+mismatched weights) ends the run with one message on stderr and exit status 1. An image
+whose header reads but whose pixels do not (a truncated file, 16-bit pixels) is skipped:
+the others are segmented, and the run ends with one such message naming it. A folder's
+subfolders and files of other extensions are left out, with a warning listing them.
 """
 import argparse
 import contextlib
@@ -145,12 +148,17 @@ def collect_inputs(patterns: Sequence[str]) -> List[str]:
     paths: List[str] = []
     for pattern in patterns:
         if os.path.isdir(pattern):
-            found = sorted(
-                os.path.join(pattern, f) for f in os.listdir(pattern)
-                if f.lower().endswith(INPUT_EXTENSIONS) and os.path.isfile(os.path.join(pattern, f))
-            )
-            if not found:
+            names = sorted(os.listdir(pattern))
+            images = [f for f in names if f.lower().endswith(INPUT_EXTENSIONS) and os.path.isfile(os.path.join(pattern, f))]
+            if not images:
                 raise DemoError(f"no images ({', '.join(INPUT_EXTENSIONS)}) in folder {pattern}")
+            found = [os.path.join(pattern, f) for f in images]
+            # A folder is read by extension, without its subfolders: what that leaves out is said.
+            chosen = set(images)
+            others = [f + os.sep * os.path.isdir(os.path.join(pattern, f)) for f in names if f not in chosen]
+            if others:
+                logger.warning("%d entries of %s left out (subfolders, files not named %s): %s", len(others), pattern,
+                               "/".join(INPUT_EXTENSIONS), shortlist(others, MAX_LISTED))
         elif os.path.exists(pattern):
             found = [pattern]
         elif any(c in pattern for c in GLOB_CHARS):
@@ -319,10 +327,16 @@ def run(args) -> Tuple[str, str]:
     written = check_outputs(jobs, plan, args)
     # Every input's header before the model: a bad file (a glob's notes.txt, a broken
     # download) would otherwise stop the run after the images before it.
-    unreadable = [job.image for job in jobs if stored_image_size(job.image) is None]
+    sizes = {job.image: stored_image_size(job.image) for job in jobs}
+    unreadable = [image for image, size in sizes.items() if size is None]
     if unreadable:
         raise DemoError(f"{len(unreadable)} of the {len(jobs)} inputs are no image files PIL can read: "
                         f"{shortlist(unreadable, MAX_LISTED)}")
+    for job in jobs:  # a manifest's targets, against the sizes just read
+        try:
+            job.check_targets(*sizes[job.image])
+        except ReferringDataError as e:
+            raise DemoError(f"invalid manifest {e}") from e
     replaced = [path for path in written if os.path.isfile(path)]
     if replaced:  # a rerun's own files, usually: said, since anything else there is lost
         logger.warning("%d existing file(s) will be replaced: %s", len(replaced), shortlist(replaced, MAX_LISTED))
@@ -334,23 +348,37 @@ def run(args) -> Tuple[str, str]:
     except ValueError as e:  # a config value the model rejects, e.g. an unknown mode name
         raise DemoError(f"invalid config: {e}") from e
 
-    fmt = cfg.INPUT.FORMAT
+    fmt, unread = cfg.INPUT.FORMAT, []
     for job in tqdm(jobs, desc="images", unit="img", disable=len(jobs) <= 1):
         path, texts = job.image, job.expressions
         try:
             image = read_image(path, fmt)
-            targets = job.target_masks(*image.shape[:2])
-        except (OSError, ReferringDataError) as e:
-            raise DemoError(str(e)) from e
+        # What a header does not show (a truncated file, 16-bit pixels): the images after
+        # it are still segmented, and the run ends in a refusal naming each such one.
+        except OSError as e:
+            if len(jobs) == 1:
+                raise DemoError(str(e)) from e
+            logger.error("%s", e)
+            unread.append(str(e))
+            continue
+        targets = job.target_masks(*image.shape[:2])  # checked against the header's size above
         try:
             results = predictor(image, texts)
         except ValueError as e:  # the predictor refuses an image or expression it cannot take
-            raise DemoError(f"cannot segment {path}: {e}") from e
+            raise DemoError(f"cannot segment {path}: {e}{_unread_note(unread)}") from e
         try:
             _save_pictures(args, job, image, results, targets, plan, fmt)
         except OSError as e:  # a full disk, a folder removed meanwhile
-            raise DemoError(f"cannot write the results of {path}: {e}") from e
+            raise DemoError(f"cannot write the results of {path}: {e}{_unread_note(unread)}") from e
+    if unread:
+        raise DemoError(f"{len(unread)} of the {len(jobs)} inputs could not be read, the others were segmented: "
+                        f"{shortlist(unread, MAX_LISTED)}")
     return summary(jobs), args.output
+
+
+def _unread_note(unread: List[str]) -> str:
+    """What a refusal midway adds about the inputs skipped before it (their errors were logged)."""
+    return f" ({len(unread)} earlier input(s) could not be read: {shortlist(unread, MAX_LISTED)})" if unread else ""
 
 
 def _save_pictures(args, job, image, results, targets, plan, fmt) -> None:

@@ -242,6 +242,31 @@ def test_refusals_after_building_the_model(images, weights, tmp_path, capsys):
     assert "untrusted.pth: cannot be loaded as weights only" in msg and "invalid config" not in msg
 
 
+def test_a_folder_run_segments_past_an_image_it_cannot_read_and_says_what_it_left_out(images, weights, tmp_path, capsys):
+    # A truncated file passes the header check: it stopped the run, leaving the images
+    # after it undone; a folder's other files and subfolders were left out unsaid.
+    _, files = images
+    ckpt, _ = weights
+    folder, out = tmp_path / "in", tmp_path / "out"
+    (folder / "sub").mkdir(parents=True)
+    shutil.copy(files[0], folder / "a.jpg")
+    data = open(files[1], "rb").read()
+    (folder / "b.jpg").write_bytes(data[: len(data) // 2])
+    shutil.copy(files[1], folder / "c.jpg")
+    (folder / "notes.txt").write_text("not an image")
+    rc = demo.main(["--config-file", TINY_CONFIG, "--input", str(folder), "--text", "cat", "--output", str(out),
+                    "--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt])
+    captured = capsys.readouterr()
+    assert rc == demo.REFUSAL_EXIT_CODE and "Traceback" not in captured.err + captured.out
+    errors = [line for line in captured.err.replace("\r", "\n").splitlines() if line and not line.startswith("images:")]
+    assert len(errors) == 1  # the one refusal, beside the progress bar
+    assert errors[0].startswith("demo.py: error: 1 of the 3 inputs could not be read, the others were "
+                                f"segmented: Cannot read image {folder / 'b.jpg'}")
+    assert sorted(os.listdir(out)) == ["a.png", "c.png"]  # one expression: named after the image
+    assert f"2 entries of {folder} left out (subfolders, files not named" in captured.out
+    assert f": notes.txt, sub{os.sep}\n" in captured.out
+
+
 def test_refusal_is_one_line_without_traceback(images, tmp_path, capsys):
     # main's status is the script's exit status (sys.exit(main()), run as a script above).
     _, files = images
@@ -450,10 +475,18 @@ def test_manifest_targets_draw_prediction_beside_target(images, weights, tmp_pat
     (tmp_path / "bad.json").write_text(json.dumps([entry]), encoding="utf-8")
     argv = ["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "bad.json"), "--output", str(out)]
     msg = _refusal(argv + ["--opts", *PREDICTOR_OPTS, "MODEL.WEIGHTS", ckpt], capsys)
-    assert "bad.json: entry 0: targets[0].segmentation.size:" in msg and "does not match the image size" in msg
+    assert msg.startswith("demo.py: error: invalid manifest ") and "does not match the image size" in msg
+    assert "bad.json: entry 0: targets[0].segmentation.size:" in msg
+    # ... against the image's header, before the model: not as an image that "could not be
+    # read" once the entries before it were segmented (diff review, session 56).
+    first = {"image": files[1], "expressions": ["the cup"]}
+    (tmp_path / "late_size.json").write_text(json.dumps([first, entry]), encoding="utf-8")
+    msg = _refusal(["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "late_size.json"), "--output",
+                    str(tmp_path / "late_size_out")], capsys)
+    assert msg.startswith("demo.py: error: invalid manifest ") and "late_size.json: entry 1: targets[0]" in msg
+    assert not (tmp_path / "late_size_out").exists()
     # ... by the manifest's reading, before any image is segmented (it came with its image,
     # after the entries before it had been written).
-    first = {"image": files[1], "expressions": ["the cup"]}
     (tmp_path / "late.json").write_text(json.dumps([first, dict(entry, targets=["not a mask", None])]), encoding="utf-8")
     late_out = tmp_path / "late_out"
     msg = _refusal(["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "late.json"), "--output", str(late_out)],

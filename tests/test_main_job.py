@@ -49,3 +49,11 @@ def test_main_job_steps_set_their_own_keys_after_the_overrides(tmp_path, monkeyp
     assert (train.MODEL.WEIGHTS, train.OUTPUT_DIR, train.DATASETS.TEST) == (start, str(out), ())
     assert (evaluate.MODEL.WEIGHTS, evaluate.OUTPUT_DIR) == (str(out / "model_final.pth"), str(out))
     assert steps["eval_console.log"].eval_only and steps["train_console.log"].resume
+
+
+def test_main_job_refuses_a_negative_picture_count_before_any_step(tmp_path, capsys):
+    # It failed after training and evaluation, in demo.py (tools review, session 56).
+    with pytest.raises(SystemExit) as e:
+        main_job.main(["--output", str(tmp_path / "run"), "--data-root", str(tmp_path / "data"), "--vis-images", "-1"])
+    assert e.value.code == 2 and "--vis-images -1: expected 0 (no pictures) or more" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()

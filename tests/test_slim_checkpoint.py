@@ -115,3 +115,12 @@ def test_export_refuses_a_checkpoint_of_another_model(trained, tmp_path, capsys)
         assert e.value.code == 2
         assert re.search(message, capsys.readouterr().err)
     assert not any((tmp_path / f).exists() for f in ("x.pth", "y.pth", "z.pth"))
+    # An existing file (e.g. a run's model_final.pth) was replaced without a word (tools review, session 56).
+    kept = tmp_path / "kept.pth"
+    kept.write_bytes(b"an earlier export")
+    with pytest.raises(SystemExit) as e:
+        _export(trained, str(kept))
+    assert e.value.code == 2 and f"--output {kept} exists; give another path, or --overwrite" in capsys.readouterr().err
+    assert kept.read_bytes() == b"an earlier export"
+    assert _export(trained, str(kept), "--overwrite") == 0
+    assert set(torch.load(kept, map_location="cpu", weights_only=True)) == {"model", CHECKPOINT_FILES_KEY}

@@ -74,6 +74,12 @@ def test_bad_arguments_are_named(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("study.py: error: invalid config override: Type mismatch") and "CONTRASTIVE_WEIGHT" in err
     assert not os.listdir(tmp_path)  # nothing started
+    # An --output under a file was a NotADirectoryError traceback (tools review, session 56).
+    (tmp_path / "a_file").write_text("")
+    assert study.main(["--variants", "vipa", "--output", str(tmp_path / "a_file" / "study"), "--max-iter", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("study.py: error: [Errno 20] Not a directory") and f"--output {tmp_path / 'a_file'}" in err
+    assert "Traceback" not in err
 
 
 def test_studies_sharing_a_results_file_keep_each_others_entries(tmp_path):

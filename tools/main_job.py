@@ -29,7 +29,7 @@ from tabulate import tabulate
 
 from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.data.builtin import DATASETS_ENV, builtin_root
-from vipa_d2.data.refer import refs_file_name
+from vipa_d2.data.refer import INSTANCES_FILE, refs_file_name
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.data.synthetic import (
     GREFSYNTH,
@@ -69,11 +69,13 @@ def parse_args(argv=None):
     parser.add_argument("--num-images", type=int, default=1000, help="synthetic images over all splits")
     parser.add_argument("--seed", type=int, default=0, help="synthetic data seed")
     parser.add_argument("--num-gpus", type=int, default=1, help="processes (gloo on CPU)")
-    parser.add_argument("--vis-images", type=int, default=3, help="val images to visualise")
+    parser.add_argument("--vis-images", type=int, default=3, help="val images to visualise (0: none)")
     parser.add_argument("opts", nargs=argparse.REMAINDER, help="config overrides KEY VALUE ...")
     args = parser.parse_args(argv)
     if args.num_images < len(SPLITS):
         parser.error(f"--num-images {args.num_images}: need at least {len(SPLITS)} (one image per split)")
+    if args.vis_images < 0:  # said now, not after training and evaluation
+        parser.error(f"--vis-images {args.vis_images}: expected 0 (no pictures) or more")
     return args
 
 
@@ -136,7 +138,7 @@ def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_im
     """Prediction beside target for the first ``num_images`` val images (demo.py --manifest)."""
     refs_path = os.path.join(root, REFSYNTH, refs_file_name("unc", False))
     refs = [r for r in load_plain_pickle(refs_path) if r["split"] == VIS_SPLIT]
-    with open(os.path.join(root, REFSYNTH, "instances.json")) as f:
+    with open(os.path.join(root, REFSYNTH, INSTANCES_FILE)) as f:
         instances = json.load(f)
     files = {img["id"]: img["file_name"] for img in instances["images"]}
     segmentations = {ann["id"]: ann["segmentation"] for ann in instances["annotations"]}
@@ -201,7 +203,8 @@ def run(args, cfg, root: str, output: str, lock: int) -> None:
     eval_s = train_net_step(common + ["--eval-only"] + args.opts + eval_opts, "eval_console.log", output, lock)
 
     vis_dir, vis_start = os.path.join(output, "visualizations"), time.perf_counter()
-    visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
+    if args.vis_images:
+        visualise(root, args.config_file, weights, args.opts, vis_dir, args.vis_images)
     vis_s = time.perf_counter() - vis_start
 
     results, it_s = read_results(output, cfg.DATASETS.TEST), iteration_seconds(output)
@@ -217,7 +220,7 @@ def run(args, cfg, root: str, output: str, lock: int) -> None:
     print(f"Checkpoint:      {weights}")
     print(f"Metrics:         {os.path.join(output, 'inference')} (per-sample results, "
           f"shuffled control in inference/shuffled), training curves in {output}/metrics.json")
-    print(f"Visualisations:  {vis_dir}")
+    print(f"Visualisations:  {vis_dir if args.vis_images else 'none (--vis-images 0)'}")
     print(f"Logs:            {output}/log.txt, {output}/train_console.log, {output}/eval_console.log")
 
 

@@ -31,10 +31,11 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.evaluation import inference_on_dataset
 from tabulate import tabulate
 from torch.profiler import ProfilerActivity, profile
+from tqdm import tqdm
 
-from vipa_d2 import ConfigError, get_vipa_cfg
+from vipa_d2 import get_vipa_cfg
 from vipa_d2.config import add_config_function_option, import_config_functions
-from vipa_d2.data import referring_dataset_names
+from vipa_d2.data import referring_dataset_names, register_refer_splits
 from vipa_d2.data.builtin import DATASETS_ENV, builtin_root
 from vipa_d2.engine import ReferringTrainer, build_vipa_optimizer, keep_freed_host_memory, load_weights
 from vipa_d2.modeling.text_encoder import BUNDLED_MINILM, resolve_text_encoder_path
@@ -68,8 +69,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     for alt in [""] + args.alt:  # a config that does not load fails here, in one line
         try:
-            get_vipa_cfg(args.config_file, args.opts + alt.split(), import_config_functions(args.config_function))
-        except ConfigError as e:
+            cfg = get_vipa_cfg(args.config_file, args.opts + alt.split(), import_config_functions(args.config_function))
+            if not alt:  # --dataset may be one of the config's own (as train_net.py registers them)
+                register_refer_splits(cfg.DATASETS.REFER_SPLITS)
+        except ValueError as e:  # ConfigError; a REFER_SPLITS entry refused
             p.error(str(e))
     # Everything else that would fail only after minutes of timing fails here too.
     counts = {"--repeats": (args.repeats, 1), "--eval-samples": (args.eval_samples, 1), "--warmup": (args.warmup, 0),
@@ -79,6 +82,8 @@ def parse_args(argv=None):
     for option, (value, least) in counts.items():
         if value < least:
             p.error(f"{option} {value}: expected at least {least}")
+    if args.eval_weights and args.random_text_encoder:  # the checkpoint's own text encoder is the one timed
+        p.error("--random-text-encoder: not with --eval-weights, whose checkpoint holds its text encoder")
     if args.eval_weights:
         try:
             local_weights_path(args.eval_weights, key="--eval-weights")
@@ -97,6 +102,8 @@ def setup_cfg(args, opts, tmpdir):
     cfg = get_vipa_cfg(args.config_file, args.opts + opts, import_config_functions(args.config_function))
     cfg.MODEL.DEVICE = "cpu"  # a CPU cost tool: the timers do not synchronise with a GPU
     cfg.MODEL.TIMM.WEIGHTS = ""  # random backbone; --eval-weights loads the trained one
+    if args.eval_weights:  # the text encoder and tokenizer rebuilt from its own files, offline (as the demo does)
+        cfg.MODEL.WEIGHTS = args.eval_weights
     if args.random_text_encoder:
         from transformers import AutoTokenizer, BertConfig, BertModel
 
@@ -121,15 +128,20 @@ def build_as_trained(cfg):
 
 def interleaved(cases, repeats, warmup):
     """{label: medians of wall and CPU seconds} of ``cases`` ({label: fn}) run round-robin."""
-    for fn in list(cases.values()) * warmup:
-        fn()
-    samples = {label: [] for label in cases}
-    for r in range(repeats):
-        labels = list(cases)
-        for label in labels[r % len(labels):] + labels[: r % len(labels)]:  # no fixed neighbour
-            cpu, wall = time.process_time(), time.perf_counter()
-            cases[label]()
-            samples[label].append((time.perf_counter() - wall, time.process_time() - cpu))
+    # Updated between calls, outside the timed spans; shown on a terminal only (not in a saved log).
+    with tqdm(total=len(cases) * (warmup + repeats), desc="calls (warm-up and timed)", unit="call",
+              file=sys.stderr, disable=None) as bar:
+        for fn in list(cases.values()) * warmup:
+            fn()
+            bar.update()
+        samples = {label: [] for label in cases}
+        for r in range(repeats):
+            labels = list(cases)
+            for label in labels[r % len(labels):] + labels[: r % len(labels)]:  # no fixed neighbour
+                cpu, wall = time.process_time(), time.perf_counter()
+                cases[label]()
+                samples[label].append((time.perf_counter() - wall, time.process_time() - cpu))
+                bar.update()
     return {label: {"wall_s": statistics.median(w for w, _ in s), "cpu_s": statistics.median(c for _, c in s),
                     "walls": [w for w, _ in s]} for label, s in samples.items()}
 
@@ -210,7 +222,12 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmpdir:
         for alt in [""] + args.alt:
             cfg = setup_cfg(args, alt.split(), tmpdir)
-            model = build_as_trained(cfg).eval()
+            try:
+                model = build_as_trained(cfg).eval()
+            # ConfigError (a text encoder not available offline, keys that do not fit), a
+            # checkpoint refused or missing: named in one line.
+            except (ValueError, OSError) as e:
+                return refuse(f"cannot build --config-file {args.config_file}{' with ' + alt if alt else ''}: {e}")
             if args.eval_weights:
                 try:
                     load_weights(model, args.eval_weights, key="--eval-weights")  # weights-only and strict

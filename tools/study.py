@@ -291,6 +291,9 @@ def main(argv=None) -> int:
     except (StudyError, ConfigError, RunFolderError) as e:
         print(f"study.py: error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:  # e.g. an --output or --results that cannot be written: the path and why, in one line
+        print(f"study.py: error: {e} (--output {args.output}, --results {args.results})", file=sys.stderr)
+        return 2
     print(f"[study] results in {args.results}" + (f"; {failed} run(s) failed, rerun to retry" if failed else ""))
     return 1 if failed else 0
 

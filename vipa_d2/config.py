@@ -169,7 +169,7 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.VEG.STEP2 = True
     # Use the [CLS] token as a global cue.
     cfg.MODEL.VIPA.VEG.GLOBAL_CUE = True
-    # Use the word tokens (padding excluded) as local cues.
+    # Use the word tokens (padding and the closing [SEP] excluded) as local cues.
     cfg.MODEL.VIPA.VEG.LOCAL_CUES = True
     # Share r of visual tokens retrieved per cue: N_p = round(RATIO * N) (paper: 0.3).
     cfg.MODEL.VIPA.VEG.RATIO = 0.3
@@ -488,8 +488,8 @@ UNKNOWN_FILE_KEY = "Non-existent config key"
 # What such a refusal adds: a run folder's config.yaml holds the keys of the project that
 # trained it, which the reader must add as that project's train_net.py did.
 OWN_KEYS_HINT = (" (a key of your own project? Its add_*_config functions go in Trainer.config_functions of your "
-                 "train_net.py; the demos and the tools that read configs take them as --config-function "
-                 "MODULE:FUNCTION)")
+                 "train_net.py; demo.py, app.py and the tools model_cost, pick_ceiling, slim_checkpoint and "
+                 "visualize_data take them as --config-function MODULE:FUNCTION)")
 
 
 # Sizes that must be positive integers (the smallest value each can take): a zero or

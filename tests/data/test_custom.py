@@ -440,6 +440,38 @@ def test_cli_tool(tmp_path, capsys):
     assert "latin1.json: not valid JSON (not UTF-8 text" in capsys.readouterr().err
 
 
+def test_cli_tool_keeps_an_existing_refer_folder_unless_told(tmp_path, capsys):
+    # A second conversion into a folder replaced its files without a word, among them the
+    # instances.json that its other refs files index (tools review, session 56).
+    tool = load_script("tools/convert_referring_json.py")
+    good = _write(tmp_path, _data(), "good.json")
+    folder = tmp_path / "root" / "mine"
+    argv = [good, "--out-root", str(tmp_path / "root"), "--dataset", "mine"]
+    assert tool.main(argv) == 0
+    capsys.readouterr()
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert tool.main(argv) == 1  # its own refs file again
+    err = capsys.readouterr().err
+    assert err == (f"error: {folder} already holds refs(unc).p, which this conversion would replace; give another "
+                   "--dataset, or --overwrite to replace them\n")
+    # Another split provider of the same images and objects (refcocog's google and umd) goes beside it.
+    assert tool.main(argv + ["--split-by", "google"]) == 0
+    assert capsys.readouterr().err == ""
+    assert (folder / "instances.json").read_bytes() == before["instances.json"]
+    # Other images or objects would change the instances.json that refs(unc).p and refs(google).p index.
+    other = _data()
+    other["images"] = other["images"][:1]
+    smaller = [_write(tmp_path, other, "smaller.json"), *argv[1:], "--split-by", "umd"]
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    assert tool.main(smaller) == 1
+    assert f"{folder} already holds instances.json, which this conversion would replace" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before  # nothing written
+    assert tool.main(smaller + ["--overwrite"]) == 0
+    captured = capsys.readouterr()
+    assert "refs(umd).p" in captured.out and (folder / "instances.json").read_bytes() != before["instances.json"]
+    assert f"warning: refs(google).p, refs(unc).p in {folder} index the instances.json replaced now" in captured.err
+
+
 def test_cli_tool_refuses_names_with_folders_and_unwritable_roots(tmp_path, capsys):
     tool = load_script("tools/convert_referring_json.py")
     good = _write(tmp_path, _data(), "good.json")

@@ -15,6 +15,7 @@ from detectron2.structures import BoxMode
 from common import TINY_CONFIG, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.data.builtin import DATASETS_ENV
+from vipa_d2.engine.checkpoint import model_checkpoint, save_checkpoint_file
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.directional_counts import GROUP_MAP
 from vipa_d2.modeling.losses import CHOICE_OUTPUTS
@@ -846,6 +847,8 @@ def test_model_cost_refuses_what_would_fail_after_the_timing(tmp_path, capsys):
         ("--eval-weights", str(tmp_path / "none.pth")): "--eval-weights=" + str(tmp_path / "none.pth"),
         ("--output", str(tmp_path / "no_folder" / "cost.json")): "its folder does not exist",
         ("--output", str(tmp_path)): f"--output {tmp_path}: a folder; expected the name of the JSON file to write",
+        # It was silently ignored: the checkpoint's own text encoder was timed.
+        ("--eval-weights", "w.pth", "--random-text-encoder", "bert-base"): "--random-text-encoder: not with --eval-weights",
     }
     (tmp_path / "w.pth").write_bytes(b"")
     cases[("--eval-weights", str(tmp_path / "w.pth"), "--dataset", "nope")] = "--dataset nope: not a registered referring"
@@ -875,6 +878,31 @@ def test_model_cost_refuses_data_and_weights_it_cannot_use_before_the_cost_work(
     captured = capsys.readouterr()
     assert f"--eval-weights does not load into --config-file {TINY_CONFIG}: --eval-weights={weights}: " in captured.err
     assert "unexpected" in captured.err and "GMACs" not in captured.out  # before the cost table
+
+
+def test_model_cost_builds_offline_from_a_checkpoint_and_names_what_it_cannot_build(synthetic_benchmark, tmp_path,
+                                                                                      capsys):
+    # Tools review, session 56: a text encoder not available offline was a bare traceback,
+    # and --eval-weights ignored the checkpoint's own text-encoder files (the demo reads them).
+    tool = load_script("tools/model_cost.py")
+    small, nowhere = [str(v) for v in SMALL], ["MODEL.TEXT_ENCODER.NAME", str(tmp_path / "nowhere")]
+    assert tool.main(["--config-file", TINY_CONFIG, *small, *nowhere]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"model_cost.py: error: cannot build --config-file {TINY_CONFIG}: ") and "nowhere" in err
+    assert "Traceback" not in err
+    weights = tmp_path / "model.pth"
+    save_checkpoint_file(model_checkpoint(build()), str(weights))
+    root, _ = synthetic_benchmark(6, image_size=64)
+    argv = ["--config-file", TINY_CONFIG, "--eval-weights", str(weights), "--data-root", root, "--eval-samples", "2",
+            "--repeats", "1", "--warmup", "0", *small, *nowhere]
+    assert tool.main(argv) is None
+    assert "config | evaluation" in capsys.readouterr().out
+    # --dataset may name a split of the config's DATASETS.REFER_SPLITS, as train_net.py registers them.
+    split = {"name": "test_model_cost_own_val", "refer_root": root, "dataset": "refsynth", "split_by": "unc",
+             "split": "val", "image_root": f"{root}/refsynth/images"}
+    args = tool.parse_args(["--config-file", TINY_CONFIG, "--eval-weights", str(weights), "--dataset", split["name"],
+                            "DATASETS.REFER_SPLITS", repr([split])])
+    assert args.dataset == split["name"]
 
 
 def test_model_cost_times_a_training_step_of_the_tiny_config():

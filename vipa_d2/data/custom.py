@@ -30,7 +30,17 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
-from .refer import INVALID_MODES, REFERRING_EVALUATOR_TYPE, load_refer_dicts, make_sentence, save_refer_dataset
+from .refer import (
+    INSTANCES_FILE,
+    INVALID_MODES,
+    REFERRING_EVALUATOR_TYPE,
+    instances_json,
+    is_refer_file,
+    load_refer_dicts,
+    make_sentence,
+    refs_file_name,
+    save_refer_dataset,
+)
 from .validation import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, ReferringDataError, is_int, quote, read_json_file, stored_image_size, valid_id
 
 __all__ = [
@@ -43,6 +53,7 @@ __all__ = [
     "simple_json_to_refer",
     "load_simple_json",
     "convert_simple_json",
+    "ReferFolderConflict",
 ]
 
 # Polygon coordinates may overshoot the image border by this many pixels (annotation
@@ -54,6 +65,14 @@ _MAX_LISTED_PROBLEMS = 25
 
 class ReferringFormatError(ReferringDataError):
     """The simple JSON file is malformed; the message names the file and JSON paths."""
+
+
+class ReferFolderConflict(FileExistsError):
+    """A conversion would replace REFER files of its folder (``files``) with other content."""
+
+    def __init__(self, message: str, files: List[str]):
+        super().__init__(message)
+        self.files = files
 
 
 def register_referring_dataset(
@@ -470,11 +489,17 @@ def convert_simple_json(
     split_by: str = "unc",
     generalized: bool = False,
     image_root: Optional[str] = None,
-) -> Dict[str, str]:
+    overwrite: bool = False,
+) -> Dict[str, Union[str, List[str]]]:
     """
     Validate the simple JSON format (a file path or already-loaded data) and write
     ``out_dir/instances.json`` + ``out_dir/refs(<split_by>).p`` (or, generalized,
-    ``out_dir/grefs(<split_by>).json``). Returns the written paths.
+    ``out_dir/grefs(<split_by>).json``). Returns the written paths, and under
+    ``"outdated_refs"`` the folder's other refs files when ``instances.json`` changed:
+    they index the annotations it had. Files it would replace with other content (its refs
+    file, a different ``instances.json``, which every refs file there indexes) are refused
+    (:class:`ReferFolderConflict`) unless ``overwrite``; a second split provider of the same
+    images and objects (refcocog's google and umd) is written beside the first.
     """
     if isinstance(src, str):
         data, source = load_simple_json(src), src
@@ -482,4 +507,30 @@ def convert_simple_json(
         data, source = src, "<data>"
     validate_simple_json(data, source, generalized=generalized, image_root=image_root)
     instances, refs = simple_json_to_refer(data, generalized=generalized)
-    return save_refer_dataset(out_dir, split_by, refs, instances, generalized=generalized)
+    refs_name = refs_file_name(split_by, generalized)
+    inst_path = os.path.join(out_dir, INSTANCES_FILE)
+    changed = os.path.isfile(inst_path) and _read_text(inst_path) != instances_json(instances)
+    replaced = [INSTANCES_FILE] * changed + [refs_name] * os.path.exists(os.path.join(out_dir, refs_name))
+    if replaced and not overwrite:
+        held = ", ".join(("a different " if name == INSTANCES_FILE else "") + name for name in replaced)
+        raise ReferFolderConflict(
+            f"{out_dir} already holds {held}; write into another folder, or pass overwrite=True to replace "
+            f"{'them' if len(replaced) > 1 else 'it'}", replaced
+        )
+    outdated = [f for f in _refer_files(out_dir) if f not in (INSTANCES_FILE, refs_name)] if changed else []
+    paths = save_refer_dataset(out_dir, split_by, refs, instances, generalized=generalized)
+    return {**paths, "outdated_refs": outdated}
+
+
+def _read_text(path: str) -> Optional[str]:
+    """A file's text, or None when it is no UTF-8 text (then it differs from any written one)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError:
+        return None
+
+
+def _refer_files(out_dir: str) -> List[str]:
+    """The REFER files (``instances.json``, refs and grefs files) in ``out_dir``, sorted."""
+    return sorted(name for name in os.listdir(out_dir) if is_refer_file(name)) if os.path.isdir(out_dir) else []

@@ -54,12 +54,22 @@ def refs_file_name(split_by: str, generalized: bool) -> str:
     return f"grefs({split_by}).json" if generalized else f"refs({split_by}).p"
 
 
+INSTANCES_FILE = "instances.json"
+# The names refs_file_name gives, for any split provider.
+_REFS_FILE_RE = re.compile(r"grefs\(.+\)\.json|refs\(.+\)\.p")
+
+
+def is_refer_file(name: str) -> bool:
+    """Whether a file name is one of a REFER folder's: ``instances.json`` or a refs file."""
+    return name == INSTANCES_FILE or _REFS_FILE_RE.fullmatch(name) is not None
+
+
 def expected_layout(
     dataset: str, split_by: str, generalized: bool, image_root: str = "", refer_root: str = "<refer_root>"
 ) -> str:
     """Human-readable folder tree shown when a file is missing."""
     lines = [
-        f"{refer_root}/{dataset}/instances.json",
+        f"{refer_root}/{dataset}/{INSTANCES_FILE}",
         f"{refer_root}/{dataset}/{refs_file_name(split_by, generalized)}",
     ]
     if image_root:
@@ -377,7 +387,7 @@ def load_refer_dicts(
     """
     data_dir = os.path.join(refer_root, dataset)
     refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
-    inst_path = os.path.join(data_dir, "instances.json")
+    inst_path = os.path.join(data_dir, INSTANCES_FILE)
     layout = expected_layout(dataset, split_by, generalized, image_root, refer_root)
     _require_file(refs_path, layout)
     _require_file(inst_path, layout)
@@ -544,7 +554,7 @@ def save_refer_dataset(
     instead of serializing ``instances`` again. Returns the written paths.
     """
     os.makedirs(out_dir, exist_ok=True)
-    inst_path = os.path.join(out_dir, "instances.json")
+    inst_path = os.path.join(out_dir, INSTANCES_FILE)
     # Each file appears whole or not at all: a converter stopped midway leaves no file that
     # a later load would trust.
     if instances_file is not None:
@@ -553,8 +563,7 @@ def save_refer_dataset(
                 dst.write(src.read())
     else:
         with atomic_open(inst_path, "w") as f:
-            # dumps (C encoder) + write: json.dump encodes in pure Python, ~10x slower.
-            f.write(json.dumps(instances, default=_json_default))
+            f.write(instances_json(instances))
     refs_path = os.path.join(out_dir, refs_file_name(split_by, generalized))
     if generalized:
         with atomic_open(refs_path, "w") as f:
@@ -565,6 +574,12 @@ def save_refer_dataset(
         with atomic_open(refs_path, "wb") as f:
             pickle.dump(plain, f, protocol=pickle.HIGHEST_PROTOCOL)
     return {"instances": inst_path, "refs": refs_path}
+
+
+def instances_json(instances: Dict) -> str:
+    """The text of ``instances.json`` as :func:`save_refer_dataset` writes it."""
+    # dumps (C encoder) + write: json.dump encodes in pure Python, ~10x slower.
+    return json.dumps(instances, default=_json_default)
 
 
 def _json_default(obj):
