@@ -509,7 +509,8 @@ def convert_simple_json(
     instances, refs = simple_json_to_refer(data, generalized=generalized)
     refs_name = refs_file_name(split_by, generalized)
     inst_path = os.path.join(out_dir, INSTANCES_FILE)
-    changed = os.path.isfile(inst_path) and _read_text(inst_path) != instances_json(instances)
+    present = os.path.isfile(inst_path)
+    changed = present and _read_text(inst_path) != instances_json(instances)
     replaced = [INSTANCES_FILE] * changed + [refs_name] * os.path.exists(os.path.join(out_dir, refs_name))
     if replaced and not overwrite:
         held = ", ".join(("a different " if name == INSTANCES_FILE else "") + name for name in replaced)
@@ -518,7 +519,9 @@ def convert_simple_json(
             f"{'them' if len(replaced) > 1 else 'it'}", replaced
         )
     outdated = [f for f in _refer_files(out_dir) if f not in (INSTANCES_FILE, refs_name)] if changed else []
-    paths = save_refer_dataset(out_dir, split_by, refs, instances, generalized=generalized)
+    # The same instances.json already there is kept as it is, not serialised and written again.
+    kept = inst_path if present and not changed else None
+    paths = save_refer_dataset(out_dir, split_by, refs, instances, generalized=generalized, instances_file=kept)
     return {**paths, "outdated_refs": outdated}
 
 
