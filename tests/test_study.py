@@ -21,7 +21,9 @@ LEAF_CHANGES = {
     "step1_only": {"MODEL.VIPA.VEG.STEP2": False},
     "step2_only": {"MODEL.VIPA.VEG.STEP1": False},
     "global_cue_only": {"MODEL.VIPA.VEG.LOCAL_CUES": False},
-    "local_cues_only": {"MODEL.VIPA.VEG.GLOBAL_CUE": False, "MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "all"},
+    "local_cues_only": {
+        "MODEL.VIPA.VEG.GLOBAL_CUE": False, "MODEL.VIPA.VEG.CENTRE_WORDS": False, "MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "all",
+    },
     "ratio_0.1": {"MODEL.VIPA.VEG.RATIO": 0.1},
     "ratio_0.5": {"MODEL.VIPA.VEG.RATIO": 0.5},
     "ratio_0.8": {"MODEL.VIPA.VEG.RATIO": 0.8},
@@ -117,6 +119,9 @@ def test_study_writes_every_run_to_one_json(quick_study):
             assert {"oIoU", "mIoU", "Prec@0.5", "Prec@0.9"} <= set(metrics)
             assert all(0 <= v <= 100 for v in metrics.values())
         assert entry["sec_per_iter"] > 0 and entry["ratio"] == 0.3 and entry["commit"]
+        # What the minutes were made with: train_net.py's CPU time, the thread setting.
+        assert entry["commits"] == [entry["commit"]] and entry["cpu_s"] > 0 and entry["cpu_count"] == os.cpu_count()
+        assert entry["omp_num_threads"] == os.environ.get("OMP_NUM_THREADS")
     # Only VIPA's VEG retrieves: the language baseline has no retrieval report.
     assert set(data["runs"]["vipa/seed0"]["retrieval"]) == set(SPLITS)
     assert data["runs"]["language/seed0"]["retrieval"] == {}
@@ -163,12 +168,38 @@ def test_rerun_skips_finished_runs(quick_study, capsys):
             json.dump({"runs": {**data["runs"], "vipa/seed0": entry}}, f)
         assert study.main(argv) == (2 if error else 0), case
         assert (error or "done before, skipped") in capsys.readouterr()[1 if error else 0], case
+    # Every finished run of the file is compared so, not only those of the variants and
+    # seeds asked for: the new runs are paired with them all (a default changed between
+    # sittings, a leaf since removed).
+    lang = data["runs"]["language/seed0"]
+    seed5 = {**lang, "seed": 5, "opts": [*lang["opts"][:-1], "5"], "config": {**lang["config"], "SEED": 5}}
+    for case, (entry, error) in {
+        "same recipe": (seed5, None),
+        "changed default": ({**seed5, "config": {**seed5["config"], "MODEL.VIPA.DECODER.COUNT_MAPS": 3}},
+                            "run language/seed5 (commit "),
+        "leaf gone": ({**seed5, "config_file": "configs/synthetic/ablations/gone.yaml"},
+                      "finished run language/seed5 was made with configs/synthetic/ablations/gone.yaml, which is gone"),
+    }.items():
+        with open(tmp / "runs" / "study.json", "w") as f:
+            json.dump({"runs": {**data["runs"], "language/seed5": entry}}, f)
+        assert study.main(argv) == (2 if error else 0), case
+        captured = capsys.readouterr()
+        assert (error or "done before, skipped") in captured[1 if error else 0], case
+        if case == "changed default":
+            assert "COUNT_MAPS: 3 then, 8 now" in captured.err
     # An entry of an older study.py has only the digest, which must match.
     old = {k: v for k, v in vipa.items() if k != "config"}
     with open(tmp / "runs" / "study.json", "w") as f:
         json.dump({"runs": {**data["runs"], "vipa/seed0": {**old, "config_digest": "0" * 16}}}, f)
     assert study.main(argv) == 2
     assert "a changed default or leaf changes config_digest" in capsys.readouterr().err
+
+
+def test_sitting_commits_keep_every_sitting_of_a_resumed_run():
+    assert study.sitting_commits({}, "a") == ["a"]
+    assert study.sitting_commits({"commit": "a"}, "b") == ["a", "b"]  # an entry of an older study.py
+    assert study.sitting_commits({"commit": "b", "commits": ["a", "b"]}, "b") == ["a", "b"]
+    assert study.sitting_commits({"commits": ["a"]}, None) == ["a"]  # outside git
 
 
 def test_config_digest_sees_defaults():
@@ -245,6 +276,7 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
     runs += [_entry("ratio_0.8", 0, 70.0, 70.0, 70.0, 0.8)]  # one seed
     runs.append({**_entry("step1_only", 0, 1.0, 1.0, 1.0), "status": "running"})  # unfinished: left out
     runs[0]["note"] = "trained elsewhere, re-evaluated here"
+    runs[1]["commits"] = ["a" * 40, "b" * 40 + "-dirty"]  # resumed under other code
     results = tmp_path / "study.json"
     results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
     out = tmp_path / "docs"
@@ -258,7 +290,10 @@ def test_report_applies_the_rule_and_draws(tmp_path, capsys):
                         "ratio_0.1": "does not reproduce", "ratio_0.8": "undecided (1 seed)"}
     words = " ".join(md.split())  # tabulate pads the columns
     assert "| language | vipa | 0: +3.00, 1: +3.00, 2: +3.50 | +3.17 ± 0.17 |" in words
-    assert "| vipa | 0 1 2 | 81.00 ± 1.00 |" in words and "step1_only" not in md
+    assert "| vipa | 0 1 2 | 81.00 ± 1.00 |" in words and "| 4 | 3 | aaaaaaa bbbbbbb-dirty |" in words
+    assert "| language | 0 1 2 | 77.83 ± 0.76 |" in words and "| 4 | 3 | - |" in words
+    # The unfinished run is left out of every table, and named.
+    assert words.count("step1_only") == 1 and "Left out, not finished: step1_only/seed0 (running)." in words
     assert "Notes on single runs: - vipa, seed 0: trained elsewhere, re-evaluated here ## Paired" in words
     assert "| variant | reference | ordinal | |---" in words and "| language | vipa | +3.17 ± 0.17 |" in words
     for picture in ("ratio_curve.png", "variants.png", "differences.png"):
@@ -337,6 +372,9 @@ def test_report_and_study_refuse_a_results_file_they_cannot_use(tmp_path, capsys
         json.dumps({"runs": {"vipa/seed0": {**done, "status": "running", "wall_s": "60"}}}):
             "run 'vipa/seed0': 'wall_s' holds \"60\", expected a number of seconds",
         json.dumps({"runs": {"vipa/seed0": {**done, "seed": True}}}): "run 'vipa/seed0': 'seed' holds true, expected an integer",
+        # Added to in the finally of a run: a string there lost the finished run's scores.
+        json.dumps({"runs": {"vipa/seed0": {**done, "status": "running", "cpu_s": "12"}}}):
+            "run 'vipa/seed0': 'cpu_s' holds \"12\", expected a number of seconds",
         json.dumps({"runs": {"vipa/seed0": {**done, "opts": "SEED 0"}}}):
             "run 'vipa/seed0': 'opts' holds \"SEED 0\", expected a list of KEY VALUE overrides",
         json.dumps({"runs": {"vipa/seed0": {k: v for k, v in done.items() if k != "ratio"}}}):
@@ -352,6 +390,11 @@ def test_report_and_study_refuse_a_results_file_they_cannot_use(tmp_path, capsys
                              "vipa/seed1": {**done, "seed": 1, "opts": ["MODEL.X", "2", "SEED", "1"]}}}):
             "finished runs 'vipa/seed0' and 'vipa/seed1' were made with other settings (4 iterations, overrides []; "
             "4 iterations, overrides ['MODEL.X', '2'])",
+        # Lanes merged by hand, one trained on a regenerated benchmark.
+        json.dumps({"runs": {"vipa/seed0": {**done, "data": {"seed": 0}},
+                             "vipa/seed1": {**done, "seed": 1, "data": {"seed": 7}}}}):
+            "finished runs 'vipa/seed0' and 'vipa/seed1' were trained on other synthetic benchmarks "
+            "(seed 0 vipa/seed0, 7 vipa/seed1)",
     }
     for i, (content, problem) in enumerate(cases.items()):
         path = tmp_path / f"results{i}.json"
@@ -396,6 +439,16 @@ def test_report_draws_a_variant_without_a_split(tmp_path):
     results.write_text(json.dumps({"runs": {f"{e['variant']}/seed{e['seed']}": e for e in runs}}))
     assert study_report.main([str(results), "--output", str(tmp_path / "docs")]) == 0
     assert (tmp_path / "docs" / "variants.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # +3 at both seeds, but nothing to confirm it on: undecided, not "does not reproduce".
+    words = " ".join((tmp_path / "docs" / "study.md").read_text().split())
+    assert "| language | vipa | 0: +3.00, 1: +3.00 | +3.00 ± 0.00 | - | - | undecided (no testA / testB pairs) |" in words
+    # A testA score of a seed that val lacks confirms nothing the rule read: the confirming
+    # means (table and verdict) are over the deciding split's seeds.
+    runs.append({**_entry("language", 2, 90.0, 90.0, 90.0), "splits": {"testA": {"oIoU": 90.0}}})
+    runs.append(_entry("vipa", 2, 80.0, 80.0, 80.0))
+    finished = study_report.by_variant({f"{e['variant']}/seed{e['seed']}": e for e in runs})
+    diffs = study_report.split_differences(finished, "language", "vipa", "oIoU")
+    assert diffs == {"val": {0: 3.0, 1: 3.0}, "testA": {}, "testB": {}}
 
 
 def test_a_run_with_an_unreadable_results_file_is_marked_failed(tmp_path, monkeypatch, capsys):

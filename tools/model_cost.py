@@ -137,7 +137,7 @@ def interleaved(cases, repeats, warmup):
         samples = {label: [] for label in cases}
         for r in range(repeats):
             labels = list(cases)
-            for label in labels[r % len(labels):] + labels[: r % len(labels)]:  # no fixed neighbour
+            for label in labels[r % len(labels):] + labels[: r % len(labels)]:  # rotated: no case always first
                 cpu, wall = time.process_time(), time.perf_counter()
                 cases[label]()
                 samples[label].append((time.perf_counter() - wall, time.process_time() - cpu))

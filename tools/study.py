@@ -17,7 +17,9 @@ Rerunning skips the runs the results file holds as done (and refuses one made wi
 settings, the whole merged config compared, key by key: a changed default is a new recipe,
 while a key added since the run, at its ``add_vipa_config`` default, is not, because keys
 are added off, leaving the default path as it was; and one trained on a synthetic
-benchmark of other settings than --data-root's); the others restart with
+benchmark of other settings than --data-root's). Every finished run of the file is
+checked so before the first run, whatever its variant or seed: a new run is paired with
+them all. The others restart with
 ``train_net.py --resume``: an interrupted run continues from its last checkpoint, and its
 entry keeps the time already spent (written every minute, so even a killed study keeps it).
 A run folder holding another recipe's checkpoints is refused too (its config.yaml compared
@@ -25,7 +27,10 @@ the same way), and so is a run whose folder another process holds: each run's
 train_net.py inherits the folder's lock. A study stopped by Ctrl-C or SIGTERM stops its
 train_net.py first; one killed outright (SIGKILL) has it stopped by the kernel on Linux
 (``vipa_d2/utils/end_with_parent.py``), and elsewhere leaves it training, the run locked
-until it ends (stop it, or wait). ``tools/study_report.py`` renders the JSON.
+until it ends (stop it, or wait). Each entry keeps the commits of the sittings it trained
+in ("commits"), its train_net.py processes' CPU time ("cpu_s", counted when a process
+ends: a sitting killed outright keeps its wall time, not its CPU time) beside the wall time,
+and the thread setting (OMP_NUM_THREADS, the core count). ``tools/study_report.py`` renders the JSON.
 
 Each run is its own train_net.py process, not a call into it: a fresh process starts from
 clean RNG, memory and device state, a crash loses one run at most, and ``--num-gpus`` /
@@ -38,6 +43,7 @@ import hashlib
 import json
 import os
 import re
+import resource
 import subprocess
 import sys
 import threading
@@ -229,13 +235,54 @@ def git_commit():
         return None
 
 
+def run_signature(config_file, opts, data):
+    """(signature, flat config, merged config) of a run of the leaf ``config_file`` with
+    ``opts`` on the benchmark of settings ``data``: what its entry stores and is compared by."""
+    cfg = get_vipa_cfg(config_file, opts)
+    signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts, "config_digest": config_digest(cfg),
+                 "data": data}
+    return signature, flat_config(cfg), cfg
+
+
+def check_finished_runs(args, data):
+    """Raise StudyError when a finished run of the results file, whatever its variant or seed,
+    had another recipe than its leaf and overrides give now, or other data: a new run would
+    be paired with it (a changed default between sittings, or data regenerated otherwise)."""
+    for key, entry in load_results(args.results)["runs"].items():
+        if entry.get("status") != "done":  # rerun under run_one's own check, or never paired
+            continue
+        leaf, opts = entry.get("config_file"), entry.get("opts")
+        if not isinstance(leaf, str) or not isinstance(opts, list):
+            raise StudyError(f"{args.results}: finished run {key} has no config_file / opts (got {leaf!r}, {opts!r}): "
+                             "not an entry tools/study.py writes")
+        config_file = os.path.join(REPO, leaf)
+        if not os.path.isfile(config_file):
+            raise StudyError(f"{args.results}: finished run {key} was made with {leaf}, which is gone: its recipe "
+                             "cannot be compared with the new runs'. Use other --results/--output or drop that entry")
+        try:
+            signature, config, _ = run_signature(config_file, opts, data)
+        except (ConfigError, ValueError) as e:  # a key or value this version refuses
+            raise StudyError(f"{args.results}: finished run {key} ({leaf} {opts}) does not load now: {e}") from e
+        check_same_recipe(key, entry, signature, config, args.results)
+
+
+def sitting_commits(entry, commit):
+    """The commits of every sitting a run trained in, oldest first: a run resumed under other
+    code than it started with trained on both."""
+    commits = list(entry.get("commits") or ([entry["commit"]] if entry.get("commit") else []))
+    return commits + [commit] if commit and commits[-1:] != [commit] else commits
+
+
+def children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's finished (waited for) children."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def run_one(key, variant, seed, config_file, shared, args):
     """Train + score one run unless the results hold it as done; True when it is done."""
     opts = shared + ["SEED", str(seed)]
-    cfg = get_vipa_cfg(config_file, opts)
-    signature = {"config_file": os.path.relpath(config_file, REPO), "opts": opts, "config_digest": config_digest(cfg),
-                 "data": data_settings(args.data_root)}
-    config = flat_config(cfg)
+    signature, config, cfg = run_signature(config_file, opts, data_settings(args.data_root))
     entry = load_results(args.results)["runs"].get(key, {})
     if entry:  # made before: only with the same settings is it this run
         check_same_recipe(key, entry, signature, config, args.results)
@@ -250,12 +297,16 @@ def run_one(key, variant, seed, config_file, shared, args):
         if load_results(args.results)["runs"].get(key, {}).get("status") == "done":
             print(f"[study] {key}: done meanwhile by another study, skipped")
             return True
+        commit = git_commit()
+        # CPU time and the thread setting beside the wall time: two lanes side by side, or
+        # one thread against all cores, change the minutes, and the entry says which it was.
         entry = {**signature, "config": config, "variant": variant, "seed": seed, "output_dir": run_dir,
-                 "status": "running", "wall_s": entry.get("wall_s", 0.0), "device": cfg.MODEL.DEVICE,
-                 "commit": git_commit()}
+                 "status": "running", "wall_s": entry.get("wall_s", 0.0), "cpu_s": entry.get("cpu_s", 0.0),
+                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "cpu_count": os.cpu_count(),
+                 "device": cfg.MODEL.DEVICE, "commit": commit, "commits": sitting_commits(entry, commit)}
         save_entry(args.results, key, entry)
         print(f"[study] {key}: training {cfg.SOLVER.MAX_ITER} iterations in {run_dir}", flush=True)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), children_cpu_seconds()
         try:
             with keeping_time(args.results, key, entry):
                 run_train_net(TRAIN_NET, ["--config-file", config_file, "--resume", "--num-gpus", str(args.num_gpus),
@@ -270,6 +321,7 @@ def run_one(key, variant, seed, config_file, shared, args):
             print(f"[study] {key}: FAILED: {entry['error']}", file=sys.stderr)
         finally:  # an interrupted run keeps the time it spent (its status stays "running"; killed: see HEARTBEAT_S)
             entry["wall_s"] += time.perf_counter() - start
+            entry["cpu_s"] += children_cpu_seconds() - cpu_start  # train_net.py's, once it has ended
             save_entry(args.results, key, entry)
     if entry["status"] == "done":
         print(f"[study] {key}: val oIoU {entry['splits'].get('val', {}).get('oIoU')}, {entry['wall_s']:.0f} s")
@@ -285,6 +337,7 @@ def main(argv=None) -> int:
         configs, failed = variant_configs(args.config_dir, args.variants), 0
         # Every variant's config merged with the overrides before the first run starts.
         shared = {v: schedule_opts(get_vipa_cfg(f, args.opts), args.max_iter) + args.opts for v, f in configs.items()}
+        check_finished_runs(args, data_settings(args.data_root))
         for seed in args.seeds:
             for variant, config_file in configs.items():
                 failed += not run_one(f"{variant}/seed{seed}", variant, seed, config_file, shared[variant], args)

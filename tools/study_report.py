@@ -4,7 +4,8 @@ Render the results JSON of ``tools/study.py``: markdown tables and PNG pictures.
 
     python tools/study_report.py output/study/study.json --output docs/study
 
-Writes ``study.md`` (also printed): per variant mean ± std over seeds per split; paired
+Writes ``study.md`` (also printed): per variant mean ± std over seeds per split and the
+commits its runs trained at, the runs left out as unfinished (failed, or still running); paired
 differences (reference minus variant, same seeds) per seed, their mean ± standard error per
 split and per expression type, and the verdict of RULE, each variant against ``--reference``
 or its ``--pair`` (VIPA at the variant's other settings, so that a pair differs in one key);
@@ -27,6 +28,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from vipa_d2.utils.atomic_io import atomic_open  # noqa: E402
+from vipa_d2.data.synthetic import settings_differences  # noqa: E402
 from vipa_d2.utils.runs import read_study_results  # noqa: E402
 
 RULE = (
@@ -85,13 +87,17 @@ REQUIRED_KEYS = ("variant", "seed", "splits", "iterations", "ratio", "wall_s")
 
 
 def load_runs(path):
-    """The finished runs of a results file, by variant (:func:`by_variant`); ValueError
-    naming the file and the run where the file is not what tools/study.py writes."""
+    """(the finished runs of a results file by variant (:func:`by_variant`), {key: status} of
+    the runs left out as unfinished); ValueError naming the file and the run where the file
+    is not what tools/study.py writes, or its finished runs were made on other data."""
     runs = read_study_results(path)["runs"]
     settings = {}  # setting -> the first finished run made with it
+    data = {}  # the benchmark settings a finished run names -> its key (older entries name none)
     for key, entry in runs.items():
         if entry.get("status") != "done":
             continue
+        if entry.get("data") is not None:
+            data.setdefault(json.dumps(entry["data"], sort_keys=True), key)
         missing = [k for k in REQUIRED_KEYS if k not in entry]
         if missing:
             raise ValueError(f"{path}: finished run {key!r} has no {', '.join(missing)}")
@@ -105,7 +111,15 @@ def load_runs(path):
         raise ValueError(f"{path}: finished runs {first_key!r} and {other_key!r} were made with other settings "
                          f"({first[0]} iterations, overrides {list(first[1])}; {other[0]} iterations, overrides "
                          f"{list(other[1])}): keep each setting in its own results file")
-    return by_variant(runs)
+    if len(data) > 1:  # a merged file of lanes: pairs on two benchmarks compare nothing
+        (first, first_key), (other, other_key) = list(data.items())[:2]
+        stored = [d if isinstance(d, dict) else {} for d in (runs[first_key]["data"], runs[other_key]["data"])]
+        listed = "; ".join(settings_differences(*stored, (first_key, other_key))[:10])
+        raise ValueError(f"{path}: finished runs {first_key!r} and {other_key!r} were trained on other synthetic "
+                         f"benchmarks ({listed or f'{first}; {other}'}): keep each benchmark's runs in their own "
+                         "results file")
+    left_out = {key: str(entry.get("status")) for key, entry in runs.items() if entry.get("status") != "done"}
+    return by_variant(runs), left_out
 
 
 # Overrides a run's setting leaves out: the seed, and the schedule study.py's --max-iter
@@ -172,8 +186,13 @@ def against(runs, name, ref, *path):
 
 
 def split_differences(runs, name, ref, metric):
-    """{split: {seed: reference minus variant}} over RULE_SPLITS, what ``verdict`` reads."""
-    return {split: against(runs, name, ref, "splits", split, metric) for split in RULE_SPLITS}
+    """{split: {seed: reference minus variant}} over RULE_SPLITS, what ``verdict`` reads: the
+    confirming splits' over the deciding split's seeds only, so that the rule, the table and
+    the pictures confirm a mean with the seeds it was taken over."""
+    deciding = against(runs, name, ref, "splits", DECIDING_SPLIT, metric)
+    confirming = {split: against(runs, name, ref, "splits", split, metric) for split in CONFIRMING_SPLITS}
+    return {DECIDING_SPLIT: deciding,
+            **{split: {seed: d for seed, d in diffs.items() if seed in deciding} for split, diffs in confirming.items()}}
 
 
 def mean_se(diffs):
@@ -182,13 +201,23 @@ def mean_se(diffs):
 
 
 def verdict(diffs):
-    """The rule on {split: {seed: difference}}."""
+    """The rule on {split: {seed: difference}} (``split_differences``); a confirming split
+    without any pair leaves it undecided."""
     n, mean, _, se = stats(list(diffs[DECIDING_SPLIT].values()))
     if n < MIN_SEEDS:
         return f"undecided ({n} seed{'s' * (n != 1)})"
-    others = [stats(list(diffs[s].values()))[1] for s in CONFIRMING_SPLITS]
-    same_sign = all(m is not None and (m > 0) == (mean > 0) for m in others)
+    others = {s: stats(list(diffs[s].values()))[1] for s in CONFIRMING_SPLITS}
+    missing = [s for s, m in others.items() if m is None]
+    if missing:
+        return f"undecided (no {' / '.join(missing)} pairs)"
+    same_sign = all((m > 0) == (mean > 0) for m in others.values())
     return "reproduces" if mean > SE_MULTIPLE * se and same_sign else "does not reproduce"
+
+
+def commits(seeds):
+    """The commits a variant's runs trained at (each sitting's, short), in first-seen order."""
+    found = [c for e in seeds.values() for c in e.get("commits") or [e.get("commit")] if isinstance(c, str) and c]
+    return " ".join(dict.fromkeys(c[:7] + "-dirty" * c.endswith("-dirty") for c in found)) or "-"
 
 
 def notes(runs):
@@ -198,16 +227,20 @@ def notes(runs):
     return ["\nNotes on single runs:\n", *found] if found else []
 
 
-def render(runs, refs, metric):
-    """The markdown report; ``refs`` as ``references`` returns it."""
+def render(runs, refs, metric, left_out=None):
+    """The markdown report; ``refs`` as ``references`` returns it, ``left_out`` as
+    ``load_runs`` does (the unfinished runs, named under the first table)."""
     splits = RULE_SPLITS
     table = lambda rows, header: tabulate(rows, header, tablefmt="github", disable_numparse=True)  # noqa: E731
     rows = [[name, " ".join(map(str, sorted(seeds))), *(spread(seeds, "splits", s, metric) for s in splits),
-             next(iter(seeds.values()))["iterations"], f"{sum(e['wall_s'] for e in seeds.values()) / 60:.0f}"]
+             next(iter(seeds.values()))["iterations"], f"{sum(e['wall_s'] for e in seeds.values()) / 60:.0f}",
+             commits(seeds)]
             for name, seeds in runs.items()]
+    unfinished = [f"{key} ({status})" for key, status in (left_out or {}).items()]
     parts = [f"# Ablation study\n\nVerdict rule, fixed before reading the numbers: {RULE}.\n",
              f"## {metric} per variant (mean ± std over seeds)\n",
-             table(rows, ["variant", "seeds", *splits, "iterations", "minutes (all seeds)"]),
+             table(rows, ["variant", "seeds", *splits, "iterations", "minutes (all seeds)", "commits"]),
+             *([f"\nLeft out, not finished: {', '.join(unfinished)}."] if unfinished else []),
              *notes(runs),
              f"\n## Paired differences, reference minus variant ({metric}; mean ± standard error)\n"]
     rows = []
@@ -291,7 +324,7 @@ def plot(runs, names, x_of, metric, path, xlabel=None, ylabel=None):
 def main(argv=None) -> int:
     args = parse_args(argv)
     try:
-        runs = load_runs(args.results)
+        runs, left_out = load_runs(args.results)
     except ValueError as e:
         print(f"study_report.py: error: {e}", file=sys.stderr)
         return 2
@@ -316,7 +349,7 @@ def main(argv=None) -> int:
         print(f"study_report.py: error: --output {args.output}: cannot make the folder ({e.strerror or e})",
               file=sys.stderr)
         return 2
-    text = render(runs, refs, args.metric)
+    text = render(runs, refs, args.metric, left_out)
     names, pictures = list(runs), ["variants.png"]
     plot(runs, names, side_by_side(names), args.metric, os.path.join(args.output, pictures[0]))
     ratios = sorted((n for n in runs if n == args.reference or n.startswith(RATIO_PREFIX)),

@@ -149,7 +149,8 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.KV_SOURCE = "visual_expression"
     # Channel width shared by VEG, pixel decoder and transformer decoder.
     cfg.MODEL.VIPA.HIDDEN_DIM = 256
-    # Attention heads in fusion, VEG and transformer decoder.
+    # Attention heads in fusion, VEG, transformer decoder (its object choice's word pools too)
+    # and the pixel decoder's transformer layers (PIXEL_DECODER.TRANSFORMER_LAYERS).
     cfg.MODEL.VIPA.NHEADS = 8
     # Score threshold on the no-target logit for generalized (gRefCOCO-style) data: above it
     # the mask is emptied. Not applied with LOSS.NO_TARGET_WEIGHT 0 (the head is untrained).
@@ -198,7 +199,8 @@ def add_vipa_config(cfg):
     # expression's words (the word rows centred per token; [CLS] and one-word expressions
     # keep their cosine). Off: every word ranks by its own cosine, and tokens that all words
     # find relevant (the objects) end up in every word's set. configs/Base-VIPA.yaml turns it
-    # on (docs/benchmarks/EXPERIMENTS.md, session 33).
+    # on (docs/benchmarks/EXPERIMENTS.md, session 33). Not with LOSS.CONTRASTIVE_CUES "all":
+    # centred word rows sum to zero at every token, so they cannot all be pulled to the target.
     cfg.MODEL.VIPA.VEG.CENTRE_WORDS = False
 
     # Pixel decoder (multi-scale, plain convolutions: no custom CUDA ops).
@@ -236,7 +238,8 @@ def add_vipa_config(cfg):
     cfg.MODEL.VIPA.DECODER.IN_FEATURES = ["res5", "res4", "res3"]
     # Number of decoder layers (one scale each, round robin over IN_FEATURES).
     cfg.MODEL.VIPA.DECODER.NUM_LAYERS = 6
-    # Hidden size of the feed-forward block in each layer.
+    # Hidden size of the feed-forward block in each layer, and in each of the pixel decoder's
+    # transformer layers (PIXEL_DECODER.TRANSFORMER_LAYERS).
     cfg.MODEL.VIPA.DECODER.DIM_FEEDFORWARD = 1024
     # Dropout inside the decoder's attention and feed-forward blocks.
     cfg.MODEL.VIPA.DECODER.DROPOUT = 0.0

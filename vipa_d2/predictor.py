@@ -62,8 +62,10 @@ class VIPAPredictor:
     - ``prob``: float32 HxW foreground probability (zeros when the model judged the
       expression no-target);
     - ``confidence``: float, the mean probability inside the mask; 0.0 for an empty mask;
-    - ``relevance``: float32 HxW relevance map of the retrieved visual tokens (cosine
-      relevance, in [-1, 1]: it may be negative);
+    - ``relevance``: float32 HxW relevance map: the mean of the cues' relevance rows over
+      the visual tokens (in [-1, 1]: it may be negative). With ``VEG.CENTRE_WORDS`` the word
+      rows are centred on their mean and cancel in it: for two words or more the map is the
+      [CLS] cue's cosine over 1 + the number of words (``retrieved`` has each word's own tokens);
     - ``no_target_score``: float, probability that the expression refers to nothing;
     - ``retrieved``: list, one entry per linguistic cue (the [CLS] global cue, then the
       word pieces): ``{"word": str, "position": int (token index), "tokens": bool

@@ -260,6 +260,10 @@ def _mutations():
             m(lambda d: img0(d)["expressions"][1].update(text=" ")),
             r"\$\.images\[0\]\.expressions\[1\]\.text: expected a non-empty expression",
         ),
+        (  # an emoji cut in half: it converted, and the tokenizer refused it in training
+            m(lambda d: img0(d)["expressions"][1].update(text="the cup \ud83d")),
+            r"\$\.images\[0\]\.expressions\[1\]\.text: 'the cup \\ud83d' is not valid text \(undecodable bytes\?\)",
+        ),
         (
             m(lambda d: img0(d)["expressions"][0].update(targets=[9])),
             r"\$\.images\[0\]\.expressions\[0\]\.targets: 9 is not the id of an object of this image",

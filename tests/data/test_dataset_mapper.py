@@ -491,6 +491,21 @@ def test_check_records_compares_every_size_records_give_a_file(tmp_path):
         mapper.check_records([dict(rec, height=H - 1), rec], "mine")
 
 
+def test_check_records_refuses_image_files_that_do_not_read_as_8_bit_images(tmp_path):
+    # They passed, and read_image refused them in a worker midway, or in the evaluation after
+    # the whole training (data review, session 57).
+    (tmp_path / "notes.png").write_text("not an image")
+    Image.new("I;16", (W, H)).save(tmp_path / "deep.png")
+    write_image(tmp_path / "a.png")
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)
+    records = [mapper_record(tmp_path / name) for name in ("a.png", "notes.png", "deep.png")]
+    with pytest.raises(ReferringDataError, match=rf"^mine: 2 of its 3 image files cannot be read as images of 8 bits per "
+                                                 rf"channel: .*notes\.png is no image file .*deep\.png has PIL mode I;16 ") as e:
+        mapper.check_records(records, "mine")
+    assert e.value.file == str(tmp_path / "notes.png")
+    mapper.check_records(records[:1], "mine")
+
+
 @pytest.fixture(scope="module")
 def record_checkers():
     """A training and a test mapper, for check_records only."""
@@ -531,6 +546,11 @@ def _annotation(**changes):
     # Written into the evaluator's per-sample JSON, which failed on it after the training.
     (lambda rec: rec.update(ref_id=uuid.UUID(int=5)), "ref_id",
      r"expected an integer or string id, got UUID\('00000000-0000-0000-0000-000000000005'\)"),
+    (lambda rec: rec["sentence"].update(sent_id=uuid.UUID(int=6)), "sentence.sent_id",
+     r"expected an integer or string id, got UUID\('00000000-0000-0000-0000-000000000006'\)"),
+    # An emoji cut in half (JSON's "\ud83d"): the tokenizer's TypeError in a worker.
+    (lambda rec: rec["sentence"].update(raw="the box \ud83d"), "sentence.raw",
+     r"'the box \\ud83d' is not valid text \(undecodable bytes\?\)"),
     # Values that reach pycocotools, which checks nothing: a NaN or huge coordinate had the
     # process killed for its memory, counts short of the image gave a mask of stale memory.
     (_annotation(segmentation=[[*POLY[:3], float("nan"), *POLY[4:]]]), "annotations[0].segmentation[0][3]",
@@ -550,14 +570,16 @@ def _annotation(**changes):
     # Read by the test mapper (the retrieval report) and the evaluator (per-type tables).
     (lambda rec: rec.update(target_phrase=5), "target_phrase", "expected a non-empty string .*, got 5"),
     (lambda rec: rec.update(type=["relation"]), "type", r"expected a non-empty string .*, got \['relation'\]"),
+    (lambda rec: rec.update(target_phrase="box \ud83d"), "target_phrase", r"'box \\ud83d' is not valid text"),
     # A no-target flag on a record with a target: scored a hit on a no-target sample (mIoU
     # 100, N-acc 0; evaluation review, session 53).
     (lambda rec: rec.update(empty=True), "empty", r"expected False \(the record has 1 target annotation\(s\)\), got True"),
     (lambda rec: rec.update(empty="no"), "empty", "expected False .*, got 'no'"),
 ], ids=["sentence-string", "no-raw", "no-annotations", "bbox-only", "no-bbox", "4-number-polygon", "rle-parts",
-        "uncompressed-rle", "rle-size", "height-string", "no-image-id", "uuid-ref-id", "nan-coordinate", "huge-coordinate",
+        "uncompressed-rle", "rle-size", "height-string", "no-image-id", "uuid-ref-id", "uuid-sent-id", "lone-surrogate",
+        "nan-coordinate", "huge-coordinate",
         "short-rle-counts", "bbox-strings", "bbox-inf", "bbox-mode-string", "bbox-mode-relative",
-        "target-phrase-number", "type-list", "empty-with-target", "empty-string"])
+        "target-phrase-number", "type-list", "target-phrase-surrogate", "empty-with-target", "empty-string"])
 def test_check_records_refuses_misshaped_fields_by_name(tmp_path, record_checkers, change, field, problem):
     """Records of a loader of one's own that __call__ cannot read (it failed on them in a
     worker at the first step, or in the evaluation after the training, with a bare KeyError or
@@ -583,11 +605,21 @@ def test_check_records_accepts_what_records_may_carry(tmp_path, record_checkers)
     no_target = mapper_record(tmp_path / "a.png", "the purple cow", [])
     landmark = dict(target, landmark={"phrase": "box"})  # no annotation
     as_path = dict(target, file_name=tmp_path / "a.png", empty=np.False_)  # a loader's pathlib.Path, numpy bool
+    # A target whose mask is empty: a gRefCOCO ref whose targets are all crowd (ReLA's loader
+    # leaves them out of the mask); the check refused it, and with it the whole split.
+    only_crowd = dict(mapper_record(tmp_path / "a.png", "the crowd", []), empty=False)
+    # Polygons in a tuple (the checks take them as a list): Detectron2's transform refused them.
+    as_tuple = copy.deepcopy(target)
+    as_tuple["annotations"][0]["segmentation"] = tuple(as_tuple["annotations"][0]["segmentation"])
+    no_sent_id = dict(target, sentence={"raw": "the box", "sent_id": None})  # written as null
     train, test = record_checkers
-    train.check_records([target, rle, no_target, landmark, as_path], "mine")
-    test.check_records([target, rle, no_target, as_path], "mine")
-    for record in [target, rle, no_target, as_path]:
+    train.check_records([target, rle, no_target, landmark, as_path, only_crowd, as_tuple, no_sent_id], "mine")
+    test.check_records([target, rle, no_target, as_path, only_crowd, as_tuple, no_sent_id], "mine")
+    for record in [target, rle, no_target, as_path, only_crowd, as_tuple, no_sent_id]:
         test(record)  # what the checks pass, the mapper reads
+        train(record)
+    assert test(only_crowd)["empty"] is False and not test(only_crowd)["gt_mask"].any()
+    assert torch.equal(test(as_tuple)["gt_mask"], test(target)["gt_mask"])
     with pytest.raises(ReferringDataError, match=r"^mine: record #0 .*: landmark.annotation: expected an annotation dict, got None$"):
         test.check_records([landmark], "mine")
 

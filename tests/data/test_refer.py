@@ -16,7 +16,7 @@ import vipa_d2  # noqa: F401  registers the built-ins
 from vipa_d2.data import annotations_to_mask, load_refer_dicts, save_refer_dataset
 from vipa_d2.data import builtin
 from vipa_d2.data.refer import ReferringDataError, make_sentence
-from vipa_d2.data.validation import quote
+from vipa_d2.data.validation import quote, record_problem
 
 H, W = 40, 60
 SQUARE = [10.0, 10.0, 30.0, 10.0, 30.0, 30.0, 10.0, 30.0]
@@ -227,6 +227,11 @@ def test_grefcoco_leaves_crowd_targets_out_as_rela_does(tmp_path, caplog):
     union = annotations_to_mask(multi["annotations"], H, W)
     assert union[15, 15] == 1 and union[10, 45] == 0
     assert "1 refs with crowd targets (left out of the target, as in ReLA)" in caplog.text
+    # A ref whose targets are all crowd stays a target one with an empty mask, as in ReLA's
+    # loader, and passes the record checks (they refused it, and with it the whole split).
+    (only_crowd,) = load_refer_dicts(str(tmp_path), "g", "unc", "train", "/imgs", generalized=True)
+    assert only_crowd["empty"] is False and only_crowd["annotations"] == []
+    assert record_problem(only_crowd) is None
     # Classic REFER data keeps a crowd target: REFER's getMask reads it.
     classic = load_refer_dicts(str(tmp_path), "c", "unc", "train", "/imgs")
     assert any(a["iscrowd"] == 1 for r in classic for a in r["annotations"])
@@ -277,6 +282,8 @@ def _break(kind):
     elif kind == "bad_sentence":
         refs[0]["sentences"][1]["raw"] = None
         del refs[0]["sentences"][1]["sent"]
+    elif kind == "lone_surrogate":  # an emoji cut in half: the tokenizer refused it from inside
+        refs[0]["sentences"][1]["raw"] = "Left square \ud83d"
     elif kind == "first_polygon_4_numbers":
         # pycocotools cannot read it (it takes a first entry of 4 numbers for a box).
         inst["annotations"][0]["segmentation"] = [[10.0, 10.0, 30.0, 10.0]]
@@ -296,6 +303,11 @@ def _break(kind):
         (
             "bad_sentence",
             r"refs\(unc\)\.p: ref #0 \(ref_id=0\): sentences\[1\]\.raw: expected the sentence as a string",
+            "malformed_sentence",
+        ),
+        (
+            "lone_surrogate",
+            r"refs\(unc\)\.p: ref #0 \(ref_id=0\): sentences\[1\]\.raw: 'Left square \\ud83d' is not valid text \(undecodable bytes\?\)",
             "malformed_sentence",
         ),
         (
@@ -320,7 +332,7 @@ def test_bad_refs_error_or_counted_skip(tmp_path, caplog, kind, pattern, reason)
     with caplog.at_level(logging.WARNING, logger="vipa_d2.data.refer"):
         recs = load_refer_dicts(str(tmp_path), "bad", "unc", "train", "/imgs", invalid="skip")
     sents = [r["sentence"]["raw"] for r in recs]
-    if kind == "bad_sentence":
+    if kind in ("bad_sentence", "lone_surrogate"):
         assert sents == ["the box", "the triangle"]  # only the bad sentence is dropped
     else:
         assert sents == ["the triangle"]  # the whole broken ref is dropped

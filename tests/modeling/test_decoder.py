@@ -356,6 +356,13 @@ def test_contrastive_loss_on_the_global_cue_only():
         VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "words"}))
     with pytest.raises(ValueError, match="GLOBAL_CUE"):
         VIPACriterion(make_cfg(*SMALL, **{"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "global", "MODEL.VIPA.VEG.GLOBAL_CUE": False}))
+    # Centred word rows sum to zero at every token: a loss pulling each to the target is
+    # refused (the local-cues ablation inherited the pair from Base-VIPA; model review, session 57).
+    words = {"MODEL.VIPA.LOSS.CONTRASTIVE_CUES": "all", "MODEL.VIPA.VEG.CENTRE_WORDS": True}
+    with pytest.raises(ValueError, match=r"CENTRE_WORDS True centres .* cannot all be pulled to it"):
+        VIPACriterion(make_cfg(*SMALL, **words))
+    VIPACriterion(make_cfg(*SMALL, **words, **{"MODEL.VIPA.LOSS.CONTRASTIVE_WEIGHT": 0.0}))  # no such loss
+    VIPACriterion(make_cfg(*SMALL, **{**words, "MODEL.VIPA.VEG.CENTRE_WORDS": False}))
 
 
 def test_landmark_loss_supervises_the_landmark_words_only():

@@ -572,7 +572,8 @@ def test_cue_switches(tokenizer, default_model):
     inputs = make_inputs(tokenizer, TEXTS)
     n_words = [int(x["attention_mask"].sum()) - 2 for x in inputs]  # minus [CLS] and [SEP]
     for opts, expected in [
-        (("MODEL.VIPA.VEG.GLOBAL_CUE", False, "MODEL.VIPA.LOSS.CONTRASTIVE_CUES", "all"), n_words),
+        (("MODEL.VIPA.VEG.GLOBAL_CUE", False, "MODEL.VIPA.VEG.CENTRE_WORDS", False,
+          "MODEL.VIPA.LOSS.CONTRASTIVE_CUES", "all"), n_words),
         (("MODEL.VIPA.VEG.LOCAL_CUES", False), [1, 1, 1]),
         ((), [n + 1 for n in n_words]),
     ]:

@@ -89,6 +89,12 @@ def test_num_retrieved_and_bad_values():
         num_retrieved(torch.tensor([10]), 0.0)
     with pytest.raises(ValueError, match="SAMPLER"):
         differentiable_topk(torch.randn(1, 1, 4), 2, mode="gumbel_max")
+    # The VEG refuses them when built, before weights and data load; a negative noise scale
+    # was taken as none (model review, session 57).
+    for key, value in (("SAMPLER", "gumbel_max"), ("TEMPERATURE", 0.0), ("GUMBEL_NOISE", -0.5)):
+        with pytest.raises(ValueError, match=f"MODEL.VIPA.VEG.{key} must be"):
+            build_veg(**{key: value})
+    build_veg(STEP1=False, SAMPLER="gumbel_max")  # no retrieval: nothing samples
 
 
 # ---------------------------------------------------------------------- cues

@@ -41,7 +41,17 @@ from .refer import (
     refs_file_name,
     save_refer_dataset,
 )
-from .validation import MAX_IMAGE_PIXELS, MAX_IMAGE_SIDE, ReferringDataError, is_int, quote, read_json_file, stored_image_size, valid_id
+from .validation import (
+    MAX_IMAGE_PIXELS,
+    MAX_IMAGE_SIDE,
+    ReferringDataError,
+    is_int,
+    quote,
+    read_json_file,
+    stored_image_size,
+    unicode_problem,
+    valid_id,
+)
 
 __all__ = [
     "ReferringFormatError",
@@ -273,6 +283,8 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
             continue
         if not isinstance(ex.get("text"), str) or not ex["text"].strip():
             problems.append(f"{q}.text: expected a non-empty expression, got {ex.get('text')!r}")
+        elif unicode_problem(ex["text"]) is not None:
+            problems.append(f"{q}.text: {unicode_problem(ex['text'])}")
         targets = ex.get("targets")
         if not isinstance(targets, list):
             problems.append(f"{q}.targets: expected a list of object ids of this image")

@@ -20,7 +20,7 @@ from .expressions import tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
 from .mirror_words import is_flipped, swap_left_right
-from .validation import IMAGE_READ_ERRORS, ReferringDataError, quote, record_problem, shortlist, stored_image_size
+from .validation import IMAGE_READ_ERRORS, ReferringDataError, quote, record_problem, shortlist, stored_image_header
 
 logger = logging.getLogger(__name__)
 
@@ -109,9 +109,11 @@ def read_record_image(record: Dict, image_format: str) -> np.ndarray:
 
 def check_image_files(records: List[Dict], source: str) -> None:
     """Refuse ``records`` (of the datasets ``source`` names) whose image files do not exist,
-    or whose files (read from their headers) are not the records' height x width, before a
-    loader reads any: a worker would fail on the first one midway (Detectron2's
-    SizeMismatchError), or the evaluation after the whole training."""
+    or whose files (read from their headers) are no image, not 8 bits per channel, or not the
+    records' height x width, before a loader reads any: a worker would fail on the first one
+    midway (:func:`read_image`'s refusal, Detectron2's SizeMismatchError), or the evaluation
+    after the whole training. Pixels that do not decode (a truncated JPEG) are found only
+    when read."""
     # Every size the records give a file: two images entries may name one file.
     sizes: Dict[str, set] = {}
     for r in records:
@@ -124,13 +126,22 @@ def check_image_files(records: List[Dict], source: str) -> None:
             f"{source}: {len(missing)} of its {len(sizes)} image files do not exist: {shortlist(missing, MAX_FILES_LISTED)}",
             file=missing[0],
         )
-    wrong = {}  # file -> what is wrong
+    unreadable, wrong = {}, {}  # file -> what is wrong
     for name, said in sizes.items():
-        stored = stored_image_size(name) if said else None
-        other = sorted(size for size in said if size != stored)
-        if stored is not None and other:
-            listed = " and ".join(f"{h} x {w}" for h, w in other)
-            wrong[name] = f"{name} is {stored[0]} x {stored[1]}, records of it say {listed}"
+        header = stored_image_header(name)
+        if header is None:
+            unreadable[name] = f"{name} is no image file (its header does not read)"
+        elif header[2] in _WIDE_IMAGE_MODES:
+            unreadable[name] = f"{name} has PIL mode {header[2]} (16-bit or float), not 8 bits per channel"
+        elif any(size != header[:2] for size in said):
+            listed = " and ".join(f"{h} x {w}" for h, w in sorted(size for size in said if size != header[:2]))
+            wrong[name] = f"{name} is {header[0]} x {header[1]}, records of it say {listed}"
+    if unreadable:
+        raise ReferringDataError(
+            f"{source}: {len(unreadable)} of its {len(sizes)} image files cannot be read as images of 8 bits per "
+            f"channel: {shortlist(list(unreadable.values()), MAX_FILES_LISTED)}",
+            file=next(iter(unreadable)),
+        )
     if wrong:
         raise ReferringDataError(
             f"{source}: {len(wrong)} of its {len(sizes)} image files are not the height x width of their records "

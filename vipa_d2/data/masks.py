@@ -185,8 +185,17 @@ def augmented_mask(annotations: Sequence[Dict], transforms, out_hw) -> np.ndarra
     (the annotations are copied, never modified). For checked records
     (:func:`vipa_d2.data.validation.record_problem`): detectron2's transform decodes an RLE
     before :func:`segmentation_to_mask` could refuse it."""
-    annos = [transform_instance_annotations(copy.deepcopy(a), transforms, out_hw) for a in annotations]
+    annos = [transform_instance_annotations(_as_detectron2_annotation(a), transforms, out_hw) for a in annotations]
     return annotations_to_mask(annos, *out_hw)
+
+
+def _as_detectron2_annotation(annotation: Dict) -> Dict:
+    """A copy of ``annotation`` that Detectron2's transform takes: a tuple of polygons (which
+    the record checks accept, as a list) as a list, which is all it moves."""
+    annotation = copy.deepcopy(annotation)
+    if isinstance(annotation["segmentation"], tuple):
+        annotation["segmentation"] = list(annotation["segmentation"])
+    return annotation
 
 
 def mask_to_rle(mask: np.ndarray) -> Dict:

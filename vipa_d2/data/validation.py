@@ -44,7 +44,9 @@ __all__ = [
     "MAX_IMAGE_PIXELS",
     "COORDINATE_MARGIN",
     "image_problem",
+    "stored_image_header",
     "stored_image_size",
+    "unicode_problem",
     "segmentation_problem",
     "polygon_coordinates_problem",
     "polygon_values_problem",
@@ -87,17 +89,34 @@ _EXIF_TRANSPOSED = (5, 6, 7, 8)
 Problem = Tuple[str, str]  # (field, what is wrong)
 
 
-def stored_image_size(path: str) -> Optional[Tuple[int, int]]:
-    """(height, width) of the image file as Detectron2's reader sees it (EXIF rotation
-    applied), from its header; None if it is no image PIL can open."""
+def stored_image_header(path: str) -> Optional[Tuple[int, int, str]]:
+    """(height, width, PIL mode) of the image file as Detectron2's reader sees it (EXIF
+    rotation applied), from its header; None if it is no image PIL can open."""
     try:
         with Image.open(path) as im:
-            w, h = im.size
+            (w, h), mode = im.size, im.mode
             if im.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
                 h, w = w, h
     except IMAGE_READ_ERRORS:
         return None
-    return h, w
+    return h, w, mode
+
+
+def stored_image_size(path: str) -> Optional[Tuple[int, int]]:
+    """(height, width) of :func:`stored_image_header`; None if it is no image PIL can open."""
+    header = stored_image_header(path)
+    return None if header is None else header[:2]
+
+
+def unicode_problem(text: str) -> Optional[str]:
+    """Why ``text`` is no valid Unicode, or None: undecodable bytes of a terminal or a file
+    (an emoji cut in half, a JSON "\\ud83d") stay in Python as lone surrogates, which encode
+    to no UTF-8 and which the tokenizer refuses from deep inside."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return f"{text!r} is not valid text (undecodable bytes?)"
+    return None
 
 
 class ReferringDataError(ValueError):
@@ -499,6 +518,8 @@ def sentence_text(sent) -> Tuple[Optional[str], Optional[Problem]]:
     text = raw if isinstance(raw, str) else sent.get("sent")
     if not isinstance(text, str):
         return None, ("raw", f"expected the sentence as a string, got {quote(raw)}")
+    if unicode_problem(text) is not None:
+        return None, ("raw" if text is raw else "sent", unicode_problem(text))
     if "sent_id" not in sent:
         return None, ("sent_id", "missing")
     if not valid_id(sent["sent_id"]):
@@ -542,9 +563,11 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
     (field, problem) when a dataset record (the data contract of ``datasets/README.md``)
     lacks or misshapes a field that ``ReferringDatasetMapper`` reads, else None:
     ``file_name``, ``height`` and ``width`` as :func:`image_problem` wants them, ``image_id``,
-    ``ref_id``, ``sentence`` a dict whose ``raw`` is the text, ``annotations`` a list
-    (empty: no target) of :func:`record_annotation_problem` annotations, ``empty`` (if
-    present) the bool saying whether that list is empty, ``type`` and
+    ``ref_id``, ``sentence`` a dict whose ``raw`` is the text (and ``sent_id``, if present,
+    an id), ``annotations`` a list (empty: no target) of
+    :func:`record_annotation_problem` annotations, ``empty`` (if present) the bool saying
+    whether the expression has no target (True only with no annotations; False with none is
+    a target whose mask is empty), ``type`` and
     ``target_phrase`` non-empty strings where present and, with
     ``landmark`` (a mapper that reads it), a ``landmark`` ``{phrase, annotation}`` if any.
 
@@ -572,6 +595,11 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
         return "sentence", f"expected a dict {{'raw': text, 'sent_id': id}}, got {quote(sentence)}"
     if not isinstance(sentence.get("raw"), str):
         return "sentence.raw", f"expected the expression as a string, got {quote(sentence.get('raw'))}"
+    if unicode_problem(sentence["raw"]) is not None:
+        return "sentence.raw", unicode_problem(sentence["raw"])
+    # The evaluator writes it into its per-sample JSON, after the whole training (None: null).
+    if sentence.get("sent_id") is not None and not valid_id(sentence["sent_id"]):
+        return "sentence.sent_id", f"expected an integer or string id, got {quote(sentence['sent_id'])}"
     annotations = record.get("annotations")
     if not isinstance(annotations, (list, tuple)):
         return "annotations", f"expected a list of target annotations ([] for no target), got {quote(annotations)}"
@@ -581,18 +609,26 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
         if problem is not None:
             return f"annotations[{i}]{problem[0]}", problem[1]
     # "empty" (optional) says whether the expression has no target; the mapper and the
-    # evaluator read it beside the annotations, so the two must agree.
+    # evaluator read it beside the annotations. A no-target record with annotations would
+    # be scored as a hit; a target record without any is a target whose mask is empty (a
+    # gRefCOCO ref whose targets are all crowd annotations, left out of the mask as ReLA
+    # does), scored as a miss.
     empty = record.get("empty", len(annotations) == 0)
-    if not isinstance(empty, (bool, np.bool_)) or bool(empty) != (len(annotations) == 0):
-        return "empty", (f"expected {len(annotations) == 0} (the record has {len(annotations)} target "
-                         f"annotation(s)), got {quote(record['empty'])}")
+    if not isinstance(empty, (bool, np.bool_)) or (bool(empty) and annotations):
+        allowed = "a bool, True or False," if not annotations else "False"
+        return "empty", (f"expected {allowed} (the record has {len(annotations)} target annotation(s)), "
+                         f"got {quote(record['empty'])}")
     for key in _RECORD_TEXT_KEYS:
         if key in record and (not isinstance(record[key], str) or not record[key].strip()):
             return key, f"expected a non-empty string (or no {key!r} key), got {quote(record[key])}"
+        if key in record and unicode_problem(record[key]) is not None:  # tokenized, as the sentence
+            return key, unicode_problem(record[key])
     if landmark and record.get("landmark") is not None:
         mark = record["landmark"]
         if not isinstance(mark, dict) or not isinstance(mark.get("phrase"), str):
             return "landmark", f"expected a dict {{'phrase': words, 'annotation': annotation}}, got {quote(mark)}"
+        if unicode_problem(mark["phrase"]) is not None:
+            return "landmark.phrase", unicode_problem(mark["phrase"])
         problem = record_annotation_problem(mark.get("annotation"), height, width)
         if problem is not None:
             return f"landmark.annotation{problem[0]}", problem[1]
@@ -666,10 +702,8 @@ def expression_problem(text) -> Optional[str]:
     """
     if not isinstance(text, str):
         return f"{quote(text)}, a {type(text).__name__}; expected a str"
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return f"{text!r} is not valid text (undecodable bytes?); expected some words"
+    if unicode_problem(text) is not None:
+        return unicode_problem(text) + "; expected some words"
     if not any(ch.isalnum() for ch in text):
         return f"{text!r} has no letter or digit; expected some words"
     return None

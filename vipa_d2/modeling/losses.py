@@ -456,10 +456,22 @@ class VIPACriterion(nn.Module):
                 "MODEL.VIPA.LOSS.GROUP_GATE_ONLY True limits what the group loss trains, but there is none: "
                 f"MODEL.VIPA.LOSS.GROUP_WEIGHT is {loss.GROUP_WEIGHT}; set it > 0 or the key False"
             )
-        if loss.CONTRASTIVE_CUES == "global" and not cfg.MODEL.VIPA.VEG.GLOBAL_CUE:
+        veg = cfg.MODEL.VIPA.VEG
+        if loss.CONTRASTIVE_CUES == "global" and not veg.GLOBAL_CUE:
             raise ValueError(
                 'MODEL.VIPA.LOSS.CONTRASTIVE_CUES "global" supervises the [CLS] cue, but '
-                'MODEL.VIPA.VEG.GLOBAL_CUE is False; set CONTRASTIVE_CUES "all" for local cues only'
+                'MODEL.VIPA.VEG.GLOBAL_CUE is False; set CONTRASTIVE_CUES "all" (with VEG.CENTRE_WORDS False) '
+                "for local cues only"
+            )
+        centred = veg.CENTRE_WORDS and veg.LOCAL_CUES and veg.STEP1  # word rows that step 1 centres
+        if loss.CONTRASTIVE_CUES == "all" and centred and loss.CONTRASTIVE_WEIGHT > 0:
+            # Centred word rows sum to zero at every token: pulling each to the target pulls
+            # the others away, and the loss's optimum is every word row flat.
+            raise ValueError(
+                'MODEL.VIPA.LOSS.CONTRASTIVE_CUES "all" pulls every word cue\'s relevance to the target, but '
+                "MODEL.VIPA.VEG.CENTRE_WORDS True centres an expression's word rows on their mean, so they sum to "
+                'zero at every token and cannot all be pulled to it; set CENTRE_WORDS False with "all", or '
+                'CONTRASTIVE_CUES "global"'
             )
         if loss.CUE_OVERLAP_WEIGHT > 0 and not cfg.MODEL.VIPA.VEG.STEP1:
             raise ValueError(

@@ -33,6 +33,16 @@ def sample_gumbel_like(x: torch.Tensor, eps: float = GUMBEL_EPS) -> torch.Tensor
     return (-torch.log(-torch.log(u + eps) + eps)).to(x.dtype)
 
 
+def check_sampler_settings(mode: str, temperature: float, gumbel_noise: float = 0.0) -> None:
+    """ValueError naming the key when :func:`differentiable_topk`'s settings are not usable."""
+    if mode not in SAMPLER_MODES:
+        raise ValueError(f"MODEL.VIPA.VEG.SAMPLER must be one of {SAMPLER_MODES}, got {mode!r}")
+    if not temperature > 0:
+        raise ValueError(f"MODEL.VIPA.VEG.TEMPERATURE must be > 0, got {temperature}")
+    if not gumbel_noise >= 0:  # a negative scale would flip the noise's sign, not turn it off
+        raise ValueError(f"MODEL.VIPA.VEG.GUMBEL_NOISE must be >= 0 (0: no noise), got {gumbel_noise}")
+
+
 def differentiable_topk(
     scores: torch.Tensor,
     k: Union[int, torch.Tensor],
@@ -57,10 +67,7 @@ def differentiable_topk(
         mask: float (B, L, N) retrieval mask M (carries gradients to ``scores``).
         support: bool (B, L, N), exactly the k selected tokens of each row.
     """
-    if mode not in SAMPLER_MODES:
-        raise ValueError(f"MODEL.VIPA.VEG.SAMPLER must be one of {SAMPLER_MODES}, got {mode!r}")
-    if temperature <= 0:
-        raise ValueError(f"MODEL.VIPA.VEG.TEMPERATURE must be > 0, got {temperature}")
+    check_sampler_settings(mode, temperature, gumbel_noise)
     b, l, n = scores.shape
     if isinstance(k, int):
         k = torch.full((b,), k, dtype=torch.long, device=scores.device)

@@ -18,7 +18,7 @@ from detectron2.config import configurable
 from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, sine_position_encoding
-from .sampler import differentiable_topk, num_retrieved
+from .sampler import check_sampler_settings, differentiable_topk, num_retrieved
 
 
 def linguistic_cue_mask(attention_mask: torch.Tensor, global_cue: bool, local_cues: bool) -> torch.Tensor:
@@ -145,6 +145,8 @@ class VisualExpressionGenerator(nn.Module):
             raise ValueError(f"MODEL.VIPA.VEG.RATIO must be in (0, 1], got {ratio}")
         if share_layers < 0:
             raise ValueError(f"MODEL.VIPA.VEG.SHARE_LAYERS must be >= 0, got {share_layers}")
+        if step1:  # here, not at the first forward: after the weights and the data are loaded
+            check_sampler_settings(sampler, temperature, gumbel_noise)
         self.step1, self.step2 = step1, step2
         self.ratio, self.sampler, self.temperature, self.gumbel_noise = ratio, sampler, temperature, gumbel_noise
         self.position_in_values, self.cue_identity = position_in_values, cue_identity
