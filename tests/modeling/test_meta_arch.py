@@ -173,6 +173,22 @@ class HalvedExpressionGenerator(VisualExpressionGenerator):
         return out
 
 
+@VIPA_VEG_REGISTRY.register()
+class NoAttentionGenerator(VisualExpressionGenerator):
+    """A VEG of one's own that leaves out the attention map postprocess reads."""
+
+    def forward(self, *args, **kwargs):
+        return {k: v for k, v in super().forward(*args, **kwargs).items() if k != "attention"}
+
+
+def test_a_veg_of_ones_own_is_told_the_outputs_it_lacks(tokenizer):
+    # A bare KeyError in postprocess before (model review, session 57).
+    model = build("MODEL.VIPA.VEG.NAME", "NoAttentionGenerator").eval()
+    with torch.no_grad(), pytest.raises(ValueError, match=r"The outputs of NoAttentionGenerator lack \['attention'\]: "
+                                                          r"a VIPA VEG returns \['visual_expression', "):
+        model(make_inputs(tokenizer, TEXTS[:1]))
+
+
 def test_a_veg_of_ones_own_is_built_by_its_registry_name(tokenizer):
     # A variant needed a head subclass that rebuilt from_config, the control's step
     # arguments included (extension review, session 55).

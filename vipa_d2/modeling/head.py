@@ -19,7 +19,7 @@ from .losses import token_validity
 from .pixel_decoder import build_pixel_decoder
 from .registry import get_registered
 from .transformer_decoder import build_transformer_decoder
-from .veg import VIPA_VEG_REGISTRY, linguistic_cue_mask
+from .veg import VEG_OUTPUTS, VIPA_VEG_REGISTRY, linguistic_cue_mask
 
 logger = logging.getLogger(__name__)
 
@@ -161,6 +161,12 @@ class VIPAHead(nn.Module):
             visual = features[self.veg_in_feature]
             token_valid = token_validity(image_valid, visual.shape[-2:])
             veg_out = self.veg(visual, text, cue_valid, token_valid)
+            missing = [key for key in VEG_OUTPUTS if key not in veg_out]
+            if missing:  # a registered VEG of one's own: said before a bare KeyError in the losses
+                raise ValueError(
+                    f"The outputs of {type(self.veg).__name__} lack {missing}: a VIPA VEG returns {list(VEG_OUTPUTS)} "
+                    "(see VisualExpressionGenerator.forward; MODEL.VIPA.VEG.NAME)"
+                )
             veg_out["token_valid"] = token_valid
         words = None if self.language_proj is None else self.language_proj(text)
         kv = veg_out["visual_expression"] if self.kv_source == "visual_expression" else words

@@ -87,6 +87,10 @@ class CueSharingLayer(nn.Module):
         return self.ffn(x)
 
 
+# What every VEG returns (VisualExpressionGenerator.forward) that the head, the losses,
+# postprocess and the predictor read whatever the config ("relevance" may be None).
+VEG_OUTPUTS = ("visual_expression", "relevance", "retrieval_mask", "attention", "grid")
+
 VIPA_VEG_REGISTRY = Registry("VIPA_VEG")
 VIPA_VEG_REGISTRY.__doc__ = """
 Registry for visual expression generators, built from ``MODEL.VIPA.VEG.NAME`` with
