@@ -283,8 +283,8 @@ def _check_image(img, p: str, problems: List[str], generalized: bool, image_root
             continue
         if not isinstance(ex.get("text"), str) or not ex["text"].strip():
             problems.append(f"{q}.text: expected a non-empty expression, got {ex.get('text')!r}")
-        elif unicode_problem(ex["text"]) is not None:
-            problems.append(f"{q}.text: {unicode_problem(ex['text'])}")
+        elif (problem := unicode_problem(ex["text"])) is not None:
+            problems.append(f"{q}.text: {problem}")
         targets = ex.get("targets")
         if not isinstance(targets, list):
             problems.append(f"{q}.targets: expected a list of object ids of this image")

@@ -90,8 +90,12 @@ def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarra
             return utils.read_image(file_name, format=image_format)
     except IMAGE_READ_ERRORS as e:
         raise OSError(f"Cannot read image {file_name}{where}: expected an image file ({e})") from e
-    raise OSError(f"Cannot read image {file_name}{where}: PIL mode {mode} (16-bit or float); expected 8 bits "
-                  "per channel (grey, RGB, RGBA or palette)")
+    raise OSError(f"Cannot read image {file_name}{where}: {_wide_mode_problem(mode)}")
+
+
+def _wide_mode_problem(mode: str) -> str:
+    """What :func:`read_image` says of an image of a ``_WIDE_IMAGE_MODES`` mode."""
+    return f"PIL mode {mode} (16-bit or float); expected 8 bits per channel (grey, RGB, RGBA or palette)"
 
 
 def _record_name(record: Dict) -> str:
@@ -132,7 +136,7 @@ def check_image_files(records: List[Dict], source: str) -> None:
         if header is None:
             unreadable[name] = f"{name} is no image file (its header does not read)"
         elif header[2] in _WIDE_IMAGE_MODES:
-            unreadable[name] = f"{name} has PIL mode {header[2]} (16-bit or float), not 8 bits per channel"
+            unreadable[name] = f"{name} has {_wide_mode_problem(header[2])}"
         elif any(size != header[:2] for size in said):
             listed = " and ".join(f"{h} x {w}" for h, w in sorted(size for size in said if size != header[:2]))
             wrong[name] = f"{name} is {header[0]} x {header[1]}, records of it say {listed}"

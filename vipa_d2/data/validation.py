@@ -518,8 +518,9 @@ def sentence_text(sent) -> Tuple[Optional[str], Optional[Problem]]:
     text = raw if isinstance(raw, str) else sent.get("sent")
     if not isinstance(text, str):
         return None, ("raw", f"expected the sentence as a string, got {quote(raw)}")
-    if unicode_problem(text) is not None:
-        return None, ("raw" if text is raw else "sent", unicode_problem(text))
+    problem = unicode_problem(text)
+    if problem is not None:
+        return None, ("raw" if text is raw else "sent", problem)
     if "sent_id" not in sent:
         return None, ("sent_id", "missing")
     if not valid_id(sent["sent_id"]):
@@ -595,8 +596,9 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
         return "sentence", f"expected a dict {{'raw': text, 'sent_id': id}}, got {quote(sentence)}"
     if not isinstance(sentence.get("raw"), str):
         return "sentence.raw", f"expected the expression as a string, got {quote(sentence.get('raw'))}"
-    if unicode_problem(sentence["raw"]) is not None:
-        return "sentence.raw", unicode_problem(sentence["raw"])
+    problem = unicode_problem(sentence["raw"])
+    if problem is not None:
+        return "sentence.raw", problem
     # The evaluator writes it into its per-sample JSON, after the whole training (None: null).
     if sentence.get("sent_id") is not None and not valid_id(sentence["sent_id"]):
         return "sentence.sent_id", f"expected an integer or string id, got {quote(sentence['sent_id'])}"
@@ -621,14 +623,16 @@ def record_problem(record, landmark: bool = False) -> Optional[Problem]:
     for key in _RECORD_TEXT_KEYS:
         if key in record and (not isinstance(record[key], str) or not record[key].strip()):
             return key, f"expected a non-empty string (or no {key!r} key), got {quote(record[key])}"
-        if key in record and unicode_problem(record[key]) is not None:  # tokenized, as the sentence
-            return key, unicode_problem(record[key])
+        problem = unicode_problem(record[key]) if key in record else None  # tokenized, as the sentence
+        if problem is not None:
+            return key, problem
     if landmark and record.get("landmark") is not None:
         mark = record["landmark"]
         if not isinstance(mark, dict) or not isinstance(mark.get("phrase"), str):
             return "landmark", f"expected a dict {{'phrase': words, 'annotation': annotation}}, got {quote(mark)}"
-        if unicode_problem(mark["phrase"]) is not None:
-            return "landmark.phrase", unicode_problem(mark["phrase"])
+        problem = unicode_problem(mark["phrase"])
+        if problem is not None:
+            return "landmark.phrase", problem
         problem = record_annotation_problem(mark.get("annotation"), height, width)
         if problem is not None:
             return f"landmark.annotation{problem[0]}", problem[1]
@@ -702,8 +706,9 @@ def expression_problem(text) -> Optional[str]:
     """
     if not isinstance(text, str):
         return f"{quote(text)}, a {type(text).__name__}; expected a str"
-    if unicode_problem(text) is not None:
-        return unicode_problem(text) + "; expected some words"
+    problem = unicode_problem(text)
+    if problem is not None:
+        return problem + "; expected some words"
     if not any(ch.isalnum() for ch in text):
         return f"{text!r} has no letter or digit; expected some words"
     return None
