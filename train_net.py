@@ -24,7 +24,7 @@ from vipa_d2.engine import (
     leave_process_group,
     load_weights,
     share_cpu_cores,
-    verify_referring_results,
+    verify_on_every_rank,
 )
 
 
@@ -76,8 +76,7 @@ def main(args):
         results = Trainer.test(cfg, model)
         if cfg.TEST.AUG.ENABLED:
             results.update(Trainer.test_with_TTA(cfg, model))
-        if comm.is_main_process():
-            verify_referring_results(cfg, results)
+        verify_on_every_rank(cfg, results)
     else:
         trainer = Trainer(cfg)
         trainer.resume_or_load(resume=args.resume)

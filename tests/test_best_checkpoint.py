@@ -10,8 +10,8 @@ from common import INSTANT_TEST_VAL as VAL
 from common import captured_log, import_train_net, train_net_args
 from detectron2.utils import comm
 from vipa_d2 import ConfigError
-from vipa_d2.engine import BestMetricCheckpointer, best_metric_name
-from vipa_d2.engine.process_group import launch_ranks
+from vipa_d2.engine import BestMetricCheckpointer, WeightsError, best_metric_name
+from vipa_d2.engine.process_group import launch_ranks, release_process_groups
 
 train_net = import_train_net()
 pytestmark = pytest.mark.usefixtures("synthetic_datasets_root")
@@ -36,11 +36,12 @@ def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
     # Evaluated after the 2nd iteration (storage iteration 1) and after training (iteration 4).
     assert [it for _, it in history] == [1, 4]
     best_value, best_iter = max(history, key=lambda v: v[0])
-    hook = _best_hook(trainer)
-    assert (hook.best_metric, hook.best_iter) == (best_value, best_iter)
+    assert (_best_hook(trainer).best_metric, _best_hook(trainer).best_iter) == (best_value, best_iter)
 
     saved = torch.load(os.path.join(tmp_path, "model_best.pth"), map_location="cpu", weights_only=True)
-    assert saved["best_metric"] == {"name": name, "value": best_value, "iteration": best_iter}
+    hook = _best_hook(trainer)
+    assert saved["best_metric"] == {"name": name, "mode": "max", "value": best_value, "iteration": best_iter,
+                                    "run": hook.state_dict()["run"]}
     assert saved["iteration"] == best_iter
     assert saved["model"].keys() == trainer.model.state_dict().keys()
 
@@ -49,6 +50,18 @@ def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
     resumed.resume_or_load(resume=True)
     assert resumed.start_iter == 4
     assert (_best_hook(resumed).best_metric, _best_hook(resumed).best_iter) == (best_value, best_iter)
+    # ... and one resumed with another metric or mode starts anew (engine review, session 58:
+    # oIoU's best was kept for Prec@0.9, which never beat it, and model_best.pth stayed).
+    for other in (["TEST.BEST_METRIC", f"{VAL}/refer/Prec@0.9"], ["TEST.BEST_METRIC", name, "TEST.BEST_METRIC_MODE", "min"]):
+        anew = train_net.Trainer(train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY + other)))
+        anew.resume_or_load(resume=True)
+        assert (_best_hook(anew).best_metric, _best_hook(anew).best_iter) == (None, None), other
+    # The model_best.pth record is taken when its run is the resumed one (an evaluation after
+    # the last checkpoint), not when it is another run's (one started anew in this folder).
+    state = {**_best_hook(resumed).state_dict(), "best_metric": None, "best_iter": None}
+    for run, taken in ((state["run"], (best_value, best_iter)), ("another run", (None, None))):
+        _best_hook(resumed).load_state_dict({**state, "run": run})
+        assert (_best_hook(resumed).best_metric, _best_hook(resumed).best_iter) == taken, run
 
     # A better score replaces model_best.pth, whose trainer state already holds the new best
     # (what a resume from it restores).
@@ -67,7 +80,7 @@ def test_model_best_records_the_best_val_oiou_and_survives_resume(tmp_path):
     # its name, not a deep traceback.
     with open(os.path.join(tmp_path, "model_best.pth"), "wb") as f:
         f.write(b"not a checkpoint")
-    with pytest.raises(RuntimeError, match="model_best.pth: cannot read its best_metric record to resume"):
+    with pytest.raises(WeightsError, match="model_best.pth: cannot read its best_metric record to resume"):
         hook.load_state_dict(hook.state_dict())
 
 
@@ -96,8 +109,11 @@ def test_the_best_checkpoint_follows_the_metric_a_config_names(tmp_path):
     # The flipped pass runs after the training only: no best to keep.
     (f"{VAL}_TTA/refer/oIoU", ["TEST.AUG.ENABLED", "True"], "the flipped pass, '<set>_TTA', runs after the training only"),
 ])
-def test_a_best_metric_of_no_periodically_evaluated_set_is_refused_before_training(tmp_path, metric, opts, problem):
+def test_a_best_metric_of_no_periodically_evaluated_set_is_refused_before_training(tmp_path, monkeypatch, metric, opts,
+                                                                                    problem):
     cfg = train_net.setup(train_net_args(tmp_path, opts=EVAL_EVERY + opts + ["TEST.BEST_METRIC", metric]))
+    # ... before the model is built (minutes for a large one; review, session 58).
+    monkeypatch.setattr(train_net.Trainer, "build_model", classmethod(lambda cls, cfg: pytest.fail("model built")))
     with pytest.raises(ConfigError, match=f"^TEST.BEST_METRIC: '{metric}' .*{problem}"):
         train_net.Trainer(cfg)
 
@@ -141,8 +157,7 @@ def _main_recording_config_errors(args, record_dir):
         with open(os.path.join(record_dir, f"rank{comm.get_rank()}.txt"), "w") as f:
             f.write(str(e))
     finally:
-        if torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        release_process_groups()
 
 
 def test_a_best_metric_the_evaluation_does_not_compute_stops_every_rank(tmp_path):

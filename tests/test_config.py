@@ -108,6 +108,9 @@ def test_get_vipa_cfg_names_what_does_not_merge(tmp_path):
         # (a negative clip value is gradient ascent); engine review, session 53.
         ((TINY_CONFIG, ("TEST.IMS_PER_BATCH", "0")), "TEST.IMS_PER_BATCH=0: expected an integer >= 1"),
         ((TINY_CONFIG, ("SOLVER.CHECKPOINT_PERIOD", "0")), "SOLVER.CHECKPOINT_PERIOD=0: expected an integer >= 1"),
+        ((TINY_CONFIG, ("SOLVER.MAX_ITER", "0")), "SOLVER.MAX_ITER=0: expected an integer >= 1"),
+        ((TINY_CONFIG, ("TEST.BEST_METRIC_MODE", "min")), "TEST.BEST_METRIC_MODE='min' with TEST.BEST_METRIC empty"),
+        ((TINY_CONFIG, ("SOLVER.MAX_ITER", "-5")), "SOLVER.MAX_ITER=-5: expected an integer >= 1"),
         ((TINY_CONFIG, ("SOLVER.CLIP_GRADIENTS.CLIP_VALUE", "-1.0")),
          "SOLVER.CLIP_GRADIENTS.CLIP_VALUE=-1.0: expected a number > 0"),
         ((TINY_CONFIG, ("SOLVER.BASE_LR", "0.0")), "SOLVER.BASE_LR=0.0: expected a number > 0"),

@@ -7,6 +7,7 @@ import os
 import runpy
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -116,6 +117,19 @@ def test_step_profiler_covers_exactly_its_steps():
     assert forwards == 3  # iterations 2, 3, 4 and no other
     # No CUDA here: nothing launched, no kernel time (on a GPU these are the step's kernels).
     assert profiler.summary == {"launches": 0.0, "device_events": 0.0, "kernel_ms": 0.0}
+
+
+def test_gpu_time_counts_each_kernel_once():
+    # A CPU op's row carries the time of the kernels it launched, which have their own CUDA
+    # rows: summing every row gave twice the GPU time (helper review, session 58).
+    from torch.autograd import DeviceType
+
+    launch, addmm, kernel = (SimpleNamespace(key=k, count=c, device_type=d, self_cuda_time_total=t)
+                             for k, c, d, t in [("cudaLaunchKernel", 4, DeviceType.CPU, 0),
+                                                ("aten::addmm", 4, DeviceType.CPU, 600),
+                                                ("sgemm_kernel", 4, DeviceType.CUDA, 600)])
+    summary = gpu_check["summarize_profile"]([launch, addmm, kernel], steps=2)
+    assert summary == {"launches": 2.0, "device_events": 2.0, "kernel_ms": 0.3}
 
 
 def test_profile_config_is_fp32_with_or_without_clipping(tmp_path):

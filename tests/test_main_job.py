@@ -1,6 +1,8 @@
 """tools/main_job.py (``make train``) before its steps run: the run folder it may resume and
 the keys each step sets. Its data step is in data/test_synthetic.py, its reading of the
 evaluator's files in evaluation/test_referring_evaluation.py."""
+import os
+
 import pytest
 from detectron2.engine import default_argument_parser
 
@@ -42,9 +44,14 @@ def test_main_job_steps_set_their_own_keys_after_the_overrides(tmp_path, monkeyp
     monkeypatch.setattr(main_job, "train_net_step", step)
     monkeypatch.setattr(main_job, "ensure_synthetic_data", lambda *args: 0.0)
     out, start = tmp_path / "run", str(tmp_path / "start.pth")
+    # A config named from another folder than the repository, where the steps run: they
+    # looked for it there (helper review, session 58).
+    monkeypatch.chdir(os.path.dirname(os.path.dirname(main_job.DEFAULT_CONFIG)))
     with pytest.raises(Evaluated):
-        main_job.main(["--output", str(out), "--data-root", str(tmp_path / "data"), "MODEL.WEIGHTS", start,
+        main_job.main(["--config-file", os.path.relpath(main_job.DEFAULT_CONFIG), "--output", str(out),
+                       "--data-root", str(tmp_path / "data"), "MODEL.WEIGHTS", start,
                        "OUTPUT_DIR", str(tmp_path / "elsewhere")])
+    assert steps["train_console.log"].config_file == steps["eval_console.log"].config_file == main_job.DEFAULT_CONFIG
     train, evaluate = (get_vipa_cfg(a.config_file, a.opts) for a in (steps["train_console.log"], steps["eval_console.log"]))
     assert (train.MODEL.WEIGHTS, train.OUTPUT_DIR, train.DATASETS.TEST) == (start, str(out), ())
     assert (evaluate.MODEL.WEIGHTS, evaluate.OUTPUT_DIR) == (str(out / "model_final.pth"), str(out))

@@ -1,5 +1,6 @@
 """VIPAPredictor and the overlay drawing, on a real synthetic image with a tiny random model."""
 import logging
+import re
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from detectron2.data import transforms as T
 from common import PREDICTOR_OPTS, TINY_CONFIG, captured_log, make_cfg
 from vipa_d2.data import ReferringDatasetMapper
 from vipa_d2.modeling.sampler import num_retrieved
+from vipa_d2.modeling.text_encoder import tokenize
 from vipa_d2.predictor import VIPAPredictor, WeightsError
 from vipa_d2.utils.visualizer import (
     BACKGROUND_DIM,
@@ -80,8 +82,16 @@ def test_retrieved_tokens_lie_where_the_model_retrieved_them_in_keep_ratio():
     resized = T.AugInput(image)
     predictor.augmentations(resized)
     tensor = torch.as_tensor(np.ascontiguousarray(resized.image.transpose(2, 0, 1)))
-    raw, _ = predictor._predict(tensor, [text], (200, 300), retrieve=False)
-    per_pixel = raw[0]["retrieved"].numpy()  # the model's own, at the image's size
+    model = predictor.model
+    tokens = tokenize(predictor.tokenizer, [text], predictor.max_text_len)
+    with torch.no_grad():
+        images = model.preprocess_image([{"image": tensor}])
+        outputs = model.decode(model.encode_image(images), tokens["input_ids"], tokens["attention_mask"])
+        (raw,) = model.postprocess(outputs, images, [(200, 300)])
+        # The predictor leaves those maps out: a float map per token at the image's size,
+        # 1 GB above the model for a 3000 x 4000 photo (helper review, session 58).
+        assert "retrieved" not in predictor._predict(tensor, [text], (200, 300), retrieve=False)[0][0]
+    per_pixel = raw["retrieved"].numpy()  # the model's own, at the image's size
     for cue in result["retrieved"]:
         # 200 x 300 resized to 85 x 128 and padded to 128 x 128: 85 / 16 rows of 8 x 8 tokens.
         assert cue["tokens"].shape == (6, 8) and cue["extent"] == (85 / 16, 8.0)
@@ -128,6 +138,12 @@ def test_multi_expression_matches_single_calls(records, fusion):
     _assert_same(multi, [p(image, t) for t in texts])
     # Different expressions give different answers (the text is used at all).
     assert not np.allclose(multi[0]["prob"], multi[1]["prob"])
+    # ... and TEST.IMS_PER_BATCH at a time: hundreds in one batch ran out of memory, a copy
+    # of the fused image features each (helper review, session 58).
+    p.batch_size, decode, decoded = 2, p.model.decode, []
+    p.model.decode = lambda encoded, ids, mask: decoded.append(len(ids)) or decode(encoded, ids, mask)
+    _assert_same(p(image, texts), multi)
+    assert decoded == [2, 1]
 
 
 def test_weights_roundtrip_and_mismatch(predictor, records, tmp_path, caplog):
@@ -195,6 +211,11 @@ def test_bad_inputs(predictor, records, tmp_path):
         predictor(str(tmp_path / "text.png"), "the cat")
     with pytest.raises(ValueError, match="HxWx3 uint8"):
         predictor(np.zeros((8, 8), np.uint8), "the cat")
+    # A 16-bit or float PIL image, refused as such a file is: converted, it segmented a white
+    # or a black picture without a word (helper review, session 58).
+    for mode, pixels in [("I;16", np.full((8, 8), 300, np.uint16)), ("F", np.full((8, 8), 0.5, np.float32))]:
+        with pytest.raises(ValueError, match=rf"got a PIL image of PIL mode {re.escape(mode)} \(16-bit or float\)"):
+            predictor(Image.fromarray(pixels), "the cat")
     with pytest.raises(ValueError, match=r"image_format='YUV': expected one of \('RGB', 'BGR'\)"):
         predictor(np.zeros((8, 8, 3), np.uint8), "the cat", image_format="YUV")
     with pytest.raises(TypeError, match=r"VIPAPredictor takes a config \(vipa_d2.get_vipa_cfg\(config_file, opts\)\), got "

@@ -11,16 +11,17 @@ import torch
 from detectron2.config import get_cfg
 from detectron2.modeling import build_model
 
+from common import CONFIGS_DIR, REPO_ROOT, TINY_CONFIG
 from vipa_d2 import add_vipa_config
 from vipa_d2.engine import AtomicDetectionCheckpointer, WeightsError
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, build_tokenizer
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-PAPER = os.path.join(REPO, "configs", "refcoco", "vipa_swin_base_bert_base.yaml")
-TINY = os.path.join(REPO, "configs", "synthetic", "vipa_tiny_cpu.yaml")
-# Swin-B at 480 px is slow on CPU; 96 px keeps the paper architecture (windows are padded).
+# A paper-family config (Swin-T: the property is the same as Swin-B's, whose build is tested
+# in test_configs_zoo.py, at a third of the time); 96 px keeps the architecture (windows are
+# padded) where 480 px is slow on CPU.
+PAPER = os.path.join(CONFIGS_DIR, "refcoco", "vipa_swin_tiny_bert_base.yaml")
 SMALL_INPUT = ["MODEL.DEVICE", "cpu", "INPUT.IMAGE_SIZE", "96"]
-# The paper config names hub weights (timm's Swin-B, bert-base-uncased) that tests cannot
+# The paper config names hub weights (timm's Swin, bert-base-uncased) that tests cannot
 # fetch: the checkpoint is made from a model with a random backbone and the bundled MiniLM
 # (BERT's uncased vocabulary) in bert-base's place. Loading uses the paper config unchanged.
 SUBSTITUTES = ["MODEL.TIMM.WEIGHTS", "", "MODEL.TEXT_ENCODER.NAME", "bundled-minilm"]
@@ -62,7 +63,7 @@ def _offline_env(tmp_path):
     cache = tmp_path / "empty_hf_home"
     cache.mkdir()
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=str(cache), OMP_NUM_THREADS="1")
-    env["PYTHONPATH"] = os.pathsep.join([REPO] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
+    env["PYTHONPATH"] = os.pathsep.join([REPO_ROOT] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p])
     return env
 
 
@@ -95,7 +96,7 @@ def test_paper_checkpoint_loads_and_predicts_offline_with_an_empty_cache(tmp_pat
 
 
 def test_checkpoint_without_text_encoder_files_and_no_local_name_is_refused_clearly(tmp_path):
-    cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "")
+    cfg = _cfg(TINY_CONFIG, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "")
     torch.save({"model": TEXT_ENCODER_WEIGHT}, tmp_path / "old.pth")
     name = "no-such-org/no-such-text-encoder"
     cfg.merge_from_list(["MODEL.WEIGHTS", str(tmp_path / "old.pth"), "MODEL.TEXT_ENCODER.NAME", name])
@@ -112,13 +113,13 @@ def test_checkpoint_without_text_encoder_files_and_no_local_name_is_refused_clea
 def test_checkpoint_files_win_over_the_configured_name(tmp_path):
     # An older checkpoint (no files entry) still loads through a local NAME; a new one
     # carries its files, which are used even when NAME names something unavailable.
-    cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.VIPA.HIDDEN_DIM", "64")
+    cfg = _cfg(TINY_CONFIG, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.VIPA.HIDDEN_DIM", "64")
     model = build_model(cfg)
     AtomicDetectionCheckpointer(model, str(tmp_path)).save("new")
     cfg.merge_from_list(["MODEL.WEIGHTS", str(tmp_path / "new.pth"), "MODEL.TEXT_ENCODER.NAME", "not/available"])
     rebuilt = build_model(cfg)
     assert rebuilt.text_encoder.files == model.text_encoder.files
-    assert build_tokenizer(cfg).tokenize("the café") == build_tokenizer(_cfg(TINY)).tokenize("the café")
+    assert build_tokenizer(cfg).tokenize("the café") == build_tokenizer(_cfg(TINY_CONFIG)).tokenize("the café")
 
 
 def test_checkpoint_files_are_read_once_per_file_version(tmp_path, monkeypatch):
@@ -133,7 +134,7 @@ def test_checkpoint_files_are_read_once_per_file_version(tmp_path, monkeypatch):
     path = tmp_path / "files.pth"
     config = {"config.json": torch.tensor(list(b'{"v": 1}'), dtype=torch.uint8)}
     torch.save({"model": TEXT_ENCODER_WEIGHT, CHECKPOINT_FILES_KEY: config}, path)
-    cfg = _cfg(TINY, "MODEL.WEIGHTS", str(path))
+    cfg = _cfg(TINY_CONFIG, "MODEL.WEIGHTS", str(path))
     first = text_encoder.text_encoder_files(cfg)
     first["config.json"] = b"changed by a caller"  # a copy: the next caller gets the file's
     assert text_encoder.text_encoder_files(cfg) == {"config.json": b'{"v": 1}'} and len(reads) == 1
@@ -154,7 +155,7 @@ def test_checkpoint_files_are_read_once_per_file_version(tmp_path, monkeypatch):
 )
 def test_malformed_files_entry_is_refused(tmp_path, entry, problem):
     torch.save({"model": TEXT_ENCODER_WEIGHT, CHECKPOINT_FILES_KEY: entry}, tmp_path / "odd.pth")
-    cfg = _cfg(TINY, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.WEIGHTS", str(tmp_path / "odd.pth"))
+    cfg = _cfg(TINY_CONFIG, *SMALL_INPUT, "MODEL.TIMM.WEIGHTS", "", "MODEL.WEIGHTS", str(tmp_path / "odd.pth"))
     # A checkpoint's problem, not the config's: train_net.py's build_model passes it on as is.
     with pytest.raises(WeightsError, match="odd.pth") as e:
         build_tokenizer(cfg)

@@ -1,4 +1,4 @@
-"""tools/study.py on a 2-run quick list: results JSON, skip on rerun, resume; the ablation leaves."""
+"""tools/study.py on a 1-run quick list: results JSON, skip on rerun, resume; the ablation leaves."""
 import contextlib
 import json
 import os
@@ -9,6 +9,8 @@ import pytest
 from common import CONFIGS_DIR, TINY_CONFIG, load_script
 from vipa_d2.data.synthetic import SynthConfig, write_benchmark
 from vipa_d2 import get_vipa_cfg
+from vipa_d2.evaluation import results_file_name
+from vipa_d2.utils.runs import split_scores
 
 ABLATIONS = os.path.join(CONFIGS_DIR, "synthetic", "ablations")
 # Each leaf's whole difference from the tiny config it is based on.
@@ -97,10 +99,12 @@ def test_studies_sharing_a_results_file_keep_each_others_entries(tmp_path):
 
 @pytest.fixture(scope="module")
 def quick_study(tmp_path_factory):
-    """Two runs (VIPA and language K/V, seed 0), 4 iterations each, on 6 synthetic images."""
+    """One run (VIPA, seed 0), 4 iterations, on 6 synthetic images. (A language-baseline run
+    was a second train_net.py process in the suite's slowest file; its empty retrieval
+    section is read by test_a_run_without_retrieval_has_an_empty_retrieval_section.)"""
     tmp = tmp_path_factory.mktemp("study")
     write_benchmark(str(tmp / "data"), 6, seed=0, cfg=SynthConfig(image_size=64), workers=1, progress=False)
-    argv = ["--variants", "vipa", "language", "--seeds", "0", "--max-iter", "4", "--output", str(tmp / "runs"),
+    argv = ["--variants", "vipa", "--seeds", "0", "--max-iter", "4", "--output", str(tmp / "runs"),
             "--data-root", str(tmp / "data"), "--keep-checkpoints", *TINY]
     assert study.main(argv) == 0
     with open(tmp / "runs" / "study.json") as f:
@@ -109,7 +113,7 @@ def quick_study(tmp_path_factory):
 
 def test_study_writes_every_run_to_one_json(quick_study):
     tmp, _, data = quick_study
-    assert sorted(data["runs"]) == ["language/seed0", "vipa/seed0"]
+    assert sorted(data["runs"]) == ["vipa/seed0"]
     for key, entry in data["runs"].items():
         assert entry["status"] == "done" and entry["iterations"] == 4 and entry["wall_s"] > 0
         assert entry["output_dir"] == str(tmp / "runs" / key.replace("/", os.sep))
@@ -122,9 +126,18 @@ def test_study_writes_every_run_to_one_json(quick_study):
         # What the minutes were made with: train_net.py's CPU time, the thread setting.
         assert entry["commits"] == [entry["commit"]] and entry["cpu_s"] > 0 and entry["cpu_count"] == os.cpu_count()
         assert entry["omp_num_threads"] == os.environ.get("OMP_NUM_THREADS")
-    # Only VIPA's VEG retrieves: the language baseline has no retrieval report.
     assert set(data["runs"]["vipa/seed0"]["retrieval"]) == set(SPLITS)
-    assert data["runs"]["language/seed0"]["retrieval"] == {}
+
+
+def test_a_run_without_retrieval_has_an_empty_retrieval_section(tmp_path):
+    # The language baseline's evaluation writes no retrieval report (its runs' entries hold
+    # "retrieval": {}); a split without a results file is named.
+    (tmp_path / "inference").mkdir()
+    metrics = {"oIoU": 50.0}
+    (tmp_path / "inference" / results_file_name("refsynth_unc_val")).write_text(json.dumps({"metrics": metrics}))
+    assert split_scores(str(tmp_path), ["refsynth_unc_val"]) == {"splits": {"val": metrics}, "by_type": {}, "retrieval": {}}
+    with pytest.raises(FileNotFoundError, match=r"no evaluation results for \['refsynth_unc_testA'\]"):
+        split_scores(str(tmp_path), ["refsynth_unc_val", "refsynth_unc_testA"])
 
 
 def test_rerun_skips_finished_runs(quick_study, capsys):
@@ -132,7 +145,7 @@ def test_rerun_skips_finished_runs(quick_study, capsys):
     metrics = tmp / "runs" / "vipa" / "seed0" / "metrics.json"
     mtime = metrics.stat().st_mtime_ns
     assert study.main(argv) == 0
-    assert capsys.readouterr().out.count("done before, skipped") == 2
+    assert capsys.readouterr().out.count("done before, skipped") == 1
     assert metrics.stat().st_mtime_ns == mtime  # nothing trained, nothing evaluated
     with open(tmp / "runs" / "study.json") as f:
         assert json.load(f) == data
@@ -171,17 +184,16 @@ def test_rerun_skips_finished_runs(quick_study, capsys):
     # Every finished run of the file is compared so, not only those of the variants and
     # seeds asked for: the new runs are paired with them all (a default changed between
     # sittings, a leaf since removed).
-    lang = data["runs"]["language/seed0"]
-    seed5 = {**lang, "seed": 5, "opts": [*lang["opts"][:-1], "5"], "config": {**lang["config"], "SEED": 5}}
+    seed5 = {**vipa, "seed": 5, "opts": [*vipa["opts"][:-1], "5"], "config": {**vipa["config"], "SEED": 5}}
     for case, (entry, error) in {
         "same recipe": (seed5, None),
         "changed default": ({**seed5, "config": {**seed5["config"], "MODEL.VIPA.DECODER.COUNT_MAPS": 3}},
-                            "run language/seed5 (commit "),
+                            "run vipa/seed5 (commit "),
         "leaf gone": ({**seed5, "config_file": "configs/synthetic/ablations/gone.yaml"},
-                      "finished run language/seed5 was made with configs/synthetic/ablations/gone.yaml, which is gone"),
+                      "finished run vipa/seed5 was made with configs/synthetic/ablations/gone.yaml, which is gone"),
     }.items():
         with open(tmp / "runs" / "study.json", "w") as f:
-            json.dump({"runs": {**data["runs"], "language/seed5": entry}}, f)
+            json.dump({"runs": {**data["runs"], "vipa/seed5": entry}}, f)
         assert study.main(argv) == (2 if error else 0), case
         captured = capsys.readouterr()
         assert (error or "done before, skipped") in captured[1 if error else 0], case
@@ -212,13 +224,13 @@ def test_config_digest_sees_defaults():
 
 def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study, capsys):
     tmp, argv, data = quick_study
-    run_dir = tmp / "runs" / "language" / "seed0"
+    run_dir = tmp / "runs" / "vipa" / "seed0"
     # As if killed after iteration 2: the periodic checkpoint is the last, the entry unfinished.
     (run_dir / "model_final.pth").unlink()
     (run_dir / "last_checkpoint").write_text("model_0000001.pth")
-    interrupted = {k: v for k, v in data["runs"]["language/seed0"].items() if k not in ("splits", "status")}
+    interrupted = {k: v for k, v in data["runs"]["vipa/seed0"].items() if k not in ("splits", "status")}
     with open(tmp / "runs" / "study.json", "w") as f:
-        json.dump({"runs": {**data["runs"], "language/seed0": {**interrupted, "status": "running"}}}, f)
+        json.dump({"runs": {**data["runs"], "vipa/seed0": {**interrupted, "status": "running"}}}, f)
     # A killed run's cut-off last line of metrics.json, which the resumed run appends after.
     with open(run_dir / "metrics.json", "a") as f:
         f.write('{"iteration": 2, "ti')
@@ -230,11 +242,11 @@ def test_interrupted_run_resumes_from_its_last_checkpoint(quick_study, capsys):
 
     assert study.main(argv) == 0
     with open(tmp / "runs" / "study.json") as f:
-        resumed = json.load(f)["runs"]["language/seed0"]
+        resumed = json.load(f)["runs"]["vipa/seed0"]
     console = (run_dir / "train_console.log").read_text().split("$ ")[-1]
     assert "model_0000001.pth" in console and "Starting training from iteration 2" in console
-    assert resumed["status"] == "done" and resumed["splits"] == data["runs"]["language/seed0"]["splits"]
-    assert resumed["wall_s"] > data["runs"]["language/seed0"]["wall_s"]  # both sittings counted
+    assert resumed["status"] == "done" and resumed["splits"] == data["runs"]["vipa/seed0"]["splits"]
+    assert resumed["wall_s"] > data["runs"]["vipa/seed0"]["wall_s"]  # both sittings counted
     assert resumed["sec_per_iter"] > 0
 
     # Without the entries (dropped, or another --results), a run folder holding the

@@ -12,8 +12,10 @@ import weakref
 import pytest
 import torch
 from PIL import Image
+from detectron2.config import CfgNode
 from detectron2.data import DatasetCatalog, MetadataCatalog
 from detectron2.engine import AMPTrainer, HookBase
+from detectron2.utils import comm as detectron2_comm
 
 from common import INSTANT_TEST_VAL as VAL
 from common import (
@@ -42,7 +44,11 @@ from vipa_d2.engine import (
     build_vipa_optimizer,
     get_vipa_optimizer_params,
     launch_ranks,
+    raise_on_every_rank,
+    share_cpu_cores,
     shuffle_expressions,
+    usable_cores,
+    verify_on_every_rank,
     verify_referring_results,
 )
 
@@ -441,6 +447,20 @@ def test_resume_and_weights_problems_are_one_line_errors_naming_the_files(tmp_pa
     torch.save({"model": trainer.model.state_dict(), "trainer": state}, other)
     with pytest.raises(WeightsError, match=rf"^{other}: cannot be loaded into this model and its optimizer .*another config"):
         checkpointer().load(str(other))
+    # A run of another width, resumed (engine review, session 58): the layer stayed random
+    # with a warning, then AdamW failed on its moments' old shape.
+    narrower = tmp_path / "narrower_run.pth"
+    weights = dict(trainer.model.state_dict())
+    name = next(k for k, v in weights.items() if v.dim() == 2)
+    weights[name] = weights[name][:-1]
+    bias = next(k for k in weights if k.endswith(".bias"))
+    weights.pop(bias)
+    torch.save({"model": weights, "trainer": trainer.state_dict()}, narrower)
+    with pytest.raises(WeightsError, match=rf"^{narrower}: does not match the model to resume \(1 missing keys "
+                                           rf"\[{bias}\]; 1 shape mismatches \[{name}: checkpoint .*another config"):
+        checkpointer().load(str(narrower))
+    # ... while MODEL.WEIGHTS (fine-tuning from a part of a model) still loads what fits.
+    checkpointer().load(str(narrower), checkpointables=[])
     # A run without AMP resumed with SOLVER.AMP.ENABLED (a GPU setting; its trainer stands
     # in here): AMPTrainer's KeyError 'grad_scaler'.
     plain = tmp_path / "without_amp.pth"
@@ -461,9 +481,14 @@ def test_a_test_set_too_small_to_shuffle_is_refused_before_training(synthetic_be
         MetadataCatalog.get(one).set(evaluator_type="referring", generalized=False)
     cfg = train_net.setup(train_net_args(tmp_path, opts=["DATASETS.TEST", f"('{one}',)",
                                                          "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]))
-    with pytest.raises(ConfigError, match=rf"TEST.SHUFFLED_EXPRESSION_CONTROL: The shuffled-expression control of "
-                                          rf"{one} needs at least 2 records, got 1"):
+    refusal = rf"TEST.SHUFFLED_EXPRESSION_CONTROL: The shuffled-expression control of {one} needs at least 2 records, got 1"
+    with pytest.raises(ConfigError, match=refusal):
         train_net.Trainer(cfg)
+    # ... and by --eval-only, whose evaluation met shuffle_expressions' bare ValueError
+    # (engine review, session 58).
+    with pytest.raises(ConfigError, match=refusal):
+        train_net.main(train_net_args(tmp_path, "--eval-only", opts=["DATASETS.TEST", f"('{one}',)", "MODEL.WEIGHTS", "",
+                                                                      "TEST.SHUFFLED_EXPRESSION_CONTROL", "True"]))
 
 
 def _register_own(name, records, referring):
@@ -515,8 +540,10 @@ def test_own_records_without_the_fields_the_mapper_reads_are_refused_before_trai
     # (evaluation review, session 53).
     _register_own("own_empty_val", list, referring=True)
     cfg.DATASETS.TEST = ("own_empty_val",)
-    with pytest.raises(ConfigError, match=r"^DATASETS.TEST: 'own_empty_val' has no records \(its loader returned none\)"):
-        train_net.Trainer.check_test_sets(cfg)
+    for check in (train_net.Trainer.check_test_sets, lambda cfg: train_net.Trainer.build_test_loader(cfg, "own_empty_val")):
+        # ... and --eval-only, which builds the loader without the check (review, session 58).
+        with pytest.raises(ConfigError, match=r"^DATASETS.TEST: 'own_empty_val' has no records \(its loader returned none\)"):
+            check(cfg)
     # Detectron2's empty-annotation filter reads every record's annotations: checked first.
     own_unannotated = "own_unannotated_train"
     _register_own(own_unannotated, _without_annotations(train_set), referring=False)
@@ -538,8 +565,9 @@ def test_a_test_set_without_referring_metadata_is_told_so(tmp_path):
         train_net.setup(train_net_args(tmp_path, opts=["DATASETS.TEST", f"('{name}',)"]))
 
 
-# A fresh interpreter (the setting is process-wide): how much of a live 64 MB tensor glibc
-# serves by its own mmap (unmapped again on free), before and after train_net's setup.
+# A fresh interpreter (the setting is process-wide, and can only be switched on): how much of
+# a live 64 MB tensor glibc serves by its own mmap (unmapped again on free), before train_net's
+# setup, after it for a GPU model, then after it for a CPU model.
 _MMAPPED_AROUND_SETUP = """
 import ctypes, os, sys, torch
 sys.path[:0] = [sys.argv[1], os.path.join(sys.argv[1], "tests")]
@@ -557,26 +585,27 @@ def mmapped_bytes_of_a_64mb_tensor():
     activation = torch.ones(16 << 20)
     return mallinfo2().hblkhd - start
 
-before = mmapped_bytes_of_a_64mb_tensor()
-import_train_net().setup(train_net_args(sys.argv[2], opts=sys.argv[3:]))
-print(before, mmapped_bytes_of_a_64mb_tensor())
+measured = [mmapped_bytes_of_a_64mb_tensor()]
+for device in ("cuda", "cpu"):
+    import_train_net().setup(train_net_args(os.path.join(sys.argv[2], device), opts=["MODEL.DEVICE", device]))
+    measured.append(mmapped_bytes_of_a_64mb_tensor())
+print(*measured)
 """
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="a glibc allocator setting")
-@pytest.mark.parametrize("opts, kept", [([], True), (["MODEL.DEVICE", "cuda"], False)])
-def test_setup_keeps_freed_host_memory(tmp_path, opts, kept):
+def test_setup_keeps_freed_host_memory(tmp_path):
     # By default glibc gives every block over ~32 MB its own mmap and unmaps it on free, so
     # each training step faults its largest activations in again page by page. With
     # MODEL.KEEP_FREED_HOST_MEMORY (default on) they come from the heap and stay there: for
     # a CPU model only, whose activations they are; a GPU rank kept its peak host heap (the
     # loaded weights, the resumed optimizer state) for nothing (GPU review, session 55).
     out = subprocess.run(
-        [sys.executable, "-c", _MMAPPED_AROUND_SETUP, REPO_ROOT, str(tmp_path), *opts],
+        [sys.executable, "-c", _MMAPPED_AROUND_SETUP, REPO_ROOT, str(tmp_path)],
         check=True, capture_output=True, text=True,
     ).stdout.split()
-    before, after = int(out[-2]), int(out[-1])
-    assert before >= 64 << 20 and (after == 0) == kept, (before, after)
+    before, gpu_model, cpu_model = map(int, out[-3:])
+    assert before >= 64 << 20 and gpu_model >= 64 << 20 and cpu_model == 0, out[-3:]
 
 
 def test_config_that_does_not_merge_fails_in_one_line(tmp_path, monkeypatch, capsys):
@@ -686,6 +715,20 @@ def test_checkpoint_save_is_atomic(tmp_path):
     assert (tmp_path / "model_good.pth").read_bytes() == before
 
 
+def test_cpu_ranks_share_the_cores_the_process_may_use(monkeypatch):
+    # os.cpu_count() ignored the affinity (taskset, SLURM): 2 ranks given 8 of 64 cores took
+    # 32 threads each (engine review, session 58).
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: {4, 5, 6, 7}, raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    try:
+        assert usable_cores() == 4
+        share_cpu_cores(2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_atomic_open_names_the_target_when_its_folder_is_missing(tmp_path):
     target = str(tmp_path / "missing" / "model.pth")
     with pytest.raises(FileNotFoundError) as info:
@@ -700,8 +743,19 @@ def main_leaving_no_group(args):
     machine that has them too; it must take its process group down (gloo can abort a rank at
     exit otherwise)."""
     assert os.environ[CUDA_DEVICES_ENV] == "" and torch.distributed.get_backend() == "gloo"
+    # A problem found on one rank (one machine's OUTPUT_DIR; the main process's results
+    # against TEST.EXPECTED_RESULTS) stops every rank: the others waited in their next
+    # collective (engine review, session 58).
+    rank = torch.distributed.get_rank()
+    with pytest.raises(ConfigError, match="^found on rank 1$"):
+        raise_on_every_rank(ConfigError("found on rank 1") if rank == 1 else None)
+    expected = CfgNode({"TEST": {"EXPECTED_RESULTS": [["mine_val/refer", "oIoU", 99.0, 0.1]]}})
+    with pytest.raises(SystemExit):
+        verify_on_every_rank(expected, {"mine_val": {"refer": {"oIoU": 50.0}}} if rank == 0 else {})
     train_net.main(args)
     assert not torch.distributed.is_initialized(), "train_net.main left its process group up"
+    # ... nor Detectron2's references to its groups, whose gloo threads outlived them.
+    assert detectron2_comm._LOCAL_PROCESS_GROUP is None
 
 
 def own_splits(root):

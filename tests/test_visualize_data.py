@@ -96,19 +96,24 @@ def test_refusals_name_what_is_wrong(tmp_path, capsys):
         with pytest.raises(SystemExit):
             _run(tmp_path, *args)
 
-    # A record whose image is gone, one without its sentence: one message naming the
-    # dataset, the record and what is wrong.
+    # A record whose image is gone, one without its sentence, one whose sentence is a bare
+    # string or whose polygon is a number (an AttributeError / TypeError from drawing before;
+    # helper review, session 58): one message naming the dataset, the record and what is wrong.
     good = DatasetCatalog.get(INSTANT_TEST_VAL)[0]
     no_sentence = {k: v for k, v in good.items() if k != "sentence"}
-    for name, record, problem in (
-        ("visualize_data_missing_image", dict(good, file_name=str(tmp_path / "gone.png")), "gone.png"),
-        ("visualize_data_no_sentence", no_sentence, "missing key 'sentence'"),
+    bad_polygon = dict(good, annotations=[dict(good["annotations"][0], segmentation=5)])
+    checked = f"record #0 (image_id={good['image_id']}, ref_id={good['ref_id']})"
+    for name, record, item, problem in (
+        ("visualize_data_missing_image", dict(good, file_name=str(tmp_path / "gone.png")), checked, "gone.png"),
+        ("visualize_data_no_sentence", no_sentence, checked, "sentence: "),
+        ("visualize_data_text_sentence", dict(good, sentence="the red cup"), checked, "sentence: "),
+        ("visualize_data_bad_polygon", bad_polygon, checked, "annotations[0].segmentation: "),
     ):
         DatasetCatalog.register(name, lambda record=record: [record])
         try:
             assert _run(tmp_path, "--source", "annotation", "--dataset", name) == 1
             err = capsys.readouterr().err.strip().splitlines()[-1]
-            assert f"{name}: record 0 (image_id={good['image_id']})" in err and problem in err
+            assert f"{name}: {item}" in err and problem in err, err
             if problem == "gone.png":  # the same record read for training
                 assert _run(tmp_path, "--source", "dataloader", "--num", "1", "DATASETS.TRAIN", f"('{name}',)",
                             "DATALOADER.NUM_WORKERS", "1") == 1

@@ -133,9 +133,13 @@ def summarize_profile(averages, steps: int) -> dict:
     """Per step: kernel launches (runtime calls), device-side events (kernels and copies) and
     GPU time (the summed self device time, in ms)."""
     launches = sum(e.count for e in averages if e.key in LAUNCH_CALLS)
-    device_events = sum(e.count for e in averages if e.device_type == DeviceType.CUDA)
-    # torch >= 2.4 names it self_device_time_total; 2.3 (this project's CPU lock) self_cuda_time_total.
-    device_us = sum(getattr(e, "self_device_time_total", getattr(e, "self_cuda_time_total", 0)) for e in averages)
+    device = [e for e in averages if e.device_type == DeviceType.CUDA]
+    device_events = sum(e.count for e in device)
+    # Device rows only: a CPU op's row also carries the time of the kernels it launched (so
+    # torch's own table sums CUDA rows alone). torch >= 2.4 names it self_device_time_total,
+    # 2.3 (this project's CPU lock) self_cuda_time_total.
+    device_us = sum(e.self_device_time_total if hasattr(e, "self_device_time_total") else e.self_cuda_time_total
+                    for e in device)
     return {"launches": launches / steps, "device_events": device_events / steps, "kernel_ms": device_us / 1000 / steps}
 
 

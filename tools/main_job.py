@@ -42,6 +42,7 @@ from vipa_d2.data.synthetic import (
     settings_differences,
     write_benchmark,
 )
+from vipa_d2.engine import usable_cores
 from vipa_d2.evaluation import PRECISION_THRESHOLDS
 from vipa_d2.evaluation.breakdown import format_sections
 from vipa_d2.utils.runs import (
@@ -98,7 +99,7 @@ def ensure_synthetic_data(root: str, num_images: int, seed: int) -> float:
         return 0.0
     print(f"[main_job] generating the synthetic benchmark: {num_images} images -> {root}")
     start = time.perf_counter()
-    write_benchmark(root, num_images, seed=seed, cfg=SynthConfig(), workers=os.cpu_count() or 1)
+    write_benchmark(root, num_images, seed=seed, cfg=SynthConfig(), workers=usable_cores())
     return time.perf_counter() - start
 
 
@@ -168,6 +169,9 @@ def visualise(root: str, cfg_file: str, weights: str, opts, out_dir: str, num_im
 def main(argv=None):
     args = parse_args(argv)
     root, output = os.path.abspath(args.data_root), os.path.abspath(args.output)
+    # Read here from the working directory, and by train_net.py and the demo, run from the
+    # repository: the same file for all (another checkout's copy was trained instead).
+    args.config_file = os.path.abspath(args.config_file)
     try:
         cfg = get_vipa_cfg(args.config_file, args.opts)
         # A folder holding another config's run: --resume would go on from (or only

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from vipa_d2 import get_vipa_cfg
 from vipa_d2.config import add_config_function_option, import_config_functions
 from vipa_d2.data import referring_dataset_names, register_refer_splits
-from vipa_d2.data.dataset_mapper import read_record_image
+from vipa_d2.data.dataset_mapper import check_record_fields, read_record_image, record_name
 from vipa_d2.data.masks import annotations_to_mask
 from vipa_d2.data.validation import ReferringDataError
 from vipa_d2.engine import ReferringTrainer
@@ -101,6 +101,8 @@ def annotation_pictures(datasets, num: int) -> Iterator[Tuple[str, np.ndarray]]:
     for name in datasets:
         records = DatasetCatalog.get(name)
         records = records[:num] if num else records
+        # Misshapen fields named as training names them, not an AttributeError from drawing.
+        check_record_fields(records, name)
         for k, record in enumerate(tqdm(records, desc=name, unit="expression")):
             try:
                 # The position first: two records never share a name, ids or not.
@@ -108,7 +110,7 @@ def annotation_pictures(datasets, num: int) -> Iterator[Tuple[str, np.ndarray]]:
                 picture = draw_record(record)
             except DRAW_ERRORS as e:
                 problem = f"missing key {e}" if isinstance(e, KeyError) else str(e)
-                item = f"record {k} (image_id={record.get('image_id')})"
+                item = f"record #{k} ({record_name(record)})"
                 raise ReferringDataError(f"{name}: {item}: {problem}", item=item) from e
             yield os.path.join(file_stem(name), f"{stem}.png"), picture
 

@@ -447,8 +447,9 @@ def add_vipa_config(cfg):
     cfg.SOLVER.WEIGHT_DECAY_EMBED = 0.0
     # Periodic checkpoints kept on disk (older ones of the run are deleted; 0 keeps all).
     cfg.SOLVER.CHECKPOINT_MAX_KEEP = 0
-    # Run a final evaluation with the expressions shuffled across samples (a control
-    # that shows whether the model uses the language at all).
+    # Repeat each evaluation (the periodic ones too, doubling their time) with the
+    # expressions shuffled across samples: a control that shows whether the model uses the
+    # language at all.
     cfg.TEST.SHUFFLED_EXPRESSION_CONTROL = False
     # The metric model_best.pth keeps the best of (TEST.EVAL_PERIOD > 0): a key of the
     # evaluation results as EvalHook logs them, "<dataset>/<section>/<metric>" (e.g. an
@@ -460,8 +461,8 @@ def add_vipa_config(cfg):
     # Whether a higher ("max") or a lower ("min") TEST.BEST_METRIC is better.
     cfg.TEST.BEST_METRIC_MODE = "max"
     # Samples per inference batch in each evaluation process (detectron2's test loader
-    # uses 1). Batches amortize per-call overhead; results do not depend on it (up to float
-    # rounding).
+    # uses 1), and expressions per batch in VIPAPredictor. Batches amortize per-call
+    # overhead; results do not depend on it (up to float rounding).
     cfg.TEST.IMS_PER_BATCH = 1
     # torch.compile the backbone (with the early fusion it calls) for inference; training
     # stays eager. The first inference call compiles (about 30-90 s on 2 CPU cores; again
@@ -508,10 +509,13 @@ _SIZE_KEYS = {
     "MODEL.VIPA.DECODER.NUM_LAYERS": 1,
     "MODEL.VIPA.DECODER.DIM_FEEDFORWARD": 1,
     "SOLVER.IMS_PER_BATCH": 1,
-    # Read only when the first evaluation builds its loader: after the training.
+    # Read by the training only when the first evaluation builds its loader: after it.
     "TEST.IMS_PER_BATCH": 1,
     # Detectron2's periodic checkpointer divides the iteration by it.
     "SOLVER.CHECKPOINT_PERIOD": 1,
+    # The LR schedule divides by it (a bare ZeroDivisionError once the model was built); a
+    # negative count trained nothing without a word.
+    "SOLVER.MAX_ITER": 1,
 }
 
 # Numbers that must not be negative (None: the key may hold None, Detectron2's "as
@@ -636,13 +640,17 @@ def _choice_keys():
 
 
 def check_choices(cfg) -> None:
-    """ValueError naming the first key of :func:`_choice_keys` set to a name it does not take."""
+    """ValueError naming the first key of :func:`_choice_keys` set to a name it does not take,
+    or a best-model mode that does not fit its metric."""
     for key, names in _choice_keys().items():
         value = _value(cfg, key)
         # SOLVER.OPTIMIZER is read case-blind, as detectron2 users write it either way.
         given = value.upper() if key == "SOLVER.OPTIMIZER" and isinstance(value, str) else value
         if given not in names:
             raise ValueError(f"{key}={value!r}: expected one of {names}")
+    if cfg.TEST.BEST_METRIC_MODE == "min" and not cfg.TEST.BEST_METRIC:  # would keep the worst model
+        raise ValueError("TEST.BEST_METRIC_MODE='min' with TEST.BEST_METRIC empty, which keeps the first test set's "
+                         "oIoU (higher is better): name the metric to minimise, or keep 'max'")
 
 
 def check_expected_results(entries) -> None:

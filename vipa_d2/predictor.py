@@ -15,7 +15,13 @@ from detectron2.config import CfgNode
 from detectron2.data import transforms as T
 from detectron2.modeling import build_model
 
-from .data.dataset_mapper import build_referring_augmentations, read_image, swap_left_right
+from .data.dataset_mapper import (
+    WIDE_IMAGE_MODES,
+    build_referring_augmentations,
+    read_image,
+    swap_left_right,
+    wide_mode_problem,
+)
 from .data.validation import expression_problem, quote
 from .engine.checkpoint import WeightsError, load_weights
 from .engine.test_time_augmentation import average_views, check_flip
@@ -112,12 +118,15 @@ class VIPAPredictor:
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
         self.mask_threshold = cfg.MODEL.VIPA.MASK_THRESHOLD
+        self.batch_size = cfg.TEST.IMS_PER_BATCH
 
     def _check_image(self, image, image_format: Optional[str]) -> np.ndarray:
         """``image`` as an HxWx3 uint8 array in the model's INPUT.FORMAT."""
         if isinstance(image, (str, os.PathLike)):
             return read_image(os.fspath(image), self.input_format)
         if isinstance(image, Image.Image):  # grey, RGBA, palette: what its mode says, as for files
+            if image.mode in WIDE_IMAGE_MODES:  # as for files: converted, 16 bits saturate, floats go black
+                raise ValueError(f"Expected an image file or array, got a PIL image of {wide_mode_problem(image.mode)}")
             image, image_format = np.asarray(image.convert("RGB")), "RGB"
         given = image_format or self.input_format
         if given not in SUPPORTED_FORMATS:
@@ -187,14 +196,24 @@ class VIPAPredictor:
     ) -> Tuple[List[Dict], Optional[List[List[Dict]]]]:
         """The model's postprocessed outputs and (``retrieve``) retrieved tokens for
         ``texts`` on one resized CHW image, at ``output_size``."""
-        tokens = tokenize(self.tokenizer, texts, self.max_text_len)
-        input_ids = tokens["input_ids"].to(self.model.device)
-        attention_mask = tokens["attention_mask"].to(self.model.device)
         images = self.model.preprocess_image([{"image": tensor}])
         encoded = self.model.encode_image(images)  # once for every expression
-        outputs = self.model.decode(encoded, input_ids, attention_mask)
-        raw = self.model.postprocess(outputs, images, [output_size] * len(texts))
-        return raw, self._retrieved_tokens(outputs, images, tokens["input_ids"]) if retrieve else None
+        raw, retrieved = [], []
+        # TEST.IMS_PER_BATCH expressions at a time, as the evaluation batches samples: each one
+        # decodes its own copy of the image features (of the whole backbone's, with early
+        # fusion), and hundreds at once ran out of memory. Each batch's maps go to the CPU.
+        for start in range(0, len(texts), self.batch_size):
+            tokens = tokenize(self.tokenizer, texts[start : start + self.batch_size], self.max_text_len)
+            input_ids = tokens["input_ids"].to(self.model.device)
+            attention_mask = tokens["attention_mask"].to(self.model.device)
+            outputs = self.model.decode(encoded, input_ids, attention_mask)
+            # The retrieved tokens are read on the token grid below, not as full-size maps.
+            sizes = [output_size] * len(input_ids)
+            raw += [{k: v.cpu() if torch.is_tensor(v) else v for k, v in r.items()}
+                    for r in self.model.postprocess(outputs, images, sizes, retrieved=False)]
+            if retrieve:
+                retrieved += self._retrieved_tokens(outputs, images, tokens["input_ids"])
+        return raw, retrieved if retrieve else None
 
     def _retrieved_tokens(self, outputs: Dict, images, input_ids: torch.Tensor) -> List[List[Dict]]:
         """Per expression, per valid cue: which visual tokens of the image it retrieved."""

@@ -491,7 +491,7 @@ def test_check_records_compares_every_size_records_give_a_file(tmp_path):
         mapper.check_records([dict(rec, height=H - 1), rec], "mine")
 
 
-def test_check_records_refuses_image_files_that_do_not_read_as_8_bit_images(tmp_path):
+def test_check_records_refuses_image_files_that_do_not_read_as_8_bit_images(tmp_path, monkeypatch):
     # They passed, and read_image refused them in a worker midway, or in the evaluation after
     # the whole training (data review, session 57).
     (tmp_path / "notes.png").write_text("not an image")
@@ -504,6 +504,13 @@ def test_check_records_refuses_image_files_that_do_not_read_as_8_bit_images(tmp_
         mapper.check_records(records, "mine")
     assert e.value.file == str(tmp_path / "notes.png")
     mapper.check_records(records[:1], "mine")
+    # PIL's reason is said: an image over its pixel limit was "no image file" (helper review,
+    # session 58), which read_image then refused for its size.
+    Image.new("RGB", (4 * W, 4 * H)).save(tmp_path / "big.png")
+    with monkeypatch.context() as patch:
+        patch.setattr(Image, "MAX_IMAGE_PIXELS", W * H)
+        with pytest.raises(ReferringDataError, match=r"big\.png is no image file PIL reads \(Image size .* exceeds limit"):
+            mapper.check_records([dict(records[0], file_name=str(tmp_path / "big.png"), height=4 * H, width=4 * W)], "mine")
 
 
 @pytest.fixture(scope="module")

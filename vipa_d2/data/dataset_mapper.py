@@ -36,7 +36,7 @@ __all__ = [
 RESIZE_MODES = ("square", "keep_ratio")
 # PIL modes of more than 8 bits per channel: PIL's conversion to RGB saturates them (a
 # 16-bit PNG becomes nearly all white), so they are refused rather than read wrong.
-_WIDE_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
+WIDE_IMAGE_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N", "F")
 FLIP_MODES = ("none", "horizontal")
 
 # Overrides that turn the object choice off, with the keys that need it (README's "Configs").
@@ -86,27 +86,42 @@ def read_image(file_name: str, image_format: str, source: str = "") -> np.ndarra
     try:
         with Image.open(file_name) as header:  # reads the header only
             mode = header.mode
-        if mode not in _WIDE_IMAGE_MODES:
+        if mode not in WIDE_IMAGE_MODES:
             return utils.read_image(file_name, format=image_format)
     except IMAGE_READ_ERRORS as e:
         raise OSError(f"Cannot read image {file_name}{where}: expected an image file ({e})") from e
-    raise OSError(f"Cannot read image {file_name}{where}: {_wide_mode_problem(mode)}")
+    raise OSError(f"Cannot read image {file_name}{where}: {wide_mode_problem(mode)}")
 
 
-def _wide_mode_problem(mode: str) -> str:
-    """What :func:`read_image` says of an image of a ``_WIDE_IMAGE_MODES`` mode."""
+def wide_mode_problem(mode: str) -> str:
+    """What :func:`read_image` (and the predictor, of a PIL image) says of an image of a
+    ``WIDE_IMAGE_MODES`` mode."""
     return f"PIL mode {mode} (16-bit or float); expected 8 bits per channel (grey, RGB, RGBA or palette)"
 
 
-def _record_name(record: Dict) -> str:
+def record_name(record: Dict) -> str:
     """How errors name a record: its image and referred object."""
     return f"image_id={record.get('image_id')}, ref_id={record.get('ref_id')}"
+
+
+def check_record_fields(records: List[Dict], source: str, landmark: bool = True) -> None:
+    """ReferringDataError naming ``source``, the first record that lacks or misshapes a field
+    the mapper reads (:func:`vipa_d2.data.validation.record_problem`; ``landmark``: its
+    ``landmark`` too) and the field."""
+    for i, record in enumerate(records):
+        problem = record_problem(record, landmark=landmark)
+        if problem is not None:
+            field, what = problem
+            item = f"record #{i}" + (f" ({record_name(record)})" if isinstance(record, dict) else "")
+            raise ReferringDataError(
+                f"{source}: {item}: {field + ': ' if field else ''}{what}", item=item, field=field or None
+            )
 
 
 def read_record_image(record: Dict, image_format: str) -> np.ndarray:
     """A record's image (see :func:`read_image`), refused with Detectron2's
     ``SizeMismatchError`` when it is not the record's ``height`` x ``width``."""
-    image = read_image(record["file_name"], image_format, _record_name(record))
+    image = read_image(record["file_name"], image_format, record_name(record))
     utils.check_image_size(record, image)
     return image
 
@@ -132,11 +147,13 @@ def check_image_files(records: List[Dict], source: str) -> None:
         )
     unreadable, wrong = {}, {}  # file -> what is wrong
     for name, said in sizes.items():
-        header = stored_image_header(name)
-        if header is None:
-            unreadable[name] = f"{name} is no image file (its header does not read)"
-        elif header[2] in _WIDE_IMAGE_MODES:
-            unreadable[name] = f"{name} has {_wide_mode_problem(header[2])}"
+        try:
+            header = stored_image_header(name)
+        except IMAGE_READ_ERRORS as e:  # PIL's reason: bad data, or a decompression bomb's pixel count
+            unreadable[name] = f"{name} is no image file PIL reads ({e})"
+            continue
+        if header[2] in WIDE_IMAGE_MODES:
+            unreadable[name] = f"{name} has {wide_mode_problem(header[2])}"
         elif any(size != header[:2] for size in said):
             listed = " and ".join(f"{h} x {w}" for h, w in sorted(size for size in said if size != header[:2]))
             wrong[name] = f"{name} is {header[0]} x {header[1]}, records of it say {listed}"
@@ -280,15 +297,7 @@ class ReferringDatasetMapper:
         records without a key that a training loss reads or with its values misshapen
         (:meth:`_object_values_problem`). ``source`` (the datasets) heads the message.
         """
-        reads_landmark = not self.is_train or self.landmark_supervision
-        for i, record in enumerate(records):
-            problem = record_problem(record, landmark=reads_landmark)
-            if problem is not None:
-                field, what = problem
-                item = f"record #{i}" + (f" ({_record_name(record)})" if isinstance(record, dict) else "")
-                raise ReferringDataError(
-                    f"{source}: {item}: {field + ': ' if field else ''}{what}", item=item, field=field or None
-                )
+        check_record_fields(records, source, landmark=not self.is_train or self.landmark_supervision)
         check_image_files(records, source)
         for key, losses in self._loss_keys().items():
             lacking = [r for r in records if key not in r]
@@ -296,14 +305,14 @@ class ReferringDatasetMapper:
                 what, origin = LOSS_RECORD_KEYS[key]
                 raise ReferringDataError(
                     f"{source}: {len(lacking)} of {len(records)} records have no {key!r} ({what}), which "
-                    f"{' and '.join(losses)} trains on, the first {_record_name(lacking[0])}; {origin}",
-                    item=_record_name(lacking[0]),
+                    f"{' and '.join(losses)} trains on, the first {record_name(lacking[0])}; {origin}",
+                    item=record_name(lacking[0]),
                     field=key,
                 )
         for i, record in enumerate(records):
             problem = self._object_values_problem(record)
             if problem is not None:
-                item = f"record #{i} ({_record_name(record)})"
+                item = f"record #{i} ({record_name(record)})"
                 raise ReferringDataError(f"{source}: {item}: {problem[1]}", item=item, field=problem[0])
 
     def _object_values_problem(self, record: Dict):
@@ -345,7 +354,7 @@ class ReferringDatasetMapper:
     def _require(record: Dict, key: str, needed_by: str):
         if key not in record:
             what, origin = LOSS_RECORD_KEYS[key]
-            raise KeyError(f"Record {_record_name(record)} has no {key!r} ({what}), which {needed_by} trains on; {origin}")
+            raise KeyError(f"Record {record_name(record)} has no {key!r} ({what}), which {needed_by} trains on; {origin}")
         return record[key]
 
     def _object_boxes(self, record: Dict, transforms, out_hw) -> Dict[str, torch.Tensor]:
@@ -354,7 +363,7 @@ class ReferringDatasetMapper:
         boxes = record["object_boxes"]
         problem = self._object_values_problem(record)
         if problem is not None:
-            raise ValueError(f"Record {_record_name(record)}: {problem[1]}")
+            raise ValueError(f"Record {record_name(record)}: {problem[1]}")
         xywh = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
         xyxy = BoxMode.convert(xywh, BoxMode.XYWH_ABS, BoxMode.XYXY_ABS)
         xyxy = transforms.apply_box(xyxy).clip(min=0)

@@ -89,23 +89,23 @@ _EXIF_TRANSPOSED = (5, 6, 7, 8)
 Problem = Tuple[str, str]  # (field, what is wrong)
 
 
-def stored_image_header(path: str) -> Optional[Tuple[int, int, str]]:
+def stored_image_header(path: str) -> Tuple[int, int, str]:
     """(height, width, PIL mode) of the image file as Detectron2's reader sees it (EXIF
-    rotation applied), from its header; None if it is no image PIL can open."""
-    try:
-        with Image.open(path) as im:
-            (w, h), mode = im.size, im.mode
-            if im.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
-                h, w = w, h
-    except IMAGE_READ_ERRORS:
-        return None
+    rotation applied), from its header; one of IMAGE_READ_ERRORS, PIL's reason, if it is no
+    image PIL can open."""
+    with Image.open(path) as im:
+        (w, h), mode = im.size, im.mode
+        if im.getexif().get(_EXIF_ORIENTATION) in _EXIF_TRANSPOSED:
+            h, w = w, h
     return h, w, mode
 
 
 def stored_image_size(path: str) -> Optional[Tuple[int, int]]:
     """(height, width) of :func:`stored_image_header`; None if it is no image PIL can open."""
-    header = stored_image_header(path)
-    return None if header is None else header[:2]
+    try:
+        return stored_image_header(path)[:2]
+    except IMAGE_READ_ERRORS:
+        return None
 
 
 def unicode_problem(text: str) -> Optional[str]:

@@ -9,12 +9,12 @@ from .checkpoint import (
     load_weights,
     model_checkpoint,
 )
-from .cpu_threads import share_cpu_cores
-from .expected_results import referring_tasks, verify_referring_results
+from .cpu_threads import share_cpu_cores, usable_cores
+from .expected_results import referring_tasks, verify_on_every_rank, verify_referring_results
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .host_memory import keep_freed_host_memory
 from .optimizer import build_vipa_optimizer, get_vipa_optimizer_params
-from .process_group import launch_ranks, leave_process_group
+from .process_group import launch_ranks, leave_process_group, raise_on_every_rank, release_process_groups
 from .reproducibility import PositionSeededDataset, ResumableTrainingSampler, StepSeedHook
 from .test_time_augmentation import TTA_RESULTS_FOLDER, TTA_SUFFIX, VIPAWithTTA
 from .trainer import ReferringTrainer, check_referring_datasets
@@ -34,7 +34,10 @@ __all__ = [
     "keep_freed_host_memory",
     "launch_ranks",
     "leave_process_group",
+    "raise_on_every_rank",
+    "release_process_groups",
     "share_cpu_cores",
+    "usable_cores",
     "shuffle_expressions",
     "StrictCheckpointer",
     "UntrustedCheckpointError",
@@ -46,5 +49,6 @@ __all__ = [
     "TTA_SUFFIX",
     "VIPAWithTTA",
     "referring_tasks",
+    "verify_on_every_rank",
     "verify_referring_results",
 ]

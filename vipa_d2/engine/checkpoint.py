@@ -82,6 +82,13 @@ def _listing(kind: str, items: List[str]) -> str:
     return f"{len(items)} {kind} [{shortlist(items, MAX_KEYS_REPORTED)}]"
 
 
+def _another_config(path: str = "") -> str:
+    """What to do with a checkpoint that --resume cannot continue (``path``: the file, or
+    "" where the message names it already)."""
+    return ("was it written by a run with another config? Resume it with that config, or start anew: "
+            f"another OUTPUT_DIR, or MODEL.WEIGHTS {path or 'set to it'} without --resume")
+
+
 def _describe(missing, unexpected, shapes) -> str:
     parts = []
     if missing:
@@ -212,29 +219,43 @@ class AtomicDetectionCheckpointer(WeightsOnlyCheckpointer):
     temporary file and ``os.replace``: the checkpoint is complete before it is tagged.
     Files also hold the text encoder's config and tokenizer (:func:`model_checkpoint`).
     Loading is weights-only unless ``trusted`` (see :class:`WeightsOnlyCheckpointer`).
+    ``MODEL.WEIGHTS`` loads what matches (fine-tuning from a part of a model); a resumed
+    run's checkpoint must match the model key for key (the file is refused after loading,
+    so the model it leaves half-loaded is not trained).
     """
 
-    def load(self, path: str, *args, **kwargs):
+    _resuming = False  # set by each load
+
+    def load(self, path: str, checkpointables: Optional[List[str]] = None):
+        # Detectron2 resumes with checkpointables None (the trainer's state too) and loads
+        # MODEL.WEIGHTS with []: only a resumed run must match the model key for key.
+        self._resuming = checkpointables is None or bool(checkpointables)
         try:
-            return super().load(path, *args, **kwargs)
+            return super().load(path, checkpointables)
         except WeightsError as e:
             raise WeightsError(f"{path}: {e}") from e
         except UntrustedCheckpointError:  # names the file already
             raise
         except ValueError as e:  # e.g. the optimizer's state (--resume) has other parameter groups
-            raise WeightsError(
-                f"{path}: cannot be loaded into this model and its optimizer ({e}); was it written by a run "
-                f"with another config? Resume it with that config, or start anew: another OUTPUT_DIR, or "
-                f"MODEL.WEIGHTS {path} without --resume"
-            ) from e
+            raise WeightsError(f"{path}: cannot be loaded into this model and its optimizer ({e}); "
+                               + _another_config(path)) from e
 
     def _load_model(self, checkpoint):
         # Detectron2 loads what matches and logs the rest, which suits fine-tuning from a
-        # part of a model (a backbone); a file of which nothing matches would leave the
-        # whole model at its random initialisation, with only a long log to say so.
+        # part of a model (a backbone), not a resumed run; a file of which nothing matches
+        # would leave the whole model at its random initialisation, with only a long log.
         state, names = checkpoint["model"], list(checkpoint["model"])
         heuristics = checkpoint.get("matching_heuristics", False)  # Caffe2 names: Detectron2 renames and reports
         incompatible = super()._load_model(checkpoint)
+        if self._resuming and not heuristics:
+            # A run continues with the weights it stopped at: a layer of another width
+            # would stay random, and AdamW's moments of its old shape fail deep in torch.
+            # fvcore drops a mismatched weight before loading, so it is also "missing".
+            mismatched = {k for k, _, _ in incompatible.incorrect_shapes}
+            problems = _describe([k for k in incompatible.missing_keys if k not in mismatched],
+                                 incompatible.unexpected_keys, incompatible.incorrect_shapes)
+            if problems:
+                raise WeightsError(f"does not match the model to resume ({problems}); " + _another_config())
         # fvcore strips a "module." prefix and drops shape mismatches from ``state`` in place.
         expected = self.model.state_dict()
         if not heuristics and expected and not any(k in expected for k in state):

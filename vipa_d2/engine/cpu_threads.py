@@ -10,4 +10,12 @@ def share_cpu_cores(processes: int) -> None:
     by side (launched CPU ranks, test workers): with every process on all cores, the
     oversubscribed threads spin-wait on each other and can make every step many times slower.
     """
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // processes))
+    torch.set_num_threads(max(1, usable_cores() // processes))
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its affinity (taskset, SLURM, cgroup cpusets),
+    where the system tells it, else all of the machine's."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1

@@ -12,11 +12,13 @@ from typing import Dict
 
 from detectron2.evaluation import verify_results
 from detectron2.evaluation.testing import flatten_results_dict
+from detectron2.utils import comm
 
 from ..data.validation import shortlist
 from ..errors import ConfigError
+from .process_group import raise_on_every_rank
 
-__all__ = ["referring_tasks", "verify_referring_results"]
+__all__ = ["referring_tasks", "verify_on_every_rank", "verify_referring_results"]
 
 # Tasks a refusal lists before "... (+N more)".
 MAX_TASKS_LISTED = 12
@@ -56,3 +58,17 @@ def verify_referring_results(cfg, results) -> bool:
         if metric not in tasks[task]:
             raise ConfigError(f"TEST.EXPECTED_RESULTS: {task!r} has no metric {metric!r}; it has {_listing(tasks[task])}")
     return verify_results(cfg, tasks)
+
+
+def verify_on_every_rank(cfg, results) -> None:
+    """:func:`verify_referring_results` on the main process (whose ``results`` these are),
+    its outcome on every rank: its ConfigError, or its exit with status 1."""
+    if not len(cfg.TEST.EXPECTED_RESULTS):  # the same on every rank: nothing to agree on
+        return
+    outcome = None
+    if comm.is_main_process():
+        try:
+            verify_referring_results(cfg, results)
+        except (Exception, SystemExit) as e:  # SystemExit: verify_results', after logging the values
+            outcome = e
+    raise_on_every_rank(outcome)

@@ -1,7 +1,8 @@
-"""Starting the ranks of a run (Detectron2's ``launch``), and leaving torch.distributed
-cleanly at the end of a launched process."""
+"""Starting the ranks of a run (Detectron2's ``launch``), raising a problem one rank found on
+all of them, and leaving torch.distributed cleanly at the end of a launched process."""
+import gc
 import os
-from typing import Callable, Sequence
+from typing import Callable, Optional, Sequence
 
 import torch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, launch
@@ -51,4 +52,34 @@ def leave_process_group() -> None:
     """
     if comm.get_world_size() > 1:
         comm.synchronize()
+        release_process_groups()
+
+
+def release_process_groups() -> None:
+    """Destroy the process groups (no waiting for the other ranks), and tear them down now."""
+    if torch.distributed.is_initialized():
         torch.distributed.destroy_process_group()
+    # Detectron2 keeps groups in its module (the machine's local group, the cached gloo
+    # group): referenced there, their gloo threads outlived the group and met the
+    # interpreter's exit (the abort again in session 58's suite run). Released here, and
+    # torn down now, while the process is whole.
+    if hasattr(comm, "_LOCAL_PROCESS_GROUP"):
+        comm._LOCAL_PROCESS_GROUP = None
+    for cached in ("_get_global_gloo_group", "create_local_process_group"):  # a later launch makes them anew
+        getattr(getattr(comm, cached, None), "cache_clear", lambda: None)()
+    gc.collect()
+
+
+def raise_on_every_rank(problem: Optional[BaseException]) -> None:
+    """
+    Raise ``problem`` (this rank's, or None), or the first other rank's, on every rank. A
+    problem found on one rank (the main process's results, one machine's files) and raised
+    there alone leaves the others in their next collective: on one machine until ``launch``
+    ends them, on several until the process group's timeout.
+    """
+    if comm.get_world_size() > 1:
+        gathered = comm.all_gather(problem)  # every rank takes part, with or without one
+        if problem is None:  # this rank's own keeps its traceback
+            problem = next((p for p in gathered if p is not None), None)
+    if problem is not None:
+        raise problem

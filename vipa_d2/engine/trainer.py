@@ -37,9 +37,10 @@ from vipa_d2.modeling.registry import get_registered
 
 from .best_checkpoint import BestMetricCheckpointer, best_metric_name
 from .checkpoint import LAST_CHECKPOINT_KEY, AtomicDetectionCheckpointer, UntrustedCheckpointError, WeightsError
-from .expected_results import verify_referring_results
+from .expected_results import verify_on_every_rank
 from .expression_control import SHUFFLED_SUFFIX, check_shufflable, shuffle_expressions
 from .optimizer import build_vipa_optimizer
+from .process_group import raise_on_every_rank
 from .reproducibility import (
     PositionSeededDataset,
     ResumablePreciseBN,
@@ -159,6 +160,24 @@ def _check_evaluated_tasks(cfg) -> None:
             )
 
 
+def _check_not_empty(records, name: str) -> None:
+    if not records:  # Detectron2's test loader asserts on it (after the training)
+        raise ConfigError(f"DATASETS.TEST: {name!r} has no records (its loader returned none): nothing "
+                          "to score; register it with its samples or leave it out of DATASETS.TEST")
+
+
+def _check_shufflable(records, name: str) -> None:
+    try:
+        check_shufflable(records, name)
+    except ValueError as e:
+        raise ConfigError(f"TEST.SHUFFLED_EXPRESSION_CONTROL: {e}") from e
+
+
+def evaluates_periodically(cfg) -> bool:
+    """Whether ``cfg`` evaluates every TEST.EVAL_PERIOD (and keeps model_best.pth)."""
+    return cfg.TEST.EVAL_PERIOD > 0 and bool(cfg.DATASETS.TEST)
+
+
 def check_best_metric(cfg) -> str:
     """
     The set of ``TEST.BEST_METRIC`` (set, with periodic evaluation): ConfigError when the
@@ -225,14 +244,18 @@ class ReferringTrainer(DefaultTrainer):
         self.check_datasets(cfg)  # as train_net.py's setup() does, before any model is built
         for name in ("detectron2", "vipa_d2"):  # when not set up by train_net.py's default_setup
             if not logging.getLogger(name).isEnabledFor(logging.INFO):
-                setup_logger(name=name)
+                setup_logger(name=name, distributed_rank=comm.get_rank())  # the main process on the console
         cfg = self.auto_scale_workers(cfg, comm.get_world_size())
         check_amp_device(cfg)  # here, not in get_vipa_cfg: inference on the CPU reads GPU training configs
+        # What the config and the test sets' files can refuse, before the model is built
+        # (minutes for a large one) and the training data read.
+        named_best = evaluates_periodically(cfg) and cfg.TEST.BEST_METRIC
+        self._best_metric_set = check_best_metric(cfg) if named_best else None
+        self.check_test_sets(cfg)
         self.seed = run_seed(cfg)
         model = self.build_model(cfg)
         optimizer = self.build_optimizer(cfg, model)
         data_loader = self.build_train_loader(cfg, seed=self.seed)
-        self.check_test_sets(cfg)
         model = self.wrap_ddp(model)
         self._trainer = (AMPTrainer if cfg.SOLVER.AMP.ENABLED else SimpleTrainer)(
             model, data_loader, optimizer
@@ -278,7 +301,13 @@ class ReferringTrainer(DefaultTrainer):
 
     def resume_or_load(self, resume=True):
         if resume:
-            self.check_resume_folder()
+            # Each machine reads its own OUTPUT_DIR: a refusal on one is raised on all.
+            problem = None
+            try:
+                self.check_resume_folder()
+            except Exception as e:  # its refusals, or an OSError of this machine's folder
+                problem = e
+            raise_on_every_rank(problem)
         super().resume_or_load(resume=resume)
         if comm.get_world_size() > 1:
             check_ranks_start_alike(comm.all_gather(self.start_iter), self.cfg.OUTPUT_DIR)
@@ -340,7 +369,7 @@ class ReferringTrainer(DefaultTrainer):
     def build_hooks(self):
         ret = [self._resumable(h) for h in super().build_hooks()]
         evaluation = next(i for i, h in enumerate(ret) if isinstance(h, hooks.EvalHook))
-        if self.cfg.TEST.EVAL_PERIOD > 0 and self.cfg.DATASETS.TEST:
+        if evaluates_periodically(self.cfg):
             # After EvalHook, whose results it reads; the first test set is the validation set.
             named = self.cfg.TEST.BEST_METRIC
             ret.insert(
@@ -352,7 +381,7 @@ class ReferringTrainer(DefaultTrainer):
                     mode=self.cfg.TEST.BEST_METRIC_MODE,
                     # The default is left to Detectron2's warning: an evaluator of one's own
                     # may report no "refer/oIoU", and no key of the config says otherwise.
-                    evaluated_set=check_best_metric(self.cfg) if named else None,
+                    evaluated_set=self._best_metric_set,
                 ),
             )
         elif self.cfg.TEST.BEST_METRIC:
@@ -400,8 +429,7 @@ class ReferringTrainer(DefaultTrainer):
         # DefaultTrainer.train minus its verify_results call, which reads task-keyed results.
         TrainerBase.train(self, self.start_iter, self.max_iter)
         results = getattr(self, "_last_eval_results", None)
-        if comm.is_main_process():
-            verify_referring_results(self.cfg, results)
+        verify_on_every_rank(self.cfg, results)
         return results
 
     @classmethod
@@ -467,21 +495,17 @@ class ReferringTrainer(DefaultTrainer):
         mapper = build_test_mapper(cfg)
         for name in cfg.DATASETS.TEST:
             records = DatasetCatalog.get(name)
-            if not records:  # Detectron2's test loader asserts on it, after the training
-                raise ConfigError(f"DATASETS.TEST: {name!r} has no records (its loader returned none): nothing "
-                                  "to score; register it with its samples or leave it out of DATASETS.TEST")
+            _check_not_empty(records, name)
             mapper.check_records(records, name)
             if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
-                try:
-                    check_shufflable(records, name)
-                except ValueError as e:
-                    raise ConfigError(f"TEST.SHUFFLED_EXPRESSION_CONTROL: {e}") from e
+                _check_shufflable(records, name)
 
     @classmethod
     def build_test_loader(cls, cfg, dataset_name):
-        records = get_detection_dataset_dicts([dataset_name], filter_empty=False)
+        records = DatasetCatalog.get(dataset_name)
         mapper = build_test_mapper(cfg)
         # As check_test_sets does before training; --eval-only comes here directly.
+        _check_not_empty(records, dataset_name)
         mapper.check_records(records, dataset_name)
         return build_detection_test_loader(
             records,
@@ -495,7 +519,9 @@ class ReferringTrainer(DefaultTrainer):
         """Test loader of ``dataset_name`` with its expressions shuffled across samples."""
         # Not run_seed(): every rank must shuffle identically without communicating.
         # Its image files are the dataset's, checked by build_test_loader, which test() calls first.
-        records = shuffle_expressions(DatasetCatalog.get(dataset_name), max(cfg.SEED, 0))
+        records = DatasetCatalog.get(dataset_name)
+        _check_shufflable(records, dataset_name)  # as check_test_sets does; --eval-only comes here directly
+        records = shuffle_expressions(records, max(cfg.SEED, 0))
         return build_detection_test_loader(
             records,
             mapper=build_test_mapper(cfg),

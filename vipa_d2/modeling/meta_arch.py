@@ -425,7 +425,7 @@ class VIPA(nn.Module):
             **centres,
         )
 
-    def postprocess(self, outputs: Dict, images: ImageList, output_sizes: List) -> List[Dict]:
+    def postprocess(self, outputs: Dict, images: ImageList, output_sizes: List, retrieved: bool = True) -> List[Dict]:
         """
         Per expression: "ref_seg" (height, width) foreground probability, "relevance"
         (height, width) map of the cues' retrieval relevance (mean over valid cues; zeros
@@ -437,7 +437,9 @@ class VIPA(nn.Module):
         no-target (score > :func:`no_target_threshold`; never with LOSS.NO_TARGET_WEIGHT 0)
         are emptied; their probability before that is kept as "ref_seg_before_veto" (ReLA
         scores a wrong no-target verdict's union with it, and test-time augmentation
-        averages it before deciding again).
+        averages it before deciding again). ``retrieved`` False leaves "retrieved" out: a
+        float map per text position at the output size (a GB for a phone photo), which the
+        evaluator reads and the predictor, on the token grid, does not.
         """
         padded = images.tensor.shape[-2:]
         logits = F.interpolate(outputs["pred_masks"][-1][:, None], size=padded, mode="bilinear", align_corners=False)
@@ -449,16 +451,16 @@ class VIPA(nn.Module):
             relevance = (veg["attention"] * w).sum(1) / w.sum(1).clamp(min=1.0)
             relevance = relevance.view(-1, 1, *veg["grid"])
             relevance = F.interpolate(relevance, size=padded, mode="bilinear", align_corners=False)
-        retrieved = None
+        retrieved_maps = None
         # Only when step 1 ran and its visual expression is the decoder's K/V: with language
         # K/V nothing the decoder reads was retrieved.
         # A head of one's own without "kv_source" is taken to feed the decoder its VEG's output.
         reads_veg = getattr(self.head, "kv_source", "visual_expression") == "visual_expression"
-        if veg is not None and veg["relevance"] is not None and reads_veg:
+        if retrieved and veg is not None and veg["relevance"] is not None and reads_veg:
             # The support of M on the token grid, each token a block of the padded image.
             support = (veg["retrieval_mask"] > 0.5).to(logits.dtype)
             support = support.view(*support.shape[:2], *veg["grid"])
-            retrieved = F.interpolate(support, size=padded, mode="nearest")
+            retrieved_maps = F.interpolate(support, size=padded, mode="nearest")
         results = []
         for i, (height, width) in enumerate(output_sizes):
             image_size = images.image_sizes[i if len(images.image_sizes) > 1 else 0]
@@ -472,9 +474,9 @@ class VIPA(nn.Module):
                 else prob.new_zeros(height, width)
             )
             results.append({"ref_seg": prob, "relevance": rel, "no_target_score": scores[i], **before_veto})
-            if retrieved is not None:
+            if retrieved_maps is not None:
                 # Resized like ref_seg, then thresholded back to a set.
-                kept = sem_seg_postprocess(retrieved[i], image_size, height, width) > 0.5
+                kept = sem_seg_postprocess(retrieved_maps[i], image_size, height, width) > 0.5
                 results[-1].update(retrieved=kept, cue_valid=outputs["cue_valid"][i])
         return results
 
