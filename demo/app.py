@@ -169,7 +169,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DemoError, FileNotFoundError, WeightsError, ValueError) as e:
         print(f"app.py: error: {e}", file=sys.stderr)
         return 1
-    build_app(predictor).launch(server_name=args.host, server_port=args.port)
+    try:
+        build_app(predictor).launch(server_name=args.host, server_port=args.port)
+    except OSError as e:  # the port taken, an address not of this machine: Gradio's traceback before
+        print(f"app.py: error: --host {args.host} --port {args.port}: {e}", file=sys.stderr)
+        return 1
     return 0
 
 

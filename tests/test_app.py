@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from common import REPO_ROOT, TINY_CONFIG, read_rgb
+from common import PREDICTOR_OPTS, REPO_ROOT, TINY_CONFIG, read_rgb
 from vipa_d2.utils.visualizer import draw_overlay, draw_relevance_figure
 
 
@@ -149,3 +149,15 @@ def test_serves_on_loopback_by_default(app_module):
     # ... and --opts, as README and demo.py have it.
     args = app_module.get_parser().parse_args(["--config-file", TINY_CONFIG, "--opts", "TEST.AUG.ENABLED", "True"])
     assert args.opts == ["TEST.AUG.ENABLED", "True"] and args.trailing_opts == []
+
+
+def test_a_port_in_use_is_one_line(app_module, capsys):
+    # Gradio's OSError came as a traceback (helper review, session 58).
+    with socket.socket() as taken:
+        taken.bind((LOOPBACK, 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        argv = ["--config-file", TINY_CONFIG, "--port", str(port), *PREDICTOR_OPTS, "MODEL.WEIGHTS", ""]
+        assert app_module.main(argv) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"app.py: error: --host {LOOPBACK} --port {port}: ") and "port" in err[40:], err
