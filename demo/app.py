@@ -20,8 +20,14 @@ import argparse
 import sys
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import gradio as gr
 import numpy as np
+
+try:
+    import gradio as gr
+except ImportError as e:  # the "demo" extra: run as a script, one line instead of a traceback
+    if __name__ == "__main__":
+        sys.exit(f"app.py: error: the web demo needs Gradio ({e}); install it with pip install -e '.[demo]'")
+    raise
 
 from demo import DemoError, add_override_arguments, setup_cfg  # demo/demo.py: this script's folder is sys.path[0]
 from vipa_d2.config import add_config_function_option

@@ -21,8 +21,9 @@ go after ``--opts`` or, Detectron2 style, at the end of the command line (after 
 other than ``--input``, whose list would swallow them).
 
 Bad input (missing config or image, unknown config key, empty expression, missing or
-mismatched weights) ends the run with one message on stderr and exit status 1. An image
-whose header reads but whose pixels do not (a truncated file, 16-bit pixels) is skipped:
+mismatched weights) ends the run with one message on stderr and exit status 1; inputs that
+are no image, or have 16-bit or float pixels, are found from their headers before the model
+is built. An image whose header reads but whose pixels do not (a truncated file) is skipped:
 the others are segmented, and the run ends with one such message naming it. A folder's
 subfolders and files of other extensions are left out, with a warning listing them.
 """
@@ -44,7 +45,8 @@ from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.config import add_config_function_option, flatten_config, import_config_functions
 from vipa_d2.data.manifest import ManifestEntry, read_manifest
 from vipa_d2.data.masks import mask_to_rle
-from vipa_d2.data.validation import ReferringDataError, shortlist, stored_image_size
+from vipa_d2.data.dataset_mapper import WIDE_IMAGE_MODES
+from vipa_d2.data.validation import IMAGE_READ_ERRORS, ReferringDataError, shortlist, stored_image_header
 from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image, validate_expressions
 from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.utils.checkpoint_file import UntrustedCheckpointError
@@ -326,12 +328,23 @@ def run(args) -> Tuple[str, str]:
     plan = plan_outputs(jobs, args.output)
     written = check_outputs(jobs, plan, args)
     # Every input's header before the model: a bad file (a glob's notes.txt, a broken
-    # download) would otherwise stop the run after the images before it.
-    sizes = {job.image: stored_image_size(job.image) for job in jobs}
-    unreadable = [image for image, size in sizes.items() if size is None]
+    # download, 16-bit pixels) would otherwise stop the run after the images before it.
+    sizes, unreadable, wide = {}, [], []
+    for job in jobs:
+        try:
+            height, width, mode = stored_image_header(job.image)
+        except IMAGE_READ_ERRORS:
+            unreadable.append(job.image)
+            continue
+        sizes[job.image] = (height, width)
+        if mode in WIDE_IMAGE_MODES:
+            wide.append(f"{job.image} ({mode})")
     if unreadable:
         raise DemoError(f"{len(unreadable)} of the {len(jobs)} inputs are no image files PIL can read: "
                         f"{shortlist(unreadable, MAX_LISTED)}")
+    if wide:
+        raise DemoError(f"{len(wide)} of the {len(jobs)} inputs have 16-bit or float pixels (PIL mode), expected 8 "
+                        f"bits per channel (grey, RGB, RGBA or palette): {shortlist(wide, MAX_LISTED)}")
     for job in jobs:  # a manifest's targets, against the sizes just read
         try:
             job.check_targets(*sizes[job.image])
@@ -353,7 +366,7 @@ def run(args) -> Tuple[str, str]:
         path, texts = job.image, job.expressions
         try:
             image = read_image(path, fmt)
-        # What a header does not show (a truncated file, 16-bit pixels): the images after
+        # What a header does not show (a truncated file): the images after
         # it are still segmented, and the run ends in a refusal naming each such one.
         except OSError as e:
             if len(jobs) == 1:

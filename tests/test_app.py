@@ -2,6 +2,7 @@
 import importlib.util
 import os
 import socket
+import subprocess
 import sys
 
 import gradio_client
@@ -161,3 +162,15 @@ def test_a_port_in_use_is_one_line(app_module, capsys):
         assert app_module.main(argv) == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"app.py: error: --host {LOOPBACK} --port {port}: ") and "port" in err[40:], err
+
+
+def test_without_gradio_the_script_says_so_in_one_line():
+    # A user without the "demo" extra got a ModuleNotFoundError traceback (session 58's list).
+    blocked = "import runpy, sys; sys.modules['gradio'] = None; sys.argv = ['app.py', '--help']; " \
+              f"runpy.run_path({APP!r}, run_name='__main__')"
+    done = subprocess.run([sys.executable, "-c", blocked], capture_output=True, text=True, cwd=REPO_ROOT)
+    assert done.returncode == 1, done
+    assert done.stderr.strip().splitlines() == [
+        "app.py: error: the web demo needs Gradio (import of gradio halted; None in sys.modules); "
+        "install it with pip install -e '.[demo]'"
+    ], done.stderr

@@ -26,6 +26,7 @@ from vipa_d2.utils.visualizer import (
     draw_caption,
     draw_overlay,
     draw_prediction_and_target,
+    save_image,
 )
 
 DEMO = os.path.join(REPO_ROOT, "demo", "demo.py")
@@ -497,3 +498,30 @@ def test_manifest_targets_draw_prediction_beside_target(images, weights, tmp_pat
     (tmp_path / "short.json").write_text(json.dumps([entry]), encoding="utf-8")
     msg = _refusal(["--config-file", TINY_CONFIG, "--manifest", str(tmp_path / "short.json"), "--output", str(out)], capsys)
     assert "short.json: entry 0: targets: expected a list of 2 segmentations" in msg
+
+
+def test_a_picture_that_fails_to_save_leaves_the_file_as_it_was(tmp_path):
+    # Pillow opened (so truncated) the file before encoding: a mode the format cannot take,
+    # or a run stopped mid-write, left a broken picture under the name (session 58's list).
+    path = tmp_path / "overlay.jpg"
+    save_image(str(path), np.full((4, 4, 3), 200, np.uint8))
+    before = path.read_bytes()
+    with pytest.raises(OSError, match="cannot write mode LA as JPEG"):
+        save_image(str(path), np.zeros((4, 4, 2), np.uint8))  # grey + alpha: no JPEG mode
+    assert path.read_bytes() == before and os.listdir(tmp_path) == ["overlay.jpg"]
+    with pytest.raises(ValueError, match=r"overlay\.xyz: unknown picture file extension '\.xyz'"):
+        save_image(str(tmp_path / "overlay.xyz"), np.zeros((4, 4, 3), np.uint8))
+
+
+def test_inputs_of_16_bit_pixels_are_refused_before_the_model(images, tmp_path, capsys):
+    # Their header tells: they were found only when their turn came, after the model was
+    # built and the images before them segmented (session 58's list).
+    _, files = images
+    shutil.copy(files[0], tmp_path / "a.jpg")
+    Image.fromarray(np.full((8, 8), 300, np.uint16)).save(tmp_path / "b_depth.png")
+    out = tmp_path / "out"
+    msg = _refusal(["--config-file", TINY_CONFIG, "--input", str(tmp_path / "*"), "--text", "cat", "--output", str(out),
+                    "MODEL.WEIGHTS", str(tmp_path / "absent.pth")], capsys)  # refused before the weights are read
+    assert msg.endswith("1 of the 2 inputs have 16-bit or float pixels (PIL mode), expected 8 bits per channel "
+                        f"(grey, RGB, RGBA or palette): {tmp_path / 'b_depth.png'} (I;16)"), msg
+    assert not out.exists()

@@ -188,6 +188,11 @@ def test_expressions_cut_by_max_text_len_are_named(predictor, records):
         predictor(records[0]["file_name"], ["the cat", " ".join(["the big red cat"] * 10)])
     cut = [m for _, m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
     assert len(cut) == 1 and "#1 (42 tokens)" in cut[0] and "#0" not in cut[0]
+    # Once per expression: a folder segmented for one long --text warned for every image.
+    with captured_log("vipa_d2.predictor") as seen:
+        predictor(records[1]["file_name"], [" ".join(["the big red cat"] * 10), " ".join(["the cat"] * 20)])
+    cut = [m for _, m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
+    assert len(cut) == 1 and "#1 (" in cut[0] and "#0" not in cut[0], cut
     # Counting the tokens warned, from transformers, that the model would index past its
     # positions: it reads the cut expression (diff review, session 55).
     with captured_log("transformers", logging.WARNING) as seen:

@@ -35,6 +35,7 @@ from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.data.safe_pickle import load_plain_pickle
 from vipa_d2.evaluation import ReferringEvaluator
 from vipa_d2.utils.atomic_io import atomic_open
+from vipa_d2.engine.devices import check_device
 from vipa_d2.engine.process_group import CUDA_DEVICES_ENV
 from vipa_d2.engine.trainer import check_ranks_start_alike
 from vipa_d2.engine import (
@@ -644,6 +645,43 @@ def test_keys_the_model_refuses_together_fail_in_one_line(tmp_path, monkeypatch)
         train_net.invoke_main()
     assert exit_info.value.code.startswith("train_net.py: error: the model cannot be built from this config: ")
     assert "MODEL.VIPA.DECODER.CHOICE_FROM_WORDS" in exit_info.value.code and "\n" not in exit_info.value.code
+
+
+def test_a_device_this_machine_lacks_fails_in_one_line(tmp_path, monkeypatch):
+    # The paper configs keep Detectron2's default MODEL.DEVICE "cuda": on a machine without
+    # a GPU (or with fewer than named) that was torch's RuntimeError from inside model.to.
+    beyond = f"cuda:{torch.cuda.device_count()}"  # one past the last GPU, on any machine
+    argv = ["train_net.py", "--config-file", INSTANT_TEST_CONFIG, "OUTPUT_DIR", str(tmp_path / "out"),
+            "MODEL.DEVICE", beyond]
+    monkeypatch.setattr(sys, "argv", argv)
+    with pytest.raises(SystemExit) as exit_info:
+        train_net.invoke_main()
+    assert exit_info.value.code.startswith(f"train_net.py: error: MODEL.DEVICE={beyond!r}, but torch finds "), \
+        exit_info.value.code
+    assert not (tmp_path / "out").exists()
+
+
+def test_devices_refused_for_what_the_machine_has(monkeypatch):
+    # Said before a model is built or a rank started; torch's errors named no key.
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    check_device("cuda:0")
+    check_device("cuda", 1)
+    refusals = {
+        ("cuda:1", 1): "MODEL.DEVICE='cuda:1', but torch finds 1 CUDA GPU(s) here, cuda:0 to cuda:0",
+        ("cuda", 2): "--num-gpus 2 with MODEL.DEVICE='cuda', but torch finds 1 CUDA GPU(s) on this machine",
+        ("cuda:0", 2): "MODEL.DEVICE='cuda:0' with --num-gpus 2: each rank takes its own GPU, so name none; "
+                       "set MODEL.DEVICE cuda",
+        ("gpu", 1): "MODEL.DEVICE='gpu' is not a device: expected e.g. 'cpu' or 'cuda'",
+    }
+    for (device, processes), message in refusals.items():
+        with pytest.raises(ConfigError) as refused:
+            check_device(device, processes)
+        assert str(refused.value) == message
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
+    with pytest.raises(ConfigError, match=r"^MODEL.DEVICE='mps', but torch finds no MPS device \(an Apple GPU\) here"):
+        check_device("mps")
+    check_device("cpu", 4)
 
 
 class _Killed(Exception):

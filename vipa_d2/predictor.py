@@ -24,6 +24,7 @@ from .data.dataset_mapper import (
 )
 from .data.validation import expression_problem, quote
 from .engine.checkpoint import WeightsError, load_weights
+from .engine.devices import check_device
 from .engine.test_time_augmentation import average_views, check_flip
 from .modeling.meta_arch import runtime_options
 from .modeling.text_encoder import build_tokenizer, tokenize
@@ -104,19 +105,14 @@ class VIPAPredictor:
         self.input_format = cfg.INPUT.FORMAT
         if self.input_format not in SUPPORTED_FORMATS:
             raise ValueError(f"INPUT.FORMAT={self.input_format!r}: VIPAPredictor supports {SUPPORTED_FORMATS}")
-        try:
-            device = torch.device(cfg.MODEL.DEVICE)
-        except RuntimeError as e:  # torch's message names no key
-            raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r} is not a device: expected e.g. 'cpu' or 'cuda'") from e
-        if device.type == "cuda" and not torch.cuda.is_available():
-            # The paper configs keep Detectron2's default device: torch's own error names no key.
-            raise ValueError(f"MODEL.DEVICE={cfg.MODEL.DEVICE!r}, but torch finds no CUDA GPU here; set MODEL.DEVICE cpu")
+        check_device(cfg.MODEL.DEVICE)
         self.model = build_model(self.cfg).set_runtime_options(**runtime_options(self.cfg))
         self.model.eval()
         load_weights(self.model, cfg.MODEL.WEIGHTS, trusted=cfg.MODEL.WEIGHTS_TRUSTED)
         self.augmentations = T.AugmentationList(build_referring_augmentations(cfg, is_train=False))
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
+        self._warned_cut = set()  # expressions already said to be cut
         self.mask_threshold = cfg.MODEL.VIPA.MASK_THRESHOLD
         self.batch_size = cfg.TEST.IMS_PER_BATCH
 
@@ -148,12 +144,14 @@ class VIPAPredictor:
         return {i: n for i, n in enumerate(lengths) if n > self.max_text_len}
 
     def _warn_cut(self, texts: List[str]) -> None:
-        cut = self.cut_expressions(texts)
+        # Once per expression: a folder segmented for one long --text warned for every image.
+        cut = {i: n for i, n in self.cut_expressions(texts).items() if texts[i] not in self._warned_cut}
         if cut:
+            self._warned_cut.update(texts[i] for i in cut)
             logger.warning(
                 f"Expressions {', '.join(f'#{i} ({n} tokens)' for i, n in cut.items())} are longer than "
                 f"INPUT.MAX_TEXT_LEN={self.max_text_len} tokens ([CLS] and [SEP] included): the model reads "
-                "only their beginning"
+                "only their beginning (said once per expression)"
             )
 
     @torch.no_grad()

@@ -10,6 +10,7 @@ from .checkpoint import (
     model_checkpoint,
 )
 from .cpu_threads import share_cpu_cores, usable_cores
+from .devices import check_device
 from .expected_results import referring_tasks, verify_on_every_rank, verify_referring_results
 from .expression_control import SHUFFLED_SUFFIX, shuffle_expressions
 from .host_memory import keep_freed_host_memory
@@ -29,6 +30,7 @@ __all__ = [
     "SHUFFLED_SUFFIX",
     "StepSeedHook",
     "build_vipa_optimizer",
+    "check_device",
     "check_referring_datasets",
     "get_vipa_optimizer_params",
     "keep_freed_host_memory",

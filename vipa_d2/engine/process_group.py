@@ -8,6 +8,8 @@ import torch
 from detectron2.engine.launch import DEFAULT_TIMEOUT, launch
 from detectron2.utils import comm
 
+from .devices import check_device
+
 # The variable that hides the GPUs from a process (CUDA's own).
 CUDA_DEVICES_ENV = "CUDA_VISIBLE_DEVICES"
 
@@ -28,7 +30,10 @@ def launch_ranks(
     So the ranks of a CPU model (``--num-gpus 2`` of the tiny config on a machine that has
     GPUs) start with the GPUs hidden, and take gloo as on a machine without them. The
     variable is set while they start (spawned processes copy the environment) and restored.
+    A ``device`` this machine lacks for its ``num_gpus_per_machine`` ranks is a ConfigError,
+    before any rank starts.
     """
+    check_device(device, num_gpus_per_machine)
     hide = torch.device(device).type == "cpu" and num_gpus_per_machine * num_machines > 1
     before = os.environ.get(CUDA_DEVICES_ENV)
     if hide:

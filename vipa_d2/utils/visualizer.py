@@ -24,6 +24,8 @@ from PIL import Image
 from detectron2.data.detection_utils import convert_image_to_rgb
 from detectron2.utils.visualizer import Visualizer
 
+from .atomic_io import atomic_open
+
 __all__ = [
     "caption_layout",
     "draw_caption",
@@ -365,4 +367,12 @@ def save_image(path: str, rgb: np.ndarray) -> None:
     creates the folder."""
     folder = os.path.dirname(os.path.abspath(path))
     os.makedirs(folder, exist_ok=True)
-    Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8)).save(path)
+    picture = Image.fromarray(np.ascontiguousarray(rgb, dtype=np.uint8))
+    extension = os.path.splitext(path)[1].lower()
+    image_format = Image.registered_extensions().get(extension)
+    if image_format is None:
+        raise ValueError(f"{path}: unknown picture file extension {extension!r}")
+    # Written beside it, then renamed: a run stopped mid-write (or a mode the format cannot
+    # take) leaves the file as it was, not a truncated picture under its name.
+    with atomic_open(path, "wb") as f:
+        picture.save(f, format=image_format)
