@@ -5,6 +5,8 @@ import copy
 import pytest
 import torch
 
+from detectron2.evaluation.evaluator import inference_context
+
 from common import PREDICTOR_OPTS, TINY_CONFIG, make_cfg
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.engine import VIPAWithTTA
@@ -55,6 +57,18 @@ def test_outputs_are_flip_symmetric_means(tta_inputs, predictor):
         assert not torch.allclose(a["ref_seg"], p["ref_seg"])  # the flipped view counts
         # The retrieved tokens stay those of the view as given.
         assert torch.equal(a["retrieved"], p["retrieved"])
+
+
+def test_an_evaluation_through_the_wrapper_leaves_the_model_in_its_mode(predictor):
+    # A new wrapper was in training mode, which Detectron2's inference_context restores on
+    # it, and so on the model it wraps (GPU review, session 59).
+    tta = VIPAWithTTA(predictor.cfg, predictor.model)
+    try:
+        with inference_context(tta):
+            pass
+        assert not tta.training and not predictor.model.training
+    finally:
+        predictor.model.eval()
 
 
 def test_predictor_averages_the_views_as_evaluation_does(tta_inputs, predictor, records):

@@ -553,6 +553,39 @@ def test_own_records_without_the_fields_the_mapper_reads_are_refused_before_trai
         train_net.Trainer.build_train_loader(cfg)
 
 
+def _one_without_target(name):
+    def records():
+        recs = [dict(r) for r in DatasetCatalog.get(name)[:3]]
+        recs[2]["annotations"] = []  # no target, as the field reference allows for any dataset
+        del recs[2]["empty"]  # which the mapper then reads as True
+        return recs
+    return records
+
+
+def test_a_test_set_with_no_target_expressions_must_be_marked_generalized(synthetic_benchmark, tmp_path, monkeypatch):
+    # Unmarked, ReferringEvaluator scored it as RefCOCO (the mask before the no-target
+    # verdict): a correct "no target" counted as a miss, unsaid (data review, session 59).
+    root, _ = synthetic_benchmark(6, image_size=64)
+    monkeypatch.setenv(DATASETS_ENV, root)
+    cfg = train_net.setup(train_net_args(tmp_path))
+    name = "own_no_target_val"
+    _register_own(name, _one_without_target(VAL), referring=True)
+    cfg.defrost()
+    cfg.DATASETS.TEST = (name,)
+    expected = (rf"^DATASETS.TEST: '{name}' has 1 of its 3 expressions without a target, but its MetadataCatalog entry "
+                r"lacks generalized=True: .* set MetadataCatalog.get\('own_no_target_val'\).set\(generalized=True\)")
+    for check in (train_net.Trainer.check_test_sets, lambda cfg: train_net.Trainer.build_test_loader(cfg, name)):
+        with pytest.raises(ConfigError, match=expected):
+            check(cfg)
+    marked = "own_no_target_marked_val"
+    if marked not in DatasetCatalog.list():
+        DatasetCatalog.register(marked, _one_without_target(VAL))
+        MetadataCatalog.get(marked).set(evaluator_type="referring", generalized=True)
+    cfg.DATASETS.TEST = (marked,)
+    train_net.Trainer.check_test_sets(cfg)
+    assert len(train_net.Trainer.build_test_loader(cfg, marked).dataset) == 3
+
+
 def test_a_test_set_without_referring_metadata_is_told_so(tmp_path):
     # Registered with DatasetCatalog alone, it was "not a referring dataset" with no word on
     # the metadata that makes one (extension review, session 48).

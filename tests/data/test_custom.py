@@ -372,6 +372,23 @@ def test_the_datasets_readme_example_is_valid_as_written():
     validate_simple_json(json.loads(example), "datasets/README.md", generalized=True)
 
 
+def test_register_expands_the_home_folder(tmp_path, monkeypatch):
+    # "~/data" in DATASETS.REFER_SPLITS or a notebook was a folder named "~", not found
+    # (data review, session 59).
+    monkeypatch.setenv("HOME", str(tmp_path))
+    convert_simple_json(_write(tmp_path, _data()), str(tmp_path / "root" / "mine"), split_by="unc")
+    name = "test_custom_home"
+    register_referring_dataset(name, "~/root", "mine", "unc", "train", "~/img")
+    try:
+        records = DatasetCatalog.get(name)
+        assert records[0]["file_name"].startswith(os.path.join(str(tmp_path), "img") + os.sep)
+        assert MetadataCatalog.get(name).dataset_root == str(tmp_path / "root")
+        register_referring_dataset(name, "~/root", "mine", "unc", "train", "~/img")  # the same call: a no-op
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
 def test_register_rejects_bad_invalid_mode():
     with pytest.raises(ValueError, match="invalid='drop'"):
         register_referring_dataset(

@@ -1,6 +1,7 @@
 """ReferringDatasetMapper: image reading, resizing, target masks and tokenization."""
 
 import copy
+import logging
 import re
 import uuid
 
@@ -17,7 +18,7 @@ from common import IMAGE_H as H
 from common import IMAGE_W as W
 from common import MAPPER_IMAGE_SIZE as SIZE
 from common import MAPPER_MAX_TEXT_LEN as MAX_LEN
-from common import MAPPER_OPTS, POLY, make_cfg, mapper_record, write_image
+from common import MAPPER_OPTS, POLY, captured_log, make_cfg, mapper_record, write_image
 from vipa_d2.data import ReferringDataError, ReferringDatasetMapper, mask_to_rle
 from vipa_d2.data.dataset_mapper import swap_left_right
 from vipa_d2.modeling.text_encoder import build_tokenizer
@@ -644,3 +645,26 @@ def test_augmented_mask_takes_a_checked_polygon_moved_past_the_margin():
     resize = T.TransformList([T.ResizeTransform(50, 113, 50, 480)])
     assert resize.apply_coords(np.array([[226.0, 0.0]]))[0, 0] > 960  # past 2 x 480
     assert augmented_mask([ann], resize, (50, 480))[5:35].all()  # the whole width, as resized
+
+
+def test_check_records_says_once_what_the_tokenizer_loses(tmp_path):
+    # Training and evaluation cut long expressions, and read another script as [UNK],
+    # without a word; only the predictor said so (data review, session 59).
+    write_image(tmp_path / "a.png")
+    long = "the box " + "that is very big " * 4 + "on the left"
+    records = [mapper_record(tmp_path / "a.png", text) for text in ("the box", long, "左边的盒子", "the box on the left")]
+    mapper = ReferringDatasetMapper(make_cfg(*MAPPER_OPTS), is_train=False)
+    source = f"mine_{uuid.uuid4().hex}"  # Detectron2's log_first_n says a message once per process
+    with captured_log("vipa_d2.data.dataset_mapper", logging.WARNING) as seen:
+        mapper.check_records(records, source)
+        mapper.check_records(records, source)  # as at every evaluation: said once
+    messages = [m for _, m in seen]
+    assert len(messages) == 2, messages
+    assert messages[0].startswith(f"{source}: 1 of 4 expressions are longer than INPUT.MAX_TEXT_LEN={MAX_LEN} tokens "
+                                  f"([CLS] and [SEP] included; the longest {len(mapper.tokenizer(long)['input_ids'])}): "
+                                  f"the model reads only their beginning, e.g. '{long[:20]}"), messages[0]
+    assert messages[1] == (f"{source}: 1 of 4 expressions are mostly unknown tokens ([UNK]: words the text encoder's "
+                           "vocabulary lacks), e.g. '左边的盒子'")
+    with captured_log("vipa_d2.data.dataset_mapper", logging.WARNING) as seen:
+        mapper.check_records([records[0]], f"mine_{uuid.uuid4().hex}")
+    assert not seen

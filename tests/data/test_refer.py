@@ -248,6 +248,14 @@ def test_missing_files_name_path_and_layout(tmp_path):
                                                 rf"the working directory {os.getcwd()}\)"):
         load_refer_dicts("refer", "refcoco", "unc", "train", "/imgs")
     save_refer_dataset(str(tmp_path / "g"), "unc", _grefs(), _instances(), generalized=True)
+    # The other format's refs there: the flag is what is wrong (data review, session 59).
+    with pytest.raises(FileNotFoundError, match=r"refs\(unc\)\.p, but .*g/grefs\(unc\)\.json is there: that is the "
+                                                r"generalized \(gRefCOCO-style\) format; register with generalized=True$"):
+        load_refer_dicts(str(tmp_path), "g", "unc", "val", "/imgs")
+    save_refer_dataset(str(tmp_path / "p"), "unc", _refs(), _instances())
+    with pytest.raises(FileNotFoundError, match=r"grefs\(unc\)\.json, but .*p/refs\(unc\)\.p is there: that is the "
+                                                r"plain format; register with generalized=False$"):
+        load_refer_dicts(str(tmp_path), "p", "unc", "val", "/imgs", generalized=True)
     os.remove(tmp_path / "g" / "instances.json")
     with pytest.raises(FileNotFoundError, match=r"g/instances\.json"):
         load_refer_dicts(str(tmp_path), "g", "unc", "val", "/imgs", generalized=True)
@@ -273,6 +281,37 @@ def test_test_letter_splits_warn_when_they_take_another_split(tmp_path, caplog):
         for split in ("train", "val"):  # exact names: nothing to say (it warned for these too)
             load_refer_dicts(str(tmp_path), "toy", "unc", split, "/imgs")
     assert "also takes the refs" not in caplog.text
+
+
+def test_the_test_split_warns_when_it_takes_another_split(tmp_path, caplog):
+    # "test" takes every split holding the word, as REFER.getRefIds does: a "test_unseen"
+    # beside "test" was scored with it, unsaid (data review, session 59).
+    refs = _refs()
+    refs[0]["split"], refs[1]["split"] = "test", "test_unseen"
+    save_refer_dataset(str(tmp_path / "toy"), "unc", refs, _instances())
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        records = load_refer_dicts(str(tmp_path), "toy", "unc", "test", "/imgs")
+    assert {r["ref_id"] for r in records} == {refs[0]["ref_id"], refs[1]["ref_id"]}
+    assert "split 'test' also takes the refs of splits ['test_unseen']" in caplog.text
+    caplog.clear()
+    refs[1]["split"] = "train"
+    save_refer_dataset(str(tmp_path / "only"), "unc", refs, _instances())
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        load_refer_dicts(str(tmp_path), "only", "unc", "test", "/imgs")
+    assert "also takes the refs" not in caplog.text
+
+
+def test_written_refs_read_in_old_pythons_and_keep_words_of_any_script(tmp_path):
+    # The refs file was pickle protocol 5, which LAVT's Python 3.7 cannot read, and "sent"
+    # kept [a-z0-9] only: "café" became "caf" for tools that read it (data review, session 59).
+    assert make_sentence("The café's 2nd box, 左边的盒子", 7) == {
+        "raw": "The café's 2nd box, 左边的盒子", "sent": "the café s 2nd box 左边的盒子",
+        "tokens": ["the", "café", "s", "2nd", "box", "左边的盒子"], "sent_id": 7,
+    }
+    assert make_sentence("left_most  cup!", 8)["tokens"] == ["left", "most", "cup"]  # as before: no "_"
+    paths = save_refer_dataset(str(tmp_path / "toy"), "unc", _refs(), _instances())
+    with open(paths["refs"], "rb") as f:
+        assert f.read(2) == b"\x80\x02"  # protocol 2, as the official files
 
 
 def _break(kind):

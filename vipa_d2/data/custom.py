@@ -104,6 +104,8 @@ def register_referring_dataset(
     """
     if invalid not in INVALID_MODES:
         raise ValueError(f"invalid={invalid!r}: expected one of {INVALID_MODES}")
+    # "~/data" from a config or notebook: read as the shell would (it was a folder named "~").
+    refer_root, image_root = os.path.expanduser(refer_root), os.path.expanduser(image_root)
     own = dict(
         evaluator_type=REFERRING_EVALUATOR_TYPE,
         generalized=generalized,

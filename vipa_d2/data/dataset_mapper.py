@@ -13,10 +13,11 @@ from detectron2.data import detection_utils as utils
 from detectron2.data import transforms as T
 from detectron2.structures import BoxMode
 from detectron2.utils.file_io import PathManager
+from detectron2.utils.logger import log_first_n
 
 from ..modeling.losses import object_area_losses, object_box_losses, object_group_losses
 from ..modeling.text_encoder import build_tokenizer
-from .expressions import tokenize_expression
+from .expressions import text_fit_notes, tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
 from .mirror_words import is_flipped, swap_left_right
@@ -314,6 +315,10 @@ class ReferringDatasetMapper:
             if problem is not None:
                 item = f"record #{i} ({record_name(record)})"
                 raise ReferringDataError(f"{source}: {item}: {problem[1]}", item=item, field=problem[0])
+        notes = text_fit_notes(self.tokenizer, [r["sentence"]["raw"] for r in records], self.max_text_len)
+        for note in filter(None, notes.values()):
+            # Once per message: the trainer checks each test set again at every evaluation.
+            log_first_n(logging.WARNING, f"{source}: {note}", n=1, name=logger.name, key="message")
 
     def _object_values_problem(self, record: Dict):
         """

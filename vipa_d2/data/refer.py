@@ -389,6 +389,14 @@ def load_refer_dicts(
     refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
     inst_path = os.path.join(data_dir, INSTANCES_FILE)
     layout = expected_layout(dataset, split_by, generalized, image_root, refer_root)
+    other_kind = os.path.join(data_dir, refs_file_name(split_by, not generalized))
+    if not os.path.isfile(refs_path) and os.path.isfile(other_kind):
+        # The folder holds the other format's refs: what the user got wrong is the flag.
+        raise FileNotFoundError(
+            f"Referring dataset file not found: {refs_path}, but {other_kind} is there: that is the "
+            f"{'plain' if generalized else 'generalized (gRefCOCO-style)'} format; register with "
+            f"generalized={not generalized}"
+        )
     _require_file(refs_path, layout)
     _require_file(inst_path, layout)
     policy = _InvalidRefPolicy(invalid, refs_path)
@@ -426,6 +434,13 @@ def load_refer_dicts(
             logger.warning(f"{refs_path}: split {split!r} also takes the refs of splits {others} (REFER.getRefIds "
                            f"selects {split} by the letter {split[-1]!r} anywhere in a ref's split); rename them "
                            "if they are not test splits")
+    # ... and "test" by the word: a "test_unseen" beside "test" would be scored with it, unsaid.
+    if split == "test" and not generalized:
+        others = sorted({ref["split"] for _, ref in selected} - {split})
+        if others:
+            logger.warning(f"{refs_path}: split 'test' also takes the refs of splits {others} (REFER.getRefIds "
+                           "selects 'test' by the word anywhere in a ref's split); register those splits by their own "
+                           "names to score them apart")
 
     # Everything the split's refs use is checked before anything is rasterised.
     targets = _TargetChecker(inst_path, images, anns)
@@ -530,7 +545,12 @@ def load_refer_dicts(
     return records
 
 
-_TOKEN_RE = re.compile(r"[a-z0-9]+")
+# A word: letters and digits of any script ([a-z0-9] for English text after lower()); it
+# was [a-z0-9] alone, and "café" became "caf" in the "sent" other REFER tools read.
+_TOKEN_RE = re.compile(r"[^\W_]+")
+# The official refs files' protocol: Python 2 and 3 (LAVT's 3.7 too) read it; the highest
+# one, 5, needs Python 3.8.
+REFS_PICKLE_PROTOCOL = 2
 
 
 def make_sentence(raw: str, sent_id: int) -> Dict:
@@ -572,7 +592,7 @@ def save_refer_dataset(
         # Readers admit plain data only (see safe_pickle): numpy values become Python ones.
         plain = json.loads(json.dumps(list(refs), default=_json_default))
         with atomic_open(refs_path, "wb") as f:
-            pickle.dump(plain, f, protocol=pickle.HIGHEST_PROTOCOL)
+            pickle.dump(plain, f, protocol=REFS_PICKLE_PROTOCOL)
     return {"instances": inst_path, "refs": refs_path}
 
 

@@ -75,6 +75,10 @@ class VIPAWithTTA(nn.Module):
         if isinstance(model, DistributedDataParallel):
             model = model.module
         self.model = model
+        # The wrapper's own mode is the model's: a new module is in training mode, and
+        # Detectron2's inference_context restores that mode on it, so the model it wraps
+        # came out of an evaluation in training mode.
+        self.train(model.training)
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
         logger.info("Test-time augmentation: horizontal flip with left/right words swapped")

@@ -166,6 +166,33 @@ def _check_not_empty(records, name: str) -> None:
                           "to score; register it with its samples or leave it out of DATASETS.TEST")
 
 
+def _check_no_target_scored(records, name: str) -> None:
+    """ConfigError when a referring set not marked ``generalized`` has expressions without a
+    target: ReferringEvaluator scores such a set as RefCOCO (every expression has a target,
+    the mask from before the no-target verdict), so a correct "no target" would count as a
+    miss, and nothing would say so."""
+    metadata = MetadataCatalog.get(name)
+    if metadata.get("evaluator_type", None) != REFERRING_EVALUATOR_TYPE or metadata.get("generalized", False):
+        return
+    # As the mapper reads it: "empty" where given, else no target annotation.
+    no_target = sum(bool(r.get("empty", not r.get("annotations"))) for r in records)
+    if no_target:
+        raise ConfigError(
+            f"DATASETS.TEST: {name!r} has {no_target} of its {len(records)} expressions without a target, but its "
+            "MetadataCatalog entry lacks generalized=True: ReferringEvaluator would score them as RefCOCO's, whose "
+            "expressions all have one (a correct no-target verdict as a miss); set "
+            f"MetadataCatalog.get({name!r}).set(generalized=True) to score the verdict (gRefCOCO's N-acc, gIoU), "
+            "or leave those expressions out"
+        )
+
+
+def _check_test_set(mapper, records, name: str) -> None:
+    """The checks of a ``DATASETS.TEST`` set's records before its loader reads any."""
+    _check_not_empty(records, name)
+    mapper.check_records(records, name)
+    _check_no_target_scored(records, name)
+
+
 def _check_shufflable(records, name: str) -> None:
     try:
         check_shufflable(records, name)
@@ -495,8 +522,7 @@ class ReferringTrainer(DefaultTrainer):
         mapper = build_test_mapper(cfg)
         for name in cfg.DATASETS.TEST:
             records = DatasetCatalog.get(name)
-            _check_not_empty(records, name)
-            mapper.check_records(records, name)
+            _check_test_set(mapper, records, name)
             if cfg.TEST.SHUFFLED_EXPRESSION_CONTROL:
                 _check_shufflable(records, name)
 
@@ -505,8 +531,7 @@ class ReferringTrainer(DefaultTrainer):
         records = DatasetCatalog.get(dataset_name)
         mapper = build_test_mapper(cfg)
         # As check_test_sets does before training; --eval-only comes here directly.
-        _check_not_empty(records, dataset_name)
-        mapper.check_records(records, dataset_name)
+        _check_test_set(mapper, records, dataset_name)
         return build_detection_test_loader(
             records,
             mapper=mapper,
