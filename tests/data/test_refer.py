@@ -631,6 +631,24 @@ def test_group_ann_ids_become_object_in_group_beside_object_boxes(tmp_path):
     assert not any("group_ann_ids" in r for r in recs)
 
 
+def test_annotations_without_a_box_give_object_boxes_from_their_segmentation(tmp_path, caplog):
+    # Left out before: a box-less object, a target too, was missing from the centre maps and
+    # the object choice's candidates, while its record annotation had a box (data review, session 59).
+    inst = _instances()
+    del inst["annotations"][1]["bbox"]  # a polygon target
+    inst["annotations"].append({"id": 103, "image_id": 7, "category_id": 2, "segmentation": [[1.0, 1.0]], "iscrowd": 0})
+    save_refer_dataset(str(tmp_path / "toy"), "unc", _refs(), inst)
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
+    triangle = recs[2]["annotations"][0]["bbox"]  # the record's box, from the same segmentation
+    assert [r["object_boxes"] for r in recs] == [[[10.0, 10.0, 20.0, 20.0], triangle]] * 3
+    assert "2 annotations without a usable bbox (in object_boxes with their segmentation's box)" in caplog.text  # + the blob
+    assert "1 annotations without a usable bbox or segmentation (left out of object_boxes)" in caplog.text
+    # The RLE blob of the other image (no bbox in _instances) is its image's object.
+    val = load_refer_dicts(str(tmp_path), "toy", "unc", "val", "/imgs")
+    assert val[0]["object_boxes"] == [[40.0, 20.0, 18.0, 15.0]]
+
+
 def test_annotation_areas_become_object_areas_beside_object_boxes(tmp_path):
     inst = _instances()
     inst["annotations"][0]["area"] = 400

@@ -175,14 +175,19 @@ def _is_box(bbox) -> bool:
     )
 
 
+def _segmentation_box(segm, height: int, width: int) -> List[float]:
+    """[x, y, w, h] around a validated ``segm`` (see :func:`record_segmentation`)."""
+    rle = segm if isinstance(segm, dict) else coco_rle(segm, height, width)
+    return mask_util.toBbox(rle).tolist()
+
+
 def _record_annotation(ann: Dict, img: Dict) -> Dict:
     """A record annotation of a validated target (see :func:`record_segmentation`)."""
     h, w = img["height"], img["width"]
     segm = record_segmentation(ann["segmentation"], h, w)
     bbox = ann.get("bbox")
     if not _is_box(bbox):
-        rle = segm if isinstance(segm, dict) else coco_rle(segm, h, w)
-        bbox = mask_util.toBbox(rle).tolist()
+        bbox = _segmentation_box(segm, h, w)
     category_id = ann.get("category_id", 0)
     iscrowd = ann.get("iscrowd", 0)
     return {
@@ -208,18 +213,30 @@ def _usable_area(ann: Dict) -> Optional[float]:
 
 def _object_boxes_by_image(anns: Dict, images: Dict, notes) -> Dict:
     """{image id: [(ann id, [x, y, w, h], area or None) of every annotation of the image
-    with a usable bbox]}: the objects an image holds, targets or not (centre maps learn
-    where objects are, see MODEL.VIPA.DECODER.COUNT_CENTRES); annotations without a usable
-    box or of no image in ``images`` are counted in ``notes``."""
+    with a usable bbox, or else a usable segmentation to take it from]}: the objects an
+    image holds, targets or not (centre maps learn where objects are, see
+    MODEL.VIPA.DECODER.COUNT_CENTRES, and the object choice picks among them); what is done
+    with annotations without a box, or of no image in ``images``, is counted in ``notes``."""
     boxes: Dict = collections.defaultdict(list)
     for aid, ann in anns.items():
         bbox = ann.get("bbox")
-        if ann["image_id"] not in images:
+        img = images.get(ann["image_id"])
+        if img is None:
             notes["annotations whose image_id is no image of instances.json (left out of object_boxes)"] += 1
-        elif _is_box(bbox):
-            boxes[ann.get("image_id")].append((aid, [float(v) for v in bbox], _usable_area(ann)))
-        else:
-            notes["annotations without a usable bbox (left out of object_boxes)"] += 1
+            continue
+        if not _is_box(bbox):
+            # A box-less object left out would be missing from the centre maps and the
+            # object choice's candidates, a box-less target too (its record has its box).
+            h, w, segm = img["height"], img["width"], ann.get("segmentation")
+            if check.segmentation_problem(segm, h, w) is not None:
+                notes["annotations without a usable bbox or segmentation (left out of object_boxes)"] += 1
+                continue
+            bbox = _segmentation_box(record_segmentation(segm, h, w), h, w)
+            if bbox[2] <= 0 or bbox[3] <= 0:
+                notes["annotations without a usable bbox, whose segmentation is empty (left out of object_boxes)"] += 1
+                continue
+            notes["annotations without a usable bbox (in object_boxes with their segmentation's box)"] += 1
+        boxes[ann["image_id"]].append((aid, [float(v) for v in bbox], _usable_area(ann)))
     return boxes
 
 
@@ -529,7 +546,7 @@ def load_refer_dicts(
     policy.log_summary()
     if notes:
         logger.warning(
-            "%s: read as the official readers do: %s",
+            "%s: read with these notes: %s",
             refs_path,
             ", ".join(f"{n} {what}" for what, n in sorted(notes.items())),
         )
