@@ -6,9 +6,10 @@ Validate the simple referring JSON format and convert it to the REFER layout.
         [--split-by unc] [--generalized] [--image-root datasets/mydata/images] [--check-only] [--overwrite]
 
 writes <out-root>/<dataset>/instances.json and refs(<split-by>).p (or, with --generalized,
-grefs(<split-by>).json). Files it would replace with other content (that refs file, a
-different instances.json, which every refs file of the folder indexes) are refused unless
---overwrite; another --split-by of the same images and objects is written beside the first.
+grefs(<split-by>).json). Files it would replace (that refs file, even from the same
+conversion, and a different instances.json, which every refs file of the folder indexes) are
+refused unless --overwrite; another --split-by of the same images and objects is written
+beside the first.
 Register it with
 vipa_d2.data.register_referring_dataset(name, out_root, dataset, split_by, split, image_root).
 The format is documented in datasets/README.md. Exit status 1 on invalid input.

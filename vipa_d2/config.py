@@ -129,6 +129,8 @@ def add_vipa_config(cfg):
     # Keep the backbone's BatchNorm layers in inference mode with fixed affine parameters:
     # batch statistics of the small per-device batches used in RIS are too noisy. Those of
     # the stages MODEL.BACKBONE.FREEZE_AT freezes are fixed either way, as in Detectron2.
+    # Left False with several GPUs, each normalises over its own share of the batch (no
+    # SyncBN; rank 0's statistics are given to all before each evaluation).
     cfg.MODEL.TIMM.FREEZE_BN = False
 
     # ----------------------------------------------------------------- VIPA

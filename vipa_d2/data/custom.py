@@ -510,9 +510,9 @@ def convert_simple_json(
     ``out_dir/instances.json`` + ``out_dir/refs(<split_by>).p`` (or, generalized,
     ``out_dir/grefs(<split_by>).json``). Returns the written paths, and under
     ``"outdated_refs"`` the folder's other refs files when ``instances.json`` changed:
-    they index the annotations it had. Files it would replace with other content (its refs
-    file, a different ``instances.json``, which every refs file there indexes) are refused
-    (:class:`ReferFolderConflict`) unless ``overwrite``; a second split provider of the same
+    they index the annotations it had. Files it would replace (its refs file, even from the
+    same conversion, and a different ``instances.json``, which every refs file there indexes)
+    are refused (:class:`ReferFolderConflict`) unless ``overwrite``; a second split provider of the same
     images and objects (refcocog's google and umd) is written beside the first.
     """
     if isinstance(src, str):
