@@ -45,8 +45,8 @@ from vipa_d2 import ConfigError, get_vipa_cfg
 from vipa_d2.config import add_config_function_option, flatten_config, import_config_functions
 from vipa_d2.data.manifest import ManifestEntry, read_manifest
 from vipa_d2.data.masks import mask_to_rle
-from vipa_d2.data.dataset_mapper import WIDE_IMAGE_MODES
-from vipa_d2.data.validation import IMAGE_READ_ERRORS, ReferringDataError, shortlist, stored_image_header
+from vipa_d2.data.dataset_mapper import image_header_problem
+from vipa_d2.data.validation import ReferringDataError, shortlist
 from vipa_d2.predictor import VIPAPredictor, WeightsError, read_image, validate_expressions
 from vipa_d2.utils.atomic_io import atomic_open
 from vipa_d2.utils.checkpoint_file import UntrustedCheckpointError
@@ -329,22 +329,14 @@ def run(args) -> Tuple[str, str]:
     written = check_outputs(jobs, plan, args)
     # Every input's header before the model: a bad file (a glob's notes.txt, a broken
     # download, 16-bit pixels) would otherwise stop the run after the images before it.
-    sizes, unreadable, wide = {}, [], []
+    sizes, unusable = {}, []
     for job in jobs:
-        try:
-            height, width, mode = stored_image_header(job.image)
-        except IMAGE_READ_ERRORS:
-            unreadable.append(job.image)
-            continue
-        sizes[job.image] = (height, width)
-        if mode in WIDE_IMAGE_MODES:
-            wide.append(f"{job.image} ({mode})")
-    if unreadable:
-        raise DemoError(f"{len(unreadable)} of the {len(jobs)} inputs are no image files PIL can read: "
-                        f"{shortlist(unreadable, MAX_LISTED)}")
-    if wide:
-        raise DemoError(f"{len(wide)} of the {len(jobs)} inputs have 16-bit or float pixels (PIL mode), expected 8 "
-                        f"bits per channel (grey, RGB, RGBA or palette): {shortlist(wide, MAX_LISTED)}")
+        sizes[job.image], problem = image_header_problem(job.image)
+        if problem is not None:
+            unusable.append(problem)
+    if unusable:
+        raise DemoError(f"{len(unusable)} of the {len(jobs)} inputs cannot be read as images of 8 bits per channel: "
+                        f"{shortlist(unusable, MAX_LISTED)}")
     for job in jobs:  # a manifest's targets, against the sizes just read
         try:
             job.check_targets(*sizes[job.image])

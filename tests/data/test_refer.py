@@ -299,6 +299,12 @@ def test_the_test_split_warns_when_it_takes_another_split(tmp_path, caplog):
     with caplog.at_level("WARNING", logger="vipa_d2"):
         load_refer_dicts(str(tmp_path), "only", "unc", "test", "/imgs")
     assert "also takes the refs" not in caplog.text
+    # RefClef's "test" unites its testA/B/C by design: unsaid (built-in refclef_unc_test).
+    refs[1]["split"] = "testC"
+    save_refer_dataset(str(tmp_path / "clef"), "unc", refs, _instances())
+    with caplog.at_level("WARNING", logger="vipa_d2"):
+        assert len(load_refer_dicts(str(tmp_path), "clef", "unc", "test", "/imgs")) == 3
+    assert "also takes the refs" not in caplog.text
 
 
 def test_written_refs_read_in_old_pythons_and_keep_words_of_any_script(tmp_path):
@@ -309,6 +315,8 @@ def test_written_refs_read_in_old_pythons_and_keep_words_of_any_script(tmp_path)
         "tokens": ["the", "café", "s", "2nd", "box", "左边的盒子"], "sent_id": 7,
     }
     assert make_sentence("left_most  cup!", 8)["tokens"] == ["left", "most", "cup"]  # as before: no "_"
+    # Combining marks stay in their word, composed (diff review, session 59).
+    assert make_sentence("the cafe\u0301 हिंदी", 9)["tokens"] == ["the", "caf\u00e9", "हिंदी"]
     paths = save_refer_dataset(str(tmp_path / "toy"), "unc", _refs(), _instances())
     with open(paths["refs"], "rb") as f:
         assert f.read(2) == b"\x80\x02"  # protocol 2, as the official files
@@ -637,6 +645,9 @@ def test_annotations_without_a_box_give_object_boxes_from_their_segmentation(tmp
     inst = _instances()
     del inst["annotations"][1]["bbox"]  # a polygon target
     inst["annotations"].append({"id": 103, "image_id": 7, "category_id": 2, "segmentation": [[1.0, 1.0]], "iscrowd": 0})
+    # An image no ref uses, whose size is unusable: its box-less object is counted, not a traceback.
+    inst["images"].append({"id": 9, "file_name": "c.jpg", "height": "tall", "width": W})
+    inst["annotations"].append({"id": 104, "image_id": 9, "category_id": 2, "segmentation": [SQUARE], "iscrowd": 0})
     save_refer_dataset(str(tmp_path / "toy"), "unc", _refs(), inst)
     with caplog.at_level("WARNING", logger="vipa_d2"):
         recs = load_refer_dicts(str(tmp_path), "toy", "unc", "train", "/imgs")
@@ -644,6 +655,7 @@ def test_annotations_without_a_box_give_object_boxes_from_their_segmentation(tmp
     assert [r["object_boxes"] for r in recs] == [[[10.0, 10.0, 20.0, 20.0], triangle]] * 3
     assert "2 annotations without a usable bbox (in object_boxes with their segmentation's box)" in caplog.text  # + the blob
     assert "1 annotations without a usable bbox or segmentation (left out of object_boxes)" in caplog.text
+    assert "1 annotations without a usable bbox, of an unusable image (left out of object_boxes)" in caplog.text
     # The RLE blob of the other image (no bbox in _instances) is its image's object.
     val = load_refer_dicts(str(tmp_path), "toy", "unc", "val", "/imgs")
     assert val[0]["object_boxes"] == [[40.0, 20.0, 18.0, 15.0]]

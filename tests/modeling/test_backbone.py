@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import timm
 import torch
+from timm.models.swin_transformer import SwinTransformerBlock
 from detectron2.layers import ShapeSpec
 from detectron2.modeling import build_backbone
 
@@ -14,6 +15,7 @@ from common import make_cfg
 from vipa_d2 import ConfigError
 from vipa_d2.engine.optimizer import get_vipa_optimizer_params
 from vipa_d2.modeling.backbone import load_backbone_weights
+from vipa_d2.modeling.backbone.swin_windows import PadThenShiftSwinBlock
 from vipa_d2.modeling.backbone.weights import SWIN_ORIGINAL_LAYOUT_KEY
 from vipa_d2.modeling.backbone.conv_bn_fold import FoldedBatchNorm2d, FoldedConv2d, set_conv_bn_folding
 
@@ -128,6 +130,26 @@ def test_every_swin_stage_shifts_its_windows():
         assert [tuple(b.shift_size) for b in stage.blocks] == [(0, 0), (3, 3)] * (len(stage.blocks) // 2)
 
 
+def test_shifted_windows_do_not_join_opposite_image_edges():
+    # timm shifts, then pads to whole windows, under a mask that assumes the reverse: at 15
+    # tokens (window 7, shift 3) the top rows shared windows with the bottom ones, unmasked
+    # (diff review, session 59). Swin's segmentation code pads first.
+    cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "swin_tiny_patch4_window7_224")
+    block = build_backbone(cfg, ShapeSpec(channels=3)).stages[3].blocks[1].eval()
+    assert type(block) is PadThenShiftSwinBlock and tuple(block.shift_size) == (3, 3)
+    x = torch.randn(1, 15, 15, block.norm1.normalized_shape[0])
+    poked = x.clone()
+    poked[0, 0, 0] += 1.0
+    with torch.no_grad():
+        changed = (block(poked) - block(x)).abs().amax(-1)[0] > 0
+    rows, cols = changed.nonzero().unbind(1)
+    assert changed[0, 0] and rows.max() < 7 and cols.max() < 7, changed.nonzero().tolist()
+    # Where no padding is needed, timm's own order gives the same.
+    x = torch.randn(1, 14, 21, x.shape[-1])
+    with torch.no_grad():
+        torch.testing.assert_close(block._attn(x), SwinTransformerBlock._attn(block, x))
+
+
 def test_unsupported_family_is_a_config_error():
     cfg = make_cfg(*BACKBONE, "MODEL.TIMM.ARCH", "resnet18")
     with pytest.raises(ConfigError, match=r"MODEL\.TIMM\.ARCH='resnet18' builds a timm ResNet"):
@@ -189,6 +211,10 @@ def test_swin_weights_of_the_original_code_load(tmp_path):
     load_backbone_weights(model, str(tmp_path / "swin_original.pth"), "swin_tiny_patch4_window7_224")
     loaded = model.state_dict()
     assert sorted(loaded) == sorted(source) and all(torch.equal(loaded[k], source[k]) for k in source)
+    # Into another family, such a file is refused as any foreign one is, not converted.
+    with pytest.raises(ValueError, match="match only"):
+        load_backbone_weights(timm.create_model("tf_efficientnet_lite0"), str(tmp_path / "swin_original.pth"),
+                              "tf_efficientnet_lite0")
 
 
 def test_freeze_at_and_frozen_bn():

@@ -78,7 +78,8 @@ class ReferringFormatError(ReferringDataError):
 
 
 class ReferFolderConflict(FileExistsError):
-    """A conversion would replace REFER files of its folder (``files``) with other content."""
+    """A conversion would replace REFER files of its folder (``files``): its refs file, even
+    one from the same conversion, or an ``instances.json`` of other content."""
 
     def __init__(self, message: str, files: List[str]):
         super().__init__(message)

@@ -3,7 +3,7 @@
 import copy
 import logging
 import os
-from typing import Dict, List, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
@@ -127,6 +127,19 @@ def read_record_image(record: Dict, image_format: str) -> np.ndarray:
     return image
 
 
+def image_header_problem(path: str) -> Tuple[Optional[Tuple[int, int]], Optional[str]]:
+    """(height, width) of an image file, from its header (after EXIF rotation), and what
+    keeps :func:`read_image` from reading it, or None: no image PIL reads (PIL's reason: bad
+    data, a decompression bomb's pixel count), or pixels of more than 8 bits per channel."""
+    try:
+        height, width, mode = stored_image_header(path)
+    except IMAGE_READ_ERRORS as e:
+        return None, f"{path} is no image file PIL reads ({e})"
+    if mode in WIDE_IMAGE_MODES:
+        return (height, width), f"{path} has {wide_mode_problem(mode)}"
+    return (height, width), None
+
+
 def check_image_files(records: List[Dict], source: str) -> None:
     """Refuse ``records`` (of the datasets ``source`` names) whose image files do not exist,
     or whose files (read from their headers) are no image, not 8 bits per channel, or not the
@@ -148,16 +161,12 @@ def check_image_files(records: List[Dict], source: str) -> None:
         )
     unreadable, wrong = {}, {}  # file -> what is wrong
     for name, said in sizes.items():
-        try:
-            header = stored_image_header(name)
-        except IMAGE_READ_ERRORS as e:  # PIL's reason: bad data, or a decompression bomb's pixel count
-            unreadable[name] = f"{name} is no image file PIL reads ({e})"
-            continue
-        if header[2] in WIDE_IMAGE_MODES:
-            unreadable[name] = f"{name} has {wide_mode_problem(header[2])}"
-        elif any(size != header[:2] for size in said):
-            listed = " and ".join(f"{h} x {w}" for h, w in sorted(size for size in said if size != header[:2]))
-            wrong[name] = f"{name} is {header[0]} x {header[1]}, records of it say {listed}"
+        stored, problem = image_header_problem(name)
+        if problem is not None:
+            unreadable[name] = problem
+        elif any(size != stored for size in said):
+            listed = " and ".join(f"{h} x {w}" for h, w in sorted(size for size in said if size != stored))
+            wrong[name] = f"{name} is {stored[0]} x {stored[1]}, records of it say {listed}"
     if unreadable:
         raise ReferringDataError(
             f"{source}: {len(unreadable)} of its {len(sizes)} image files cannot be read as images of 8 bits per "
@@ -296,7 +305,9 @@ class ReferringDatasetMapper:
         records that lack or misshape a field it reads (a loader of your own,
         :func:`vipa_d2.data.validation.record_problem`), image files that do not exist, and
         records without a key that a training loss reads or with its values misshapen
-        (:meth:`_object_values_problem`). ``source`` (the datasets) heads the message.
+        (:meth:`_object_values_problem`). ``source`` (the datasets) heads the message. Logs,
+        once per message, how many expressions ``INPUT.MAX_TEXT_LEN`` cuts and how many are
+        mostly unknown tokens (:func:`vipa_d2.data.expressions.text_fit_notes`).
         """
         check_record_fields(records, source, landmark=not self.is_train or self.landmark_supervision)
         check_image_files(records, source)

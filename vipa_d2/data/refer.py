@@ -17,6 +17,7 @@ import numbers
 import os
 import pickle
 import re
+import unicodedata
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
@@ -175,6 +176,28 @@ def _is_box(bbox) -> bool:
     )
 
 
+def _merged_splits_note(split: str, selected_splits: set) -> Optional[str]:
+    """
+    What the official selection of ``split`` also takes, if anything: REFER.getRefIds
+    selects testA/B/C by the letter and "test" by the word anywhere in a ref's split. Parity
+    keeps that, but with a user's own split names a "trainB" would be scored as testB, a
+    "test_unseen" with test. The official test splits that "test" unites by design
+    (RefClef's testA/B/C) go unsaid.
+    """
+    if split in check.LETTER_TEST_SPLITS:
+        others = sorted(s for s in selected_splits if not s.startswith("test"))
+        how, advice = f"by the letter {split[-1]!r}", "rename them if they are not test splits"
+    elif split == "test":
+        others = sorted(selected_splits - {split} - set(check.LETTER_TEST_SPLITS))
+        how, advice = "by the word", "register those splits by their own names to score them apart"
+    else:
+        return None
+    if not others:
+        return None
+    return (f"split {split!r} also takes the refs of splits {others} (REFER.getRefIds selects {split} {how} "
+            f"anywhere in a ref's split); {advice}")
+
+
 def _segmentation_box(segm, height: int, width: int) -> List[float]:
     """[x, y, w, h] around a validated ``segm`` (see :func:`record_segmentation`)."""
     rle = segm if isinstance(segm, dict) else coco_rle(segm, height, width)
@@ -218,6 +241,7 @@ def _object_boxes_by_image(anns: Dict, images: Dict, notes) -> Dict:
     MODEL.VIPA.DECODER.COUNT_CENTRES, and the object choice picks among them); what is done
     with annotations without a box, or of no image in ``images``, is counted in ``notes``."""
     boxes: Dict = collections.defaultdict(list)
+    image_problems: Dict = {}  # image id -> check.image_problem, once each
     for aid, ann in anns.items():
         bbox = ann.get("bbox")
         img = images.get(ann["image_id"])
@@ -227,6 +251,12 @@ def _object_boxes_by_image(anns: Dict, images: Dict, notes) -> Dict:
         if not _is_box(bbox):
             # A box-less object left out would be missing from the centre maps and the
             # object choice's candidates, a box-less target too (its record has its box).
+            # Its size comes from its image, which no ref of the split may have checked.
+            if ann["image_id"] not in image_problems:
+                image_problems[ann["image_id"]] = check.image_problem(img)
+            if image_problems[ann["image_id"]] is not None:
+                notes["annotations without a usable bbox, of an unusable image (left out of object_boxes)"] += 1
+                continue
             h, w, segm = img["height"], img["width"], ann.get("segmentation")
             if check.segmentation_problem(segm, h, w) is not None:
                 notes["annotations without a usable bbox or segmentation (left out of object_boxes)"] += 1
@@ -443,21 +473,9 @@ def load_refer_dicts(
             selected.append((where, ref))
     if not selected and not policy.counts:
         raise data_error(refs_path, None, None, f"no ref has split {split!r}; available splits: {sorted(available)}")
-    # REFER.getRefIds selects testA/B/C by the letter alone; parity keeps that, but with a
-    # user's own split names it would score training refs as test ones.
-    if split in check.LETTER_TEST_SPLITS and not generalized:
-        others = sorted({ref["split"] for _, ref in selected if not ref["split"].startswith("test")})
-        if others:
-            logger.warning(f"{refs_path}: split {split!r} also takes the refs of splits {others} (REFER.getRefIds "
-                           f"selects {split} by the letter {split[-1]!r} anywhere in a ref's split); rename them "
-                           "if they are not test splits")
-    # ... and "test" by the word: a "test_unseen" beside "test" would be scored with it, unsaid.
-    if split == "test" and not generalized:
-        others = sorted({ref["split"] for _, ref in selected} - {split})
-        if others:
-            logger.warning(f"{refs_path}: split 'test' also takes the refs of splits {others} (REFER.getRefIds "
-                           "selects 'test' by the word anywhere in a ref's split); register those splits by their own "
-                           "names to score them apart")
+    merged = None if generalized else _merged_splits_note(split, {ref["split"] for _, ref in selected})
+    if merged:
+        logger.warning(f"{refs_path}: {merged}")
 
     # Everything the split's refs use is checked before anything is rasterised.
     targets = _TargetChecker(inst_path, images, anns)
@@ -562,17 +580,23 @@ def load_refer_dicts(
     return records
 
 
-# A word: letters and digits of any script ([a-z0-9] for English text after lower()); it
-# was [a-z0-9] alone, and "café" became "caf" in the "sent" other REFER tools read.
-_TOKEN_RE = re.compile(r"[^\W_]+")
 # The official refs files' protocol: Python 2 and 3 (LAVT's 3.7 too) read it; the highest
 # one, 5, needs Python 3.8.
 REFS_PICKLE_PROTOCOL = 2
 
 
+def _words(text: str) -> List[str]:
+    """Lower-case words: runs of letters and digits of any script, with the marks combined
+    with them (a decomposed accent, Devanagari vowel signs), composed (NFC). For English text
+    that is [a-z0-9]+ after lower(), as before; [a-z0-9] alone made "café" "caf" in the
+    "sent" other REFER tools read."""
+    text = unicodedata.normalize("NFC", text.lower())
+    return "".join(c if c.isalnum() or unicodedata.category(c).startswith("M") else " " for c in text).split()
+
+
 def make_sentence(raw: str, sent_id: int) -> Dict:
     """A REFER sentence entry: raw text, normalized lower-case ``sent`` and its tokens."""
-    tokens = _TOKEN_RE.findall(raw.lower())
+    tokens = _words(raw)
     return {"raw": raw, "sent": " ".join(tokens), "tokens": tokens, "sent_id": int(sent_id)}
 
 

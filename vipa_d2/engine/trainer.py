@@ -518,7 +518,8 @@ class ReferringTrainer(DefaultTrainer):
         ``TEST.SHUFFLED_EXPRESSION_CONTROL``, has records enough to shuffle. The trainer
         checks this before the first iteration: test() would otherwise meet a split missing
         from the refs file, a missing image or a misshaped record only after the last one,
-        and score no set. An empty set is refused too."""
+        and score no set. An empty set is refused too, and one with no-target expressions
+        whose metadata lacks ``generalized`` (:func:`_check_no_target_scored`)."""
         mapper = build_test_mapper(cfg)
         for name in cfg.DATASETS.TEST:
             records = DatasetCatalog.get(name)

@@ -46,6 +46,8 @@ class ReferringEvaluator(DatasetEvaluator):
     * ``Prec@X``: share of samples with IoU >= X;
     * ``N-acc`` / ``T-acc`` (generalized data, or when any sample is a no-target one):
       share of no-target samples predicted empty / of target samples predicted non-empty.
+      A plain set's masks are scored before the no-target verdict, so the trainer refuses
+      to evaluate a set with no-target samples unless its metadata says ``generalized``.
 
     On generalized data ReLA's metrics (cIoU, gIoU, N-acc, T-acc, Pr@0.7/0.8/0.9, as ReLA
     defines them: :mod:`.rela_metrics`) are reported beside these, under ``"rela"``.

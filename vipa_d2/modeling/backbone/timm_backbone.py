@@ -101,7 +101,9 @@ def _create_model(arch: str, in_chans: int, drop_path_rate: float) -> nn.Module:
         kwargs.update(dynamic_img_size=True, strict_img_size=False, always_partition=True)
     try:
         try:
-            return timm.create_model(arch, pretrained=False, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs)
+            model = timm.create_model(
+                arch, pretrained=False, in_chans=in_chans, drop_path_rate=drop_path_rate, **kwargs
+            )
         except TypeError as e:  # raised binding the arguments, before any weight is drawn
             if "drop_path_rate" not in str(e):
                 raise
@@ -110,9 +112,15 @@ def _create_model(arch: str, in_chans: int, drop_path_rate: float) -> nn.Module:
                     f"MODEL.TIMM.DROP_PATH_RATE={drop_path_rate} but MODEL.TIMM.ARCH={arch!r} has no "
                     "stochastic depth (its timm class takes no drop_path_rate): set it to 0."
                 ) from e
-            return timm.create_model(arch, pretrained=False, in_chans=in_chans, **kwargs)
+            model = timm.create_model(arch, pretrained=False, in_chans=in_chans, **kwargs)
     except RuntimeError as e:  # timm raises RuntimeError for unknown names
         raise ConfigError(f"MODEL.TIMM.ARCH={arch!r} is not a timm model: {e}") from e
+    if arch.startswith("swin"):
+        from .swin_windows import pad_before_shift  # timm's Swin module, imported with timm
+
+        # Shifted windows padded before the shift: timm's order mixes opposite image edges.
+        pad_before_shift(model)
+    return model
 
 
 @BACKBONE_REGISTRY.register()

@@ -40,6 +40,12 @@ def bundled_efficientnet_lite0_path() -> str:
 SWIN_ORIGINAL_LAYOUT_KEY = "layers.0.downsample.reduction.weight"
 
 
+def _is_swin_v1(model: nn.Module) -> bool:
+    from timm.models.swin_transformer import SwinTransformer
+
+    return isinstance(model, SwinTransformer)
+
+
 def convert_swin_original(state: Dict[str, torch.Tensor], model: nn.Module) -> Dict[str, torch.Tensor]:
     """An original-layout Swin state dict in timm's names, by timm's own filter for it (which
     also drops the buffers the file keeps and fits bias tables to the model's windows)."""
@@ -112,7 +118,7 @@ def load_backbone_weights(model: nn.Module, weights: str, arch: str) -> None:
         state, source = _read_checkpoint(path), path
     if any(k.startswith("_blocks.") for k in state):
         state = convert_efficientnet_pytorch(state, model)
-    if SWIN_ORIGINAL_LAYOUT_KEY in state:
+    if SWIN_ORIGINAL_LAYOUT_KEY in state and _is_swin_v1(model):  # other models: refused below
         state = convert_swin_original(state, model)
     own = model.state_dict()
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
