@@ -121,6 +121,15 @@ def load_backbone_weights(model: nn.Module, weights: str, arch: str) -> None:
     if SWIN_ORIGINAL_LAYOUT_KEY in state and _is_swin_v1(model):  # other models: refused below
         state = convert_swin_original(state, model)
     own = model.state_dict()
+    # The backbone runs the stem and the stages only: a classifier of another class count
+    # (in1k weights for an in22k arch) is left out, not a mismatch.
+    classifier = getattr(model, "pretrained_cfg", {}).get("classifier")
+    head = tuple(f"{name}." for name in ([classifier] if isinstance(classifier, str) else classifier or ()))
+    other_head = [k for k, v in state.items() if k.startswith(head) and k in own and own[k].shape != v.shape]
+    if other_head:
+        logger.info("Backbone weights %s: classifier of another size, not loaded (%s)", source, other_head)
+        state = {k: v for k, v in state.items() if k not in other_head}
+        own = {k: v for k, v in own.items() if k not in other_head}
     mismatched = [k for k, v in state.items() if k in own and own[k].shape != v.shape]
     if mismatched:
         raise ValueError(
@@ -129,14 +138,15 @@ def load_backbone_weights(model: nn.Module, weights: str, arch: str) -> None:
             f"model {tuple(own[mismatched[0]].shape)}). Is MODEL.TIMM.ARCH={arch!r} right?"
         )
     result = model.load_state_dict(state, strict=False)
-    loaded = len(own) - len(result.missing_keys)
+    missing = [k for k in result.missing_keys if k in own]
+    loaded = len(own) - len(missing)
     if loaded < len(own) // 2:
         raise ValueError(
             f"Backbone weights {source} match only {loaded}/{len(own)} parameters of {arch}; "
-            f"first missing keys: {result.missing_keys[:5]}, first unexpected: {result.unexpected_keys[:5]}"
+            f"first missing keys: {missing[:5]}, first unexpected: {result.unexpected_keys[:5]}"
         )
     logger.info("Backbone %s: loaded %d/%d tensors from %s", arch, loaded, len(own), source)
-    if result.missing_keys:
-        logger.warning("Backbone weights %s: missing keys %s", source, result.missing_keys)
+    if missing:
+        logger.warning("Backbone weights %s: missing keys %s", source, missing)
     if result.unexpected_keys:
         logger.warning("Backbone weights %s: unexpected keys %s", source, result.unexpected_keys)
