@@ -21,7 +21,15 @@ from .expressions import text_fit_notes, tokenize_expression
 from .landmark import breakdown_inputs, landmark_training_inputs
 from .masks import augmented_mask
 from .mirror_words import is_flipped, swap_left_right
-from .validation import IMAGE_READ_ERRORS, ReferringDataError, quote, record_problem, shortlist, stored_image_header
+from .validation import (
+    IMAGE_READ_ERRORS,
+    ReferringDataError,
+    has_no_target,
+    quote,
+    record_problem,
+    shortlist,
+    stored_image_header,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -423,7 +431,7 @@ class ReferringDatasetMapper:
             "input_ids": tokens["input_ids"][0],
             "attention_mask": tokens["attention_mask"][0],
             "gt_mask": torch.as_tensor(gt_mask),
-            "empty": bool(record.get("empty", len(record["annotations"]) == 0)),
+            "empty": has_no_target(record),
             "sentence": sentence,
             "sent_id": record["sentence"].get("sent_id"),
         }

@@ -559,6 +559,12 @@ RECORD_BOX_MODES = (BoxMode.XYXY_ABS, BoxMode.XYWH_ABS)
 _RECORD_TEXT_KEYS = ("type", "target_phrase")
 
 
+def has_no_target(record: Dict) -> bool:
+    """Whether a record (whose fields :func:`record_problem` passed) is a no-target
+    expression: its ``empty`` where given, else no target annotation."""
+    return bool(record.get("empty", len(record["annotations"]) == 0))
+
+
 def record_problem(record, landmark: bool = False) -> Optional[Problem]:
     """
     (field, problem) when a dataset record (the data contract of ``datasets/README.md``)

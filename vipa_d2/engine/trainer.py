@@ -30,7 +30,7 @@ from vipa_d2.data.custom import referring_dataset_names, register_refer_splits
 from vipa_d2.data.dataset_mapper import ReferringDatasetMapper
 from vipa_d2.data.eval_resolution import build_test_mapper
 from vipa_d2.data.refer import REFERRING_EVALUATOR_TYPE
-from vipa_d2.data.validation import shortlist
+from vipa_d2.data.validation import has_no_target, shortlist
 from vipa_d2.evaluation import ReferringEvaluator, print_csv_format, results_file_name
 from vipa_d2.modeling import VIPA, no_target_threshold, runtime_options
 from vipa_d2.modeling.registry import get_registered
@@ -174,8 +174,7 @@ def _check_no_target_scored(records, name: str) -> None:
     metadata = MetadataCatalog.get(name)
     if metadata.get("evaluator_type", None) != REFERRING_EVALUATOR_TYPE or metadata.get("generalized", False):
         return
-    # As the mapper reads it: "empty" where given, else no target annotation.
-    no_target = sum(bool(r.get("empty", not r.get("annotations"))) for r in records)
+    no_target = sum(map(has_no_target, records))  # as the mapper reads it
     if no_target:
         raise ConfigError(
             f"DATASETS.TEST: {name!r} has {no_target} of its {len(records)} expressions without a target, but its "

@@ -31,10 +31,9 @@ class PadThenShiftSwinBlock(SwinTransformerBlock):
         return x[:, :height, :width, :].contiguous()
 
 
-def pad_before_shift(model: torch.nn.Module) -> int:
+def pad_before_shift(model: torch.nn.Module) -> None:
     """Turn every timm Swin (v1) block of ``model`` into a :class:`PadThenShiftSwinBlock`
-    (same parameters and buffers); returns how many."""
-    blocks = [m for m in model.modules() if type(m) is SwinTransformerBlock]
-    for block in blocks:
-        block.__class__ = PadThenShiftSwinBlock
-    return len(blocks)
+    (same parameters and buffers)."""
+    for block in model.modules():
+        if type(block) is SwinTransformerBlock:
+            block.__class__ = PadThenShiftSwinBlock
