@@ -15,6 +15,7 @@ from common import PREDICTOR_OPTS, TINY_CONFIG, captured_log, make_cfg
 from vipa_d2.data import ReferringDatasetMapper
 from vipa_d2.modeling.sampler import num_retrieved
 from vipa_d2.modeling.text_encoder import tokenize
+import vipa_d2.predictor as predictor_module
 from vipa_d2.predictor import VIPAPredictor, WeightsError
 from vipa_d2.utils.visualizer import (
     BACKGROUND_DIM,
@@ -183,7 +184,7 @@ def test_random_weights_warn(records):
     assert any(level == logging.WARNING and "RANDOM" in msg for level, msg in seen)
 
 
-def test_expressions_cut_by_max_text_len_are_named(predictor, records):
+def test_expressions_cut_by_max_text_len_are_named(predictor, records, monkeypatch):
     with captured_log("vipa_d2.predictor") as seen:
         predictor(records[0]["file_name"], ["the cat", " ".join(["the big red cat"] * 10)])
     cut = [m for _, m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
@@ -193,6 +194,18 @@ def test_expressions_cut_by_max_text_len_are_named(predictor, records):
         predictor(records[1]["file_name"], [" ".join(["the big red cat"] * 10), " ".join(["the cat"] * 20)])
     cut = [m for _, m in seen if "longer than INPUT.MAX_TEXT_LEN" in m]
     assert len(cut) == 1 and "#1 (" in cut[0] and "#0" not in cut[0], cut
+    # ... and the memory of warned expressions is bounded (a web app runs for weeks on
+    # strangers' sentences): past WARNED_CUT_KEPT the least recently seen is forgotten.
+    monkeypatch.setattr(predictor_module, "WARNED_CUT_KEPT", 2)
+    long = [" ".join([word] * 30) for word in ("cat", "dog", "cow")]
+    predictor._warned_cut.clear()
+    predictor._warn_cut(long[:2])
+    predictor._warn_cut(long[:1])  # "cat" seen again: now the newest
+    with captured_log("vipa_d2.predictor") as seen:
+        predictor._warn_cut(long[2:])  # "cow" in, "dog" (least recently seen) out
+        predictor._warn_cut(long[:2])  # "cat" kept (not said); "dog" said again
+    assert [m.split(" are longer")[0] for _, m in seen] == ["Expressions #0 (32 tokens)", "Expressions #1 (32 tokens)"]
+    assert list(predictor._warned_cut) == [long[0], long[1]]
     # Counting the tokens warned, from transformers, that the model would index past its
     # positions: it reads the cut expression (diff review, session 55).
     with captured_log("transformers", logging.WARNING) as seen:

@@ -5,6 +5,7 @@
 import logging
 import math
 import os
+from collections import OrderedDict
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -35,6 +36,9 @@ __all__ = ["VIPAPredictor", "WeightsError", "load_weights", "read_image", "valid
 
 # Image channel orders the predictor accepts (3-channel uint8).
 SUPPORTED_FORMATS = ("RGB", "BGR")
+# How many cut expressions the predictor remembers having warned about: a web app runs for
+# weeks on strangers' sentences, so the oldest are forgotten (and warned again if they return).
+WARNED_CUT_KEPT = 1024
 
 
 def validate_expressions(expressions: Union[str, Sequence[str]]) -> List[str]:
@@ -112,7 +116,7 @@ class VIPAPredictor:
         self.augmentations = T.AugmentationList(build_referring_augmentations(cfg, is_train=False))
         self.tokenizer = build_tokenizer(cfg)
         self.max_text_len = cfg.INPUT.MAX_TEXT_LEN
-        self._warned_cut = set()  # expressions already said to be cut
+        self._warned_cut = OrderedDict()  # expressions already said to be cut, oldest first
         self.mask_threshold = cfg.MODEL.VIPA.MASK_THRESHOLD
         self.batch_size = cfg.TEST.IMS_PER_BATCH
 
@@ -146,8 +150,13 @@ class VIPAPredictor:
     def _warn_cut(self, texts: List[str]) -> None:
         # Once per expression: a folder segmented for one long --text warned for every image.
         cut = {i: n for i, n in self.cut_expressions(texts).items() if texts[i] not in self._warned_cut}
+        for text in texts:  # a text seen again is the newest: kept, not said again
+            if text in self._warned_cut:
+                self._warned_cut.move_to_end(text)
+        self._warned_cut.update((texts[i], None) for i in cut)
+        while len(self._warned_cut) > WARNED_CUT_KEPT:
+            self._warned_cut.popitem(last=False)
         if cut:
-            self._warned_cut.update(texts[i] for i in cut)
             logger.warning(
                 f"Expressions {', '.join(f'#{i} ({n} tokens)' for i, n in cut.items())} are longer than "
                 f"INPUT.MAX_TEXT_LEN={self.max_text_len} tokens ([CLS] and [SEP] included): the model reads "

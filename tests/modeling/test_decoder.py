@@ -71,7 +71,7 @@ def test_pixel_decoder_config_errors():
     # The backbone is named by its key, whichever it is: the hint to MODEL.TIMM.OUT_FEATURES
     # read as if every backbone were timm's (extension review, session 55).
     with pytest.raises(ValueError, match=r"PIXEL_DECODER.IN_FEATURES .* \['res1'\].*\(MODEL.BACKBONE.NAME='\w+' outputs "
-                                         r"\['res2', 'res3', 'res4', 'res5'\]; the timm backbone's are MODEL.TIMM.OUT_FEATURES\)"):
+                                         r"\['res2', 'res3', 'res4', 'res5'\], set by MODEL.RESNETS.OUT_FEATURES\)"):
         build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES": ["res1", "res3"]}), SHAPES)
     with pytest.raises(ValueError, match="MODEL.VIPA.PIXEL_DECODER.NAME 'NoSuchDecoder' is not in the"):
         build_pixel_decoder(make_cfg(*SMALL, **{"MODEL.VIPA.PIXEL_DECODER.NAME": "NoSuchDecoder"}), SHAPES)

@@ -12,13 +12,13 @@ from detectron2.layers import ShapeSpec
 from detectron2.modeling import BACKBONE_REGISTRY, Backbone, build_model
 from detectron2.structures import BoxMode
 
-from common import TINY_CONFIG, load_script, make_cfg
+from common import TINY_CONFIG, captured_log, load_script, make_cfg
 from vipa_d2.data import ReferringDatasetMapper, mask_to_rle
 from vipa_d2.data.builtin import DATASETS_ENV
 from vipa_d2.engine.checkpoint import model_checkpoint, save_checkpoint_file
 from vipa_d2.modeling import build_tokenizer, tokenize
 from vipa_d2.modeling.directional_counts import GROUP_MAP
-from vipa_d2.modeling.losses import CHOICE_OUTPUTS
+from vipa_d2.modeling.losses import CHOICE_OUTPUTS, VIPACriterion
 from vipa_d2.modeling.meta_arch import REF_SEG_BEFORE_VETO, no_target_threshold, runtime_options, trim_text_padding
 from vipa_d2.modeling.text_encoder import CHECKPOINT_FILES_KEY, files_entry
 from vipa_d2.modeling.veg import VIPA_VEG_REGISTRY, VisualExpressionGenerator, linguistic_cue_mask
@@ -162,6 +162,37 @@ class KwargsForwardBackbone(PlainForwardBackbone):
         return super().forward(x)
 
 
+@BACKBONE_REGISTRY.register()
+class OtherNamesHookBackbone(Backbone):
+    """Takes ``stage_hook`` but passes it names of its own, not its ``output_shape()`` keys."""
+
+    names = ("stage1", "stage2", "stage3", "stage4")
+
+    def __init__(self, cfg, input_shape):
+        super().__init__()
+        strides = (4, 2, 2, 2)
+        channels = (input_shape.channels, 8, 8, 8)
+        self.stages = torch.nn.ModuleList(torch.nn.Conv2d(c, 8, s, s) for c, s in zip(channels, strides))
+
+    def forward(self, x, stage_hook=None):
+        outputs = {}
+        for stage, hooked, name in zip(self.stages, self.names, self.output_shape()):
+            x = stage(x)
+            x = stage_hook(hooked, x) if stage_hook is not None and hooked else x
+            outputs[name] = x
+        return outputs
+
+    def output_shape(self):
+        return {f"res{i + 2}": ShapeSpec(channels=8, stride=4 * 2**i) for i in range(4)}
+
+
+@BACKBONE_REGISTRY.register()
+class HalfHookedBackbone(OtherNamesHookBackbone):
+    """Hooks its first two output stages only."""
+
+    names = ("res2", "res3", None, None)
+
+
 @VIPA_VEG_REGISTRY.register()
 class HalvedExpressionGenerator(VisualExpressionGenerator):
     """A VEG variant as a user writes one: the stock one's visual expression, halved."""
@@ -217,6 +248,18 @@ def test_early_fusion_needs_a_backbone_that_takes_the_stage_hook():
         build("MODEL.BACKBONE.NAME", "KwargsForwardBackbone")
 
 
+def test_early_fusion_refuses_a_backbone_that_hooks_other_stages(tokenizer):
+    # Its fusion modules were never called: the words never reached the image, and the model
+    # trained and evaluated without a word said (extension review, session 60).
+    inputs = make_inputs(tokenizer, TEXTS[:1])
+    with pytest.raises(ValueError, match=r"OtherNamesHookBackbone.forward passed stage_hook the stages \['stage1', "
+                                         r".*not fused into \['res2', 'res3', 'res4', 'res5'\]"):
+        build("MODEL.BACKBONE.NAME", "OtherNamesHookBackbone").train()(inputs)
+    with pytest.raises(ValueError, match=r"the stages \['res2', 'res3'\], so the words were not fused into \['res4', 'res5'\]"):
+        with torch.no_grad():
+            build("MODEL.BACKBONE.NAME", "HalfHookedBackbone").eval()(inputs)
+
+
 def test_losses_name_the_head_outputs_they_lack(tokenizer, default_model):
     # The tiny config trains centre maps, offsets and the object choice: a head of one's own
     # that returns only masks and the no-target logit is told which keys ask for more.
@@ -229,10 +272,33 @@ def test_losses_name_the_head_outputs_they_lack(tokenizer, default_model):
     default_model.criterion.check_outputs({**outputs, **{key: [] for key in everything}}, "MyHead")
 
 
+def test_outputs_whose_loss_a_decoder_switch_turned_off_are_named(tokenizer):
+    # A decoder of one's own returned centre maps with the stock decoder's COUNT_CENTRES off:
+    # their loss was off and nothing said so (extension review, session 60).
+    criterion = VIPACriterion(model_cfg("MODEL.VIPA.DECODER.COUNT_CENTRES", False, "MODEL.VIPA.LOSS.GROUP_WEIGHT", 0.0))
+    assert criterion.switched_off == ("centre_weight",) and criterion.centre_weight == 0.0
+    read = {"pred_masks": [], "no_target_logit": torch.zeros(2), "centre_offsets": [],
+            **{key: [] for key in (*CHOICE_OUTPUTS, "choice_log_areas")}}
+    with captured_log("vipa_d2.modeling.losses") as seen:
+        criterion.check_outputs(read, "MyHead")  # no centre maps: nothing to say
+        criterion.check_outputs({**read, "centre_logits": []}, "MyHead")
+    assert [m for _, m in seen] == [
+        "The outputs of MyHead hold ['centre_logits'], which MODEL.VIPA.LOSS.CENTRE_WEIGHT would train with "
+        "MODEL.VIPA.DECODER.COUNT_CENTRES True: those losses are off (turn the switches on to train them)"
+    ]
+    # The stock config turns no loss off that way.
+    assert VIPACriterion(model_cfg()).switched_off == ()
+
+
 def test_a_veg_feature_the_backbone_lacks_names_the_backbone():
     with pytest.raises(ValueError, match=r"MODEL.VIPA.VEG.IN_FEATURE='res9' is not a backbone output \(MODEL.BACKBONE.NAME="
-                                         r"'VIPATimmBackbone' outputs \[.*'res5'\]; the timm backbone's are MODEL.TIMM.OUT_FEATURES\)"):
+                                         r"'VIPATimmBackbone' outputs \[.*'res5'\], set by MODEL.TIMM.OUT_FEATURES\)"):
         build("MODEL.VIPA.VEG.IN_FEATURE", "res9")
+    # Detectron2's ResNet is told its own key, not the timm one (extension review, session 60).
+    with pytest.raises(ValueError, match=r"IN_FEATURE='res5' is not a backbone output \(MODEL.BACKBONE.NAME="
+                                         r"'build_resnet_backbone' outputs \['res4'\], set by MODEL.RESNETS.OUT_FEATURES\)"):
+        build("MODEL.BACKBONE.NAME", "build_resnet_backbone", "MODEL.VIPA.FUSION", "late", "MODEL.RESNETS.DEPTH", 18,
+              "MODEL.RESNETS.RES2_OUT_CHANNELS", 64, "MODEL.VIPA.VEG.IN_FEATURE", "res5")
 
 
 def test_pixel_decoder_outputs_must_fit_the_transformer_decoder(default_model):

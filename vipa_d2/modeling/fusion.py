@@ -12,7 +12,7 @@ applies them to the backbone outputs only.
 """
 import inspect
 import math
-from typing import Dict
+from typing import Dict, List
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,23 @@ def check_early_fusion_backbone(backbone: nn.Module, name: str) -> None:
         + (" by name (**kwargs may drop it; name it, and pass it on if another backbone calls it)" if takes_kwargs else "")
         + ". Add it, or set MODEL.VIPA.FUSION 'late' or 'none'"
     )
+
+
+def check_fused_stages(backbone: nn.Module, fusion: "VisionLanguageFusion", called: List[str]) -> None:
+    """
+    ValueError unless ``backbone``'s forward passed every stage that ``fusion`` has a module
+    for through ``stage_hook``, by its ``output_shape()`` name (``called``: the names it
+    passed). A backbone that hooks under other names (``"stage1"``), or never calls the
+    hook, otherwise trained with the words never fused into the image, and no word said
+    (extension review, session 60).
+    """
+    unfused = [name for name in fusion.stages if name not in called]
+    if unfused:
+        raise ValueError(
+            f"MODEL.VIPA.FUSION 'early': {type(backbone).__name__}.forward passed stage_hook the stages "
+            f"{list(called)}, so the words were not fused into {unfused}. Call stage_hook(name, f) once per output "
+            f"stage, name being its key in output_shape() ({list(fusion.stages)}), and feed its result to the next stage"
+        )
 
 
 class PixelWordAttention(nn.Module):

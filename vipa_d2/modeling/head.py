@@ -17,7 +17,7 @@ from detectron2.utils.registry import Registry
 
 from .losses import token_validity
 from .pixel_decoder import build_pixel_decoder
-from .registry import get_registered
+from .registry import backbone_outputs, get_registered
 from .transformer_decoder import build_transformer_decoder
 from .veg import VEG_OUTPUTS, VIPA_VEG_REGISTRY, linguistic_cue_mask
 
@@ -111,8 +111,7 @@ class VIPAHead(nn.Module):
             if vipa.VEG.IN_FEATURE not in input_shape:
                 raise ValueError(
                     f"MODEL.VIPA.VEG.IN_FEATURE={vipa.VEG.IN_FEATURE!r} is not a backbone output "
-                    f"(MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r} outputs {sorted(input_shape)}; "
-                    "the timm backbone's are MODEL.TIMM.OUT_FEATURES)"
+                    f"({backbone_outputs(cfg, input_shape)})"
                 )
             # The control needs only step 1's relevance; step 2 would be unused parameters.
             control = {"step1": True, "step2": False} if needs_language else {}

@@ -11,7 +11,8 @@ Means over a batch's items (pixels, objects, cells, cues, candidates) are over e
 items (:func:`mean_over_ranks`), so training on N GPUs weighs them as one GPU does.
 """
 import functools
-from typing import Dict, List, Optional
+import logging
+from typing import Dict, List, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +20,7 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.utils import comm
+from detectron2.utils.logger import log_first_n
 
 from .sampler import differentiable_topk, num_retrieved
 from .veg import global_cue_mask, word_cue_mask
@@ -268,6 +270,16 @@ LOSS_OUTPUTS = {
 }
 
 
+# The DECODER switch that builds what each of them reads: without it the loss is off,
+# whatever its weight (a decoder of one's own that returns those outputs sets it too).
+LOSS_SWITCHES = {
+    "centre_weight": "MODEL.VIPA.DECODER.COUNT_CENTRES True",
+    "offset_weight": "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True",
+    "choice_weight": "MODEL.VIPA.DECODER.OBJECT_CHOICE True",
+    "area_weight": "MODEL.VIPA.DECODER.OBJECT_CHOICE and CHOICE_SIZE_RANKS True, CHOICE_AREAS 'regressed'",
+}
+
+
 def box_losses(weights: Dict, keys: Dict = BOX_LOSS_KEYS) -> List[str]:
     """"KEY > 0" for each loss of ``keys`` that ``weights`` (the criterion's arguments)
     turn on."""
@@ -387,7 +399,10 @@ class VIPACriterion(nn.Module):
         offset_weight: float = 0.0,
         choice_weight: float = 0.0,
         area_weight: float = 0.0,
+        switched_off: Sequence[str] = (),
     ):
+        """``switched_off``: weights (of LOSS_SWITCHES) set in the config whose losses its
+        DECODER switch turned off (0 here): said if the head returns what they would read."""
         super().__init__()
         if contrastive_temperature <= 0:
             raise ValueError(f"MODEL.VIPA.LOSS.CONTRASTIVE_TEMPERATURE must be > 0, got {contrastive_temperature}")
@@ -415,6 +430,7 @@ class VIPACriterion(nn.Module):
         self.offset_weight = offset_weight
         self.choice_weight = choice_weight
         self.area_weight = area_weight
+        self.switched_off = tuple(switched_off)
         weights = dict(
             centre_weight=centre_weight,
             group_weight=group_weight,
@@ -442,11 +458,33 @@ class VIPACriterion(nn.Module):
                 f"The outputs of {head} lack what the losses read: {listed}. Return them from the head "
                 "(or its transformer decoder: MODEL.VIPA.HEAD_NAME, MODEL.VIPA.DECODER.NAME), or set those weights to 0"
             )
+        # A decoder of one's own returning centre maps with the stock decoder's switch off
+        # trained them with no loss, unsaid (extension review, session 60).
+        read = {k for keys in self.read_outputs().values() for k in keys}
+        unread = {name: [k for k in LOSS_OUTPUTS[name] if k in outputs and k not in read] for name in self.switched_off}
+        unread = {name: keys for name, keys in unread.items() if keys}
+        if unread:
+            log_first_n(
+                logging.WARNING,
+                f"The outputs of {head} hold "
+                + "; ".join(f"{keys}, which {BOX_LOSS_KEYS[name]} would train with {LOSS_SWITCHES[name]}" for name, keys in unread.items())
+                + ": those losses are off (turn the switches on to train them)",
+                n=1,
+                key="message",
+            )
 
     @classmethod
     def from_config(cls, cfg):
         loss = cfg.MODEL.VIPA.LOSS
-        if loss.GROUP_WEIGHT > 0 and not cfg.MODEL.VIPA.DECODER.COUNT_CENTRES:
+        dec = cfg.MODEL.VIPA.DECODER
+        # The losses that train what a DECODER switch builds (LOSS_SWITCHES): (weight, switch on).
+        switched = {
+            "centre_weight": (loss.CENTRE_WEIGHT, dec.COUNT_CENTRES),
+            "offset_weight": (loss.OFFSET_WEIGHT, dec.COUNT_AT_OBJECT_CENTRES),
+            "choice_weight": (loss.CHOICE_WEIGHT, dec.OBJECT_CHOICE),
+            "area_weight": (loss.AREA_WEIGHT, _regresses_areas(dec)),
+        }
+        if loss.GROUP_WEIGHT > 0 and not dec.COUNT_CENTRES:
             raise ValueError(
                 "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0 supervises the gates of the object-centre count maps; "
                 "it needs MODEL.VIPA.DECODER.COUNT_CENTRES True (and COUNT_MAPS > 0)"
@@ -491,15 +529,9 @@ class VIPACriterion(nn.Module):
             # The sets the overlap loss compares are those step 1 retrieves.
             "retrieval_ratio": cfg.MODEL.VIPA.VEG.RATIO,
             "retrieval_temperature": cfg.MODEL.VIPA.VEG.TEMPERATURE,
-            # Only the centre maps of DECODER.COUNT_CENTRES have a centre loss.
-            "centre_weight": loss.CENTRE_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_CENTRES else 0.0,
             "group_weight": loss.GROUP_WEIGHT,
-            # Only the offsets of DECODER.COUNT_AT_OBJECT_CENTRES have an offset loss.
-            "offset_weight": loss.OFFSET_WEIGHT if cfg.MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES else 0.0,
-            # Only the candidates of DECODER.OBJECT_CHOICE have a choice loss.
-            "choice_weight": loss.CHOICE_WEIGHT if cfg.MODEL.VIPA.DECODER.OBJECT_CHOICE else 0.0,
-            # Only the regressed areas of DECODER.CHOICE_AREAS have an area loss.
-            "area_weight": loss.AREA_WEIGHT if _regresses_areas(cfg.MODEL.VIPA.DECODER) else 0.0,
+            **{name: weight if on else 0.0 for name, (weight, on) in switched.items()},
+            "switched_off": tuple(name for name, (weight, on) in switched.items() if weight > 0 and not on),
         }
 
     def mask_losses(self, logits: torch.Tensor, gt: torch.Tensor, image_valid: torch.Tensor, suffix: str = ""):

@@ -25,7 +25,7 @@ from detectron2.structures import ImageList
 
 from .attention import set_fused_attention
 from .backbone.conv_bn_fold import set_conv_bn_folding
-from .fusion import FUSION_MODES, VisionLanguageFusion, check_early_fusion_backbone
+from .fusion import FUSION_MODES, VisionLanguageFusion, check_early_fusion_backbone, check_fused_stages
 from .head import build_vipa_head
 from .losses import VIPACriterion
 from .registry import get_registered
@@ -67,11 +67,15 @@ def run_backbone(backbone: nn.Module, fusion: Optional[nn.Module], pixels: torch
     """
     if text is None:
         return backbone(pixels)
+    fused = []
 
     def fuse(name, feature):
+        fused.append(name)
         return fusion.fuse_stage(name, feature, text, text_valid)
 
-    return backbone(pixels, stage_hook=fuse)
+    features = backbone(pixels, stage_hook=fuse)
+    check_fused_stages(backbone, fusion, fused)
+    return features
 
 
 def runtime_options(cfg) -> Dict[str, bool]:
@@ -179,14 +183,16 @@ class VIPA(nn.Module):
             "pad_size": cfg.INPUT.IMAGE_SIZE if cfg.INPUT.RESIZE_MODE == "keep_ratio" else 0,
         }
 
-    @staticmethod
-    def upgrade_state_dict(state_dict, prefix: str = ""):
+    def upgrade_state_dict(self, state_dict, prefix: str = ""):
         """Rename, in place, a version-1 state dict's head modules (``veg.`` ...) into
         ``head.``; keys already in the current layout stay. Returns ``state_dict``. Also
-        used by checkpointers that compare keys before loading (StrictCheckpointer)."""
+        used by checkpointers that compare keys before loading (StrictCheckpointer), which
+        cannot tell a file's version: so a module of that name that this model itself has
+        at its top (a subclass's own ``language_proj``) keeps its keys."""
+        moved = [name for name in _MOVED_TO_HEAD if name not in self._modules]
         for key in [k for k in state_dict if k.startswith(prefix)]:
             rest = key[len(prefix) :]
-            if rest.split(".", 1)[0] in _MOVED_TO_HEAD:
+            if rest.split(".", 1)[0] in moved:
                 state_dict[prefix + "head." + rest] = state_dict.pop(key)
         return state_dict
 

@@ -17,7 +17,7 @@ from detectron2.layers import Conv2d, ShapeSpec, get_norm
 from detectron2.utils.registry import Registry
 
 from .attention import AttentionBlock, FeedForward, sine_position_encoding
-from .registry import get_registered
+from .registry import backbone_outputs, get_registered
 
 VIPA_PIXEL_DECODER_REGISTRY = Registry("VIPA_PIXEL_DECODER")
 VIPA_PIXEL_DECODER_REGISTRY.__doc__ = """
@@ -34,8 +34,7 @@ def build_pixel_decoder(cfg, input_shape: Dict[str, ShapeSpec]) -> nn.Module:
     if missing:
         raise ValueError(
             f"MODEL.VIPA.PIXEL_DECODER.IN_FEATURES / MASK_REFINE_FEATURE name {missing}, which the backbone does not "
-            f"output (MODEL.BACKBONE.NAME={cfg.MODEL.BACKBONE.NAME!r} outputs {sorted(input_shape)}; the timm "
-            "backbone's are MODEL.TIMM.OUT_FEATURES)"
+            f"output ({backbone_outputs(cfg, input_shape)})"
         )
     return get_registered(VIPA_PIXEL_DECODER_REGISTRY, name, "MODEL.VIPA.PIXEL_DECODER.NAME")(cfg, input_shape)
 
