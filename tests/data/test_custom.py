@@ -12,6 +12,7 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 from PIL import Image
 
 from common import REPO_ROOT, load_script
+from vipa_d2.data import refer as refer_module
 from vipa_d2.data.custom import check_refer_splits
 from vipa_d2.data import (
     ReferringFormatError,
@@ -120,6 +121,36 @@ def test_convert_and_register_round_trip(tmp_path):
         # The same call again (a rerun notebook cell) was refused too (extension review, session 55).
         register_referring_dataset(name, str(tmp_path / "root"), "mine", "unc", "train", "/img", extra_key=7)
         assert len(DatasetCatalog.get(name)) == 4
+    finally:
+        DatasetCatalog.remove(name)
+        MetadataCatalog.remove(name)
+
+
+def test_a_split_is_parsed_again_only_when_its_files_change(tmp_path, monkeypatch):
+    # Every evaluation re-read the whole refs file: 10-15 s a set at RefCOCO's size with
+    # the safe unpickler (scale review, session 60).
+    root = tmp_path / "root"
+    convert_simple_json(_write(tmp_path, _data()), str(root / "mine"), split_by="unc")
+    parsed = []
+    read_pickle = refer_module.check.read_pickle_file
+    monkeypatch.setattr(refer_module.check, "read_pickle_file", lambda path: parsed.append(path) or read_pickle(path))
+    name = "test_custom_cached_train"
+    register_referring_dataset(name, str(root), "mine", "unc", "train", "/img")
+    try:
+        first = DatasetCatalog.get(name)
+        first[0]["sentence"]["raw"] = "changed by a caller"  # a fresh list each call: not seen again
+        again = DatasetCatalog.get(name)
+        assert len(parsed) == 1 and pickle.dumps(again) == pickle.dumps(DatasetCatalog.get(name))
+        assert [r["sentence"]["raw"] for r in again] == ["the cup on the left", "left cup", "the cup on the right", "the apple"]
+        # Converted again with another expression: the new file is read.
+        data = _data()
+        data["images"][0]["expressions"].append({"text": "the small apple", "targets": [3]})
+        convert_simple_json(_write(tmp_path, data), str(root / "mine"), split_by="unc", overwrite=True)
+        assert len(DatasetCatalog.get(name)) == 5 and len(parsed) == 2
+        # ... and a missing file is said by the loader, as before.
+        os.remove(root / "mine" / "refs(unc).p")
+        with pytest.raises(FileNotFoundError, match=r"refs\(unc\).p"):
+            DatasetCatalog.get(name)
     finally:
         DatasetCatalog.remove(name)
         MetadataCatalog.remove(name)

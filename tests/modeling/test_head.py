@@ -52,6 +52,11 @@ def test_head_holds_the_decoders_built_by_registered_name():
     # extension review, session 53).
     with pytest.raises(ConfigError, match="MODEL.META_ARCHITECTURE 'NoSuchPart' is not in the META_ARCH registry .*VIPA"):
         ReferringTrainer.build_model(small_cfg("MODEL.META_ARCHITECTURE", "NoSuchPart"))
+    # ... and Detectron2's bare asserts on its own keys: "AssertionError: []" for an FPN
+    # without MODEL.FPN.IN_FEATURES (extension review, session 60).
+    with pytest.raises(ConfigError, match=r"cannot be built from this config: fpn.py:\d+ asserts `assert in_features, "
+                                          r"in_features`, and got \[\]$"):
+        ReferringTrainer.build_model(small_cfg("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.VIPA.FUSION", "late"))
 
 
 def test_each_dropout_key_acts_in_its_own_place():

@@ -17,7 +17,8 @@ from typing import Dict, NamedTuple, Tuple
 
 from detectron2.data import DatasetCatalog, MetadataCatalog
 
-from .refer import REFERRING_EVALUATOR_TYPE, load_refer_dicts
+from .record_cache import CachedReferSplit
+from .refer import REFERRING_EVALUATOR_TYPE
 
 __all__ = [
     "BUILTIN_REFERRING",
@@ -110,17 +111,11 @@ def check_invalid_refs_setting(value: str) -> None:
         )
 
 
-def _load_builtin(dataset, split_by, split, image_dir, generalized):
+def _builtin_arguments(dataset, split_by, split, image_dir, generalized) -> Dict:
+    """load_refer_dicts's arguments for a built-in split, under the root of the moment."""
     root = builtin_root()
-    return load_refer_dicts(
-        root,
-        dataset,
-        split_by,
-        split,
-        os.path.join(root, image_dir),
-        generalized=generalized,
-        invalid=BUILTIN_INVALID_POLICY,
-    )
+    return dict(refer_root=root, dataset=dataset, split_by=split_by, split=split,
+                image_root=os.path.join(root, image_dir), generalized=generalized, invalid=BUILTIN_INVALID_POLICY)
 
 
 def register_all_referring() -> None:
@@ -131,8 +126,8 @@ def register_all_referring() -> None:
             continue
         DatasetCatalog.register(
             name,
-            lambda d=dataset, b=split_by, s=split, i=image_dir, g=generalized: _load_builtin(
-                d, b, s, i, g
+            CachedReferSplit(
+                lambda d=dataset, b=split_by, s=split, i=image_dir, g=generalized: _builtin_arguments(d, b, s, i, g)
             ),
         )
         MetadataCatalog.get(name).set(

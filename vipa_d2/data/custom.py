@@ -30,13 +30,13 @@ from detectron2.data import DatasetCatalog, MetadataCatalog
 
 from .landmark import find_phrase
 from .masks import normalize_rle, segmentation_problem
+from .record_cache import CachedReferSplit
 from .refer import (
     INSTANCES_FILE,
     INVALID_MODES,
     REFERRING_EVALUATOR_TYPE,
     instances_json,
     is_refer_file,
-    load_refer_dicts,
     make_sentence,
     refs_file_name,
     save_refer_dataset,
@@ -140,18 +140,9 @@ def register_referring_dataset(
             f"Dataset {name!r}: MetadataCatalog still holds another registration's {', '.join(differ)}; "
             "call MetadataCatalog.remove(name) too"
         )
-    DatasetCatalog.register(
-        name,
-        lambda: load_refer_dicts(
-            refer_root,
-            dataset,
-            split_by,
-            split,
-            image_root,
-            generalized=generalized,
-            invalid=invalid,
-        ),
-    )
+    arguments = dict(refer_root=refer_root, dataset=dataset, split_by=split_by, split=split,
+                     image_root=image_root, generalized=generalized, invalid=invalid)
+    DatasetCatalog.register(name, CachedReferSplit(lambda: arguments))
     MetadataCatalog.get(name).set(**own, **metadata)
 
 

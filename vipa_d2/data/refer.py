@@ -312,12 +312,14 @@ class _TargetChecker:
                 field,
                 f"{quote(aid)} is not an annotation id of {self.inst_path}",
             )
-        item = f"ann_id={quote(aid)} ({role} of ref_id={quote(ref['ref_id'])})"
+        def item():  # built on a failure only: ~400k checks at RefCOCO's size (scale review, session 60)
+            return f"ann_id={quote(aid)} ({role} of ref_id={quote(ref['ref_id'])})"
+
         if ann.get("image_id") != ref["image_id"]:
             # ReLA's loader asserts this; a target drawn on another image is no target.
             return "ann_image_mismatch", data_error(
                 self.inst_path,
-                item,
+                item(),
                 "image_id",
                 f"{quote(ann.get('image_id'))}, "
                 f"but the ref is about image {quote(ref['image_id'])}",
@@ -332,7 +334,7 @@ class _TargetChecker:
                 )
         problem = self._ann_problems[aid]
         if problem is not None:
-            return "bad_segmentation", data_error(self.inst_path, item, *problem)
+            return "bad_segmentation", data_error(self.inst_path, item(), *problem)
         return None
 
 

@@ -3,6 +3,7 @@ import inspect
 import logging
 import os
 import re
+import traceback
 import weakref
 from collections import OrderedDict
 from typing import Optional
@@ -310,6 +311,13 @@ class ReferringTrainer(DefaultTrainer):
             raise
         except ValueError as e:  # the modules' from_config checks: keys that do not fit together
             raise ConfigError(f"the model cannot be built from this config: {e}") from e
+        except AssertionError as e:  # Detectron2's builders check their keys with bare asserts
+            # ("AssertionError: []" for an FPN without MODEL.FPN.IN_FEATURES): the line says which.
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            raise ConfigError(
+                f"the model cannot be built from this config: {os.path.basename(where.filename)}:{where.lineno} "
+                f"asserts `{where.line}`" + (f", and got {e}" if str(e) else "")
+            ) from e
         return model
 
     @staticmethod

@@ -137,14 +137,17 @@ class ReferringEvaluator(DatasetEvaluator):
         if vetoed:
             pred = torch.zeros_like(pred)
         gt = target_mask(inp, self._resolution, sample_name).to(device=pred.device)
+        # Three reductions (the union and emptiness follow from them), read in one transfer:
+        # each is a pass over a full-resolution mask, per sample (scale review, session 60).
+        gt_area, pred_area, intersection = torch.stack([gt.sum(), pred.sum(), (pred & gt).sum()]).tolist()
         row = {
             "image_id": _plain_id(inp.get("image_id")),
             "ref_id": _plain_id(inp.get("ref_id")),
             "sent_id": _plain_id(inp.get("sent_id")),
-            "gt_empty": not bool(gt.any()),
-            "pred_empty": not bool(pred.any()),
-            "intersection": int((pred & gt).sum()),
-            "union": int((pred | gt).sum()),
+            "gt_empty": gt_area == 0,
+            "pred_empty": pred_area == 0,
+            "intersection": intersection,
+            "union": gt_area + pred_area - intersection,
             **breakdown.sample_fields(inp, out, gt, sample_name),
         }
         pred_no_target = said_no_target if has_verdict else row["pred_empty"]
