@@ -24,6 +24,8 @@ def test_data_scale_writes_a_readable_folder_and_times_every_step(tmp_path):
     # 2.5 referred objects an image, 2 to 4 sentences each.
     assert 40 * 2 * 2 <= sum(counts.values()) <= 40 * 3 * 4
     steps = [row["step"] for row in result["steps"]]
-    assert steps[:2] == ["DatasetCatalog.get refscale_train", "DatasetCatalog.get refscale_train, again"]
-    assert "check_test_sets (before training)" in steps and len(steps) == 2 * 4 + 1 + 3
+    assert steps[:3] == ["DatasetCatalog.get refscale_train", "DatasetCatalog.get refscale_train, again",
+                         "check_test_sets (before training: each test set's first read)"]
+    assert steps[3:] == [f"{loader} refscale_{split} (each evaluation)" for split in ("val", "testA", "testB")
+                         for loader in ("build_test_loader", "build_shuffled_test_loader")]
     assert all(row["wall_s"] >= 0 and row["peak_rss_mib"] > 0 for row in result["steps"])

@@ -4,10 +4,12 @@ What a RefCOCO-sized dataset makes a run wait for in vipa_d2's data path, on thi
 writes a REFER folder of RefCOCO's size with the project's own writer (default 20,000
 640x480 images, 2.5 objects and refs an image, ~2.84 sentences a ref: ~142,000
 expressions, split as RefCOCO's unc), then times what the trainer does before the first
-iteration and again at every evaluation: ``DatasetCatalog.get`` of each split (twice: the
-second call is what a later evaluation pays), the test sets' checks (``check_test_sets``)
-and the test loaders (``build_test_loader``, per evaluation). Wall seconds and this
-process's peak RSS after each step. Files already written are kept (rerun = time again).
+iteration and again at every evaluation, in a run's order: the train split
+(``DatasetCatalog.get``, and again: a resumed run's second loader), the test sets' checks
+before training (``check_test_sets``: the first read of each), then what every evaluation
+pays before inference: each test set's loader and its shuffled-expression control's
+(``build_test_loader``, ``build_shuffled_test_loader``). Wall seconds and this process's
+peak RSS after each step. Files already written are kept (rerun = time again).
 
   python tools/data_scale.py --out /tmp/refscale [--images 20000] [--output scale.json]
 """
@@ -107,14 +109,16 @@ def main(argv=None):
     names = [f"{NAME}_{split}" for split, _ in SPLITS]
     for name, (split, _) in zip(names, SPLITS):
         register_referring_dataset(name, os.path.dirname(folder), NAME, "unc", split, os.path.join(args.out, "images"))
-    rows, counts = [], {}
-    for name in names:
-        counts[name] = len(timed(rows, f"DatasetCatalog.get {name}", lambda: DatasetCatalog.get(name)))
-        timed(rows, f"DatasetCatalog.get {name}, again", lambda: DatasetCatalog.get(name))
+    rows = []
+    timed(rows, f"DatasetCatalog.get {names[0]}", lambda: DatasetCatalog.get(names[0]))
+    timed(rows, f"DatasetCatalog.get {names[0]}, again", lambda: DatasetCatalog.get(names[0]))
     cfg = get_vipa_cfg(CONFIG, ["DATASETS.TRAIN", f"('{names[0]}',)", "DATASETS.TEST", str(tuple(names[1:]))])
-    timed(rows, "check_test_sets (before training)", lambda: ReferringTrainer.check_test_sets(cfg))
+    timed(rows, "check_test_sets (before training: each test set's first read)", lambda: ReferringTrainer.check_test_sets(cfg))
     for name in names[1:]:
         timed(rows, f"build_test_loader {name} (each evaluation)", lambda: ReferringTrainer.build_test_loader(cfg, name))
+        timed(rows, f"build_shuffled_test_loader {name} (each evaluation)",
+              lambda: ReferringTrainer.build_shuffled_test_loader(cfg, name))
+    counts = {name: len(DatasetCatalog.get(name)) for name in names}
     print(f"{folder}: {counts} expressions; files {sizes} bytes")
     print(tabulate(rows, headers="keys", tablefmt="github"))
     if args.output:

@@ -142,11 +142,18 @@ def test_a_split_is_parsed_again_only_when_its_files_change(tmp_path, monkeypatc
         again = DatasetCatalog.get(name)
         assert len(parsed) == 1 and pickle.dumps(again) == pickle.dumps(DatasetCatalog.get(name))
         assert [r["sentence"]["raw"] for r in again] == ["the cup on the left", "left cup", "the cup on the right", "the apple"]
+        # Rewritten in place, same size, its modification time put back (rsync -t): read too.
+        instances = root / "mine" / "instances.json"
+        stat, text = os.stat(instances), instances.read_text()
+        assert again[0]["target_phrase"] == "cup" and text.count('"name": "cup"') == 1
+        instances.write_text(text.replace('"name": "cup"', '"name": "cap"'))
+        os.utime(instances, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+        assert "target_phrase" not in DatasetCatalog.get(name)[0] and len(parsed) == 2
         # Converted again with another expression: the new file is read.
         data = _data()
         data["images"][0]["expressions"].append({"text": "the small apple", "targets": [3]})
         convert_simple_json(_write(tmp_path, data), str(root / "mine"), split_by="unc", overwrite=True)
-        assert len(DatasetCatalog.get(name)) == 5 and len(parsed) == 2
+        assert len(DatasetCatalog.get(name)) == 5 and len(parsed) == 3
         # ... and a missing file is said by the loader, as before.
         os.remove(root / "mine" / "refs(unc).p")
         with pytest.raises(FileNotFoundError, match=r"refs\(unc\).p"):

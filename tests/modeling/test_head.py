@@ -5,7 +5,7 @@ from collections import OrderedDict
 
 import pytest
 import torch
-from detectron2.modeling import build_model
+from detectron2.modeling import BACKBONE_REGISTRY, build_model
 
 from common import TINY_CONFIG, make_cfg
 from vipa_d2 import ConfigError
@@ -39,6 +39,12 @@ def old_layout(state_dict):
     return old
 
 
+@BACKBONE_REGISTRY.register()
+def AssertingBackbone(cfg, input_shape):
+    """A backbone builder with a bug of its own."""
+    assert False, "a bug of its own"
+
+
 def test_head_holds_the_decoders_built_by_registered_name():
     model = build_model(small_cfg("MODEL.VIPA.KV_SOURCE", "language_relevance"))
     assert type(model.head) is VIPAHead and type(model.head.transformer_decoder) is VIPATransformerDecoder
@@ -54,9 +60,12 @@ def test_head_holds_the_decoders_built_by_registered_name():
         ReferringTrainer.build_model(small_cfg("MODEL.META_ARCHITECTURE", "NoSuchPart"))
     # ... and Detectron2's bare asserts on its own keys: "AssertionError: []" for an FPN
     # without MODEL.FPN.IN_FEATURES (extension review, session 60).
-    with pytest.raises(ConfigError, match=r"cannot be built from this config: fpn.py:\d+ asserts `assert in_features, "
-                                          r"in_features`, and got \[\]$"):
+    with pytest.raises(ConfigError, match=r"cannot be built from this config: detectron2's fpn.py:\d+ asserts "
+                                          r"`assert in_features, in_features`: \[\]$"):
         ReferringTrainer.build_model(small_cfg("MODEL.BACKBONE.NAME", "build_resnet_fpn_backbone", "MODEL.VIPA.FUSION", "late"))
+    # An assert of one's own module is a bug to trace, not a config error (diff review).
+    with pytest.raises(AssertionError, match="a bug of its own"):
+        ReferringTrainer.build_model(small_cfg("MODEL.BACKBONE.NAME", "AssertingBackbone"))
 
 
 def test_each_dropout_key_acts_in_its_own_place():

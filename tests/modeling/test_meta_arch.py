@@ -286,8 +286,15 @@ def test_outputs_whose_loss_a_decoder_switch_turned_off_are_named(tokenizer):
         "The outputs of MyHead hold ['centre_logits'], which MODEL.VIPA.LOSS.CENTRE_WEIGHT would train with "
         "MODEL.VIPA.DECODER.COUNT_CENTRES True: those losses are off (turn the switches on to train them)"
     ]
-    # The stock config turns no loss off that way.
+    # The stock config turns no loss off that way, and the choice's outputs, which the area
+    # loss reads too, are not blamed on the area switch when the choice loss is off (diff review).
     assert VIPACriterion(model_cfg()).switched_off == ()
+    no_choice_loss = VIPACriterion(model_cfg("MODEL.VIPA.LOSS.CHOICE_WEIGHT", 0.0, "MODEL.VIPA.DECODER.CHOICE_AREAS", "group_gate"))
+    assert no_choice_loss.switched_off == ("area_weight",)
+    with captured_log("vipa_d2.modeling.losses") as seen:
+        stock = {k: v for k, v in read.items() if k != "choice_log_areas"}  # no area head with "group_gate"
+        no_choice_loss.check_outputs({**stock, "centre_logits": []}, "VIPAHead")
+    assert not seen, seen
 
 
 def test_a_veg_feature_the_backbone_lacks_names_the_backbone():

@@ -18,7 +18,7 @@ import os
 import pickle
 import re
 import unicodedata
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import pycocotools.mask as mask_util
@@ -56,6 +56,12 @@ def refs_file_name(split_by: str, generalized: bool) -> str:
 
 
 INSTANCES_FILE = "instances.json"
+
+
+def refer_paths(refer_root: str, dataset: str, split_by: str, generalized: bool) -> Tuple[str, str]:
+    """The refs file and ``instances.json`` that a split of ``<refer_root>/<dataset>/`` is read from."""
+    data_dir = os.path.join(refer_root, dataset)
+    return os.path.join(data_dir, refs_file_name(split_by, generalized)), os.path.join(data_dir, INSTANCES_FILE)
 # The names refs_file_name gives, for any split provider.
 _REFS_FILE_RE = re.compile(r"grefs\(.+\)\.json|refs\(.+\)\.p")
 
@@ -435,8 +441,7 @@ def load_refer_dicts(
         object is one the expression's category / colour words name.
     """
     data_dir = os.path.join(refer_root, dataset)
-    refs_path = os.path.join(data_dir, refs_file_name(split_by, generalized))
-    inst_path = os.path.join(data_dir, INSTANCES_FILE)
+    refs_path, inst_path = refer_paths(refer_root, dataset, split_by, generalized)
     layout = expected_layout(dataset, split_by, generalized, image_root, refer_root)
     other_kind = os.path.join(data_dir, refs_file_name(split_by, not generalized))
     if not os.path.isfile(refs_path) and os.path.isfile(other_kind):

@@ -8,6 +8,7 @@ import weakref
 from collections import OrderedDict
 from typing import Optional
 
+import detectron2
 import torch
 from detectron2.data import (
     DatasetCatalog,
@@ -51,6 +52,8 @@ from .reproducibility import (
 from .test_time_augmentation import TTA_RESULTS_FOLDER, TTA_SUFFIX, VIPAWithTTA, check_flip
 
 logger = logging.getLogger(__name__)
+# Where Detectron2's own modules are (its asserts on config keys are said as config errors).
+_DETECTRON2_DIR = os.path.dirname(os.path.abspath(detectron2.__file__)) + os.sep
 
 def run_seed(cfg) -> int:
     """The run's base seed: cfg.SEED, or one random seed shared by all ranks when SEED < 0."""
@@ -311,12 +314,16 @@ class ReferringTrainer(DefaultTrainer):
             raise
         except ValueError as e:  # the modules' from_config checks: keys that do not fit together
             raise ConfigError(f"the model cannot be built from this config: {e}") from e
-        except AssertionError as e:  # Detectron2's builders check their keys with bare asserts
-            # ("AssertionError: []" for an FPN without MODEL.FPN.IN_FEATURES): the line says which.
+        except AssertionError as e:
+            # Detectron2's builders check their keys with bare asserts ("AssertionError: []" for
+            # an FPN without MODEL.FPN.IN_FEATURES): the line says which. An assert elsewhere (a
+            # module of one's own, torch) is a bug to trace, and keeps its traceback.
             where = traceback.extract_tb(e.__traceback__)[-1]
+            if not os.path.abspath(where.filename).startswith(_DETECTRON2_DIR):
+                raise
             raise ConfigError(
-                f"the model cannot be built from this config: {os.path.basename(where.filename)}:{where.lineno} "
-                f"asserts `{where.line}`" + (f", and got {e}" if str(e) else "")
+                f"the model cannot be built from this config: detectron2's {os.path.basename(where.filename)}:"
+                f"{where.lineno} asserts `{where.line}`" + (f": {e}" if str(e) else "")
             ) from e
         return model
 

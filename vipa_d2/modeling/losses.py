@@ -20,10 +20,11 @@ from torch import nn
 
 from detectron2.config import configurable
 from detectron2.utils import comm
-from detectron2.utils.logger import log_first_n
 
 from .sampler import differentiable_topk, num_retrieved
 from .veg import global_cue_mask, word_cue_mask
+
+logger = logging.getLogger(__name__)
 
 # Cues whose relevance the pixel contrastive loss supervises (MODEL.VIPA.LOSS.CONTRASTIVE_CUES).
 CONTRASTIVE_CUES = ("global", "all")
@@ -270,14 +271,28 @@ LOSS_OUTPUTS = {
 }
 
 
+def _regresses_areas(dec) -> bool:
+    """Whether a config's DECODER builds the object choice's area regression."""
+    return dec.OBJECT_CHOICE and dec.CHOICE_SIZE_RANKS and dec.CHOICE_AREAS == "regressed"
+
+
 # The DECODER switch that builds what each of them reads: without it the loss is off,
 # whatever its weight (a decoder of one's own that returns those outputs sets it too).
+# {weight: (whether a config's DECODER has the switch on, the switch as said to the user)}.
 LOSS_SWITCHES = {
-    "centre_weight": "MODEL.VIPA.DECODER.COUNT_CENTRES True",
-    "offset_weight": "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True",
-    "choice_weight": "MODEL.VIPA.DECODER.OBJECT_CHOICE True",
-    "area_weight": "MODEL.VIPA.DECODER.OBJECT_CHOICE and CHOICE_SIZE_RANKS True, CHOICE_AREAS 'regressed'",
+    "centre_weight": (lambda dec: dec.COUNT_CENTRES, "MODEL.VIPA.DECODER.COUNT_CENTRES True"),
+    "offset_weight": (lambda dec: dec.COUNT_AT_OBJECT_CENTRES, "MODEL.VIPA.DECODER.COUNT_AT_OBJECT_CENTRES True"),
+    "choice_weight": (lambda dec: dec.OBJECT_CHOICE, "MODEL.VIPA.DECODER.OBJECT_CHOICE True"),
+    "area_weight": (
+        _regresses_areas,
+        "MODEL.VIPA.DECODER.OBJECT_CHOICE and CHOICE_SIZE_RANKS True, CHOICE_AREAS 'regressed'",
+    ),
 }
+
+
+def _own_outputs(name: str) -> List[str]:
+    """The outputs of LOSS_OUTPUTS[name] that no other of those losses reads."""
+    return [k for k in LOSS_OUTPUTS[name] if not any(k in keys for other, keys in LOSS_OUTPUTS.items() if other != name)]
 
 
 def box_losses(weights: Dict, keys: Dict = BOX_LOSS_KEYS) -> List[str]:
@@ -371,11 +386,6 @@ def cue_overlap_loss(
     return mean_over_ranks((per_sample * has_pairs).sum(), has_pairs.sum())
 
 
-def _regresses_areas(dec) -> bool:
-    """Whether a config's DECODER builds the object choice's area regression."""
-    return dec.OBJECT_CHOICE and dec.CHOICE_SIZE_RANKS and dec.CHOICE_AREAS == "regressed"
-
-
 class VIPACriterion(nn.Module):
     """Computes the named, weighted losses from the model's raw outputs."""
 
@@ -431,6 +441,7 @@ class VIPACriterion(nn.Module):
         self.choice_weight = choice_weight
         self.area_weight = area_weight
         self.switched_off = tuple(switched_off)
+        self._said_switched_off = False
         weights = dict(
             centre_weight=centre_weight,
             group_weight=group_weight,
@@ -459,31 +470,27 @@ class VIPACriterion(nn.Module):
                 "(or its transformer decoder: MODEL.VIPA.HEAD_NAME, MODEL.VIPA.DECODER.NAME), or set those weights to 0"
             )
         # A decoder of one's own returning centre maps with the stock decoder's switch off
-        # trained them with no loss, unsaid (extension review, session 60).
-        read = {k for keys in self.read_outputs().values() for k in keys}
-        unread = {name: [k for k in LOSS_OUTPUTS[name] if k in outputs and k not in read] for name in self.switched_off}
+        # trained them with no loss, unsaid (extension review, session 60). Said once per
+        # criterion; only outputs no other loss reads (the choice's are the area loss's too).
+        unread = {name: [k for k in _own_outputs(name) if k in outputs] for name in self.switched_off}
         unread = {name: keys for name, keys in unread.items() if keys}
-        if unread:
-            log_first_n(
-                logging.WARNING,
+        if unread and not self._said_switched_off:
+            self._said_switched_off = True
+            logger.warning(
                 f"The outputs of {head} hold "
-                + "; ".join(f"{keys}, which {BOX_LOSS_KEYS[name]} would train with {LOSS_SWITCHES[name]}" for name, keys in unread.items())
-                + ": those losses are off (turn the switches on to train them)",
-                n=1,
-                key="message",
+                + "; ".join(f"{keys}, which {BOX_LOSS_KEYS[name]} would train with {LOSS_SWITCHES[name][1]}"
+                            for name, keys in unread.items())
+                + ": those losses are off (turn the switches on to train them)"
             )
 
     @classmethod
     def from_config(cls, cfg):
         loss = cfg.MODEL.VIPA.LOSS
         dec = cfg.MODEL.VIPA.DECODER
-        # The losses that train what a DECODER switch builds (LOSS_SWITCHES): (weight, switch on).
-        switched = {
-            "centre_weight": (loss.CENTRE_WEIGHT, dec.COUNT_CENTRES),
-            "offset_weight": (loss.OFFSET_WEIGHT, dec.COUNT_AT_OBJECT_CENTRES),
-            "choice_weight": (loss.CHOICE_WEIGHT, dec.OBJECT_CHOICE),
-            "area_weight": (loss.AREA_WEIGHT, _regresses_areas(dec)),
-        }
+        # The losses that train what a DECODER switch builds: (weight, switch on).
+        weights = {"centre_weight": loss.CENTRE_WEIGHT, "offset_weight": loss.OFFSET_WEIGHT,
+                   "choice_weight": loss.CHOICE_WEIGHT, "area_weight": loss.AREA_WEIGHT}
+        switched = {name: (weights[name], bool(on(dec))) for name, (on, _) in LOSS_SWITCHES.items()}
         if loss.GROUP_WEIGHT > 0 and not dec.COUNT_CENTRES:
             raise ValueError(
                 "MODEL.VIPA.LOSS.GROUP_WEIGHT > 0 supervises the gates of the object-centre count maps; "
