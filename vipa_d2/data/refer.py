@@ -57,13 +57,14 @@ def refs_file_name(split_by: str, generalized: bool) -> str:
 
 INSTANCES_FILE = "instances.json"
 
+# The names refs_file_name gives, for any split provider.
+_REFS_FILE_RE = re.compile(r"grefs\(.+\)\.json|refs\(.+\)\.p")
+
 
 def refer_paths(refer_root: str, dataset: str, split_by: str, generalized: bool) -> Tuple[str, str]:
     """The refs file and ``instances.json`` that a split of ``<refer_root>/<dataset>/`` is read from."""
     data_dir = os.path.join(refer_root, dataset)
     return os.path.join(data_dir, refs_file_name(split_by, generalized)), os.path.join(data_dir, INSTANCES_FILE)
-# The names refs_file_name gives, for any split provider.
-_REFS_FILE_RE = re.compile(r"grefs\(.+\)\.json|refs\(.+\)\.p")
 
 
 def is_refer_file(name: str) -> bool:

@@ -472,9 +472,11 @@ class VIPACriterion(nn.Module):
         # A decoder of one's own returning centre maps with the stock decoder's switch off
         # trained them with no loss, unsaid (extension review, session 60). Said once per
         # criterion; only outputs no other loss reads (the choice's are the area loss's too).
+        if self._said_switched_off:
+            return
         unread = {name: [k for k in _own_outputs(name) if k in outputs] for name in self.switched_off}
         unread = {name: keys for name, keys in unread.items() if keys}
-        if unread and not self._said_switched_off:
+        if unread:
             self._said_switched_off = True
             logger.warning(
                 f"The outputs of {head} hold "
